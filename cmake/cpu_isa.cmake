@@ -1,0 +1,31 @@
+# Compiles the CPU kernel sources once per ISA level (baseline x86-64, AVX2+FMA, AVX-512) into object
+# libraries; pyseqkern::isa_active() picks one at run time. Never -march=native: the wheel must run on
+# any x86-64 CPU. Non-x86 machines build the portable baseline only.
+#
+# Sets in the caller's scope: PSK_X86_ISAS (1 or 0) and PSK_CPU_ISA_OBJECTS (generator expressions).
+function(psk_add_cpu_isa isa sources)
+  add_library(psk_cpu_${isa} OBJECT ${sources})
+  target_include_directories(psk_cpu_${isa} PRIVATE ${PROJECT_SOURCE_DIR}/csrc/include)
+  target_compile_definitions(psk_cpu_${isa} PRIVATE PSK_ISA=${isa} PSK_X86_ISAS=${PSK_X86_ISAS})
+  set_target_properties(psk_cpu_${isa} PROPERTIES POSITION_INDEPENDENT_CODE ON CXX_VISIBILITY_PRESET hidden)
+  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+    # Fused multiply-add where the level has it; the same source gives the same bits on a given level.
+    target_compile_options(psk_cpu_${isa} PRIVATE -O3 -ffp-contract=fast ${ARGN})
+  endif()
+  set(PSK_CPU_ISA_OBJECTS ${PSK_CPU_ISA_OBJECTS} $<TARGET_OBJECTS:psk_cpu_${isa}> PARENT_SCOPE)
+endfunction()
+
+macro(psk_add_cpu_isas sources)
+  if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
+    set(PSK_X86_ISAS 1)
+  else()
+    set(PSK_X86_ISAS 0)
+  endif()
+  set(PSK_CPU_ISA_OBJECTS "")
+  psk_add_cpu_isa(baseline "${sources}")
+  if(PSK_X86_ISAS)
+    psk_add_cpu_isa(avx2 "${sources}" -mavx2 -mfma -mf16c)
+    psk_add_cpu_isa(avx512 "${sources}" -mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma -mf16c
+                    -mprefer-vector-width=512)
+  endif()
+endmacro()

@@ -1,0 +1,94 @@
+// Machine probes, compiled once per ISA level (contract: pyseqkern/probe.h).
+#include "pyseqkern/probe.h"
+#include "pyseqkern/thread_pool.h"
+
+#ifndef PSK_ISA
+#error "compile per-ISA kernel sources through CMake's psk_add_cpu_isa(), which defines PSK_ISA"
+#endif
+
+PSK_ISA_NAMESPACE_BEGIN
+namespace {
+
+// ---- traits: register width and chain count of this level ---------------------------------------
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kChains = 16;  // 32 zmm registers; 2 FMA pipes x 4-cycle latency needs >= 8 chains
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
+constexpr int kChains = 12;  // 16 ymm registers
+#else
+constexpr int kVecBytes = 16;
+constexpr int kChains = 12;  // 16 xmm registers; no FMA: mul + add
+#endif
+typedef float vfloat __attribute__((vector_size(kVecBytes)));
+constexpr int kLanes = kVecBytes / 4;
+
+// ---- kernels -------------------------------------------------------------------------------------
+struct PeakCtx {
+  const PeakFmaParams* p;
+};
+
+void peak_worker(void* raw, int tid, int) {
+  const PeakFmaParams& p = *static_cast<PeakCtx*>(raw)->p;
+  vfloat acc[kChains];
+  vfloat m, c;
+  for (int l = 0; l < kLanes; ++l) {
+    m[l] = 0.999999f;
+    c[l] = 1e-3f * (1 + l);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < kChains; ++j) acc[j] = c * (float)(j + tid + 1);
+  for (int64_t it = 0; it < p.iters; ++it) {
+#pragma GCC unroll 16
+    for (int j = 0; j < kChains; ++j) acc[j] = acc[j] * m + c;
+  }
+  float s = 0;
+  for (int j = 0; j < kChains; ++j)
+    for (int l = 0; l < kLanes; ++l) s += acc[j][l];
+  p.sink[tid] = s;
+}
+
+double peak_fma(const PeakFmaParams& p) {
+  PeakCtx ctx{&p};
+  parallel_run(p.num_threads, peak_worker, &ctx);
+  return 2.0 * kLanes * kChains * static_cast<double>(p.iters) * p.num_threads;
+}
+
+template <typename T>
+struct TriadCtx {
+  const TriadParams* p;
+};
+
+template <typename T>
+void triad_worker(void* raw, int tid, int nthreads) {
+  const TriadParams& p = *static_cast<TriadCtx<T>*>(raw)->p;
+  int64_t begin, end;
+  split_range(p.n, tid, nthreads, &begin, &end);
+  T* out = static_cast<T*>(p.out);  // may equal a or b (in-place): no __restrict__
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  const T alpha = static_cast<T>(p.alpha);
+  for (int64_t i = begin; i < end; ++i) out[i] = a[i] + alpha * b[i];
+}
+
+// ---- dtype-level entry ---------------------------------------------------------------------------
+void triad(const TriadParams& p) {
+  if (p.n == 0) return;
+  // Small arrays are not worth waking workers for.
+  const int threads = p.n < (1 << 15) ? 1 : p.num_threads;
+  if (p.dtype == DType::Float64) {
+    TriadCtx<double> ctx{&p};
+    parallel_run(threads, triad_worker<double>, &ctx);
+  } else {
+    TriadCtx<float> ctx{&p};
+    parallel_run(threads, triad_worker<float>, &ctx);
+  }
+}
+
+}  // namespace
+PSK_ISA_NAMESPACE_END
+
+// ---- registration --------------------------------------------------------------------------------
+PSK_DEFINE_CPU_KERNELS(ProbeCpuKernels, probe,
+                       {&PSK_CONCAT(isa_, PSK_ISA)::peak_fma, &PSK_CONCAT(isa_, PSK_ISA)::triad,
+                        PSK_CONCAT(isa_, PSK_ISA)::kVecBytes * 8})

@@ -1,0 +1,22 @@
+// CPU instruction-set levels and the run-time choice between them.
+//
+// Every CPU kernel source is compiled once per level (CMake: PSK_CPU_KERNEL_SOURCES) with the level's
+// flags and -DPSK_ISA=<name>, which puts its symbols in namespace pyseqkern::cpu::isa_<name>. At import
+// the best level that both the build and the running CPU/OS support is chosen; set_active() may
+// lower it (PYSEQKERN_CPU_ISA) but never raise it above what the CPU runs.
+#pragma once
+
+namespace pyseqkern {
+
+enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
+constexpr int kIsaCount = 3;
+
+const char* isa_name(Isa isa);            // "baseline", "avx2", "avx512"
+bool isa_parse(const char* name, Isa* out);
+bool isa_compiled(Isa isa);               // built into this binary
+bool isa_cpu_supports(Isa isa);           // the running CPU and OS can execute it
+Isa isa_best();                           // highest level compiled and supported
+Isa isa_active();                         // the level kernels dispatch to now
+void isa_set_active(Isa isa);             // throws std::invalid_argument if not runnable here
+
+}  // namespace pyseqkern

@@ -1,0 +1,104 @@
+// Which CPU kernel level runs: detection (cpuid + the OS's saved register state) and the active choice.
+#include "pyseqkern/isa.h"
+
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace pyseqkern {
+namespace {
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+
+uint64_t xgetbv0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+
+// AVX needs the OS to save YMM state (XCR0 bits 1,2); AVX-512 also opmask and ZMM (bits 5,6,7).
+bool detect(Isa isa) {
+  if (isa == Isa::Baseline) return true;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29), avx = c & (1u << 28);
+  if (!(osxsave && avx && fma && f16c)) return false;
+  const uint64_t xcr0 = xgetbv0();
+  if ((xcr0 & 0x6) != 0x6) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool avx2 = b & (1u << 5);
+  if (isa == Isa::Avx2) return avx2;
+  const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
+  return avx2 && f && dq && bw && vl && (xcr0 & 0xE6) == 0xE6;
+}
+#else
+bool detect(Isa isa) { return isa == Isa::Baseline; }
+#endif
+
+Isa compute_best() {
+  for (int i = kIsaCount - 1; i > 0; --i) {
+    Isa isa = static_cast<Isa>(i);
+    if (isa_compiled(isa) && isa_cpu_supports(isa)) return isa;
+  }
+  return Isa::Baseline;
+}
+
+std::atomic<int> g_active{-1};
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Baseline: return "baseline";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+  }
+  return "?";
+}
+
+bool isa_parse(const char* name, Isa* out) {
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (std::strcmp(name, isa_name(static_cast<Isa>(i))) == 0) {
+      *out = static_cast<Isa>(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+bool isa_compiled(Isa isa) {
+#if defined(PSK_X86_ISAS) && PSK_X86_ISAS
+  (void)isa;
+  return true;
+#else
+  return isa == Isa::Baseline;
+#endif
+}
+
+bool isa_cpu_supports(Isa isa) {
+  static const bool cache[kIsaCount] = {detect(Isa::Baseline), detect(Isa::Avx2), detect(Isa::Avx512)};
+  return cache[static_cast<int>(isa)];
+}
+
+Isa isa_best() {
+  static const Isa best = compute_best();
+  return best;
+}
+
+Isa isa_active() {
+  int v = g_active.load(std::memory_order_relaxed);
+  return v < 0 ? isa_best() : static_cast<Isa>(v);
+}
+
+void isa_set_active(Isa isa) {
+  if (!isa_compiled(isa))
+    throw std::invalid_argument(std::string("CPU ISA level '") + isa_name(isa) + "' is not compiled into this build");
+  if (static_cast<int>(isa) > static_cast<int>(isa_best()))
+    throw std::invalid_argument(std::string("CPU ISA level '") + isa_name(isa) +
+                                "' is above what this CPU supports ('" + isa_name(isa_best()) + "')");
+  g_active.store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+
+}  // namespace pyseqkern

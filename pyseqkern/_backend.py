@@ -1,0 +1,153 @@
+"""Loads the compiled core, applies the environment switches and reports which backend runs.
+
+Environment variables read at import:
+  PYSEQKERN_CPU_ISA    force a CPU kernel level at or below the best one this CPU runs
+                       (baseline, avx2, avx512); anything else raises ValueError at import.
+  PYSEQKERN_REFERENCE  "1" routes every op to its pure-PyTorch reference (slow; for debugging).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ._version import __version__
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "pyseqkern: the compiled module pyseqkern._C failed to load; reinstall with "
+        f"`pip install --force-reinstall pyseqkern` ({exc})"
+    ) from exc
+
+ISA_ENV = "PYSEQKERN_CPU_ISA"
+REFERENCE_ENV = "PYSEQKERN_REFERENCE"
+ISA_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def set_cpu_isa(level: str) -> None:
+    """Makes CPU kernels dispatch to `level` (one of ISA_LEVELS, not above what the CPU runs)."""
+    if not isinstance(level, str):
+        raise TypeError(f"pyseqkern.set_cpu_isa: 'level' must be a str, got {type(level).__name__}")
+    _C.set_cpu_isa(level.strip().lower())
+
+
+def _apply_isa_env() -> str | None:
+    value = os.environ.get(ISA_ENV)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        set_cpu_isa(value)
+    except ValueError as exc:
+        raise ValueError(f"{ISA_ENV}={value!r}: {exc}") from None
+    return value.strip().lower()
+
+
+_FORCED_ISA = _apply_isa_env()
+_REFERENCE_FORCED = os.environ.get(REFERENCE_ENV, "").strip() in ("1", "true", "yes", "on")
+_FALLBACKS: dict[str, str] = {}
+
+
+def use_reference(op: str, device: torch.device) -> bool:
+    """True when `op` must run its reference on `device`: forced by the environment, or no kernel
+    exists for that device in this build (then once per op a warning says why)."""
+    if _REFERENCE_FORCED:
+        return True
+    if device.type == "cuda" and not _C.build_info()["cuda_compiled"]:
+        reason = "pyseqkern was built without CUDA kernels; running the PyTorch reference on CUDA"
+        if op not in _FALLBACKS:
+            _FALLBACKS[op] = reason
+            warnings.warn(f"pyseqkern.{op}: {reason} (slow)", RuntimeWarning, stacklevel=3)
+        return True
+    return device.type not in ("cpu", "cuda")
+
+
+def _parse_archs(archs: str) -> list[str]:
+    return [a.strip() for a in archs.split(",") if a.strip()]
+
+
+def arch_runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether code built for `archs` (CMake spelling: 90, 90a, 80-real, 80-virtual) runs on a device
+    of `capability`: machine code needs the same major and a minor no newer than the device's
+    ('a' variants run only on their exact version); PTX is compiled by the driver for any newer one."""
+    dev = capability[0] * 10 + capability[1]
+    for spec in archs:
+        name, _, kind = spec.partition("-")
+        specific = name.endswith("a") or name.endswith("f")
+        try:
+            num = int(name.rstrip("af"))
+        except ValueError:
+            continue
+        sass = kind in ("", "real")
+        ptx = kind in ("", "virtual") and not specific
+        if sass and (num == dev if specific else (num // 10 == dev // 10 and num <= dev)):
+            return True
+        if ptx and num <= dev:
+            return True
+    return False
+
+
+def _cuda_info(build: dict) -> dict:
+    info = {
+        "compiled": bool(build["cuda_compiled"]),
+        "archs": _parse_archs(build["cuda_archs"]),
+        "toolkit": build["cuda_toolkit"] or None,
+        "usable": False,
+        "device": None,
+        "reason": None,
+    }
+    if not info["compiled"]:
+        info["reason"] = "built without CUDA (no nvcc at build time, or PYSEQKERN_CPU_ONLY was set)"
+        return info
+    report = _C.cuda_report()
+    info["runtime_version"] = report.get("runtime_version")
+    info["driver_version"] = report.get("driver_version")
+    info["devices"] = [dict(d) for d in report["devices"]]
+    if not torch.cuda.is_available():
+        info["reason"] = f"torch {torch.__version__} reports no usable CUDA device"
+        return info
+    if report["device_count"] == 0:
+        info["reason"] = f"the CUDA runtime in pyseqkern finds no device ({report['error'] or 'no error given'})"
+        return info
+    index = torch.cuda.current_device()
+    device = report["devices"][index] if index < len(report["devices"]) else None
+    if device is None:
+        info["reason"] = f"torch's current device {index} is not visible to pyseqkern's CUDA runtime"
+        return info
+    cap = tuple(device["capability"])
+    info["device"] = f"{device['name']} (sm_{cap[0]}{cap[1]})"
+    if not arch_runs_on(info["archs"], cap):
+        info["reason"] = (
+            f"compiled for {info['archs']} which cannot run on sm_{cap[0]}{cap[1]}; "
+            "rebuild with PYSEQKERN_CUDA_ARCHS including it"
+        )
+        return info
+    info["usable"] = True
+    return info
+
+
+def backend_info() -> dict:
+    """What is compiled, what the machine supports and what runs: the truth, in one dict."""
+    build = _C.build_info()
+    isa = _C.cpu_isa_report()
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cpu": {
+            "isa_active": isa["active"],
+            "isa_best": isa["best"],
+            "isa_supported": list(isa["supported"]),
+            "isa_compiled": list(build["cpu_isa_compiled"]),
+            "isa_forced_by_env": _FORCED_ISA,
+            "vector_bits": isa["vector_bits"],
+            "threads": torch.get_num_threads(),
+        },
+        "cuda": _cuda_info(build),
+        "reference_fallback": {
+            "forced_by_env": _REFERENCE_FORCED,
+            "active_for": dict(_FALLBACKS),
+        },
+        "compiler": build["compiler"],
+    }
