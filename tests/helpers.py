@@ -1,0 +1,120 @@
+"""Shared test helpers: oracle comparisons, input makers, device parametrization.
+
+Tolerances are written once, here, per dtype. For long recurrences and attention use
+assert_within_torch_error: our error against the float64 reference must be at most 2x the error of
+the same-dtype PyTorch computation."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+# (rtol, atol) against a float64 reference, per dtype of the tensor under test.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+# The relative rule's factor: err(ours, ref64) <= TORCH_ERROR_FACTOR * err(torch same dtype, ref64).
+TORCH_ERROR_FACTOR = 2.0
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_usable() -> tuple[bool, str]:
+    import pyseqkern
+
+    info = pyseqkern.backend_info()["cuda"]
+    return bool(info["usable"]), info["reason"] or ""
+
+
+def devices() -> list:
+    """Parametrize values for `device`: cpu always, cuda with the `cuda` marker (skips cleanly)."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, max relative error) of `actual` against `expected`, computed in float64."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.numel() == 0:
+        return 0.0, 0.0
+    diff = (a - e).abs()
+    abs_err = diff.max().item()
+    rel_err = (diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+    return abs_err, rel_err
+
+
+def assert_close_to_ref(actual: torch.Tensor, ref64: torch.Tensor, name: str = "output", dtype=None) -> None:
+    """Elementwise |actual - ref| <= atol + rtol |ref| with the tolerances of `dtype` (default: actual's).
+    NaN or Inf where the reference is finite always fails."""
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != reference {tuple(ref64.shape)}"
+    a, e = actual.detach().double().cpu(), ref64.detach().double().cpu()
+    bad_nonfinite = ~torch.isfinite(a) & torch.isfinite(e)
+    assert not bad_nonfinite.any(), f"{name}: {int(bad_nonfinite.sum())} non-finite values where the reference is finite"
+    ok = (a - e).abs() <= atol + rtol * e.abs()
+    abs_err, rel_err = errors(a, e)
+    assert bool(ok.all()), (
+        f"{name} ({dtype}): {int((~ok).sum())}/{ok.numel()} elements out of tolerance "
+        f"(rtol={rtol}, atol={atol}); max abs err {abs_err:.3e}, max rel err {rel_err:.3e}"
+    )
+
+
+def assert_within_torch_error(ours: torch.Tensor, theirs: torch.Tensor, ref64: torch.Tensor, name: str = "output",
+                              factor: float = TORCH_ERROR_FACTOR) -> None:
+    """The relative rule: max|ours - ref64| <= factor * max|theirs - ref64|, where `theirs` is the same
+    computation done by PyTorch in the same dtype as `ours`. A floor of one ulp of the largest reference
+    value keeps the rule meaningful when torch happens to be exact."""
+    ours_err, _ = errors(ours, ref64)
+    theirs_err, _ = errors(theirs, ref64)
+    assert torch.isfinite(ours.detach()).all() or not torch.isfinite(ref64).all(), f"{name}: non-finite output"
+    floor = torch.finfo(ours.dtype).eps * ref64.detach().abs().max().item() if ref64.numel() else 0.0
+    assert ours_err <= factor * max(theirs_err, floor), (
+        f"{name} ({ours.dtype}): max abs err vs float64 reference {ours_err:.3e} exceeds {factor}x torch's "
+        f"{theirs_err:.3e} (floor {floor:.3e})"
+    )
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape, dtype=torch.float32, device="cpu", seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """Seeded normal values (never zeros), made on the CPU in float64 then cast, so every device and
+    dtype sees the same numbers."""
+    g = make_generator(seed)
+    x = torch.randn(tuple(shape), generator=g, dtype=torch.float64) * scale
+    return x.to(dtype=dtype, device=device)
+
+
+def strided(shape, dtype=torch.float32, device="cpu", seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """A non-contiguous view with the given shape and seeded values: every dimension is sliced with step
+    2 out of a buffer twice as large, starting one element in (so the storage offset is non-zero too)."""
+    shape = tuple(shape)
+    big = randn([2 * s + 1 for s in shape] if shape else [2], dtype=dtype, device=device, seed=seed, scale=scale)
+    if not shape:
+        return big[1]
+    view = big[tuple(slice(1, 1 + 2 * s, 2) for s in shape)]
+    assert view.shape == shape
+    return view
+
+
+def poisoned(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """An output buffer filled with NaN, so unwritten elements show up in the comparison."""
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of `t`, flattened, as integers of the same width."""
+    return t.detach().contiguous().reshape(-1).view(_INT_OF_SIZE[t.element_size()])
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, name: str = "output") -> None:
+    """Determinism: two runs on the same inputs give the same bits (NaN payloads included)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: runs differ in shape or dtype"
+    assert torch.equal(bits(a), bits(b)), f"{name}: two runs on the same inputs are not bitwise equal"

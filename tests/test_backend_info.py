@@ -1,0 +1,133 @@
+"""backend_info() tells the truth; PYSEQKERN_CPU_ISA forces levels and rejects bad values."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyseqkern
+from pyseqkern._backend import arch_runs_on
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYSEQKERN_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_keys_and_values():
+    info = pyseqkern.backend_info()
+    assert info["version"] == pyseqkern.__version__
+    assert info["torch"] == torch.__version__
+    cpu = info["cpu"]
+    assert cpu["isa_active"] in pyseqkern.ISA_LEVELS
+    assert cpu["isa_best"] in cpu["isa_supported"] and cpu["isa_best"] in cpu["isa_compiled"]
+    assert "baseline" in cpu["isa_supported"] and "baseline" in cpu["isa_compiled"]
+    assert cpu["threads"] == torch.get_num_threads()
+    assert cpu["vector_bits"] in (128, 256, 512)
+    cuda = info["cuda"]
+    assert set(cuda) >= {"compiled", "archs", "usable", "device", "reason"}
+    assert cuda["usable"] == (cuda["reason"] is None)
+    if not torch.cuda.is_available():
+        assert not cuda["usable"] and cuda["reason"]
+    if cuda["compiled"]:
+        assert cuda["archs"] and cuda["toolkit"]
+    assert info["reference_fallback"] == {"forced_by_env": False, "active_for": {}}
+
+
+def test_cpu_flags_agree_with_proc_cpuinfo():
+    if not os.path.exists("/proc/cpuinfo") or sys.platform != "linux":
+        pytest.skip("needs /proc/cpuinfo")
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    supported = pyseqkern.backend_info()["cpu"]["isa_supported"]
+    assert ("avx2" in supported) == ({"avx2", "fma", "f16c"} <= flags)
+    assert ("avx512" in supported) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"} <= flags)
+
+
+def test_threads_follow_torch():
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert pyseqkern.backend_info()["cpu"]["threads"] == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("level", pyseqkern.ISA_LEVELS)
+def test_forcing_each_level_by_env(level):
+    supported = pyseqkern.backend_info()["cpu"]["isa_supported"]
+    proc = run_python("import json, pyseqkern; print(json.dumps(pyseqkern.backend_info()['cpu']))",
+                      PYSEQKERN_CPU_ISA=level.upper())
+    if level in supported:
+        assert proc.returncode == 0, proc.stderr
+        cpu = json.loads(proc.stdout)
+        assert cpu["isa_active"] == level and cpu["isa_forced_by_env"] == level
+    else:
+        assert proc.returncode != 0 and "above what this CPU supports" in proc.stderr
+
+
+def test_unknown_level_is_a_clear_error():
+    proc = run_python("import pyseqkern", PYSEQKERN_CPU_ISA="sse9")
+    assert proc.returncode != 0
+    assert "PYSEQKERN_CPU_ISA='sse9'" in proc.stderr and "baseline, avx2, avx512" in proc.stderr
+
+
+def test_set_cpu_isa_at_run_time():
+    best = pyseqkern.backend_info()["cpu"]["isa_best"]
+    try:
+        pyseqkern.set_cpu_isa("baseline")
+        assert pyseqkern.backend_info()["cpu"]["isa_active"] == "baseline"
+        assert pyseqkern.backend_info()["cpu"]["vector_bits"] == 128
+        with pytest.raises(ValueError, match="unknown CPU ISA level"):
+            pyseqkern.set_cpu_isa("avx1024")
+        with pytest.raises(TypeError, match="'level' must be a str"):
+            pyseqkern.set_cpu_isa(2)
+    finally:
+        pyseqkern.set_cpu_isa(best)
+
+
+def test_reference_env_is_reported_and_used():
+    proc = run_python(
+        "import json, torch, pyseqkern\n"
+        "y = pyseqkern.ops.probe.triad(torch.ones(3), torch.ones(3), 2.0)\n"
+        "print(json.dumps([pyseqkern.backend_info()['reference_fallback'], y.tolist()]))",
+        PYSEQKERN_REFERENCE="1")
+    assert proc.returncode == 0, proc.stderr
+    fallback, y = json.loads(proc.stdout)
+    assert fallback["forced_by_env"] is True and y == [3.0, 3.0, 3.0]
+
+
+def test_info_module_prints_readably_and_as_json():
+    proc = subprocess.run([sys.executable, "-m", "pyseqkern.info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ISA active" in proc.stdout and "CUDA" in proc.stdout and "Reference fallback" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "pyseqkern.info", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert json.loads(proc.stdout)["version"] == pyseqkern.__version__
+
+
+@pytest.mark.parametrize("archs, cap, runs", [
+    (["80", "90"], (9, 0), True),
+    (["80"], (9, 0), True),          # compute_80 PTX is JIT-compiled for sm_90
+    (["80-real"], (9, 0), False),    # machine code only, other major
+    (["80-real"], (8, 6), True),     # same major, older minor
+    (["86-real"], (8, 0), False),    # machine code newer than the device
+    (["90a"], (9, 0), True),
+    (["90a"], (10, 0), False),       # arch-specific code runs on its exact version only
+    (["90-virtual"], (8, 0), False),
+    ([], (9, 0), False),
+])
+def test_arch_compatibility(archs, cap, runs):
+    assert arch_runs_on(archs, cap) is runs
+
+
+@pytest.mark.cuda
+def test_cuda_report_names_the_device():
+    info = pyseqkern.backend_info()["cuda"]
+    assert info["usable"] and torch.cuda.get_device_name() in info["device"]
