@@ -19,9 +19,12 @@ inline void cpu_relax() {
 #endif
 }
 
-// Spin this many rounds before sleeping: long enough to catch the next time step or the next kernel
-// call back-to-back, short enough not to steal a core from torch for long.
-constexpr int kSpinRounds = 20000;
+// Idle workers spin this many pause rounds (tens of microseconds) for the next call before sleeping:
+// enough for back-to-back calls, short enough not to take a core from torch's own OpenMP threads
+// (which spin after every torch op, and would be slowed by ours on a small machine).
+constexpr int kIdleSpinRounds = 2000;
+// Inside a kernel, threads wait at a barrier for at most one time step: spin longer, then yield.
+constexpr int kBarrierSpinRounds = 20000;
 
 thread_local bool t_in_worker = false;
 
@@ -45,7 +48,7 @@ class Pool {
     fn(ctx, 0, n);
     t_in_worker = false;
     for (int spins = 0; remaining_.load(std::memory_order_acquire) != 0; ++spins) {
-      if (spins < kSpinRounds) cpu_relax(); else std::this_thread::yield();
+      if (spins < kBarrierSpinRounds) cpu_relax(); else std::this_thread::yield();
     }
   }
 
@@ -68,7 +71,7 @@ class Pool {
     for (;;) {
       int64_t gen;
       for (int spins = 0; (gen = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
-        if (spins < kSpinRounds) { cpu_relax(); continue; }
+        if (spins < kIdleSpinRounds) { cpu_relax(); continue; }
         std::unique_lock<std::mutex> lk(wake_mutex_);
         wake_cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
       }
@@ -121,7 +124,7 @@ void SpinBarrier::wait() {
     return;
   }
   for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-    if (spins < kSpinRounds) cpu_relax(); else std::this_thread::yield();
+    if (spins < kBarrierSpinRounds) cpu_relax(); else std::this_thread::yield();
   }
 }
 

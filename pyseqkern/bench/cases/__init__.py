@@ -1,0 +1,2 @@
+"""Benchmark case families; importing this package registers them all. Each op issue adds a module."""
+from . import handoff, machine  # noqa: F401
