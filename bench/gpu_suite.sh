@@ -42,7 +42,7 @@ tail -1 "$OUT/tests.log" >> "$OUT/summary.txt"
 
 step "compute-sanitizer (memcheck, racecheck) on the CUDA probe tests"
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/test_probe_op.py -q -p no:cacheprovider \
+  timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/test_probe_op.py -q -p no:cacheprovider \
     -m cuda -k "not graph" > "$OUT/sanitizer-$tool.log" 2>&1
   rc=$?
   echo "$tool: exit $rc, $(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitizer-$tool.log") clean summaries" | tee -a "$OUT/summary.txt"
