@@ -16,7 +16,15 @@ from ._version import __version__
 
 try:
     from . import _C
-except ImportError as exc:  # pragma: no cover - only on a broken install
+except ImportError as exc:  # pragma: no cover - only on a broken install or from the source tree
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.exists(os.path.join(_here, os.pardir, "CMakeLists.txt")):
+        raise ImportError(
+            f"pyseqkern: this is the source tree ({_here}), which has no compiled pyseqkern._C. Python "
+            "found it first because the current directory is on sys.path (python -m / -c): run from "
+            "another directory, use the console scripts (pyseqkern-bench, pytest), or install with "
+            f"`pip install -e .` ({exc})"
+        ) from exc
     raise ImportError(
         "pyseqkern: the compiled module pyseqkern._C failed to load; reinstall with "
         f"`pip install --force-reinstall pyseqkern` ({exc})"

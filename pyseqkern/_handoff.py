@@ -8,9 +8,16 @@ import torch
 from torch.utils.dlpack import to_dlpack as capsule  # noqa: F401  (re-exported for ops)
 
 
+# torch's raw lookup returns the handle without building a Stream object (several microseconds less per
+# call); the public API stands in where a torch build lacks it.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream_of(t: torch.Tensor) -> int:
     """The cudaStream_t (as an int) that torch would use for `t` now; 0 for CPU tensors."""
     if t.is_cuda:
+        if _raw_stream is not None:
+            return _raw_stream(t.get_device())
         return torch.cuda.current_stream(t.device).cuda_stream
     return 0
 

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ from pyseqkern._backend import arch_runs_on
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYSEQKERN_")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+    # From a neutral directory: `python -c` puts the current directory first on sys.path, and the
+    # repository root holds the source package, without _C.
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120,
+                          cwd=tempfile.gettempdir())
 
 
 def test_keys_and_values():
@@ -104,11 +108,12 @@ def test_reference_env_is_reported_and_used():
 
 
 def test_info_module_prints_readably_and_as_json():
-    proc = subprocess.run([sys.executable, "-m", "pyseqkern.info"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "pyseqkern.info"], capture_output=True, text=True, timeout=120,
+                          cwd=tempfile.gettempdir())
     assert proc.returncode == 0, proc.stderr
     assert "ISA active" in proc.stdout and "CUDA" in proc.stdout and "Reference fallback" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "pyseqkern.info", "--json"], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=tempfile.gettempdir())
     assert json.loads(proc.stdout)["version"] == pyseqkern.__version__
 
 

@@ -177,3 +177,28 @@ def test_cuda_graph_capture():
 def test_cpu_and_cuda_mixed_is_rejected():
     with pytest.raises(ValueError, match="'b' is on cpu but 'a' is on cuda:0"):
         triad(torch.ones(3, device="cuda"), torch.ones(3), 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_unaligned_and_tails(offset, dtype):
+    # Views starting 1..3 elements into a buffer are not 16-byte aligned: the scalar path must cover them,
+    # and lengths that are not a multiple of the vector width leave a tail.
+    n = 10_007
+    a = randn((n + offset,), dtype, "cuda", seed=22)[offset:]
+    b = randn((n + offset,), dtype, "cuda", seed=23)[offset:]
+    out = poisoned((n + offset,), dtype, "cuda")[offset:]
+    _C.triad(to_dlpack(out), to_dlpack(a), to_dlpack(b), -2.0, 1, torch.cuda.current_stream().cuda_stream)
+    assert_close_to_ref(out, triad_ref(a.double(), b.double(), -2.0))
+
+
+@pytest.mark.cuda
+def test_stream_of_matches_torch():
+    from pyseqkern._handoff import stream_of
+
+    x = torch.ones(1, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert stream_of(x) == torch.cuda.current_stream().cuda_stream == side.cuda_stream
+    assert stream_of(x) == torch.cuda.current_stream().cuda_stream

@@ -7,6 +7,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from ... import _backend
+from ..._handoff import stream_of
 from ...ops.probe import triad
 from ..registry import Case, Prepared, register
 
@@ -43,9 +44,10 @@ def _launch(device: str):
     def setup(ceilings):
         a = torch.randn(8, device=device)
         out = torch.empty(8, device=device)
+        index = a.get_device()
 
         def ours():
-            _C.noop_cuda(torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+            _C.noop_cuda(index, stream_of(a))
 
         return Prepared(lambda: torch.add(a, a, out=out), ours)
 

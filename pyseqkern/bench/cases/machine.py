@@ -7,6 +7,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from ... import _backend
+from ..._handoff import stream_of
 from ..registry import Case, Prepared, register
 
 _C = _backend._C
@@ -70,7 +71,7 @@ def _cuda_peak(gemm_n: int):
                 torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
         def ours():
-            return _C.peak_fma(cap, iters, blocks, tpb, torch.cuda.current_stream().cuda_stream)
+            return _C.peak_fma(cap, iters, blocks, tpb, stream_of(sink))
 
         def check():
             ours()
@@ -91,8 +92,7 @@ def _triad(device: str, n: int):
         threads = torch.get_num_threads()
 
         def ours():
-            stream = torch.cuda.current_stream().cuda_stream if dev.type == "cuda" else 0
-            return _C.triad(*caps, 0.5, threads, stream)
+            return _C.triad(*caps, 0.5, threads, stream_of(a))
 
         def check():
             torch.add(a, b, alpha=0.5, out=out_t)
