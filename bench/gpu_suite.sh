@@ -2,7 +2,8 @@
 # The GPU suite: on a CUDA machine without network access (torch, nvcc, cmake, ninja, pybind11 and
 # scikit-build-core preinstalled), build pyseqkern, run every test (CUDA-marked ones included, and
 # nothing may skip for want of CUDA), the CUDA benchmarks, and compute-sanitizer on a small case.
-# Logs and JSON go under $OUT (default ./gpu-out).
+# Logs and JSON go under $OUT (default ./gpu-out), in at most 7 files: summary.txt, build.log, tests.log,
+# sanitizer.log, bench-cuda.{log,json,png}.
 #   PYSEQKERN_CUDA_ARCHS  architectures to build (default: the GPU's own, e.g. 90)
 #   GPU_SUITE_SKIP_BUILD  set to 1 to reuse an existing build
 set -uo pipefail
@@ -14,7 +15,7 @@ status=0
 step() { echo "== $* ==" | tee -a "$OUT/summary.txt"; }
 
 step "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/summary.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
 
 if [ "${GPU_SUITE_SKIP_BUILD:-0}" != 1 ]; then
@@ -28,7 +29,7 @@ if [ "${GPU_SUITE_SKIP_BUILD:-0}" != 1 ]; then
   fi
   grep -E "pyseqkern:|warning" "$OUT/build.log" | head -20
 fi
-python3 -m pyseqkern.info | tee "$OUT/info.txt"
+python3 -m pyseqkern.info | tee -a "$OUT/summary.txt"
 python3 -c "import pyseqkern, sys; c = pyseqkern.backend_info()['cuda']; sys.exit(0 if c['usable'] else 'CUDA not usable: ' + str(c['reason']))" \
   || { echo "CUDA not usable" | tee -a "$OUT/summary.txt"; exit 1; }
 
@@ -42,10 +43,11 @@ tail -1 "$OUT/tests.log" >> "$OUT/summary.txt"
 
 step "compute-sanitizer (memcheck, racecheck) on the CUDA probe tests"
 for tool in memcheck racecheck; do
+  echo "---- $tool" >> "$OUT/sanitizer.log"
   timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/test_probe_op.py -q -p no:cacheprovider \
-    -m cuda -k "not graph" > "$OUT/sanitizer-$tool.log" 2>&1
+    -m cuda -k "not graph" >> "$OUT/sanitizer.log" 2>&1
   rc=$?
-  echo "$tool: exit $rc, $(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitizer-$tool.log") clean summaries" | tee -a "$OUT/summary.txt"
+  echo "$tool: exit $rc; $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$OUT/summary.txt"
   [ $rc = 0 ] || status=1
 done
 

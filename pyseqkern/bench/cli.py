@@ -51,13 +51,14 @@ def _select(args) -> tuple[list[Case], list[str]]:
 
 
 def _run_case(case: Case, ceilings: Ceilings, repeats: int, full: bool) -> Result:
-    r = Result(case.family, case.name, case.device, case.unit, target=case.target, note=case.note)
+    r = Result(case.family, case.name, case.device, case.unit, target=case.target, budget_ms=case.budget_ms,
+               note=case.note)
     try:
         prep = case.setup(ceilings)
         if prep.check is not None:
             prep.check()
         t, o = timing.compare(prep.torch_fn, prep.ours_fn, cuda=case.device == "cuda", repeats=repeats,
-                              min_sample_ms=10.0 if full else 5.0)
+                              min_sample_ms=case.min_sample_ms or (10.0 if full else 5.0))
     except Exception as exc:  # a failing case is reported, never hidden, and never stops the suite
         r.error = f"{type(exc).__name__}: {exc}"
         return r

@@ -11,6 +11,7 @@ def write_plot(path: str, results: list[Result], title: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib: pip install 'pyseqkern[bench]'") from exc
 
@@ -30,6 +31,10 @@ def write_plot(path: str, results: list[Result], title: str) -> None:
         speeds = [r.speedup for r in rows]
         ax.barh(ys, speeds, color=[colors.get(r.device, "gray") for r in rows], height=0.6)
         ax.set_xscale("log")
+        ratio = FuncFormatter(lambda v, _: f"{v:g}x")
+        ax.xaxis.set_major_formatter(ratio)
+        ax.xaxis.set_minor_formatter(ratio)
+        ax.tick_params(axis="x", which="both", labelsize=7)
         ax.axvline(1.0, color="black", lw=1)
         for y, r in zip(ys, rows):
             text = f"{r.speedup:.2f}x"

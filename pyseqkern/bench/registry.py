@@ -28,6 +28,8 @@ class Case:
     unit: str = "GFLOP/s"  # "GFLOP/s", "GB/s" or "" (overhead only)
     peak: Optional[str] = None  # which measured ceiling "% of peak" refers to: "flops" or "bandwidth"
     target: Optional[float] = None  # speedup (torch ms / ours ms) the issue asks for, if any
+    budget_ms: Optional[float] = None  # an absolute limit on our time per call, if the issue sets one
+    min_sample_ms: Optional[float] = None  # longer samples for cases sensitive to the start of a block
     note: str = ""
     quick: bool = True   # part of the quick suite (the full suite runs everything)
 

@@ -19,6 +19,7 @@ class Result:
     torch_rate: Optional[float] = None  # torch, in `unit`
     pct_peak: Optional[float] = None    # ours as % of the measured ceiling
     target: Optional[float] = None
+    budget_ms: Optional[float] = None
     note: str = ""
     error: Optional[str] = None
     torch_samples_ms: list = field(default_factory=list)
@@ -32,9 +33,13 @@ class Result:
 
     @property
     def target_met(self) -> Optional[bool]:
-        if self.target is None or self.speedup is None:
-            return None
-        return self.speedup >= self.target
+        """Whether the case met the speedup target and the time budget it has (None: it has neither)."""
+        checks = []
+        if self.target is not None and self.speedup is not None:
+            checks.append(self.speedup >= self.target)
+        if self.budget_ms is not None and self.ours_ms is not None:
+            checks.append(self.ours_ms <= self.budget_ms)
+        return all(checks) if checks else None
 
 
 def _ms(v: Optional[float]) -> str:
@@ -64,7 +69,11 @@ def format_tables(results: list[Result]) -> str:
             if r.rate is not None and r.torch_rate is not None:
                 rate += f" (torch {r.torch_rate:,.1f})"
             pct = f"{r.pct_peak:.0f}%" if r.pct_peak is not None else "-"
-            table.append([f"{r.device}: {r.name}", _ms(r.torch_ms), _ms(r.ours_ms), speed, rate, pct, r.note])
+            note = r.note
+            if r.budget_ms is not None:
+                ok = r.ours_ms is not None and r.ours_ms <= r.budget_ms
+                note = f"{'ok' if ok else 'MISS'}: budget {_ms(r.budget_ms)} per call" + (f"; {note}" if note else "")
+            table.append([f"{r.device}: {r.name}", _ms(r.torch_ms), _ms(r.ours_ms), speed, rate, pct, note])
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines = [f"== {family} =="]
         for k, row in enumerate(table):

@@ -1,0 +1,44 @@
+"""The benchmark CLI end to end on its cheapest family: progress, tables, JSON, PNG, filters, errors."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+
+def bench(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pyseqkern.bench", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=tempfile.gettempdir())
+
+
+def test_handoff_family_writes_tables_json_and_png(tmp_path):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    proc = bench("--op", "handoff", "--device", "cpu", "--repeats", "3", "--json", str(js), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert "[1/" in proc.stderr and "done in" in proc.stderr  # progress
+    assert "== handoff ==" in proc.stdout
+    assert "case | torch ms | pyseqkern ms | speedup | GFLOP/s or GB/s | % of peak" in proc.stdout.replace("  ", "")
+    doc = json.loads(js.read_text())
+    rows = doc["results"]
+    assert rows and all(r["family"] == "handoff" and r["device"] == "cpu" for r in rows)
+    assert all(r["torch_ms"] > 0 and r["ours_ms"] > 0 and len(r["ours_samples_ms"]) == 3 for r in rows)
+    assert doc["meta"]["backend"]["cpu"]["isa_active"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_list_and_unknown_family():
+    proc = bench("--list", "--full")
+    assert proc.returncode == 0 and "machine" in proc.stdout and "handoff" in proc.stdout
+    proc = bench("--op", "nosuchop")
+    assert proc.returncode != 0 and "unknown families ['nosuchop']" in proc.stderr
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    import pyseqkern
+
+    if pyseqkern.backend_info()["cuda"]["usable"]:
+        pytest.skip("CUDA is usable here")
+    proc = bench("--device", "cuda")
+    assert proc.returncode != 0 and "CUDA is not usable here" in proc.stderr
