@@ -9,6 +9,7 @@
 #include "handoff.h"
 #include "pyseqkern/isa.h"
 #include "pyseqkern/probe.h"
+#include "pyseqkern/thread_pool.h"
 #ifdef PSK_WITH_CUDA
 #include "pyseqkern/cuda_info.h"
 #endif
@@ -146,6 +147,8 @@ double peak_fma(py::handle sink_c, int64_t iters, int num_threads, int threads_p
     throw py::type_error("pyseqkern: peak_fma: argument 'sink' must be a contiguous float32 tensor");
   if (iters < 0 || num_threads < 1)
     throw py::value_error("pyseqkern: peak_fma: 'iters' must be >= 0 and 'num_threads' >= 1");
+  if (sink.device == DeviceKind::Cpu && num_threads > kMaxThreads)
+    throw py::value_error("pyseqkern: peak_fma: 'num_threads' must be at most " + std::to_string(kMaxThreads));
   PeakFmaParams p{static_cast<float*>(sink.data), iters, num_threads};
   if (sink.device == DeviceKind::Cuda) {
 #ifdef PSK_WITH_CUDA
@@ -192,4 +195,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("peak_fma", &peak_fma, py::arg("sink"), py::arg("iters"), py::arg("num_threads"),
         py::arg("threads_per_block"), py::arg("stream"));
   m.def("noop_cuda", &noop_cuda_entry, py::arg("device"), py::arg("stream"));
+  m.def("barrier_selftest", [](int nthreads, int steps) {
+    py::gil_scoped_release nogil;
+    return barrier_selftest(nthreads, steps);
+  }, py::arg("nthreads"), py::arg("steps"));
 }

@@ -1,7 +1,7 @@
 // Persistent CPU workers shared by all kernels (contract in thread_pool.h).
 #include "pyseqkern/thread_pool.h"
 
-#include <unistd.h>
+#include <pthread.h>
 
 #include <condition_variable>
 #include <mutex>
@@ -54,11 +54,6 @@ class Pool {
 
  private:
   void ensure_workers(int count) {
-    if (owner_pid_ != getpid()) {  // forked child: the parent's threads do not exist here
-      for (auto& t : workers_) t.detach();
-      workers_.clear();
-      owner_pid_ = getpid();
-    }
     while (static_cast<int>(workers_.size()) < count) {
       const int tid = static_cast<int>(workers_.size()) + 1;
       const int64_t seen = generation_.load(std::memory_order_acquire);
@@ -85,7 +80,6 @@ class Pool {
   std::mutex wake_mutex_;
   std::condition_variable wake_cv_;
   std::vector<std::thread> workers_;
-  pid_t owner_pid_ = getpid();
   alignas(64) std::atomic<int64_t> generation_{0};
   alignas(64) std::atomic<int> remaining_{0};
   TaskFn fn_ = nullptr;
@@ -93,8 +87,29 @@ class Pool {
   int n_ = 1;
 };
 
+// The pool is never destroyed: workers may still be parked at interpreter exit. A forked child (a
+// DataLoader worker, say) gets a new one: the parent's threads do not exist there, and the mutex and
+// condition variable they used may have been copied in a locked or waited-on state. The old pool is
+// leaked untouched, since joining, detaching or unlocking would act on another process's threads.
+std::atomic<Pool*> g_pool{nullptr};
+std::mutex* g_pool_mutex = new std::mutex();
+
+void reset_pool_in_child() {
+  g_pool.store(nullptr, std::memory_order_relaxed);
+  g_pool_mutex = new std::mutex();
+}
+
+const int g_atfork_registered = pthread_atfork(nullptr, nullptr, &reset_pool_in_child);
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: workers may still be parked at interpreter exit
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p != nullptr) return *p;
+  std::lock_guard<std::mutex> lk(*g_pool_mutex);
+  p = g_pool.load(std::memory_order_acquire);
+  if (p == nullptr) {
+    p = new Pool();
+    g_pool.store(p, std::memory_order_release);
+  }
   return *p;
 }
 
@@ -114,6 +129,38 @@ void split_range(int64_t n, int tid, int nthreads, int64_t* begin, int64_t* end)
   const int64_t base = n / nthreads, extra = n % nthreads;
   *begin = tid * base + (tid < extra ? tid : extra);
   *end = *begin + base + (tid < extra ? 1 : 0);
+}
+
+bool barrier_selftest(int nthreads, int steps) {
+  struct Ctx {
+    SpinBarrier* barrier;
+    std::atomic<int>* arrivals;  // [steps]
+    std::atomic<bool> ok{true};
+    int steps;
+  };
+  std::vector<std::atomic<int>> arrivals(steps);
+  for (auto& a : arrivals) a.store(0);
+  const int n = nthreads < 1 ? 1 : (nthreads > kMaxThreads ? kMaxThreads : nthreads);
+  SpinBarrier barrier(n);
+  Ctx ctx;
+  ctx.barrier = &barrier;
+  ctx.arrivals = arrivals.data();
+  ctx.steps = steps;
+  parallel_run(n, [](void* raw, int, int nt) {
+    Ctx& c = *static_cast<Ctx*>(raw);
+    SpinBarrier local(1);  // a nested run has one thread: the shared barrier is sized for n
+    SpinBarrier& b = nt == 1 ? local : *c.barrier;
+    for (int s = 0; s < c.steps; ++s) {
+      c.arrivals[s].fetch_add(1, std::memory_order_relaxed);
+      b.wait();
+      // After the barrier every thread has arrived at step s, and none has gone past step s + 1.
+      const int here = c.arrivals[s].load(std::memory_order_relaxed);
+      const int next = s + 1 < c.steps ? c.arrivals[s + 1].load(std::memory_order_relaxed) : 0;
+      if (here != nt || next > nt) c.ok.store(false);
+      b.wait();
+    }
+  }, &ctx);
+  return ctx.ok.load();
 }
 
 void SpinBarrier::wait() {

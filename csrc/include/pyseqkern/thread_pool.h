@@ -36,4 +36,8 @@ class SpinBarrier {
   int n_;
 };
 
+// Runs `steps` barrier rounds on nthreads threads and checks that no thread passes a barrier before all
+// have arrived at it (for tests).
+bool barrier_selftest(int nthreads, int steps);
+
 }  // namespace pyseqkern
