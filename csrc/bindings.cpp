@@ -9,6 +9,7 @@
 #include "handoff.h"
 #include "pyseqkern/isa.h"
 #include "pyseqkern/probe.h"
+#include "pyseqkern/rnn.h"
 #include "pyseqkern/thread_pool.h"
 #ifdef PSK_WITH_CUDA
 #include "pyseqkern/cuda_info.h"
@@ -180,6 +181,137 @@ void noop_cuda_entry(int device, uintptr_t stream) {
 #endif
 }
 
+// ---- recurrent layers ---------------------------------------------------------------------------------
+// Optional tensors arrive as None. Python (pyseqkern/ops/rnn.py) has already validated shapes, dtypes
+// and devices; the checks here only keep a wrong call from reading out of bounds.
+
+const void* opt_data(py::handle h, const char* arg, TensorView* out = nullptr) {
+  if (h.is_none()) return nullptr;
+  TensorView v = view_of(h, arg);
+  if (out) *out = v;
+  return v.data;
+}
+
+RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
+  if (mode < 0 || mode > 3) throw py::value_error("pyseqkern: rnn: 'mode' must be 0..3 (lstm, gru, rnn_tanh, rnn_relu)");
+  if (hidden < 1 || proj < 0 || (proj > 0 && mode != 0))
+    throw py::value_error("pyseqkern: rnn: 'hidden' must be >= 1 and 'proj' >= 0 (LSTM only)");
+  return RnnShape{static_cast<RnnMode>(mode), reset_after, hidden, proj};
+}
+
+py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t batch, bool is_double) {
+  const RnnSizes s = rnn_cpu_kernels().sizes(rnn_shape(mode, reset_after, hidden, proj), batch, is_double);
+  return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev);
+}
+
+void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c, py::handle w_hr_c,
+                    py::handle out_c) {
+  RnnPackParams p{};
+  p.shape = rnn_shape(mode, reset_after, hidden, proj);
+  TensorView w = view_of(w_hh_c, "w_hh"), out = view_of(out_c, "out");
+  p.dtype = w.dtype;
+  p.w_hh = w.data;
+  p.ld_w_hh = w.strides[0];
+  if (w.ndim != 2 || w.strides[1] != 1 || w.sizes[0] != rnn_gate_count(p.shape.mode) * hidden ||
+      w.sizes[1] != p.shape.state())
+    throw py::value_error("pyseqkern: rnn_pack: 'w_hh' must be [G*H, K] with unit column stride");
+  if (proj > 0) {
+    TensorView r = view_of(w_hr_c, "w_hr");
+    if (r.ndim != 2 || r.strides[1] != 1 || r.sizes[0] != proj || r.sizes[1] != hidden || r.dtype != w.dtype)
+      throw py::value_error("pyseqkern: rnn_pack: 'w_hr' must be [P, H] like 'w_hh'");
+    p.w_hr = r.data;
+    p.ld_w_hr = r.strides[0];
+  }
+  const bool dbl = w.dtype == DType::Float64;
+  const RnnSizes sz = rnn_cpu_kernels().sizes(p.shape, 1, dbl);
+  if (out.numel() < sz.packed_numel || out.dtype != (dbl ? DType::Float64 : DType::Float32))
+    throw py::value_error("pyseqkern: rnn_pack: 'out' is too small or of the wrong dtype");
+  if (w.device != DeviceKind::Cpu) throw_no_cuda("rnn_pack");
+  p.out = out.data;
+  py::gil_scoped_release nogil;
+  rnn_cpu_kernels().pack(p);
+}
+
+RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle time_offsets, py::handle lengths,
+               int64_t row_stride_t, int64_t row_stride_b, bool reverse) {
+  RnnSeq q{};
+  q.steps = steps;
+  q.batch = batch;
+  q.batch_sizes = static_cast<const int64_t*>(opt_data(batch_sizes, "batch_sizes"));
+  q.time_offsets = static_cast<const int64_t*>(opt_data(time_offsets, "time_offsets"));
+  q.lengths = static_cast<const int64_t*>(opt_data(lengths, "lengths"));
+  q.row_stride_t = row_stride_t;
+  q.row_stride_b = row_stride_b;
+  q.reverse = reverse;
+  if (q.batch_sizes && (!q.time_offsets || !q.lengths))
+    throw py::value_error("pyseqkern: rnn: packed sequences need 'time_offsets' and 'lengths'");
+  return q;
+}
+
+void rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t steps, int64_t batch,
+                       py::handle batch_sizes, py::handle time_offsets, py::handle lengths, int64_t row_stride_t,
+                       int64_t row_stride_b, bool reverse, py::handle x_gates, py::handle b_hn, py::handle h0,
+                       py::handle c0, py::handle y, int64_t ld_y, py::handle h_n, py::handle c_n, py::handle packed,
+                       py::handle reserve, py::handle workspace, int num_threads) {
+  RnnFwdParams p{};
+  p.shape = rnn_shape(mode, reset_after, hidden, proj);
+  p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
+  TensorView xg = view_of(x_gates, "x_gates");
+  p.dtype = xg.dtype;
+  p.x_gates = xg.data;
+  p.ld_gates = xg.strides[0];
+  p.b_hn = opt_data(b_hn, "b_hn");
+  p.h0 = opt_data(h0, "h0");
+  p.c0 = opt_data(c0, "c0");
+  p.y = view_of(y, "y").data;
+  p.ld_y = ld_y;
+  p.h_n = view_of(h_n, "h_n").data;
+  p.c_n = const_cast<void*>(opt_data(c_n, "c_n"));
+  p.packed = view_of(packed, "packed").data;
+  p.reserve = const_cast<void*>(opt_data(reserve, "reserve"));
+  p.workspace = view_of(workspace, "workspace").data;
+  p.num_threads = num_threads;
+  if (xg.device != DeviceKind::Cpu) throw_no_cuda("rnn_forward");
+  py::gil_scoped_release nogil;
+  rnn_cpu_kernels().forward(p);
+}
+
+void rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t steps, int64_t batch,
+                        py::handle batch_sizes, py::handle time_offsets, py::handle lengths, int64_t row_stride_t,
+                        int64_t row_stride_b, bool reverse, py::handle dy, int64_t ld_dy, py::handle dh_n,
+                        py::handle dc_n, py::handle c0, py::handle reserve, py::handle packed, py::handle d_gates_x,
+                        py::handle d_gates_h, py::handle d_proj, py::handle dh0, py::handle dc0, py::handle workspace,
+                        int num_threads) {
+  RnnBwdParams p{};
+  p.shape = rnn_shape(mode, reset_after, hidden, proj);
+  p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
+  TensorView gx = view_of(d_gates_x, "d_gates_x");
+  p.dtype = gx.dtype;
+  p.d_gates_x = gx.data;
+  p.ld_dgx = gx.strides[0];
+  TensorView gh;
+  p.d_gates_h = const_cast<void*>(opt_data(d_gates_h, "d_gates_h", &gh));
+  p.ld_dgh = p.d_gates_h ? gh.strides[0] : 0;
+  if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h)
+    throw py::value_error("pyseqkern: rnn_backward: GRU with reset_after needs 'd_gates_h'");
+  p.dy = opt_data(dy, "dy");
+  p.ld_dy = ld_dy;
+  p.dh_n = opt_data(dh_n, "dh_n");
+  p.dc_n = opt_data(dc_n, "dc_n");
+  p.c0 = opt_data(c0, "c0");
+  p.reserve = view_of(reserve, "reserve").data;
+  p.packed = view_of(packed, "packed").data;
+  p.d_proj = const_cast<void*>(opt_data(d_proj, "d_proj"));
+  if (proj > 0 && !p.d_proj) throw py::value_error("pyseqkern: rnn_backward: LSTM with proj needs 'd_proj'");
+  p.dh0 = view_of(dh0, "dh0").data;
+  p.dc0 = const_cast<void*>(opt_data(dc0, "dc0"));
+  p.workspace = view_of(workspace, "workspace").data;
+  p.num_threads = num_threads;
+  if (gx.device != DeviceKind::Cpu) throw_no_cuda("rnn_backward");
+  py::gil_scoped_release nogil;
+  rnn_cpu_kernels().backward(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -195,6 +327,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("peak_fma", &peak_fma, py::arg("sink"), py::arg("iters"), py::arg("num_threads"),
         py::arg("threads_per_block"), py::arg("stream"));
   m.def("noop_cuda", &noop_cuda_entry, py::arg("device"), py::arg("stream"));
+  m.def("rnn_sizes", &rnn_sizes_entry);
+  m.def("rnn_pack", &rnn_pack_entry);
+  m.def("rnn_forward", &rnn_forward_entry);
+  m.def("rnn_backward", &rnn_backward_entry);
   m.def("barrier_selftest", [](int nthreads, int steps) {
     py::gil_scoped_release nogil;
     return barrier_selftest(nthreads, steps);

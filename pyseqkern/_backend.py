@@ -58,13 +58,15 @@ _REFERENCE_FORCED = os.environ.get(REFERENCE_ENV, "").strip() in ("1", "true", "
 _FALLBACKS: dict[str, str] = {}
 
 
-def use_reference(op: str, device: torch.device) -> bool:
+def use_reference(op: str, device: torch.device, cuda_kernels: bool = True) -> bool:
     """True when `op` must run its reference on `device`: forced by the environment, or no kernel
-    exists for that device in this build (then once per op a warning says why)."""
+    exists for that device (the build has no CUDA, or the op has no CUDA kernel yet: `cuda_kernels`);
+    then once per op a warning says why."""
     if _REFERENCE_FORCED:
         return True
-    if device.type == "cuda" and not _C.build_info()["cuda_compiled"]:
-        reason = "pyseqkern was built without CUDA kernels; running the PyTorch reference on CUDA"
+    if device.type == "cuda" and not (cuda_kernels and _C.build_info()["cuda_compiled"]):
+        reason = ("pyseqkern was built without CUDA kernels" if cuda_kernels else f"{op} has no CUDA kernel yet") + \
+            "; running the PyTorch reference on CUDA"
         if op not in _FALLBACKS:
             _FALLBACKS[op] = reason
             warnings.warn(f"pyseqkern.{op}: {reason} (slow)", RuntimeWarning, stacklevel=3)

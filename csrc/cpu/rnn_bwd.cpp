@@ -1,0 +1,270 @@
+// Recurrent CPU kernels, backward through time (contract: pyseqkern/rnn.h). Compiled once per ISA.
+//
+// Steps run in reverse. Each thread owns the same unit blocks as in the forward; per step it turns
+// dh (= dy + the recurrent gradient) into gate gradients for its units, then, after one barrier, the
+// recurrent gradient dh_{t-1} = dG W_hh for its state blocks from every unit's dG. dG is double
+// buffered by step parity so the next step's writes never meet this step's reads.
+#include "rnn_common.h"
+
+PSK_ISA_NAMESPACE_BEGIN
+namespace rnn {
+namespace {
+
+enum class Variant { Lstm, GruAfter, GruBefore, Rnn };
+
+template <typename A>
+struct BwdCtx {
+  const RnnBwdParams* p;
+  Layout l;
+  int64_t reserve_cols, reserve_hprev;
+  SpinBarrier* barrier;
+  A* dh_rec;   // [B][Kp] gradient reaching h_{t-1} through the recurrence (owner: state block)
+  A* dh_aux;   // [B][Kp] proj: dh_t total, read by all; GRU: the direct part dh * z (owner only)
+  A* dc;       // [B][Hp] LSTM cell-state gradient (owner: unit block)
+  A* dG[2];    // [B][G*H] gate gradients of the step, read by every thread's recurrent product
+  bool relu;
+};
+
+inline int choose_threads(int requested, int64_t blocks, int64_t macs_per_step) {
+  int64_t n = requested < 1 ? 1 : requested;
+  if (n > blocks) n = blocks;
+  const int64_t by_work = macs_per_step / 16384;
+  if (n > by_work) n = by_work < 1 ? 1 : by_work;
+  return static_cast<int>(n);
+}
+
+// dh_rec[b][blk] = base[b][blk] + sum_j dG[b][j0 + j] * W[j0 + j][blk], j < J, for the active rows.
+template <typename A>
+void recurrent_grad(const Layout& l, const A* bpanel, int64_t kb_begin, int64_t kb_end, const A* dG, int64_t ldg,
+                    int64_t j0, int64_t J, int64_t nb, int64_t Kp, const A* base, A* out) {
+  constexpr int L = lanes<A>();
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
+      const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
+      const A* rows[kMR];
+      for (int r = 0; r < mr; ++r) rows[r] = dG + (r0 + r) * ldg + j0;
+      V<A> acc[kMR][4];
+      gemm_rows<1, A>(mr, rows, bpanel + kb * l.G * l.H * L + j0 * L, J, L, acc);
+      for (int r = 0; r < mr; ++r) {
+        const int64_t at = (r0 + r) * Kp + kb * L;
+        store<A>(out + at, base ? acc[r][0] + load<A>(base + at, L) : acc[r][0], L);
+      }
+    }
+  }
+}
+
+template <Variant VAR, typename T, typename A>
+void bwd_worker(void* raw, int tid, int nt) {
+  BwdCtx<A>& c = *static_cast<BwdCtx<A>*>(raw);
+  const RnnBwdParams& p = *c.p;
+  const Layout& l = c.l;
+  const RnnSeq& q = p.seq;
+  constexpr int L = lanes<A>();
+  const int64_t H = l.H, K = l.K, P = l.P, G = l.G, GH = G * H, B = q.batch, Kp = l.UK * L, Hp = l.U * L;
+  const int64_t rc = c.reserve_cols, hprev_col = c.reserve_hprev;
+  int64_t u0, u1, k0, k1;
+  split_range(l.U, tid, nt, &u0, &u1);
+  split_range(l.UK, tid, nt, &k0, &k1);  // without proj K = H: the same blocks as u0..u1
+  const A* packed = static_cast<const A*>(p.packed);
+  const A* res = static_cast<const A*>(p.reserve);
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* dh_n = static_cast<const T*>(p.dh_n);
+  const T* dc_n = static_cast<const T*>(p.dc_n);
+  const T* c0 = static_cast<const T*>(p.c0);
+  T* dgx = static_cast<T*>(p.d_gates_x);
+  T* dgh = static_cast<T*>(p.d_gates_h);
+  T* dproj = static_cast<T*>(p.d_proj);
+  auto valid_of = [&](int64_t blk, int64_t n) { return static_cast<int>(n - blk * L < L ? n - blk * L : L); };
+
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t kb = k0; kb < k1; ++kb)
+      store<A>(c.dh_rec + b * Kp + kb * L, dh_n ? load<A>(dh_n + b * K + kb * L, valid_of(kb, K)) : splat(A(0)), L);
+    if (VAR == Variant::Lstm)
+      for (int64_t u = u0; u < u1; ++u)
+        store<A>(c.dc + b * Hp + u * L, dc_n ? load<A>(dc_n + b * H + u * L, valid_of(u, H)) : splat(A(0)), L);
+  }
+  c.barrier->wait();
+
+  for (int64_t s = q.steps - 1; s >= 0; --s) {
+    const int64_t nb = seq_active(q, s);
+    A* dG = c.dG[s & 1];
+    if (VAR == Variant::Lstm && P > 0) {
+      // dh_t = dy + recurrent part, for own projection blocks; everyone needs all of it next.
+      for (int64_t kb = k0; kb < k1; ++kb)
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t row = seq_row(q, s, b);
+          V<A> dh = load<A>(c.dh_rec + b * Kp + kb * L, L);
+          if (dy) dh += load<A>(dy + row * p.ld_dy + kb * L, valid_of(kb, K));
+          store<A>(c.dh_aux + b * Kp + kb * L, dh, L);
+          store<A>(dproj + row * P + kb * L, dh, valid_of(kb, K));
+        }
+      c.barrier->wait();
+    }
+    for (int64_t u = u0; u < u1; ++u) {
+      const int valid = valid_of(u, H);
+      for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
+        const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
+        V<A> dm[kMR][4];
+        if (VAR == Variant::Lstm && P > 0) {
+          const A* rows[kMR];
+          for (int r = 0; r < mr; ++r) rows[r] = c.dh_aux + (r0 + r) * Kp;
+          gemm_rows<1, A>(mr, rows, packed + l.bproj + u * P * L, P, L, dm);
+        }
+        for (int r = 0; r < mr; ++r) {
+          const int64_t b = r0 + r, row = seq_row(q, s, b);
+          const A* rr = res + row * rc;
+          V<A> dh;
+          if (VAR == Variant::Lstm && P > 0) {
+            dh = dm[r][0];
+          } else {
+            dh = load<A>(c.dh_rec + b * Kp + u * L, L);
+            if (dy) dh += load<A>(dy + row * p.ld_dy + u * L, valid);
+          }
+          T* gxo = dgx + row * p.ld_dgx + u * L;
+          A* dGb = dG + b * GH + u * L;
+          if (VAR == Variant::Lstm) {
+            const V<A> i = load<A>(rr + u * L, valid), f = load<A>(rr + H + u * L, valid);
+            const V<A> g = load<A>(rr + 2 * H + u * L, valid), o = load<A>(rr + 3 * H + u * L, valid);
+            const V<A> ct = load<A>(rr + 4 * H + u * L, valid);
+            V<A> cprev;
+            if (s > 0) cprev = load<A>(res + seq_row(q, s - 1, b) * rc + 4 * H + u * L, valid);
+            else cprev = c0 ? load<A>(c0 + b * H + u * L, valid) : splat(A(0));
+            const V<A> tc = vtanh(ct);
+            A* dcv = c.dc + b * Hp + u * L;
+            const V<A> dc = load<A>(dcv, L) + dh * o * (A(1) - tc * tc);
+            const V<A> gi = dc * g * i * (A(1) - i), gf = dc * cprev * f * (A(1) - f);
+            const V<A> gg = dc * i * (A(1) - g * g), go = dh * tc * o * (A(1) - o);
+            store<A>(dcv, dc * f, L);
+            store<A>(gxo, gi, valid);
+            store<A>(gxo + H, gf, valid);
+            store<A>(gxo + 2 * H, gg, valid);
+            store<A>(gxo + 3 * H, go, valid);
+            store<A>(dGb, gi, valid);
+            store<A>(dGb + H, gf, valid);
+            store<A>(dGb + 2 * H, gg, valid);
+            store<A>(dGb + 3 * H, go, valid);
+          } else if (VAR == Variant::Rnn) {
+            const V<A> h = load<A>(rr + u * L, valid);
+            const V<A> gp = c.relu ? (h > A(0) ? dh : splat(A(0))) : dh * (A(1) - h * h);
+            store<A>(gxo, gp, valid);
+            store<A>(dGb, gp, valid);
+          } else {
+            const V<A> rg = load<A>(rr + u * L, valid), zg = load<A>(rr + H + u * L, valid);
+            const V<A> ng = load<A>(rr + 2 * H + u * L, valid), hprev = load<A>(rr + hprev_col + u * L, valid);
+            const V<A> dnp = dh * (A(1) - zg) * (A(1) - ng * ng);
+            const V<A> dzp = dh * (hprev - ng) * zg * (A(1) - zg);
+            store<A>(c.dh_aux + b * Kp + u * L, dh * zg, L);
+            if (VAR == Variant::GruAfter) {
+              const V<A> hng = load<A>(rr + 3 * H + u * L, valid);
+              const V<A> drp = dnp * hng * rg * (A(1) - rg);
+              T* gho = dgh + row * p.ld_dgh + u * L;
+              store<A>(gxo, drp, valid);
+              store<A>(gxo + H, dzp, valid);
+              store<A>(gxo + 2 * H, dnp, valid);
+              store<A>(gho, drp, valid);
+              store<A>(gho + H, dzp, valid);
+              store<A>(gho + 2 * H, dnp * rg, valid);
+              store<A>(dGb, drp, valid);
+              store<A>(dGb + H, dzp, valid);
+              store<A>(dGb + 2 * H, dnp * rg, valid);
+            } else {
+              store<A>(dGb + H, dzp, valid);
+              store<A>(dGb + 2 * H, dnp, valid);
+            }
+          }
+        }
+      }
+    }
+    c.barrier->wait();
+    A* base = (VAR == Variant::GruAfter || VAR == Variant::GruBefore) ? c.dh_aux : nullptr;
+    if (VAR == Variant::GruBefore) {
+      // d(r * h_{t-1}) = dn_pre W_hn needs every unit's dn_pre; then r's gradient, then the rest.
+      for (int64_t u = u0; u < u1; ++u) {
+        const int valid = valid_of(u, H);
+        for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
+          const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
+          const A* rows[kMR];
+          for (int r = 0; r < mr; ++r) rows[r] = dG + (r0 + r) * GH + 2 * H;
+          V<A> acc[kMR][4];
+          gemm_rows<1, A>(mr, rows, packed + l.bmain + u * GH * L + 2 * H * L, H, L, acc);
+          for (int r = 0; r < mr; ++r) {
+            const int64_t b = r0 + r, row = seq_row(q, s, b);
+            const A* rr = res + row * rc;
+            const V<A> rg = load<A>(rr + u * L, valid), hprev = load<A>(rr + hprev_col + u * L, valid);
+            const V<A> drp = acc[r][0] * hprev * rg * (A(1) - rg);
+            A* aux = c.dh_aux + b * Kp + u * L;
+            store<A>(aux, load<A>(aux, L) + acc[r][0] * rg, L);
+            A* dGb = dG + b * GH + u * L;
+            store<A>(dGb, drp, valid);
+            T* gxo = dgx + row * p.ld_dgx + u * L;
+            store<A>(gxo, drp, valid);
+            store<A>(gxo + H, load<A>(dGb + H, valid), valid);
+            store<A>(gxo + 2 * H, load<A>(dGb + 2 * H, valid), valid);
+          }
+        }
+      }
+      c.barrier->wait();
+      recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, 2 * H, nb, Kp, base, c.dh_rec);
+    } else {
+      recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, GH, nb, Kp, base, c.dh_rec);
+    }
+  }
+
+  // Every row's backward ends at step 0: the gradients of the initial states.
+  T* dh0 = static_cast<T*>(p.dh0);
+  T* dc0 = static_cast<T*>(p.dc0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t kb = k0; kb < k1; ++kb) store<A>(dh0 + b * K + kb * L, load<A>(c.dh_rec + b * Kp + kb * L, L), valid_of(kb, K));
+    if (VAR == Variant::Lstm && dc0)
+      for (int64_t u = u0; u < u1; ++u) store<A>(dc0 + b * H + u * L, load<A>(c.dc + b * Hp + u * L, L), valid_of(u, H));
+  }
+}
+
+template <Variant VAR, typename T, typename A>
+void backward_variant(const RnnBwdParams& p) {
+  BwdCtx<A> c;
+  c.p = &p;
+  c.l = layout_of(p.shape, lanes<A>());
+  const int64_t L = c.l.L, B = p.seq.batch, Kp = c.l.UK * L, Hp = c.l.U * L, GH = c.l.G * c.l.H;
+  switch (p.shape.mode) {
+    case RnnMode::Lstm: c.reserve_hprev = 5 * c.l.H + (c.l.P > 0 ? c.l.H : 0); c.reserve_cols = c.reserve_hprev + c.l.K; break;
+    case RnnMode::Gru: c.reserve_hprev = 4 * c.l.H; c.reserve_cols = 5 * c.l.H; break;
+    default: c.reserve_hprev = c.l.H; c.reserve_cols = 2 * c.l.H; break;
+  }
+  A* ws = static_cast<A*>(p.workspace);
+  c.dh_rec = ws;
+  c.dh_aux = c.dh_rec + B * Kp;
+  c.dc = c.dh_aux + B * Kp;
+  c.dG[0] = c.dc + B * Hp;
+  c.dG[1] = c.dG[0] + B * GH;
+  c.relu = p.shape.mode == RnnMode::RnnRelu;
+  const int64_t macs = B * GH * c.l.K + B * c.l.P * c.l.H;
+  const int nt = choose_threads(p.num_threads, c.l.U < c.l.UK ? c.l.U : c.l.UK, macs);
+  SpinBarrier barrier(nt);
+  c.barrier = &barrier;
+  parallel_run(nt, bwd_worker<VAR, T, A>, &c);
+}
+
+template <typename T, typename A>
+void backward_typed(const RnnBwdParams& p) {
+  switch (p.shape.mode) {
+    case RnnMode::Lstm: backward_variant<Variant::Lstm, T, A>(p); break;
+    case RnnMode::Gru:
+      if (p.shape.reset_after) backward_variant<Variant::GruAfter, T, A>(p);
+      else backward_variant<Variant::GruBefore, T, A>(p);
+      break;
+    default: backward_variant<Variant::Rnn, T, A>(p); break;
+  }
+}
+
+}  // namespace
+
+void backward(const RnnBwdParams& p) {
+  if (p.seq.batch == 0) return;
+  if (p.dtype == DType::Float64) backward_typed<double, double>(p);
+  else if (p.dtype == DType::BFloat16) backward_typed<bf16, float>(p);
+  else backward_typed<float, float>(p);
+}
+
+}  // namespace rnn
+PSK_ISA_NAMESPACE_END

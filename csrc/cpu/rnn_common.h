@@ -1,0 +1,211 @@
+// Building blocks of the recurrent CPU kernels, compiled into each per-ISA source (include only from
+// sources listed in PSK_CPU_KERNEL_SOURCES, after PSK_ISA is defined). Everything lives in the ISA's
+// namespace: see cpu_dispatch.h for why no shared inline code may cross ISA objects.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "pyseqkern/rnn.h"
+#include "pyseqkern/thread_pool.h"
+
+#ifndef PSK_ISA
+#error "rnn_common.h belongs to per-ISA kernel sources"
+#endif
+
+PSK_ISA_NAMESPACE_BEGIN
+namespace rnn {
+
+// ---- traits ---------------------------------------------------------------------------------------
+// A unit block is one register of L lanes; MR rows share each weight load (register tile MR x G).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kMR = 4;  // 4 x 4 gates = 16 of 32 zmm accumulators
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
+constexpr int kMR = 3;  // 3 x 4 = 12 of 16 ymm
+#else
+constexpr int kVecBytes = 16;
+constexpr int kMR = 2;  // 2 x 4 = 8 of 16 xmm (no FMA: mul + add)
+#endif
+
+typedef float vfloat __attribute__((vector_size(kVecBytes)));
+typedef int32_t vint32 __attribute__((vector_size(kVecBytes)));
+typedef double vdouble __attribute__((vector_size(kVecBytes)));
+
+template <typename A> struct Vec;
+template <> struct Vec<float> { using type = vfloat; };
+template <> struct Vec<double> { using type = vdouble; };
+template <typename A> using V = typename Vec<A>::type;
+template <typename A> constexpr int lanes() { return kVecBytes / static_cast<int>(sizeof(A)); }
+
+// bfloat16 storage: the upper half of a float32; round to nearest even on the way down.
+struct bf16 {
+  uint16_t bits;
+};
+inline float to_acc(bf16 v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+template <typename T> inline T from_acc(float v);
+template <> inline float from_acc<float>(float v) { return v; }
+template <> inline bf16 from_acc<bf16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40)};  // keep NaN a NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{uint16_t(u >> 16)};
+}
+template <typename T> inline T from_acc(double v);
+template <> inline double from_acc<double>(double v) { return v; }
+
+template <typename A> inline V<A> splat(A x) {
+  V<A> v;
+  for (int l = 0; l < lanes<A>(); ++l) v[l] = x;
+  return v;
+}
+
+// Loads `valid` (<= L) elements, zero beyond; stores only `valid`.
+template <typename A, typename T> inline V<A> load(const T* p, int valid) {
+  V<A> v;
+  if (std::is_same<T, A>::value && valid == lanes<A>()) {
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  for (int l = 0; l < lanes<A>(); ++l) v[l] = l < valid ? static_cast<A>(to_acc(p[l])) : A(0);
+  return v;
+}
+template <typename A, typename T> inline void store(T* p, V<A> v, int valid) {
+  if (std::is_same<T, A>::value && valid == lanes<A>()) {
+    std::memcpy(p, &v, sizeof(v));
+    return;
+  }
+  for (int l = 0; l < valid; ++l) p[l] = from_acc<T>(v[l]);
+}
+
+// ---- activations ------------------------------------------------------------------------------------
+// float: vectorized (exp via 2^n * polynomial on [-ln2/2, ln2/2], about 1 ulp; tanh by its Taylor series
+// below 0.25, where 1 - 2/(e^2x + 1) would cancel); double: libm, lane by lane.
+inline vfloat vexp(vfloat x) {
+  x = x < 88.0f ? x : splat(88.0f);
+  x = x > -87.3f ? x : splat(-87.3f);
+  vfloat fx = x * 1.44269504088896341f + 0.5f;
+  vfloat fl = __builtin_convertvector(__builtin_convertvector(fx, vint32), vfloat);
+  fl = fl > fx ? fl - 1.0f : fl;  // floor
+  x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
+  vfloat y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.0f;
+  vint32 n = (__builtin_convertvector(fl, vint32) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &n, sizeof(scale));
+  return y * scale;
+}
+inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp(-x)); }
+inline vfloat vtanh(vfloat x) {
+  vfloat ax = x < 0.0f ? -x : x;
+  vfloat big = 1.0f - 2.0f / (vexp(2.0f * ax) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  vfloat x2 = x * x;
+  vfloat poly = splat(-1382.0f / 155925.0f);
+  poly = poly * x2 + 62.0f / 2835.0f;
+  poly = poly * x2 + -17.0f / 315.0f;
+  poly = poly * x2 + 2.0f / 15.0f;
+  poly = poly * x2 + -1.0f / 3.0f;
+  vfloat small = x + x * x2 * poly;
+  return ax < 0.25f ? small : big;
+}
+inline vfloat vrelu(vfloat x) { return x > 0.0f ? x : splat(0.0f); }
+
+inline vdouble vsigmoid(vdouble x) {
+  for (int l = 0; l < lanes<double>(); ++l) x[l] = 1.0 / (1.0 + std::exp(-x[l]));
+  return x;
+}
+inline vdouble vtanh(vdouble x) {
+  for (int l = 0; l < lanes<double>(); ++l) x[l] = std::tanh(x[l]);
+  return x;
+}
+inline vdouble vrelu(vdouble x) { return x > 0.0 ? x : splat(0.0); }
+
+// ---- the register-tiled product ---------------------------------------------------------------------
+// acc[r][g] = sum_k rows[r][k] * panel[k * kstride + g * L + (0..L-1)] for r < MR, g < G: MR rows of
+// activations against one unit block of G gates. Weight vectors are loaded once per k for all MR rows.
+template <int MR, int G, typename A>
+inline void gemm_tile(const A* const* rows, const A* panel, int64_t K, int64_t kstride, V<A> (&acc)[kMR][4]) {
+  constexpr int L = lanes<A>();
+  for (int r = 0; r < MR; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = splat(A(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const A* w = panel + k * kstride;
+    V<A> wv[G];
+    for (int g = 0; g < G; ++g) std::memcpy(&wv[g], w + g * L, sizeof(V<A>));
+    for (int r = 0; r < MR; ++r) {
+      const V<A> hb = splat(rows[r][k]);
+      for (int g = 0; g < G; ++g) acc[r][g] += hb * wv[g];
+    }
+  }
+}
+
+// Runtime row count (1..kMR) to the template.
+template <int G, typename A>
+inline void gemm_rows(int mr, const A* const* rows, const A* panel, int64_t K, int64_t kstride, V<A> (&acc)[kMR][4]) {
+  switch (mr) {
+#if defined(__AVX512F__)
+    case 4: gemm_tile<4 <= kMR ? 4 : 1, G, A>(rows, panel, K, kstride, acc); break;
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+    case 3: gemm_tile<3 <= kMR ? 3 : 1, G, A>(rows, panel, K, kstride, acc); break;
+#endif
+    case 2: gemm_tile<2, G, A>(rows, panel, K, kstride, acc); break;
+    default: gemm_tile<1, G, A>(rows, panel, K, kstride, acc); break;
+  }
+}
+
+// ---- packed-weight and workspace layout -------------------------------------------------------------
+// Packed sections (elements of A), unit blocks of L lanes, zero padded past the last unit:
+//   fmain [ceil(H/L)][K][G][L]   w_hh, forward: block u holds units u*L.. of every gate, k-major
+//   fproj [ceil(P/L)][H][L]      w_hr, forward (proj)
+//   bmain [ceil(K/L)][G*H][L]    w_hh transposed: block over state units, j over the G*H gate rows
+//   bproj [ceil(H/L)][P][L]      w_hr transposed (proj)
+struct Layout {
+  int64_t L, U, UK, UP, H, K, P, G;
+  int64_t fmain, fproj, bmain, bproj, packed_numel;
+};
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline Layout layout_of(const RnnShape& s, int64_t L) {
+  Layout l;
+  l.L = L;
+  l.H = s.hidden;
+  l.K = s.state();
+  l.P = s.proj;
+  l.G = rnn_gate_count(s.mode);
+  l.U = ceil_div(l.H, L);
+  l.UK = ceil_div(l.K, L);
+  l.UP = ceil_div(l.P, L);
+  l.fmain = 0;
+  l.fproj = l.fmain + l.U * l.K * l.G * L;
+  l.bmain = l.fproj + l.UP * l.H * L;
+  l.bproj = l.bmain + l.UK * l.G * l.H * L;
+  l.packed_numel = l.bproj + l.U * l.P * L;
+  return l;
+}
+
+// Row of sequence data for (step s, sequence b).
+inline int64_t seq_len(const RnnSeq& q, int64_t b) { return q.lengths ? q.lengths[b] : q.steps; }
+inline int64_t seq_row(const RnnSeq& q, int64_t s, int64_t b) {
+  const int64_t t = q.reverse ? seq_len(q, b) - 1 - s : s;
+  return q.time_offsets ? q.time_offsets[t] + b : t * q.row_stride_t + b * q.row_stride_b;
+}
+inline int64_t seq_active(const RnnSeq& q, int64_t s) { return q.batch_sizes ? q.batch_sizes[s] : q.batch; }
+
+}  // namespace rnn
+PSK_ISA_NAMESPACE_END

@@ -1,0 +1,122 @@
+// Recurrent kernels (LSTM, GRU, RNN): the contract between pyseqkern/ops/rnn.py and the CPU/CUDA code.
+//
+// One call runs one layer in one direction over a whole sequence (a cell step is a sequence of one
+// step). Torch does the input projection before the call (x_gates = x W_ih^T + b_ih, plus b_hh where
+// it adds outside the gate nonlinearity) and the weight gradients after backward; the kernels do the
+// time loop: the recurrent product, the gates and the state update, fused.
+//
+// Symbols: T steps, B batch rows (rows at step 0), H hidden units, P projection size (LSTM proj_size,
+// 0 if none), K = P ? P : H the recurrent state size, G gates (LSTM 4: i,f,g,o; GRU 3: r,z,n; RNN 1),
+// N rows of sequence data. A = accumulation type: float for float32 and bfloat16 storage, double for
+// float64. Storage dtype (dtype below) applies to x_gates, y, h0, c0, h_n, c_n, dy, dh_n, dc_n,
+// d_gates_*, d_proj, dh0, dc0; packed weights, reserve and workspace are always A.
+//
+// Rows. Sequence data (x_gates, y, reserve, dy, d_gates_*, d_proj) are matrices of N rows; the row of
+// time t of sequence b is
+//   packed (time_offsets != null): time_offsets[t] + b   (PackedSequence order, N = sum batch_sizes)
+//   padded:                        t * row_stride_t + b * row_stride_b
+// At step s (0..T-1) the active rows are b < batch_sizes[s] (all B when batch_sizes is null), which is
+// why sequences must be sorted longest first; a row costs nothing after its length. Forward direction:
+// t = s. Reverse: t = lengths[b] - 1 - s (each sequence from its own last step back to 0).
+// h_n/c_n[b] (and dh0/dc0[b]) are written at row b's last step.
+#pragma once
+#include <cstdint>
+
+#include "pyseqkern/cpu_dispatch.h"
+#include "pyseqkern/tensor.h"
+
+namespace pyseqkern {
+
+enum class RnnMode : int32_t { Lstm = 0, Gru = 1, RnnTanh = 2, RnnRelu = 3 };
+
+inline int rnn_gate_count(RnnMode m) { return m == RnnMode::Lstm ? 4 : (m == RnnMode::Gru ? 3 : 1); }
+
+struct RnnShape {
+  RnnMode mode;
+  bool reset_after;  // GRU: true = torch/cuDNN (r * (W_hn h + b_hn)); false = ONNX/Keras (W_hn (r * h))
+  int64_t hidden;    // H
+  int64_t proj;      // P (LSTM only), 0 = none
+  int64_t state() const { return proj > 0 ? proj : hidden; }  // K
+};
+
+struct RnnSeq {
+  int64_t steps;               // T
+  int64_t batch;               // B
+  const int64_t* batch_sizes;  // [T] non-increasing, host memory; null: all B rows run all T steps
+  const int64_t* time_offsets; // [T] packed layout (see above), same memory space as the kernel; or null
+  const int64_t* lengths;      // [B] steps of each row, kernel memory space; null: all T
+  int64_t row_stride_t, row_stride_b;  // padded layout only
+  bool reverse;
+};
+
+// Sizes a caller allocates (elements of A), for the lane width L of the active kernels. Reserve rows
+// hold, per row of sequence data, in this order:
+//   LSTM: i, f, g, o activations [4H]; c_t [H]; m = o * tanh(c_t) [H] (proj only); h_prev [K]
+//   GRU:  r, z, n [3H]; reset_after: W_hn h_prev + b_hn [H], else r * h_prev [H]; h_prev [H]
+//   RNN:  h_prev [H]
+struct RnnSizes {
+  int64_t lanes;           // L: unit block width of the packed weights
+  int64_t packed_numel;    // rnn pack output
+  int64_t workspace_numel; // per call
+  int64_t reserve_cols;    // reserve row width
+  int64_t reserve_hprev;   // column where h_prev starts in a reserve row
+};
+
+// Packing: w_hh [G*H, K] and w_hr [P, H] (row-major with leading dimensions, storage dtype) into the
+// layouts the forward and backward kernels read. Done once per weight version (the Python layer caches
+// it); out [packed_numel] of A, must not alias the weights.
+struct RnnPackParams {
+  RnnShape shape;
+  DType dtype;
+  const void* w_hh; int64_t ld_w_hh;
+  const void* w_hr; int64_t ld_w_hr;  // null unless proj
+  void* out;
+};
+
+struct RnnFwdParams {
+  RnnShape shape;
+  DType dtype;
+  RnnSeq seq;
+  const void* x_gates; int64_t ld_gates;  // [N, G*H]
+  const void* b_hn;                       // [H] GRU reset_after (stays inside r * (...)); null = 0
+  const void* h0;                         // [B, K] contiguous
+  const void* c0;                         // [B, H] contiguous (LSTM)
+  void* y; int64_t ld_y;                  // [N, K] (a column slice of a wider output is fine)
+  void* h_n;                              // [B, K] contiguous
+  void* c_n;                              // [B, H] contiguous (LSTM)
+  const void* packed;                     // rnn pack output
+  void* reserve;                          // [N, reserve_cols] for training, or null (inference)
+  void* workspace;                        // [workspace_numel]
+  int num_threads;                        // CPU
+};
+
+struct RnnBwdParams {
+  RnnShape shape;
+  DType dtype;
+  RnnSeq seq;
+  const void* dy; int64_t ld_dy;          // [N, K] or null (no gradient reaches y)
+  const void* dh_n;                       // [B, K] or null
+  const void* dc_n;                       // [B, H] or null (LSTM)
+  const void* c0;                         // [B, H] the forward's initial cell state (LSTM), or null = 0
+  const void* reserve;                    // the forward's reserve [N, reserve_cols]
+  const void* packed;
+  void* d_gates_x; int64_t ld_dgx;        // [N, G*H] gradient wrt x_gates
+  void* d_gates_h; int64_t ld_dgh;        // [N, G*H] gradient wrt the recurrent pre-activations
+                                          // (W_hh h_prev + b_hh, GRU reset_before: n rows wrt
+                                          // W_hn (r*h)); null for LSTM and RNN, where it equals d_gates_x
+  void* d_proj;                           // [N, P] gradient wrt h_t (proj only: dW_hr = d_proj^T m)
+  void* dh0;                              // [B, K]
+  void* dc0;                              // [B, H] (LSTM)
+  void* workspace;                        // [workspace_numel]
+  int num_threads;
+};
+
+struct RnnCpuKernels {
+  RnnSizes (*sizes)(const RnnShape& shape, int64_t batch, bool is_double);
+  void (*pack)(const RnnPackParams& p);
+  void (*forward)(const RnnFwdParams& p);
+  void (*backward)(const RnnBwdParams& p);
+};
+PSK_DECLARE_CPU_KERNELS(RnnCpuKernels, rnn)
+
+}  // namespace pyseqkern

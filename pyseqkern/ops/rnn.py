@@ -1,0 +1,322 @@
+"""Recurrent ops: one call per layer and direction (rnn_layer) or per cell step (rnn_cell).
+
+rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True)
+  One layer, one direction.
+  mode        "lstm", "gru", "rnn_tanh" or "rnn_relu"; G = 4, 3, 1, 1 gates
+  x           [T, B, I] time-major (batch_sizes None), or packed [N, I] with batch_sizes
+  batch_sizes None, or int64 CPU tensor [T], non-increasing, as PackedSequence.batch_sizes (rows of x in
+              PackedSequence order: time step t holds batch_sizes[t] rows, the longest sequences first)
+  h0          [B, Hout] (Hout = proj_size if w_hr is given, else H); c0 [B, H] for lstm, else None
+  w_ih [G*H, I], w_hh [G*H, Hout], b_ih and b_hh [G*H] or None, w_hr [Hout, H] (lstm only) or None
+  reverse     each sequence runs from its own last valid step back to its first
+  reset_after gru only: True is torch/cuDNN (n = tanh(W_in x + b_in + r*(W_hn h + b_hn))), False is
+              Keras reset_after=False / ONNX default (n = tanh(W_in x + b_in + W_hn (r*h) + b_hn))
+  returns     y (same layout as x, feature size Hout), h_n [B, Hout], c_n [B, H] or None; for packed input
+              h_n[b] and c_n[b] are the states after row b's last valid step
+
+rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True)
+  x [B, I], h [B, H], c [B, H] (lstm) or None; returns (h', c') with c' None except for lstm.
+
+How the work splits: torch computes x W_ih^T + biases for all steps in one GEMM; the kernel
+(torch.ops.pyseqkern.rnn_forward) runs the whole time loop; backward (rnn_backward) runs the loop in
+reverse and returns gate gradients, from which torch GEMMs form every weight gradient. Recurrent weights
+are packed once per weight version (cache below). Dtypes: float32, float64, bfloat16 (float32 math).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .. import _backend
+from .._handoff import capsule, num_threads
+from ..reference import rnn as _reference
+from ._library import LIB
+
+_C = _backend._C
+MODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+LIB.define("rnn_pack(int mode, bool reset_after, int hidden, int proj, Tensor w_hh, Tensor? w_hr) -> Tensor")
+LIB.define(
+    "rnn_forward(int mode, bool reset_after, int hidden, int proj, int steps, int batch, Tensor x_gates, "
+    "Tensor? b_hn, Tensor? h0, Tensor? c0, Tensor packed, Tensor? batch_sizes, Tensor? time_offsets, "
+    "Tensor? lengths, int row_stride_t, int row_stride_b, bool reverse, bool training) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "rnn_backward(int mode, bool reset_after, int hidden, int proj, int steps, int batch, Tensor? dy, "
+    "Tensor? dh_n, Tensor? dc_n, Tensor? c0, Tensor reserve, Tensor packed, Tensor? batch_sizes, "
+    "Tensor? time_offsets, Tensor? lengths, int row_stride_t, int row_stride_b, bool reverse) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_SIZES: dict = {}
+
+
+def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype):
+    """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev) for the active ISA level."""
+    key = (mode, reset_after, hidden, proj, batch, dtype == torch.float64, _C.cpu_isa_report()["active"])
+    got = _SIZES.get(key)
+    if got is None:
+        got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, dtype == torch.float64)
+    return got
+
+
+def _none(t):
+    return None if t is None else capsule(t)
+
+
+# ---- rnn_pack -------------------------------------------------------------------------------------------
+def _pack_impl(mode, reset_after, hidden, proj, w_hh, w_hr):
+    numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
+    out = torch.empty(numel, dtype=_acc_dtype(w_hh.dtype), device=w_hh.device)
+    _C.rnn_pack(mode, reset_after, hidden, proj, capsule(w_hh.contiguous()),
+                _none(None if w_hr is None else w_hr.contiguous()), capsule(out))
+    return out
+
+
+LIB.impl("rnn_pack", _pack_impl, "CPU")
+
+
+@torch.library.register_fake("pyseqkern::rnn_pack")
+def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
+    numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
+    return w_hh.new_empty(numel, dtype=_acc_dtype(w_hh.dtype))
+
+
+# Packed weights, cached per recurrent weight: reused while the parameter is unchanged (same storage,
+# same version counter, dtype, device, and ISA level, which sets the lane width of the layout).
+_PACK_CACHE: dict = {}
+
+
+def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Tensor, w_hr):
+    if torch.compiler.is_compiling():
+        return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh, w_hr)
+    key = (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.dtype, w_hh.device,
+           None if w_hr is None else (w_hr.data_ptr(), w_hr._version), _C.cpu_isa_report()["active"])
+    entry = _PACK_CACHE.get(id(w_hh))
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    packed = torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
+                                          None if w_hr is None else w_hr.detach())
+    if entry is None:
+        weakref.finalize(w_hh, _PACK_CACHE.pop, id(w_hh), None)
+    _PACK_CACHE[id(w_hh)] = (key, packed)
+    return packed
+
+
+# ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
+def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
+                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training):
+    K = proj if proj > 0 else hidden
+    n = x_gates.shape[0]
+    dtype, dev = x_gates.dtype, x_gates.device
+    _, _, ws_numel, rcols, _ = _sizes(mode, reset_after, hidden, proj, batch, dtype)
+    y = torch.empty(n, K, dtype=dtype, device=dev)
+    h_n = torch.empty(batch, K, dtype=dtype, device=dev)
+    c_n = torch.empty(batch if mode == 0 else 0, hidden, dtype=dtype, device=dev)
+    reserve = torch.empty(n if training else 0, rcols, dtype=_acc_dtype(dtype), device=dev)
+    workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev)
+    _C.rnn_forward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
+                   _none(lengths), row_stride_t, row_stride_b, reverse, capsule(x_gates), _none(b_hn), _none(h0),
+                   _none(c0), capsule(y), K, capsule(h_n), capsule(c_n) if mode == 0 else None, capsule(packed),
+                   capsule(reserve) if training else None, capsule(workspace), num_threads())
+    return y, h_n, c_n, reserve
+
+
+LIB.impl("rnn_forward", _forward_impl, "CPU")
+
+
+@torch.library.register_fake("pyseqkern::rnn_forward")
+def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
+                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training):
+    K = proj if proj > 0 else hidden
+    n = x_gates.shape[0]
+    rcols = _sizes(mode, reset_after, hidden, proj, batch, x_gates.dtype)[3]
+    acc = _acc_dtype(x_gates.dtype)
+    return (x_gates.new_empty(n, K), x_gates.new_empty(batch, K),
+            x_gates.new_empty(batch if mode == 0 else 0, hidden),
+            x_gates.new_empty(n if training else 0, rcols, dtype=acc))
+
+
+def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse):
+    K = proj if proj > 0 else hidden
+    G = GATES_BY_CODE[mode]
+    n = reserve.shape[0]
+    dtype = _storage_dtype(dy, dh_n, dc_n, c0, reserve)
+    dev = reserve.device
+    ws_numel = _sizes(mode, reset_after, hidden, proj, batch, dtype)[2]
+    dgx = torch.empty(n, G * hidden, dtype=dtype, device=dev)
+    need_dgh = mode == 1 and reset_after
+    dgh = torch.empty(n if need_dgh else 0, G * hidden, dtype=dtype, device=dev)
+    dproj = torch.empty(n if proj > 0 else 0, proj, dtype=dtype, device=dev)
+    dh0 = torch.empty(batch, K, dtype=dtype, device=dev)
+    dc0 = torch.empty(batch if mode == 0 else 0, hidden, dtype=dtype, device=dev)
+    workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev)
+    _C.rnn_backward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
+                    _none(lengths), row_stride_t, row_stride_b, reverse, _none(dy), K, _none(dh_n), _none(dc_n),
+                    _none(c0), capsule(reserve), capsule(packed), capsule(dgx), capsule(dgh) if need_dgh else None,
+                    capsule(dproj) if proj > 0 else None, capsule(dh0), capsule(dc0) if mode == 0 else None,
+                    capsule(workspace), num_threads())
+    return dgx, dgh, dproj, dh0, dc0
+
+
+GATES_BY_CODE = {0: 4, 1: 3, 2: 1, 3: 1}
+
+
+def _storage_dtype(*tensors):
+    """The storage dtype of a backward call: that of the first incoming gradient or state given (the
+    reserve is float32 for bfloat16 layers, so it only decides when nothing else is there)."""
+    for t in tensors[:-1]:
+        if t is not None:
+            return t.dtype
+    return tensors[-1].dtype
+
+
+LIB.impl("rnn_backward", _backward_impl, "CPU")
+
+
+@torch.library.register_fake("pyseqkern::rnn_backward")
+def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse):
+    K = proj if proj > 0 else hidden
+    G = GATES_BY_CODE[mode]
+    n = reserve.shape[0]
+    dtype = _storage_dtype(dy, dh_n, dc_n, c0, reserve)
+    need_dgh = mode == 1 and reset_after
+    e = reserve.new_empty
+    return (e(n, G * hidden, dtype=dtype), e(n if need_dgh else 0, G * hidden, dtype=dtype),
+            e(n if proj > 0 else 0, proj, dtype=dtype), e(batch, K, dtype=dtype),
+            e(batch if mode == 0 else 0, hidden, dtype=dtype))
+
+
+# ---- autograd ---------------------------------------------------------------------------------------------
+class _Seq:
+    """How rows of sequence data map to (step, sequence): see csrc/include/pyseqkern/rnn.h."""
+
+    __slots__ = ("steps", "batch", "batch_sizes", "time_offsets", "lengths", "row_stride_t", "row_stride_b",
+                 "reverse")
+
+    def __init__(self, x, batch_sizes, reverse):
+        self.reverse = bool(reverse)
+        if batch_sizes is None:
+            self.steps, self.batch = x.shape[0], x.shape[1]
+            self.batch_sizes = self.time_offsets = self.lengths = None
+            self.row_stride_t, self.row_stride_b = x.shape[1], 1
+        else:
+            bs = batch_sizes.to(dtype=torch.int64, device="cpu").contiguous()
+            self.steps, self.batch = bs.shape[0], int(bs[0]) if bs.numel() else 0
+            self.batch_sizes = bs
+            self.time_offsets = torch.cumsum(bs, 0) - bs
+            self.lengths = (bs.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
+            self.row_stride_t = self.row_stride_b = 0
+
+    def args(self):
+        return (self.batch_sizes, self.time_offsets, self.lengths, self.row_stride_t, self.row_stride_b, self.reverse)
+
+
+def _fold_bias(mode, reset_after, hidden, b_ih, b_hh):
+    """The biases that add outside every nonlinearity go into the input GEMM; GRU reset_after keeps
+    b_hn apart (it sits inside r * (...))."""
+    if mode == "gru" and reset_after and b_hh is not None:
+        b_hn = b_hh[2 * hidden:]
+        b_hh = torch.cat([b_hh[: 2 * hidden], b_hh.new_zeros(hidden)])
+    else:
+        b_hn = None
+    if b_ih is None:
+        return b_hh, b_hn
+    return (b_ih if b_hh is None else b_ih + b_hh), b_hn
+
+
+class _RnnLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        code = MODES[mode]
+        hidden = w_hh.shape[0] // GATES[mode]
+        proj = 0 if w_hr is None else w_hr.shape[0]
+        bias, b_hn = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
+        x_gates = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
+        packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr)
+        training = any(ctx.needs_input_grad)
+        y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(
+            code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
+            training)
+        ctx.set_materialize_grads(False)
+        ctx.cfg = (mode, code, reset_after, hidden, proj, seq)
+        if training:
+            ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh)
+        return y, h_n, (c_n if code == 0 else None)
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        mode, code, reset_after, hidden, proj, seq = ctx.cfg
+        x2d, c0, w_ih, reserve, packed, b_ih, b_hh = ctx.saved_tensors
+        dgx, dgh, dproj, dh0, dc0 = torch.ops.pyseqkern.rnn_backward(
+            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed, *seq.args())
+        K = proj if proj > 0 else hidden
+        need = ctx.needs_input_grad  # (mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        wdtype = w_ih.dtype
+        dx = dgx @ w_ih if need[3] else None
+        dw_ih = dgx.t() @ x2d if need[6] else None
+        db = dgx.sum(0) if (need[8] or need[9]) else None
+        _, _, _, _, hp = _sizes(code, reset_after, hidden, proj, seq.batch, wdtype)
+        dw_hh = dw_hr = None
+        hprev = reserve[:, hp:hp + K].to(wdtype)
+        if need[7]:
+            if mode == "gru" and reset_after:
+                dw_hh = dgh.t() @ hprev
+            elif mode == "gru":
+                rh = reserve[:, 3 * hidden:4 * hidden].to(wdtype)
+                dw_hh = torch.cat([dgx[:, :2 * hidden].t() @ hprev, dgx[:, 2 * hidden:].t() @ rh])
+            else:
+                dw_hh = dgx.t() @ hprev
+        db_hh = None
+        if need[9]:
+            db_hh = dgh.sum(0) if (mode == "gru" and reset_after) else db
+        if need[10]:
+            dw_hr = dproj.t() @ reserve[:, 5 * hidden:6 * hidden].to(wdtype)
+        return (None, None, None, dx, dh0 if need[4] else None, (dc0 if code == 0 else None) if need[5] else None,
+                dw_ih, dw_hh, db if need[8] else None, db_hh, dw_hr)
+
+
+def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    if mode not in MODES:
+        raise ValueError(f"pyseqkern.rnn_layer: 'mode' must be one of {sorted(MODES)}, got {mode!r}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"pyseqkern.rnn_layer: 'x' must be float32, float64 or bfloat16, got {x.dtype}")
+    for name, t in (("h0", h0), ("c0", c0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
+                    ("w_hr", w_hr)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"pyseqkern.rnn_layer: '{name}' has dtype {t.dtype} but 'x' has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"pyseqkern.rnn_layer: '{name}' is on {t.device} but 'x' is on {x.device}")
+
+
+def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
+    _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if _backend.use_reference("rnn_layer", x.device, cuda_kernels=False):
+        return _reference.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
+    seq = _Seq(x, batch_sizes, reverse)
+    x2d = x.reshape(-1, x.shape[-1])
+    h0c = None if h0 is None else h0.contiguous()
+    c0c = None if (c0 is None or mode != "lstm") else c0.contiguous()
+    y, h_n, c_n = _RnnLayer.apply(mode, bool(reset_after), seq, x2d, h0c, c0c, w_ih, w_hh.contiguous(), b_ih, b_hh,
+                                  None if w_hr is None else w_hr.contiguous())
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y, h_n, c_n
+
+
+def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
+    """One step: a sequence of length 1 through the same kernels."""
+    y, h_n, c_n = rnn_layer(mode, x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
+    return h_n, c_n
