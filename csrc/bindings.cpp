@@ -185,10 +185,28 @@ void noop_cuda_entry(int device, uintptr_t stream) {
 // Optional tensors arrive as None. Python (pyseqkern/ops/rnn.py) has already validated shapes, dtypes
 // and devices; the checks here only keep a wrong call from reading out of bounds.
 
+// Row stride of a 2-D view whose rows are contiguous; size-1 dimensions may carry any stride (torch
+// calls such tensors contiguous), so they are not held against it.
+int64_t row_stride(const TensorView& v, const char* what) {
+  if (v.ndim != 2 || (v.sizes[1] > 1 && v.strides[1] != 1))
+    throw py::value_error(std::string("pyseqkern: rnn: '") + what + "' must be 2-D with contiguous rows");
+  return v.sizes[0] > 1 ? v.strides[0] : v.sizes[1];
+}
+
 const void* opt_data(py::handle h, const char* arg, TensorView* out = nullptr) {
   if (h.is_none()) return nullptr;
   TensorView v = view_of(h, arg);
   if (out) *out = v;
+  return v.data;
+}
+
+// States and gradients the kernels read as dense rows: anything else is a caller bug, refused here
+// rather than read out of place.
+const void* opt_dense(py::handle h, const char* arg) {
+  if (h.is_none()) return nullptr;
+  TensorView v = view_of(h, arg);
+  if (!v.is_contiguous())
+    throw py::value_error(std::string("pyseqkern: rnn: '") + arg + "' must be contiguous");
   return v.data;
 }
 
@@ -211,16 +229,15 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
   TensorView w = view_of(w_hh_c, "w_hh"), out = view_of(out_c, "out");
   p.dtype = w.dtype;
   p.w_hh = w.data;
-  p.ld_w_hh = w.strides[0];
-  if (w.ndim != 2 || w.strides[1] != 1 || w.sizes[0] != rnn_gate_count(p.shape.mode) * hidden ||
-      w.sizes[1] != p.shape.state())
-    throw py::value_error("pyseqkern: rnn_pack: 'w_hh' must be [G*H, K] with unit column stride");
+  p.ld_w_hh = row_stride(w, "w_hh");
+  if (w.sizes[0] != rnn_gate_count(p.shape.mode) * hidden || w.sizes[1] != p.shape.state())
+    throw py::value_error("pyseqkern: rnn_pack: 'w_hh' must be [G*H, K]");
   if (proj > 0) {
     TensorView r = view_of(w_hr_c, "w_hr");
-    if (r.ndim != 2 || r.strides[1] != 1 || r.sizes[0] != proj || r.sizes[1] != hidden || r.dtype != w.dtype)
+    p.ld_w_hr = row_stride(r, "w_hr");
+    if (r.sizes[0] != proj || r.sizes[1] != hidden || r.dtype != w.dtype)
       throw py::value_error("pyseqkern: rnn_pack: 'w_hr' must be [P, H] like 'w_hh'");
     p.w_hr = r.data;
-    p.ld_w_hr = r.strides[0];
   }
   const bool dbl = w.dtype == DType::Float64;
   const RnnSizes sz = rnn_cpu_kernels().sizes(p.shape, 1, dbl);
@@ -259,10 +276,10 @@ void rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj,
   TensorView xg = view_of(x_gates, "x_gates");
   p.dtype = xg.dtype;
   p.x_gates = xg.data;
-  p.ld_gates = xg.strides[0];
+  p.ld_gates = row_stride(xg, "x_gates");
   p.b_hn = opt_data(b_hn, "b_hn");
-  p.h0 = opt_data(h0, "h0");
-  p.c0 = opt_data(c0, "c0");
+  p.h0 = opt_dense(h0, "h0");
+  p.c0 = opt_dense(c0, "c0");
   p.y = view_of(y, "y").data;
   p.ld_y = ld_y;
   p.h_n = view_of(h_n, "h_n").data;
@@ -288,17 +305,17 @@ void rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj
   TensorView gx = view_of(d_gates_x, "d_gates_x");
   p.dtype = gx.dtype;
   p.d_gates_x = gx.data;
-  p.ld_dgx = gx.strides[0];
+  p.ld_dgx = row_stride(gx, "d_gates_x");
   TensorView gh;
   p.d_gates_h = const_cast<void*>(opt_data(d_gates_h, "d_gates_h", &gh));
-  p.ld_dgh = p.d_gates_h ? gh.strides[0] : 0;
+  p.ld_dgh = p.d_gates_h ? row_stride(gh, "d_gates_h") : 0;
   if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h)
     throw py::value_error("pyseqkern: rnn_backward: GRU with reset_after needs 'd_gates_h'");
-  p.dy = opt_data(dy, "dy");
+  p.dy = opt_dense(dy, "dy");
   p.ld_dy = ld_dy;
-  p.dh_n = opt_data(dh_n, "dh_n");
-  p.dc_n = opt_data(dc_n, "dc_n");
-  p.c0 = opt_data(c0, "c0");
+  p.dh_n = opt_dense(dh_n, "dh_n");
+  p.dc_n = opt_dense(dc_n, "dc_n");
+  p.c0 = opt_dense(c0, "c0");
   p.reserve = view_of(reserve, "reserve").data;
   p.packed = view_of(packed, "packed").data;
   p.d_proj = const_cast<void*>(opt_data(d_proj, "d_proj"));

@@ -23,8 +23,9 @@ inline void cpu_relax() {
 // enough for back-to-back calls, short enough not to take a core from torch's own OpenMP threads
 // (which spin after every torch op, and would be slowed by ours on a small machine).
 constexpr int kIdleSpinRounds = 2000;
-// Inside a kernel, threads wait at a barrier for at most one time step: spin longer, then yield.
-constexpr int kBarrierSpinRounds = 20000;
+// Inside a kernel a barrier wait lasts at most one time step: spin about as long, then yield, so a
+// partner thread that lost its core (an oversubscribed machine) gets it back at once.
+constexpr int kBarrierSpinRounds = 2000;
 
 thread_local bool t_in_worker = false;
 

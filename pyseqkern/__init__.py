@@ -4,6 +4,7 @@
 pyseqkern.bench` measures them against torch."""
 from ._backend import ISA_LEVELS, backend_info, set_cpu_isa
 from ._version import __version__
-from . import ops
+from . import nn, ops
+from .convert import convert
 
-__all__ = ["__version__", "backend_info", "set_cpu_isa", "ISA_LEVELS", "ops"]
+__all__ = ["__version__", "backend_info", "set_cpu_isa", "ISA_LEVELS", "ops", "nn", "convert"]

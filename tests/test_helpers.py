@@ -40,6 +40,10 @@ def test_within_torch_error_rule():
     assert_within_torch_error(ref.float(), theirs, ref)
     with pytest.raises(AssertionError, match="exceeds"):
         assert_within_torch_error((ref * (1 + 1e-4)).float(), theirs, ref)
+    bad = ref.float().clone()
+    bad[7] = float("nan")
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_within_torch_error(bad, theirs, ref)
 
 
 def test_bitwise_equal_sees_one_ulp_and_nan_payloads():

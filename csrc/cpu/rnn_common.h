@@ -64,11 +64,9 @@ template <> inline bf16 from_acc<bf16>(float v) {
 template <typename T> inline T from_acc(double v);
 template <> inline double from_acc<double>(double v) { return v; }
 
-template <typename A> inline V<A> splat(A x) {
-  V<A> v;
-  for (int l = 0; l < lanes<A>(); ++l) v[l] = x;
-  return v;
-}
+// A scalar in every lane. Written as x - 0, which GCC and Clang fold into one broadcast (x - 0 == x
+// exactly, -0 included); a lane-by-lane loop compiled into one masked broadcast per lane.
+template <typename A> inline V<A> splat(A x) { return x - V<A>{}; }
 
 // Loads `valid` (<= L) elements, zero beyond; stores only `valid`.
 template <typename A, typename T> inline V<A> load(const T* p, int valid) {
@@ -89,41 +87,64 @@ template <typename A, typename T> inline void store(T* p, V<A> v, int valid) {
 }
 
 // ---- activations ------------------------------------------------------------------------------------
-// float: vectorized (exp via 2^n * polynomial on [-ln2/2, ln2/2], about 1 ulp; tanh by its Taylor series
-// below 0.25, where 1 - 2/(e^2x + 1) would cancel); double: libm, lane by lane.
-inline vfloat vexp(vfloat x) {
-  x = x < 88.0f ? x : splat(88.0f);
-  x = x > -87.3f ? x : splat(-87.3f);
-  vfloat fx = x * 1.44269504088896341f + 0.5f;
-  vfloat fl = __builtin_convertvector(__builtin_convertvector(fx, vint32), vfloat);
-  fl = fl > fx ? fl - 1.0f : fl;  // floor
-  x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
-  vfloat y = splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * (x * x) + x + 1.0f;
-  vint32 n = (__builtin_convertvector(fl, vint32) + 127) << 23;
-  vfloat scale;
-  std::memcpy(&scale, &n, sizeof(scale));
+// float lanes are evaluated in double precision, half a register at a time, then rounded once: the
+// results are correctly rounded in all but rare cases, so a long recurrence accumulates no more error
+// than torch's own (1-ulp) functions give it; cheaper approximations, a few ulp off, were measurably
+// worse over a sequence. exp: 2^n * degree-8 Taylor polynomial on |r| <= ln2/2 (relative error 3e-10).
+// double lanes use libm.
+typedef float vfloat_half __attribute__((vector_size(kVecBytes / 2)));
+typedef int64_t vint64 __attribute__((vector_size(kVecBytes)));
+
+inline vdouble vexp_d(vdouble x) {
+  x = x < 700.0 ? x : splat(700.0);
+  x = x > -700.0 ? x : splat(-700.0);
+  const vdouble big = splat(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
+  const vdouble n = (x * 1.4426950408889634 + big) - big;
+  const vdouble r = x - n * 0.6931471805599453 - n * 2.3190468138462996e-17;
+  vdouble y = splat(1.0 / 40320);
+  y = y * r + 1.0 / 5040;
+  y = y * r + 1.0 / 720;
+  y = y * r + 1.0 / 120;
+  y = y * r + 1.0 / 24;
+  y = y * r + 1.0 / 6;
+  y = y * r + 0.5;
+  y = y * r + 1.0;
+  y = y * r + 1.0;
+  const vdouble e = n + (1023.0 + 4503599627370496.0);  // n + 1023 in the low mantissa bits
+  vint64 bits;
+  std::memcpy(&bits, &e, sizeof(bits));
+  bits <<= 52;
+  vdouble scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
 }
-inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp(-x)); }
-inline vfloat vtanh(vfloat x) {
-  vfloat ax = x < 0.0f ? -x : x;
-  vfloat big = 1.0f - 2.0f / (vexp(2.0f * ax) + 1.0f);
-  big = x < 0.0f ? -big : big;
-  vfloat x2 = x * x;
-  vfloat poly = splat(-1382.0f / 155925.0f);
-  poly = poly * x2 + 62.0f / 2835.0f;
-  poly = poly * x2 + -17.0f / 315.0f;
-  poly = poly * x2 + 2.0f / 15.0f;
-  poly = poly * x2 + -1.0f / 3.0f;
-  vfloat small = x + x * x2 * poly;
-  return ax < 0.25f ? small : big;
+inline vdouble vsigmoid_d(vdouble x) { return 1.0 / (1.0 + vexp_d(-x)); }
+inline vdouble vtanh_d(vdouble x) {
+  const vdouble ax = x < 0.0 ? -x : x;
+  vdouble big = 1.0 - 2.0 / (vexp_d(2.0 * ax) + 1.0);  // cancels below 1/16: the series takes over
+  big = x < 0.0 ? -big : big;
+  const vdouble x2 = x * x;
+  vdouble poly = splat(-17.0 / 315);
+  poly = poly * x2 + 2.0 / 15;
+  poly = poly * x2 + -1.0 / 3;
+  const vdouble small = x + x * x2 * poly;
+  return ax < 0.0625 ? small : big;
 }
+
+template <vdouble (*F)(vdouble)>
+inline vfloat in_double(vfloat x) {
+  vfloat_half lo, hi;
+  std::memcpy(&lo, &x, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(lo), sizeof(hi));
+  const vfloat_half rlo = __builtin_convertvector(F(__builtin_convertvector(lo, vdouble)), vfloat_half);
+  const vfloat_half rhi = __builtin_convertvector(F(__builtin_convertvector(hi, vdouble)), vfloat_half);
+  vfloat out;
+  std::memcpy(&out, &rlo, sizeof(rlo));
+  std::memcpy(reinterpret_cast<char*>(&out) + sizeof(rlo), &rhi, sizeof(rhi));
+  return out;
+}
+inline vfloat vsigmoid(vfloat x) { return in_double<vsigmoid_d>(x); }
+inline vfloat vtanh(vfloat x) { return in_double<vtanh_d>(x); }
 inline vfloat vrelu(vfloat x) { return x > 0.0f ? x : splat(0.0f); }
 
 inline vdouble vsigmoid(vdouble x) {
@@ -139,20 +160,28 @@ inline vdouble vrelu(vdouble x) { return x > 0.0 ? x : splat(0.0); }
 // ---- the register-tiled product ---------------------------------------------------------------------
 // acc[r][g] = sum_k rows[r][k] * panel[k * kstride + g * L + (0..L-1)] for r < MR, g < G: MR rows of
 // activations against one unit block of G gates. Weight vectors are loaded once per k for all MR rows.
+// The sums live in local variables: written straight into `acc`, which the compiler cannot prove
+// apart from the float rows, they would go through memory on every k.
 template <int MR, int G, typename A>
 inline void gemm_tile(const A* const* rows, const A* panel, int64_t K, int64_t kstride, V<A> (&acc)[kMR][4]) {
   constexpr int L = lanes<A>();
-  for (int r = 0; r < MR; ++r)
-    for (int g = 0; g < G; ++g) acc[r][g] = splat(A(0));
+  V<A> sum[MR][G];
+  const A* row[MR];
+  for (int r = 0; r < MR; ++r) {
+    row[r] = rows[r];
+    for (int g = 0; g < G; ++g) sum[r][g] = splat(A(0));
+  }
   for (int64_t k = 0; k < K; ++k) {
     const A* w = panel + k * kstride;
     V<A> wv[G];
     for (int g = 0; g < G; ++g) std::memcpy(&wv[g], w + g * L, sizeof(V<A>));
     for (int r = 0; r < MR; ++r) {
-      const V<A> hb = splat(rows[r][k]);
-      for (int g = 0; g < G; ++g) acc[r][g] += hb * wv[g];
+      const V<A> hb = splat(row[r][k]);
+      for (int g = 0; g < G; ++g) sum[r][g] += hb * wv[g];
     }
   }
+  for (int r = 0; r < MR; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = sum[r][g];
 }
 
 // Runtime row count (1..kMR) to the template.

@@ -93,12 +93,18 @@ def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
 
 # Packed weights, cached per recurrent weight: reused while the parameter is unchanged (same storage,
 # same version counter, dtype, device, and ISA level, which sets the lane width of the layout).
+# Writes through `.data` (p.data.copy_(...), gradcheck's perturbations) do not bump the version
+# counter, so the cache only serves calls that record no gradient for the weight (inference). When
+# autograd records one (training), the optimizer changes the weights every step anyway: packing again
+# costs one pass over the weights, small next to a sequence's forward and backward.
 _PACK_CACHE: dict = {}
 
 
-def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Tensor, w_hr):
-    if torch.compiler.is_compiling():
-        return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh, w_hr)
+def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Tensor, w_hr, recording: bool):
+    """`recording`: autograd records a gradient for w_hh or w_hr in this call."""
+    if recording or torch.compiler.is_compiling():
+        return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
+                                            None if w_hr is None else w_hr.detach())
     key = (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.dtype, w_hh.device,
            None if w_hr is None else (w_hr.data_ptr(), w_hr._version), _C.cpu_isa_report()["active"])
     entry = _PACK_CACHE.get(id(w_hh))
@@ -238,14 +244,13 @@ def _fold_bias(mode, reset_after, hidden, b_ih, b_hh):
 
 class _RnnLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    def forward(ctx, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         code = MODES[mode]
         hidden = w_hh.shape[0] // GATES[mode]
         proj = 0 if w_hr is None else w_hr.shape[0]
         bias, b_hn = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
         x_gates = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
-        packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr)
-        training = any(ctx.needs_input_grad)
+        packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, training)
         y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(
             code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
             training)
@@ -259,17 +264,19 @@ class _RnnLayer(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n):
         mode, code, reset_after, hidden, proj, seq = ctx.cfg
         x2d, c0, w_ih, reserve, packed, b_ih, b_hh = ctx.saved_tensors
+        # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
+        # column slice); the kernel reads dense rows.
+        dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
         dgx, dgh, dproj, dh0, dc0 = torch.ops.pyseqkern.rnn_backward(
             code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed, *seq.args())
         K = proj if proj > 0 else hidden
-        need = ctx.needs_input_grad  # (mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        need = ctx.needs_input_grad[1:]  # (mode, [training,] reset_after, seq, x2d, h0, c0, w_ih, w_hh, ...)
         wdtype = w_ih.dtype
         dx = dgx @ w_ih if need[3] else None
         dw_ih = dgx.t() @ x2d if need[6] else None
         db = dgx.sum(0) if (need[8] or need[9]) else None
-        _, _, _, _, hp = _sizes(code, reset_after, hidden, proj, seq.batch, wdtype)
         dw_hh = dw_hr = None
-        hprev = reserve[:, hp:hp + K].to(wdtype)
+        hprev = reserve[:, reserve.shape[1] - K:].to(wdtype)  # h_prev closes every reserve row (rnn.h)
         if need[7]:
             if mode == "gru" and reset_after:
                 dw_hh = dgh.t() @ hprev
@@ -283,7 +290,7 @@ class _RnnLayer(torch.autograd.Function):
             db_hh = dgh.sum(0) if (mode == "gru" and reset_after) else db
         if need[10]:
             dw_hr = dproj.t() @ reserve[:, 5 * hidden:6 * hidden].to(wdtype)
-        return (None, None, None, dx, dh0 if need[4] else None, (dc0 if code == 0 else None) if need[5] else None,
+        return (None, None, None, None, dx, dh0 if need[4] else None, (dc0 if code == 0 else None) if need[5] else None,
                 dw_ih, dw_hh, db if need[8] else None, db_hh, dw_hr)
 
 
@@ -310,8 +317,12 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     x2d = x.reshape(-1, x.shape[-1])
     h0c = None if h0 is None else h0.contiguous()
     c0c = None if (c0 is None or mode != "lstm") else c0.contiguous()
-    y, h_n, c_n = _RnnLayer.apply(mode, bool(reset_after), seq, x2d, h0c, c0c, w_ih, w_hh.contiguous(), b_ih, b_hh,
-                                  None if w_hr is None else w_hr.contiguous())
+    # Whether autograd will want a backward: decided here, where grad mode is visible (inside
+    # Function.forward it is off, and under torch.compile needs_input_grad is not yet known).
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    y, h_n, c_n = _RnnLayer.apply(mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih, w_hh.contiguous(),
+                                  b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
     y = y.view(*x.shape[:-1], y.shape[-1])
     return y, h_n, c_n
 

@@ -1,0 +1,66 @@
+"""convert(model): swap pyseqkern.nn's drop-in modules in for torch.nn's recurrent modules, in place.
+
+The replacement is a new object of the pyseqkern class holding the very same Parameter objects (no
+copy, so optimizers, tied weights and anything else referring to them stay valid), with the same
+attributes, training mode, device and dtype. Its attribute containers (_parameters, _buffers, the
+flat-weight lists, ...) are shallow copies, so later changes to one module do not leak into the
+other; the hook dictionaries are shared instead, so hooks registered before conversion keep firing and
+their handles still remove them."""
+from __future__ import annotations
+
+import copy
+
+from torch import nn as _tnn
+
+from . import nn as _pnn
+
+_ACCELERATED = {
+    _tnn.LSTM: _pnn.LSTM,
+    _tnn.GRU: _pnn.GRU,
+    _tnn.RNN: _pnn.RNN,
+    _tnn.LSTMCell: _pnn.LSTMCell,
+    _tnn.GRUCell: _pnn.GRUCell,
+    _tnn.RNNCell: _pnn.RNNCell,
+}
+_WITH_RESET_AFTER = (_pnn.GRU, _pnn.GRUCell)
+
+
+def _replacement(module: _tnn.Module, cls: type) -> _tnn.Module:
+    new = cls.__new__(cls)
+    state = {}
+    for key, value in module.__dict__.items():
+        if isinstance(value, (dict, list, set)) and "hooks" not in key:
+            value = copy.copy(value)
+        state[key] = value
+    # __dict__ is filled directly: going through __setattr__ would re-register (and re-check) every
+    # parameter and submodule on a half-built module.
+    new.__dict__.update(state)
+    if cls in _WITH_RESET_AFTER:
+        new.reset_after = True
+    return new
+
+
+def _convert(module: _tnn.Module, memo: dict) -> _tnn.Module:
+    # memo keeps a module that appears at several places in the tree one module after conversion.
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = _ACCELERATED.get(type(module))  # exact type: subclasses (ours included) may change forward
+    if cls is not None:
+        result = _replacement(module, cls)
+    else:
+        result = module
+        for name, child in list(module.named_children()):
+            new_child = _convert(child, memo)
+            if new_child is not child:
+                setattr(module, name, new_child)
+    memo[id(module)] = result
+    return result
+
+
+def convert(model: _tnn.Module) -> _tnn.Module:
+    """Replace every torch.nn.LSTM/GRU/RNN/LSTMCell/GRUCell/RNNCell inside `model` (recursively, in
+    place) by its pyseqkern.nn counterpart sharing the same parameters; returns `model`, or the
+    replacement when `model` itself is one of those modules."""
+    if not isinstance(model, _tnn.Module):
+        raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    return _convert(model, {})

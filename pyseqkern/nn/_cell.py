@@ -1,0 +1,57 @@
+"""Argument handling of the cells' forward, as torch.nn.RNNCellBase subclasses do it: unbatched 1-D
+input, default zero states, then one pyseqkern.ops.rnn.rnn_cell call."""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+# Looked up at call time (attribute access), so a rewritten rnn_cell is picked up.
+from ..ops import rnn as _rnn_ops
+
+
+def cell_forward(module, name: str, mode: str, input, states, reset_after: bool = True):
+    """states: None, or the user's hidden states as a tuple ((h,) or (h, c) for lstm).
+    Returns the tuple of new states, shaped like the input (unbatched in, unbatched out)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    labels = ["hx"] if len(states or ()) == 1 else ["hx[0]", "hx[1]"]
+    if states is not None:
+        for label, s in zip(labels, states):
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"{name}: {label} must be a Tensor, got {type(s).__name__}")
+            if s.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {s.dim()}D instead")
+            # torch unsqueezes a 2-D hx next to a 1-D input and then reports a wrong hidden_size of 1.
+            if s.dim() != input.dim():
+                kind = "batched 2-D" if input.dim() == 2 else "unbatched 1-D"
+                raise RuntimeError(f"{name}: For {kind} input, {label} should also be {input.dim()}-D "
+                                   f"but got {s.dim()}-D tensor")
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+
+    w_ih = module.weight_ih
+    _checks.input_dtype_and_device(name, x, w_ih, exc=RuntimeError)
+    if x.size(1) != module.input_size:
+        raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.size(1)}, "
+                           f"expected {module.input_size}")
+    shape = (x.size(0), module.hidden_size)
+    if states is None:
+        zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        h, c = zeros, (zeros if mode == "lstm" else None)
+    else:
+        states = [s if batched else s.unsqueeze(0) for s in states]
+        for label, s in zip(labels, states):
+            if s.size(0) != x.size(0):
+                raise RuntimeError(f"{name}: Input batch size {x.size(0)} doesn't match {label} batch size {s.size(0)}")
+            if s.size(1) != module.hidden_size:
+                raise RuntimeError(f"{name}: {label} has inconsistent hidden_size: got {s.size(1)}, "
+                                   f"expected {module.hidden_size}")
+            _checks.state_matches(name, label, s, shape, x)
+        h, c = states[0], (states[1] if mode == "lstm" else None)
+
+    h_new, c_new = _rnn_ops.rnn_cell(mode, x, h, c, w_ih, module.weight_hh, module.bias_ih, module.bias_hh,
+                                     reset_after)
+    out = (h_new,) if mode != "lstm" else (h_new, c_new)
+    return out if batched else tuple(t.squeeze(0) for t in out)

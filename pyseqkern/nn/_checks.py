@@ -1,0 +1,63 @@
+"""Argument checks shared by the drop-in modules.
+
+Each error names the module, the argument and the fix, and keeps the exception type torch raises for
+the same mistake (ValueError for input dimensionality and input-vs-weight dtype, RuntimeError for the
+rest), so code that catches torch's errors keeps working. Torch leaves several of these to its C++
+kernels, whose messages ("mat1 and mat2 must have the same dtype", "get_mkldnn_dtype: unsupported data
+type") do not say which argument is wrong; ours do."""
+from __future__ import annotations
+
+import torch
+
+
+def input_dtype_and_device(name: str, x: torch.Tensor, weight: torch.Tensor, exc=ValueError) -> None:
+    if x.dtype != weight.dtype:
+        raise exc(
+            f"{name}: input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+            f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
+        )
+    if x.device != weight.device:
+        raise RuntimeError(
+            f"{name}: input is on {x.device} but the parameters are on {weight.device}. "
+            f"Move input: input.to('{weight.device}'), or move model: model.to('{x.device}')"
+        )
+
+
+def input_features(name: str, x: torch.Tensor, input_size: int) -> None:
+    if x.size(-1) != input_size:
+        raise RuntimeError(
+            f"{name}: input.size(-1) must be equal to input_size. Expected {input_size}, got {x.size(-1)}"
+        )
+
+
+def state_matches(name: str, label: str, state: torch.Tensor, expected_shape: tuple, x: torch.Tensor) -> None:
+    """`label` names the state as the user passed it (hx, hx[0], hx[1])."""
+    if tuple(state.shape) != tuple(expected_shape):
+        raise RuntimeError(f"{name}: Expected {label} size {tuple(expected_shape)}, got {list(state.shape)}")
+    if state.dtype != x.dtype:
+        raise RuntimeError(
+            f"{name}: {label} dtype ({state.dtype}) does not match input dtype ({x.dtype}); "
+            f"convert it: {label}.to({x.dtype})"
+        )
+    if state.device != x.device:
+        raise RuntimeError(
+            f"{name}: {label} is on {state.device} but the input is on {x.device}; "
+            f"move it: {label}.to('{x.device}')"
+        )
+
+
+def split_lstm_hx(name: str, hx) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch indexes hx[0], hx[1] without looking, so a plain tensor there fails later with a message about
+    # dimensions; say what is expected instead.
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
+        got = type(hx).__name__
+        if isinstance(hx, (tuple, list)):
+            got += "(" + ", ".join(type(t).__name__ for t in hx) + ")"
+        raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+    return hx[0], hx[1]
+
+
+def reset_after_flag(reset_after) -> bool:
+    if not isinstance(reset_after, bool):
+        raise TypeError(f"reset_after should be of type bool, got: {type(reset_after).__name__}")
+    return reset_after

@@ -1,0 +1,91 @@
+"""Argument handling of LSTM/GRU/RNN.forward, as torch.nn.RNNBase subclasses do it: PackedSequence in
+and out, batch_first, unbatched input, default zero states, and the sorted/unsorted permutations of
+enforce_sorted=False (hx is given in the caller's order; the kernels see the sorted order)."""
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _checks
+from ._stack import run_layers
+
+_NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+
+
+def _permute(states, permutation):
+    if permutation is None:
+        return states
+    return tuple(None if s is None else s.index_select(1, permutation) for s in states)
+
+
+def sequence_forward(module, input, hx, reset_after: bool = True):
+    """Returns (output, h_n, c_n or None), output a PackedSequence when input is one."""
+    name = _NAMES[module.mode]
+    is_lstm = module.mode == "LSTM"
+    module._update_flat_weights()  # keeps torch's weight bookkeeping (pickling, functional_call) current
+
+    if isinstance(input, PackedSequence):
+        x, batch_sizes, sorted_indices, unsorted_indices = input
+        if x.dim() != 2:
+            raise RuntimeError(f"{name}: packed input data must have 2 dimensions, got {x.dim()}")
+        batched, batch = True, int(batch_sizes[0])
+    else:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+        batched = input.dim() == 3
+        batch_dim = 0 if module.batch_first else 1
+        if not batched:
+            x = x.unsqueeze(batch_dim)
+        batch = x.size(batch_dim)
+        if x.size(1 - batch_dim) == 0:
+            raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
+
+    h0 = c0 = None
+    if hx is not None:
+        h0, c0 = _checks.split_lstm_hx(name, hx) if is_lstm else (hx, None)
+        if not isinstance(h0, torch.Tensor):
+            raise TypeError(f"{name}: hx must be a Tensor, got {type(h0).__name__}")
+        want = 3 if batched else 2
+        if h0.dim() != want or (is_lstm and c0.dim() != want):
+            kind = "PackedSequence" if batch_sizes is not None else ("batched 3-D" if batched else "unbatched 2-D")
+            if is_lstm:
+                got = f"({h0.dim()}-D, {c0.dim()}-D) tensors"
+                raise RuntimeError(f"{name}: For {kind} input, hx and cx should also be {want}-D but got {got}")
+            raise RuntimeError(f"{name}: For {kind} input, hx should also be {want}-D but got {h0.dim()}-D tensor")
+        if not batched:
+            h0 = h0.unsqueeze(1)
+            c0 = None if c0 is None else c0.unsqueeze(1)
+
+    _checks.input_dtype_and_device(name, x, module.weight_ih_l0)
+    _checks.input_features(name, x, module.input_size)
+
+    num_directions = 2 if module.bidirectional else 1
+    hout = module.proj_size if module.proj_size > 0 else module.hidden_size
+    h_shape = (module.num_layers * num_directions, batch, hout)
+    c_shape = (module.num_layers * num_directions, batch, module.hidden_size)
+    if hx is None:
+        h0 = torch.zeros(h_shape, dtype=x.dtype, device=x.device)
+        c0 = torch.zeros(c_shape, dtype=x.dtype, device=x.device) if is_lstm else None
+    else:
+        _checks.state_matches(name, "hx[0]" if is_lstm else "hx", h0, h_shape, x)
+        if is_lstm:
+            _checks.state_matches(name, "hx[1]", c0, c_shape, x)
+        h0, c0 = _permute((h0, c0), sorted_indices)
+
+    if batch_sizes is None and module.batch_first:
+        x = x.transpose(0, 1)
+    y, h_n, c_n = run_layers(module, x, batch_sizes, h0, c0, reset_after)
+    h_n, c_n = _permute((h_n, c_n), unsorted_indices)
+
+    if batch_sizes is not None:
+        return PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices), h_n, c_n
+    if module.batch_first:
+        y = y.transpose(0, 1)
+    if not batched:
+        y = y.squeeze(batch_dim)
+        h_n = h_n.squeeze(1)
+        c_n = None if c_n is None else c_n.squeeze(1)
+    return y, h_n, c_n

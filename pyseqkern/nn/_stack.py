@@ -1,0 +1,49 @@
+"""The layer stack of LSTM/GRU/RNN: one rnn_layer call per layer and direction, dropout between layers.
+
+Follows ATen's apply_layer_stack (aten/src/ATen/native/RNN.cpp) so results, final-state order and the
+random numbers dropout draws are the same as torch's: a bidirectional layer's output is [fwd, bwd]
+along features, h_n/c_n are indexed layer * num_directions + direction, and dropout is applied in
+training mode to every layer's whole output except the last layer's."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The ops module is looked up at call time (attribute access), so a rewritten rnn_layer is picked up.
+from ..ops import rnn as _rnn_ops
+
+
+def layer_weights(module, layer: int, direction: int):
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; absent ones are None."""
+    sfx = "_reverse" if direction else ""
+    w_ih = getattr(module, f"weight_ih_l{layer}{sfx}")
+    w_hh = getattr(module, f"weight_hh_l{layer}{sfx}")
+    b_ih = getattr(module, f"bias_ih_l{layer}{sfx}") if module.bias else None
+    b_hh = getattr(module, f"bias_hh_l{layer}{sfx}") if module.bias else None
+    w_hr = getattr(module, f"weight_hr_l{layer}{sfx}") if module.proj_size > 0 else None
+    return w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
+    """x time-major [T, B, I] or packed [N, I]; h0 [L*D, B, Hout], c0 [L*D, B, H] or None.
+    Returns (y, h_n, c_n or None) in the same layouts."""
+    mode = module.mode.lower()
+    num_directions = 2 if module.bidirectional else 1
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(num_directions):
+            idx = layer * num_directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights(module, layer, direction)
+            y, h, c = _rnn_ops.rnn_layer(
+                mode, layer_input, batch_sizes, h0[idx], None if c0 is None else c0[idx],
+                w_ih, w_hh, b_ih, b_hh, w_hr, bool(direction), reset_after,
+            )
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
+        if module.dropout != 0 and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, training=True)
+    return layer_input, torch.stack(h_n, 0), (torch.stack(c_n, 0) if c0 is not None else None)

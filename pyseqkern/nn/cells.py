@@ -1,0 +1,47 @@
+"""Drop-in LSTMCell, GRUCell and RNNCell: torch.nn's classes with a forward that is one
+pyseqkern.ops.rnn.rnn_cell call."""
+from __future__ import annotations
+
+from torch import nn as _tnn
+
+from ._cell import cell_forward
+from ._checks import reset_after_flag
+
+
+class LSTMCell(_tnn.LSTMCell):
+    """torch.nn.LSTMCell on pyseqkern kernels."""
+
+    def forward(self, input, hx=None):
+        if hx is not None:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError(f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+            hx = tuple(hx)
+        return cell_forward(self, "LSTMCell", "lstm", input, hx)
+
+
+class GRUCell(_tnn.GRUCell):
+    """torch.nn.GRUCell on pyseqkern kernels; reset_after (keyword-only) as in pyseqkern.nn.GRU."""
+
+    def __init__(self, *args, reset_after: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reset_after = reset_after_flag(reset_after)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.reset_after else s + ", reset_after=False"
+
+    def forward(self, input, hx=None):
+        return cell_forward(self, "GRUCell", "gru", input, None if hx is None else (hx,), self.reset_after)[0]
+
+
+class RNNCell(_tnn.RNNCell):
+    """torch.nn.RNNCell (tanh or relu) on pyseqkern kernels."""
+
+    def forward(self, input, hx=None):
+        if self.nonlinearity == "tanh":
+            mode = "rnn_tanh"
+        elif self.nonlinearity == "relu":
+            mode = "rnn_relu"
+        else:  # torch's constructor accepts any string and fails here, so do we
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return cell_forward(self, "RNNCell", mode, input, None if hx is None else (hx,))[0]

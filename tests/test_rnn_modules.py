@@ -1,0 +1,454 @@
+"""pyseqkern.nn's drop-in modules against torch.nn with the same weights (state_dict loaded both ways),
+across the options of the torch classes: outputs, final states and the gradients of input, initial
+states and every parameter; convert(); GRU reset_after=False against the reference; bad inputs.
+
+Every result is compared with torch.nn run in float64 on the same (float32-rounded) weights, with the
+tolerances of the dtype under test from helpers.TOLERANCES: elementwise in float64, relative to each
+tensor's largest value in float32 (see assert_matches). The numerical quality of the kernels themselves
+(the 2x-torch rule) is the op tests' business; here the question is whether the modules wire the ops up
+as torch.nn does, and a wiring mistake is off by O(1)."""
+import copy
+import inspect
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import pyseqkern
+import pyseqkern.nn as pnn
+from pyseqkern.ops import rnn as rnn_ops
+from pyseqkern.reference import rnn as ref
+from helpers import TOLERANCES, assert_close_to_ref, errors, randn, strided
+
+F32, F64 = torch.float32, torch.float64
+T, B, I, H, P = 7, 5, 13, 7, 3
+LENGTHS = {"sorted": [7, 5, 5, 2, 1], "unsorted": [2, 7, 1, 5, 5]}
+
+# kind -> (class name in torch.nn / pyseqkern.nn, constructor keywords)
+KINDS = {
+    "lstm": ("LSTM", {}),
+    "lstm_proj": ("LSTM", {"proj_size": P}),
+    "gru": ("GRU", {}),
+    "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
+    "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
+}
+
+CONFIGS = {
+    "plain": {},
+    "batch_first-hx-2layers": dict(batch_first=True, hx=True, num_layers=2),
+    "bidirectional-2layers-hx": dict(bidirectional=True, num_layers=2, hx=True),
+    "no_bias-bidirectional": dict(bias=False, bidirectional=True),
+    "unbatched-hx-2layers": dict(unbatched=True, hx=True, num_layers=2),
+    "unbatched-batch_first-bidirectional": dict(unbatched=True, batch_first=True, bidirectional=True),
+    "packed_sorted-hx-bidirectional-2layers": dict(packed="sorted", hx=True, bidirectional=True, num_layers=2),
+    "packed_unsorted-hx-bidirectional-2layers-batch_first": dict(packed="unsorted", hx=True, bidirectional=True,
+                                                                 num_layers=2, batch_first=True),
+    "packed_unsorted-no_hx": dict(packed="unsorted"),
+    "dropout-train-3layers-bidirectional-hx": dict(dropout=0.5, num_layers=3, bidirectional=True, hx=True, train=True),
+    "dropout-eval-2layers": dict(dropout=0.5, num_layers=2),
+    "dropout-train-packed_unsorted-no_bias": dict(dropout=0.3, num_layers=2, packed="unsorted", bias=False, train=True),
+}
+MODULE_KEYS = ("num_layers", "bias", "batch_first", "dropout", "bidirectional")
+DROPOUT_SEED = 1234
+
+
+def seed_parameters(module, seed=100):
+    with torch.no_grad():
+        for i, p in enumerate(module.parameters()):
+            p.copy_(randn(p.shape, p.dtype, seed=seed + i, scale=0.5))
+    return module
+
+
+def make_pair(kind, cfg, dtype):
+    """(torch.nn module, pyseqkern.nn module) with the same weights, in the config's mode."""
+    name, kwargs = KINDS[kind]
+    kwargs = dict(kwargs, **{k: cfg[k] for k in MODULE_KEYS if k in cfg}, dtype=dtype)
+    theirs = seed_parameters(getattr(torch.nn, name)(I, H, **kwargs))
+    ours = getattr(pnn, name)(I, H, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    for m in (theirs, ours):
+        m.train(cfg.get("train", False))
+    return theirs, ours
+
+
+def make_inputs(kind, cfg, dtype):
+    """Fresh leaf tensors (input, h0, c0-or-None) with the same seeded values on every call."""
+    d = (2 if cfg.get("bidirectional") else 1) * cfg.get("num_layers", 1)
+    hout = P if kind == "lstm_proj" else H
+    shape = (B, T, I) if cfg.get("batch_first") else (T, B, I)
+    if cfg.get("unbatched"):
+        shape = (T, I)
+    x = strided(shape, dtype, seed=1).requires_grad_()
+    state_batch = () if cfg.get("unbatched") else (B,)
+    h0 = c0 = None
+    if cfg.get("hx"):
+        h0 = randn((d, *state_batch, hout), dtype, seed=2).requires_grad_()
+        if KINDS[kind][0] == "LSTM":
+            c0 = randn((d, *state_batch, H), dtype, seed=3).requires_grad_()
+    return x, h0, c0
+
+
+def assert_matches(actual, ref64, name="output"):
+    """float64: elementwise, helpers.assert_close_to_ref. float32: max|actual - ref64| <= atol + rtol *
+    max|ref64| with the float32 (rtol, atol). Elementwise float32 bounds do not hold for recurrent
+    gradients, which are long sums with cancellation: torch.nn's own float32 LSTM/GRU/RNN misses them
+    against its float64 result in 15 of the 60 configurations of test_sequence_module_matches_torch
+    (by up to 27x), while its normwise error stays under half the bound."""
+    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != reference {tuple(ref64.shape)}"
+    if actual.dtype == F64:
+        assert_close_to_ref(actual, ref64, name)
+        return
+    rtol, atol = TOLERANCES[actual.dtype]
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    abs_err, _ = errors(actual, ref64)
+    bound = atol + rtol * ref64.detach().abs().max().item()
+    assert abs_err <= bound, f"{name} ({actual.dtype}): max abs err {abs_err:.3e} > {bound:.3e} (rtol={rtol} x max|ref| + atol={atol})"
+
+
+def weighted_sum(tensors, seed=10):
+    return sum((t * randn(t.shape, t.dtype, seed=seed + i)).sum() for i, t in enumerate(tensors))
+
+
+def run(module, kind, cfg, dtype):
+    """Forward and backward of one module: ([output, h_n, c_n?], {name: grad}, raw output)."""
+    x, h0, c0 = make_inputs(kind, cfg, dtype)
+    is_lstm = KINDS[kind][0] == "LSTM"
+    inp = x
+    if "packed" in cfg:
+        inp = pack_padded_sequence(x, torch.tensor(LENGTHS[cfg["packed"]]), batch_first=cfg.get("batch_first", False),
+                                   enforce_sorted=cfg["packed"] == "sorted")
+    hx = None if h0 is None else ((h0, c0) if is_lstm else h0)
+    torch.manual_seed(DROPOUT_SEED)
+    out, hx_out = module(inp, hx)
+    y = out.data if isinstance(out, PackedSequence) else out
+    outs = [y] + (list(hx_out) if is_lstm else [hx_out])
+    leaves = {"input": x}
+    if h0 is not None:
+        leaves.update({"h0": h0} if c0 is None else {"h0": h0, "c0": c0})
+    leaves.update(dict(module.named_parameters()))
+    grads = torch.autograd.grad(weighted_sum(outs), list(leaves.values()))
+    return outs, dict(zip(leaves, grads)), (inp, out)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sequence_module_matches_torch(kind, cfg_name, dtype):
+    cfg = CONFIGS[cfg_name]
+    theirs, ours = make_pair(kind, cfg, dtype)
+    outs, grads, (inp, out) = run(ours, kind, cfg, dtype)
+    theirs64 = copy.deepcopy(theirs).double()
+    expected, expected_grads, _ = run(theirs64, kind, cfg, F64)
+    names = ["output", "h_n", "c_n"]
+    for name, a, e in zip(names[:len(outs)], outs, expected, strict=True):
+        assert a.dtype == dtype
+        assert_matches(a, e, name)
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == dtype
+        assert_matches(grads[name], expected_grads[name], f"grad {name}")
+
+    if isinstance(inp, PackedSequence):
+        assert isinstance(out, PackedSequence)
+        assert out.batch_sizes is inp.batch_sizes
+        assert out.sorted_indices is inp.sorted_indices and out.unsorted_indices is inp.unsorted_indices
+    if cfg.get("train") and cfg.get("dropout"):
+        # The comparison above only means something if dropout changed the result.
+        ours.eval()
+        assert not torch.allclose(run(ours, kind, cfg, dtype)[0][0], outs[0])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("hx", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_cell_matches_torch(kind, bias, batched, hx, dtype):
+    def make(ns):
+        if kind == "lstm":
+            return ns.LSTMCell(I, H, bias=bias, dtype=dtype)
+        if kind == "gru":
+            return ns.GRUCell(I, H, bias=bias, dtype=dtype)
+        return ns.RNNCell(I, H, bias=bias, nonlinearity=kind[4:], dtype=dtype)
+
+    theirs = seed_parameters(make(torch.nn), seed=200)
+    ours = make(pnn)
+    ours.load_state_dict(theirs.state_dict())
+    theirs64 = copy.deepcopy(theirs).double()  # the oracle in both dtypes
+
+    def run_cell(cell, dt):
+        batch = (7,) if batched else ()
+        x = strided((*batch, I), dt, seed=4).requires_grad_()
+        states = [randn((*batch, H), dt, seed=5 + k).requires_grad_() for k in range(2 if kind == "lstm" else 1)] if hx else []
+        state_arg = None if not hx else (tuple(states) if kind == "lstm" else states[0])
+        out = cell(x, state_arg)
+        outs = list(out) if kind == "lstm" else [out]
+        leaves = [x] + states + list(cell.parameters())
+        return outs, torch.autograd.grad(weighted_sum(outs, 20), leaves)
+
+    outs, grads = run_cell(ours, dtype)
+    outs64, grads64 = run_cell(theirs64, F64)
+    for a, e in zip(outs + list(grads), outs64 + list(grads64), strict=True):
+        assert a.dtype == dtype
+        assert_matches(a, e)
+
+
+def reference_stack(module, x, batch_sizes, h0, reset_after):
+    """The reference GRU layers composed as torch.nn composes them (no dropout)."""
+    d_count = 2 if module.bidirectional else 1
+    hs, layer_input = [], x
+    for layer in range(module.num_layers):
+        ys = []
+        for d in range(d_count):
+            sfx = "_reverse" if d else ""
+            w = [getattr(module, f"{n}_l{layer}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            y, h, _ = ref.rnn_layer("gru", layer_input, batch_sizes, h0[layer * d_count + d], None, *w, None,
+                                    bool(d), reset_after)
+            ys.append(y)
+            hs.append(h)
+        layer_input = torch.cat(ys, -1)
+    return layer_input, torch.stack(hs)
+
+
+def test_gru_reset_before_matches_reference():
+    ours = seed_parameters(pnn.GRU(I, H, num_layers=2, bidirectional=True, reset_after=False, dtype=F64))
+    x = strided((T, B, I), F64, seed=6).requires_grad_()
+    h0 = randn((4, B, H), F64, seed=7).requires_grad_()
+    packed = pack_padded_sequence(x, torch.tensor(LENGTHS["unsorted"]), enforce_sorted=False)
+    out, h_n = ours(packed, h0)
+    y_r, h_r = reference_stack(ours, packed.data, packed.batch_sizes, h0.index_select(1, packed.sorted_indices), False)
+    h_r = h_r.index_select(1, packed.unsorted_indices)
+    assert_close_to_ref(out.data, y_r, "output")
+    assert_close_to_ref(h_n, h_r, "h_n")
+    leaves = [x, h0] + list(ours.parameters())
+    grads = torch.autograd.grad(weighted_sum([out.data, h_n]), leaves, retain_graph=True)
+    grads_r = torch.autograd.grad(weighted_sum([y_r, h_r]), leaves)
+    for g, g_r in zip(grads, grads_r, strict=True):
+        assert_close_to_ref(g, g_r, "grad")
+    # Same weights through torch's (reset-after) GRU must give something else.
+    theirs = torch.nn.GRU(I, H, num_layers=2, bidirectional=True, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    assert (theirs(packed, h0)[0].data - out.data).abs().max() > 1e-3
+
+
+def test_gru_cell_reset_before_matches_reference():
+    ours = seed_parameters(pnn.GRUCell(I, H, reset_after=False, dtype=F64))
+    x, h = randn((B, I), F64, seed=8), randn((B, H), F64, seed=9)
+    expected, _ = ref.rnn_cell("gru", x, h, None, ours.weight_ih, ours.weight_hh, ours.bias_ih, ours.bias_hh, False)
+    assert_close_to_ref(ours(x, h), expected, "h'")
+    after = pnn.GRUCell(I, H, dtype=F64)
+    after.load_state_dict(ours.state_dict())
+    assert (after(x, h) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_state_dict_loads_both_ways_and_classes_are_torch_subclasses(kind):
+    name, kwargs = KINDS[kind]
+    theirs = seed_parameters(getattr(torch.nn, name)(I, H, num_layers=2, bidirectional=True, **kwargs))
+    ours = seed_parameters(getattr(pnn, name)(I, H, num_layers=2, bidirectional=True, **kwargs), seed=500)
+    assert isinstance(ours, getattr(torch.nn, name))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert repr(ours) == repr(theirs)
+    back = getattr(torch.nn, name)(I, H, num_layers=2, bidirectional=True, **kwargs)
+    back.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    for (n, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), n
+    x = randn((T, B, I), seed=10)
+    assert_close_to_ref(back(x)[0], copy.deepcopy(back).double()(x.double())[0])
+
+
+def test_gru_reset_after_flag():
+    gru = pnn.GRU(I, H, num_layers=2, reset_after=False)
+    cell = pnn.GRUCell(I, H, bias=False, reset_after=False)
+    assert gru.reset_after is False and cell.reset_after is False
+    assert pnn.GRU(I, H).reset_after is True and pnn.GRUCell(I, H).reset_after is True
+    assert repr(gru) == "GRU(13, 7, num_layers=2, reset_after=False)"
+    assert repr(cell) == "GRUCell(13, 7, bias=False, reset_after=False)"
+    assert list(gru.state_dict()) == list(torch.nn.GRU(I, H, num_layers=2).state_dict())
+    for cls in (pnn.GRU, pnn.GRUCell):
+        assert inspect.signature(cls.__init__).parameters["reset_after"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError, match="reset_after should be of type bool"):
+        pnn.GRUCell(I, H, reset_after="no")
+
+
+def test_one_op_call_per_layer_and_direction(monkeypatch):
+    layer_calls, cell_calls = [], []
+    real_layer, real_cell = rnn_ops.rnn_layer, rnn_ops.rnn_cell
+
+    def layer(mode, x, batch_sizes, *args):
+        layer_calls.append((mode, tuple(x.shape), args[-2]))
+        return real_layer(mode, x, batch_sizes, *args)
+
+    def cell(mode, x, *args):
+        cell_calls.append((mode, tuple(x.shape)))
+        return real_cell(mode, x, *args)
+
+    # Patched on the ops module after the modules were imported: they must look it up per call.
+    monkeypatch.setattr(rnn_ops, "rnn_layer", layer)
+    monkeypatch.setattr(rnn_ops, "rnn_cell", cell)
+    lstm = pnn.LSTM(I, H, num_layers=3, bidirectional=True, proj_size=P)
+    lstm(randn((T, B, I), seed=11))
+    assert layer_calls == [("lstm", (T, B, I), False), ("lstm", (T, B, I), True)] + \
+        [("lstm", (T, B, 2 * P), rev) for rev in (False, True) * 2]
+    pnn.GRUCell(I, H)(randn((B, I), seed=12))
+    pnn.RNNCell(I, H, nonlinearity="relu")(randn((I,), seed=13))
+    assert cell_calls == [("gru", (B, I)), ("rnn_relu", (1, I))]
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stack = torch.nn.Sequential(torch.nn.Linear(I, I), torch.nn.Tanh())
+        self.layers = torch.nn.ModuleList([torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P),
+                                           torch.nn.GRU(2 * P, H, batch_first=False)])
+        self.inner = torch.nn.Sequential(torch.nn.RNN(H, H, nonlinearity="relu"))
+        self.cell = torch.nn.GRUCell(H, H)
+        self.lstm_cell = torch.nn.LSTMCell(H, H)
+        self.rnn_cell = torch.nn.RNNCell(H, H)
+
+    def forward(self, x):
+        y, _ = self.layers[0](self.stack(x))
+        y, _ = self.layers[1](y)
+        y, h = self.inner[0](y)
+        h = self.cell(y[-1], h[0])
+        h, c = self.lstm_cell(y[-2], (h, h))
+        return self.rnn_cell(c, h)
+
+
+def test_convert_replaces_nested_modules_sharing_parameters():
+    model = seed_parameters(Encoder().double(), seed=600)
+    model.inner.eval()
+    x = randn((T, B, I), F64, seed=14)
+    expected = model(x)
+    params_before = dict(model.named_parameters())
+    ids_before = {n: id(p) for n, p in params_before.items()}
+    state_before = list(model.state_dict())
+
+    assert pyseqkern.convert(model) is model
+    assert type(model.layers[0]) is pnn.LSTM and type(model.layers[1]) is pnn.GRU
+    assert type(model.inner[0]) is pnn.RNN and type(model.cell) is pnn.GRUCell
+    assert type(model.lstm_cell) is pnn.LSTMCell and type(model.rnn_cell) is pnn.RNNCell
+    assert type(model.stack[0]) is torch.nn.Linear
+    assert model.cell.reset_after is True and model.layers[1].reset_after is True
+    params_after = dict(model.named_parameters())
+    assert params_after.keys() == params_before.keys()
+    for name, p in params_after.items():
+        assert p is params_before[name] and id(p) == ids_before[name], f"{name} was copied"
+    assert list(model.state_dict()) == state_before
+    assert model.training and not model.inner[0].training and model.layers[0].training
+    assert model.layers[0].weight_hr_l1_reverse.dtype == F64
+    assert_close_to_ref(model(x), expected, "converted model output")
+
+
+def test_convert_a_bare_module_keeps_mode_hooks_and_parameters():
+    lstm = seed_parameters(torch.nn.LSTM(I, H, num_layers=2, dropout=0.5, dtype=F64)).eval()
+    seen = []
+    handle = lstm.register_forward_hook(lambda mod, args, out: seen.append(type(mod)))
+    x = randn((T, B, I), F64, seed=15)
+    expected, _ = lstm(x)
+    new = pyseqkern.convert(lstm)
+    assert type(new) is pnn.LSTM and type(lstm) is torch.nn.LSTM and new is not lstm
+    assert all(a is b for a, b in zip(new.parameters(), lstm.parameters(), strict=True))
+    assert not new.training and new.dropout == 0.5 and new.num_layers == 2
+    y, _ = new(x)
+    assert_close_to_ref(y, expected)
+    assert seen == [torch.nn.LSTM, pnn.LSTM]
+    handle.remove()
+    new(x)
+    assert len(seen) == 2, "a hook handle taken before convert no longer removes the hook"
+    # Parameters swapped later on the new module must not leak back into the old one.
+    new.weight_ih_l0 = torch.nn.Parameter(new.weight_ih_l0.detach().clone())
+    assert lstm.weight_ih_l0 is not new.weight_ih_l0
+    assert_close_to_ref(new(x)[0], expected)
+
+
+def test_convert_leaves_ours_and_subclasses_alone_and_keeps_shared_modules_shared():
+    class MyLSTM(torch.nn.LSTM):
+        pass
+
+    shared = torch.nn.GRU(I, H)
+    mine, ours = MyLSTM(I, H), pnn.LSTM(I, H)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared), "mine": mine, "ours": ours})
+    pyseqkern.convert(model)
+    assert model["mine"] is mine and model["ours"] is ours
+    assert type(model["a"]) is pnn.GRU and model["b"][0] is model["a"]
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        pyseqkern.convert("not a module")
+
+
+def x3(shape=(T, B, I), dtype=F32, **kw):
+    return randn(shape, dtype, seed=16, **kw)
+
+
+# (id, call taking a namespace (pyseqkern.nn or torch.nn), exception, match on our message, torch raises the
+# same exception type too)
+BAD_INPUTS = [
+    ("lstm-input-size", lambda nn: nn.LSTM(I, H)(x3((T, B, I + 1))), RuntimeError,
+     r"LSTM: input\.size\(-1\) must be equal to input_size\. Expected 13, got 14", True),
+    ("gru-packed-input-size", lambda nn: nn.GRU(I, H)(pack_padded_sequence(x3((T, 2, 4)), torch.tensor([T, 1]))),
+     RuntimeError, r"GRU: input\.size\(-1\) must be equal to input_size\. Expected 13, got 4", True),
+    ("lstm-h0-shape", lambda nn: nn.LSTM(I, H, 2)(x3(), (x3((2, B + 1, H)), x3((2, B, H)))), RuntimeError,
+     r"Expected hx\[0\] size \(2, 5, 7\), got \[2, 6, 7\]", True),
+    ("lstm-c0-shape", lambda nn: nn.LSTM(I, H, proj_size=P)(x3(), (x3((1, B, P)), x3((1, B, P)))), RuntimeError,
+     r"Expected hx\[1\] size \(1, 5, 7\), got \[1, 5, 3\]", True),
+    ("lstm-packed-h0-batch", lambda nn: nn.LSTM(I, H)(pack_padded_sequence(x3(), torch.tensor([T] * B)),
+                                                      (x3((1, B + 2, H)), x3((1, B + 2, H)))), RuntimeError,
+     r"Expected hx\[0\] size \(1, 5, 7\), got \[1, 7, 7\]", False),  # torch.nn.LSTM skips the check for packed input
+    ("gru-hx-shape-bidirectional", lambda nn: nn.GRU(I, H, bidirectional=True)(x3(), x3((1, B, H))), RuntimeError,
+     r"GRU: Expected hx size \(2, 5, 7\), got \[1, 5, 7\]", True),
+    ("rnn-hx-2d-for-batched", lambda nn: nn.RNN(I, H)(x3(), x3((B, H))), RuntimeError,
+     r"For batched 3-D input, hx should also be 3-D but got 2-D", True),
+    ("rnn-hx-3d-for-unbatched", lambda nn: nn.RNN(I, H)(x3((T, I)), x3((1, 1, H))), RuntimeError,
+     r"For unbatched 2-D input, hx should also be 2-D but got 3-D", True),
+    ("lstm-hx-not-a-pair", lambda nn: nn.LSTM(I, H)(x3(), x3((1, B, H))), TypeError,
+     r"LSTM: hx must be a tuple \(h_0, c_0\) of two tensors, got Tensor", False),
+    ("gru-input-4d", lambda nn: nn.GRU(I, H)(x3((T, B, I, 1))), ValueError,
+     r"GRU: Expected input to be 2D or 3D, got 4D", True),
+    ("rnn-input-1d", lambda nn: nn.RNN(I, H)(x3((I,))), ValueError, r"RNN: Expected input to be 2D or 3D, got 1D", True),
+    ("lstm-input-dtype", lambda nn: nn.LSTM(I, H)(x3(dtype=F64)), ValueError,
+     r"LSTM: input dtype \(torch\.float64\) does not match weight dtype \(torch\.float32\)", True),
+    ("gru-hx-dtype", lambda nn: nn.GRU(I, H)(x3(), x3((1, B, H), F64)), RuntimeError,
+     r"GRU: hx dtype \(torch\.float64\) does not match input dtype \(torch\.float32\)", True),
+    ("lstm-c0-dtype", lambda nn: nn.LSTM(I, H)(x3(), (x3((1, B, H)), x3((1, B, H), F64))), RuntimeError,
+     r"hx\[1\] dtype \(torch\.float64\) does not match input dtype", True),
+    ("rnn-parameters-on-other-device", lambda nn: nn.RNN(I, H, device="meta")(x3()), RuntimeError,
+     r"RNN: input is on cpu but the parameters are on meta", True),
+    ("gru-hx-on-other-device", lambda nn: nn.GRU(I, H)(x3(), torch.zeros(1, B, H, device="meta")), RuntimeError,
+     r"GRU: hx is on meta but the input is on cpu", True),
+    ("empty-sequence", lambda nn: nn.GRU(I, H)(x3((0, B, I))), RuntimeError, r"sequence length to be larger than 0", True),
+    ("proj-size-too-big", lambda nn: nn.LSTM(I, H, proj_size=H), ValueError, r"proj_size has to be smaller than hidden_size", True),
+    ("proj-size-negative", lambda nn: nn.LSTM(I, H, proj_size=-1), ValueError, r"proj_size should be a positive integer", True),
+    ("gru-proj-size", lambda nn: nn.GRU(I, H, proj_size=2), ValueError, r"proj_size argument is only supported for LSTM", True),
+    ("cell-input-size", lambda nn: nn.GRUCell(I, H)(x3((B, I - 1))), RuntimeError,
+     r"GRUCell: input has inconsistent input_size: got 12, expected 13", True),
+    ("cell-hidden-size", lambda nn: nn.RNNCell(I, H)(x3((B, I)), x3((B, H + 1))), RuntimeError,
+     r"RNNCell: hx has inconsistent hidden_size: got 8, expected 7", True),
+    ("cell-batch", lambda nn: nn.LSTMCell(I, H)(x3((B, I)), (x3((B, H)), x3((B + 1, H)))), RuntimeError,
+     r"LSTMCell: Input batch size 5 doesn't match hx\[1\] batch size 6", True),
+    ("cell-input-3d", lambda nn: nn.GRUCell(I, H)(x3((1, B, I))), ValueError, r"GRUCell: Expected input to be 1D or 2D, got 3D", True),
+    ("cell-hx-3d", lambda nn: nn.GRUCell(I, H)(x3((B, I)), x3((1, B, H))), ValueError,
+     r"GRUCell: Expected hx to be 1D or 2D, got 3D", True),
+    ("cell-unbatched-input-batched-hx", lambda nn: nn.GRUCell(I, H)(x3((I,)), x3((1, H))), RuntimeError,
+     r"For unbatched 1-D input, hx should also be 1-D but got 2-D", True),
+    ("cell-input-dtype", lambda nn: nn.LSTMCell(I, H)(x3((B, I), F64)), RuntimeError,
+     r"LSTMCell: input dtype \(torch\.float64\) does not match weight dtype", True),
+    ("cell-hx-dtype", lambda nn: nn.RNNCell(I, H)(x3((B, I)), x3((B, H), F64)), RuntimeError,
+     r"RNNCell: hx dtype \(torch\.float64\) does not match input dtype", True),
+    ("cell-parameters-on-other-device", lambda nn: nn.GRUCell(I, H, device="meta")(x3((B, I))), RuntimeError,
+     r"GRUCell: input is on cpu but the parameters are on meta", True),
+    ("lstm-cell-hx-not-a-pair", lambda nn: nn.LSTMCell(I, H)(x3((B, I)), x3((B, H))), TypeError,
+     r"LSTMCell: hx must be a tuple \(h_0, c_0\)", False),
+    ("rnn-cell-unknown-nonlinearity", lambda nn: nn.RNNCell(I, H, nonlinearity="gelu")(x3((B, I))), RuntimeError,
+     r"Unknown nonlinearity: gelu", True),
+]
+
+
+@pytest.mark.parametrize("call,exc,match,torch_same", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_clear_errors(call, exc, match, torch_same):
+    with pytest.raises(exc, match=match):
+        call(pnn)
+    if torch_same:  # code written against torch.nn catches the same exception type from us
+        with pytest.raises(exc):
+            call(torch.nn)

@@ -1,0 +1,288 @@
+"""The recurrent ops (pyseqkern.ops.rnn) against the float64 reference, on every CPU ISA level:
+outputs, final states and every gradient, for every mode and option; bfloat16 by the 2x-torch rule;
+raw kernels with poisoned outputs; determinism, gradcheck, opcheck, torch.compile, weight-cache
+invalidation, bad inputs."""
+import itertools
+
+import pytest
+import torch
+from torch.utils.dlpack import to_dlpack
+
+import pyseqkern
+from pyseqkern import _C
+from pyseqkern.ops import rnn as ops
+from pyseqkern.reference import rnn as ref
+from helpers import (TOLERANCES, assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
+                     strided)
+
+SUPPORTED = pyseqkern.backend_info()["cpu"]["isa_supported"]
+# (mode, proj, reset_after): every kernel variant
+VARIANTS = [("lstm", 0, True), ("lstm", 3, True), ("gru", 0, True), ("gru", 0, False), ("rnn_tanh", 0, True),
+            ("rnn_relu", 0, True)]
+
+
+@pytest.fixture(params=pyseqkern.ISA_LEVELS)
+def isa(request):
+    if request.param not in SUPPORTED:
+        pytest.skip(f"this CPU does not run {request.param}")
+    best = pyseqkern.backend_info()["cpu"]["isa_best"]
+    pyseqkern.set_cpu_isa(request.param)
+    yield request.param
+    pyseqkern.set_cpu_isa(best)
+
+
+def make_case(mode, proj, dtype, T=7, B=5, I=13, H=11, lengths=None, seed=0, bias=True, strided_inputs=True):
+    """Seeded layer inputs; x strided when asked; packed when lengths are given (sorted, longest first).
+    Weights have torch's initial scale (1/sqrt(fan-in)): a recurrence with a much larger recurrent matrix
+    is chaotic, and there float32 rounding, ours and torch's alike, grows without bound."""
+    G = ops.GATES[mode]
+    K = proj or H
+
+    def mk(shape, s, scale=1.0):
+        if strided_inputs:
+            return strided(shape, dtype, seed=seed * 100 + s, scale=scale)
+        return randn(shape, dtype, seed=seed * 100 + s, scale=scale)
+
+    x = mk((T, B, I), 1)
+    t = dict(h0=mk((B, K), 2, 0.5), c0=mk((B, H), 3, 0.5) if mode == "lstm" else None,
+             w_ih=mk((G * H, I), 4, I ** -0.5), w_hh=mk((G * H, K), 5, K ** -0.5),
+             b_ih=mk((G * H,), 6, H ** -0.5) if bias else None, b_hh=mk((G * H,), 7, H ** -0.5) if bias else None,
+             w_hr=mk((proj, H), 8, H ** -0.5) if proj else None)
+    batch_sizes = None
+    if lengths is not None:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths))
+        x, batch_sizes = packed.data, packed.batch_sizes
+    return x, batch_sizes, t
+
+
+def call(fn, mode, x, batch_sizes, t, reverse, reset_after):
+    return fn(mode, x, batch_sizes, t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["w_hr"], reverse,
+              reset_after)
+
+
+def leaves(x, t, dtype=None):
+    """Fresh leaf copies (optionally cast) that require grad, in a fixed order."""
+    out = {"x": x}
+    out.update(t)
+    return {k: (None if v is None else (v.detach().to(dtype) if dtype else v.detach().clone()).requires_grad_())
+            for k, v in out.items()}
+
+
+def outputs_and_grads(fn, mode, x, batch_sizes, t, reverse, reset_after, seed=9):
+    """Outputs, then gradients of a fixed random weighting of all outputs wrt every input."""
+    lv = leaves(x, t)
+    outs = call(fn, mode, lv["x"], batch_sizes, {k: v for k, v in lv.items() if k != "x"}, reverse, reset_after)
+    outs = [o for o in outs if o is not None]
+    weights = [randn(o.shape, torch.float64, seed=seed + i) for i, o in enumerate(outs)]
+    loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+    names = [k for k, v in lv.items() if v is not None]
+    grads = torch.autograd.grad(loss, [lv[k] for k in names])
+    return outs, dict(zip(names, grads))
+
+
+def check_against_reference(mode, proj, reset_after, dtype, reverse, lengths, **kw):
+    """float64: elementwise tolerances. Lower precision is a recurrence: the project's rule, our error
+    against float64 at most twice that of the same computation done by PyTorch in the same dtype."""
+    x, bs, t = make_case(mode, proj, dtype, lengths=lengths, **kw)
+    outs, grads = outputs_and_grads(ops.rnn_layer, mode, x, bs, t, reverse, reset_after)
+    x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
+    routs, rgrads = outputs_and_grads(ref.rnn_layer, mode, x64, bs, t64, reverse, reset_after)
+    if dtype == torch.float64:
+        for name, o, r in zip(["y", "h_n", "c_n"], outs, routs):
+            assert_close_to_ref(o, r, name=f"{mode} {name}")
+        for name in rgrads:
+            assert_close_to_ref(grads[name], rgrads[name], name=f"{mode} d{name}")
+        return
+    touts, tgrads = outputs_and_grads(ref.rnn_layer, mode, x, bs, t, reverse, reset_after)
+    for name, o, th, r in zip(["y", "h_n", "c_n"], outs, touts, routs):
+        assert_within_torch_error(o, th, r, name=f"{mode} {name}")
+    for name in rgrads:
+        assert_within_torch_error(grads[name], tgrads[name], rgrads[name], name=f"{mode} d{name}")
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, [7, 7, 4, 2, 1]])
+def test_layer_matches_reference(isa, mode, proj, reset_after, dtype, reverse, lengths):
+    check_against_reference(mode, proj, reset_after, dtype, reverse, lengths)
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+@pytest.mark.parametrize("T, B, I, H", [(1, 1, 1, 1), (3, 1, 7, 17), (2, 9, 5, 33), (4, 6, 3, 113)])
+def test_odd_sizes(mode, proj, reset_after, T, B, I, H):
+    # Sizes straddle the unit blocks (16 lanes in float32 on AVX-512, 8 on AVX2, 4 on SSE) and the
+    # register tile's row count; H=113 spreads blocks over both threads.
+    check_against_reference(mode, min(proj, H - 1) if H > 1 else 0, reset_after, torch.float32, True, None,
+                            T=T, B=B, I=I, H=H)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 40, True), ("gru", 0, False), ("gru", 0, True)])
+def test_thread_counts_agree(threads, mode, proj, reset_after):
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_against_reference(mode, proj, reset_after, torch.float32, False, [9, 8, 8, 5, 3, 1], T=9, B=6, I=20,
+                                H=96)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_no_bias_no_initial_state(mode, proj, reset_after):
+    x, bs, t = make_case(mode, proj, torch.float64, bias=False)
+    zeros = dict(t, h0=torch.zeros_like(t["h0"]), c0=None if t["c0"] is None else torch.zeros_like(t["c0"]))
+    outs = call(ops.rnn_layer, mode, x, bs, dict(t, h0=None, c0=None), False, reset_after)
+    routs = call(ref.rnn_layer, mode, x, bs, zeros, False, reset_after)
+    for o, r in zip(outs, routs):
+        if r is not None:
+            assert_close_to_ref(o, r)
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_bfloat16_within_twice_torch_error(mode, proj, reset_after):
+    # "torch" here is the same reference run by PyTorch in bfloat16 (torch.nn has no GRU reset_before):
+    # our bfloat16 storage with float32 math must not be further from float64 than twice that.
+    x, bs, t = make_case(mode, proj, torch.float32, T=20, B=4, I=24, H=40, lengths=[20, 15, 9, 2])
+    t16 = {k: None if v is None else v.bfloat16() for k, v in t.items()}
+    t64 = {k: None if v is None else v.double() for k, v in t.items()}
+    ours = call(ops.rnn_layer, mode, x.bfloat16(), bs, t16, True, reset_after)
+    theirs = call(ref.rnn_layer, mode, x.bfloat16(), bs, t16, True, reset_after)
+    exact = call(ref.rnn_layer, mode, x.bfloat16().double(), bs, {k: None if v is None else v.double()
+                                                                    for k, v in t16.items()}, True, reset_after)
+    for name, o, th, e in zip(["y", "h_n", "c_n"], ours, theirs, exact):
+        if o is not None:
+            assert o.dtype == torch.bfloat16
+            assert_within_torch_error(o, th, e, name=f"{mode} {name}")
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_deterministic(mode, proj, reset_after):
+    x, bs, t = make_case(mode, proj, torch.float32, T=12, B=7, I=30, H=70, lengths=[12, 12, 9, 7, 4, 4, 1])
+    a, ga = outputs_and_grads(ops.rnn_layer, mode, x, bs, t, True, reset_after)
+    b, gb = outputs_and_grads(ops.rnn_layer, mode, x, bs, t, True, reset_after)
+    for o1, o2 in zip(a, b):
+        assert_bitwise_equal(o1, o2)
+    for k in ga:
+        assert_bitwise_equal(ga[k], gb[k], name=f"d{k}")
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_gradcheck(mode, proj, reset_after):
+    x, bs, t = make_case(mode, proj, torch.float64, T=3, B=3, I=2, H=3, lengths=[3, 2, 1], strided_inputs=False)
+    proj = min(proj, 2)
+    if proj:
+        t["w_hr"] = randn((proj, 3), torch.float64, seed=50)
+        t["h0"] = randn((3, proj), torch.float64, seed=51)
+        t["w_hh"] = randn((12, proj), torch.float64, seed=52)
+    names = [k for k, v in t.items() if v is not None]
+
+    def fn(x_, *tensors):
+        tt = dict(t, **dict(zip(names, tensors)))
+        return tuple(o for o in call(ops.rnn_layer, mode, x_, bs, tt, True, reset_after) if o is not None)
+
+    inputs = [x.clone().requires_grad_()] + [t[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_cell_matches_reference():
+    for mode, reset_after in [("lstm", True), ("gru", True), ("gru", False), ("rnn_tanh", True), ("rnn_relu", True)]:
+        G = ops.GATES[mode]
+        x, h = randn((5, 9), seed=1), randn((5, 17), seed=2)
+        c = randn((5, 17), seed=3) if mode == "lstm" else None
+        w = [randn((G * 17, 9), seed=4), randn((G * 17, 17), seed=5), randn((G * 17,), seed=6), randn((G * 17,), seed=7)]
+        got = ops.rnn_cell(mode, x, h, c, *w, reset_after=reset_after)
+        want = ref.rnn_cell(mode, x.double(), h.double(), None if c is None else c.double(), *[v.double() for v in w],
+                            reset_after=reset_after)
+        for g, e in zip(got, want):
+            if e is not None:
+                assert_close_to_ref(g, e, name=f"{mode} cell")
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_raw_kernel_writes_every_output(mode, proj, reset_after):
+    # The op allocates its outputs with torch.empty; here the kernel gets NaN-filled ones directly.
+    x, bs, t = make_case(mode, proj, torch.float32, lengths=[7, 5, 5, 2, 1], strided_inputs=False)
+    code, H = ops.MODES[mode], 11
+    K = proj or H
+    seq = ops._Seq(x, bs, True)
+    bias, b_hn = ops._fold_bias(mode, reset_after, H, t["b_ih"], t["b_hh"])
+    x_gates = torch.addmm(bias, x, t["w_ih"].t())
+    packed = ops._pack_impl(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
+    lanes, _, ws, rcols, _ = ops._sizes(code, reset_after, H, proj, seq.batch, torch.float32)
+    n, B = x.shape[0], seq.batch
+    y, h_n = torch.full((n, K), float("nan")), torch.full((B, K), float("nan"))
+    c_n = torch.full((B, H), float("nan")) if mode == "lstm" else None
+    reserve = torch.full((n, rcols), float("nan"))
+    cap = lambda v: None if v is None else to_dlpack(v)  # noqa: E731
+    _C.rnn_forward(code, reset_after, H, proj, seq.steps, B, cap(seq.batch_sizes), cap(seq.time_offsets),
+                   cap(seq.lengths), 0, 0, True, cap(x_gates), cap(b_hn), cap(t["h0"]), cap(t["c0"]), cap(y), K,
+                   cap(h_n), cap(c_n), cap(packed), cap(reserve), cap(torch.empty(ws)), 2)
+    want = ref.rnn_layer(mode, x.double(), bs, *[None if t[k] is None else t[k].double() for k in
+                                                 ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")], True, reset_after)
+    assert_close_to_ref(y, want[0], name="y")
+    assert_close_to_ref(h_n, want[1], name="h_n")
+    if c_n is not None:
+        assert_close_to_ref(c_n, want[2], name="c_n")
+    assert not torch.isnan(reserve).any(), "reserve has unwritten entries"
+
+
+def test_packed_weights_follow_in_place_updates():
+    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False)
+    w_hh = t["w_hh"]
+    before = call(ops.rnn_layer, "lstm", x, bs, t, False, True)[0]
+    with torch.no_grad():
+        w_hh.mul_(0.5)  # same storage, new version: the cached packing must not be served
+    after = call(ops.rnn_layer, "lstm", x, bs, t, False, True)[0]
+    want = call(ref.rnn_layer, "lstm", x.double(), bs, {k: None if v is None else v.double() for k, v in t.items()},
+                False, True)[0]
+    assert not torch.equal(before, after)
+    assert_close_to_ref(after, want)
+
+
+def test_opcheck():
+    x, bs, t = make_case("gru", 0, torch.float32, strided_inputs=False)
+    seq = ops._Seq(x.view(7, 5, 13), None, False)
+    xg = randn((35, 33), seed=3)
+    packed = torch.ops.pyseqkern.rnn_pack(1, True, 11, 0, t["w_hh"], None)
+    torch.library.opcheck(torch.ops.pyseqkern.rnn_pack.default, (1, True, 11, 0, t["w_hh"], None))
+    fwd_args = (1, True, 11, 0, 7, 5, xg, t["b_hh"][22:], t["h0"], None, packed, *seq.args(), True)
+    torch.library.opcheck(torch.ops.pyseqkern.rnn_forward.default, fwd_args)
+    y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(*fwd_args)
+    bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), seed=4), randn((5, 11), seed=5), None, None, reserve, packed,
+                *seq.args())
+    torch.library.opcheck(torch.ops.pyseqkern.rnn_backward.default, bwd_args)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False)
+    params = {k: v.clone().requires_grad_() for k, v in t.items() if v is not None}
+
+    def f(x_):
+        y, h, c = ops.rnn_layer("lstm", x_, None, params["h0"], params["c0"], params["w_ih"], params["w_hh"],
+                                params["b_ih"], params["b_hh"], None, False)
+        return y.sum() + h.sum() + c.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, got = f(xe), compiled(xc)
+    assert_close_to_ref(got, eager.double())
+    (ge,) = torch.autograd.grad(eager, xe)
+    (gc,) = torch.autograd.grad(got, xc)
+    assert_close_to_ref(gc, ge.double())
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(mode="lstmx"), ValueError, "'mode' must be one of"),
+    (dict(x_dtype=torch.float16), TypeError, "'x' must be float32, float64 or bfloat16"),
+    (dict(h0_dtype=torch.float64), TypeError, "'h0' has dtype torch.float64 but 'x' has torch.float32"),
+])
+def test_bad_inputs(change, error, match):
+    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False)
+    if "x_dtype" in change:
+        x = x.to(change["x_dtype"])
+    if "h0_dtype" in change:
+        t["h0"] = t["h0"].to(change["h0_dtype"])
+    with pytest.raises(error, match=match):
+        call(ops.rnn_layer, change.get("mode", "lstm"), x, bs, t, False, True)
