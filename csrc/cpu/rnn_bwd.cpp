@@ -25,11 +25,13 @@ struct BwdCtx {
   bool relu;
 };
 
-inline int choose_threads(int requested, int64_t blocks, int64_t macs_per_step) {
+// As in rnn_fwd.cpp.
+inline int choose_threads(int requested, int64_t blocks, int64_t macs_per_step, int64_t steps) {
   int64_t n = requested < 1 ? 1 : requested;
   if (n > blocks) n = blocks;
   const int64_t by_work = macs_per_step / 16384;
   if (n > by_work) n = by_work < 1 ? 1 : by_work;
+  if (macs_per_step * steps < (int64_t(1) << 22)) n = 1;
   return static_cast<int>(n);
 }
 
@@ -239,7 +241,7 @@ void backward_variant(const RnnBwdParams& p) {
   c.dG[1] = c.dG[0] + B * GH;
   c.relu = p.shape.mode == RnnMode::RnnRelu;
   const int64_t macs = B * GH * c.l.K + B * c.l.P * c.l.H;
-  const int nt = choose_threads(p.num_threads, c.l.U < c.l.UK ? c.l.U : c.l.UK, macs);
+  const int nt = choose_threads(p.num_threads, c.l.U < c.l.UK ? c.l.U : c.l.UK, macs, p.seq.steps);
   SpinBarrier barrier(nt);
   c.barrier = &barrier;
   parallel_run(nt, bwd_worker<VAR, T, A>, &c);

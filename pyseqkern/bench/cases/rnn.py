@@ -1,0 +1,247 @@
+"""Recurrent layers: torch.nn.LSTM/GRU/RNN and the cells against pyseqkern.nn's drop-in modules.
+
+Both sides are the same class with the same weights: torch's module is built under a fixed seed, ours
+loads its state_dict. Work is the FLOPs of the recurrent layer: a forward pass does
+2*T*B*G*H*(I+K) (G gates, K = proj_size or H) plus 2*T*B*P*H for a projection of size P; a training
+step (forward + backward) counts 3x that; a packed batch counts only its valid steps.
+
+Targets (the RNN issue's; speedup = torch ms / ours ms), inference unless stated:
+  LSTM   B=1: 2.0, B=8: 1.5, B>=16: 1.1; training 1.2; packed 2.0; bfloat16 1.0
+  GRU    B<=8: 3.0, B>=16: 1.8; training 2.0; packed 2.0
+  RNN    B<=8: 3.0, B>=16: 1.8
+  cells  (B, H) = (1, 256): 5.0, (32, 512): 1.3
+On CUDA, float32 cases run with TF32 off on both sides (true float32, as the tolerances assume)."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from ... import nn as _ours_nn
+from ..registry import Case, Prepared, register
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}
+_SEED = 0
+_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+# (T, B, H) with I = H. The (200, 64, 512) shape is 13-54 GFLOP per call (about 15 s a case on 2 cores):
+# full suite only; every other case is in the quick suite (about 20 s for all four families).
+_INFERENCE_SHAPES = [(100, 1, 256), (100, 8, 256), (100, 32, 256), (200, 64, 512), (50, 16, 128)]
+_FULL_ONLY = {(200, 64, 512)}
+
+
+def _inference_target(cls: str, batch: int) -> float:
+    if cls == "LSTM":
+        return 2.0 if batch <= 1 else 1.5 if batch <= 8 else 1.1
+    return 3.0 if batch <= 8 else 1.8
+
+
+def _modules(cls: str, device: str, dtype: torch.dtype, *args, **kwargs):
+    """(torch module, our module): the same class and weights, on `device` in `dtype`."""
+    torch.manual_seed(_SEED)
+    theirs = getattr(torch.nn, cls)(*args, **kwargs)
+    ours = getattr(_ours_nn, cls)(*args, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs.to(device=device, dtype=dtype), ours.to(device=device, dtype=dtype)
+
+
+def _randn(*shape, device: str, dtype: torch.dtype, seed: int = _SEED + 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def _exact(device: str, dtype: torch.dtype):
+    """A context for each call: on CUDA in float32, TF32 off for cuDNN and matmuls (restored after)."""
+    if device != "cuda" or dtype != torch.float32:
+        return contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def no_tf32():
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    return no_tf32
+
+
+def _flat(out) -> list[torch.Tensor]:
+    """Every tensor of a module's output: (output, h_n), (output, (h_n, c_n)), PackedSequence data."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "batch_sizes"):  # PackedSequence
+        return [out.data]
+    return [t for o in out for t in _flat(o)]
+
+
+def _assert_agree(theirs, ours, dtype: torch.dtype) -> None:
+    a, b = _flat(theirs), _flat(ours)
+    assert len(a) == len(b), f"{len(a)} outputs from torch, {len(b)} from pyseqkern"
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, **_TOL[dtype])
+
+
+def _layer_flops(cls: str, steps: float, batch: int, inp: int, hidden: int, proj: int = 0) -> float:
+    """Forward FLOPs of one layer over `steps` time steps (steps*batch = valid rows for packed input)."""
+    k = proj or hidden
+    return 2.0 * steps * batch * _GATES[cls] * hidden * (inp + k) + 2.0 * steps * batch * proj * hidden
+
+
+def _inference(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32, proj: int = 0):
+    def setup(ceilings):
+        kwargs = {"proj_size": proj} if proj else {}
+        theirs, ours = _modules(cls, device, dtype, hidden, hidden, **kwargs)
+        theirs.eval()
+        ours.eval()
+        x = _randn(steps, batch, hidden, device=device, dtype=dtype)
+        exact = _exact(device, dtype)
+
+        def run(module):
+            def fn():
+                with torch.no_grad(), exact():
+                    return module(x)
+            return fn
+
+        torch_fn, ours_fn = run(theirs), run(ours)
+
+        def check():
+            with warnings.catch_warnings():  # torch warns once that oneDNN has no proj_size (the case's note says so)
+                warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+                expected = torch_fn()
+            _assert_agree(expected, ours_fn(), dtype)
+
+        return Prepared(torch_fn, ours_fn, check, work=_layer_flops(cls, steps, batch, hidden, hidden, proj))
+
+    return setup
+
+
+def _training(cls: str, device: str, steps: int, batch: int, hidden: int):
+    def setup(ceilings):
+        dtype = torch.float32
+        theirs, ours = _modules(cls, device, dtype, hidden, hidden)
+        theirs.train()
+        ours.train()
+        x = _randn(steps, batch, hidden, device=device, dtype=dtype).requires_grad_()
+        exact = _exact(device, dtype)
+
+        def run(module):
+            params = list(module.parameters())
+
+            def fn():
+                for p in params:
+                    p.grad = None
+                x.grad = None
+                with exact():
+                    out, h_n = module(x)
+                    h = h_n[0] if isinstance(h_n, tuple) else h_n
+                    (out.sum() + h.sum()).backward()
+                return out, h_n
+            return fn
+
+        torch_fn, ours_fn = run(theirs), run(ours)
+
+        def check():
+            expected = torch_fn()
+            grads = [x.grad.clone()] + [p.grad.clone() for p in theirs.parameters()]
+            _assert_agree(expected, ours_fn(), dtype)
+            # A weight gradient sums T*B products, so single entries can cancel to near zero: the absolute
+            # tolerance scales with the tensor's largest entry (elementwise agreement at 1e-4 would only
+            # test the order of float32 sums).
+            names = ["input"] + [n for n, _ in ours.named_parameters()]
+            for name, want, got in zip(names, grads, [x.grad] + [p.grad for p in ours.parameters()]):
+                atol = _TOL[dtype]["atol"] * max(1.0, float(want.abs().max()))
+                torch.testing.assert_close(got, want, rtol=_TOL[dtype]["rtol"], atol=atol,
+                                           msg=lambda m, name=name: f"grad of {name}: {m}")
+
+        return Prepared(torch_fn, ours_fn, check, work=3.0 * _layer_flops(cls, steps, batch, hidden, hidden))
+
+    return setup
+
+
+def _packed(cls: str, device: str, batch: int, hidden: int, longest: int, shortest: int):
+    def setup(ceilings):
+        dtype = torch.float32
+        theirs, ours = _modules(cls, device, dtype, hidden, hidden)
+        theirs.eval()
+        ours.eval()
+        lengths = torch.linspace(longest, shortest, batch).round().long()
+        x = _randn(longest, batch, hidden, device=device, dtype=dtype)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=True)
+        exact = _exact(device, dtype)
+
+        def run(module):
+            def fn():
+                with torch.no_grad(), exact():
+                    return module(packed)
+            return fn
+
+        torch_fn, ours_fn = run(theirs), run(ours)
+
+        def check():
+            _assert_agree(torch_fn(), ours_fn(), dtype)
+
+        work = _layer_flops(cls, int(lengths.sum()), 1, hidden, hidden)
+        return Prepared(torch_fn, ours_fn, check, work=work)
+
+    return setup
+
+
+def _cell(cls: str, device: str, batch: int, hidden: int):
+    def setup(ceilings):
+        dtype = torch.float32
+        theirs, ours = _modules(cls, device, dtype, hidden, hidden)
+        theirs.eval()
+        ours.eval()
+        x = _randn(batch, hidden, device=device, dtype=dtype, seed=_SEED + 1)
+        h = _randn(batch, hidden, device=device, dtype=dtype, seed=_SEED + 2)
+        hx = (h, _randn(batch, hidden, device=device, dtype=dtype, seed=_SEED + 3)) if cls == "LSTMCell" else h
+        exact = _exact(device, dtype)
+
+        def run(module):
+            def fn():
+                with torch.no_grad(), exact():
+                    return module(x, hx)
+            return fn
+
+        torch_fn, ours_fn = run(theirs), run(ours)
+
+        def check():
+            _assert_agree(torch_fn(), ours_fn(), dtype)
+
+        return Prepared(torch_fn, ours_fn, check, work=_layer_flops(cls, 1, batch, hidden, hidden))
+
+    return setup
+
+
+def register_all():
+    for device in ("cpu", "cuda"):
+        for cls in ("LSTM", "GRU", "RNN"):
+            family = cls.lower()
+            for steps, batch, hidden in _INFERENCE_SHAPES:
+                register(Case(family, f"inference T={steps} B={batch} H={hidden}", device,
+                              _inference(cls, device, steps, batch, hidden), unit="GFLOP/s", peak="flops",
+                              target=_inference_target(cls, batch), quick=(steps, batch, hidden) not in _FULL_ONLY))
+            register(Case(family, "training T=100 B=32 H=256", device, _training(cls, device, 100, 32, 256),
+                          unit="GFLOP/s", peak="flops", target={"LSTM": 1.2, "GRU": 2.0}.get(cls),
+                          note="forward + backward"))
+            if cls != "RNN":
+                register(Case(family, "packed B=32 lengths 10..100", device, _packed(cls, device, 32, 256, 100, 10),
+                              unit="GFLOP/s", peak="flops", target=2.0, note="H=256, vs torch's packed path"))
+            if cls == "LSTM":
+                register(Case(family, "proj_size=128 inference T=100 B=32 H=256", device,
+                              _inference(cls, device, 100, 32, 256, proj=128), unit="GFLOP/s", peak="flops",
+                              note="torch: no oneDNN path with proj" if device == "cpu" else ""))
+                register(Case(family, "bfloat16 inference T=100 B=32 H=256", device,
+                              _inference(cls, device, 100, 32, 256, dtype=torch.bfloat16), unit="GFLOP/s",
+                              peak="flops", target=1.0))
+        for cls in ("LSTMCell", "GRUCell", "RNNCell"):
+            for batch, hidden, target in ((1, 256, 5.0), (32, 512, 1.3)):
+                register(Case("rnn_cell", f"{cls} B={batch} H={hidden}", device, _cell(cls, device, batch, hidden),
+                              unit="GFLOP/s", peak="flops", target=target, note="one step per call"))
+
+
+register_all()
