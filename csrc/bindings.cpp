@@ -277,7 +277,7 @@ void rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj,
   p.dtype = xg.dtype;
   p.x_gates = xg.data;
   p.ld_gates = row_stride(xg, "x_gates");
-  p.b_hn = opt_data(b_hn, "b_hn");
+  p.b_hn = opt_dense(b_hn, "b_hn");
   p.h0 = opt_dense(h0, "h0");
   p.c0 = opt_dense(c0, "c0");
   p.y = view_of(y, "y").data;

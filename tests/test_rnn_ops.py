@@ -61,10 +61,11 @@ def call(fn, mode, x, batch_sizes, t, reverse, reset_after):
 
 
 def leaves(x, t, dtype=None):
-    """Fresh leaf copies (optionally cast) that require grad, in a fixed order."""
+    """Leaves that require grad, in a fixed order. detach() keeps each input's strides (a clone of a
+    strided view would be contiguous, and the strided layouts would never reach the op)."""
     out = {"x": x}
     out.update(t)
-    return {k: (None if v is None else (v.detach().to(dtype) if dtype else v.detach().clone()).requires_grad_())
+    return {k: (None if v is None else (v.detach().to(dtype) if dtype else v.detach()).requires_grad_())
             for k, v in out.items()}
 
 
@@ -286,3 +287,32 @@ def test_bad_inputs(change, error, match):
         t["h0"] = t["h0"].to(change["h0_dtype"])
     with pytest.raises(error, match=match):
         call(ops.rnn_layer, change.get("mode", "lstm"), x, bs, t, False, True)
+
+
+def test_inference_fast_path_equals_the_op_path():
+    # Without grad, plain eager calls skip the dispatcher; the result must be the op's, bit for bit.
+    x, bs, t = make_case("gru", 0, torch.float32, lengths=[7, 6, 3, 3, 1])
+    with torch.no_grad():
+        fast = call(ops.rnn_layer, "gru", x, bs, t, True, True)
+    grad_t = {k: None if v is None else v.clone().requires_grad_() for k, v in t.items()}
+    slow = call(ops.rnn_layer, "gru", x, bs, grad_t, True, True)
+    for a, b in zip(fast, slow):
+        if a is not None:
+            assert_bitwise_equal(a, b.detach())
+
+
+def test_dispatch_modes_still_see_the_op():
+    # A TorchDispatchMode must observe pyseqkern's ops, so the fast path must step aside for it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False)
+    with torch.no_grad(), Spy():
+        call(ops.rnn_layer, "lstm", x, bs, t, False, True)
+    assert any("pyseqkern.rnn_forward" in s for s in seen), seen

@@ -233,7 +233,7 @@ def _fold_bias(mode, reset_after, hidden, b_ih, b_hh):
     """The biases that add outside every nonlinearity go into the input GEMM; GRU reset_after keeps
     b_hn apart (it sits inside r * (...))."""
     if mode == "gru" and reset_after and b_hh is not None:
-        b_hn = b_hh[2 * hidden:]
+        b_hn = b_hh[2 * hidden:].contiguous()  # the kernel reads it densely; b_hh may be any view
         b_hh = torch.cat([b_hh[: 2 * hidden], b_hh.new_zeros(hidden)])
     else:
         b_hn = None
@@ -309,6 +309,21 @@ def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             raise ValueError(f"pyseqkern.rnn_layer: '{name}' is on {t.device} but 'x' is on {x.device}")
 
 
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """True when nothing would see a call through the dispatcher: eager mode, a plain CPU tensor, no
+    dispatch or function modes, no functorch transforms. Then an inference call may go straight to the
+    kernel, skipping torch.library dispatch and the autograd.Function (about 5 us per call each, which
+    is most of a cell step at batch 1)."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _dispatch_stack_len is not None and _dispatch_stack_len() == 0
+            and _functorch_active is not None and not _functorch_active()
+            and not torch._C._is_torch_function_mode_enabled())
+
+
 def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
     _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if _backend.use_reference("rnn_layer", x.device, cuda_kernels=False):
@@ -321,6 +336,16 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     # Function.forward it is off, and under torch.compile needs_input_grad is not yet known).
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    if not training and _plain_eager(x):
+        code = MODES[mode]
+        hidden = w_hh.shape[0] // GATES[mode]
+        proj = 0 if w_hr is None else w_hr.shape[0]
+        bias, b_hn = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
+        x_gates = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
+        packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, False)
+        y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
+                                       packed, *seq.args(), False)
+        return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
     y, h_n, c_n = _RnnLayer.apply(mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih, w_hh.contiguous(),
                                   b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
     y = y.view(*x.shape[:-1], y.shape[-1])
