@@ -348,6 +348,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("rnn_pack", &rnn_pack_entry);
   m.def("rnn_forward", &rnn_forward_entry);
   m.def("rnn_backward", &rnn_backward_entry);
+  m.def("thread_backend", [] { return std::string(thread_backend()); });
+  m.def("set_own_threads", &set_own_threads, py::arg("own"));
   m.def("barrier_selftest", [](int nthreads, int steps) {
     py::gil_scoped_release nogil;
     return barrier_selftest(nthreads, steps);

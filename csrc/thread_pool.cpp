@@ -1,7 +1,13 @@
 // Persistent CPU workers shared by all kernels (contract in thread_pool.h).
 #include "pyseqkern/thread_pool.h"
 
+#include <dlfcn.h>
+#include <link.h>
 #include <pthread.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include <condition_variable>
 #include <mutex>
@@ -29,9 +35,11 @@ constexpr int kBarrierSpinRounds = 2000;
 
 thread_local bool t_in_worker = false;
 
+using RawFn = void (*)(void* ctx, int tid, int nthreads);
+
 class Pool {
  public:
-  void run(int n, TaskFn fn, void* ctx) {
+  void run(int n, RawFn fn, void* ctx) {
     std::lock_guard<std::mutex> call_lock(call_mutex_);
     ensure_workers(n - 1);
     fn_ = fn;
@@ -83,7 +91,7 @@ class Pool {
   std::vector<std::thread> workers_;
   alignas(64) std::atomic<int64_t> generation_{0};
   alignas(64) std::atomic<int> remaining_{0};
-  TaskFn fn_ = nullptr;
+  RawFn fn_ = nullptr;
   void* ctx_ = nullptr;
   int n_ = 1;
 };
@@ -114,17 +122,126 @@ Pool& pool() {
   return *p;
 }
 
+// ---- torch's OpenMP team ------------------------------------------------------------------------------
+// libgomp as torch loaded it (bundled under a hashed name, loaded privately): found among the loaded
+// objects and opened with RTLD_NOLOAD, so nothing is loaded that torch did not load itself.
+struct Gomp {
+  void (*parallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) = nullptr;
+  int (*thread_num)() = nullptr;
+  int (*num_threads)() = nullptr;
+  std::string name;
+};
+
+int find_gomp(struct dl_phdr_info* info, size_t, void* out) {
+  const char* path = info->dlpi_name;
+  if (path == nullptr || std::strstr(path, "libgomp") == nullptr) return 0;
+  void* h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+  if (h == nullptr) return 0;
+  Gomp* g = static_cast<Gomp*>(out);
+  g->parallel = reinterpret_cast<decltype(g->parallel)>(dlsym(h, "GOMP_parallel"));
+  g->thread_num = reinterpret_cast<int (*)()>(dlsym(h, "omp_get_thread_num"));
+  g->num_threads = reinterpret_cast<int (*)()>(dlsym(h, "omp_get_num_threads"));
+  if (!g->parallel || !g->thread_num || !g->num_threads) {
+    *g = Gomp();
+    return 0;
+  }
+  const char* slash = std::strrchr(path, '/');
+  g->name = slash ? slash + 1 : path;
+  return 1;
+}
+
+// Looked up on every call until found: torch may be imported after pyseqkern's core is loaded.
+std::atomic<const Gomp*> g_gomp{nullptr};
+std::atomic<bool> g_own_threads{false};
+std::atomic<bool> g_forked_child{false};
+
+const Gomp* gomp() {
+  if (g_own_threads.load(std::memory_order_relaxed) || g_forked_child.load(std::memory_order_relaxed)) return nullptr;
+  const Gomp* g = g_gomp.load(std::memory_order_acquire);
+  if (g != nullptr) return g;
+  Gomp* found = new Gomp();
+  if (dl_iterate_phdr(find_gomp, found) == 0) {
+    delete found;
+    return nullptr;
+  }
+  const Gomp* expected = nullptr;
+  if (!g_gomp.compare_exchange_strong(expected, found)) {
+    delete found;
+    return expected;
+  }
+  return found;
+}
+
+const bool g_env_own = [] {
+  const char* v = std::getenv("PYSEQKERN_THREADS");
+  if (v != nullptr && std::strcmp(v, "own") == 0) g_own_threads.store(true);
+  return true;
+}();
+
+struct GompRun {
+  const Gomp* g;
+  TaskFn fn;
+  void* ctx;
+  int requested;
+  SpinBarrier* barrier;
+};
+
+void gomp_trampoline(void* raw) {
+  GompRun& r = *static_cast<GompRun*>(raw);
+  const int size = r.g->num_threads();
+  const int tid = r.g->thread_num();
+  if (size == r.requested) {
+    r.fn(r.ctx, Team{tid, size, r.barrier});
+  } else if (tid == 0) {  // granted fewer threads than asked: one thread does it all
+    SpinBarrier solo(1);
+    r.fn(r.ctx, Team{0, 1, &solo});
+  }
+}
+
+struct OwnRun {
+  TaskFn fn;
+  void* ctx;
+  SpinBarrier* barrier;
+};
+
+void own_trampoline(void* raw, int tid, int n) {
+  OwnRun& r = *static_cast<OwnRun*>(raw);
+  r.fn(r.ctx, Team{tid, n, r.barrier});
+}
+
+void mark_forked_child() { g_forked_child.store(true); }
+const int g_atfork_child_registered = pthread_atfork(nullptr, nullptr, &mark_forked_child);
+
 }  // namespace
 
 void parallel_run(int nthreads, TaskFn fn, void* ctx) {
   if (nthreads < 1) nthreads = 1;
   if (nthreads > kMaxThreads) nthreads = kMaxThreads;
   if (nthreads == 1 || t_in_worker) {  // nested: one thread, so a kernel's barriers cannot deadlock
-    fn(ctx, 0, 1);
+    SpinBarrier solo(1);
+    fn(ctx, Team{0, 1, &solo});
     return;
   }
-  pool().run(nthreads, fn, ctx);
+  SpinBarrier barrier(nthreads);
+  if (const Gomp* g = gomp()) {
+    GompRun run{g, fn, ctx, nthreads, &barrier};
+    t_in_worker = true;  // our kernels never nest parallel regions
+    g->parallel(gomp_trampoline, &run, static_cast<unsigned>(nthreads), 0);
+    t_in_worker = false;
+    return;
+  }
+  OwnRun run{fn, ctx, &barrier};
+  pool().run(nthreads, own_trampoline, &run);
 }
+
+const char* thread_backend() {
+  static thread_local std::string text;
+  const Gomp* g = gomp();
+  text = g ? "openmp (" + g->name + ")" : std::string("own");
+  return text.c_str();
+}
+
+void set_own_threads(bool own) { g_own_threads.store(own); }
 
 void split_range(int64_t n, int tid, int nthreads, int64_t* begin, int64_t* end) {
   const int64_t base = n / nthreads, extra = n % nthreads;
@@ -134,31 +251,25 @@ void split_range(int64_t n, int tid, int nthreads, int64_t* begin, int64_t* end)
 
 bool barrier_selftest(int nthreads, int steps) {
   struct Ctx {
-    SpinBarrier* barrier;
     std::atomic<int>* arrivals;  // [steps]
     std::atomic<bool> ok{true};
     int steps;
   };
   std::vector<std::atomic<int>> arrivals(steps);
   for (auto& a : arrivals) a.store(0);
-  const int n = nthreads < 1 ? 1 : (nthreads > kMaxThreads ? kMaxThreads : nthreads);
-  SpinBarrier barrier(n);
   Ctx ctx;
-  ctx.barrier = &barrier;
   ctx.arrivals = arrivals.data();
   ctx.steps = steps;
-  parallel_run(n, [](void* raw, int, int nt) {
+  parallel_run(nthreads, [](void* raw, const Team& team) {
     Ctx& c = *static_cast<Ctx*>(raw);
-    SpinBarrier local(1);  // a nested run has one thread: the shared barrier is sized for n
-    SpinBarrier& b = nt == 1 ? local : *c.barrier;
     for (int s = 0; s < c.steps; ++s) {
       c.arrivals[s].fetch_add(1, std::memory_order_relaxed);
-      b.wait();
+      team.sync();
       // After the barrier every thread has arrived at step s, and none has gone past step s + 1.
       const int here = c.arrivals[s].load(std::memory_order_relaxed);
       const int next = s + 1 < c.steps ? c.arrivals[s + 1].load(std::memory_order_relaxed) : 0;
-      if (here != nt || next > nt) c.ok.store(false);
-      b.wait();
+      if (here != team.size || next > team.size) c.ok.store(false);
+      team.sync();
     }
   }, &ctx);
   return ctx.ok.load();

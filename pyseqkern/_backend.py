@@ -4,6 +4,8 @@ Environment variables read at import:
   PYSEQKERN_CPU_ISA    force a CPU kernel level at or below the best one this CPU runs
                        (baseline, avx2, avx512); anything else raises ValueError at import.
   PYSEQKERN_REFERENCE  "1" routes every op to its pure-PyTorch reference (slow; for debugging).
+  PYSEQKERN_THREADS    "own" runs CPU kernels on pyseqkern's own workers instead of torch's OpenMP
+                       team (read by the core at load).
 """
 from __future__ import annotations
 
@@ -153,6 +155,7 @@ def backend_info() -> dict:
             "isa_forced_by_env": _FORCED_ISA,
             "vector_bits": isa["vector_bits"],
             "threads": torch.get_num_threads(),
+            "thread_pool": _C.thread_backend(),
         },
         "cuda": _cuda_info(build),
         "reference_fallback": {

@@ -14,7 +14,7 @@ def format_info(info: dict) -> str:
         + (f", forced by PYSEQKERN_CPU_ISA={cpu['isa_forced_by_env']}" if cpu["isa_forced_by_env"] else ""),
         f"      best here: {cpu['isa_best']}; CPU supports: {', '.join(cpu['isa_supported'])}; "
         f"compiled: {', '.join(cpu['isa_compiled'])}",
-        f"      threads: {cpu['threads']} (torch.get_num_threads())",
+        f"      threads: {cpu['threads']} (torch.get_num_threads()), on {cpu['thread_pool']}",
     ]
     if cuda["compiled"]:
         lines.append(f"CUDA  compiled: yes (toolkit {cuda['toolkit']}, archs {', '.join(cuda['archs'])})")

@@ -1,4 +1,5 @@
-"""The CPU workers every kernel shares: barriers, thread counts above the core count, fork safety."""
+"""The CPU threads every kernel shares, on both backends (torch's OpenMP team and our own workers):
+barriers, thread counts above the core count, fork safety."""
 import os
 
 import pytest
@@ -10,12 +11,28 @@ from pyseqkern.reference.probe import triad as triad_ref
 from helpers import assert_close_to_ref, randn
 
 
+@pytest.fixture(params=["openmp", "own"])
+def backend(request):
+    _C.set_own_threads(request.param == "own")
+    if request.param == "openmp" and not _C.thread_backend().startswith("openmp"):
+        pytest.skip("torch's OpenMP runtime is not loaded in this process")
+    yield request.param
+    _C.set_own_threads(False)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_barrier_holds_every_thread(threads):
+def test_barrier_holds_every_thread(backend, threads):
     assert _C.barrier_selftest(threads, 2000)
 
 
-def test_thread_counts_change_between_calls():
+def test_backend_is_reported():
+    import pyseqkern
+
+    pool = pyseqkern.backend_info()["cpu"]["thread_pool"]
+    assert pool == _C.thread_backend() and (pool == "own" or pool.startswith("openmp ("))
+
+
+def test_thread_counts_change_between_calls(backend):
     n = 200_003
     a, b = randn((n,), seed=1), randn((n,), seed=2)
     ref = triad_ref(a.double(), b.double(), 0.5)

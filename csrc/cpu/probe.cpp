@@ -28,8 +28,9 @@ struct PeakCtx {
   const PeakFmaParams* p;
 };
 
-void peak_worker(void* raw, int tid, int) {
+void peak_worker(void* raw, const Team& team) {
   const PeakFmaParams& p = *static_cast<PeakCtx*>(raw)->p;
+  const int tid = team.tid;
   vfloat acc[kChains];
   vfloat m, c;
   for (int l = 0; l < kLanes; ++l) {
@@ -50,6 +51,8 @@ void peak_worker(void* raw, int tid, int) {
 
 double peak_fma(const PeakFmaParams& p) {
   PeakCtx ctx{&p};
+  // One thread per sink slot, each in a team of its own size: the probe must run exactly
+  // num_threads chains of work whatever team the runtime grants.
   parallel_run(p.num_threads, peak_worker, &ctx);
   return 2.0 * kLanes * kChains * static_cast<double>(p.iters) * p.num_threads;
 }
@@ -60,10 +63,10 @@ struct TriadCtx {
 };
 
 template <typename T>
-void triad_worker(void* raw, int tid, int nthreads) {
+void triad_worker(void* raw, const Team& team) {
   const TriadParams& p = *static_cast<TriadCtx<T>*>(raw)->p;
   int64_t begin, end;
-  split_range(p.n, tid, nthreads, &begin, &end);
+  split_range(p.n, team.tid, team.size, &begin, &end);
   T* out = static_cast<T*>(p.out);  // may equal a or b (in-place): no __restrict__
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);

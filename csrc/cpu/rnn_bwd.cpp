@@ -17,7 +17,6 @@ struct BwdCtx {
   const RnnBwdParams* p;
   Layout l;
   int64_t reserve_cols, reserve_hprev;
-  SpinBarrier* barrier;
   A* dh_rec;   // [B][Kp] gradient reaching h_{t-1} through the recurrence (owner: state block)
   A* dh_aux;   // [B][Kp] proj: dh_t total, read by all; GRU: the direct part dh * z (owner only)
   A* dc;       // [B][Hp] LSTM cell-state gradient (owner: unit block)
@@ -56,7 +55,8 @@ void recurrent_grad(const Layout& l, const A* bpanel, int64_t kb_begin, int64_t 
 }
 
 template <Variant VAR, typename T, typename A>
-void bwd_worker(void* raw, int tid, int nt) {
+void bwd_worker(void* raw, const Team& team) {
+  const int tid = team.tid, nt = team.size;
   BwdCtx<A>& c = *static_cast<BwdCtx<A>*>(raw);
   const RnnBwdParams& p = *c.p;
   const Layout& l = c.l;
@@ -85,7 +85,7 @@ void bwd_worker(void* raw, int tid, int nt) {
       for (int64_t u = u0; u < u1; ++u)
         store<A>(c.dc + b * Hp + u * L, dc_n ? load<A>(dc_n + b * H + u * L, valid_of(u, H)) : splat(A(0)), L);
   }
-  c.barrier->wait();
+  team.sync();
 
   for (int64_t s = q.steps - 1; s >= 0; --s) {
     const int64_t nb = seq_active(q, s);
@@ -100,7 +100,7 @@ void bwd_worker(void* raw, int tid, int nt) {
           store<A>(c.dh_aux + b * Kp + kb * L, dh, L);
           store<A>(dproj + row * P + kb * L, dh, valid_of(kb, K));
         }
-      c.barrier->wait();
+      team.sync();
     }
     for (int64_t u = u0; u < u1; ++u) {
       const int valid = valid_of(u, H);
@@ -177,7 +177,7 @@ void bwd_worker(void* raw, int tid, int nt) {
         }
       }
     }
-    c.barrier->wait();
+    team.sync();
     A* base = (VAR == Variant::GruAfter || VAR == Variant::GruBefore) ? c.dh_aux : nullptr;
     if (VAR == Variant::GruBefore) {
       // d(r * h_{t-1}) = dn_pre W_hn needs every unit's dn_pre; then r's gradient, then the rest.
@@ -205,7 +205,7 @@ void bwd_worker(void* raw, int tid, int nt) {
           }
         }
       }
-      c.barrier->wait();
+      team.sync();
       recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, 2 * H, nb, Kp, base, c.dh_rec);
     } else {
       recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, GH, nb, Kp, base, c.dh_rec);
@@ -242,8 +242,6 @@ void backward_variant(const RnnBwdParams& p) {
   c.relu = p.shape.mode == RnnMode::RnnRelu;
   const int64_t macs = B * GH * c.l.K + B * c.l.P * c.l.H;
   const int nt = choose_threads(p.num_threads, c.l.U < c.l.UK ? c.l.U : c.l.UK, macs, p.seq.steps);
-  SpinBarrier barrier(nt);
-  c.barrier = &barrier;
   parallel_run(nt, bwd_worker<VAR, T, A>, &c);
 }
 

@@ -69,7 +69,6 @@ struct FwdCtx {
   const RnnFwdParams* p;
   Layout l;
   RnnSizes sz;
-  SpinBarrier* barrier;
   A* hbuf[2];  // [B][Kp] each: h_{t-1} is read by every thread, h_t written by the owner of each block
   A* c;        // [B][Hp] LSTM cell state (each block only ever touched by its owner)
   A* m;        // [B][Hp] LSTM proj: o * tanh(c), input of the projection
@@ -91,7 +90,8 @@ inline int choose_threads(int requested, int64_t blocks, int64_t macs_per_step, 
 }
 
 template <Variant VAR, typename T, typename A>
-void fwd_worker(void* raw, int tid, int nt) {
+void fwd_worker(void* raw, const Team& team) {
+  const int tid = team.tid, nt = team.size;
   FwdCtx<A>& c = *static_cast<FwdCtx<A>*>(raw);
   const RnnFwdParams& p = *c.p;
   const Layout& l = c.l;
@@ -124,7 +124,7 @@ void fwd_worker(void* raw, int tid, int nt) {
         store<A>(c.c + b * Hp + u * L, c0 ? load<A>(c0 + b * H + u * L, valid) : splat(A(0)), L);
       }
   }
-  c.barrier->wait();
+  team.sync();
 
   for (int64_t s = 0; s < q.steps; ++s) {
     const int64_t nb = seq_active(q, s);
@@ -218,7 +218,7 @@ void fwd_worker(void* raw, int tid, int nt) {
     }
     if (VAR == Variant::GruBefore) {
       // Phase 2: n = tanh(x_n + W_hn (r * h_{t-1})) needs every unit's r * h_{t-1}.
-      c.barrier->wait();
+      team.sync();
       for (int64_t u = u0; u < u1; ++u) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
@@ -242,7 +242,7 @@ void fwd_worker(void* raw, int tid, int nt) {
     }
     if (VAR == Variant::Lstm && P > 0) {
       // Projection: h_t = W_hr m_t needs every unit's m_t.
-      c.barrier->wait();
+      team.sync();
       for (int64_t pb = p0; pb < p1; ++pb) {
         const int valid = static_cast<int>(P - pb * L < L ? P - pb * L : L);
         for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
@@ -261,7 +261,7 @@ void fwd_worker(void* raw, int tid, int nt) {
         }
       }
     }
-    c.barrier->wait();
+    team.sync();
   }
 }
 
@@ -283,8 +283,6 @@ void forward_variant(const RnnFwdParams& p) {
   int64_t blocks = c.l.U;
   const int64_t macs = B * c.l.G * c.l.H * c.l.K + B * c.l.P * c.l.H;
   const int nt = choose_threads(p.num_threads, blocks, macs, p.seq.steps);
-  SpinBarrier barrier(nt);
-  c.barrier = &barrier;
   parallel_run(nt, fwd_worker<VAR, T, A>, &c);
 }
 

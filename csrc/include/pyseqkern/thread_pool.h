@@ -1,11 +1,16 @@
-// The CPU worker threads every kernel family shares.
+// The CPU threads every kernel family shares.
 //
-// parallel_run(n, fn, ctx) runs fn(ctx, tid, n) for tid = 0..n-1 on n threads (the calling thread is
-// tid 0) and returns when all have finished. Workers are created once and live across calls, so a
-// persistent kernel pays one dispatch per sequence, then one SpinBarrier::wait per time step.
-// n is what Python passes (torch.get_num_threads()); it is clamped to [1, kMaxThreads]. Calls from
-// two host threads are serialized; a parallel_run from inside a worker runs inline as a single thread (nthreads = 1), so
-// kernels must be correct for any thread count.
+// parallel_run(n, fn, ctx) runs fn(ctx, team) on a team of threads and returns when all have finished;
+// team.tid is 0..team.size-1 and team.sync() is a barrier across the team. team.size is n, or fewer
+// (1 when called from inside a team, or when the runtime grants fewer): kernels must partition work
+// by team.size and be correct (and bitwise equal, for determinism) for any size.
+//
+// Which threads: torch's own OpenMP team when torch's libgomp is loaded in the process (found at run
+// time; the core still never links torch), otherwise persistent workers of our own. On a small machine
+// two pools fight: torch's OpenMP threads spin after every torch op (our op starts with one, the input
+// GEMM), and a worker of ours that needs the same core loses most of a time step to them (DESIGN.md).
+// PYSEQKERN_THREADS=own forces our own workers; a forked child always uses them (libgomp is not
+// fork-safe). n comes from Python (torch.get_num_threads()), clamped to [1, kMaxThreads].
 //
 // Everything here is compiled once at baseline level (thread_pool.cpp), never per ISA: see
 // cpu_dispatch.h for why kernels must not carry their own copies of shared inline code.
@@ -17,14 +22,7 @@ namespace pyseqkern {
 
 constexpr int kMaxThreads = 256;
 
-using TaskFn = void (*)(void* ctx, int tid, int nthreads);
-void parallel_run(int nthreads, TaskFn fn, void* ctx);
-
-// Contiguous share [begin, end) of n items for thread tid of nthreads: a fixed split, so the same
-// inputs and thread count always give the same partition (determinism).
-void split_range(int64_t n, int tid, int nthreads, int64_t* begin, int64_t* end);
-
-// Sense-reversing barrier for the threads of one parallel_run; spins (with pause) then yields.
+// Sense-reversing barrier for the threads of one team; spins (with pause) then yields.
 class SpinBarrier {
  public:
   explicit SpinBarrier(int nthreads) : n_(nthreads) {}
@@ -35,6 +33,25 @@ class SpinBarrier {
   alignas(64) std::atomic<int> generation_{0};
   int n_;
 };
+
+struct Team {
+  int tid;
+  int size;
+  SpinBarrier* barrier;
+  void sync() const { barrier->wait(); }
+};
+
+using TaskFn = void (*)(void* ctx, const Team& team);
+void parallel_run(int nthreads, TaskFn fn, void* ctx);
+
+// Contiguous share [begin, end) of n items for thread tid of nthreads: a fixed split, so the same
+// inputs and thread count always give the same partition (determinism).
+void split_range(int64_t n, int tid, int nthreads, int64_t* begin, int64_t* end);
+
+// "openmp (<library>)" or "own": where the next parallel_run will run.
+const char* thread_backend();
+// Forces our own workers (true) or allows torch's OpenMP team again (false).
+void set_own_threads(bool own);
 
 // Runs `steps` barrier rounds on nthreads threads and checks that no thread passes a barrier before all
 // have arrived at it (for tests).
