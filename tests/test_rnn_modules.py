@@ -452,3 +452,46 @@ def test_bad_inputs_raise_clear_errors(call, exc, match, torch_same):
     if torch_same:  # code written against torch.nn catches the same exception type from us
         with pytest.raises(exc):
             call(torch.nn)
+
+
+# ---- torch.compile: a model built from the drop-in modules -------------------------------------------------
+class _Tagger(torch.nn.Module):
+    """A small model of the kind users compile: embedding-free tagger with a bidirectional LSTM, a GRU
+    on top and a cell applied to the last output."""
+
+    def __init__(self):
+        super().__init__()
+        import pyseqkern.nn as pnn
+
+        self.lstm = pnn.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = pnn.GRU(16, 5, reset_after=False)
+        self.cell = pnn.GRUCell(5, 5)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        z, h = self.gru(y.transpose(0, 1))
+        return self.head(self.cell(z[-1], h[0]))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_model_compiles_fullgraph_forward_and_backward(backend):
+    # Dynamo refuses every instance of torch.nn.RNN/GRU/LSTM, subclasses included, unless allow_rnn is
+    # set; pyseqkern does not flip that global for its users (README: torch.compile).
+    with torch._dynamo.config.patch(allow_rnn=True):
+        _compile_and_compare(backend)
+
+
+def _compile_and_compare(backend):
+    torch.manual_seed(0)
+    model = _Tagger()
+    x = torch.randn(4, 9, 6)
+    eager_out = model(x)
+    eager_grads = torch.autograd.grad(eager_out.sum(), list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.sum(), list(model.parameters()))
+    torch.testing.assert_close(out, eager_out)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
