@@ -1,5 +1,6 @@
 import pytest
 
+import pyseqkern
 from helpers import cuda_usable
 
 
@@ -8,3 +9,14 @@ def pytest_runtest_setup(item):
         usable, reason = cuda_usable()
         if not usable:
             pytest.skip(f"needs a usable CUDA device: {reason}")
+
+
+@pytest.fixture(params=pyseqkern.ISA_LEVELS)
+def isa(request):
+    """Runs the test once per CPU kernel level this CPU supports, restoring the best level after."""
+    info = pyseqkern.backend_info()["cpu"]
+    if request.param not in info["isa_supported"]:
+        pytest.skip(f"this CPU does not run {request.param}")
+    pyseqkern.set_cpu_isa(request.param)
+    yield request.param
+    pyseqkern.set_cpu_isa(info["isa_best"])

@@ -14,16 +14,6 @@ DTYPES = [torch.float32, torch.float64]
 SUPPORTED = pyseqkern.backend_info()["cpu"]["isa_supported"]
 
 
-@pytest.fixture(params=pyseqkern.ISA_LEVELS)
-def isa(request):
-    if request.param not in SUPPORTED:
-        pytest.skip(f"this CPU does not run {request.param}")
-    best = pyseqkern.backend_info()["cpu"]["isa_best"]
-    pyseqkern.set_cpu_isa(request.param)
-    yield request.param
-    pyseqkern.set_cpu_isa(best)
-
-
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_levels_match_reference(isa, n, dtype):

@@ -21,16 +21,6 @@ VARIANTS = [("lstm", 0, True), ("lstm", 3, True), ("gru", 0, True), ("gru", 0, F
             ("rnn_relu", 0, True)]
 
 
-@pytest.fixture(params=pyseqkern.ISA_LEVELS)
-def isa(request):
-    if request.param not in SUPPORTED:
-        pytest.skip(f"this CPU does not run {request.param}")
-    best = pyseqkern.backend_info()["cpu"]["isa_best"]
-    pyseqkern.set_cpu_isa(request.param)
-    yield request.param
-    pyseqkern.set_cpu_isa(best)
-
-
 def make_case(mode, proj, dtype, T=7, B=5, I=13, H=11, lengths=None, seed=0, bias=True, strided_inputs=True):
     """Seeded layer inputs; x strided when asked; packed when lengths are given (sorted, longest first).
     Weights have torch's initial scale (1/sqrt(fan-in)): a recurrence with a much larger recurrent matrix

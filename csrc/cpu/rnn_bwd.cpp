@@ -24,16 +24,6 @@ struct BwdCtx {
   bool relu;
 };
 
-// As in rnn_fwd.cpp.
-inline int choose_threads(int requested, int64_t blocks, int64_t macs_per_step, int64_t steps) {
-  int64_t n = requested < 1 ? 1 : requested;
-  if (n > blocks) n = blocks;
-  const int64_t by_work = macs_per_step / 16384;
-  if (n > by_work) n = by_work < 1 ? 1 : by_work;
-  if (macs_per_step * steps < (int64_t(1) << 22)) n = 1;
-  return static_cast<int>(n);
-}
-
 // dh_rec[b][blk] = base[b][blk] + sum_j dG[b][j0 + j] * W[j0 + j][blk], j < J, for the active rows.
 template <typename A>
 void recurrent_grad(const Layout& l, const A* bpanel, int64_t kb_begin, int64_t kb_end, const A* dG, int64_t ldg,
@@ -228,11 +218,7 @@ void backward_variant(const RnnBwdParams& p) {
   c.p = &p;
   c.l = layout_of(p.shape, lanes<A>());
   const int64_t L = c.l.L, B = p.seq.batch, Kp = c.l.UK * L, Hp = c.l.U * L, GH = c.l.G * c.l.H;
-  switch (p.shape.mode) {
-    case RnnMode::Lstm: c.reserve_hprev = 5 * c.l.H + (c.l.P > 0 ? c.l.H : 0); c.reserve_cols = c.reserve_hprev + c.l.K; break;
-    case RnnMode::Gru: c.reserve_hprev = 4 * c.l.H; c.reserve_cols = 5 * c.l.H; break;
-    default: c.reserve_hprev = c.l.H; c.reserve_cols = 2 * c.l.H; break;
-  }
+  reserve_layout(c.l, p.shape.mode, &c.reserve_cols, &c.reserve_hprev);
   A* ws = static_cast<A*>(p.workspace);
   c.dh_rec = ws;
   c.dh_aux = c.dh_rec + B * Kp;

@@ -17,11 +17,7 @@ RnnSizes sizes(const RnnShape& s, int64_t B, bool is_double) {
   const int64_t fwd = 2 * B * Kp + 4 * B * Hp;                  // h (double buffer), c, m, r*h, z
   const int64_t bwd = B * (2 * Kp + Hp + 2 * l.G * l.H);        // dh_rec, dh_total, dc, dG (x2)
   r.workspace_numel = (fwd > bwd ? fwd : bwd) + 8 * L;          // + room to align each buffer
-  switch (s.mode) {
-    case RnnMode::Lstm: r.reserve_hprev = 5 * l.H + (l.P > 0 ? l.H : 0); r.reserve_cols = r.reserve_hprev + l.K; break;
-    case RnnMode::Gru: r.reserve_hprev = 4 * l.H; r.reserve_cols = 5 * l.H; break;
-    default: r.reserve_hprev = l.H; r.reserve_cols = 2 * l.H; break;
-  }
+  reserve_layout(l, s.mode, &r.reserve_cols, &r.reserve_hprev);
   return r;
 }
 
@@ -76,18 +72,6 @@ struct FwdCtx {
   A* z;        // [B][Hp] GRU reset_before: z kept between the two phases
   bool relu;
 };
-
-// Threads worth waking: each must own at least one unit block, a step must carry enough work
-// (multiply-adds) to pay for a barrier, and the whole call enough to pay for waking a sleeping worker
-// (tens of microseconds: a cell step at B=1, H=256 ran 5x slower on two threads than on one).
-inline int choose_threads(int requested, int64_t blocks, int64_t macs_per_step, int64_t steps) {
-  int64_t n = requested < 1 ? 1 : requested;
-  if (n > blocks) n = blocks;
-  const int64_t by_work = macs_per_step / 16384;
-  if (n > by_work) n = by_work < 1 ? 1 : by_work;
-  if (macs_per_step * steps < (int64_t(1) << 22)) n = 1;
-  return static_cast<int>(n);
-}
 
 template <Variant VAR, typename T, typename A>
 void fwd_worker(void* raw, const Team& team) {
