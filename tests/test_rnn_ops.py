@@ -264,6 +264,32 @@ def test_compile_fullgraph_forward_and_backward():
     assert_close_to_ref(gc, ge.double())
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("h0", lambda t: t["h0"][:3], r"'h0' must have shape \(5, 11\), got \(3, 11\)"),
+    ("c0", lambda t: t["c0"][:, :4], r"'c0' must have shape \(5, 11\)"),
+    ("w_ih", lambda t: t["w_ih"][:, :6], r"'w_ih' must have shape \(44, 13\)"),
+    ("w_hh", lambda t: t["w_hh"][:42], r"4\*hidden_size rows"),
+    ("b_hh", lambda t: t["b_hh"][:7], r"'b_hh' must have shape \(44,\)"),
+])
+def test_shape_mismatches_are_refused_before_any_kernel_read(field, value, match):
+    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False)
+    t = dict(t, **{field: value(t)})
+    with pytest.raises(ValueError, match=match):
+        call(ops.rnn_layer, "lstm", x, bs, t, False, True)
+
+
+@pytest.mark.parametrize("batch_sizes, match", [
+    ([2, 5, 1], "non-increasing"),
+    ([5, 0, 0], "positive"),
+    ([5, 3, 1], "sum to"),
+])
+def test_malformed_batch_sizes_are_refused(batch_sizes, match):
+    _, _, t = make_case("gru", 0, torch.float32, strided_inputs=False)
+    x = randn((8, 13), seed=3)
+    with pytest.raises(ValueError, match=match):
+        call(ops.rnn_layer, "gru", x, torch.tensor(batch_sizes), t, False, True)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(mode="lstmx"), ValueError, "'mode' must be one of"),
     (dict(x_dtype=torch.float16), TypeError, "'x' must be float32, float64 or bfloat16"),

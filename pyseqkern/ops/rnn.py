@@ -324,8 +324,53 @@ def _plain_eager(x: torch.Tensor) -> bool:
             and not torch._C._is_torch_function_mode_enabled())
 
 
+def _shape_error(name, got, want):
+    raise ValueError(f"pyseqkern.rnn_layer: '{name}' must have shape {tuple(want)}, got {tuple(got)}")
+
+
+def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """Everything the kernels index by: a wrong shape here would be an out-of-bounds read there."""
+    G = GATES[mode]
+    if w_ih.dim() != 2 or w_hh.dim() != 2 or w_hh.shape[0] % G or w_hh.shape[0] == 0:
+        raise ValueError(f"pyseqkern.rnn_layer: 'w_ih' and 'w_hh' must be 2-D with {G}*hidden_size rows, got "
+                         f"{tuple(w_ih.shape)} and {tuple(w_hh.shape)}")
+    H = w_hh.shape[0] // G
+    if w_hr is not None and mode != "lstm":
+        raise ValueError("pyseqkern.rnn_layer: 'w_hr' (projection) is only for mode 'lstm'")
+    K = H if w_hr is None else w_hr.shape[0]
+    if w_hr is not None and (w_hr.shape != (K, H) or not 0 < K < H):
+        _shape_error("w_hr", w_hr.shape, (K, H))
+    I = x.shape[-1]
+    if w_ih.shape != (G * H, I):
+        _shape_error("w_ih", w_ih.shape, (G * H, I))
+    if w_hh.shape != (G * H, K):
+        _shape_error("w_hh", w_hh.shape, (G * H, K))
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None and b.shape != (G * H,):
+            _shape_error(name, b.shape, (G * H,))
+    if batch_sizes is None:
+        if x.dim() != 3 or x.shape[0] == 0:
+            raise ValueError(f"pyseqkern.rnn_layer: 'x' must be [T, B, I] with T >= 1, got {tuple(x.shape)}")
+        B = x.shape[1]
+    else:
+        bs = batch_sizes
+        if x.dim() != 2 or bs.dim() != 1 or bs.numel() == 0:
+            raise ValueError("pyseqkern.rnn_layer: packed 'x' must be [N, I] with a 1-D, non-empty 'batch_sizes'")
+        if bs.device.type != "cpu" or bs.dtype != torch.int64:
+            raise ValueError("pyseqkern.rnn_layer: 'batch_sizes' must be an int64 CPU tensor (PackedSequence's)")
+        if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]:
+            raise ValueError("pyseqkern.rnn_layer: 'batch_sizes' must be positive, non-increasing and sum to "
+                             f"x.shape[0] = {x.shape[0]}, got {bs.tolist()}")
+        B = int(bs[0])
+    if h0 is not None and h0.shape != (B, K):
+        _shape_error("h0", h0.shape, (B, K))
+    if c0 is not None and mode == "lstm" and c0.shape != (B, H):
+        _shape_error("c0", c0.shape, (B, H))
+
+
 def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
     _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if _backend.use_reference("rnn_layer", x.device, cuda_kernels=False):
         return _reference.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     seq = _Seq(x, batch_sizes, reverse)
