@@ -229,14 +229,6 @@ def _input_projection(x2d, w_ih, bias):
     return torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
 
 
-def _mm(a, b):
-    """a @ b for the backward's GEMMs, through oneDNN under the same conditions as the projection."""
-    if (_onednn_linear is not None and a.device.type == "cpu" and a.shape[0] >= 32
-            and a.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
-        return _onednn_linear(a, b.t(), None, "none", [], "")
-    return a @ b
-
-
 class _Seq:
     """How rows of sequence data map to (step, sequence): see csrc/include/pyseqkern/rnn.h."""
 
@@ -304,24 +296,24 @@ class _RnnLayer(torch.autograd.Function):
         K = proj if proj > 0 else hidden
         need = ctx.needs_input_grad[1:]  # (mode, [training,] reset_after, seq, x2d, h0, c0, w_ih, w_hh, ...)
         wdtype = w_ih.dtype
-        dx = _mm(dgx, w_ih) if need[3] else None
-        dw_ih = _mm(dgx.t(), x2d) if need[6] else None
+        dx = dgx @ w_ih if need[3] else None
+        dw_ih = dgx.t() @ x2d if need[6] else None
         db = dgx.sum(0) if (need[8] or need[9]) else None
         dw_hh = dw_hr = None
         hprev = reserve[:, reserve.shape[1] - K:].to(wdtype)  # h_prev closes every reserve row (rnn.h)
         if need[7]:
             if mode == "gru" and reset_after:
-                dw_hh = _mm(dgh.t(), hprev)
+                dw_hh = dgh.t() @ hprev
             elif mode == "gru":
                 rh = reserve[:, 3 * hidden:4 * hidden].to(wdtype)
-                dw_hh = torch.cat([_mm(dgx[:, :2 * hidden].t(), hprev), _mm(dgx[:, 2 * hidden:].t(), rh)])
+                dw_hh = torch.cat([dgx[:, :2 * hidden].t() @ hprev, dgx[:, 2 * hidden:].t() @ rh])
             else:
-                dw_hh = _mm(dgx.t(), hprev)
+                dw_hh = dgx.t() @ hprev
         db_hh = None
         if need[9]:
             db_hh = dgh.sum(0) if (mode == "gru" and reset_after) else db
         if need[10]:
-            dw_hr = _mm(dproj.t(), reserve[:, 5 * hidden:6 * hidden].to(wdtype))
+            dw_hr = dproj.t() @ reserve[:, 5 * hidden:6 * hidden].to(wdtype)
         return (None, None, None, None, dx, dh0 if need[4] else None, (dc0 if code == 0 else None) if need[5] else None,
                 dw_ih, dw_hh, db if need[8] else None, db_hh, dw_hr)
 
