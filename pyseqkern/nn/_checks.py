@@ -61,3 +61,16 @@ def reset_after_flag(reset_after) -> bool:
     if not isinstance(reset_after, bool):
         raise TypeError(f"reset_after should be of type bool, got: {type(reset_after).__name__}")
     return reset_after
+
+
+class ResetAfter:
+    """The one constructor keyword pyseqkern's GRU and GRUCell add to torch's (keyword-only), and its
+    place in repr. Listed before the torch.nn base class."""
+
+    def __init__(self, *args, reset_after: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reset_after = reset_after_flag(reset_after)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.reset_after else s + ", reset_after=False"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn as _tnn
 
 from ._cell import cell_forward
-from ._checks import reset_after_flag
+from ._checks import ResetAfter
 
 
 class LSTMCell(_tnn.LSTMCell):
@@ -19,16 +19,8 @@ class LSTMCell(_tnn.LSTMCell):
         return cell_forward(self, "LSTMCell", "lstm", input, hx)
 
 
-class GRUCell(_tnn.GRUCell):
+class GRUCell(ResetAfter, _tnn.GRUCell):
     """torch.nn.GRUCell on pyseqkern kernels; reset_after (keyword-only) as in pyseqkern.nn.GRU."""
-
-    def __init__(self, *args, reset_after: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reset_after = reset_after_flag(reset_after)
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if self.reset_after else s + ", reset_after=False"
 
     def forward(self, input, hx=None):
         return cell_forward(self, "GRUCell", "gru", input, None if hx is None else (hx,), self.reset_after)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn as _tnn
 
-from ._checks import reset_after_flag
+from ._checks import ResetAfter
 from ._sequence import sequence_forward
 
 
@@ -16,21 +16,13 @@ class LSTM(_tnn.LSTM):
         return output, (h_n, c_n)
 
 
-class GRU(_tnn.GRU):
+class GRU(ResetAfter, _tnn.GRU):
     """torch.nn.GRU on pyseqkern kernels.
 
     reset_after (keyword-only, default True): True is torch's/cuDNN's candidate
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); False applies the reset gate before the recurrent
     product, n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), as Keras reset_after=False and ONNX's
     default (linear_before_reset=0) do. Parameter shapes and names are the same either way."""
-
-    def __init__(self, *args, reset_after: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reset_after = reset_after_flag(reset_after)
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if self.reset_after else s + ", reset_after=False"
 
     def forward(self, input, hx=None):
         output, h_n, _ = sequence_forward(self, input, hx, self.reset_after)
