@@ -103,12 +103,16 @@ class Pool {
 std::atomic<Pool*> g_pool{nullptr};
 std::mutex* g_pool_mutex = new std::mutex();
 
-void reset_pool_in_child() {
+std::atomic<bool> g_forked_child{false};  // set in a forked child: never use libgomp there
+
+// A forked child gets a new pool and never uses torch's OpenMP team (libgomp is not fork-safe).
+void after_fork_in_child() {
   g_pool.store(nullptr, std::memory_order_relaxed);
   g_pool_mutex = new std::mutex();
+  g_forked_child.store(true);
 }
 
-const int g_atfork_registered = pthread_atfork(nullptr, nullptr, &reset_pool_in_child);
+const int g_atfork_registered = pthread_atfork(nullptr, nullptr, &after_fork_in_child);
 
 Pool& pool() {
   Pool* p = g_pool.load(std::memory_order_acquire);
@@ -153,7 +157,6 @@ int find_gomp(struct dl_phdr_info* info, size_t, void* out) {
 // Looked up on every call until found: torch may be imported after pyseqkern's core is loaded.
 std::atomic<const Gomp*> g_gomp{nullptr};
 std::atomic<bool> g_own_threads{false};
-std::atomic<bool> g_forked_child{false};
 
 const Gomp* gomp() {
   if (g_own_threads.load(std::memory_order_relaxed) || g_forked_child.load(std::memory_order_relaxed)) return nullptr;
@@ -209,8 +212,6 @@ void own_trampoline(void* raw, int tid, int n) {
   r.fn(r.ctx, Team{tid, n, r.barrier});
 }
 
-void mark_forked_child() { g_forked_child.store(true); }
-const int g_atfork_child_registered = pthread_atfork(nullptr, nullptr, &mark_forked_child);
 
 }  // namespace
 

@@ -37,11 +37,21 @@ REFERENCE_ENV = "PYSEQKERN_REFERENCE"
 ISA_LEVELS = ("baseline", "avx2", "avx512")
 
 
+_active_isa = _C.cpu_isa_report()["active"]
+
+
 def set_cpu_isa(level: str) -> None:
     """Makes CPU kernels dispatch to `level` (one of ISA_LEVELS, not above what the CPU runs)."""
+    global _active_isa
     if not isinstance(level, str):
         raise TypeError(f"pyseqkern.set_cpu_isa: 'level' must be a str, got {type(level).__name__}")
     _C.set_cpu_isa(level.strip().lower())
+    _active_isa = level.strip().lower()
+
+
+def active_isa() -> str:
+    """The CPU kernel level in use (kept here: only set_cpu_isa changes it); part of cache keys."""
+    return _active_isa
 
 
 def _apply_isa_env() -> str | None:
@@ -66,14 +76,19 @@ def use_reference(op: str, device: torch.device, cuda_kernels: bool = True) -> b
     then once per op a warning says why."""
     if _REFERENCE_FORCED:
         return True
-    if device.type == "cuda" and not (cuda_kernels and _C.build_info()["cuda_compiled"]):
+    if device.type == "cpu":
+        return False
+    if device.type == "cuda":
+        if cuda_kernels and _C.build_info()["cuda_compiled"]:
+            return False
         reason = ("pyseqkern was built without CUDA kernels" if cuda_kernels else f"{op} has no CUDA kernel yet") + \
             "; running the PyTorch reference on CUDA"
-        if op not in _FALLBACKS:
-            _FALLBACKS[op] = reason
-            warnings.warn(f"pyseqkern.{op}: {reason} (slow)", RuntimeWarning, stacklevel=3)
-        return True
-    return device.type not in ("cpu", "cuda")
+    else:
+        reason = f"pyseqkern has no kernels for {device.type} tensors; running the PyTorch reference"
+    if op not in _FALLBACKS:
+        _FALLBACKS[op] = reason
+        warnings.warn(f"pyseqkern.{op}: {reason} (slow)", RuntimeWarning, stacklevel=3)
+    return True
 
 
 def _parse_archs(archs: str) -> list[str]:

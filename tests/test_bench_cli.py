@@ -1,6 +1,5 @@
 """The benchmark CLI end to end on its cheapest family: progress, tables, JSON, PNG, filters, errors."""
 import json
-import os
 import subprocess
 import sys
 import tempfile

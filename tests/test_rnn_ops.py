@@ -2,8 +2,6 @@
 outputs, final states and every gradient, for every mode and option; bfloat16 by the 2x-torch rule;
 raw kernels with poisoned outputs; determinism, gradcheck, opcheck, torch.compile, weight-cache
 invalidation, bad inputs."""
-import itertools
-
 import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -12,7 +10,7 @@ import pyseqkern
 from pyseqkern import _C
 from pyseqkern.ops import rnn as ops
 from pyseqkern.reference import rnn as ref
-from helpers import (TOLERANCES, assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
+from helpers import (assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
                      strided)
 
 SUPPORTED = pyseqkern.backend_info()["cpu"]["isa_supported"]
@@ -137,7 +135,6 @@ def test_bfloat16_within_twice_torch_error(mode, proj, reset_after):
     # our bfloat16 storage with float32 math must not be further from float64 than twice that.
     x, bs, t = make_case(mode, proj, torch.float32, T=20, B=4, I=24, H=40, lengths=[20, 15, 9, 2])
     t16 = {k: None if v is None else v.bfloat16() for k, v in t.items()}
-    t64 = {k: None if v is None else v.double() for k, v in t.items()}
     ours = call(ops.rnn_layer, mode, x.bfloat16(), bs, t16, True, reset_after)
     theirs = call(ref.rnn_layer, mode, x.bfloat16(), bs, t16, True, reset_after)
     exact = call(ref.rnn_layer, mode, x.bfloat16().double(), bs, {k: None if v is None else v.double()
@@ -332,3 +329,14 @@ def test_dispatch_modes_still_see_the_op():
     with torch.no_grad(), Spy():
         call(ops.rnn_layer, "lstm", x, bs, t, False, True)
     assert any("pyseqkern.rnn_forward" in s for s in seen), seen
+
+
+def test_devices_without_kernels_fall_back_loudly():
+    # No silent fallback: a device pyseqkern has no kernels for runs the reference with a warning that
+    # says why, and backend_info() names the op.
+    x, bs, t = make_case("rnn_tanh", 0, torch.float32, strided_inputs=False)
+    meta = {k: None if v is None else v.to("meta") for k, v in t.items()}
+    with pytest.warns(RuntimeWarning, match="no kernels for meta tensors"):
+        y, h_n, _ = call(ops.rnn_layer, "rnn_tanh", x.to("meta"), bs, meta, False, True)
+    assert y.shape == (7, 5, 11) and y.device.type == "meta"
+    assert "rnn_layer" in pyseqkern.backend_info()["reference_fallback"]["active_for"]

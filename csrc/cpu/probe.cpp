@@ -26,11 +26,14 @@ constexpr int kLanes = kVecBytes / 4;
 // ---- kernels -------------------------------------------------------------------------------------
 struct PeakCtx {
   const PeakFmaParams* p;
+  int team_size;  // threads that actually ran (the runtime may grant fewer than asked)
 };
 
 void peak_worker(void* raw, const Team& team) {
-  const PeakFmaParams& p = *static_cast<PeakCtx*>(raw)->p;
+  PeakCtx& ctx = *static_cast<PeakCtx*>(raw);
+  const PeakFmaParams& p = *ctx.p;
   const int tid = team.tid;
+  if (tid == 0) ctx.team_size = team.size;
   vfloat acc[kChains];
   vfloat m, c;
   for (int l = 0; l < kLanes; ++l) {
@@ -50,11 +53,9 @@ void peak_worker(void* raw, const Team& team) {
 }
 
 double peak_fma(const PeakFmaParams& p) {
-  PeakCtx ctx{&p};
-  // One thread per sink slot, each in a team of its own size: the probe must run exactly
-  // num_threads chains of work whatever team the runtime grants.
+  PeakCtx ctx{&p, 1};
   parallel_run(p.num_threads, peak_worker, &ctx);
-  return 2.0 * kLanes * kChains * static_cast<double>(p.iters) * p.num_threads;
+  return 2.0 * kLanes * kChains * static_cast<double>(p.iters) * ctx.team_size;
 }
 
 template <typename T>

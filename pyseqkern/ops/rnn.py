@@ -62,7 +62,7 @@ _SIZES: dict = {}
 
 def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype):
     """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev) for the active ISA level."""
-    key = (mode, reset_after, hidden, proj, batch, dtype == torch.float64, _C.cpu_isa_report()["active"])
+    key = (mode, reset_after, hidden, proj, batch, dtype == torch.float64, _backend.active_isa())
     got = _SIZES.get(key)
     if got is None:
         got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, dtype == torch.float64)
@@ -106,7 +106,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
         return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
                                             None if w_hr is None else w_hr.detach())
     key = (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.dtype, w_hh.device,
-           None if w_hr is None else (w_hr.data_ptr(), w_hr._version), _C.cpu_isa_report()["active"])
+           None if w_hr is None else (w_hr.data_ptr(), w_hr._version), _backend.active_isa())
     entry = _PACK_CACHE.get(id(w_hh))
     if entry is not None and entry[0] == key:
         return entry[1]
