@@ -298,7 +298,7 @@ void rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj
                         int64_t row_stride_b, bool reverse, py::handle dy, int64_t ld_dy, py::handle dh_n,
                         py::handle dc_n, py::handle c0, py::handle reserve, py::handle packed, py::handle d_gates_x,
                         py::handle d_gates_h, py::handle d_proj, py::handle dh0, py::handle dc0, py::handle workspace,
-                        int num_threads) {
+                        int num_threads, py::handle d_gates_xt, py::handle d_gates_ht, py::handle h_prev_t) {
   RnnBwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
@@ -309,8 +309,24 @@ void rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj
   TensorView gh;
   p.d_gates_h = const_cast<void*>(opt_data(d_gates_h, "d_gates_h", &gh));
   p.ld_dgh = p.d_gates_h ? row_stride(gh, "d_gates_h") : 0;
-  if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h)
-    throw py::value_error("pyseqkern: rnn_backward: GRU with reset_after needs 'd_gates_h'");
+  // Transposed copies [cols, N], all with one leading dimension (rnn.h).
+  p.ld_t = -1;
+  auto transposed = [&](py::handle h, const char* arg, int64_t cols) -> void* {
+    TensorView t;
+    if (!opt_data(h, arg, &t)) return nullptr;
+    const int64_t ld = row_stride(t, arg);
+    if (t.dtype != gx.dtype || t.sizes[0] != cols || t.sizes[1] != gx.sizes[0] || (p.ld_t >= 0 && ld != p.ld_t))
+      throw py::value_error(std::string("pyseqkern: rnn_backward: '") + arg +
+                            "' must be [cols, N] of the gradients' dtype, one leading dimension for all");
+    p.ld_t = ld;
+    return t.data;
+  };
+  const int64_t gate_rows = rnn_gate_count(p.shape.mode) * hidden;
+  p.d_gates_xt = transposed(d_gates_xt, "d_gates_xt", gate_rows);
+  p.d_gates_ht = transposed(d_gates_ht, "d_gates_ht", gate_rows);
+  p.h_prev_t = transposed(h_prev_t, "h_prev_t", p.shape.state());
+  if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h && !p.d_gates_ht)
+    throw py::value_error("pyseqkern: rnn_backward: GRU with reset_after needs 'd_gates_h' or 'd_gates_ht'");
   p.dy = opt_dense(dy, "dy");
   p.ld_dy = ld_dy;
   p.dh_n = opt_dense(dh_n, "dh_n");

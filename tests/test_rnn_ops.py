@@ -238,9 +238,41 @@ def test_opcheck():
     fwd_args = (1, True, 11, 0, 7, 5, xg, t["b_hh"][22:], t["h0"], None, packed, *seq.args(), True)
     torch.library.opcheck(torch.ops.pyseqkern.rnn_forward.default, fwd_args)
     y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(*fwd_args)
-    bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), seed=4), randn((5, 11), seed=5), None, None, reserve, packed,
-                *seq.args())
-    torch.library.opcheck(torch.ops.pyseqkern.rnn_backward.default, bwd_args)
+    for transposed in (False, True):
+        bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), seed=4), randn((5, 11), seed=5), None, None, reserve,
+                    packed, *seq.args(), transposed)
+        torch.library.opcheck(torch.ops.pyseqkern.rnn_backward.default, bwd_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("lengths", [None, [7, 7, 4, 2, 1]])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode,proj,reset_after", VARIANTS)
+def test_backward_transposed_outputs_are_exact_transposes(mode, proj, reset_after, reverse, lengths, dtype):
+    """The weight-gradient GEMMs read d_gates^T and h_prev^T written by the backward kernel: they must be
+    the row-major results transposed, bit for bit, for every row mapping (padded, packed, reverse)."""
+    x, bs, t = make_case(mode, proj, dtype, lengths=lengths, strided_inputs=False)
+    code, G, H, K = ops.MODES[mode], ops.GATES[mode], 11, proj or 11
+    seq = ops._Seq(x, bs, reverse)
+    n = x.shape[0] * (1 if bs is not None else x.shape[1])
+    xg = randn((n, G * H), dtype, seed=3)
+    packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
+    b_hn = t["b_hh"][2 * H:] if mode == "gru" and reset_after else None
+    _, _, _, reserve = torch.ops.pyseqkern.rnn_forward(code, reset_after, H, proj, seq.steps, seq.batch, xg, b_hn,
+                                                       t["h0"], t["c0"], packed, *seq.args(), True)
+    grads = (randn((n, K), dtype, seed=4), randn((seq.batch, K), dtype, seed=5),
+             randn((seq.batch, H), dtype, seed=6) if mode == "lstm" else None)
+    args = (code, reset_after, H, proj, seq.steps, seq.batch, *grads, t["c0"], reserve, packed, *seq.args())
+    plain = torch.ops.pyseqkern.rnn_backward(*args, False)
+    tr = torch.ops.pyseqkern.rnn_backward(*args, True)
+    for i in range(5):  # dgx, (dgh), dproj, dh0, dc0 agree between the two calls
+        if tr[i].numel():
+            assert_bitwise_equal(tr[i], plain[i])
+    assert_bitwise_equal(tr[5], plain[0].t())
+    if mode == "gru" and reset_after:
+        assert tr[1].numel() == 0
+        assert_bitwise_equal(tr[6], plain[1].t())
+    assert_bitwise_equal(tr[7], reserve[:, reserve.shape[1] - K:].to(dtype).t())
 
 
 def test_compile_fullgraph_forward_and_backward():

@@ -44,6 +44,20 @@ void recurrent_grad(const Layout& l, const A* bpanel, int64_t kb_begin, int64_t 
   }
 }
 
+// dst[j * ldt + row(s, b)] = src(row(s, b), b, j) for j < ncols and the step's active rows: some
+// columns of the step's values, transposed. b runs innermost so the writes are contiguous (padded input
+// puts a step's rows side by side); the reads stay within nb cache lines.
+template <typename D, typename F>
+void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t nb, int64_t ncols, D* dst, int64_t ldt, F src) {
+  for (int64_t j = 0; j < ncols; ++j) {
+    D* out = dst + j * ldt;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t row = seq_row(q, s, b);
+      out[row] = from_acc<D>(to_acc(src(row, b, j)));
+    }
+  }
+}
+
 template <Variant VAR, typename T, typename A>
 void bwd_worker(void* raw, const Team& team) {
   const int tid = team.tid, nt = team.size;
@@ -67,6 +81,27 @@ void bwd_worker(void* raw, const Team& team) {
   T* dgh = static_cast<T*>(p.d_gates_h);
   T* dproj = static_cast<T*>(p.d_proj);
   auto valid_of = [&](int64_t blk, int64_t n) { return static_cast<int>(n - blk * L < L ? n - blk * L : L); };
+  // The transposed copies of the step's own columns (rnn.h), once their values are final. The
+  // d_gates_ht of GRU reset_after is dG (A) rounded to T, as d_gates_h would be.
+  auto transpose_step = [&](int64_t s, int64_t nb) {
+    T* xt = static_cast<T*>(p.d_gates_xt);
+    T* ht = static_cast<T*>(p.d_gates_ht);
+    T* hpt = static_cast<T*>(p.h_prev_t);
+    const A* dG = c.dG[s & 1];
+    for (int64_t u = u0; u < u1 && (xt || ht); ++u)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t col = g * H + u * L;
+        if (xt)
+          transpose_step_cols(q, s, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t,
+                              [&](int64_t row, int64_t, int64_t j) { return dgx[row * p.ld_dgx + col + j]; });
+        if (ht)  // dG holds d_gates_h's values (A), which d_gates_h would round to T
+          transpose_step_cols(q, s, nb, valid_of(u, H), ht + col * p.ld_t, p.ld_t,
+                              [&](int64_t, int64_t b, int64_t j) { return dG[b * GH + col + j]; });
+      }
+    for (int64_t kb = k0; kb < k1 && hpt; ++kb)
+      transpose_step_cols(q, s, nb, valid_of(kb, K), hpt + kb * L * p.ld_t, p.ld_t,
+                          [&](int64_t row, int64_t, int64_t j) { return res[row * rc + hprev_col + kb * L + j]; });
+  };
 
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t kb = k0; kb < k1; ++kb)
@@ -149,13 +184,15 @@ void bwd_worker(void* raw, const Team& team) {
             if (VAR == Variant::GruAfter) {
               const V<A> hng = load<A>(rr + 3 * H + u * L, valid);
               const V<A> drp = dnp * hng * rg * (A(1) - rg);
-              T* gho = dgh + row * p.ld_dgh + u * L;
               store<A>(gxo, drp, valid);
               store<A>(gxo + H, dzp, valid);
               store<A>(gxo + 2 * H, dnp, valid);
-              store<A>(gho, drp, valid);
-              store<A>(gho + H, dzp, valid);
-              store<A>(gho + 2 * H, dnp * rg, valid);
+              if (dgh) {
+                T* gho = dgh + row * p.ld_dgh + u * L;
+                store<A>(gho, drp, valid);
+                store<A>(gho + H, dzp, valid);
+                store<A>(gho + 2 * H, dnp * rg, valid);
+              }
               store<A>(dGb, drp, valid);
               store<A>(dGb + H, dzp, valid);
               store<A>(dGb + 2 * H, dnp * rg, valid);
@@ -168,6 +205,7 @@ void bwd_worker(void* raw, const Team& team) {
       }
     }
     team.sync();
+    if (VAR != Variant::GruBefore) transpose_step(s, nb);
     A* base = (VAR == Variant::GruAfter || VAR == Variant::GruBefore) ? c.dh_aux : nullptr;
     if (VAR == Variant::GruBefore) {
       // d(r * h_{t-1}) = dn_pre W_hn needs every unit's dn_pre; then r's gradient, then the rest.
@@ -196,6 +234,7 @@ void bwd_worker(void* raw, const Team& team) {
         }
       }
       team.sync();
+      transpose_step(s, nb);
       recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, 2 * H, nb, Kp, base, c.dh_rec);
     } else {
       recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, GH, nb, Kp, base, c.dh_rec);

@@ -48,8 +48,8 @@ LIB.define(
 LIB.define(
     "rnn_backward(int mode, bool reset_after, int hidden, int proj, int steps, int batch, Tensor? dy, "
     "Tensor? dh_n, Tensor? dc_n, Tensor? c0, Tensor reserve, Tensor packed, Tensor? batch_sizes, "
-    "Tensor? time_offsets, Tensor? lengths, int row_stride_t, int row_stride_b, bool reverse) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? time_offsets, Tensor? lengths, int row_stride_t, int row_stride_b, bool reverse, bool transposed) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -153,26 +153,32 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
 
 
 def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse):
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
+    """`transposed`: also return d_gates_x^T, d_gates_h^T (GRU reset_after, then in place of d_gates_h)
+    and h_prev^T, [cols, N] each, for the weight-gradient GEMMs (rnn.h); empty tensors otherwise."""
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
     n = reserve.shape[0]
     dtype = _storage_dtype(dy, dh_n, dc_n, c0, reserve)
     dev = reserve.device
     ws_numel = _sizes(mode, reset_after, hidden, proj, batch, dtype)[2]
-    dgx = torch.empty(n, G * hidden, dtype=dtype, device=dev)
-    need_dgh = mode == 1 and reset_after
-    dgh = torch.empty(n if need_dgh else 0, G * hidden, dtype=dtype, device=dev)
-    dproj = torch.empty(n if proj > 0 else 0, proj, dtype=dtype, device=dev)
-    dh0 = torch.empty(batch, K, dtype=dtype, device=dev)
-    dc0 = torch.empty(batch if mode == 0 else 0, hidden, dtype=dtype, device=dev)
+    e = lambda *shape: torch.empty(*shape, dtype=dtype, device=dev)
+    gru_after = mode == 1 and reset_after
+    dgx = e(n, G * hidden)
+    dgh = e(n if gru_after and not transposed else 0, G * hidden)
+    dproj = e(n if proj > 0 else 0, proj)
+    dh0 = e(batch, K)
+    dc0 = e(batch if mode == 0 else 0, hidden)
+    dgxt = e(G * hidden if transposed else 0, n)
+    dght = e(G * hidden if transposed and gru_after else 0, n)
+    hpt = e(K if transposed else 0, n)
     workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev)
+    opt = lambda t: capsule(t) if t.numel() else None
     _C.rnn_backward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
                     _none(lengths), row_stride_t, row_stride_b, reverse, _none(dy), K, _none(dh_n), _none(dc_n),
-                    _none(c0), capsule(reserve), capsule(packed), capsule(dgx), capsule(dgh) if need_dgh else None,
-                    capsule(dproj) if proj > 0 else None, capsule(dh0), capsule(dc0) if mode == 0 else None,
-                    capsule(workspace), num_threads())
-    return dgx, dgh, dproj, dh0, dc0
+                    _none(c0), capsule(reserve), capsule(packed), capsule(dgx), opt(dgh), opt(dproj), capsule(dh0),
+                    opt(dc0), capsule(workspace), num_threads(), opt(dgxt), opt(dght), opt(hpt))
+    return dgx, dgh, dproj, dh0, dc0, dgxt, dght, hpt
 
 
 GATES_BY_CODE = {0: 4, 1: 3, 2: 1, 3: 1}
@@ -192,16 +198,16 @@ LIB.impl("rnn_backward", _backward_impl, "CPU")
 
 @torch.library.register_fake("pyseqkern::rnn_backward")
 def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse):
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
     n = reserve.shape[0]
     dtype = _storage_dtype(dy, dh_n, dc_n, c0, reserve)
-    need_dgh = mode == 1 and reset_after
-    e = reserve.new_empty
-    return (e(n, G * hidden, dtype=dtype), e(n if need_dgh else 0, G * hidden, dtype=dtype),
-            e(n if proj > 0 else 0, proj, dtype=dtype), e(batch, K, dtype=dtype),
-            e(batch if mode == 0 else 0, hidden, dtype=dtype))
+    gru_after = mode == 1 and reset_after
+    e = lambda *shape: reserve.new_empty(*shape, dtype=dtype)
+    return (e(n, G * hidden), e(n if gru_after and not transposed else 0, G * hidden), e(n if proj > 0 else 0, proj),
+            e(batch, K), e(batch if mode == 0 else 0, hidden), e(G * hidden if transposed else 0, n),
+            e(G * hidden if transposed and gru_after else 0, n), e(K if transposed else 0, n))
 
 
 # ---- autograd ---------------------------------------------------------------------------------------------
@@ -221,12 +227,36 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
         _onednn_linear = None
 
 
+def _onednn_ok(rows, dtype, device):
+    """Where oneDNN's linear serves (below 32 rows its setup cost outweighs the gain)."""
+    return (_onednn_linear is not None and device.type == "cpu" and rows >= 32
+            and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling())
+
+
 def _input_projection(x2d, w_ih, bias):
     """x W_ih^T + bias for every step at once."""
-    if (_onednn_linear is not None and x2d.device.type == "cpu" and x2d.shape[0] >= 32
-            and x2d.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
+    if _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device):
         return _onednn_linear(x2d, w_ih, bias, "none", [], "")
     return torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
+
+
+class _Gemms:
+    """The backward's GEMMs as a @ bt^T with both operands row-major (`t()` gives the transposed copy
+    or view). Where `fast`, they go through the same oneDNN linear as the projection, about twice
+    MKL's speed here. oneDNN takes only operands contiguous along the contracted dimension (a
+    transposed view as its weight took one training call from 60 ms to 10 s), and the weight
+    gradients contract over rows: the backward kernel writes d_gates^T and h_prev^T itself (torch's
+    transposing copies cost 4 ms of a 50 ms LSTM training call); `t()` copies the small rest.
+    Elsewhere (float64, CUDA, torch.compile, few rows): views and mm."""
+
+    def __init__(self, rows, dtype, device):
+        self.fast = _onednn_ok(rows, dtype, device)
+
+    def t(self, a):
+        return a.t().contiguous() if self.fast else a.t()
+
+    def mm(self, a, bt):
+        return _onednn_linear(a, bt, None, "none", [], "") if self.fast else a @ bt.t()
 
 
 class _Seq:
@@ -291,29 +321,35 @@ class _RnnLayer(torch.autograd.Function):
         # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
         # column slice); the kernel reads dense rows.
         dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
-        dgx, dgh, dproj, dh0, dc0 = torch.ops.pyseqkern.rnn_backward(
-            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed, *seq.args())
         K = proj if proj > 0 else hidden
         need = ctx.needs_input_grad[1:]  # (mode, [training,] reset_after, seq, x2d, h0, c0, w_ih, w_hh, ...)
         wdtype = w_ih.dtype
-        dx = dgx @ w_ih if need[3] else None
-        dw_ih = dgx.t() @ x2d if need[6] else None
+        g = _Gemms(reserve.shape[0], wdtype, reserve.device)
+        gru_after = mode == "gru" and reset_after
+        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
+            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed, *seq.args(),
+            g.fast)
+        if not g.fast:  # views for mm
+            dgx_t = dgx.t()
+            dgh_t = dgh.t() if gru_after else None
+            hprev_t = reserve[:, reserve.shape[1] - K:].to(wdtype).t()  # h_prev closes every reserve row (rnn.h)
+        dx = g.mm(dgx, g.t(w_ih)) if need[3] else None
+        dw_ih = g.mm(dgx_t, g.t(x2d)) if need[6] else None
         db = dgx.sum(0) if (need[8] or need[9]) else None
         dw_hh = dw_hr = None
-        hprev = reserve[:, reserve.shape[1] - K:].to(wdtype)  # h_prev closes every reserve row (rnn.h)
         if need[7]:
-            if mode == "gru" and reset_after:
-                dw_hh = dgh.t() @ hprev
+            if gru_after:
+                dw_hh = g.mm(dgh_t, hprev_t)
             elif mode == "gru":
-                rh = reserve[:, 3 * hidden:4 * hidden].to(wdtype)
-                dw_hh = torch.cat([dgx[:, :2 * hidden].t() @ hprev, dgx[:, 2 * hidden:].t() @ rh])
+                rh_t = g.t(reserve[:, 3 * hidden:4 * hidden].to(wdtype))
+                dw_hh = torch.cat([g.mm(dgx_t[:2 * hidden], hprev_t), g.mm(dgx_t[2 * hidden:], rh_t)])
             else:
-                dw_hh = dgx.t() @ hprev
+                dw_hh = g.mm(dgx_t, hprev_t)
         db_hh = None
         if need[9]:
-            db_hh = dgh.sum(0) if (mode == "gru" and reset_after) else db
+            db_hh = dgh_t.sum(1) if gru_after else db
         if need[10]:
-            dw_hr = dproj.t() @ reserve[:, 5 * hidden:6 * hidden].to(wdtype)
+            dw_hr = g.mm(g.t(dproj), g.t(reserve[:, 5 * hidden:6 * hidden].to(wdtype)))
         return (None, None, None, None, dx, dh0 if need[4] else None, (dc0 if code == 0 else None) if need[5] else None,
                 dw_ih, dw_hh, db if need[8] else None, db_hh, dw_hr)
 

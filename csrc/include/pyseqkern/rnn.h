@@ -103,8 +103,17 @@ struct RnnBwdParams {
   void* d_gates_x; int64_t ld_dgx;        // [N, G*H] gradient wrt x_gates
   void* d_gates_h; int64_t ld_dgh;        // [N, G*H] gradient wrt the recurrent pre-activations
                                           // (W_hh h_prev + b_hh, GRU reset_before: n rows wrt
-                                          // W_hn (r*h)); null for LSTM and RNN, where it equals d_gates_x
+                                          // W_hn (r*h)); null for LSTM and RNN, where it equals d_gates_x,
+                                          // and for GRU reset_after when d_gates_ht is given
   void* d_proj;                           // [N, P] gradient wrt h_t (proj only: dW_hr = d_proj^T m)
+  // Optional transposed copies for the weight-gradient GEMMs (dW = dG^T x contracts over rows, and
+  // torch's fast CPU GEMM takes only operands contiguous along the contracted dimension): written by
+  // the owner of each unit or state block as the step's values are made, far cheaper than a torch
+  // transpose afterwards. Each is null or [cols, N] with leading dimension ld_t (>= N).
+  void* d_gates_xt;                       // [G*H, N] d_gates_x^T
+  void* d_gates_ht;                       // [G*H, N] d_gates_h^T (GRU reset_after; then d_gates_h may be null)
+  void* h_prev_t;                         // [K, N] the reserve's h_prev^T, storage dtype
+  int64_t ld_t;
   void* dh0;                              // [B, K]
   void* dc0;                              // [B, H] (LSTM)
   void* workspace;                        // [workspace_numel]
