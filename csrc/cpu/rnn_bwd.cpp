@@ -29,19 +29,12 @@ template <typename A>
 void recurrent_grad(const Layout& l, const A* bpanel, int64_t kb_begin, int64_t kb_end, const A* dG, int64_t ldg,
                     int64_t j0, int64_t J, int64_t nb, int64_t Kp, const A* base, A* out) {
   constexpr int L = lanes<A>();
-  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-    for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
-      const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
-      const A* rows[kMR];
-      for (int r = 0; r < mr; ++r) rows[r] = dG + (r0 + r) * ldg + j0;
-      V<A> acc[kMR][4];
-      gemm_rows<1, A>(mr, rows, bpanel + kb * l.G * l.H * L + j0 * L, J, L, acc);
-      for (int r = 0; r < mr; ++r) {
-        const int64_t at = (r0 + r) * Kp + kb * L;
-        store<A>(out + at, base ? acc[r][0] + load<A>(base + at, L) : acc[r][0], L);
-      }
-    }
-  }
+  tiled_product<1, A>(nb, kb_begin, kb_end, bpanel + j0 * L, J, L, l.G * l.H * L,
+                      [&](int64_t b) { return dG + b * ldg + j0; },
+                      [&](int64_t b, int64_t kb, const Tile<A>& acc, int r, int col) {
+    const int64_t at = b * Kp + kb * L;
+    store<A>(out + at, base ? acc.v[r][col] + load<A>(base + at, L) : acc.v[r][col], L);
+  });
 }
 
 // dst[j * ldt + row(s, b)] = src(row(s, b), b, j) for j < ncols and the step's active rows: some
@@ -127,112 +120,101 @@ void bwd_worker(void* raw, const Team& team) {
         }
       team.sync();
     }
-    for (int64_t u = u0; u < u1; ++u) {
+    // Gate gradients of (row b, own block u), given dh, the gradient reaching h_t.
+    auto gates = [&](int64_t b, int64_t u, V<A> dh) {
       const int valid = valid_of(u, H);
-      for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
-        const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
-        V<A> dm[kMR][4];
-        if (VAR == Variant::Lstm && P > 0) {
-          const A* rows[kMR];
-          for (int r = 0; r < mr; ++r) rows[r] = c.dh_aux + (r0 + r) * Kp;
-          gemm_rows<1, A>(mr, rows, packed + l.bproj + u * P * L, P, L, dm);
-        }
-        for (int r = 0; r < mr; ++r) {
-          const int64_t b = r0 + r, row = seq_row(q, s, b);
-          const A* rr = res + row * rc;
-          V<A> dh;
-          if (VAR == Variant::Lstm && P > 0) {
-            dh = dm[r][0];
-          } else {
-            dh = load<A>(c.dh_rec + b * Kp + u * L, L);
-            if (dy) dh += load<A>(dy + row * p.ld_dy + u * L, valid);
+      const int64_t row = seq_row(q, s, b);
+      const A* rr = res + row * rc;
+      T* gxo = dgx + row * p.ld_dgx + u * L;
+      A* dGb = dG + b * GH + u * L;
+      if (VAR == Variant::Lstm) {
+        const V<A> i = load<A>(rr + u * L, valid), f = load<A>(rr + H + u * L, valid);
+        const V<A> g = load<A>(rr + 2 * H + u * L, valid), o = load<A>(rr + 3 * H + u * L, valid);
+        const V<A> ct = load<A>(rr + 4 * H + u * L, valid);
+        V<A> cprev;
+        if (s > 0) cprev = load<A>(res + seq_row(q, s - 1, b) * rc + 4 * H + u * L, valid);
+        else cprev = c0 ? load<A>(c0 + b * H + u * L, valid) : splat(A(0));
+        const V<A> tc = vtanh(ct);
+        A* dcv = c.dc + b * Hp + u * L;
+        const V<A> dc = load<A>(dcv, L) + dh * o * (A(1) - tc * tc);
+        const V<A> gi = dc * g * i * (A(1) - i), gf = dc * cprev * f * (A(1) - f);
+        const V<A> gg = dc * i * (A(1) - g * g), go = dh * tc * o * (A(1) - o);
+        store<A>(dcv, dc * f, L);
+        store<A>(gxo, gi, valid);
+        store<A>(gxo + H, gf, valid);
+        store<A>(gxo + 2 * H, gg, valid);
+        store<A>(gxo + 3 * H, go, valid);
+        store<A>(dGb, gi, valid);
+        store<A>(dGb + H, gf, valid);
+        store<A>(dGb + 2 * H, gg, valid);
+        store<A>(dGb + 3 * H, go, valid);
+      } else if (VAR == Variant::Rnn) {
+        const V<A> h = load<A>(rr + u * L, valid);
+        const V<A> gp = c.relu ? (h > A(0) ? dh : splat(A(0))) : dh * (A(1) - h * h);
+        store<A>(gxo, gp, valid);
+        store<A>(dGb, gp, valid);
+      } else {
+        const V<A> rg = load<A>(rr + u * L, valid), zg = load<A>(rr + H + u * L, valid);
+        const V<A> ng = load<A>(rr + 2 * H + u * L, valid), hprev = load<A>(rr + hprev_col + u * L, valid);
+        const V<A> dnp = dh * (A(1) - zg) * (A(1) - ng * ng);
+        const V<A> dzp = dh * (hprev - ng) * zg * (A(1) - zg);
+        store<A>(c.dh_aux + b * Kp + u * L, dh * zg, L);
+        if (VAR == Variant::GruAfter) {
+          const V<A> hng = load<A>(rr + 3 * H + u * L, valid);
+          const V<A> drp = dnp * hng * rg * (A(1) - rg);
+          store<A>(gxo, drp, valid);
+          store<A>(gxo + H, dzp, valid);
+          store<A>(gxo + 2 * H, dnp, valid);
+          if (dgh) {
+            T* gho = dgh + row * p.ld_dgh + u * L;
+            store<A>(gho, drp, valid);
+            store<A>(gho + H, dzp, valid);
+            store<A>(gho + 2 * H, dnp * rg, valid);
           }
-          T* gxo = dgx + row * p.ld_dgx + u * L;
-          A* dGb = dG + b * GH + u * L;
-          if (VAR == Variant::Lstm) {
-            const V<A> i = load<A>(rr + u * L, valid), f = load<A>(rr + H + u * L, valid);
-            const V<A> g = load<A>(rr + 2 * H + u * L, valid), o = load<A>(rr + 3 * H + u * L, valid);
-            const V<A> ct = load<A>(rr + 4 * H + u * L, valid);
-            V<A> cprev;
-            if (s > 0) cprev = load<A>(res + seq_row(q, s - 1, b) * rc + 4 * H + u * L, valid);
-            else cprev = c0 ? load<A>(c0 + b * H + u * L, valid) : splat(A(0));
-            const V<A> tc = vtanh(ct);
-            A* dcv = c.dc + b * Hp + u * L;
-            const V<A> dc = load<A>(dcv, L) + dh * o * (A(1) - tc * tc);
-            const V<A> gi = dc * g * i * (A(1) - i), gf = dc * cprev * f * (A(1) - f);
-            const V<A> gg = dc * i * (A(1) - g * g), go = dh * tc * o * (A(1) - o);
-            store<A>(dcv, dc * f, L);
-            store<A>(gxo, gi, valid);
-            store<A>(gxo + H, gf, valid);
-            store<A>(gxo + 2 * H, gg, valid);
-            store<A>(gxo + 3 * H, go, valid);
-            store<A>(dGb, gi, valid);
-            store<A>(dGb + H, gf, valid);
-            store<A>(dGb + 2 * H, gg, valid);
-            store<A>(dGb + 3 * H, go, valid);
-          } else if (VAR == Variant::Rnn) {
-            const V<A> h = load<A>(rr + u * L, valid);
-            const V<A> gp = c.relu ? (h > A(0) ? dh : splat(A(0))) : dh * (A(1) - h * h);
-            store<A>(gxo, gp, valid);
-            store<A>(dGb, gp, valid);
-          } else {
-            const V<A> rg = load<A>(rr + u * L, valid), zg = load<A>(rr + H + u * L, valid);
-            const V<A> ng = load<A>(rr + 2 * H + u * L, valid), hprev = load<A>(rr + hprev_col + u * L, valid);
-            const V<A> dnp = dh * (A(1) - zg) * (A(1) - ng * ng);
-            const V<A> dzp = dh * (hprev - ng) * zg * (A(1) - zg);
-            store<A>(c.dh_aux + b * Kp + u * L, dh * zg, L);
-            if (VAR == Variant::GruAfter) {
-              const V<A> hng = load<A>(rr + 3 * H + u * L, valid);
-              const V<A> drp = dnp * hng * rg * (A(1) - rg);
-              store<A>(gxo, drp, valid);
-              store<A>(gxo + H, dzp, valid);
-              store<A>(gxo + 2 * H, dnp, valid);
-              if (dgh) {
-                T* gho = dgh + row * p.ld_dgh + u * L;
-                store<A>(gho, drp, valid);
-                store<A>(gho + H, dzp, valid);
-                store<A>(gho + 2 * H, dnp * rg, valid);
-              }
-              store<A>(dGb, drp, valid);
-              store<A>(dGb + H, dzp, valid);
-              store<A>(dGb + 2 * H, dnp * rg, valid);
-            } else {
-              store<A>(dGb + H, dzp, valid);
-              store<A>(dGb + 2 * H, dnp, valid);
-            }
-          }
+          store<A>(dGb, drp, valid);
+          store<A>(dGb + H, dzp, valid);
+          store<A>(dGb + 2 * H, dnp * rg, valid);
+        } else {
+          store<A>(dGb + H, dzp, valid);
+          store<A>(dGb + 2 * H, dnp, valid);
         }
       }
+    };
+    if (VAR == Variant::Lstm && P > 0) {
+      // dh_t = W_hr^T (dy + recurrent part), from every projection block.
+      tiled_product<1, A>(nb, u0, u1, packed + l.bproj, P, L, P * L, [&](int64_t b) { return c.dh_aux + b * Kp; },
+                          [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) { gates(b, u, acc.v[r][col]); });
+    } else {
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t b = 0; b < nb; ++b) {
+          V<A> dh = load<A>(c.dh_rec + b * Kp + u * L, L);
+          if (dy) dh += load<A>(dy + seq_row(q, s, b) * p.ld_dy + u * L, valid_of(u, H));
+          gates(b, u, dh);
+        }
     }
     team.sync();
     if (VAR != Variant::GruBefore) transpose_step(s, nb);
     A* base = (VAR == Variant::GruAfter || VAR == Variant::GruBefore) ? c.dh_aux : nullptr;
     if (VAR == Variant::GruBefore) {
       // d(r * h_{t-1}) = dn_pre W_hn needs every unit's dn_pre; then r's gradient, then the rest.
-      for (int64_t u = u0; u < u1; ++u) {
+      tiled_product<1, A>(nb, u0, u1, packed + l.bmain + 2 * H * L, H, L, GH * L,
+                          [&](int64_t b) { return dG + b * GH + 2 * H; },
+                          [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
         const int valid = valid_of(u, H);
-        for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
-          const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
-          const A* rows[kMR];
-          for (int r = 0; r < mr; ++r) rows[r] = dG + (r0 + r) * GH + 2 * H;
-          V<A> acc[kMR][4];
-          gemm_rows<1, A>(mr, rows, packed + l.bmain + u * GH * L + 2 * H * L, H, L, acc);
-          for (int r = 0; r < mr; ++r) {
-            const int64_t b = r0 + r, row = seq_row(q, s, b);
-            const A* rr = res + row * rc;
-            const V<A> rg = load<A>(rr + u * L, valid), hprev = load<A>(rr + hprev_col + u * L, valid);
-            const V<A> drp = acc[r][0] * hprev * rg * (A(1) - rg);
-            A* aux = c.dh_aux + b * Kp + u * L;
-            store<A>(aux, load<A>(aux, L) + acc[r][0] * rg, L);
-            A* dGb = dG + b * GH + u * L;
-            store<A>(dGb, drp, valid);
-            T* gxo = dgx + row * p.ld_dgx + u * L;
-            store<A>(gxo, drp, valid);
-            store<A>(gxo + H, load<A>(dGb + H, valid), valid);
-            store<A>(gxo + 2 * H, load<A>(dGb + 2 * H, valid), valid);
-          }
-        }
-      }
+        const int64_t row = seq_row(q, s, b);
+        const A* rr = res + row * rc;
+        const V<A> drh = acc.v[r][col];
+        const V<A> rg = load<A>(rr + u * L, valid), hprev = load<A>(rr + hprev_col + u * L, valid);
+        const V<A> drp = drh * hprev * rg * (A(1) - rg);
+        A* aux = c.dh_aux + b * Kp + u * L;
+        store<A>(aux, load<A>(aux, L) + drh * rg, L);
+        A* dGb = dG + b * GH + u * L;
+        store<A>(dGb, drp, valid);
+        T* gxo = dgx + row * p.ld_dgx + u * L;
+        store<A>(gxo, drp, valid);
+        store<A>(gxo + H, load<A>(dGb + H, valid), valid);
+        store<A>(gxo + 2 * H, load<A>(dGb + 2 * H, valid), valid);
+      });
       team.sync();
       transpose_step(s, nb);
       recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, 2 * H, nb, Kp, base, c.dh_rec);

@@ -179,46 +179,94 @@ inline vdouble vtanh(vdouble x) {
 inline vdouble vrelu(vdouble x) { return x > 0.0 ? x : splat(0.0); }
 
 // ---- the register-tiled product ---------------------------------------------------------------------
-// acc[r][g] = sum_k rows[r][k] * panel[k * kstride + g * L + (0..L-1)] for r < MR, g < G: MR rows of
-// activations against one unit block of G gates. Weight vectors are loaded once per k for all MR rows.
+// acc.v[r][b * G + g] = sum_k rows[r][k] * panel[k * kstride + b * bstride + g * L + (0..L-1)] for r < MR,
+// b < NB, g < G: MR rows of activations against NB unit blocks of G gates each. Weight vectors are loaded
+// once per k for all MR rows. MR * NB * G accumulators: a tile of one gate and one block (a backward
+// product, an RNN, a projection) has too few independent sums to hide the FMA latency and ran at a
+// quarter of peak, so narrow tiles take several blocks (at B=1, LSTM: 4 blocks x 4 gates).
 // The sums live in local variables: written straight into `acc`, which the compiler cannot prove
 // apart from the float rows, they would go through memory on every k. Never inlined: inside the large
 // step loop the register allocator spilled two of the 16 accumulators and reloaded each weight vector
 // once per row (20 loads per k instead of 8); on its own the tile keeps everything in registers.
-template <int MR, int G, typename A>
-__attribute__((noinline)) void gemm_tile(const A* const* rows, const A* panel, int64_t K, int64_t kstride, V<A> (&acc)[kMR][4]) {
-  constexpr int L = lanes<A>();
-  V<A> sum[MR][G];
+#if defined(__AVX512F__)
+constexpr int kAcc = 16;  // accumulators per tile (of 32 zmm)
+#elif defined(__AVX2__)
+constexpr int kAcc = 12;  // of 16 ymm
+#else
+constexpr int kAcc = 8;   // of 16 xmm
+#endif
+constexpr int kMaxNB = 8;
+
+template <typename A> struct Tile { V<A> v[kMR][kAcc]; };
+
+template <int MR, int NB, int G, typename A>
+__attribute__((noinline)) void gemm_tile(const A* const* rows, const A* panel, int64_t K, int64_t kstride,
+                                         int64_t bstride, Tile<A>& acc) {
+  constexpr int L = lanes<A>(), C = NB * G;
+  static_assert(MR * C <= kAcc, "tile exceeds the accumulator budget");
+  V<A> sum[MR][C];
   const A* row[MR];
   for (int r = 0; r < MR; ++r) {
     row[r] = rows[r];
-    for (int g = 0; g < G; ++g) sum[r][g] = splat(A(0));
+    for (int c = 0; c < C; ++c) sum[r][c] = splat(A(0));
   }
   for (int64_t k = 0; k < K; ++k) {
     const A* w = panel + k * kstride;
-    V<A> wv[G];
-    for (int g = 0; g < G; ++g) std::memcpy(&wv[g], w + g * L, sizeof(V<A>));
+    V<A> wv[C];
+    for (int b = 0; b < NB; ++b)
+      for (int g = 0; g < G; ++g) std::memcpy(&wv[b * G + g], w + b * bstride + g * L, sizeof(V<A>));
     for (int r = 0; r < MR; ++r) {
       const V<A> hb = splat(row[r][k]);
-      for (int g = 0; g < G; ++g) sum[r][g] += hb * wv[g];
+      for (int c = 0; c < C; ++c) sum[r][c] += hb * wv[c];
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int g = 0; g < G; ++g) acc[r][g] = sum[r][g];
+    for (int c = 0; c < C; ++c) acc.v[r][c] = sum[r][c];
 }
 
-// Runtime row count (1..kMR) to the template.
+// Blocks one tile of `mr` rows takes: the widest power of two within the budget and `left`.
+template <int G> inline int tile_blocks(int mr, int64_t left) {
+  int nb = kAcc / (mr * G);
+  nb = nb >= kMaxNB ? kMaxNB : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;
+  while (nb > left) nb >>= 1;
+  return nb;
+}
+
+// Runtime (rows, blocks), as tile_blocks chose them, to the template.
+template <int G, int MR, typename A>
+inline void gemm_nb(int nb, const A* const* rows, const A* panel, int64_t K, int64_t ks, int64_t bs, Tile<A>& acc) {
+  constexpr int cap = kAcc / (MR * G);
+  if constexpr (cap >= 8) if (nb == 8) return gemm_tile<MR, 8, G, A>(rows, panel, K, ks, bs, acc);
+  if constexpr (cap >= 4) if (nb == 4) return gemm_tile<MR, 4, G, A>(rows, panel, K, ks, bs, acc);
+  if constexpr (cap >= 2) if (nb == 2) return gemm_tile<MR, 2, G, A>(rows, panel, K, ks, bs, acc);
+  gemm_tile<MR, 1, G, A>(rows, panel, K, ks, bs, acc);
+}
 template <int G, typename A>
-inline void gemm_rows(int mr, const A* const* rows, const A* panel, int64_t K, int64_t kstride, V<A> (&acc)[kMR][4]) {
-  switch (mr) {
-#if defined(__AVX512F__)
-    case 4: gemm_tile<4 <= kMR ? 4 : 1, G, A>(rows, panel, K, kstride, acc); break;
-#endif
-#if defined(__AVX512F__) || defined(__AVX2__)
-    case 3: gemm_tile<3 <= kMR ? 3 : 1, G, A>(rows, panel, K, kstride, acc); break;
-#endif
-    case 2: gemm_tile<2, G, A>(rows, panel, K, kstride, acc); break;
-    default: gemm_tile<1, G, A>(rows, panel, K, kstride, acc); break;
+inline void gemm_block(int mr, int nb, const A* const* rows, const A* panel, int64_t K, int64_t kstride,
+                       int64_t bstride, Tile<A>& acc) {
+  if constexpr (kMR >= 4) if (mr == 4) return gemm_nb<G, kMR >= 4 ? 4 : 1, A>(nb, rows, panel, K, kstride, bstride, acc);
+  if constexpr (kMR >= 3) if (mr == 3) return gemm_nb<G, kMR >= 3 ? 3 : 1, A>(nb, rows, panel, K, kstride, bstride, acc);
+  if (mr == 2) return gemm_nb<G, 2, A>(nb, rows, panel, K, kstride, bstride, acc);
+  gemm_nb<G, 1, A>(nb, rows, panel, K, kstride, bstride, acc);
+}
+
+// The tiled loop every product here shares: for row tiles r0 (of up to kMR rows from `row_ptr`) and
+// unit blocks [blk0, blk1) in groups, the tile's sums, then `epi(b, blk, tile, r, col)` for each row
+// and block, with the block's G sums at tile.v[r][col + g].
+template <int G, typename A, typename RowPtr, typename Epi>
+inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const A* panel, int64_t K, int64_t kstride,
+                          int64_t bstride, RowPtr row_ptr, Epi epi) {
+  for (int64_t r0 = 0; r0 < nrows; r0 += kMR) {
+    const int mr = static_cast<int>(nrows - r0 < kMR ? nrows - r0 : kMR);
+    const A* rows[kMR];
+    for (int r = 0; r < mr; ++r) rows[r] = row_ptr(r0 + r);
+    for (int64_t blk = blk0; blk < blk1;) {
+      const int nb = tile_blocks<G>(mr, blk1 - blk);
+      Tile<A> acc;
+      gemm_block<G, A>(mr, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
+      for (int bi = 0; bi < nb; ++bi, ++blk)
+        for (int r = 0; r < mr; ++r) epi(r0 + r, blk, acc, r, bi * G);
+    }
   }
 }
 

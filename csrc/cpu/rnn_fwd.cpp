@@ -114,136 +114,115 @@ void fwd_worker(void* raw, const Team& team) {
     const int64_t nb = seq_active(q, s);
     const A* hp = c.hbuf[s & 1];
     A* hn = c.hbuf[(s + 1) & 1];
-    for (int64_t u = u0; u < u1; ++u) {
+    // Gates for own unit blocks: the tile's recurrent sums, then the state update of (row b, block u).
+    auto epilogue = [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
-      for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
-        const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
-        const A* rows[kMR];
-        for (int r = 0; r < mr; ++r) rows[r] = hp + (r0 + r) * Kp;
-        V<A> acc[kMR][4];
-        if (VAR == Variant::Lstm) gemm_rows<4, A>(mr, rows, packed + l.fmain + u * K * 4 * L, K, 4 * L, acc);
-        if (VAR == Variant::GruAfter) gemm_rows<3, A>(mr, rows, packed + l.fmain + u * K * 3 * L, K, 3 * L, acc);
-        if (VAR == Variant::GruBefore) gemm_rows<2, A>(mr, rows, packed + l.fmain + u * K * 3 * L, K, 3 * L, acc);
-        if (VAR == Variant::Rnn) gemm_rows<1, A>(mr, rows, packed + l.fmain + u * K * L, K, L, acc);
-        for (int r = 0; r < mr; ++r) {
-          const int64_t b = r0 + r, row = seq_row(q, s, b);
-          const bool last = s == seq_len(q, b) - 1;
-          const T* gx = xg + row * p.ld_gates + u * L;
-          A* rr = res ? res + row * rc : nullptr;
-          if (VAR == Variant::Lstm) {
-            const V<A> i = vsigmoid(acc[r][0] + load<A>(gx, valid));
-            const V<A> f = vsigmoid(acc[r][1] + load<A>(gx + H, valid));
-            const V<A> g = vtanh(acc[r][2] + load<A>(gx + 2 * H, valid));
-            const V<A> o = vsigmoid(acc[r][3] + load<A>(gx + 3 * H, valid));
-            A* cv = c.c + b * Hp + u * L;
-            const V<A> cnew = f * load<A>(cv, L) + i * g;
-            store<A>(cv, cnew, L);
-            const V<A> h = o * vtanh(cnew);
-            if (rr) {
-              store<A>(rr + u * L, i, valid);
-              store<A>(rr + H + u * L, f, valid);
-              store<A>(rr + 2 * H + u * L, g, valid);
-              store<A>(rr + 3 * H + u * L, o, valid);
-              store<A>(rr + 4 * H + u * L, cnew, valid);
-            }
-            if (last) store<A>(c_n + b * H + u * L, cnew, valid);
-            if (P > 0) {
-              store<A>(c.m + b * Hp + u * L, h, L);
-              if (rr) store<A>(rr + 5 * H + u * L, h, valid);
-            } else {
-              store<A>(hn + b * Kp + u * L, h, L);
-              store<A>(y + row * p.ld_y + u * L, h, valid);
-              if (rr) store<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
-              if (last) store<A>(h_n + b * K + u * L, h, valid);
-            }
-          } else if (VAR == Variant::GruAfter) {
-            const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
-            const V<A> rg = vsigmoid(acc[r][0] + load<A>(gx, valid));
-            const V<A> zg = vsigmoid(acc[r][1] + load<A>(gx + H, valid));
-            const V<A> hng = acc[r][2] + (bhn ? load<A>(bhn + u * L, valid) : splat(A(0)));
-            const V<A> ng = vtanh(load<A>(gx + 2 * H, valid) + rg * hng);
-            const V<A> h = (A(1) - zg) * ng + zg * hprev;
-            store<A>(hn + b * Kp + u * L, h, L);
-            store<A>(y + row * p.ld_y + u * L, h, valid);
-            if (last) store<A>(h_n + b * K + u * L, h, valid);
-            if (rr) {
-              store<A>(rr + u * L, rg, valid);
-              store<A>(rr + H + u * L, zg, valid);
-              store<A>(rr + 2 * H + u * L, ng, valid);
-              store<A>(rr + 3 * H + u * L, hng, valid);
-              store<A>(rr + hprev_col + u * L, hprev, valid);
-            }
-          } else if (VAR == Variant::GruBefore) {
-            const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
-            const V<A> rg = vsigmoid(acc[r][0] + load<A>(gx, valid));
-            const V<A> zg = vsigmoid(acc[r][1] + load<A>(gx + H, valid));
-            const V<A> rhv = rg * hprev;
-            store<A>(c.rh + b * Hp + u * L, rhv, L);
-            store<A>(c.z + b * Hp + u * L, zg, L);
-            if (rr) {
-              store<A>(rr + u * L, rg, valid);
-              store<A>(rr + H + u * L, zg, valid);
-              store<A>(rr + 3 * H + u * L, rhv, valid);
-              store<A>(rr + hprev_col + u * L, hprev, valid);
-            }
-          } else {
-            const V<A> pre = acc[r][0] + load<A>(gx, valid);
-            const V<A> h = c.relu ? vrelu(pre) : vtanh(pre);
-            store<A>(hn + b * Kp + u * L, h, L);
-            store<A>(y + row * p.ld_y + u * L, h, valid);
-            if (last) store<A>(h_n + b * K + u * L, h, valid);
-            if (rr) {
-              store<A>(rr + u * L, h, valid);
-              store<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
-            }
-          }
+      const int64_t row = seq_row(q, s, b);
+      const bool last = s == seq_len(q, b) - 1;
+      const T* gx = xg + row * p.ld_gates + u * L;
+      A* rr = res ? res + row * rc : nullptr;
+      if (VAR == Variant::Lstm) {
+        const V<A> i = vsigmoid(acc.v[r][col] + load<A>(gx, valid));
+        const V<A> f = vsigmoid(acc.v[r][col + 1] + load<A>(gx + H, valid));
+        const V<A> g = vtanh(acc.v[r][col + 2] + load<A>(gx + 2 * H, valid));
+        const V<A> o = vsigmoid(acc.v[r][col + 3] + load<A>(gx + 3 * H, valid));
+        A* cv = c.c + b * Hp + u * L;
+        const V<A> cnew = f * load<A>(cv, L) + i * g;
+        store<A>(cv, cnew, L);
+        const V<A> h = o * vtanh(cnew);
+        if (rr) {
+          store<A>(rr + u * L, i, valid);
+          store<A>(rr + H + u * L, f, valid);
+          store<A>(rr + 2 * H + u * L, g, valid);
+          store<A>(rr + 3 * H + u * L, o, valid);
+          store<A>(rr + 4 * H + u * L, cnew, valid);
+        }
+        if (last) store<A>(c_n + b * H + u * L, cnew, valid);
+        if (P > 0) {
+          store<A>(c.m + b * Hp + u * L, h, L);
+          if (rr) store<A>(rr + 5 * H + u * L, h, valid);
+        } else {
+          store<A>(hn + b * Kp + u * L, h, L);
+          store<A>(y + row * p.ld_y + u * L, h, valid);
+          if (rr) store<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
+          if (last) store<A>(h_n + b * K + u * L, h, valid);
+        }
+      } else if (VAR == Variant::GruAfter) {
+        const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
+        const V<A> rg = vsigmoid(acc.v[r][col] + load<A>(gx, valid));
+        const V<A> zg = vsigmoid(acc.v[r][col + 1] + load<A>(gx + H, valid));
+        const V<A> hng = acc.v[r][col + 2] + (bhn ? load<A>(bhn + u * L, valid) : splat(A(0)));
+        const V<A> ng = vtanh(load<A>(gx + 2 * H, valid) + rg * hng);
+        const V<A> h = (A(1) - zg) * ng + zg * hprev;
+        store<A>(hn + b * Kp + u * L, h, L);
+        store<A>(y + row * p.ld_y + u * L, h, valid);
+        if (last) store<A>(h_n + b * K + u * L, h, valid);
+        if (rr) {
+          store<A>(rr + u * L, rg, valid);
+          store<A>(rr + H + u * L, zg, valid);
+          store<A>(rr + 2 * H + u * L, ng, valid);
+          store<A>(rr + 3 * H + u * L, hng, valid);
+          store<A>(rr + hprev_col + u * L, hprev, valid);
+        }
+      } else if (VAR == Variant::GruBefore) {
+        const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
+        const V<A> rg = vsigmoid(acc.v[r][col] + load<A>(gx, valid));
+        const V<A> zg = vsigmoid(acc.v[r][col + 1] + load<A>(gx + H, valid));
+        const V<A> rhv = rg * hprev;
+        store<A>(c.rh + b * Hp + u * L, rhv, L);
+        store<A>(c.z + b * Hp + u * L, zg, L);
+        if (rr) {
+          store<A>(rr + u * L, rg, valid);
+          store<A>(rr + H + u * L, zg, valid);
+          store<A>(rr + 3 * H + u * L, rhv, valid);
+          store<A>(rr + hprev_col + u * L, hprev, valid);
+        }
+      } else {
+        const V<A> pre = acc.v[r][col] + load<A>(gx, valid);
+        const V<A> h = c.relu ? vrelu(pre) : vtanh(pre);
+        store<A>(hn + b * Kp + u * L, h, L);
+        store<A>(y + row * p.ld_y + u * L, h, valid);
+        if (last) store<A>(h_n + b * K + u * L, h, valid);
+        if (rr) {
+          store<A>(rr + u * L, h, valid);
+          store<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
         }
       }
-    }
+    };
+    auto hrow = [&](int64_t b) { return hp + b * Kp; };
+    if constexpr (VAR == Variant::Lstm) tiled_product<4, A>(nb, u0, u1, packed + l.fmain, K, 4 * L, K * 4 * L, hrow, epilogue);
+    if constexpr (VAR == Variant::GruAfter) tiled_product<3, A>(nb, u0, u1, packed + l.fmain, K, 3 * L, K * 3 * L, hrow, epilogue);
+    if constexpr (VAR == Variant::GruBefore) tiled_product<2, A>(nb, u0, u1, packed + l.fmain, K, 3 * L, K * 3 * L, hrow, epilogue);
+    if constexpr (VAR == Variant::Rnn) tiled_product<1, A>(nb, u0, u1, packed + l.fmain, K, L, K * L, hrow, epilogue);
     if (VAR == Variant::GruBefore) {
       // Phase 2: n = tanh(x_n + W_hn (r * h_{t-1})) needs every unit's r * h_{t-1}.
       team.sync();
-      for (int64_t u = u0; u < u1; ++u) {
+      tiled_product<1, A>(nb, u0, u1, packed + l.fmain + 2 * L, K, 3 * L, K * 3 * L,
+                          [&](int64_t b) { return c.rh + b * Hp; },
+                          [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
-        for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
-          const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
-          const A* rows[kMR];
-          for (int r = 0; r < mr; ++r) rows[r] = c.rh + (r0 + r) * Hp;
-          V<A> acc[kMR][4];
-          gemm_rows<1, A>(mr, rows, packed + l.fmain + u * K * 3 * L + 2 * L, K, 3 * L, acc);
-          for (int r = 0; r < mr; ++r) {
-            const int64_t b = r0 + r, row = seq_row(q, s, b);
-            const V<A> ng = vtanh(acc[r][0] + load<A>(xg + row * p.ld_gates + 2 * H + u * L, valid));
-            const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
-            const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
-            store<A>(hn + b * Kp + u * L, h, L);
-            store<A>(y + row * p.ld_y + u * L, h, valid);
-            if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + u * L, h, valid);
-            if (res) store<A>(res + row * rc + 2 * H + u * L, ng, valid);
-          }
-        }
-      }
+        const int64_t row = seq_row(q, s, b);
+        const V<A> ng = vtanh(acc.v[r][col] + load<A>(xg + row * p.ld_gates + 2 * H + u * L, valid));
+        const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
+        const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
+        store<A>(hn + b * Kp + u * L, h, L);
+        store<A>(y + row * p.ld_y + u * L, h, valid);
+        if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + u * L, h, valid);
+        if (res) store<A>(res + row * rc + 2 * H + u * L, ng, valid);
+      });
     }
     if (VAR == Variant::Lstm && P > 0) {
       // Projection: h_t = W_hr m_t needs every unit's m_t.
       team.sync();
-      for (int64_t pb = p0; pb < p1; ++pb) {
+      tiled_product<1, A>(nb, p0, p1, packed + l.fproj, H, L, H * L, [&](int64_t b) { return c.m + b * Hp; },
+                          [&](int64_t b, int64_t pb, const Tile<A>& acc, int r, int col) {
         const int valid = static_cast<int>(P - pb * L < L ? P - pb * L : L);
-        for (int64_t r0 = 0; r0 < nb; r0 += kMR) {
-          const int mr = static_cast<int>(nb - r0 < kMR ? nb - r0 : kMR);
-          const A* rows[kMR];
-          for (int r = 0; r < mr; ++r) rows[r] = c.m + (r0 + r) * Hp;
-          V<A> acc[kMR][4];
-          gemm_rows<1, A>(mr, rows, packed + l.fproj + pb * H * L, H, L, acc);
-          for (int r = 0; r < mr; ++r) {
-            const int64_t b = r0 + r, row = seq_row(q, s, b);
-            store<A>(hn + b * Kp + pb * L, acc[r][0], L);
-            store<A>(y + row * p.ld_y + pb * L, acc[r][0], valid);
-            if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + pb * L, acc[r][0], valid);
-            if (res) store<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid);
-          }
-        }
-      }
+        const int64_t row = seq_row(q, s, b);
+        store<A>(hn + b * Kp + pb * L, acc.v[r][col], L);
+        store<A>(y + row * p.ld_y + pb * L, acc.v[r][col], valid);
+        if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + pb * L, acc.v[r][col], valid);
+        if (res) store<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid);
+      });
     }
     team.sync();
   }
