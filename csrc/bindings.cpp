@@ -13,6 +13,7 @@
 #include "pyseqkern/thread_pool.h"
 #ifdef PSK_WITH_CUDA
 #include "pyseqkern/cuda_info.h"
+#include "rnn_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -217,13 +218,56 @@ RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
   return RnnShape{static_cast<RnnMode>(mode), reset_after, hidden, proj};
 }
 
-py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t batch, bool is_double) {
-  const RnnSizes s = rnn_cpu_kernels().sizes(rnn_shape(mode, reset_after, hidden, proj), batch, is_double);
+// The CUDA kernels have their own packed layout and workspace (cuda/rnn_cuda.h); the reserve is shared.
+RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, bool is_double, bool cuda) {
+  if (!cuda) return rnn_cpu_kernels().sizes(shape, batch, is_double);
+#ifdef PSK_WITH_CUDA
+  return rnn_sizes_cuda(shape, batch, is_double);
+#else
+  throw_no_cuda("rnn_sizes");
+#endif
+}
+
+py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t batch, bool is_double,
+                          bool cuda) {
+  const RnnSizes s = rnn_sizes_of(rnn_shape(mode, reset_after, hidden, proj), batch, is_double, cuda);
   return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev);
 }
 
+#ifdef PSK_WITH_CUDA
+// CUDA calls: each given tensor on the device of `anchor`, except batch_sizes, which stays in host
+// memory; time_offsets and lengths are read by the kernels on the device (rnn.h, cuda/rnn_cuda.h).
+void require_on(const TensorView& anchor, const char* anchor_name, py::handle h, const char* arg) {
+  if (h.is_none()) return;
+  TensorView v = view_of(h, arg);
+  const TensorView* views[2] = {&anchor, &v};
+  const char* names[2] = {anchor_name, arg};
+  require_same_device(views, names, 2);
+}
+
+void require_cuda_seq(const TensorView& anchor, const char* anchor_name, py::handle batch_sizes,
+                      py::handle time_offsets, py::handle lengths) {
+  if (!batch_sizes.is_none() && view_of(batch_sizes, "batch_sizes").device != DeviceKind::Cpu)
+    throw py::value_error("pyseqkern: rnn (CUDA): 'batch_sizes' must be a CPU tensor (host memory)");
+  const std::pair<py::handle, const char*> index[2] = {{time_offsets, "time_offsets"}, {lengths, "lengths"}};
+  for (const auto& [h, arg] : index) {
+    if (h.is_none()) continue;
+    require_on(anchor, anchor_name, h, arg);
+    TensorView v = view_of(h, arg);
+    if (v.dtype != DType::Int64 || !v.is_contiguous())
+      throw py::value_error(std::string("pyseqkern: rnn (CUDA): '") + arg + "' must be a contiguous int64 tensor");
+  }
+}
+
+RnnCudaPath rnn_cuda_path(int path) {
+  if (path < 0 || path > 2)
+    throw py::value_error("pyseqkern: rnn (CUDA): 'path' must be 0 (auto), 1 (persistent) or 2 (step)");
+  return static_cast<RnnCudaPath>(path);
+}
+#endif
+
 void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c, py::handle w_hr_c,
-                    py::handle out_c) {
+                    py::handle out_c, uintptr_t stream) {
   RnnPackParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   TensorView w = view_of(w_hh_c, "w_hh"), out = view_of(out_c, "out");
@@ -240,11 +284,23 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
     p.w_hr = r.data;
   }
   const bool dbl = w.dtype == DType::Float64;
-  const RnnSizes sz = rnn_cpu_kernels().sizes(p.shape, 1, dbl);
+  const bool on_cuda = w.device == DeviceKind::Cuda;
+  const RnnSizes sz = rnn_sizes_of(p.shape, 1, dbl, on_cuda);
   if (out.numel() < sz.packed_numel || out.dtype != (dbl ? DType::Float64 : DType::Float32))
     throw py::value_error("pyseqkern: rnn_pack: 'out' is too small or of the wrong dtype");
-  if (w.device != DeviceKind::Cpu) throw_no_cuda("rnn_pack");
   p.out = out.data;
+  if (on_cuda) {
+#ifdef PSK_WITH_CUDA
+    require_on(w, "w_hh", out_c, "out");
+    if (proj > 0) require_on(w, "w_hh", w_hr_c, "w_hr");
+    CudaDeviceGuard guard(w);
+    rnn_pack_cuda(p, as_stream(stream));
+    return;
+#else
+    (void)stream;
+    throw_no_cuda("rnn_pack");
+#endif
+  }
   py::gil_scoped_release nogil;
   rnn_cpu_kernels().pack(p);
 }
@@ -265,11 +321,13 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
   return q;
 }
 
-void rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t steps, int64_t batch,
+// Returns the path that ran: "cpu", or on CUDA "persistent" or "step" (backend_info() reports it).
+std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t steps, int64_t batch,
                        py::handle batch_sizes, py::handle time_offsets, py::handle lengths, int64_t row_stride_t,
                        int64_t row_stride_b, bool reverse, py::handle x_gates, py::handle b_hn, py::handle h0,
                        py::handle c0, py::handle y, int64_t ld_y, py::handle h_n, py::handle c_n, py::handle packed,
-                       py::handle reserve, py::handle workspace, int num_threads) {
+                       py::handle reserve, py::handle workspace, int num_threads, uintptr_t stream,
+                       int path) {
   RnnFwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
@@ -288,17 +346,35 @@ void rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj,
   p.reserve = const_cast<void*>(opt_data(reserve, "reserve"));
   p.workspace = view_of(workspace, "workspace").data;
   p.num_threads = num_threads;
-  if (xg.device != DeviceKind::Cpu) throw_no_cuda("rnn_forward");
+  if (xg.device != DeviceKind::Cpu) {
+#ifdef PSK_WITH_CUDA
+    const std::pair<py::handle, const char*> tensors[] = {
+        {b_hn, "b_hn"}, {h0, "h0"}, {c0, "c0"}, {y, "y"}, {h_n, "h_n"}, {c_n, "c_n"},
+        {packed, "packed"}, {reserve, "reserve"}, {workspace, "workspace"}};
+    for (const auto& [h, arg] : tensors) require_on(xg, "x_gates", h, arg);
+    require_cuda_seq(xg, "x_gates", batch_sizes, time_offsets, lengths);
+    const RnnCudaPath request = rnn_cuda_path(path);
+    CudaDeviceGuard guard(xg);
+    py::gil_scoped_release nogil;
+    return rnn_cuda_path_name(rnn_forward_cuda(p, request, as_stream(stream)));
+#else
+    (void)stream;
+    (void)path;
+    throw_no_cuda("rnn_forward");
+#endif
+  }
   py::gil_scoped_release nogil;
   rnn_cpu_kernels().forward(p);
+  return "cpu";
 }
 
-void rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t steps, int64_t batch,
+std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t steps, int64_t batch,
                         py::handle batch_sizes, py::handle time_offsets, py::handle lengths, int64_t row_stride_t,
                         int64_t row_stride_b, bool reverse, py::handle dy, int64_t ld_dy, py::handle dh_n,
                         py::handle dc_n, py::handle c0, py::handle reserve, py::handle packed, py::handle d_gates_x,
                         py::handle d_gates_h, py::handle d_proj, py::handle dh0, py::handle dc0, py::handle workspace,
-                        int num_threads, py::handle d_gates_xt, py::handle d_gates_ht, py::handle h_prev_t) {
+                        int num_threads, py::handle d_gates_xt, py::handle d_gates_ht, py::handle h_prev_t,
+                        uintptr_t stream, int path) {
   RnnBwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
@@ -340,9 +416,30 @@ void rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64_t proj
   p.dc0 = const_cast<void*>(opt_data(dc0, "dc0"));
   p.workspace = view_of(workspace, "workspace").data;
   p.num_threads = num_threads;
-  if (gx.device != DeviceKind::Cpu) throw_no_cuda("rnn_backward");
+  if (gx.device != DeviceKind::Cpu) {
+#ifdef PSK_WITH_CUDA
+    if (p.d_gates_xt || p.d_gates_ht || p.h_prev_t)
+      throw py::value_error("pyseqkern: rnn_backward (CUDA): transposed outputs are CPU-only; pass None");
+    if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h)
+      throw py::value_error("pyseqkern: rnn_backward (CUDA): GRU with reset_after needs 'd_gates_h'");
+    const std::pair<py::handle, const char*> tensors[] = {
+        {dy, "dy"}, {dh_n, "dh_n"}, {dc_n, "dc_n"}, {c0, "c0"}, {reserve, "reserve"}, {packed, "packed"},
+        {d_gates_h, "d_gates_h"}, {d_proj, "d_proj"}, {dh0, "dh0"}, {dc0, "dc0"}, {workspace, "workspace"}};
+    for (const auto& [h, arg] : tensors) require_on(gx, "d_gates_x", h, arg);
+    require_cuda_seq(gx, "d_gates_x", batch_sizes, time_offsets, lengths);
+    const RnnCudaPath request = rnn_cuda_path(path);
+    CudaDeviceGuard guard(gx);
+    py::gil_scoped_release nogil;
+    return rnn_cuda_path_name(rnn_backward_cuda(p, request, as_stream(stream)));
+#else
+    (void)stream;
+    (void)path;
+    throw_no_cuda("rnn_backward");
+#endif
+  }
   py::gil_scoped_release nogil;
   rnn_cpu_kernels().backward(p);
+  return "cpu";
 }
 
 }  // namespace
@@ -360,10 +457,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("peak_fma", &peak_fma, py::arg("sink"), py::arg("iters"), py::arg("num_threads"),
         py::arg("threads_per_block"), py::arg("stream"));
   m.def("noop_cuda", &noop_cuda_entry, py::arg("device"), py::arg("stream"));
-  m.def("rnn_sizes", &rnn_sizes_entry);
-  m.def("rnn_pack", &rnn_pack_entry);
-  m.def("rnn_forward", &rnn_forward_entry);
-  m.def("rnn_backward", &rnn_backward_entry);
+  // CUDA callers add stream (torch's current raw stream) and, for forward/backward, path (0 auto,
+  // 1 persistent, 2 step: the PYSEQKERN_CUDA_RNN_PATH override); CPU callers may leave them out.
+  m.def("rnn_sizes", &rnn_sizes_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("proj"),
+        py::arg("batch"), py::arg("is_double"), py::arg("cuda") = false);
+  m.def("rnn_pack", &rnn_pack_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("proj"),
+        py::arg("w_hh"), py::arg("w_hr"), py::arg("out"), py::arg("stream") = 0);
+  m.def("rnn_forward", &rnn_forward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
+        py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
+        py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),
+        py::arg("row_stride_b"), py::arg("reverse"), py::arg("x_gates"), py::arg("b_hn").none(true),
+        py::arg("h0").none(true), py::arg("c0").none(true), py::arg("y"), py::arg("ld_y"), py::arg("h_n"),
+        py::arg("c_n").none(true), py::arg("packed"), py::arg("reserve").none(true), py::arg("workspace"),
+        py::arg("num_threads"), py::arg("stream") = 0, py::arg("path") = 0);
+  m.def("rnn_backward", &rnn_backward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
+        py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
+        py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),
+        py::arg("row_stride_b"), py::arg("reverse"), py::arg("dy").none(true), py::arg("ld_dy"),
+        py::arg("dh_n").none(true), py::arg("dc_n").none(true), py::arg("c0").none(true), py::arg("reserve"),
+        py::arg("packed"), py::arg("d_gates_x"), py::arg("d_gates_h").none(true), py::arg("d_proj").none(true),
+        py::arg("dh0"), py::arg("dc0").none(true), py::arg("workspace"), py::arg("num_threads"),
+        py::arg("d_gates_xt").none(true), py::arg("d_gates_ht").none(true), py::arg("h_prev_t").none(true),
+        py::arg("stream") = 0, py::arg("path") = 0);
   m.def("thread_backend", [] { return std::string(thread_backend()); });
   m.def("set_own_threads", &set_own_threads, py::arg("own"));
   m.def("barrier_selftest", [](int nthreads, int steps) {

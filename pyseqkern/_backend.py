@@ -68,6 +68,9 @@ def _apply_isa_env() -> str | None:
 _FORCED_ISA = _apply_isa_env()
 _REFERENCE_FORCED = os.environ.get(REFERENCE_ENV, "").strip() in ("1", "true", "yes", "on")
 _FALLBACKS: dict[str, str] = {}
+# CUDA RNN kernel paths: "requested" (PYSEQKERN_CUDA_RNN_PATH) and what "forward"/"backward" last ran
+# ("persistent" or "step"); kept up to date by ops/rnn_cuda.py.
+CUDA_RNN_PATHS: dict[str, str] = {}
 
 
 def use_reference(op: str, device: torch.device, cuda_kernels: bool = True) -> bool:
@@ -172,7 +175,7 @@ def backend_info() -> dict:
             "threads": torch.get_num_threads(),
             "thread_pool": _C.thread_backend(),
         },
-        "cuda": _cuda_info(build),
+        "cuda": dict(_cuda_info(build), rnn_paths=dict(CUDA_RNN_PATHS)),
         "reference_fallback": {
             "forced_by_env": _REFERENCE_FORCED,
             "active_for": dict(_FALLBACKS),

@@ -87,7 +87,8 @@ LIB.impl("rnn_pack", _pack_impl, "CPU")
 
 @torch.library.register_fake("pyseqkern::rnn_pack")
 def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
-    numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
+    sizes = rnn_cuda.sizes if w_hh.device.type == "cuda" else _sizes  # CUDA packs its own layout
+    numel = sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
     return w_hh.new_empty(numel, dtype=_acc_dtype(w_hh.dtype))
 
 
@@ -278,6 +279,9 @@ class _Seq:
             self.time_offsets = torch.cumsum(bs, 0) - bs
             self.lengths = (bs.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
             self.row_stride_t = self.row_stride_b = 0
+            if x.device.type == "cuda":  # read by the CUDA kernels on the device, once per layer call
+                self.time_offsets = self.time_offsets.to(x.device, non_blocking=True)
+                self.lengths = self.lengths.to(x.device, non_blocking=True)
 
     def args(self):
         return (self.batch_sizes, self.time_offsets, self.lengths, self.row_stride_t, self.row_stride_b, self.reverse)
@@ -357,8 +361,9 @@ class _RnnLayer(torch.autograd.Function):
 def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     if mode not in MODES:
         raise ValueError(f"pyseqkern.rnn_layer: 'mode' must be one of {sorted(MODES)}, got {mode!r}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"pyseqkern.rnn_layer: 'x' must be float32, float64 or bfloat16, got {x.dtype}")
+    if x.dtype not in DTYPES and not (x.dtype == torch.float16 and x.device.type == "cuda"):
+        raise TypeError(f"pyseqkern.rnn_layer: 'x' must be float32, float64 or bfloat16 (or float16 on CUDA), "
+                        f"got {x.dtype}")
     for name, t in (("h0", h0), ("c0", c0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
                     ("w_hr", w_hr)):
         if t is None:
@@ -431,7 +436,7 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
 def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
     _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if _backend.use_reference("rnn_layer", x.device, cuda_kernels=False):
+    if _backend.use_reference("rnn_layer", x.device):
         return _reference.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     seq = _Seq(x, batch_sizes, reverse)
     x2d = x.reshape(-1, x.shape[-1])
@@ -461,3 +466,6 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     """One step: a sequence of length 1 through the same kernels."""
     y, h_n, c_n = rnn_layer(mode, x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
     return h_n, c_n
+
+
+from . import rnn_cuda  # noqa: E402  (registers the CUDA impls of the ops defined above)
