@@ -1,7 +1,9 @@
-"""The recurrent ops (pyseqkern.ops.rnn) against the float64 reference, on every CPU ISA level:
-outputs, final states and every gradient, for every mode and option; bfloat16 by the 2x-torch rule;
-raw kernels with poisoned outputs; determinism, gradcheck, opcheck, torch.compile, weight-cache
-invalidation, bad inputs."""
+"""The recurrent ops (pyseqkern.ops.rnn) against the float64 reference, on every CPU ISA level and on
+CUDA through both kernel paths (persistent and per-step, forced): outputs, final states and every
+gradient, for every mode and option; bfloat16 (and float16 on CUDA) by the 2x-torch rule; raw kernels
+with poisoned outputs; determinism, gradcheck, opcheck, torch.compile, weight-cache invalidation, bad
+inputs; on CUDA also CUDA-graph capture, side streams and larger shapes (several blocks, batch and k
+tiles). CUDA cases skip cleanly without a usable GPU."""
 import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -9,6 +11,7 @@ from torch.utils.dlpack import to_dlpack
 import pyseqkern
 from pyseqkern import _C
 from pyseqkern.ops import rnn as ops
+from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
 from helpers import (assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
                      strided)
@@ -17,9 +20,48 @@ SUPPORTED = pyseqkern.backend_info()["cpu"]["isa_supported"]
 # (mode, proj, reset_after): every kernel variant
 VARIANTS = [("lstm", 0, True), ("lstm", 3, True), ("gru", 0, True), ("gru", 0, False), ("rnn_tanh", 0, True),
             ("rnn_relu", 0, True)]
+CUDA_PATHS = [pytest.param(f"cuda-{p}", marks=pytest.mark.cuda) for p in ("persistent", "step")]
 
 
-def make_case(mode, proj, dtype, T=7, B=5, I=13, H=11, lengths=None, seed=0, bias=True, strided_inputs=True):
+def _run_on(param):
+    """Context for one parametrized place to run: "cpu[-isa]" or "cuda-<path>" (the CUDA kernel path
+    forced, and afterwards checked to be the one backend_info() reports for every call made)."""
+    kind, _, what = param.partition("-")
+    if kind == "cpu":
+        best = pyseqkern.backend_info()["cpu"]["isa_best"]
+        if what and what not in SUPPORTED:
+            pytest.skip(f"this CPU does not run {what}")
+        pyseqkern.set_cpu_isa(what or best)
+        yield "cpu"
+        pyseqkern.set_cpu_isa(best)
+        return
+    old = rnn_cuda.path()
+    paths = pyseqkern._backend.CUDA_RNN_PATHS
+    for direction in ("forward", "backward"):
+        paths.pop(direction, None)
+    rnn_cuda.set_path(what)
+    try:
+        yield "cuda"
+        for direction in ("forward", "backward"):
+            assert paths.get(direction, what) == what, f"{direction} ran {paths[direction]!r}, not the forced {what!r}"
+    finally:
+        rnn_cuda.set_path(old)
+
+
+@pytest.fixture(params=[f"cpu-{level}" for level in pyseqkern.ISA_LEVELS] + CUDA_PATHS)
+def target(request):
+    """Every CPU ISA level, and CUDA through each kernel path."""
+    yield from _run_on(request.param)
+
+
+@pytest.fixture(params=["cpu"] + CUDA_PATHS)
+def device(request):
+    """The CPU at its best level, and CUDA through each kernel path."""
+    yield from _run_on(request.param)
+
+
+def make_case(mode, proj, dtype, T=7, B=5, I=13, H=11, lengths=None, seed=0, bias=True, strided_inputs=True,
+              device="cpu"):
     """Seeded layer inputs; x strided when asked; packed when lengths are given (sorted, longest first).
     Weights have torch's initial scale (1/sqrt(fan-in)): a recurrence with a much larger recurrent matrix
     is chaotic, and there float32 rounding, ours and torch's alike, grows without bound."""
@@ -28,8 +70,8 @@ def make_case(mode, proj, dtype, T=7, B=5, I=13, H=11, lengths=None, seed=0, bia
 
     def mk(shape, s, scale=1.0):
         if strided_inputs:
-            return strided(shape, dtype, seed=seed * 100 + s, scale=scale)
-        return randn(shape, dtype, seed=seed * 100 + s, scale=scale)
+            return strided(shape, dtype, device=device, seed=seed * 100 + s, scale=scale)
+        return randn(shape, dtype, device=device, seed=seed * 100 + s, scale=scale)
 
     x = mk((T, B, I), 1)
     t = dict(h0=mk((B, K), 2, 0.5), c0=mk((B, H), 3, 0.5) if mode == "lstm" else None,
@@ -62,7 +104,7 @@ def outputs_and_grads(fn, mode, x, batch_sizes, t, reverse, reset_after, seed=9)
     lv = leaves(x, t)
     outs = call(fn, mode, lv["x"], batch_sizes, {k: v for k, v in lv.items() if k != "x"}, reverse, reset_after)
     outs = [o for o in outs if o is not None]
-    weights = [randn(o.shape, torch.float64, seed=seed + i) for i, o in enumerate(outs)]
+    weights = [randn(o.shape, torch.float64, device=o.device, seed=seed + i) for i, o in enumerate(outs)]
     loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
     names = [k for k, v in lv.items() if v is not None]
     grads = torch.autograd.grad(loss, [lv[k] for k in names])
@@ -93,17 +135,29 @@ def check_against_reference(mode, proj, reset_after, dtype, reverse, lengths, **
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("lengths", [None, [7, 7, 4, 2, 1]])
-def test_layer_matches_reference(isa, mode, proj, reset_after, dtype, reverse, lengths):
-    check_against_reference(mode, proj, reset_after, dtype, reverse, lengths)
+def test_layer_matches_reference(target, mode, proj, reset_after, dtype, reverse, lengths):
+    check_against_reference(mode, proj, reset_after, dtype, reverse, lengths, device=target)
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 @pytest.mark.parametrize("T, B, I, H", [(1, 1, 1, 1), (3, 1, 7, 17), (2, 9, 5, 33), (4, 6, 3, 113)])
-def test_odd_sizes(mode, proj, reset_after, T, B, I, H):
+def test_odd_sizes(device, mode, proj, reset_after, T, B, I, H):
     # Sizes straddle the unit blocks (16 lanes in float32 on AVX-512, 8 on AVX2, 4 on SSE) and the
-    # register tile's row count; H=113 spreads blocks over both threads.
+    # register tile's row count; H=113 spreads blocks over both threads. On CUDA: warp-sized k chunks,
+    # the 4-row register tile and the 8-row batch tile.
     check_against_reference(mode, min(proj, H - 1) if H > 1 else 0, reset_after, torch.float32, True, None,
-                            T=T, B=B, I=I, H=H)
+                            T=T, B=B, I=I, H=H, device=device)
+
+
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS[:4] + [("lstm", 200, True)])
+@pytest.mark.parametrize("lengths", [None, [6, 6, 6, 5, 5, 5, 5, 5, 5, 4, 4, 3, 3, 3, 2, 2, 2, 1, 1, 1]])
+def test_cuda_larger_shapes(path, mode, proj, reset_after, lengths):
+    # Many blocks (H=300 over the multiprocessors), three batch tiles of 8 with a partial one, and in the
+    # per-step path k tiles (its tile holds 1024 columns; the backward's longest product has 4*300).
+    for _ in _run_on(path):
+        check_against_reference(mode, proj, reset_after, torch.float32, True, lengths, T=6, B=20, I=50, H=300,
+                                strided_inputs=False, device="cuda")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -119,8 +173,8 @@ def test_thread_counts_agree(threads, mode, proj, reset_after):
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_no_bias_no_initial_state(mode, proj, reset_after):
-    x, bs, t = make_case(mode, proj, torch.float64, bias=False)
+def test_no_bias_no_initial_state(device, mode, proj, reset_after):
+    x, bs, t = make_case(mode, proj, torch.float64, bias=False, device=device)
     zeros = dict(t, h0=torch.zeros_like(t["h0"]), c0=None if t["c0"] is None else torch.zeros_like(t["c0"]))
     outs = call(ops.rnn_layer, mode, x, bs, dict(t, h0=None, c0=None), False, reset_after)
     routs = call(ref.rnn_layer, mode, x, bs, zeros, False, reset_after)
@@ -130,24 +184,39 @@ def test_no_bias_no_initial_state(mode, proj, reset_after):
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_bfloat16_within_twice_torch_error(mode, proj, reset_after):
-    # "torch" here is the same reference run by PyTorch in bfloat16 (torch.nn has no GRU reset_before):
-    # our bfloat16 storage with float32 math must not be further from float64 than twice that.
-    x, bs, t = make_case(mode, proj, torch.float32, T=20, B=4, I=24, H=40, lengths=[20, 15, 9, 2])
-    t16 = {k: None if v is None else v.bfloat16() for k, v in t.items()}
-    ours = call(ops.rnn_layer, mode, x.bfloat16(), bs, t16, True, reset_after)
-    theirs = call(ref.rnn_layer, mode, x.bfloat16(), bs, t16, True, reset_after)
-    exact = call(ref.rnn_layer, mode, x.bfloat16().double(), bs, {k: None if v is None else v.double()
-                                                                    for k, v in t16.items()}, True, reset_after)
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_types_within_twice_torch_error(device, half, mode, proj, reset_after):
+    # "torch" here is the same reference run by PyTorch in the half type (torch.nn has no GRU
+    # reset_before): our half storage with float32 math must not be further from float64 than twice
+    # that. float16 is a CUDA dtype here; on CUDA the gradients meet the same rule.
+    if half == torch.float16 and device == "cpu":
+        pytest.skip("float16 layers run on CUDA only")
+    x, bs, t = make_case(mode, proj, torch.float32, T=20, B=4, I=24, H=40, lengths=[20, 15, 9, 2], device=device)
+    x16 = x.to(half)
+    t16 = {k: None if v is None else v.to(half) for k, v in t.items()}
+    t64 = {k: None if v is None else v.double() for k, v in t16.items()}
+    if device == "cpu":
+        ours = call(ops.rnn_layer, mode, x16, bs, t16, True, reset_after)
+        theirs = call(ref.rnn_layer, mode, x16, bs, t16, True, reset_after)
+        exact = call(ref.rnn_layer, mode, x16.double(), bs, t64, True, reset_after)
+        grads = None
+    else:
+        ours, grads = outputs_and_grads(ops.rnn_layer, mode, x16, bs, t16, True, reset_after)
+        theirs, tgrads = outputs_and_grads(ref.rnn_layer, mode, x16, bs, t16, True, reset_after)
+        exact, egrads = outputs_and_grads(ref.rnn_layer, mode, x16.double(), bs, t64, True, reset_after)
     for name, o, th, e in zip(["y", "h_n", "c_n"], ours, theirs, exact):
         if o is not None:
-            assert o.dtype == torch.bfloat16
+            assert o.dtype == half
             assert_within_torch_error(o, th, e, name=f"{mode} {name}")
+    for name in grads or {}:
+        assert grads[name].dtype == half
+        assert_within_torch_error(grads[name], tgrads[name], egrads[name], name=f"{mode} d{name}")
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_deterministic(mode, proj, reset_after):
-    x, bs, t = make_case(mode, proj, torch.float32, T=12, B=7, I=30, H=70, lengths=[12, 12, 9, 7, 4, 4, 1])
+def test_deterministic(device, mode, proj, reset_after):
+    x, bs, t = make_case(mode, proj, torch.float32, T=12, B=7, I=30, H=70, lengths=[12, 12, 9, 7, 4, 4, 1],
+                         device=device)
     a, ga = outputs_and_grads(ops.rnn_layer, mode, x, bs, t, True, reset_after)
     b, gb = outputs_and_grads(ops.rnn_layer, mode, x, bs, t, True, reset_after)
     for o1, o2 in zip(a, b):
@@ -157,13 +226,14 @@ def test_deterministic(mode, proj, reset_after):
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_gradcheck(mode, proj, reset_after):
-    x, bs, t = make_case(mode, proj, torch.float64, T=3, B=3, I=2, H=3, lengths=[3, 2, 1], strided_inputs=False)
+def test_gradcheck(device, mode, proj, reset_after):
+    x, bs, t = make_case(mode, proj, torch.float64, T=3, B=3, I=2, H=3, lengths=[3, 2, 1], strided_inputs=False,
+                         device=device)
     proj = min(proj, 2)
     if proj:
-        t["w_hr"] = randn((proj, 3), torch.float64, seed=50)
-        t["h0"] = randn((3, proj), torch.float64, seed=51)
-        t["w_hh"] = randn((12, proj), torch.float64, seed=52)
+        t["w_hr"] = randn((proj, 3), torch.float64, device=device, seed=50)
+        t["h0"] = randn((3, proj), torch.float64, device=device, seed=51)
+        t["w_hh"] = randn((12, proj), torch.float64, device=device, seed=52)
     names = [k for k, v in t.items() if v is not None]
 
     def fn(x_, *tensors):
@@ -174,12 +244,12 @@ def test_gradcheck(mode, proj, reset_after):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_cell_matches_reference():
+def test_cell_matches_reference(device):
     for mode, reset_after in [("lstm", True), ("gru", True), ("gru", False), ("rnn_tanh", True), ("rnn_relu", True)]:
         G = ops.GATES[mode]
-        x, h = randn((5, 9), seed=1), randn((5, 17), seed=2)
-        c = randn((5, 17), seed=3) if mode == "lstm" else None
-        w = [randn((G * 17, 9), seed=4), randn((G * 17, 17), seed=5), randn((G * 17,), seed=6), randn((G * 17,), seed=7)]
+        x, h = randn((5, 9), device=device, seed=1), randn((5, 17), device=device, seed=2)
+        c = randn((5, 17), device=device, seed=3) if mode == "lstm" else None
+        w = [randn(s, device=device, seed=4 + i) for i, s in enumerate([(G * 17, 9), (G * 17, 17), (G * 17,), (G * 17,)])]
         got = ops.rnn_cell(mode, x, h, c, *w, reset_after=reset_after)
         want = ref.rnn_cell(mode, x.double(), h.double(), None if c is None else c.double(), *[v.double() for v in w],
                             reset_after=reset_after)
@@ -189,24 +259,32 @@ def test_cell_matches_reference():
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_raw_kernel_writes_every_output(mode, proj, reset_after):
-    # The op allocates its outputs with torch.empty; here the kernel gets NaN-filled ones directly.
-    x, bs, t = make_case(mode, proj, torch.float32, lengths=[7, 5, 5, 2, 1], strided_inputs=False)
+def test_raw_kernel_writes_every_output(device, mode, proj, reset_after):
+    # The op allocates its outputs with torch.empty; here the kernels get NaN-filled ones directly.
+    x, bs, t = make_case(mode, proj, torch.float32, lengths=[7, 5, 5, 2, 1], strided_inputs=False, device=device)
     code, H = ops.MODES[mode], 11
     K = proj or H
     seq = ops._Seq(x, bs, True)
     bias, b_hn = ops._fold_bias(mode, reset_after, H, t["b_ih"], t["b_hh"])
     x_gates = torch.addmm(bias, x, t["w_ih"].t())
-    packed = ops._pack_impl(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
-    lanes, _, ws, rcols, _ = ops._sizes(code, reset_after, H, proj, seq.batch, torch.float32)
+    cuda = device == "cuda"
+    if cuda:
+        packed = rnn_cuda._pack_cuda(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
+        _, _, ws, rcols, _ = rnn_cuda.sizes(code, reset_after, H, proj, seq.batch, torch.float32)
+        tail = (1, torch.cuda.current_stream().cuda_stream, rnn_cuda.PATHS[rnn_cuda.path()])
+    else:
+        packed = ops._pack_impl(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
+        _, _, ws, rcols, _ = ops._sizes(code, reset_after, H, proj, seq.batch, torch.float32)
+        tail = (2,)
     n, B = x.shape[0], seq.batch
-    y, h_n = torch.full((n, K), float("nan")), torch.full((B, K), float("nan"))
-    c_n = torch.full((B, H), float("nan")) if mode == "lstm" else None
-    reserve = torch.full((n, rcols), float("nan"))
+    nan = lambda *shape: torch.full(shape, float("nan"), device=device)  # noqa: E731
+    y, h_n = nan(n, K), nan(B, K)
+    c_n = nan(B, H) if mode == "lstm" else None
+    reserve = nan(n, rcols)
     cap = lambda v: None if v is None else to_dlpack(v)  # noqa: E731
     _C.rnn_forward(code, reset_after, H, proj, seq.steps, B, cap(seq.batch_sizes), cap(seq.time_offsets),
                    cap(seq.lengths), 0, 0, True, cap(x_gates), cap(b_hn), cap(t["h0"]), cap(t["c0"]), cap(y), K,
-                   cap(h_n), cap(c_n), cap(packed), cap(reserve), cap(torch.empty(ws)), 2)
+                   cap(h_n), cap(c_n), cap(packed), cap(reserve), cap(torch.empty(ws, device=device)), *tail)
     want = ref.rnn_layer(mode, x.double(), bs, *[None if t[k] is None else t[k].double() for k in
                                                  ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")], True, reset_after)
     assert_close_to_ref(y, want[0], name="y")
@@ -215,9 +293,29 @@ def test_raw_kernel_writes_every_output(mode, proj, reset_after):
         assert_close_to_ref(c_n, want[2], name="c_n")
     assert not torch.isnan(reserve).any(), "reserve has unwritten entries"
 
+    # Backward into poisoned outputs: every element written, and the same bits as the op's call.
+    G = ops.GATES[mode]
+    gru_after = mode == "gru" and reset_after
+    dy, dh_n = randn((n, K), device=device, seed=21), randn((B, K), device=device, seed=22)
+    dc_n = randn((B, H), device=device, seed=23) if mode == "lstm" else None
+    dgx, dgh = nan(n, G * H), nan(n, G * H) if gru_after else None
+    dproj, dh0 = nan(n, proj) if proj else None, nan(B, K)
+    dc0 = nan(B, H) if mode == "lstm" else None
+    _C.rnn_backward(code, reset_after, H, proj, seq.steps, B, cap(seq.batch_sizes), cap(seq.time_offsets),
+                    cap(seq.lengths), 0, 0, True, cap(dy), K, cap(dh_n), cap(dc_n), cap(t["c0"]), cap(reserve),
+                    cap(packed), cap(dgx), cap(dgh), cap(dproj), cap(dh0), cap(dc0),
+                    cap(torch.empty(ws, device=device)), *(tail[:1] + (None, None, None) + tail[1:]))
+    op = torch.ops.pyseqkern.rnn_backward(code, reset_after, H, proj, seq.steps, B, dy, dh_n, dc_n, t["c0"], reserve,
+                                          packed, *seq.args(), False)
+    for name, got, expected in (("d_gates_x", dgx, op[0]), ("d_gates_h", dgh, op[1]), ("d_proj", dproj, op[2]),
+                                ("dh0", dh0, op[3]), ("dc0", dc0, op[4])):
+        if got is not None:
+            assert not torch.isnan(got).any(), f"{name} has unwritten entries"
+            assert_bitwise_equal(got, expected, name=name)
 
-def test_packed_weights_follow_in_place_updates():
-    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False)
+
+def test_packed_weights_follow_in_place_updates(device):
+    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False, device=device)
     w_hh = t["w_hh"]
     before = call(ops.rnn_layer, "lstm", x, bs, t, False, True)[0]
     with torch.no_grad():
@@ -229,18 +327,18 @@ def test_packed_weights_follow_in_place_updates():
     assert_close_to_ref(after, want)
 
 
-def test_opcheck():
-    x, bs, t = make_case("gru", 0, torch.float32, strided_inputs=False)
+def test_opcheck(device):
+    x, bs, t = make_case("gru", 0, torch.float32, strided_inputs=False, device=device)
     seq = ops._Seq(x.view(7, 5, 13), None, False)
-    xg = randn((35, 33), seed=3)
+    xg = randn((35, 33), device=device, seed=3)
     packed = torch.ops.pyseqkern.rnn_pack(1, True, 11, 0, t["w_hh"], None)
     torch.library.opcheck(torch.ops.pyseqkern.rnn_pack.default, (1, True, 11, 0, t["w_hh"], None))
     fwd_args = (1, True, 11, 0, 7, 5, xg, t["b_hh"][22:], t["h0"], None, packed, *seq.args(), True)
     torch.library.opcheck(torch.ops.pyseqkern.rnn_forward.default, fwd_args)
     y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(*fwd_args)
     for transposed in (False, True):
-        bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), seed=4), randn((5, 11), seed=5), None, None, reserve,
-                    packed, *seq.args(), transposed)
+        bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), device=device, seed=4),
+                    randn((5, 11), device=device, seed=5), None, None, reserve, packed, *seq.args(), transposed)
         torch.library.opcheck(torch.ops.pyseqkern.rnn_backward.default, bwd_args)
 
 
@@ -248,20 +346,20 @@ def test_opcheck():
 @pytest.mark.parametrize("lengths", [None, [7, 7, 4, 2, 1]])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("mode,proj,reset_after", VARIANTS)
-def test_backward_transposed_outputs_are_exact_transposes(mode, proj, reset_after, reverse, lengths, dtype):
+def test_backward_transposed_outputs_are_exact_transposes(device, mode, proj, reset_after, reverse, lengths, dtype):
     """The weight-gradient GEMMs read d_gates^T and h_prev^T written by the backward kernel: they must be
     the row-major results transposed, bit for bit, for every row mapping (padded, packed, reverse)."""
-    x, bs, t = make_case(mode, proj, dtype, lengths=lengths, strided_inputs=False)
+    x, bs, t = make_case(mode, proj, dtype, lengths=lengths, strided_inputs=False, device=device)
     code, G, H, K = ops.MODES[mode], ops.GATES[mode], 11, proj or 11
     seq = ops._Seq(x, bs, reverse)
     n = x.shape[0] * (1 if bs is not None else x.shape[1])
-    xg = randn((n, G * H), dtype, seed=3)
+    xg = randn((n, G * H), dtype, device=device, seed=3)
     packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
     b_hn = t["b_hh"][2 * H:] if mode == "gru" and reset_after else None
     _, _, _, reserve = torch.ops.pyseqkern.rnn_forward(code, reset_after, H, proj, seq.steps, seq.batch, xg, b_hn,
                                                        t["h0"], t["c0"], packed, *seq.args(), True)
-    grads = (randn((n, K), dtype, seed=4), randn((seq.batch, K), dtype, seed=5),
-             randn((seq.batch, H), dtype, seed=6) if mode == "lstm" else None)
+    grads = (randn((n, K), dtype, device=device, seed=4), randn((seq.batch, K), dtype, device=device, seed=5),
+             randn((seq.batch, H), dtype, device=device, seed=6) if mode == "lstm" else None)
     args = (code, reset_after, H, proj, seq.steps, seq.batch, *grads, t["c0"], reserve, packed, *seq.args())
     plain = torch.ops.pyseqkern.rnn_backward(*args, False)
     tr = torch.ops.pyseqkern.rnn_backward(*args, True)
@@ -275,8 +373,8 @@ def test_backward_transposed_outputs_are_exact_transposes(mode, proj, reset_afte
     assert_bitwise_equal(tr[7], reserve[:, reserve.shape[1] - K:].to(dtype).t())
 
 
-def test_compile_fullgraph_forward_and_backward():
-    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False)
+def test_compile_fullgraph_forward_and_backward(device):
+    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False, device=device)
     params = {k: v.clone().requires_grad_() for k, v in t.items() if v is not None}
 
     def f(x_):
@@ -372,3 +470,117 @@ def test_devices_without_kernels_fall_back_loudly():
         y, h_n, _ = call(ops.rnn_layer, "rnn_tanh", x.to("meta"), bs, meta, False, True)
     assert y.shape == (7, 5, 11) and y.device.type == "meta"
     assert "rnn_layer" in pyseqkern.backend_info()["reference_fallback"]["active_for"]
+
+
+# ---- CUDA only ------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_cuda_states_on_another_device_are_refused():
+    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False, device="cuda")
+    with pytest.raises(ValueError, match=r"'h0' is on cpu but 'x' is on cuda"):
+        call(ops.rnn_layer, "lstm", x, bs, dict(t, h0=t["h0"].cpu()), False, True)
+    with pytest.raises(ValueError, match=r"'w_hh' is on cpu but 'x' is on cuda"):
+        call(ops.rnn_layer, "lstm", x, bs, dict(t, w_hh=t["w_hh"].cpu()), False, True)
+
+
+def test_cuda_path_override_is_validated():
+    with pytest.raises(ValueError, match="PYSEQKERN_CUDA_RNN_PATH"):
+        rnn_cuda.set_path("fastest")
+    assert rnn_cuda.path() in rnn_cuda.PATHS
+
+
+@pytest.mark.cuda
+def test_cuda_forced_persistent_refuses_what_does_not_fit_and_auto_steps():
+    # An LSTM with H=3000 needs megabytes of recurrent weights per block: no GPU holds that on chip.
+    x, bs, t = make_case("lstm", 0, torch.float32, T=2, B=2, I=4, H=3000, strided_inputs=False, device="cuda")
+    with torch.no_grad():
+        for _ in _run_on("cuda-step"):
+            want = call(ops.rnn_layer, "lstm", x, bs, t, False, True)
+        old = rnn_cuda.path()
+        try:
+            rnn_cuda.set_path("persistent")
+            with pytest.raises(ValueError, match="do not fit on chip"):
+                call(ops.rnn_layer, "lstm", x, bs, t, False, True)
+            rnn_cuda.set_path("auto")
+            got = call(ops.rnn_layer, "lstm", x, bs, t, False, True)
+        finally:
+            rnn_cuda.set_path(old)
+    assert pyseqkern.backend_info()["cuda"]["rnn_paths"]["forward"] == "step"
+    for a, b in zip(got, want):
+        assert_bitwise_equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_cuda_paths_agree(mode, proj, reset_after):
+    # The two paths may split the sums differently (their blocks own different slices), never more.
+    x, bs, t = make_case(mode, proj, torch.float32, T=9, B=11, I=20, H=37, lengths=[9, 9, 8, 8, 7, 5, 5, 3, 2, 1, 1],
+                         device="cuda")
+    results = {}
+    for path in ("persistent", "step"):
+        for _ in _run_on(f"cuda-{path}"):
+            results[path] = outputs_and_grads(ops.rnn_layer, mode, x, bs, t, True, reset_after)
+            assert pyseqkern.backend_info()["cuda"]["rnn_paths"]["backward"] == path
+    (o1, g1), (o2, g2) = results["persistent"], results["step"]
+    for a, b in zip(o1, o2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"d{k}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 3, True), ("gru", 0, True), ("gru", 0, False),
+                                                     ("rnn_relu", 0, True)])
+def test_cuda_graph_capture_replays_forward_and_backward(path, mode, proj, reset_after):
+    for _ in _run_on(path):
+        code, G, H = ops.MODES[mode], ops.GATES[mode], 11
+        K = proj or H
+        x, _, t = make_case(mode, proj, torch.float32, strided_inputs=False, device="cuda")
+        seq = ops._Seq(x, None, False)
+        packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
+        b_hn = t["b_hh"][2 * H:].contiguous() if mode == "gru" and reset_after else None
+        xg, dy = randn((35, G * H), device="cuda", seed=3), randn((35, K), device="cuda", seed=4)
+
+        def step():
+            y, h_n, _, reserve = torch.ops.pyseqkern.rnn_forward(code, reset_after, H, proj, 7, 5, xg, b_hn, t["h0"],
+                                                                 t["c0"], packed, *seq.args(), True)
+            grads = torch.ops.pyseqkern.rnn_backward(code, reset_after, H, proj, 7, 5, dy, None, None, t["c0"],
+                                                     reserve, packed, *seq.args(), False)
+            return (y, h_n) + tuple(grads[:5])
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: plans and kernel attributes are made here
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        xg.copy_(randn((35, G * H), device="cuda", seed=13))
+        dy.copy_(randn((35, K), device="cuda", seed=14))
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+        for i, (a, b) in enumerate(zip(captured, eager)):
+            assert_bitwise_equal(a, b, name=f"output {i} of the replayed graph")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_cuda_runs_on_the_current_stream(path):
+    # Inputs made on a side stream and consumed there at once: a launch on any other stream would race.
+    for _ in _run_on(path):
+        x, bs, t = make_case("gru", 0, torch.float32, T=30, B=16, I=64, H=128, strided_inputs=False, device="cuda")
+        with torch.no_grad():
+            want = call(ops.rnn_layer, "gru", x, bs, t, False, True)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                x2 = x * 1.0
+                torch.cuda._sleep(1_000_000)  # keeps the side stream busy, so a wrong stream would overtake it
+                x2.mul_(1.0)
+                got = call(ops.rnn_layer, "gru", x2, bs, t, False, True)
+            torch.cuda.current_stream().wait_stream(side)
+        for a, b in zip(got, want):
+            if a is not None:
+                assert_bitwise_equal(a, b)
