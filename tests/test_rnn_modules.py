@@ -6,7 +6,9 @@ Every result is compared with torch.nn run in float64 on the same (float32-round
 tolerances of the dtype under test from helpers.TOLERANCES: elementwise in float64, relative to each
 tensor's largest value in float32 (see assert_matches). The numerical quality of the kernels themselves
 (the 2x-torch rule) is the op tests' business; here the question is whether the modules wire the ops up
-as torch.nn does, and a wiring mistake is off by O(1)."""
+as torch.nn does, and a wiring mistake is off by O(1). Sequence modules and cells run on the CPU and on
+CUDA (helpers.devices(); CUDA cases skip cleanly without a GPU), always against torch.nn in float64 on
+the CPU."""
 import copy
 import inspect
 
@@ -17,8 +19,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import pyseqkern
 import pyseqkern.nn as pnn
 from pyseqkern.ops import rnn as rnn_ops
+from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
-from helpers import TOLERANCES, assert_close_to_ref, errors, randn, strided
+from helpers import TOLERANCES, assert_close_to_ref, devices, errors, randn, strided
 
 F32, F64 = torch.float32, torch.float64
 T, B, I, H, P = 7, 5, 13, 7, 3
@@ -71,20 +74,20 @@ def make_pair(kind, cfg, dtype):
     return theirs, ours
 
 
-def make_inputs(kind, cfg, dtype):
-    """Fresh leaf tensors (input, h0, c0-or-None) with the same seeded values on every call."""
+def make_inputs(kind, cfg, dtype, device="cpu"):
+    """Fresh leaf tensors (input, h0, c0-or-None) with the same seeded values on every call and device."""
     d = (2 if cfg.get("bidirectional") else 1) * cfg.get("num_layers", 1)
     hout = P if kind == "lstm_proj" else H
     shape = (B, T, I) if cfg.get("batch_first") else (T, B, I)
     if cfg.get("unbatched"):
         shape = (T, I)
-    x = strided(shape, dtype, seed=1).requires_grad_()
+    x = strided(shape, dtype, device=device, seed=1).requires_grad_()
     state_batch = () if cfg.get("unbatched") else (B,)
     h0 = c0 = None
     if cfg.get("hx"):
-        h0 = randn((d, *state_batch, hout), dtype, seed=2).requires_grad_()
+        h0 = randn((d, *state_batch, hout), dtype, device=device, seed=2).requires_grad_()
         if KINDS[kind][0] == "LSTM":
-            c0 = randn((d, *state_batch, H), dtype, seed=3).requires_grad_()
+            c0 = randn((d, *state_batch, H), dtype, device=device, seed=3).requires_grad_()
     return x, h0, c0
 
 
@@ -106,12 +109,12 @@ def assert_matches(actual, ref64, name="output"):
 
 
 def weighted_sum(tensors, seed=10):
-    return sum((t * randn(t.shape, t.dtype, seed=seed + i)).sum() for i, t in enumerate(tensors))
+    return sum((t * randn(t.shape, t.dtype, device=t.device, seed=seed + i)).sum() for i, t in enumerate(tensors))
 
 
-def run(module, kind, cfg, dtype):
+def run(module, kind, cfg, dtype, device="cpu"):
     """Forward and backward of one module: ([output, h_n, c_n?], {name: grad}, raw output)."""
-    x, h0, c0 = make_inputs(kind, cfg, dtype)
+    x, h0, c0 = make_inputs(kind, cfg, dtype, device)
     is_lstm = KINDS[kind][0] == "LSTM"
     inp = x
     if "packed" in cfg:
@@ -130,13 +133,13 @@ def run(module, kind, cfg, dtype):
     return outs, dict(zip(leaves, grads)), (inp, out)
 
 
-@pytest.mark.parametrize("dtype", [F32, F64])
-@pytest.mark.parametrize("cfg_name", list(CONFIGS))
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_sequence_module_matches_torch(kind, cfg_name, dtype):
+def check_sequence_module(kind, cfg_name, dtype, device):
     cfg = CONFIGS[cfg_name]
+    if device == "cuda" and cfg.get("train") and cfg.get("dropout"):
+        pytest.skip("torch.nn on the CPU draws other dropout masks than a CUDA run")
     theirs, ours = make_pair(kind, cfg, dtype)
-    outs, grads, (inp, out) = run(ours, kind, cfg, dtype)
+    ours.to(device)
+    outs, grads, (inp, out) = run(ours, kind, cfg, dtype, device)
     theirs64 = copy.deepcopy(theirs).double()
     expected, expected_grads, _ = run(theirs64, kind, cfg, F64)
     names = ["output", "h_n", "c_n"]
@@ -155,7 +158,29 @@ def test_sequence_module_matches_torch(kind, cfg_name, dtype):
     if cfg.get("train") and cfg.get("dropout"):
         # The comparison above only means something if dropout changed the result.
         ours.eval()
-        assert not torch.allclose(run(ours, kind, cfg, dtype)[0][0], outs[0])
+        assert not torch.allclose(run(ours, kind, cfg, dtype, device)[0][0], outs[0])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sequence_module_matches_torch(device, kind, cfg_name, dtype):
+    check_sequence_module(kind, cfg_name, dtype, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg_name", ["bidirectional-2layers-hx", "packed_unsorted-hx-bidirectional-2layers-batch_first"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sequence_module_matches_torch_on_the_cuda_step_path(kind, cfg_name):
+    # The module tests above take the path auto picks (persistent at these sizes); here the other one.
+    old = rnn_cuda.path()
+    try:
+        rnn_cuda.set_path("step")
+        check_sequence_module(kind, cfg_name, F32, "cuda")
+        assert pyseqkern.backend_info()["cuda"]["rnn_paths"]["backward"] == "step"
+    finally:
+        rnn_cuda.set_path(old)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -163,7 +188,8 @@ def test_sequence_module_matches_torch(kind, cfg_name, dtype):
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_cell_matches_torch(kind, bias, batched, hx, dtype):
+@pytest.mark.parametrize("device", devices())
+def test_cell_matches_torch(device, kind, bias, batched, hx, dtype):
     def make(ns):
         if kind == "lstm":
             return ns.LSTMCell(I, H, bias=bias, dtype=dtype)
@@ -174,19 +200,21 @@ def test_cell_matches_torch(kind, bias, batched, hx, dtype):
     theirs = seed_parameters(make(torch.nn), seed=200)
     ours = make(pnn)
     ours.load_state_dict(theirs.state_dict())
+    ours.to(device)
     theirs64 = copy.deepcopy(theirs).double()  # the oracle in both dtypes
 
-    def run_cell(cell, dt):
+    def run_cell(cell, dt, dev="cpu"):
         batch = (7,) if batched else ()
-        x = strided((*batch, I), dt, seed=4).requires_grad_()
-        states = [randn((*batch, H), dt, seed=5 + k).requires_grad_() for k in range(2 if kind == "lstm" else 1)] if hx else []
+        x = strided((*batch, I), dt, device=dev, seed=4).requires_grad_()
+        states = [randn((*batch, H), dt, device=dev, seed=5 + k).requires_grad_()
+                  for k in range(2 if kind == "lstm" else 1)] if hx else []
         state_arg = None if not hx else (tuple(states) if kind == "lstm" else states[0])
         out = cell(x, state_arg)
         outs = list(out) if kind == "lstm" else [out]
         leaves = [x] + states + list(cell.parameters())
         return outs, torch.autograd.grad(weighted_sum(outs, 20), leaves)
 
-    outs, grads = run_cell(ours, dtype)
+    outs, grads = run_cell(ours, dtype, device)
     outs64, grads64 = run_cell(theirs64, F64)
     for a, e in zip(outs + list(grads), outs64 + list(grads64), strict=True):
         assert a.dtype == dtype
