@@ -10,6 +10,11 @@ Targets (the RNN issue's; speedup = torch ms / ours ms), inference unless stated
   GRU    B<=8: 3.0, B>=16: 1.8; training 2.0; packed 2.0
   RNN    B<=8: 3.0, B>=16: 1.8
   cells  (B, H) = (1, 256): 5.0, (32, 512): 1.3
+CUDA (the CUDA RNN issue's; against torch.nn on cuDNN in the same run), float16 and float32, (T, B, H) =
+(100, 1/4/16/64, 256/512/1024):
+  inference at B <= 16: 2.0; training (forward + backward) at B <= 16: 1.5; everywhere else 1.0;
+  packed batch: 2.0 vs torch's packed path. The rate column is the achieved TFLOP/s-equivalent in
+  GFLOP/s, its share of the measured float32 FMA peak (float16 rows too: our kernels do float32 math).
 On CUDA, float32 cases run with TF32 off on both sides (true float32, as the tolerances assume)."""
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from ..registry import Case, Prepared, register
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}
 _SEED = 0
-_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+        torch.float16: dict(rtol=1e-2, atol=1e-2)}
 
 # (T, B, H) with I = H. The (200, 64, 512) shape is 13-54 GFLOP per call (about 15 s a case on 2 cores):
 # full suite only; every other case is in the quick suite (about 20 s for all four families).
@@ -119,9 +125,8 @@ def _inference(cls: str, device: str, steps: int, batch: int, hidden: int, dtype
     return setup
 
 
-def _training(cls: str, device: str, steps: int, batch: int, hidden: int):
+def _training(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32):
     def setup(ceilings):
-        dtype = torch.float32
         theirs, ours = _modules(cls, device, dtype, hidden, hidden)
         theirs.train()
         ours.train()
@@ -162,9 +167,8 @@ def _training(cls: str, device: str, steps: int, batch: int, hidden: int):
     return setup
 
 
-def _packed(cls: str, device: str, batch: int, hidden: int, longest: int, shortest: int):
+def _packed(cls: str, device: str, batch: int, hidden: int, longest: int, shortest: int, dtype=torch.float32):
     def setup(ceilings):
-        dtype = torch.float32
         theirs, ours = _modules(cls, device, dtype, hidden, hidden)
         theirs.eval()
         ours.eval()
@@ -190,9 +194,8 @@ def _packed(cls: str, device: str, batch: int, hidden: int, longest: int, shorte
     return setup
 
 
-def _cell(cls: str, device: str, batch: int, hidden: int):
+def _cell(cls: str, device: str, batch: int, hidden: int, dtype=torch.float32):
     def setup(ceilings):
-        dtype = torch.float32
         theirs, ours = _modules(cls, device, dtype, hidden, hidden)
         theirs.eval()
         ours.eval()
@@ -217,8 +220,40 @@ def _cell(cls: str, device: str, batch: int, hidden: int):
     return setup
 
 
+# CUDA: the issue's grid. The quick suite keeps H=512 (every batch, both dtypes); --full runs all.
+_CUDA_SHAPES = [(100, b, h) for h in (256, 512, 1024) for b in (1, 4, 16, 64)]
+_CUDA_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def register_cuda():
+    device = "cuda"
+    for cls in ("LSTM", "GRU", "RNN"):
+        family = cls.lower()
+        for dname, dtype in _CUDA_DTYPES.items():
+            for steps, batch, hidden in _CUDA_SHAPES:
+                shape = f"T={steps} B={batch} H={hidden} {dname}"
+                quick = hidden == 512
+                register(Case(family, f"inference {shape}", device, _inference(cls, device, steps, batch, hidden, dtype),
+                              unit="GFLOP/s", peak="flops", target=2.0 if batch <= 16 else 1.0, quick=quick))
+                register(Case(family, f"training {shape}", device,
+                              _training(cls, device, steps, batch, hidden, dtype), unit="GFLOP/s", peak="flops",
+                              target=1.5 if batch <= 16 else 1.0, note="forward + backward", quick=quick))
+            register(Case(family, f"packed B=64 lengths 10..100 H=512 {dname}", device,
+                          _packed(cls, device, 64, 512, 100, 10, dtype), unit="GFLOP/s", peak="flops", target=2.0,
+                          note="vs torch's packed path"))
+        if cls == "LSTM":
+            register(Case(family, "proj_size=128 inference T=100 B=16 H=512 float32", device,
+                          _inference(cls, device, 100, 16, 512, proj=128), unit="GFLOP/s", peak="flops", target=1.0))
+    for cls in ("LSTMCell", "GRUCell", "RNNCell"):
+        for batch, hidden in ((1, 256), (16, 512), (64, 1024)):
+            for dname, dtype in _CUDA_DTYPES.items():
+                register(Case("rnn_cell", f"{cls} B={batch} H={hidden} {dname}", device,
+                              _cell(cls, device, batch, hidden, dtype), unit="GFLOP/s", peak="flops",
+                              target=2.0 if batch <= 16 else 1.0, note="one step per call", quick=hidden == 512))
+
+
 def register_all():
-    for device in ("cpu", "cuda"):
+    for device in ("cpu",):
         for cls in ("LSTM", "GRU", "RNN"):
             family = cls.lower()
             for steps, batch, hidden in _INFERENCE_SHAPES:
@@ -242,6 +277,7 @@ def register_all():
             for batch, hidden, target in ((1, 256, 5.0), (32, 512, 1.3)):
                 register(Case("rnn_cell", f"{cls} B={batch} H={hidden}", device, _cell(cls, device, batch, hidden),
                               unit="GFLOP/s", peak="flops", target=target, note="one step per call"))
+    register_cuda()
 
 
 register_all()
