@@ -51,6 +51,16 @@ for tool in memcheck racecheck; do
   [ $rc = 0 ] || status=1
 done
 
+step "compute-sanitizer (memcheck, racecheck) on small CUDA RNN cases (both kernel paths)"
+for tool in memcheck racecheck; do
+  echo "---- rnn $tool" >> "$OUT/sanitizer.log"
+  timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/test_rnn_ops.py -q \
+    -p no:cacheprovider -m cuda -k "raw_kernel_writes_every_output or cuda_paths_agree" >> "$OUT/sanitizer.log" 2>&1
+  rc=$?
+  echo "rnn $tool: exit $rc; $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$OUT/summary.txt"
+  [ $rc = 0 ] || status=1
+done
+
 step "benchmarks (CUDA, full suite)"
 python3 -m pyseqkern.bench --device cuda --full --json "$OUT/bench-cuda.json" --plot "$OUT/bench-cuda.png" \
   2>&1 | tee "$OUT/bench-cuda.log" | tail -40
