@@ -444,6 +444,29 @@ def test_inference_fast_path_equals_the_op_path():
             assert_bitwise_equal(a, b.detach())
 
 
+@pytest.mark.parametrize("B", [1, 7, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", True), ("gru", False), ("rnn_tanh", True),
+                                               ("rnn_relu", True)])
+def test_cell_inference_path_equals_the_op_path(mode, reset_after, dtype, B):
+    """rnn_cell without grad takes its own thin path (y and h_n in one buffer, cached folded biases); it
+    must give the autograd path's results bit for bit, also for strided states and after a bias update."""
+    G, H, I = ops.GATES[mode], 37, 19
+    x, h = strided((B, I), dtype, seed=1), strided((B, H), dtype, seed=2, scale=0.5)
+    c = strided((B, H), dtype, seed=3, scale=0.5) if mode == "lstm" else None
+    w = [randn(s, dtype, seed=4 + i, scale=0.3) for i, s in enumerate([(G * H, I), (G * H, H), (G * H,), (G * H,)])]
+    for _ in range(2):
+        with torch.no_grad():
+            thin = ops.rnn_cell(mode, x, h, c, *w, reset_after=reset_after)
+        grad_w = [v.clone().requires_grad_() for v in w]
+        full = ops.rnn_cell(mode, x, h, c, *grad_w, reset_after=reset_after)
+        for a, b in zip(thin, full):
+            if b is not None:
+                assert_bitwise_equal(a, b.detach())
+        with torch.no_grad():
+            w[3].add_(0.25)  # the cached folded bias must follow
+
+
 def test_dispatch_modes_still_see_the_op():
     # A TorchDispatchMode must observe pyseqkern's ops, so the fast path must step aside for it.
     from torch.utils._python_dispatch import TorchDispatchMode

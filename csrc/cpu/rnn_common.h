@@ -316,7 +316,7 @@ inline int choose_threads(int requested, int64_t blocks, int64_t macs_per_step, 
   if (n > blocks) n = blocks;
   const int64_t by_work = macs_per_step / 16384;
   if (n > by_work) n = by_work < 1 ? 1 : by_work;
-  if (macs_per_step * steps < (int64_t(1) << 22)) n = 1;
+  if (macs_per_step * steps < (int64_t(1) << 16)) n = 1;
   return static_cast<int>(n);
 }
 

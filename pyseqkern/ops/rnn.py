@@ -462,9 +462,60 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     return y, h_n, c_n
 
 
+# Folded biases for inference, cached like the packed weights (same rules: only when no gradient is
+# recorded, keyed by storage and version counter).
+_BIAS_CACHE: dict = {}
+
+
+def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
+    anchor = b_ih if b_ih is not None else b_hh
+    if anchor is None:
+        return None, None
+    key = (mode, reset_after, hidden, None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
+           None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh)))
+    entry = _BIAS_CACHE.get(id(anchor))
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    folded = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
+    if entry is None:
+        weakref.finalize(anchor, _BIAS_CACHE.pop, id(anchor), None)
+    _BIAS_CACHE[id(anchor)] = (key, folded)
+    return folded
+
+
+def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after):
+    """One inference step on plain CPU tensors, arguments already checked: the thin path (a cell at B=1
+    is a few microseconds of kernel, so every allocation and Python call here shows). For one step the
+    output row of each sequence is its final state, so y and h_n share one buffer (rnn.h allows it)."""
+    code = MODES[mode]
+    hidden = w_hh.shape[0] // GATES[mode]
+    bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
+    x_gates = _input_projection(x, w_ih, bias)
+    packed = _packed(code, reset_after, hidden, 0, w_hh, None, False)
+    batch, dtype = x.shape[0], x.dtype
+    ws_numel = _sizes(code, reset_after, hidden, 0, batch, dtype)[2]
+    h_n = torch.empty(batch, hidden, dtype=dtype)
+    c_n = torch.empty(batch, hidden, dtype=dtype) if code == 0 else None
+    workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype))
+    hn_c = capsule(h_n)
+    _C.rnn_forward(code, reset_after, hidden, 0, 1, batch, None, None, None, batch, 1, False, capsule(x_gates),
+                   _none(b_hn), _none(h), _none(c), hn_c, hidden, hn_c, _none(c_n), capsule(packed), None,
+                   capsule(workspace), num_threads())
+    return h_n, c_n
+
+
 def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     """One step: a sequence of length 1 through the same kernels."""
-    y, h_n, c_n = rnn_layer(mode, x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
+    x3 = x.unsqueeze(0)
+    _check_layer(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None)
+    _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
+    inference = not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
+    if (inference and h is not None and (c is not None or mode != "lstm") and _plain_eager(x)
+            and not _backend.use_reference("rnn_layer", x.device)):
+        return _cell_inference(mode, x.contiguous(), h.contiguous(), None if mode != "lstm" else c.contiguous(),
+                               w_ih, w_hh, b_ih, b_hh, reset_after)
+    y, h_n, c_n = rnn_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
     return h_n, c_n
 
 

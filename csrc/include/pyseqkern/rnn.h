@@ -81,7 +81,8 @@ struct RnnFwdParams {
   const void* b_hn;                       // [H] GRU reset_after (stays inside r * (...)); null = 0
   const void* h0;                         // [B, K] contiguous
   const void* c0;                         // [B, H] contiguous (LSTM)
-  void* y; int64_t ld_y;                  // [N, K] (a column slice of a wider output is fine)
+  void* y; int64_t ld_y;                  // [N, K] (a column slice of a wider output is fine); for T == 1
+                                          // padded it may alias h_n (both get the same values)
   void* h_n;                              // [B, K] contiguous
   void* c_n;                              // [B, H] contiguous (LSTM)
   const void* packed;                     // rnn pack output
