@@ -68,6 +68,7 @@ def _apply_isa_env() -> str | None:
 _FORCED_ISA = _apply_isa_env()
 _REFERENCE_FORCED = os.environ.get(REFERENCE_ENV, "").strip() in ("1", "true", "yes", "on")
 _FALLBACKS: dict[str, str] = {}
+_CUDA_COMPILED = bool(_C.build_info()["cuda_compiled"])  # asked once: every CUDA op call reads it
 # CUDA RNN kernel paths: "requested" (PYSEQKERN_CUDA_RNN_PATH) and what "forward"/"backward" last ran
 # ("persistent" or "step"); kept up to date by ops/rnn_cuda.py.
 CUDA_RNN_PATHS: dict[str, str] = {}
@@ -82,7 +83,7 @@ def use_reference(op: str, device: torch.device, cuda_kernels: bool = True) -> b
     if device.type == "cpu":
         return False
     if device.type == "cuda":
-        if cuda_kernels and _C.build_info()["cuda_compiled"]:
+        if cuda_kernels and _CUDA_COMPILED:
             return False
         reason = ("pyseqkern was built without CUDA kernels" if cuda_kernels else f"{op} has no CUDA kernel yet") + \
             "; running the PyTorch reference on CUDA"
