@@ -4,7 +4,13 @@
 #include <dlfcn.h>
 #include <link.h>
 #include <pthread.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -30,8 +36,21 @@ inline void cpu_relax() {
 // (which spin after every torch op, and would be slowed by ours on a small machine).
 constexpr int kIdleSpinRounds = 2000;
 // Inside a kernel a barrier wait lasts at most one time step: spin about as long, then yield, so a
-// partner thread that lost its core (an oversubscribed machine) gets it back at once.
+// partner thread that lost its core (an oversubscribed machine) gets it back at once. If it is still
+// not back after kBarrierYieldRounds yields, sleep on a futex: on a machine busy with other processes
+// (a compiler on both cores) yielding alone left an LSTM layer 60x slower, each step waiting out the
+// scheduler's time slice while the waiter kept taking turns on the core its partner needed.
 constexpr int kBarrierSpinRounds = 2000;
+constexpr int kBarrierYieldRounds = 50;
+
+#if defined(__linux__)
+void futex_wait(std::atomic<int>* word, int expected) {
+  syscall(SYS_futex, reinterpret_cast<int*>(word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+}
+void futex_wake_all(std::atomic<int>* word) {
+  syscall(SYS_futex, reinterpret_cast<int*>(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+#endif
 
 thread_local bool t_in_worker = false;
 
@@ -280,11 +299,28 @@ void SpinBarrier::wait() {
   const int gen = generation_.load(std::memory_order_acquire);
   if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
     arrived_.store(0, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+#if defined(__linux__)
+    // seq_cst on both sides (here: bump, then read sleepers_; a sleeper: count itself, then re-read
+    // the word inside FUTEX_WAIT): either we see it and wake it, or it sees the new generation.
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(&generation_);
+#endif
     return;
   }
   for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-    if (spins < kBarrierSpinRounds) cpu_relax(); else std::this_thread::yield();
+    if (spins < kBarrierSpinRounds) {
+      cpu_relax();
+    } else if (spins < kBarrierSpinRounds + kBarrierYieldRounds) {
+      std::this_thread::yield();
+    } else {
+#if defined(__linux__)
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      while (generation_.load(std::memory_order_seq_cst) == gen) futex_wait(&generation_, gen);
+      sleepers_.fetch_sub(1, std::memory_order_relaxed);
+#else
+      std::this_thread::yield();
+#endif
+    }
   }
 }
 

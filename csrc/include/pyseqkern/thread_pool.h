@@ -30,7 +30,8 @@ class SpinBarrier {
 
  private:
   alignas(64) std::atomic<int> arrived_{0};
-  alignas(64) std::atomic<int> generation_{0};
+  alignas(64) std::atomic<int> generation_{0};  // also the futex word waiters sleep on
+  std::atomic<int> sleepers_{0};
   int n_;
 };
 
