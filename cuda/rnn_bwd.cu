@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
 
 #include "cuda_check.h"
 #include "rnn_common.cuh"
@@ -378,9 +379,14 @@ RnnCudaPath backward_typed(const RnnBwdParams& p, RnnCudaPath request, cudaStrea
   int64_t step = 0, nb = B;
   void* args[] = {&a, &phase, &step, &nb};
   if (a.plan.persistent) {
-    launch(kp, a.plan, args, true, st, "kernel rnn_bwd_kernel (persistent)");
-    PSK_CHECK_LAUNCH("rnn_bwd_kernel (persistent)");
-    return RnnCudaPath::Persistent;
+    if (launch(kp, a.plan, args, true, st, "kernel rnn_bwd_kernel (persistent)")) {
+      PSK_CHECK_LAUNCH("rnn_bwd_kernel (persistent)");
+      return RnnCudaPath::Persistent;
+    }
+    if (request == RnnCudaPath::Persistent)
+      throw std::invalid_argument("pyseqkern: rnn (CUDA): the persistent path was requested but the device "
+                                  "refused its co-resident grid (cudaErrorCooperativeLaunchTooLarge)");
+    a.plan = demote_to_step(PlanShape{H, K, P, G, B, true, static_cast<int>(sizeof(A))}, request, kp, ks);
   }
   auto run = [&](int ph, const char* name) {
     phase = ph;

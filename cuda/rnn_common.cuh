@@ -245,8 +245,16 @@ struct PlanShape {
 // requested and impossible. Defined in rnn_plan.cu.
 RnnPlan make_plan(const PlanShape& s, RnnCudaPath request, const void* kernel_persistent, const void* kernel_step);
 
+// The device refused the persistent plan's co-resident grid at launch although the occupancy query
+// allowed it (MPS or green-context SM limits, another process's carveout): replaces the cached plan for
+// this key by the per-step plan, which needs no co-residency, and returns it.
+RnnPlan demote_to_step(const PlanShape& s, RnnCudaPath request, const void* kernel_persistent,
+                       const void* kernel_step);
+
 // Launches `kernel` with one argument pointer array: cooperatively (grid barrier allowed) or plainly.
-void launch(const void* kernel, const RnnPlan& plan, void** args, bool cooperative, cudaStream_t stream,
+// Returns false only when a cooperative launch is refused as too large (cudaErrorCooperativeLaunchTooLarge,
+// error state cleared: nothing ran); any other failure throws, naming the kernel.
+bool launch(const void* kernel, const RnnPlan& plan, void** args, bool cooperative, cudaStream_t stream,
             const char* name);
 
 }  // namespace rnn_cuda

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
 
 #include "cuda_check.h"
 #include "rnn_common.cuh"
@@ -365,9 +366,14 @@ RnnCudaPath forward_typed(const RnnFwdParams& p, RnnCudaPath request, cudaStream
   int64_t step = 0, nb = B;
   void* args[] = {&a, &phase, &step, &nb};
   if (a.plan.persistent) {
-    launch(kp, a.plan, args, true, st, "kernel rnn_fwd_kernel (persistent)");
-    PSK_CHECK_LAUNCH("rnn_fwd_kernel (persistent)");
-    return RnnCudaPath::Persistent;
+    if (launch(kp, a.plan, args, true, st, "kernel rnn_fwd_kernel (persistent)")) {
+      PSK_CHECK_LAUNCH("rnn_fwd_kernel (persistent)");
+      return RnnCudaPath::Persistent;
+    }
+    if (request == RnnCudaPath::Persistent)
+      throw std::invalid_argument("pyseqkern: rnn (CUDA): the persistent path was requested but the device "
+                                  "refused its co-resident grid (cudaErrorCooperativeLaunchTooLarge)");
+    a.plan = demote_to_step(PlanShape{H, K, P, G, B, false, static_cast<int>(sizeof(A))}, request, kp, ks);
   }
   launch(ks, a.plan, args, false, st, "kernel rnn_fwd_kernel (step, init)");
   PSK_CHECK_LAUNCH("rnn_fwd_kernel (step, init)");

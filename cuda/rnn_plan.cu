@@ -150,13 +150,17 @@ RnnPlan step_plan(const PlanShape& s, const DeviceInfo& d, int dev, const void* 
   return p;
 }
 
+PlanKey plan_key(int dev, const PlanShape& s, RnnCudaPath request, const void* kernel_persistent) {
+  return PlanKey{dev, kernel_persistent, s.H, s.K, s.P, s.B, s.G, static_cast<int>(request)};
+}
+
 }  // namespace
 
 RnnPlan make_plan(const PlanShape& s, RnnCudaPath request, const void* kernel_persistent, const void* kernel_step) {
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(g_mutex);
-  const PlanKey key{dev, kernel_persistent, s.H, s.K, s.P, s.B, s.G, static_cast<int>(request)};
+  const PlanKey key = plan_key(dev, s, request, kernel_persistent);
   auto it = g_plans.find(key);
   if (it != g_plans.end()) return it->second;
   const DeviceInfo d = device_info(dev);
@@ -174,7 +178,17 @@ RnnPlan make_plan(const PlanShape& s, RnnCudaPath request, const void* kernel_pe
   return plan;
 }
 
-void launch(const void* kernel, const RnnPlan& plan, void** args, bool cooperative, cudaStream_t stream,
+RnnPlan demote_to_step(const PlanShape& s, RnnCudaPath request, const void* kernel_persistent,
+                       const void* kernel_step) {
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const RnnPlan plan = step_plan(s, device_info(dev), dev, kernel_step);
+  g_plans[plan_key(dev, s, request, kernel_persistent)] = plan;
+  return plan;
+}
+
+bool launch(const void* kernel, const RnnPlan& plan, void** args, bool cooperative, cudaStream_t stream,
             const char* name) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(plan.blocks));
@@ -186,7 +200,14 @@ void launch(const void* kernel, const RnnPlan& plan, void** args, bool cooperati
   attr[0].val.cooperative = 1;
   cfg.attrs = cooperative ? attr : nullptr;
   cfg.numAttrs = cooperative ? 1 : 0;
-  cuda_check(cudaLaunchKernelExC(&cfg, kernel, args), name);
+  const cudaError_t err = cudaLaunchKernelExC(&cfg, kernel, args);
+  if (err == cudaSuccess) return true;
+  // A refused launch is also recorded as the thread's last error; left there, the next launch check
+  // (ours or torch's) would report it against an innocent kernel. Sticky errors survive this anyway.
+  (void)cudaGetLastError();
+  if (cooperative && err == cudaErrorCooperativeLaunchTooLarge) return false;
+  cuda_check(err, name);
+  return false;
 }
 
 }  // namespace rnn_cuda
