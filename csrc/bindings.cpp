@@ -316,8 +316,10 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
   q.row_stride_t = row_stride_t;
   q.row_stride_b = row_stride_b;
   q.reverse = reverse;
-  if (q.batch_sizes && (!q.time_offsets || !q.lengths))
-    throw py::value_error("pyseqkern: rnn: packed sequences need 'time_offsets' and 'lengths'");
+  // All three or none: the kernels key the packed row mapping on batch_sizes alone.
+  if ((q.batch_sizes != nullptr) != (q.time_offsets != nullptr) || (q.batch_sizes != nullptr) != (q.lengths != nullptr))
+    throw py::value_error("pyseqkern: rnn: 'batch_sizes', 'time_offsets' and 'lengths' go together (packed "
+                          "sequences) or are all None");
   return q;
 }
 
