@@ -314,14 +314,14 @@ def test_raw_kernel_writes_every_output(device, mode, proj, reset_after):
             assert_bitwise_equal(got, expected, name=name)
 
 
-def test_packed_weights_follow_in_place_updates(device):
-    x, bs, t = make_case("lstm", 0, torch.float32, strided_inputs=False, device=device)
-    w_hh = t["w_hh"]
-    before = call(ops.rnn_layer, "lstm", x, bs, t, False, True)[0]
+@pytest.mark.parametrize("updated", ["w_hh", "b_ih", "b_hh"])
+def test_cached_weights_follow_in_place_updates(device, updated):
+    x, bs, t = make_case("gru", 0, torch.float32, strided_inputs=False, device=device)
+    before = call(ops.rnn_layer, "gru", x, bs, t, False, True)[0]
     with torch.no_grad():
-        w_hh.mul_(0.5)  # same storage, new version: the cached packing must not be served
-    after = call(ops.rnn_layer, "lstm", x, bs, t, False, True)[0]
-    want = call(ref.rnn_layer, "lstm", x.double(), bs, {k: None if v is None else v.double() for k, v in t.items()},
+        t[updated].mul_(0.5)  # same storage, new version: the cached packing / folded bias must not be served
+    after = call(ops.rnn_layer, "gru", x, bs, t, False, True)[0]
+    want = call(ref.rnn_layer, "gru", x.double(), bs, {k: None if v is None else v.double() for k, v in t.items()},
                 False, True)[0]
     assert not torch.equal(before, after)
     assert_close_to_ref(after, want)

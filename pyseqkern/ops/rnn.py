@@ -300,15 +300,23 @@ def _fold_bias(mode, reset_after, hidden, b_ih, b_hh):
     return (b_ih if b_hh is None else b_ih + b_hh), b_hn
 
 
+def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording):
+    """What every forward call needs before the kernel: (code, hidden, proj, x_gates, b_hn, packed).
+    Folded biases and packed weights come from their caches unless autograd records (`recording`)."""
+    code = MODES[mode]
+    hidden = w_hh.shape[0] // GATES[mode]
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    fold = _fold_bias if recording or torch.compiler.is_compiling() else _folded_bias
+    bias, b_hn = fold(mode, reset_after, hidden, b_ih, b_hh)
+    x_gates = _input_projection(x2d, w_ih, bias)
+    return code, hidden, proj, x_gates, b_hn, _packed(code, reset_after, hidden, proj, w_hh, w_hr, recording)
+
+
 class _RnnLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        code = MODES[mode]
-        hidden = w_hh.shape[0] // GATES[mode]
-        proj = 0 if w_hr is None else w_hr.shape[0]
-        bias, b_hn = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
-        x_gates = _input_projection(x2d, w_ih, bias)
-        packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, training)
+        code, hidden, proj, x_gates, b_hn, packed = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                             training)
         y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(
             code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
             training)
@@ -447,12 +455,8 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     if not training and _plain_eager(x):
-        code = MODES[mode]
-        hidden = w_hh.shape[0] // GATES[mode]
-        proj = 0 if w_hr is None else w_hr.shape[0]
-        bias, b_hn = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
-        x_gates = _input_projection(x2d, w_ih, bias)
-        packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, False)
+        code, hidden, proj, x_gates, b_hn, packed = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                             False)
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
                                        packed, *seq.args(), False)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
@@ -487,11 +491,7 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after):
     """One inference step on plain CPU tensors, arguments already checked: the thin path (a cell at B=1
     is a few microseconds of kernel, so every allocation and Python call here shows). For one step the
     output row of each sequence is its final state, so y and h_n share one buffer (rnn.h allows it)."""
-    code = MODES[mode]
-    hidden = w_hh.shape[0] // GATES[mode]
-    bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
-    x_gates = _input_projection(x, w_ih, bias)
-    packed = _packed(code, reset_after, hidden, 0, w_hh, None, False)
+    code, hidden, _, x_gates, b_hn, packed = _prepare(mode, reset_after, x, w_ih, w_hh, b_ih, b_hh, None, False)
     batch, dtype = x.shape[0], x.dtype
     ws_numel = _sizes(code, reset_after, hidden, 0, batch, dtype)[2]
     h_n = torch.empty(batch, hidden, dtype=dtype)
