@@ -1,4 +1,5 @@
-# Compiles the CPU kernel sources once per ISA level (baseline x86-64, AVX2+FMA, AVX-512) into object
+# Compiles the CPU kernel sources once per ISA level (baseline x86-64, AVX2+FMA, AVX-512, AVX-512 with
+# BF16 dot products) into object
 # libraries; pyseqkern::isa_active() picks one at run time. Never -march=native: the wheel must run on
 # any x86-64 CPU. Non-x86 machines build the portable baseline only.
 #
@@ -25,7 +26,8 @@ macro(psk_add_cpu_isas sources)
   psk_add_cpu_isa(baseline "${sources}")
   if(PSK_X86_ISAS)
     psk_add_cpu_isa(avx2 "${sources}" -mavx2 -mfma -mf16c)
-    psk_add_cpu_isa(avx512 "${sources}" -mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma -mf16c
-                    -mprefer-vector-width=512)
+    set(avx512_flags -mavx512f -mavx512dq -mavx512bw -mavx512vl -mavx2 -mfma -mf16c -mprefer-vector-width=512)
+    psk_add_cpu_isa(avx512 "${sources}" ${avx512_flags})
+    psk_add_cpu_isa(avx512bf16 "${sources}" ${avx512_flags} -mavx512bf16)
   endif()
 endmacro()

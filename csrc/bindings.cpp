@@ -63,7 +63,7 @@ py::dict cpu_isa_report() {
 void set_cpu_isa(const std::string& name) {
   Isa isa;
   if (!isa_parse(name.c_str(), &isa))
-    throw py::value_error("pyseqkern: unknown CPU ISA level '" + name + "'; expected one of baseline, avx2, avx512");
+    throw py::value_error("pyseqkern: unknown CPU ISA level '" + name + "'; expected one of baseline, avx2, avx512, avx512bf16");
   try {
     isa_set_active(isa);
   } catch (const std::invalid_argument& e) {
@@ -219,8 +219,9 @@ RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
 }
 
 // The CUDA kernels have their own packed layout and workspace (cuda/rnn_cuda.h); the reserve is shared.
-RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, bool is_double, bool cuda) {
-  if (!cuda) return rnn_cpu_kernels().sizes(shape, batch, is_double);
+RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cuda) {
+  if (!cuda) return rnn_cpu_kernels().sizes(shape, batch, dtype);
+  const bool is_double = dtype == DType::Float64;
 #ifdef PSK_WITH_CUDA
   return rnn_sizes_cuda(shape, batch, is_double);
 #else
@@ -228,9 +229,15 @@ RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, bool is_double, bool
 #endif
 }
 
-py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t batch, bool is_double,
-                          bool cuda) {
-  const RnnSizes s = rnn_sizes_of(rnn_shape(mode, reset_after, hidden, proj), batch, is_double, cuda);
+py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t batch,
+                          const std::string& dtype, bool cuda) {
+  DType dt;
+  if (dtype == "float32") dt = DType::Float32;
+  else if (dtype == "float64") dt = DType::Float64;
+  else if (dtype == "float16") dt = DType::Float16;
+  else if (dtype == "bfloat16") dt = DType::BFloat16;
+  else throw py::value_error("pyseqkern: rnn_sizes: 'dtype' must be float32, float64, float16 or bfloat16, got '" + dtype + "'");
+  const RnnSizes s = rnn_sizes_of(rnn_shape(mode, reset_after, hidden, proj), batch, dt, cuda);
   return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev);
 }
 
@@ -285,7 +292,7 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
   }
   const bool dbl = w.dtype == DType::Float64;
   const bool on_cuda = w.device == DeviceKind::Cuda;
-  const RnnSizes sz = rnn_sizes_of(p.shape, 1, dbl, on_cuda);
+  const RnnSizes sz = rnn_sizes_of(p.shape, 1, w.dtype, on_cuda);
   if (out.numel() < sz.packed_numel || out.dtype != (dbl ? DType::Float64 : DType::Float32))
     throw py::value_error("pyseqkern: rnn_pack: 'out' is too small or of the wrong dtype");
   p.out = out.data;
@@ -462,7 +469,7 @@ PYBIND11_MODULE(_C, m) {
   // CUDA callers add stream (torch's current raw stream) and, for forward/backward, path (0 auto,
   // 1 persistent, 2 step: the PYSEQKERN_CUDA_RNN_PATH override); CPU callers may leave them out.
   m.def("rnn_sizes", &rnn_sizes_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("proj"),
-        py::arg("batch"), py::arg("is_double"), py::arg("cuda") = false);
+        py::arg("batch"), py::arg("dtype"), py::arg("cuda") = false);
   m.def("rnn_pack", &rnn_pack_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("proj"),
         py::arg("w_hh"), py::arg("w_hr"), py::arg("out"), py::arg("stream") = 0);
   m.def("rnn_forward", &rnn_forward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),

@@ -31,7 +31,11 @@ bool detect(Isa isa) {
   const bool avx2 = b & (1u << 5);
   if (isa == Isa::Avx2) return avx2;
   const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
-  return avx2 && f && dq && bw && vl && (xcr0 & 0xE6) == 0xE6;
+  const bool avx512 = avx2 && f && dq && bw && vl && (xcr0 & 0xE6) == 0xE6;
+  if (isa == Isa::Avx512) return avx512;
+  // AVX512_BF16: leaf 7 sub-leaf 1, EAX bit 5.
+  if (!avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return a & (1u << 5);
 }
 #else
 bool detect(Isa isa) { return isa == Isa::Baseline; }
@@ -54,6 +58,7 @@ const char* isa_name(Isa isa) {
     case Isa::Baseline: return "baseline";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx512Bf16: return "avx512bf16";
   }
   return "?";
 }
@@ -78,7 +83,8 @@ bool isa_compiled(Isa isa) {
 }
 
 bool isa_cpu_supports(Isa isa) {
-  static const bool cache[kIsaCount] = {detect(Isa::Baseline), detect(Isa::Avx2), detect(Isa::Avx512)};
+  static const bool cache[kIsaCount] = {detect(Isa::Baseline), detect(Isa::Avx2), detect(Isa::Avx512),
+                                               detect(Isa::Avx512Bf16)};
   return cache[static_cast<int>(isa)];
 }
 

@@ -49,7 +49,8 @@ __device__ __forceinline__ float act_sigmoid(float x) { return static_cast<float
 __device__ __forceinline__ double act_sigmoid(double x) { return sigmoid_d(x); }
 __device__ __forceinline__ float act_tanh(float x) { return static_cast<float>(tanh(static_cast<double>(x))); }
 __device__ __forceinline__ double act_tanh(double x) { return tanh(x); }
-template <typename A> __device__ __forceinline__ A act_relu(A x) { return x > A(0) ? x : A(0); }
+// relu(NaN) = NaN, as torch: the NaN fails the test.
+template <typename A> __device__ __forceinline__ A act_relu(A x) { return x < A(0) ? A(0) : x; }
 __device__ __forceinline__ float madd(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double madd(double a, double b, double c) { return fma(a, b, c); }
 

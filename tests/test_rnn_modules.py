@@ -523,3 +523,27 @@ def _compile_and_compare(backend):
     torch.testing.assert_close(out, eager_out)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64])
+@pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before"])
+def test_nan_in_the_input_propagates_as_in_torch(isa, kind, dtype):
+    """A NaN must stay a NaN through every activation (clamped exponentials and relu once turned it into
+    a finite value): the same outputs are NaN as torch.nn's (GRU reset_before: as the reference's)."""
+    name, kw = KINDS["gru" if kind == "gru_reset_before" else kind]
+    ours = getattr(pnn, name)(I, H, **kw, **({"reset_after": False} if kind == "gru_reset_before" else {}))
+    ours = ours.to(dtype)
+    x = randn((T, B, I), dtype, seed=3)
+    x[2, 1, 4] = float("nan")
+    y, h = ours(x)
+    if kind == "gru_reset_before":
+        p = dict(ours.named_parameters())
+        want = ref.rnn_layer("gru", x.double(), None, torch.zeros(B, H, dtype=F64), None, p["weight_ih_l0"].double(),
+                             p["weight_hh_l0"].double(), p["bias_ih_l0"].double(), p["bias_hh_l0"].double(), None,
+                             False, False)[0]
+    else:
+        theirs = getattr(torch.nn, name)(I, H, **kw).to(dtype)
+        theirs.load_state_dict(ours.state_dict())
+        want = theirs(x)[0]
+    assert y.isnan().any() and torch.equal(y.isnan(), want.isnan())
+    assert not y[:2].isnan().any() and not y[:, 0].isnan().any()

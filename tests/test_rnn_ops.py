@@ -183,15 +183,17 @@ def test_no_bias_no_initial_state(device, mode, proj, reset_after):
             assert_close_to_ref(o, r)
 
 
+@pytest.mark.parametrize("H", [40, 41])
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_half_types_within_twice_torch_error(device, half, mode, proj, reset_after):
+def test_half_types_within_twice_torch_error(device, half, mode, proj, reset_after, H):
     # "torch" here is the same reference run by PyTorch in the half type (torch.nn has no GRU
     # reset_before): our half storage with float32 math must not be further from float64 than twice
-    # that. float16 is a CUDA dtype here; on CUDA the gradients meet the same rule.
+    # that. float16 is a CUDA dtype here; on CUDA the gradients meet the same rule. H = 41: an odd state
+    # size, where the bfloat16 pair products (avx512bf16) pad the last pair of k.
     if half == torch.float16 and device == "cpu":
         pytest.skip("float16 layers run on CUDA only")
-    x, bs, t = make_case(mode, proj, torch.float32, T=20, B=4, I=24, H=40, lengths=[20, 15, 9, 2], device=device)
+    x, bs, t = make_case(mode, proj, torch.float32, T=20, B=4, I=24, H=H, lengths=[20, 15, 9, 2], device=device)
     x16 = x.to(half)
     t16 = {k: None if v is None else v.to(half) for k, v in t.items()}
     t64 = {k: None if v is None else v.double() for k, v in t16.items()}
@@ -607,3 +609,15 @@ def test_cuda_runs_on_the_current_stream(path):
         for a, b in zip(got, want):
             if a is not None:
                 assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_bfloat16_pair_sections_only_where_the_level_has_bf16_dot_products(isa, mode, proj, reset_after):
+    """avx512bf16 packs bfloat16 weights a second time as pairs of k for its dot products (rnn_common.h);
+    other dtypes and levels pack exactly what the float kernels read."""
+    code, H = ops.MODES[mode], 37
+    bf, f32 = (ops._sizes(code, reset_after, H, proj, 3, dt)[1] for dt in (torch.bfloat16, torch.float32))
+    assert (bf > f32) == (isa == "avx512bf16")
+    if isa == "avx512bf16":
+        G, K, L = ops.GATES[mode], proj or H, 16
+        assert bf - f32 == -(-H // L) * -(-K // 2) * G * L + (-(-proj // L) * -(-H // 2) * L if proj else 0)

@@ -7,6 +7,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "pyseqkern/rnn.h"
 #include "pyseqkern/thread_pool.h"
 
@@ -68,12 +72,38 @@ template <> inline double from_acc<double>(double v) { return v; }
 // exactly, -0 included); a lane-by-lane loop compiled into one masked broadcast per lane.
 template <typename A> inline V<A> splat(A x) { return x - V<A>{}; }
 
+// bfloat16 lanes of a register, as a whole register: widening is a shift; narrowing rounds to nearest
+// even and keeps NaN a NaN, lane by lane the same as from_acc<bf16>. Converting lane by lane in the
+// gate epilogue cost a bfloat16 LSTM step more than its recurrent product.
+typedef uint16_t vbf16 __attribute__((vector_size(kVecBytes / 2)));
+typedef uint32_t vuint32 __attribute__((vector_size(kVecBytes)));
+inline vfloat widen(vbf16 b) {
+  const vuint32 u = __builtin_convertvector(b, vuint32) << 16;
+  vfloat f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline vbf16 narrow(vfloat f) {
+  vuint32 u;
+  std::memcpy(&u, &f, sizeof(u));
+  const vuint32 rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+  const vuint32 quiet = (u >> 16) | 0x40u;
+  return __builtin_convertvector((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded, vbf16);
+}
+
 // Loads `valid` (<= L) elements, zero beyond; stores only `valid`.
 template <typename A, typename T> inline V<A> load(const T* p, int valid) {
   V<A> v;
   if (std::is_same<T, A>::value && valid == lanes<A>()) {
     std::memcpy(&v, p, sizeof(v));
     return v;
+  }
+  if constexpr (std::is_same<T, bf16>::value && std::is_same<A, float>::value) {
+    if (valid == lanes<A>()) {
+      vbf16 b;
+      std::memcpy(&b, p, sizeof(b));
+      return widen(b);
+    }
   }
   for (int l = 0; l < lanes<A>(); ++l) v[l] = l < valid ? static_cast<A>(to_acc(p[l])) : A(0);
   return v;
@@ -82,6 +112,13 @@ template <typename A, typename T> inline void store(T* p, V<A> v, int valid) {
   if (std::is_same<T, A>::value && valid == lanes<A>()) {
     std::memcpy(p, &v, sizeof(v));
     return;
+  }
+  if constexpr (std::is_same<T, bf16>::value && std::is_same<A, float>::value) {
+    if (valid == lanes<A>()) {
+      const vbf16 b = narrow(v);
+      std::memcpy(p, &b, sizeof(b));
+      return;
+    }
   }
   for (int l = 0; l < valid; ++l) p[l] = from_acc<T>(v[l]);
 }
@@ -96,8 +133,9 @@ typedef float vfloat_half __attribute__((vector_size(kVecBytes / 2)));
 typedef int64_t vint64 __attribute__((vector_size(kVecBytes)));
 
 inline vdouble vexp_d(vdouble x) {
-  x = x < 700.0 ? x : splat(700.0);
-  x = x > -700.0 ? x : splat(-700.0);
+  // Clamps written so that a NaN fails the test and stays a NaN (torch propagates NaN; so must we).
+  x = x > 700.0 ? splat(700.0) : x;
+  x = x < -700.0 ? splat(-700.0) : x;
   const vdouble big = splat(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
   const vdouble n = (x * 1.4426950408889634 + big) - big;
   const vdouble r = x - n * 0.6931471805599453 - n * 2.3190468138462996e-17;
@@ -147,8 +185,8 @@ inline vfloat in_double(vfloat x) {
 // ATen's own vectorized sigmoid (so the same accuracy class as torch); evaluating it in double cost an
 // LSTM step (three sigmoids per unit) a third more. tanh stays in double (below).
 inline vfloat vexp_f(vfloat x) {
-  x = x < 88.0f ? x : splat(88.0f);
-  x = x > -87.3f ? x : splat(-87.3f);
+  x = x > 88.0f ? splat(88.0f) : x;  // NaN stays NaN, as in vexp_d
+  x = x < -87.3f ? splat(-87.3f) : x;
   const vfloat big = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vfloat n = (x * 1.44269504088896341f + big) - big;
   const vfloat r = x - n * 0.693359375f - n * -2.12194440e-4f;
@@ -166,7 +204,37 @@ inline vfloat vexp_f(vfloat x) {
 }
 inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp_f(-x)); }
 inline vfloat vtanh(vfloat x) { return in_double<vtanh_d>(x); }
-inline vfloat vrelu(vfloat x) { return x > 0.0f ? x : splat(0.0f); }
+// ---- bfloat16 storage: activations within about 10 float ulp ----
+// bfloat16's own rounding (2^-9) is 30000 times coarser, so the recurrence's error is that of bfloat16
+// either way; the accurate forms above (a division each, tanh in double) cost a bfloat16 LSTM step
+// more than its recurrent product. 1/d for d >= 1: AVX-512's 14-bit reciprocal and one Newton step
+// (23 bits), a division elsewhere.
+inline vfloat vrecip_f(vfloat d) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &d, sizeof(x));
+  x = _mm512_rcp14_ps(x);
+  vfloat r;
+  std::memcpy(&r, &x, sizeof(r));
+  return r * (2.0f - d * r);
+#else
+  return 1.0f / d;
+#endif
+}
+inline vfloat vsigmoid_f(vfloat x) { return vrecip_f(1.0f + vexp_f(-x)); }
+// Near 0, 1 - 2/(e+1) cancels (10 ulp at the series' edge); the series takes over below 1/16.
+inline vfloat vtanh_f(vfloat x) {
+  const vfloat ax = x < 0.0f ? -x : x;
+  vfloat big = 1.0f - 2.0f * vrecip_f(vexp_f(2.0f * ax) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  const vfloat x2 = x * x;
+  vfloat poly = splat(-17.0f / 315);
+  poly = poly * x2 + 2.0f / 15;
+  poly = poly * x2 + -1.0f / 3;
+  const vfloat small = x + x * x2 * poly;
+  return ax < 0.0625f ? small : big;
+}
+inline vfloat vrelu(vfloat x) { return x < 0.0f ? splat(0.0f) : x; }  // relu(NaN) = NaN, as torch
 
 inline vdouble vsigmoid(vdouble x) {
   for (int l = 0; l < lanes<double>(); ++l) x[l] = 1.0 / (1.0 + std::exp(-x[l]));
@@ -176,7 +244,7 @@ inline vdouble vtanh(vdouble x) {
   for (int l = 0; l < lanes<double>(); ++l) x[l] = std::tanh(x[l]);
   return x;
 }
-inline vdouble vrelu(vdouble x) { return x > 0.0 ? x : splat(0.0); }
+inline vdouble vrelu(vdouble x) { return x < 0.0 ? splat(0.0) : x; }
 
 // ---- the register-tiled product ---------------------------------------------------------------------
 // acc.v[r][b * G + g] = sum_k rows[r][k] * panel[k * kstride + b * bstride + g * L + (0..L-1)] for r < MR,
@@ -224,6 +292,52 @@ __attribute__((noinline)) void gemm_tile(const A* const* rows, const A* panel, i
     for (int c = 0; c < C; ++c) acc.v[r][c] = sum[r][c];
 }
 
+// ---- the bfloat16 dot-product tile (levels with AVX512_BF16) ----------------------------------------
+// The same tile over pairs of k: each 32-bit lane of a weight vector holds the bfloat16 weights of k =
+// 2j (low half) and 2j + 1 (high half) for one unit, each row gives the bfloat16 pair (h[2j], h[2j+1]),
+// and one vdpbf16ps adds both products to the float32 sums: twice the multiply-adds of an FMA per
+// instruction. Products of bfloat16 values are exact in float32; the pair's sum is rounded once
+// (round to nearest even, denormals flushed), then added. bfloat16 storage only: its rows (h_{t-1}) are
+// rounded to bfloat16 before the product, as torch's oneDNN bfloat16 LSTM keeps them.
+struct bf16x2 {
+  uint32_t bits;
+};
+template <typename P> struct AccOf { using type = P; };
+template <> struct AccOf<bf16x2> { using type = float; };
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+template <int MR, int NB, int G>
+__attribute__((noinline)) void gemm_tile(const bf16* const* rows, const bf16x2* panel, int64_t K2, int64_t kstride,
+                                         int64_t bstride, Tile<float>& acc) {
+  constexpr int C = NB * G;
+  static_assert(MR * C <= kAcc, "tile exceeds the accumulator budget");
+  __m512 sum[MR][C];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < C; ++c) sum[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    const bf16x2* w = panel + k * kstride;
+    __m512bh wv[C];
+    for (int b = 0; b < NB; ++b)
+      for (int g = 0; g < G; ++g) wv[b * G + g] = (__m512bh)_mm512_loadu_si512(w + b * bstride + g * 16);
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, rows[r] + 2 * k, 4);
+      const __m512bh hb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int c = 0; c < C; ++c) sum[r][c] = _mm512_dpbf16_ps(sum[r][c], hb, wv[c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < C; ++c) std::memcpy(&acc.v[r][c], &sum[r][c], sizeof(vfloat));
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+// Rounds a register of float lanes to bfloat16 into p[0..L-1].
+inline void store_bf16(bf16* p, vfloat v) {
+  const vbf16 b = narrow(v);
+  std::memcpy(p, &b, sizeof(b));
+}
+
 // Blocks one tile of `mr` rows takes: the widest power of two within the budget and `left`.
 template <int G> inline int tile_blocks(int mr, int64_t left) {
   int nb = kAcc / (mr * G);
@@ -232,38 +346,42 @@ template <int G> inline int tile_blocks(int mr, int64_t left) {
   return nb;
 }
 
-// Runtime (rows, blocks), as tile_blocks chose them, to the template.
-template <int G, int MR, typename A>
-inline void gemm_nb(int nb, const A* const* rows, const A* panel, int64_t K, int64_t ks, int64_t bs, Tile<A>& acc) {
+// Runtime (rows, blocks), as tile_blocks chose them, to the template. R: row element, P: panel element
+// (A, or bf16 rows against bf16x2 pairs), A: the sums.
+template <int G, int MR, typename R, typename P, typename A>
+inline void gemm_nb(int nb, const R* const* rows, const P* panel, int64_t K, int64_t ks, int64_t bs, Tile<A>& acc) {
   constexpr int cap = kAcc / (MR * G);
-  if constexpr (cap >= 8) if (nb == 8) return gemm_tile<MR, 8, G, A>(rows, panel, K, ks, bs, acc);
-  if constexpr (cap >= 4) if (nb == 4) return gemm_tile<MR, 4, G, A>(rows, panel, K, ks, bs, acc);
-  if constexpr (cap >= 2) if (nb == 2) return gemm_tile<MR, 2, G, A>(rows, panel, K, ks, bs, acc);
-  gemm_tile<MR, 1, G, A>(rows, panel, K, ks, bs, acc);
+  if constexpr (cap >= 8) if (nb == 8) return gemm_tile<MR, 8, G>(rows, panel, K, ks, bs, acc);
+  if constexpr (cap >= 4) if (nb == 4) return gemm_tile<MR, 4, G>(rows, panel, K, ks, bs, acc);
+  if constexpr (cap >= 2) if (nb == 2) return gemm_tile<MR, 2, G>(rows, panel, K, ks, bs, acc);
+  gemm_tile<MR, 1, G>(rows, panel, K, ks, bs, acc);
 }
-template <int G, typename A>
-inline void gemm_block(int mr, int nb, const A* const* rows, const A* panel, int64_t K, int64_t kstride,
+template <int G, typename R, typename P, typename A>
+inline void gemm_block(int mr, int nb, const R* const* rows, const P* panel, int64_t K, int64_t kstride,
                        int64_t bstride, Tile<A>& acc) {
-  if constexpr (kMR >= 4) if (mr == 4) return gemm_nb<G, kMR >= 4 ? 4 : 1, A>(nb, rows, panel, K, kstride, bstride, acc);
-  if constexpr (kMR >= 3) if (mr == 3) return gemm_nb<G, kMR >= 3 ? 3 : 1, A>(nb, rows, panel, K, kstride, bstride, acc);
-  if (mr == 2) return gemm_nb<G, 2, A>(nb, rows, panel, K, kstride, bstride, acc);
-  gemm_nb<G, 1, A>(nb, rows, panel, K, kstride, bstride, acc);
+  if constexpr (kMR >= 4) if (mr == 4) return gemm_nb<G, kMR >= 4 ? 4 : 1>(nb, rows, panel, K, kstride, bstride, acc);
+  if constexpr (kMR >= 3) if (mr == 3) return gemm_nb<G, kMR >= 3 ? 3 : 1>(nb, rows, panel, K, kstride, bstride, acc);
+  if (mr == 2) return gemm_nb<G, 2>(nb, rows, panel, K, kstride, bstride, acc);
+  gemm_nb<G, 1>(nb, rows, panel, K, kstride, bstride, acc);
 }
 
 // The tiled loop every product here shares: for row tiles r0 (of up to kMR rows from `row_ptr`) and
 // unit blocks [blk0, blk1) in groups, the tile's sums, then `epi(b, blk, tile, r, col)` for each row
-// and block, with the block's G sums at tile.v[r][col + g].
-template <int G, typename A, typename RowPtr, typename Epi>
-inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const A* panel, int64_t K, int64_t kstride,
+// and block, with the block's G sums at tile.v[r][col + g]. P is the panel's element: A, or bf16x2
+// (then rows are bf16, K and the strides count pairs of k, and the sums are float).
+template <int G, typename P, typename RowPtr, typename Epi>
+inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* panel, int64_t K, int64_t kstride,
                           int64_t bstride, RowPtr row_ptr, Epi epi) {
+  using R = typename std::remove_cv<typename std::remove_pointer<decltype(row_ptr(0))>::type>::type;
+  using A = typename AccOf<P>::type;
   for (int64_t r0 = 0; r0 < nrows; r0 += kMR) {
     const int mr = static_cast<int>(nrows - r0 < kMR ? nrows - r0 : kMR);
-    const A* rows[kMR];
+    const R* rows[kMR];
     for (int r = 0; r < mr; ++r) rows[r] = row_ptr(r0 + r);
     for (int64_t blk = blk0; blk < blk1;) {
       const int nb = tile_blocks<G>(mr, blk1 - blk);
       Tile<A> acc;
-      gemm_block<G, A>(mr, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
+      gemm_block<G>(mr, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
       for (int bi = 0; bi < nb; ++bi, ++blk)
         for (int r = 0; r < mr; ++r) epi(r0 + r, blk, acc, r, bi * G);
     }
@@ -276,12 +394,16 @@ inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const A* pa
 //   fproj [ceil(P/L)][H][L]      w_hr, forward (proj)
 //   bmain [ceil(K/L)][G*H][L]    w_hh transposed: block over state units, j over the G*H gate rows
 //   bproj [ceil(H/L)][P][L]      w_hr transposed (proj)
+// bfloat16 storage on levels with bfloat16 dot products (kBf16Dot) adds the forward sections again as
+// bf16x2 pairs of k (one pair per A element), the second of a pair zero past the last k:
+//   fmain2 [ceil(H/L)][ceil(K/2)][G][L]   fproj2 [ceil(P/L)][ceil(H/2)][L]
 struct Layout {
   int64_t L, U, UK, UP, H, K, P, G;
-  int64_t fmain, fproj, bmain, bproj, packed_numel;
+  int64_t fmain, fproj, bmain, bproj, fmain2, fproj2, packed_numel;
+  bool dot;  // the pair sections exist, and the forward uses them
 };
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline Layout layout_of(const RnnShape& s, int64_t L) {
+inline Layout layout_of(const RnnShape& s, int64_t L, bool dot = false) {
   Layout l;
   l.L = L;
   l.H = s.hidden;
@@ -295,7 +417,10 @@ inline Layout layout_of(const RnnShape& s, int64_t L) {
   l.fproj = l.fmain + l.U * l.K * l.G * L;
   l.bmain = l.fproj + l.UP * l.H * L;
   l.bproj = l.bmain + l.UK * l.G * l.H * L;
-  l.packed_numel = l.bproj + l.U * l.P * L;
+  l.fmain2 = l.bproj + l.U * l.P * L;
+  l.fproj2 = l.fmain2 + l.U * ceil_div(l.K, 2) * l.G * L;
+  l.dot = dot;
+  l.packed_numel = dot ? l.fproj2 + l.UP * ceil_div(l.H, 2) * L : l.fmain2;
   return l;
 }
 

@@ -7,14 +7,19 @@ namespace rnn {
 namespace {
 
 // ---- sizes ------------------------------------------------------------------------------------------
-RnnSizes sizes(const RnnShape& s, int64_t B, bool is_double) {
-  const int64_t L = is_double ? lanes<double>() : lanes<float>();
-  const Layout l = layout_of(s, L);
+// The forward reads bfloat16 pair sections (Layout::dot) for bfloat16 storage where the level has
+// bfloat16 dot products.
+inline bool uses_dot(DType dtype) { return kBf16Dot && dtype == DType::BFloat16; }
+
+RnnSizes sizes(const RnnShape& s, int64_t B, DType dtype) {
+  const int64_t L = dtype == DType::Float64 ? lanes<double>() : lanes<float>();
+  const Layout l = layout_of(s, L, uses_dot(dtype));
   RnnSizes r;
   r.lanes = L;
   r.packed_numel = l.packed_numel;
   const int64_t Kp = l.UK * L, Hp = l.U * L;
-  const int64_t fwd = 2 * B * Kp + 4 * B * Hp;                  // h (double buffer), c, m, r*h, z
+  // h (double buffer), c, m, r*h, z; with pair sections, bfloat16 copies of h (x2), m and r*h.
+  const int64_t fwd = 2 * B * Kp + 4 * B * Hp + (l.dot ? B * (Kp + Hp) : 0);
   const int64_t bwd = B * (2 * Kp + Hp + 2 * l.G * l.H);        // dh_rec, dh_total, dc, dG (x2)
   r.workspace_numel = (fwd > bwd ? fwd : bwd) + 8 * L;          // + room to align each buffer
   reserve_layout(l, s.mode, &r.reserve_cols, &r.reserve_hprev);
@@ -37,9 +42,28 @@ void pack_section(A* dst, const T* src, int64_t units, int64_t K, int64_t G, int
         }
 }
 
+// Pair sections: dst[u][j][g][l] holds src at k = 2j (low half) and 2j + 1 (high half), 0 past `units`
+// and past K.
+void pack_pairs(bf16x2* dst, const bf16* src, int64_t units, int64_t K, int64_t G, int64_t L, int64_t gate_stride,
+                int64_t unit_stride) {
+  const int64_t U = ceil_div(units, L), K2 = ceil_div(K, 2);
+  for (int64_t u = 0; u < U; ++u)
+    for (int64_t j = 0; j < K2; ++j)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t n = u * L + l, k = 2 * j;
+          uint32_t v = 0;
+          if (n < units) {
+            const bf16* s = src + g * gate_stride + n * unit_stride;
+            v = uint32_t(s[k].bits) | (k + 1 < K ? uint32_t(s[k + 1].bits) << 16 : 0u);
+          }
+          dst[((u * K2 + j) * G + g) * L + l].bits = v;
+        }
+}
+
 template <typename T, typename A>
 void pack_typed(const RnnPackParams& p) {
-  const Layout l = layout_of(p.shape, lanes<A>());
+  const Layout l = layout_of(p.shape, lanes<A>(), uses_dot(p.dtype));
   A* out = static_cast<A*>(p.out);
   const T* whh = static_cast<const T*>(p.w_hh);
   pack_section(out + l.fmain, whh, l.H, l.K, l.G, l.L, l.H * p.ld_w_hh, p.ld_w_hh, 1);
@@ -48,6 +72,14 @@ void pack_typed(const RnnPackParams& p) {
     const T* whr = static_cast<const T*>(p.w_hr);
     pack_section(out + l.fproj, whr, l.P, l.H, 1, l.L, 0, p.ld_w_hr, 1);
     pack_section(out + l.bproj, whr, l.H, l.P, 1, l.L, 0, 1, p.ld_w_hr);
+  }
+  if constexpr (std::is_same<T, bf16>::value) {
+    if (l.dot) {
+      pack_pairs(reinterpret_cast<bf16x2*>(out + l.fmain2), whh, l.H, l.K, l.G, l.L, l.H * p.ld_w_hh, p.ld_w_hh);
+      if (l.P > 0)
+        pack_pairs(reinterpret_cast<bf16x2*>(out + l.fproj2), static_cast<const T*>(p.w_hr), l.P, l.H, 1, l.L, 0,
+                   p.ld_w_hr);
+    }
   }
 }
 
@@ -70,6 +102,9 @@ struct FwdCtx {
   A* m;        // [B][Hp] LSTM proj: o * tanh(c), input of the projection
   A* rh;       // [B][Hp] GRU reset_before: r * h_{t-1}, input of the n-gate product
   A* z;        // [B][Hp] GRU reset_before: z kept between the two phases
+  bf16* h2[2]; // [B][Kp] each, Layout::dot: hbuf rounded to bfloat16, the rows of the pair products
+  bf16* m2;    // [B][Hp] Layout::dot: m rounded
+  bf16* rh2;   // [B][Hp] Layout::dot: r * h rounded
   bool relu;
 };
 
@@ -81,6 +116,17 @@ void fwd_worker(void* raw, const Team& team) {
   const Layout& l = c.l;
   const RnnSeq& q = p.seq;
   constexpr int L = lanes<A>();
+  // bfloat16 storage: pair products where the level has them (l.dot), and the float activations.
+  constexpr bool BF = std::is_same<T, bf16>::value;
+  const bool dot = l.dot;
+  auto tanh_ = [](V<A> v) {
+    if constexpr (BF) return vtanh_f(v);
+    else return vtanh(v);
+  };
+  auto sigmoid_ = [](V<A> v) {
+    if constexpr (BF) return vsigmoid_f(v);
+    else return vsigmoid(v);
+  };
   const int64_t H = l.H, K = l.K, P = l.P, B = q.batch, Kp = l.UK * L, Hp = l.U * L;
   const int64_t rc = c.sz.reserve_cols, hprev_col = c.sz.reserve_hprev;
   int64_t u0, u1, p0, p1, k0, k1;
@@ -100,7 +146,9 @@ void fwd_worker(void* raw, const Team& team) {
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t kb = k0; kb < k1; ++kb) {
       const int valid = static_cast<int>(K - kb * L < L ? K - kb * L : L);
-      store<A>(c.hbuf[0] + b * Kp + kb * L, h0 ? load<A>(h0 + b * K + kb * L, valid) : splat(A(0)), L);
+      const V<A> h = h0 ? load<A>(h0 + b * K + kb * L, valid) : splat(A(0));
+      store<A>(c.hbuf[0] + b * Kp + kb * L, h, L);
+      if constexpr (BF) if (dot) store_bf16(c.h2[0] + b * Kp + kb * L, h);
     }
     if (VAR == Variant::Lstm)
       for (int64_t u = u0; u < u1; ++u) {
@@ -114,6 +162,12 @@ void fwd_worker(void* raw, const Team& team) {
     const int64_t nb = seq_active(q, s);
     const A* hp = c.hbuf[s & 1];
     A* hn = c.hbuf[(s + 1) & 1];
+    bf16* hn2 = c.h2[(s + 1) & 1];
+    // h_t of (row b, block blk) for the next step's product.
+    auto put_h = [&](int64_t b, int64_t blk, V<A> h) {
+      store<A>(hn + b * Kp + blk * L, h, L);
+      if constexpr (BF) if (dot) store_bf16(hn2 + b * Kp + blk * L, h);
+    };
     // Gates for own unit blocks: the tile's recurrent sums, then the state update of (row b, block u).
     auto epilogue = [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
@@ -122,14 +176,14 @@ void fwd_worker(void* raw, const Team& team) {
       const T* gx = xg + row * p.ld_gates + u * L;
       A* rr = res ? res + row * rc : nullptr;
       if (VAR == Variant::Lstm) {
-        const V<A> i = vsigmoid(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> f = vsigmoid(acc.v[r][col + 1] + load<A>(gx + H, valid));
-        const V<A> g = vtanh(acc.v[r][col + 2] + load<A>(gx + 2 * H, valid));
-        const V<A> o = vsigmoid(acc.v[r][col + 3] + load<A>(gx + 3 * H, valid));
+        const V<A> i = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
+        const V<A> f = sigmoid_(acc.v[r][col + 1] + load<A>(gx + H, valid));
+        const V<A> g = tanh_(acc.v[r][col + 2] + load<A>(gx + 2 * H, valid));
+        const V<A> o = sigmoid_(acc.v[r][col + 3] + load<A>(gx + 3 * H, valid));
         A* cv = c.c + b * Hp + u * L;
         const V<A> cnew = f * load<A>(cv, L) + i * g;
         store<A>(cv, cnew, L);
-        const V<A> h = o * vtanh(cnew);
+        const V<A> h = o * tanh_(cnew);
         if (rr) {
           store<A>(rr + u * L, i, valid);
           store<A>(rr + H + u * L, f, valid);
@@ -140,21 +194,22 @@ void fwd_worker(void* raw, const Team& team) {
         if (last) store<A>(c_n + b * H + u * L, cnew, valid);
         if (P > 0) {
           store<A>(c.m + b * Hp + u * L, h, L);
+          if constexpr (BF) if (dot) store_bf16(c.m2 + b * Hp + u * L, h);
           if (rr) store<A>(rr + 5 * H + u * L, h, valid);
         } else {
-          store<A>(hn + b * Kp + u * L, h, L);
+          put_h(b, u, h);
           store<A>(y + row * p.ld_y + u * L, h, valid);
           if (rr) store<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
           if (last) store<A>(h_n + b * K + u * L, h, valid);
         }
       } else if (VAR == Variant::GruAfter) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
-        const V<A> rg = vsigmoid(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> zg = vsigmoid(acc.v[r][col + 1] + load<A>(gx + H, valid));
+        const V<A> rg = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
+        const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + H, valid));
         const V<A> hng = acc.v[r][col + 2] + (bhn ? load<A>(bhn + u * L, valid) : splat(A(0)));
-        const V<A> ng = vtanh(load<A>(gx + 2 * H, valid) + rg * hng);
+        const V<A> ng = tanh_(load<A>(gx + 2 * H, valid) + rg * hng);
         const V<A> h = (A(1) - zg) * ng + zg * hprev;
-        store<A>(hn + b * Kp + u * L, h, L);
+        put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (last) store<A>(h_n + b * K + u * L, h, valid);
         if (rr) {
@@ -166,10 +221,11 @@ void fwd_worker(void* raw, const Team& team) {
         }
       } else if (VAR == Variant::GruBefore) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
-        const V<A> rg = vsigmoid(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> zg = vsigmoid(acc.v[r][col + 1] + load<A>(gx + H, valid));
+        const V<A> rg = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
+        const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + H, valid));
         const V<A> rhv = rg * hprev;
         store<A>(c.rh + b * Hp + u * L, rhv, L);
+        if constexpr (BF) if (dot) store_bf16(c.rh2 + b * Hp + u * L, rhv);
         store<A>(c.z + b * Hp + u * L, zg, L);
         if (rr) {
           store<A>(rr + u * L, rg, valid);
@@ -179,8 +235,8 @@ void fwd_worker(void* raw, const Team& team) {
         }
       } else {
         const V<A> pre = acc.v[r][col] + load<A>(gx, valid);
-        const V<A> h = c.relu ? vrelu(pre) : vtanh(pre);
-        store<A>(hn + b * Kp + u * L, h, L);
+        const V<A> h = c.relu ? vrelu(pre) : tanh_(pre);
+        put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (last) store<A>(h_n + b * K + u * L, h, valid);
         if (rr) {
@@ -189,23 +245,42 @@ void fwd_worker(void* raw, const Team& team) {
         }
       }
     };
-    auto hrow = [&](int64_t b) { return hp + b * Kp; };
-    if constexpr (VAR == Variant::Lstm) tiled_product<4, A>(nb, u0, u1, packed + l.fmain, K, 4 * L, K * 4 * L, hrow, epilogue);
-    if constexpr (VAR == Variant::GruAfter) tiled_product<3, A>(nb, u0, u1, packed + l.fmain, K, 3 * L, K * 3 * L, hrow, epilogue);
-    if constexpr (VAR == Variant::GruBefore) tiled_product<2, A>(nb, u0, u1, packed + l.fmain, K, 3 * L, K * 3 * L, hrow, epilogue);
-    if constexpr (VAR == Variant::Rnn) tiled_product<1, A>(nb, u0, u1, packed + l.fmain, K, L, K * L, hrow, epilogue);
+    // The products: gate sums of own unit blocks (G of the panel's GP gates from gate g0) over rows of
+    // `rows` (K wide), in A, or in bf16 pairs from the pair section at `off2`.
+    auto product = [&](auto gates, int64_t GP, int64_t g0, int64_t b0, int64_t b1, int64_t off, int64_t off2,
+                       int64_t KK, const A* rows, const bf16* rows2, int64_t ld, auto epi) {
+      constexpr int G = decltype(gates)::value;
+      if constexpr (BF && kBf16Dot) {
+        if (dot) {
+          const int64_t K2 = ceil_div(KK, 2);
+          const bf16x2* panel = reinterpret_cast<const bf16x2*>(packed + off2) + g0 * L;
+          tiled_product<G>(nb, b0, b1, panel, K2, GP * L, K2 * GP * L, [&](int64_t b) { return rows2 + b * ld; }, epi);
+          return;
+        }
+      }
+      tiled_product<G>(nb, b0, b1, packed + off + g0 * L, KK, GP * L, KK * GP * L,
+                       [&](int64_t b) { return rows + b * ld; }, epi);
+    };
+    using G1 = std::integral_constant<int, 1>;
+    const bf16* hp2 = c.h2[s & 1];
+    if constexpr (VAR == Variant::Lstm)
+      product(std::integral_constant<int, 4>(), 4, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
+    if constexpr (VAR == Variant::GruAfter)
+      product(std::integral_constant<int, 3>(), 3, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
+    if constexpr (VAR == Variant::GruBefore)
+      product(std::integral_constant<int, 2>(), 3, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
+    if constexpr (VAR == Variant::Rnn) product(G1(), 1, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
     if (VAR == Variant::GruBefore) {
       // Phase 2: n = tanh(x_n + W_hn (r * h_{t-1})) needs every unit's r * h_{t-1}.
       team.sync();
-      tiled_product<1, A>(nb, u0, u1, packed + l.fmain + 2 * L, K, 3 * L, K * 3 * L,
-                          [&](int64_t b) { return c.rh + b * Hp; },
-                          [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
+      product(G1(), 3, 2, u0, u1, l.fmain, l.fmain2, K, c.rh, c.rh2, Hp,
+              [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         const int64_t row = seq_row(q, s, b);
-        const V<A> ng = vtanh(acc.v[r][col] + load<A>(xg + row * p.ld_gates + 2 * H + u * L, valid));
+        const V<A> ng = tanh_(acc.v[r][col] + load<A>(xg + row * p.ld_gates + 2 * H + u * L, valid));
         const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
         const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
-        store<A>(hn + b * Kp + u * L, h, L);
+        put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + u * L, h, valid);
         if (res) store<A>(res + row * rc + 2 * H + u * L, ng, valid);
@@ -214,11 +289,11 @@ void fwd_worker(void* raw, const Team& team) {
     if (VAR == Variant::Lstm && P > 0) {
       // Projection: h_t = W_hr m_t needs every unit's m_t.
       team.sync();
-      tiled_product<1, A>(nb, p0, p1, packed + l.fproj, H, L, H * L, [&](int64_t b) { return c.m + b * Hp; },
-                          [&](int64_t b, int64_t pb, const Tile<A>& acc, int r, int col) {
+      product(G1(), 1, 0, p0, p1, l.fproj, l.fproj2, H, c.m, c.m2, Hp,
+              [&](int64_t b, int64_t pb, const Tile<A>& acc, int r, int col) {
         const int valid = static_cast<int>(P - pb * L < L ? P - pb * L : L);
         const int64_t row = seq_row(q, s, b);
-        store<A>(hn + b * Kp + pb * L, acc.v[r][col], L);
+        put_h(b, pb, acc.v[r][col]);
         store<A>(y + row * p.ld_y + pb * L, acc.v[r][col], valid);
         if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + pb * L, acc.v[r][col], valid);
         if (res) store<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid);
@@ -232,8 +307,8 @@ template <Variant VAR, typename T, typename A>
 void forward_variant(const RnnFwdParams& p) {
   FwdCtx<A> c;
   c.p = &p;
-  c.l = layout_of(p.shape, lanes<A>());
-  c.sz = sizes(p.shape, p.seq.batch, std::is_same<A, double>::value);
+  c.l = layout_of(p.shape, lanes<A>(), uses_dot(p.dtype));
+  c.sz = sizes(p.shape, p.seq.batch, p.dtype);
   const int64_t L = c.l.L, B = p.seq.batch, Kp = c.l.UK * L, Hp = c.l.U * L;
   A* ws = static_cast<A*>(p.workspace);
   c.hbuf[0] = ws;
@@ -242,6 +317,11 @@ void forward_variant(const RnnFwdParams& p) {
   c.m = c.c + B * Hp;
   c.rh = c.m + B * Hp;
   c.z = c.rh + B * Hp;
+  bf16* w2 = reinterpret_cast<bf16*>(c.z + B * Hp);  // Layout::dot only (sizes() counts it then)
+  c.h2[0] = w2;
+  c.h2[1] = w2 + B * Kp;
+  c.m2 = c.h2[1] + B * Kp;
+  c.rh2 = c.m2 + B * Hp;
   c.relu = p.shape.mode == RnnMode::RnnRelu;
   int64_t blocks = c.l.U;
   const int64_t macs = B * c.l.G * c.l.H * c.l.K + B * c.l.P * c.l.H;

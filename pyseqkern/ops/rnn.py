@@ -62,10 +62,10 @@ _SIZES: dict = {}
 
 def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype):
     """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev) for the active ISA level."""
-    key = (mode, reset_after, hidden, proj, batch, dtype == torch.float64, _backend.active_isa())
+    key = (mode, reset_after, hidden, proj, batch, dtype, _backend.active_isa())
     got = _SIZES.get(key)
     if got is None:
-        got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, dtype == torch.float64)
+        got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, str(dtype).split(".")[-1])
     return got
 
 

@@ -62,7 +62,7 @@ def sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtyp
     key = (mode, reset_after, hidden, proj, batch, dtype == torch.float64)
     got = _SIZES.get(key)
     if got is None:
-        got = _SIZES[key] = tuple(_C.rnn_sizes(mode, reset_after, hidden, proj, batch, dtype == torch.float64,
+        got = _SIZES[key] = tuple(_C.rnn_sizes(mode, reset_after, hidden, proj, batch, str(dtype).split(".")[-1],
                                                cuda=True))
     return got
 

@@ -21,9 +21,11 @@
   const Struct* family##_kernels_baseline();                                                \
   const Struct* family##_kernels_avx2();                                                    \
   const Struct* family##_kernels_avx512();                                                  \
+  const Struct* family##_kernels_avx512bf16();                                              \
   }                                                                                         \
   inline const Struct& family##_cpu_kernels() {                                             \
     switch (isa_active()) {                                                                 \
+      case Isa::Avx512Bf16: return *cpu::family##_kernels_avx512bf16();                     \
       case Isa::Avx512: return *cpu::family##_kernels_avx512();                             \
       case Isa::Avx2: return *cpu::family##_kernels_avx2();                                 \
       default: return *cpu::family##_kernels_baseline();                                    \

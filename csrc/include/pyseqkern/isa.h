@@ -8,10 +8,12 @@
 
 namespace pyseqkern {
 
-enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
-constexpr int kIsaCount = 3;
+// avx512bf16 is avx512 plus AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later): bfloat16 dot
+// products at twice the float32 FMA rate, used by the bfloat16 kernels; other dtypes run as on avx512.
+enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+constexpr int kIsaCount = 4;
 
-const char* isa_name(Isa isa);            // "baseline", "avx2", "avx512"
+const char* isa_name(Isa isa);            // "baseline", "avx2", "avx512", "avx512bf16"
 bool isa_parse(const char* name, Isa* out);
 bool isa_compiled(Isa isa);               // built into this binary
 bool isa_cpu_supports(Isa isa);           // the running CPU and OS can execute it

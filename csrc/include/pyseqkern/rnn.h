@@ -49,7 +49,8 @@ struct RnnSeq {
   bool reverse;
 };
 
-// Sizes a caller allocates (elements of A), for the lane width L of the active kernels. Reserve rows
+// Sizes a caller allocates (elements of A), for the storage dtype and the lane width L of the active
+// kernels (levels with bfloat16 dot products pack extra bfloat16 copies for that dtype). Reserve rows
 // hold, per row of sequence data, in this order:
 //   LSTM: i, f, g, o activations [4H]; c_t [H]; m = o * tanh(c_t) [H] (proj only); h_prev [K]
 //   GRU:  r, z, n [3H]; reset_after: W_hn h_prev + b_hn [H], else r * h_prev [H]; h_prev [H]
@@ -122,7 +123,7 @@ struct RnnBwdParams {
 };
 
 struct RnnCpuKernels {
-  RnnSizes (*sizes)(const RnnShape& shape, int64_t batch, bool is_double);
+  RnnSizes (*sizes)(const RnnShape& shape, int64_t batch, DType dtype);
   void (*pack)(const RnnPackParams& p);
   void (*forward)(const RnnFwdParams& p);
   void (*backward)(const RnnBwdParams& p);
