@@ -229,15 +229,17 @@ RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cu
 #endif
 }
 
+DType rnn_dtype(const std::string& dtype) {
+  if (dtype == "float32") return DType::Float32;
+  if (dtype == "float64") return DType::Float64;
+  if (dtype == "float16") return DType::Float16;
+  if (dtype == "bfloat16") return DType::BFloat16;
+  throw py::value_error("pyseqkern: rnn: 'dtype' must be float32, float64, float16 or bfloat16, got '" + dtype + "'");
+}
+
 py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t batch,
                           const std::string& dtype, bool cuda) {
-  DType dt;
-  if (dtype == "float32") dt = DType::Float32;
-  else if (dtype == "float64") dt = DType::Float64;
-  else if (dtype == "float16") dt = DType::Float16;
-  else if (dtype == "bfloat16") dt = DType::BFloat16;
-  else throw py::value_error("pyseqkern: rnn_sizes: 'dtype' must be float32, float64, float16 or bfloat16, got '" + dtype + "'");
-  const RnnSizes s = rnn_sizes_of(rnn_shape(mode, reset_after, hidden, proj), batch, dt, cuda);
+  const RnnSizes s = rnn_sizes_of(rnn_shape(mode, reset_after, hidden, proj), batch, rnn_dtype(dtype), cuda);
   return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev);
 }
 
@@ -312,6 +314,36 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
   rnn_cpu_kernels().pack(p);
 }
 
+// The CPU input panel (rnn.h RnnPackInputParams): its size for the active level, 0 where the forward
+// cannot project the input itself (bfloat16 without dot products, or with an odd I).
+int64_t rnn_input_panel_numel_entry(int mode, bool reset_after, int64_t hidden, int64_t input, const std::string& dtype) {
+  if (input < 1) throw py::value_error("pyseqkern: rnn_input_panel_numel: 'input' must be >= 1");
+  return rnn_cpu_kernels().input_panel_numel(rnn_shape(mode, reset_after, hidden, 0), input, rnn_dtype(dtype));
+}
+
+void rnn_pack_input_entry(int mode, bool reset_after, int64_t hidden, py::handle w_ih_c, py::handle out_c) {
+  RnnPackInputParams p{};
+  p.shape = rnn_shape(mode, reset_after, hidden, 0);
+  TensorView w = view_of(w_ih_c, "w_ih"), out = view_of(out_c, "out");
+  if (w.device != DeviceKind::Cpu || out.device != DeviceKind::Cpu)
+    throw py::value_error("pyseqkern: rnn_pack_input: CPU tensors only");
+  p.dtype = w.dtype;
+  p.w_ih = w.data;
+  p.ld_w_ih = row_stride(w, "w_ih");
+  p.input = w.sizes[1];
+  if (w.sizes[0] != rnn_gate_count(p.shape.mode) * hidden)
+    throw py::value_error("pyseqkern: rnn_pack_input: 'w_ih' must be [G*H, I]");
+  const int64_t numel = rnn_cpu_kernels().input_panel_numel(p.shape, p.input, w.dtype);
+  if (numel == 0)
+    throw py::value_error(std::string("pyseqkern: rnn_pack_input: no input panel for ") + dtype_name(w.dtype) +
+                          " with I = " + std::to_string(p.input) + " at this CPU level");
+  if (out.numel() < numel || out.dtype != (w.dtype == DType::Float64 ? DType::Float64 : DType::Float32))
+    throw py::value_error("pyseqkern: rnn_pack_input: 'out' is too small or of the wrong dtype");
+  p.out = out.data;
+  py::gil_scoped_release nogil;
+  rnn_cpu_kernels().pack_input(p);
+}
+
 RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle time_offsets, py::handle lengths,
                int64_t row_stride_t, int64_t row_stride_b, bool reverse) {
   RnnSeq q{};
@@ -336,14 +368,35 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
                        int64_t row_stride_b, bool reverse, py::handle x_gates, py::handle b_hn, py::handle h0,
                        py::handle c0, py::handle y, int64_t ld_y, py::handle h_n, py::handle c_n, py::handle packed,
                        py::handle reserve, py::handle workspace, int num_threads, uintptr_t stream,
-                       int path) {
+                       int path, py::handle x, py::handle packed_in) {
   RnnFwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
-  TensorView xg = view_of(x_gates, "x_gates");
-  p.dtype = xg.dtype;
-  p.x_gates = xg.data;
-  p.ld_gates = row_stride(xg, "x_gates");
+  if (!x.is_none()) {
+    // The forward projects the input itself (CPU): x_gates is the bias row [1, G*H] or None.
+    TensorView xv = view_of(x, "x"), pin = view_of(packed_in, "packed_in");
+    if (xv.device != DeviceKind::Cpu || pin.device != DeviceKind::Cpu)
+      throw py::value_error("pyseqkern: rnn_forward: 'x' (in-kernel input projection) is CPU only");
+    p.dtype = xv.dtype;
+    p.x = xv.data;
+    p.ld_x = row_stride(xv, "x");
+    p.input = xv.sizes[1];
+    p.packed_in = pin.data;
+    const int64_t numel = rnn_cpu_kernels().input_panel_numel(p.shape, p.input, p.dtype);
+    if (numel == 0 || pin.numel() < numel)
+      throw py::value_error("pyseqkern: rnn_forward: 'packed_in' must be rnn_pack_input's output for this 'x'");
+    if (!x_gates.is_none()) {
+      TensorView b = view_of(x_gates, "x_gates");
+      if (b.dtype != p.dtype || b.numel() != rnn_gate_count(p.shape.mode) * hidden || !b.is_contiguous())
+        throw py::value_error("pyseqkern: rnn_forward: with 'x', 'x_gates' is the [G*H] bias row in x's dtype");
+      p.x_gates = b.data;
+    }
+  } else {
+    TensorView xg = view_of(x_gates, "x_gates");
+    p.dtype = xg.dtype;
+    p.x_gates = xg.data;
+    p.ld_gates = row_stride(xg, "x_gates");
+  }
   p.b_hn = opt_dense(b_hn, "b_hn");
   p.h0 = opt_dense(h0, "h0");
   p.c0 = opt_dense(c0, "c0");
@@ -355,8 +408,9 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   p.reserve = const_cast<void*>(opt_data(reserve, "reserve"));
   p.workspace = view_of(workspace, "workspace").data;
   p.num_threads = num_threads;
-  if (xg.device != DeviceKind::Cpu) {
+  if (p.x == nullptr && view_of(x_gates, "x_gates").device != DeviceKind::Cpu) {
 #ifdef PSK_WITH_CUDA
+    TensorView xg = view_of(x_gates, "x_gates");
     const std::pair<py::handle, const char*> tensors[] = {
         {b_hn, "b_hn"}, {h0, "h0"}, {c0, "c0"}, {y, "y"}, {h_n, "h_n"}, {c_n, "c_n"},
         {packed, "packed"}, {reserve, "reserve"}, {workspace, "workspace"}};
@@ -475,10 +529,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("rnn_forward", &rnn_forward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
         py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),
-        py::arg("row_stride_b"), py::arg("reverse"), py::arg("x_gates"), py::arg("b_hn").none(true),
+        py::arg("row_stride_b"), py::arg("reverse"), py::arg("x_gates").none(true), py::arg("b_hn").none(true),
         py::arg("h0").none(true), py::arg("c0").none(true), py::arg("y"), py::arg("ld_y"), py::arg("h_n"),
         py::arg("c_n").none(true), py::arg("packed"), py::arg("reserve").none(true), py::arg("workspace"),
-        py::arg("num_threads"), py::arg("stream") = 0, py::arg("path") = 0);
+        py::arg("num_threads"), py::arg("stream") = 0, py::arg("path") = 0, py::arg("x") = py::none(),
+        py::arg("packed_in") = py::none());
+  m.def("rnn_input_panel_numel", &rnn_input_panel_numel_entry, py::arg("mode"), py::arg("reset_after"),
+        py::arg("hidden"), py::arg("input"), py::arg("dtype"));
+  m.def("rnn_pack_input", &rnn_pack_input_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
+        py::arg("w_ih"), py::arg("out"));
   m.def("rnn_backward", &rnn_backward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
         py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),

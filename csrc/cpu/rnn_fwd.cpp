@@ -83,6 +83,32 @@ void pack_typed(const RnnPackParams& p) {
   }
 }
 
+// Input panel: [U][I][G][L] of A (w_ih as fmain packs w_hh), then for bfloat16 on levels with dot
+// products the pairs [U][ceil(I/2)][G][L].
+int64_t input_panel_numel(const RnnShape& s, int64_t input, DType dtype) {
+  // bfloat16 rows are read as pairs of k: a level with dot products, and an even I (no pair past a row).
+  if (dtype == DType::BFloat16 && (!uses_dot(dtype) || input % 2)) return 0;
+  const Layout l = layout_of(s, dtype == DType::Float64 ? lanes<double>() : lanes<float>());
+  return l.U * input * l.G * l.L + (uses_dot(dtype) ? l.U * ceil_div(input, 2) * l.G * l.L : 0);
+}
+
+template <typename T, typename A>
+void pack_input_typed(const RnnPackInputParams& p) {
+  const Layout l = layout_of(p.shape, lanes<A>());
+  A* out = static_cast<A*>(p.out);
+  const T* w = static_cast<const T*>(p.w_ih);
+  pack_section(out, w, l.H, p.input, l.G, l.L, l.H * p.ld_w_ih, p.ld_w_ih, 1);
+  if constexpr (std::is_same<T, bf16>::value)
+    pack_pairs(reinterpret_cast<bf16x2*>(out + l.U * p.input * l.G * l.L), w, l.H, p.input, l.G, l.L,
+               l.H * p.ld_w_ih, p.ld_w_ih);
+}
+
+void pack_input(const RnnPackInputParams& p) {
+  if (p.dtype == DType::Float64) pack_input_typed<double, double>(p);
+  else if (p.dtype == DType::BFloat16) pack_input_typed<bf16, float>(p);
+  else pack_input_typed<float, float>(p);
+}
+
 void pack(const RnnPackParams& p) {
   if (p.dtype == DType::Float64) pack_typed<double, double>(p);
   else if (p.dtype == DType::BFloat16) pack_typed<bf16, float>(p);
@@ -105,6 +131,7 @@ struct FwdCtx {
   bf16* h2[2]; // [B][Kp] each, Layout::dot: hbuf rounded to bfloat16, the rows of the pair products
   bf16* m2;    // [B][Hp] Layout::dot: m rounded
   bf16* rh2;   // [B][Hp] Layout::dot: r * h rounded
+  void* xg_own;  // T [B][G][Hp] with RnnFwdParams::x: the step's x_gates, each block made by its owner
   bool relu;
 };
 
@@ -129,6 +156,11 @@ void fwd_worker(void* raw, const Team& team) {
   };
   const int64_t H = l.H, K = l.K, P = l.P, B = q.batch, Kp = l.UK * L, Hp = l.U * L;
   const int64_t rc = c.sz.reserve_cols, hprev_col = c.sz.reserve_hprev;
+  // x given: x_gates come from the thread's own projection (xgo, rows b, gates Hp apart) and xg is
+  // the bias row; else from x_gates (rows of sequence data, gates H apart).
+  const bool fused = p.x != nullptr;
+  T* xgo = static_cast<T*>(c.xg_own);
+  const int64_t gs = fused ? Hp : H;
   int64_t u0, u1, p0, p1, k0, k1;
   split_range(l.U, tid, nt, &u0, &u1);
   split_range(l.UP, tid, nt, &p0, &p1);
@@ -173,22 +205,22 @@ void fwd_worker(void* raw, const Team& team) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
       const int64_t row = seq_row(q, s, b);
       const bool last = s == seq_len(q, b) - 1;
-      const T* gx = xg + row * p.ld_gates + u * L;
+      const T* gx = fused ? xgo + b * l.G * Hp + u * L : xg + row * p.ld_gates + u * L;
       A* rr = res ? res + row * rc : nullptr;
       // The next step's x_gates of this (row, block), a step ahead: the projection GEMM wrote all of
       // x_gates before the call (6.5 MB for an LSTM at T=100, B=32, H=256, bfloat16), so its rows come
       // from memory, in a pattern (G short segments per row) the hardware prefetcher misses; waiting
       // for them took as long as the bfloat16 recurrent product.
-      if (!last) {
+      if (!last && !fused) {
         const T* next = xg + seq_row(q, s + 1, b) * p.ld_gates + u * L;
         for (int g = 0; g < (VAR == Variant::Lstm ? 4 : VAR == Variant::Rnn ? 1 : 3); ++g)
           __builtin_prefetch(next + g * H);
       }
       if (VAR == Variant::Lstm) {
         const V<A> i = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> f = sigmoid_(acc.v[r][col + 1] + load<A>(gx + H, valid));
-        const V<A> g = tanh_(acc.v[r][col + 2] + load<A>(gx + 2 * H, valid));
-        const V<A> o = sigmoid_(acc.v[r][col + 3] + load<A>(gx + 3 * H, valid));
+        const V<A> f = sigmoid_(acc.v[r][col + 1] + load<A>(gx + gs, valid));
+        const V<A> g = tanh_(acc.v[r][col + 2] + load<A>(gx + 2 * gs, valid));
+        const V<A> o = sigmoid_(acc.v[r][col + 3] + load<A>(gx + 3 * gs, valid));
         A* cv = c.c + b * Hp + u * L;
         const V<A> cnew = f * load<A>(cv, L) + i * g;
         store<A>(cv, cnew, L);
@@ -214,9 +246,9 @@ void fwd_worker(void* raw, const Team& team) {
       } else if (VAR == Variant::GruAfter) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
         const V<A> rg = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + H, valid));
+        const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + gs, valid));
         const V<A> hng = acc.v[r][col + 2] + (bhn ? load<A>(bhn + u * L, valid) : splat(A(0)));
-        const V<A> ng = tanh_(load<A>(gx + 2 * H, valid) + rg * hng);
+        const V<A> ng = tanh_(load<A>(gx + 2 * gs, valid) + rg * hng);
         const V<A> h = (A(1) - zg) * ng + zg * hprev;
         put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
@@ -231,7 +263,7 @@ void fwd_worker(void* raw, const Team& team) {
       } else if (VAR == Variant::GruBefore) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
         const V<A> rg = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + H, valid));
+        const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + gs, valid));
         const V<A> rhv = rg * hprev;
         store<A>(c.rh + b * Hp + u * L, rhv, L);
         if constexpr (BF) if (dot) store_bf16(c.rh2 + b * Hp + u * L, rhv);
@@ -272,6 +304,30 @@ void fwd_worker(void* raw, const Team& team) {
     };
     using G1 = std::integral_constant<int, 1>;
     const bf16* hp2 = c.h2[s & 1];
+    if (fused) {
+      // This step's x_gates for own blocks: x W_ih^T + the bias row, rounded to the storage dtype as
+      // torch's projection GEMM rounds its output.
+      constexpr int GX = VAR == Variant::Lstm ? 4 : VAR == Variant::Rnn ? 1 : 3;
+      const T* xin = static_cast<const T*>(p.x);
+      const A* pin = static_cast<const A*>(p.packed_in);
+      auto xrow = [&](int64_t b) { return xin + seq_row(q, s, b) * p.ld_x; };
+      auto xepi = [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
+        const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
+        T* dst = xgo + b * GX * Hp + u * L;
+        for (int g = 0; g < GX; ++g)
+          store<A>(dst + g * Hp, acc.v[r][col + g] + (xg ? load<A>(xg + g * H + u * L, valid) : splat(A(0))), L);
+      };
+      const int64_t I = p.input;
+      if constexpr (BF) {
+        if constexpr (kBf16Dot) {
+          const int64_t I2 = ceil_div(I, 2);
+          tiled_product<GX>(nb, u0, u1, reinterpret_cast<const bf16x2*>(pin + l.U * I * GX * L), I2, GX * L,
+                            I2 * GX * L, xrow, xepi);
+        }
+      } else {
+        tiled_product<GX>(nb, u0, u1, pin, I, GX * L, I * GX * L, xrow, xepi);
+      }
+    }
     if constexpr (VAR == Variant::Lstm)
       product(std::integral_constant<int, 4>(), 4, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
     if constexpr (VAR == Variant::GruAfter)
@@ -286,7 +342,8 @@ void fwd_worker(void* raw, const Team& team) {
               [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         const int64_t row = seq_row(q, s, b);
-        const V<A> ng = tanh_(acc.v[r][col] + load<A>(xg + row * p.ld_gates + 2 * H + u * L, valid));
+        const T* gxn = fused ? xgo + b * l.G * Hp + 2 * Hp + u * L : xg + row * p.ld_gates + 2 * H + u * L;
+        const V<A> ng = tanh_(acc.v[r][col] + load<A>(gxn, valid));
         const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
         const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
         put_h(b, u, h);
@@ -331,6 +388,8 @@ void forward_variant(const RnnFwdParams& p) {
   c.h2[1] = w2 + B * Kp;
   c.m2 = c.h2[1] + B * Kp;
   c.rh2 = c.m2 + B * Hp;
+  // After the forward's region as sizes() counts it (pair buffers included only when they exist).
+  c.xg_own = c.z + B * Hp + (c.l.dot ? B * (Kp + Hp) : 0);
   c.relu = p.shape.mode == RnnMode::RnnRelu;
   int64_t blocks = c.l.U;
   const int64_t macs = B * c.l.G * c.l.H * c.l.K + B * c.l.P * c.l.H;
@@ -370,4 +429,6 @@ PSK_ISA_NAMESPACE_END
 
 PSK_DEFINE_CPU_KERNELS(RnnCpuKernels, rnn,
                        {&PSK_CONCAT(isa_, PSK_ISA)::rnn::sizes, &PSK_CONCAT(isa_, PSK_ISA)::rnn::pack,
-                        &PSK_CONCAT(isa_, PSK_ISA)::rnn::forward, &PSK_CONCAT(isa_, PSK_ISA)::rnn::backward})
+                        &PSK_CONCAT(isa_, PSK_ISA)::rnn::forward, &PSK_CONCAT(isa_, PSK_ISA)::rnn::backward,
+                        &PSK_CONCAT(isa_, PSK_ISA)::rnn::input_panel_numel,
+                        &PSK_CONCAT(isa_, PSK_ISA)::rnn::pack_input})

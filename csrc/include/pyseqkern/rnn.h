@@ -74,6 +74,16 @@ struct RnnPackParams {
   void* out;
 };
 
+// The input panel (CPU only): w_ih [G*H, I] packed like w_hh's forward section, for forwards that
+// project the input themselves (RnnFwdParams::x). out [input_panel_numel] of A.
+struct RnnPackInputParams {
+  RnnShape shape;
+  DType dtype;
+  int64_t input;                      // I
+  const void* w_ih; int64_t ld_w_ih;
+  void* out;
+};
+
 struct RnnFwdParams {
   RnnShape shape;
   DType dtype;
@@ -88,8 +98,15 @@ struct RnnFwdParams {
   void* c_n;                              // [B, H] contiguous (LSTM)
   const void* packed;                     // rnn pack output
   void* reserve;                          // [N, reserve_cols] for training, or null (inference)
-  void* workspace;                        // [workspace_numel]
+  void* workspace;                        // [workspace_numel], plus B*G*ceil(H/L)*L when x is given
   int num_threads;                        // CPU
+  // CPU only, optional: the input itself, x [N, I] (rows as x_gates', storage dtype), and the input
+  // panel. Then each thread projects its own gate columns of the step's rows (x W_ih^T + the x_gates
+  // row) before the recurrent product, and x_gates is one row [G*H] of folded biases read for every
+  // (t, b) (ld_gates unused), or null for none. For small batches (cells) where a separate GEMM
+  // would stream W_ih once more through another loop. bfloat16 needs a level with bf16 dot products.
+  const void* x; int64_t ld_x; int64_t input;
+  const void* packed_in;
 };
 
 struct RnnBwdParams {
@@ -127,6 +144,8 @@ struct RnnCpuKernels {
   void (*pack)(const RnnPackParams& p);
   void (*forward)(const RnnFwdParams& p);
   void (*backward)(const RnnBwdParams& p);
+  int64_t (*input_panel_numel)(const RnnShape& shape, int64_t input, DType dtype);  // 0: not supported
+  void (*pack_input)(const RnnPackInputParams& p);
 };
 PSK_DECLARE_CPU_KERNELS(RnnCpuKernels, rnn)
 
