@@ -6,5 +6,6 @@ from ._backend import ISA_LEVELS, backend_info, set_cpu_isa
 from ._version import __version__
 from . import nn, ops
 from .convert import convert
+from .ops.rnn import empty_cache
 
-__all__ = ["__version__", "backend_info", "set_cpu_isa", "ISA_LEVELS", "ops", "nn", "convert"]
+__all__ = ["__version__", "backend_info", "set_cpu_isa", "ISA_LEVELS", "ops", "nn", "convert", "empty_cache"]

@@ -639,3 +639,23 @@ def test_bfloat16_pair_sections_only_where_the_level_has_bf16_dot_products(isa, 
     if isa == "avx512bf16":
         G, K, L = ops.GATES[mode], proj or H, 16
         assert bf - f32 == -(-H // L) * -(-K // 2) * G * L + (-(-proj // L) * -(-H // 2) * L if proj else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_backward_scratch_gives_the_op_paths_gradients(monkeypatch, mode, proj, reset_after, dtype):
+    """The eager CPU backward keeps its temporaries in a per-thread scratch (ops._Scratch) reused across
+    calls of different sizes; its gradients must be those of the op path bit for bit, call after call,
+    and empty_cache() must leave it working."""
+    cases = [make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, seed=T)
+             for T, B, H, lengths in [(9, 6, 11, None), (5, 3, 11, [5, 4, 2]), (12, 7, 11, None)]]
+    pooled = [outputs_and_grads(ops.rnn_layer, mode, x, bs, t, False, reset_after)[1] for x, bs, t in cases]
+    pyseqkern.empty_cache()
+    again = outputs_and_grads(ops.rnn_layer, mode, *cases[0], False, reset_after)[1]
+    monkeypatch.setattr(ops, "_plain_eager", lambda x: False)  # everything through torch.ops
+    for (x, bs, t), got in zip(cases, pooled):
+        want = outputs_and_grads(ops.rnn_layer, mode, x, bs, t, False, reset_after)[1]
+        for k in want:
+            assert_bitwise_equal(got[k], want[k], name=f"d{k}")
+    for k in again:
+        assert_bitwise_equal(again[k], pooled[0][k], name=f"d{k}")

@@ -24,6 +24,7 @@ are packed once per weight version (cache below). Dtypes: float32, float64, bflo
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -154,9 +155,11 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
 
 
 def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, scratch=None):
     """`transposed`: also return d_gates_x^T, d_gates_h^T (GRU reset_after, then in place of d_gates_h)
-    and h_prev^T, [cols, N] each, for the weight-gradient GEMMs (rnn.h); empty tensors otherwise."""
+    and h_prev^T, [cols, N] each, for the weight-gradient GEMMs (rnn.h); empty tensors otherwise.
+    `scratch` (the autograd backward's direct call only): a _Scratch whose buffers hold everything but
+    dh0 and dc0, which the caller consumes before its next call."""
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
     n = reserve.shape[0]
@@ -164,16 +167,18 @@ def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     dev = reserve.device
     ws_numel = _sizes(mode, reset_after, hidden, proj, batch, dtype)[2]
     e = lambda *shape: torch.empty(*shape, dtype=dtype, device=dev)
+    s = e if scratch is None else (lambda *shape: scratch.take(shape, dtype))
     gru_after = mode == 1 and reset_after
-    dgx = e(n, G * hidden)
-    dgh = e(n if gru_after and not transposed else 0, G * hidden)
-    dproj = e(n if proj > 0 else 0, proj)
+    dgx = s(n, G * hidden)
+    dgh = s(n if gru_after and not transposed else 0, G * hidden)
+    dproj = s(n if proj > 0 else 0, proj)
     dh0 = e(batch, K)
     dc0 = e(batch if mode == 0 else 0, hidden)
-    dgxt = e(G * hidden if transposed else 0, n)
-    dght = e(G * hidden if transposed and gru_after else 0, n)
-    hpt = e(K if transposed else 0, n)
-    workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev)
+    dgxt = s(G * hidden if transposed else 0, n)
+    dght = s(G * hidden if transposed and gru_after else 0, n)
+    hpt = s(K if transposed else 0, n)
+    workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev) if scratch is None else \
+        scratch.take((ws_numel,), _acc_dtype(dtype))
     opt = lambda t: capsule(t) if t.numel() else None
     _C.rnn_backward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
                     _none(lengths), row_stride_t, row_stride_b, reverse, _none(dy), K, _none(dh_n), _none(dc_n),
@@ -183,6 +188,51 @@ def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
 
 
 GATES_BY_CODE = {0: 4, 1: 3, 2: 1, 3: 1}
+
+
+class _Scratch:
+    """The backward's temporaries (gate gradients, their transposes, h_prev^T, workspace: 30-40 MB for
+    an LSTM layer at T=100, B=32, H=256), kept between training steps. Allocated fresh, they came back
+    from the OS as new pages every step (glibc returns freed memory above its trim threshold), and the
+    page faults cost 10-20 ms of a 45-65 ms LSTM training step. One per thread; buffers are handed
+    out in order from the start of each call (begin()) and grow to the largest call seen.
+    pyseqkern.empty_cache() releases them."""
+
+    def __init__(self):
+        self.buffers: list = []
+        self.next = 0
+
+    def begin(self):
+        self.next = 0
+        return self
+
+    def take(self, shape, dtype):
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if self.next == len(self.buffers):
+            self.buffers.append(torch.empty(0, dtype=torch.uint8))
+        buf = self.buffers[self.next]
+        if buf.numel() < nbytes:
+            buf = self.buffers[self.next] = torch.empty(nbytes, dtype=torch.uint8)
+        self.next += 1
+        return buf[:nbytes].view(dtype).view(shape)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch():
+    s = getattr(_SCRATCH, "s", None)
+    if s is None:
+        s = _SCRATCH.s = _Scratch()
+    return s.begin()
+
+
+def empty_cache() -> None:
+    """Releases the CPU backward's cached temporaries (_Scratch) of the calling thread."""
+    _SCRATCH.s = None
 
 
 def _storage_dtype(*tensors):
@@ -338,9 +388,16 @@ class _RnnLayer(torch.autograd.Function):
         wdtype = w_ih.dtype
         g = _Gemms(reserve.shape[0], wdtype, reserve.device)
         gru_after = mode == "gru" and reset_after
-        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
-            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed, *seq.args(),
-            g.fast)
+        if reserve.device.type == "cpu" and _plain_eager(reserve):
+            # Straight to the kernel (as inference does) with the temporaries in this thread's scratch:
+            # none of them leaves this function (every gradient returned is a fresh GEMM output).
+            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = _backward_impl(
+                code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
+                *seq.args(), g.fast, scratch=_scratch())
+        else:
+            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
+                code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
+                *seq.args(), g.fast)
         if not g.fast:  # views for mm
             dgx_t = dgx.t()
             dgh_t = dgh.t() if gru_after else None
