@@ -157,17 +157,21 @@ inline vdouble vexp_d(vdouble x) {
   return y * scale;
 }
 inline vdouble vsigmoid_d(vdouble x) { return 1.0 / (1.0 + vexp_d(-x)); }
-inline vdouble vtanh_d(vdouble x) {
-  const vdouble ax = x < 0.0 ? -x : x;
-  vdouble big = 1.0 - 2.0 / (vexp_d(2.0 * ax) + 1.0);  // cancels below 1/16: the series takes over
-  big = x < 0.0 ? -big : big;
-  const vdouble x2 = x * x;
-  vdouble poly = splat(-17.0 / 315);
-  poly = poly * x2 + 2.0 / 15;
-  poly = poly * x2 + -1.0 / 3;
-  const vdouble small = x + x * x2 * poly;
-  return ax < 0.0625 ? small : big;
+// tanh from an exponential and a reciprocal: 1 - 2/(e^{2|x|} + 1) with x's sign, which cancels below
+// |x| = 1/16, where the series x - x^3/3 + 2x^5/15 - 17x^7/315 takes over. (2 * (1/d) is 2/d exactly.)
+template <typename S, typename VT, typename Exp, typename Recip>
+inline VT tanh_from(VT x, Exp exp_fn, Recip recip) {
+  const VT ax = x < S(0) ? -x : x;
+  VT big = S(1) - S(2) * recip(exp_fn(S(2) * ax) + S(1));
+  big = x < S(0) ? -big : big;
+  const VT x2 = x * x;
+  VT poly = splat(S(-17) / S(315));
+  poly = poly * x2 + S(2) / S(15);
+  poly = poly * x2 + S(-1) / S(3);
+  const VT small = x + x * x2 * poly;
+  return ax < S(0.0625) ? small : big;
 }
+inline vdouble vtanh_d(vdouble x) { return tanh_from<double>(x, vexp_d, [](vdouble d) { return 1.0 / d; }); }
 
 template <vdouble (*F)(vdouble)>
 inline vfloat in_double(vfloat x) {
@@ -248,18 +252,8 @@ inline vfloat vexp_bf(vfloat xv) {
 #endif
 }
 inline vfloat vsigmoid_f(vfloat x) { return vrecip_f(1.0f + vexp_bf(-x)); }
-// Near 0, 1 - 2/(e+1) cancels (10 ulp at the series' edge); the series takes over below 1/16.
-inline vfloat vtanh_f(vfloat x) {
-  const vfloat ax = x < 0.0f ? -x : x;
-  vfloat big = 1.0f - 2.0f * vrecip_f(vexp_bf(2.0f * ax) + 1.0f);
-  big = x < 0.0f ? -big : big;
-  const vfloat x2 = x * x;
-  vfloat poly = splat(-17.0f / 315);
-  poly = poly * x2 + 2.0f / 15;
-  poly = poly * x2 + -1.0f / 3;
-  const vfloat small = x + x * x2 * poly;
-  return ax < 0.0625f ? small : big;
-}
+// Near |x| = 1/16, 1 - 2/(e+1) is 10 ulp off (cancellation); below it the series (tanh_from).
+inline vfloat vtanh_f(vfloat x) { return tanh_from<float>(x, vexp_bf, vrecip_f); }
 inline vfloat vrelu(vfloat x) { return x < 0.0f ? splat(0.0f) : x; }  // relu(NaN) = NaN, as torch
 
 inline vdouble vsigmoid(vdouble x) {
