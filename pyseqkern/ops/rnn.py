@@ -390,35 +390,51 @@ class _RnnLayer(torch.autograd.Function):
         wdtype = w_ih.dtype
         g = _Gemms(reserve.shape[0], wdtype, reserve.device)
         gru_after = mode == "gru" and reset_after
-        # LSTM and RNN: dW_ih = dG^T x and dW_hh = dG^T h_prev in one GEMM, dG^T [x | h_prev] (one pass
-        # over dG^T, 10% less time than two), x^T and h_prev^T side by side in one buffer.
+        # LSTM and RNN: dW_ih = dG^T x, dW_hh = dG^T h_prev and the bias gradient dG^T 1 in one GEMM,
+        # dG^T [x | h_prev | 1] (one pass over dG^T: 10% less time than two GEMMs and a sum), x^T,
+        # h_prev^T and a row of ones stacked in one buffer.
+        I = x2d.shape[1]
+        with_db = need[8] or need[9]
         joint = None
+        use_joint = g.fast and mode != "gru" and need[6] and need[7]
+
+        def make_joint(take):
+            j = take((I + K + with_db, reserve.shape[0]), wdtype)
+            j[:I].copy_(x2d.t())
+            if with_db:
+                j[I + K].fill_(1)
+            return j
+
         if reserve.device.type == "cpu" and _plain_eager(reserve):
             # Straight to the kernel (as inference does) with the temporaries in this thread's scratch:
             # none of them leaves this function (every gradient returned is a fresh GEMM output).
             scratch = _scratch()
-            if g.fast and mode != "gru" and need[6] and need[7]:
-                joint = scratch.take((x2d.shape[1] + K, reserve.shape[0]), wdtype)
-                joint[:x2d.shape[1]].copy_(x2d.t())
+            joint = make_joint(scratch.take) if use_joint else None
             dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = _backward_impl(
                 code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
-                *seq.args(), g.fast, scratch=scratch, h_prev_t=None if joint is None else joint[x2d.shape[1]:])
+                *seq.args(), g.fast, scratch=scratch, h_prev_t=None if joint is None else joint[I:I + K])
         else:
             dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
                 code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
                 *seq.args(), g.fast)
+            if use_joint:  # the same GEMM, so both paths give the same bits
+                joint = make_joint(lambda shape, dtype: torch.empty(shape, dtype=dtype, device=reserve.device))
+                joint[I:I + K].copy_(hprev_t)
         if not g.fast:  # views for mm
             dgx_t = dgx.t()
             dgh_t = dgh.t() if gru_after else None
             hprev_t = reserve[:, reserve.shape[1] - K:].to(wdtype).t()  # h_prev closes every reserve row (rnn.h)
         dx = g.mm(dgx, g.t(w_ih)) if need[3] else None
         dw_hh = dw_hr = None
+        db = None
         if joint is not None:
             dw = g.mm(dgx_t, joint)
-            dw_ih, dw_hh = dw[:, :x2d.shape[1]], dw[:, x2d.shape[1]:]
+            dw_ih, dw_hh = dw[:, :I], dw[:, I:I + K]
+            if with_db:
+                db = dw[:, I + K].contiguous()
         else:
             dw_ih = g.mm(dgx_t, g.t(x2d)) if need[6] else None
-        db = dgx.sum(0) if (need[8] or need[9]) else None
+            db = dgx.sum(0) if with_db else None
         if need[7] and joint is None:
             if gru_after:
                 dw_hh = g.mm(dgh_t, hprev_t)
