@@ -226,21 +226,21 @@ void fwd_worker(void* raw, const Team& team) {
         store<A>(cv, cnew, L);
         const V<A> h = o * tanh_(cnew);
         if (rr) {
-          store<A>(rr + u * L, i, valid);
-          store<A>(rr + H + u * L, f, valid);
-          store<A>(rr + 2 * H + u * L, g, valid);
-          store<A>(rr + 3 * H + u * L, o, valid);
-          store<A>(rr + 4 * H + u * L, cnew, valid);
+          store_stream<A>(rr + u * L, i, valid);
+          store_stream<A>(rr + H + u * L, f, valid);
+          store_stream<A>(rr + 2 * H + u * L, g, valid);
+          store_stream<A>(rr + 3 * H + u * L, o, valid);
+          store_stream<A>(rr + 4 * H + u * L, cnew, valid);
         }
         if (last) store<A>(c_n + b * H + u * L, cnew, valid);
         if (P > 0) {
           store<A>(c.m + b * Hp + u * L, h, L);
           if constexpr (BF) if (dot) store_bf16(c.m2 + b * Hp + u * L, h);
-          if (rr) store<A>(rr + 5 * H + u * L, h, valid);
+          if (rr) store_stream<A>(rr + 5 * H + u * L, h, valid);
         } else {
           put_h(b, u, h);
           store<A>(y + row * p.ld_y + u * L, h, valid);
-          if (rr) store<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
+          if (rr) store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
           if (last) store<A>(h_n + b * K + u * L, h, valid);
         }
       } else if (VAR == Variant::GruAfter) {
@@ -254,11 +254,11 @@ void fwd_worker(void* raw, const Team& team) {
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (last) store<A>(h_n + b * K + u * L, h, valid);
         if (rr) {
-          store<A>(rr + u * L, rg, valid);
-          store<A>(rr + H + u * L, zg, valid);
-          store<A>(rr + 2 * H + u * L, ng, valid);
-          store<A>(rr + 3 * H + u * L, hng, valid);
-          store<A>(rr + hprev_col + u * L, hprev, valid);
+          store_stream<A>(rr + u * L, rg, valid);
+          store_stream<A>(rr + H + u * L, zg, valid);
+          store_stream<A>(rr + 2 * H + u * L, ng, valid);
+          store_stream<A>(rr + 3 * H + u * L, hng, valid);
+          store_stream<A>(rr + hprev_col + u * L, hprev, valid);
         }
       } else if (VAR == Variant::GruBefore) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
@@ -269,10 +269,10 @@ void fwd_worker(void* raw, const Team& team) {
         if constexpr (BF) if (dot) store_bf16(c.rh2 + b * Hp + u * L, rhv);
         store<A>(c.z + b * Hp + u * L, zg, L);
         if (rr) {
-          store<A>(rr + u * L, rg, valid);
-          store<A>(rr + H + u * L, zg, valid);
-          store<A>(rr + 3 * H + u * L, rhv, valid);
-          store<A>(rr + hprev_col + u * L, hprev, valid);
+          store_stream<A>(rr + u * L, rg, valid);
+          store_stream<A>(rr + H + u * L, zg, valid);
+          store_stream<A>(rr + 3 * H + u * L, rhv, valid);
+          store_stream<A>(rr + hprev_col + u * L, hprev, valid);
         }
       } else {
         const V<A> pre = acc.v[r][col] + load<A>(gx, valid);
@@ -281,8 +281,8 @@ void fwd_worker(void* raw, const Team& team) {
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (last) store<A>(h_n + b * K + u * L, h, valid);
         if (rr) {
-          store<A>(rr + u * L, h, valid);
-          store<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
+          store_stream<A>(rr + u * L, h, valid);
+          store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
         }
       }
     };
@@ -349,7 +349,7 @@ void fwd_worker(void* raw, const Team& team) {
         put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + u * L, h, valid);
-        if (res) store<A>(res + row * rc + 2 * H + u * L, ng, valid);
+        if (res) store_stream<A>(res + row * rc + 2 * H + u * L, ng, valid);
       });
     }
     if (VAR == Variant::Lstm && P > 0) {
@@ -362,11 +362,12 @@ void fwd_worker(void* raw, const Team& team) {
         put_h(b, pb, acc.v[r][col]);
         store<A>(y + row * p.ld_y + pb * L, acc.v[r][col], valid);
         if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + pb * L, acc.v[r][col], valid);
-        if (res) store<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid);
+        if (res) store_stream<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid);
       });
     }
     team.sync();
   }
+  if (res) stream_fence();  // the reserve went out by store_stream
 }
 
 template <Variant VAR, typename T, typename A>
