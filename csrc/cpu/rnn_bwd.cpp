@@ -91,7 +91,12 @@ void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t nb, int64_t ncols, 
         for (int64_t i = 0; i < 16; ++i)
           r[i] = i < n ? _mm512_maskz_loadu_ps(cm, base + (b0 + i) * ld) : _mm512_setzero_ps();
         transpose16(r);
-        for (int64_t j = 0; j < ncols; ++j) _mm512_mask_storeu_ps(dst + j * ldt + row0 + b0, rm, r[j]);
+        // Read by the weight-gradient GEMMs after the call: past the caches where a store is whole.
+        for (int64_t j = 0; j < ncols; ++j) {
+          float* to = dst + j * ldt + row0 + b0;
+          if (n == 16 && (reinterpret_cast<uintptr_t>(to) & 63) == 0) _mm512_stream_ps(to, r[j]);
+          else _mm512_mask_storeu_ps(to, rm, r[j]);
+        }
       }
       return;
     }
@@ -139,7 +144,12 @@ void bwd_worker(void* raw, const Team& team) {
     for (int64_t u = u0; u < u1 && (xt || ht); ++u)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t col = g * H + u * L;
-        if (xt) transpose_step_cols(q, s, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dgx + col, p.ld_dgx, true);
+        // LSTM and RNN: from dG, the same values in A (d_gates_x went out by store_stream and is no
+        // longer cached); GRU's n gate differs there (dG has r * dn), so from d_gates_x.
+        if (xt && (VAR == Variant::Lstm || VAR == Variant::Rnn))
+          transpose_step_cols(q, s, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dG + col, GH, false);
+        else if (xt)
+          transpose_step_cols(q, s, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dgx + col, p.ld_dgx, true);
         if (ht)  // dG holds d_gates_h's values (A), which d_gates_h would round to T
           transpose_step_cols(q, s, nb, valid_of(u, H), ht + col * p.ld_t, p.ld_t, dG + col, GH, false);
       }
@@ -171,6 +181,11 @@ void bwd_worker(void* raw, const Team& team) {
         }
       team.sync();
     }
+    // d_gates_x is read only after the call (the GEMMs; the transposes read dG): past the caches.
+    auto store_dgx = [](T* to, V<A> v, int valid) {
+      if constexpr (std::is_same<T, A>::value) store_stream<A>(to, v, valid);
+      else store<A>(to, v, valid);
+    };
     // Gate gradients of (row b, own block u), given dh, the gradient reaching h_t.
     auto gates = [&](int64_t b, int64_t u, V<A> dh) {
       const int valid = valid_of(u, H);
@@ -191,10 +206,10 @@ void bwd_worker(void* raw, const Team& team) {
         const V<A> gi = dc * g * i * (A(1) - i), gf = dc * cprev * f * (A(1) - f);
         const V<A> gg = dc * i * (A(1) - g * g), go = dh * tc * o * (A(1) - o);
         store<A>(dcv, dc * f, L);
-        store<A>(gxo, gi, valid);
-        store<A>(gxo + H, gf, valid);
-        store<A>(gxo + 2 * H, gg, valid);
-        store<A>(gxo + 3 * H, go, valid);
+        store_dgx(gxo, gi, valid);
+        store_dgx(gxo + H, gf, valid);
+        store_dgx(gxo + 2 * H, gg, valid);
+        store_dgx(gxo + 3 * H, go, valid);
         store<A>(dGb, gi, valid);
         store<A>(dGb + H, gf, valid);
         store<A>(dGb + 2 * H, gg, valid);
@@ -202,7 +217,7 @@ void bwd_worker(void* raw, const Team& team) {
       } else if (VAR == Variant::Rnn) {
         const V<A> h = load<A>(rr + u * L, valid);
         const V<A> gp = c.relu ? (h > A(0) ? dh : splat(A(0))) : dh * (A(1) - h * h);
-        store<A>(gxo, gp, valid);
+        store_dgx(gxo, gp, valid);
         store<A>(dGb, gp, valid);
       } else {
         const V<A> rg = load<A>(rr + u * L, valid), zg = load<A>(rr + H + u * L, valid);
@@ -282,6 +297,7 @@ void bwd_worker(void* raw, const Team& team) {
     if (VAR == Variant::Lstm && dc0)
       for (int64_t u = u0; u < u1; ++u) store<A>(dc0 + b * H + u * L, load<A>(c.dc + b * Hp + u * L, L), valid_of(u, H));
   }
+  stream_fence();  // d_gates_x and the transposed copies went out by non-temporal stores
 }
 
 template <Variant VAR, typename T, typename A>
