@@ -351,8 +351,29 @@ def test_opcheck(device):
 def test_backward_transposed_outputs_are_exact_transposes(device, mode, proj, reset_after, reverse, lengths, dtype):
     """The weight-gradient GEMMs read d_gates^T and h_prev^T written by the backward kernel: they must be
     the row-major results transposed, bit for bit, for every row mapping (padded, packed, reverse)."""
-    x, bs, t = make_case(mode, proj, dtype, lengths=lengths, strided_inputs=False, device=device)
-    code, G, H, K = ops.MODES[mode], ops.GATES[mode], 11, proj or 11
+    check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, dtype, T=7, B=5, H=11)
+
+
+@pytest.mark.parametrize("lengths", [None, "spread"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode,proj,reset_after", VARIANTS)
+def test_backward_transposed_outputs_at_streaming_sizes(mode, proj, reset_after, reverse, lengths):
+    """From 8 MB (kStreamBytes) the kernels write the reserve, d_gates_x and the transposed copies by
+    non-temporal stores, and the transposes read dG instead of d_gates_x: the same exactness there."""
+    spread = [100 - 2 * i for i in range(32)] if lengths else None
+    # H = 200: the last unit block is partial and reserve rows are not all 64-byte aligned (plain stores)
+    check_transposed_outputs("cpu", mode, proj, reset_after, reverse, spread, torch.float32, T=100, B=32, H=200)
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 0, True), ("gru", 0, True), ("lstm", 64, True)])
+def test_layer_matches_reference_at_streaming_sizes(mode, proj, reset_after):
+    """Outputs and every gradient where the kernels store past the caches (kStreamBytes)."""
+    check_against_reference(mode, proj, reset_after, torch.float32, False, None, T=100, B=32, H=200)
+
+
+def check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H):
+    x, bs, t = make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, strided_inputs=False, device=device)
+    code, G, K = ops.MODES[mode], ops.GATES[mode], proj or H
     seq = ops._Seq(x, bs, reverse)
     n = x.shape[0] * (1 if bs is not None else x.shape[1])
     xg = randn((n, G * H), dtype, device=device, seed=3)

@@ -73,7 +73,7 @@ inline void transpose16(__m512 r[16]) {
 // cache lines.
 template <typename D, typename S>
 void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t nb, int64_t ncols, D* dst, int64_t ldt, const S* src,
-                         int64_t ld, bool by_row) {
+                         int64_t ld, bool by_row, bool stream) {
   if (nb <= 0) return;
 #if defined(__AVX512F__)
   if constexpr (std::is_same<D, float>::value && std::is_same<S, float>::value) {
@@ -94,7 +94,7 @@ void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t nb, int64_t ncols, 
         // Read by the weight-gradient GEMMs after the call: past the caches where a store is whole.
         for (int64_t j = 0; j < ncols; ++j) {
           float* to = dst + j * ldt + row0 + b0;
-          if (n == 16 && (reinterpret_cast<uintptr_t>(to) & 63) == 0) _mm512_stream_ps(to, r[j]);
+          if (stream && n == 16 && (reinterpret_cast<uintptr_t>(to) & 63) == 0) _mm512_stream_ps(to, r[j]);
           else _mm512_mask_storeu_ps(to, rm, r[j]);
         }
       }
@@ -121,6 +121,9 @@ void bwd_worker(void* raw, const Team& team) {
   constexpr int L = lanes<A>();
   const int64_t H = l.H, K = l.K, P = l.P, G = l.G, GH = G * H, B = q.batch, Kp = l.UK * L, Hp = l.U * L;
   const int64_t rc = c.reserve_cols, hprev_col = c.reserve_hprev;
+  // Outputs read only after the call (d_gates_x, the transposed copies) by non-temporal stores when
+  // they are large (store_stream).
+  const bool stream = q.steps * q.batch * G * H * int64_t(sizeof(T)) >= kStreamBytes;
   int64_t u0, u1, k0, k1;
   split_range(l.U, tid, nt, &u0, &u1);
   split_range(l.UK, tid, nt, &k0, &k1);  // without proj K = H: the same blocks as u0..u1
@@ -147,14 +150,14 @@ void bwd_worker(void* raw, const Team& team) {
         // LSTM and RNN: from dG, the same values in A (d_gates_x went out by store_stream and is no
         // longer cached); GRU's n gate differs there (dG has r * dn), so from d_gates_x.
         if (xt && (VAR == Variant::Lstm || VAR == Variant::Rnn))
-          transpose_step_cols(q, s, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dG + col, GH, false);
+          transpose_step_cols(q, s, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dG + col, GH, false, stream);
         else if (xt)
-          transpose_step_cols(q, s, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dgx + col, p.ld_dgx, true);
+          transpose_step_cols(q, s, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dgx + col, p.ld_dgx, true, stream);
         if (ht)  // dG holds d_gates_h's values (A), which d_gates_h would round to T
-          transpose_step_cols(q, s, nb, valid_of(u, H), ht + col * p.ld_t, p.ld_t, dG + col, GH, false);
+          transpose_step_cols(q, s, nb, valid_of(u, H), ht + col * p.ld_t, p.ld_t, dG + col, GH, false, stream);
       }
     for (int64_t kb = k0; kb < k1 && hpt; ++kb)
-      transpose_step_cols(q, s, nb, valid_of(kb, K), hpt + kb * L * p.ld_t, p.ld_t, res + hprev_col + kb * L, rc, true);
+      transpose_step_cols(q, s, nb, valid_of(kb, K), hpt + kb * L * p.ld_t, p.ld_t, res + hprev_col + kb * L, rc, true, stream);
   };
 
   for (int64_t b = 0; b < B; ++b) {
@@ -182,8 +185,8 @@ void bwd_worker(void* raw, const Team& team) {
       team.sync();
     }
     // d_gates_x is read only after the call (the GEMMs; the transposes read dG): past the caches.
-    auto store_dgx = [](T* to, V<A> v, int valid) {
-      if constexpr (std::is_same<T, A>::value) store_stream<A>(to, v, valid);
+    auto store_dgx = [stream](T* to, V<A> v, int valid) {
+      if constexpr (std::is_same<T, A>::value) store_stream<A>(to, v, valid, stream);
       else store<A>(to, v, valid);
     };
     // Gate gradients of (row b, own block u), given dh, the gradient reaching h_t.
@@ -297,7 +300,7 @@ void bwd_worker(void* raw, const Team& team) {
     if (VAR == Variant::Lstm && dc0)
       for (int64_t u = u0; u < u1; ++u) store<A>(dc0 + b * H + u * L, load<A>(c.dc + b * Hp + u * L, L), valid_of(u, H));
   }
-  stream_fence();  // d_gates_x and the transposed copies went out by non-temporal stores
+  if (stream) stream_fence();  // d_gates_x and the transposed copies went out by non-temporal stores
 }
 
 template <Variant VAR, typename T, typename A>

@@ -123,12 +123,15 @@ template <typename A, typename T> inline void store(T* p, V<A> v, int valid) {
   for (int l = 0; l < valid; ++l) p[l] = from_acc<T>(v[l]);
 }
 
-// A store that bypasses the caches where it can (a full, aligned register on AVX-512): for the training
-// reserve, 20 MB per LSTM layer call at T=100, B=32, H=256, read back only by the backward, after every
-// step. A plain store first reads each line it writes. Weakly ordered: the writer ends with sfence().
-template <typename A> inline void store_stream(A* p, V<A> v, int valid) {
+// A store that bypasses the caches where it can (`stream`, and a full, aligned register on AVX-512): for
+// data read back only after the call, such as the training reserve (20 MB per LSTM layer call at
+// T=100, B=32, H=256). A plain store first reads each line it writes. Weakly ordered: the writer ends
+// with stream_fence(). Only for outputs of at least kStreamBytes: smaller ones would still be in a
+// cache when read.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+template <typename A> inline void store_stream(A* p, V<A> v, int valid, bool stream) {
 #if defined(__AVX512F__)
-  if (valid == lanes<A>() && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+  if (stream && valid == lanes<A>() && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
     if constexpr (std::is_same<A, float>::value) {
       __m512 x;
       std::memcpy(&x, &v, sizeof(x));

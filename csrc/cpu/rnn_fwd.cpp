@@ -159,6 +159,8 @@ void fwd_worker(void* raw, const Team& team) {
   // x given: x_gates come from the thread's own projection (xgo, rows b, gates Hp apart) and xg is
   // the bias row; else from x_gates (rows of sequence data, gates H apart).
   const bool fused = p.x != nullptr;
+  // The reserve by non-temporal stores when it is large (store_stream).
+  const bool stream = p.reserve != nullptr && q.steps * q.batch * rc * int64_t(sizeof(A)) >= kStreamBytes;
   T* xgo = static_cast<T*>(c.xg_own);
   const int64_t gs = fused ? Hp : H;
   int64_t u0, u1, p0, p1, k0, k1;
@@ -226,21 +228,21 @@ void fwd_worker(void* raw, const Team& team) {
         store<A>(cv, cnew, L);
         const V<A> h = o * tanh_(cnew);
         if (rr) {
-          store_stream<A>(rr + u * L, i, valid);
-          store_stream<A>(rr + H + u * L, f, valid);
-          store_stream<A>(rr + 2 * H + u * L, g, valid);
-          store_stream<A>(rr + 3 * H + u * L, o, valid);
-          store_stream<A>(rr + 4 * H + u * L, cnew, valid);
+          store_stream<A>(rr + u * L, i, valid, stream);
+          store_stream<A>(rr + H + u * L, f, valid, stream);
+          store_stream<A>(rr + 2 * H + u * L, g, valid, stream);
+          store_stream<A>(rr + 3 * H + u * L, o, valid, stream);
+          store_stream<A>(rr + 4 * H + u * L, cnew, valid, stream);
         }
         if (last) store<A>(c_n + b * H + u * L, cnew, valid);
         if (P > 0) {
           store<A>(c.m + b * Hp + u * L, h, L);
           if constexpr (BF) if (dot) store_bf16(c.m2 + b * Hp + u * L, h);
-          if (rr) store_stream<A>(rr + 5 * H + u * L, h, valid);
+          if (rr) store_stream<A>(rr + 5 * H + u * L, h, valid, stream);
         } else {
           put_h(b, u, h);
           store<A>(y + row * p.ld_y + u * L, h, valid);
-          if (rr) store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
+          if (rr) store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid, stream);
           if (last) store<A>(h_n + b * K + u * L, h, valid);
         }
       } else if (VAR == Variant::GruAfter) {
@@ -254,11 +256,11 @@ void fwd_worker(void* raw, const Team& team) {
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (last) store<A>(h_n + b * K + u * L, h, valid);
         if (rr) {
-          store_stream<A>(rr + u * L, rg, valid);
-          store_stream<A>(rr + H + u * L, zg, valid);
-          store_stream<A>(rr + 2 * H + u * L, ng, valid);
-          store_stream<A>(rr + 3 * H + u * L, hng, valid);
-          store_stream<A>(rr + hprev_col + u * L, hprev, valid);
+          store_stream<A>(rr + u * L, rg, valid, stream);
+          store_stream<A>(rr + H + u * L, zg, valid, stream);
+          store_stream<A>(rr + 2 * H + u * L, ng, valid, stream);
+          store_stream<A>(rr + 3 * H + u * L, hng, valid, stream);
+          store_stream<A>(rr + hprev_col + u * L, hprev, valid, stream);
         }
       } else if (VAR == Variant::GruBefore) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
@@ -269,10 +271,10 @@ void fwd_worker(void* raw, const Team& team) {
         if constexpr (BF) if (dot) store_bf16(c.rh2 + b * Hp + u * L, rhv);
         store<A>(c.z + b * Hp + u * L, zg, L);
         if (rr) {
-          store_stream<A>(rr + u * L, rg, valid);
-          store_stream<A>(rr + H + u * L, zg, valid);
-          store_stream<A>(rr + 3 * H + u * L, rhv, valid);
-          store_stream<A>(rr + hprev_col + u * L, hprev, valid);
+          store_stream<A>(rr + u * L, rg, valid, stream);
+          store_stream<A>(rr + H + u * L, zg, valid, stream);
+          store_stream<A>(rr + 3 * H + u * L, rhv, valid, stream);
+          store_stream<A>(rr + hprev_col + u * L, hprev, valid, stream);
         }
       } else {
         const V<A> pre = acc.v[r][col] + load<A>(gx, valid);
@@ -281,8 +283,8 @@ void fwd_worker(void* raw, const Team& team) {
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (last) store<A>(h_n + b * K + u * L, h, valid);
         if (rr) {
-          store_stream<A>(rr + u * L, h, valid);
-          store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid);
+          store_stream<A>(rr + u * L, h, valid, stream);
+          store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid, stream);
         }
       }
     };
@@ -349,7 +351,7 @@ void fwd_worker(void* raw, const Team& team) {
         put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
         if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + u * L, h, valid);
-        if (res) store_stream<A>(res + row * rc + 2 * H + u * L, ng, valid);
+        if (res) store_stream<A>(res + row * rc + 2 * H + u * L, ng, valid, stream);
       });
     }
     if (VAR == Variant::Lstm && P > 0) {
@@ -362,12 +364,12 @@ void fwd_worker(void* raw, const Team& team) {
         put_h(b, pb, acc.v[r][col]);
         store<A>(y + row * p.ld_y + pb * L, acc.v[r][col], valid);
         if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + pb * L, acc.v[r][col], valid);
-        if (res) store_stream<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid);
+        if (res) store_stream<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid, stream);
       });
     }
     team.sync();
   }
-  if (res) stream_fence();  // the reserve went out by store_stream
+  if (stream) stream_fence();  // the reserve went out by store_stream
 }
 
 template <Variant VAR, typename T, typename A>
