@@ -680,3 +680,23 @@ def test_backward_scratch_gives_the_op_paths_gradients(monkeypatch, mode, proj, 
             assert_bitwise_equal(got[k], want[k], name=f"d{k}")
     for k in again:
         assert_bitwise_equal(again[k], pooled[0][k], name=f"d{k}")
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: dict(a, h=a["h"][:, :5]), ValueError, r"'h0' must have shape \(3, 11\), got \(3, 5\)"),
+    (lambda a: dict(a, h=a["h"][:2]), ValueError, r"'h0' must have shape \(3, 11\), got \(2, 11\)"),
+    (lambda a: dict(a, c=a["c"].double()), TypeError, "'c0' has dtype torch.float64"),
+    (lambda a: dict(a, x=a["x"][:, :6]), ValueError, r"'w_ih' must have shape \(44, 6\)"),
+    (lambda a: dict(a, x=a["x"].double()), TypeError, "'h0' has dtype torch.float32 but 'x' has torch.float64"),
+])
+def test_cell_errors_after_the_parameters_are_planned(change, error, match):
+    """Once a cell's parameters have a plan (_cell_plan), the thin path checks only the call's own
+    tensors; anything off must still reach the full checks and their errors."""
+    w = [randn(s, seed=4 + i, scale=0.3) for i, s in enumerate([(44, 13), (44, 11), (44,), (44,)])]
+    a = dict(x=randn((3, 13), seed=1), h=randn((3, 11), seed=2), c=randn((3, 11), seed=3))
+    with torch.no_grad():
+        ops.rnn_cell("lstm", a["x"], a["h"], a["c"], *w)
+        assert ops._cell_plan("lstm", True, *w)[1] is not None
+        bad = change(a)
+        with pytest.raises(error, match=match):
+            ops.rnn_cell("lstm", bad["x"], bad["h"], bad["c"], *w)

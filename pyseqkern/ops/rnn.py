@@ -599,24 +599,56 @@ def _input_panel(code, reset_after, hidden, w_ih):
     return panel
 
 
-def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after):
+# The thin cell path's per-weights plan: what depends only on the parameters (their checked shapes and
+# dtypes, packed weights, input panel, folded biases), found with one lookup per call instead of one
+# per cache and a re-check of every weight (together 10 of an RNNCell call's 27 us at B=1, H=256).
+# Keyed like the caches it draws on (storage and version counter of each parameter, ISA level).
+_CELL_PLANS: dict = {}
+
+
+def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
+    """(key, plan) for these parameters if cached and current, else None. plan = (dtype, I, hidden,
+    code, panel, packed, bias row or None, b_hn)."""
+    key = (mode, reset_after, w_ih.data_ptr(), w_ih._version, w_hh.data_ptr(), w_hh._version,
+           None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
+           None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh)), _backend.active_isa())
+    entry = _CELL_PLANS.get(id(w_hh))
+    return key, (entry[1] if entry is not None and entry[0] == key else None)
+
+
+def _make_cell_plan(key, mode, reset_after, w_ih, w_hh, b_ih, b_hh):
+    """Called after the full argument checks passed for these parameters."""
+    code, hidden = MODES[mode], w_hh.shape[0] // GATES[mode]
+    bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
+    plan = (w_hh.dtype, w_ih.shape[1], hidden, code, _input_panel(code, reset_after, hidden, w_ih),
+            _packed(code, reset_after, hidden, 0, w_hh, None, False), None if bias is None else bias.contiguous(),
+            b_hn)
+    if id(w_hh) not in _CELL_PLANS:
+        weakref.finalize(w_hh, _CELL_PLANS.pop, id(w_hh), None)
+    _CELL_PLANS[id(w_hh)] = (key, plan)
+    return plan
+
+
+def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=None):
     """One inference step on plain CPU tensors, arguments already checked: the thin path (a cell at B=1
     is a few microseconds of kernel, so every allocation and Python call here shows). For one step the
     output row of each sequence is its final state, so y and h_n share one buffer (rnn.h allows it).
     Small batches project the input inside the kernel (_INPUT_PANEL_MAX_BATCH)."""
     batch, dtype = x.shape[0], x.dtype
-    code, hidden = MODES[mode], w_hh.shape[0] // GATES[mode]
-    panel = _input_panel(code, reset_after, hidden, w_ih) if batch <= _INPUT_PANEL_MAX_BATCH else None
+    if plan is None:
+        plan = _make_cell_plan(_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)[0], mode, reset_after, w_ih,
+                               w_hh, b_ih, b_hh)
+    _, _, hidden, code, panel, packed, bias, b_hn = plan
+    if batch > _INPUT_PANEL_MAX_BATCH:
+        panel = None
+    sizes = _sizes(code, reset_after, hidden, 0, batch, dtype)
     if panel is None:
-        code, hidden, _, x_gates, b_hn, packed = _prepare(mode, reset_after, x, w_ih, w_hh, b_ih, b_hh, None, False)
+        x_gates = _input_projection(x, w_ih, bias)
         extra = 0
     else:
-        bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
-        x_gates = None if bias is None else bias.contiguous()
-        packed = _packed(code, reset_after, hidden, 0, w_hh, None, False)
-        lanes = _sizes(code, reset_after, hidden, 0, batch, dtype)[0]
-        extra = batch * GATES[mode] * -(-hidden // lanes) * lanes  # the kernel's own x_gates (rnn.h)
-    ws_numel = _sizes(code, reset_after, hidden, 0, batch, dtype)[2] + extra
+        x_gates = bias
+        extra = batch * GATES[mode] * -(-hidden // sizes[0]) * sizes[0]  # the kernel's own x_gates (rnn.h)
+    ws_numel = sizes[2] + extra
     h_n = torch.empty(batch, hidden, dtype=dtype)
     c_n = torch.empty(batch, hidden, dtype=dtype) if code == 0 else None
     workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype))
@@ -630,6 +662,24 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after):
 
 def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     """One step: a sequence of length 1 through the same kernels."""
+    # Inference with parameters already checked (a current _cell_plan): only this call's own tensors
+    # are checked here; anything off goes the full way below, which says what is wrong.
+    if (h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor and x.dim() == 2
+            and (not torch.is_grad_enabled() or not (x.requires_grad or h.requires_grad or w_ih.requires_grad
+                                                     or w_hh.requires_grad or (c is not None and c.requires_grad)
+                                                     or (b_ih is not None and b_ih.requires_grad)
+                                                     or (b_hh is not None and b_hh.requires_grad)))
+            and _plain_eager(x) and not _backend._REFERENCE_FORCED):
+        key, plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
+        if plan is not None:
+            dtype, I, hidden = plan[0], plan[1], plan[2]
+            B = x.shape[0]
+            if (x.dtype == dtype and h.dtype == dtype and x.shape[1] == I and h.shape == (B, hidden)
+                    and h.device.type == "cpu" and (mode != "lstm" or (c.dtype == dtype and c.shape == (B, hidden)
+                                                                       and c.device.type == "cpu"))):
+                return _cell_inference(mode, x.contiguous(), h.contiguous(),
+                                       None if mode != "lstm" else c.contiguous(), w_ih, w_hh, b_ih, b_hh,
+                                       reset_after, plan)
     x3 = x.unsqueeze(0)
     _check_layer(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None)
     _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
