@@ -609,9 +609,11 @@ _CELL_PLANS: dict = {}
 def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     """(key, plan) for these parameters if cached and current, else None. plan = (dtype, I, hidden,
     code, panel, packed, bias row or None, b_hn)."""
-    key = (mode, reset_after, w_ih.data_ptr(), w_ih._version, w_hh.data_ptr(), w_hh._version,
-           None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
-           None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh)), _backend.active_isa())
+    # ids too: a parameter replaced by a new tensor at the freed one's address (and version) is another
+    # tensor (w_hh's own id is the dict key, and its entry goes when it dies)
+    key = (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_hh.data_ptr(), w_hh._version,
+           None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
+           None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend.active_isa())
     entry = _CELL_PLANS.get(id(w_hh))
     return key, (entry[1] if entry is not None and entry[0] == key else None)
 
