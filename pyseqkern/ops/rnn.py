@@ -233,8 +233,10 @@ def _scratch():
 
 
 def empty_cache() -> None:
-    """Releases the CPU backward's cached temporaries (_Scratch) of the calling thread."""
+    """Releases the CPU backward's cached temporaries (_Scratch) and the cell workspace of the calling
+    thread."""
     _SCRATCH.s = None
+    _SCRATCH.cell_ws = None
 
 
 def _storage_dtype(*tensors):
@@ -631,6 +633,14 @@ def _make_cell_plan(key, mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     return plan
 
 
+def _cell_workspace(numel, dtype):
+    """The kernel's workspace for a cell call, kept per thread (it lives only inside the call)."""
+    ws = getattr(_SCRATCH, "cell_ws", None)
+    if ws is None or ws.dtype != dtype or ws.numel() < numel:
+        ws = _SCRATCH.cell_ws = torch.empty(numel, dtype=dtype)
+    return ws
+
+
 def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=None):
     """One inference step on plain CPU tensors, arguments already checked: the thin path (a cell at B=1
     is a few microseconds of kernel, so every allocation and Python call here shows). For one step the
@@ -653,7 +663,7 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     ws_numel = sizes[2] + extra
     h_n = torch.empty(batch, hidden, dtype=dtype)
     c_n = torch.empty(batch, hidden, dtype=dtype) if code == 0 else None
-    workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype))
+    workspace = _cell_workspace(ws_numel, _acc_dtype(dtype))
     hn_c = capsule(h_n)
     _C.rnn_forward(code, reset_after, hidden, 0, 1, batch, None, None, None, batch, 1, False, _none(x_gates),
                    _none(b_hn), _none(h), _none(c), hn_c, hidden, hn_c, _none(c_n), capsule(packed), None,
