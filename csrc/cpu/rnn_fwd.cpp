@@ -32,6 +32,29 @@ template <typename T, typename A>
 void pack_section(A* dst, const T* src, int64_t units, int64_t K, int64_t G, int64_t L, int64_t gate_stride,
                   int64_t unit_stride, int64_t k_stride) {
   const int64_t U = ceil_div(units, L);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+    if (k_stride == 1 && L == 16) {
+      // Rows of the source run along k, the destination along units: 16 x 16 register transposes
+      // (element by element the read strides a whole row per unit; training packs every call).
+      for (int64_t u = 0; u < U; ++u)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t k0 = 0; k0 < K; k0 += 16) {
+            const int64_t nk = K - k0 < 16 ? K - k0 : 16;
+            const __mmask16 km = static_cast<__mmask16>(nk == 16 ? 0xFFFFu : (1u << nk) - 1u);
+            __m512 r[16];
+            for (int64_t l = 0; l < 16; ++l) {
+              const int64_t j = u * 16 + l;
+              r[l] = j < units ? _mm512_maskz_loadu_ps(km, src + g * gate_stride + j * unit_stride + k0)
+                               : _mm512_setzero_ps();
+            }
+            transpose16(r);
+            for (int64_t kk = 0; kk < nk; ++kk) _mm512_storeu_ps(dst + ((u * K + k0 + kk) * G + g) * 16, r[kk]);
+          }
+      return;
+    }
+  }
+#endif
   for (int64_t u = 0; u < U; ++u)
     for (int64_t k = 0; k < K; ++k)
       for (int64_t g = 0; g < G; ++g)
