@@ -275,6 +275,14 @@ RnnCudaPath rnn_cuda_path(int path) {
 }
 #endif
 
+// A packing output: at least `numel` elements of the accumulation type of `weight_dtype` (rnn.h: A).
+void require_pack_out(const TensorView& out, int64_t numel, DType weight_dtype, const char* op) {
+  const DType acc = weight_dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+  if (out.numel() < numel || out.dtype != acc)
+    throw py::value_error(std::string("pyseqkern: ") + op + ": 'out' must hold " + std::to_string(numel) + " " +
+                          dtype_name(acc) + " elements");
+}
+
 void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c, py::handle w_hr_c,
                     py::handle out_c, uintptr_t stream) {
   RnnPackParams p{};
@@ -292,11 +300,8 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
       throw py::value_error("pyseqkern: rnn_pack: 'w_hr' must be [P, H] like 'w_hh'");
     p.w_hr = r.data;
   }
-  const bool dbl = w.dtype == DType::Float64;
   const bool on_cuda = w.device == DeviceKind::Cuda;
-  const RnnSizes sz = rnn_sizes_of(p.shape, 1, w.dtype, on_cuda);
-  if (out.numel() < sz.packed_numel || out.dtype != (dbl ? DType::Float64 : DType::Float32))
-    throw py::value_error("pyseqkern: rnn_pack: 'out' is too small or of the wrong dtype");
+  require_pack_out(out, rnn_sizes_of(p.shape, 1, w.dtype, on_cuda).packed_numel, w.dtype, "rnn_pack");
   p.out = out.data;
   if (on_cuda) {
 #ifdef PSK_WITH_CUDA
@@ -337,8 +342,7 @@ void rnn_pack_input_entry(int mode, bool reset_after, int64_t hidden, py::handle
   if (numel == 0)
     throw py::value_error(std::string("pyseqkern: rnn_pack_input: no input panel for ") + dtype_name(w.dtype) +
                           " with I = " + std::to_string(p.input) + " at this CPU level");
-  if (out.numel() < numel || out.dtype != (w.dtype == DType::Float64 ? DType::Float64 : DType::Float32))
-    throw py::value_error("pyseqkern: rnn_pack_input: 'out' is too small or of the wrong dtype");
+  require_pack_out(out, numel, w.dtype, "rnn_pack_input");
   p.out = out.data;
   py::gil_scoped_release nogil;
   rnn_cpu_kernels().pack_input(p);

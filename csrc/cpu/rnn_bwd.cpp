@@ -65,8 +65,13 @@ void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t nb, int64_t ncols, 
         // Read by the weight-gradient GEMMs after the call: past the caches where a store is whole.
         for (int64_t j = 0; j < ncols; ++j) {
           float* to = dst + j * ldt + row0 + b0;
-          if (stream && n == 16 && (reinterpret_cast<uintptr_t>(to) & 63) == 0) _mm512_stream_ps(to, r[j]);
-          else _mm512_mask_storeu_ps(to, rm, r[j]);
+          if (n == 16) {
+            vfloat v;
+            std::memcpy(&v, &r[j], sizeof(v));
+            store_stream<float>(to, v, 16, stream);
+          } else {
+            _mm512_mask_storeu_ps(to, rm, r[j]);
+          }
         }
       }
       return;

@@ -413,11 +413,6 @@ __attribute__((noinline)) void gemm_tile(const bf16* const* rows, const bf16x2* 
 #else
 constexpr bool kBf16Dot = false;
 #endif
-// Rounds a register of float lanes to bfloat16 into p[0..L-1].
-inline void store_bf16(bf16* p, vfloat v) {
-  const vbf16 b = narrow(v);
-  std::memcpy(p, &b, sizeof(b));
-}
 
 // Blocks one tile of `mr` rows takes: the widest power of two within the budget and `left`.
 template <int G> inline int tile_blocks(int mr, int64_t left) {

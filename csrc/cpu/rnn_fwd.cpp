@@ -168,6 +168,8 @@ void fwd_worker(void* raw, const Team& team) {
   constexpr int L = lanes<A>();
   // bfloat16 storage: pair products where the level has them (l.dot), and the float activations.
   constexpr bool BF = std::is_same<T, bf16>::value;
+  constexpr int G = VAR == Variant::Lstm ? 4 : VAR == Variant::Rnn ? 1 : 3;  // gates of x_gates and the panel
+  using GI = std::integral_constant<int, G>;
   const bool dot = l.dot;
   auto tanh_ = [](V<A> v) {
     if constexpr (BF) return vtanh_f(v);
@@ -205,7 +207,7 @@ void fwd_worker(void* raw, const Team& team) {
       const int valid = static_cast<int>(K - kb * L < L ? K - kb * L : L);
       const V<A> h = h0 ? load<A>(h0 + b * K + kb * L, valid) : splat(A(0));
       store<A>(c.hbuf[0] + b * Kp + kb * L, h, L);
-      if constexpr (BF) if (dot) store_bf16(c.h2[0] + b * Kp + kb * L, h);
+      if constexpr (BF) if (dot) store<A>(c.h2[0] + b * Kp + kb * L, h, L);
     }
     if (VAR == Variant::Lstm)
       for (int64_t u = u0; u < u1; ++u) {
@@ -223,14 +225,14 @@ void fwd_worker(void* raw, const Team& team) {
     // h_t of (row b, block blk) for the next step's product.
     auto put_h = [&](int64_t b, int64_t blk, V<A> h) {
       store<A>(hn + b * Kp + blk * L, h, L);
-      if constexpr (BF) if (dot) store_bf16(hn2 + b * Kp + blk * L, h);
+      if constexpr (BF) if (dot) store<A>(hn2 + b * Kp + blk * L, h, L);
     };
     // Gates for own unit blocks: the tile's recurrent sums, then the state update of (row b, block u).
     auto epilogue = [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) __attribute__((always_inline)) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
       const int64_t row = seq_row(q, s, b);
       const bool last = s == seq_len(q, b) - 1;
-      const T* gx = fused ? xgo + b * l.G * Hp + u * L : xg + row * p.ld_gates + u * L;
+      const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
       A* rr = res ? res + row * rc : nullptr;
       // The next step's x_gates of this (row, block), a step ahead: the projection GEMM wrote all of
       // x_gates before the call (6.5 MB for an LSTM at T=100, B=32, H=256, bfloat16), so its rows come
@@ -238,8 +240,7 @@ void fwd_worker(void* raw, const Team& team) {
       // for them took as long as the bfloat16 recurrent product.
       if (!last && !fused) {
         const T* next = xg + seq_row(q, s + 1, b) * p.ld_gates + u * L;
-        for (int g = 0; g < (VAR == Variant::Lstm ? 4 : VAR == Variant::Rnn ? 1 : 3); ++g)
-          __builtin_prefetch(next + g * H);
+        for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * H);
       }
       if (VAR == Variant::Lstm) {
         const V<A> i = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
@@ -260,7 +261,7 @@ void fwd_worker(void* raw, const Team& team) {
         if (last) store<A>(c_n + b * H + u * L, cnew, valid);
         if (P > 0) {
           store<A>(c.m + b * Hp + u * L, h, L);
-          if constexpr (BF) if (dot) store_bf16(c.m2 + b * Hp + u * L, h);
+          if constexpr (BF) if (dot) store<A>(c.m2 + b * Hp + u * L, h, L);
           if (rr) store_stream<A>(rr + 5 * H + u * L, h, valid, stream);
         } else {
           put_h(b, u, h);
@@ -291,7 +292,7 @@ void fwd_worker(void* raw, const Team& team) {
         const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + gs, valid));
         const V<A> rhv = rg * hprev;
         store<A>(c.rh + b * Hp + u * L, rhv, L);
-        if constexpr (BF) if (dot) store_bf16(c.rh2 + b * Hp + u * L, rhv);
+        if constexpr (BF) if (dot) store<A>(c.rh2 + b * Hp + u * L, rhv, L);
         store<A>(c.z + b * Hp + u * L, zg, L);
         if (rr) {
           store_stream<A>(rr + u * L, rg, valid, stream);
@@ -311,63 +312,53 @@ void fwd_worker(void* raw, const Team& team) {
         }
       }
     };
-    // The products: gate sums of own unit blocks (G of the panel's GP gates from gate g0) over rows of
-    // `rows` (K wide), in A, or in bf16 pairs from the pair section at `off2`.
-    auto product = [&](auto gates, int64_t GP, int64_t g0, int64_t b0, int64_t b1, int64_t off, int64_t off2,
-                       int64_t KK, const A* rows, const bf16* rows2, int64_t ld, auto epi) {
-      constexpr int G = decltype(gates)::value;
+    // The products: sums for own blocks [b0, b1) of GN of the panel's GP gates from gate g0, over rows
+    // of KK values: the section at base + off against rows row_a(b) in A, or, with pair sections, the
+    // one at base + off2 against row_2(b) in bf16 pairs. (bf16 rows never meet an A panel: bf16 x
+    // without pair sections is refused, so x products pass row_a only where T is A.)
+    auto product = [&](auto gates, const A* base, int64_t GP, int64_t g0, int64_t b0, int64_t b1, int64_t off,
+                       int64_t off2, int64_t KK, auto row_a, auto row_2, auto epi) {
+      constexpr int GN = decltype(gates)::value;
       if constexpr (BF && kBf16Dot) {
         if (dot) {
           const int64_t K2 = ceil_div(KK, 2);
-          const bf16x2* panel = reinterpret_cast<const bf16x2*>(packed + off2) + g0 * L;
-          tiled_product<G>(nb, b0, b1, panel, K2, GP * L, K2 * GP * L, [&](int64_t b) { return rows2 + b * ld; }, epi);
-          return;
+          const bf16x2* panel = reinterpret_cast<const bf16x2*>(base + off2) + g0 * L;
+          return tiled_product<GN>(nb, b0, b1, panel, K2, GP * L, K2 * GP * L, row_2, epi);
         }
       }
-      tiled_product<G>(nb, b0, b1, packed + off + g0 * L, KK, GP * L, KK * GP * L,
-                       [&](int64_t b) { return rows + b * ld; }, epi);
+      if constexpr (std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(row_a(0))>>, A>::value)
+        tiled_product<GN>(nb, b0, b1, base + off + g0 * L, KK, GP * L, KK * GP * L, row_a, epi);
     };
     using G1 = std::integral_constant<int, 1>;
-    const bf16* hp2 = c.h2[s & 1];
+    auto hrow = [&](int64_t b) { return hp + b * Kp; };
+    auto hrow2 = [&, hp2 = c.h2[s & 1]](int64_t b) { return hp2 + b * Kp; };
     if (fused) {
       // This step's x_gates for own blocks: x W_ih^T + the bias row, rounded to the storage dtype as
-      // torch's projection GEMM rounds its output.
-      constexpr int GX = VAR == Variant::Lstm ? 4 : VAR == Variant::Rnn ? 1 : 3;
+      // torch's projection GEMM rounds its output. The input panel is laid out as fmain (then pairs).
       const T* xin = static_cast<const T*>(p.x);
-      const A* pin = static_cast<const A*>(p.packed_in);
       auto xrow = [&](int64_t b) { return xin + seq_row(q, s, b) * p.ld_x; };
       auto xepi = [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
-        T* dst = xgo + b * GX * Hp + u * L;
-        for (int g = 0; g < GX; ++g)
+        T* dst = xgo + b * G * Hp + u * L;
+        for (int g = 0; g < G; ++g)
           store<A>(dst + g * Hp, acc.v[r][col + g] + (xg ? load<A>(xg + g * H + u * L, valid) : splat(A(0))), L);
       };
-      const int64_t I = p.input;
-      if constexpr (BF) {
-        if constexpr (kBf16Dot) {
-          const int64_t I2 = ceil_div(I, 2);
-          tiled_product<GX>(nb, u0, u1, reinterpret_cast<const bf16x2*>(pin + l.U * I * GX * L), I2, GX * L,
-                            I2 * GX * L, xrow, xepi);
-        }
-      } else {
-        tiled_product<GX>(nb, u0, u1, pin, I, GX * L, I * GX * L, xrow, xepi);
-      }
+      product(GI(), static_cast<const A*>(p.packed_in), G, 0, u0, u1, 0, l.U * p.input * G * L, p.input, xrow,
+              xrow, xepi);
     }
-    if constexpr (VAR == Variant::Lstm)
-      product(std::integral_constant<int, 4>(), 4, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
-    if constexpr (VAR == Variant::GruAfter)
-      product(std::integral_constant<int, 3>(), 3, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
     if constexpr (VAR == Variant::GruBefore)
-      product(std::integral_constant<int, 2>(), 3, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
-    if constexpr (VAR == Variant::Rnn) product(G1(), 1, 0, u0, u1, l.fmain, l.fmain2, K, hp, hp2, Kp, epilogue);
+      product(std::integral_constant<int, 2>(), packed, 3, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
+    else
+      product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
     if (VAR == Variant::GruBefore) {
       // Phase 2: n = tanh(x_n + W_hn (r * h_{t-1})) needs every unit's r * h_{t-1}.
       team.sync();
-      product(G1(), 3, 2, u0, u1, l.fmain, l.fmain2, K, c.rh, c.rh2, Hp,
+      product(G1(), packed, 3, 2, u0, u1, l.fmain, l.fmain2, K, [&](int64_t b) { return c.rh + b * Hp; },
+              [&](int64_t b) { return c.rh2 + b * Hp; },
               [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         const int64_t row = seq_row(q, s, b);
-        const T* gxn = fused ? xgo + b * l.G * Hp + 2 * Hp + u * L : xg + row * p.ld_gates + 2 * H + u * L;
+        const T* gxn = fused ? xgo + b * G * Hp + 2 * Hp + u * L : xg + row * p.ld_gates + 2 * H + u * L;
         const V<A> ng = tanh_(acc.v[r][col] + load<A>(gxn, valid));
         const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
         const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
@@ -380,7 +371,8 @@ void fwd_worker(void* raw, const Team& team) {
     if (VAR == Variant::Lstm && P > 0) {
       // Projection: h_t = W_hr m_t needs every unit's m_t.
       team.sync();
-      product(G1(), 1, 0, p0, p1, l.fproj, l.fproj2, H, c.m, c.m2, Hp,
+      product(G1(), packed, 1, 0, p0, p1, l.fproj, l.fproj2, H, [&](int64_t b) { return c.m + b * Hp; },
+              [&](int64_t b) { return c.m2 + b * Hp; },
               [&](int64_t b, int64_t pb, const Tile<A>& acc, int r, int col) {
         const int valid = static_cast<int>(P - pb * L < L ? P - pb * L : L);
         const int64_t row = seq_row(q, s, b);

@@ -212,7 +212,7 @@ class _Scratch:
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if self.next == len(self.buffers):
             self.buffers.append(torch.empty(0, dtype=torch.uint8))
         buf = self.buffers[self.next]
@@ -608,20 +608,26 @@ def _input_panel(code, reset_after, hidden, w_ih):
 _CELL_PLANS: dict = {}
 
 
-def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
-    """(key, plan) for these parameters if cached and current, else None. plan = (dtype, I, hidden,
-    code, panel, packed, bias row or None, b_hn)."""
+def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     # ids too: a parameter replaced by a new tensor at the freed one's address (and version) is another
     # tensor (w_hh's own id is the dict key, and its entry goes when it dies)
-    key = (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_hh.data_ptr(), w_hh._version,
-           None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
-           None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend.active_isa())
+    return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_hh.data_ptr(), w_hh._version,
+            None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
+            None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend.active_isa())
+
+
+def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
+    """The plan for these parameters if cached and current, else None: (dtype, I, hidden, code, panel,
+    packed, bias row or None, b_hn)."""
     entry = _CELL_PLANS.get(id(w_hh))
-    return key, (entry[1] if entry is not None and entry[0] == key else None)
+    if entry is not None and entry[0] == _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
+        return entry[1]
+    return None
 
 
-def _make_cell_plan(key, mode, reset_after, w_ih, w_hh, b_ih, b_hh):
+def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     """Called after the full argument checks passed for these parameters."""
+    key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     code, hidden = MODES[mode], w_hh.shape[0] // GATES[mode]
     bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
     plan = (w_hh.dtype, w_ih.shape[1], hidden, code, _input_panel(code, reset_after, hidden, w_ih),
@@ -648,8 +654,7 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     Small batches project the input inside the kernel (_INPUT_PANEL_MAX_BATCH)."""
     batch, dtype = x.shape[0], x.dtype
     if plan is None:
-        plan = _make_cell_plan(_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)[0], mode, reset_after, w_ih,
-                               w_hh, b_ih, b_hh)
+        plan = _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     _, _, hidden, code, panel, packed, bias, b_hn = plan
     if batch > _INPUT_PANEL_MAX_BATCH:
         panel = None
@@ -674,15 +679,13 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
 
 def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     """One step: a sequence of length 1 through the same kernels."""
+    inference = not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
     # Inference with parameters already checked (a current _cell_plan): only this call's own tensors
     # are checked here; anything off goes the full way below, which says what is wrong.
-    if (h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor and x.dim() == 2
-            and (not torch.is_grad_enabled() or not (x.requires_grad or h.requires_grad or w_ih.requires_grad
-                                                     or w_hh.requires_grad or (c is not None and c.requires_grad)
-                                                     or (b_ih is not None and b_ih.requires_grad)
-                                                     or (b_hh is not None and b_hh.requires_grad)))
-            and _plain_eager(x) and not _backend._REFERENCE_FORCED):
-        key, plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
+    if (inference and h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
+            and x.dim() == 2 and _plain_eager(x) and not _backend._REFERENCE_FORCED):
+        plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
         if plan is not None:
             dtype, I, hidden = plan[0], plan[1], plan[2]
             B = x.shape[0]
@@ -695,8 +698,6 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     x3 = x.unsqueeze(0)
     _check_layer(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None)
     _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
-    inference = not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
     if (inference and h is not None and (c is not None or mode != "lstm") and _plain_eager(x)
             and not _backend.use_reference("rnn_layer", x.device)):
         return _cell_inference(mode, x.contiguous(), h.contiguous(), None if mode != "lstm" else c.contiguous(),
