@@ -509,6 +509,82 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   return "cpu";
 }
 
+// ---- the cells' thin inference path --------------------------------------------------------------------
+// One cell step with the parameters fixed (pyseqkern/ops/rnn.py, _CellPlan): everything that depends only
+// on the parameters (shape, dtype, packed weights, input panel, bias row, b_hn) is checked once, here, and
+// the kernel table of the level that packed them is kept. A step passes only the call's own tensors, as
+// data pointers of tensors the Python layer has checked (x [batch, I], h, c, h_n, c_n [batch, H], all of
+// the plan's dtype, CPU, contiguous; h and c may be 0 for zeros). At B=1, H=256 the capsules and the
+// general rnn_forward entry were 4 us of an RNNCell step's 14. The Python plan owns the tensors this
+// object points into.
+class RnnCellStep {
+ public:
+  RnnCellStep(int mode, bool reset_after, int64_t hidden, int64_t input, const std::string& dtype,
+              py::handle packed, py::handle packed_in, py::handle bias, py::handle b_hn)
+      : kernels_(rnn_cpu_kernels()) {
+    RnnFwdParams& p = base_;
+    p.shape = rnn_shape(mode, reset_after, hidden, 0);
+    p.dtype = rnn_dtype(dtype);
+    p.input = input;
+    const int64_t panel_numel = input > 0 ? kernels_.input_panel_numel(p.shape, input, p.dtype) : 0;
+    if (panel_numel == 0)
+      throw py::value_error("pyseqkern: RnnCellStep: no input panel for " + dtype + " with this 'input' here");
+    const RnnSizes sz = kernels_.sizes(p.shape, 1, p.dtype);
+    lanes_ = sz.lanes;
+    const DType acc = p.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+    auto own = [&](py::handle h, const char* arg, DType want, int64_t numel) -> const void* {
+      if (h.is_none()) return nullptr;
+      const TensorView v = view_of(h, arg);
+      if (v.device != DeviceKind::Cpu || v.dtype != want || v.numel() < numel || !v.is_contiguous())
+        throw py::value_error(std::string("pyseqkern: RnnCellStep: '") + arg + "' must be a contiguous CPU " +
+                              dtype_name(want) + " tensor of at least " + std::to_string(numel) + " elements");
+      return v.data;
+    };
+    if (packed.is_none() || packed_in.is_none())
+      throw py::value_error("pyseqkern: RnnCellStep: 'packed' and 'packed_in' are required");
+    p.packed = own(packed, "packed", acc, sz.packed_numel);
+    p.packed_in = own(packed_in, "packed_in", acc, panel_numel);
+    p.x_gates = own(bias, "bias", p.dtype, rnn_gate_count(p.shape.mode) * hidden);  // the bias row, or none
+    p.b_hn = own(b_hn, "b_hn", p.dtype, hidden);
+  }
+
+  void run(int64_t batch, uintptr_t x, uintptr_t h, uintptr_t c, uintptr_t h_n, uintptr_t c_n,
+           int num_threads) const {
+    if (batch < 1 || x == 0 || h_n == 0 || (base_.shape.mode == RnnMode::Lstm) != (c_n != 0))
+      throw py::value_error("pyseqkern: RnnCellStep.run: needs batch >= 1, x and h_n, and c_n exactly for LSTM");
+    RnnFwdParams p = base_;
+    p.seq = RnnSeq{1, batch, nullptr, nullptr, nullptr, batch, 1, false};
+    p.x = reinterpret_cast<const void*>(x);
+    p.ld_x = p.input;
+    p.h0 = reinterpret_cast<const void*>(h);
+    p.c0 = reinterpret_cast<const void*>(c);
+    // One step: each row's output is its final state, so y and h_n share one buffer (rnn.h allows it).
+    p.y = p.h_n = reinterpret_cast<void*>(h_n);
+    p.ld_y = p.shape.hidden;
+    p.c_n = reinterpret_cast<void*>(c_n);
+    p.num_threads = num_threads;
+    // The workspace plus the kernel's own x_gates, B*G*ceil(H/L)*L (rnn.h).
+    const int64_t units = (p.shape.hidden + lanes_ - 1) / lanes_ * lanes_;
+    const int64_t numel = kernels_.sizes(p.shape, batch, p.dtype).workspace_numel +
+                          batch * rnn_gate_count(p.shape.mode) * units;
+    py::gil_scoped_release nogil;
+    p.workspace = workspace(numel * (p.dtype == DType::Float64 ? 8 : 4));
+    kernels_.forward(p);
+  }
+
+ private:
+  // The kernel's workspace lives only inside a call: one per calling thread, grown to the largest seen.
+  static void* workspace(int64_t bytes) {
+    thread_local std::vector<double> buf;
+    if (static_cast<int64_t>(buf.size()) * 8 < bytes) buf.resize(static_cast<size_t>(bytes / 8 + 1));
+    return buf.data();
+  }
+
+  const RnnCpuKernels& kernels_;
+  RnnFwdParams base_{};
+  int64_t lanes_ = 1;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -542,6 +618,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hidden"), py::arg("input"), py::arg("dtype"));
   m.def("rnn_pack_input", &rnn_pack_input_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("w_ih"), py::arg("out"));
+  py::class_<RnnCellStep>(m, "RnnCellStep")
+      .def(py::init<int, bool, int64_t, int64_t, const std::string&, py::handle, py::handle, py::handle,
+                    py::handle>(),
+           py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("input"), py::arg("dtype"),
+           py::arg("packed"), py::arg("packed_in"), py::arg("bias").none(true), py::arg("b_hn").none(true))
+      .def("run", &RnnCellStep::run);
   m.def("rnn_backward", &rnn_backward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
         py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),

@@ -21,7 +21,7 @@ import pyseqkern.nn as pnn
 from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
-from helpers import TOLERANCES, assert_close_to_ref, devices, errors, randn, strided
+from helpers import TOLERANCES, assert_bitwise_equal, assert_close_to_ref, devices, errors, randn, strided
 
 F32, F64 = torch.float32, torch.float64
 T, B, I, H, P = 7, 5, 13, 7, 3
@@ -219,6 +219,172 @@ def test_cell_matches_torch(device, kind, bias, batched, hx, dtype):
     for a, e in zip(outs + list(grads), outs64 + list(grads64), strict=True):
         assert a.dtype == dtype
         assert_matches(a, e)
+
+
+# ---- the cells' planned inference path (ops.cell_fast) --------------------------------------------------
+def make_cell(kind, ns=pnn, inp=I, **kw):
+    if kind == "lstm":
+        return ns.LSTMCell(inp, H, **kw)
+    if kind == "gru":
+        return ns.GRUCell(inp, H, **kw)
+    return ns.RNNCell(inp, H, nonlinearity=kind[4:], **kw)
+
+
+class StepSpy:
+    """Stands in for a plan's compiled step and counts the calls that reach it."""
+
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    def run(self, *args):
+        self.calls += 1
+        return self.step.run(*args)
+
+
+def spy_on_plan(cell, kind):
+    plan = rnn_ops._cell_plan(kind, getattr(cell, "reset_after", True), cell.weight_ih, cell.weight_hh,
+                              cell.bias_ih, cell.bias_hh)
+    assert plan is not None and plan.step is not None
+    plan.step = StepSpy(plan.step)
+    return plan.step
+
+
+def cell_inputs(kind, batch, dtype, hx, seed=30, inp=I):
+    x = strided((batch, inp), dtype, seed=seed)
+    if not hx:
+        return x, None
+    states = [strided((batch, H), dtype, seed=seed + 1 + k, scale=0.5) for k in range(2 if kind == "lstm" else 1)]
+    return x, (tuple(states) if kind == "lstm" else states[0])
+
+
+@pytest.mark.parametrize("inp", [13, 14])
+@pytest.mark.parametrize("hx", [False, True])
+@pytest.mark.parametrize("batch", [1, 7, 9])
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_cell_planned_path_gives_the_first_calls_bits(isa, kind, dtype, batch, hx, inp):
+    """Once a cell's parameters are planned, inference goes from the module straight to the compiled step
+    (data pointers, no capsules). It must give the bits of the first, fully checked call (hx None means
+    zeros: a null pointer there, zero tensors there), and be the path taken wherever the kernel
+    projects the input itself (up to _INPUT_PANEL_MAX_BATCH rows, a level with a panel for the dtype)."""
+    cell = seed_parameters(make_cell(kind, dtype=dtype, inp=inp), seed=210)
+    x, states = cell_inputs(kind, batch, dtype, hx, inp=inp)
+    with torch.no_grad():
+        first = cell(x, states)
+        plan = rnn_ops._cell_plan(kind, True, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        assert (plan.step is not None) == (dtype != torch.bfloat16 or (isa == "avx512bf16" and inp % 2 == 0))
+        spy = spy_on_plan(cell, kind) if plan.step is not None else None
+        again = [cell(x, states) for _ in range(2)]
+    if spy is not None:
+        assert spy.calls == (2 if batch <= rnn_ops._INPUT_PANEL_MAX_BATCH else 0)
+    first = first if kind == "lstm" else (first,)
+    for out in again:
+        out = out if kind == "lstm" else (out,)
+        for name, a, b in zip(["h", "c"], out, first):
+            assert not a.requires_grad
+            assert_bitwise_equal(a, b, name=name)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_cell_planned_path_follows_parameter_changes(kind):
+    """In-place updates (version counter), replaced parameters and parametrizations each leave the plan:
+    the result is that of a fresh module with the new weights."""
+    from torch.nn.utils import parametrize
+
+    cell = seed_parameters(make_cell(kind), seed=220)
+    x, states = cell_inputs(kind, 3, F32, True)
+
+    def fresh_result():
+        other = make_cell(kind)
+        other.load_state_dict({k: v.detach().clone() for k, v in cell.state_dict().items()})
+        return other(x, states)
+
+    def same(a, b):
+        for u, v in zip(a if kind == "lstm" else (a,), b if kind == "lstm" else (b,)):
+            assert_bitwise_equal(u, v)
+
+    with torch.no_grad():
+        cell(x, states)
+        cell.weight_hh.mul_(0.5)
+        same(cell(x, states), fresh_result())
+        cell.bias_ih.add_(0.25)
+        same(cell(x, states), fresh_result())
+        cell.weight_ih = torch.nn.Parameter(cell.weight_ih * 0.75)
+        same(cell(x, states), fresh_result())
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    parametrize.register_parametrization(cell, "weight_hh", Half())
+    with torch.no_grad():
+        got = cell(x, states)
+        other = make_cell(kind)
+        other.load_state_dict({"weight_ih": cell.weight_ih, "weight_hh": cell.weight_hh, "bias_ih": cell.bias_ih,
+                               "bias_hh": cell.bias_hh})
+        same(got, other(x, states))
+
+
+def test_cell_planned_path_leaves_recorded_calls_to_autograd():
+    """A plan made without grad must not serve a call that records one: gradients still reach the
+    input, the states and every parameter."""
+    cell = seed_parameters(make_cell("lstm"), seed=230)
+    x, (h, c) = cell_inputs("lstm", 2, F32, True)
+    with torch.no_grad():
+        cell(x, (h, c))
+    spy = spy_on_plan(cell, "lstm")
+    leaves = [x.requires_grad_(), h.requires_grad_(), c.requires_grad_()]
+    out = cell(*leaves[:1], tuple(leaves[1:]))
+    assert spy.calls == 0 and all(o.requires_grad for o in out)
+    grads = torch.autograd.grad(weighted_sum(list(out), 20), leaves + list(cell.parameters()))
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_cell_planned_path_serves_threads_at_once():
+    """The compiled step keeps its workspace per calling thread (it releases the GIL): two threads
+    stepping one cell at once get the results one thread gets."""
+    import threading
+
+    cell = seed_parameters(make_cell("gru"), seed=240)
+    inputs = [cell_inputs("gru", 1 + k % 3, F32, True, seed=300 + k) for k in range(8)]
+    with torch.no_grad():
+        want = [cell(*a) for a in inputs]
+        got, errors_seen = {}, []
+
+        def worker(tid):
+            try:
+                torch.set_grad_enabled(False)  # per thread, like no_grad
+                for rep in range(200):
+                    k = (tid + rep) % len(inputs)
+                    out = cell(*inputs[k])
+                    if not torch.equal(out, want[k]):
+                        got[(tid, rep)] = out
+            except Exception as e:  # pragma: no cover - reported below
+                errors_seen.append(e)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors_seen and not got
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda c, x, h: c(x[:, :-1], h), RuntimeError, r"LSTMCell: input has inconsistent input_size: got 12"),
+    (lambda c, x, h: c(x, (h[0][:, :-1], h[1])), RuntimeError, r"LSTMCell: hx\[0\] has inconsistent hidden_size"),
+    (lambda c, x, h: c(x, (h[0], h[1][:2])), RuntimeError, r"LSTMCell: Input batch size 3 doesn't match hx\[1\]"),
+    (lambda c, x, h: c(x.double(), h), RuntimeError, r"LSTMCell: input dtype \(torch\.float64\) does not match"),
+    (lambda c, x, h: c(x, (h[0], h[1].double())), RuntimeError, r"hx\[1\] dtype \(torch\.float64\) does not match"),
+    (lambda c, x, h: c(x, h[0]), TypeError, r"LSTMCell: hx must be a tuple \(h_0, c_0\)"),
+])
+def test_cell_errors_after_the_module_is_planned(call, exc, match):
+    cell = seed_parameters(make_cell("lstm"), seed=250)
+    x, states = cell_inputs("lstm", 3, F32, True)
+    with torch.no_grad():
+        cell(x, states)
+        with pytest.raises(exc, match=match):
+            call(cell, x, states)
 
 
 def reference_stack(module, x, batch_sizes, h0, reset_after):

@@ -12,6 +12,17 @@ from ..ops import rnn as _rnn_ops
 def cell_forward(module, name: str, mode: str, input, states, reset_after: bool = True):
     """states: None, or the user's hidden states as a tuple ((h,) or (h, c) for lstm).
     Returns the tuple of new states, shaped like the input (unbatched in, unbatched out)."""
+    # Inference on planned parameters: straight to the kernel entry. The parameters come from
+    # _parameters (attribute access through nn.Module.__getattr__ costs 0.5 us each); where they are not
+    # there as such (parametrizations, weight_norm) or anything else differs, the full path below runs.
+    if type(input) is torch.Tensor and not torch.compiler.is_compiling():
+        params = module._parameters
+        w_ih, w_hh = params.get("weight_ih"), params.get("weight_hh")
+        b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
+        if w_ih is not None and w_hh is not None and (b_ih is not None) == module.bias == (b_hh is not None):
+            out = _rnn_ops.cell_fast(mode, reset_after, input, states, w_ih, w_hh, b_ih, b_hh)
+            if out is not None:
+                return out
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
     if input.dim() not in (1, 2):

@@ -479,7 +479,7 @@ def _plain_eager(x: torch.Tensor) -> bool:
     dispatch or function modes, no functorch transforms. Then an inference call may go straight to the
     kernel, skipping torch.library dispatch and the autograd.Function (about 5 us per call each, which
     is most of a cell step at batch 1)."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return (type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling()
             and _dispatch_stack_len is not None and _dispatch_stack_len() == 0
             and _functorch_active is not None and not _functorch_active()
             and not torch._C._is_torch_function_mode_enabled())
@@ -602,10 +602,32 @@ def _input_panel(code, reset_after, hidden, w_ih):
 
 
 # The thin cell path's per-weights plan: what depends only on the parameters (their checked shapes and
-# dtypes, packed weights, input panel, folded biases), found with one lookup per call instead of one
-# per cache and a re-check of every weight (together 10 of an RNNCell call's 27 us at B=1, H=256).
-# Keyed like the caches it draws on (storage and version counter of each parameter, ISA level).
+# dtypes, packed weights, input panel, folded biases, and the kernel entry bound to them), found with
+# one lookup per call instead of one per cache and a re-check of every weight (together 10 of an RNNCell
+# call's 27 us at B=1, H=256). Keyed like the caches it draws on (storage and version counter of each
+# parameter, ISA level).
 _CELL_PLANS: dict = {}
+
+
+class _CellPlan:
+    """`step`: the compiled entry with the parameters bound (_C.RnnCellStep), where the kernel projects
+    the input itself (an input panel exists for this dtype, size and level); it takes data pointers of
+    the call's own tensors, which the caller has checked."""
+
+    __slots__ = ("dtype", "input", "hidden", "code", "panel", "packed", "bias", "b_hn", "step")
+
+    def __init__(self, mode, reset_after, w_ih, w_hh, b_ih, b_hh):
+        self.code, self.hidden = MODES[mode], w_hh.shape[0] // GATES[mode]
+        self.dtype, self.input = w_hh.dtype, w_ih.shape[1]
+        bias, self.b_hn = _folded_bias(mode, reset_after, self.hidden, b_ih, b_hh)
+        self.bias = None if bias is None else bias.contiguous()
+        self.panel = _input_panel(self.code, reset_after, self.hidden, w_ih)
+        self.packed = _packed(self.code, reset_after, self.hidden, 0, w_hh, None, False)
+        self.step = None
+        if self.panel is not None:
+            self.step = _C.RnnCellStep(self.code, reset_after, self.hidden, self.input, str(self.dtype)[6:],
+                                       capsule(self.packed), capsule(self.panel), _none(self.bias),
+                                       _none(self.b_hn))
 
 
 def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
@@ -617,8 +639,7 @@ def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
 
 
 def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
-    """The plan for these parameters if cached and current, else None: (dtype, I, hidden, code, panel,
-    packed, bias row or None, b_hn)."""
+    """The _CellPlan for these parameters if cached and current, else None."""
     entry = _CELL_PLANS.get(id(w_hh))
     if entry is not None and entry[0] == _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
         return entry[1]
@@ -628,11 +649,7 @@ def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
 def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     """Called after the full argument checks passed for these parameters."""
     key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    code, hidden = MODES[mode], w_hh.shape[0] // GATES[mode]
-    bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
-    plan = (w_hh.dtype, w_ih.shape[1], hidden, code, _input_panel(code, reset_after, hidden, w_ih),
-            _packed(code, reset_after, hidden, 0, w_hh, None, False), None if bias is None else bias.contiguous(),
-            b_hn)
+    plan = _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     if id(w_hh) not in _CELL_PLANS:
         weakref.finalize(w_hh, _CELL_PLANS.pop, id(w_hh), None)
     _CELL_PLANS[id(w_hh)] = (key, plan)
@@ -647,6 +664,46 @@ def _cell_workspace(numel, dtype):
     return ws
 
 
+def _plan_takes(plan, t, rows, cols):
+    """t is a plain CPU tensor [rows, cols] of the plan's dtype (RnnCellStep reads it made contiguous)."""
+    return (type(t) is torch.Tensor and t.dtype == plan.dtype and t.is_cpu and t.dim() == 2 and t.shape[0] == rows
+            and t.shape[1] == cols)
+
+
+def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
+    """One cell step straight to the planned kernel entry, or None when anything differs from what the
+    plan was checked for (then the caller takes the full path, which checks and explains). states: None
+    (zeros) or (h,) / (h, c). Returns (h_n,) or (h_n, c_n). At B=1, H=256 every microsecond of Python
+    here is a visible share of the step, so this is the only code between the module and the kernel."""
+    plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
+    if plan is None or plan.step is None:
+        return None
+    B, H = x.shape[0] if x.dim() == 2 else 0, plan.hidden
+    if not (0 < B <= _INPUT_PANEL_MAX_BATCH and _plan_takes(plan, x, B, plan.input)):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or w_ih.requires_grad or w_hh.requires_grad or any(
+            t is not None and t.requires_grad for t in (b_ih, b_hh, *(states or ())))):
+        return None
+    h = c = 0
+    if states is not None:
+        if len(states) != (2 if plan.code == 0 else 1) or not all(_plan_takes(plan, t, B, H) for t in states):
+            return None
+        states = [t if t.is_contiguous() else t.contiguous() for t in states]  # kept alive to the call
+        h = states[0].data_ptr()
+        c = states[1].data_ptr() if len(states) > 1 else 0
+    if _backend._REFERENCE_FORCED or not _plain_eager(x):
+        return None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    h_n = torch.empty(B, H, dtype=plan.dtype)
+    if plan.code != 0:
+        plan.step.run(B, x.data_ptr(), h, 0, h_n.data_ptr(), 0, torch.get_num_threads())
+        return (h_n,)
+    c_n = torch.empty(B, H, dtype=plan.dtype)
+    plan.step.run(B, x.data_ptr(), h, c, h_n.data_ptr(), c_n.data_ptr(), torch.get_num_threads())
+    return h_n, c_n
+
+
 def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=None):
     """One inference step on plain CPU tensors, arguments already checked: the thin path (a cell at B=1
     is a few microseconds of kernel, so every allocation and Python call here shows). For one step the
@@ -655,7 +712,7 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     batch, dtype = x.shape[0], x.dtype
     if plan is None:
         plan = _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    _, _, hidden, code, panel, packed, bias, b_hn = plan
+    hidden, code, panel, packed, bias, b_hn = plan.hidden, plan.code, plan.panel, plan.packed, plan.bias, plan.b_hn
     if batch > _INPUT_PANEL_MAX_BATCH:
         panel = None
     sizes = _sizes(code, reset_after, hidden, 0, batch, dtype)
@@ -679,19 +736,22 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
 
 def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     """One step: a sequence of length 1 through the same kernels."""
+    if h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor:
+        # Inference with parameters already planned: only this call's own tensors are checked here;
+        # anything off goes the full way below, which says what is wrong.
+        fast = cell_fast(mode, reset_after, x, (h,) if mode != "lstm" else (h, c), w_ih, w_hh, b_ih, b_hh)
+        if fast is not None:
+            return fast[0], (fast[1] if mode == "lstm" else None)
     inference = not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
-    # Inference with parameters already checked (a current _cell_plan): only this call's own tensors
-    # are checked here; anything off goes the full way below, which says what is wrong.
     if (inference and h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
             and x.dim() == 2 and _plain_eager(x) and not _backend._REFERENCE_FORCED):
         plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
         if plan is not None:
-            dtype, I, hidden = plan[0], plan[1], plan[2]
             B = x.shape[0]
-            if (x.dtype == dtype and h.dtype == dtype and x.shape[1] == I and h.shape == (B, hidden)
-                    and h.device.type == "cpu" and (mode != "lstm" or (c.dtype == dtype and c.shape == (B, hidden)
-                                                                       and c.device.type == "cpu"))):
+            if (x.dtype == plan.dtype and h.dtype == plan.dtype and x.shape[1] == plan.input
+                    and h.shape == (B, plan.hidden) and h.is_cpu
+                    and (mode != "lstm" or (c.dtype == plan.dtype and c.shape == (B, plan.hidden) and c.is_cpu))):
                 return _cell_inference(mode, x.contiguous(), h.contiguous(),
                                        None if mode != "lstm" else c.contiguous(), w_ih, w_hh, b_ih, b_hh,
                                        reset_after, plan)
