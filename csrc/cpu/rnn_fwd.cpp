@@ -243,32 +243,7 @@ void fwd_worker(void* raw, const Team& team) {
         for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * H);
       }
       if (VAR == Variant::Lstm) {
-        const V<A> i = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> f = sigmoid_(acc.v[r][col + 1] + load<A>(gx + gs, valid));
-        const V<A> g = tanh_(acc.v[r][col + 2] + load<A>(gx + 2 * gs, valid));
-        const V<A> o = sigmoid_(acc.v[r][col + 3] + load<A>(gx + 3 * gs, valid));
-        A* cv = c.c + b * Hp + u * L;
-        const V<A> cnew = f * load<A>(cv, L) + i * g;
-        store<A>(cv, cnew, L);
-        const V<A> h = o * tanh_(cnew);
-        if (rr) {
-          store_stream<A>(rr + u * L, i, valid, stream);
-          store_stream<A>(rr + H + u * L, f, valid, stream);
-          store_stream<A>(rr + 2 * H + u * L, g, valid, stream);
-          store_stream<A>(rr + 3 * H + u * L, o, valid, stream);
-          store_stream<A>(rr + 4 * H + u * L, cnew, valid, stream);
-        }
-        if (last) store<A>(c_n + b * H + u * L, cnew, valid);
-        if (P > 0) {
-          store<A>(c.m + b * Hp + u * L, h, L);
-          if constexpr (BF) if (dot) store<A>(c.m2 + b * Hp + u * L, h, L);
-          if (rr) store_stream<A>(rr + 5 * H + u * L, h, valid, stream);
-        } else {
-          put_h(b, u, h);
-          store<A>(y + row * p.ld_y + u * L, h, valid);
-          if (rr) store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid, stream);
-          if (last) store<A>(h_n + b * K + u * L, h, valid);
-        }
+        // the RowTile form below
       } else if (VAR == Variant::GruAfter) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
         const V<A> rg = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
@@ -312,6 +287,62 @@ void fwd_worker(void* raw, const Team& team) {
         }
       }
     };
+    // LSTM: the epilogue of a whole row tile of block u, phase by phase over its rows. The activations
+    // are chains of ~20 dependent operations; one row at a time they ran at half their throughput
+    // (a quarter of a bfloat16 step), several rows side by side fill the pipelines.
+    auto lstm_tile = [&](RowTile, int64_t r0, int mr, int64_t u, const Tile<A>& acc, int col)
+                         __attribute__((always_inline)) {
+      const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
+      V<A> gi[kMR], gf[kMR], gg[kMR], go[kMR], cn[kMR];
+      int64_t row[kMR];
+      for (int r = 0; r < kMR; ++r) {
+        const int64_t b = r0 + (r < mr ? r : 0);
+        row[r] = seq_row(q, s, b);
+        const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row[r] * p.ld_gates + u * L;
+        if (r < mr && s != seq_len(q, b) - 1 && !fused) {  // the next step's x_gates (see epilogue)
+          const T* next = xg + seq_row(q, s + 1, b) * p.ld_gates + u * L;
+          for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * H);
+        }
+        const int ra = r < mr ? r : 0;  // rows past the tile repeat its first: computed, never stored
+        gi[r] = acc.v[ra][col] + load<A>(gx, valid);
+        gf[r] = acc.v[ra][col + 1] + load<A>(gx + gs, valid);
+        gg[r] = acc.v[ra][col + 2] + load<A>(gx + 2 * gs, valid);
+        go[r] = acc.v[ra][col + 3] + load<A>(gx + 3 * gs, valid);
+      }
+      for (int r = 0; r < kMR; ++r) {
+        gi[r] = sigmoid_(gi[r]);
+        gf[r] = sigmoid_(gf[r]);
+        go[r] = sigmoid_(go[r]);
+        gg[r] = tanh_(gg[r]);
+      }
+      for (int r = 0; r < kMR; ++r) cn[r] = gf[r] * load<A>(c.c + (r0 + (r < mr ? r : 0)) * Hp + u * L, L) + gi[r] * gg[r];
+      V<A> hv[kMR];
+      for (int r = 0; r < kMR; ++r) hv[r] = go[r] * tanh_(cn[r]);
+      for (int r = 0; r < mr; ++r) {
+        const int64_t b = r0 + r;
+        const bool last = s == seq_len(q, b) - 1;
+        A* rr = res ? res + row[r] * rc : nullptr;
+        store<A>(c.c + b * Hp + u * L, cn[r], L);
+        if (rr) {
+          store_stream<A>(rr + u * L, gi[r], valid, stream);
+          store_stream<A>(rr + H + u * L, gf[r], valid, stream);
+          store_stream<A>(rr + 2 * H + u * L, gg[r], valid, stream);
+          store_stream<A>(rr + 3 * H + u * L, go[r], valid, stream);
+          store_stream<A>(rr + 4 * H + u * L, cn[r], valid, stream);
+        }
+        if (last) store<A>(c_n + b * H + u * L, cn[r], valid);
+        if (P > 0) {
+          store<A>(c.m + b * Hp + u * L, hv[r], L);
+          if constexpr (BF) if (dot) store<A>(c.m2 + b * Hp + u * L, hv[r], L);
+          if (rr) store_stream<A>(rr + 5 * H + u * L, hv[r], valid, stream);
+        } else {
+          put_h(b, u, hv[r]);
+          store<A>(y + row[r] * p.ld_y + u * L, hv[r], valid);
+          if (rr) store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid, stream);
+          if (last) store<A>(h_n + b * K + u * L, hv[r], valid);
+        }
+      }
+    };
     // The products: sums for own blocks [b0, b1) of GN of the panel's GP gates from gate g0, over rows
     // of KK values: the section at base + off against rows row_a(b) in A, or, with pair sections, the
     // one at base + off2 against row_2(b) in bf16 pairs. (bf16 rows never meet an A panel: bf16 x
@@ -348,6 +379,8 @@ void fwd_worker(void* raw, const Team& team) {
     }
     if constexpr (VAR == Variant::GruBefore)
       product(std::integral_constant<int, 2>(), packed, 3, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
+    else if constexpr (VAR == Variant::Lstm)
+      product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, lstm_tile);
     else
       product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
     if (VAR == Variant::GruBefore) {
