@@ -227,6 +227,24 @@ void fwd_worker(void* raw, const Team& team) {
       store<A>(hn + b * Kp + blk * L, h, L);
       if constexpr (BF) if (dot) store<A>(hn2 + b * Kp + blk * L, h, L);
     };
+    // x_gates of (row b + kMR, block u), the row this thread's next row tile uses (wrapping into the
+    // next step's first rows). The projection GEMM wrote all of x_gates before the call (13 MB for an
+    // LSTM at T=100, B=32, H=256), so its rows come from memory, in a pattern (G short segments per
+    // row) the hardware prefetcher misses. Waiting for them took as long as the bfloat16 product;
+    // prefetched a whole step ahead they were evicted again before use (a third of the float32 LSTM
+    // epilogue still waited on them). A row tile ahead is a few microseconds: in time, and still close.
+    auto prefetch_ahead = [&](int64_t b, int64_t u) __attribute__((always_inline)) {
+      if (fused) return;
+      int64_t ns = s, nbr = b + kMR;
+      if (nbr >= nb) {
+        ns = s + 1;
+        nbr -= nb;
+      }
+      if (ns < q.steps && nbr < seq_active(q, ns) && ns < seq_len(q, nbr)) {
+        const T* next = xg + seq_row(q, ns, nbr) * p.ld_gates + u * L;
+        for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * H);
+      }
+    };
     // Gates for own unit blocks: the tile's recurrent sums, then the state update of (row b, block u).
     auto epilogue = [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) __attribute__((always_inline)) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
@@ -234,14 +252,7 @@ void fwd_worker(void* raw, const Team& team) {
       const bool last = s == seq_len(q, b) - 1;
       const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
       A* rr = res ? res + row * rc : nullptr;
-      // The next step's x_gates of this (row, block), a step ahead: the projection GEMM wrote all of
-      // x_gates before the call (6.5 MB for an LSTM at T=100, B=32, H=256, bfloat16), so its rows come
-      // from memory, in a pattern (G short segments per row) the hardware prefetcher misses; waiting
-      // for them took as long as the bfloat16 recurrent product.
-      if (!last && !fused) {
-        const T* next = xg + seq_row(q, s + 1, b) * p.ld_gates + u * L;
-        for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * H);
-      }
+      prefetch_ahead(b, u);
       if (VAR == Variant::Lstm) {
         // the RowTile form below
       } else if (VAR == Variant::GruAfter) {
@@ -299,10 +310,7 @@ void fwd_worker(void* raw, const Team& team) {
         const int64_t b = r0 + (r < mr ? r : 0);
         row[r] = seq_row(q, s, b);
         const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row[r] * p.ld_gates + u * L;
-        if (r < mr && s != seq_len(q, b) - 1 && !fused) {  // the next step's x_gates (see epilogue)
-          const T* next = xg + seq_row(q, s + 1, b) * p.ld_gates + u * L;
-          for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * H);
-        }
+        if (r < mr) prefetch_ahead(b, u);
         const int ra = r < mr ? r : 0;  // rows past the tile repeat its first: computed, never stored
         gi[r] = acc.v[ra][col] + load<A>(gx, valid);
         gf[r] = acc.v[ra][col + 1] + load<A>(gx + gs, valid);
