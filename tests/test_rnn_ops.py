@@ -172,6 +172,36 @@ def test_thread_counts_agree(threads, mode, proj, reset_after):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_threads_owning_rows_or_units_agree_bitwise(isa, mode, proj, reset_after, dtype, reverse):
+    """Where each core's cache holds the whole forward panel, the forward's threads own row tiles (all
+    units of them, no barrier per step) instead of unit blocks. Each sum runs over k in the same order
+    either way, so one, two and three threads give the same bits: outputs, final states and reserve.
+    B = 13 leaves a partial row tile; H = 64 makes the step large enough for several threads."""
+    if dtype == torch.bfloat16 and proj:
+        proj = 32  # bfloat16 pair sections need even sizes to be taken; keep the case on them
+    x, bs, t = make_case(mode, proj, dtype, T=6, B=13, I=10, H=64, strided_inputs=False)
+    code, K = ops.MODES[mode], proj or 64
+    seq = ops._Seq(x, bs, reverse)
+    packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, 64, proj, t["w_hh"], t["w_hr"])
+    xg = randn((x.shape[0] * x.shape[1], ops.GATES[mode] * 64), dtype, seed=3)
+    b_hn = t["b_hh"][128:] if mode == "gru" and reset_after else None
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.pyseqkern.rnn_forward(code, reset_after, 64, proj, seq.steps, seq.batch, xg, b_hn,
+                                                           t["h0"], t["c0"], packed, *seq.args(), True))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for name, a, b in zip(["y", "h_n", "c_n", "reserve"], results[0], other):
+            assert_bitwise_equal(b, a, name=name)
+
+
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_no_bias_no_initial_state(device, mode, proj, reset_after):
     x, bs, t = make_case(mode, proj, torch.float64, bias=False, device=device)

@@ -449,20 +449,22 @@ inline void gemm_block(int mr, int nb, const R* const* rows, const P* panel, int
   gemm_nb<G, 1>(nb, rows, panel, K, kstride, bstride, acc);
 }
 
-// The tiled loop every product here shares: for row tiles r0 (of up to kMR rows from `row_ptr`) and
-// unit blocks [blk0, blk1) in groups, the tile's sums, then `epi(b, blk, tile, r, col)` for each row
-// and block, with the block's G sums at tile.v[r][col + g]. P is the panel's element: A, or bf16x2
+// The tiled loop every product here shares: for row tiles r0 (of up to kMR rows b from `row_ptr`, b in
+// [row0, row0 + nrows)) and unit blocks [blk0, blk1) in groups, the tile's sums, then
+// `epi(b, blk, tile, r, col)` for each row and block, with the block's G sums at tile.v[r][col + g]. P
+// is the panel's element: A, or bf16x2
 // (then rows are bf16, K and the strides count pairs of k, and the sums are float). An epilogue that
 // takes a RowTile first is called once per block with the tile's rows, `epi(RowTile{}, r0, mr, blk,
 // tile, col)`: it can interleave the rows' activations (see the LSTM forward).
 struct RowTile {};
 template <int G, typename P, typename RowPtr, typename Epi>
 inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* panel, int64_t K, int64_t kstride,
-                          int64_t bstride, RowPtr row_ptr, Epi epi) {
+                          int64_t bstride, RowPtr row_ptr, Epi epi, int64_t row0 = 0) {
   using R = typename std::remove_cv<typename std::remove_pointer<decltype(row_ptr(0))>::type>::type;
   using A = typename AccOf<P>::type;
-  for (int64_t r0 = 0; r0 < nrows; r0 += kMR) {
-    const int mr = static_cast<int>(nrows - r0 < kMR ? nrows - r0 : kMR);
+  const int64_t row_end = row0 + nrows;
+  for (int64_t r0 = row0; r0 < row_end; r0 += kMR) {
+    const int mr = static_cast<int>(row_end - r0 < kMR ? row_end - r0 : kMR);
     const R* rows[kMR];
     for (int r = 0; r < mr; ++r) rows[r] = row_ptr(r0 + r);
     for (int64_t blk = blk0; blk < blk1;) {

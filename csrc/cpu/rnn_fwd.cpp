@@ -2,6 +2,8 @@
 // (contract: pyseqkern/rnn.h). Compiled once per ISA level.
 #include "rnn_common.h"
 
+#include <unistd.h>
+
 PSK_ISA_NAMESPACE_BEGIN
 namespace rnn {
 namespace {
@@ -156,6 +158,7 @@ struct FwdCtx {
   bf16* rh2;   // [B][Hp] Layout::dot: r * h rounded
   void* xg_own;  // T [B][G][Hp] with RnnFwdParams::x: the step's x_gates, each block made by its owner
   bool relu;
+  bool split_rows;  // threads own row tiles (all units of them) instead of unit blocks: no barrier per step
 };
 
 template <Variant VAR, typename T, typename A>
@@ -188,10 +191,25 @@ void fwd_worker(void* raw, const Team& team) {
   const bool stream = p.reserve != nullptr && q.steps * q.batch * rc * int64_t(sizeof(A)) >= kStreamBytes;
   T* xgo = static_cast<T*>(c.xg_own);
   const int64_t gs = fused ? Hp : H;
-  int64_t u0, u1, p0, p1, k0, k1;
-  split_range(l.U, tid, nt, &u0, &u1);
-  split_range(l.UP, tid, nt, &p0, &p1);
-  split_range(l.UK, tid, nt, &k0, &k1);
+  // Own rows [rb0, rb1) and unit, projection and state blocks: with split_rows a range of row tiles and
+  // every block, else every row and a range of blocks.
+  int64_t u0 = 0, u1 = l.U, p0 = 0, p1 = l.UP, k0 = 0, k1 = l.UK, rb0 = 0, rb1 = q.batch;
+  const bool split = c.split_rows;
+  if (split) {
+    int64_t t0, t1;
+    split_range(ceil_div(q.batch, kMR), tid, nt, &t0, &t1);
+    rb0 = t0 * kMR;
+    rb1 = t1 * kMR < q.batch ? t1 * kMR : q.batch;
+  } else {
+    split_range(l.U, tid, nt, &u0, &u1);
+    split_range(l.UP, tid, nt, &p0, &p1);
+    split_range(l.UK, tid, nt, &k0, &k1);
+  }
+  // This thread's rows active at step s (packed batches never split rows, so all of them there).
+  auto own_rows = [&](int64_t s) {
+    const int64_t n = seq_active(q, s) < rb1 ? seq_active(q, s) : rb1;
+    return n > rb0 ? n - rb0 : int64_t(0);
+  };
   const A* packed = static_cast<const A*>(p.packed);
   const T* xg = static_cast<const T*>(p.x_gates);
   const T* h0 = static_cast<const T*>(p.h0);
@@ -202,7 +220,7 @@ void fwd_worker(void* raw, const Team& team) {
   T* c_n = static_cast<T*>(p.c_n);
   A* res = static_cast<A*>(p.reserve);
 
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = rb0; b < rb1; ++b) {
     for (int64_t kb = k0; kb < k1; ++kb) {
       const int valid = static_cast<int>(K - kb * L < L ? K - kb * L : L);
       const V<A> h = h0 ? load<A>(h0 + b * K + kb * L, valid) : splat(A(0));
@@ -218,7 +236,7 @@ void fwd_worker(void* raw, const Team& team) {
   team.sync();
 
   for (int64_t s = 0; s < q.steps; ++s) {
-    const int64_t nb = seq_active(q, s);
+    const int64_t nrows = own_rows(s);
     const A* hp = c.hbuf[s & 1];
     A* hn = c.hbuf[(s + 1) & 1];
     bf16* hn2 = c.h2[(s + 1) & 1];
@@ -236,11 +254,11 @@ void fwd_worker(void* raw, const Team& team) {
     auto prefetch_ahead = [&](int64_t b, int64_t u) __attribute__((always_inline)) {
       if (fused) return;
       int64_t ns = s, nbr = b + kMR;
-      if (nbr >= nb) {
+      if (nbr >= rb0 + nrows) {
         ns = s + 1;
-        nbr -= nb;
+        nbr -= nrows;
       }
-      if (ns < q.steps && nbr < seq_active(q, ns) && ns < seq_len(q, nbr)) {
+      if (ns < q.steps && nbr < rb0 + own_rows(ns) && ns < seq_len(q, nbr)) {
         const T* next = xg + seq_row(q, ns, nbr) * p.ld_gates + u * L;
         for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * H);
       }
@@ -362,11 +380,11 @@ void fwd_worker(void* raw, const Team& team) {
         if (dot) {
           const int64_t K2 = ceil_div(KK, 2);
           const bf16x2* panel = reinterpret_cast<const bf16x2*>(base + off2) + g0 * L;
-          return tiled_product<GN>(nb, b0, b1, panel, K2, GP * L, K2 * GP * L, row_2, epi);
+          return tiled_product<GN>(nrows, b0, b1, panel, K2, GP * L, K2 * GP * L, row_2, epi, rb0);
         }
       }
       if constexpr (std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(row_a(0))>>, A>::value)
-        tiled_product<GN>(nb, b0, b1, base + off + g0 * L, KK, GP * L, KK * GP * L, row_a, epi);
+        tiled_product<GN>(nrows, b0, b1, base + off + g0 * L, KK, GP * L, KK * GP * L, row_a, epi, rb0);
     };
     using G1 = std::integral_constant<int, 1>;
     auto hrow = [&](int64_t b) { return hp + b * Kp; };
@@ -393,7 +411,7 @@ void fwd_worker(void* raw, const Team& team) {
       product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
     if (VAR == Variant::GruBefore) {
       // Phase 2: n = tanh(x_n + W_hn (r * h_{t-1})) needs every unit's r * h_{t-1}.
-      team.sync();
+      if (!split) team.sync();
       product(G1(), packed, 3, 2, u0, u1, l.fmain, l.fmain2, K, [&](int64_t b) { return c.rh + b * Hp; },
               [&](int64_t b) { return c.rh2 + b * Hp; },
               [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
@@ -411,7 +429,7 @@ void fwd_worker(void* raw, const Team& team) {
     }
     if (VAR == Variant::Lstm && P > 0) {
       // Projection: h_t = W_hr m_t needs every unit's m_t.
-      team.sync();
+      if (!split) team.sync();
       product(G1(), packed, 1, 0, p0, p1, l.fproj, l.fproj2, H, [&](int64_t b) { return c.m + b * Hp; },
               [&](int64_t b) { return c.m2 + b * Hp; },
               [&](int64_t b, int64_t pb, const Tile<A>& acc, int r, int col) {
@@ -423,9 +441,18 @@ void fwd_worker(void* raw, const Team& team) {
         if (res) store_stream<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid, stream);
       });
     }
-    team.sync();
+    if (!split) team.sync();
   }
   if (stream) stream_fence();  // the reserve went out by store_stream
+}
+
+// A core's L2 (the cache a thread's panel must stay in), from the OS; 1 MB where it does not say.
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(1) << 20;
+  }();
+  return bytes;
 }
 
 template <Variant VAR, typename T, typename A>
@@ -450,9 +477,18 @@ void forward_variant(const RnnFwdParams& p) {
   // After the forward's region as sizes() counts it (pair buffers included only when they exist).
   c.xg_own = c.z + B * Hp + (c.l.dot ? B * (Kp + Hp) : 0);
   c.relu = p.shape.mode == RnnMode::RnnRelu;
-  int64_t blocks = c.l.U;
   const int64_t macs = B * c.l.G * c.l.H * c.l.K + B * c.l.P * c.l.H;
-  const int nt = choose_threads(p.num_threads, blocks, macs, p.seq.steps);
+  int nt = choose_threads(p.num_threads, c.l.U, macs, p.seq.steps);
+  // Rows instead of units (split_rows) where each core's cache holds the whole forward panel (so each
+  // thread can own every unit of its rows): then rows never meet across threads, and a step needs no
+  // barrier, which on a shared machine cost a fifth of a bfloat16 LSTM step (one thread waiting out
+  // the other's stalls). Not for packed batches (the rows that stop early would leave their thread
+  // idle), nor where the kernel projects the input itself (cells).
+  const int64_t panel_bytes = (c.l.dot ? 4 * ceil_div(c.l.K, 2) : int64_t(sizeof(A)) * c.l.K) * c.l.U * c.l.G * L +
+                              (c.l.dot ? 4 * ceil_div(c.l.H, 2) : int64_t(sizeof(A)) * c.l.H) * c.l.UP * L;
+  const int by_rows = choose_threads(p.num_threads, B / kMR, macs, p.seq.steps);
+  c.split_rows = by_rows > 1 && p.x == nullptr && p.seq.batch_sizes == nullptr && panel_bytes <= l2_bytes() / 2;
+  if (c.split_rows) nt = by_rows;
   parallel_run(nt, fwd_worker<VAR, T, A>, &c);
 }
 
