@@ -271,9 +271,7 @@ void fwd_worker(void* raw, const Team& team) {
       const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
       A* rr = res ? res + row * rc : nullptr;
       prefetch_ahead(b, u);
-      if (VAR == Variant::Lstm) {
-        // the RowTile form below
-      } else if (VAR == Variant::GruAfter) {
+      if (VAR == Variant::GruAfter) {  // (LSTM: lstm_tile below)
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
         const V<A> rg = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
         const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + gs, valid));
@@ -304,7 +302,7 @@ void fwd_worker(void* raw, const Team& team) {
           store_stream<A>(rr + 3 * H + u * L, rhv, valid, stream);
           store_stream<A>(rr + hprev_col + u * L, hprev, valid, stream);
         }
-      } else {
+      } else if (VAR == Variant::Rnn) {
         const V<A> pre = acc.v[r][col] + load<A>(gx, valid);
         const V<A> h = c.relu ? vrelu(pre) : tanh_(pre);
         put_h(b, u, h);
@@ -323,9 +321,9 @@ void fwd_worker(void* raw, const Team& team) {
                          __attribute__((always_inline)) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
       V<A> gi[kMR], gf[kMR], gg[kMR], go[kMR], cn[kMR];
-      int64_t row[kMR];
+      int64_t bb[kMR], row[kMR];
       for (int r = 0; r < kMR; ++r) {
-        const int64_t b = r0 + (r < mr ? r : 0);
+        const int64_t b = bb[r] = r0 + (r < mr ? r : 0);
         row[r] = seq_row(q, s, b);
         const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row[r] * p.ld_gates + u * L;
         if (r < mr) prefetch_ahead(b, u);
@@ -341,7 +339,7 @@ void fwd_worker(void* raw, const Team& team) {
         go[r] = sigmoid_(go[r]);
         gg[r] = tanh_(gg[r]);
       }
-      for (int r = 0; r < kMR; ++r) cn[r] = gf[r] * load<A>(c.c + (r0 + (r < mr ? r : 0)) * Hp + u * L, L) + gi[r] * gg[r];
+      for (int r = 0; r < kMR; ++r) cn[r] = gf[r] * load<A>(c.c + bb[r] * Hp + u * L, L) + gi[r] * gg[r];
       V<A> hv[kMR];
       for (int r = 0; r < kMR; ++r) hv[r] = go[r] * tanh_(cn[r]);
       for (int r = 0; r < mr; ++r) {

@@ -747,14 +747,12 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
     if (inference and h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
             and x.dim() == 2 and _plain_eager(x) and not _backend._REFERENCE_FORCED):
         plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-        if plan is not None:
-            B = x.shape[0]
-            if (x.dtype == plan.dtype and h.dtype == plan.dtype and x.shape[1] == plan.input
-                    and h.shape == (B, plan.hidden) and h.is_cpu
-                    and (mode != "lstm" or (c.dtype == plan.dtype and c.shape == (B, plan.hidden) and c.is_cpu))):
-                return _cell_inference(mode, x.contiguous(), h.contiguous(),
-                                       None if mode != "lstm" else c.contiguous(), w_ih, w_hh, b_ih, b_hh,
-                                       reset_after, plan)
+        B = x.shape[0]
+        if plan is not None and _plan_takes(plan, x, B, plan.input) and all(
+                _plan_takes(plan, t, B, plan.hidden) for t in ((h,) if mode != "lstm" else (h, c))):
+            # planned, but not for the compiled step (more rows than it projects, or no input panel)
+            return _cell_inference(mode, x.contiguous(), h.contiguous(), None if mode != "lstm" else c.contiguous(),
+                                   w_ih, w_hh, b_ih, b_hh, reset_after, plan)
     x3 = x.unsqueeze(0)
     _check_layer(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None)
     _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
