@@ -574,10 +574,20 @@ class RnnCellStep {
 
  private:
   // The kernel's workspace lives only inside a call: one per calling thread, grown to the largest seen.
+  // pyseqkern.empty_cache() releases the calling thread's (release_workspace).
   static void* workspace(int64_t bytes) {
-    thread_local std::vector<double> buf;
+    std::vector<double>& buf = thread_buffer();
     if (static_cast<int64_t>(buf.size()) * 8 < bytes) buf.resize(static_cast<size_t>(bytes / 8 + 1));
     return buf.data();
+  }
+
+ public:
+  static void release_workspace() { std::vector<double>().swap(thread_buffer()); }
+
+ private:
+  static std::vector<double>& thread_buffer() {
+    thread_local std::vector<double> buf;
+    return buf;
   }
 
   const RnnCpuKernels& kernels_;
@@ -623,7 +633,8 @@ PYBIND11_MODULE(_C, m) {
                     py::handle>(),
            py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("input"), py::arg("dtype"),
            py::arg("packed"), py::arg("packed_in"), py::arg("bias").none(true), py::arg("b_hn").none(true))
-      .def("run", &RnnCellStep::run);
+      .def("run", &RnnCellStep::run)
+      .def_static("release_workspace", &RnnCellStep::release_workspace);
   m.def("rnn_backward", &rnn_backward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
         py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),

@@ -233,10 +233,11 @@ def _scratch():
 
 
 def empty_cache() -> None:
-    """Releases the CPU backward's cached temporaries (_Scratch) and the cell workspace of the calling
-    thread."""
+    """Releases the CPU backward's cached temporaries (_Scratch) and the cell workspaces (the Python
+    one, and the compiled step's) of the calling thread."""
     _SCRATCH.s = None
     _SCRATCH.cell_ws = None
+    _C.RnnCellStep.release_workspace()
 
 
 def _storage_dtype(*tensors):
