@@ -266,7 +266,8 @@ def test_cell_planned_path_gives_the_first_calls_bits(isa, kind, dtype, batch, h
     """Once a cell's parameters are planned, inference goes from the module straight to the compiled step
     (data pointers, no capsules). It must give the bits of the first, fully checked call (hx None means
     zeros: a null pointer there, zero tensors there), also after empty_cache(), and be the path taken
-    wherever the kernel projects the input itself (up to _INPUT_PANEL_MAX_BATCH rows, a level with a panel for the dtype)."""
+    wherever the kernel projects the input itself (up to _INPUT_PANEL_MAX_BATCH rows, a level with a
+    panel for the dtype)."""
     cell = seed_parameters(make_cell(kind, dtype=dtype, inp=inp), seed=210)
     x, states = cell_inputs(kind, batch, dtype, hx, inp=inp)
     with torch.no_grad():
