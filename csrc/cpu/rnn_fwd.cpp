@@ -317,12 +317,15 @@ void fwd_worker(void* raw, const Team& team) {
     // LSTM: the epilogue of a whole row tile of block u, phase by phase over its rows. The activations
     // are chains of ~20 dependent operations; one row at a time they ran at half their throughput
     // (a quarter of a bfloat16 step), several rows side by side fill the pipelines.
-    auto lstm_tile = [&](RowTile, int64_t r0, int mr, int64_t u, const Tile<A>& acc, int col)
+    // MR rows are computed: kMR, the rows past mr repeating the tile's first (never stored), or exactly
+    // one (B=1 and a last single row would otherwise pay kMR rows of activations).
+    auto lstm_rows = [&](auto mrc, int64_t r0, int mr, int64_t u, const Tile<A>& acc, int col)
                          __attribute__((always_inline)) {
+      constexpr int MR = decltype(mrc)::value;
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
-      V<A> gi[kMR], gf[kMR], gg[kMR], go[kMR], cn[kMR];
-      int64_t bb[kMR], row[kMR];
-      for (int r = 0; r < kMR; ++r) {
+      V<A> gi[MR], gf[MR], gg[MR], go[MR], cn[MR];
+      int64_t bb[MR], row[MR];
+      for (int r = 0; r < MR; ++r) {
         const int64_t b = bb[r] = r0 + (r < mr ? r : 0);
         row[r] = seq_row(q, s, b);
         const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row[r] * p.ld_gates + u * L;
@@ -333,15 +336,15 @@ void fwd_worker(void* raw, const Team& team) {
         gg[r] = acc.v[ra][col + 2] + load<A>(gx + 2 * gs, valid);
         go[r] = acc.v[ra][col + 3] + load<A>(gx + 3 * gs, valid);
       }
-      for (int r = 0; r < kMR; ++r) {
+      for (int r = 0; r < MR; ++r) {
         gi[r] = sigmoid_(gi[r]);
         gf[r] = sigmoid_(gf[r]);
         go[r] = sigmoid_(go[r]);
         gg[r] = tanh_(gg[r]);
       }
-      for (int r = 0; r < kMR; ++r) cn[r] = gf[r] * load<A>(c.c + bb[r] * Hp + u * L, L) + gi[r] * gg[r];
-      V<A> hv[kMR];
-      for (int r = 0; r < kMR; ++r) hv[r] = go[r] * tanh_(cn[r]);
+      for (int r = 0; r < MR; ++r) cn[r] = gf[r] * load<A>(c.c + bb[r] * Hp + u * L, L) + gi[r] * gg[r];
+      V<A> hv[MR];
+      for (int r = 0; r < MR; ++r) hv[r] = go[r] * tanh_(cn[r]);
       for (int r = 0; r < mr; ++r) {
         const int64_t b = r0 + r;
         const bool last = s == seq_len(q, b) - 1;
@@ -366,6 +369,11 @@ void fwd_worker(void* raw, const Team& team) {
           if (last) store<A>(h_n + b * K + u * L, hv[r], valid);
         }
       }
+    };
+    auto lstm_tile = [&](RowTile, int64_t r0, int mr, int64_t u, const Tile<A>& acc, int col)
+                         __attribute__((always_inline)) {
+      if (mr == 1) lstm_rows(std::integral_constant<int, 1>(), r0, mr, u, acc, col);
+      else lstm_rows(std::integral_constant<int, kMR>(), r0, mr, u, acc, col);
     };
     // The products: sums for own blocks [b0, b1) of GN of the panel's GP gates from gate g0, over rows
     // of KK values: the section at base + off against rows row_a(b) in A, or, with pair sections, the
