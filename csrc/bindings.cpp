@@ -57,6 +57,7 @@ py::dict cpu_isa_report() {
   d["best"] = std::string(isa_name(isa_best()));
   d["active"] = std::string(isa_name(isa_active()));
   d["vector_bits"] = probe_cpu_kernels().vector_bits;
+  d["l2_bytes"] = cpu_l2_bytes();
   return d;
 }
 
@@ -372,7 +373,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
                        int64_t row_stride_b, bool reverse, py::handle x_gates, py::handle b_hn, py::handle h0,
                        py::handle c0, py::handle y, int64_t ld_y, py::handle h_n, py::handle c_n, py::handle packed,
                        py::handle reserve, py::handle workspace, int num_threads, uintptr_t stream,
-                       int path, py::handle x, py::handle packed_in) {
+                       int path, py::handle x, py::handle packed_in, py::handle x_gates_buf) {
   RnnFwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
@@ -395,7 +396,20 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
         throw py::value_error("pyseqkern: rnn_forward: with 'x', 'x_gates' is the [G*H] bias row in x's dtype");
       p.x_gates = b.data;
     }
+    if (!x_gates_buf.is_none()) {
+      // Every row projected before the steps, into x_gates_buf [N, G*H] (rows of sequence data).
+      TensorView buf = view_of(x_gates_buf, "x_gates_buf");
+      if (buf.dtype != p.dtype || buf.device != DeviceKind::Cpu || buf.ndim != 2 || buf.sizes[0] != xv.sizes[0] ||
+          buf.sizes[1] != rnn_gate_count(p.shape.mode) * hidden)
+        throw py::value_error("pyseqkern: rnn_forward: 'x_gates_buf' must be a CPU [N, G*H] tensor in x's dtype, "
+                              "N = x's rows");
+      p.x_gates_buf = buf.data;
+      p.ld_gates = row_stride(buf, "x_gates_buf");
+      p.x_rows = xv.sizes[0];
+    }
   } else {
+    if (!x_gates_buf.is_none())
+      throw py::value_error("pyseqkern: rnn_forward: 'x_gates_buf' is where the kernel projects 'x'; pass 'x' too");
     TensorView xg = view_of(x_gates, "x_gates");
     p.dtype = xg.dtype;
     p.x_gates = xg.data;
@@ -623,7 +637,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("h0").none(true), py::arg("c0").none(true), py::arg("y"), py::arg("ld_y"), py::arg("h_n"),
         py::arg("c_n").none(true), py::arg("packed"), py::arg("reserve").none(true), py::arg("workspace"),
         py::arg("num_threads"), py::arg("stream") = 0, py::arg("path") = 0, py::arg("x") = py::none(),
-        py::arg("packed_in") = py::none());
+        py::arg("packed_in") = py::none(), py::arg("x_gates_buf") = py::none());
   m.def("rnn_input_panel_numel", &rnn_input_panel_numel_entry, py::arg("mode"), py::arg("reset_after"),
         py::arg("hidden"), py::arg("input"), py::arg("dtype"));
   m.def("rnn_pack_input", &rnn_pack_input_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),

@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include <unistd.h>
+
 namespace pyseqkern {
 namespace {
 
@@ -105,6 +107,17 @@ void isa_set_active(Isa isa) {
     throw std::invalid_argument(std::string("CPU ISA level '") + isa_name(isa) +
                                 "' is above what this CPU supports ('" + isa_name(isa_best()) + "')");
   g_active.store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+
+long long cpu_l2_bytes() {
+  static const long long bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (v > 0) return static_cast<long long>(v);
+#endif
+    return 1LL << 20;
+  }();
+  return bytes;
 }
 
 }  // namespace pyseqkern

@@ -485,8 +485,10 @@ def test_bad_inputs(change, error, match):
         call(ops.rnn_layer, change.get("mode", "lstm"), x, bs, t, False, True)
 
 
-def test_inference_fast_path_equals_the_op_path():
-    # Without grad, plain eager calls skip the dispatcher; the result must be the op's, bit for bit.
+def test_inference_fast_path_equals_the_op_path(monkeypatch):
+    # Without grad, plain eager calls skip the dispatcher; where torch's GEMM projects the input (the
+    # kernel projecting it is tested below), the result must be the op's, bit for bit.
+    monkeypatch.setattr(ops, "_L2_BYTES", 0)
     x, bs, t = make_case("gru", 0, torch.float32, lengths=[7, 6, 3, 3, 1])
     with torch.no_grad():
         fast = call(ops.rnn_layer, "gru", x, bs, t, True, True)
@@ -495,6 +497,109 @@ def test_inference_fast_path_equals_the_op_path():
     for a, b in zip(fast, slow):
         if a is not None:
             assert_bitwise_equal(a, b.detach())
+
+
+class ProjectingSpy:
+    """Counts inference forwards whose kernel projected the input itself (ops._forward_projecting)."""
+
+    def __init__(self, monkeypatch):
+        self.taken = self.declined = 0
+        real = ops._forward_projecting
+
+        def spy(*args):
+            out = real(*args)
+            if out is None:
+                self.declined += 1
+            else:
+                self.taken += 1
+            return out
+
+        monkeypatch.setattr(ops, "_forward_projecting", spy)
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse, lengths", [(False, None), (True, None), (False, [7, 7, 4, 2, 1]),
+                                              (True, [7, 6, 3, 3, 1])])
+@pytest.mark.parametrize("I", [20, 13])
+def test_inference_kernel_projecting_the_input_meets_the_reference(monkeypatch, isa, mode, proj, reset_after, dtype,
+                                                                   reverse, lengths, I):
+    """Inference forwards whose input panel fits the cache project the input inside the kernel, before
+    the steps (a different summation order than torch's GEMM): outputs and final states must meet the
+    float64 reference as the dtype requires (float64 elementwise, half types by the 2x-torch rule),
+    bit for bit run after run and at 1, 2 and 3 threads. bfloat16 has a panel only on levels with
+    bf16 dot products and an even I; elsewhere torch projects."""
+    spy = ProjectingSpy(monkeypatch)
+    x, bs, t = make_case(mode, proj, dtype, I=I, H=37, lengths=lengths)
+    expect = dtype != torch.bfloat16 or (isa == "avx512bf16" and I % 2 == 0)
+    runs = []
+    for threads in (2, 2, 1, 3):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                runs.append(call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after))
+        finally:
+            torch.set_num_threads(before)
+    assert (spy.taken, spy.declined) == ((4, 0) if expect else (0, 4))
+    x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
+    exact = call(ref.rnn_layer, mode, x64, bs, t64, reverse, reset_after)
+    theirs = call(ref.rnn_layer, mode, x, bs, t, reverse, reset_after)
+    for i, name in enumerate(["y", "h_n", "c_n"]):
+        if exact[i] is None:
+            continue
+        for other in runs[1:]:
+            assert_bitwise_equal(runs[0][i], other[i], name=name)
+        if dtype == torch.bfloat16:
+            assert_within_torch_error(runs[0][i], theirs[i], exact[i], name=f"{mode} {name}")
+        else:
+            assert_close_to_ref(runs[0][i], exact[i], name=f"{mode} {name}")
+
+
+def test_inference_input_panels_past_half_the_l2_go_to_torch(monkeypatch):
+    """A panel whose per-thread share exceeds half a core's L2 would stream from memory for every row
+    tile: torch's GEMM projects instead, and the result is the op path's bit for bit."""
+    spy = ProjectingSpy(monkeypatch)
+    x, bs, t = make_case("lstm", 0, torch.float32, I=64, H=40)
+    read = 4 * 40 * 64 * 4  # G * H * I * sizeof(float)
+    monkeypatch.setattr(ops, "_L2_BYTES", 2 * read // torch.get_num_threads())  # just fits
+    with torch.no_grad():
+        call(ops.rnn_layer, "lstm", x, bs, t, False, True)
+    assert (spy.taken, spy.declined) == (1, 0)
+    monkeypatch.setattr(ops, "_L2_BYTES", 2 * read // torch.get_num_threads() - 64)
+    with torch.no_grad():
+        fast = call(ops.rnn_layer, "lstm", x, bs, t, False, True)
+    assert (spy.taken, spy.declined) == (1, 1)
+    slow = call(ops.rnn_layer, "lstm", x.detach().requires_grad_(), bs, t, False, True)  # the op path
+    for a, b in zip(fast, slow):
+        assert_bitwise_equal(a, b.detach())
+
+
+def test_kernel_projection_buffer_is_checked():
+    """x_gates_buf (where the kernel projects every row first) must be [N, G*H] in x's dtype, and only
+    comes with x."""
+    H, I, T, B = 8, 6, 3, 2
+    w_ih, w_hh = randn((4 * H, I), seed=1), randn((4 * H, H), seed=2)
+    x = randn((T * B, I), seed=3)
+    panel = ops._input_panel(0, True, H, w_ih)
+    packed = ops._packed(0, True, H, 0, w_hh, None, False)
+    ws = torch.empty(ops._sizes(0, True, H, 0, B, torch.float32)[2])
+    y, hn, cn = torch.empty(T * B, H), torch.empty(B, H), torch.empty(B, H)
+
+    def run(buf, with_x=True):
+        from pyseqkern._handoff import capsule
+        _C.rnn_forward(0, True, H, 0, T, B, None, None, None, B, 1, False,
+                       None if with_x else capsule(torch.zeros(T * B, 4 * H)), None, None, None, capsule(y), H,
+                       capsule(hn), capsule(cn), capsule(packed), None, capsule(ws), 1,
+                       x=capsule(x) if with_x else None, packed_in=capsule(panel) if with_x else None,
+                       x_gates_buf=capsule(buf))
+
+    for bad in (torch.empty(T * B, 4 * H - 1), torch.empty(T * B - 1, 4 * H), torch.empty(T * B, 4 * H).double()):
+        with pytest.raises(ValueError, match="x_gates_buf' must be a CPU \\[N, G\\*H\\] tensor"):
+            run(bad)
+    with pytest.raises(ValueError, match="pass 'x' too"):
+        run(torch.empty(T * B, 4 * H), with_x=False)
+    run(torch.empty(T * B, 4 * H))  # and the right one runs
 
 
 @pytest.mark.parametrize("B", [1, 7, 40])

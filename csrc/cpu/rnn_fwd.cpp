@@ -2,8 +2,6 @@
 // (contract: pyseqkern/rnn.h). Compiled once per ISA level.
 #include "rnn_common.h"
 
-#include <unistd.h>
-
 PSK_ISA_NAMESPACE_BEGIN
 namespace rnn {
 namespace {
@@ -184,9 +182,12 @@ void fwd_worker(void* raw, const Team& team) {
   };
   const int64_t H = l.H, K = l.K, P = l.P, B = q.batch, Kp = l.UK * L, Hp = l.U * L;
   const int64_t rc = c.sz.reserve_cols, hprev_col = c.sz.reserve_hprev;
-  // x given: x_gates come from the thread's own projection (xgo, rows b, gates Hp apart) and xg is
-  // the bias row; else from x_gates (rows of sequence data, gates H apart).
-  const bool fused = p.x != nullptr;
+  // x given: x_gates come from the thread's own projection, either of each step's rows inside the step
+  // (fused: xgo, rows b, gates Hp apart) or of every row before the steps (first: into x_gates_buf,
+  // read as x_gates); p.x_gates is then the bias row. Else from x_gates (rows of sequence data, gates
+  // H apart).
+  const bool first = p.x != nullptr && p.x_gates_buf != nullptr;
+  const bool fused = p.x != nullptr && !first;
   // The reserve by non-temporal stores when it is large (store_stream).
   const bool stream = p.reserve != nullptr && q.steps * q.batch * rc * int64_t(sizeof(A)) >= kStreamBytes;
   T* xgo = static_cast<T*>(c.xg_own);
@@ -211,7 +212,7 @@ void fwd_worker(void* raw, const Team& team) {
     return n > rb0 ? n - rb0 : int64_t(0);
   };
   const A* packed = static_cast<const A*>(p.packed);
-  const T* xg = static_cast<const T*>(p.x_gates);
+  const T* xg = static_cast<const T*>(first ? p.x_gates_buf : p.x_gates);
   const T* h0 = static_cast<const T*>(p.h0);
   const T* c0 = static_cast<const T*>(p.c0);
   const T* bhn = static_cast<const T*>(p.b_hn);
@@ -220,6 +221,42 @@ void fwd_worker(void* raw, const Team& team) {
   T* c_n = static_cast<T*>(p.c_n);
   A* res = static_cast<A*>(p.reserve);
 
+  // The products: sums for rows [row0, row0 + nr) and own blocks [b0, b1) of GN of the panel's GP gates
+  // from gate g0, over rows of KK values: the section at base + off against rows row_a(b) in A, or,
+  // with pair sections, the one at base + off2 against row_2(b) in bf16 pairs. (bf16 rows never meet
+  // an A panel: bf16 x without pair sections is refused, so x products pass row_a only where T is A.)
+  auto product_rows = [&](int64_t nr, int64_t row0, auto gates, const A* base, int64_t GP, int64_t g0, int64_t b0,
+                          int64_t b1, int64_t off, int64_t off2, int64_t KK, auto row_a, auto row_2, auto epi) {
+    constexpr int GN = decltype(gates)::value;
+    if constexpr (BF && kBf16Dot) {
+      if (dot) {
+        const int64_t K2 = ceil_div(KK, 2);
+        const bf16x2* panel = reinterpret_cast<const bf16x2*>(base + off2) + g0 * L;
+        return tiled_product<GN>(nr, b0, b1, panel, K2, GP * L, K2 * GP * L, row_2, epi, row0);
+      }
+    }
+    if constexpr (std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(row_a(0))>>, A>::value)
+      tiled_product<GN>(nr, b0, b1, base + off + g0 * L, KK, GP * L, KK * GP * L, row_a, epi, row0);
+  };
+  if (first) {
+    // Every row's x_gates before the steps: own gate columns (unit blocks, whichever way the steps
+    // split), so this thread's part of the input panel stays in its cache across all rows. The sync
+    // after the initial states orders these stores before any step reads them.
+    int64_t x0, x1;
+    split_range(l.U, tid, nt, &x0, &x1);
+    const T* xin = static_cast<const T*>(p.x);
+    const T* bias = static_cast<const T*>(p.x_gates);
+    T* buf = static_cast<T*>(p.x_gates_buf);
+    auto xrow = [&](int64_t n) { return xin + n * p.ld_x; };
+    product_rows(p.x_rows, 0, GI(), static_cast<const A*>(p.packed_in), G, 0, x0, x1, 0, l.U * p.input * G * L,
+                 p.input, xrow, xrow, [&](int64_t n, int64_t u, const Tile<A>& acc, int r, int col) {
+      const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
+      T* dst = buf + n * p.ld_gates + u * L;
+      for (int g = 0; g < G; ++g)
+        store<A>(dst + g * H, acc.v[r][col + g] + (bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0))),
+                 valid);
+    });
+  }
   for (int64_t b = rb0; b < rb1; ++b) {
     for (int64_t kb = k0; kb < k1; ++kb) {
       const int valid = static_cast<int>(K - kb * L < L ? K - kb * L : L);
@@ -375,23 +412,7 @@ void fwd_worker(void* raw, const Team& team) {
       if (mr == 1) lstm_rows(std::integral_constant<int, 1>(), r0, mr, u, acc, col);
       else lstm_rows(std::integral_constant<int, kMR>(), r0, mr, u, acc, col);
     };
-    // The products: sums for own blocks [b0, b1) of GN of the panel's GP gates from gate g0, over rows
-    // of KK values: the section at base + off against rows row_a(b) in A, or, with pair sections, the
-    // one at base + off2 against row_2(b) in bf16 pairs. (bf16 rows never meet an A panel: bf16 x
-    // without pair sections is refused, so x products pass row_a only where T is A.)
-    auto product = [&](auto gates, const A* base, int64_t GP, int64_t g0, int64_t b0, int64_t b1, int64_t off,
-                       int64_t off2, int64_t KK, auto row_a, auto row_2, auto epi) {
-      constexpr int GN = decltype(gates)::value;
-      if constexpr (BF && kBf16Dot) {
-        if (dot) {
-          const int64_t K2 = ceil_div(KK, 2);
-          const bf16x2* panel = reinterpret_cast<const bf16x2*>(base + off2) + g0 * L;
-          return tiled_product<GN>(nrows, b0, b1, panel, K2, GP * L, K2 * GP * L, row_2, epi, rb0);
-        }
-      }
-      if constexpr (std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(row_a(0))>>, A>::value)
-        tiled_product<GN>(nrows, b0, b1, base + off + g0 * L, KK, GP * L, KK * GP * L, row_a, epi, rb0);
-    };
+    auto product = [&](auto... a) { product_rows(nrows, rb0, a...); };
     using G1 = std::integral_constant<int, 1>;
     auto hrow = [&](int64_t b) { return hp + b * Kp; };
     auto hrow2 = [&, hp2 = c.h2[s & 1]](int64_t b) { return hp2 + b * Kp; };
@@ -452,14 +473,7 @@ void fwd_worker(void* raw, const Team& team) {
   if (stream) stream_fence();  // the reserve went out by store_stream
 }
 
-// A core's L2 (the cache a thread's panel must stay in), from the OS; 1 MB where it does not say.
-inline int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? int64_t(v) : int64_t(1) << 20;
-  }();
-  return bytes;
-}
+inline int64_t l2_bytes() { return static_cast<int64_t>(cpu_l2_bytes()); }
 
 template <Variant VAR, typename T, typename A>
 void forward_variant(const RnnFwdParams& p) {
@@ -489,11 +503,12 @@ void forward_variant(const RnnFwdParams& p) {
   // thread can own every unit of its rows): then rows never meet across threads, and a step needs no
   // barrier, which on a shared machine cost a fifth of a bfloat16 LSTM step (one thread waiting out
   // the other's stalls). Not for packed batches (the rows that stop early would leave their thread
-  // idle), nor where the kernel projects the input itself (cells).
+  // idle), nor where the kernel projects each step's input inside the step (cells).
   const int64_t panel_bytes = (c.l.dot ? 4 * ceil_div(c.l.K, 2) : int64_t(sizeof(A)) * c.l.K) * c.l.U * c.l.G * L +
                               (c.l.dot ? 4 * ceil_div(c.l.H, 2) : int64_t(sizeof(A)) * c.l.H) * c.l.UP * L;
   const int by_rows = choose_threads(p.num_threads, B / kMR, macs, p.seq.steps);
-  c.split_rows = by_rows > 1 && p.x == nullptr && p.seq.batch_sizes == nullptr && panel_bytes <= l2_bytes() / 2;
+  c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr) && p.seq.batch_sizes == nullptr &&
+                 panel_bytes <= l2_bytes() / 2;
   if (c.split_rows) nt = by_rows;
   parallel_run(nt, fwd_worker<VAR, T, A>, &c);
 }

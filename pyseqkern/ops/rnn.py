@@ -544,6 +544,10 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     if not training and _plain_eager(x):
+        projected = _forward_projecting(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr)
+        if projected is not None:
+            y, h_n, c_n = projected
+            return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
         code, hidden, proj, x_gates, b_hn, packed = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr,
                                                              False)
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
@@ -600,6 +604,46 @@ def _input_panel(code, reset_after, hidden, w_ih):
         weakref.finalize(w_ih, _PACK_IN_CACHE.pop, id(w_ih), None)
     _PACK_IN_CACHE[id(w_ih)] = (key, panel)
     return panel
+
+
+# Inference over a sequence projects its input inside the kernel, before the steps, where each thread's
+# share of the input panel fits half a core's L2 (the panel then stays in the cache across all rows):
+# torch's GEMM reached 80% of peak on these shapes and evicted the recurrent panel the steps read
+# next. Larger panels go through torch's GEMM.
+_L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
+
+
+def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """(y, h_n, c_n or None) of an inference forward whose kernel projects the input, or None where
+    torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large)."""
+    code = MODES[mode]
+    hidden = w_hh.shape[0] // GATES[mode]
+    read = GATES[mode] * hidden * x2d.shape[1] * (2 if x2d.dtype == torch.bfloat16 else x2d.element_size())
+    if read > _L2_BYTES // 2 * max(1, num_threads()) or x2d.dtype != w_ih.dtype:
+        return None
+    panel = _input_panel(code, reset_after, hidden, w_ih)
+    if panel is None:
+        return None
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
+    packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, False)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    K = proj if proj > 0 else hidden
+    n, dtype = x2d.shape[0], x2d.dtype
+    ws_numel = _sizes(code, reset_after, hidden, proj, seq.batch, dtype)[2]
+    x_gates = torch.empty(n, GATES[mode] * hidden, dtype=dtype)
+    y = torch.empty(n, K, dtype=dtype)
+    h_n = torch.empty(seq.batch, K, dtype=dtype)
+    c_n = torch.empty(seq.batch, hidden, dtype=dtype) if code == 0 else None
+    workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype))
+    batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse = seq.args()
+    _C.rnn_forward(code, reset_after, hidden, proj, seq.steps, seq.batch, _none(batch_sizes), _none(time_offsets),
+                   _none(lengths), row_stride_t, row_stride_b, reverse,
+                   None if bias is None else capsule(bias.contiguous()), _none(b_hn), _none(h0), _none(c0),
+                   capsule(y), K, capsule(h_n), _none(c_n), capsule(packed), None, capsule(workspace),
+                   num_threads(), x=capsule(x2d), packed_in=capsule(panel), x_gates_buf=capsule(x_gates))
+    return y, h_n, c_n
 
 
 # The thin cell path's per-weights plan: what depends only on the parameters (their checked shapes and

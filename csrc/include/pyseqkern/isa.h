@@ -21,4 +21,8 @@ Isa isa_best();                           // highest level compiled and supporte
 Isa isa_active();                         // the level kernels dispatch to now
 void isa_set_active(Isa isa);             // throws std::invalid_argument if not runnable here
 
+// One core's L2 in bytes, from the OS (1 MB where it does not say): the cache a kernel thread's share of
+// a weight panel must stay in.
+long long cpu_l2_bytes();
+
 }  // namespace pyseqkern

@@ -3,7 +3,8 @@
 // One call runs one layer in one direction over a whole sequence (a cell step is a sequence of one
 // step). Torch does the input projection before the call (x_gates = x W_ih^T + b_ih, plus b_hh where
 // it adds outside the gate nonlinearity) and the weight gradients after backward; the kernels do the
-// time loop: the recurrent product, the gates and the state update, fused.
+// time loop: the recurrent product, the gates and the state update, fused. (On the CPU the forward
+// may project the input itself instead: RnnFwdParams::x.)
 //
 // Symbols: T steps, B batch rows (rows at step 0), H hidden units, P projection size (LSTM proj_size,
 // 0 if none), K = P ? P : H the recurrent state size, G gates (LSTM 4: i,f,g,o; GRU 3: r,z,n; RNN 1),
@@ -107,6 +108,13 @@ struct RnnFwdParams {
   // would stream W_ih once more through another loop. bfloat16 needs a level with bf16 dot products.
   const void* x; int64_t ld_x; int64_t input;
   const void* packed_in;
+  // With x, optional: x_gates_buf [x_rows, G*H] (storage dtype, leading dimension ld_gates). Then the
+  // kernel first projects all x_rows rows into it (x W_ih^T + the bias row, rounded to the storage
+  // dtype as torch's GEMM rounds), each thread its own gate columns from the panel in its cache, and
+  // runs the steps reading it as x_gates; the workspace needs no room for x_gates then. For sequences
+  // whose per-thread input panel fits the cache: torch's GEMM evicts the recurrent panel and reaches
+  // a lower share of peak on these shapes.
+  void* x_gates_buf; int64_t x_rows;
 };
 
 struct RnnBwdParams {
