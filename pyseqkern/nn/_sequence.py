@@ -22,7 +22,8 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     """Returns (output, h_n, c_n or None), output a PackedSequence when input is one."""
     name = _NAMES[module.mode]
     is_lstm = module.mode == "LSTM"
-    module._update_flat_weights()  # keeps torch's weight bookkeeping (pickling, functional_call) current
+    # (No _update_flat_weights(): the weights are read by name below, and torch's own forward and
+    # __getstate__ refresh _flat_weights themselves; it cost 4 us a call.)
 
     if isinstance(input, PackedSequence):
         x, batch_sizes, sorted_indices, unsorted_indices = input
@@ -66,10 +67,7 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     hout = module.proj_size if module.proj_size > 0 else module.hidden_size
     h_shape = (module.num_layers * num_directions, batch, hout)
     c_shape = (module.num_layers * num_directions, batch, module.hidden_size)
-    if hx is None:
-        h0 = torch.zeros(h_shape, dtype=x.dtype, device=x.device)
-        c0 = torch.zeros(c_shape, dtype=x.dtype, device=x.device) if is_lstm else None
-    else:
+    if hx is not None:
         _checks.state_matches(name, "hx[0]" if is_lstm else "hx", h0, h_shape, x)
         if is_lstm:
             _checks.state_matches(name, "hx[1]", c0, c_shape, x)

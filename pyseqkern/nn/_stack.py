@@ -25,8 +25,9 @@ def layer_weights(module, layer: int, direction: int):
 
 
 def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
-    """x time-major [T, B, I] or packed [N, I]; h0 [L*D, B, Hout], c0 [L*D, B, H] or None.
-    Returns (y, h_n, c_n or None) in the same layouts."""
+    """x time-major [T, B, I] or packed [N, I]; h0 [L*D, B, Hout] and c0 [L*D, B, H] (LSTM), or both
+    None for zero states (the kernels read none then). Returns (y, h_n, c_n or None), h_n [L*D, B, Hout],
+    c_n [L*D, B, H] for LSTM."""
     mode = module.mode.lower()
     num_directions = 2 if module.bidirectional else 1
     h_n, c_n = [], []
@@ -37,7 +38,7 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
             idx = layer * num_directions + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights(module, layer, direction)
             y, h, c = _rnn_ops.rnn_layer(
-                mode, layer_input, batch_sizes, h0[idx], None if c0 is None else c0[idx],
+                mode, layer_input, batch_sizes, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
                 w_ih, w_hh, b_ih, b_hh, w_hr, bool(direction), reset_after,
             )
             outputs.append(y)
@@ -46,4 +47,5 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
         if module.dropout != 0 and module.training and layer < module.num_layers - 1:
             layer_input = F.dropout(layer_input, module.dropout, training=True)
-    return layer_input, torch.stack(h_n, 0), (torch.stack(c_n, 0) if c0 is not None else None)
+    stack = (lambda ts: ts[0].unsqueeze(0)) if len(h_n) == 1 else (lambda ts: torch.stack(ts, 0))
+    return layer_input, stack(h_n), (stack(c_n) if mode == "lstm" else None)
