@@ -123,19 +123,30 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
 def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training):
+    return _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed,
+                        (batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse), training,
+                        x_gates.shape[0])
+
+
+def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
+                 n, x=None, panel=None):
+    """Allocates the outputs and runs the forward kernel over n rows of sequence data. With x and its
+    input panel, x_gates is the bias row (or None) and the kernel projects every row first (CPU)."""
     K = proj if proj > 0 else hidden
-    n = x_gates.shape[0]
-    dtype, dev = x_gates.dtype, x_gates.device
+    dtype, dev = (x if x is not None else x_gates).dtype, (x if x is not None else x_gates).device
     _, _, ws_numel, rcols, _ = _sizes(mode, reset_after, hidden, proj, batch, dtype)
     y = torch.empty(n, K, dtype=dtype, device=dev)
     h_n = torch.empty(batch, K, dtype=dtype, device=dev)
     c_n = torch.empty(batch if mode == 0 else 0, hidden, dtype=dtype, device=dev)
     reserve = torch.empty(n if training else 0, rcols, dtype=_acc_dtype(dtype), device=dev)
     workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev)
+    x_buf = None if x is None else torch.empty(n, GATES_BY_CODE[mode] * hidden, dtype=dtype)
+    batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse = seq_args
     _C.rnn_forward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
-                   _none(lengths), row_stride_t, row_stride_b, reverse, capsule(x_gates), _none(b_hn), _none(h0),
+                   _none(lengths), row_stride_t, row_stride_b, reverse, _none(x_gates), _none(b_hn), _none(h0),
                    _none(c0), capsule(y), K, capsule(h_n), capsule(c_n) if mode == 0 else None, capsule(packed),
-                   capsule(reserve) if training else None, capsule(workspace), num_threads())
+                   capsule(reserve) if training else None, capsule(workspace), num_threads(), x=_none(x),
+                   packed_in=_none(panel), x_gates_buf=_none(x_buf))
     return y, h_n, c_n, reserve
 
 
@@ -629,21 +640,10 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, False)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    K = proj if proj > 0 else hidden
-    n, dtype = x2d.shape[0], x2d.dtype
-    ws_numel = _sizes(code, reset_after, hidden, proj, seq.batch, dtype)[2]
-    x_gates = torch.empty(n, GATES[mode] * hidden, dtype=dtype)
-    y = torch.empty(n, K, dtype=dtype)
-    h_n = torch.empty(seq.batch, K, dtype=dtype)
-    c_n = torch.empty(seq.batch, hidden, dtype=dtype) if code == 0 else None
-    workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype))
-    batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse = seq.args()
-    _C.rnn_forward(code, reset_after, hidden, proj, seq.steps, seq.batch, _none(batch_sizes), _none(time_offsets),
-                   _none(lengths), row_stride_t, row_stride_b, reverse,
-                   None if bias is None else capsule(bias.contiguous()), _none(b_hn), _none(h0), _none(c0),
-                   capsule(y), K, capsule(h_n), _none(c_n), capsule(packed), None, capsule(workspace),
-                   num_threads(), x=capsule(x2d), packed_in=capsule(panel), x_gates_buf=capsule(x_gates))
-    return y, h_n, c_n
+    y, h_n, c_n, _ = _run_forward(code, reset_after, hidden, proj, seq.steps, seq.batch,
+                                  None if bias is None else bias.contiguous(), b_hn, h0, c0, packed, seq.args(),
+                                  False, x2d.shape[0], x=x2d, panel=panel)
+    return y, h_n, (c_n if code == 0 else None)
 
 
 # The thin cell path's per-weights plan: what depends only on the parameters (their checked shapes and
