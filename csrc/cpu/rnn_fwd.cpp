@@ -473,8 +473,6 @@ void fwd_worker(void* raw, const Team& team) {
   if (stream) stream_fence();  // the reserve went out by store_stream
 }
 
-inline int64_t l2_bytes() { return static_cast<int64_t>(cpu_l2_bytes()); }
-
 template <Variant VAR, typename T, typename A>
 void forward_variant(const RnnFwdParams& p) {
   FwdCtx<A> c;
@@ -508,7 +506,7 @@ void forward_variant(const RnnFwdParams& p) {
                               (c.l.dot ? 4 * ceil_div(c.l.H, 2) : int64_t(sizeof(A)) * c.l.H) * c.l.UP * L;
   const int by_rows = choose_threads(p.num_threads, B / kMR, macs, p.seq.steps);
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr) && p.seq.batch_sizes == nullptr &&
-                 panel_bytes <= l2_bytes() / 2;
+                 panel_bytes <= cpu_l2_bytes() / 2;
   if (c.split_rows) nt = by_rows;
   parallel_run(nt, fwd_worker<VAR, T, A>, &c);
 }

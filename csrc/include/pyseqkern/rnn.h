@@ -100,6 +100,7 @@ struct RnnFwdParams {
   const void* packed;                     // rnn pack output
   void* reserve;                          // [N, reserve_cols] for training, or null (inference)
   void* workspace;                        // [workspace_numel], plus B*G*ceil(H/L)*L when x is given
+                                          // without x_gates_buf
   int num_threads;                        // CPU
   // CPU only, optional: the input itself, x [N, I] (rows as x_gates', storage dtype), and the input
   // panel. Then each thread projects its own gate columns of the step's rows (x W_ih^T + the x_gates
