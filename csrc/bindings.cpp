@@ -64,7 +64,7 @@ py::dict cpu_isa_report() {
 void set_cpu_isa(const std::string& name) {
   Isa isa;
   if (!isa_parse(name.c_str(), &isa))
-    throw py::value_error("pyseqkern: unknown CPU ISA level '" + name + "'; expected one of baseline, avx2, avx512, avx512bf16");
+    throw py::value_error("pyseqkern: unknown CPU ISA level '" + name + "'; expected one of baseline, avx2, avx512, avx512bf16, amx");
   try {
     isa_set_active(isa);
   } catch (const std::invalid_argument& e) {

@@ -7,6 +7,9 @@
 #include <string>
 
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
 
 namespace pyseqkern {
 namespace {
@@ -35,9 +38,20 @@ bool detect(Isa isa) {
   const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   const bool avx512 = avx2 && f && dq && bw && vl && (xcr0 & 0xE6) == 0xE6;
   if (isa == Isa::Avx512) return avx512;
+  const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
   // AVX512_BF16: leaf 7 sub-leaf 1, EAX bit 5.
   if (!avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-  return a & (1u << 5);
+  const bool bf16 = a & (1u << 5);
+  if (isa == Isa::Avx512Bf16) return bf16;
+  // AMX: the tile config and data states enabled by the OS (XCR0 bits 17, 18), and on Linux the
+  // process's permission to use the tile data (ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18),
+  // without which the first tile instruction faults. Asked once; process-wide.
+  if (!(bf16 && amx_bf16 && amx_tile && (xcr0 & 0x60000) == 0x60000)) return false;
+#if defined(__linux__)
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+  return false;
+#endif
 }
 #else
 bool detect(Isa isa) { return isa == Isa::Baseline; }
@@ -61,6 +75,7 @@ const char* isa_name(Isa isa) {
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
     case Isa::Avx512Bf16: return "avx512bf16";
+    case Isa::Amx: return "amx";
   }
   return "?";
 }
@@ -77,8 +92,12 @@ bool isa_parse(const char* name, Isa* out) {
 
 bool isa_compiled(Isa isa) {
 #if defined(PSK_X86_ISAS) && PSK_X86_ISAS
+#if defined(PSK_HAVE_AMX) && PSK_HAVE_AMX
   (void)isa;
   return true;
+#else
+  return isa != Isa::Amx;
+#endif
 #else
   return isa == Isa::Baseline;
 #endif
@@ -86,7 +105,7 @@ bool isa_compiled(Isa isa) {
 
 bool isa_cpu_supports(Isa isa) {
   static const bool cache[kIsaCount] = {detect(Isa::Baseline), detect(Isa::Avx2), detect(Isa::Avx512),
-                                               detect(Isa::Avx512Bf16)};
+                                               detect(Isa::Avx512Bf16), detect(Isa::Amx)};
   return cache[static_cast<int>(isa)];
 }
 

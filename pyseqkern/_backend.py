@@ -2,7 +2,7 @@
 
 Environment variables read at import:
   PYSEQKERN_CPU_ISA    force a CPU kernel level at or below the best one this CPU runs
-                       (baseline, avx2, avx512, avx512bf16); anything else raises ValueError at import.
+                       (baseline, avx2, avx512, avx512bf16, amx); anything else raises ValueError at import.
   PYSEQKERN_REFERENCE  "1" routes every op to its pure-PyTorch reference (slow; for debugging).
   PYSEQKERN_THREADS    "own" runs CPU kernels on pyseqkern's own workers instead of torch's OpenMP
                        team (read by the core at load).
@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install or fro
 
 ISA_ENV = "PYSEQKERN_CPU_ISA"
 REFERENCE_ENV = "PYSEQKERN_REFERENCE"
-ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512bf16")
+ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512bf16", "amx")
 
 
 _active_isa = _C.cpu_isa_report()["active"]

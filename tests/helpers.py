@@ -25,6 +25,10 @@ TORCH_ERROR_FACTOR = 2.0
 TORCH_ERROR_FLOOR_ULPS = 4.0
 
 
+# CPU levels whose bfloat16 kernels take bf16 pair sections (vdpbf16ps on avx512bf16, AMX tiles on amx).
+BF16_DOT_LEVELS = ("avx512bf16", "amx")
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_usable() -> tuple[bool, str]:
     import pyseqkern

@@ -57,6 +57,9 @@ def test_cpu_flags_agree_with_proc_cpuinfo():
     assert ("avx2" in supported) == ({"avx2", "fma", "f16c"} <= flags)
     assert ("avx512" in supported) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"} <= flags)
     assert ("avx512bf16" in supported) == ("avx512" in supported and "avx512_bf16" in flags)
+    # amx also needs the OS's permission for the tile data, which cpuinfo's flags do not show.
+    if "amx" in supported:
+        assert "avx512bf16" in supported and {"amx_tile", "amx_bf16"} <= flags
 
 
 def test_threads_follow_torch():
@@ -84,7 +87,7 @@ def test_forcing_each_level_by_env(level):
 def test_unknown_level_is_a_clear_error():
     proc = run_python("import pyseqkern", PYSEQKERN_CPU_ISA="sse9")
     assert proc.returncode != 0
-    assert "PYSEQKERN_CPU_ISA='sse9'" in proc.stderr and "baseline, avx2, avx512, avx512bf16" in proc.stderr
+    assert "PYSEQKERN_CPU_ISA='sse9'" in proc.stderr and "baseline, avx2, avx512, avx512bf16, amx" in proc.stderr
 
 
 def test_set_cpu_isa_at_run_time():

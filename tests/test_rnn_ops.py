@@ -13,7 +13,7 @@ from pyseqkern import _C
 from pyseqkern.ops import rnn as ops
 from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
-from helpers import (assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
+from helpers import (BF16_DOT_LEVELS, assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
                      strided)
 
 SUPPORTED = pyseqkern.backend_info()["cpu"]["isa_supported"]
@@ -220,7 +220,7 @@ def test_half_types_within_twice_torch_error(device, half, mode, proj, reset_aft
     # "torch" here is the same reference run by PyTorch in the half type (torch.nn has no GRU
     # reset_before): our half storage with float32 math must not be further from float64 than twice
     # that. float16 is a CUDA dtype here; on CUDA the gradients meet the same rule. H = 41: an odd state
-    # size, where the bfloat16 pair products (avx512bf16) pad the last pair of k.
+    # size, where the bfloat16 pair products (avx512bf16, amx) pad the last pair of k.
     if half == torch.float16 and device == "cpu":
         pytest.skip("float16 layers run on CUDA only")
     x, bs, t = make_case(mode, proj, torch.float32, T=20, B=4, I=24, H=H, lengths=[20, 15, 9, 2], device=device)
@@ -531,7 +531,7 @@ def test_inference_kernel_projecting_the_input_meets_the_reference(monkeypatch, 
     bf16 dot products and an even I; elsewhere torch projects."""
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, proj, dtype, I=I, H=37, lengths=lengths)
-    expect = dtype != torch.bfloat16 or (isa == "avx512bf16" and I % 2 == 0)
+    expect = dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
     runs = []
     for threads in (2, 2, 1, 3):
         before = torch.get_num_threads()
@@ -618,7 +618,7 @@ def test_cell_inference_path_equals_the_op_path(isa, mode, reset_after, dtype, B
     c = strided((B, H), dtype, seed=3, scale=0.5) if mode == "lstm" else None
     w = [randn(s, dtype, seed=4 + i, scale=0.3) for i, s in enumerate([(G * H, I), (G * H, H), (G * H,), (G * H,)])]
     fused = B <= ops._INPUT_PANEL_MAX_BATCH and ops._input_panel(ops.MODES[mode], reset_after, H, w[0]) is not None
-    assert fused == (B <= ops._INPUT_PANEL_MAX_BATCH and (dtype != torch.bfloat16 or (isa == "avx512bf16" and I % 2 == 0)))
+    assert fused == (B <= ops._INPUT_PANEL_MAX_BATCH and (dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)))
     for _ in range(2):
         with torch.no_grad():
             thin = ops.rnn_cell(mode, x, h, c, *w, reset_after=reset_after)
@@ -787,14 +787,19 @@ def test_cuda_runs_on_the_current_stream(path):
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_bfloat16_pair_sections_only_where_the_level_has_bf16_dot_products(isa, mode, proj, reset_after):
-    """avx512bf16 packs bfloat16 weights a second time as pairs of k for its dot products (rnn_common.h);
-    other dtypes and levels pack exactly what the float kernels read."""
+    """avx512bf16 and amx pack bfloat16 weights a second time as pairs of k for their dot products
+    (rnn_common.h; amx pads each block's pairs to whole tiles of 16); other dtypes and levels pack
+    exactly what the float kernels read."""
     code, H = ops.MODES[mode], 37
     bf, f32 = (ops._sizes(code, reset_after, H, proj, 3, dt)[1] for dt in (torch.bfloat16, torch.float32))
-    assert (bf > f32) == (isa == "avx512bf16")
-    if isa == "avx512bf16":
-        G, K, L = ops.GATES[mode], proj or H, 16
-        assert bf - f32 == -(-H // L) * -(-K // 2) * G * L + (-(-proj // L) * -(-H // 2) * L if proj else 0)
+    assert (bf > f32) == (isa in BF16_DOT_LEVELS)
+    if isa in BF16_DOT_LEVELS:
+        G, K, L, tile = ops.GATES[mode], proj or H, 16, 16 if isa == "amx" else 1
+
+        def pairs(k):
+            return -(-(-(-k // 2)) // tile) * tile
+
+        assert bf - f32 == -(-H // L) * pairs(K) * G * L + (-(-proj // L) * pairs(H) * L if proj else 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

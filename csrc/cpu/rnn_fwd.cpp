@@ -66,17 +66,17 @@ void pack_section(A* dst, const T* src, int64_t units, int64_t K, int64_t G, int
 }
 
 // Pair sections: dst[u][j][g][l] holds src at k = 2j (low half) and 2j + 1 (high half), 0 past `units`
-// and past K.
+// and past K (j < pairs_stored(K)).
 void pack_pairs(bf16x2* dst, const bf16* src, int64_t units, int64_t K, int64_t G, int64_t L, int64_t gate_stride,
                 int64_t unit_stride) {
-  const int64_t U = ceil_div(units, L), K2 = ceil_div(K, 2);
+  const int64_t U = ceil_div(units, L), K2 = pairs_stored(K);
   for (int64_t u = 0; u < U; ++u)
     for (int64_t j = 0; j < K2; ++j)
       for (int64_t g = 0; g < G; ++g)
         for (int64_t l = 0; l < L; ++l) {
           const int64_t n = u * L + l, k = 2 * j;
           uint32_t v = 0;
-          if (n < units) {
+          if (n < units && k < K) {
             const bf16* s = src + g * gate_stride + n * unit_stride;
             v = uint32_t(s[k].bits) | (k + 1 < K ? uint32_t(s[k + 1].bits) << 16 : 0u);
           }
@@ -112,7 +112,7 @@ int64_t input_panel_numel(const RnnShape& s, int64_t input, DType dtype) {
   // bfloat16 rows are read as pairs of k: a level with dot products, and an even I (no pair past a row).
   if (dtype == DType::BFloat16 && (!uses_dot(dtype) || input % 2)) return 0;
   const Layout l = layout_of(s, dtype == DType::Float64 ? lanes<double>() : lanes<float>());
-  return l.U * input * l.G * l.L + (uses_dot(dtype) ? l.U * ceil_div(input, 2) * l.G * l.L : 0);
+  return l.U * input * l.G * l.L + (uses_dot(dtype) ? l.U * pairs_stored(input) * l.G * l.L : 0);
 }
 
 template <typename T, typename A>
@@ -230,9 +230,9 @@ void fwd_worker(void* raw, const Team& team) {
     constexpr int GN = decltype(gates)::value;
     if constexpr (BF && kBf16Dot) {
       if (dot) {
-        const int64_t K2 = ceil_div(KK, 2);
         const bf16x2* panel = reinterpret_cast<const bf16x2*>(base + off2) + g0 * L;
-        return tiled_product<GN>(nr, b0, b1, panel, K2, GP * L, K2 * GP * L, row_2, epi, row0);
+        return tiled_product<GN>(nr, b0, b1, panel, ceil_div(KK, 2), GP * L, pairs_stored(KK) * GP * L, row_2, epi,
+                                 row0);
       }
     }
     if constexpr (std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(row_a(0))>>, A>::value)
@@ -471,6 +471,7 @@ void fwd_worker(void* raw, const Team& team) {
     if (!split) team.sync();
   }
   if (stream) stream_fence();  // the reserve went out by store_stream
+  amx_release();               // (the amx level's tiles, if this thread configured them)
 }
 
 template <Variant VAR, typename T, typename A>
@@ -502,8 +503,8 @@ void forward_variant(const RnnFwdParams& p) {
   // barrier, which on a shared machine cost a fifth of a bfloat16 LSTM step (one thread waiting out
   // the other's stalls). Not for packed batches (the rows that stop early would leave their thread
   // idle), nor where the kernel projects each step's input inside the step (cells).
-  const int64_t panel_bytes = (c.l.dot ? 4 * ceil_div(c.l.K, 2) : int64_t(sizeof(A)) * c.l.K) * c.l.U * c.l.G * L +
-                              (c.l.dot ? 4 * ceil_div(c.l.H, 2) : int64_t(sizeof(A)) * c.l.H) * c.l.UP * L;
+  const int64_t panel_bytes = (c.l.dot ? 4 * pairs_stored(c.l.K) : int64_t(sizeof(A)) * c.l.K) * c.l.U * c.l.G * L +
+                              (c.l.dot ? 4 * pairs_stored(c.l.H) : int64_t(sizeof(A)) * c.l.H) * c.l.UP * L;
   const int by_rows = choose_threads(p.num_threads, B / kMR, macs, p.seq.steps);
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr) && p.seq.batch_sizes == nullptr &&
                  panel_bytes <= cpu_l2_bytes() / 2;

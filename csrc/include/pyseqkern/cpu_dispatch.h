@@ -16,15 +16,26 @@
 #define PSK_CONCAT(a, b) PSK_CONCAT_IMPL(a, b)
 
 #if defined(PSK_X86_ISAS) && PSK_X86_ISAS
+// The amx level exists where the compiler has AMX intrinsics (PSK_HAVE_AMX, set by CMake for every
+// target alike); isa_compiled() says so at run time.
+#if defined(PSK_HAVE_AMX) && PSK_HAVE_AMX
+#define PSK_AMX_KERNELS(Struct, family) const Struct* family##_kernels_amx();
+#define PSK_AMX_CASE(family) case Isa::Amx: return *cpu::family##_kernels_amx();
+#else
+#define PSK_AMX_KERNELS(Struct, family)
+#define PSK_AMX_CASE(family)
+#endif
 #define PSK_DECLARE_CPU_KERNELS(Struct, family)                                             \
   namespace cpu {                                                                           \
   const Struct* family##_kernels_baseline();                                                \
   const Struct* family##_kernels_avx2();                                                    \
   const Struct* family##_kernels_avx512();                                                  \
   const Struct* family##_kernels_avx512bf16();                                              \
+  PSK_AMX_KERNELS(Struct, family)                                                           \
   }                                                                                         \
   inline const Struct& family##_cpu_kernels() {                                             \
     switch (isa_active()) {                                                                 \
+      PSK_AMX_CASE(family)                                                                  \
       case Isa::Avx512Bf16: return *cpu::family##_kernels_avx512bf16();                     \
       case Isa::Avx512: return *cpu::family##_kernels_avx512();                             \
       case Isa::Avx2: return *cpu::family##_kernels_avx2();                                 \

@@ -9,11 +9,15 @@
 namespace pyseqkern {
 
 // avx512bf16 is avx512 plus AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later): bfloat16 dot
-// products at twice the float32 FMA rate, used by the bfloat16 kernels; other dtypes run as on avx512.
-enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
-constexpr int kIsaCount = 4;
+// products, used by the bfloat16 kernels; other dtypes run as on avx512. On Zen 4/5 vdpbf16ps does twice
+// the multiply-adds of an FMA per cycle; on Sapphire/Emerald Rapids half (measured), where:
+// amx is avx512bf16 plus AMX-TILE and AMX-BF16 (Sapphire Rapids and later Xeons), with the OS's
+// permission for the tile data (Linux >= 5.16, asked once at detection): the bfloat16 kernels' forward
+// products run on the tile unit (16 x 16 x 32 bfloat16 multiply-adds per instruction).
+enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
+constexpr int kIsaCount = 5;
 
-const char* isa_name(Isa isa);            // "baseline", "avx2", "avx512", "avx512bf16"
+const char* isa_name(Isa isa);            // "baseline", "avx2", "avx512", "avx512bf16", "amx"
 bool isa_parse(const char* name, Isa* out);
 bool isa_compiled(Isa isa);               // built into this binary
 bool isa_cpu_supports(Isa isa);           // the running CPU and OS can execute it
