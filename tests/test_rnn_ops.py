@@ -517,6 +517,16 @@ class ProjectingSpy:
         monkeypatch.setattr(ops, "_forward_projecting", spy)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_leaves_bfloat16_sequences_to_torchs_gemm(monkeypatch, isa, dtype):
+    spy = ProjectingSpy(monkeypatch)
+    x, bs, t = make_case("lstm", 0, dtype, I=20, H=37)
+    with torch.no_grad():
+        call(ops.rnn_layer, "lstm", x, bs, t, False, True)
+    taken = dtype == torch.float32 or isa == "avx512bf16"
+    assert (spy.taken, spy.declined) == ((1, 0) if taken else (0, 1))
+
+
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse, lengths", [(False, None), (True, None), (False, [7, 7, 4, 2, 1]),
@@ -528,7 +538,10 @@ def test_inference_kernel_projecting_the_input_meets_the_reference(monkeypatch, 
     the steps (a different summation order than torch's GEMM): outputs and final states must meet the
     float64 reference as the dtype requires (float64 elementwise, half types by the 2x-torch rule),
     bit for bit run after run and at 1, 2 and 3 threads. bfloat16 has a panel only on levels with
-    bf16 dot products and an even I; elsewhere torch projects."""
+    bf16 dot products and an even I; elsewhere torch projects. (amx leaves bfloat16 to torch's GEMM by
+    default, a measured choice, test_amx_leaves_bfloat16_sequences_to_torchs_gemm; its kernel path is
+    checked here all the same.)"""
+    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, proj, dtype, I=I, H=37, lengths=lengths)
     expect = dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)

@@ -31,9 +31,9 @@ void recurrent_grad(const Layout& l, const A* bpanel, int64_t kb_begin, int64_t 
   constexpr int L = lanes<A>();
   tiled_product<1, A>(nb, kb_begin, kb_end, bpanel + j0 * L, J, L, l.G * l.H * L,
                       [&](int64_t b) { return dG + b * ldg + j0; },
-                      [&](int64_t b, int64_t kb, const Tile<A>& acc, int r, int col) {
+                      [&](int64_t b, int64_t kb, const V<A>* sum, int col) {
     const int64_t at = b * Kp + kb * L;
-    store<A>(out + at, base ? acc.v[r][col] + load<A>(base + at, L) : acc.v[r][col], L);
+    store<A>(out + at, base ? sum[col] + load<A>(base + at, L) : sum[col], L);
   });
 }
 
@@ -228,7 +228,7 @@ void bwd_worker(void* raw, const Team& team) {
     if (VAR == Variant::Lstm && P > 0) {
       // dh_t = W_hr^T (dy + recurrent part), from every projection block.
       tiled_product<1, A>(nb, u0, u1, packed + l.bproj, P, L, P * L, [&](int64_t b) { return c.dh_aux + b * Kp; },
-                          [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) { gates(b, u, acc.v[r][col]); });
+                          [&](int64_t b, int64_t u, const V<A>* sum, int col) { gates(b, u, sum[col]); });
     } else {
       for (int64_t u = u0; u < u1; ++u)
         for (int64_t b = 0; b < nb; ++b) {
@@ -244,11 +244,11 @@ void bwd_worker(void* raw, const Team& team) {
       // d(r * h_{t-1}) = dn_pre W_hn needs every unit's dn_pre; then r's gradient, then the rest.
       tiled_product<1, A>(nb, u0, u1, packed + l.bmain + 2 * H * L, H, L, GH * L,
                           [&](int64_t b) { return dG + b * GH + 2 * H; },
-                          [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
+                          [&](int64_t b, int64_t u, const V<A>* sum, int col) {
         const int valid = valid_of(u, H);
         const int64_t row = seq_row(q, s, b);
         const A* rr = res + row * rc;
-        const V<A> drh = acc.v[r][col];
+        const V<A> drh = sum[col];
         const V<A> rg = load<A>(rr + u * L, valid), hprev = load<A>(rr + hprev_col + u * L, valid);
         const V<A> drp = drh * hprev * rg * (A(1) - rg);
         A* aux = c.dh_aux + b * Kp + u * L;

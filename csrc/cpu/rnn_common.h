@@ -85,6 +85,17 @@ inline vfloat widen(vbf16 b) {
   return f;
 }
 inline vbf16 narrow(vfloat f) {
+#if defined(__AVX512BF16__)
+  // One vcvtneps2bf16 for the ~8 operations below: the same bits for every float (checked over all
+  // 2^32) but denormal inputs, which it flushes to a zero of their sign (bfloat16's denormals, below
+  // 1.2e-38; the dot products treat them as zero anyway).
+  __m512 x;
+  std::memcpy(&x, &f, sizeof(x));
+  const __m256bh r = _mm512_cvtneps_pbh(x);
+  vbf16 out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+#endif
   vuint32 u;
   std::memcpy(&u, &f, sizeof(u));
   const vuint32 rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
@@ -552,14 +563,14 @@ inline void gemm_block(int mr, int nb, const R* const* rows, const P* panel, int
 
 // The tiled loop every product here shares: for row tiles r0 (of up to kMR rows b from `row_ptr`, b in
 // [row0, row0 + nrows)) and unit blocks [blk0, blk1) in groups, the tile's sums, then
-// `epi(b, blk, tile, r, col)` for each row and block, with the block's G sums at tile.v[r][col + g]. P
-// is the panel's element: A, or bf16x2
-// (then rows are bf16, K and the strides count pairs of k, and the sums are float). An epilogue that
-// takes a RowTile first is called once per block with the tile's rows, `epi(RowTile{}, r0, mr, blk,
-// tile, col)`: it can interleave the rows' activations (see the LSTM forward).
+// `epi(b, blk, sum, col)` for each row and block, with the block's G sums at sum[col + g]. P is the
+// panel's element: A, or bf16x2 (then rows are bf16, K and the strides count pairs of k, and the sums
+// are float). An epilogue that takes a RowTile first is called once per block with the tile's rows,
+// `epi(RowTile{}, r0, mr, blk, sum, col)`, row r's sums at sum[r * kAcc + col + g]: it can interleave
+// the rows' activations (see the LSTM forward). mr <= kMR, except on the amx level (up to 32).
 struct RowTile {};
-template <typename Epi, typename A>
-inline void call_epilogue(Epi& epi, int64_t r0, int mr, int64_t blk, const Tile<A>& acc, int col);
+template <typename A, typename Epi>
+inline void call_epilogue(Epi& epi, int64_t r0, int mr, int64_t blk, const V<A>* sum, int col);
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // tiled_product for bf16 rows against pair panels on the tile unit (see amx_pass2): windows of the
@@ -569,8 +580,9 @@ void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel,
                  int64_t bstride, RowPtr row_ptr, Epi& epi, int64_t row0) {
   const int64_t KC = ceil_div(K2, 16), Ks = KC * 32;  // staged row: whole tiles of k (bfloat16 values)
   alignas(64) bf16 stage[32 * kAmxMaxK];
-  alignas(64) Tile<float> sc[32 / kMR];  // row r at sc[r / kMR].v[r % kMR]
-  char* scb = reinterpret_cast<char*>(sc);
+  // Two scratches: the next window's tile products are issued before the last window's epilogue runs,
+  // so the out-of-order core runs that epilogue's vector work while the tile unit computes.
+  alignas(64) Tile<float> sc[2][32 / kMR];  // in each, row r's sums at [0].v[0] + r * kAcc
   const int64_t as = Ks * 2, bs = kstride * 4, bk = 16 * bs;
   constexpr int NBW = kAcc / G;  // blocks per window
   const int64_t row_end = row0 + nrows;
@@ -584,11 +596,18 @@ void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel,
     }
     amx_configure(m0, m1);
     const char* a = reinterpret_cast<const char*>(stage);
-    for (int64_t blk = blk0; blk < blk1;) {
+    int64_t prev_blk = 0;
+    int prev_nb = 0;
+    auto epilogues = [&](int w) {  // of the window before w
+      for (int bi = 0; bi < prev_nb; ++bi) call_epilogue<float>(epi, r0, m, prev_blk + bi, sc[(w + 1) & 1][0].v[0], bi * G);
+    };
+    int w = 0;
+    for (int64_t blk = blk0; blk < blk1; blk += prev_nb, ++w) {
       const int nb = static_cast<int>(blk1 - blk < NBW ? blk1 - blk : NBW), nc = nb * G;
       const char* col[kAcc];  // column c of the window: block blk + c / G, gate c % G
       for (int c = 0; c < nc; ++c)
         col[c] = reinterpret_cast<const char*>(panel + (blk + c / G) * bstride + (c % G) * 16);
+      char* scb = reinterpret_cast<char*>(sc[w & 1]);
       for (int c = 0; c < nc;) {
         char* out = scb + c * 64;
         const int left = nc - c;
@@ -602,10 +621,11 @@ void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel,
           else amx_pass1<1>(a, as, col + c, bs, bk, KC, out), c += 1;
         }
       }
-      for (int bi = 0; bi < nb; ++bi, ++blk)
-        for (int q = 0; q * kMR < m; ++q)
-          call_epilogue(epi, r0 + q * kMR, m - q * kMR < kMR ? m - q * kMR : kMR, blk, sc[q], bi * G);
+      epilogues(w);
+      prev_blk = blk;
+      prev_nb = nb;
     }
+    epilogues(w);
   }
 }
 #endif
@@ -630,18 +650,18 @@ inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* pa
       const int nb = tile_blocks<G>(mr, blk1 - blk);
       Tile<A> acc;
       gemm_block<G>(mr, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
-      for (int bi = 0; bi < nb; ++bi, ++blk) call_epilogue(epi, r0, mr, blk, acc, bi * G);
+      for (int bi = 0; bi < nb; ++bi, ++blk) call_epilogue<A>(epi, r0, mr, blk, acc.v[0], bi * G);
     }
   }
 }
 
-// The epilogue of rows [r0, r0 + mr) of block blk, whose G sums are at acc.v[r][col + g].
-template <typename Epi, typename A>
-inline void call_epilogue(Epi& epi, int64_t r0, int mr, int64_t blk, const Tile<A>& acc, int col) {
-  if constexpr (std::is_invocable<Epi, RowTile, int64_t, int, int64_t, const Tile<A>&, int>::value)
-    epi(RowTile{}, r0, mr, blk, acc, col);
+// The epilogue of rows [r0, r0 + mr) of block blk: row r's G sums at sum[r * kAcc + col + g].
+template <typename A, typename Epi>
+inline void call_epilogue(Epi& epi, int64_t r0, int mr, int64_t blk, const V<A>* sum, int col) {
+  if constexpr (std::is_invocable<Epi, RowTile, int64_t, int, int64_t, const V<A>*, int>::value)
+    epi(RowTile{}, r0, mr, blk, sum, col);
   else
-    for (int r = 0; r < mr; ++r) epi(r0 + r, blk, acc, r, col);
+    for (int r = 0; r < mr; ++r) epi(r0 + r, blk, sum + r * kAcc, col);
 }
 
 // ---- packed-weight and workspace layout -------------------------------------------------------------

@@ -249,11 +249,11 @@ void fwd_worker(void* raw, const Team& team) {
     T* buf = static_cast<T*>(p.x_gates_buf);
     auto xrow = [&](int64_t n) { return xin + n * p.ld_x; };
     product_rows(p.x_rows, 0, GI(), static_cast<const A*>(p.packed_in), G, 0, x0, x1, 0, l.U * p.input * G * L,
-                 p.input, xrow, xrow, [&](int64_t n, int64_t u, const Tile<A>& acc, int r, int col) {
+                 p.input, xrow, xrow, [&](int64_t n, int64_t u, const V<A>* sum, int col) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
       T* dst = buf + n * p.ld_gates + u * L;
       for (int g = 0; g < G; ++g)
-        store<A>(dst + g * H, acc.v[r][col + g] + (bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0))),
+        store<A>(dst + g * H, sum[col + g] + (bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0))),
                  valid);
     });
   }
@@ -301,7 +301,7 @@ void fwd_worker(void* raw, const Team& team) {
       }
     };
     // Gates for own unit blocks: the tile's recurrent sums, then the state update of (row b, block u).
-    auto epilogue = [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) __attribute__((always_inline)) {
+    auto epilogue = [&](int64_t b, int64_t u, const V<A>* sum, int col) __attribute__((always_inline)) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
       const int64_t row = seq_row(q, s, b);
       const bool last = s == seq_len(q, b) - 1;
@@ -310,9 +310,9 @@ void fwd_worker(void* raw, const Team& team) {
       prefetch_ahead(b, u);
       if (VAR == Variant::GruAfter) {  // (LSTM: lstm_tile below)
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
-        const V<A> rg = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + gs, valid));
-        const V<A> hng = acc.v[r][col + 2] + (bhn ? load<A>(bhn + u * L, valid) : splat(A(0)));
+        const V<A> rg = sigmoid_(sum[col] + load<A>(gx, valid));
+        const V<A> zg = sigmoid_(sum[col + 1] + load<A>(gx + gs, valid));
+        const V<A> hng = sum[col + 2] + (bhn ? load<A>(bhn + u * L, valid) : splat(A(0)));
         const V<A> ng = tanh_(load<A>(gx + 2 * gs, valid) + rg * hng);
         const V<A> h = (A(1) - zg) * ng + zg * hprev;
         put_h(b, u, h);
@@ -327,8 +327,8 @@ void fwd_worker(void* raw, const Team& team) {
         }
       } else if (VAR == Variant::GruBefore) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
-        const V<A> rg = sigmoid_(acc.v[r][col] + load<A>(gx, valid));
-        const V<A> zg = sigmoid_(acc.v[r][col + 1] + load<A>(gx + gs, valid));
+        const V<A> rg = sigmoid_(sum[col] + load<A>(gx, valid));
+        const V<A> zg = sigmoid_(sum[col + 1] + load<A>(gx + gs, valid));
         const V<A> rhv = rg * hprev;
         store<A>(c.rh + b * Hp + u * L, rhv, L);
         if constexpr (BF) if (dot) store<A>(c.rh2 + b * Hp + u * L, rhv, L);
@@ -340,7 +340,7 @@ void fwd_worker(void* raw, const Team& team) {
           store_stream<A>(rr + hprev_col + u * L, hprev, valid, stream);
         }
       } else if (VAR == Variant::Rnn) {
-        const V<A> pre = acc.v[r][col] + load<A>(gx, valid);
+        const V<A> pre = sum[col] + load<A>(gx, valid);
         const V<A> h = c.relu ? vrelu(pre) : tanh_(pre);
         put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
@@ -356,7 +356,7 @@ void fwd_worker(void* raw, const Team& team) {
     // (a quarter of a bfloat16 step), several rows side by side fill the pipelines.
     // MR rows are computed: kMR, the rows past mr repeating the tile's first (never stored), or exactly
     // one (B=1 and a last single row would otherwise pay kMR rows of activations).
-    auto lstm_rows = [&](auto mrc, int64_t r0, int mr, int64_t u, const Tile<A>& acc, int col)
+    auto lstm_rows = [&](auto mrc, int64_t r0, int mr, int64_t u, const V<A>* sum, int col)
                          __attribute__((always_inline)) {
       constexpr int MR = decltype(mrc)::value;
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
@@ -368,10 +368,10 @@ void fwd_worker(void* raw, const Team& team) {
         const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row[r] * p.ld_gates + u * L;
         if (r < mr) prefetch_ahead(b, u);
         const int ra = r < mr ? r : 0;  // rows past the tile repeat its first: computed, never stored
-        gi[r] = acc.v[ra][col] + load<A>(gx, valid);
-        gf[r] = acc.v[ra][col + 1] + load<A>(gx + gs, valid);
-        gg[r] = acc.v[ra][col + 2] + load<A>(gx + 2 * gs, valid);
-        go[r] = acc.v[ra][col + 3] + load<A>(gx + 3 * gs, valid);
+        gi[r] = sum[ra * kAcc + col] + load<A>(gx, valid);
+        gf[r] = sum[ra * kAcc + col + 1] + load<A>(gx + gs, valid);
+        gg[r] = sum[ra * kAcc + col + 2] + load<A>(gx + 2 * gs, valid);
+        go[r] = sum[ra * kAcc + col + 3] + load<A>(gx + 3 * gs, valid);
       }
       for (int r = 0; r < MR; ++r) {
         gi[r] = sigmoid_(gi[r]);
@@ -407,10 +407,16 @@ void fwd_worker(void* raw, const Team& team) {
         }
       }
     };
-    auto lstm_tile = [&](RowTile, int64_t r0, int mr, int64_t u, const Tile<A>& acc, int col)
+    auto lstm_tile = [&](RowTile, int64_t r0, int mr, int64_t u, const V<A>* sum, int col)
                          __attribute__((always_inline)) {
-      if (mr == 1) lstm_rows(std::integral_constant<int, 1>(), r0, mr, u, acc, col);
-      else lstm_rows(std::integral_constant<int, kMR>(), r0, mr, u, acc, col);
+      // Up to kMR rows from a register tile, up to 32 from the amx level's tile scratch (there 8 rows at a
+      // time: twice the independent activation chains of 4, whose last phase, tanh(c), ran latency bound).
+      int i = 0;
+      if constexpr (kAmx)
+        for (; mr - i >= 8; i += 8) lstm_rows(std::integral_constant<int, 8>(), r0 + i, 8, u, sum + i * kAcc, col);
+      for (; mr - i > 1; i += kMR)
+        lstm_rows(std::integral_constant<int, kMR>(), r0 + i, mr - i < kMR ? mr - i : kMR, u, sum + i * kAcc, col);
+      if (mr - i == 1) lstm_rows(std::integral_constant<int, 1>(), r0 + i, 1, u, sum + i * kAcc, col);
     };
     auto product = [&](auto... a) { product_rows(nrows, rb0, a...); };
     using G1 = std::integral_constant<int, 1>;
@@ -421,11 +427,11 @@ void fwd_worker(void* raw, const Team& team) {
       // torch's projection GEMM rounds its output. The input panel is laid out as fmain (then pairs).
       const T* xin = static_cast<const T*>(p.x);
       auto xrow = [&](int64_t b) { return xin + seq_row(q, s, b) * p.ld_x; };
-      auto xepi = [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
+      auto xepi = [&](int64_t b, int64_t u, const V<A>* sum, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         T* dst = xgo + b * G * Hp + u * L;
         for (int g = 0; g < G; ++g)
-          store<A>(dst + g * Hp, acc.v[r][col + g] + (xg ? load<A>(xg + g * H + u * L, valid) : splat(A(0))), L);
+          store<A>(dst + g * Hp, sum[col + g] + (xg ? load<A>(xg + g * H + u * L, valid) : splat(A(0))), L);
       };
       product(GI(), static_cast<const A*>(p.packed_in), G, 0, u0, u1, 0, l.U * p.input * G * L, p.input, xrow,
               xrow, xepi);
@@ -441,11 +447,11 @@ void fwd_worker(void* raw, const Team& team) {
       if (!split) team.sync();
       product(G1(), packed, 3, 2, u0, u1, l.fmain, l.fmain2, K, [&](int64_t b) { return c.rh + b * Hp; },
               [&](int64_t b) { return c.rh2 + b * Hp; },
-              [&](int64_t b, int64_t u, const Tile<A>& acc, int r, int col) {
+              [&](int64_t b, int64_t u, const V<A>* sum, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         const int64_t row = seq_row(q, s, b);
         const T* gxn = fused ? xgo + b * G * Hp + 2 * Hp + u * L : xg + row * p.ld_gates + 2 * H + u * L;
-        const V<A> ng = tanh_(acc.v[r][col] + load<A>(gxn, valid));
+        const V<A> ng = tanh_(sum[col] + load<A>(gxn, valid));
         const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
         const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
         put_h(b, u, h);
@@ -459,12 +465,12 @@ void fwd_worker(void* raw, const Team& team) {
       if (!split) team.sync();
       product(G1(), packed, 1, 0, p0, p1, l.fproj, l.fproj2, H, [&](int64_t b) { return c.m + b * Hp; },
               [&](int64_t b) { return c.m2 + b * Hp; },
-              [&](int64_t b, int64_t pb, const Tile<A>& acc, int r, int col) {
+              [&](int64_t b, int64_t pb, const V<A>* sum, int col) {
         const int valid = static_cast<int>(P - pb * L < L ? P - pb * L : L);
         const int64_t row = seq_row(q, s, b);
-        put_h(b, pb, acc.v[r][col]);
-        store<A>(y + row * p.ld_y + pb * L, acc.v[r][col], valid);
-        if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + pb * L, acc.v[r][col], valid);
+        put_h(b, pb, sum[col]);
+        store<A>(y + row * p.ld_y + pb * L, sum[col], valid);
+        if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + pb * L, sum[col], valid);
         if (res) store_stream<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid, stream);
       });
     }

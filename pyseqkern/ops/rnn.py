@@ -624,6 +624,10 @@ def _input_panel(code, reset_after, hidden, w_ih):
 # recurrent panel the steps read next. Larger panels go through torch's GEMM. The kernel may run
 # fewer threads than torch's count on tiny work; there a thread's share is larger, the call short.
 _L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
+# Levels where torch projects bfloat16 sequences anyway: on amx torch's bfloat16 GEMM runs on the tile unit
+# too (oneDNN) and beat the kernel's own projection in-process (LSTM 100,32,256: 1.14-1.21x torch.nn
+# against 0.99-1.07x). (A set, so that tests can still reach the kernel's path there.)
+_TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -633,6 +637,8 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     hidden = w_hh.shape[0] // GATES[mode]
     read = GATES[mode] * hidden * x2d.shape[1] * (2 if x2d.dtype == torch.bfloat16 else x2d.element_size())
     if read > _L2_BYTES // 2 * max(1, num_threads()) or x2d.dtype != w_ih.dtype:
+        return None
+    if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
     panel = _input_panel(code, reset_after, hidden, w_ih)
     if panel is None:
