@@ -716,3 +716,28 @@ def test_nan_in_the_input_propagates_as_in_torch(isa, kind, dtype):
         want = theirs(x)[0]
     assert y.isnan().any() and torch.equal(y.isnan(), want.isnan())
     assert not y[:2].isnan().any() and not y[:, 0].isnan().any()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_our_cpu_kernels_and_torchs_own_amx_kernels_share_threads(isa, threads):
+    """On the amx level our kernels load and release the tile configuration on torch's OpenMP threads,
+    where oneDNN runs its own AMX code (torch's bfloat16 LSTM and GEMMs): interleaved call after call,
+    each side's results must stay bit for bit what they were at first."""
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(64, 48, batch_first=True).to(torch.bfloat16)
+    ours = pnn.LSTM(64, 48, batch_first=True).to(torch.bfloat16)
+    ours.load_state_dict(theirs.state_dict())
+    cell = pnn.GRUCell(64, 48).to(torch.bfloat16)
+    x = torch.randn(20, 5, 64).to(torch.bfloat16)
+    w = torch.randn(64, 96).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            first = [theirs(x)[0], ours(x)[0], x.reshape(-1, 64) @ w, cell(x[:, 0])]
+            for _ in range(3):
+                again = [theirs(x)[0], ours(x)[0], x.reshape(-1, 64) @ w, cell(x[:, 0])]
+                for name, a, b in zip(["torch.nn.LSTM", "ours", "torch GEMM", "our cell"], again, first):
+                    assert_bitwise_equal(a, b, name)
+    finally:
+        torch.set_num_threads(before)
