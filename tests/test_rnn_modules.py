@@ -259,7 +259,7 @@ def cell_inputs(kind, batch, dtype, hx, seed=30, inp=I):
 
 @pytest.mark.parametrize("inp", [13, 14])
 @pytest.mark.parametrize("hx", [False, True])
-@pytest.mark.parametrize("batch", [1, 7, 9])
+@pytest.mark.parametrize("batch", [1, 7, 9, 70])
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_cell_planned_path_gives_the_first_calls_bits(isa, kind, dtype, batch, hx, inp):

@@ -401,6 +401,38 @@ def test_layer_matches_reference_at_streaming_sizes(mode, proj, reset_after):
     check_against_reference(mode, proj, reset_after, torch.float32, False, None, T=100, B=32, H=200)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 0, True), ("gru", 0, True), ("gru", 0, False),
+                                                     ("rnn_tanh", 0, True), ("lstm", 40, True)])
+def test_layer_and_cell_match_the_reference_where_the_panel_exceeds_the_cache(mode, proj, reset_after, dtype, threads):
+    """Where a thread's blocks exceed half its L2, the products take the blocks in chunks that fit, every
+    row tile over one chunk before the next (rnn_common.h tiled_product): H is chosen so that the
+    recurrent panel is larger than this machine's whole L2, forward (sequence and cell) and backward."""
+    G = ops.GATES[mode]
+    H = int((ops._L2_BYTES / (G * dtype.itemsize)) ** 0.5) + 17
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(mode, proj, reset_after, dtype, False, None, T=3, B=9, I=20, H=H)
+        if not proj:
+            x, h = strided((9, 20), dtype, seed=1), strided((9, H), dtype, seed=2, scale=0.5)
+            c = strided((9, H), dtype, seed=3, scale=0.5) if mode == "lstm" else None
+            w = [randn(sh, dtype, seed=4 + i, scale=H ** -0.5) for i, sh in enumerate([(G * H, 20), (G * H, H), (G * H,),
+                                                                                       (G * H,)])]
+            with torch.no_grad():
+                got = ops.rnn_cell(mode, x, h, c, *w, reset_after=reset_after)
+            got = got if isinstance(got, tuple) else (got,)
+            want = ref.rnn_cell(mode, x.double(), h.double(), None if c is None else c.double(),
+                                *[v.double() for v in w], reset_after=reset_after)
+            want = want if isinstance(want, tuple) else (want,)
+            for name, a, b in zip(["h", "c"], got, want):
+                if b is not None:
+                    assert_close_to_ref(a, b, name=f"{mode} cell {name}")
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H):
     x, bs, t = make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, strided_inputs=False, device=device)
     code, G, K = ops.MODES[mode], ops.GATES[mode], proj or H
@@ -615,7 +647,7 @@ def test_kernel_projection_buffer_is_checked():
     run(torch.empty(T * B, 4 * H))  # and the right one runs
 
 
-@pytest.mark.parametrize("B", [1, 7, 40])
+@pytest.mark.parametrize("B", [1, 7, 40, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", True), ("gru", False), ("rnn_tanh", True),
                                                ("rnn_relu", True)])

@@ -641,16 +641,29 @@ inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* pa
                                                                 epi, row0);
   }
 #endif
-  const int64_t row_end = row0 + nrows;
-  for (int64_t r0 = row0; r0 < row_end; r0 += kMR) {
-    const int mr = static_cast<int>(row_end - r0 < kMR ? row_end - r0 : kMR);
-    const R* rows[kMR];
-    for (int r = 0; r < mr; ++r) rows[r] = row_ptr(r0 + r);
-    for (int64_t blk = blk0; blk < blk1;) {
-      const int nb = tile_blocks<G>(mr, blk1 - blk);
-      Tile<A> acc;
-      gemm_block<G>(mr, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
-      for (int bi = 0; bi < nb; ++bi, ++blk) call_epilogue<A>(epi, r0, mr, blk, acc.v[0], bi * G);
+  // Rows outer, so each row tile streams every block of the panel: from the cache where the panel
+  // fits it (recurrent panels of sequences, by construction). Where this thread's blocks do not fit
+  // half its L2 (an LSTM cell at H=512 reads 4 MB of W_hh once, 32 rows at a time), they go in chunks
+  // that do, every row tile over one chunk before the next: else each row tile of kMR rows fetched
+  // the whole panel again from L3 or memory. Each sum runs over k the same way either way (same bits).
+  const int64_t row_end = row0 + nrows, blk_bytes = K * G * kVecBytes, budget = cpu_l2_bytes() / 2;
+  int64_t chunk = blk1 - blk0;
+  if (nrows > kMR && chunk * blk_bytes > budget) {
+    chunk = budget / blk_bytes;
+    chunk = chunk >= kMaxNB ? chunk / kMaxNB * kMaxNB : chunk < 1 ? 1 : chunk;
+  }
+  for (int64_t c0 = blk0; c0 < blk1; c0 += chunk) {
+    const int64_t c1 = blk1 - c0 < chunk ? blk1 : c0 + chunk;
+    for (int64_t r0 = row0; r0 < row_end; r0 += kMR) {
+      const int mr = static_cast<int>(row_end - r0 < kMR ? row_end - r0 : kMR);
+      const R* rows[kMR];
+      for (int r = 0; r < mr; ++r) rows[r] = row_ptr(r0 + r);
+      for (int64_t blk = c0; blk < c1;) {
+        const int nb = tile_blocks<G>(mr, c1 - blk);
+        Tile<A> acc;
+        gemm_block<G>(mr, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
+        for (int bi = 0; bi < nb; ++bi, ++blk) call_epilogue<A>(epi, r0, mr, blk, acc.v[0], bi * G);
+      }
     }
   }
 }
