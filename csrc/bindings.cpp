@@ -169,6 +169,21 @@ double peak_fma(py::handle sink_c, int64_t iters, int num_threads, int threads_p
   return probe_cpu_kernels().peak_fma(p);
 }
 
+// The CPU level's bfloat16 arithmetic rate (probe.h): FLOPs done.
+double peak_bf16(py::handle sink_c, int64_t iters, int num_threads) {
+  TensorView sink = view_of(sink_c, "sink");
+  if (sink.dtype != DType::Float32 || !sink.is_contiguous() || sink.device != DeviceKind::Cpu)
+    throw py::type_error("pyseqkern: peak_bf16: argument 'sink' must be a contiguous float32 CPU tensor");
+  if (iters < 0 || num_threads < 1 || num_threads > kMaxThreads)
+    throw py::value_error("pyseqkern: peak_bf16: 'iters' must be >= 0 and 'num_threads' in 1.." +
+                          std::to_string(kMaxThreads));
+  if (sink.numel() < num_threads)
+    throw py::value_error("pyseqkern: peak_bf16: 'sink' needs num_threads elements");
+  PeakFmaParams p{static_cast<float*>(sink.data), iters, num_threads};
+  py::gil_scoped_release nogil;
+  return probe_cpu_kernels().peak_bf16(p);
+}
+
 void noop_cuda_entry(int device, uintptr_t stream) {
 #ifdef PSK_WITH_CUDA
   TensorView v;
@@ -623,6 +638,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"));
   m.def("peak_fma", &peak_fma, py::arg("sink"), py::arg("iters"), py::arg("num_threads"),
         py::arg("threads_per_block"), py::arg("stream"));
+  m.def("peak_bf16", &peak_bf16, py::arg("sink"), py::arg("iters"), py::arg("num_threads"));
   m.def("noop_cuda", &noop_cuda_entry, py::arg("device"), py::arg("stream"));
   // CUDA callers add stream (torch's current raw stream) and, for forward/backward, path (0 auto,
   // 1 persistent, 2 step: the PYSEQKERN_CUDA_RNN_PATH override); CPU callers may leave them out.

@@ -124,6 +124,28 @@ def test_peak_fma_counts_flops(level):
         pyseqkern.set_cpu_isa(best)
 
 
+@pytest.mark.parametrize("level", pyseqkern.ISA_LEVELS)
+def test_peak_bf16_counts_flops(level):
+    """The level's bfloat16 arithmetic: AMX tile products (4 tiles of 16 x 16 x 32 per round), vdpbf16ps
+    (16 chains of 32 multiply-adds), elsewhere the float32 FMA probe itself."""
+    if level not in SUPPORTED:
+        pytest.skip(f"this CPU does not run {level}")
+    best = pyseqkern.backend_info()["cpu"]["isa_best"]
+    try:
+        pyseqkern.set_cpu_isa(level)
+        bits = pyseqkern.backend_info()["cpu"]["vector_bits"]
+        sink = poisoned((3,))
+        flops = _C.peak_bf16(to_dlpack(sink), 1000, 3)
+        per_round = {"amx": 4 * 2 * 16 * 16 * 32, "avx512bf16": 2 * 32 * 16}.get(
+            level, 2 * (bits // 32) * (16 if bits == 512 else 12))
+        assert flops == per_round * 1000 * 3
+        assert torch.isfinite(sink).all() and (sink > 0).all()
+        with pytest.raises(ValueError, match="num_threads"):
+            _C.peak_bf16(to_dlpack(sink), 10, 4)
+    finally:
+        pyseqkern.set_cpu_isa(best)
+
+
 @pytest.mark.cuda
 def test_cuda_runs_on_the_current_stream():
     # The side stream is kept busy, then updates `a`; a kernel launched anywhere but on that stream

@@ -2,6 +2,10 @@
 #include "pyseqkern/probe.h"
 #include "pyseqkern/thread_pool.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #ifndef PSK_ISA
 #error "compile per-ISA kernel sources through CMake's psk_add_cpu_isa(), which defines PSK_ISA"
 #endif
@@ -58,6 +62,71 @@ double peak_fma(const PeakFmaParams& p) {
   return 2.0 * kLanes * kChains * static_cast<double>(p.iters) * ctx.team_size;
 }
 
+// bfloat16 arithmetic: the tile unit on amx, vdpbf16ps elsewhere with AVX512_BF16.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr double kBf16FlopsPerRound = 4 * 2.0 * 16 * 16 * 32;
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+void bf16_worker(void* raw, const Team& team) {
+  PeakCtx& ctx = *static_cast<PeakCtx*>(raw);
+  if (team.tid == 0) ctx.team_size = team.size;
+  alignas(64) TileConfig cfg = {};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  alignas(64) uint16_t ab[16 * 32];
+  for (int i = 0; i < 16 * 32; ++i) ab[i] = 0x3c00;  // 2^-7: sums stay finite
+  alignas(64) float out[16 * 16];
+  _tile_loadconfig(&cfg);
+  _tile_loadd(4, ab, 64);
+  _tile_loadd(5, ab, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t it = 0; it < ctx.p->iters; ++it) {
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 5);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+  ctx.p->sink[team.tid] = out[0];
+}
+#elif defined(__AVX512BF16__)
+constexpr double kBf16FlopsPerRound = 2.0 * 32 * kChains;
+void bf16_worker(void* raw, const Team& team) {
+  PeakCtx& ctx = *static_cast<PeakCtx*>(raw);
+  if (team.tid == 0) ctx.team_size = team.size;
+  __m512 acc[kChains];
+  for (int j = 0; j < kChains; ++j) acc[j] = _mm512_set1_ps(1e-3f * (j + team.tid + 1));
+  const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3c003c00), b = (__m512bh)_mm512_set1_epi32(0x3c003c00);
+  for (int64_t it = 0; it < ctx.p->iters; ++it) {
+#pragma GCC unroll 16
+    for (int j = 0; j < kChains; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+  }
+  float s = 0;
+  for (int j = 0; j < kChains; ++j) s += _mm512_reduce_add_ps(acc[j]);
+  ctx.p->sink[team.tid] = s;
+}
+#endif
+
+double peak_bf16(const PeakFmaParams& p) {
+#if defined(__AVX512BF16__)
+  PeakCtx ctx{&p, 1};
+  parallel_run(p.num_threads, bf16_worker, &ctx);
+  return kBf16FlopsPerRound * static_cast<double>(p.iters) * ctx.team_size;
+#else
+  return peak_fma(p);
+#endif
+}
+
 template <typename T>
 struct TriadCtx {
   const TriadParams* p;
@@ -94,5 +163,6 @@ PSK_ISA_NAMESPACE_END
 
 // ---- registration --------------------------------------------------------------------------------
 PSK_DEFINE_CPU_KERNELS(ProbeCpuKernels, probe,
-                       {&PSK_CONCAT(isa_, PSK_ISA)::peak_fma, &PSK_CONCAT(isa_, PSK_ISA)::triad,
+                       {&PSK_CONCAT(isa_, PSK_ISA)::peak_fma, &PSK_CONCAT(isa_, PSK_ISA)::peak_bf16,
+                        &PSK_CONCAT(isa_, PSK_ISA)::triad,
                         PSK_CONCAT(isa_, PSK_ISA)::kVecBytes * 8})

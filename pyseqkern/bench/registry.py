@@ -26,7 +26,7 @@ class Case:
     device: str          # "cpu" or "cuda"
     setup: Callable[["Ceilings"], Prepared]
     unit: str = "GFLOP/s"  # "GFLOP/s", "GB/s" or "" (overhead only)
-    peak: Optional[str] = None  # which measured ceiling "% of peak" refers to: "flops" or "bandwidth"
+    peak: Optional[str] = None  # which measured ceiling "% of peak" refers to: "flops", "bf16_flops", "bandwidth"
     target: Optional[float] = None  # speedup (torch ms / ours ms) the issue asks for, if any
     budget_ms: Optional[float] = None  # an absolute limit on our time per call, if the issue sets one
     min_sample_ms: Optional[float] = None  # longer samples for cases sensitive to the start of a block
@@ -36,8 +36,8 @@ class Case:
 
 @dataclass
 class Ceilings:
-    """The machine's measured ceilings per device: float32 FLOP/s and memory bandwidth (bytes/s)."""
-    values: dict = field(default_factory=dict)  # (device, "flops"|"bandwidth") -> float
+    """The machine's measured ceilings per device: float32 and bfloat16 FLOP/s, memory bandwidth (bytes/s)."""
+    values: dict = field(default_factory=dict)  # (device, "flops"|"bf16_flops"|"bandwidth") -> float
 
     def get(self, device: str, kind: str) -> Optional[float]:
         return self.values.get((device, kind))

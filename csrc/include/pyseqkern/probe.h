@@ -3,6 +3,9 @@
 // peak_fma: each of num_threads threads runs `iters` rounds of independent FMA chains held in
 //   registers (acc = acc * m + c); returns the float32 FLOPs done (2 per lane per chain per round).
 //   sink [num_threads] float32, written with one finite value per thread so the work cannot be elided.
+// peak_bf16: the same for the level's bfloat16 arithmetic, FLOPs done returned: AMX tile products
+//   (amx: 4 independent C tiles, 16 x 16 x 32 multiply-adds each), vdpbf16ps chains (avx512bf16), and
+//   on other levels, which compute bfloat16 layers in float32, peak_fma itself.
 // triad (STREAM): out[i] = a[i] + alpha * b[i], i < n.
 //   out, a, b [n] contiguous, same dtype (float32 or float64), same device. out must not overlap a or
 //   b unless it is exactly equal to one of them (in-place is allowed: each element is read before it
@@ -35,6 +38,7 @@ struct PeakFmaParams {
 
 struct ProbeCpuKernels {
   double (*peak_fma)(const PeakFmaParams& p);
+  double (*peak_bf16)(const PeakFmaParams& p);
   void (*triad)(const TriadParams& p);
   int vector_bits;  // register width the level's kernels were compiled for
 };

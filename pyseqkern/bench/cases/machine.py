@@ -1,5 +1,5 @@
-"""The machine's ceilings: peak float32 FLOP/s (our FMA probe against torch.mm doing as many FLOPs)
-and memory bandwidth (our STREAM triad against torch.add(..., alpha=, out=) on the same buffers).
+"""The machine's ceilings: peak float32 FLOP/s (our FMA probe against torch.mm doing as many FLOPs),
+peak bfloat16 FLOP/s (the level's bfloat16 arithmetic against torch.mm in bfloat16) and memory bandwidth (our STREAM triad against torch.add(..., alpha=, out=) on the same buffers).
 These rows run first; every later case reports its rate as a share of them. Their samples are long
 (25 ms): a ceiling must not depend on the first milliseconds after the other side's block, when torch's
 OpenMP threads may still be spinning."""
@@ -48,6 +48,37 @@ def _cpu_peak(level: str, gemm_n: int):
             assert ours() == done and torch.isfinite(sink).all()
 
         return Prepared(lambda: torch.mm(x, y, out=out), ours, check, work=done)
+
+    return setup
+
+
+def _cpu_bf16_peak(level: str, gemm_n: int):
+    """The level's bfloat16 arithmetic (AMX tile products, vdpbf16ps, or float32 FMA where bfloat16 layers
+    compute in float32) against torch.mm in bfloat16 (oneDNN; AMX where the CPU has it)."""
+    def setup(ceilings):
+        best = _backend.backend_info()["cpu"]["isa_best"]
+        threads = torch.get_num_threads()
+        x = torch.randn(gemm_n, gemm_n).bfloat16()
+        y = torch.randn(gemm_n, gemm_n).bfloat16()
+        out = torch.empty(gemm_n, gemm_n, dtype=torch.bfloat16)
+        sink = torch.empty(threads)
+        sink_cap = to_dlpack(sink)
+
+        def run(iters):
+            _backend.set_cpu_isa(level)
+            try:
+                return _C.peak_bf16(sink_cap, iters, threads)
+            finally:
+                _backend.set_cpu_isa(best)
+
+        per_iter = run(1000) / 1000
+        iters = max(1, int(2.0 * gemm_n ** 3 / per_iter))
+        done = per_iter * iters
+
+        def check():
+            assert run(iters) == done and torch.isfinite(sink).all()
+
+        return Prepared(lambda: torch.mm(x, y, out=out), lambda: run(iters), check, work=done)
 
     return setup
 
@@ -114,6 +145,9 @@ def register_all():
         register(Case("machine", f"fp32 FMA peak, {level} (vs torch.mm 1024^3)", "cpu", _cpu_peak(level, 1024),
                       unit="GFLOP/s", peak="flops", note="same FLOPs both sides",
                       quick=level == info["cpu"]["isa_best"], min_sample_ms=_SAMPLE_MS))
+    register(Case("machine", f"bf16 peak, {info['cpu']['isa_best']} (vs torch.mm bfloat16 1024^3)", "cpu",
+                  _cpu_bf16_peak(info["cpu"]["isa_best"], 1024), unit="GFLOP/s", peak="bf16_flops",
+                  note="same FLOPs both sides", min_sample_ms=_SAMPLE_MS))
     register(Case("machine", "fp32 FMA peak, full (vs torch.mm 2048^3)", "cpu",
                   _cpu_peak(info["cpu"]["isa_best"], 2048), unit="GFLOP/s", peak="flops", quick=False,
                   min_sample_ms=_SAMPLE_MS))

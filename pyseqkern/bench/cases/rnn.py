@@ -272,7 +272,7 @@ def register_all():
                               note="torch: no oneDNN path with proj" if device == "cpu" else ""))
                 register(Case(family, "bfloat16 inference T=100 B=32 H=256", device,
                               _inference(cls, device, 100, 32, 256, dtype=torch.bfloat16), unit="GFLOP/s",
-                              peak="flops", target=1.0))
+                              peak="bf16_flops", target=1.0, note="% of the bfloat16 peak"))
         for cls in ("LSTMCell", "GRUCell", "RNNCell"):
             for batch, hidden, target in ((1, 256, 5.0), (32, 512, 1.3)):
                 register(Case("rnn_cell", f"{cls} B={batch} H={hidden}", device, _cell(cls, device, batch, hidden),
