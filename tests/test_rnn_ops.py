@@ -867,6 +867,27 @@ def test_backward_scratch_gives_the_op_paths_gradients(monkeypatch, mode, proj, 
         assert_bitwise_equal(again[k], pooled[0][k], name=f"d{k}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_inference_forward_scratch_keeps_the_results(mode, proj, reset_after, dtype):
+    """The eager inference forward that projects the input in the kernel takes its x_gates buffer and
+    workspace from a per-thread scratch (ops._fwd_scratch) reused across calls of different sizes: every
+    call's results must be what the call gives alone (after empty_cache(), from fresh buffers), and no
+    returned tensor may share memory with the scratch or with another call's results."""
+    cases = [make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, seed=T)
+             for T, B, H, lengths in [(9, 6, 11, None), (5, 3, 11, [5, 4, 2]), (12, 7, 11, None), (9, 6, 11, None)]]
+    with torch.no_grad():
+        pooled = [call(ops.rnn_layer, mode, x, bs, t, False, reset_after) for x, bs, t in cases]
+        for (x, bs, t), got in zip(cases, pooled):
+            pyseqkern.empty_cache()
+            want = call(ops.rnn_layer, mode, x, bs, t, False, reset_after)
+            for name, a, b in zip(["y", "h_n", "c_n"], got, want):
+                if b is not None:
+                    assert_bitwise_equal(a, b, name=name)
+    ptrs = [o.untyped_storage().data_ptr() for outs in pooled for o in outs if o is not None and o.numel()]
+    assert len(set(ptrs)) == len(ptrs)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (lambda a: dict(a, h=a["h"][:, :5]), ValueError, r"'h0' must have shape \(3, 11\), got \(3, 5\)"),
     (lambda a: dict(a, h=a["h"][:2]), ValueError, r"'h0' must have shape \(3, 11\), got \(2, 11\)"),
