@@ -405,8 +405,8 @@ constexpr bool kBf16Dot = false;
 // buffer zero padded to whole tiles of k (tile loads of unaligned rows ran at a fifth of the rate, and
 // the rows' sources differ: h, m, r*h, x rows at any stride), then runs passes of tile products: two
 // row groups of 16 x two columns (the usual 2 x 2 blocking: 2 A + 2 B + 4 C tiles), or one row group x
-// four columns. The C tiles go to a Tile<float> scratch, whose rows are exactly kAcc vectors apart, so
-// the epilogues see the same Tile as from gemm_tile. TDPBF16PS sums each pair exactly and rounds once
+// four columns. The C tiles go to a scratch whose rows are kAcc vectors apart, so the epilogues read
+// their sums as from a gemm_tile Tile (row pointers, rows kAcc apart). TDPBF16PS sums each pair exactly and rounds once
 // into the float32 sum (round to nearest even, denormals flushed), like vdpbf16ps. Measured on a
 // Sapphire/Emerald Rapids core: ~2.2 TFLOP/s of tile products (16 rows), against 87 GFLOP/s for
 // vdpbf16ps and 177 for float32 FMA.
@@ -425,8 +425,7 @@ inline int64_t pairs_stored(int64_t k) { return (((k + 1) / 2 + kPairRound - 1) 
 // Staged row length limit (bfloat16 values): 32 rows x 1024 x 2 bytes = 64 KB of the worker's stack.
 // Longer rows (K or I above 1024) take the vdpbf16ps tile.
 constexpr int64_t kAmxMaxK = 1024;
-constexpr int64_t kScratchRow = kAcc * 64;  // bytes between rows of the Tile<float> scratch
-static_assert(sizeof(Tile<float>) == kMR * kScratchRow, "scratch rows must be evenly spaced");
+constexpr int64_t kScratchRow = kAcc * 64;  // bytes between rows of the scratch: kAcc vectors, as in a Tile
 
 // Palette 1: tiles 0-3 C, 4-5 A (row groups 0 and 1), 6-7 B; with one row group, 5 is a B tile too.
 struct AmxConfig {
@@ -582,7 +581,7 @@ void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel,
   alignas(64) bf16 stage[32 * kAmxMaxK];
   // Two scratches: the next window's tile products are issued before the last window's epilogue runs,
   // so the out-of-order core runs that epilogue's vector work while the tile unit computes.
-  alignas(64) Tile<float> sc[2][32 / kMR];  // in each, row r's sums at [0].v[0] + r * kAcc
+  alignas(64) vfloat sc[2][32 * kAcc];  // in each, row r's sums at r * kAcc
   const int64_t as = Ks * 2, bs = kstride * 4, bk = 16 * bs;
   constexpr int NBW = kAcc / G;  // blocks per window
   const int64_t row_end = row0 + nrows;
@@ -599,7 +598,7 @@ void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel,
     int64_t prev_blk = 0;
     int prev_nb = 0;
     auto epilogues = [&](int w) {  // of the window before w
-      for (int bi = 0; bi < prev_nb; ++bi) call_epilogue<float>(epi, r0, m, prev_blk + bi, sc[(w + 1) & 1][0].v[0], bi * G);
+      for (int bi = 0; bi < prev_nb; ++bi) call_epilogue<float>(epi, r0, m, prev_blk + bi, sc[(w + 1) & 1], bi * G);
     };
     int w = 0;
     for (int64_t blk = blk0; blk < blk1; blk += prev_nb, ++w) {
