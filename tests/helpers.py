@@ -29,6 +29,14 @@ TORCH_ERROR_FLOOR_ULPS = 4.0
 BF16_DOT_LEVELS = ("avx512bf16", "amx")
 
 
+def runnable_levels() -> list:
+    """CPU kernel levels this CPU runs and this build has (amx needs a compiler with AMX intrinsics)."""
+    import pyseqkern
+
+    cpu = pyseqkern.backend_info()["cpu"]
+    return [level for level in cpu["isa_supported"] if level in cpu["isa_compiled"]]
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_usable() -> tuple[bool, str]:
     import pyseqkern

@@ -7,11 +7,11 @@ import pyseqkern
 from pyseqkern import _C
 from pyseqkern.ops.probe import triad
 from pyseqkern.reference.probe import triad as triad_ref
-from helpers import assert_bitwise_equal, assert_close_to_ref, devices, poisoned, randn, strided
+from helpers import assert_bitwise_equal, assert_close_to_ref, devices, poisoned, randn, runnable_levels, strided
 
 SIZES = [1, 7, 113, 40_001, 1_000_003]  # 40_001 and up run on several threads
 DTYPES = [torch.float32, torch.float64]
-SUPPORTED = pyseqkern.backend_info()["cpu"]["isa_supported"]
+SUPPORTED = runnable_levels()  # the CPU runs them and the build has them
 
 
 @pytest.mark.parametrize("n", SIZES)

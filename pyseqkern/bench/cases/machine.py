@@ -141,7 +141,7 @@ def _triad(device: str, n: int):
 
 def register_all():
     info = _backend.backend_info()
-    for level in info["cpu"]["isa_supported"]:
+    for level in [lv for lv in info["cpu"]["isa_supported"] if lv in info["cpu"]["isa_compiled"]]:
         register(Case("machine", f"fp32 FMA peak, {level} (vs torch.mm 1024^3)", "cpu", _cpu_peak(level, 1024),
                       unit="GFLOP/s", peak="flops", note="same FLOPs both sides",
                       quick=level == info["cpu"]["isa_best"], min_sample_ms=_SAMPLE_MS))
