@@ -23,15 +23,19 @@ namespace rnn {
 
 // ---- traits ---------------------------------------------------------------------------------------
 // A unit block is one register of L lanes; MR rows share each weight load (register tile MR x G).
+// kMR: rows of a tile at most (see rows_per_tile); kRowQuantum: the row groups threads split batches by.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
-constexpr int kMR = 4;  // 4 x 4 gates = 16 of 32 zmm accumulators
+constexpr int kMR = 8;  // 8 x 3 gates (GRU) or 6 x 4 (LSTM) = 24 of 32 zmm accumulators
+constexpr int kRowQuantum = 4;
 #elif defined(__AVX2__)
 constexpr int kVecBytes = 32;
 constexpr int kMR = 3;  // 3 x 4 = 12 of 16 ymm
+constexpr int kRowQuantum = 3;
 #else
 constexpr int kVecBytes = 16;
 constexpr int kMR = 2;  // 2 x 4 = 8 of 16 xmm (no FMA: mul + add)
+constexpr int kRowQuantum = 2;
 #endif
 
 typedef float vfloat __attribute__((vector_size(kVecBytes)));
@@ -323,13 +327,33 @@ inline vdouble vrelu(vdouble x) { return x < 0.0 ? splat(0.0) : x; }
 // step loop the register allocator spilled two of the 16 accumulators and reloaded each weight vector
 // once per row (20 loads per k instead of 8); on its own the tile keeps everything in registers.
 #if defined(__AVX512F__)
-constexpr int kAcc = 16;  // accumulators per tile (of 32 zmm)
+constexpr int kAcc = 24;  // accumulators per tile (of 32 zmm: the rest hold the weights and a row value)
 #elif defined(__AVX2__)
 constexpr int kAcc = 12;  // of 16 ymm
 #else
 constexpr int kAcc = 8;   // of 16 xmm
 #endif
 constexpr int kMaxNB = 8;
+// Rows of a full tile for G gates: each weight vector loaded from L2 feeds that many rows; with 4 rows
+// a tile streamed 32 B/cycle of weights at the FMA peak, most of what the L2 delivers (~41 B/cycle
+// measured on an Emerald Rapids core). AVX-512: 6 rows x 4 gates, 8 x 3, 6 x 2 gates x 2 blocks, 6 x 4
+// blocks of one gate (24 accumulators each; 8 x 2 blocks x 1 gate left a third of them idle and ran
+// an RNN slower). Narrower levels: as many as the accumulators allow, up to kMR.
+template <int G> constexpr int rows_per_tile() {
+#if defined(__AVX512F__)
+  return G == 3 ? 8 : 6;
+#else
+  return kAcc / G < kMR ? kAcc / G : kMR;
+#endif
+}
+// The next tile's height for `left` rows: full tiles, but never a last tile of 1 or 2 rows behind a
+// full one (8 rows go as 4 + 4, not 6 + 2: a narrow tile streams the weights for few rows). Heights
+// between 4 and full run as full tiles, the extra rows repeating the last.
+template <int G> inline int next_tile_rows(int64_t left) {
+  constexpr int M = rows_per_tile<G>();
+  if (left <= M) return static_cast<int>(left);
+  return left - M >= 3 || M <= 4 ? M : 4;
+}
 
 template <typename A> struct Tile { V<A> v[kMR][kAcc]; };
 
@@ -554,19 +578,22 @@ inline void gemm_nb(int nb, const R* const* rows, const P* panel, int64_t K, int
 template <int G, typename R, typename P, typename A>
 inline void gemm_block(int mr, int nb, const R* const* rows, const P* panel, int64_t K, int64_t kstride,
                        int64_t bstride, Tile<A>& acc) {
-  if constexpr (kMR >= 4) if (mr == 4) return gemm_nb<G, kMR >= 4 ? 4 : 1>(nb, rows, panel, K, kstride, bstride, acc);
-  if constexpr (kMR >= 3) if (mr == 3) return gemm_nb<G, kMR >= 3 ? 3 : 1>(nb, rows, panel, K, kstride, bstride, acc);
+  // Tiles of more than 4 rows come at the full height (the caller repeats its last row to fill one).
+  constexpr int MRT = rows_per_tile<G>();
+  if constexpr (MRT > 4) if (mr > 4) return gemm_nb<G, MRT>(nb, rows, panel, K, kstride, bstride, acc);
+  if constexpr (MRT >= 4) if (mr == 4) return gemm_nb<G, MRT >= 4 ? 4 : 1>(nb, rows, panel, K, kstride, bstride, acc);
+  if constexpr (MRT >= 3) if (mr == 3) return gemm_nb<G, MRT >= 3 ? 3 : 1>(nb, rows, panel, K, kstride, bstride, acc);
   if (mr == 2) return gemm_nb<G, 2>(nb, rows, panel, K, kstride, bstride, acc);
   gemm_nb<G, 1>(nb, rows, panel, K, kstride, bstride, acc);
 }
 
-// The tiled loop every product here shares: for row tiles r0 (of up to kMR rows b from `row_ptr`, b in
+// The tiled loop every product here shares: for row tiles r0 (of up to rows_per_tile<G>() rows b from `row_ptr`, b in
 // [row0, row0 + nrows)) and unit blocks [blk0, blk1) in groups, the tile's sums, then
 // `epi(b, blk, sum, col)` for each row and block, with the block's G sums at sum[col + g]. P is the
 // panel's element: A, or bf16x2 (then rows are bf16, K and the strides count pairs of k, and the sums
 // are float). An epilogue that takes a RowTile first is called once per block with the tile's rows,
 // `epi(RowTile{}, r0, mr, blk, sum, col)`, row r's sums at sum[r * kAcc + col + g]: it can interleave
-// the rows' activations (see the LSTM forward). mr <= kMR, except on the amx level (up to 32).
+// the rows' activations (see the LSTM forward). mr <= rows_per_tile<G>(), except on the amx level (up to 32).
 struct RowTile {};
 template <typename A, typename Epi>
 inline void call_epilogue(Epi& epi, int64_t r0, int mr, int64_t blk, const V<A>* sum, int col);
@@ -645,22 +672,24 @@ inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* pa
   // half its L2 (an LSTM cell at H=512 reads 4 MB of W_hh once, 32 rows at a time), they go in chunks
   // that do, every row tile over one chunk before the next: else each row tile of kMR rows fetched
   // the whole panel again from L3 or memory. Each sum runs over k the same way either way (same bits).
+  constexpr int MRT = rows_per_tile<G>();
   const int64_t row_end = row0 + nrows, blk_bytes = K * G * kVecBytes, budget = cpu_l2_bytes() / 2;
   int64_t chunk = blk1 - blk0;
-  if (nrows > kMR && chunk * blk_bytes > budget) {
+  if (nrows > MRT && chunk * blk_bytes > budget) {
     chunk = budget / blk_bytes;
     chunk = chunk >= kMaxNB ? chunk / kMaxNB * kMaxNB : chunk < 1 ? 1 : chunk;
   }
   for (int64_t c0 = blk0; c0 < blk1; c0 += chunk) {
     const int64_t c1 = blk1 - c0 < chunk ? blk1 : c0 + chunk;
-    for (int64_t r0 = row0; r0 < row_end; r0 += kMR) {
-      const int mr = static_cast<int>(row_end - r0 < kMR ? row_end - r0 : kMR);
+    for (int64_t r0 = row0, mr = 0; r0 < row_end; r0 += mr) {
+      mr = next_tile_rows<G>(row_end - r0);
+      const int mrt = mr > 4 ? MRT : static_cast<int>(mr);  // rows computed: 5..MRT-1 run as a full tile
       const R* rows[kMR];
-      for (int r = 0; r < mr; ++r) rows[r] = row_ptr(r0 + r);
+      for (int r = 0; r < mrt; ++r) rows[r] = row_ptr(r0 + (r < mr ? r : mr - 1));
       for (int64_t blk = c0; blk < c1;) {
-        const int nb = tile_blocks<G>(mr, c1 - blk);
+        const int nb = tile_blocks<G>(mrt, c1 - blk);
         Tile<A> acc;
-        gemm_block<G>(mr, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
+        gemm_block<G>(mrt, nb, rows, panel + blk * bstride, K, kstride, bstride, acc);
         for (int bi = 0; bi < nb; ++bi, ++blk) call_epilogue<A>(epi, r0, mr, blk, acc.v[0], bi * G);
       }
     }

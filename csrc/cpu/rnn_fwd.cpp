@@ -198,9 +198,9 @@ void fwd_worker(void* raw, const Team& team) {
   const bool split = c.split_rows;
   if (split) {
     int64_t t0, t1;
-    split_range(ceil_div(q.batch, kMR), tid, nt, &t0, &t1);
-    rb0 = t0 * kMR;
-    rb1 = t1 * kMR < q.batch ? t1 * kMR : q.batch;
+    split_range(ceil_div(q.batch, kRowQuantum), tid, nt, &t0, &t1);
+    rb0 = t0 * kRowQuantum;
+    rb1 = t1 * kRowQuantum < q.batch ? t1 * kRowQuantum : q.batch;
   } else {
     split_range(l.U, tid, nt, &u0, &u1);
     split_range(l.UP, tid, nt, &p0, &p1);
@@ -282,7 +282,7 @@ void fwd_worker(void* raw, const Team& team) {
       store<A>(hn + b * Kp + blk * L, h, L);
       if constexpr (BF) if (dot) store<A>(hn2 + b * Kp + blk * L, h, L);
     };
-    // x_gates of (row b + kMR, block u), the row this thread's next row tile uses (wrapping into the
+    // x_gates of (row b + rows_per_tile<G>(), block u), the row this thread's next row tile uses (wrapping into the
     // next step's first rows). The projection GEMM wrote all of x_gates before the call (13 MB for an
     // LSTM at T=100, B=32, H=256), so its rows come from memory, in a pattern (G short segments per
     // row) the hardware prefetcher misses. Waiting for them took as long as the bfloat16 product;
@@ -290,7 +290,7 @@ void fwd_worker(void* raw, const Team& team) {
     // epilogue still waited on them). A row tile ahead is a few microseconds: in time, and still close.
     auto prefetch_ahead = [&](int64_t b, int64_t u) __attribute__((always_inline)) {
       if (fused) return;
-      int64_t ns = s, nbr = b + kMR;
+      int64_t ns = s, nbr = b + rows_per_tile<G>();
       if (nbr >= rb0 + nrows) {
         ns = s + 1;
         nbr -= nrows;
@@ -354,8 +354,8 @@ void fwd_worker(void* raw, const Team& team) {
     // LSTM: the epilogue of a whole row tile of block u, phase by phase over its rows. The activations
     // are chains of ~20 dependent operations; one row at a time they ran at half their throughput
     // (a quarter of a bfloat16 step), several rows side by side fill the pipelines.
-    // MR rows are computed: kMR, the rows past mr repeating the tile's first (never stored), or exactly
-    // one (B=1 and a last single row would otherwise pay kMR rows of activations).
+    // MR rows are computed: a full tile's, the rows past mr repeating the tile's first (never stored), or
+    // exactly one (B=1 and a last single row would otherwise pay a full tile of activations).
     auto lstm_rows = [&](auto mrc, int64_t r0, int mr, int64_t u, const V<A>* sum, int col)
                          __attribute__((always_inline)) {
       constexpr int MR = decltype(mrc)::value;
@@ -409,13 +409,15 @@ void fwd_worker(void* raw, const Team& team) {
     };
     auto lstm_tile = [&](RowTile, int64_t r0, int mr, int64_t u, const V<A>* sum, int col)
                          __attribute__((always_inline)) {
-      // Up to kMR rows from a register tile, up to 32 from the amx level's tile scratch (there 8 rows at a
-      // time: twice the independent activation chains of 4, whose last phase, tanh(c), ran latency bound).
+      // Up to rows_per_tile<4>() rows from a register tile, up to 32 from the amx level's tile scratch
+      // (there 8 rows at a time: twice the independent activation chains of 4, whose last phase, tanh(c),
+      // ran latency bound).
+      constexpr int M = rows_per_tile<4>();
       int i = 0;
       if constexpr (kAmx)
         for (; mr - i >= 8; i += 8) lstm_rows(std::integral_constant<int, 8>(), r0 + i, 8, u, sum + i * kAcc, col);
-      for (; mr - i > 1; i += kMR)
-        lstm_rows(std::integral_constant<int, kMR>(), r0 + i, mr - i < kMR ? mr - i : kMR, u, sum + i * kAcc, col);
+      for (; mr - i > 1; i += M)
+        lstm_rows(std::integral_constant<int, M>(), r0 + i, mr - i < M ? mr - i : M, u, sum + i * kAcc, col);
       if (mr - i == 1) lstm_rows(std::integral_constant<int, 1>(), r0 + i, 1, u, sum + i * kAcc, col);
     };
     auto product = [&](auto... a) { product_rows(nrows, rb0, a...); };
@@ -511,7 +513,7 @@ void forward_variant(const RnnFwdParams& p) {
   // idle), nor where the kernel projects each step's input inside the step (cells).
   const int64_t panel_bytes = (c.l.dot ? 4 * pairs_stored(c.l.K) : int64_t(sizeof(A)) * c.l.K) * c.l.U * c.l.G * L +
                               (c.l.dot ? 4 * pairs_stored(c.l.H) : int64_t(sizeof(A)) * c.l.H) * c.l.UP * L;
-  const int by_rows = choose_threads(p.num_threads, B / kMR, macs, p.seq.steps);
+  const int by_rows = choose_threads(p.num_threads, B / kRowQuantum, macs, p.seq.steps);
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr) && p.seq.batch_sizes == nullptr &&
                  panel_bytes <= cpu_l2_bytes() / 2;
   if (c.split_rows) nt = by_rows;
