@@ -326,13 +326,19 @@ inline vdouble vrelu(vdouble x) { return x < 0.0 ? splat(0.0) : x; }
 // apart from the float rows, they would go through memory on every k. Never inlined: inside the large
 // step loop the register allocator spilled two of the 16 accumulators and reloaded each weight vector
 // once per row (20 loads per k instead of 8); on its own the tile keeps everything in registers.
+// Tiles of up to 4 rows keep the 16 accumulators they always had: at 24, GCC compiled the one-row tile
+// of 8 blocks x 3 gates into a loop over accumulators in memory (GRU B=1 3.3-4.0x -> 2.3x torch).
 #if defined(__AVX512F__)
-constexpr int kAcc = 24;  // accumulators per tile (of 32 zmm: the rest hold the weights and a row value)
+constexpr int kAcc = 24;        // accumulators per full tile (of 32 zmm: the rest hold weights and a row value)
+constexpr int kAccNarrow = 16;  // per tile of 4 rows or fewer
 #elif defined(__AVX2__)
 constexpr int kAcc = 12;  // of 16 ymm
+constexpr int kAccNarrow = 12;
 #else
 constexpr int kAcc = 8;   // of 16 xmm
+constexpr int kAccNarrow = 8;
 #endif
+inline constexpr int acc_budget(int mr) { return mr > 4 ? kAcc : kAccNarrow; }
 constexpr int kMaxNB = 8;
 // Rows of a full tile for G gates: each weight vector loaded from L2 feeds that many rows; with 4 rows
 // a tile streamed 32 B/cycle of weights at the FMA peak, most of what the L2 delivers (~41 B/cycle
@@ -559,7 +565,7 @@ inline void amx_release() {}
 
 // Blocks one tile of `mr` rows takes: the widest power of two within the budget and `left`.
 template <int G> inline int tile_blocks(int mr, int64_t left) {
-  int nb = kAcc / (mr * G);
+  int nb = acc_budget(mr) / (mr * G);
   nb = nb >= kMaxNB ? kMaxNB : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;
   while (nb > left) nb >>= 1;
   return nb;
@@ -569,7 +575,7 @@ template <int G> inline int tile_blocks(int mr, int64_t left) {
 // (A, or bf16 rows against bf16x2 pairs), A: the sums.
 template <int G, int MR, typename R, typename P, typename A>
 inline void gemm_nb(int nb, const R* const* rows, const P* panel, int64_t K, int64_t ks, int64_t bs, Tile<A>& acc) {
-  constexpr int cap = kAcc / (MR * G);
+  constexpr int cap = acc_budget(MR) / (MR * G);
   if constexpr (cap >= 8) if (nb == 8) return gemm_tile<MR, 8, G>(rows, panel, K, ks, bs, acc);
   if constexpr (cap >= 4) if (nb == 4) return gemm_tile<MR, 4, G>(rows, panel, K, ks, bs, acc);
   if constexpr (cap >= 2) if (nb == 2) return gemm_tile<MR, 2, G>(rows, panel, K, ks, bs, acc);
