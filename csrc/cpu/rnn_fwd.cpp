@@ -282,15 +282,17 @@ void fwd_worker(void* raw, const Team& team) {
       store<A>(hn + b * Kp + blk * L, h, L);
       if constexpr (BF) if (dot) store<A>(hn2 + b * Kp + blk * L, h, L);
     };
-    // x_gates of (row b + rows_per_tile<G>(), block u), the row this thread's next row tile uses (wrapping into the
-    // next step's first rows). The projection GEMM wrote all of x_gates before the call (13 MB for an
+    // x_gates of (row b + d, block u), the row this thread's next row tile uses (wrapping into the next
+    // step's first rows): d a full tile's rows, or kRowQuantum for a thread with that few rows (which
+    // then wraps to the same row of the next step; with d = 6 for 4 own rows, half of them found no
+    // row to prefetch and RNN B=8 lost 9%). The projection GEMM wrote all of x_gates before the call (13 MB for an
     // LSTM at T=100, B=32, H=256), so its rows come from memory, in a pattern (G short segments per
     // row) the hardware prefetcher misses. Waiting for them took as long as the bfloat16 product;
     // prefetched a whole step ahead they were evicted again before use (a third of the float32 LSTM
     // epilogue still waited on them). A row tile ahead is a few microseconds: in time, and still close.
     auto prefetch_ahead = [&](int64_t b, int64_t u) __attribute__((always_inline)) {
       if (fused) return;
-      int64_t ns = s, nbr = b + rows_per_tile<G>();
+      int64_t ns = s, nbr = b + (nrows <= kRowQuantum ? kRowQuantum : rows_per_tile<G>());
       if (nbr >= rb0 + nrows) {
         ns = s + 1;
         nbr -= nrows;
@@ -412,12 +414,17 @@ void fwd_worker(void* raw, const Team& team) {
       // Up to rows_per_tile<4>() rows from a register tile, up to 32 from the amx level's tile scratch
       // (there 8 rows at a time: twice the independent activation chains of 4, whose last phase, tanh(c),
       // ran latency bound).
-      constexpr int M = rows_per_tile<4>();
+      // Rows are computed in groups of a full tile's, of kRowQuantum (2 to 4 left: a 4-row tile of a
+      // thread with 4 rows paid 6 rows of activations, 20% of a float64 LSTM call), or of one.
+      constexpr int M = rows_per_tile<4>(), Q = kRowQuantum;
       int i = 0;
       if constexpr (kAmx)
         for (; mr - i >= 8; i += 8) lstm_rows(std::integral_constant<int, 8>(), r0 + i, 8, u, sum + i * kAcc, col);
-      for (; mr - i > 1; i += M)
-        lstm_rows(std::integral_constant<int, M>(), r0 + i, mr - i < M ? mr - i : M, u, sum + i * kAcc, col);
+      if constexpr (M > Q)
+        for (; mr - i > Q; i += M)
+          lstm_rows(std::integral_constant<int, M>(), r0 + i, mr - i < M ? mr - i : M, u, sum + i * kAcc, col);
+      for (; mr - i > 1; i += Q)
+        lstm_rows(std::integral_constant<int, Q>(), r0 + i, mr - i < Q ? mr - i : Q, u, sum + i * kAcc, col);
       if (mr - i == 1) lstm_rows(std::integral_constant<int, 1>(), r0 + i, 1, u, sum + i * kAcc, col);
     };
     auto product = [&](auto... a) { product_rows(nrows, rb0, a...); };
