@@ -7,11 +7,10 @@ import pyseqkern
 from pyseqkern import _C
 from pyseqkern.ops.probe import triad
 from pyseqkern.reference.probe import triad as triad_ref
-from helpers import assert_bitwise_equal, assert_close_to_ref, devices, poisoned, randn, runnable_levels, strided
+from helpers import assert_bitwise_equal, assert_close_to_ref, devices, poisoned, randn, strided
 
 SIZES = [1, 7, 113, 40_001, 1_000_003]  # 40_001 and up run on several threads
 DTYPES = [torch.float32, torch.float64]
-SUPPORTED = runnable_levels()  # the CPU runs them and the build has them
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -107,43 +106,19 @@ def test_raw_kernel_rejects_mismatches():
         _C.triad(to_dlpack(a), to_dlpack(a.double()), to_dlpack(a), 1.0, 1, 0)
 
 
-@pytest.mark.parametrize("level", pyseqkern.ISA_LEVELS)
-def test_peak_fma_counts_flops(level):
-    if level not in SUPPORTED:
-        pytest.skip(f"this CPU does not run {level}")
-    best = pyseqkern.backend_info()["cpu"]["isa_best"]
-    try:
-        pyseqkern.set_cpu_isa(level)
-        bits = pyseqkern.backend_info()["cpu"]["vector_bits"]
+def test_peak_probes_count_flops(isa):
+    """peak_fma: 16 (AVX-512) or 12 chains of FMAs per round. peak_bf16: the level's bfloat16 arithmetic,
+    AMX tile products (4 tiles of 16 x 16 x 32 per round), vdpbf16ps (16 chains of 32 multiply-adds),
+    elsewhere the float32 FMA probe itself."""
+    bits = pyseqkern.backend_info()["cpu"]["vector_bits"]
+    fma_round = 2 * (bits // 32) * (16 if bits == 512 else 12)
+    bf16_round = {"amx": 4 * 2 * 16 * 16 * 32, "avx512bf16": 2 * 32 * 16}.get(isa, fma_round)
+    for probe, per_round in ((lambda s, i, t: _C.peak_fma(s, i, t, 0, 0), fma_round), (_C.peak_bf16, bf16_round)):
         sink = poisoned((3,))
-        flops = _C.peak_fma(to_dlpack(sink), 1000, 3, 0, 0)
-        chains = 16 if bits == 512 else 12
-        assert flops == 2 * (bits // 32) * chains * 1000 * 3
-        assert torch.isfinite(sink).all() and (sink > 0).all()
-    finally:
-        pyseqkern.set_cpu_isa(best)
-
-
-@pytest.mark.parametrize("level", pyseqkern.ISA_LEVELS)
-def test_peak_bf16_counts_flops(level):
-    """The level's bfloat16 arithmetic: AMX tile products (4 tiles of 16 x 16 x 32 per round), vdpbf16ps
-    (16 chains of 32 multiply-adds), elsewhere the float32 FMA probe itself."""
-    if level not in SUPPORTED:
-        pytest.skip(f"this CPU does not run {level}")
-    best = pyseqkern.backend_info()["cpu"]["isa_best"]
-    try:
-        pyseqkern.set_cpu_isa(level)
-        bits = pyseqkern.backend_info()["cpu"]["vector_bits"]
-        sink = poisoned((3,))
-        flops = _C.peak_bf16(to_dlpack(sink), 1000, 3)
-        per_round = {"amx": 4 * 2 * 16 * 16 * 32, "avx512bf16": 2 * 32 * 16}.get(
-            level, 2 * (bits // 32) * (16 if bits == 512 else 12))
-        assert flops == per_round * 1000 * 3
+        assert probe(to_dlpack(sink), 1000, 3) == per_round * 1000 * 3
         assert torch.isfinite(sink).all() and (sink > 0).all()
         with pytest.raises(ValueError, match="num_threads"):
-            _C.peak_bf16(to_dlpack(sink), 10, 4)
-    finally:
-        pyseqkern.set_cpu_isa(best)
+            probe(to_dlpack(sink), 10, 4)
 
 
 @pytest.mark.cuda

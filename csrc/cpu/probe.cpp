@@ -10,6 +10,8 @@
 #error "compile per-ISA kernel sources through CMake's psk_add_cpu_isa(), which defines PSK_ISA"
 #endif
 
+#include "amx_tiles.h"
+
 PSK_ISA_NAMESPACE_BEGIN
 namespace {
 
@@ -65,24 +67,13 @@ double peak_fma(const PeakFmaParams& p) {
 // bfloat16 arithmetic: the tile unit on amx, vdpbf16ps elsewhere with AVX512_BF16.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 constexpr double kBf16FlopsPerRound = 4 * 2.0 * 16 * 16 * 32;
-struct TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 void bf16_worker(void* raw, const Team& team) {
   PeakCtx& ctx = *static_cast<PeakCtx*>(raw);
   if (team.tid == 0) ctx.team_size = team.size;
-  alignas(64) TileConfig cfg = {};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
   alignas(64) uint16_t ab[16 * 32];
   for (int i = 0; i < 16 * 32; ++i) ab[i] = 0x3c00;  // 2^-7: sums stay finite
   alignas(64) float out[16 * 16];
-  _tile_loadconfig(&cfg);
+  amx_configure(16, 16);  // every tile 16 rows (amx_tiles.h)
   _tile_loadd(4, ab, 64);
   _tile_loadd(5, ab, 64);
   _tile_zero(0);
@@ -96,7 +87,7 @@ void bf16_worker(void* raw, const Team& team) {
     _tile_dpbf16ps(3, 4, 5);
   }
   _tile_stored(0, out, 64);
-  _tile_release();
+  amx_release();
   ctx.p->sink[team.tid] = out[0];
 }
 #elif defined(__AVX512BF16__)

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 
+#include "amx_tiles.h"
 #include "pyseqkern/rnn.h"
 #include "pyseqkern/thread_pool.h"
 
@@ -99,12 +100,13 @@ inline vbf16 narrow(vfloat f) {
   vbf16 out;
   std::memcpy(&out, &r, sizeof(out));
   return out;
-#endif
+#else
   vuint32 u;
   std::memcpy(&u, &f, sizeof(u));
   const vuint32 rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
   const vuint32 quiet = (u >> 16) | 0x40u;
   return __builtin_convertvector((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded, vbf16);
+#endif
 }
 
 // Loads `valid` (<= L) elements, zero beyond; stores only `valid`.
@@ -436,8 +438,8 @@ constexpr bool kBf16Dot = false;
 // the rows' sources differ: h, m, r*h, x rows at any stride), then runs passes of tile products: two
 // row groups of 16 x two columns (the usual 2 x 2 blocking: 2 A + 2 B + 4 C tiles), or one row group x
 // four columns. The C tiles go to a scratch whose rows are kAcc vectors apart, so the epilogues read
-// their sums as from a gemm_tile Tile (row pointers, rows kAcc apart). TDPBF16PS sums each pair exactly and rounds once
-// into the float32 sum (round to nearest even, denormals flushed), like vdpbf16ps. Measured on a
+// their sums as from a gemm_tile Tile (row pointers, rows kAcc apart). TDPBF16PS sums each pair
+// exactly and rounds once into the float32 sum (round to nearest even, denormals flushed), like vdpbf16ps. Measured on a
 // Sapphire/Emerald Rapids core: ~2.2 TFLOP/s of tile products (16 rows), against 87 GFLOP/s for
 // vdpbf16ps and 177 for float32 FMA.
 // The pair sections hold whole tiles of k at this level: ceil(K/2) pairs rounded up to kPairRound,
@@ -457,46 +459,7 @@ inline int64_t pairs_stored(int64_t k) { return (((k + 1) / 2 + kPairRound - 1) 
 constexpr int64_t kAmxMaxK = 1024;
 constexpr int64_t kScratchRow = kAcc * 64;  // bytes between rows of the scratch: kAcc vectors, as in a Tile
 
-// Palette 1: tiles 0-3 C, 4-5 A (row groups 0 and 1), 6-7 B; with one row group, 5 is a B tile too.
-struct AmxConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-// The configuration this thread loaded (0: none). Every forward releases the tiles when it ends
-// (amx_release), so code run on the thread between our calls (oneDNN's own AMX kernels) never leaves a
-// configuration we would take for ours.
-inline int& amx_key() {
-  static thread_local int key = 0;
-  return key;
-}
-inline void amx_configure(int m0, int m1) {
-  const int key = 1 + m0 + 64 * m1;
-  int& cur = amx_key();
-  if (cur == key) return;
-  alignas(64) AmxConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  if (m1) {
-    cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = static_cast<uint8_t>(m0);
-    cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = static_cast<uint8_t>(m1);
-  } else {
-    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = cfg.rows[4] = static_cast<uint8_t>(m0);
-  }
-  _tile_loadconfig(&cfg);
-  cur = key;
-}
-inline void amx_release() {
-  int& cur = amx_key();
-  if (cur) {
-    _tile_release();
-    cur = 0;
-  }
-}
+// Tiles 0-3 C, 4-5 A (row groups 0 and 1), 6-7 B; with one row group, 5 is a B tile too (amx_tiles.h).
 
 // Two row groups (A tiles 4, 5 at a and a + 16 rows) x NC (1 or 2) columns (B tiles 6, 7 from b[c] +
 // kc * bk) over KC tiles of k; C tiles 0, 1 (group 0) and 2, 3 (group 1) stored at out + c * 64.
@@ -559,8 +522,6 @@ __attribute__((noinline)) void amx_pass1(const char* a, int64_t as, const char* 
   if constexpr (NC > 2) _tile_stored(2, out + 128, kScratchRow);
   if constexpr (NC > 3) _tile_stored(3, out + 192, kScratchRow);
 }
-#else
-inline void amx_release() {}
 #endif
 
 // Blocks one tile of `mr` rows takes: the widest power of two within the budget and `left`.
@@ -593,13 +554,14 @@ inline void gemm_block(int mr, int nb, const R* const* rows, const P* panel, int
   gemm_nb<G, 1>(nb, rows, panel, K, kstride, bstride, acc);
 }
 
-// The tiled loop every product here shares: for row tiles r0 (of up to rows_per_tile<G>() rows b from `row_ptr`, b in
-// [row0, row0 + nrows)) and unit blocks [blk0, blk1) in groups, the tile's sums, then
+// The tiled loop every product here shares: for row tiles r0 (of up to rows_per_tile<G>() rows b from
+// `row_ptr`, b in [row0, row0 + nrows)) and unit blocks [blk0, blk1) in groups, the tile's sums, then
 // `epi(b, blk, sum, col)` for each row and block, with the block's G sums at sum[col + g]. P is the
 // panel's element: A, or bf16x2 (then rows are bf16, K and the strides count pairs of k, and the sums
 // are float). An epilogue that takes a RowTile first is called once per block with the tile's rows,
 // `epi(RowTile{}, r0, mr, blk, sum, col)`, row r's sums at sum[r * kAcc + col + g]: it can interleave
-// the rows' activations (see the LSTM forward). mr <= rows_per_tile<G>(), except on the amx level (up to 32).
+// the rows' activations (see the LSTM forward). mr <= rows_per_tile<G>(), except on the amx level (up
+// to 32).
 struct RowTile {};
 template <typename A, typename Epi>
 inline void call_epilogue(Epi& epi, int64_t r0, int mr, int64_t blk, const V<A>* sum, int col);
@@ -676,8 +638,8 @@ inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* pa
   // Rows outer, so each row tile streams every block of the panel: from the cache where the panel
   // fits it (recurrent panels of sequences, by construction). Where this thread's blocks do not fit
   // half its L2 (an LSTM cell at H=512 reads 4 MB of W_hh once, 32 rows at a time), they go in chunks
-  // that do, every row tile over one chunk before the next: else each row tile of kMR rows fetched
-  // the whole panel again from L3 or memory. Each sum runs over k the same way either way (same bits).
+  // that do, every row tile over one chunk before the next: else each row tile fetched the whole
+  // panel again from L3 or memory. Each sum runs over k the same way either way (same bits).
   constexpr int MRT = rows_per_tile<G>();
   const int64_t row_end = row0 + nrows, blk_bytes = K * G * kVecBytes, budget = cpu_l2_bytes() / 2;
   int64_t chunk = blk1 - blk0;

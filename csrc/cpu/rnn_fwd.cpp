@@ -411,11 +411,10 @@ void fwd_worker(void* raw, const Team& team) {
     };
     auto lstm_tile = [&](RowTile, int64_t r0, int mr, int64_t u, const V<A>* sum, int col)
                          __attribute__((always_inline)) {
-      // Up to rows_per_tile<4>() rows from a register tile, up to 32 from the amx level's tile scratch
-      // (there 8 rows at a time: twice the independent activation chains of 4, whose last phase, tanh(c),
-      // ran latency bound).
-      // Rows are computed in groups of a full tile's, of kRowQuantum (2 to 4 left: a 4-row tile of a
-      // thread with 4 rows paid 6 rows of activations, 20% of a float64 LSTM call), or of one.
+      // Up to rows_per_tile<4>() rows from a register tile, up to 32 from the amx level's tile scratch.
+      // Rows are computed in groups of 8 (amx: twice the independent activation chains of 4, whose last
+      // phase, tanh(c), ran latency bound), of a full tile's, of kRowQuantum (2 to 4 left: a thread with
+      // 4 rows paid 6 rows of activations as one group, 20% of a float64 LSTM call), or of one.
       constexpr int M = rows_per_tile<4>(), Q = kRowQuantum;
       int i = 0;
       if constexpr (kAmx)

@@ -1,5 +1,6 @@
 """The machine's ceilings: peak float32 FLOP/s (our FMA probe against torch.mm doing as many FLOPs),
-peak bfloat16 FLOP/s (the level's bfloat16 arithmetic against torch.mm in bfloat16) and memory bandwidth (our STREAM triad against torch.add(..., alpha=, out=) on the same buffers).
+peak bfloat16 FLOP/s (the level's bfloat16 arithmetic against torch.mm in bfloat16) and memory
+bandwidth (our STREAM triad against torch.add(..., alpha=, out=) on the same buffers).
 These rows run first; every later case reports its rate as a share of them. Their samples are long
 (25 ms): a ceiling must not depend on the first milliseconds after the other side's block, when torch's
 OpenMP threads may still be spinning."""
