@@ -601,6 +601,35 @@ def test_inference_kernel_projecting_the_input_meets_the_reference(monkeypatch, 
             assert_close_to_ref(runs[0][i], exact[i], name=f"{mode} {name}")
 
 
+@pytest.mark.parametrize("mode, reset_after, T", [("lstm", True, 100), ("gru", True, 120), ("gru", False, 120),
+                                                  ("rnn_tanh", True, 340)])
+def test_inference_kernel_projecting_at_streaming_sizes(monkeypatch, mode, reset_after, T):
+    """From 8 MB (kStreamBytes) the kernel writes the x_gates it projects before the steps by
+    non-temporal stores (aligned whole vectors; H = 200 leaves a partial last block and gate sections
+    off 64-byte boundaries, which take plain stores): outputs and final states within the 2x-torch rule
+    of a long float32 recurrence, bit for bit at 1 and 2 threads."""
+    spy = ProjectingSpy(monkeypatch)
+    x, bs, t = make_case(mode, 0, torch.float32, T=T, B=32, I=200, H=200)
+    assert x[0].numel() // 200 * T * ops.GATES[mode] * 200 * 4 >= 8 << 20
+    runs = []
+    for threads in (2, 1):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                runs.append(call(ops.rnn_layer, mode, x, bs, t, False, reset_after))
+        finally:
+            torch.set_num_threads(before)
+    assert (spy.taken, spy.declined) == (2, 0)
+    x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
+    exact = call(ref.rnn_layer, mode, x64, bs, t64, False, reset_after)
+    theirs = call(ref.rnn_layer, mode, x, bs, t, False, reset_after)
+    for i, name in enumerate(["y", "h_n", "c_n"]):
+        if exact[i] is not None:
+            assert_bitwise_equal(runs[0][i], runs[1][i], name=name)
+            assert_within_torch_error(runs[0][i], theirs[i], exact[i], name=f"{mode} {name}")
+
+
 def test_inference_input_panels_past_half_the_l2_go_to_torch(monkeypatch):
     """A panel whose per-thread share exceeds half a core's L2 would stream from memory for every row
     tile: torch's GEMM projects instead, and the result is the op path's bit for bit."""

@@ -248,14 +248,21 @@ void fwd_worker(void* raw, const Team& team) {
     const T* bias = static_cast<const T*>(p.x_gates);
     T* buf = static_cast<T*>(p.x_gates_buf);
     auto xrow = [&](int64_t n) { return xin + n * p.ld_x; };
+    // A buffer larger than the caches (13 MB for an LSTM at T=100, B=32, H=256) is read back from
+    // memory by the steps anyway: written past the caches, it costs no line reads and does not evict
+    // the input panel this loop streams.
+    const bool stream_xg = std::is_same<T, A>::value && p.x_rows * p.ld_gates * int64_t(sizeof(T)) >= kStreamBytes;
     product_rows(p.x_rows, 0, GI(), static_cast<const A*>(p.packed_in), G, 0, x0, x1, 0, l.U * p.input * G * L,
                  p.input, xrow, xrow, [&](int64_t n, int64_t u, const V<A>* sum, int col) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
       T* dst = buf + n * p.ld_gates + u * L;
-      for (int g = 0; g < G; ++g)
-        store<A>(dst + g * H, sum[col + g] + (bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0))),
-                 valid);
+      for (int g = 0; g < G; ++g) {
+        const V<A> v = sum[col + g] + (bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0)));
+        if constexpr (std::is_same<T, A>::value) store_stream<A>(dst + g * H, v, valid, stream_xg);
+        else store<A>(dst + g * H, v, valid);
+      }
     });
+    if (stream_xg) stream_fence();  // before the sync below publishes the buffer
   }
   for (int64_t b = rb0; b < rb1; ++b) {
     for (int64_t kb = k0; kb < k1; ++kb) {
