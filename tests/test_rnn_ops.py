@@ -531,6 +531,20 @@ def test_inference_fast_path_equals_the_op_path(monkeypatch):
             assert_bitwise_equal(a, b.detach())
 
 
+def inference_runs(x, bs, t, mode, reverse, reset_after, thread_counts):
+    """ops.rnn_layer's inference outputs, once at each of thread_counts threads."""
+    runs = []
+    for threads in thread_counts:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                runs.append(call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after))
+        finally:
+            torch.set_num_threads(before)
+    return runs
+
+
 class ProjectingSpy:
     """Counts inference forwards whose kernel projected the input itself (ops._forward_projecting)."""
 
@@ -577,15 +591,7 @@ def test_inference_kernel_projecting_the_input_meets_the_reference(monkeypatch, 
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, proj, dtype, I=I, H=37, lengths=lengths)
     expect = dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
-    runs = []
-    for threads in (2, 2, 1, 3):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                runs.append(call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after))
-        finally:
-            torch.set_num_threads(before)
+    runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3))
     assert (spy.taken, spy.declined) == ((4, 0) if expect else (0, 4))
     x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
     exact = call(ref.rnn_layer, mode, x64, bs, t64, reverse, reset_after)
@@ -611,15 +617,7 @@ def test_inference_kernel_projecting_at_streaming_sizes(monkeypatch, mode, reset
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, 0, torch.float32, T=T, B=32, I=200, H=200)
     assert x[0].numel() // 200 * T * ops.GATES[mode] * 200 * 4 >= 8 << 20
-    runs = []
-    for threads in (2, 1):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                runs.append(call(ops.rnn_layer, mode, x, bs, t, False, reset_after))
-        finally:
-            torch.set_num_threads(before)
+    runs = inference_runs(x, bs, t, mode, False, reset_after, (2, 1))
     assert (spy.taken, spy.declined) == (2, 0)
     x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
     exact = call(ref.rnn_layer, mode, x64, bs, t64, False, reset_after)
