@@ -159,6 +159,10 @@ struct FwdCtx {
   bool split_rows;  // threads own row tiles (all units of them) instead of unit blocks: no barrier per step
 };
 
+// Rows of h_{t-1} a unit-splitting thread prefetches whole at the start of a step (more would queue
+// behind the line fill buffers, and with more rows each line feeds a row tile's worth of work anyway).
+constexpr int64_t kPrefetchRows = 8;
+
 template <Variant VAR, typename T, typename A>
 void fwd_worker(void* raw, const Team& team) {
   const int tid = team.tid, nt = team.size;
@@ -282,6 +286,15 @@ void fwd_worker(void* raw, const Team& team) {
   for (int64_t s = 0; s < q.steps; ++s) {
     const int64_t nrows = own_rows(s);
     const A* hp = c.hbuf[s & 1];
+    // Threads that split units read rows of h_{t-1} that the other threads wrote last step, so those
+    // lines come from other cores. The product reads each row in k order, a line per 16 values, and
+    // the out-of-order window reaches about one line ahead: each of those lines stalled it once
+    // (LSTM B=1, H=256, two threads: ~8 lines a step, about a fifth of the step). All of them are
+    // requested at once here. (Threads that split rows wrote their own rows.)
+    if (!split && nrows <= kPrefetchRows)
+      for (int64_t b = rb0; b < rb0 + nrows; ++b)
+        for (int64_t i = 0; i < Kp * int64_t(sizeof(A)); i += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(hp + b * Kp) + i);
     A* hn = c.hbuf[(s + 1) & 1];
     bf16* hn2 = c.h2[(s + 1) & 1];
     // h_t of (row b, block blk) for the next step's product.
