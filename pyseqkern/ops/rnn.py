@@ -748,32 +748,42 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
     """One cell step straight to the planned kernel entry, or None when anything differs from what the
     plan was checked for (then the caller takes the full path, which checks and explains). states: None
     (zeros) or (h,) / (h, c). Returns (h_n,) or (h_n, c_n). At B=1, H=256 every microsecond of Python
-    here is a visible share of the step, so this is the only code between the module and the kernel."""
+    here is a visible share of the step, so this is the only code between the module and the kernel,
+    and it checks each tensor inline (as _plan_takes would; 1.4-1.8 us less per call than calling it)."""
     plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    if plan is None or plan.step is None:
+    if plan is None or plan.step is None or type(x) is not torch.Tensor:
         return None
-    B, H = x.shape[0] if x.dim() == 2 else 0, plan.hidden
-    if not (0 < B <= _INPUT_PANEL_MAX_BATCH and _plan_takes(plan, x, B, plan.input)):
+    dtype, shape = plan.dtype, x.shape
+    if len(shape) != 2:
+        return None
+    B = shape[0]
+    if not (0 < B <= _INPUT_PANEL_MAX_BATCH and shape[1] == plan.input and x.dtype is dtype and x.is_cpu):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or w_ih.requires_grad or w_hh.requires_grad or any(
             t is not None and t.requires_grad for t in (b_ih, b_hh, *(states or ())))):
         return None
     h = c = 0
-    if states is not None:
-        if len(states) != (2 if plan.code == 0 else 1) or not all(_plan_takes(plan, t, B, H) for t in states):
+    hs = (B, plan.hidden)
+    if states is not None:  # (a contiguous copy stays referenced until the call)
+        if len(states) != (2 if plan.code == 0 else 1):
             return None
-        states = [t if t.is_contiguous() else t.contiguous() for t in states]  # kept alive to the call
-        h = states[0].data_ptr()
-        c = states[1].data_ptr() if len(states) > 1 else 0
+        h_t, c_t = states[0], states[-1]  # (c_t is h_t but for lstm)
+        if not (type(h_t) is torch.Tensor and h_t.shape == hs and h_t.dtype is dtype and h_t.is_cpu and (
+                c_t is h_t or type(c_t) is torch.Tensor and c_t.shape == hs and c_t.dtype is dtype and c_t.is_cpu)):
+            return None
+        h_t = h_t if h_t.is_contiguous() else h_t.contiguous()
+        c_t = c_t if c_t.is_contiguous() else c_t.contiguous()
+        h = h_t.data_ptr()
+        c = c_t.data_ptr() if plan.code == 0 else 0
     if _backend._REFERENCE_FORCED or not _plain_eager(x):
         return None
     if not x.is_contiguous():
         x = x.contiguous()
-    h_n = torch.empty(B, H, dtype=plan.dtype)
+    h_n = torch.empty(hs, dtype=dtype)
     if plan.code != 0:
         plan.step.run(B, x.data_ptr(), h, 0, h_n.data_ptr(), 0, torch.get_num_threads())
         return (h_n,)
-    c_n = torch.empty(B, H, dtype=plan.dtype)
+    c_n = torch.empty(hs, dtype=dtype)
     plan.step.run(B, x.data_ptr(), h, c, h_n.data_ptr(), c_n.data_ptr(), torch.get_num_threads())
     return h_n, c_n
 
