@@ -531,10 +531,20 @@ def test_inference_fast_path_equals_the_op_path(monkeypatch):
             assert_bitwise_equal(a, b.detach())
 
 
-def inference_runs(x, bs, t, mode, reverse, reset_after, thread_counts):
-    """ops.rnn_layer's inference outputs, once at each of thread_counts threads."""
+def poison_forward_scratch():
+    """NaN bytes over the inference forward's cached buffers (ops._fwd_scratch): a value the kernel
+    failed to write cannot then pass as the one an earlier call left there."""
+    for buf in ops._fwd_scratch().buffers:
+        buf.fill_(255)
+
+
+def inference_runs(x, bs, t, mode, reverse, reset_after, thread_counts, poison=False):
+    """ops.rnn_layer's inference outputs, once at each of thread_counts threads (after poisoning the
+    forward's scratch, if asked)."""
     runs = []
     for threads in thread_counts:
+        if poison:
+            poison_forward_scratch()
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -617,7 +627,7 @@ def test_inference_kernel_projecting_at_streaming_sizes(monkeypatch, mode, reset
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, 0, torch.float32, T=T, B=32, I=200, H=200)
     assert x[0].numel() // 200 * T * ops.GATES[mode] * 200 * 4 >= 8 << 20
-    runs = inference_runs(x, bs, t, mode, False, reset_after, (2, 1))
+    runs = inference_runs(x, bs, t, mode, False, reset_after, (2, 1), poison=True)
     assert (spy.taken, spy.declined) == (2, 0)
     x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
     exact = call(ref.rnn_layer, mode, x64, bs, t64, False, reset_after)
@@ -626,6 +636,26 @@ def test_inference_kernel_projecting_at_streaming_sizes(monkeypatch, mode, reset
         if exact[i] is not None:
             assert_bitwise_equal(runs[0][i], runs[1][i], name=name)
             assert_within_torch_error(runs[0][i], theirs[i], exact[i], name=f"{mode} {name}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode, reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False), ("lstm", True)])
+def test_inference_threads_projecting_their_own_rows(monkeypatch, mode, reset_after, reverse):
+    """Where threads split rows and both panels fit half a core's L2, each thread projects its own rows
+    (every unit) before the steps (FwdCtx::project_own_rows). B = 16 splits as 8 + 8 rows at 2 threads
+    and 8 + 4 + 4 at 3, the rows of a tile then spanning steps: outputs and final states as the
+    reference, bit for bit at 1, 2 and 3 threads."""
+    spy = ProjectingSpy(monkeypatch)
+    x, bs, t = make_case(mode, 0, torch.float32, T=11, B=16, I=24, H=64)
+    runs = inference_runs(x, bs, t, mode, reverse, reset_after, (1, 2, 3, 2), poison=True)
+    assert (spy.taken, spy.declined) == (4, 0)
+    x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
+    exact = call(ref.rnn_layer, mode, x64, bs, t64, reverse, reset_after)
+    for i, name in enumerate(["y", "h_n", "c_n"]):
+        if exact[i] is not None:
+            for other in runs[1:]:
+                assert_bitwise_equal(runs[0][i], other[i], name=name)
+            assert_close_to_ref(runs[0][i], exact[i], name=f"{mode} {name}")
 
 
 def test_inference_input_panels_past_half_the_l2_go_to_torch(monkeypatch):

@@ -157,6 +157,7 @@ struct FwdCtx {
   void* xg_own;  // T [B][G][Hp] with RnnFwdParams::x: the step's x_gates, each block made by its owner
   bool relu;
   bool split_rows;  // threads own row tiles (all units of them) instead of unit blocks: no barrier per step
+  bool project_own_rows;  // with split_rows, the projection before the steps by rows too (forward_variant)
 };
 
 // Rows of h_{t-1} a unit-splitting thread prefetches whole at the start of a step (more would queue
@@ -244,28 +245,40 @@ void fwd_worker(void* raw, const Team& team) {
   };
   if (first) {
     // Every row's x_gates before the steps: own gate columns (unit blocks, whichever way the steps
-    // split), so this thread's part of the input panel stays in its cache across all rows. The sync
-    // after the initial states orders these stores before any step reads them.
-    int64_t x0, x1;
-    split_range(l.U, tid, nt, &x0, &x1);
+    // split), so this thread's part of the input panel stays in its cache across all rows; or, with
+    // project_own_rows, every column of this thread's own rows. The sync after the initial states
+    // orders these stores before any step reads them.
     const T* xin = static_cast<const T*>(p.x);
     const T* bias = static_cast<const T*>(p.x_gates);
     T* buf = static_cast<T*>(p.x_gates_buf);
-    auto xrow = [&](int64_t n) { return xin + n * p.ld_x; };
     // A buffer larger than the caches (13 MB for an LSTM at T=100, B=32, H=256) is read back from
     // memory by the steps anyway: written past the caches, it costs no line reads and does not evict
     // the input panel this loop streams.
     const bool stream_xg = std::is_same<T, A>::value && p.x_rows * p.ld_gates * int64_t(sizeof(T)) >= kStreamBytes;
-    product_rows(p.x_rows, 0, GI(), static_cast<const A*>(p.packed_in), G, 0, x0, x1, 0, l.U * p.input * G * L,
-                 p.input, xrow, xrow, [&](int64_t n, int64_t u, const V<A>* sum, int col) {
-      const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
-      T* dst = buf + n * p.ld_gates + u * L;
-      for (int g = 0; g < G; ++g) {
-        const V<A> v = sum[col + g] + (bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0)));
-        if constexpr (std::is_same<T, A>::value) store_stream<A>(dst + g * H, v, valid, stream_xg);
-        else store<A>(dst + g * H, v, valid);
-      }
-    });
+    // Rows r of the product are rows row_of(r) of x and of the buffer.
+    auto project = [&](int64_t nr, auto row_of, int64_t x0, int64_t x1) {
+      auto xrow = [&](int64_t r) { return xin + row_of(r) * p.ld_x; };
+      product_rows(nr, 0, GI(), static_cast<const A*>(p.packed_in), G, 0, x0, x1, 0, l.U * p.input * G * L,
+                   p.input, xrow, xrow, [&](int64_t r, int64_t u, const V<A>* sum, int col) {
+        const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
+        T* dst = buf + row_of(r) * p.ld_gates + u * L;
+        for (int g = 0; g < G; ++g) {
+          const V<A> v = sum[col + g] + (bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0)));
+          if constexpr (std::is_same<T, A>::value) store_stream<A>(dst + g * H, v, valid, stream_xg);
+          else store<A>(dst + g * H, v, valid);
+        }
+      });
+    };
+    if (c.project_own_rows) {
+      const int64_t own = rb1 - rb0;
+      if (own > 0)
+        project(own * q.steps, [&](int64_t r) { return (r / own) * q.row_stride_t + (rb0 + r % own) * q.row_stride_b; },
+                0, l.U);
+    } else {
+      int64_t x0, x1;
+      split_range(l.U, tid, nt, &x0, &x1);
+      project(p.x_rows, [](int64_t r) { return r; }, x0, x1);
+    }
     if (stream_xg) stream_fence();  // before the sync below publishes the buffer
   }
   for (int64_t b = rb0; b < rb1; ++b) {
@@ -543,12 +556,20 @@ void forward_variant(const RnnFwdParams& p) {
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr) && p.seq.batch_sizes == nullptr &&
                  panel_bytes <= cpu_l2_bytes() / 2;
   if (c.split_rows) nt = by_rows;
+  // The input panel (bytes), where the kernel projects.
+  const int64_t in_bytes =
+      p.x ? (c.l.dot ? 4 * pairs_stored(p.input) : int64_t(sizeof(A)) * p.input) * c.l.U * c.l.G * L : 0;
+  // With rows split, and both panels in half a core's L2 (an RNN at H=256: 512 KB), each thread also
+  // projects its own rows (every unit) before the steps: the steps then read only x_gates their own
+  // core wrote. Split by units, half of each row's x_gates came from the other core. Plain padded
+  // sequences only (the rows are t * row_stride_t + b * row_stride_b).
+  c.project_own_rows = c.split_rows && p.x != nullptr && p.x_gates_buf != nullptr && p.seq.lengths == nullptr &&
+                       p.seq.time_offsets == nullptr && in_bytes + panel_bytes <= cpu_l2_bytes() / 2;
   // A call this small whose panels (the input panel too, where the kernel projects) fit one core's
   // cache runs on one thread: waking a second costs more than it saves. RNNCell B=1, H=256 (131K
   // multiply-adds, 512 KB of panels): 5.3 us on one thread, 7.3 on two. Panels that do not fit keep
   // two (GRUCell, 1.5 MB: 27 us on one, 14 on two).
   if (p.x != nullptr) {
-    const int64_t in_bytes = (c.l.dot ? 4 * pairs_stored(p.input) : int64_t(sizeof(A)) * p.input) * c.l.U * c.l.G * L;
     const int64_t in_rows = p.x_gates_buf != nullptr ? p.x_rows : B * p.seq.steps;
     const int64_t call_macs = macs * p.seq.steps + in_rows * c.l.G * c.l.H * p.input;
     if (call_macs < kOneThreadMacs && panel_bytes + in_bytes <= cpu_l2_bytes() / 2) nt = 1;
