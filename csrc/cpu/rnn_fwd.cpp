@@ -302,8 +302,8 @@ void fwd_worker(void* raw, const Team& team) {
     // Threads that split units read rows of h_{t-1} that the other threads wrote last step, so those
     // lines come from other cores. The product reads each row in k order, a line per 16 values, and
     // the out-of-order window reaches about one line ahead: each of those lines stalled it once
-    // (LSTM B=1, H=256, two threads: ~8 lines a step, about a fifth of the step). All of them are
-    // requested at once here. (Threads that split rows wrote their own rows.)
+    // (8 lines a step at H=256, B=1). All of them are requested at once here: RNN (100,1,256) 3.09 ->
+    // 3.34x torch.nn; LSTM's longer steps hid the stalls. (Threads that split rows wrote their own.)
     if (!split && nrows <= kPrefetchRows)
       for (int64_t b = rb0; b < rb0 + nrows; ++b)
         for (int64_t i = 0; i < Kp * int64_t(sizeof(A)); i += 64)

@@ -772,9 +772,10 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
                 c_t is h_t or type(c_t) is torch.Tensor and c_t.shape == hs and c_t.dtype is dtype and c_t.is_cpu)):
             return None
         h_t = h_t if h_t.is_contiguous() else h_t.contiguous()
-        c_t = c_t if c_t.is_contiguous() else c_t.contiguous()
         h = h_t.data_ptr()
-        c = c_t.data_ptr() if plan.code == 0 else 0
+        if plan.code == 0:
+            c_t = c_t if c_t.is_contiguous() else c_t.contiguous()
+            c = c_t.data_ptr()
     if _backend._REFERENCE_FORCED or not _plain_eager(x):
         return None
     if not x.is_contiguous():
