@@ -555,6 +555,24 @@ def inference_runs(x, bs, t, mode, reverse, reset_after, thread_counts, poison=F
     return runs
 
 
+def assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, torch_rule):
+    """Every run's outputs and final states bit for bit the first's, and the first's against the
+    float64 reference: by the 2x-torch rule where torch_rule (bfloat16, long float32 recurrences),
+    else elementwise by the dtype's tolerances."""
+    x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
+    exact = call(ref.rnn_layer, mode, x64, bs, t64, reverse, reset_after)
+    theirs = call(ref.rnn_layer, mode, x, bs, t, reverse, reset_after) if torch_rule else None
+    for i, name in enumerate(["y", "h_n", "c_n"]):
+        if exact[i] is None:
+            continue
+        for other in runs[1:]:
+            assert_bitwise_equal(runs[0][i], other[i], name=name)
+        if torch_rule:
+            assert_within_torch_error(runs[0][i], theirs[i], exact[i], name=f"{mode} {name}")
+        else:
+            assert_close_to_ref(runs[0][i], exact[i], name=f"{mode} {name}")
+
+
 class ProjectingSpy:
     """Counts inference forwards whose kernel projected the input itself (ops._forward_projecting)."""
 
@@ -603,18 +621,7 @@ def test_inference_kernel_projecting_the_input_meets_the_reference(monkeypatch, 
     expect = dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3))
     assert (spy.taken, spy.declined) == ((4, 0) if expect else (0, 4))
-    x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
-    exact = call(ref.rnn_layer, mode, x64, bs, t64, reverse, reset_after)
-    theirs = call(ref.rnn_layer, mode, x, bs, t, reverse, reset_after)
-    for i, name in enumerate(["y", "h_n", "c_n"]):
-        if exact[i] is None:
-            continue
-        for other in runs[1:]:
-            assert_bitwise_equal(runs[0][i], other[i], name=name)
-        if dtype == torch.bfloat16:
-            assert_within_torch_error(runs[0][i], theirs[i], exact[i], name=f"{mode} {name}")
-        else:
-            assert_close_to_ref(runs[0][i], exact[i], name=f"{mode} {name}")
+    assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
 
 
 @pytest.mark.parametrize("mode, reset_after, T", [("lstm", True, 100), ("gru", True, 120), ("gru", False, 120),
@@ -626,16 +633,10 @@ def test_inference_kernel_projecting_at_streaming_sizes(monkeypatch, mode, reset
     of a long float32 recurrence, bit for bit at 1 and 2 threads."""
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, 0, torch.float32, T=T, B=32, I=200, H=200)
-    assert x[0].numel() // 200 * T * ops.GATES[mode] * 200 * 4 >= 8 << 20
+    assert T * 32 * ops.GATES[mode] * 200 * 4 >= 8 << 20  # x_gates bytes: T * B rows of G * H floats
     runs = inference_runs(x, bs, t, mode, False, reset_after, (2, 1), poison=True)
     assert (spy.taken, spy.declined) == (2, 0)
-    x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
-    exact = call(ref.rnn_layer, mode, x64, bs, t64, False, reset_after)
-    theirs = call(ref.rnn_layer, mode, x, bs, t, False, reset_after)
-    for i, name in enumerate(["y", "h_n", "c_n"]):
-        if exact[i] is not None:
-            assert_bitwise_equal(runs[0][i], runs[1][i], name=name)
-            assert_within_torch_error(runs[0][i], theirs[i], exact[i], name=f"{mode} {name}")
+    assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -654,17 +655,7 @@ def test_inference_threads_projecting_their_own_rows(monkeypatch, isa, mode, res
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (1, 2, 3, 2), poison=True)
     expect = dtype != torch.bfloat16 or isa in BF16_DOT_LEVELS
     assert (spy.taken, spy.declined) == ((4, 0) if expect else (0, 4))
-    x64, t64 = x.double(), {k: None if v is None else v.double() for k, v in t.items()}
-    exact = call(ref.rnn_layer, mode, x64, bs, t64, reverse, reset_after)
-    theirs = call(ref.rnn_layer, mode, x, bs, t, reverse, reset_after)
-    for i, name in enumerate(["y", "h_n", "c_n"]):
-        if exact[i] is not None:
-            for other in runs[1:]:
-                assert_bitwise_equal(runs[0][i], other[i], name=name)
-            if dtype == torch.bfloat16:
-                assert_within_torch_error(runs[0][i], theirs[i], exact[i], name=f"{mode} {name}")
-            else:
-                assert_close_to_ref(runs[0][i], exact[i], name=f"{mode} {name}")
+    assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
 
 
 def test_inference_input_panels_past_half_the_l2_go_to_torch(monkeypatch):

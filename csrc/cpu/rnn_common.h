@@ -731,11 +731,6 @@ inline int choose_threads(int requested, int64_t blocks, int64_t macs_per_step, 
   return static_cast<int>(n);
 }
 
-// Below this many multiply-adds a whole call whose panels fit one core's cache runs on one thread (the
-// forward's choice, rnn_fwd.cpp): at a single core's ~100-150 GFLOP/s that is under ~10 us of work,
-// about twice what waking and joining a second thread costs.
-constexpr int64_t kOneThreadMacs = int64_t(1) << 19;
-
 // Row of sequence data for (step s, sequence b).
 inline int64_t seq_len(const RnnSeq& q, int64_t b) { return q.lengths ? q.lengths[b] : q.steps; }
 inline int64_t seq_row(const RnnSeq& q, int64_t s, int64_t b) {

@@ -160,6 +160,11 @@ struct FwdCtx {
   bool project_own_rows;  // with split_rows, the projection before the steps by rows too (forward_variant)
 };
 
+// Below this many multiply-adds a whole call whose panels fit one core's cache runs on one thread
+// (forward_variant): at a single core's ~100-150 GFLOP/s that is under ~10 us of work, about twice
+// what waking and joining a second thread costs.
+constexpr int64_t kOneThreadMacs = int64_t(1) << 19;
+
 // Rows of h_{t-1} a unit-splitting thread prefetches whole at the start of a step (more would queue
 // behind the line fill buffers, and with more rows each line feeds a row tile's worth of work anyway).
 constexpr int64_t kPrefetchRows = 8;
@@ -550,15 +555,15 @@ void forward_variant(const RnnFwdParams& p) {
   // barrier, which on a shared machine cost a fifth of a bfloat16 LSTM step (one thread waiting out
   // the other's stalls). Not for packed batches (the rows that stop early would leave their thread
   // idle), nor where the kernel projects each step's input inside the step (cells).
-  const int64_t panel_bytes = (c.l.dot ? 4 * pairs_stored(c.l.K) : int64_t(sizeof(A)) * c.l.K) * c.l.U * c.l.G * L +
-                              (c.l.dot ? 4 * pairs_stored(c.l.H) : int64_t(sizeof(A)) * c.l.H) * c.l.UP * L;
+  // Bytes of one lane's column of a panel over k < n (pair sections where they are used).
+  auto col_bytes = [&](int64_t n) { return c.l.dot ? 4 * pairs_stored(n) : int64_t(sizeof(A)) * n; };
+  const int64_t panel_bytes = col_bytes(c.l.K) * c.l.U * c.l.G * L + col_bytes(c.l.H) * c.l.UP * L;
   const int by_rows = choose_threads(p.num_threads, B / kRowQuantum, macs, p.seq.steps);
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr) && p.seq.batch_sizes == nullptr &&
                  panel_bytes <= cpu_l2_bytes() / 2;
   if (c.split_rows) nt = by_rows;
   // The input panel (bytes), where the kernel projects.
-  const int64_t in_bytes =
-      p.x ? (c.l.dot ? 4 * pairs_stored(p.input) : int64_t(sizeof(A)) * p.input) * c.l.U * c.l.G * L : 0;
+  const int64_t in_bytes = p.x ? col_bytes(p.input) * c.l.U * c.l.G * L : 0;
   // With rows split, and both panels in half a core's L2 (an RNN at H=256: 512 KB), each thread also
   // projects its own rows (every unit) before the steps: the steps then read only x_gates their own
   // core wrote. Split by units, half of each row's x_gates came from the other core. Plain padded
