@@ -139,4 +139,19 @@ long long cpu_l2_bytes() {
   return bytes;
 }
 
+std::string cpu_vendor() {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned a, b, c, d;
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    char id[13];
+    std::memcpy(id, &b, 4);  // the vendor string is EBX, EDX, ECX
+    std::memcpy(id + 4, &d, 4);
+    std::memcpy(id + 8, &c, 4);
+    id[12] = 0;
+    return id;
+  }
+#endif
+  return "";
+}
+
 }  // namespace pyseqkern

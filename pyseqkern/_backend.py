@@ -159,6 +159,11 @@ def _cuda_info(build: dict) -> dict:
     return info
 
 
+def _rnn_ops():
+    from .ops import rnn  # imports this module: import it at call time
+    return rnn
+
+
 def backend_info() -> dict:
     """What is compiled, what the machine supports and what runs: the truth, in one dict."""
     build = _C.build_info()
@@ -175,6 +180,8 @@ def backend_info() -> dict:
             "vector_bits": isa["vector_bits"],
             "threads": torch.get_num_threads(),
             "thread_pool": _C.thread_backend(),
+            "vendor": isa["vendor"],
+            "fp32_gemm": _rnn_ops()._FP32_GEMM,
         },
         "cuda": dict(_cuda_info(build), rnn_paths=dict(CUDA_RNN_PATHS)),
         "reference_fallback": {

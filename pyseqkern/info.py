@@ -15,6 +15,8 @@ def format_info(info: dict) -> str:
         f"      best here: {cpu['isa_best']}; CPU supports: {', '.join(cpu['isa_supported'])}; "
         f"compiled: {', '.join(cpu['isa_compiled'])}",
         f"      threads: {cpu['threads']} (torch.get_num_threads()), on {cpu['thread_pool']}",
+        f"      vendor: {cpu['vendor'] or 'unknown'}; torch's float32 GEMMs for recurrent layers: "
+        + ("MKL's mm" if cpu["fp32_gemm"] == "mkl" else "oneDNN's linear"),
     ]
     if cuda["compiled"]:
         lines.append(f"CUDA  compiled: yes (toolkit {cuda['toolkit']}, archs {', '.join(cuda['archs'])})")

@@ -395,10 +395,25 @@ def test_backward_transposed_outputs_at_streaming_sizes(mode, proj, reset_after,
     check_transposed_outputs("cpu", mode, proj, reset_after, reverse, spread, torch.float32, T=100, B=32, H=200)
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "mkl"])
 @pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 0, True), ("gru", 0, True), ("lstm", 64, True)])
-def test_layer_matches_reference_at_streaming_sizes(mode, proj, reset_after):
-    """Outputs and every gradient where the kernels store past the caches (kStreamBytes)."""
+def test_layer_matches_reference_at_streaming_sizes(monkeypatch, mode, proj, reset_after, gemm):
+    """Outputs and every gradient where the kernels store past the caches (kStreamBytes), with either
+    library's float32 GEMMs (ops/rnn.py picks one by CPU vendor; the oneDNN one reads the kernel's
+    transposed copies)."""
+    monkeypatch.setattr(ops, "_FP32_GEMM", gemm)
     check_against_reference(mode, proj, reset_after, torch.float32, False, None, T=100, B=32, H=200)
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "mkl"])
+@pytest.mark.parametrize("reverse, lengths", [(False, None), (True, [9, 9, 8, 6, 5, 5, 3, 2, 1])])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_training_gemms_of_either_library_meet_the_reference(monkeypatch, mode, proj, reset_after, reverse, lengths,
+                                                              gemm):
+    """The backward's float32 GEMMs from 32 rows on: oneDNN's linear on the kernel's transposed copies, or
+    MKL's mm on views (ops/rnn.py, _FP32_GEMM)."""
+    monkeypatch.setattr(ops, "_FP32_GEMM", gemm)
+    check_against_reference(mode, proj, reset_after, torch.float32, reverse, lengths, T=9, B=9)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -6,6 +6,8 @@
 // lower it (PYSEQKERN_CPU_ISA) but never raise it above what the CPU runs.
 #pragma once
 
+#include <string>
+
 namespace pyseqkern {
 
 // avx512bf16 is avx512 plus AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later): bfloat16 dot
@@ -28,5 +30,9 @@ void isa_set_active(Isa isa);             // throws std::invalid_argument if not
 // One core's L2 in bytes, from the OS (1 MB where it does not say): the cache a kernel thread's share of
 // a weight panel must stay in.
 long long cpu_l2_bytes();
+
+// cpuid's vendor string ("GenuineIntel", "AuthenticAMD", ...), empty off x86. The Python layer picks
+// torch's float32 GEMM by it (ops/rnn.py: MKL's sgemm is fast on Intel's cores and slow on AMD's).
+std::string cpu_vendor();
 
 }  // namespace pyseqkern
