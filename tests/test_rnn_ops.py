@@ -172,21 +172,23 @@ def test_thread_counts_agree(threads, mode, proj, reset_after):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("lengths", [None, [6, 6, 6, 6, 6, 5, 4, 4, 3, 3, 2, 1, 1]])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_threads_owning_rows_or_units_agree_bitwise(isa, mode, proj, reset_after, dtype, reverse):
+def test_threads_owning_rows_or_units_agree_bitwise(isa, mode, proj, reset_after, dtype, reverse, lengths):
     """Where each core's cache holds the whole forward panel, the forward's threads own row tiles (all
-    units of them, no barrier per step) instead of unit blocks. Each sum runs over k in the same order
-    either way, so one, two and three threads give the same bits: outputs, final states and reserve.
-    B = 13 leaves a partial row tile; H = 64 makes the step large enough for several threads."""
+    units of them, no barrier per step) instead of unit blocks; in packed batches the tiles split by
+    valid steps, not by count. Each sum runs over k in the same order either way, so one, two and three
+    threads give the same bits: outputs, final states and reserve. B = 13 leaves a partial row tile;
+    H = 64 makes the step large enough for several threads."""
     if dtype == torch.bfloat16 and proj:
         proj = 32  # bfloat16 pair sections need even sizes to be taken; keep the case on them
-    x, bs, t = make_case(mode, proj, dtype, T=6, B=13, I=10, H=64, strided_inputs=False)
+    x, bs, t = make_case(mode, proj, dtype, T=6, B=13, I=10, H=64, strided_inputs=False, lengths=lengths)
     code, K = ops.MODES[mode], proj or 64
     seq = ops._Seq(x, bs, reverse)
     packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, 64, proj, t["w_hh"], t["w_hr"])
-    xg = randn((x.shape[0] * x.shape[1], ops.GATES[mode] * 64), dtype, seed=3)
+    xg = randn((x.reshape(-1, x.shape[-1]).shape[0], ops.GATES[mode] * 64), dtype, seed=3)
     b_hn = t["b_hh"][128:] if mode == "gru" and reset_after else None
     old = torch.get_num_threads()
     results = []
@@ -200,6 +202,16 @@ def test_threads_owning_rows_or_units_agree_bitwise(isa, mode, proj, reset_after
     for other in results[1:]:
         for name, a, b in zip(["y", "h_n", "c_n", "reserve"], results[0], other):
             assert_bitwise_equal(b, a, name=name)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_packed_rows_split_by_length_meet_the_reference(mode, proj, reset_after, reverse):
+    """A packed batch whose forward splits rows between threads by their valid steps (rnn_fwd.cpp,
+    split_quanta_by_length; B = 13 and H = 64 are large enough for two threads): outputs and every
+    gradient against float64."""
+    check_against_reference(mode, proj, reset_after, torch.float32, reverse, [6, 6, 6, 6, 6, 5, 4, 4, 3, 3, 2, 1, 1],
+                            T=6, B=13, I=10, H=64)
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)

@@ -169,6 +169,27 @@ constexpr int64_t kOneThreadMacs = int64_t(1) << 19;
 // behind the line fill buffers, and with more rows each line feeds a row tile's worth of work anyway).
 constexpr int64_t kPrefetchRows = 8;
 
+// Thread tid's row quanta [t0, t1) of a packed batch (rows sorted longest first), split so that each
+// thread's rows hold about the same number of valid steps: the rows' work, not their count.
+void split_quanta_by_length(const RnnSeq& q, int tid, int nt, int64_t* t0, int64_t* t1) {
+  const int64_t nq = ceil_div(q.batch, kRowQuantum);
+  int64_t total = 0;
+  for (int64_t b = 0; b < q.batch; ++b) total += seq_len(q, b);
+  // The first quantum at whose start the rows before hold at least share * total steps.
+  auto start_of = [&](int share) {
+    if (share <= 0) return int64_t(0);
+    if (share >= nt) return nq;
+    int64_t before = 0;
+    for (int64_t j = 0; j < nq; ++j) {
+      if (before * nt >= total * share) return j;
+      for (int64_t b = j * kRowQuantum; b < (j + 1) * kRowQuantum && b < q.batch; ++b) before += seq_len(q, b);
+    }
+    return nq;
+  };
+  *t0 = start_of(tid);
+  *t1 = start_of(tid + 1);
+}
+
 template <Variant VAR, typename T, typename A>
 void fwd_worker(void* raw, const Team& team) {
   const int tid = team.tid, nt = team.size;
@@ -208,7 +229,8 @@ void fwd_worker(void* raw, const Team& team) {
   const bool split = c.split_rows;
   if (split) {
     int64_t t0, t1;
-    split_range(ceil_div(q.batch, kRowQuantum), tid, nt, &t0, &t1);
+    if (q.lengths) split_quanta_by_length(q, tid, nt, &t0, &t1);
+    else split_range(ceil_div(q.batch, kRowQuantum), tid, nt, &t0, &t1);
     rb0 = t0 * kRowQuantum;
     rb1 = t1 * kRowQuantum < q.batch ? t1 * kRowQuantum : q.batch;
   } else {
@@ -216,7 +238,7 @@ void fwd_worker(void* raw, const Team& team) {
     split_range(l.UP, tid, nt, &p0, &p1);
     split_range(l.UK, tid, nt, &k0, &k1);
   }
-  // This thread's rows active at step s (packed batches never split rows, so all of them there).
+  // This thread's rows active at step s (a packed batch's active rows are a prefix of its rows).
   auto own_rows = [&](int64_t s) {
     const int64_t n = seq_active(q, s) < rb1 ? seq_active(q, s) : rb1;
     return n > rb0 ? n - rb0 : int64_t(0);
@@ -553,13 +575,15 @@ void forward_variant(const RnnFwdParams& p) {
   // Rows instead of units (split_rows) where each core's cache holds the whole forward panel (so each
   // thread can own every unit of its rows): then rows never meet across threads, and a step needs no
   // barrier, which on a shared machine cost a fifth of a bfloat16 LSTM step (one thread waiting out
-  // the other's stalls). Not for packed batches (the rows that stop early would leave their thread
-  // idle), nor where the kernel projects each step's input inside the step (cells).
+  // the other's stalls). Packed batches split their rows by valid steps (split_quanta_by_length), so
+  // the rows that stop early do not leave their thread idle: in-process, 8 alternations, packed
+  // B=32 (lengths 100..10) RNN H=256 1.51 -> 1.71x torch.nn, LSTM H=128 (B=64) 1.62 -> 1.74x, LSTM and
+  // GRU H=256 within noise. Not where the kernel projects each step's input inside the step (cells).
   // Bytes of one lane's column of a panel over k < n (pair sections where they are used).
   auto col_bytes = [&](int64_t n) { return c.l.dot ? 4 * pairs_stored(n) : int64_t(sizeof(A)) * n; };
   const int64_t panel_bytes = col_bytes(c.l.K) * c.l.U * c.l.G * L + col_bytes(c.l.H) * c.l.UP * L;
   const int by_rows = choose_threads(p.num_threads, B / kRowQuantum, macs, p.seq.steps);
-  c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr) && p.seq.batch_sizes == nullptr &&
+  c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr) &&
                  panel_bytes <= cpu_l2_bytes() / 2;
   if (c.split_rows) nt = by_rows;
   // The input panel (bytes), where the kernel projects.
