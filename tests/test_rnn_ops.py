@@ -601,10 +601,13 @@ def assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, torch
 
 
 class ProjectingSpy:
-    """Counts inference forwards whose kernel projected the input itself (ops._forward_projecting)."""
+    """Counts inference forwards whose kernel projected the input itself (ops._forward_projecting). The
+    tests that use it check the kernel's projection, so MKL's share of LSTM float32 (a measured choice
+    where _FP32_GEMM is "mkl", test_mkl_projects_lstm_sequences_from_four_rows) is set aside."""
 
     def __init__(self, monkeypatch):
         self.taken = self.declined = 0
+        monkeypatch.setattr(ops, "_MKL_PROJECTS_LSTM_FROM", 1 << 62)
         real = ops._forward_projecting
 
         def spy(*args):
@@ -616,6 +619,25 @@ class ProjectingSpy:
             return out
 
         monkeypatch.setattr(ops, "_forward_projecting", spy)
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "mkl"])
+@pytest.mark.parametrize("mode, B", [("lstm", 1), ("lstm", 3), ("lstm", 4), ("lstm", 9), ("gru", 9)])
+def test_mkl_projects_lstm_sequences_from_four_rows(monkeypatch, mode, B, gemm):
+    """Where MKL serves float32 (_FP32_GEMM "mkl"), LSTM inference sequences of 4 rows a step or more are
+    projected by torch's GEMM, not the kernel (measured, ops/rnn.py); bits as the op path's."""
+    monkeypatch.setattr(ops, "_FP32_GEMM", gemm)
+    spy = ProjectingSpy(monkeypatch)
+    monkeypatch.setattr(ops, "_MKL_PROJECTS_LSTM_FROM", 4)
+    x, bs, t = make_case(mode, 0, torch.float32, T=9, B=B, I=20, H=37)
+    with torch.no_grad():
+        fast = call(ops.rnn_layer, mode, x, bs, t, False, True)
+    torch_projects = gemm == "mkl" and mode == "lstm" and B >= 4
+    assert (spy.taken, spy.declined) == ((0, 1) if torch_projects else (1, 0))
+    if torch_projects:
+        slow = call(ops.rnn_layer, mode, x.detach().requires_grad_(), bs, t, False, True)  # the op path
+        for a, b in zip(fast, slow):
+            assert_bitwise_equal(a, b.detach())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -658,6 +658,12 @@ _L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
 # too (oneDNN) and beat the kernel's own projection in-process (LSTM 100,32,256: 1.14-1.21x torch.nn
 # against 0.99-1.07x). (A set, so that tests can still reach the kernel's path there.)
 _TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
+# Where MKL's sgemm serves float32 (_FP32_GEMM), it also beats the kernel's own projection for LSTM
+# sequences from 4 rows a step (in-process, Emerald Rapids, 5 alternations, ratio to torch.nn:
+# (100,4,256) 1.25 -> 1.32x, (100,8,256) 1.04 -> 1.15x, (100,16,256) 0.93 -> 1.03x, (100,32,256)
+# 0.92 -> 0.95x, (50,16,128) 1.19 -> 1.21x), not at B=1 (1.68 -> 1.61x) nor for GRU and RNN (B=32 GRU
+# 1.61 -> 1.50x; the rest within noise).
+_MKL_PROJECTS_LSTM_FROM = 4
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -669,6 +675,8 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     if read > _L2_BYTES // 2 * max(1, num_threads()) or x2d.dtype != w_ih.dtype:
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
+        return None
+    if mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32 and _FP32_GEMM == "mkl":
         return None
     panel = _input_panel(code, reset_after, hidden, w_ih)
     if panel is None:
