@@ -408,7 +408,8 @@ def test_backward_transposed_outputs_at_streaming_sizes(mode, proj, reset_after,
 
 
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
-@pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 0, True), ("gru", 0, True), ("lstm", 64, True)])
+@pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 0, True), ("gru", 0, True), ("gru", 0, False),
+                                                     ("lstm", 64, True)])
 def test_layer_matches_reference_at_streaming_sizes(monkeypatch, mode, proj, reset_after, gemm):
     """Outputs and every gradient where the kernels store past the caches (kStreamBytes), with either
     library's float32 GEMMs (ops/rnn.py picks one by CPU vendor; the oneDNN one reads the kernel's
