@@ -93,6 +93,25 @@ def test_unknown_level_is_a_clear_error():
     assert "PYSEQKERN_CPU_ISA='sse9'" in proc.stderr and "baseline, avx2, avx512, avx512bf16, amx" in proc.stderr
 
 
+@pytest.mark.parametrize("value, expect", [("mkl", "mkl"), ("onednn", "onednn"), (" OneDNN ", "onednn"), ("", None),
+                                           ("auto", None)])
+def test_fp32_gemm_by_env(value, expect):
+    """PYSEQKERN_FP32_GEMM forces the library of the recurrent layers' float32 GEMMs; auto (or unset)
+    takes MKL on Intel CPUs where torch has it, oneDNN's linear elsewhere."""
+    proc = run_python("import json, pyseqkern; print(json.dumps(pyseqkern.backend_info()['cpu']))",
+                      PYSEQKERN_FP32_GEMM=value)
+    assert proc.returncode == 0, proc.stderr
+    cpu = json.loads(proc.stdout)
+    auto = "mkl" if cpu["vendor"] == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
+    assert cpu["fp32_gemm"] == (expect or auto)
+
+
+def test_unknown_fp32_gemm_is_a_clear_error():
+    proc = run_python("import pyseqkern", PYSEQKERN_FP32_GEMM="cublas")
+    assert proc.returncode != 0
+    assert "PYSEQKERN_FP32_GEMM='cublas'" in proc.stderr and "['auto', 'mkl', 'onednn']" in proc.stderr
+
+
 def test_set_cpu_isa_at_run_time():
     best = pyseqkern.backend_info()["cpu"]["isa_best"]
     try:

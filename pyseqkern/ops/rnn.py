@@ -24,6 +24,7 @@ are packed once per weight version (cache below). Dtypes: float32, float64, bflo
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -315,9 +316,21 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 # That holds on AMD's cores. On Intel's, MKL's sgemm matches or beats oneDNN's linear and takes
 # transposed operands as they are, so float32 there goes to mm with views and the backward kernel
 # writes no transposed copies (in-process, Emerald Rapids, 5 alternations: LSTM training (100,32,256)
-# 1.05-1.11x -> 1.13-1.22x torch.nn, GRU 1.73-1.87x -> 1.82-1.94x). "onednn" or "mkl"; tests set it.
-_FP32_GEMM = ("mkl" if _C.cpu_isa_report()["vendor"] == "GenuineIntel" and torch.backends.mkl.is_available()
-              else "onednn")
+# 1.05-1.11x -> 1.13-1.22x torch.nn, GRU 1.73-1.87x -> 1.82-1.94x). "onednn" or "mkl"; tests set it,
+# PYSEQKERN_FP32_GEMM forces it.
+FP32_GEMM_ENV = "PYSEQKERN_FP32_GEMM"
+
+
+def _pick_fp32_gemm(value: str) -> str:
+    name = value.strip().lower() or "auto"
+    if name not in ("auto", "mkl", "onednn"):
+        raise ValueError(f"{FP32_GEMM_ENV}={value!r}: expected one of ['auto', 'mkl', 'onednn']")
+    if name != "auto":
+        return name
+    return "mkl" if _C.cpu_isa_report()["vendor"] == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
+
+
+_FP32_GEMM = _pick_fp32_gemm(os.environ.get(FP32_GEMM_ENV, ""))
 
 
 def _onednn_ok(rows, dtype, device):
