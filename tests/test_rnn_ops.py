@@ -602,14 +602,19 @@ def assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, torch
 
 
 class ProjectingSpy:
-    """Counts inference forwards whose kernel projected the input itself (ops._forward_projecting). The
-    tests that use it check the kernel's projection, so MKL's share of LSTM float32 (a measured choice
-    where _FP32_GEMM is "mkl", test_mkl_projects_lstm_sequences_from_four_rows) is set aside."""
+    """Counts inference forwards whose kernel projected the input itself (ops._forward_projecting), and
+    of those the ones that projected each step's rows inside the step (`each_step`). The tests that use
+    it check the kernel's projection before the steps unless `each_step` is True, so the measured
+    choices that would take their cases elsewhere are set aside: MKL's share of LSTM float32 (where
+    _FP32_GEMM is "mkl", test_mkl_projects_lstm_sequences_from_four_rows) and, unless asked for,
+    projecting each step (ops._EACH_STEP_MAX_ROWS)."""
 
-    def __init__(self, monkeypatch):
-        self.taken = self.declined = 0
+    def __init__(self, monkeypatch, each_step=False):
+        self.taken = self.declined = self.each_step = 0
         monkeypatch.setattr(ops, "_MKL_PROJECTS_LSTM_FROM", 1 << 62)
-        real = ops._forward_projecting
+        if not each_step:
+            monkeypatch.setattr(ops, "_EACH_STEP_MAX_ROWS", {})
+        real, run = ops._forward_projecting, ops._run_forward
 
         def spy(*args):
             out = real(*args)
@@ -619,7 +624,52 @@ class ProjectingSpy:
                 self.taken += 1
             return out
 
+        def run_spy(*args, **kw):
+            self.each_step += bool(kw.get("each_step"))
+            return run(*args, **kw)
+
         monkeypatch.setattr(ops, "_forward_projecting", spy)
+        monkeypatch.setattr(ops, "_run_forward", run_spy)
+
+
+@pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", True), ("gru", False), ("rnn_tanh", True),
+                                               ("rnn_relu", True)])
+@pytest.mark.parametrize("reverse, lengths", [(False, None), (True, None), (False, [9, 9, 7, 4, 2, 1]),
+                                              (True, [9, 8, 3, 3, 2, 1])])
+@pytest.mark.parametrize("I", [20, 13])
+def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, isa, mode, reset_after, reverse,
+                                                                   lengths, I):
+    """Float32 sequences of a few rows a step project each step's rows inside the step (the kernel's
+    fused mode, ops._projects_each_step; the layers take it for LSTM and GRU, the kernel runs it for
+    every mode): outputs and final states against float64, bit for bit at 1, 2 and 3 threads and run
+    after run, padded and packed, either direction, at every level. H = 37 leaves a partial unit
+    block; I = 13 an odd input width."""
+    spy = ProjectingSpy(monkeypatch, each_step=True)
+    monkeypatch.setattr(ops, "_EACH_STEP_MAX_ROWS", dict.fromkeys(ops.MODES, 32))  # RNN's sequences too
+    x, bs, t = make_case(mode, 0, torch.float32, T=9, B=6, I=I, H=37, lengths=lengths)
+    runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
+    assert (spy.taken, spy.declined, spy.each_step) == (4, 0, 4)
+    assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, False)
+
+
+@pytest.mark.parametrize("mode, B, dtype, proj, expect", [
+    ("lstm", 1, torch.float32, 0, False), ("lstm", 2, torch.float32, 0, True), ("lstm", 32, torch.float32, 0, True),
+    ("lstm", 33, torch.float32, 0, False), ("gru", 32, torch.float32, 0, True), ("rnn_tanh", 8, torch.float32, 0, False),
+    ("lstm", 8, torch.float64, 0, False),
+    ("lstm", 8, torch.bfloat16, 0, False), ("lstm", 8, torch.float32, 10, False)])
+def test_which_sequences_project_each_step(monkeypatch, mode, B, dtype, proj, expect):
+    """The measured rule (ops._EACH_STEP_MAX_ROWS): LSTM and GRU, float32, no proj_size, 2 to 32 rows a
+    step, both panels' per-thread shares within half a core's L2."""
+    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
+    spy = ProjectingSpy(monkeypatch, each_step=True)
+    x, bs, t = make_case(mode, proj, dtype, T=3, B=B, I=16, H=32, strided_inputs=False)
+    with torch.no_grad():
+        call(ops.rnn_layer, mode, x, bs, t, False, True)
+    assert spy.each_step == int(expect)
+    monkeypatch.setattr(ops, "_L2_BYTES", 2 * ops.GATES[mode] * 32 * (16 + 32) * 4 // torch.get_num_threads() - 64)
+    with torch.no_grad():
+        call(ops.rnn_layer, mode, x, bs, t, False, True)
+    assert spy.each_step == int(expect)  # both panels no longer fit: projected before the steps, or by torch
 
 
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])

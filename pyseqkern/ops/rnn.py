@@ -130,11 +130,12 @@ def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
 
 
 def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
-                 n, x=None, panel=None):
+                 n, x=None, panel=None, each_step=False):
     """Allocates the outputs and runs the forward kernel over n rows of sequence data. With x and its
-    input panel, x_gates is the bias row (or None) and the kernel projects every row first (CPU, the
-    eager inference path): its x_gates buffer and workspace, which live only inside the call, then come
-    from this thread's forward scratch (see _fwd_scratch)."""
+    input panel, x_gates is the bias row (or None) and the kernel projects the input itself (CPU, the
+    eager inference path): every row before the steps into an x_gates buffer, or with `each_step` each
+    step's rows inside the step (rnn.h: no buffer, the workspace grows by B*G*Hp). Its buffer and
+    workspace live only inside the call and come from this thread's forward scratch (_fwd_scratch)."""
     K = proj if proj > 0 else hidden
     dtype, dev = (x if x is not None else x_gates).dtype, (x if x is not None else x_gates).device
     _, _, ws_numel, rcols, _ = _sizes(mode, reset_after, hidden, proj, batch, dtype)
@@ -146,8 +147,14 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
         workspace, x_buf = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev), None
     else:
         scratch = _fwd_scratch()
-        workspace = scratch.take((ws_numel,), _acc_dtype(dtype))
-        x_buf = scratch.take((n, GATES_BY_CODE[mode] * hidden), dtype)
+        if each_step:
+            lanes = _sizes(mode, reset_after, hidden, proj, batch, dtype)[0]
+            workspace = scratch.take((ws_numel + batch * GATES_BY_CODE[mode] * -(-hidden // lanes) * lanes,),
+                                     _acc_dtype(dtype))
+            x_buf = None
+        else:
+            workspace = scratch.take((ws_numel,), _acc_dtype(dtype))
+            x_buf = scratch.take((n, GATES_BY_CODE[mode] * hidden), dtype)
     batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse = seq_args
     _C.rnn_forward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
                    _none(lengths), row_stride_t, row_stride_b, reverse, _none(x_gates), _none(b_hn), _none(h0),
@@ -675,8 +682,30 @@ _TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
 # sequences from 4 rows a step (in-process, Emerald Rapids, 5 alternations, ratio to torch.nn:
 # (100,4,256) 1.25 -> 1.32x, (100,8,256) 1.04 -> 1.15x, (100,16,256) 0.93 -> 1.03x, (100,32,256)
 # 0.92 -> 0.95x, (50,16,128) 1.19 -> 1.21x), not at B=1 (1.68 -> 1.61x) nor for GRU and RNN (B=32 GRU
-# 1.61 -> 1.50x; the rest within noise).
+# 1.61 -> 1.50x; the rest within noise). Measured before projecting each step (below), which now takes
+# LSTM's float32 sequences of 2 to 32 rows a step where both panels fit; this serves the larger ones.
 _MKL_PROJECTS_LSTM_FROM = 4
+
+
+# Float32 LSTM and GRU inference sequences of 2 to 32 rows a step (on average: packed batches shrink)
+# whose threads' shares of both panels (W_ih and W_hh) fit half a core's L2 project each step's rows
+# inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
+# x_gates buffer written out and read back (13 MB at LSTM 100,32,256), no phase and sync of its own;
+# the threads own unit blocks. Module calls in-process, 15 pairs, ratio to torch.nn before -> after:
+# GRU (100,8,256) 1.88 -> 2.21x, (100,32,256) 1.71 -> 1.81x, (50,16,128) 2.62 -> 2.83x, packed B=32
+# (lengths 100..10) 1.50 -> 1.83x; LSTM packed 1.56 -> 1.73x, (100,32,256) 0.90 -> 0.93x, B=8 and
+# (50,16,128) within 2%. Not at B=1 (each step streams W_ih too: LSTM 2.5x slower); not RNN (its
+# threads gain more from owning rows: B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64
+# or bfloat16 (no gain measured); proj_size not measured.
+_EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32}
+
+
+def _projects_each_step(mode, x2d, seq, hidden, proj):
+    rows = x2d.shape[0] / max(1, seq.steps)
+    if x2d.dtype != torch.float32 or proj or not 2 <= rows <= _EACH_STEP_MAX_ROWS.get(mode, 0):
+        return False
+    both = GATES[mode] * hidden * (x2d.shape[1] + hidden) * x2d.element_size()
+    return both <= _L2_BYTES // 2 * max(1, num_threads())
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -689,19 +718,21 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
-    if mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32 and _FP32_GEMM == "mkl":
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    each_step = _projects_each_step(mode, x2d, seq, hidden, proj)
+    if (not each_step and mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32
+            and _FP32_GEMM == "mkl"):
         return None
     panel = _input_panel(code, reset_after, hidden, w_ih)
     if panel is None:
         return None
-    proj = 0 if w_hr is None else w_hr.shape[0]
     bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
     packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, False)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     y, h_n, c_n, _ = _run_forward(code, reset_after, hidden, proj, seq.steps, seq.batch,
                                   None if bias is None else bias.contiguous(), b_hn, h0, c0, packed, seq.args(),
-                                  False, x2d.shape[0], x=x2d, panel=panel)
+                                  False, x2d.shape[0], x=x2d, panel=panel, each_step=each_step)
     return y, h_n, (c_n if code == 0 else None)
 
 
