@@ -691,10 +691,10 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # whose threads' shares of both panels (W_ih and W_hh) fit half a core's L2 project each step's rows
 # inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
 # x_gates buffer written out and read back (13 MB at LSTM 100,32,256), no phase and sync of its own;
-# the threads own unit blocks. Module calls in-process, 15 pairs, ratio to torch.nn before -> after:
-# GRU (100,8,256) 1.88 -> 2.21x, (100,32,256) 1.71 -> 1.81x, (50,16,128) 2.62 -> 2.83x, packed B=32
-# (lengths 100..10) 1.50 -> 1.83x; LSTM packed 1.56 -> 1.73x, (100,32,256) 0.90 -> 0.93x, B=8 and
-# (50,16,128) within 2%. Not at B=1 (each step streams W_ih too: LSTM 2.5x slower); not RNN (its
+# the threads own unit blocks. Module calls in-process, 15-31 pairs, time before / after: GRU
+# (100,8,256) 1.16, (100,32,256) 1.06, (50,16,128) 1.08, packed (lengths 100..10) B=8 / 32 1.16 / 1.14;
+# LSTM packed B=8 / 16 / 32 1.10 / 1.18 / 1.04, padded B=24 / 32 1.03, B=4 / 8 / 16 and (50,16,128)
+# 0.98-0.995 (MKL's projection and threads owning rows do as well there; one rule kept). Not at B=1 (each step streams W_ih too: LSTM 2.5x slower); not RNN (its
 # threads gain more from owning rows: B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64
 # or bfloat16 (no gain measured); proj_size not measured.
 _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32}
