@@ -1,18 +1,37 @@
 #!/usr/bin/env bash
 # The GPU suite: on a CUDA machine without network access (torch, nvcc, cmake, ninja, pybind11 and
-# scikit-build-core preinstalled), build pyseqkern, run every test (CUDA-marked ones included, and
-# nothing may skip for want of CUDA), the CUDA benchmarks, and compute-sanitizer on a small case.
-# Logs and JSON go under $OUT (default ./gpu-out), in at most 7 files: summary.txt, build.log, tests.log,
-# sanitizer.log, bench-cuda.{log,json,png}.
+# scikit-build-core preinstalled), build pyseqkern, run every CUDA test (nothing may skip for want of
+# CUDA), the CUDA benchmarks, compute-sanitizer on small cases, then the CPU tests. Logs and JSON go
+# under $OUT (default ./gpu-out): summary.txt, build.log, tests-cuda.log, bench-cuda-quick.{log,json},
+# sanitizer.log, bench-cuda.{log,json,png}, tests-cpu.log.
+#
+# Device time is scarce (a session may hold a GPU for 15 minutes, start-up included), so the steps run
+# in order of value and each starts only if the time it needs is left of GPU_SUITE_BUDGET_S (counted
+# from the script's start). Steps left out are written to summary.txt as NOT RUN with the reason; a run
+# that leaves any out reports PARTIAL, not PASS.
 #   PYSEQKERN_CUDA_ARCHS  architectures to build (default: the GPU's own, e.g. 90)
 #   GPU_SUITE_SKIP_BUILD  set to 1 to reuse an existing build
+#   GPU_SUITE_BUDGET_S    seconds this script may take in all (default 540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+BUDGET="${GPU_SUITE_BUDGET_S:-540}"
+START=$SECONDS
 status=0
-step() { echo "== $* ==" | tee -a "$OUT/summary.txt"; }
+partial=0
+step() { echo "== $* ($((SECONDS - START)) s) ==" | tee -a "$OUT/summary.txt"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+# afford NAME SECONDS: true if SECONDS are left; else records NAME as not run.
+afford() {
+  if [ "$(left)" -ge "$2" ]; then return 0; fi
+  echo "NOT RUN: $1 (needs ~$2 s, $(left) s of the ${BUDGET} s budget left)" | tee -a "$OUT/summary.txt"
+  partial=1
+  return 1
+}
+# cap SECONDS: a timeout for a step, at most SECONDS and never past the budget.
+cap() { local l; l=$(left); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/summary.txt"
@@ -33,38 +52,57 @@ python3 -m pyseqkern.info | tee -a "$OUT/summary.txt"
 python3 -c "import pyseqkern, sys; c = pyseqkern.backend_info()['cuda']; sys.exit(0 if c['usable'] else 'CUDA not usable: ' + str(c['reason']))" \
   || { echo "CUDA not usable" | tee -a "$OUT/summary.txt"; exit 1; }
 
-step "tests (all, CUDA included)"
-python3 -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -25
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-if grep -q "needs a usable CUDA device" "$OUT/tests.log"; then
-  echo "CUDA tests were skipped on a GPU machine" | tee -a "$OUT/summary.txt"; status=1
+# 1. Every CUDA test: what no machine without a GPU can check.
+if afford "CUDA tests" 60; then
+  step "tests (CUDA-marked)"
+  timeout "$(cap 300)" python3 -m pytest tests -q -p no:cacheprovider -rs -m cuda -x 2>&1 | tee "$OUT/tests-cuda.log" | tail -25
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  if grep -q "needs a usable CUDA device" "$OUT/tests-cuda.log"; then
+    echo "CUDA tests were skipped on a GPU machine" | tee -a "$OUT/summary.txt"; status=1
+  fi
+  tail -1 "$OUT/tests-cuda.log" >> "$OUT/summary.txt"
 fi
-tail -1 "$OUT/tests.log" >> "$OUT/summary.txt"
 
-step "compute-sanitizer (memcheck, racecheck) on the CUDA probe tests"
+# 2. The quick CUDA benchmarks: the figures the issues ask for.
+if afford "CUDA benchmarks (quick)" 60; then
+  step "benchmarks (CUDA, quick suite)"
+  timeout "$(cap 180)" python3 -m pyseqkern.bench --device cuda --json "$OUT/bench-cuda-quick.json" \
+    2>&1 | tee "$OUT/bench-cuda-quick.log" | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+# 3. compute-sanitizer on small cases (slow: the tools instrument every kernel and torch's start-up).
 for tool in memcheck racecheck; do
-  echo "---- $tool" >> "$OUT/sanitizer.log"
-  timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/test_probe_op.py -q -p no:cacheprovider \
-    -m cuda -k "not graph" >> "$OUT/sanitizer.log" 2>&1
-  rc=$?
-  echo "$tool: exit $rc; $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$OUT/summary.txt"
-  [ $rc = 0 ] || status=1
+  if afford "compute-sanitizer $tool" 90; then
+    step "compute-sanitizer $tool: the CUDA probe tests and small RNN cases (both kernel paths)"
+    echo "---- $tool" >> "$OUT/sanitizer.log"
+    timeout "$(cap 240)" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/test_probe_op.py \
+      tests/test_rnn_ops.py -q -p no:cacheprovider -m cuda \
+      -k "(test_probe_op and not graph) or raw_kernel_writes_every_output or cuda_paths_agree" >> "$OUT/sanitizer.log" 2>&1
+    rc=$?
+    echo "$tool: exit $rc; $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$OUT/summary.txt"
+    [ $rc = 0 ] || status=1
+  fi
 done
 
-step "compute-sanitizer (memcheck, racecheck) on small CUDA RNN cases (both kernel paths)"
-for tool in memcheck racecheck; do
-  echo "---- rnn $tool" >> "$OUT/sanitizer.log"
-  timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/test_rnn_ops.py -q \
-    -p no:cacheprovider -m cuda -k "raw_kernel_writes_every_output or cuda_paths_agree" >> "$OUT/sanitizer.log" 2>&1
-  rc=$?
-  echo "rnn $tool: exit $rc; $(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer.log" | tail -1)" | tee -a "$OUT/summary.txt"
-  [ $rc = 0 ] || status=1
-done
+# 4. The full CUDA benchmark suite.
+if afford "CUDA benchmarks (full)" 150; then
+  step "benchmarks (CUDA, full suite)"
+  timeout "$(cap 400)" python3 -m pyseqkern.bench --device cuda --full --json "$OUT/bench-cuda.json" \
+    --plot "$OUT/bench-cuda.png" 2>&1 | tee "$OUT/bench-cuda.log" | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 
-step "benchmarks (CUDA, full suite)"
-python3 -m pyseqkern.bench --device cuda --full --json "$OUT/bench-cuda.json" --plot "$OUT/bench-cuda.png" \
-  2>&1 | tee "$OUT/bench-cuda.log" | tail -40
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+# 5. The CPU tests (CI runs them on every change; here for a machine with many cores and another CPU).
+if afford "CPU tests" 120; then
+  step "tests (CPU)"
+  timeout "$(cap 400)" python3 -m pytest tests -q -p no:cacheprovider -m "not cuda" -x 2>&1 | tee "$OUT/tests-cpu.log" | tail -5
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  tail -1 "$OUT/tests-cpu.log" >> "$OUT/summary.txt"
+fi
 
-step "result: $([ $status = 0 ] && echo PASS || echo FAIL)"
-exit $status
+result=$([ $status = 0 ] && { [ $partial = 0 ] && echo PASS || echo PARTIAL; } || echo FAIL)
+step "result: $result"
+[ $status = 0 ] || exit 1
+[ $partial = 0 ] || exit 3
+exit 0
