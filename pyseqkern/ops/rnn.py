@@ -305,8 +305,8 @@ def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
 
 # ---- autograd ---------------------------------------------------------------------------------------------
 # The input projection goes through torch; which torch GEMM matters. On the AMD CPUs of our machines
-# MKL's sgemm (torch.addmm) runs at 40% of peak for these shapes and torch's own oneDNN linear at 75%
-# (3200x256 @ 256x1024: 10.5 ms vs 5.1 ms, equal results; DESIGN.md). oneDNN's entry point is
+# On a Zen-class EPYC, MKL's sgemm (torch.addmm) runs at 40% of peak for these shapes and torch's own
+# oneDNN linear at 75% (3200x256 @ 256x1024: 10.5 ms vs 5.1 ms, equal results; DESIGN.md). oneDNN's entry point is
 # internal to torch, so it is used only where it exists and passed a one-time check against addmm.
 _onednn_linear = None
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
