@@ -55,7 +55,7 @@ python3 -c "import pyseqkern, sys; c = pyseqkern.backend_info()['cuda']; sys.exi
 # 1. Every CUDA test: what no machine without a GPU can check.
 if afford "CUDA tests" 60; then
   step "tests (CUDA-marked)"
-  timeout "$(cap 300)" python3 -m pytest tests -q -p no:cacheprovider -rs -m cuda -x 2>&1 | tee "$OUT/tests-cuda.log" | tail -25
+  timeout "$(cap 300)" python3 -m pytest tests -q -p no:cacheprovider -rs -m cuda --maxfail=25 2>&1 | tee "$OUT/tests-cuda.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   if grep -q "needs a usable CUDA device" "$OUT/tests-cuda.log"; then
     echo "CUDA tests were skipped on a GPU machine" | tee -a "$OUT/summary.txt"; status=1
@@ -96,7 +96,7 @@ fi
 # 5. The CPU tests (CI runs them on every change; here for a machine with many cores and another CPU).
 if afford "CPU tests" 120; then
   step "tests (CPU)"
-  timeout "$(cap 400)" python3 -m pytest tests -q -p no:cacheprovider -m "not cuda" -x 2>&1 | tee "$OUT/tests-cpu.log" | tail -5
+  timeout "$(cap 400)" python3 -m pytest tests -q -p no:cacheprovider -m "not cuda" --maxfail=25 2>&1 | tee "$OUT/tests-cpu.log" | tail -5
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   tail -1 "$OUT/tests-cpu.log" >> "$OUT/summary.txt"
 fi

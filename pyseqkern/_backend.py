@@ -66,6 +66,23 @@ def _apply_isa_env() -> str | None:
 
 
 _FORCED_ISA = _apply_isa_env()
+
+FP32_GEMM_ENV = "PYSEQKERN_FP32_GEMM"
+
+
+def _pick_fp32_gemm(value: str) -> str:
+    """Which of torch's GEMMs the recurrent layers call for float32 (ops/rnn.py): "mkl" (mm, taking
+    transposed views) on Intel CPUs where torch has MKL, "onednn" (its internal linear) elsewhere: MKL's
+    sgemm runs at ~40% of peak on AMD cores (DESIGN.md, "Which torch GEMM")."""
+    name = value.strip().lower() or "auto"
+    if name not in ("auto", "mkl", "onednn"):
+        raise ValueError(f"{FP32_GEMM_ENV}={value!r}: expected one of ['auto', 'mkl', 'onednn']")
+    if name != "auto":
+        return name
+    return "mkl" if _C.cpu_isa_report()["vendor"] == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
+
+
+FP32_GEMM = _pick_fp32_gemm(os.environ.get(FP32_GEMM_ENV, ""))  # read at call time (tests set it)
 _REFERENCE_FORCED = os.environ.get(REFERENCE_ENV, "").strip() in ("1", "true", "yes", "on")
 _FALLBACKS: dict[str, str] = {}
 _CUDA_COMPILED = bool(_C.build_info()["cuda_compiled"])  # asked once: every CUDA op call reads it
@@ -159,11 +176,6 @@ def _cuda_info(build: dict) -> dict:
     return info
 
 
-def _rnn_ops():
-    from .ops import rnn  # imports this module: import it at call time
-    return rnn
-
-
 def backend_info() -> dict:
     """What is compiled, what the machine supports and what runs: the truth, in one dict."""
     build = _C.build_info()
@@ -181,7 +193,7 @@ def backend_info() -> dict:
             "threads": torch.get_num_threads(),
             "thread_pool": _C.thread_backend(),
             "vendor": isa["vendor"],
-            "fp32_gemm": _rnn_ops()._FP32_GEMM,
+            "fp32_gemm": FP32_GEMM,
         },
         "cuda": dict(_cuda_info(build), rnn_paths=dict(CUDA_RNN_PATHS)),
         "reference_fallback": {

@@ -414,7 +414,7 @@ def test_layer_matches_reference_at_streaming_sizes(monkeypatch, mode, proj, res
     """Outputs and every gradient where the kernels store past the caches (kStreamBytes), with either
     library's float32 GEMMs (ops/rnn.py picks one by CPU vendor; the oneDNN one reads the kernel's
     transposed copies)."""
-    monkeypatch.setattr(ops, "_FP32_GEMM", gemm)
+    monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
     check_against_reference(mode, proj, reset_after, torch.float32, False, None, T=100, B=32, H=200)
 
 
@@ -424,8 +424,8 @@ def test_layer_matches_reference_at_streaming_sizes(monkeypatch, mode, proj, res
 def test_training_gemms_of_either_library_meet_the_reference(monkeypatch, mode, proj, reset_after, reverse, lengths,
                                                               gemm):
     """The backward's float32 GEMMs from 32 rows on: oneDNN's linear on the kernel's transposed copies, or
-    MKL's mm on views (ops/rnn.py, _FP32_GEMM)."""
-    monkeypatch.setattr(ops, "_FP32_GEMM", gemm)
+    MKL's mm on views (_backend.FP32_GEMM)."""
+    monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
     check_against_reference(mode, proj, reset_after, torch.float32, reverse, lengths, T=9, B=9)
 
 
@@ -606,7 +606,7 @@ class ProjectingSpy:
     of those the ones that projected each step's rows inside the step (`each_step`). The tests that use
     it check the kernel's projection before the steps unless `each_step` is True, so the measured
     choices that would take their cases elsewhere are set aside: MKL's share of LSTM float32 (where
-    _FP32_GEMM is "mkl", test_mkl_projects_lstm_sequences_from_four_rows) and, unless asked for,
+    FP32_GEMM is "mkl", test_mkl_projects_lstm_sequences_from_four_rows) and, unless asked for,
     projecting each step (ops._EACH_STEP_MAX_ROWS)."""
 
     def __init__(self, monkeypatch, each_step=False):
@@ -654,8 +654,8 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
 
 @pytest.mark.parametrize("mode, B, dtype, proj, expect", [
     ("lstm", 1, torch.float32, 0, False), ("lstm", 2, torch.float32, 0, True), ("lstm", 32, torch.float32, 0, True),
-    ("lstm", 33, torch.float32, 0, False), ("gru", 32, torch.float32, 0, True), ("rnn_tanh", 8, torch.float32, 0, False),
-    ("lstm", 8, torch.float64, 0, False),
+    ("lstm", 33, torch.float32, 0, False), ("gru", 32, torch.float32, 0, True),
+    ("rnn_tanh", 8, torch.float32, 0, False), ("lstm", 8, torch.float64, 0, False),
     ("lstm", 8, torch.bfloat16, 0, False), ("lstm", 8, torch.float32, 10, False)])
 def test_which_sequences_project_each_step(monkeypatch, mode, B, dtype, proj, expect):
     """The measured rule (ops._EACH_STEP_MAX_ROWS): LSTM and GRU, float32, no proj_size, 2 to 32 rows a
@@ -675,9 +675,9 @@ def test_which_sequences_project_each_step(monkeypatch, mode, B, dtype, proj, ex
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
 @pytest.mark.parametrize("mode, B", [("lstm", 1), ("lstm", 3), ("lstm", 4), ("lstm", 9), ("gru", 9)])
 def test_mkl_projects_lstm_sequences_from_four_rows(monkeypatch, mode, B, gemm):
-    """Where MKL serves float32 (_FP32_GEMM "mkl"), LSTM inference sequences of 4 rows a step or more are
+    """Where MKL serves float32 (_backend.FP32_GEMM "mkl"), LSTM inference sequences of 4 rows a step or more are
     projected by torch's GEMM, not the kernel (measured, ops/rnn.py); bits as the op path's."""
-    monkeypatch.setattr(ops, "_FP32_GEMM", gemm)
+    monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
     spy = ProjectingSpy(monkeypatch)
     monkeypatch.setattr(ops, "_MKL_PROJECTS_LSTM_FROM", 4)
     x, bs, t = make_case(mode, 0, torch.float32, T=9, B=B, I=20, H=37)

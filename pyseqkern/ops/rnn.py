@@ -24,7 +24,6 @@ are packed once per weight version (cache below). Dtypes: float32, float64, bflo
 """
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 
@@ -129,6 +128,13 @@ def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
                         x_gates.shape[0])
 
 
+def _own_x_gates_numel(sizes, mode, batch, hidden):
+    """Workspace a forward needs beyond sizes' when it projects each step's rows itself (x without
+    x_gates_buf, rnn.h): the step's x_gates, B*G*Hp. `sizes` is _sizes(...)'s tuple, `mode` the code."""
+    lanes = sizes[0]
+    return batch * GATES_BY_CODE[mode] * -(-hidden // lanes) * lanes
+
+
 def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
                  n, x=None, panel=None, each_step=False):
     """Allocates the outputs and runs the forward kernel over n rows of sequence data. With x and its
@@ -138,7 +144,8 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
     workspace live only inside the call and come from this thread's forward scratch (_fwd_scratch)."""
     K = proj if proj > 0 else hidden
     dtype, dev = (x if x is not None else x_gates).dtype, (x if x is not None else x_gates).device
-    _, _, ws_numel, rcols, _ = _sizes(mode, reset_after, hidden, proj, batch, dtype)
+    sizes = _sizes(mode, reset_after, hidden, proj, batch, dtype)
+    ws_numel, rcols = sizes[2], sizes[3]
     y = torch.empty(n, K, dtype=dtype, device=dev)
     h_n = torch.empty(batch, K, dtype=dtype, device=dev)
     c_n = torch.empty(batch if mode == 0 else 0, hidden, dtype=dtype, device=dev)
@@ -148,9 +155,7 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
     else:
         scratch = _fwd_scratch()
         if each_step:
-            lanes = _sizes(mode, reset_after, hidden, proj, batch, dtype)[0]
-            workspace = scratch.take((ws_numel + batch * GATES_BY_CODE[mode] * -(-hidden // lanes) * lanes,),
-                                     _acc_dtype(dtype))
+            workspace = scratch.take((ws_numel + _own_x_gates_numel(sizes, mode, batch, hidden),), _acc_dtype(dtype))
             x_buf = None
         else:
             workspace = scratch.take((ws_numel,), _acc_dtype(dtype))
@@ -304,10 +309,10 @@ def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
 
 
 # ---- autograd ---------------------------------------------------------------------------------------------
-# The input projection goes through torch; which torch GEMM matters. On the AMD CPUs of our machines
-# On a Zen-class EPYC, MKL's sgemm (torch.addmm) runs at 40% of peak for these shapes and torch's own
-# oneDNN linear at 75% (3200x256 @ 256x1024: 10.5 ms vs 5.1 ms, equal results; DESIGN.md). oneDNN's entry point is
-# internal to torch, so it is used only where it exists and passed a one-time check against addmm.
+# The input projection goes through torch; which torch GEMM matters. On a Zen-class EPYC, MKL's sgemm
+# (torch.addmm) runs at 40% of peak for these shapes and torch's own oneDNN linear at 75% (3200x256 @
+# 256x1024: 10.5 ms vs 5.1 ms, equal results; DESIGN.md). oneDNN's entry point is internal to torch,
+# so it is used only where it exists and passed a one-time check against addmm.
 _onednn_linear = None
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     try:
@@ -323,27 +328,14 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 # That holds on AMD's cores. On Intel's, MKL's sgemm matches or beats oneDNN's linear and takes
 # transposed operands as they are, so float32 there goes to mm with views and the backward kernel
 # writes no transposed copies (in-process, Emerald Rapids, 5 alternations: LSTM training (100,32,256)
-# 1.05-1.11x -> 1.13-1.22x torch.nn, GRU 1.73-1.87x -> 1.82-1.94x). "onednn" or "mkl"; tests set it,
-# PYSEQKERN_FP32_GEMM forces it.
-FP32_GEMM_ENV = "PYSEQKERN_FP32_GEMM"
-
-
-def _pick_fp32_gemm(value: str) -> str:
-    name = value.strip().lower() or "auto"
-    if name not in ("auto", "mkl", "onednn"):
-        raise ValueError(f"{FP32_GEMM_ENV}={value!r}: expected one of ['auto', 'mkl', 'onednn']")
-    if name != "auto":
-        return name
-    return "mkl" if _C.cpu_isa_report()["vendor"] == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
-
-
-_FP32_GEMM = _pick_fp32_gemm(os.environ.get(FP32_GEMM_ENV, ""))
+# 1.05-1.11x -> 1.13-1.22x torch.nn, GRU 1.73-1.87x -> 1.82-1.94x). _backend.FP32_GEMM says which
+# (PYSEQKERN_FP32_GEMM forces it).
 
 
 def _onednn_ok(rows, dtype, device):
     """Where oneDNN's linear serves (below 32 rows its setup cost outweighs the gain)."""
     return (_onednn_linear is not None and device.type == "cpu" and rows >= 32
-            and (dtype == torch.bfloat16 or (dtype == torch.float32 and _FP32_GEMM == "onednn"))
+            and (dtype == torch.bfloat16 or (dtype == torch.float32 and _backend.FP32_GEMM == "onednn"))
             and not torch.compiler.is_compiling())
 
 
@@ -361,7 +353,7 @@ class _Gemms:
     transposed view as its weight took one training call from 60 ms to 10 s), and the weight
     gradients contract over rows: the backward kernel writes d_gates^T and h_prev^T itself (torch's
     transposing copies cost 4 ms of a 50 ms LSTM training call); `t()` copies the small rest.
-    Elsewhere (float64, CUDA, torch.compile, few rows, float32 on Intel: _FP32_GEMM): views and mm."""
+    Elsewhere (float64, CUDA, torch.compile, few rows, float32 on Intel: _backend.FP32_GEMM): views and mm."""
 
     def __init__(self, rows, dtype, device):
         self.fast = _onednn_ok(rows, dtype, device)
@@ -678,7 +670,7 @@ _L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
 # too (oneDNN) and beat the kernel's own projection in-process (LSTM 100,32,256: 1.14-1.21x torch.nn
 # against 0.99-1.07x). (A set, so that tests can still reach the kernel's path there.)
 _TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
-# Where MKL's sgemm serves float32 (_FP32_GEMM), it also beats the kernel's own projection for LSTM
+# Where MKL's sgemm serves float32 (_backend.FP32_GEMM), it also beats the kernel's own projection for LSTM
 # sequences from 4 rows a step (in-process, Emerald Rapids, 5 alternations, ratio to torch.nn:
 # (100,4,256) 1.25 -> 1.32x, (100,8,256) 1.04 -> 1.15x, (100,16,256) 0.93 -> 1.03x, (100,32,256)
 # 0.92 -> 0.95x, (50,16,128) 1.19 -> 1.21x), not at B=1 (1.68 -> 1.61x) nor for GRU and RNN (B=32 GRU
@@ -694,18 +686,19 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # the threads own unit blocks. Module calls in-process, 15-31 pairs, time before / after: GRU
 # (100,8,256) 1.16, (100,32,256) 1.06, (50,16,128) 1.08, packed (lengths 100..10) B=8 / 32 1.16 / 1.14;
 # LSTM packed B=8 / 16 / 32 1.10 / 1.18 / 1.04, padded B=24 / 32 1.03, B=4 / 8 / 16 and (50,16,128)
-# 0.98-0.995 (MKL's projection and threads owning rows do as well there; one rule kept). Not at B=1 (each step streams W_ih too: LSTM 2.5x slower); not RNN (its
-# threads gain more from owning rows: B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64
-# or bfloat16 (no gain measured); proj_size not measured.
+# 0.98-0.995 (MKL's projection and threads owning rows do as well there; one rule kept). Not at B=1
+# (each step streams W_ih too: LSTM 2.5x slower); not RNN (its threads gain more from owning rows:
+# B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64 or bfloat16 (no gain measured);
+# proj_size not measured.
 _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32}
 
 
-def _projects_each_step(mode, x2d, seq, hidden, proj):
+def _projects_each_step(mode, x2d, seq, hidden, proj, read):
+    """`read`: the input panel's bytes (_forward_projecting's); the recurrent panel's add to it."""
     rows = x2d.shape[0] / max(1, seq.steps)
     if x2d.dtype != torch.float32 or proj or not 2 <= rows <= _EACH_STEP_MAX_ROWS.get(mode, 0):
         return False
-    both = GATES[mode] * hidden * (x2d.shape[1] + hidden) * x2d.element_size()
-    return both <= _L2_BYTES // 2 * max(1, num_threads())
+    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _L2_BYTES // 2 * max(1, num_threads())
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -719,9 +712,9 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
     proj = 0 if w_hr is None else w_hr.shape[0]
-    each_step = _projects_each_step(mode, x2d, seq, hidden, proj)
+    each_step = _projects_each_step(mode, x2d, seq, hidden, proj, read)
     if (not each_step and mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32
-            and _FP32_GEMM == "mkl"):
+            and _backend.FP32_GEMM == "mkl"):
         return None
     panel = _input_panel(code, reset_after, hidden, w_ih)
     if panel is None:
@@ -867,7 +860,7 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
         extra = 0
     else:
         x_gates = bias
-        extra = batch * GATES[mode] * -(-hidden // sizes[0]) * sizes[0]  # the kernel's own x_gates (rnn.h)
+        extra = _own_x_gates_numel(sizes, code, batch, hidden)
     ws_numel = sizes[2] + extra
     h_n = torch.empty(batch, hidden, dtype=dtype)
     c_n = torch.empty(batch, hidden, dtype=dtype) if code == 0 else None
