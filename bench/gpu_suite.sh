@@ -36,6 +36,9 @@ cap() { local l; l=$(left); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/summary.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
+# The extension links its own CUDA runtime (static cudart): it needs a driver at least as new as the nvcc
+# that builds it, so both go in the summary.
+(nvcc --version 2>&1 | tail -n 2) | tee -a "$OUT/summary.txt"
 
 if [ "${GPU_SUITE_SKIP_BUILD:-0}" != 1 ]; then
   step "build"

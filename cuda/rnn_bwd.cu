@@ -28,7 +28,7 @@ namespace cg = cooperative_groups;
 // ---- traits ---------------------------------------------------------------------------------------
 enum BwdPhase : int { kBwdInit = 0, kBwdProj = 1, kBwdGates = 2, kBwdReset = 3, kBwdRec = 4, kBwdFinal = 5 };
 
-template <Variant V> constexpr int bwd_gates() {
+template <Variant V> __host__ __device__ constexpr int bwd_gates() {
   return V == Variant::Lstm ? 4 : (V == Variant::Rnn ? 1 : 3);
 }
 

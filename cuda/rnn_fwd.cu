@@ -28,11 +28,11 @@ namespace cg = cooperative_groups;
 // ---- traits ---------------------------------------------------------------------------------------
 enum FwdPhase : int { kFwdInit = 0, kFwdGates = 1, kFwdSecond = 2 };
 
-template <Variant V> constexpr int fwd_gates() {
+template <Variant V> __host__ __device__ constexpr int fwd_gates() {
   return V == Variant::Lstm ? 4 : (V == Variant::Rnn ? 1 : 3);
 }
 // Gate rows the first phase multiplies: GRU reset_before leaves n for the second phase.
-template <Variant V> constexpr int fwd_phase1_gates() {
+template <Variant V> __host__ __device__ constexpr int fwd_phase1_gates() {
   return V == Variant::GruBefore ? 2 : fwd_gates<V>();
 }
 

@@ -966,6 +966,82 @@ def test_cuda_graph_capture_replays_forward_and_backward(path, mode, proj, reset
             assert_bitwise_equal(a, b, name=f"output {i} of the replayed graph")
 
 
+def test_packed_device_lengths_are_copied_once_per_stream_and_kept_for_captures(monkeypatch):
+    """The bookkeeping of ops._device_seq, with the device, the stream and the capture state stood in for
+    (the CUDA test below runs it for real): one copy per (device, stream, batch sizes), reused; the
+    oldest dropped past the limit; a capture takes a copy made outside it and keeps it for good; sizes
+    first seen inside a capture are refused."""
+    state = {"capturing": False, "stream": 1}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: type("S", (), {"cuda_stream": state["stream"]})())
+    monkeypatch.setattr(ops, "_DEVICE_SEQ", {})
+    monkeypatch.setattr(ops, "_DEVICE_SEQ_CAPTURED", {})
+    monkeypatch.setattr(ops, "_DEVICE_SEQ_MAX", 3)
+    dev = torch.device("cpu")
+
+    def seq(*sizes):
+        bs = torch.tensor(sizes)
+        return ops._device_seq(bs, torch.cumsum(bs, 0) - bs, bs.clone(), dev)
+
+    first = seq(3, 2, 1)
+    assert seq(3, 2, 1)[0] is first[0]  # reused on the same stream
+    state["stream"] = 2
+    other_stream = seq(3, 2, 1)
+    assert other_stream[0] is not first[0] and torch.equal(other_stream[0], first[0])
+    state["capturing"] = True
+    with pytest.raises(RuntimeError, match="first seen inside CUDA graph capture"):
+        seq(4, 4)
+    captured = seq(3, 2, 1)
+    assert captured[0] is first[0] or captured[0] is other_stream[0]
+    assert seq(3, 2, 1)[0] is captured[0]
+    state["capturing"] = False
+    for n in range(1, 6):  # past the limit: the oldest copies go, the captured one stays
+        seq(n)
+    assert len(ops._DEVICE_SEQ) == 3 and list(ops._DEVICE_SEQ_CAPTURED.values())[0][0] is captured[0]
+    ops.empty_cache()
+    assert not ops._DEVICE_SEQ and ops._DEVICE_SEQ_CAPTURED
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_cuda_graph_capture_replays_a_packed_batch(path):
+    """A module over a PackedSequence captured after a warm-up (as torch.cuda.graphs asks): the replay
+    gives the eager bits, from the batch's device lengths copied once outside the capture (ops._device_seq);
+    batch sizes first seen inside a capture are refused with an error saying what to do."""
+    for _ in _run_on(path):
+        torch.manual_seed(0)
+        lstm = pyseqkern.nn.LSTM(24, 11).cuda()
+        lengths = [7, 5, 5, 2]
+        x = torch.randn(7, 4, 24, device="cuda")
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+
+        def step():
+            with torch.no_grad():
+                out, (h, c) = lstm(packed)
+            return out.data, h, c
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        packed.data.copy_(torch.randn_like(packed.data))
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+        for i, (a, b) in enumerate(zip(captured, eager)):
+            assert_bitwise_equal(a, b, name=f"output {i} of the replayed graph")
+        other = torch.nn.utils.rnn.pack_padded_sequence(x, [7, 6, 3, 1])
+        with pytest.raises(RuntimeError, match="first seen inside CUDA graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                with torch.no_grad():
+                    lstm(other)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
 def test_cuda_runs_on_the_current_stream(path):

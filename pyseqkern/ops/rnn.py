@@ -275,7 +275,9 @@ def _fwd_scratch():
 
 def empty_cache() -> None:
     """Releases the CPU backward's and inference forward's cached temporaries (_Scratch) and the cell
-    workspaces (the Python one, and the compiled step's) of the calling thread."""
+    workspaces (the Python one, and the compiled step's) of the calling thread, and the device copies
+    of packed batches' lengths that no captured CUDA graph reads (_device_seq)."""
+    _DEVICE_SEQ.clear()
     _SCRATCH.s = None
     _SCRATCH.fwd = None
     _SCRATCH.cell_ws = None
@@ -365,6 +367,44 @@ class _Gemms:
         return _onednn_linear(a, bt, None, "none", [], "") if self.fast else a @ bt.t()
 
 
+# Device copies of packed batches' time offsets and lengths. A copy from host memory is refused inside
+# CUDA graph capture, and a captured graph reads the device tensors its kernels were given at every
+# replay. So each (device, stream, batch sizes) is copied once, on that stream (later calls there are
+# ordered after the copy, and an entry dropped oldest first past _DEVICE_SEQ_MAX goes back to the
+# allocator on the stream that used it); a capture takes the copy a call outside it made (the warm-up
+# torch.cuda.graphs asks for; torch.cuda.graph synchronizes the device before capturing, so the copy
+# is complete whichever stream made it), and keeps it for good.
+_DEVICE_SEQ: dict = {}
+_DEVICE_SEQ_CAPTURED: dict = {}
+_DEVICE_SEQ_MAX = 64
+
+
+def _device_seq(bs, time_offsets, lengths, device):
+    if torch.compiler.is_compiling():
+        return time_offsets.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
+    sizes = tuple(bs.tolist())
+    if torch.cuda.is_current_stream_capturing():
+        key = (device, sizes)
+        hit = _DEVICE_SEQ_CAPTURED.get(key)
+        if hit is None:
+            made = next((k for k in _DEVICE_SEQ if k[0] == device and k[2] == sizes), None)
+            if made is None:
+                raise RuntimeError(
+                    "pyseqkern: a packed batch with these batch sizes is first seen inside CUDA graph capture, "
+                    "where its lengths cannot be copied to the device; run the model once with the same "
+                    "batch sizes before capturing (the warm-up torch.cuda.graphs asks for)")
+            hit = _DEVICE_SEQ_CAPTURED[key] = _DEVICE_SEQ.pop(made)
+        return hit
+    key = (device, torch.cuda.current_stream(device).cuda_stream, sizes)
+    hit = _DEVICE_SEQ.pop(key, None)
+    if hit is None:
+        hit = (time_offsets.to(device, non_blocking=True), lengths.to(device, non_blocking=True))
+    _DEVICE_SEQ[key] = hit  # (re)inserted last: the dict's order is the age
+    while len(_DEVICE_SEQ) > _DEVICE_SEQ_MAX:
+        del _DEVICE_SEQ[next(iter(_DEVICE_SEQ))]
+    return hit
+
+
 class _Seq:
     """How rows of sequence data map to (step, sequence): see csrc/include/pyseqkern/rnn.h."""
 
@@ -384,9 +424,8 @@ class _Seq:
             self.time_offsets = torch.cumsum(bs, 0) - bs
             self.lengths = (bs.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
             self.row_stride_t = self.row_stride_b = 0
-            if x.device.type == "cuda":  # read by the CUDA kernels on the device, once per layer call
-                self.time_offsets = self.time_offsets.to(x.device, non_blocking=True)
-                self.lengths = self.lengths.to(x.device, non_blocking=True)
+            if x.device.type == "cuda":  # read by the CUDA kernels on the device
+                self.time_offsets, self.lengths = _device_seq(bs, self.time_offsets, self.lengths, x.device)
 
     def args(self):
         return (self.batch_sizes, self.time_offsets, self.lengths, self.row_stride_t, self.row_stride_b, self.reverse)
