@@ -288,6 +288,30 @@ def test_cell_planned_path_gives_the_first_calls_bits(isa, kind, dtype, batch, h
             assert_bitwise_equal(a, b, name=name)
 
 
+@pytest.mark.parametrize("default", [F32, F64])
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cell_planned_path_outputs_follow_the_cell_dtype_not_the_default(kind, dtype, default):
+    """The planned path allocates its outputs without a dtype where the cell's is torch's default: under
+    either default, the outputs have the cell's dtype and the fully checked call's bits."""
+    cell = seed_parameters(make_cell(kind, dtype=dtype), seed=215)
+    x, states = cell_inputs(kind, 3, dtype, True)
+    saved = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(default)
+        with torch.no_grad():
+            first = cell(x, states)
+            spy = spy_on_plan(cell, kind)
+            again = cell(x, states)
+    finally:
+        torch.set_default_dtype(saved)
+    assert spy.calls == 1
+    first, again = (first, again) if kind == "lstm" else ((first,), (again,))
+    for name, a, b in zip(["h", "c"], again, first):
+        assert a.dtype == dtype and a.shape == (3, H) and a.is_contiguous()
+        assert_bitwise_equal(a, b, name=name)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_cell_planned_path_follows_parameter_changes(kind):
     """In-place updates (version counter), replaced parameters and parametrizations each leave the plan:
