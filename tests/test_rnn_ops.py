@@ -634,19 +634,21 @@ class ProjectingSpy:
 
 @pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", True), ("gru", False), ("rnn_tanh", True),
                                                ("rnn_relu", True)])
-@pytest.mark.parametrize("reverse, lengths", [(False, None), (True, None), (False, [9, 9, 7, 4, 2, 1]),
-                                              (True, [9, 8, 3, 3, 2, 1])])
+@pytest.mark.parametrize("B, reverse, lengths", [
+    (6, False, None), (6, True, None), (6, False, [9, 9, 7, 4, 2, 1]), (6, True, [9, 8, 3, 3, 2, 1]),
+    (13, False, None), (13, True, [9, 9, 9, 8, 8, 7, 5, 4, 4, 3, 2, 1, 1])])
 @pytest.mark.parametrize("I", [20, 13])
-def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, isa, mode, reset_after, reverse,
+def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, isa, mode, reset_after, B, reverse,
                                                                    lengths, I):
     """Float32 sequences of a few rows a step project each step's rows inside the step (the kernel's
     fused mode, ops._projects_each_step; the layers take it for LSTM and GRU, the kernel runs it for
     every mode): outputs and final states against float64, bit for bit at 1, 2 and 3 threads and run
     after run, padded and packed, either direction, at every level. H = 37 leaves a partial unit
-    block; I = 13 an odd input width."""
+    block; I = 13 an odd input width; B = 13 (over 2 and 3 row quanta, panels this small) has threads
+    owning rows instead of units (forward_variant)."""
     spy = ProjectingSpy(monkeypatch, each_step=True)
     monkeypatch.setattr(ops, "_EACH_STEP_MAX_ROWS", dict.fromkeys(ops.MODES, 32))  # RNN's sequences too
-    x, bs, t = make_case(mode, 0, torch.float32, T=9, B=6, I=I, H=37, lengths=lengths)
+    x, bs, t = make_case(mode, 0, torch.float32, T=9, B=B, I=I, H=37, lengths=lengths)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
     assert (spy.taken, spy.declined, spy.each_step) == (4, 0, 4)
     assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, False)
