@@ -284,7 +284,14 @@ bool barrier_selftest(int nthreads, int steps) {
     Ctx& c = *static_cast<Ctx*>(raw);
     for (int s = 0; s < c.steps; ++s) {
       c.arrivals[s].fetch_add(1, std::memory_order_relaxed);
-      team.sync();
+      if (s % 2) {  // the barrier in halves, with some of this thread's work between them
+        const int token = team.arrive();
+        for (volatile int spin = 0; spin < 64 * (team.tid + 1); spin = spin + 1) {
+        }
+        team.wait_for(token);
+      } else {
+        team.sync();
+      }
       // After the barrier every thread has arrived at step s, and none has gone past step s + 1.
       const int here = c.arrivals[s].load(std::memory_order_relaxed);
       const int next = s + 1 < c.steps ? c.arrivals[s + 1].load(std::memory_order_relaxed) : 0;
@@ -295,7 +302,9 @@ bool barrier_selftest(int nthreads, int steps) {
   return ctx.ok.load();
 }
 
-void SpinBarrier::wait() {
+void SpinBarrier::wait() { wait_for(arrive()); }
+
+int SpinBarrier::arrive() {
   const int gen = generation_.load(std::memory_order_acquire);
   if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
     arrived_.store(0, std::memory_order_relaxed);
@@ -305,8 +314,11 @@ void SpinBarrier::wait() {
     // the word inside FUTEX_WAIT): either we see it and wake it, or it sees the new generation.
     if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(&generation_);
 #endif
-    return;
   }
+  return gen;
+}
+
+void SpinBarrier::wait_for(int gen) {
   for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
     if (spins < kBarrierSpinRounds) {
       cpu_relax();

@@ -323,6 +323,27 @@ void fwd_worker(void* raw, const Team& team) {
   }
   team.sync();
 
+  // Step s2's x_gates for own blocks (fused): x W_ih^T + the bias row, rounded to the storage dtype as
+  // torch's projection GEMM rounds its output. The input panel is laid out as fmain (then pairs).
+  auto project_step = [&](int64_t s2) {
+    const T* xin = static_cast<const T*>(p.x);
+    auto xrow = [&](int64_t b) { return xin + seq_row(q, s2, b) * p.ld_x; };
+    auto xepi = [&](int64_t b, int64_t u, const V<A>* sum, int col) {
+      const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
+      T* dst = xgo + b * G * Hp + u * L;
+      for (int g = 0; g < G; ++g)
+        store<A>(dst + g * Hp, sum[col + g] + (xg ? load<A>(xg + g * H + u * L, valid) : splat(A(0))), L);
+    };
+    product_rows(own_rows(s2), rb0, GI(), static_cast<const A*>(p.packed_in), G, 0, u0, u1, 0,
+                 l.U * p.input * G * L, p.input, xrow, xrow, xepi);
+  };
+  // Threads that split units wait for each other at the end of every step; the next step's projection
+  // reads only x and writes only the thread's own x_gates, so it runs between arriving and waiting (a
+  // thread ahead of the other projects instead of spinning). In-process, 15-25 pairs, time with / without:
+  // GRU (100,8,256) 0.95-0.97, LSTM 0.98-0.99, packed B=8 / 32 LSTM 0.96 / 0.97, GRU 0.995, B=32 0.99-1.00.
+  const bool overlap = fused && !split;
+  if (overlap) project_step(0);
+
   for (int64_t s = 0; s < q.steps; ++s) {
     const int64_t nrows = own_rows(s);
     const A* hp = c.hbuf[s & 1];
@@ -490,20 +511,7 @@ void fwd_worker(void* raw, const Team& team) {
     using G1 = std::integral_constant<int, 1>;
     auto hrow = [&](int64_t b) { return hp + b * Kp; };
     auto hrow2 = [&, hp2 = c.h2[s & 1]](int64_t b) { return hp2 + b * Kp; };
-    if (fused) {
-      // This step's x_gates for own blocks: x W_ih^T + the bias row, rounded to the storage dtype as
-      // torch's projection GEMM rounds its output. The input panel is laid out as fmain (then pairs).
-      const T* xin = static_cast<const T*>(p.x);
-      auto xrow = [&](int64_t b) { return xin + seq_row(q, s, b) * p.ld_x; };
-      auto xepi = [&](int64_t b, int64_t u, const V<A>* sum, int col) {
-        const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
-        T* dst = xgo + b * G * Hp + u * L;
-        for (int g = 0; g < G; ++g)
-          store<A>(dst + g * Hp, sum[col + g] + (xg ? load<A>(xg + g * H + u * L, valid) : splat(A(0))), L);
-      };
-      product(GI(), static_cast<const A*>(p.packed_in), G, 0, u0, u1, 0, l.U * p.input * G * L, p.input, xrow,
-              xrow, xepi);
-    }
+    if (fused && !overlap) project_step(s);
     if constexpr (VAR == Variant::GruBefore)
       product(std::integral_constant<int, 2>(), packed, 3, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
     else if constexpr (VAR == Variant::Lstm)
@@ -542,7 +550,13 @@ void fwd_worker(void* raw, const Team& team) {
         if (res) store_stream<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid, stream);
       });
     }
-    if (!split) team.sync();
+    if (overlap) {
+      const int token = team.arrive();
+      if (s + 1 < q.steps) project_step(s + 1);
+      team.wait_for(token);
+    } else if (!split) {
+      team.sync();
+    }
   }
   if (stream) stream_fence();  // the reserve went out by store_stream
   amx_release();               // (the amx level's tiles, if this thread configured them)

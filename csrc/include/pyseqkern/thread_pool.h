@@ -27,6 +27,12 @@ class SpinBarrier {
  public:
   explicit SpinBarrier(int nthreads) : n_(nthreads) {}
   void wait();  // out of line, compiled at baseline level
+  // The barrier in two halves: arrive() counts this thread in and returns a token; wait_for(token)
+  // returns once every thread has arrived. Between them a thread may do work that neither reads what
+  // the others write before they arrive nor writes what they read: waiting for a slower thread then
+  // overlaps that work.
+  int arrive();
+  void wait_for(int token);
 
  private:
   alignas(64) std::atomic<int> arrived_{0};
@@ -40,6 +46,8 @@ struct Team {
   int size;
   SpinBarrier* barrier;
   void sync() const { barrier->wait(); }
+  int arrive() const { return barrier->arrive(); }
+  void wait_for(int token) const { barrier->wait_for(token); }
 };
 
 using TaskFn = void (*)(void* ctx, const Team& team);
@@ -54,8 +62,8 @@ const char* thread_backend();
 // Forces our own workers (true) or allows torch's OpenMP team again (false).
 void set_own_threads(bool own);
 
-// Runs `steps` barrier rounds on nthreads threads and checks that no thread passes a barrier before all
-// have arrived at it (for tests).
+// Runs `steps` barrier rounds on nthreads threads (every other one through arrive and wait_for, with work
+// between them) and checks that no thread passes a barrier before all have arrived at it (for tests).
 bool barrier_selftest(int nthreads, int steps);
 
 }  // namespace pyseqkern
