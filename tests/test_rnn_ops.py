@@ -1102,13 +1102,17 @@ def test_backward_scratch_gives_the_op_paths_gradients(monkeypatch, mode, proj, 
         assert_bitwise_equal(again[k], pooled[0][k], name=f"d{k}")
 
 
+@pytest.mark.parametrize("projects", ["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_inference_forward_scratch_keeps_the_results(mode, proj, reset_after, dtype):
-    """The eager inference forward that projects the input in the kernel takes its x_gates buffer and
-    workspace from a per-thread scratch (ops._fwd_scratch) reused across calls of different sizes: every
-    call's results must be what the call gives alone (after empty_cache(), from fresh buffers), and no
-    returned tensor may share memory with the scratch or with another call's results."""
+def test_inference_forward_scratch_keeps_the_results(monkeypatch, mode, proj, reset_after, dtype, projects):
+    """The eager inference forward takes its x_gates buffer from a per-thread scratch reused across calls
+    of different sizes: the kernel's projection with its workspace (ops._fwd_scratch), torch's GEMM
+    into its own (ops._proj_scratch). Every call's results must be what the call gives alone (after
+    empty_cache(), from fresh buffers), and no returned tensor may share memory with the scratch or
+    with another call's results."""
+    if projects == "torch":
+        monkeypatch.setattr(ops, "_forward_projecting", lambda *args: None)
     cases = [make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, seed=T)
              for T, B, H, lengths in [(9, 6, 11, None), (5, 3, 11, [5, 4, 2]), (12, 7, 11, None), (9, 6, 11, None)]]
     with torch.no_grad():
