@@ -274,10 +274,10 @@ def _fwd_scratch():
 
 
 def empty_cache() -> None:
-    """Releases the CPU backward's and forward's cached temporaries (_Scratch: the backward's, the inference
-    forward's, the input projection's) and the cell
-    workspaces (the Python one, and the compiled step's) of the calling thread, and the device copies
-    of packed batches' lengths that no captured CUDA graph reads (_device_seq)."""
+    """Releases the calling thread's cached temporaries (_Scratch: the CPU backward's, the inference
+    forward's, torch's input projection's) and cell workspaces (the Python one, and the compiled
+    step's), and the device copies of packed batches' lengths that no captured CUDA graph reads
+    (_device_seq)."""
     _DEVICE_SEQ.clear()
     _SCRATCH.s = None
     _SCRATCH.proj = None
