@@ -389,7 +389,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
                        int64_t row_stride_b, bool reverse, py::handle x_gates, py::handle b_hn, py::handle h0,
                        py::handle c0, py::handle y, int64_t ld_y, py::handle h_n, py::handle c_n, py::handle packed,
                        py::handle reserve, py::handle workspace, int num_threads, uintptr_t stream,
-                       int path, py::handle x, py::handle packed_in, py::handle x_gates_buf) {
+                       int path, py::handle x, py::handle packed_in, py::handle x_gates_buf, py::handle x_bias) {
   RnnFwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
@@ -430,7 +430,17 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     p.dtype = xg.dtype;
     p.x_gates = xg.data;
     p.ld_gates = row_stride(xg, "x_gates");
+    if (!x_bias.is_none()) {
+      TensorView b = view_of(x_bias, "x_bias");
+      if (b.dtype != p.dtype || b.device != DeviceKind::Cpu || xg.device != DeviceKind::Cpu ||
+          b.numel() != rnn_gate_count(p.shape.mode) * hidden || !b.is_contiguous())
+        throw py::value_error("pyseqkern: rnn_forward: 'x_bias' must be a contiguous CPU [G*H] row in x_gates' dtype, "
+                              "with CPU x_gates");
+      p.x_bias = b.data;
+    }
   }
+  if (p.x != nullptr && !x_bias.is_none())
+    throw py::value_error("pyseqkern: rnn_forward: 'x_bias' goes with x_gates made outside the kernel, not with 'x'");
   p.b_hn = opt_dense(b_hn, "b_hn");
   p.h0 = opt_dense(h0, "h0");
   p.c0 = opt_dense(c0, "c0");
@@ -654,7 +664,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("h0").none(true), py::arg("c0").none(true), py::arg("y"), py::arg("ld_y"), py::arg("h_n"),
         py::arg("c_n").none(true), py::arg("packed"), py::arg("reserve").none(true), py::arg("workspace"),
         py::arg("num_threads"), py::arg("stream") = 0, py::arg("path") = 0, py::arg("x") = py::none(),
-        py::arg("packed_in") = py::none(), py::arg("x_gates_buf") = py::none());
+        py::arg("packed_in") = py::none(), py::arg("x_gates_buf") = py::none(), py::arg("x_bias") = py::none());
   m.def("rnn_input_panel_numel", &rnn_input_panel_numel_entry, py::arg("mode"), py::arg("reset_after"),
         py::arg("hidden"), py::arg("input"), py::arg("dtype"));
   m.def("rnn_pack_input", &rnn_pack_input_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),

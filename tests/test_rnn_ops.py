@@ -379,6 +379,7 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.pyseqkern.rnn_pack.default, (1, True, 11, 0, t["w_hh"], None))
     fwd_args = (1, True, 11, 0, 7, 5, xg, t["b_hh"][22:], t["h0"], None, packed, *seq.args(), True)
     torch.library.opcheck(torch.ops.pyseqkern.rnn_forward.default, fwd_args)
+    torch.library.opcheck(torch.ops.pyseqkern.rnn_forward.default, fwd_args + (randn((33,), device=device, seed=6),))
     y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(*fwd_args)
     for transposed in (False, True):
         bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), device=device, seed=4),
@@ -804,6 +805,46 @@ def test_kernel_projection_buffer_is_checked():
     with pytest.raises(ValueError, match="pass 'x' too"):
         run(torch.empty(T * B, 4 * H), with_x=False)
     run(torch.empty(T * B, 4 * H))  # and the right one runs
+    with pytest.raises(ValueError, match="'x_bias' goes with x_gates made outside the kernel"):
+        from pyseqkern._handoff import capsule
+        _C.rnn_forward(0, True, H, 0, T, B, None, None, None, B, 1, False, None, None, None, None, capsule(y), H,
+                       capsule(hn), capsule(cn), capsule(packed), None, capsule(ws), 1, x=capsule(x),
+                       packed_in=capsule(panel), x_bias=capsule(torch.zeros(4 * H)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_x_bias_is_the_bias_inside_x_gates(device, mode, proj, reset_after, dtype):
+    """rnn_forward's x_bias (a row the kernel adds to every x_gates row as it reads it, where torch's GEMM
+    left the bias out) gives the bits of the same row added to x_gates first, every output and the
+    reserve; and only goes with x_gates made outside the kernel, in their dtype and [G*H] shape."""
+    code, G, H = ops.MODES[mode], ops.GATES[mode], 11
+    x, bs, t = make_case(mode, proj, dtype, strided_inputs=False, device=device)
+    seq = ops._Seq(x.view(7, 5, 13), None, False)
+    packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
+    b_hn = t["b_hh"][2 * H:].contiguous() if mode == "gru" and reset_after else None
+    xg, row = randn((35, G * H), dtype, device=device, seed=3), randn((G * H,), dtype, device=device, seed=5)
+    args = (code, reset_after, H, proj, 7, 5)
+    rest = (b_hn, t["h0"], t["c0"], packed, *seq.args(), True)
+    apart = torch.ops.pyseqkern.rnn_forward(*args, xg, *rest, row)
+    inside = torch.ops.pyseqkern.rnn_forward(*args, xg + row, *rest)
+    for name, a, b in zip(["y", "h_n", "c_n", "reserve"], apart, inside):
+        assert_bitwise_equal(a, b, name=name)
+    if device != "cpu":
+        return
+    K = proj or H
+    y, hn, cn = torch.empty(35, K, dtype=dtype), torch.empty(5, K, dtype=dtype), torch.empty(5, H, dtype=dtype)
+    ws = torch.empty(ops._sizes(code, reset_after, H, proj, 5, dtype)[2], dtype=dtype)
+    from pyseqkern._handoff import capsule
+
+    def run(bias):
+        _C.rnn_forward(code, reset_after, H, proj, 7, 5, None, None, None, 5, 1, False, capsule(xg),
+                       None if b_hn is None else capsule(b_hn), None, None, capsule(y), K, capsule(hn),
+                       capsule(cn) if code == 0 else None, capsule(packed), None, capsule(ws), 1, x_bias=capsule(bias))
+
+    for bad in (row[:-1], row.float() if dtype == torch.float64 else row.double(), torch.stack([row, row])[:, ::2]):
+        with pytest.raises(ValueError, match="'x_bias' must be a contiguous CPU \\[G\\*H\\] row"):
+            run(bad)
 
 
 @pytest.mark.parametrize("B", [1, 7, 40, 70])

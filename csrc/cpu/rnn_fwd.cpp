@@ -223,6 +223,13 @@ void fwd_worker(void* raw, const Team& team) {
   const bool stream = p.reserve != nullptr && q.steps * q.batch * rc * int64_t(sizeof(A)) >= kStreamBytes;
   T* xgo = static_cast<T*>(c.xg_own);
   const int64_t gs = fused ? Hp : H;
+  // x_gates of gate g at gx (that gate's row segment at gx + g * gs), plus x_bias's where torch's GEMM
+  // left the bias out (rnn.h): the one rounding of that sum, as addmm's.
+  const T* xb = static_cast<const T*>(p.x_bias);
+  auto gate_in = [&](const T* gx, int g, int64_t u, int valid) __attribute__((always_inline)) {
+    const V<A> v = load<A>(gx + g * gs, valid);
+    return xb ? v + load<A>(xb + g * H + u * L, valid) : v;
+  };
   // Own rows [rb0, rb1) and unit, projection and state blocks: with split_rows a range of row tiles and
   // every block, else every row and a range of blocks.
   int64_t u0 = 0, u1 = l.U, p0 = 0, p1 = l.UP, k0 = 0, k1 = l.UK, rb0 = 0, rb1 = q.batch;
@@ -391,12 +398,13 @@ void fwd_worker(void* raw, const Team& team) {
       const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
       A* rr = res ? res + row * rc : nullptr;
       prefetch_ahead(b, u);
+      auto xin = [&](int g) __attribute__((always_inline)) { return gate_in(gx, g, u, valid); };
       if (VAR == Variant::GruAfter) {  // (LSTM: lstm_tile below)
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
-        const V<A> rg = sigmoid_(sum[col] + load<A>(gx, valid));
-        const V<A> zg = sigmoid_(sum[col + 1] + load<A>(gx + gs, valid));
+        const V<A> rg = sigmoid_(sum[col] + xin(0));
+        const V<A> zg = sigmoid_(sum[col + 1] + xin(1));
         const V<A> hng = sum[col + 2] + (bhn ? load<A>(bhn + u * L, valid) : splat(A(0)));
-        const V<A> ng = tanh_(load<A>(gx + 2 * gs, valid) + rg * hng);
+        const V<A> ng = tanh_(xin(2) + rg * hng);
         const V<A> h = (A(1) - zg) * ng + zg * hprev;
         put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
@@ -410,8 +418,8 @@ void fwd_worker(void* raw, const Team& team) {
         }
       } else if (VAR == Variant::GruBefore) {
         const V<A> hprev = load<A>(hp + b * Kp + u * L, L);
-        const V<A> rg = sigmoid_(sum[col] + load<A>(gx, valid));
-        const V<A> zg = sigmoid_(sum[col + 1] + load<A>(gx + gs, valid));
+        const V<A> rg = sigmoid_(sum[col] + xin(0));
+        const V<A> zg = sigmoid_(sum[col + 1] + xin(1));
         const V<A> rhv = rg * hprev;
         store<A>(c.rh + b * Hp + u * L, rhv, L);
         if constexpr (BF) if (dot) store<A>(c.rh2 + b * Hp + u * L, rhv, L);
@@ -423,7 +431,7 @@ void fwd_worker(void* raw, const Team& team) {
           store_stream<A>(rr + hprev_col + u * L, hprev, valid, stream);
         }
       } else if (VAR == Variant::Rnn) {
-        const V<A> pre = sum[col] + load<A>(gx, valid);
+        const V<A> pre = sum[col] + xin(0);
         const V<A> h = c.relu ? vrelu(pre) : tanh_(pre);
         put_h(b, u, h);
         store<A>(y + row * p.ld_y + u * L, h, valid);
@@ -451,10 +459,10 @@ void fwd_worker(void* raw, const Team& team) {
         const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row[r] * p.ld_gates + u * L;
         if (r < mr) prefetch_ahead(b, u);
         const int ra = r < mr ? r : 0;  // rows past the tile repeat its first: computed, never stored
-        gi[r] = sum[ra * kAcc + col] + load<A>(gx, valid);
-        gf[r] = sum[ra * kAcc + col + 1] + load<A>(gx + gs, valid);
-        gg[r] = sum[ra * kAcc + col + 2] + load<A>(gx + 2 * gs, valid);
-        go[r] = sum[ra * kAcc + col + 3] + load<A>(gx + 3 * gs, valid);
+        gi[r] = sum[ra * kAcc + col] + gate_in(gx, 0, u, valid);
+        gf[r] = sum[ra * kAcc + col + 1] + gate_in(gx, 1, u, valid);
+        gg[r] = sum[ra * kAcc + col + 2] + gate_in(gx, 2, u, valid);
+        go[r] = sum[ra * kAcc + col + 3] + gate_in(gx, 3, u, valid);
       }
       for (int r = 0; r < MR; ++r) {
         gi[r] = sigmoid_(gi[r]);
@@ -526,8 +534,8 @@ void fwd_worker(void* raw, const Team& team) {
               [&](int64_t b, int64_t u, const V<A>* sum, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         const int64_t row = seq_row(q, s, b);
-        const T* gxn = fused ? xgo + b * G * Hp + 2 * Hp + u * L : xg + row * p.ld_gates + 2 * H + u * L;
-        const V<A> ng = tanh_(sum[col] + load<A>(gxn, valid));
+        const T* gxn = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
+        const V<A> ng = tanh_(sum[col] + gate_in(gxn, 2, u, valid));
         const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
         const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
         put_h(b, u, h);

@@ -43,7 +43,7 @@ LIB.define("rnn_pack(int mode, bool reset_after, int hidden, int proj, Tensor w_
 LIB.define(
     "rnn_forward(int mode, bool reset_after, int hidden, int proj, int steps, int batch, Tensor x_gates, "
     "Tensor? b_hn, Tensor? h0, Tensor? c0, Tensor packed, Tensor? batch_sizes, Tensor? time_offsets, "
-    "Tensor? lengths, int row_stride_t, int row_stride_b, bool reverse, bool training) "
+    "Tensor? lengths, int row_stride_t, int row_stride_b, bool reverse, bool training, Tensor? x_bias=None) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 LIB.define(
@@ -122,10 +122,10 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
 
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
 def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
-                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training):
+                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
     return _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed,
                         (batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse), training,
-                        x_gates.shape[0])
+                        x_gates.shape[0], x_bias=x_bias)
 
 
 def _own_x_gates_numel(sizes, mode, batch, hidden):
@@ -136,7 +136,7 @@ def _own_x_gates_numel(sizes, mode, batch, hidden):
 
 
 def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
-                 n, x=None, panel=None, each_step=False):
+                 n, x=None, panel=None, each_step=False, x_bias=None):
     """Allocates the outputs and runs the forward kernel over n rows of sequence data. With x and its
     input panel, x_gates is the bias row (or None) and the kernel projects the input itself (CPU, the
     eager inference path): every row before the steps into an x_gates buffer, or with `each_step` each
@@ -165,7 +165,7 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
                    _none(lengths), row_stride_t, row_stride_b, reverse, _none(x_gates), _none(b_hn), _none(h0),
                    _none(c0), capsule(y), K, capsule(h_n), capsule(c_n) if mode == 0 else None, capsule(packed),
                    capsule(reserve) if training else None, capsule(workspace), num_threads(), x=_none(x),
-                   packed_in=_none(panel), x_gates_buf=_none(x_buf))
+                   packed_in=_none(panel), x_gates_buf=_none(x_buf), x_bias=_none(x_bias))
     return y, h_n, c_n, reserve
 
 
@@ -174,7 +174,7 @@ LIB.impl("rnn_forward", _forward_impl, "CPU")
 
 @torch.library.register_fake("pyseqkern::rnn_forward")
 def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
-                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training):
+                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
     K = proj if proj > 0 else hidden
     n = x_gates.shape[0]
     rcols = _sizes(mode, reset_after, hidden, proj, batch, x_gates.dtype)[3]
@@ -461,27 +461,41 @@ def _fold_bias(mode, reset_after, hidden, b_ih, b_hh):
     return (b_ih if b_hh is None else b_ih + b_hh), b_hn
 
 
+def _bias_apart(x2d, bias):
+    """Whether the kernel adds the folded bias to torch's projection (x_bias, _prepare): CPU float32 and
+    float64 through torch's own GEMM, whose output is the sum the bias is then added to, rounded once.
+    (bfloat16 x_gates would be rounded before the bias, and oneDNN's linear adds it for free.)"""
+    return (bias is not None and x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64)
+            and not _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device))
+
+
 def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, scratch=None):
-    """What every forward call needs before the kernel: (code, hidden, proj, x_gates, b_hn, packed).
-    Folded biases and packed weights come from their caches unless autograd records (`recording`);
-    x_gates goes into `scratch` where given (_input_projection)."""
+    """What every forward call needs before the kernel: (code, hidden, proj, x_gates, b_hn, packed,
+    x_bias). Folded biases and packed weights come from their caches unless autograd records
+    (`recording`); x_gates goes into `scratch` where given (_input_projection). Where torch's own GEMM
+    projects on CPU (_bias_apart), the folded bias is left out of x_gates and the kernel adds it
+    (x_bias, rnn.h): addmm first copied it into every row and read it back, 10.5 of the 135 ms of the
+    LSTM (200,64,512) projection."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     proj = 0 if w_hr is None else w_hr.shape[0]
     fold = _fold_bias if recording or torch.compiler.is_compiling() else _folded_bias
     bias, b_hn = fold(mode, reset_after, hidden, b_ih, b_hh)
-    x_gates = _input_projection(x2d, w_ih, bias, scratch)
-    return code, hidden, proj, x_gates, b_hn, _packed(code, reset_after, hidden, proj, w_hh, w_hr, recording)
+    apart = _bias_apart(x2d, bias)
+    x_gates = _input_projection(x2d, w_ih, None if apart else bias, scratch)
+    return (code, hidden, proj, x_gates, b_hn, _packed(code, reset_after, hidden, proj, w_hh, w_hr, recording),
+            bias.contiguous() if apart else None)
 
 
 class _RnnLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        code, hidden, proj, x_gates, b_hn, packed = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                                             training, _proj_scratch() if _plain_eager(x2d) else None)
+        code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(
+            mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, training,
+            _proj_scratch() if _plain_eager(x2d) else None)
         y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(
             code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
-            training)
+            training, x_bias)
         ctx.set_materialize_grads(False)
         ctx.cfg = (mode, code, reset_after, hidden, proj, seq)
         if training:
@@ -655,10 +669,10 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         if projected is not None:
             y, h_n, c_n = projected
             return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
-        code, hidden, proj, x_gates, b_hn, packed = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                                             False, _proj_scratch())
+        code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh,
+                                                                     w_hr, False, _proj_scratch())
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
-                                       packed, *seq.args(), False)
+                                       packed, *seq.args(), False, x_bias)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
     y, h_n, c_n = _RnnLayer.apply(mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih, w_hh.contiguous(),
                                   b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
@@ -918,8 +932,10 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     if batch > _INPUT_PANEL_MAX_BATCH:
         panel = None
     sizes = _sizes(code, reset_after, hidden, 0, batch, dtype)
-    if panel is None:
-        x_gates = _input_projection(x, w_ih, bias)
+    x_bias = None
+    if panel is None:  # (the bias as the autograd path adds it, for the same bits)
+        x_bias = bias if _bias_apart(x, bias) else None
+        x_gates = _input_projection(x, w_ih, None if x_bias is not None else bias)
         extra = 0
     else:
         x_gates = bias
@@ -932,7 +948,7 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     _C.rnn_forward(code, reset_after, hidden, 0, 1, batch, None, None, None, batch, 1, False, _none(x_gates),
                    _none(b_hn), _none(h), _none(c), hn_c, hidden, hn_c, _none(c_n), capsule(packed), None,
                    capsule(workspace), num_threads(), x=None if panel is None else capsule(x),
-                   packed_in=None if panel is None else capsule(panel))
+                   packed_in=None if panel is None else capsule(panel), x_bias=_none(x_bias))
     return h_n, c_n
 
 

@@ -92,7 +92,9 @@ def _pack_cuda(mode, reset_after, hidden, proj, w_hh, w_hr):
 
 
 def _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
-                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training):
+                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
+    if x_bias is not None:  # (the CUDA kernels read the bias inside x_gates; the layers pass none here)
+        x_gates = x_gates + x_bias
     K = proj if proj > 0 else hidden
     n = x_gates.shape[0]
     dtype, dev = x_gates.dtype, x_gates.device

@@ -116,6 +116,11 @@ struct RnnFwdParams {
   // whose per-thread input panel fits the cache: torch's GEMM evicts the recurrent panel and reaches
   // a lower share of peak on these shapes.
   void* x_gates_buf; int64_t x_rows;
+  // CPU only, optional, without x: a row [G*H] (storage dtype) added to every x_gates row as the steps
+  // read it, for x_gates that torch's GEMM made without its bias (addmm first copies the bias into
+  // every row of its output, then reads it back: a tenth of the GEMM's time). For float32 and float64,
+  // x_gates + x_bias rounds as addmm's one rounding of its sum plus the bias.
+  const void* x_bias;
 };
 
 struct RnnBwdParams {
