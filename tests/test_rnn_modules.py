@@ -169,6 +169,41 @@ def test_sequence_module_matches_torch(device, kind, cfg_name, dtype):
     check_sequence_module(kind, cfg_name, dtype, device)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("cfg_name", ["batch_first-hx-2layers", "bidirectional-2layers-hx", "unbatched-hx-2layers",
+                                      "dropout-train-3layers-bidirectional-hx"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_one_step_calls_without_grad_run_as_cells(monkeypatch, kind, cfg_name, dtype):
+    """A call of one time step with hx given and no grad (a decoding loop) runs each layer and direction as
+    a cell step (nn/_stack.py _one_step, ops.rnn_cell): outputs as torch.nn's in float64, dropout masks
+    included, and no output sharing memory with another. proj_size layers keep the sequence path."""
+    cfg = CONFIGS[cfg_name]
+    theirs, ours = make_pair(kind, cfg, dtype)
+    theirs64 = copy.deepcopy(theirs).double()
+    d = (2 if cfg.get("bidirectional") else 1) * cfg.get("num_layers", 1)
+    hout, batch = (P if kind == "lstm_proj" else H), () if cfg.get("unbatched") else (B,)
+    shape = (1, I) if cfg.get("unbatched") else ((B, 1, I) if cfg.get("batch_first") else (1, B, I))
+    x = strided(shape, dtype, seed=1)
+    h0 = randn((d, *batch, hout), dtype, seed=2)
+    hx = (h0, randn((d, *batch, H), dtype, seed=3)) if KINDS[kind][0] == "LSTM" else h0
+    cells = []
+    real = rnn_ops.rnn_cell
+    monkeypatch.setattr(rnn_ops, "rnn_cell", lambda *a, **k: cells.append(1) or real(*a, **k))
+    with torch.no_grad():
+        torch.manual_seed(DROPOUT_SEED)
+        out, hn = ours(x, hx)
+        torch.manual_seed(DROPOUT_SEED)
+        want, want_hn = theirs64(x.double(), tuple(t.double() for t in hx) if isinstance(hx, tuple) else hx.double())
+    assert len(cells) == (0 if kind == "lstm_proj" else d)
+    outs = [out] + (list(hn) if isinstance(hn, tuple) else [hn])
+    wants = [want] + (list(want_hn) if isinstance(want_hn, tuple) else [want_hn])
+    for name, a, e in zip(["output", "h_n", "c_n"], outs, wants):
+        assert a.dtype == dtype
+        assert_matches(a, e, name)
+    ptrs = [t.untyped_storage().data_ptr() for t in outs]
+    assert len(set(ptrs)) == len(ptrs)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cfg_name", ["bidirectional-2layers-hx", "packed_unsorted-hx-bidirectional-2layers-batch_first"])
 @pytest.mark.parametrize("kind", list(KINDS))
