@@ -175,7 +175,7 @@ def test_sequence_module_matches_torch(device, kind, cfg_name, dtype):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_one_step_calls_without_grad_run_as_cells(monkeypatch, kind, cfg_name, dtype):
     """A call of one time step with hx given and no grad (a decoding loop) runs each layer and direction as
-    a cell step (nn/_stack.py _one_step, ops.rnn_cell): outputs as torch.nn's in float64, dropout masks
+    a cell step (nn/_stack.py run_layers, ops.rnn_cell): outputs as torch.nn's in float64, dropout masks
     included, and no output sharing memory with another. proj_size layers keep the sequence path."""
     cfg = CONFIGS[cfg_name]
     theirs, ours = make_pair(kind, cfg, dtype)

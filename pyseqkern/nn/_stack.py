@@ -24,56 +24,44 @@ def layer_weights(module, layer: int, direction: int):
     return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
-def _one_step(module, mode, x, h0, c0, reset_after):
-    """run_layers for one time step without autograd (decoding loops call a layer once per token): each
-    layer and direction is a cell step (ops.rnn_cell), whose planned path skips the sequence machinery
-    (checks, caches, scratch, capsules: ~60 of the 75 us an RNN T=1, B=1, H=256 call took, against
-    torch.nn's 36). In-process, time as sequences / as cells: 1.6-2.8 over LSTM, GRU and RNN at B=1 and
-    8, 1-2 layers, either direction. h_n and c_n are stacked copies: no output shares memory."""
-    num_directions = 2 if module.bidirectional else 1
-    h_n, c_n = [], []
-    layer_input = x[0]
-    for layer in range(module.num_layers):
-        outputs = []
-        for direction in range(num_directions):
-            idx = layer * num_directions + direction
-            w_ih, w_hh, b_ih, b_hh, _ = layer_weights(module, layer, direction)
-            h, c = _rnn_ops.rnn_cell(mode, layer_input, h0[idx], None if c0 is None else c0[idx], w_ih, w_hh, b_ih,
-                                     b_hh, reset_after)
-            outputs.append(h)
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
-        if module.dropout != 0 and module.training and layer < module.num_layers - 1:
-            layer_input = F.dropout(layer_input, module.dropout, training=True)
-    return layer_input.unsqueeze(0), torch.stack(h_n, 0), (torch.stack(c_n, 0) if mode == "lstm" else None)
-
-
 def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
     """x time-major [T, B, I] or packed [N, I]; h0 [L*D, B, Hout] and c0 [L*D, B, H] (LSTM), or both
     None for zero states (the kernels read none then). Returns (y, h_n, c_n or None), h_n [L*D, B, Hout],
-    c_n [L*D, B, H] for LSTM."""
+    c_n [L*D, B, H] for LSTM.
+
+    One time step without autograd (decoding loops call a layer once per token) runs each layer and
+    direction as a cell step (ops.rnn_cell), whose planned path skips the sequence machinery (checks,
+    caches, scratch, capsules: ~60 of the 75 us an RNN T=1, B=1, H=256 call took, against torch.nn's
+    36). In-process, time as sequences / as cells: 1.6-2.8 over LSTM, GRU and RNN at B=1 and 8, 1-2
+    layers, either direction. Its h_n and c_n are stacked copies: no output shares memory."""
     mode = module.mode.lower()
-    if (batch_sizes is None and x.shape[0] == 1 and h0 is not None and not torch.is_grad_enabled()
-            and module.proj_size == 0 and x.is_cpu and not torch.compiler.is_compiling()):
-        return _one_step(module, mode, x, h0, c0, reset_after)
+    one_step = (batch_sizes is None and x.shape[0] == 1 and h0 is not None and not torch.is_grad_enabled()
+                and module.proj_size == 0 and x.is_cpu and not torch.compiler.is_compiling())
+
+    def step(layer_input, idx, direction, w_ih, w_hh, b_ih, b_hh, w_hr):
+        """(output, h, c) of one layer and direction."""
+        h, c = None if h0 is None else h0[idx], None if c0 is None else c0[idx]
+        if one_step:
+            h, c = _rnn_ops.rnn_cell(mode, layer_input, h, c, w_ih, w_hh, b_ih, b_hh, reset_after)
+            return h, h, c
+        return _rnn_ops.rnn_layer(mode, layer_input, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, bool(direction),
+                                  reset_after)
+
     num_directions = 2 if module.bidirectional else 1
     h_n, c_n = [], []
-    layer_input = x
+    layer_input = x[0] if one_step else x
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(num_directions):
-            idx = layer * num_directions + direction
-            w_ih, w_hh, b_ih, b_hh, w_hr = layer_weights(module, layer, direction)
-            y, h, c = _rnn_ops.rnn_layer(
-                mode, layer_input, batch_sizes, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
-                w_ih, w_hh, b_ih, b_hh, w_hr, bool(direction), reset_after,
-            )
+            y, h, c = step(layer_input, layer * num_directions + direction, direction,
+                           *layer_weights(module, layer, direction))
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
         if module.dropout != 0 and module.training and layer < module.num_layers - 1:
             layer_input = F.dropout(layer_input, module.dropout, training=True)
+    if one_step:
+        return layer_input.unsqueeze(0), torch.stack(h_n, 0), (torch.stack(c_n, 0) if mode == "lstm" else None)
     stack = (lambda ts: ts[0].unsqueeze(0)) if len(h_n) == 1 else (lambda ts: torch.stack(ts, 0))
     return layer_input, stack(h_n), (stack(c_n) if mode == "lstm" else None)
