@@ -194,28 +194,45 @@ def _packed(cls: str, device: str, batch: int, hidden: int, longest: int, shorte
     return setup
 
 
+def _one_call(theirs, ours, args, device: str, dtype: torch.dtype, work: float) -> Prepared:
+    """Both modules called on the same args without autograd, in eval mode: one step per call."""
+    theirs.eval()
+    ours.eval()
+    exact = _exact(device, dtype)
+
+    def run(module):
+        def fn():
+            with torch.no_grad(), exact():
+                return module(*args)
+        return fn
+
+    torch_fn, ours_fn = run(theirs), run(ours)
+
+    def check():
+        _assert_agree(torch_fn(), ours_fn(), dtype)
+
+    return Prepared(torch_fn, ours_fn, check, work=work)
+
+
 def _cell(cls: str, device: str, batch: int, hidden: int, dtype=torch.float32):
     def setup(ceilings):
         theirs, ours = _modules(cls, device, dtype, hidden, hidden)
-        theirs.eval()
-        ours.eval()
         x = _randn(batch, hidden, device=device, dtype=dtype, seed=_SEED + 1)
         h = _randn(batch, hidden, device=device, dtype=dtype, seed=_SEED + 2)
         hx = (h, _randn(batch, hidden, device=device, dtype=dtype, seed=_SEED + 3)) if cls == "LSTMCell" else h
-        exact = _exact(device, dtype)
+        return _one_call(theirs, ours, (x, hx), device, dtype, _layer_flops(cls, 1, batch, hidden, hidden))
 
-        def run(module):
-            def fn():
-                with torch.no_grad(), exact():
-                    return module(x, hx)
-            return fn
+    return setup
 
-        torch_fn, ours_fn = run(theirs), run(ours)
 
-        def check():
-            _assert_agree(torch_fn(), ours_fn(), dtype)
-
-        return Prepared(torch_fn, ours_fn, check, work=_layer_flops(cls, 1, batch, hidden, hidden))
+def _decode(cls: str, device: str, batch: int, hidden: int, layers: int, dtype=torch.float32):
+    """One decoding step of a sequence module: T=1 with the state given, as a generation loop calls it."""
+    def setup(ceilings):
+        theirs, ours = _modules(cls, device, dtype, hidden, hidden, num_layers=layers)
+        x = _randn(1, batch, hidden, device=device, dtype=dtype, seed=_SEED + 1)
+        h = _randn(layers, batch, hidden, device=device, dtype=dtype, seed=_SEED + 2)
+        hx = (h, _randn(layers, batch, hidden, device=device, dtype=dtype, seed=_SEED + 3)) if cls == "LSTM" else h
+        return _one_call(theirs, ours, (x, hx), device, dtype, layers * _layer_flops(cls, 1, batch, hidden, hidden))
 
     return setup
 
@@ -263,6 +280,10 @@ def register_all():
             register(Case(family, "training T=100 B=32 H=256", device, _training(cls, device, 100, 32, 256),
                           unit="GFLOP/s", peak="flops", target={"LSTM": 1.2, "GRU": 2.0}.get(cls),
                           note="forward + backward"))
+            for layers in (1, 2):
+                register(Case(family, f"decode step T=1 B=1 H=256 layers={layers}", device,
+                              _decode(cls, device, 1, 256, layers), unit="GFLOP/s", peak="flops", target=1.0,
+                              note="one token per call, hx given", quick=layers == 1))
             if cls != "RNN":
                 register(Case(family, "packed B=32 lengths 10..100", device, _packed(cls, device, 32, 256, 100, 10),
                               unit="GFLOP/s", peak="flops", target=2.0, note="H=256, vs torch's packed path"))
