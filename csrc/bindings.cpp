@@ -589,7 +589,7 @@ class RnnCellStep {
   }
 
   void run(int64_t batch, uintptr_t x, uintptr_t h, uintptr_t c, uintptr_t h_n, uintptr_t c_n,
-           int num_threads) const {
+           int num_threads, bool spread) const {
     if (batch < 1 || x == 0 || h_n == 0 || (base_.shape.mode == RnnMode::Lstm) != (c_n != 0))
       throw py::value_error("pyseqkern: RnnCellStep.run: needs batch >= 1, x and h_n, and c_n exactly for LSTM");
     RnnFwdParams p = base_;
@@ -603,6 +603,7 @@ class RnnCellStep {
     p.ld_y = p.shape.hidden;
     p.c_n = reinterpret_cast<void*>(c_n);
     p.num_threads = num_threads;
+    p.spread = spread;
     // The workspace plus the kernel's own x_gates, B*G*ceil(H/L)*L (rnn.h).
     const int64_t units = (p.shape.hidden + lanes_ - 1) / lanes_ * lanes_;
     const int64_t numel = kernels_.sizes(p.shape, batch, p.dtype).workspace_numel +
@@ -674,7 +675,8 @@ PYBIND11_MODULE(_C, m) {
                     py::handle>(),
            py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("input"), py::arg("dtype"),
            py::arg("packed"), py::arg("packed_in"), py::arg("bias").none(true), py::arg("b_hn").none(true))
-      .def("run", &RnnCellStep::run)
+      .def("run", &RnnCellStep::run, py::arg("batch"), py::arg("x"), py::arg("h"), py::arg("c"), py::arg("h_n"),
+           py::arg("c_n"), py::arg("num_threads"), py::arg("spread") = false)
       .def_static("release_workspace", &RnnCellStep::release_workspace);
   m.def("rnn_backward", &rnn_backward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),

@@ -175,8 +175,9 @@ def test_sequence_module_matches_torch(device, kind, cfg_name, dtype):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_one_step_calls_without_grad_run_as_cells(monkeypatch, kind, cfg_name, dtype):
     """A call of one time step with hx given and no grad (a decoding loop) runs each layer and direction as
-    a cell step (nn/_stack.py run_layers, ops.rnn_cell): outputs as torch.nn's in float64, dropout masks
-    included, and no output sharing memory with another. proj_size layers keep the sequence path."""
+    a cell step (nn/_stack.py run_layers, ops.rnn_cell; spread over every thread when there are several):
+    outputs as torch.nn's in float64, dropout masks included, and no output sharing memory with another.
+    proj_size layers keep the sequence path."""
     cfg = CONFIGS[cfg_name]
     theirs, ours = make_pair(kind, cfg, dtype)
     theirs64 = copy.deepcopy(theirs).double()
@@ -188,13 +189,14 @@ def test_one_step_calls_without_grad_run_as_cells(monkeypatch, kind, cfg_name, d
     hx = (h0, randn((d, *batch, H), dtype, seed=3)) if KINDS[kind][0] == "LSTM" else h0
     cells = []
     real = rnn_ops.rnn_cell
-    monkeypatch.setattr(rnn_ops, "rnn_cell", lambda *a, **k: cells.append(1) or real(*a, **k))
+    monkeypatch.setattr(rnn_ops, "rnn_cell", lambda *a, **k: cells.append(a[9]) or real(*a, **k))  # a[9]: spread
     with torch.no_grad():
         torch.manual_seed(DROPOUT_SEED)
         out, hn = ours(x, hx)
         torch.manual_seed(DROPOUT_SEED)
         want, want_hn = theirs64(x.double(), tuple(t.double() for t in hx) if isinstance(hx, tuple) else hx.double())
     assert len(cells) == (0 if kind == "lstm_proj" else d)
+    assert all(spread == (d > 1) for spread in cells)  # several layers' steps spread over every thread
     outs = [out] + (list(hn) if isinstance(hn, tuple) else [hn])
     wants = [want] + (list(want_hn) if isinstance(want_hn, tuple) else [want_hn])
     for name, a, e in zip(["output", "h_n", "c_n"], outs, wants):

@@ -640,7 +640,7 @@ void forward_variant(const RnnFwdParams& p) {
   if (p.x != nullptr) {
     const int64_t in_rows = p.x_gates_buf != nullptr ? p.x_rows : B * p.seq.steps;
     const int64_t call_macs = macs * p.seq.steps + in_rows * c.l.G * c.l.H * p.input;
-    if (call_macs < kOneThreadMacs && panel_bytes + in_bytes <= cpu_l2_bytes() / 2) nt = 1;
+    if (call_macs < kOneThreadMacs && panel_bytes + in_bytes <= cpu_l2_bytes() / 2 && !p.spread) nt = 1;
   }
   parallel_run(nt, fwd_worker<VAR, T, A>, &c);
 }

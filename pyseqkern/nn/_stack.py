@@ -33,7 +33,10 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
     direction as a cell step (ops.rnn_cell), whose planned path skips the sequence machinery (checks,
     caches, scratch, capsules: ~60 of the 75 us an RNN T=1, B=1, H=256 call took, against torch.nn's
     36). In-process, time as sequences / as cells: 1.6-2.8 over LSTM, GRU and RNN at B=1 and 8, 1-2
-    layers, either direction. Its h_n and c_n are stacked copies: no output shares memory."""
+    layers, either direction. Its h_n and c_n are stacked copies: no output shares memory. With more
+    than one layer or direction the steps spread over every thread (rnn_cell's `spread`): their weights
+    together overflow one core's L2 (RNN, 2 bidirectional layers at H=256: 2.5 MB), and on one thread
+    each step streamed them from L3 (in-process, time spread / not: 0.76; 2 layers 0.90)."""
     mode = module.mode.lower()
     one_step = (batch_sizes is None and x.shape[0] == 1 and h0 is not None and not torch.is_grad_enabled()
                 and module.proj_size == 0 and x.is_cpu and not torch.compiler.is_compiling())
@@ -42,12 +45,13 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
         """(output, h, c) of one layer and direction."""
         h, c = None if h0 is None else h0[idx], None if c0 is None else c0[idx]
         if one_step:
-            h, c = _rnn_ops.rnn_cell(mode, layer_input, h, c, w_ih, w_hh, b_ih, b_hh, reset_after)
+            h, c = _rnn_ops.rnn_cell(mode, layer_input, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, spread)
             return h, h, c
         return _rnn_ops.rnn_layer(mode, layer_input, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, bool(direction),
                                   reset_after)
 
     num_directions = 2 if module.bidirectional else 1
+    spread = module.num_layers * num_directions > 1
     h_n, c_n = [], []
     layer_input = x[0] if one_step else x
     for layer in range(module.num_layers):

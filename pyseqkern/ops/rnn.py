@@ -869,7 +869,7 @@ def _plan_takes(plan, t, rows, cols):
             and t.shape[1] == cols)
 
 
-def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
+def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False):
     """One cell step straight to the planned kernel entry, or None when anything differs from what the
     plan was checked for (then the caller takes the full path, which checks and explains). states: None
     (zeros) or (h,) / (h, c). Returns (h_n,) or (h_n, c_n). At B=1, H=256 every microsecond of Python
@@ -913,10 +913,10 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
     else:
         h_n = torch.empty(B, plan.hidden, dtype=dtype)
     if plan.code != 0:
-        plan.step.run(B, x.data_ptr(), h, 0, h_n.data_ptr(), 0, torch.get_num_threads())
+        plan.step.run(B, x.data_ptr(), h, 0, h_n.data_ptr(), 0, torch.get_num_threads(), spread)
         return (h_n,)
     c_n = torch.empty_like(h_n)
-    plan.step.run(B, x.data_ptr(), h, c, h_n.data_ptr(), c_n.data_ptr(), torch.get_num_threads())
+    plan.step.run(B, x.data_ptr(), h, c, h_n.data_ptr(), c_n.data_ptr(), torch.get_num_threads(), spread)
     return h_n, c_n
 
 
@@ -952,12 +952,13 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     return h_n, c_n
 
 
-def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
-    """One step: a sequence of length 1 through the same kernels."""
+def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=False):
+    """One step: a sequence of length 1 through the same kernels. `spread`: the caller runs several
+    layers' steps in a row, so the planned step never takes the one-thread shortcut (RnnFwdParams)."""
     if h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor:
         # Inference with parameters already planned: only this call's own tensors are checked here;
         # anything off goes the full way below, which says what is wrong.
-        fast = cell_fast(mode, reset_after, x, (h,) if mode != "lstm" else (h, c), w_ih, w_hh, b_ih, b_hh)
+        fast = cell_fast(mode, reset_after, x, (h,) if mode != "lstm" else (h, c), w_ih, w_hh, b_ih, b_hh, spread)
         if fast is not None:
             return fast[0], (fast[1] if mode == "lstm" else None)
     inference = not torch.is_grad_enabled() or not any(

@@ -121,6 +121,10 @@ struct RnnFwdParams {
   // every row of its output, then reads it back: a tenth of the GEMM's time). For float32 and float64,
   // x_gates + x_bias rounds as addmm's one rounding of its sum plus the bias.
   const void* x_bias;
+  // CPU: never the one-thread shortcut for small calls whose panels fit one core's cache. Set by a
+  // caller that runs several layers' steps in a row (a decoding step through a stack): their panels
+  // together overflow that core's L2, and two threads keep half of every layer's in each core's.
+  bool spread;
 };
 
 struct RnnBwdParams {
