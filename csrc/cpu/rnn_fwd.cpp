@@ -224,7 +224,7 @@ void fwd_worker(void* raw, const Team& team) {
   T* xgo = static_cast<T*>(c.xg_own);
   const int64_t gs = fused ? Hp : H;
   // x_gates of gate g at gx (that gate's row segment at gx + g * gs), plus x_bias's where torch's GEMM
-  // left the bias out (rnn.h): the one rounding of that sum, as addmm's.
+  // left the bias out (rnn.h): the GEMM's float sum plus the bias, rounded once.
   const T* xb = static_cast<const T*>(p.x_bias);
   auto gate_in = [&](const T* gx, int g, int64_t u, int valid) __attribute__((always_inline)) {
     const V<A> v = load<A>(gx + g * gs, valid);
@@ -534,8 +534,8 @@ void fwd_worker(void* raw, const Team& team) {
               [&](int64_t b, int64_t u, const V<A>* sum, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         const int64_t row = seq_row(q, s, b);
-        const T* gxn = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
-        const V<A> ng = tanh_(sum[col] + gate_in(gxn, 2, u, valid));
+        const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
+        const V<A> ng = tanh_(sum[col] + gate_in(gx, 2, u, valid));
         const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
         const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
         put_h(b, u, h);

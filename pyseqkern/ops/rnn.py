@@ -344,14 +344,24 @@ def _onednn_ok(rows, dtype, device):
 
 
 def _input_projection(x2d, w_ih, bias, scratch=None):
-    """x W_ih^T + bias for every step at once; into `scratch` (a _Scratch) where given and torch's GEMM
-    takes an output."""
+    """(x_gates, x_bias): x W_ih^T for every step at once, into `scratch` (a _Scratch) where given and
+    torch's GEMM takes an output. The bias goes inside x_gates (x_bias None), except where torch's own
+    GEMM projects CPU float32 or float64: there it is returned as x_bias for the kernel to add as it
+    reads each row (rnn.h), because addmm first copies it into every row and reads it back (10.5 of the
+    135 ms of the LSTM (200,64,512) projection); the GEMM's float sum plus the bias is rounded once
+    (addmm can differ in the last bit where MKL splits k, as at K=512). bfloat16 x_gates would be
+    rounded before the bias; oneDNN's linear adds it for free."""
     if _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device):
-        return _onednn_linear(x2d, w_ih, bias, "none", [], "")
+        return _onednn_linear(x2d, w_ih, bias, "none", [], ""), None
+    apart = bias is not None and x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64)
+    inside = None if apart else bias
     if scratch is not None:
         out = scratch.take((x2d.shape[0], w_ih.shape[0]), x2d.dtype)
-        return torch.addmm(bias, x2d, w_ih.t(), out=out) if bias is not None else torch.mm(x2d, w_ih.t(), out=out)
-    return torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
+        x_gates = (torch.addmm(inside, x2d, w_ih.t(), out=out) if inside is not None
+                   else torch.mm(x2d, w_ih.t(), out=out))
+    else:
+        x_gates = torch.addmm(inside, x2d, w_ih.t()) if inside is not None else x2d @ w_ih.t()
+    return x_gates, (bias.contiguous() if apart else None)
 
 
 def _proj_scratch():
@@ -461,30 +471,17 @@ def _fold_bias(mode, reset_after, hidden, b_ih, b_hh):
     return (b_ih if b_hh is None else b_ih + b_hh), b_hn
 
 
-def _bias_apart(x2d, bias):
-    """Whether the kernel adds the folded bias to torch's projection (x_bias, _prepare): CPU float32 and
-    float64 through torch's own GEMM, whose output is the sum the bias is then added to, rounded once.
-    (bfloat16 x_gates would be rounded before the bias, and oneDNN's linear adds it for free.)"""
-    return (bias is not None and x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64)
-            and not _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device))
-
-
 def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, scratch=None):
     """What every forward call needs before the kernel: (code, hidden, proj, x_gates, b_hn, packed,
     x_bias). Folded biases and packed weights come from their caches unless autograd records
-    (`recording`); x_gates goes into `scratch` where given (_input_projection). Where torch's own GEMM
-    projects on CPU (_bias_apart), the folded bias is left out of x_gates and the kernel adds it
-    (x_bias, rnn.h): addmm first copied it into every row and read it back, 10.5 of the 135 ms of the
-    LSTM (200,64,512) projection."""
+    (`recording`); x_gates (into `scratch` where given) and x_bias as _input_projection gives them."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     proj = 0 if w_hr is None else w_hr.shape[0]
     fold = _fold_bias if recording or torch.compiler.is_compiling() else _folded_bias
     bias, b_hn = fold(mode, reset_after, hidden, b_ih, b_hh)
-    apart = _bias_apart(x2d, bias)
-    x_gates = _input_projection(x2d, w_ih, None if apart else bias, scratch)
-    return (code, hidden, proj, x_gates, b_hn, _packed(code, reset_after, hidden, proj, w_hh, w_hr, recording),
-            bias.contiguous() if apart else None)
+    x_gates, x_bias = _input_projection(x2d, w_ih, bias, scratch)
+    return code, hidden, proj, x_gates, b_hn, _packed(code, reset_after, hidden, proj, w_hh, w_hr, recording), x_bias
 
 
 class _RnnLayer(torch.autograd.Function):
@@ -932,13 +929,11 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     if batch > _INPUT_PANEL_MAX_BATCH:
         panel = None
     sizes = _sizes(code, reset_after, hidden, 0, batch, dtype)
-    x_bias = None
     if panel is None:  # (the bias as the autograd path adds it, for the same bits)
-        x_bias = bias if _bias_apart(x, bias) else None
-        x_gates = _input_projection(x, w_ih, None if x_bias is not None else bias)
+        x_gates, x_bias = _input_projection(x, w_ih, bias)
         extra = 0
     else:
-        x_gates = bias
+        x_gates, x_bias = bias, None
         extra = _own_x_gates_numel(sizes, code, batch, hidden)
     ws_numel = sizes[2] + extra
     h_n = torch.empty(batch, hidden, dtype=dtype)
