@@ -8,11 +8,10 @@ other; the hook dictionaries are shared instead, so hooks registered before conv
 their handles still remove them."""
 from __future__ import annotations
 
-import copy
-
 from torch import nn as _tnn
 
 from . import nn as _pnn
+from .nn._twin import rebuild_as
 
 _ACCELERATED = {
     _tnn.LSTM: _pnn.LSTM,
@@ -26,15 +25,7 @@ _WITH_RESET_AFTER = (_pnn.GRU, _pnn.GRUCell)
 
 
 def _replacement(module: _tnn.Module, cls: type) -> _tnn.Module:
-    new = cls.__new__(cls)
-    state = {}
-    for key, value in module.__dict__.items():
-        if isinstance(value, (dict, list, set)) and "hooks" not in key:
-            value = copy.copy(value)
-        state[key] = value
-    # __dict__ is filled directly: going through __setattr__ would re-register (and re-check) every
-    # parameter and submodule on a half-built module.
-    new.__dict__.update(state)
+    new = rebuild_as(module, cls)
     if cls in _WITH_RESET_AFTER:
         new.reset_after = True
     return new

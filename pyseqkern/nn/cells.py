@@ -1,14 +1,15 @@
 """Drop-in LSTMCell, GRUCell and RNNCell: torch.nn's classes with a forward that is one
-pyseqkern.ops.rnn.rnn_cell call."""
+pyseqkern.ops.rnn.rnn_cell call (TorchScript gets torch.nn's forward: _twin.py)."""
 from __future__ import annotations
 
 from torch import nn as _tnn
 
 from ._cell import cell_forward
 from ._checks import ResetAfter
+from ._twin import TorchScriptable
 
 
-class LSTMCell(_tnn.LSTMCell):
+class LSTMCell(TorchScriptable, _tnn.LSTMCell):
     """torch.nn.LSTMCell on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
@@ -19,14 +20,14 @@ class LSTMCell(_tnn.LSTMCell):
         return cell_forward(self, "LSTMCell", "lstm", input, hx)
 
 
-class GRUCell(ResetAfter, _tnn.GRUCell):
+class GRUCell(ResetAfter, TorchScriptable, _tnn.GRUCell):
     """torch.nn.GRUCell on pyseqkern kernels; reset_after (keyword-only) as in pyseqkern.nn.GRU."""
 
     def forward(self, input, hx=None):
         return cell_forward(self, "GRUCell", "gru", input, None if hx is None else (hx,), self.reset_after)[0]
 
 
-class RNNCell(_tnn.RNNCell):
+class RNNCell(TorchScriptable, _tnn.RNNCell):
     """torch.nn.RNNCell (tanh or relu) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):

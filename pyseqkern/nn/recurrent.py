@@ -1,22 +1,26 @@
 """Drop-in LSTM, GRU and RNN: torch.nn's classes (constructor, parameters, state_dict, repr) with a
-forward that runs each layer and direction as one pyseqkern.ops.rnn.rnn_layer call."""
+forward that runs each layer and direction as one pyseqkern.ops.rnn.rnn_layer call (TorchScript gets
+torch.nn's forward: _twin.py)."""
 from __future__ import annotations
 
 from torch import nn as _tnn
 
 from ._checks import ResetAfter
 from ._sequence import sequence_forward
+from ._twin import TorchScriptable, is_tracing
 
 
-class LSTM(_tnn.LSTM):
+class LSTM(TorchScriptable, _tnn.LSTM):
     """torch.nn.LSTM (proj_size included) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
+        if is_tracing():
+            return self._traced_forward(input, hx)
         output, h_n, c_n = sequence_forward(self, input, hx)
         return output, (h_n, c_n)
 
 
-class GRU(ResetAfter, _tnn.GRU):
+class GRU(ResetAfter, TorchScriptable, _tnn.GRU):
     """torch.nn.GRU on pyseqkern kernels.
 
     reset_after (keyword-only, default True): True is torch's/cuDNN's candidate
@@ -25,13 +29,17 @@ class GRU(ResetAfter, _tnn.GRU):
     default (linear_before_reset=0) do. Parameter shapes and names are the same either way."""
 
     def forward(self, input, hx=None):
+        if is_tracing():
+            return self._traced_forward(input, hx)
         output, h_n, _ = sequence_forward(self, input, hx, self.reset_after)
         return output, h_n
 
 
-class RNN(_tnn.RNN):
+class RNN(TorchScriptable, _tnn.RNN):
     """torch.nn.RNN (tanh or relu) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
+        if is_tracing():
+            return self._traced_forward(input, hx)
         output, h_n, _ = sequence_forward(self, input, hx)
         return output, h_n

@@ -28,6 +28,7 @@ import threading
 import weakref
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from .. import _backend
 from .._handoff import capsule, num_threads
@@ -495,14 +496,16 @@ class _RnnLayer(torch.autograd.Function):
             training, x_bias)
         ctx.set_materialize_grads(False)
         ctx.cfg = (mode, code, reset_after, hidden, proj, seq)
-        if training:
-            ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh)
+        if training:  # h0, w_hh and w_hr only for a backward that is itself differentiated
+            ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
         return y, h_n, (c_n if code == 0 else None)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must have a graph of its own
+            return _differentiable_backward(ctx, dy, dh_n, dc_n)
         mode, code, reset_after, hidden, proj, seq = ctx.cfg
-        x2d, c0, w_ih, reserve, packed, b_ih, b_hh = ctx.saved_tensors
+        x2d, c0, w_ih, reserve, packed, b_ih, b_hh = ctx.saved_tensors[:7]
         # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
         # column slice); the kernel reads dense rows.
         dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
@@ -573,6 +576,31 @@ class _RnnLayer(torch.autograd.Function):
                 dw_ih, dw_hh, db if need[8] else None, db_hh, dw_hr)
 
 
+def _differentiable_backward(ctx, dy, dh_n, dc_n):
+    """The backward of _RnnLayer as a function autograd can differentiate again (gradient penalties,
+    Hessian-vector products, MAML): the kernels' backward is not, so this recomputes the layer by its
+    reference (plain torch ops) on the saved inputs and takes its vector-Jacobian product with
+    create_graph. Slow (a Python loop over steps) but exact to rounding; first-order training never
+    comes here (torch calls backward without grad mode unless create_graph is set)."""
+    mode, code, reset_after, hidden, proj, seq = ctx.cfg
+    x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr = ctx.saved_tensors
+    inputs = (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    need = ctx.needs_input_grad[4:]
+    wanted = [i for i, (t, n) in enumerate(zip(inputs, need)) if n and t is not None]
+    x = x2d if seq.batch_sizes is not None else x2d.reshape(seq.steps, seq.batch, x2d.shape[1])
+    y, h_n, c_n = _reference.rnn_layer(mode, x, seq.batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seq.reverse,
+                                       reset_after)
+    pairs = [(o, g) for o, g in ((y.view(-1, y.shape[-1]), dy), (h_n, dh_n), (c_n, dc_n))
+             if o is not None and g is not None]
+    grads = [None] * len(inputs)
+    if wanted and pairs:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, got):
+            grads[i] = g
+    return (None, None, None, None, *grads)
+
+
 def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     if mode not in MODES:
         raise ValueError(f"pyseqkern.rnn_layer: 'mode' must be one of {sorted(MODES)}, got {mode!r}")
@@ -591,17 +619,32 @@ def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
 
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)
+_c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
+
+
+def _forward_ad_active() -> bool:
+    """Inside `torch.autograd.forward_ad.dual_level()` (dual tensors may carry tangents)."""
+    return _fwad._current_level >= 0
+
+
+def _transformed() -> bool:
+    """torch.func transforms (grad, vmap, jvp, jacrev, hessian...) or forward-mode AD are in use. The
+    kernels' autograd.Function has no vmap rule and no jvp, so a layer then runs its reference: plain
+    torch ops, composable with every transform (torch.nn's own layers have no vmap rule at all)."""
+    return not torch.compiler.is_compiling() and (
+        _forward_ad_active() or (_functorch_active is not None and _functorch_active()))
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
     """True when nothing would see a call through the dispatcher: eager mode, a plain CPU tensor, no
-    dispatch or function modes, no functorch transforms. Then an inference call may go straight to the
+    dispatch or function modes, no functorch transforms, no forward-mode AD level, no jit tracing. Then an inference call may go straight to the
     kernel, skipping torch.library dispatch and the autograd.Function (about 5 us per call each, which
     is most of a cell step at batch 1)."""
-    return (type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling()
+    return (type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling() and not _c_is_tracing()
             and _dispatch_stack_len is not None and _dispatch_stack_len() == 0
             and _functorch_active is not None and not _functorch_active()
-            and not torch._C._is_torch_function_mode_enabled())
+            and not torch._C._is_torch_function_mode_enabled() and _fwad._current_level < 0)
 
 
 def _shape_error(name, got, want):
@@ -648,10 +691,19 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         _shape_error("c0", c0.shape, (B, H))
 
 
+def _refuse_tracing(op):
+    # The trace would hold the kernel's outputs as constants (the thin paths) or the reference's Python
+    # loop unrolled to this call's length. The modules hand torch.jit.trace torch.nn's forward instead.
+    raise RuntimeError(f"pyseqkern.ops.rnn.{op} cannot be recorded by torch.jit.trace; trace the pyseqkern.nn "
+                       "modules (they trace as torch.nn's), or use torch.compile / torch.export")
+
+
 def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
+    if _is_tracing():
+        _refuse_tracing("rnn_layer")
     _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if _backend.use_reference("rnn_layer", x.device):
+    if _backend.use_reference("rnn_layer", x.device) or _transformed():
         return _reference.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     seq = _Seq(x, batch_sizes, reverse)
     x2d = x.reshape(-1, x.shape[-1])
@@ -956,6 +1008,8 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         fast = cell_fast(mode, reset_after, x, (h,) if mode != "lstm" else (h, c), w_ih, w_hh, b_ih, b_hh, spread)
         if fast is not None:
             return fast[0], (fast[1] if mode == "lstm" else None)
+    if _is_tracing():  # (never fast while tracing: _plain_eager)
+        _refuse_tracing("rnn_cell")
     inference = not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
     if (inference and h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor

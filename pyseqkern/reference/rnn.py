@@ -51,13 +51,25 @@ def _step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, reset_after):
     raise ValueError(f"unknown recurrent mode {mode!r}; expected one of {MODES}")
 
 
+def _zero_states(mode, batch, x, h, c, w_hh, w_hr):
+    """The ops take h (and c) None for zeros, as torch.nn takes hx None."""
+    gates = {"lstm": 4, "gru": 3}.get(mode, 1)
+    if h is None:
+        h = x.new_zeros(batch, w_hh.shape[1] if w_hr is None else w_hr.shape[0])
+    if c is None and mode == "lstm":
+        c = x.new_zeros(batch, w_hh.shape[0] // gates)
+    return h, c
+
+
 def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True):
-    """One step: x [B, I], h [B, H], c [B, H] (lstm) or None -> (h' [B, H], c' [B, H] or None)."""
+    """One step: x [B, I], h [B, H] or None (zeros), c [B, H] (lstm) or None -> (h' [B, H], c' [B, H] or None)."""
+    h, c = _zero_states(mode, x.shape[0], x, h, c, w_hh, None)
     return _step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, None, reset_after)
 
 
 def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
-    """One layer, one direction over a time-major [T, B, I] or packed [N, I] input -> (y, h_n, c_n)."""
+    """One layer, one direction over a time-major [T, B, I] or packed [N, I] input -> (y, h_n, c_n);
+    h0 and c0 None are zeros."""
     if mode not in MODES:
         raise ValueError(f"unknown recurrent mode {mode!r}; expected one of {MODES}")
     packed = batch_sizes is not None
@@ -71,7 +83,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         sizes = [x.shape[1]] * x.shape[0]
         steps = list(x.unbind(0))
 
-    h, c = h0, c0
+    h, c = _zero_states(mode, (sizes[0] if sizes else 0) if packed else x.shape[1], x, h0, c0, w_hh, w_hr)
     ys = [None] * len(steps)
     # Batch sizes never grow, so the rows active at step t are always the first sizes[t] rows, and a row
     # that is inactive keeps its state untouched. Going forward, a row stops after its last step and keeps
@@ -87,7 +99,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         if c is not None:
             c = torch.cat([c_new, c[n:]], dim=0)
 
-    hout = h0.shape[1]
+    hout = h.shape[1]
     if not steps:
         y = x.new_empty((0, hout) if packed else (0, x.shape[1], hout))
     else:

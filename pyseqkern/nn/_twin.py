@@ -1,0 +1,63 @@
+"""One module rebuilt as another class over the same Parameters, and TorchScript through torch.nn.
+
+`rebuild_as` serves pyseqkern.convert (torch.nn -> ours) and TorchScript (ours -> torch.nn): the new
+object holds the very same Parameter objects (no copy: optimizers and tied weights stay valid), with
+shallow copies of the attribute containers and the hook dictionaries shared.
+
+TorchScript (torch.jit.script and torch.jit.trace; deprecated in torch, still how many models ship to
+C++) cannot compile our Python forward, and tracing it would unroll the Python loops of the
+reference into a graph fixed to one sequence length. So both see torch.nn's own module instead: a
+scripted model holds torch.nn's scripted forward, a traced one aten::lstm / gru / rnn_* (and the cells'
+ops), over the same Parameters; either loads without pyseqkern and runs at torch's speed. GRU and
+GRUCell with reset_after=False have no torch.nn counterpart and refuse with an error saying so."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn as _tnn
+
+_TORCH_RNN_CLASSES = (_tnn.LSTM, _tnn.GRU, _tnn.RNN, _tnn.LSTMCell, _tnn.GRUCell, _tnn.RNNCell)
+
+
+def rebuild_as(module: _tnn.Module, cls: type) -> _tnn.Module:
+    new = cls.__new__(cls)
+    state = {}
+    for key, value in module.__dict__.items():
+        if isinstance(value, (dict, list, set)) and "hooks" not in key:
+            value = copy.copy(value)
+        state[key] = value
+    # __dict__ is filled directly: going through __setattr__ would re-register (and re-check) every
+    # parameter and submodule on a half-built module.
+    new.__dict__.update(state)
+    return new
+
+
+def _torch_class(module) -> type:
+    return next(c for c in type(module).__mro__ if c in _TORCH_RNN_CLASSES)
+
+
+def _refuse(module, what: str):
+    raise RuntimeError(
+        f"{type(module).__name__}(reset_after=False) has no torch.nn counterpart, so {what} cannot record "
+        f"it. torch.compile and torch.export can: pyseqkern's ops are registered with torch.library")
+
+
+class TorchScriptable:
+    """Mixin for the drop-in modules: TorchScript gets the torch.nn twin (module docstring)."""
+
+    def __prepare_scriptable__(self):  # called by torch.jit.script on every submodule
+        if not getattr(self, "reset_after", True):
+            _refuse(self, "torch.jit.script")
+        twin = rebuild_as(self, _torch_class(self))
+        twin.__dict__.pop("reset_after", None)
+        return twin
+
+    def _traced_forward(self, *args):
+        """forward while torch.jit.trace records: torch.nn's forward on the same parameters."""
+        if not getattr(self, "reset_after", True):
+            _refuse(self, "torch.jit.trace")
+        return _torch_class(self).forward(self, *args)
+
+
+is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)

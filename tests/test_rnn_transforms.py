@@ -1,0 +1,234 @@
+"""Recurrent layers under the other autograd uses a drop-in must survive: double backward
+(create_graph=True: gradient penalties, Hessian-vector products, MAML), torch.func transforms (grad,
+vjp, jvp, jacfwd, hessian, vmap and per-sample gradients) and forward-mode AD, against torch.nn in
+float64 with the same weights, or against the same computation done call by call where torch.nn has no
+rule (vmap). Also the reference's zero states (h0/c0 None), which these routes and the env-forced
+reference run on."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import pyseqkern.nn as pnn
+from pyseqkern import _backend
+from pyseqkern.ops import rnn as rnn_ops
+from pyseqkern.reference import rnn as ref
+from helpers import TOLERANCES
+
+F64 = torch.float64
+T, B, I, H, P = 4, 3, 5, 4, 2
+
+SEQ_KINDS = {
+    "lstm": ("LSTM", {}),
+    "lstm_proj-bidirectional-2layers": ("LSTM", dict(proj_size=P, bidirectional=True, num_layers=2)),
+    "gru-2layers": ("GRU", dict(num_layers=2)),
+    "gru_reset_before": ("GRU", dict(reset_after=False)),
+    "rnn_tanh-bidirectional": ("RNN", dict(bidirectional=True)),
+    "rnn_relu": ("RNN", dict(nonlinearity="relu")),
+}
+CELL_KINDS = {"lstm_cell": ("LSTMCell", {}), "gru_cell": ("GRUCell", {}), "rnn_cell": ("RNNCell", {})}
+
+
+def _pair(cls, kw):
+    """(torch.nn module, ours) in float64 with the same weights; GRU reset_before has no torch.nn twin,
+    so its oracle is ours run by the reference (PYSEQKERN_REFERENCE's route)."""
+    torch.manual_seed(7)
+    ours = getattr(pnn, cls)(I, H, **kw).to(F64)
+    if kw.get("reset_after", True) is False:
+        return None, ours
+    theirs = getattr(torch.nn, cls)(I, H, **kw).to(F64)
+    theirs.load_state_dict(ours.state_dict())
+    return theirs, ours
+
+
+def _oracle(theirs, ours, monkeypatch):
+    if theirs is not None:
+        return theirs
+    monkeypatch.setattr(_backend, "_REFERENCE_FORCED", True)  # read per call: ours then runs the reference
+    return ours
+
+
+def _assert_close(actual, expected, name):
+    """float64 tolerances relative to the tensor's largest value (sums of many products here)."""
+    rtol, atol = TOLERANCES[F64]
+    assert actual is not None and expected is not None, f"{name}: a gradient is missing"
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual - expected).abs().max().item()
+    assert err <= atol + rtol * scale, f"{name}: max error {err:.3e} at scale {scale:.3e}"
+
+
+def _inputs(cell):
+    torch.manual_seed(3)
+    return torch.randn(B, I, dtype=F64) if cell else torch.randn(T, B, I, dtype=F64)
+
+
+def _case(kind):
+    """(torch.nn twin or None, ours, input, a tangent for it) of a kind of SEQ_KINDS or CELL_KINDS."""
+    theirs, ours = _pair(*{**SEQ_KINDS, **CELL_KINDS}[kind])
+    x = _inputs(kind in CELL_KINDS)
+    return theirs, ours, x, torch.randn_like(x)
+
+
+def _run(m, x, packed):
+    if packed:
+        out = m(pack_padded_sequence(x, [4, 1, 3], enforce_sorted=False))
+        return out[0].data
+    out = m(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _second_order(m, x, packed):
+    """First-order gradients of a scalar with create_graph, then gradients of their squared norm:
+    what a gradient penalty does."""
+    x = x.clone().requires_grad_()
+    params = list(m.parameters())
+    first = torch.autograd.grad(_run(m, x, packed).sin().sum(), [x] + params, create_graph=True)
+    penalty = sum(g.square().sum() for g in first)
+    second = torch.autograd.grad(penalty, [x] + params)
+    return first, second
+
+
+@pytest.mark.parametrize("kind,packed", [(k, p) for k in SEQ_KINDS for p in (False, True)]
+                         + [(k, False) for k in CELL_KINDS])
+def test_double_backward_matches_torch(kind, packed, monkeypatch):
+    # Before the differentiable backward, the gradient of a gradient came back None or partial
+    # (only the explicit dx = dG W_ih was in the graph): silently wrong gradient penalties.
+    cell = kind in CELL_KINDS
+    cls, kw = (CELL_KINDS if cell else SEQ_KINDS)[kind]
+    theirs, ours = _pair(cls, kw)
+    x = _inputs(cell)
+    got_first, got_second = _second_order(ours, x, packed)
+    oracle = _oracle(theirs, ours, monkeypatch)
+    want_first, want_second = _second_order(oracle, x, packed)
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
+    for name, a, e in zip(names, got_first, want_first):
+        _assert_close(a, e, f"d/d{name}")
+    for name, a, e in zip(names, got_second, want_second):
+        _assert_close(a, e, f"d(penalty)/d{name}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode,proj,reset_after", [("lstm", 0, True), ("lstm", 1, True), ("gru", 0, True),
+                                                   ("gru", 0, False), ("rnn_tanh", 0, True), ("rnn_relu", 0, True)])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_op_gradgradcheck(mode, proj, reset_after, reverse, packed):
+    torch.manual_seed(11)
+    G = {"lstm": 4, "gru": 3}.get(mode, 1)
+    h, k = 3, proj or 3
+    bs = torch.tensor([2, 2, 1]) if packed else None
+    x = torch.randn(5, 2, dtype=F64) if packed else torch.randn(3, 2, 2, dtype=F64)
+    if mode == "rnn_relu":
+        x = x + 0.5  # keep pre-activations away from relu's kink, where finite differences are wrong
+    args = [x, torch.randn(2, k, dtype=F64), torch.randn(2, h, dtype=F64) if mode == "lstm" else None,
+            torch.randn(G * h, 2, dtype=F64) * 0.5, torch.randn(G * h, k, dtype=F64) * 0.5,
+            torch.randn(G * h, dtype=F64) * 0.1, torch.randn(G * h, dtype=F64) * 0.1,
+            torch.randn(k, h, dtype=F64) * 0.5 if proj else None]
+    live = [i for i, a in enumerate(args) if a is not None]
+
+    def f(*tensors):
+        full = list(args)
+        for i, t in zip(live, tensors):
+            full[i] = t
+        y, h_n, c_n = rnn_ops.rnn_layer(mode, full[0], bs, *full[1:7], full[7], reverse, reset_after)
+        return (y, h_n) if c_n is None else (y, h_n, c_n)
+
+    inputs = [args[i].clone().requires_grad_() for i in live]
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def test_first_order_training_never_takes_the_differentiable_backward(monkeypatch):
+    # The recomputation is for create_graph only: plain backward stays on the kernels.
+    def boom(*a, **k):
+        raise AssertionError("plain backward recomputed the layer")
+    monkeypatch.setattr(rnn_ops, "_differentiable_backward", boom)
+    m = pnn.GRU(I, H, num_layers=2, bidirectional=True)
+    m(torch.randn(T, B, I, requires_grad=True))[0].sum().backward()
+
+
+def _functional(m):
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(p, x):
+        out = torch.func.functional_call(m, p, (x,))
+        return (out[0] if isinstance(out, tuple) else out).sin().sum()
+    return params, loss
+
+
+@pytest.mark.parametrize("kind", list(SEQ_KINDS) + list(CELL_KINDS))
+def test_torch_func_grad_jvp_hessian_match_torch(kind, monkeypatch):
+    theirs, ours, x, tangent = _case(kind)
+    results = []
+    for m in (ours, _oracle(theirs, ours, monkeypatch)):
+        params, loss = _functional(m)
+        g = torch.func.grad(loss)(params, x)
+        _, jvp = torch.func.jvp(lambda z: loss(params, z), (x,), (tangent,))
+        jac = torch.func.jacfwd(lambda z: loss(params, z))(x)
+        hess = torch.func.hessian(lambda z: loss(params, z))(x[:1] if kind in CELL_KINDS else x[:2, :1])
+        results.append((g, jvp, jac, hess))
+    (g, jvp, jac, hess), (g0, jvp0, jac0, hess0) = results
+    for name in g0:
+        _assert_close(g[name], g0[name], f"grad {name}")
+    _assert_close(jvp, jvp0, "jvp")
+    _assert_close(jac, jac0, "jacfwd")
+    _assert_close(hess, hess0, "hessian")
+
+
+@pytest.mark.parametrize("kind", list(SEQ_KINDS) + list(CELL_KINDS))
+def test_vmap_and_per_sample_grads_match_a_loop(kind):
+    # torch.nn's layers have no vmap rule ("Batching rule not implemented for aten::gru.input"); ours
+    # run their reference under vmap, so the oracle is the same module called sample by sample, on the
+    # kernels, with plain autograd.
+    _, ours, x, _ = _case(kind)
+    xs = torch.stack([x, x.flip(0), x.cos()])
+    params, loss = _functional(ours)
+    outs = torch.vmap(lambda z: _run(ours, z, False))(xs)
+    with torch.no_grad():
+        want = torch.stack([_run(ours, z, False) for z in xs])
+    _assert_close(outs, want, "vmap output")
+    per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    names = [n for n, _ in ours.named_parameters()]
+    want = [torch.autograd.grad(_run(ours, z, False).sin().sum(), list(ours.parameters())) for z in xs]
+    for i, name in enumerate(names):
+        _assert_close(per_sample[name], torch.stack([w[i] for w in want]), f"per-sample grad {name}")
+
+
+@pytest.mark.parametrize("kind", ["lstm_proj-bidirectional-2layers", "gru-2layers", "lstm_cell", "gru_cell"])
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_forward_ad_dual_tensors_match_torch(kind, grad_mode):
+    # Inside dual_level even an inference call must carry the tangent: the kernels' thin paths do not.
+    theirs, ours, x, tangent = _case(kind)
+    got = []
+    for m in (ours, theirs):
+        with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+            out = _run(m, fwAD.make_dual(x, tangent), False)
+            primal, tan = fwAD.unpack_dual(out)
+            got.append((primal.detach().clone(), tan.detach().clone()))
+    _assert_close(got[0][0], got[1][0], "primal")
+    _assert_close(got[0][1], got[1][1], "tangent")
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_reference_takes_zero_states_as_none(mode):
+    # The ops take h0/c0 None for zeros; so must the reference they fall back to (it crashed on None).
+    torch.manual_seed(2)
+    G = {"lstm": 4, "gru": 3}.get(mode, 1)
+    x = torch.randn(T, B, I, dtype=F64)
+    w = (torch.randn(G * H, I, dtype=F64), torch.randn(G * H, H, dtype=F64), torch.randn(G * H, dtype=F64), None)
+    zeros = torch.zeros(B, H, dtype=F64)
+    y, h_n, c_n = ref.rnn_layer(mode, x, None, None, None, *w, None, False)
+    y0, h0_n, c0_n = ref.rnn_layer(mode, x, None, zeros, zeros if mode == "lstm" else None, *w, None, False)
+    assert torch.equal(y, y0) and torch.equal(h_n, h0_n)
+    assert (c_n is None) == (mode != "lstm") and (c_n is None or torch.equal(c_n, c0_n))
+    hc, cc = ref.rnn_cell(mode, x[0], None, None, w[0], w[1], w[2], None)
+    hc0, cc0 = ref.rnn_cell(mode, x[0], zeros, zeros if mode == "lstm" else None, w[0], w[1], w[2], None)
+    assert torch.equal(hc, hc0) and (cc is None or torch.equal(cc, cc0))
+
+
+def test_forced_reference_runs_modules_without_hx(monkeypatch):
+    monkeypatch.setattr(_backend, "_REFERENCE_FORCED", True)
+    torch.manual_seed(4)
+    ours = pnn.LSTM(I, H, num_layers=2).to(F64)
+    theirs = torch.nn.LSTM(I, H, num_layers=2).to(F64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, I, dtype=F64)
+    _assert_close(ours(x)[0], theirs(x)[0], "output")
