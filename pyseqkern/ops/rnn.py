@@ -20,7 +20,8 @@ rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True)
 How the work splits: torch computes x W_ih^T + biases for all steps in one GEMM; the kernel
 (torch.ops.pyseqkern.rnn_forward) runs the whole time loop; backward (rnn_backward) runs the loop in
 reverse and returns gate gradients, from which torch GEMMs form every weight gradient. Recurrent weights
-are packed once per weight version (cache below). Dtypes: float32, float64, bfloat16 (float32 math).
+are packed once per weight version (cache below). Dtypes: float32, float64, bfloat16 (float32 math);
+float16 on CUDA, and on the CPU through float32 casts.
 """
 from __future__ import annotations
 
@@ -604,9 +605,8 @@ def _differentiable_backward(ctx, dy, dh_n, dc_n):
 def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     if mode not in MODES:
         raise ValueError(f"pyseqkern.rnn_layer: 'mode' must be one of {sorted(MODES)}, got {mode!r}")
-    if x.dtype not in DTYPES and not (x.dtype == torch.float16 and x.device.type == "cuda"):
-        raise TypeError(f"pyseqkern.rnn_layer: 'x' must be float32, float64 or bfloat16 (or float16 on CUDA), "
-                        f"got {x.dtype}")
+    if x.dtype not in DTYPES and x.dtype != torch.float16:
+        raise TypeError(f"pyseqkern.rnn_layer: 'x' must be float32, float64, bfloat16 or float16, got {x.dtype}")
     for name, t in (("h0", h0), ("c0", c0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
                     ("w_hr", w_hr)):
         if t is None:
@@ -703,6 +703,12 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         _refuse_tracing("rnn_layer")
     _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        # torch.nn runs float16 on the CPU; the CPU kernels have no float16 storage (no fast float16 math
+        # there either), so such a layer runs in float32, through casts autograd follows.
+        up = [None if t is None else t.float() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
+        y, h_n, c_n = rnn_layer(mode, up[0], batch_sizes, *up[1:], reverse, reset_after)
+        return y.half(), h_n.half(), None if c_n is None else c_n.half()
     if _backend.use_reference("rnn_layer", x.device) or _transformed():
         return _reference.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     seq = _Seq(x, batch_sizes, reverse)
@@ -1010,8 +1016,8 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
             return fast[0], (fast[1] if mode == "lstm" else None)
     if _is_tracing():  # (never fast while tracing: _plain_eager)
         _refuse_tracing("rnn_cell")
-    inference = not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
+    inference = x.dtype != torch.float16 and (not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)))  # (float16: rnn_layer's)
     if (inference and h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
             and x.dim() == 2 and _plain_eager(x) and not _backend._REFERENCE_FORCED):
         plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
