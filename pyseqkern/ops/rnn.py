@@ -104,6 +104,14 @@ def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
 _PACK_CACHE: dict = {}
 
 
+def _pinned(*sources):
+    """What a cache entry keeps besides its result: aliases of the tensors its key names by data_ptr, so
+    their memory cannot be freed and handed to a new tensor at the same address while the entry lives.
+    Without them `module.bfloat16(); module.float()` (torch's _apply assigns `param.data`: same Parameter,
+    version 0 again) often got the old address back, and inference ran the weights packed before."""
+    return tuple(t.detach() for t in sources if t is not None)
+
+
 def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Tensor, w_hr, recording: bool):
     """`recording`: autograd records a gradient for w_hh or w_hr in this call."""
     if recording or torch.compiler.is_compiling():
@@ -118,7 +126,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
                                           None if w_hr is None else w_hr.detach())
     if entry is None:
         weakref.finalize(w_hh, _PACK_CACHE.pop, id(w_hh), None)
-    _PACK_CACHE[id(w_hh)] = (key, packed)
+    _PACK_CACHE[id(w_hh)] = (key, packed, _pinned(w_hh, w_hr))
     return packed
 
 
@@ -638,9 +646,9 @@ def _transformed() -> bool:
 
 def _plain_eager(x: torch.Tensor) -> bool:
     """True when nothing would see a call through the dispatcher: eager mode, a plain CPU tensor, no
-    dispatch or function modes, no functorch transforms, no forward-mode AD level, no jit tracing. Then an inference call may go straight to the
-    kernel, skipping torch.library dispatch and the autograd.Function (about 5 us per call each, which
-    is most of a cell step at batch 1)."""
+    dispatch or function modes, no functorch transforms, no forward-mode AD level, no jit tracing. Then
+    an inference call may go straight to the kernel, skipping torch.library dispatch and the
+    autograd.Function (about 5 us per call each, which is most of a cell step at batch 1)."""
     return (type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling() and not _c_is_tracing()
             and _dispatch_stack_len is not None and _dispatch_stack_len() == 0
             and _functorch_active is not None and not _functorch_active()
@@ -752,7 +760,7 @@ def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
     folded = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
     if entry is None:
         weakref.finalize(anchor, _BIAS_CACHE.pop, id(anchor), None)
-    _BIAS_CACHE[id(anchor)] = (key, folded)
+    _BIAS_CACHE[id(anchor)] = (key, folded, _pinned(b_ih, b_hh))
     return folded
 
 
@@ -781,7 +789,7 @@ def _input_panel(code, reset_after, hidden, w_ih):
         _C.rnn_pack_input(code, reset_after, hidden, capsule(w_ih.detach().contiguous()), capsule(panel))
     if entry is None:
         weakref.finalize(w_ih, _PACK_IN_CACHE.pop, id(w_ih), None)
-    _PACK_IN_CACHE[id(w_ih)] = (key, panel)
+    _PACK_IN_CACHE[id(w_ih)] = (key, panel, _pinned(w_ih))
     return panel
 
 
@@ -906,7 +914,7 @@ def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     plan = _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     if id(w_hh) not in _CELL_PLANS:
         weakref.finalize(w_hh, _CELL_PLANS.pop, id(w_hh), None)
-    _CELL_PLANS[id(w_hh)] = (key, plan)
+    _CELL_PLANS[id(w_hh)] = (key, plan, _pinned(w_ih, w_hh, b_ih, b_hh))
     return plan
 
 
