@@ -13,7 +13,7 @@ import pyseqkern.nn as pnn
 from pyseqkern import _backend
 from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.reference import rnn as ref
-from helpers import TOLERANCES
+from helpers import TOLERANCES, devices
 
 F64 = torch.float64
 T, B, I, H, P = 4, 3, 5, 4, 2
@@ -52,6 +52,7 @@ def _assert_close(actual, expected, name):
     """float64 tolerances relative to the tensor's largest value (sums of many products here)."""
     rtol, atol = TOLERANCES[F64]
     assert actual is not None and expected is not None, f"{name}: a gradient is missing"
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
     scale = max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
     assert err <= atol + rtol * scale, f"{name}: max error {err:.3e} at scale {scale:.3e}"
@@ -70,6 +71,7 @@ def _case(kind):
 
 
 def _run(m, x, packed):
+    x = x.to(next(m.parameters()).device)
     if packed:
         out = m(pack_padded_sequence(x, [4, 1, 3], enforce_sorted=False))
         return out[0].data
@@ -80,7 +82,7 @@ def _run(m, x, packed):
 def _second_order(m, x, packed):
     """First-order gradients of a scalar with create_graph, then gradients of their squared norm:
     what a gradient penalty does."""
-    x = x.clone().requires_grad_()
+    x = x.to(next(m.parameters()).device).requires_grad_()
     params = list(m.parameters())
     first = torch.autograd.grad(_run(m, x, packed).sin().sum(), [x] + params, create_graph=True)
     penalty = sum(g.square().sum() for g in first)
@@ -88,14 +90,17 @@ def _second_order(m, x, packed):
     return first, second
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind,packed", [(k, p) for k in SEQ_KINDS for p in (False, True)]
                          + [(k, False) for k in CELL_KINDS])
-def test_double_backward_matches_torch(kind, packed, monkeypatch):
+def test_double_backward_matches_torch(kind, packed, device, monkeypatch):
     # Before the differentiable backward, the gradient of a gradient came back None or partial
-    # (only the explicit dx = dG W_ih was in the graph): silently wrong gradient penalties.
+    # (only the explicit dx = dG W_ih was in the graph): silently wrong gradient penalties. The oracle
+    # runs on the CPU; ours on each device.
     cell = kind in CELL_KINDS
     cls, kw = (CELL_KINDS if cell else SEQ_KINDS)[kind]
     theirs, ours = _pair(cls, kw)
+    ours.to(device)
     x = _inputs(cell)
     got_first, got_second = _second_order(ours, x, packed)
     oracle = _oracle(theirs, ours, monkeypatch)
@@ -154,18 +159,23 @@ def _functional(m):
     return params, loss
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind", list(SEQ_KINDS) + list(CELL_KINDS))
-def test_torch_func_grad_jvp_hessian_match_torch(kind, monkeypatch):
+def test_torch_func_grad_jvp_hessian_match_torch(kind, device, monkeypatch):
     theirs, ours, x, tangent = _case(kind)
-    results = []
-    for m in (ours, _oracle(theirs, ours, monkeypatch)):
+
+    def transformed(m):  # on m's device
         params, loss = _functional(m)
-        g = torch.func.grad(loss)(params, x)
-        _, jvp = torch.func.jvp(lambda z: loss(params, z), (x,), (tangent,))
-        jac = torch.func.jacfwd(lambda z: loss(params, z))(x)
-        hess = torch.func.hessian(lambda z: loss(params, z))(x[:1] if kind in CELL_KINDS else x[:2, :1])
-        results.append((g, jvp, jac, hess))
-    (g, jvp, jac, hess), (g0, jvp0, jac0, hess0) = results
+        z, dz = x.to(next(m.parameters()).device), tangent.to(next(m.parameters()).device)
+        g = torch.func.grad(loss)(params, z)
+        _, jvp = torch.func.jvp(lambda u: loss(params, u), (z,), (dz,))
+        jac = torch.func.jacfwd(lambda u: loss(params, u))(z)
+        hess = torch.func.hessian(lambda u: loss(params, u))(z[:1] if kind in CELL_KINDS else z[:2, :1])
+        return g, jvp, jac, hess
+
+    g, jvp, jac, hess = transformed(ours.to(device))
+    # (the oracle after ours: for GRU reset_before it forces the reference on ours)
+    g0, jvp0, jac0, hess0 = transformed(_oracle(theirs, ours, monkeypatch))
     for name in g0:
         _assert_close(g[name], g0[name], f"grad {name}")
     _assert_close(jvp, jvp0, "jvp")
