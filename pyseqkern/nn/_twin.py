@@ -51,6 +51,8 @@ class TorchScriptable:
             _refuse(self, "torch.jit.script")
         twin = rebuild_as(self, _torch_class(self))
         twin.__dict__.pop("reset_after", None)
+        if hasattr(twin, "_init_flat_weights"):  # torch's scripted forward reads _flat_weights as they stand
+            twin._init_flat_weights()
         return twin
 
     def _traced_forward(self, *args):
