@@ -418,6 +418,78 @@ def test_inference_caches_follow_a_dtype_round_trip(cls):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("variant", ["half", "weight_norm", "built_in_inference_mode"])
+def test_inference_mode_with_weights_that_are_inference_tensors(cls, variant):
+    """Under torch.inference_mode a weight computed per call (a float16 module's float32 casts, a
+    weight_norm weight) or made there (a module built in it) has no version counter; the caches' keys
+    read it and every such call raised "Inference tensors do not track version counter". They are
+    now served uncached, and match torch.nn."""
+    from torch.nn.utils import parametrizations
+
+    wname = "weight_hh" if "Cell" in cls else "weight_hh_l0"
+
+    def build(ns):
+        torch.manual_seed(250)
+        if variant == "built_in_inference_mode":
+            with torch.inference_mode():
+                return getattr(ns, cls)(I, H)
+        m = getattr(ns, cls)(I, H)
+        return m.half() if variant == "half" else parametrizations.weight_norm(m, wname)
+
+    x = randn((B, I) if "Cell" in cls else (T, B, I), F16 if variant == "half" else F32, seed=251)
+    ours, theirs = build(pnn), build(torch.nn)
+    with torch.inference_mode():
+        for _ in range(2):  # the second call finds no cache entry either
+            got, want = _first(ours(x)), _first(theirs(x))
+            tol = dict(rtol=2e-3, atol=2e-3) if variant == "half" else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNNCell", "GRUCell"])
+def test_inference_caches_follow_a_weight_restrided_in_place(cls):
+    """`p.data = p.data.reshape(C, R).t()` keeps p's address and version but changes its values: the
+    caches' keys hold the strides too."""
+    torch.manual_seed(260)
+    theirs = getattr(torch.nn, cls)(H, H)
+    ours = getattr(pnn, cls)(H, H)
+    ours.load_state_dict(theirs.state_dict())
+    x = randn((B, H) if "Cell" in cls else (T, B, H), seed=261)
+    with torch.no_grad():
+        ours(x)
+        for name in (("weight_hh", "weight_ih") if "Cell" in cls else ("weight_hh_l0", "weight_ih_l0")):
+            for m in (ours, theirs):
+                p = getattr(m, name)
+                p.data = p.data.reshape(p.shape[1], p.shape[0]).t()
+            torch.testing.assert_close(_first(ours(x)), _first(theirs(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRUCell"])
+def test_modules_convert_when_torch_swaps_parameters_on_conversion(cls):
+    """torch.__future__.set_swap_module_params_on_conversion(True) converts through
+    torch.utils.swap_tensors, which refuses a tensor with a weakref: the caches' finalizers made
+    `.double()` fail after one inference call. Nothing is cached while the flag is on."""
+    torch.manual_seed(270)
+    theirs = getattr(torch.nn, cls)(I, H)
+    ours = getattr(pnn, cls)(I, H)
+    ours.load_state_dict(theirs.state_dict())  # (before the flag: torch.nn's own LSTM cannot load under it)
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        x = randn((B, I) if "Cell" in cls else (T, B, I), seed=271)
+        with torch.no_grad():
+            ours(x)
+            ours.double()
+            theirs.double()
+            torch.testing.assert_close(_first(ours(x.double())), _first(theirs(x.double())))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+
+
 def test_cell_planned_path_leaves_recorded_calls_to_autograd():
     """A plan made without grad must not serve a call that records one: gradients still reach the
     input, the states and every parameter."""

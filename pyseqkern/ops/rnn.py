@@ -112,22 +112,43 @@ def _pinned(*sources):
     return tuple(t.detach() for t in sources if t is not None)
 
 
+def _cache_put(cache, anchor, key, value, *sources):
+    """Stores value for anchor (its entry goes when anchor dies) and returns it. key None: not stored.
+    Nothing is stored while torch swaps module parameters on conversion (torch.__future__'s opt-in
+    swap_module_params_on_conversion): torch.utils.swap_tensors refuses a tensor with a weakref, and
+    the entry's finalizer is one, so `.double()` after one inference call failed."""
+    if key is None or _swap_on_conversion():
+        return value
+    if id(anchor) not in cache:
+        weakref.finalize(anchor, cache.pop, id(anchor), None)
+    cache[id(anchor)] = (key, value, _pinned(*sources))
+    return value
+
+
+_swap_on_conversion = torch.__future__.get_swap_module_params_on_conversion
+# The caches' keys read each tensor's version counter, which inference tensors (made under
+# torch.inference_mode: a module built there, a weight_norm weight or a float16 module's float32 casts
+# computed there) do not have: reading it raises RuntimeError, and such calls are served uncached.
+_NO_VERSION = RuntimeError
+
+
 def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Tensor, w_hr, recording: bool):
     """`recording`: autograd records a gradient for w_hh or w_hr in this call."""
     if recording or torch.compiler.is_compiling():
         return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
                                             None if w_hr is None else w_hr.detach())
-    key = (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.dtype, w_hh.device,
-           None if w_hr is None else (w_hr.data_ptr(), w_hr._version), _backend.active_isa())
+    try:  # strides too: `p.data = p.data.t()` keeps the address and the version
+        key = (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.stride(), w_hh.dtype,
+               w_hh.device, None if w_hr is None else (w_hr.data_ptr(), w_hr._version, w_hr.stride()),
+               _backend.active_isa())
+    except _NO_VERSION:
+        key = None
     entry = _PACK_CACHE.get(id(w_hh))
     if entry is not None and entry[0] == key:
         return entry[1]
     packed = torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
                                           None if w_hr is None else w_hr.detach())
-    if entry is None:
-        weakref.finalize(w_hh, _PACK_CACHE.pop, id(w_hh), None)
-    _PACK_CACHE[id(w_hh)] = (key, packed, _pinned(w_hh, w_hr))
-    return packed
+    return _cache_put(_PACK_CACHE, w_hh, key, packed, w_hh, w_hr)
 
 
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
@@ -752,16 +773,15 @@ def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
     anchor = b_ih if b_ih is not None else b_hh
     if anchor is None:
         return None, None
-    key = (mode, reset_after, hidden, None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
-           None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh)))
+    try:
+        key = (mode, reset_after, hidden, None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
+               None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh)))
+    except _NO_VERSION:
+        key = None
     entry = _BIAS_CACHE.get(id(anchor))
     if entry is not None and entry[0] == key:
         return entry[1]
-    folded = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
-    if entry is None:
-        weakref.finalize(anchor, _BIAS_CACHE.pop, id(anchor), None)
-    _BIAS_CACHE[id(anchor)] = (key, folded, _pinned(b_ih, b_hh))
-    return folded
+    return _cache_put(_BIAS_CACHE, anchor, key, _fold_bias(mode, reset_after, hidden, b_ih, b_hh), b_ih, b_hh)
 
 
 # Input panels (w_ih packed for forwards that project the input themselves), cached like _PACK_CACHE.
@@ -777,8 +797,11 @@ _INPUT_PANEL_MAX_BATCH = 64
 
 def _input_panel(code, reset_after, hidden, w_ih):
     """The packed input panel for w_ih, or None where this CPU level has none for its dtype and size."""
-    key = (code, reset_after, hidden, w_ih.data_ptr(), w_ih._version, w_ih.dtype, tuple(w_ih.shape),
-           _backend.active_isa())
+    try:
+        key = (code, reset_after, hidden, w_ih.data_ptr(), w_ih._version, w_ih.stride(), w_ih.dtype,
+               tuple(w_ih.shape), _backend.active_isa())
+    except _NO_VERSION:
+        key = None
     entry = _PACK_IN_CACHE.get(id(w_ih))
     if entry is not None and entry[0] == key:
         return entry[1]
@@ -787,10 +810,7 @@ def _input_panel(code, reset_after, hidden, w_ih):
     if numel:
         panel = torch.empty(numel, dtype=_acc_dtype(w_ih.dtype))
         _C.rnn_pack_input(code, reset_after, hidden, capsule(w_ih.detach().contiguous()), capsule(panel))
-    if entry is None:
-        weakref.finalize(w_ih, _PACK_IN_CACHE.pop, id(w_ih), None)
-    _PACK_IN_CACHE[id(w_ih)] = (key, panel, _pinned(w_ih))
-    return panel
+    return _cache_put(_PACK_IN_CACHE, w_ih, key, panel, w_ih)
 
 
 # Inference over a sequence projects its input inside the kernel, before the steps, where each thread's
@@ -895,27 +915,32 @@ class _CellPlan:
 def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     # ids too: a parameter replaced by a new tensor at the freed one's address (and version) is another
     # tensor (w_hh's own id is the dict key, and its entry goes when it dies)
-    return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_hh.data_ptr(), w_hh._version,
-            None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
+    # (strides as in _packed's key; raises _NO_VERSION for inference tensors)
+    return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_ih.stride(), w_hh.data_ptr(),
+            w_hh._version, w_hh.stride(), None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
             None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend.active_isa())
 
 
 def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     """The _CellPlan for these parameters if cached and current, else None."""
     entry = _CELL_PLANS.get(id(w_hh))
-    if entry is not None and entry[0] == _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
-        return entry[1]
-    return None
+    if entry is None:
+        return None
+    try:
+        key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
+    except _NO_VERSION:
+        return None
+    return entry[1] if entry[0] == key else None
 
 
 def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     """Called after the full argument checks passed for these parameters."""
-    key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    plan = _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    if id(w_hh) not in _CELL_PLANS:
-        weakref.finalize(w_hh, _CELL_PLANS.pop, id(w_hh), None)
-    _CELL_PLANS[id(w_hh)] = (key, plan, _pinned(w_ih, w_hh, b_ih, b_hh))
-    return plan
+    try:
+        key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
+    except _NO_VERSION:
+        key = None
+    return _cache_put(_CELL_PLANS, w_hh, key, _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh),
+                      w_ih, w_hh, b_ih, b_hh)
 
 
 def _cell_workspace(numel, dtype):
