@@ -397,20 +397,24 @@ def test_cell_planned_path_follows_parameter_changes(kind):
         same(got, other(x, states))
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["plain", "share_memory"])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
-def test_inference_caches_follow_a_dtype_round_trip(cls):
+def test_inference_caches_follow_a_dtype_round_trip(cls, share):
     """module.bfloat16(); module.float() gives each Parameter new memory at version 0 (torch's _apply
     assigns .data), often at the address the old memory had: the caches keyed by address and version
     served the weights packed before the round trip in 47 of 160 such calls until their entries pinned
-    the memory they describe. Twenty round trips, each checked against torch.nn with the same weights."""
-    theirs = seed_parameters(getattr(torch.nn, cls)(I, H), seed=240)
-    ours = getattr(pnn, cls)(I, H)
-    ours.load_state_dict(theirs.state_dict())
-    x = randn((B, I) if "Cell" in cls else (T, B, I), seed=241)
+    the memory they describe. share_memory() first moves the pinned memory itself (the old address is
+    freed), which a hit now checks. Twenty fresh modules, each checked against torch.nn after the trip."""
+    x = randn((B, 16) if "Cell" in cls else (T, B, 16), seed=241)
     with torch.no_grad():
-        for _ in range(20):
+        for trial in range(20):
+            theirs = seed_parameters(getattr(torch.nn, cls)(16, 16), seed=240 + trial)
+            ours = getattr(pnn, cls)(16, 16)
+            ours.load_state_dict(theirs.state_dict())
             ours(x)  # caches the packed weights, input panel, folded bias or cell plan
             for m in (ours, theirs):
+                if share:
+                    m.share_memory()
                 m.bfloat16()
                 m.float()
             got, want = ours(x), theirs(x)

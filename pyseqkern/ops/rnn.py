@@ -105,11 +105,26 @@ _PACK_CACHE: dict = {}
 
 
 def _pinned(*sources):
-    """What a cache entry keeps besides its result: aliases of the tensors its key names by data_ptr, so
-    their memory cannot be freed and handed to a new tensor at the same address while the entry lives.
-    Without them `module.bfloat16(); module.float()` (torch's _apply assigns `param.data`: same Parameter,
-    version 0 again) often got the old address back, and inference ran the weights packed before."""
-    return tuple(t.detach() for t in sources if t is not None)
+    """What a cache entry keeps besides its result: (alias, address) of each tensor its key names by
+    data_ptr, so that memory cannot be freed and handed to a new tensor at the same address while the
+    entry lives. Without them `module.bfloat16(); module.float()` (torch's _apply assigns `param.data`:
+    same Parameter, version 0 again) often got the old address back, and inference ran the weights
+    packed before. The address is checked on every hit (_hit): share_memory_() moves a storage's memory,
+    alias and all, and frees the old address."""
+    return tuple((t.detach(), t.data_ptr()) for t in sources if t is not None)
+
+
+def _hit(entry, key):
+    """entry's value if its key is key and its pinned memory is still where the key says, else _MISS."""
+    if entry is None or entry[0] != key:
+        return _MISS
+    for alias, address in entry[2]:
+        if alias.data_ptr() != address:
+            return _MISS
+    return entry[1]
+
+
+_MISS = object()
 
 
 def _cache_put(cache, anchor, key, value, *sources):
@@ -143,9 +158,9 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
                _backend.active_isa())
     except _NO_VERSION:
         key = None
-    entry = _PACK_CACHE.get(id(w_hh))
-    if entry is not None and entry[0] == key:
-        return entry[1]
+    got = _hit(_PACK_CACHE.get(id(w_hh)), key)
+    if got is not _MISS:
+        return got
     packed = torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
                                           None if w_hr is None else w_hr.detach())
     return _cache_put(_PACK_CACHE, w_hh, key, packed, w_hh, w_hr)
@@ -778,9 +793,9 @@ def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
                None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh)))
     except _NO_VERSION:
         key = None
-    entry = _BIAS_CACHE.get(id(anchor))
-    if entry is not None and entry[0] == key:
-        return entry[1]
+    got = _hit(_BIAS_CACHE.get(id(anchor)), key)
+    if got is not _MISS:
+        return got
     return _cache_put(_BIAS_CACHE, anchor, key, _fold_bias(mode, reset_after, hidden, b_ih, b_hh), b_ih, b_hh)
 
 
@@ -802,9 +817,9 @@ def _input_panel(code, reset_after, hidden, w_ih):
                tuple(w_ih.shape), _backend.active_isa())
     except _NO_VERSION:
         key = None
-    entry = _PACK_IN_CACHE.get(id(w_ih))
-    if entry is not None and entry[0] == key:
-        return entry[1]
+    got = _hit(_PACK_IN_CACHE.get(id(w_ih)), key)
+    if got is not _MISS:
+        return got
     numel = _C.rnn_input_panel_numel(code, reset_after, hidden, w_ih.shape[1], str(w_ih.dtype).split(".")[-1])
     panel = None
     if numel:
@@ -915,10 +930,12 @@ class _CellPlan:
 def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     # ids too: a parameter replaced by a new tensor at the freed one's address (and version) is another
     # tensor (w_hh's own id is the dict key, and its entry goes when it dies)
-    # (strides as in _packed's key; raises _NO_VERSION for inference tensors)
-    return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_ih.stride(), w_hh.data_ptr(),
-            w_hh._version, w_hh.stride(), None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
-            None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend.active_isa())
+    # (raises _NO_VERSION for inference tensors). Contiguity where _packed's key holds strides: shapes are
+    # checked, so that tells `p.data = p.data.t()` apart at half the cost of stride() on every step.
+    return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_ih.is_contiguous(), w_hh.data_ptr(),
+            w_hh._version, w_hh.is_contiguous(),
+            None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
+            None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend._active_isa)
 
 
 def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
@@ -930,7 +947,10 @@ def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
         key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     except _NO_VERSION:
         return None
-    return entry[1] if entry[0] == key else None
+    # One pinned address checked, not four (_hit's loop was 0.6 us of a 14 us RNNCell step): w_hh's,
+    # pinned first. Module.share_memory() moves every parameter, w_hh with them.
+    pin, address = entry[2][0]
+    return entry[1] if entry[0] == key and pin.data_ptr() == address else None
 
 
 def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
@@ -940,7 +960,7 @@ def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     except _NO_VERSION:
         key = None
     return _cache_put(_CELL_PLANS, w_hh, key, _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh),
-                      w_ih, w_hh, b_ih, b_hh)
+                      w_hh, w_ih, b_ih, b_hh)  # (w_hh first: _cell_plan checks its address)
 
 
 def _cell_workspace(numel, dtype):
