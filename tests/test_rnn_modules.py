@@ -472,6 +472,26 @@ def test_inference_caches_follow_a_weight_restrided_in_place(cls):
             torch.testing.assert_close(_first(ours(x)), _first(theirs(x)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_parameters_in_shared_memory_are_read_afresh(cls):
+    """share_memory()'d parameters (Hogwild, A3C) are written in place by other processes, which bump no
+    version counter here: the caches would serve the weights of the first call. A write through .data
+    stands in for the other process (also invisible to the version counter)."""
+    torch.manual_seed(280)
+    theirs = getattr(torch.nn, cls)(I, H)
+    ours = getattr(pnn, cls)(I, H)
+    ours.load_state_dict(theirs.state_dict())
+    ours.share_memory()
+    x = randn((B, I) if "Cell" in cls else (T, B, I), seed=281)
+    with torch.no_grad():
+        for step in range(3):
+            ours(x)
+            for p in ours.parameters():
+                p.data.mul_(0.75)  # as another process would: no version bump
+            theirs.load_state_dict(ours.state_dict())
+            torch.testing.assert_close(_first(ours(x)), _first(theirs(x)), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cls", ["LSTM", "GRUCell"])
 def test_modules_convert_when_torch_swaps_parameters_on_conversion(cls):
     """torch.__future__.set_swap_module_params_on_conversion(True) converts through

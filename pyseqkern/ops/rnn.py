@@ -131,8 +131,10 @@ def _cache_put(cache, anchor, key, value, *sources):
     """Stores value for anchor (its entry goes when anchor dies) and returns it. key None: not stored.
     Nothing is stored while torch swaps module parameters on conversion (torch.__future__'s opt-in
     swap_module_params_on_conversion): torch.utils.swap_tensors refuses a tensor with a weakref, and
-    the entry's finalizer is one, so `.double()` after one inference call failed."""
-    if key is None or _swap_on_conversion():
+    the entry's finalizer is one, so `.double()` after one inference call failed. Nor for CPU tensors
+    in shared memory (share_memory_(), Hogwild training): another process writes them in place, and no
+    version counter here sees it. (CUDA tensors report is_shared() always; they are cached.)"""
+    if key is None or _swap_on_conversion() or any(t is not None and t.is_cpu and t.is_shared() for t in sources):
         return value
     if id(anchor) not in cache:
         weakref.finalize(anchor, cache.pop, id(anchor), None)
