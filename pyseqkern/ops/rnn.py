@@ -142,6 +142,17 @@ def _cache_put(cache, anchor, key, value, *sources):
     return value
 
 
+def _cached(cache, anchor, key_of, make, *sources):
+    """The cached value for anchor where key_of() still describes it, else make()'s, stored (_cache_put).
+    key_of raising _NO_VERSION (an inference tensor) means: made afresh, not stored."""
+    try:
+        key = key_of()
+    except _NO_VERSION:
+        key = None
+    got = _hit(cache.get(id(anchor)), key)
+    return got if got is not _MISS else _cache_put(cache, anchor, key, make(), *sources)
+
+
 _swap_on_conversion = torch.__future__.get_swap_module_params_on_conversion
 # The caches' keys read each tensor's version counter, which inference tensors (made under
 # torch.inference_mode: a module built there, a weight_norm weight or a float16 module's float32 casts
@@ -154,18 +165,14 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
     if recording or torch.compiler.is_compiling():
         return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
                                             None if w_hr is None else w_hr.detach())
-    try:  # strides too: `p.data = p.data.t()` keeps the address and the version
-        key = (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.stride(), w_hh.dtype,
-               w_hh.device, None if w_hr is None else (w_hr.data_ptr(), w_hr._version, w_hr.stride()),
-               _backend.active_isa())
-    except _NO_VERSION:
-        key = None
-    got = _hit(_PACK_CACHE.get(id(w_hh)), key)
-    if got is not _MISS:
-        return got
-    packed = torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
-                                          None if w_hr is None else w_hr.detach())
-    return _cache_put(_PACK_CACHE, w_hh, key, packed, w_hh, w_hr)
+    return _cached(  # strides too: `p.data = p.data.t()` keeps the address and the version
+        _PACK_CACHE, w_hh,
+        lambda: (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.stride(), w_hh.dtype,
+                 w_hh.device, None if w_hr is None else (w_hr.data_ptr(), w_hr._version, w_hr.stride()),
+                 _backend.active_isa()),
+        lambda: torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
+                                             None if w_hr is None else w_hr.detach()),
+        w_hh, w_hr)
 
 
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
@@ -669,17 +676,12 @@ _is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_traci
 _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
 
 
-def _forward_ad_active() -> bool:
-    """Inside `torch.autograd.forward_ad.dual_level()` (dual tensors may carry tangents)."""
-    return _fwad._current_level >= 0
-
-
 def _transformed() -> bool:
     """torch.func transforms (grad, vmap, jvp, jacrev, hessian...) or forward-mode AD are in use. The
     kernels' autograd.Function has no vmap rule and no jvp, so a layer then runs its reference: plain
     torch ops, composable with every transform (torch.nn's own layers have no vmap rule at all)."""
-    return not torch.compiler.is_compiling() and (
-        _forward_ad_active() or (_functorch_active is not None and _functorch_active()))
+    return not torch.compiler.is_compiling() and (  # (a level >= 0: inside forward_ad.dual_level())
+        _fwad._current_level >= 0 or (_functorch_active is not None and _functorch_active()))
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -790,15 +792,11 @@ def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
     anchor = b_ih if b_ih is not None else b_hh
     if anchor is None:
         return None, None
-    try:
-        key = (mode, reset_after, hidden, None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
-               None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh)))
-    except _NO_VERSION:
-        key = None
-    got = _hit(_BIAS_CACHE.get(id(anchor)), key)
-    if got is not _MISS:
-        return got
-    return _cache_put(_BIAS_CACHE, anchor, key, _fold_bias(mode, reset_after, hidden, b_ih, b_hh), b_ih, b_hh)
+    return _cached(
+        _BIAS_CACHE, anchor,
+        lambda: (mode, reset_after, hidden, None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
+                 None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh))),
+        lambda: _fold_bias(mode, reset_after, hidden, b_ih, b_hh), b_ih, b_hh)
 
 
 # Input panels (w_ih packed for forwards that project the input themselves), cached like _PACK_CACHE.
@@ -814,20 +812,18 @@ _INPUT_PANEL_MAX_BATCH = 64
 
 def _input_panel(code, reset_after, hidden, w_ih):
     """The packed input panel for w_ih, or None where this CPU level has none for its dtype and size."""
-    try:
-        key = (code, reset_after, hidden, w_ih.data_ptr(), w_ih._version, w_ih.stride(), w_ih.dtype,
-               tuple(w_ih.shape), _backend.active_isa())
-    except _NO_VERSION:
-        key = None
-    got = _hit(_PACK_IN_CACHE.get(id(w_ih)), key)
-    if got is not _MISS:
-        return got
-    numel = _C.rnn_input_panel_numel(code, reset_after, hidden, w_ih.shape[1], str(w_ih.dtype).split(".")[-1])
-    panel = None
-    if numel:
+    def make():
+        numel = _C.rnn_input_panel_numel(code, reset_after, hidden, w_ih.shape[1], str(w_ih.dtype).split(".")[-1])
+        if not numel:
+            return None
         panel = torch.empty(numel, dtype=_acc_dtype(w_ih.dtype))
         _C.rnn_pack_input(code, reset_after, hidden, capsule(w_ih.detach().contiguous()), capsule(panel))
-    return _cache_put(_PACK_IN_CACHE, w_ih, key, panel, w_ih)
+        return panel
+
+    return _cached(_PACK_IN_CACHE, w_ih,
+                   lambda: (code, reset_after, hidden, w_ih.data_ptr(), w_ih._version, w_ih.stride(), w_ih.dtype,
+                            tuple(w_ih.shape), _backend.active_isa()),
+                   make, w_ih)
 
 
 # Inference over a sequence projects its input inside the kernel, before the steps, where each thread's
@@ -1071,9 +1067,10 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
             return fast[0], (fast[1] if mode == "lstm" else None)
     if _is_tracing():  # (never fast while tracing: _plain_eager)
         _refuse_tracing("rnn_cell")
-    inference = x.dtype != torch.float16 and (not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)))  # (float16: rnn_layer's)
-    if (inference and h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
+    # The thin inference paths below, or rnn_layer (autograd; also CPU float16, which it runs in float32).
+    thin = x.dtype != torch.float16 and (not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)))
+    if (thin and h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
             and x.dim() == 2 and _plain_eager(x) and not _backend._REFERENCE_FORCED):
         plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
         B = x.shape[0]
@@ -1085,7 +1082,7 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
     x3 = x.unsqueeze(0)
     _check_layer(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None)
     _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
-    if (inference and h is not None and (c is not None or mode != "lstm") and _plain_eager(x)
+    if (thin and h is not None and (c is not None or mode != "lstm") and _plain_eager(x)
             and not _backend.use_reference("rnn_layer", x.device)):
         return _cell_inference(mode, x.contiguous(), h.contiguous(), None if mode != "lstm" else c.contiguous(),
                                w_ih, w_hh, b_ih, b_hh, reset_after)
