@@ -142,12 +142,61 @@ def test_op_gradgradcheck(mode, proj, reset_after, reverse, packed):
 
 
 def test_first_order_training_never_takes_the_differentiable_backward(monkeypatch):
-    # The recomputation is for create_graph only: plain backward stays on the kernels.
+    # The graph-recording backward is for create_graph only: plain backward stays on the kernels.
     def boom(*a, **k):
-        raise AssertionError("plain backward recomputed the layer")
-    monkeypatch.setattr(rnn_ops, "_differentiable_backward", boom)
+        raise AssertionError("plain backward went through _RnnLayerGrad")
+    monkeypatch.setattr(rnn_ops._RnnLayerGrad, "apply", boom)
     m = pnn.GRU(I, H, num_layers=2, bidirectional=True)
     m(torch.randn(T, B, I, requires_grad=True))[0].sum().backward()
+
+
+def _count_reference(monkeypatch):
+    """Counts calls of the reference layer (the slow route)."""
+    calls = []
+    real = ref.rnn_layer
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(ref, "rnn_layer", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", list(SEQ_KINDS))
+def test_nested_torch_func_grad_runs_the_kernels_until_differentiated(kind, monkeypatch):
+    # Under grad(grad(f)) the inner gradient comes from the backward kernel (torch.func asks for its
+    # graph either way); only the outer level, differentiating it, recomputes the layer by its reference.
+    theirs, ours = _pair(*SEQ_KINDS[kind])
+    oracle = _oracle(theirs, ours, monkeypatch)
+    x = _inputs(False)
+
+    def inner(m, calls=None):
+        f = lambda u: _run(m, u, False).sin().sum()
+        def penalty(u):
+            g = torch.func.grad(f)(u)
+            if calls is not None:
+                assert not calls, "the inner torch.func.grad ran the reference"
+            return g.square().sum()
+        return torch.func.grad(penalty)(x)
+    want = inner(oracle)
+    if theirs is None:
+        monkeypatch.setattr(_backend, "_REFERENCE_FORCED", False)
+    calls = _count_reference(monkeypatch)
+    got = inner(ours, calls)
+    assert calls, "the gradient of the gradient did not come from the reference"
+    _assert_close(got, want, "grad of grad")
+
+
+def test_third_order_matches_torch():
+    # Gradients of gradients of gradients: the graph-recording backward's own backward records a graph.
+    theirs, ours = _pair("LSTM", {})
+    x0 = _inputs(False)[:2, :1]
+
+    def third(m):
+        f = lambda u: m(u)[0].sin().sum()
+        return torch.func.grad(lambda u: torch.func.grad(lambda v: torch.func.grad(f)(v).square().sum())(u)
+                               .cos().sum())(x0)
+    _assert_close(third(ours), third(theirs), "third order")
 
 
 def _functional(m):
@@ -181,6 +230,44 @@ def test_torch_func_grad_jvp_hessian_match_torch(kind, device, monkeypatch):
     _assert_close(jvp, jvp0, "jvp")
     _assert_close(jac, jac0, "jacfwd")
     _assert_close(hess, hess0, "hessian")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", list(SEQ_KINDS) + list(CELL_KINDS))
+def test_torch_func_grad_and_vjp_run_the_kernels(kind, device, monkeypatch):
+    # grad and vjp need only a backward: the kernels' (the reference only runs under vmap, jvp and
+    # forward AD). Compared with torch.nn under the same transforms.
+    theirs, ours, x, _ = _case(kind)
+    oracle = _oracle(theirs, ours, monkeypatch)
+    want_g = torch.func.grad(_functional(oracle)[1])(*_functional(oracle)[0:1], x)
+    want_v = torch.func.vjp(lambda u: _run(oracle, u, False), x)[1](torch.ones_like(_run(oracle, x, False)))[0]
+    want_p = _param_vjp(oracle, x)
+    if theirs is None:
+        monkeypatch.setattr(_backend, "_REFERENCE_FORCED", False)
+    ours.to(device)
+    calls = _count_reference(monkeypatch)
+    params, loss = _functional(ours)
+    z = x.to(device)
+    g = torch.func.grad(loss)(params, z)
+    out, pull = torch.func.vjp(lambda u: _run(ours, u, False), z)
+    v = pull(torch.ones_like(out))[0]
+    p = _param_vjp(ours, z)  # (its pull runs after vjp's level ended, on dead functorch wrappers)
+    assert not calls, "torch.func.grad or vjp ran the reference"
+    for name in want_g:
+        _assert_close(g[name], want_g[name], f"grad {name}")
+        _assert_close(p[name], want_p[name], f"vjp {name}")
+    _assert_close(v, want_v, "vjp")
+
+
+def _param_vjp(m, x):
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    out, pull = torch.func.vjp(lambda q: _run_with(m, q, x), params)
+    return pull(torch.ones_like(out))[0]
+
+
+def _run_with(m, params, x):
+    out = torch.func.functional_call(m, params, (x,))
+    return out[0] if isinstance(out, tuple) else out
 
 
 @pytest.mark.parametrize("kind", list(SEQ_KINDS) + list(CELL_KINDS))

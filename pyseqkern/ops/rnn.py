@@ -540,119 +540,242 @@ def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, sc
 
 
 class _RnnLayer(torch.autograd.Function):
+    """One layer and direction on the kernels. In the setup_context form, which torch.func's grad and
+    vjp require (under them a layer runs here, at kernel speed; vmap, jvp and forward AD take the
+    reference, see _transformed). The reserve and the packed weights are outputs only so that
+    setup_context can save them; rnn_layer drops them."""
+
     @staticmethod
-    def forward(ctx, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    def forward(mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(
             mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, training,
             _proj_scratch() if _plain_eager(x2d) else None)
         y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(
             code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
             training, x_bias)
-        ctx.set_materialize_grads(False)
-        ctx.cfg = (mode, code, reset_after, hidden, proj, seq)
-        if training:  # h0, w_hh and w_hr only for a backward that is itself differentiated
-            ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
-        return y, h_n, (c_n if code == 0 else None)
+        # (inference: the packed weights are the cache's own tensor, which must not leave as an output)
+        return y, h_n, (c_n if code == 0 else None), reserve, (packed if training else reserve)
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n):
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must have a graph of its own
-            return _differentiable_backward(ctx, dy, dh_n, dc_n)
-        mode, code, reset_after, hidden, proj, seq = ctx.cfg
-        x2d, c0, w_ih, reserve, packed, b_ih, b_hh = ctx.saved_tensors[:7]
-        # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
-        # column slice); the kernel reads dense rows.
-        dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
-        K = proj if proj > 0 else hidden
-        need = ctx.needs_input_grad[1:]  # (mode, [training,] reset_after, seq, x2d, h0, c0, w_ih, w_hh, ...)
-        wdtype = w_ih.dtype
-        g = _Gemms(reserve.shape[0], wdtype, reserve.device)
-        gru_after = mode == "gru" and reset_after
-        # LSTM and RNN: dW_ih = dG^T x, dW_hh = dG^T h_prev and the bias gradient dG^T 1 in one GEMM,
-        # dG^T [x | h_prev | 1] (one pass over dG^T: 10% less time than two GEMMs and a sum), x^T,
-        # h_prev^T and a row of ones stacked in one buffer.
-        I = x2d.shape[1]
-        with_db = need[8] or need[9]
-        joint = None
-        use_joint = g.fast and mode != "gru" and need[6] and need[7]
+    def setup_context(ctx, inputs, output):
+        mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
+        _, _, _, reserve, packed = output
+        ctx.mark_non_differentiable(reserve, packed)
+        ctx.set_materialize_grads(False)
+        hidden = w_hh.shape[0] // GATES[mode]
+        ctx.cfg = (mode, MODES[mode], reset_after, hidden, 0 if w_hr is None else w_hr.shape[0], seq)
+        if training:  # h0, w_hh and w_hr only for a backward that is itself differentiated
+            ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
 
-        def make_joint(take):
-            j = take((I + K + with_db, reserve.shape[0]), wdtype)
-            j[:I].copy_(x2d.t())
-            if with_db:
-                j[I + K].fill_(1)
-            return j
-
-        if reserve.device.type == "cpu" and _plain_eager(reserve):
-            # Straight to the kernel (as inference does) with the temporaries in this thread's scratch:
-            # none of them leaves this function (every gradient returned is a fresh GEMM output).
-            scratch = _scratch()
-            joint = make_joint(scratch.take) if use_joint else None
-            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = _backward_impl(
-                code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
-                *seq.args(), g.fast, scratch=scratch, h_prev_t=None if joint is None else joint[I:I + K])
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n, _reserve, _packed):
+        need = ctx.needs_input_grad[4:]  # x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
+        if not torch.is_grad_enabled():
+            grads = _kernel_grads(ctx.cfg, need, ctx.saved_tensors[:7], dy, dh_n, dc_n)
+        elif _functorch_graph(ctx.saved_tensors):
+            # torch.func.grad and vjp ask for a graph whether or not anything differentiates the result
+            # (single-level grad never does): the kernels, inside a Function whose own backward
+            # differentiates the reference. (vjp's pull runs after its level has ended: then the saved
+            # tensors are dead functorch wrappers, which Function.apply unwraps and autograd.grad cannot
+            # differentiate.)
+            grads = _RnnLayerGrad.apply(ctx.cfg, need, *ctx.saved_tensors, dy, dh_n, dc_n)
         else:
-            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
-                code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
-                *seq.args(), g.fast)
-            if use_joint:  # the same GEMM, so both paths give the same bits
-                joint = make_joint(lambda shape, dtype: torch.empty(shape, dtype=dtype, device=reserve.device))
-                joint[I:I + K].copy_(hprev_t)
-        if not g.fast:  # views for mm
-            dgx_t = dgx.t()
-            dgh_t = dgh.t() if gru_after else None
-            hprev_t = reserve[:, reserve.shape[1] - K:].to(wdtype).t()  # h_prev closes every reserve row (rnn.h)
-        dx = g.mm(dgx, g.t(w_ih)) if need[3] else None
-        dw_hh = dw_hr = None
-        db = None
-        if joint is not None:
-            dw = g.mm(dgx_t, joint)
-            dw_ih, dw_hh = dw[:, :I], dw[:, I:I + K]
-            if with_db:
-                db = dw[:, I + K].contiguous()
+            # create_graph=True asked for in plain autograd: the gradient will be differentiated
+            # (penalties, MAML, Hessian-vector products), so the reference's graph is built right away;
+            # the kernels first and the reference in the second pass measured 6-15% slower there.
+            x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr = ctx.saved_tensors
+            grads = _reference_vjp(ctx.cfg, need, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n,
+                                   functional=False)
+        return (None, None, None, None, *grads)
+
+
+def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
+    """The 8 gradients (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr; None where `need` says no) of a layer
+    from the backward kernel and torch GEMMs. `saved`: x2d, c0, w_ih, reserve, packed, b_ih, b_hh."""
+    mode, code, reset_after, hidden, proj, seq = cfg
+    x2d, c0, w_ih, reserve, packed, b_ih, b_hh = saved
+    # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
+    # column slice); the kernel reads dense rows.
+    dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
+    K = proj if proj > 0 else hidden
+    wdtype = w_ih.dtype
+    g = _Gemms(reserve.shape[0], wdtype, reserve.device)
+    gru_after = mode == "gru" and reset_after
+    # LSTM and RNN: dW_ih = dG^T x, dW_hh = dG^T h_prev and the bias gradient dG^T 1 in one GEMM,
+    # dG^T [x | h_prev | 1] (one pass over dG^T: 10% less time than two GEMMs and a sum), x^T,
+    # h_prev^T and a row of ones stacked in one buffer.
+    I = x2d.shape[1]
+    with_db = need[5] or need[6]
+    joint = None
+    use_joint = g.fast and mode != "gru" and need[3] and need[4]
+
+    def make_joint(take):
+        j = take((I + K + with_db, reserve.shape[0]), wdtype)
+        j[:I].copy_(x2d.t())
+        if with_db:
+            j[I + K].fill_(1)
+        return j
+
+    if reserve.device.type == "cpu" and _plain_eager(reserve):
+        # Straight to the kernel (as inference does) with the temporaries in this thread's scratch:
+        # none of them leaves this function (every gradient returned is a fresh GEMM output).
+        scratch = _scratch()
+        joint = make_joint(scratch.take) if use_joint else None
+        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = _backward_impl(
+            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
+            *seq.args(), g.fast, scratch=scratch, h_prev_t=None if joint is None else joint[I:I + K])
+    else:
+        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
+            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
+            *seq.args(), g.fast)
+        if use_joint:  # the same GEMM, so both paths give the same bits
+            joint = make_joint(lambda shape, dtype: torch.empty(shape, dtype=dtype, device=reserve.device))
+            joint[I:I + K].copy_(hprev_t)
+    if not g.fast:  # views for mm
+        dgx_t = dgx.t()
+        dgh_t = dgh.t() if gru_after else None
+        hprev_t = reserve[:, reserve.shape[1] - K:].to(wdtype).t()  # h_prev closes every reserve row (rnn.h)
+    dx = g.mm(dgx, g.t(w_ih)) if need[0] else None
+    dw_hh = dw_hr = None
+    db = None
+    if joint is not None:
+        dw = g.mm(dgx_t, joint)
+        dw_ih, dw_hh = dw[:, :I], dw[:, I:I + K]
+        if with_db:
+            db = dw[:, I + K].contiguous()
+    else:
+        dw_ih = g.mm(dgx_t, g.t(x2d)) if need[3] else None
+        db = dgx.sum(0) if with_db else None
+    if need[4] and joint is None:
+        if gru_after:
+            dw_hh = g.mm(dgh_t, hprev_t)
+        elif mode == "gru":
+            rh_t = g.t(reserve[:, 3 * hidden:4 * hidden].to(wdtype))
+            dw_hh = torch.cat([g.mm(dgx_t[:2 * hidden], hprev_t), g.mm(dgx_t[2 * hidden:], rh_t)])
         else:
-            dw_ih = g.mm(dgx_t, g.t(x2d)) if need[6] else None
-            db = dgx.sum(0) if with_db else None
-        if need[7] and joint is None:
-            if gru_after:
-                dw_hh = g.mm(dgh_t, hprev_t)
-            elif mode == "gru":
-                rh_t = g.t(reserve[:, 3 * hidden:4 * hidden].to(wdtype))
-                dw_hh = torch.cat([g.mm(dgx_t[:2 * hidden], hprev_t), g.mm(dgx_t[2 * hidden:], rh_t)])
-            else:
-                dw_hh = g.mm(dgx_t, hprev_t)
-        db_hh = None
-        if need[9]:
-            db_hh = dgh_t.sum(1) if gru_after else db
-        if need[10]:
-            dw_hr = g.mm(g.t(dproj), g.t(reserve[:, 5 * hidden:6 * hidden].to(wdtype)))
-        return (None, None, None, None, dx, dh0 if need[4] else None, (dc0 if code == 0 else None) if need[5] else None,
-                dw_ih, dw_hh, db if need[8] else None, db_hh, dw_hr)
+            dw_hh = g.mm(dgx_t, hprev_t)
+    db_hh = None
+    if need[6]:
+        db_hh = dgh_t.sum(1) if gru_after else db
+    if need[7]:
+        dw_hr = g.mm(g.t(dproj), g.t(reserve[:, 5 * hidden:6 * hidden].to(wdtype)))
+    return (dx, dh0 if need[1] else None, (dc0 if code == 0 else None) if need[2] else None,
+            dw_ih, dw_hh, db if need[5] else None, db_hh, dw_hr)
 
 
-def _differentiable_backward(ctx, dy, dh_n, dc_n):
-    """The backward of _RnnLayer as a function autograd can differentiate again (gradient penalties,
-    Hessian-vector products, MAML): the kernels' backward is not, so this recomputes the layer by its
-    reference (plain torch ops) on the saved inputs and takes its vector-Jacobian product with
-    create_graph. Slow (a Python loop over steps) but exact to rounding; first-order training never
-    comes here (torch calls backward without grad mode unless create_graph is set)."""
-    mode, code, reset_after, hidden, proj, seq = ctx.cfg
-    x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr = ctx.saved_tensors
+class _RnnLayerGrad(torch.autograd.Function):
+    """The backward of _RnnLayer under torch.func.grad and vjp, which ask for a graph of the gradient
+    whether or not anything uses it: the forward is the kernels' backward, so those transforms run at
+    kernel speed; the backward (nested grad: a gradient of a gradient) recomputes the layer by its
+    reference, takes its vector-Jacobian product with a graph and differentiates that (a Python loop over
+    steps, exact to rounding, and differentiable again)."""
+
+    @staticmethod
+    def forward(cfg, need, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n):
+        grads = _kernel_grads(cfg, need, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh), dy, dh_n, dc_n)
+        # Outputs of a Function must be distinct tensors of their own: the joint GEMM's two weight
+        # gradients are views of one buffer, and LSTM and RNN give both biases the same tensor.
+        seen, out = set(), []
+        for t in grads:
+            if t is not None and (id(t) in seen or t._base is not None):
+                t = t.clone()
+            if t is not None:
+                seen.add(id(t))
+            out.append(t)
+        return tuple(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        cfg, need, x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n = inputs
+        ctx.set_materialize_grads(False)
+        ctx.cfg, ctx.need = cfg, need
+        ctx.save_for_backward(x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n)
+
+    @staticmethod
+    def backward(ctx, *vs):
+        saved = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        idx = [i for i, at in enumerate(_GRAD_SAVED_AT) if n[at] and saved[i] is not None]
+        inputs = saved[:8]
+        cotangents = any(g is not None for g in saved[8:])
+        outs = [j for j in range(8) if vs[j] is not None and ctx.need[j] and inputs[j] is not None and cotangents]
+        result = [None] * 15
+        if not idx or not outs:
+            return tuple(result)
+
+        if not torch.is_grad_enabled():
+            # Nothing will differentiate this result (the usual gradient penalty or MAML step): plain
+            # autograd on detached leaves, a third of torch.func's overhead on the reference's small ops.
+            leaves = [None if t is None else t.detach().requires_grad_(t.dtype.is_floating_point) for t in saved]
+            with torch.enable_grad():
+                first = _reference_vjp(ctx.cfg, ctx.need, *leaves, functional=False)
+                pairs = [(first[j], vs[j]) for j in outs if first[j] is not None]
+                got = torch.autograd.grad([f for f, _ in pairs], [leaves[i] for i in idx],
+                                          [v for _, v in pairs], allow_unused=True) if pairs else [None] * len(idx)
+            for i, g in zip(idx, got):
+                result[_GRAD_SAVED_AT[i]] = g
+            return tuple(result)
+
+        def first_order(*diff):
+            full = list(saved)
+            for i, t in zip(idx, diff):
+                full[i] = t
+            first = _reference_vjp(ctx.cfg, ctx.need, *full)
+            return tuple(first[j] for j in outs)
+        # A graph is recorded (third order and up): torch.func.vjp, not autograd.grad on the saved
+        # tensors, so that the recomputation stays a graph of its own (autograd.grad from it would run on
+        # into the caller's graph through dy's history, and free it) and the result is differentiable.
+        _, pull = torch.func.vjp(first_order, *(saved[i] for i in idx))
+        for i, g in zip(idx, pull(tuple(vs[j] for j in outs))):
+            result[_GRAD_SAVED_AT[i]] = g
+        return tuple(result)
+
+
+def _functorch_graph(saved) -> bool:
+    """A backward inside a torch.func transform, or on tensors one made (vjp's pull)."""
+    if _functorch_active is not None and _functorch_active():
+        return True
+    return _is_functorch_wrapped is not None and any(t is not None and _is_functorch_wrapped(t) for t in saved)
+
+
+_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+# Where _RnnLayerGrad's saved tensors (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n) stand
+# among its forward's arguments (cfg, need, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy,
+# dh_n, dc_n).
+_GRAD_SAVED_AT = (2, 9, 3, 4, 10, 7, 8, 11, 12, 13, 14)
+
+
+def _reference_vjp(cfg, need, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n, functional=True):
+    """The 8 first-order gradients of _kernel_grads (None where `need` says no or the input is None),
+    computed by the reference with a graph. Through torch.func.vjp, or with `functional=False` by
+    autograd.grad(create_graph=True) w.r.t. the given tensors (the wanted ones must require grad)."""
+    mode, code, reset_after, hidden, proj, seq = cfg
     inputs = (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    need = ctx.needs_input_grad[4:]
-    wanted = [i for i, (t, n) in enumerate(zip(inputs, need)) if n and t is not None]
-    x = x2d if seq.batch_sizes is not None else x2d.reshape(seq.steps, seq.batch, x2d.shape[1])
-    y, h_n, c_n = _reference.rnn_layer(mode, x, seq.batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seq.reverse,
-                                       reset_after)
-    pairs = [(o, g) for o, g in ((y.view(-1, y.shape[-1]), dy), (h_n, dh_n), (c_n, dc_n))
-             if o is not None and g is not None]
+    wanted = [i for i, (t, w) in enumerate(zip(inputs, need)) if w and t is not None]
+    cots = [(k, g) for k, g in enumerate((dy, dh_n, dc_n)) if g is not None and (k < 2 or code == 0)]
     grads = [None] * len(inputs)
-    if wanted and pairs:
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                  create_graph=True, allow_unused=True)
-        for i, g in zip(wanted, got):
-            grads[i] = g
-    return (None, None, None, None, *grads)
+    if not wanted or not cots:
+        return grads
+
+    def layer(*diff):
+        full = list(inputs)
+        for i, t in zip(wanted, diff):
+            full[i] = t
+        x = full[0] if seq.batch_sizes is not None else full[0].reshape(seq.steps, seq.batch, full[0].shape[1])
+        y, h_n, c_n = _reference.rnn_layer(mode, x, seq.batch_sizes, *full[1:], seq.reverse, reset_after)
+        outs = (y.reshape(-1, y.shape[-1]), h_n, c_n)
+        return tuple(outs[k] for k, _ in cots)
+    if functional:
+        _, pull = torch.func.vjp(layer, *(inputs[i] for i in wanted))
+        got = pull(tuple(g for _, g in cots))
+    else:
+        got = torch.autograd.grad(layer(*(inputs[i] for i in wanted)), [inputs[i] for i in wanted],
+                                  [g for _, g in cots], create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, got):
+        grads[i] = g
+    return grads
 
 
 def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -677,11 +800,27 @@ _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never ge
 
 
 def _transformed() -> bool:
-    """torch.func transforms (grad, vmap, jvp, jacrev, hessian...) or forward-mode AD are in use. The
-    kernels' autograd.Function has no vmap rule and no jvp, so a layer then runs its reference: plain
-    torch ops, composable with every transform (torch.nn's own layers have no vmap rule at all)."""
-    return not torch.compiler.is_compiling() and (  # (a level >= 0: inside forward_ad.dual_level())
-        _fwad._current_level >= 0 or (_functorch_active is not None and _functorch_active()))
+    """torch.func transforms other than grad and vjp (vmap, jvp, jacrev, jacfwd, hessian...) or forward-mode
+    AD are in use. The kernels' autograd.Functions have no vmap rule and no jvp, so a layer then runs its
+    reference: plain torch ops, composable with every transform (torch.nn's own layers have no vmap rule
+    at all). Under grad and vjp alone (nested or not) the kernels run: those transforms need only the
+    Functions' backward, whose own gradient is the reference's (_RnnLayerGrad)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _fwad._current_level >= 0:  # inside forward_ad.dual_level()
+        return True
+    if _functorch_active is None or not _functorch_active():
+        return False
+    if _functorch_interpreters is None:
+        return True
+    return any(i.key() != _GRAD_TRANSFORM for i in _functorch_interpreters())
+
+
+try:  # (private; absent or moved, every transform takes the reference as before)
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
+    _GRAD_TRANSFORM = torch._C._functorch.TransformType.Grad
+except (ImportError, AttributeError):
+    _functorch_interpreters = None
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -777,8 +916,8 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
                                        packed, *seq.args(), False, x_bias)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
-    y, h_n, c_n = _RnnLayer.apply(mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih, w_hh.contiguous(),
-                                  b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
+    y, h_n, c_n, _, _ = _RnnLayer.apply(mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih,
+                                        w_hh.contiguous(), b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
     y = y.view(*x.shape[:-1], y.shape[-1])
     return y, h_n, c_n
 
