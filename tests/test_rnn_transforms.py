@@ -7,7 +7,7 @@ reference run on."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pyseqkern.nn as pnn
 from pyseqkern import _backend
@@ -287,6 +287,87 @@ def test_vmap_and_per_sample_grads_match_a_loop(kind):
     want = [torch.autograd.grad(_run(ours, z, False).sin().sum(), list(ours.parameters())) for z in xs]
     for i, name in enumerate(names):
         _assert_close(per_sample[name], torch.stack([w[i] for w in want]), f"per-sample grad {name}")
+
+
+def _forced_reference(monkeypatch, on):
+    monkeypatch.setattr(_backend, "_REFERENCE_FORCED", on)  # read per call
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", list(SEQ_KINDS) + list(CELL_KINDS))
+def test_vmap_runs_the_kernels_and_matches_the_reference(kind, device, monkeypatch):
+    # vmap (outermost) over inputs, states or cotangents folds the mapped dimension into the batch of one
+    # kernel call (_RnnLayer.vmap, _RnnLayerGrad.vmap); the oracle is the reference under the same
+    # transforms. Mapped dims other than 0, unmapped inputs with mapped states, jacrev (mapped
+    # cotangents over an unmapped forward) and per-sample gradients of a loss of y and the final states.
+    _, ours, x, _ = _case(kind)
+    ours.to(device)
+    cell = kind in CELL_KINDS
+    x = x.to(device)
+    xs = torch.stack([x, x.flip(0), x.cos()], 1)  # mapped at dim 1
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    hidden = (ours.proj_size or ours.hidden_size) if not cell else ours.hidden_size
+    layers = 1 if cell else ours.num_layers * (2 if ours.bidirectional else 1)
+    h_shape = (B, hidden) if cell else (layers, B, hidden)
+    hs = torch.randn(4, *h_shape, dtype=F64, device=device)
+    lstm = isinstance(ours, (torch.nn.LSTM, torch.nn.LSTMCell))
+    c_shape = h_shape if cell else (layers, B, ours.hidden_size)
+    c0 = torch.randn(c_shape, dtype=F64, device=device).sin()
+
+    def loss(p, z, h=None):
+        hx = None if h is None else (h, c0) if lstm else h
+        out = torch.func.functional_call(ours, p, (z,) if hx is None else (z, hx))
+        if cell:
+            return (out[0].sin().sum() + out[1].square().sum()) if lstm else out.sin().sum()
+        h_n = out[1][0] if lstm else out[1]
+        return out[0].sin().sum() + h_n.square().sum()
+
+    def run():
+        a = torch.vmap(lambda z: _run(ours, z, False), in_dims=1)(xs)
+        b = torch.vmap(lambda h: loss(params, x, h), in_dims=0)(hs)
+        c = torch.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, xs)
+        d = torch.func.jacrev(lambda z: _run(ours, z, False))(x[:2] if not cell else x)
+        return a, b, c, d
+    calls = _count_reference(monkeypatch)
+    got = run()
+    assert not calls, "vmap ran the reference"
+    _forced_reference(monkeypatch, True)
+    want = run()
+    for name, a, e in zip(("vmap output", "vmap over states", "per-sample grads", "jacrev"), got, want):
+        if isinstance(a, dict):
+            for k in a:
+                _assert_close(a[k], e[k], f"{name} {k}")
+        else:
+            _assert_close(a, e, name)
+
+
+def test_vmap_over_weights_packed_input_or_inside_grad_takes_the_reference(monkeypatch):
+    # No fold for these: mapped weights (ensembles), packed sequences, or a vmap inside grad (below it a
+    # grad level would need the fold's raw ops differentiable). They run the reference and stay right.
+    _, ours, x, _ = _case("gru-2layers")
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    stacked = {k: torch.stack([v, v * 0.9]) for k, v in params.items()}
+    calls = _count_reference(monkeypatch)
+    ens = torch.vmap(lambda p: _run_with(ours, p, x), in_dims=(0,))(stacked)
+    assert calls
+    for i in range(2):
+        with torch.no_grad():
+            want = _run_with(ours, {k: v[i] for k, v in stacked.items()}, x)
+        _assert_close(ens[i], want, "ensemble")
+    xs = torch.stack([x, x.cos()])
+    calls.clear()
+    p = pack_padded_sequence(x, [4, 1, 3], enforce_sorted=False)  # (built outside: torch's packing has no vmap)
+    on_data = lambda d: ours(PackedSequence(d, p.batch_sizes, p.sorted_indices, p.unsorted_indices))[0].data
+    datas = torch.stack([p.data, p.data.cos()])
+    packed = torch.vmap(on_data)(datas)
+    assert calls
+    _assert_close(packed[1], on_data(datas[1]), "packed")
+    calls.clear()
+    g = torch.func.grad(lambda z: torch.vmap(lambda u: _run(ours, u, False))(z).sin().sum())(xs)
+    assert calls
+    xr = xs.clone().requires_grad_()
+    want, = torch.autograd.grad(sum(_run(ours, u, False).sin().sum() for u in xr.unbind()), xr)
+    _assert_close(g, want, "grad of vmap")
 
 
 @pytest.mark.parametrize("kind", ["lstm_proj-bidirectional-2layers", "gru-2layers", "lstm_cell", "gru_cell"])

@@ -568,6 +568,24 @@ class _RnnLayer(torch.autograd.Function):
             ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
 
     @staticmethod
+    def vmap(info, in_dims, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        # The mapped dimension V joins the batch: rows (t, b) of each v become rows (t, v, b) of one
+        # call with batch V*B (rnn_layer sends nothing else here: weights not mapped, not packed).
+        _unmapped_weights("_RnnLayer", in_dims[7:])
+        V, T, B = info.batch_size, seq.steps, seq.batch
+        dx, dh, dc = in_dims[4:7]
+        xf = _fold_rows(x2d, dx, V, T, B)
+        h0f = None if h0 is None else _fold_states(h0, dh, V)
+        c0f = None if c0 is None else _fold_states(c0, dc, V)
+        seqf = _Seq(xf.view(T, V * B, xf.shape[-1]), None, seq.reverse)
+        y, h_n, c_n, reserve, packed = _RnnLayer.apply(mode, reset_after, seqf, training, xf, h0f, c0f, w_ih, w_hh,
+                                                       b_ih, b_hh, w_hr)
+        # The reserve keeps its folded rows: only _RnnLayerGrad.vmap reads it (as [T, V, B, cols], dim 1).
+        return ((_unfold_rows(y, V, T, B), h_n.view(V, B, -1), None if c_n is None else c_n.view(V, B, -1),
+                 reserve.view(T, V, B, -1) if training else reserve, packed),
+                (0, 0, None if c_n is None else 0, 1 if training else None, None))
+
+    @staticmethod
     def backward(ctx, dy, dh_n, dc_n, _reserve, _packed):
         need = ctx.needs_input_grad[4:]  # x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
         if not torch.is_grad_enabled():
@@ -692,6 +710,59 @@ class _RnnLayerGrad(torch.autograd.Function):
         ctx.save_for_backward(x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n)
 
     @staticmethod
+    def vmap(info, in_dims, cfg, need, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n):
+        # As _RnnLayer.vmap: one backward call over the folded batch, then each v's weight gradients by
+        # batched GEMMs over its own rows (per-sample gradients: the weights are not mapped, dy is).
+        _unmapped_weights("_RnnLayerGrad", (in_dims[4], in_dims[6], in_dims[7], in_dims[8], in_dims[10],
+                                            in_dims[11]))
+        mode, code, reset_after, hidden, proj, seq = cfg
+        V, T, B = info.batch_size, seq.steps, seq.batch
+        K = proj if proj > 0 else hidden
+        d = dict(zip(("x2d", "c0", "reserve", "dy", "dh_n", "dc_n"),
+                     (in_dims[2], in_dims[3], in_dims[5], in_dims[12], in_dims[13], in_dims[14])))
+        xf = _fold_rows(x2d, d["x2d"], V, T, B)
+        rf = _fold_rows(reserve, d["reserve"], V, T, B)
+        c0f = None if c0 is None else _fold_states(c0, d["c0"], V)
+        dyf = None if dy is None else _fold_rows(dy, d["dy"], V, T, B).contiguous()
+        dhf = None if dh_n is None else _fold_states(dh_n, d["dh_n"], V).contiguous()
+        dcf = None if dc_n is None else _fold_states(dc_n, d["dc_n"], V).contiguous()
+        seqf = _Seq(xf.view(T, V * B, xf.shape[-1]), None, seq.reverse)
+        dgx, dgh, dproj, dh0, dc0, _, _, _ = torch.ops.pyseqkern.rnn_backward(
+            code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False)
+        wdtype = w_ih.dtype
+
+        def per_v(a, b):  # sum over each v's rows of a^T b: [V, a cols, b cols]
+            return torch.einsum("tvbm,tvbn->vmn", a.reshape(T, V, B, -1), b.to(wdtype).reshape(T, V, B, -1))
+
+        def col_sum(a):
+            return a.reshape(T, V, B, -1).sum((0, 2))
+        out = [None] * 8
+        if need[0]:
+            out[0] = _unfold_rows(dgx @ w_ih, V, T, B)
+        if need[1]:
+            out[1] = dh0.view(V, B, -1)
+        if need[2] and code == 0:
+            out[2] = dc0.view(V, B, -1)
+        if need[3]:
+            out[3] = per_v(dgx, xf)
+        if need[4]:
+            h_prev = rf[:, rf.shape[1] - K:]  # h_prev closes every reserve row (rnn.h)
+            if mode == "gru" and reset_after:
+                out[4] = per_v(dgh, h_prev)
+            elif mode == "gru":
+                out[4] = torch.cat([per_v(dgx[:, :2 * hidden], h_prev),
+                                    per_v(dgx[:, 2 * hidden:], rf[:, 3 * hidden:4 * hidden])], 1)
+            else:
+                out[4] = per_v(dgx, h_prev)
+        if need[5]:
+            out[5] = col_sum(dgx)
+        if need[6]:
+            out[6] = col_sum(dgh if mode == "gru" and reset_after else dgx)
+        if need[7]:
+            out[7] = per_v(dproj, rf[:, 5 * hidden:6 * hidden])
+        return tuple(out), tuple(None if t is None else 0 for t in out)
+
+    @staticmethod
     def backward(ctx, *vs):
         saved = ctx.saved_tensors
         n = ctx.needs_input_grad
@@ -738,7 +809,27 @@ def _functorch_graph(saved) -> bool:
     return _is_functorch_wrapped is not None and any(t is not None and _is_functorch_wrapped(t) for t in saved)
 
 
-_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+def _unmapped_weights(fn, dims):
+    if any(d is not None for d in dims):  # (rnn_layer sends mapped weights to the reference)
+        raise RuntimeError(f"pyseqkern: {fn}.vmap got mapped weights; they take the reference")
+
+
+def _fold_rows(t, dim, V, T, B):
+    """Rows (t, b) of sequence data mapped over V at `dim` (None: the same for every v) as the rows
+    (t, v, b) of one batch of V*B: [T*V*B, cols]."""
+    t = t.unsqueeze(0).expand(V, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(V, T, B, -1).transpose(0, 1).reshape(T * V * B, -1)
+
+
+def _fold_states(t, dim, V):
+    """States [B, cols] mapped over V as the rows (v, b) of one batch: [V*B, cols]."""
+    t = t.unsqueeze(0).expand(V, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(V * t.shape[1], -1)
+
+
+def _unfold_rows(t, V, T, B):
+    """_fold_rows undone: [T*V*B, cols] as [V, T*B, cols]."""
+    return t.reshape(T, V, B, -1).transpose(0, 1).reshape(V, T * B, -1)
 
 
 # Where _RnnLayerGrad's saved tensors (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n) stand
@@ -799,12 +890,14 @@ _is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_traci
 _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
 
 
-def _transformed() -> bool:
-    """torch.func transforms other than grad and vjp (vmap, jvp, jacrev, jacfwd, hessian...) or forward-mode
-    AD are in use. The kernels' autograd.Functions have no vmap rule and no jvp, so a layer then runs its
-    reference: plain torch ops, composable with every transform (torch.nn's own layers have no vmap rule
-    at all). Under grad and vjp alone (nested or not) the kernels run: those transforms need only the
-    Functions' backward, whose own gradient is the reference's (_RnnLayerGrad)."""
+def _transformed(weights=(), packed=False) -> bool:
+    """torch.func transforms the kernels have no rule for, or forward-mode AD, are in use: then a layer runs
+    its reference, plain torch ops, composable with every transform (torch.nn's own layers have no vmap
+    rule at all). The kernels run under any stack of grad/vjp levels (they need only the Functions'
+    backward, whose own gradient is the reference's, _RnnLayerGrad) with at most one vmap level, the
+    outermost, over anything but the weights (`weights`) of a padded (not `packed`) sequence: per-sample
+    gradients (vmap of grad), jacrev, batched inference. There the vmap rules fold the mapped dimension
+    into the batch (_RnnLayer.vmap)."""
     if torch.compiler.is_compiling():
         return False
     if _fwad._current_level >= 0:  # inside forward_ad.dual_level()
@@ -813,14 +906,29 @@ def _transformed() -> bool:
         return False
     if _functorch_interpreters is None:
         return True
-    return any(i.key() != _GRAD_TRANSFORM for i in _functorch_interpreters())
+    keys = [i.key() for i in _functorch_interpreters()]  # outermost first
+    if any(k != _GRAD_TRANSFORM for k in keys[1:]) or keys[0] not in (_GRAD_TRANSFORM, _VMAP_TRANSFORM):
+        return True
+    return keys[0] == _VMAP_TRANSFORM and (packed or any(t is not None and _vmapped(t) for t in weights))
+
+
+def _vmapped(t) -> bool:
+    """t is batched at some functorch vmap level (under any wrappers)."""
+    while _is_functorch_wrapped(t):
+        if _is_batched(t):
+            return True
+        t = _unwrapped(t)
+    return False
 
 
 try:  # (private; absent or moved, every transform takes the reference as before)
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
     _GRAD_TRANSFORM = torch._C._functorch.TransformType.Grad
+    _VMAP_TRANSFORM = torch._C._functorch.TransformType.Vmap
+    _is_batched, _unwrapped = torch._C._functorch.is_batchedtensor, torch._C._functorch.get_unwrapped
+    _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 except (ImportError, AttributeError):
-    _functorch_interpreters = None
+    _functorch_interpreters = _is_functorch_wrapped = None
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -896,7 +1004,8 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         up = [None if t is None else t.float() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
         y, h_n, c_n = rnn_layer(mode, up[0], batch_sizes, *up[1:], reverse, reset_after)
         return y.half(), h_n.half(), None if c_n is None else c_n.half()
-    if _backend.use_reference("rnn_layer", x.device) or _transformed():
+    if _backend.use_reference("rnn_layer", x.device) or _transformed((w_ih, w_hh, b_ih, b_hh, w_hr),
+                                                                       batch_sizes is not None):
         return _reference.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     seq = _Seq(x, batch_sizes, reverse)
     x2d = x.reshape(-1, x.shape[-1])
