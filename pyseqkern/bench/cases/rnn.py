@@ -10,6 +10,8 @@ Targets (the RNN issue's; speedup = torch ms / ours ms), inference unless stated
   GRU    B<=8: 3.0, B>=16: 1.8; training 2.0; packed 2.0
   RNN    B<=8: 3.0, B>=16: 1.8
   cells  (B, H) = (1, 256): 5.0, (32, 512): 1.3
+  torch.func (LSTM, GRU; no target): grad of a loss over functional_call, both under torch.func.grad;
+  per-sample gradients, ours by vmap of grad, torch.nn's by a loop of plain autograd (no vmap rule).
 CUDA (the CUDA RNN issue's; against torch.nn on cuDNN in the same run), float16 and float32, (T, B, H) =
 (100, 1/4/16/64, 256/512/1024):
   inference at B <= 16: 2.0; training (forward + backward) at B <= 16: 1.5; everywhere else 1.0;
@@ -167,6 +169,58 @@ def _training(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=
     return setup
 
 
+def _func_grad(cls: str, device: str, steps: int, batch: int, hidden: int, per_sample: bool):
+    """torch.func: the gradient of a loss over functional_call with respect to the parameters, through
+    torch.func.grad on both sides; with `per_sample`, one gradient per sequence: ours by vmap of grad over
+    the batch (what DP-SGD computes), torch.nn's by a loop of plain autograd over the sequences (its
+    layers have no vmap rule: "Batching rule not implemented for aten::lstm.input")."""
+    def setup(ceilings):
+        theirs, ours = _modules(cls, device, torch.float32, hidden, hidden)
+        x = _randn(steps, batch, hidden, device=device, dtype=torch.float32)
+        exact = _exact(device, torch.float32)
+
+        def run(module):
+            params = {k: v.detach() for k, v in module.named_parameters()}
+
+            def loss(p, z):
+                out, h_n = torch.func.functional_call(module, p, (z,))
+                h = h_n[0] if isinstance(h_n, tuple) else h_n
+                return out.square().sum() + h.sum()
+            grad = torch.func.grad(loss)
+            if not per_sample:
+                return lambda: grad(params, x)
+            if module is ours:
+                each = torch.func.vmap(grad, in_dims=(None, 1))
+                return lambda: each(params, x)
+
+            names, weights = list(params), list(module.parameters())
+
+            def loop():  # (plain autograd per sequence: torch.nn's fastest way, on oneDNN)
+                got = [torch.autograd.grad(loss(dict(zip(names, weights)), x[:, b]), weights) for b in range(batch)]
+                return {k: torch.stack([g[i] for g in got]) for i, k in enumerate(names)}
+            return loop
+
+        torch_fn, ours_fn = run(theirs), run(ours)
+
+        def timed(fn):
+            def call():
+                with exact():
+                    return fn()
+            return call
+
+        def check():
+            want, got = timed(torch_fn)(), timed(ours_fn)()
+            for name in want:
+                atol = _TOL[torch.float32]["atol"] * max(1.0, float(want[name].abs().max()))
+                torch.testing.assert_close(got[name], want[name], rtol=_TOL[torch.float32]["rtol"], atol=atol,
+                                           msg=lambda m, name=name: f"grad of {name}: {m}")
+
+        return Prepared(timed(torch_fn), timed(ours_fn), check,
+                        work=3.0 * _layer_flops(cls, steps, batch, hidden, hidden))
+
+    return setup
+
+
 def _packed(cls: str, device: str, batch: int, hidden: int, longest: int, shortest: int, dtype=torch.float32):
     def setup(ceilings):
         theirs, ours = _modules(cls, device, dtype, hidden, hidden)
@@ -280,6 +334,13 @@ def register_all():
             register(Case(family, "training T=100 B=32 H=256", device, _training(cls, device, 100, 32, 256),
                           unit="GFLOP/s", peak="flops", target={"LSTM": 1.2, "GRU": 2.0}.get(cls),
                           note="forward + backward"))
+            if cls != "RNN":
+                register(Case(family, "torch.func.grad T=100 B=32 H=256", device,
+                              _func_grad(cls, device, 100, 32, 256, False), unit="GFLOP/s", peak="flops",
+                              note="both under torch.func.grad"))
+                register(Case(family, "per-sample grads (vmap of grad) T=100 B=32 H=256", device,
+                              _func_grad(cls, device, 100, 32, 256, True), unit="GFLOP/s", peak="flops",
+                              note="torch.nn: a loop (it has no vmap rule)"))
             for layers in (1, 2):
                 register(Case(family, f"decode step T=1 B=1 H=256 layers={layers}", device,
                               _decode(cls, device, 1, 256, layers), unit="GFLOP/s", peak="flops", target=1.0,
