@@ -341,6 +341,29 @@ def test_vmap_runs_the_kernels_and_matches_the_reference(kind, device, monkeypat
             _assert_close(a, e, name)
 
 
+@pytest.mark.parametrize("cls,kw", [("LSTM", dict(batch_first=True, num_layers=2, bidirectional=True, proj_size=3)),
+                                    ("GRU", dict(batch_first=True, reset_after=False)),
+                                    ("RNN", dict(nonlinearity="relu", num_layers=3))])
+def test_per_sample_grads_of_unbatched_sequences(cls, kw, monkeypatch):
+    # DP-SGD's form: each sample an unbatched [T, I] sequence (B = 1 per call), odd sizes, vmap of grad;
+    # the kernels run (folded into one batch of 6) and match a loop of torch.func.grad per sample.
+    torch.manual_seed(5)
+    m = getattr(pnn, cls)(7, 5, **kw).to(F64)
+    xs = torch.randn(6, 11, 7, dtype=F64)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(p, z):
+        out, h = torch.func.functional_call(m, p, (z,))
+        return out.tanh().sum() + (h[0] if isinstance(h, tuple) else h).square().sum()
+    calls = _count_reference(monkeypatch)
+    got = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    assert not calls
+    for i, z in enumerate(xs):
+        want = torch.func.grad(loss)(params, z)
+        for k in want:
+            _assert_close(got[k][i], want[k], f"sample {i} {k}")
+
+
 @pytest.mark.parametrize("kind", ["lstm_proj-bidirectional-2layers", "gru-2layers", "rnn_relu", "gru_cell"])
 def test_plain_backward_through_vmap_matches_a_loop(kind, monkeypatch):
     # Parameters that require grad, used inside vmap, then .backward() outside: the folded kernel call
