@@ -259,6 +259,34 @@ def test_torch_func_grad_and_vjp_run_the_kernels(kind, device, monkeypatch):
     _assert_close(v, want_v, "vjp")
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", list(SEQ_KINDS))
+def test_torch_func_grad_of_packed_input_runs_the_kernels(kind, device, monkeypatch):
+    # The packed layout's metadata (batch sizes, offsets, lengths) is computed under the grad level, where
+    # every op's result is a functorch wrapper the kernels cannot read (it crashed before _plain; torch.nn's
+    # own layers still crash there, "Cannot access data pointer of Tensor that doesn't have storage"). The
+    # oracle is ours on the reference.
+    _, ours, x, _ = _case(kind)
+
+    def g(m):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        return torch.func.grad(lambda q, z: _run_with_packed(m, q, z).sin().sum())(
+            params, x.to(next(m.parameters()).device))
+    _forced_reference(monkeypatch, True)
+    want = g(ours)
+    _forced_reference(monkeypatch, False)
+    ours.to(device)
+    calls = _count_reference(monkeypatch)
+    got = g(ours)
+    assert not calls, "torch.func.grad of packed input ran the reference"
+    for k in want:
+        _assert_close(got[k], want[k], f"grad {k}")
+
+
+def _run_with_packed(m, params, x):
+    return torch.func.functional_call(m, params, (pack_padded_sequence(x, [4, 1, 3], enforce_sorted=False),))[0].data
+
+
 def _param_vjp(m, x):
     params = {k: v.detach() for k, v in m.named_parameters()}
     out, pull = torch.func.vjp(lambda q: _run_with(m, q, x), params)
@@ -380,28 +408,51 @@ def test_plain_backward_through_vmap_matches_a_loop(kind, monkeypatch):
         _assert_close(g, p.grad, f"d/d{name}")
 
 
-def test_vmap_over_weights_packed_input_or_inside_grad_takes_the_reference(monkeypatch):
-    # No fold for these: mapped weights (ensembles), packed sequences, or a vmap inside grad (below it a
-    # grad level would need the fold's raw ops differentiable). They run the reference and stay right.
-    _, ours, x, _ = _case("gru-2layers")
+@pytest.mark.parametrize("kind", ["lstm_proj-bidirectional-2layers", "gru-2layers", "gru_reset_before", "rnn_relu",
+                                  "lstm_cell"])
+def test_vmap_over_weights_or_packed_data_loops_over_the_kernels(kind, monkeypatch):
+    # Mapped weights (ensembles: stack_module_state) or packed data cannot fold into one batch: the
+    # rules call the kernels once per v. Outputs and per-member (per-sample) gradients against loops.
+    _, ours, x, _ = _case(kind)
+    cell = kind in CELL_KINDS
     params = {k: v.detach() for k, v in ours.named_parameters()}
-    stacked = {k: torch.stack([v, v * 0.9]) for k, v in params.items()}
+    stacked = {k: torch.stack([v, v * 0.9, v.flip(-1)]) for k, v in params.items()}
     calls = _count_reference(monkeypatch)
-    ens = torch.vmap(lambda p: _run_with(ours, p, x), in_dims=(0,))(stacked)
-    assert calls
-    for i in range(2):
+
+    def loss(p, z):
+        return _run_with(ours, p, z).sin().sum()
+    ens = torch.vmap(lambda p: _run_with(ours, p, x))(stacked)
+    ens_g = torch.vmap(torch.func.grad(loss), in_dims=(0, None))(stacked, x)
+    packed = packed_g = None
+    if not cell:
+        p = pack_padded_sequence(x, [4, 1, 3], enforce_sorted=False)  # (torch's packing has no vmap rule)
+        run_packed = lambda q, d: torch.func.functional_call(
+            ours, q, (PackedSequence(d, p.batch_sizes, p.sorted_indices, p.unsorted_indices),))[0].data
+        datas = torch.stack([p.data, p.data.cos(), p.data * 2])
+        packed = torch.vmap(lambda d: run_packed(params, d))(datas)
+        packed_g = torch.vmap(torch.func.grad(lambda q, d: run_packed(q, d).sin().sum()), in_dims=(None, 0))(
+            params, datas)
+    assert not calls, "vmap ran the reference"
+    for i in range(3):
+        member = {k: v[i] for k, v in stacked.items()}
         with torch.no_grad():
-            want = _run_with(ours, {k: v[i] for k, v in stacked.items()}, x)
-        _assert_close(ens[i], want, "ensemble")
+            _assert_close(ens[i], _run_with(ours, member, x), f"ensemble member {i}")
+        want = torch.func.grad(loss)(member, x)
+        for k in want:
+            _assert_close(ens_g[k][i], want[k], f"ensemble grad {k}")
+        if packed is not None:
+            with torch.no_grad():
+                _assert_close(packed[i], run_packed(params, datas[i]), f"packed {i}")
+            want = torch.func.grad(lambda q: run_packed(q, datas[i]).sin().sum())(params)
+            for k in want:
+                _assert_close(packed_g[k][i], want[k], f"packed per-sample grad {k}")
+
+
+def test_vmap_inside_grad_takes_the_reference(monkeypatch):
+    # Below a grad level the folded backward's raw ops would have to be differentiable: the reference.
+    _, ours, x, _ = _case("gru-2layers")
     xs = torch.stack([x, x.cos()])
-    calls.clear()
-    p = pack_padded_sequence(x, [4, 1, 3], enforce_sorted=False)  # (built outside: torch's packing has no vmap)
-    on_data = lambda d: ours(PackedSequence(d, p.batch_sizes, p.sorted_indices, p.unsorted_indices))[0].data
-    datas = torch.stack([p.data, p.data.cos()])
-    packed = torch.vmap(on_data)(datas)
-    assert calls
-    _assert_close(packed[1], on_data(datas[1]), "packed")
-    calls.clear()
+    calls = _count_reference(monkeypatch)
     g = torch.func.grad(lambda z: torch.vmap(lambda u: _run(ours, u, False))(z).sin().sum())(xs)
     assert calls
     xr = xs.clone().requires_grad_()

@@ -506,6 +506,11 @@ class _Seq:
             self.time_offsets = torch.cumsum(bs, 0) - bs
             self.lengths = (bs.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
             self.row_stride_t = self.row_stride_b = 0
+            if _functorch_active is not None and _functorch_active():
+                # Under a grad transform every op's result (these too) is a functorch wrapper, which the
+                # kernels cannot read; _Seq is opaque to the transforms, so nothing unwraps them later.
+                self.batch_sizes, self.time_offsets, self.lengths = (
+                    _plain(t) for t in (self.batch_sizes, self.time_offsets, self.lengths))
             if x.device.type == "cuda":  # read by the CUDA kernels on the device
                 self.time_offsets, self.lengths = _device_seq(bs, self.time_offsets, self.lengths, x.device)
 
@@ -570,8 +575,10 @@ class _RnnLayer(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         # The mapped dimension V joins the batch: rows (t, b) of each v become rows (t, v, b) of one
-        # call with batch V*B (rnn_layer sends nothing else here: weights not mapped, not packed).
-        _unmapped_weights("_RnnLayer", in_dims[7:])
+        # call with batch V*B. Mapped weights (ensembles) or packed data: one call per v.
+        if seq.batch_sizes is not None or any(d is not None for d in in_dims[7:]):
+            return _vmap_loop(lambda *a: _RnnLayer.apply(mode, reset_after, seq, training, *a), info.batch_size,
+                              (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), in_dims[4:])
         V, T, B = info.batch_size, seq.steps, seq.batch
         dx, dh, dc = in_dims[4:7]
         xf = _fold_rows(x2d, dx, V, T, B)
@@ -712,10 +719,14 @@ class _RnnLayerGrad(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, cfg, need, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n):
         # As _RnnLayer.vmap: one backward call over the folded batch, then each v's weight gradients by
-        # batched GEMMs over its own rows (per-sample gradients: the weights are not mapped, dy is).
-        _unmapped_weights("_RnnLayerGrad", (in_dims[4], in_dims[6], in_dims[7], in_dims[8], in_dims[10],
-                                            in_dims[11]))
+        # batched GEMMs over its own rows (per-sample gradients: the weights are not mapped, dy is); or
+        # one call per v where the weights (or the packed weights) are mapped or the data packed.
         mode, code, reset_after, hidden, proj, seq = cfg
+        if seq.batch_sizes is not None or any(in_dims[i] is not None for i in (4, 6, 7, 8, 10, 11)):
+            def one(x2d, c0, w_ih, reserve, *rest):  # (a folded forward's reserve comes as [T, B, cols])
+                return _RnnLayerGrad.apply(cfg, need, x2d, c0, w_ih, reserve.reshape(-1, reserve.shape[-1]), *rest)
+            return _vmap_loop(one, info.batch_size, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy,
+                                                     dh_n, dc_n), in_dims[2:])
         V, T, B = info.batch_size, seq.steps, seq.batch
         K = proj if proj > 0 else hidden
         d = dict(zip(("x2d", "c0", "reserve", "dy", "dh_n", "dc_n"),
@@ -802,6 +813,13 @@ class _RnnLayerGrad(torch.autograd.Function):
         return tuple(result)
 
 
+def _plain(t):
+    """t without its functorch wrappers (for integer metadata, which no transform differentiates or maps)."""
+    while _is_functorch_wrapped is not None and _is_functorch_wrapped(t):
+        t = _unwrapped(t)
+    return t
+
+
 def _functorch_graph(saved) -> bool:
     """A backward inside a torch.func transform, or on tensors one made (vjp's pull)."""
     if _functorch_active is not None and _functorch_active():
@@ -809,9 +827,13 @@ def _functorch_graph(saved) -> bool:
     return _is_functorch_wrapped is not None and any(t is not None and _is_functorch_wrapped(t) for t in saved)
 
 
-def _unmapped_weights(fn, dims):
-    if any(d is not None for d in dims):  # (rnn_layer sends mapped weights to the reference)
-        raise RuntimeError(f"pyseqkern: {fn}.vmap got mapped weights; they take the reference")
+def _vmap_loop(fn, V, args, dims):
+    """A vmap rule by one call of fn per v on each argument's slice v (None dims: the whole argument);
+    outputs stacked at dim 0 (None stays None)."""
+    outs = [fn(*(a if d is None or a is None else a.select(d, v) for a, d in zip(args, dims))) for v in range(V)]
+    stacked = tuple(None if o[0] is None else torch.stack([each[i] for each in outs])
+                    for i, o in enumerate(zip(*outs)))
+    return stacked, tuple(None if t is None else 0 for t in stacked)
 
 
 def _fold_rows(t, dim, V, T, B):
@@ -890,14 +912,14 @@ _is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_traci
 _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
 
 
-def _transformed(weights=(), packed=False) -> bool:
+def _transformed() -> bool:
     """torch.func transforms the kernels have no rule for, or forward-mode AD, are in use: then a layer runs
     its reference, plain torch ops, composable with every transform (torch.nn's own layers have no vmap
     rule at all). The kernels run under any stack of grad/vjp levels (they need only the Functions'
     backward, whose own gradient is the reference's, _RnnLayerGrad) with at most one vmap level, the
-    outermost, over anything but the weights (`weights`) of a padded (not `packed`) sequence: per-sample
-    gradients (vmap of grad), jacrev, batched inference. There the vmap rules fold the mapped dimension
-    into the batch (_RnnLayer.vmap)."""
+    outermost: per-sample gradients (vmap of grad), jacrev, ensembles, batched inference. The vmap rules
+    (_RnnLayer.vmap, _RnnLayerGrad.vmap) fold the mapped dimension into the batch, or loop over it.
+    (Below a grad level, the folded backward's raw ops would have to be differentiable.)"""
     if torch.compiler.is_compiling():
         return False
     if _fwad._current_level >= 0:  # inside forward_ad.dual_level()
@@ -907,26 +929,15 @@ def _transformed(weights=(), packed=False) -> bool:
     if _functorch_interpreters is None:
         return True
     keys = [i.key() for i in _functorch_interpreters()]  # outermost first
-    if any(k != _GRAD_TRANSFORM for k in keys[1:]) or keys[0] not in (_GRAD_TRANSFORM, _VMAP_TRANSFORM):
-        return True
-    return keys[0] == _VMAP_TRANSFORM and (packed or any(t is not None and _vmapped(t) for t in weights))
-
-
-def _vmapped(t) -> bool:
-    """t is batched at some functorch vmap level (under any wrappers)."""
-    while _is_functorch_wrapped(t):
-        if _is_batched(t):
-            return True
-        t = _unwrapped(t)
-    return False
+    return any(k != _GRAD_TRANSFORM for k in keys[1:]) or keys[0] not in (_GRAD_TRANSFORM, _VMAP_TRANSFORM)
 
 
 try:  # (private; absent or moved, every transform takes the reference as before)
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
     _GRAD_TRANSFORM = torch._C._functorch.TransformType.Grad
     _VMAP_TRANSFORM = torch._C._functorch.TransformType.Vmap
-    _is_batched, _unwrapped = torch._C._functorch.is_batchedtensor, torch._C._functorch.get_unwrapped
     _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    _unwrapped = torch._C._functorch.get_unwrapped
 except (ImportError, AttributeError):
     _functorch_interpreters = _is_functorch_wrapped = None
 
@@ -1004,8 +1015,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         up = [None if t is None else t.float() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
         y, h_n, c_n = rnn_layer(mode, up[0], batch_sizes, *up[1:], reverse, reset_after)
         return y.half(), h_n.half(), None if c_n is None else c_n.half()
-    if _backend.use_reference("rnn_layer", x.device) or _transformed((w_ih, w_hh, b_ih, b_hh, w_hr),
-                                                                       batch_sizes is not None):
+    if _backend.use_reference("rnn_layer", x.device) or _transformed():
         return _reference.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     seq = _Seq(x, batch_sizes, reverse)
     x2d = x.reshape(-1, x.shape[-1])
