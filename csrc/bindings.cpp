@@ -228,6 +228,12 @@ const void* opt_dense(py::handle h, const char* arg) {
   return v.data;
 }
 
+// The reserve: reserve_cols values of the accumulation type (float64 for float64, else float32) for each
+// of the `rows` rows of sequence data, dense (rnn.h). Anything smaller, strided or narrower would be
+// written or read out of bounds (a stride-0 view made by vmap's folding once was: wrong gradients).
+void* checked_reserve(py::handle h, const RnnShape& shape, int64_t batch, DType dtype, DeviceKind device,
+                      int64_t rows, const char* fn);
+
 RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
   if (mode < 0 || mode > 3) throw py::value_error("pyseqkern: rnn: 'mode' must be 0..3 (lstm, gru, rnn_tanh, rnn_relu)");
   if (hidden < 1 || proj < 0 || (proj > 0 && mode != 0))
@@ -244,6 +250,18 @@ RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cu
 #else
   throw_no_cuda("rnn_sizes");
 #endif
+}
+
+void* checked_reserve(py::handle h, const RnnShape& shape, int64_t batch, DType dtype, DeviceKind device,
+                      int64_t rows, const char* fn) {
+  TensorView v = view_of(h, "reserve");
+  const int64_t cols = rnn_sizes_of(shape, batch, dtype, device != DeviceKind::Cpu).reserve_cols;
+  const DType acc = dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+  if (v.dtype != acc || !v.is_contiguous() || v.numel() < rows * cols)
+    throw py::value_error(std::string("pyseqkern: ") + fn + ": 'reserve' must be a contiguous " + dtype_name(acc) +
+                          " tensor of at least " + std::to_string(rows) + " x " + std::to_string(cols) +
+                          " values (rows of sequence data x reserve columns)");
+  return v.data;
 }
 
 DType rnn_dtype(const std::string& dtype) {
@@ -449,7 +467,10 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   p.h_n = view_of(h_n, "h_n").data;
   p.c_n = const_cast<void*>(opt_data(c_n, "c_n"));
   p.packed = view_of(packed, "packed").data;
-  p.reserve = const_cast<void*>(opt_data(reserve, "reserve"));
+  if (!reserve.is_none()) {
+    const TensorView rows_of = p.x != nullptr ? view_of(x, "x") : view_of(x_gates, "x_gates");
+    p.reserve = checked_reserve(reserve, p.shape, batch, p.dtype, rows_of.device, rows_of.sizes[0], "rnn_forward");
+  }
   p.workspace = view_of(workspace, "workspace").data;
   p.num_threads = num_threads;
   if (p.x == nullptr && view_of(x_gates, "x_gates").device != DeviceKind::Cpu) {
@@ -515,7 +536,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   p.dh_n = opt_dense(dh_n, "dh_n");
   p.dc_n = opt_dense(dc_n, "dc_n");
   p.c0 = opt_dense(c0, "c0");
-  p.reserve = view_of(reserve, "reserve").data;
+  p.reserve = checked_reserve(reserve, p.shape, batch, p.dtype, gx.device, gx.sizes[0], "rnn_backward");
   p.packed = view_of(packed, "packed").data;
   p.d_proj = const_cast<void*>(opt_data(d_proj, "d_proj"));
   if (proj > 0 && !p.d_proj) throw py::value_error("pyseqkern: rnn_backward: LSTM with proj needs 'd_proj'");

@@ -287,6 +287,31 @@ def _run_with_packed(m, params, x):
     return torch.func.functional_call(m, params, (pack_padded_sequence(x, [4, 1, 3], enforce_sorted=False),))[0].data
 
 
+@pytest.mark.parametrize("kind", ["lstm_proj-bidirectional-2layers", "gru-2layers", "rnn_tanh-bidirectional",
+                                  "lstm_cell"])
+def test_autograd_functional_vectorized_and_vjp_pull_without_grad(kind, monkeypatch):
+    # torch.autograd.functional.jacobian/hessian(vectorize=True) run the backward under torch's legacy
+    # vmap (is_grads_batched), whose batched gradients have no storage; and a torch.func.vjp pull called
+    # under no_grad runs on dead functorch wrappers. Both crashed ("Cannot access data pointer of Tensor
+    # that doesn't have storage"); against torch.nn.
+    theirs, ours, x, _ = _case(kind)
+    f = lambda m: (lambda z: _run(m, z, False))
+    for name, fn in (("jacobian", torch.autograd.functional.jacobian),
+                     ("hessian", lambda g, z, vectorize: torch.autograd.functional.hessian(
+                         lambda u: g(u).sin().sum(), z[:2] if z.dim() == 3 else z[:1], vectorize=vectorize))):
+        want = fn(f(theirs), x, vectorize=True)
+        _assert_close(fn(f(ours), x, vectorize=True), want, f"{name} vectorized")
+    for m in (theirs, ours):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        out, pull = torch.func.vjp(lambda q: _run_with(m, q, x), params)
+        with torch.no_grad():
+            got = pull(torch.ones_like(out))[0]
+        if m is theirs:
+            want = got
+    for k in want:
+        _assert_close(got[k], want[k], f"vjp pull under no_grad {k}")
+
+
 def _param_vjp(m, x):
     params = {k: v.detach() for k, v in m.named_parameters()}
     out, pull = torch.func.vjp(lambda q: _run_with(m, q, x), params)
@@ -446,6 +471,52 @@ def test_vmap_over_weights_or_packed_data_loops_over_the_kernels(kind, monkeypat
             want = torch.func.grad(lambda q: run_packed(q, datas[i]).sin().sum())(params)
             for k in want:
                 _assert_close(packed_g[k][i], want[k], f"packed per-sample grad {k}")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru-2layers", "rnn_tanh-bidirectional", "lstm_cell", "gru_cell",
+                                  "rnn_cell"])
+def test_vmap_of_one_row_per_sample(kind, monkeypatch):
+    # One row per v (cells on unbatched input, T=1 unbatched sequences, batch 1 with an unmapped state):
+    # the fold of an unmapped tensor was a stride-0 view there, which the kernels refused (h0, c0) or,
+    # for the backward's reserve, read out of bounds (jacrev wrong or NaN). Found by a fuzzing helper.
+    _, ours, x, _ = _case(kind)
+    cell = kind in CELL_KINDS
+    one = x[0] if cell else x[:1, 0]  # unbatched: [I] for a cell, [T=1, I] for a sequence
+    xs = torch.stack([one, one.cos(), one.sin()])
+    hidden = ours.hidden_size if cell else (ours.proj_size or ours.hidden_size)
+    h = torch.randn(hidden if cell else (ours.num_layers * (2 if ours.bidirectional else 1), hidden), dtype=F64)
+    lstm = isinstance(ours, (torch.nn.LSTM, torch.nn.LSTMCell))
+    hx = (h, torch.randn(ours.hidden_size if cell else h.shape[:-1] + (ours.hidden_size,), dtype=F64)) if lstm else h
+
+    def run():
+        return (torch.func.jacrev(lambda z: _run(ours, z, False))(one),
+                torch.vmap(lambda z: _run(ours, z, False))(xs),
+                torch.vmap(lambda z: _run(ours, z.unsqueeze(0 if cell else 1), False))(xs),
+                torch.vmap(lambda z: _first(ours(z, hx)))(xs))
+    calls = _count_reference(monkeypatch)
+    got = run()
+    assert not calls
+    _forced_reference(monkeypatch, True)
+    want = run()
+    for name, a, e in zip(("jacrev", "vmap hx None", "vmap batch 1", "vmap shared hx"), got, want):
+        _assert_close(a, e, name)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_ops_refuse_a_reserve_that_does_not_fit():
+    # The backward kernel read the reserve unchecked: a strided or short one was read out of bounds.
+    H, T_, B_ = 4, 3, 2
+    packed = rnn_ops._packed(0, True, H, 0, torch.randn(4 * H, H), None, True)
+    y, _, _, reserve = torch.ops.pyseqkern.rnn_forward(0, True, H, 0, T_, B_, torch.randn(T_ * B_, 4 * H), None, None,
+                                                       None, packed, None, None, None, B_, 1, False, True)
+    dy = torch.randn(T_ * B_, H)
+    for bad in (reserve[:1].expand(T_ * B_, -1), reserve.double()):
+        with pytest.raises(ValueError, match="'reserve' must be a contiguous"):
+            torch.ops.pyseqkern.rnn_backward(0, True, H, 0, T_, B_, dy, None, None, None, bad, packed, None, None,
+                                             None, B_, 1, False, False)
 
 
 def test_vmap_inside_grad_takes_the_reference(monkeypatch):

@@ -545,8 +545,8 @@ def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, sc
 
 
 class _RnnLayer(torch.autograd.Function):
-    """One layer and direction on the kernels. In the setup_context form, which torch.func's grad and
-    vjp require (under them a layer runs here, at kernel speed; vmap, jvp and forward AD take the
+    """One layer and direction on the kernels. In the setup_context form with a vmap rule, which torch.func
+    requires (grad, vjp and an outermost vmap run here, at kernel speed; the other transforms take the
     reference, see _transformed). The reserve and the packed weights are outputs only so that
     setup_context can save them; rnn_layer drops them."""
 
@@ -595,15 +595,14 @@ class _RnnLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, _reserve, _packed):
         need = ctx.needs_input_grad[4:]  # x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
-        if not torch.is_grad_enabled():
-            grads = _kernel_grads(ctx.cfg, need, ctx.saved_tensors[:7], dy, dh_n, dc_n)
-        elif _functorch_graph(ctx.saved_tensors):
-            # torch.func.grad and vjp ask for a graph whether or not anything differentiates the result
-            # (single-level grad never does): the kernels, inside a Function whose own backward
-            # differentiates the reference. (vjp's pull runs after its level has ended: then the saved
-            # tensors are dead functorch wrappers, which Function.apply unwraps and autograd.grad cannot
-            # differentiate.)
+        if _functorch_graph(ctx.saved_tensors):
+            # Under torch.func (grad and vjp ask for a graph whether or not anything differentiates the
+            # result; vmap needs rules; vjp's pull may run after its level ended, on dead wrappers that
+            # Function.apply unwraps): the kernels, inside a Function with vmap rules whose own backward
+            # differentiates the reference.
             grads = _RnnLayerGrad.apply(ctx.cfg, need, *ctx.saved_tensors, dy, dh_n, dc_n)
+        elif not torch.is_grad_enabled():
+            grads = _kernel_grads(ctx.cfg, need, ctx.saved_tensors[:7], dy, dh_n, dc_n)
         else:
             # create_graph=True asked for in plain autograd: the gradient will be differentiated
             # (penalties, MAML, Hessian-vector products), so the reference's graph is built right away;
@@ -625,6 +624,13 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
     K = proj if proj > 0 else hidden
     wdtype = w_ih.dtype
     g = _Gemms(reserve.shape[0], wdtype, reserve.device)
+    # autograd.grad(is_grads_batched=True) (torch.autograd.functional.jacobian/hessian with vectorize)
+    # runs this under torch's legacy vmap: its batched gradients have no storage for the kernels, so the
+    # kernel goes through the op (the legacy vmap calls it once per slice) and the GEMMs through mm.
+    legacy = _is_legacy_batched is not None and not torch.compiler.is_compiling() and any(
+        t is not None and _is_legacy_batched(t) for t in (dy, dh_n, dc_n))
+    if legacy:
+        g.fast = False
     gru_after = mode == "gru" and reset_after
     # LSTM and RNN: dW_ih = dG^T x, dW_hh = dG^T h_prev and the bias gradient dG^T 1 in one GEMM,
     # dG^T [x | h_prev | 1] (one pass over dG^T: 10% less time than two GEMMs and a sum), x^T,
@@ -632,7 +638,7 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
     I = x2d.shape[1]
     with_db = need[5] or need[6]
     joint = None
-    use_joint = g.fast and mode != "gru" and need[3] and need[4]
+    use_joint = g.fast and mode != "gru" and need[3] and need[4]  # (never under the legacy vmap: g.fast)
 
     def make_joint(take):
         j = take((I + K + with_db, reserve.shape[0]), wdtype)
@@ -641,7 +647,7 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
             j[I + K].fill_(1)
         return j
 
-    if reserve.device.type == "cpu" and _plain_eager(reserve):
+    if reserve.device.type == "cpu" and _plain_eager(reserve) and not legacy:
         # Straight to the kernel (as inference does) with the temporaries in this thread's scratch:
         # none of them leaves this function (every gradient returned is a fresh GEMM output).
         scratch = _scratch()
@@ -689,9 +695,9 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
 
 
 class _RnnLayerGrad(torch.autograd.Function):
-    """The backward of _RnnLayer under torch.func.grad and vjp, which ask for a graph of the gradient
-    whether or not anything uses it: the forward is the kernels' backward, so those transforms run at
-    kernel speed; the backward (nested grad: a gradient of a gradient) recomputes the layer by its
+    """The backward of _RnnLayer under torch.func (grad and vjp ask for a graph of the gradient whether or
+    not anything uses it; vmap needs a rule): the forward is the kernels' backward, so those transforms
+    run at kernel speed; the backward (nested grad: a gradient of a gradient) recomputes the layer by its
     reference, takes its vector-Jacobian product with a graph and differentiates that (a Python loop over
     steps, exact to rounding, and differentiable again)."""
 
@@ -821,7 +827,10 @@ def _plain(t):
 
 
 def _functorch_graph(saved) -> bool:
-    """A backward inside a torch.func transform, or on tensors one made (vjp's pull)."""
+    """A backward inside a torch.func transform (autograd.grad's is_grads_batched too), or on tensors one
+    made (vjp's pull). Never while compiling (Dynamo traces the backward and cannot trace these checks)."""
+    if torch.compiler.is_compiling():
+        return False
     if _functorch_active is not None and _functorch_active():
         return True
     return _is_functorch_wrapped is not None and any(t is not None and _is_functorch_wrapped(t) for t in saved)
@@ -840,13 +849,14 @@ def _fold_rows(t, dim, V, T, B):
     """Rows (t, b) of sequence data mapped over V at `dim` (None: the same for every v) as the rows
     (t, v, b) of one batch of V*B: [T*V*B, cols]."""
     t = t.unsqueeze(0).expand(V, *t.shape) if dim is None else t.movedim(dim, 0)
-    return t.reshape(V, T, B, -1).transpose(0, 1).reshape(T * V * B, -1)
+    # (contiguous: where T*B is 1, the reshape of an expanded t is a view with stride 0 over V)
+    return t.reshape(V, T, B, -1).transpose(0, 1).reshape(T * V * B, -1).contiguous()
 
 
 def _fold_states(t, dim, V):
     """States [B, cols] mapped over V as the rows (v, b) of one batch: [V*B, cols]."""
     t = t.unsqueeze(0).expand(V, *t.shape) if dim is None else t.movedim(dim, 0)
-    return t.reshape(V * t.shape[1], -1)
+    return t.reshape(V * t.shape[1], -1).contiguous()  # (B = 1: a stride-0 view otherwise)
 
 
 def _unfold_rows(t, V, T, B):
@@ -938,8 +948,9 @@ try:  # (private; absent or moved, every transform takes the reference as before
     _VMAP_TRANSFORM = torch._C._functorch.TransformType.Vmap
     _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     _unwrapped = torch._C._functorch.get_unwrapped
+    _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 except (ImportError, AttributeError):
-    _functorch_interpreters = _is_functorch_wrapped = None
+    _functorch_interpreters = _is_functorch_wrapped = _is_legacy_batched = None
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
