@@ -228,12 +228,6 @@ const void* opt_dense(py::handle h, const char* arg) {
   return v.data;
 }
 
-// The reserve: reserve_cols values of the accumulation type (float64 for float64, else float32) for each
-// of the `rows` rows of sequence data, dense (rnn.h). Anything smaller, strided or narrower would be
-// written or read out of bounds (a stride-0 view made by vmap's folding once was: wrong gradients).
-void* checked_reserve(py::handle h, const RnnShape& shape, int64_t batch, DType dtype, DeviceKind device,
-                      int64_t rows, const char* fn);
-
 RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
   if (mode < 0 || mode > 3) throw py::value_error("pyseqkern: rnn: 'mode' must be 0..3 (lstm, gru, rnn_tanh, rnn_relu)");
   if (hidden < 1 || proj < 0 || (proj > 0 && mode != 0))
@@ -250,18 +244,6 @@ RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cu
 #else
   throw_no_cuda("rnn_sizes");
 #endif
-}
-
-void* checked_reserve(py::handle h, const RnnShape& shape, int64_t batch, DType dtype, DeviceKind device,
-                      int64_t rows, const char* fn) {
-  TensorView v = view_of(h, "reserve");
-  const int64_t cols = rnn_sizes_of(shape, batch, dtype, device != DeviceKind::Cpu).reserve_cols;
-  const DType acc = dtype == DType::Float64 ? DType::Float64 : DType::Float32;
-  if (v.dtype != acc || !v.is_contiguous() || v.numel() < rows * cols)
-    throw py::value_error(std::string("pyseqkern: ") + fn + ": 'reserve' must be a contiguous " + dtype_name(acc) +
-                          " tensor of at least " + std::to_string(rows) + " x " + std::to_string(cols) +
-                          " values (rows of sequence data x reserve columns)");
-  return v.data;
 }
 
 DType rnn_dtype(const std::string& dtype) {
@@ -383,22 +365,92 @@ void rnn_pack_input_entry(int mode, bool reset_after, int64_t hidden, py::handle
   rnn_cpu_kernels().pack_input(p);
 }
 
+// The row mapping of a call, checked against itself (rnn.h): the kernels index rows, lengths and offsets
+// with it unchecked. `rows` gets N, the rows of sequence data it reaches; every row-indexed tensor is then
+// held to at least that many rows (check_rows). Packed metadata: batch_sizes in host memory, int64,
+// non-increasing from at most B; on the CPU time_offsets and lengths are checked to be exactly what
+// batch_sizes implies (O(T + B)); CUDA keeps them in device memory, where _device_seq made them from it.
 RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle time_offsets, py::handle lengths,
-               int64_t row_stride_t, int64_t row_stride_b, bool reverse) {
+               int64_t row_stride_t, int64_t row_stride_b, bool reverse, int64_t* rows) {
   RnnSeq q{};
+  if (steps < 0 || batch < 0)
+    throw py::value_error("pyseqkern: rnn: 'steps' and 'batch' must be >= 0");
   q.steps = steps;
   q.batch = batch;
-  q.batch_sizes = static_cast<const int64_t*>(opt_data(batch_sizes, "batch_sizes"));
-  q.time_offsets = static_cast<const int64_t*>(opt_data(time_offsets, "time_offsets"));
-  q.lengths = static_cast<const int64_t*>(opt_data(lengths, "lengths"));
   q.row_stride_t = row_stride_t;
   q.row_stride_b = row_stride_b;
   q.reverse = reverse;
+  const bool packed = !batch_sizes.is_none();
   // All three or none: the kernels key the packed row mapping on batch_sizes alone.
-  if ((q.batch_sizes != nullptr) != (q.time_offsets != nullptr) || (q.batch_sizes != nullptr) != (q.lengths != nullptr))
+  if (packed != !time_offsets.is_none() || packed != !lengths.is_none())
     throw py::value_error("pyseqkern: rnn: 'batch_sizes', 'time_offsets' and 'lengths' go together (packed "
                           "sequences) or are all None");
+  if (!packed) {
+    if (row_stride_t < 0 || row_stride_b < 0)
+      throw py::value_error("pyseqkern: rnn: 'row_stride_t' and 'row_stride_b' must be >= 0");
+    *rows = steps > 0 && batch > 0 ? (steps - 1) * row_stride_t + (batch - 1) * row_stride_b + 1 : 0;
+    return q;
+  }
+  auto index = [](py::handle h, const char* arg, int64_t n) {
+    TensorView v = view_of(h, arg);
+    if (v.dtype != DType::Int64 || !v.is_contiguous() || v.numel() < n)
+      throw py::value_error(std::string("pyseqkern: rnn: '") + arg + "' must be a contiguous int64 tensor of at least " +
+                            std::to_string(n) + " values");
+    return v;
+  };
+  TensorView bs = index(batch_sizes, "batch_sizes", steps), to = index(time_offsets, "time_offsets", steps),
+             len = index(lengths, "lengths", batch);
+  if (bs.device != DeviceKind::Cpu)
+    throw py::value_error("pyseqkern: rnn: 'batch_sizes' must be a CPU tensor (host memory)");
+  const auto* b = static_cast<const int64_t*>(bs.data);
+  int64_t n = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    if (b[t] < 0 || b[t] > (t ? b[t - 1] : batch))
+      throw py::value_error("pyseqkern: rnn: 'batch_sizes' must be non-increasing from at most 'batch', >= 0");
+    n += b[t];
+  }
+  if (to.device == DeviceKind::Cpu) {
+    const auto* o = static_cast<const int64_t*>(to.data);
+    for (int64_t t = 0, off = 0; t < steps; off += b[t], ++t)
+      if (o[t] != off) throw py::value_error("pyseqkern: rnn: 'time_offsets' must be the exclusive cumsum of 'batch_sizes'");
+  }
+  if (len.device == DeviceKind::Cpu) {
+    const auto* l = static_cast<const int64_t*>(len.data);
+    for (int64_t r = 0, t = steps; r < batch; ++r) {
+      while (t > 0 && b[t - 1] <= r) --t;  // steps whose batch size exceeds r
+      if (l[r] != t) throw py::value_error("pyseqkern: rnn: 'lengths' must be the steps of each row by 'batch_sizes'");
+    }
+  }
+  q.batch_sizes = b;
+  q.time_offsets = static_cast<const int64_t*>(to.data);
+  q.lengths = static_cast<const int64_t*>(len.data);
+  *rows = n;
   return q;
+}
+
+// A row-indexed tensor (sequence data) as the kernels read or write it: `rows` rows of `cols` values of
+// `dtype`, contiguous within a row, `ld` apart (the view's own row stride where ld < 0). Returns the
+// row stride.
+int64_t check_rows(const TensorView& v, const char* arg, int64_t rows, int64_t cols, DType dtype, int64_t ld = -1) {
+  const int64_t stride = row_stride(v, arg);
+  if (v.dtype != dtype || v.sizes[0] < rows || v.sizes[1] < cols || (ld >= 0 && rows > 1 && stride != ld))
+    throw py::value_error(std::string("pyseqkern: rnn: '") + arg + "' must hold " + std::to_string(rows) + " rows of " +
+                          std::to_string(cols) + " " + dtype_name(dtype) + " values" +
+                          (ld >= 0 ? ", " + std::to_string(ld) + " apart" : std::string()));
+  return stride;
+}
+
+// A dense tensor of at least `numel` values of `dtype` (states, packed weights, workspace), or None.
+void* dense_of(py::handle h, const char* arg, DType dtype, int64_t numel, bool optional = true) {
+  if (h.is_none()) {
+    if (optional) return nullptr;
+    throw py::value_error(std::string("pyseqkern: rnn: '") + arg + "' is required");
+  }
+  TensorView v = view_of(h, arg);
+  if (v.dtype != dtype || !v.is_contiguous() || v.numel() < numel)
+    throw py::value_error(std::string("pyseqkern: rnn: '") + arg + "' must be a contiguous " + dtype_name(dtype) +
+                          " tensor of at least " + std::to_string(numel) + " values");
+  return v.data;
 }
 
 // Returns the path that ran: "cpu", or on CUDA "persistent" or "step" (backend_info() reports it).
@@ -410,7 +462,8 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
                        int path, py::handle x, py::handle packed_in, py::handle x_gates_buf, py::handle x_bias) {
   RnnFwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
-  p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
+  int64_t rows = 0;
+  p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, &rows);
   if (!x.is_none()) {
     // The forward projects the input itself (CPU): x_gates is the bias row [1, G*H] or None.
     TensorView xv = view_of(x, "x"), pin = view_of(packed_in, "packed_in");
@@ -459,19 +512,28 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   }
   if (p.x != nullptr && !x_bias.is_none())
     throw py::value_error("pyseqkern: rnn_forward: 'x_bias' goes with x_gates made outside the kernel, not with 'x'");
-  p.b_hn = opt_dense(b_hn, "b_hn");
-  p.h0 = opt_dense(h0, "h0");
-  p.c0 = opt_dense(c0, "c0");
+  // Everything the kernels index, held to the rows and sizes they reach (a direct op call with
+  // inconsistent arguments would otherwise write out of bounds).
+  const int64_t H = hidden, K = p.shape.state(), G = rnn_gate_count(p.shape.mode);
+  const TensorView rows_of = p.x != nullptr ? view_of(x, "x") : view_of(x_gates, "x_gates");
+  if (p.x != nullptr)
+    check_rows(rows_of, "x", rows, p.input, p.dtype);
+  else
+    check_rows(rows_of, "x_gates", rows, G * H, p.dtype);
+  const RnnSizes sz = rnn_sizes_of(p.shape, batch, p.dtype, rows_of.device != DeviceKind::Cpu);
+  const DType acc = p.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+  p.b_hn = dense_of(b_hn, "b_hn", p.dtype, H);
+  p.h0 = dense_of(h0, "h0", p.dtype, batch * K);
+  p.c0 = dense_of(c0, "c0", p.dtype, batch * H);
   p.y = view_of(y, "y").data;
+  check_rows(view_of(y, "y"), "y", rows, K, p.dtype, ld_y);
   p.ld_y = ld_y;
-  p.h_n = view_of(h_n, "h_n").data;
-  p.c_n = const_cast<void*>(opt_data(c_n, "c_n"));
-  p.packed = view_of(packed, "packed").data;
-  if (!reserve.is_none()) {
-    const TensorView rows_of = p.x != nullptr ? view_of(x, "x") : view_of(x_gates, "x_gates");
-    p.reserve = checked_reserve(reserve, p.shape, batch, p.dtype, rows_of.device, rows_of.sizes[0], "rnn_forward");
-  }
-  p.workspace = view_of(workspace, "workspace").data;
+  p.h_n = dense_of(h_n, "h_n", p.dtype, batch * K, false);
+  p.c_n = dense_of(c_n, "c_n", p.dtype, batch * H);
+  p.packed = dense_of(packed, "packed", acc, sz.packed_numel, false);
+  p.reserve = dense_of(reserve, "reserve", acc, rows * sz.reserve_cols);
+  const int64_t own_gates = p.x != nullptr && p.x_gates_buf == nullptr ? batch * G * ((H + sz.lanes - 1) / sz.lanes) * sz.lanes : 0;
+  p.workspace = dense_of(workspace, "workspace", acc, sz.workspace_numel + own_gates, false);
   p.num_threads = num_threads;
   if (p.x == nullptr && view_of(x_gates, "x_gates").device != DeviceKind::Cpu) {
 #ifdef PSK_WITH_CUDA
@@ -505,21 +567,26 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
                         uintptr_t stream, int path) {
   RnnBwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
-  p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse);
+  int64_t rows = 0;
+  p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, &rows);
+  const int64_t H = hidden, K = p.shape.state(), G = rnn_gate_count(p.shape.mode);
   TensorView gx = view_of(d_gates_x, "d_gates_x");
   p.dtype = gx.dtype;
   p.d_gates_x = gx.data;
-  p.ld_dgx = row_stride(gx, "d_gates_x");
+  p.ld_dgx = check_rows(gx, "d_gates_x", rows, G * H, p.dtype);
   TensorView gh;
   p.d_gates_h = const_cast<void*>(opt_data(d_gates_h, "d_gates_h", &gh));
-  p.ld_dgh = p.d_gates_h ? row_stride(gh, "d_gates_h") : 0;
+  p.ld_dgh = p.d_gates_h ? check_rows(gh, "d_gates_h", rows, G * H, p.dtype) : 0;
+  const RnnSizes sz = rnn_sizes_of(p.shape, batch, p.dtype, gx.device != DeviceKind::Cpu);
+  const DType acc = p.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
   // Transposed copies [cols, N], all with one leading dimension (rnn.h).
   p.ld_t = -1;
   auto transposed = [&](py::handle h, const char* arg, int64_t cols) -> void* {
     TensorView t;
     if (!opt_data(h, arg, &t)) return nullptr;
     const int64_t ld = row_stride(t, arg);
-    if (t.dtype != gx.dtype || t.sizes[0] != cols || t.sizes[1] != gx.sizes[0] || (p.ld_t >= 0 && ld != p.ld_t))
+    if (t.dtype != gx.dtype || t.sizes[0] != cols || t.sizes[1] != gx.sizes[0] || t.sizes[1] < rows ||
+        (p.ld_t >= 0 && ld != p.ld_t))
       throw py::value_error(std::string("pyseqkern: rnn_backward: '") + arg +
                             "' must be [cols, N] of the gradients' dtype, one leading dimension for all");
     p.ld_t = ld;
@@ -532,17 +599,20 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h && !p.d_gates_ht)
     throw py::value_error("pyseqkern: rnn_backward: GRU with reset_after needs 'd_gates_h' or 'd_gates_ht'");
   p.dy = opt_dense(dy, "dy");
+  if (p.dy) check_rows(view_of(dy, "dy"), "dy", rows, K, p.dtype, ld_dy);
   p.ld_dy = ld_dy;
-  p.dh_n = opt_dense(dh_n, "dh_n");
-  p.dc_n = opt_dense(dc_n, "dc_n");
-  p.c0 = opt_dense(c0, "c0");
-  p.reserve = checked_reserve(reserve, p.shape, batch, p.dtype, gx.device, gx.sizes[0], "rnn_backward");
-  p.packed = view_of(packed, "packed").data;
-  p.d_proj = const_cast<void*>(opt_data(d_proj, "d_proj"));
+  p.dh_n = dense_of(dh_n, "dh_n", p.dtype, batch * K);
+  p.dc_n = dense_of(dc_n, "dc_n", p.dtype, batch * H);
+  p.c0 = dense_of(c0, "c0", p.dtype, batch * H);
+  p.reserve = dense_of(reserve, "reserve", acc, rows * sz.reserve_cols, false);
+  p.packed = dense_of(packed, "packed", acc, sz.packed_numel, false);
+  TensorView dp;
+  p.d_proj = const_cast<void*>(opt_data(d_proj, "d_proj", &dp));
   if (proj > 0 && !p.d_proj) throw py::value_error("pyseqkern: rnn_backward: LSTM with proj needs 'd_proj'");
-  p.dh0 = view_of(dh0, "dh0").data;
-  p.dc0 = const_cast<void*>(opt_data(dc0, "dc0"));
-  p.workspace = view_of(workspace, "workspace").data;
+  if (p.d_proj) check_rows(dp, "d_proj", rows, proj, p.dtype);
+  p.dh0 = dense_of(dh0, "dh0", p.dtype, batch * K, false);
+  p.dc0 = dense_of(dc0, "dc0", p.dtype, batch * H);
+  p.workspace = dense_of(workspace, "workspace", acc, sz.workspace_numel, false);
   p.num_threads = num_threads;
   if (gx.device != DeviceKind::Cpu) {
 #ifdef PSK_WITH_CUDA

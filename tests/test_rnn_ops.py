@@ -1185,3 +1185,68 @@ def test_cell_errors_after_the_parameters_are_planned(change, error, match):
         bad = change(a)
         with pytest.raises(error, match=match):
             ops.rnn_cell("lstm", bad["x"], bad["h"], bad["c"], *w)
+
+
+def _raw_ops_case():
+    H, T_, B_ = 4, 3, 2
+    packed = ops._packed(0, True, H, 0, torch.randn(4 * H, H), None, True)
+    xg = torch.randn(T_ * B_, 4 * H)
+    _, _, _, reserve = torch.ops.pyseqkern.rnn_forward(0, True, H, 0, T_, B_, xg, None, None, None, packed, None,
+                                                       None, None, B_, 1, False, True)
+    return H, T_, B_, packed, xg, reserve
+
+
+@pytest.mark.parametrize("change,match", [
+    ("reserve_strided", "'reserve' must be a contiguous float32"),
+    ("reserve_short", "'d_gates_x' must hold 6 rows"),  # (the op sizes its outputs by the reserve's rows)
+    ("reserve_dtype", "'reserve' must be a contiguous float32"),
+    ("more_steps", "must hold 8 rows"),
+    ("dy_short", "'dy' must hold 6 rows"),
+    ("h_n_dtype", "'dh_n' must be a contiguous float32"),
+    ("packed_short", "'packed' must be a contiguous float32"),
+    ("batch_sizes_int32", "'batch_sizes' must be a contiguous int64"),
+    ("batch_sizes_growing", "non-increasing"),
+    ("lengths_wrong", "'lengths' must be the steps"),
+    ("offsets_wrong", "exclusive cumsum"),
+    ("forward_more_steps", "'x_gates' must hold 8 rows"),
+    ("forward_h0_short", "'h0' must be a contiguous float32"),
+])
+def test_raw_ops_refuse_what_the_kernels_would_index_out_of_bounds(change, match):
+    # torch.ops.pyseqkern.rnn_forward/rnn_backward are public: the C++ entries hold every row-indexed
+    # tensor, state, packed weight, reserve and the packed metadata to what the kernels reach. Before,
+    # a short reserve or more steps than rows was a heap overflow ("double free or corruption").
+    H, T_, B_, packed, xg, reserve = _raw_ops_case()
+    dy, dh_n, steps, seq = torch.randn(T_ * B_, H), None, T_, (None, None, None, B_, 1)
+    if change == "reserve_strided":
+        reserve = reserve[:1].expand(T_ * B_, -1)
+    elif change == "reserve_short":
+        reserve = reserve[:-1]
+    elif change == "reserve_dtype":
+        reserve = reserve.double()
+    elif change == "more_steps":
+        steps = T_ + 1
+    elif change == "dy_short":
+        dy = dy[:-1]
+    elif change == "h_n_dtype":
+        dh_n = torch.randn(B_, H, dtype=torch.float64)
+    elif change == "packed_short":
+        packed = packed[:-1]
+    elif not change.startswith("forward"):
+        bs, off, lengths = torch.tensor([2, 2, 2]), torch.tensor([0, 2, 4]), torch.tensor([3, 3])
+        if change == "batch_sizes_int32":
+            bs = bs.int()
+        elif change == "batch_sizes_growing":
+            bs = torch.tensor([1, 2, 2])
+        elif change == "lengths_wrong":
+            lengths = torch.tensor([3, 2])
+        elif change == "offsets_wrong":
+            off = torch.tensor([0, 2, 5])
+        seq = (bs, off, lengths, 0, 0)
+    with pytest.raises(ValueError, match=match):
+        if change.startswith("forward"):
+            h0 = torch.randn(B_ - 1, H) if change == "forward_h0_short" else None
+            torch.ops.pyseqkern.rnn_forward(0, True, H, 0, steps + (change == "forward_more_steps"), B_, xg, None, h0,
+                                            None, packed, *seq, False, True)
+        else:
+            torch.ops.pyseqkern.rnn_backward(0, True, H, 0, steps, B_, dy, dh_n, None, None, reserve, packed, *seq,
+                                             False, False)
