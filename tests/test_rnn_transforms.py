@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import pyseqkern.nn as pnn
 from pyseqkern import _backend
 from pyseqkern.ops import rnn as rnn_ops
+from pyseqkern.ops import rnn_autograd
 from pyseqkern.reference import rnn as ref
 from helpers import TOLERANCES, devices
 
@@ -145,7 +146,7 @@ def test_first_order_training_never_takes_the_differentiable_backward(monkeypatc
     # The graph-recording backward is for create_graph only: plain backward stays on the kernels.
     def boom(*a, **k):
         raise AssertionError("plain backward went through _RnnLayerGrad")
-    monkeypatch.setattr(rnn_ops._RnnLayerGrad, "apply", boom)
+    monkeypatch.setattr(rnn_autograd._RnnLayerGrad, "apply", boom)
     m = pnn.GRU(I, H, num_layers=2, bidirectional=True)
     m(torch.randn(T, B, I, requires_grad=True))[0].sum().backward()
 

@@ -1,0 +1,410 @@
+"""The recurrent layer op's autograd and torch.func support (the kernels' side of them).
+
+_RnnLayer is one layer and direction on the kernels as an autograd.Function in the setup_context form
+with a vmap rule; its first-order backward is the backward kernel plus torch GEMMs (_kernel_grads).
+Under torch.func (grad and vjp ask for a graph of every gradient; vmap needs rules) the backward runs
+inside _RnnLayerGrad, whose forward is that same kernel backward and whose own backward (only where a
+gradient is differentiated again) is the reference's vector-Jacobian product, differentiated
+(_reference_vjp). The vmap rules fold the mapped dimension into the batch of one kernel call, or call
+the kernels once per member where the weights are mapped or the data packed. _transformed says which
+transforms the kernels serve; rnn_layer sends the others to the reference. See docs/DESIGN.md,
+"Autograd beyond first order".
+
+Imported at the end of ops/rnn.py, whose helpers it uses (import pyseqkern.ops.rnn, not this module).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd import forward_ad as _fwad
+
+from ..reference import rnn as _reference
+from .rnn import (GATES, MODES, _backward_impl, _functorch_active, _Gemms, _plain_eager, _prepare, _proj_scratch,
+                  _scratch, _Seq)
+
+
+def _transformed() -> bool:
+    """torch.func transforms the kernels have no rule for, or forward-mode AD, are in use: then a layer runs
+    its reference, plain torch ops, composable with every transform (torch.nn's own layers have no vmap
+    rule at all). The kernels run under any stack of grad/vjp levels (they need only the Functions'
+    backward, whose own gradient is the reference's, _RnnLayerGrad) with at most one vmap level, the
+    outermost: per-sample gradients (vmap of grad), jacrev, ensembles, batched inference. The vmap rules
+    (_RnnLayer.vmap, _RnnLayerGrad.vmap) fold the mapped dimension into the batch, or loop over it.
+    (Below a grad level, the folded backward's raw ops would have to be differentiable.)"""
+    if torch.compiler.is_compiling():
+        return False
+    if _fwad._current_level >= 0:  # inside forward_ad.dual_level()
+        return True
+    if _functorch_active is None or not _functorch_active():
+        return False
+    if _functorch_interpreters is None:
+        return True
+    keys = [i.key() for i in _functorch_interpreters()]  # outermost first
+    return any(k != _GRAD_TRANSFORM for k in keys[1:]) or keys[0] not in (_GRAD_TRANSFORM, _VMAP_TRANSFORM)
+
+
+try:  # (private; absent or moved, every transform takes the reference as before)
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
+    _GRAD_TRANSFORM = torch._C._functorch.TransformType.Grad
+    _VMAP_TRANSFORM = torch._C._functorch.TransformType.Vmap
+    _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    _unwrapped = torch._C._functorch.get_unwrapped
+    _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+except (ImportError, AttributeError):
+    _functorch_interpreters = _is_functorch_wrapped = _is_legacy_batched = None
+
+
+class _RnnLayer(torch.autograd.Function):
+    """One layer and direction on the kernels. In the setup_context form with a vmap rule, which torch.func
+    requires (grad, vjp and an outermost vmap run here, at kernel speed; the other transforms take the
+    reference, see _transformed). The reserve and the packed weights are outputs only so that
+    setup_context can save them; rnn_layer drops them."""
+
+    @staticmethod
+    def forward(mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(
+            mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, training,
+            _proj_scratch() if _plain_eager(x2d) else None)
+        y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(
+            code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
+            training, x_bias)
+        # (inference: the packed weights are the cache's own tensor, which must not leave as an output)
+        return y, h_n, (c_n if code == 0 else None), reserve, (packed if training else reserve)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
+        _, _, _, reserve, packed = output
+        ctx.mark_non_differentiable(reserve, packed)
+        ctx.set_materialize_grads(False)
+        hidden = w_hh.shape[0] // GATES[mode]
+        ctx.cfg = (mode, MODES[mode], reset_after, hidden, 0 if w_hr is None else w_hr.shape[0], seq)
+        if training:  # h0, w_hh and w_hr only for a backward that is itself differentiated
+            ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
+
+    @staticmethod
+    def vmap(info, in_dims, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        # The mapped dimension V joins the batch: rows (t, b) of each v become rows (t, v, b) of one
+        # call with batch V*B. Mapped weights (ensembles) or packed data: one call per v.
+        if seq.batch_sizes is not None or any(d is not None for d in in_dims[7:]):
+            return _vmap_loop(lambda *a: _RnnLayer.apply(mode, reset_after, seq, training, *a), info.batch_size,
+                              (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), in_dims[4:])
+        V, T, B = info.batch_size, seq.steps, seq.batch
+        dx, dh, dc = in_dims[4:7]
+        xf = _fold_rows(x2d, dx, V, T, B)
+        h0f = None if h0 is None else _fold_states(h0, dh, V)
+        c0f = None if c0 is None else _fold_states(c0, dc, V)
+        seqf = _Seq(xf.view(T, V * B, xf.shape[-1]), None, seq.reverse)
+        y, h_n, c_n, reserve, packed = _RnnLayer.apply(mode, reset_after, seqf, training, xf, h0f, c0f, w_ih, w_hh,
+                                                       b_ih, b_hh, w_hr)
+        # The reserve keeps its folded rows: only _RnnLayerGrad.vmap reads it (as [T, V, B, cols], dim 1).
+        return ((_unfold_rows(y, V, T, B), h_n.view(V, B, -1), None if c_n is None else c_n.view(V, B, -1),
+                 reserve.view(T, V, B, -1) if training else reserve, packed),
+                (0, 0, None if c_n is None else 0, 1 if training else None, None))
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n, _reserve, _packed):
+        need = ctx.needs_input_grad[4:]  # x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
+        if _functorch_graph(ctx.saved_tensors):
+            # Under torch.func (grad and vjp ask for a graph whether or not anything differentiates the
+            # result; vmap needs rules; vjp's pull may run after its level ended, on dead wrappers that
+            # Function.apply unwraps): the kernels, inside a Function with vmap rules whose own backward
+            # differentiates the reference.
+            grads = _RnnLayerGrad.apply(ctx.cfg, need, *ctx.saved_tensors, dy, dh_n, dc_n)
+        elif not torch.is_grad_enabled():
+            grads = _kernel_grads(ctx.cfg, need, ctx.saved_tensors[:7], dy, dh_n, dc_n)
+        else:
+            # create_graph=True asked for in plain autograd: the gradient will be differentiated
+            # (penalties, MAML, Hessian-vector products), so the reference's graph is built right away;
+            # the kernels first and the reference in the second pass measured 6-15% slower there.
+            x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr = ctx.saved_tensors
+            grads = _reference_vjp(ctx.cfg, need, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n,
+                                   functional=False)
+        return (None, None, None, None, *grads)
+
+
+def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
+    """The 8 gradients (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr; None where `need` says no) of a layer
+    from the backward kernel and torch GEMMs. `saved`: x2d, c0, w_ih, reserve, packed, b_ih, b_hh."""
+    mode, code, reset_after, hidden, proj, seq = cfg
+    x2d, c0, w_ih, reserve, packed, b_ih, b_hh = saved
+    # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
+    # column slice); the kernel reads dense rows.
+    dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
+    K = proj if proj > 0 else hidden
+    wdtype = w_ih.dtype
+    g = _Gemms(reserve.shape[0], wdtype, reserve.device)
+    # autograd.grad(is_grads_batched=True) (torch.autograd.functional.jacobian/hessian with vectorize)
+    # runs this under torch's legacy vmap: its batched gradients have no storage for the kernels, so the
+    # kernel goes through the op (the legacy vmap calls it once per slice) and the GEMMs through mm.
+    legacy = _is_legacy_batched is not None and not torch.compiler.is_compiling() and any(
+        t is not None and _is_legacy_batched(t) for t in (dy, dh_n, dc_n))
+    if legacy:
+        g.fast = False
+    gru_after = mode == "gru" and reset_after
+    # LSTM and RNN: dW_ih = dG^T x, dW_hh = dG^T h_prev and the bias gradient dG^T 1 in one GEMM,
+    # dG^T [x | h_prev | 1] (one pass over dG^T: 10% less time than two GEMMs and a sum), x^T,
+    # h_prev^T and a row of ones stacked in one buffer.
+    I = x2d.shape[1]
+    with_db = need[5] or need[6]
+    joint = None
+    use_joint = g.fast and mode != "gru" and need[3] and need[4]  # (never under the legacy vmap: g.fast)
+
+    def make_joint(take):
+        j = take((I + K + with_db, reserve.shape[0]), wdtype)
+        j[:I].copy_(x2d.t())
+        if with_db:
+            j[I + K].fill_(1)
+        return j
+
+    if reserve.device.type == "cpu" and _plain_eager(reserve) and not legacy:
+        # Straight to the kernel (as inference does) with the temporaries in this thread's scratch:
+        # none of them leaves this function (every gradient returned is a fresh GEMM output).
+        scratch = _scratch()
+        joint = make_joint(scratch.take) if use_joint else None
+        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = _backward_impl(
+            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
+            *seq.args(), g.fast, scratch=scratch, h_prev_t=None if joint is None else joint[I:I + K])
+    else:
+        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
+            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
+            *seq.args(), g.fast)
+        if use_joint:  # the same GEMM, so both paths give the same bits
+            joint = make_joint(lambda shape, dtype: torch.empty(shape, dtype=dtype, device=reserve.device))
+            joint[I:I + K].copy_(hprev_t)
+    if not g.fast:  # views for mm
+        dgx_t = dgx.t()
+        dgh_t = dgh.t() if gru_after else None
+        hprev_t = reserve[:, reserve.shape[1] - K:].to(wdtype).t()  # h_prev closes every reserve row (rnn.h)
+    dx = g.mm(dgx, g.t(w_ih)) if need[0] else None
+    dw_hh = dw_hr = None
+    db = None
+    if joint is not None:
+        dw = g.mm(dgx_t, joint)
+        dw_ih, dw_hh = dw[:, :I], dw[:, I:I + K]
+        if with_db:
+            db = dw[:, I + K].contiguous()
+    else:
+        dw_ih = g.mm(dgx_t, g.t(x2d)) if need[3] else None
+        db = dgx.sum(0) if with_db else None
+    if need[4] and joint is None:
+        if gru_after:
+            dw_hh = g.mm(dgh_t, hprev_t)
+        elif mode == "gru":
+            rh_t = g.t(reserve[:, 3 * hidden:4 * hidden].to(wdtype))
+            dw_hh = torch.cat([g.mm(dgx_t[:2 * hidden], hprev_t), g.mm(dgx_t[2 * hidden:], rh_t)])
+        else:
+            dw_hh = g.mm(dgx_t, hprev_t)
+    db_hh = None
+    if need[6]:
+        db_hh = dgh_t.sum(1) if gru_after else db
+    if need[7]:
+        dw_hr = g.mm(g.t(dproj), g.t(reserve[:, 5 * hidden:6 * hidden].to(wdtype)))
+    return (dx, dh0 if need[1] else None, (dc0 if code == 0 else None) if need[2] else None,
+            dw_ih, dw_hh, db if need[5] else None, db_hh, dw_hr)
+
+
+class _RnnLayerGrad(torch.autograd.Function):
+    """The backward of _RnnLayer under torch.func (grad and vjp ask for a graph of the gradient whether or
+    not anything uses it; vmap needs a rule): the forward is the kernels' backward, so those transforms
+    run at kernel speed; the backward (nested grad: a gradient of a gradient) recomputes the layer by its
+    reference, takes its vector-Jacobian product with a graph and differentiates that (a Python loop over
+    steps, exact to rounding, and differentiable again)."""
+
+    @staticmethod
+    def forward(cfg, need, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n):
+        grads = _kernel_grads(cfg, need, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh), dy, dh_n, dc_n)
+        # Outputs of a Function must be distinct tensors of their own: the joint GEMM's two weight
+        # gradients are views of one buffer, and LSTM and RNN give both biases the same tensor.
+        seen, out = set(), []
+        for t in grads:
+            if t is not None and (id(t) in seen or t._base is not None):
+                t = t.clone()
+            if t is not None:
+                seen.add(id(t))
+            out.append(t)
+        return tuple(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        cfg, need, x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n = inputs
+        ctx.set_materialize_grads(False)
+        ctx.cfg, ctx.need = cfg, need
+        ctx.save_for_backward(x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n)
+
+    @staticmethod
+    def vmap(info, in_dims, cfg, need, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n):
+        # As _RnnLayer.vmap: one backward call over the folded batch, then each v's weight gradients by
+        # batched GEMMs over its own rows (per-sample gradients: the weights are not mapped, dy is); or
+        # one call per v where the weights (or the packed weights) are mapped or the data packed.
+        mode, code, reset_after, hidden, proj, seq = cfg
+        if seq.batch_sizes is not None or any(in_dims[i] is not None for i in (4, 6, 7, 8, 10, 11)):
+            def one(x2d, c0, w_ih, reserve, *rest):  # (a folded forward's reserve comes as [T, B, cols])
+                return _RnnLayerGrad.apply(cfg, need, x2d, c0, w_ih, reserve.reshape(-1, reserve.shape[-1]), *rest)
+            return _vmap_loop(one, info.batch_size, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy,
+                                                     dh_n, dc_n), in_dims[2:])
+        V, T, B = info.batch_size, seq.steps, seq.batch
+        K = proj if proj > 0 else hidden
+        d = dict(zip(("x2d", "c0", "reserve", "dy", "dh_n", "dc_n"),
+                     (in_dims[2], in_dims[3], in_dims[5], in_dims[12], in_dims[13], in_dims[14])))
+        xf = _fold_rows(x2d, d["x2d"], V, T, B)
+        rf = _fold_rows(reserve, d["reserve"], V, T, B)
+        c0f = None if c0 is None else _fold_states(c0, d["c0"], V)
+        dyf = None if dy is None else _fold_rows(dy, d["dy"], V, T, B).contiguous()
+        dhf = None if dh_n is None else _fold_states(dh_n, d["dh_n"], V).contiguous()
+        dcf = None if dc_n is None else _fold_states(dc_n, d["dc_n"], V).contiguous()
+        seqf = _Seq(xf.view(T, V * B, xf.shape[-1]), None, seq.reverse)
+        dgx, dgh, dproj, dh0, dc0, _, _, _ = torch.ops.pyseqkern.rnn_backward(
+            code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False)
+        wdtype = w_ih.dtype
+
+        def per_v(a, b):  # sum over each v's rows of a^T b: [V, a cols, b cols]
+            return torch.einsum("tvbm,tvbn->vmn", a.reshape(T, V, B, -1), b.to(wdtype).reshape(T, V, B, -1))
+
+        def col_sum(a):
+            return a.reshape(T, V, B, -1).sum((0, 2))
+        out = [None] * 8
+        if need[0]:
+            out[0] = _unfold_rows(dgx @ w_ih, V, T, B)
+        if need[1]:
+            out[1] = dh0.view(V, B, -1)
+        if need[2] and code == 0:
+            out[2] = dc0.view(V, B, -1)
+        if need[3]:
+            out[3] = per_v(dgx, xf)
+        if need[4]:
+            h_prev = rf[:, rf.shape[1] - K:]  # h_prev closes every reserve row (rnn.h)
+            if mode == "gru" and reset_after:
+                out[4] = per_v(dgh, h_prev)
+            elif mode == "gru":
+                out[4] = torch.cat([per_v(dgx[:, :2 * hidden], h_prev),
+                                    per_v(dgx[:, 2 * hidden:], rf[:, 3 * hidden:4 * hidden])], 1)
+            else:
+                out[4] = per_v(dgx, h_prev)
+        if need[5]:
+            out[5] = col_sum(dgx)
+        if need[6]:
+            out[6] = col_sum(dgh if mode == "gru" and reset_after else dgx)
+        if need[7]:
+            out[7] = per_v(dproj, rf[:, 5 * hidden:6 * hidden])
+        return tuple(out), tuple(None if t is None else 0 for t in out)
+
+    @staticmethod
+    def backward(ctx, *vs):
+        saved = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        idx = [i for i, at in enumerate(_GRAD_SAVED_AT) if n[at] and saved[i] is not None]
+        inputs = saved[:8]
+        cotangents = any(g is not None for g in saved[8:])
+        outs = [j for j in range(8) if vs[j] is not None and ctx.need[j] and inputs[j] is not None and cotangents]
+        result = [None] * 15
+        if not idx or not outs:
+            return tuple(result)
+
+        if not torch.is_grad_enabled():
+            # Nothing will differentiate this result (the usual gradient penalty or MAML step): plain
+            # autograd on detached leaves, a third of torch.func's overhead on the reference's small ops.
+            leaves = [None if t is None else t.detach().requires_grad_(t.dtype.is_floating_point) for t in saved]
+            with torch.enable_grad():
+                first = _reference_vjp(ctx.cfg, ctx.need, *leaves, functional=False)
+                pairs = [(first[j], vs[j]) for j in outs if first[j] is not None]
+                got = torch.autograd.grad([f for f, _ in pairs], [leaves[i] for i in idx],
+                                          [v for _, v in pairs], allow_unused=True) if pairs else [None] * len(idx)
+            for i, g in zip(idx, got):
+                result[_GRAD_SAVED_AT[i]] = g
+            return tuple(result)
+
+        def first_order(*diff):
+            full = list(saved)
+            for i, t in zip(idx, diff):
+                full[i] = t
+            first = _reference_vjp(ctx.cfg, ctx.need, *full)
+            return tuple(first[j] for j in outs)
+        # A graph is recorded (third order and up): torch.func.vjp, not autograd.grad on the saved
+        # tensors, so that the recomputation stays a graph of its own (autograd.grad from it would run on
+        # into the caller's graph through dy's history, and free it) and the result is differentiable.
+        _, pull = torch.func.vjp(first_order, *(saved[i] for i in idx))
+        for i, g in zip(idx, pull(tuple(vs[j] for j in outs))):
+            result[_GRAD_SAVED_AT[i]] = g
+        return tuple(result)
+
+
+def _plain(t):
+    """t without its functorch wrappers (for integer metadata, which no transform differentiates or maps)."""
+    while _is_functorch_wrapped is not None and _is_functorch_wrapped(t):
+        t = _unwrapped(t)
+    return t
+
+
+def _functorch_graph(saved) -> bool:
+    """A backward inside a torch.func transform (autograd.grad's is_grads_batched too), or on tensors one
+    made (vjp's pull). Never while compiling (Dynamo traces the backward and cannot trace these checks)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _functorch_active is not None and _functorch_active():
+        return True
+    return _is_functorch_wrapped is not None and any(t is not None and _is_functorch_wrapped(t) for t in saved)
+
+
+def _vmap_loop(fn, V, args, dims):
+    """A vmap rule by one call of fn per v on each argument's slice v (None dims: the whole argument);
+    outputs stacked at dim 0 (None stays None)."""
+    outs = [fn(*(a if d is None or a is None else a.select(d, v) for a, d in zip(args, dims))) for v in range(V)]
+    stacked = tuple(None if o[0] is None else torch.stack([each[i] for each in outs])
+                    for i, o in enumerate(zip(*outs)))
+    return stacked, tuple(None if t is None else 0 for t in stacked)
+
+
+def _fold_rows(t, dim, V, T, B):
+    """Rows (t, b) of sequence data mapped over V at `dim` (None: the same for every v) as the rows
+    (t, v, b) of one batch of V*B: [T*V*B, cols]."""
+    t = t.unsqueeze(0).expand(V, *t.shape) if dim is None else t.movedim(dim, 0)
+    # (contiguous: where T*B is 1, the reshape of an expanded t is a view with stride 0 over V)
+    return t.reshape(V, T, B, -1).transpose(0, 1).reshape(T * V * B, -1).contiguous()
+
+
+def _fold_states(t, dim, V):
+    """States [B, cols] mapped over V as the rows (v, b) of one batch: [V*B, cols]."""
+    t = t.unsqueeze(0).expand(V, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(V * t.shape[1], -1).contiguous()  # (B = 1: a stride-0 view otherwise)
+
+
+def _unfold_rows(t, V, T, B):
+    """_fold_rows undone: [T*V*B, cols] as [V, T*B, cols]."""
+    return t.reshape(T, V, B, -1).transpose(0, 1).reshape(V, T * B, -1)
+
+
+# Where _RnnLayerGrad's saved tensors (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n) stand
+# among its forward's arguments (cfg, need, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy,
+# dh_n, dc_n).
+_GRAD_SAVED_AT = (2, 9, 3, 4, 10, 7, 8, 11, 12, 13, 14)
+
+
+def _reference_vjp(cfg, need, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n, functional=True):
+    """The 8 first-order gradients of _kernel_grads (None where `need` says no or the input is None),
+    computed by the reference with a graph. Through torch.func.vjp, or with `functional=False` by
+    autograd.grad(create_graph=True) w.r.t. the given tensors (the wanted ones must require grad)."""
+    mode, code, reset_after, hidden, proj, seq = cfg
+    inputs = (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    wanted = [i for i, (t, w) in enumerate(zip(inputs, need)) if w and t is not None]
+    cots = [(k, g) for k, g in enumerate((dy, dh_n, dc_n)) if g is not None and (k < 2 or code == 0)]
+    grads = [None] * len(inputs)
+    if not wanted or not cots:
+        return grads
+
+    def layer(*diff):
+        full = list(inputs)
+        for i, t in zip(wanted, diff):
+            full[i] = t
+        x = full[0] if seq.batch_sizes is not None else full[0].reshape(seq.steps, seq.batch, full[0].shape[1])
+        y, h_n, c_n = _reference.rnn_layer(mode, x, seq.batch_sizes, *full[1:], seq.reverse, reset_after)
+        outs = (y.reshape(-1, y.shape[-1]), h_n, c_n)
+        return tuple(outs[k] for k, _ in cots)
+    if functional:
+        _, pull = torch.func.vjp(layer, *(inputs[i] for i in wanted))
+        got = pull(tuple(g for _, g in cots))
+    else:
+        got = torch.autograd.grad(layer(*(inputs[i] for i in wanted)), [inputs[i] for i in wanted],
+                                  [g for _, g in cots], create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, got):
+        grads[i] = g
+    return grads
