@@ -313,6 +313,19 @@ def test_autograd_functional_vectorized_and_vjp_pull_without_grad(kind, monkeypa
         _assert_close(got[k], want[k], f"vjp pull under no_grad {k}")
 
 
+def test_torch_func_grad_under_torch_compile():
+    # Dynamo traces torch.func.grad over the setup_context Functions (the functorch checks stay out of
+    # the traced code: _transformed and _functorch_graph answer False while compiling).
+    _, ours, x, _ = _case("gru-2layers")
+    params, loss = _functional(ours)
+    want = torch.func.grad(loss)(params, x)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got = torch.compile(lambda p, z: torch.func.grad(loss)(p, z))(params, x)
+    torch._dynamo.reset()
+    for k in want:
+        _assert_close(got[k], want[k], f"compiled grad {k}")
+
+
 def _param_vjp(m, x):
     params = {k: v.detach() for k, v in m.named_parameters()}
     out, pull = torch.func.vjp(lambda q: _run_with(m, q, x), params)
