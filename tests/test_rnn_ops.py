@@ -636,7 +636,8 @@ class ProjectingSpy:
                                                ("rnn_relu", True)])
 @pytest.mark.parametrize("B, reverse, lengths", [
     (6, False, None), (6, True, None), (6, False, [9, 9, 7, 4, 2, 1]), (6, True, [9, 8, 3, 3, 2, 1]),
-    (13, False, None), (13, True, [9, 9, 9, 8, 8, 7, 5, 4, 4, 3, 2, 1, 1])])
+    (13, False, None), (13, True, [9, 9, 9, 8, 8, 7, 5, 4, 4, 3, 2, 1, 1]),
+    (70, False, None), (70, True, [9] * 20 + [7] * 25 + [3] * 15 + [1] * 10)])
 @pytest.mark.parametrize("I", [20, 13])
 def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, isa, mode, reset_after, B, reverse,
                                                                    lengths, I):
@@ -645,7 +646,8 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
     every mode): outputs and final states against float64, bit for bit at 1, 2 and 3 threads and run
     after run, padded and packed, either direction, at every level. H = 37 leaves a partial unit
     block; I = 13 an odd input width; B = 13 (over 2 and 3 row quanta, panels this small) has threads
-    owning rows instead of units (forward_variant)."""
+    owning rows instead of units (forward_variant); B = 70, beyond 32 rows, by the thin-input rule
+    (_EACH_STEP_THIN_INPUT: I <= H here)."""
     spy = ProjectingSpy(monkeypatch, each_step=True)
     monkeypatch.setattr(ops, "_EACH_STEP_MAX_ROWS", dict.fromkeys(ops.MODES, 32))  # RNN's sequences too
     x, bs, t = make_case(mode, 0, torch.float32, T=9, B=B, I=I, H=37, lengths=lengths)
@@ -654,21 +656,24 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
     assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, False)
 
 
-@pytest.mark.parametrize("mode, B, dtype, proj, expect", [
-    ("lstm", 1, torch.float32, 0, False), ("lstm", 2, torch.float32, 0, True), ("lstm", 32, torch.float32, 0, True),
-    ("lstm", 33, torch.float32, 0, False), ("gru", 32, torch.float32, 0, True),
-    ("rnn_tanh", 8, torch.float32, 0, False), ("lstm", 8, torch.float64, 0, False),
-    ("lstm", 8, torch.bfloat16, 0, False), ("lstm", 8, torch.float32, 10, False)])
-def test_which_sequences_project_each_step(monkeypatch, mode, B, dtype, proj, expect):
-    """The measured rule (ops._EACH_STEP_MAX_ROWS): LSTM and GRU, float32, no proj_size, 2 to 32 rows a
-    step, both panels' per-thread shares within half a core's L2."""
+@pytest.mark.parametrize("mode, B, I, dtype, proj, expect", [
+    ("lstm", 1, 16, torch.float32, 0, False), ("lstm", 2, 16, torch.float32, 0, True),
+    ("lstm", 32, 48, torch.float32, 0, True), ("lstm", 33, 48, torch.float32, 0, False),
+    ("lstm", 70, 16, torch.float32, 0, True), ("gru", 32, 16, torch.float32, 0, True),
+    ("gru", 70, 32, torch.float32, 0, True), ("gru", 70, 33, torch.float32, 0, False),
+    ("rnn_tanh", 8, 16, torch.float32, 0, False), ("lstm", 8, 16, torch.float64, 0, False),
+    ("lstm", 8, 16, torch.bfloat16, 0, False), ("lstm", 8, 16, torch.float32, 10, False)])
+def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj, expect):
+    """The measured rule (ops._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): LSTM and GRU, float32, no
+    proj_size, 2 to 32 rows a step or more where the input is no wider than the hidden size (H=32 here)
+    nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within half a core's L2."""
     monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch, each_step=True)
-    x, bs, t = make_case(mode, proj, dtype, T=3, B=B, I=16, H=32, strided_inputs=False)
+    x, bs, t = make_case(mode, proj, dtype, T=3, B=B, I=I, H=32, strided_inputs=False)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)
-    monkeypatch.setattr(ops, "_L2_BYTES", 2 * ops.GATES[mode] * 32 * (16 + 32) * 4 // torch.get_num_threads() - 64)
+    monkeypatch.setattr(ops, "_L2_BYTES", 2 * ops.GATES[mode] * 32 * (I + 32) * 4 // torch.get_num_threads() - 64)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)  # both panels no longer fit: projected before the steps, or by torch

@@ -740,12 +740,21 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64 or bfloat16 (no gain measured);
 # proj_size not measured.
 _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32}
+# Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):
+# torch's GEMM with so short a contraction runs far below peak (MKL x W_ih^T at I=64: ~140 GFLOP/s).
+# In-process, 11-15 pairs, time each step / before the steps (MKL projecting), (T, B, I, H): LSTM
+# (30,256,64,128) 0.85, (100,64,64,128) 0.89, (20,512,64,128) 0.88, (30,256,64,64) 0.92, (100,64,64,256)
+# 0.84 (0.76 -> 0.91x torch.nn), (30,256,128,128) 0.93, (100,64,128,128) / (50,128,128,128) 0.99; GRU
+# (30,256,64,128) 0.89, (100,64,64,256) 0.96. Wider inputs lose: LSTM (30,256,256,128) 1.04.
+_EACH_STEP_THIN_INPUT = 128
 
 
 def _projects_each_step(mode, x2d, seq, hidden, proj, read):
     """`read`: the input panel's bytes (_forward_projecting's); the recurrent panel's add to it."""
     rows = x2d.shape[0] / max(1, seq.steps)
-    if x2d.dtype != torch.float32 or proj or not 2 <= rows <= _EACH_STEP_MAX_ROWS.get(mode, 0):
+    if x2d.dtype != torch.float32 or proj or mode not in _EACH_STEP_MAX_ROWS or rows < 2:
+        return False
+    if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
         return False
     return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _L2_BYTES // 2 * max(1, num_threads())
 
