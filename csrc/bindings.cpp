@@ -218,16 +218,6 @@ const void* opt_data(py::handle h, const char* arg, TensorView* out = nullptr) {
   return v.data;
 }
 
-// States and gradients the kernels read as dense rows: anything else is a caller bug, refused here
-// rather than read out of place.
-const void* opt_dense(py::handle h, const char* arg) {
-  if (h.is_none()) return nullptr;
-  TensorView v = view_of(h, arg);
-  if (!v.is_contiguous())
-    throw py::value_error(std::string("pyseqkern: rnn: '") + arg + "' must be contiguous");
-  return v.data;
-}
-
 RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
   if (mode < 0 || mode > 3) throw py::value_error("pyseqkern: rnn: 'mode' must be 0..3 (lstm, gru, rnn_tanh, rnn_relu)");
   if (hidden < 1 || proj < 0 || (proj > 0 && mode != 0))
@@ -525,8 +515,9 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   p.b_hn = dense_of(b_hn, "b_hn", p.dtype, H);
   p.h0 = dense_of(h0, "h0", p.dtype, batch * K);
   p.c0 = dense_of(c0, "c0", p.dtype, batch * H);
-  p.y = view_of(y, "y").data;
-  check_rows(view_of(y, "y"), "y", rows, K, p.dtype, ld_y);
+  const TensorView yv = view_of(y, "y");
+  check_rows(yv, "y", rows, K, p.dtype, ld_y);
+  p.y = yv.data;
   p.ld_y = ld_y;
   p.h_n = dense_of(h_n, "h_n", p.dtype, batch * K, false);
   p.c_n = dense_of(c_n, "c_n", p.dtype, batch * H);
@@ -598,8 +589,9 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   p.h_prev_t = transposed(h_prev_t, "h_prev_t", p.shape.state());
   if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h && !p.d_gates_ht)
     throw py::value_error("pyseqkern: rnn_backward: GRU with reset_after needs 'd_gates_h' or 'd_gates_ht'");
-  p.dy = opt_dense(dy, "dy");
-  if (p.dy) check_rows(view_of(dy, "dy"), "dy", rows, K, p.dtype, ld_dy);
+  TensorView dyv;
+  p.dy = opt_data(dy, "dy", &dyv);
+  if (p.dy) check_rows(dyv, "dy", rows, K, p.dtype, ld_dy);
   p.ld_dy = ld_dy;
   p.dh_n = dense_of(dh_n, "dh_n", p.dtype, batch * K);
   p.dc_n = dense_of(dc_n, "dc_n", p.dtype, batch * H);

@@ -143,10 +143,12 @@ def test_op_gradgradcheck(mode, proj, reset_after, reverse, packed):
 
 
 def test_first_order_training_never_takes_the_differentiable_backward(monkeypatch):
-    # The graph-recording backward is for create_graph only: plain backward stays on the kernels.
+    # The graph-recording backwards are for create_graph and torch.func only: plain backward stays on
+    # the kernels, with no recomputation by the reference.
     def boom(*a, **k):
-        raise AssertionError("plain backward went through _RnnLayerGrad")
+        raise AssertionError("plain backward left the kernels")
     monkeypatch.setattr(rnn_autograd._RnnLayerGrad, "apply", boom)
+    monkeypatch.setattr(rnn_autograd, "_reference_vjp", boom)
     m = pnn.GRU(I, H, num_layers=2, bidirectional=True)
     m(torch.randn(T, B, I, requires_grad=True))[0].sum().backward()
 

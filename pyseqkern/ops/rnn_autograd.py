@@ -111,7 +111,7 @@ class _RnnLayer(torch.autograd.Function):
             # differentiates the reference.
             grads = _RnnLayerGrad.apply(ctx.cfg, need, *ctx.saved_tensors, dy, dh_n, dc_n)
         elif not torch.is_grad_enabled():
-            grads = _kernel_grads(ctx.cfg, need, ctx.saved_tensors[:7], dy, dh_n, dc_n)
+            grads = _kernel_grads(ctx.cfg, need, ctx.saved_tensors[:5], dy, dh_n, dc_n)
         else:
             # create_graph=True asked for in plain autograd: the gradient will be differentiated
             # (penalties, MAML, Hessian-vector products), so the reference's graph is built right away;
@@ -122,11 +122,18 @@ class _RnnLayer(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
+def _reserve_operands(reserve, hidden, K):
+    """Views of the reserve's columns the weight gradients read (rnn.h's layout; the accumulation dtype,
+    cast where used): h_prev (closing every row; dW_hh), r * h_prev (GRU reset_before's dW_hn) and
+    m = o * tanh(c) (LSTM with projection; dW_hr). The last two mean nothing for other modes."""
+    return reserve[:, reserve.shape[1] - K:], reserve[:, 3 * hidden:4 * hidden], reserve[:, 5 * hidden:6 * hidden]
+
+
 def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
     """The 8 gradients (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr; None where `need` says no) of a layer
-    from the backward kernel and torch GEMMs. `saved`: x2d, c0, w_ih, reserve, packed, b_ih, b_hh."""
+    from the backward kernel and torch GEMMs. `saved`: x2d, c0, w_ih, reserve, packed."""
     mode, code, reset_after, hidden, proj, seq = cfg
-    x2d, c0, w_ih, reserve, packed, b_ih, b_hh = saved
+    x2d, c0, w_ih, reserve, packed = saved
     # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
     # column slice); the kernel reads dense rows.
     dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
@@ -171,10 +178,11 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
         if use_joint:  # the same GEMM, so both paths give the same bits
             joint = make_joint(lambda shape, dtype: torch.empty(shape, dtype=dtype, device=reserve.device))
             joint[I:I + K].copy_(hprev_t)
+    h_prev, rh, m = _reserve_operands(reserve, hidden, K)
     if not g.fast:  # views for mm
         dgx_t = dgx.t()
         dgh_t = dgh.t() if gru_after else None
-        hprev_t = reserve[:, reserve.shape[1] - K:].to(wdtype).t()  # h_prev closes every reserve row (rnn.h)
+        hprev_t = h_prev.to(wdtype).t()
     dx = g.mm(dgx, g.t(w_ih)) if need[0] else None
     dw_hh = dw_hr = None
     db = None
@@ -190,15 +198,14 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
         if gru_after:
             dw_hh = g.mm(dgh_t, hprev_t)
         elif mode == "gru":
-            rh_t = g.t(reserve[:, 3 * hidden:4 * hidden].to(wdtype))
-            dw_hh = torch.cat([g.mm(dgx_t[:2 * hidden], hprev_t), g.mm(dgx_t[2 * hidden:], rh_t)])
+            dw_hh = torch.cat([g.mm(dgx_t[:2 * hidden], hprev_t), g.mm(dgx_t[2 * hidden:], g.t(rh.to(wdtype)))])
         else:
             dw_hh = g.mm(dgx_t, hprev_t)
     db_hh = None
     if need[6]:
         db_hh = dgh_t.sum(1) if gru_after else db
     if need[7]:
-        dw_hr = g.mm(g.t(dproj), g.t(reserve[:, 5 * hidden:6 * hidden].to(wdtype)))
+        dw_hr = g.mm(g.t(dproj), g.t(m.to(wdtype)))
     return (dx, dh0 if need[1] else None, (dc0 if code == 0 else None) if need[2] else None,
             dw_ih, dw_hh, db if need[5] else None, db_hh, dw_hr)
 
@@ -212,7 +219,7 @@ class _RnnLayerGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(cfg, need, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n):
-        grads = _kernel_grads(cfg, need, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh), dy, dh_n, dc_n)
+        grads = _kernel_grads(cfg, need, (x2d, c0, w_ih, reserve, packed), dy, dh_n, dc_n)
         # Outputs of a Function must be distinct tensors of their own: the joint GEMM's two weight
         # gradients are views of one buffer, and LSTM and RNN give both biases the same tensor.
         seen, out = set(), []
@@ -257,6 +264,8 @@ class _RnnLayerGrad(torch.autograd.Function):
             code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False)
         wdtype = w_ih.dtype
 
+        h_prev, rh, m = _reserve_operands(rf, hidden, K)
+
         def per_v(a, b):  # sum over each v's rows of a^T b: [V, a cols, b cols]
             return torch.einsum("tvbm,tvbn->vmn", a.reshape(T, V, B, -1), b.to(wdtype).reshape(T, V, B, -1))
 
@@ -272,12 +281,10 @@ class _RnnLayerGrad(torch.autograd.Function):
         if need[3]:
             out[3] = per_v(dgx, xf)
         if need[4]:
-            h_prev = rf[:, rf.shape[1] - K:]  # h_prev closes every reserve row (rnn.h)
             if mode == "gru" and reset_after:
                 out[4] = per_v(dgh, h_prev)
             elif mode == "gru":
-                out[4] = torch.cat([per_v(dgx[:, :2 * hidden], h_prev),
-                                    per_v(dgx[:, 2 * hidden:], rf[:, 3 * hidden:4 * hidden])], 1)
+                out[4] = torch.cat([per_v(dgx[:, :2 * hidden], h_prev), per_v(dgx[:, 2 * hidden:], rh)], 1)
             else:
                 out[4] = per_v(dgx, h_prev)
         if need[5]:
@@ -285,7 +292,7 @@ class _RnnLayerGrad(torch.autograd.Function):
         if need[6]:
             out[6] = col_sum(dgh if mode == "gru" and reset_after else dgx)
         if need[7]:
-            out[7] = per_v(dproj, rf[:, 5 * hidden:6 * hidden])
+            out[7] = per_v(dproj, m)
         return tuple(out), tuple(None if t is None else 0 for t in out)
 
     @staticmethod
