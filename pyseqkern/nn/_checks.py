@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import rnn_autocast as _autocast
+
 
 def input_dtype_and_device(name: str, x: torch.Tensor, weight: torch.Tensor, exc=ValueError) -> None:
-    if x.dtype != weight.dtype:
+    # Inside an autocast region both are cast to its dtype first (ops/rnn_autocast.py), as torch's are.
+    to = _autocast.target(x)
+    if _autocast.effective(x.dtype, to) != _autocast.effective(weight.dtype, to):
         raise exc(
             f"{name}: input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
             f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
@@ -34,7 +38,8 @@ def state_matches(name: str, label: str, state: torch.Tensor, expected_shape: tu
     """`label` names the state as the user passed it (hx, hx[0], hx[1])."""
     if tuple(state.shape) != tuple(expected_shape):
         raise RuntimeError(f"{name}: Expected {label} size {tuple(expected_shape)}, got {list(state.shape)}")
-    if state.dtype != x.dtype:
+    to = _autocast.target(x)
+    if _autocast.effective(state.dtype, to) != _autocast.effective(x.dtype, to):
         raise RuntimeError(
             f"{name}: {label} dtype ({state.dtype}) does not match input dtype ({x.dtype}); "
             f"convert it: {label}.to({x.dtype})"

@@ -21,7 +21,7 @@ How the work splits: torch computes x W_ih^T + biases for all steps in one GEMM;
 (torch.ops.pyseqkern.rnn_forward) runs the whole time loop; backward (rnn_backward) runs the loop in
 reverse and returns gate gradients, from which torch GEMMs form every weight gradient. Recurrent weights
 are packed once per weight version (cache below); the op's autograd and torch.func rules are in
-rnn_autograd.py. Dtypes: float32, float64, bfloat16 (float32 math);
+rnn_autograd.py, autocast in rnn_autocast.py. Dtypes: float32, float64, bfloat16 (float32 math);
 float16 on CUDA, and on the CPU through float32 casts.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch.autograd import forward_ad as _fwad
 from .. import _backend
 from .._handoff import capsule, num_threads
 from ..reference import rnn as _reference
+from . import rnn_autocast as _autocast
 from ._library import LIB
 
 _C = _backend._C
@@ -564,6 +565,7 @@ _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)
 _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
+_autocast_any = torch._C._is_any_autocast_enabled
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -631,6 +633,13 @@ def _refuse_tracing(op):
 def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
     if _is_tracing():
         _refuse_tracing("rnn_layer")
+    to = _autocast.target(x) if isinstance(x, torch.Tensor) else None
+    if to is not None:  # one op of autocast's lower-precision list (ops/rnn_autocast.py)
+        dev = x.device.type
+        x, h0, c0 = (_autocast.cast(t, to, dev) for t in (x, h0, c0))
+        w_ih, w_hh, b_ih, b_hh, w_hr = _autocast.cast_params((w_ih, w_hh, b_ih, b_hh, w_hr), to, dev)
+        with _autocast.off(dev):
+            return rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if x.dtype == torch.float16 and x.device.type == "cpu":
@@ -872,6 +881,8 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     (zeros) or (h,) / (h, c). Returns (h_n,) or (h_n, c_n). At B=1, H=256 every microsecond of Python
     here is a visible share of the step, so this is the only code between the module and the kernel,
     and it checks each tensor inline (as _plan_takes would; 1.4-1.8 us less per call than calling it)."""
+    if _autocast_any():  # (rnn_cell casts, then comes back here with autocast off)
+        return None
     plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     if plan is None or plan.step is None or type(x) is not torch.Tensor:
         return None
@@ -950,6 +961,13 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
 def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=False):
     """One step: a sequence of length 1 through the same kernels. `spread`: the caller runs several
     layers' steps in a row, so the planned step never takes the one-thread shortcut (RnnFwdParams)."""
+    to = _autocast.target(x) if type(x) is torch.Tensor else None
+    if to is not None:  # as in rnn_layer
+        dev = x.device.type
+        x, h, c = (_autocast.cast(t, to, dev) for t in (x, h, c))
+        w_ih, w_hh, b_ih, b_hh = _autocast.cast_params((w_ih, w_hh, b_ih, b_hh), to, dev)
+        with _autocast.off(dev):
+            return rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, spread)
     if h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor:
         # Inference with parameters already planned: only this call's own tensors are checked here;
         # anything off goes the full way below, which says what is wrong.

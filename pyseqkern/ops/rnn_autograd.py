@@ -18,6 +18,7 @@ import torch
 from torch.autograd import forward_ad as _fwad
 
 from ..reference import rnn as _reference
+from . import rnn_autocast as _autocast
 from .rnn import (GATES, MODES, _backward_impl, _functorch_active, _Gemms, _plain_eager, _prepare, _proj_scratch,
                   _scratch, _Seq)
 
@@ -78,6 +79,7 @@ class _RnnLayer(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         hidden = w_hh.shape[0] // GATES[mode]
         ctx.cfg = (mode, MODES[mode], reset_after, hidden, 0 if w_hr is None else w_hr.shape[0], seq)
+        ctx.device_type = x2d.device.type
         if training:  # h0, w_hh and w_hr only for a backward that is itself differentiated
             ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
 
@@ -103,6 +105,12 @@ class _RnnLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, _reserve, _packed):
+        # (A backward called inside an autocast region must not cast the GEMMs below: rnn_autocast.py.)
+        with _autocast.off(ctx.device_type):
+            return _RnnLayer._backward(ctx, dy, dh_n, dc_n)
+
+    @staticmethod
+    def _backward(ctx, dy, dh_n, dc_n):
         need = ctx.needs_input_grad[4:]  # x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
         if _functorch_graph(ctx.saved_tensors):
             # Under torch.func (grad and vjp ask for a graph whether or not anything differentiates the
@@ -235,7 +243,7 @@ class _RnnLayerGrad(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         cfg, need, x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n = inputs
         ctx.set_materialize_grads(False)
-        ctx.cfg, ctx.need = cfg, need
+        ctx.cfg, ctx.need, ctx.device_type = cfg, need, x2d.device.type
         ctx.save_for_backward(x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n)
 
     @staticmethod
@@ -297,6 +305,11 @@ class _RnnLayerGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *vs):
+        with _autocast.off(ctx.device_type):
+            return _RnnLayerGrad._backward(ctx, *vs)
+
+    @staticmethod
+    def _backward(ctx, *vs):
         saved = ctx.saved_tensors
         n = ctx.needs_input_grad
         idx = [i for i, at in enumerate(_GRAD_SAVED_AT) if n[at] and saved[i] is not None]

@@ -12,6 +12,8 @@ Targets (the RNN issue's; speedup = torch ms / ours ms), inference unless stated
   cells  (B, H) = (1, 256): 5.0, (32, 512): 1.3
   torch.func (LSTM, GRU; no target): grad of a loss over functional_call, both under torch.func.grad;
   per-sample gradients, ours by vmap of grad, torch.nn's by a loop of plain autograd (no vmap rule).
+  autocast (no target): float32 modules called inside torch.autocast(bfloat16) on both sides; torch.nn's
+  LSTM runs oneDNN's bfloat16 kernel there, its GRU and RNN cast each GEMM (ops/rnn_autocast.py).
 CUDA (the CUDA RNN issue's; against torch.nn on cuDNN in the same run), float16 and float32, (T, B, H) =
 (100, 1/4/16/64, 256/512/1024):
   inference at B <= 16: 2.0; training (forward + backward) at B <= 16: 1.5; everywhere else 1.0;
@@ -77,6 +79,10 @@ def _exact(device: str, dtype: torch.dtype):
     return no_tf32
 
 
+def _region(device: str, dtype: torch.dtype):
+    return lambda: torch.autocast(device, dtype=dtype)
+
+
 def _flat(out) -> list[torch.Tensor]:
     """Every tensor of a module's output: (output, h_n), (output, (h_n, c_n)), PackedSequence data."""
     if isinstance(out, torch.Tensor):
@@ -90,7 +96,8 @@ def _assert_agree(theirs, ours, dtype: torch.dtype) -> None:
     a, b = _flat(theirs), _flat(ours)
     assert len(a) == len(b), f"{len(a)} outputs from torch, {len(b)} from pyseqkern"
     for x, y in zip(a, b):
-        torch.testing.assert_close(y, x, **_TOL[dtype])
+        # (in autocast regions torch.nn's GRU, cells and packed LSTM return float32, ours the region's dtype)
+        torch.testing.assert_close(y.float(), x.float(), **_TOL[dtype])
 
 
 def _layer_flops(cls: str, steps: float, batch: int, inp: int, hidden: int, proj: int = 0) -> float:
@@ -99,14 +106,16 @@ def _layer_flops(cls: str, steps: float, batch: int, inp: int, hidden: int, proj
     return 2.0 * steps * batch * _GATES[cls] * hidden * (inp + k) + 2.0 * steps * batch * proj * hidden
 
 
-def _inference(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32, proj: int = 0):
+def _inference(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32, proj: int = 0,
+               autocast=None):
+    """autocast: a dtype; float32 modules and input, called inside a torch.autocast region of it."""
     def setup(ceilings):
         kwargs = {"proj_size": proj} if proj else {}
         theirs, ours = _modules(cls, device, dtype, hidden, hidden, **kwargs)
         theirs.eval()
         ours.eval()
         x = _randn(steps, batch, hidden, device=device, dtype=dtype)
-        exact = _exact(device, dtype)
+        exact = _exact(device, dtype) if autocast is None else _region(device, autocast)
 
         def run(module):
             def fn():
@@ -120,20 +129,22 @@ def _inference(cls: str, device: str, steps: int, batch: int, hidden: int, dtype
             with warnings.catch_warnings():  # torch warns once that oneDNN has no proj_size (the case's note says so)
                 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
                 expected = torch_fn()
-            _assert_agree(expected, ours_fn(), dtype)
+            _assert_agree(expected, ours_fn(), autocast or dtype)
 
         return Prepared(torch_fn, ours_fn, check, work=_layer_flops(cls, steps, batch, hidden, hidden, proj))
 
     return setup
 
 
-def _training(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32):
+def _training(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32, autocast=None):
+    """autocast: a dtype; the forward inside a torch.autocast region of it, the backward after it."""
     def setup(ceilings):
         theirs, ours = _modules(cls, device, dtype, hidden, hidden)
         theirs.train()
         ours.train()
         x = _randn(steps, batch, hidden, device=device, dtype=dtype).requires_grad_()
         exact = _exact(device, dtype)
+        region = contextlib.nullcontext if autocast is None else _region(device, autocast)
 
         def run(module):
             params = list(module.parameters())
@@ -143,9 +154,10 @@ def _training(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=
                     p.grad = None
                 x.grad = None
                 with exact():
-                    out, h_n = module(x)
+                    with region():
+                        out, h_n = module(x)
                     h = h_n[0] if isinstance(h_n, tuple) else h_n
-                    (out.sum() + h.sum()).backward()
+                    (out.float().sum() + h.float().sum()).backward()
                 return out, h_n
             return fn
 
@@ -154,14 +166,15 @@ def _training(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=
         def check():
             expected = torch_fn()
             grads = [x.grad.clone()] + [p.grad.clone() for p in theirs.parameters()]
-            _assert_agree(expected, ours_fn(), dtype)
+            _assert_agree(expected, ours_fn(), autocast or dtype)
             # A weight gradient sums T*B products, so single entries can cancel to near zero: the absolute
             # tolerance scales with the tensor's largest entry (elementwise agreement at 1e-4 would only
             # test the order of float32 sums).
             names = ["input"] + [n for n, _ in ours.named_parameters()]
+            tol = _TOL[autocast or dtype]
             for name, want, got in zip(names, grads, [x.grad] + [p.grad for p in ours.parameters()]):
-                atol = _TOL[dtype]["atol"] * max(1.0, float(want.abs().max()))
-                torch.testing.assert_close(got, want, rtol=_TOL[dtype]["rtol"], atol=atol,
+                atol = tol["atol"] * max(1.0, float(want.abs().max()))
+                torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=atol,
                                            msg=lambda m, name=name: f"grad of {name}: {m}")
 
         return Prepared(torch_fn, ours_fn, check, work=3.0 * _layer_flops(cls, steps, batch, hidden, hidden))
@@ -355,6 +368,14 @@ def register_all():
                 register(Case(family, "bfloat16 inference T=100 B=32 H=256", device,
                               _inference(cls, device, 100, 32, 256, dtype=torch.bfloat16), unit="GFLOP/s",
                               peak="bf16_flops", target=1.0, note="% of the bfloat16 peak"))
+            for batch in (8, 32):
+                register(Case(family, f"autocast bfloat16 inference T=100 B={batch} H=256", device,
+                              _inference(cls, device, 100, batch, 256, autocast=torch.bfloat16), unit="GFLOP/s",
+                              peak="bf16_flops", note="float32 modules in a torch.autocast region"))
+            if cls != "RNN":
+                register(Case(family, "autocast bfloat16 training T=100 B=32 H=256", device,
+                              _training(cls, device, 100, 32, 256, autocast=torch.bfloat16), unit="GFLOP/s",
+                              peak="bf16_flops", note="forward in the region, backward after"))
         for cls in ("LSTMCell", "GRUCell", "RNNCell"):
             for batch, hidden, target in ((1, 256, 5.0), (32, 512, 1.3)):
                 register(Case("rnn_cell", f"{cls} B={batch} H={hidden}", device, _cell(cls, device, batch, hidden),
