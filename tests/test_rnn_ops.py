@@ -383,24 +383,31 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("lengths", [None, [7, 7, 4, 2, 1]])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("mode,proj,reset_after", VARIANTS)
-def test_backward_transposed_outputs_are_exact_transposes(device, mode, proj, reset_after, reverse, lengths, dtype):
-    """The weight-gradient GEMMs read d_gates^T and h_prev^T written by the backward kernel: they must be
-    the row-major results transposed, bit for bit, for every row mapping (padded, packed, reverse)."""
-    check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, dtype, T=7, B=5, H=11)
-
-
 @pytest.mark.parametrize("lengths", [None, "spread"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("mode,proj,reset_after", VARIANTS)
-def test_backward_transposed_outputs_at_streaming_sizes(mode, proj, reset_after, reverse, lengths):
+@pytest.mark.parametrize("T, B", [(7, 5), (3, 37)])
+def test_backward_transposed_outputs_are_exact_transposes(device, T, B, mode, proj, reset_after, reverse, lengths,
+                                                          dtype):
+    """The weight-gradient GEMMs read d_gates^T and h_prev^T written by the backward kernel: they must be
+    the row-major results transposed, bit for bit, for every row mapping (padded, packed, reverse).
+    B = 37: whole 16-row register transposes, and for bfloat16 a whole 32-row line and a tail."""
+    spread = None if lengths is None else [T - (T - 1) * i // (B - 1) for i in range(B)]
+    check_transposed_outputs(device, mode, proj, reset_after, reverse, spread, dtype, T=T, B=B, H=11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [None, "spread"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode,proj,reset_after", VARIANTS)
+def test_backward_transposed_outputs_at_streaming_sizes(mode, proj, reset_after, reverse, lengths, dtype):
     """From 8 MB (kStreamBytes) the kernels write the reserve, d_gates_x and the transposed copies by
-    non-temporal stores, and the transposes read dG instead of d_gates_x: the same exactness there."""
-    spread = [100 - 2 * i for i in range(32)] if lengths else None
+    non-temporal stores, and the transposes read dG instead of d_gates_x: the same exactness there.
+    (bfloat16 at B = 64, for the 8 MB; its copies go out a 32-row line at a time.)"""
+    B = 32 if dtype == torch.float32 else 64
+    spread = [100 - (98 * i) // (B - 1) for i in range(B)] if lengths else None
     # H = 200: the last unit block is partial and reserve rows are not all 64-byte aligned (plain stores)
-    check_transposed_outputs("cpu", mode, proj, reset_after, reverse, spread, torch.float32, T=100, B=32, H=200)
+    check_transposed_outputs("cpu", mode, proj, reset_after, reverse, spread, dtype, T=100, B=B, H=200)
 
 
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
