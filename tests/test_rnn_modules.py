@@ -857,6 +857,54 @@ class _Tagger(torch.nn.Module):
         return self.head(self.cell(z[-1], h[0]))
 
 
+@pytest.mark.parametrize("hooks", ["checkpoint", "checkpoint_reentrant", "save_on_cpu"])
+@pytest.mark.parametrize("cfg_name", ["plain", "packed_unsorted-hx-bidirectional-2layers-batch_first",
+                                      "dropout-train-3layers-bidirectional-hx"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_activation_checkpointing_and_saved_tensor_hooks(kind, cfg_name, hooks):
+    """torch.utils.checkpoint recomputes the forward in the backward (non-reentrant: when the backward
+    unpacks its saved tensors, which it may do once; reentrant: a no-grad forward first, then a forward
+    with grad inside the backward); save_on_cpu packs and unpacks every saved tensor. The gradients are
+    the plain run's bit for bit (until stop 16 the layer's backward read ctx.saved_tensors twice, which
+    non-reentrant checkpointing refuses)."""
+    from torch.utils.checkpoint import checkpoint
+    cfg = CONFIGS[cfg_name]
+    _, ours = make_pair(kind, cfg, F32)
+    x, h0, c0 = make_inputs(kind, cfg, F32)
+    is_lstm = KINDS[kind][0] == "LSTM"
+    lengths = torch.tensor(LENGTHS[cfg["packed"]]) if "packed" in cfg else None
+    leaves = [t for t in (x, h0, c0) if t is not None] + list(ours.parameters())
+
+    def f(x, h0, c0):
+        inp = x if lengths is None else pack_padded_sequence(x, lengths, batch_first=cfg.get("batch_first", False),
+                                                             enforce_sorted=False)
+        torch.manual_seed(DROPOUT_SEED)
+        out, hx = ours(inp, None if h0 is None else ((h0, c0) if is_lstm else h0))
+        y = out.data if isinstance(out, PackedSequence) else out
+        return (y,) + (tuple(hx) if is_lstm else (hx,))
+
+    def grads_of(outs):  # (.backward(): reentrant checkpointing refuses autograd.grad)
+        for t in leaves:
+            t.grad = None
+        weighted_sum(outs).backward()
+        return [t.grad for t in leaves]
+
+    plain_outs = f(x, h0, c0)
+    plain = grads_of(plain_outs)
+    if hooks == "save_on_cpu":
+        with torch.autograd.graph.save_on_cpu():
+            outs = f(x, h0, c0)
+    else:
+        outs = checkpoint(f, x, h0, c0, use_reentrant=hooks == "checkpoint_reentrant", preserve_rng_state=True)
+    got = grads_of(outs)
+    for a, b in zip(outs, plain_outs, strict=True):
+        # (reentrant checkpointing runs the first forward without grad: the inference paths, which
+        # may sum in another order)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, plain, strict=True):
+        assert_bitwise_equal(a, b, "gradient")
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_model_compiles_fullgraph_forward_and_backward(backend):
     # Dynamo refuses every instance of torch.nn.RNN/GRU/LSTM, subclasses included, unless allow_rnn is
