@@ -9,6 +9,7 @@ their handles still remove them."""
 from __future__ import annotations
 
 from torch import nn as _tnn
+from torch.nn.utils import parametrize as _parametrize
 
 from . import nn as _pnn
 from .nn._twin import rebuild_as
@@ -26,16 +27,37 @@ _WITH_RESET_AFTER = (_pnn.GRU, _pnn.GRUCell)
 
 def _replacement(module: _tnn.Module, cls: type) -> _tnn.Module:
     new = rebuild_as(module, cls)
-    if cls in _WITH_RESET_AFTER:
+    if issubclass(cls, _WITH_RESET_AFTER):
         new.reset_after = True
     return new
+
+
+# A class's own attributes that type() makes afresh for a new class.
+_TYPE_SLOTS = ("__dict__", "__weakref__", "__module__", "__doc__", "__qualname__")
+
+
+def _accelerated_class(module: _tnn.Module):
+    """Our class for this module, or None. Exact types only (subclasses, ours included, may change
+    forward), but for the classes torch.nn.utils.parametrize makes (ParametrizedLSTM, one per module,
+    a direct subclass holding the parametrized tensors' properties): the same class made over ours, so
+    that weight_norm'd or spectral_norm'd layers are accelerated too and remove_parametrizations
+    leaves ours behind."""
+    kind = type(module)
+    cls = _ACCELERATED.get(kind)
+    if cls is not None:
+        return cls
+    bases = kind.__bases__
+    if len(bases) == 1 and bases[0] in _ACCELERATED and _parametrize.is_parametrized(module):
+        own = {k: v for k, v in kind.__dict__.items() if k not in _TYPE_SLOTS}
+        return type(kind.__name__, (_ACCELERATED[bases[0]],), own)
+    return None
 
 
 def _convert(module: _tnn.Module, memo: dict) -> _tnn.Module:
     # memo keeps a module that appears at several places in the tree one module after conversion.
     if id(module) in memo:
         return memo[id(module)]
-    cls = _ACCELERATED.get(type(module))  # exact type: subclasses (ours included) may change forward
+    cls = _accelerated_class(module)
     if cls is not None:
         result = _replacement(module, cls)
     else:

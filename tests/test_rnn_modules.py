@@ -453,6 +453,37 @@ def test_cell_planned_path_follows_parameter_changes(kind):
         same(got, other(x, states))
 
 
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD", "Adagrad"])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell"])
+def test_inference_after_a_fused_optimizer_step_sees_the_new_weights(cls, optimizer):
+    """torch's fused optimizer kernels (fused=True) write the parameters without bumping their version
+    counters, which the inference caches key on: an inference call after such a step was served the
+    weights from before it (ops/rnn_versions.py bumps them after every step that did not). Also: a
+    parameter the step did not update (no gradient) keeps its version."""
+    torch.manual_seed(0)
+    m = seed_parameters(getattr(pnn, cls)(I, H))
+    x = x3() if "Cell" not in cls else x3((B, I))
+    frozen = m.bias_hh_l0 if "Cell" not in cls else m.bias_hh
+    frozen.requires_grad_(False)
+    opt = getattr(torch.optim, optimizer)([p for p in m.parameters()], lr=0.05, fused=True)
+    with torch.no_grad():
+        m(x)  # fills the caches
+    frozen_version = frozen._version
+    for _ in range(2):
+        opt.zero_grad()
+        out = m(x)
+        (out[0] if isinstance(out, tuple) else out).pow(2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            got = m(x)
+            fresh = copy.deepcopy(m)  # nothing cached for it
+            want = fresh(x)
+        flat = lambda o: [t for t in (o if isinstance(o, tuple) else (o,)) for t in (t if isinstance(t, tuple) else (t,))]
+        for a, b in zip(flat(got), flat(want), strict=True):
+            assert_bitwise_equal(a, b, "output after the step")
+    assert frozen._version == frozen_version
+
+
 @pytest.mark.parametrize("share", [False, True], ids=["plain", "share_memory"])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
 def test_inference_caches_follow_a_dtype_round_trip(cls, share):
@@ -817,6 +848,40 @@ def test_convert_leaves_ours_and_subclasses_alone_and_keeps_shared_modules_share
         pyseqkern.convert("not a module")
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm", "custom"])
+def test_convert_accelerates_parametrized_modules(norm):
+    """A parametrized torch.nn module has torch's generated class (ParametrizedLSTM, a direct subclass);
+    convert makes the same class over ours (it had left such modules as torch.nn), with the same
+    parametrizations, state_dict keys and results, and remove_parametrizations leaves ours."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    def parametrized(m, name):
+        if norm == "custom":
+            parametrize.register_parametrization(m, name, Half())
+        else:
+            getattr(parametrizations, norm)(m, name)
+        return m
+
+    model = torch.nn.Sequential(parametrized(torch.nn.LSTM(I, H, num_layers=2), "weight_hh_l1"),
+                                parametrized(torch.nn.GRUCell(H, H), "weight_ih")).eval()
+    before = copy.deepcopy(model)
+    keys = sorted(model.state_dict())
+    pyseqkern.convert(model)
+    assert isinstance(model[0], pnn.LSTM) and isinstance(model[1], pnn.GRUCell)
+    assert parametrize.is_parametrized(model[0], "weight_hh_l1") and model[1].reset_after
+    assert sorted(model.state_dict()) == keys
+    x, xc = x3(), x3((B, H))
+    with torch.no_grad():
+        for got, want in ((model[0](x)[0], before[0](x)[0]), (model[1](xc), before[1](xc))):
+            assert_matches(got, want.double())
+    parametrize.remove_parametrizations(model[0], "weight_hh_l1")
+    assert type(model[0]) is pnn.LSTM
+
+
 def x3(shape=(T, B, I), dtype=F32, **kw):
     return randn(shape, dtype, seed=16, **kw)
 
@@ -879,6 +944,17 @@ BAD_INPUTS = [
      r"GRUCell: input is on cpu but the parameters are on meta", True),
     ("lstm-cell-hx-not-a-pair", lambda nn: nn.LSTMCell(I, H)(x3((B, I)), x3((B, H))), TypeError,
      r"LSTMCell: hx must be a tuple \(h_0, c_0\)", False),
+    ("lstm-hx-three-tensors", lambda nn: nn.LSTM(I, H)(x3(), (x3((1, B, H)),) * 3), RuntimeError,
+     r"LSTM: hx must be a tuple \(h_0, c_0\) of two tensors, got tuple\(Tensor, Tensor, Tensor\)", True),
+    ("lstm-cell-hx-one-tensor", lambda nn: nn.LSTMCell(I, H)(x3((B, I)), (x3((B, H)),)), RuntimeError,
+     r"LSTMCell: hx must be a tuple \(h_0, c_0\) of two tensors, got tuple of 1", True),
+    ("gru-packed-sizes-sum", lambda nn: nn.GRU(I, H)(PackedSequence(x3((5, I)), torch.tensor([3, 2, 1]))),
+     RuntimeError, r"'batch_sizes' must be positive, non-increasing and sum to x.shape\[0\] = 5", True),
+    ("gru-packed-sizes-growing", lambda nn: nn.GRU(I, H)(PackedSequence(x3((6, I)), torch.tensor([1, 2, 3]))),
+     RuntimeError, r"non-increasing", True),
+    ("gru-packed-sizes-int32", lambda nn: nn.GRU(I, H)(PackedSequence(x3((6, I)), torch.tensor([3, 2, 1],
+                                                                                            dtype=torch.int32))),
+     RuntimeError, r"'batch_sizes' must be an int64 CPU tensor", True),
     ("rnn-cell-unknown-nonlinearity", lambda nn: nn.RNNCell(I, H, nonlinearity="gelu")(x3((B, I))), RuntimeError,
      r"Unknown nonlinearity: gelu", True),
 ]
@@ -959,6 +1035,43 @@ def test_activation_checkpointing_and_saved_tensor_hooks(kind, cfg_name, hooks):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(got, plain, strict=True):
         assert_bitwise_equal(a, b, "gradient")
+
+
+@pytest.mark.parametrize("states", ["none", "same_tensor"])
+def test_lstm_cell_compiles_fullgraph_with_h_and_c_one_tensor(states):
+    """An LSTMCell without hx (its zero states) or with hx=(z, z): one tensor as both h and c is a
+    duplicate input of the layer's autograd.Function, which Dynamo refuses ("duplicate tensor input");
+    the cell makes two zero tensors and the layer op a copy of c while compiling."""
+    cell = seed_parameters(pnn.LSTMCell(I, H))
+    x, z = x3((B, I)), x3((B, H))
+    args = (x,) if states == "none" else (x, (z, z))
+    with torch._dynamo.config.patch(allow_rnn=True):
+        torch._dynamo.reset()
+        got = torch.compile(cell, fullgraph=True, backend="aot_eager")(*args)
+    want = cell(*args)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gru_classes_show_torchs_constructor_signature_plus_reset_after():
+    """inspect.signature of GRU/GRUCell is torch.nn's plus the keyword reset_after, so code that inspects
+    constructors works (torch.nn.utils.skip_init asks for `device`); instances keep the forward's
+    signature, and subclasses with a constructor of their own show theirs."""
+    import inspect
+
+    for cls in (pnn.GRU, pnn.GRUCell):
+        sig = inspect.signature(cls)
+        base = inspect.signature(getattr(torch.nn, cls.__name__))
+        assert [p for p in sig.parameters if p != "reset_after"] == list(base.parameters)
+        assert sig.parameters["reset_after"].kind is inspect.Parameter.KEYWORD_ONLY
+    cell = torch.nn.utils.skip_init(pnn.GRUCell, I, H, reset_after=False)
+    assert cell.reset_after is False and cell.weight_ih.shape == (3 * H, I)
+    assert inspect.signature(cell) == inspect.signature(torch.nn.GRUCell(I, H))
+
+    class Mine(pnn.GRUCell):
+        def __init__(self, n):
+            super().__init__(n, n)
+    assert list(inspect.signature(Mine).parameters) == ["n"]
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

@@ -4,6 +4,8 @@ vjp, jvp, jacfwd, hessian, vmap and per-sample gradients) and forward-mode AD, a
 float64 with the same weights, or against the same computation done call by call where torch.nn has no
 rule (vmap). Also the reference's zero states (h0/c0 None), which these routes and the env-forced
 reference run on."""
+import copy
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -487,6 +489,30 @@ def test_vmap_over_weights_or_packed_data_loops_over_the_kernels(kind, monkeypat
             want = torch.func.grad(lambda q: run_packed(q, datas[i]).sin().sum())(params)
             for k in want:
                 _assert_close(packed_g[k][i], want[k], f"packed per-sample grad {k}")
+
+
+@pytest.mark.parametrize("kind", ["lstm_proj-bidirectional-2layers", "gru-2layers", "rnn_relu", "lstm_cell",
+                                  "gru_cell"])
+def test_ensemble_trained_through_vmap_by_plain_autograd(kind):
+    """torch.func's ensembling recipe, then ordinary autograd around it: stack_module_state's stacked
+    parameters require grad, vmap(functional_call) runs the members, .backward() / autograd.grad reach
+    the stacked leaves. Under vmap a BatchedTensor reports requires_grad False, so the forward had saved
+    nothing and the backward failed (found by a drop-in sweep, stop 16). Gradients against each member
+    run alone."""
+    _, ours, x, _ = _case(kind)
+    members = [copy.deepcopy(ours) for _ in range(3)]
+    with torch.no_grad():
+        for i, m in enumerate(members):
+            for p in m.parameters():
+                p.mul_(1 - 0.1 * i)
+    params, buffers = torch.func.stack_module_state(members)
+    base = copy.deepcopy(ours).to("meta")
+    out = torch.vmap(lambda p, b: _run_with(base, (p, b), x))(params, buffers)
+    got = torch.autograd.grad(out.sin().sum(), list(params.values()))
+    for i, m in enumerate(members):
+        want = torch.autograd.grad(_run(m, x, False).sin().sum(), list(m.parameters()))
+        for (name, _), g, w in zip(m.named_parameters(), got, want, strict=True):
+            _assert_close(g[i], w, f"member {i} d/d{name}")
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru-2layers", "rnn_tanh-bidirectional", "lstm_cell", "gru_cell",

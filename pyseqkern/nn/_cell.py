@@ -53,8 +53,9 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
                            f"expected {module.input_size}")
     shape = (x.size(0), module.hidden_size)
     if states is None:
-        zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
-        h, c = zeros, (zeros if mode == "lstm" else None)
+        # (two tensors: under torch.compile one tensor as both h and c is a duplicate input Dynamo refuses)
+        h = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        c = torch.zeros(shape, dtype=x.dtype, device=x.device) if mode == "lstm" else None
     else:
         states = [s if batched else s.unsqueeze(0) for s in states]
         for label, s in zip(labels, states):

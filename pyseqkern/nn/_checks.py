@@ -7,6 +7,8 @@ kernels, whose messages ("mat1 and mat2 must have the same dtype", "get_mkldnn_d
 type") do not say which argument is wrong; ours do."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..ops import rnn_autocast as _autocast
@@ -53,12 +55,13 @@ def state_matches(name: str, label: str, state: torch.Tensor, expected_shape: tu
 
 def split_lstm_hx(name: str, hx) -> tuple[torch.Tensor, torch.Tensor]:
     # torch indexes hx[0], hx[1] without looking, so a plain tensor there fails later with a message about
-    # dimensions; say what is expected instead.
+    # dimensions; say what is expected instead. A tuple of the wrong length is a RuntimeError in torch.nn.
     if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, torch.Tensor) for t in hx):
         got = type(hx).__name__
         if isinstance(hx, (tuple, list)):
             got += "(" + ", ".join(type(t).__name__ for t in hx) + ")"
-        raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+        exc = RuntimeError if isinstance(hx, (tuple, list)) and len(hx) != 2 else TypeError
+        raise exc(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
     return hx[0], hx[1]
 
 
@@ -68,13 +71,40 @@ def reset_after_flag(reset_after) -> bool:
     return reset_after
 
 
+class _ClassSignature:
+    """The `__signature__` of one class, which neither its instances (inspect.signature(module) stays
+    the forward's, as torch.nn's) nor its subclasses inherit."""
+
+    def __init__(self, signature, cls):
+        self.signature, self.cls = signature, cls
+
+    def __get__(self, obj, owner):
+        if obj is not None or owner is not self.cls:
+            raise AttributeError("__signature__")
+        return self.signature
+
+
 class ResetAfter:
     """The one constructor keyword pyseqkern's GRU and GRUCell add to torch's (keyword-only), and its
-    place in repr. Listed before the torch.nn base class."""
+    place in repr. Listed before the torch.nn base class. The class's signature is the torch.nn class's
+    plus that keyword: code that inspects constructors (torch.nn.utils.skip_init asks for `device`)
+    would otherwise see only *args and **kwargs."""
 
     def __init__(self, *args, reset_after: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.reset_after = reset_after_flag(reset_after)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # a subclass with a constructor of its own: inspect reads that
+            return
+        base = next(b for b in cls.__mro__ if b.__module__ == "torch.nn.modules.rnn")
+        signature = inspect.signature(base)
+        params = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter("reset_after", inspect.Parameter.KEYWORD_ONLY, default=True,
+                                            annotation=bool))
+        cls.__signature__ = _ClassSignature(signature.replace(parameters=params), cls)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

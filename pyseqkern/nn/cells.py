@@ -15,7 +15,11 @@ class LSTMCell(TorchScriptable, _tnn.LSTMCell):
     def forward(self, input, hx=None):
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+                # (a tuple of the wrong length is a RuntimeError in torch.nn, anything else a TypeError here)
+                seq = isinstance(hx, (tuple, list))
+                got = f"{type(hx).__name__} of {len(hx)}" if seq else type(hx).__name__
+                raise (RuntimeError if seq else TypeError)(
+                    f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
             hx = tuple(hx)
         return cell_forward(self, "LSTMCell", "lstm", input, hx)
 

@@ -608,13 +608,13 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             raise ValueError(f"pyseqkern.rnn_layer: 'x' must be [T, B, I] with T >= 1, got {tuple(x.shape)}")
         B = x.shape[1]
     else:
-        bs = batch_sizes
+        bs = batch_sizes  # (malformed packed input is a RuntimeError in torch.nn, so here too)
         if x.dim() != 2 or bs.dim() != 1 or bs.numel() == 0:
-            raise ValueError("pyseqkern.rnn_layer: packed 'x' must be [N, I] with a 1-D, non-empty 'batch_sizes'")
+            raise RuntimeError("pyseqkern.rnn_layer: packed 'x' must be [N, I] with a 1-D, non-empty 'batch_sizes'")
         if bs.device.type != "cpu" or bs.dtype != torch.int64:
-            raise ValueError("pyseqkern.rnn_layer: 'batch_sizes' must be an int64 CPU tensor (PackedSequence's)")
+            raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be an int64 CPU tensor (PackedSequence's)")
         if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]:
-            raise ValueError("pyseqkern.rnn_layer: 'batch_sizes' must be positive, non-increasing and sum to "
+            raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be positive, non-increasing and sum to "
                              f"x.shape[0] = {x.shape[0]}, got {bs.tolist()}")
         B = int(bs[0])
     if h0 is not None and h0.shape != (B, K):
@@ -654,10 +654,17 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     x2d = x.reshape(-1, x.shape[-1])
     h0c = None if h0 is None else h0.contiguous()
     c0c = None if (c0 is None or mode != "lstm") else c0.contiguous()
+    if c0c is not None and c0c is h0c and torch.compiler.is_compiling():
+        c0c = c0c.clone()  # (Dynamo refuses one tensor as two inputs of an autograd.Function: hx=(z, z))
     # Whether autograd will want a backward: decided here, where grad mode is visible (inside
     # Function.forward it is off, and under torch.compile needs_input_grad is not yet known).
+    # Under vmap a BatchedTensor reports requires_grad False even where the tensor it maps does (the
+    # stacked parameters of an ensemble, stack_module_state): ask the unwrapped tensor too, or the
+    # vmap rule's forward saves nothing for the autograd graph recorded around vmap.
+    wrapped = _functorch_active is not None and _functorch_active()
     training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+        t is not None and (t.requires_grad or (wrapped and _plain(t).requires_grad))
+        for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     if not training and _plain_eager(x):
         projected = _forward_projecting(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr)
         if projected is not None:
@@ -1004,3 +1011,4 @@ from . import rnn_cuda  # noqa: E402  (registers the CUDA impls of the ops defin
 
 # The layer op's autograd.Functions and torch.func rules; they use the helpers above.
 from .rnn_autograd import _plain, _RnnLayer, _transformed  # noqa: E402
+from . import rnn_versions  # noqa: E402,F401  (fused optimizer steps bump what the caches key on)
