@@ -217,57 +217,71 @@ def test_one_step_calls_without_grad_run_as_cells(monkeypatch, kind, cfg_name, d
 @pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched"])
 @pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("layers", [1, 3])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_one_layer_decode_steps_take_the_cells_entry(monkeypatch, kind, batch, layout, dtype):
-    """One step of a one-layer, one-direction module with hx given and no grad goes from the module
-    straight to the cells' planned entry (nn/_sequence.py _decode_step): the bits of the same step as a
-    cell, torch.nn's results in float64, outputs that share no memory; and the full path, with its
-    errors, wherever anything differs."""
+def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, layers, batch, layout, dtype):
+    """One step of a one-direction module with hx given and no grad goes from the module straight to the
+    cells' planned entry, layer by layer (nn/_sequence.py _decode_step): the bits of the general one-step
+    path (run_layers, rnn_cell), torch.nn's results in float64, outputs that share no memory; and the
+    full path, with its errors, wherever anything differs."""
+    from pyseqkern.nn import _sequence
+
     name, kwargs = KINDS[kind]
-    cls_kw = dict(kwargs, batch_first=layout == "batch_first", dtype=dtype)
+    cls_kw = dict(kwargs, num_layers=layers, batch_first=layout == "batch_first", dtype=dtype)
     theirs = seed_parameters(getattr(torch.nn, name)(I, H, **cls_kw))
     ours = getattr(pnn, name)(I, H, **cls_kw)
     ours.load_state_dict(theirs.state_dict())
-    cell = make_cell(kind, dtype=dtype)
-    with torch.no_grad():
-        for c, l in (("ih", "ih_l0"), ("hh", "hh_l0")):
-            getattr(cell, f"weight_{c}").copy_(getattr(ours, f"weight_{l}"))
-            getattr(cell, f"bias_{c}").copy_(getattr(ours, f"bias_{l}"))
     unbatched = layout == "unbatched"
-    x1 = randn((batch, I), dtype, seed=1)
-    h1 = [randn((batch, H), dtype, seed=2 + k) for k in range(2 if kind == "lstm" else 1)]
-    if unbatched:
-        x1, h1 = x1[:1], [h[:1] for h in h1]
-    x = x1 if unbatched else (x1.unsqueeze(1) if layout == "batch_first" else x1.unsqueeze(0))
-    hs = [h if unbatched else h.unsqueeze(0) for h in h1]
+    shape = (1, I) if unbatched else ((batch, 1, I) if layout == "batch_first" else (1, batch, I))
+    x = randn(shape, dtype, seed=1)
+    hs = [randn((layers, H) if unbatched else (layers, batch, H), dtype, seed=2 + k, scale=0.5)
+          for k in range(2 if kind == "lstm" else 1)]
     hx = tuple(hs) if kind == "lstm" else hs[0]
-    calls = []
-    real = rnn_ops.cell_fast
-    monkeypatch.setattr(rnn_ops, "cell_fast", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_fast, real_cell = rnn_ops.cell_fast, rnn_ops.rnn_cell
+    fast, cells = [], []
+    monkeypatch.setattr(rnn_ops, "cell_fast", lambda *a, **k: fast.append(1) or real_fast(*a, **k))
+    monkeypatch.setattr(rnn_ops, "rnn_cell", lambda *a, **k: cells.append(1) or real_cell(*a, **k))
     with torch.no_grad():
-        ours(x, hx)  # plans the cell entry for these parameters
-        calls.clear()
+        ours(x, hx)  # plans the cells' entries for these parameters (through the general path)
+        fast.clear(), cells.clear()
         out, hn = ours(x, hx)
-        cell_out = cell(x1, tuple(h1) if kind == "lstm" else h1[0])
+        plan = rnn_ops._cell_plan(kind, True, ours.weight_ih_l0, ours.weight_hh_l0, ours.bias_ih_l0, ours.bias_hh_l0)
+        if plan.step is not None:  # (none for bfloat16 with an odd input size, or without bf16 dot products)
+            assert len(fast) == layers and not cells, "the decode step did not go straight to the cells' entry"
+        with monkeypatch.context() as m:
+            m.setattr(_sequence, "_decode_step", lambda *a: None)
+            general, general_hn = ours(x, hx)
         want, want_hn = copy.deepcopy(theirs).double()(x.double(), tuple(h.double() for h in hs) if kind == "lstm"
                                                        else hs[0].double())
-    assert calls, "the decode step did not take the cells' entry"
-    hn = list(hn) if kind == "lstm" else [hn]
-    cell_out = list(cell_out) if kind == "lstm" else [cell_out]
-    assert_bitwise_equal(out.reshape(cell_out[0].shape), cell_out[0], "output")
-    for a, b in zip(hn, cell_out, strict=True):
-        assert_bitwise_equal(a.reshape(b.shape), b, "final state")
-    want_hn = list(want_hn) if kind == "lstm" else [want_hn]
-    for name_, a, e in zip(["output", "h_n", "c_n"], [out] + hn, [want] + want_hn):
+    flat = lambda o, s: [o] + (list(s) if kind == "lstm" else [s])
+    for name_, a, g, e in zip(["output", "h_n", "c_n"], flat(out, hn), flat(general, general_hn), flat(want, want_hn)):
         assert a.shape == e.shape and a.dtype == dtype
+        assert_bitwise_equal(a, g, name_)
         assert_matches(a, e, name_)
-    ptrs = [t.untyped_storage().data_ptr() for t in [out] + hn]
+    ptrs = [t.untyped_storage().data_ptr() for t in flat(out, hn)]
     assert len(set(ptrs)) == len(ptrs)
     # anything else takes the full path: its error for a state of the wrong size
     bad = tuple(h[..., :-1] for h in hs) if kind == "lstm" else hs[0][..., :-1]
-    with pytest.raises(RuntimeError, match="Expected hx|size"):
+    with pytest.raises(RuntimeError, match="Expected hx"):
         with torch.no_grad():
             ours(x, bad)
+
+
+def test_decode_steps_with_dropout_between_layers_in_training_take_the_full_path(monkeypatch):
+    m = seed_parameters(pnn.GRU(I, H, num_layers=2, dropout=0.5)).train()
+    x, h = randn((1, B, I), F32, seed=1), randn((2, B, H), F32, seed=2)
+    calls = []
+    real = rnn_ops.rnn_cell
+    monkeypatch.setattr(rnn_ops, "rnn_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        m(x, h)
+        calls.clear()
+        torch.manual_seed(0)
+        a = m(x, h)[0]
+        torch.manual_seed(0)
+        b = m(x, h)[0]
+    assert calls  # the general path, which draws the dropout masks as torch.nn does
+    assert_bitwise_equal(a, b)
 
 
 @pytest.mark.cuda

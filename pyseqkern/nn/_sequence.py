@@ -24,12 +24,15 @@ _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn
 
 
 def _decode_step(module, input, hx, reset_after):
-    """(output, h_n, c_n or None) of one time step of a one-layer, one-direction module through the
-    cells' planned entry (ops.rnn.cell_fast), or None where anything differs (then the full path runs,
+    """(output, h_n, c_n or None) of one time step of a one-direction module through the cells' planned
+    entry (ops.rnn.cell_fast), layer by layer, or None where anything differs (then the full path runs,
     with its checks and errors). A decoding loop calls a layer once per token; the general path's
     argument handling, layer stack and stacking cost more than the step itself (RNN T=1, B=1, H=256:
-    39 us against 17 for an RNNCell). The same kernel entry as that path's, so the same bits."""
-    if module.num_layers != 1 or module.bidirectional or module.proj_size or torch.compiler.is_compiling():
+    39 us against 17 for an RNNCell). The same kernel entries as that path's (several layers spread
+    over every thread there too), so the same bits."""
+    layers = module.num_layers
+    if (module.bidirectional or module.proj_size or (module.dropout and module.training and layers > 1)
+            or torch.compiler.is_compiling()):
         return None
     batched = input.dim() == 3
     if batched:
@@ -38,7 +41,7 @@ def _decode_step(module, input, hx, reset_after):
             return None
         x = input.select(t_dim, 0)
     elif input.dim() == 2 and input.shape[0] == 1:
-        x = input
+        x = input  # (one step of an unbatched sequence: a batch of one row)
     else:
         return None
     is_lstm = module.mode == "LSTM"
@@ -46,26 +49,32 @@ def _decode_step(module, input, hx, reset_after):
         if type(hx) is not tuple or len(hx) != 2:
             return None
         h0, c0 = hx
-        if type(h0) is not torch.Tensor or type(c0) is not torch.Tensor or h0.dim() != input.dim() or c0.dim() != input.dim():
+        if type(h0) is not torch.Tensor or type(c0) is not torch.Tensor or c0.dim() != input.dim():
             return None
-        states = (h0[0], c0[0]) if batched else (h0, c0)
     else:
-        if type(hx) is not torch.Tensor or hx.dim() != input.dim():
+        h0, c0 = hx, None
+        if type(h0) is not torch.Tensor:
             return None
-        states = (hx[0],) if batched else (hx,)
-    params = module._parameters
-    out = _rnn_ops.cell_fast(_MODES[module.mode], reset_after, x, states, params.get("weight_ih_l0"),
-                             params.get("weight_hh_l0"), params.get("bias_ih_l0"), params.get("bias_hh_l0"))
-    if out is None:
+    if h0.dim() != input.dim() or h0.shape[0] != layers or (is_lstm and c0.shape[0] != layers):
         return None
-    h_n = out[0].unsqueeze(0)
-    # (a copy: torch.nn's output and final state never share memory)
-    y = out[0].unsqueeze(1 if module.batch_first else 0).clone() if batched else out[0].clone()
-    c_n = out[1].unsqueeze(0) if is_lstm else None
-    if not batched:
-        h_n = h_n.squeeze(1)
-        c_n = None if c_n is None else c_n.squeeze(1)
-    return y, h_n, c_n
+    mode, params, spread = _MODES[module.mode], module._parameters, layers > 1
+    hs, cs = [], []
+    for layer in range(layers):
+        at = layer if batched else slice(layer, layer + 1)
+        states = (h0[at], c0[at]) if is_lstm else (h0[at],)
+        out = _rnn_ops.cell_fast(mode, reset_after, x, states, params.get(f"weight_ih_l{layer}"),
+                                 params.get(f"weight_hh_l{layer}"), params.get(f"bias_ih_l{layer}"),
+                                 params.get(f"bias_hh_l{layer}"), spread)
+        if out is None:
+            return None
+        x = out[0]
+        hs.append(out[0] if batched else out[0][0])
+        if is_lstm:
+            cs.append(out[1] if batched else out[1][0])
+    stack = (lambda ts: ts[0].unsqueeze(0)) if layers == 1 else (lambda ts: torch.stack(ts))
+    # (the output is a copy where it would be h_n's memory: torch.nn's never share memory)
+    y = x.unsqueeze(1 if module.batch_first else 0) if batched else x
+    return (y.clone() if layers == 1 else y), stack(hs), (stack(cs) if is_lstm else None)
 
 
 def sequence_forward(module, input, hx, reset_after: bool = True):
