@@ -365,6 +365,10 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
   RnnSeq q{};
   if (steps < 0 || batch < 0)
     throw py::value_error("pyseqkern: rnn: 'steps' and 'batch' must be >= 0");
+  // Every row takes at least one step: the kernels write a row's h_n/c_n at its last step, so a row
+  // without one would return them unwritten.
+  if (steps == 0 && batch > 0)
+    throw py::value_error("pyseqkern: rnn: 'steps' must be >= 1 where 'batch' > 0");
   q.steps = steps;
   q.batch = batch;
   q.row_stride_t = row_stride_t;
@@ -378,7 +382,15 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
   if (!packed) {
     if (row_stride_t < 0 || row_stride_b < 0)
       throw py::value_error("pyseqkern: rnn: 'row_stride_t' and 'row_stride_b' must be >= 0");
-    *rows = steps > 0 && batch > 0 ? (steps - 1) * row_stride_t + (batch - 1) * row_stride_b + 1 : 0;
+    // The last row any step reaches, in checked arithmetic: wrapped, a huge stride passed every bounds
+    // check below it and the kernels wrote far out of bounds.
+    int64_t t_rows = 0, b_rows = 0, last = 0;
+    if (steps > 0 && batch > 0 &&
+        (__builtin_mul_overflow(steps - 1, row_stride_t, &t_rows) ||
+         __builtin_mul_overflow(batch - 1, row_stride_b, &b_rows) || __builtin_add_overflow(t_rows, b_rows, &last) ||
+         __builtin_add_overflow(last, int64_t(1), &last)))
+      throw py::value_error("pyseqkern: rnn: 'row_stride_t' and 'row_stride_b' reach past any tensor (overflow)");
+    *rows = steps > 0 && batch > 0 ? last : 0;
     return q;
   }
   auto index = [](py::handle h, const char* arg, int64_t n) {
@@ -399,6 +411,8 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
       throw py::value_error("pyseqkern: rnn: 'batch_sizes' must be non-increasing from at most 'batch', >= 0");
     n += b[t];
   }
+  if (steps > 0 && b[0] != batch)  // (rows past batch_sizes[0] would take no step: h_n unwritten)
+    throw py::value_error("pyseqkern: rnn: 'batch_sizes' must start at 'batch' (every row takes a step)");
   if (to.device == DeviceKind::Cpu) {
     const auto* o = static_cast<const int64_t*>(to.data);
     for (int64_t t = 0, off = 0; t < steps; off += b[t], ++t)

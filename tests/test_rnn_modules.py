@@ -1135,6 +1135,37 @@ def test_nan_in_the_input_propagates_as_in_torch(isa, kind, dtype):
     assert not y[:2].isnan().any() and not y[:, 0].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["gru_bias_-1e38", "gru_bias_-inf", "lstm_proj_gate_-1e38", "lstm_gates_+-200"])
+def test_saturated_gates_reach_zero_and_one_as_in_torch(isa, case, dtype):
+    """sigmoid(x) is exactly 0 where e^-x overflows and tanh exactly +-1 far out, as in torch: the float
+    exponentials clamped their argument to a finite value, so sigmoid(-inf) was 6e-39 and a gate times
+    a huge or infinite operand came out finite and wrong (GRU with b_hn = -1e38: O(1) off; with -inf,
+    finite where torch gives NaN). Found by an edge-case helper, stop 16. Outputs against torch.nn in
+    the same dtype: NaN where it is NaN, close elsewhere."""
+    name = "GRU" if case.startswith("gru") else "LSTM"
+    kw = {"proj_size": P} if "proj" in case else {}
+    theirs = seed_parameters(getattr(torch.nn, name)(I, H, **kw)).to(dtype)
+    ours = getattr(pnn, name)(I, H, **kw).to(dtype)
+    with torch.no_grad():
+        if case.startswith("gru"):
+            theirs.bias_hh_l0[2 * H:] = float("-inf") if case.endswith("inf") else -1e38
+        elif "proj" in case:
+            theirs.bias_hh_l0[3 * H:] = -1e38  # the output gate: sigmoid(-1e38) * tanh(c), then W_hr
+            theirs.weight_hr_l0.mul_(1e37)
+        else:
+            theirs.weight_ih_l0.mul_(200.0)  # every gate far into saturation, both signs
+    ours.load_state_dict(theirs.state_dict())
+    x = randn((T, B, I), dtype, seed=3)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y, want = ours(x)[0], theirs(x)[0]
+        assert torch.equal(y.isnan(), want.isnan())
+        fin = ~want.isnan()
+        torch.testing.assert_close(y[fin].float(), want[fin].float(), rtol=TOLERANCES[dtype][0] * 10,
+                                   atol=TOLERANCES[dtype][1] * 10)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_our_cpu_kernels_and_torchs_own_amx_kernels_share_threads(isa, threads):
     """On the amx level our kernels load and release the tile configuration on torch's OpenMP threads,

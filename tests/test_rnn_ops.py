@@ -1218,13 +1218,19 @@ def _raw_ops_case():
     ("offsets_wrong", "exclusive cumsum"),
     ("forward_more_steps", "'x_gates' must hold 8 rows"),
     ("forward_h0_short", "'h0' must be a contiguous float32"),
+    # Found by an edge-case helper (stop 16): a stride so large the last row wrapped past int64 passed
+    # every check (segfault, double free); zero steps or a packed row of length 0 left h_n unwritten.
+    ("forward_stride_overflow", r"reach past any tensor \(overflow\)"),
+    ("stride_overflow", r"reach past any tensor \(overflow\)"),
+    ("forward_zero_steps", "'steps' must be >= 1 where 'batch' > 0"),
+    ("batch_sizes_short", "'batch_sizes' must start at 'batch'"),
 ])
 def test_raw_ops_refuse_what_the_kernels_would_index_out_of_bounds(change, match):
     # torch.ops.pyseqkern.rnn_forward/rnn_backward are public: the C++ entries hold every row-indexed
     # tensor, state, packed weight, reserve and the packed metadata to what the kernels reach. Before,
     # a short reserve or more steps than rows was a heap overflow ("double free or corruption").
     H, T_, B_, packed, xg, reserve = _raw_ops_case()
-    dy, dh_n, steps, seq = torch.randn(T_ * B_, H), None, T_, (None, None, None, B_, 1)
+    dy, dh_n, steps, seq, batch = torch.randn(T_ * B_, H), None, T_, (None, None, None, B_, 1), B_
     if change == "reserve_strided":
         reserve = reserve[:1].expand(T_ * B_, -1)
     elif change == "reserve_short":
@@ -1239,6 +1245,10 @@ def test_raw_ops_refuse_what_the_kernels_would_index_out_of_bounds(change, match
         dh_n = torch.randn(B_, H, dtype=torch.float64)
     elif change == "packed_short":
         packed = packed[:-1]
+    elif change.endswith("stride_overflow"):
+        seq = (None, None, None, 2 ** 63 - 1, 1)
+    elif change == "forward_zero_steps":
+        steps, xg = 0, xg[:0]
     elif not change.startswith("forward"):
         bs, off, lengths = torch.tensor([2, 2, 2]), torch.tensor([0, 2, 4]), torch.tensor([3, 3])
         if change == "batch_sizes_int32":
@@ -1249,12 +1259,14 @@ def test_raw_ops_refuse_what_the_kernels_would_index_out_of_bounds(change, match
             lengths = torch.tensor([3, 2])
         elif change == "offsets_wrong":
             off = torch.tensor([0, 2, 5])
+        elif change == "batch_sizes_short":  # a third row of length 0
+            batch, lengths = B_ + 1, torch.tensor([3, 3, 0])
         seq = (bs, off, lengths, 0, 0)
     with pytest.raises(ValueError, match=match):
         if change.startswith("forward"):
             h0 = torch.randn(B_ - 1, H) if change == "forward_h0_short" else None
-            torch.ops.pyseqkern.rnn_forward(0, True, H, 0, steps + (change == "forward_more_steps"), B_, xg, None, h0,
-                                            None, packed, *seq, False, True)
+            torch.ops.pyseqkern.rnn_forward(0, True, H, 0, steps + (change == "forward_more_steps"), batch, xg, None,
+                                            h0, None, packed, *seq, False, True)
         else:
-            torch.ops.pyseqkern.rnn_backward(0, True, H, 0, steps, B_, dy, dh_n, None, None, reserve, packed, *seq,
+            torch.ops.pyseqkern.rnn_backward(0, True, H, 0, steps, batch, dy, dh_n, None, None, reserve, packed, *seq,
                                              False, False)

@@ -212,7 +212,11 @@ inline void transpose16(__m512 r[16]) {
 // own vectorized sigmoid (so the same accuracy class as torch).
 inline vfloat vexp_f(vfloat x) {
   // Clamps written so that a NaN fails the test and stays a NaN (torch propagates NaN; so must we).
-  x = x > 88.0f ? splat(88.0f) : x;
+  // Above ln(FLT_MAX) e^x is +inf, as torch's: clamped to a finite value, sigmoid never reached 0
+  // (sigmoid(-inf) was 6e-39, and times an infinite or huge operand a finite, wrong result; stop 16).
+  // The clamp below it keeps 2^n finite (n <= 127; between it and ln(FLT_MAX), e^88.37).
+  const vfloat x_in = x;
+  x = x > 88.37f ? splat(88.37f) : x;
   x = x < -87.3f ? splat(-87.3f) : x;
   const vfloat big = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vfloat n = (x * 1.44269504088896341f + big) - big;
@@ -227,7 +231,7 @@ inline vfloat vexp_f(vfloat x) {
   const vint32 bits = (__builtin_convertvector(n, vint32) + 127) << 23;
   vfloat scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  return x_in > 88.72283935546875f ? splat(__builtin_inff()) : y * scale;
 }
 inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp_f(-x)); }
 // tanh in float within 1 ulp (1.003 worst over every positive float, symmetric; 0.26 mean on [0.05,
@@ -264,7 +268,8 @@ inline vfloat vrecip_f(vfloat d) {
   x = _mm512_rcp14_ps(x);
   vfloat r;
   std::memcpy(&r, &x, sizeof(r));
-  return r * (2.0f - d * r);
+  // 1/inf = 0 (the exponentials overflow to inf in saturation), where the Newton step gives 0 * NaN
+  return d == __builtin_inff() ? splat(0.0f) : r * (2.0f - d * r);
 #else
   return 1.0f / d;
 #endif
@@ -276,7 +281,9 @@ inline vfloat vexp_bf(vfloat xv) {
 #if defined(__AVX512F__)
   __m512 x;
   std::memcpy(&x, &xv, sizeof(x));
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);  // operand order: a NaN x is returned as is
+  // operand order: a NaN x is returned as is. 89 > ln(FLT_MAX): vscalefps overflows to +inf there, as
+  // e^x does (a clamp at 88 kept sigmoid from ever reaching 0; see vexp_f), and below it is exact.
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
   x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
