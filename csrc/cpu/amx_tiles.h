@@ -2,10 +2,10 @@
 // user, loaded per thread when it changes and released when the thread's kernel work ends. Everything
 // lives in the ISA's namespace (cpu_dispatch.h); elsewhere only a no-op amx_release exists.
 //
-// Palette 1, every tile 64 bytes wide (16 floats, or 32 bfloat16 as 16 pairs): tiles 0-3 are C tiles,
-// 4 and 5 A tiles of row groups 0 and 1, 6 and 7 B tiles (16 rows of k pairs). amx_configure(m0, m1)
-// gives the C and A tiles of group 0 m0 rows and those of group 1 m1 rows; m1 = 0 means one row group,
-// whose C tiles are 0-3, and tile 5 is then a third B tile of 16 rows.
+// Palette 1, every tile 64 bytes wide (16 floats, or 32 bfloat16 as 16 pairs). amx_configure(m0, m1):
+// with two row groups (m1 > 0) tiles 0-3 are C tiles, 4 and 5 the A tiles of groups 0 and 1 (m0 and m1
+// rows, as their C tiles), 6 and 7 B tiles (16 rows of k pairs); with one (m1 = 0, amx_pass1's double
+// buffering) tiles 0-1 are C tiles and 2-3 A tiles of m0 rows, 4-7 B tiles.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -50,7 +50,7 @@ inline void amx_configure(int m0, int m1) {
     cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = static_cast<uint8_t>(m0);
     cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = static_cast<uint8_t>(m1);
   } else {
-    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = cfg.rows[4] = static_cast<uint8_t>(m0);
+    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = static_cast<uint8_t>(m0);
   }
   _tile_loadconfig(&cfg);
   cur = key;

@@ -466,7 +466,8 @@ inline int64_t pairs_stored(int64_t k) { return (((k + 1) / 2 + kPairRound - 1) 
 constexpr int64_t kAmxMaxK = 1024;
 constexpr int64_t kScratchRow = kAcc * 64;  // bytes between rows of the scratch: kAcc vectors, as in a Tile
 
-// Tiles 0-3 C, 4-5 A (row groups 0 and 1), 6-7 B; with one row group, 5 is a B tile too (amx_tiles.h).
+// Two row groups: tiles 0-3 C, 4-5 A (row groups 0 and 1), 6-7 B. One row group: 0-1 C, 2-3 A, 4-7 B
+// (amx_tiles.h).
 
 // Two row groups (A tiles 4, 5 at a and a + 16 rows) x NC (1 or 2) columns (B tiles 6, 7 from b[c] +
 // kc * bk) over KC tiles of k; C tiles 0, 1 (group 0) and 2, 3 (group 1) stored at out + c * 64.
@@ -499,35 +500,41 @@ __attribute__((noinline)) void amx_pass2(const char* a, int64_t as, const char* 
     _tile_stored(3, out + 16 * kScratchRow + 64, kScratchRow);
   }
 }
-// One row group (A tile 4) x NC (1..4) columns (B tiles 5, 6, 7, 5), C tiles 0..NC-1.
+// One row group x NC (1 or 2) columns, double buffered: even tiles of k in A tile 2 and B tiles 4, 5,
+// odd ones in A tile 3 and B tiles 6, 7; C tiles 0, 1. The tile registers are not renamed, so a load
+// into a tile waits for the product that reads it: with four columns through three B tiles (5, 6, 7,
+// then 5 again) each product waited on a B tile load from L2 (a bfloat16 LSTM at B=8 spent 12.5 us a
+// step in these passes, ~180 cycles a product against 16). Now the loads of one half of a pair of k
+// tiles run under the other half's products. Each C tile still sums k in order: the same bits.
 template <int NC>
 __attribute__((noinline)) void amx_pass1(const char* a, int64_t as, const char* const* b, int64_t bs, int64_t bk,
                                          int64_t KC, char* out) {
   _tile_zero(0);
   if constexpr (NC > 1) _tile_zero(1);
-  if constexpr (NC > 2) _tile_zero(2);
-  if constexpr (NC > 3) _tile_zero(3);
-  for (int64_t kc = 0; kc < KC; ++kc) {
-    _tile_loadd(4, a + kc * 64, as);
-    _tile_loadd(5, b[0] + kc * bk, bs);
-    _tile_dpbf16ps(0, 4, 5);
+  int64_t kc = 0;
+  for (; kc + 1 < KC; kc += 2) {
+    _tile_loadd(2, a + kc * 64, as);
+    _tile_loadd(4, b[0] + kc * bk, bs);
+    if constexpr (NC > 1) _tile_loadd(5, b[1] + kc * bk, bs);
+    _tile_loadd(3, a + (kc + 1) * 64, as);
+    _tile_loadd(6, b[0] + (kc + 1) * bk, bs);
+    if constexpr (NC > 1) _tile_loadd(7, b[1] + (kc + 1) * bk, bs);
+    _tile_dpbf16ps(0, 2, 4);
+    if constexpr (NC > 1) _tile_dpbf16ps(1, 2, 5);
+    _tile_dpbf16ps(0, 3, 6);
+    if constexpr (NC > 1) _tile_dpbf16ps(1, 3, 7);
+  }
+  if (kc < KC) {
+    _tile_loadd(2, a + kc * 64, as);
+    _tile_loadd(4, b[0] + kc * bk, bs);
+    _tile_dpbf16ps(0, 2, 4);
     if constexpr (NC > 1) {
-      _tile_loadd(6, b[1] + kc * bk, bs);
-      _tile_dpbf16ps(1, 4, 6);
-    }
-    if constexpr (NC > 2) {
-      _tile_loadd(7, b[2] + kc * bk, bs);
-      _tile_dpbf16ps(2, 4, 7);
-    }
-    if constexpr (NC > 3) {
-      _tile_loadd(5, b[3] + kc * bk, bs);
-      _tile_dpbf16ps(3, 4, 5);
+      _tile_loadd(5, b[1] + kc * bk, bs);
+      _tile_dpbf16ps(1, 2, 5);
     }
   }
   _tile_stored(0, out, kScratchRow);
   if constexpr (NC > 1) _tile_stored(1, out + 64, kScratchRow);
-  if constexpr (NC > 2) _tile_stored(2, out + 128, kScratchRow);
-  if constexpr (NC > 3) _tile_stored(3, out + 192, kScratchRow);
 }
 #endif
 
@@ -616,9 +623,7 @@ void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel,
           if (left >= 2) amx_pass2<2>(a, as, col + c, bs, bk, KC, out), c += 2;
           else amx_pass2<1>(a, as, col + c, bs, bk, KC, out), c += 1;
         } else {
-          if (left >= 4) amx_pass1<4>(a, as, col + c, bs, bk, KC, out), c += 4;
-          else if (left == 3) amx_pass1<3>(a, as, col + c, bs, bk, KC, out), c += 3;
-          else if (left == 2) amx_pass1<2>(a, as, col + c, bs, bk, KC, out), c += 2;
+          if (left >= 2) amx_pass1<2>(a, as, col + c, bs, bk, KC, out), c += 2;
           else amx_pass1<1>(a, as, col + c, bs, bk, KC, out), c += 1;
         }
       }
