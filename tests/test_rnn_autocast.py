@@ -272,3 +272,21 @@ def test_target_names_the_region_dtype_and_off_ends_it():
         with rnn_autocast.off("cpu"):
             assert rnn_autocast.target(x) is None
         assert rnn_autocast.target(x) is BF16
+
+
+def test_vmap_in_a_region_runs_the_region_dtype():
+    """vmap over data and over stacked parameters (ensembles) inside a region, without grad: the casts
+    of mapped (storage-less) parameters are made, not cached; each member as its own call."""
+    m = seed_parameters(pnn.GRU(I, H))
+    xs = randn((3, 7, 2, I), F32, seed=1)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    stacked = {k: torch.stack([v, v * 0.9]) for k, v in params.items()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        over_data = torch.vmap(lambda z: m(z)[0])(xs)
+        over_params = torch.vmap(lambda p: torch.func.functional_call(m, p, (xs[0],))[0])(stacked)
+        for i in range(3):
+            assert_bitwise_equal(over_data[i], m(xs[i])[0])
+        for i in range(2):
+            member = {k: v[i] for k, v in stacked.items()}
+            assert_bitwise_equal(over_params[i], torch.func.functional_call(m, member, (xs[0],))[0])
+    assert over_data.dtype == over_params.dtype == BF16

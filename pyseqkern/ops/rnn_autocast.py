@@ -25,6 +25,7 @@ import contextlib
 import torch
 
 _any_enabled = torch._C._is_any_autocast_enabled  # (~60 ns; Dynamo traces it)
+_functorch_active = torch._C._are_functorch_transforms_active
 _ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 _CAST_CACHE: dict = {}
 
@@ -68,9 +69,9 @@ def cast_params(params, to, device_type: str):
     if all(t is None or t.dtype == to or t.dtype not in _ELIGIBLE or t.device.type != device_type
            for t in params):
         return params
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+    if torch.compiler.is_compiling() or _functorch_active() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in params)):
-        return tuple(cast(t, to, device_type) for t in params)
+        return tuple(cast(t, to, device_type) for t in params)  # (transforms' wrappers have no storage)
     global _cached
     if _cached is None:
         from .rnn import _cached  # (rnn.py imports this module first)
