@@ -267,6 +267,34 @@ def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, l
             ours(x, bad)
 
 
+@pytest.mark.parametrize("name", ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "weight_ih_l1"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_decode_steps_with_parametrized_weights_match_torch(kind, name):
+    """A parametrized weight is not in _parameters (a parametrization computes it): the decode step takes
+    the full path for it. With weight_ih parametrized the second step met the cell plan the first had
+    made (keyed by weight_hh) and crashed on the missing tensor (found by a sweep, stop 16)."""
+    from torch.nn.utils import parametrize
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    cls, kw = KINDS[kind]
+    theirs = seed_parameters(getattr(torch.nn, cls)(I, H, num_layers=2, **kw))
+    ours = getattr(pnn, cls)(I, H, num_layers=2, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    for m in (theirs, ours):
+        parametrize.register_parametrization(m, name, Half())
+    x = randn((1, B, I), F32, seed=1)
+    h = randn((2, B, H), F32, seed=2, scale=0.5)
+    hx = (h, randn((2, B, H), F32, seed=3, scale=0.5)) if kind == "lstm" else h
+    with torch.no_grad():
+        for _ in range(3):
+            got, want = ours(x, hx)[0], copy.deepcopy(theirs).double()(
+                x.double(), tuple(t.double() for t in hx) if kind == "lstm" else hx.double())[0]
+            assert_matches(got, want)
+
+
 def test_decode_steps_with_dropout_between_layers_in_training_take_the_full_path(monkeypatch):
     m = seed_parameters(pnn.GRU(I, H, num_layers=2, dropout=0.5)).train()
     x, h = randn((1, B, I), F32, seed=1), randn((2, B, H), F32, seed=2)

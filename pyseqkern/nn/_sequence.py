@@ -62,9 +62,12 @@ def _decode_step(module, input, hx, reset_after):
     for layer in range(layers):
         at = layer if batched else slice(layer, layer + 1)
         states = (h0[at], c0[at]) if is_lstm else (h0[at],)
-        out = _rnn_ops.cell_fast(mode, reset_after, x, states, params.get(f"weight_ih_l{layer}"),
-                                 params.get(f"weight_hh_l{layer}"), params.get(f"bias_ih_l{layer}"),
-                                 params.get(f"bias_hh_l{layer}"), spread)
+        w_ih, w_hh = params.get(f"weight_ih_l{layer}"), params.get(f"weight_hh_l{layer}")
+        b_ih, b_hh = params.get(f"bias_ih_l{layer}"), params.get(f"bias_hh_l{layer}")
+        # Parameters not there as such (a parametrization computes them) take the full path.
+        if w_ih is None or w_hh is None or not (b_ih is not None) == module.bias == (b_hh is not None):
+            return None
+        out = _rnn_ops.cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread)
         if out is None:
             return None
         x = out[0]
