@@ -10,18 +10,30 @@ from ._twin import is_tracing
 from ..ops import rnn as _rnn_ops
 
 
+CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def planned_parameters(module, names=CELL_PARAMETERS):
+    """(w_ih, w_hh, b_ih, b_hh) by `names` from the module's _parameters (attribute access through
+    nn.Module.__getattr__ costs 0.5 us each), for the thin inference paths; None where they are not there
+    as such (a parametrization or weight_norm computes them) or the biases disagree with `bias`: then
+    the full path runs."""
+    get = module._parameters.get  # (no generator: on the cells' path at B=1 every 0.1 us shows)
+    w_ih, w_hh, b_ih, b_hh = get(names[0]), get(names[1]), get(names[2]), get(names[3])
+    if w_ih is None or w_hh is None or not (b_ih is not None) == module.bias == (b_hh is not None):
+        return None
+    return w_ih, w_hh, b_ih, b_hh
+
+
 def cell_forward(module, name: str, mode: str, input, states, reset_after: bool = True):
     """states: None, or the user's hidden states as a tuple ((h,) or (h, c) for lstm).
     Returns the tuple of new states, shaped like the input (unbatched in, unbatched out)."""
-    # Inference on planned parameters: straight to the kernel entry. The parameters come from
-    # _parameters (attribute access through nn.Module.__getattr__ costs 0.5 us each); where they are not
-    # there as such (parametrizations, weight_norm) or anything else differs, the full path below runs.
+    # Inference on planned parameters: straight to the kernel entry; where anything differs, the full
+    # path below runs.
     if type(input) is torch.Tensor and not torch.compiler.is_compiling():
-        params = module._parameters
-        w_ih, w_hh = params.get("weight_ih"), params.get("weight_hh")
-        b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
-        if w_ih is not None and w_hh is not None and (b_ih is not None) == module.bias == (b_hh is not None):
-            out = _rnn_ops.cell_fast(mode, reset_after, input, states, w_ih, w_hh, b_ih, b_hh)
+        params = planned_parameters(module)
+        if params is not None:
+            out = _rnn_ops.cell_fast(mode, reset_after, input, states, *params)
             if out is not None:
                 return out
     if is_tracing():  # (the thin path above is off while tracing: _plain_eager)

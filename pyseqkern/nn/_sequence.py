@@ -3,10 +3,13 @@ and out, batch_first, unbatched input, default zero states, and the sorted/unsor
 enforce_sorted=False (hx is given in the caller's order; the kernels see the sorted order)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _checks
+from ._cell import CELL_PARAMETERS, planned_parameters
 from ._stack import run_layers
 # Looked up at call time (attribute access), so a rewritten cell_fast is picked up.
 from ..ops import rnn as _rnn_ops
@@ -20,7 +23,10 @@ def _permute(states, permutation):
     return tuple(None if s is None else s.index_select(1, permutation) for s in states)
 
 
-_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+@functools.cache
+def _layer_parameters(layer: int) -> tuple:
+    """The parameter names of a layer's forward direction, for planned_parameters."""
+    return tuple(f"{n}_l{layer}" for n in CELL_PARAMETERS)
 
 
 def _decode_step(module, input, hx, reset_after):
@@ -57,17 +63,15 @@ def _decode_step(module, input, hx, reset_after):
             return None
     if h0.dim() != input.dim() or h0.shape[0] != layers or (is_lstm and c0.shape[0] != layers):
         return None
-    mode, params, spread = _MODES[module.mode], module._parameters, layers > 1
+    mode, spread = module.mode.lower(), layers > 1
     hs, cs = [], []
     for layer in range(layers):
         at = layer if batched else slice(layer, layer + 1)
         states = (h0[at], c0[at]) if is_lstm else (h0[at],)
-        w_ih, w_hh = params.get(f"weight_ih_l{layer}"), params.get(f"weight_hh_l{layer}")
-        b_ih, b_hh = params.get(f"bias_ih_l{layer}"), params.get(f"bias_hh_l{layer}")
-        # Parameters not there as such (a parametrization computes them) take the full path.
-        if w_ih is None or w_hh is None or not (b_ih is not None) == module.bias == (b_hh is not None):
+        params = planned_parameters(module, _layer_parameters(layer))
+        if params is None:
             return None
-        out = _rnn_ops.cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread)
+        out = _rnn_ops.cell_fast(mode, reset_after, x, states, *params, spread)
         if out is None:
             return None
         x = out[0]

@@ -565,7 +565,6 @@ _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)
 _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
-_autocast_any = torch._C._is_any_autocast_enabled
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -636,8 +635,8 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     to = _autocast.target(x) if isinstance(x, torch.Tensor) else None
     if to is not None:  # one op of autocast's lower-precision list (ops/rnn_autocast.py)
         dev = x.device.type
-        x, h0, c0 = (_autocast.cast(t, to, dev) for t in (x, h0, c0))
-        w_ih, w_hh, b_ih, b_hh, w_hr = _autocast.cast_params((w_ih, w_hh, b_ih, b_hh, w_hr), to, dev)
+        (x, h0, c0), (w_ih, w_hh, b_ih, b_hh, w_hr) = _autocast.cast_args(to, dev, (x, h0, c0),
+                                                                          (w_ih, w_hh, b_ih, b_hh, w_hr))
         with _autocast.off(dev):
             return rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
@@ -888,7 +887,7 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     (zeros) or (h,) / (h, c). Returns (h_n,) or (h_n, c_n). At B=1, H=256 every microsecond of Python
     here is a visible share of the step, so this is the only code between the module and the kernel,
     and it checks each tensor inline (as _plan_takes would; 1.4-1.8 us less per call than calling it)."""
-    if _autocast_any():  # (rnn_cell casts, then comes back here with autocast off)
+    if _autocast.any_enabled():  # (rnn_cell casts, then comes back here with autocast off)
         return None
     plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     if plan is None or plan.step is None or type(x) is not torch.Tensor:
@@ -971,8 +970,7 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
     to = _autocast.target(x) if type(x) is torch.Tensor else None
     if to is not None:  # as in rnn_layer
         dev = x.device.type
-        x, h, c = (_autocast.cast(t, to, dev) for t in (x, h, c))
-        w_ih, w_hh, b_ih, b_hh = _autocast.cast_params((w_ih, w_hh, b_ih, b_hh), to, dev)
+        (x, h, c), (w_ih, w_hh, b_ih, b_hh) = _autocast.cast_args(to, dev, (x, h, c), (w_ih, w_hh, b_ih, b_hh))
         with _autocast.off(dev):
             return rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, spread)
     if h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor:

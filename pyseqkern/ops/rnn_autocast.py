@@ -24,7 +24,7 @@ import contextlib
 
 import torch
 
-_any_enabled = torch._C._is_any_autocast_enabled  # (~60 ns; Dynamo traces it)
+any_enabled = torch._C._is_any_autocast_enabled  # (~60 ns; Dynamo traces it)
 _functorch_active = torch._C._are_functorch_transforms_active
 _ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 _CAST_CACHE: dict = {}
@@ -32,7 +32,7 @@ _CAST_CACHE: dict = {}
 
 def target(x: torch.Tensor):
     """The dtype autocast gives an op whose input is x, or None where no region covers x's device."""
-    if not _any_enabled():
+    if not any_enabled():
         return None
     device = x.device.type
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
@@ -50,24 +50,32 @@ def off(device_type: str):
     costs 6; Dynamo traces only the latter)."""
     if torch.compiler.is_compiling():
         return torch.autocast(device_type, enabled=False)
-    if not _any_enabled():
+    if not any_enabled():
         return contextlib.nullcontext()
     return torch._C._DisableAutocast()
 
 
+def _kept(t, to, device_type: str) -> bool:
+    """Autocast leaves t as it is: None, already the region's dtype, not floating or float64, or on
+    another device (for the op's own checks to judge)."""
+    return t is None or t.dtype == to or t.dtype not in _ELIGIBLE or t.device.type != device_type
+
+
 def cast(t, to, device_type: str):
-    """t in the region's dtype, where autocast would cast it (floating, not float64, on the region's
-    device); anything else as it is, for the op's own checks to judge."""
-    if t is None or t.dtype == to or t.dtype not in _ELIGIBLE or t.device.type != device_type:
-        return t
-    return t.to(to)
+    """t in the region's dtype, where autocast would cast it."""
+    return t if _kept(t, to, device_type) else t.to(to)
+
+
+def cast_args(to, device_type: str, data, params):
+    """An op's tensors in the region's dtype: `data` (inputs, states) by cast(), `params` by
+    cast_params(). Returns the two tuples."""
+    return tuple(cast(t, to, device_type) for t in data), cast_params(params, to, device_type)
 
 
 def cast_params(params, to, device_type: str):
     """cast() of a layer's parameters (a tuple, None where absent, params[0] present): cached together,
     one lookup per call, where no gradient is recorded for any of them (inference)."""
-    if all(t is None or t.dtype == to or t.dtype not in _ELIGIBLE or t.device.type != device_type
-           for t in params):
+    if all(_kept(t, to, device_type) for t in params):
         return params
     if torch.compiler.is_compiling() or _functorch_active() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in params)):
