@@ -85,9 +85,10 @@ def test_sequence_module_in_a_region_computes_the_converted_module(device, dtype
         assert_bitwise_equal(a, b, name)
     for name, g in grads.items():
         assert g.dtype == F32  # the leaves were float32
-        # (Rounded: a bidirectional layer casts its float32 input once per direction, and autograd adds
-        # the two directions' gradients in float32, exactly, where the converted module adds them in its
-        # dtype, rounding once.)
+        # (Each float32 leaf is cast once, and its gradient is the cast's, widened: the converted
+        # module's values exactly. A bidirectional layer casts its input once for both directions, as
+        # torch.nn's fused layer does, so the two directions' gradients add in the region's dtype.)
+        assert torch.equal(g.to(dtype).to(F32), g), f"grad {name} is not a widened {dtype} value"
         assert_bitwise_equal(g.to(dtype), same_grads[name], f"grad {name}")
 
     torch_outs, torch_grads = run_sequence(copy.deepcopy(theirs).to(device=device, dtype=dtype), kind, cfg, device,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 # The ops module is looked up at call time (attribute access), so a rewritten rnn_layer is picked up.
 from ..ops import rnn as _rnn_ops
+from ..ops import rnn_autocast as _autocast
 
 
 def layer_weights(module, layer: int, direction: int):
@@ -54,6 +55,12 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
     spread = module.num_layers * num_directions > 1
     h_n, c_n = [], []
     layer_input = x[0] if one_step else x
+    if num_directions == 2 and _autocast.any_enabled():
+        # Both directions of the first layer read x: cast it for the region once, not once each (the
+        # op would cast it the same way; later layers' inputs are already in the region's dtype).
+        to = _autocast.target(layer_input)
+        if to is not None:
+            layer_input = _autocast.cast(layer_input, to, layer_input.device.type)
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(num_directions):
