@@ -1095,6 +1095,28 @@ def test_lstm_cell_compiles_fullgraph_with_h_and_c_one_tensor(states):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell", "LSTM", "GRU"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_compiles_fullgraph_after_an_eager_inference_call(cls, grad):
+    """An eager inference step plans the parameters (its lookup compares data pointers); compiling the
+    same module afterwards must not meet that lookup, which Dynamo refuses (found by a sweep: every cell
+    failed "Data pointer comparison" once it had run one eager step)."""
+    cell = "Cell" in cls
+    m = seed_parameters(getattr(pnn, cls)(I, H))
+    x = x3((B, I)) if cell else x3((1, B, I))
+    z = x3((B, H)) if cell else x3((1, B, H))
+    hx = (z, z + 1) if cls.startswith("LSTM") else z
+    with torch.no_grad():
+        m(x, hx)  # plans the parameters
+    with torch._dynamo.config.patch(allow_rnn=True), torch.set_grad_enabled(grad):
+        torch._dynamo.reset()
+        got = torch.compile(m, fullgraph=True, backend="eager")(x, hx)
+        want = m(x, hx)
+    flat = lambda o: [t for t in (o if isinstance(o, tuple) else (o,)) for t in (t if isinstance(t, tuple) else (t,))]
+    for a, b in zip(flat(got), flat(want), strict=True):
+        torch.testing.assert_close(a, b, rtol=TOLERANCES[F32][0], atol=TOLERANCES[F32][1])
+
+
 def test_gru_classes_show_torchs_constructor_signature_plus_reset_after():
     """inspect.signature of GRU/GRUCell is torch.nn's plus the keyword reset_after, so code that inspects
     constructors works (torch.nn.utils.skip_init asks for `device`); instances keep the forward's

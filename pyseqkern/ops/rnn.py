@@ -973,9 +973,11 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         (x, h, c), (w_ih, w_hh, b_ih, b_hh) = _autocast.cast_args(to, dev, (x, h, c), (w_ih, w_hh, b_ih, b_hh))
         with _autocast.off(dev):
             return rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, spread)
-    if h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor:
+    if (h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
+            and not torch.compiler.is_compiling()):
         # Inference with parameters already planned: only this call's own tensors are checked here;
-        # anything off goes the full way below, which says what is wrong.
+        # anything off goes the full way below, which says what is wrong. (Not while compiling: the
+        # plan's lookup compares data pointers, which Dynamo refuses once an eager call made a plan.)
         fast = cell_fast(mode, reset_after, x, (h,) if mode != "lstm" else (h, c), w_ih, w_hh, b_ih, b_hh, spread)
         if fast is not None:
             return fast[0], (fast[1] if mode == "lstm" else None)
