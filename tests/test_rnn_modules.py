@@ -1243,3 +1243,40 @@ def test_our_cpu_kernels_and_torchs_own_amx_kernels_share_threads(isa, threads):
                     assert_bitwise_equal(a, b, name)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cls", ["GRU", "LSTM", "RNN"])
+def test_thread_count_of_the_caller_does_not_change_the_bits(cls):
+    """The inference paths (the kernel projecting the input, or torch's GEMM) are chosen from the thread
+    count torch had at import, not the caller's: torch.get_num_threads() is per OS thread, and a server
+    whose main thread set 1 thread after its pool existed got other bits in the pool than in main. The
+    input is sized so that its panel fits the caches of 2 or more threads but not of one, where the
+    choice used to flip."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    H2 = 64
+    half_l2 = rnn_ops._L2_BYTES // 2
+    gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[cls]
+    I2 = -(-3 * half_l2 // (2 * gates * H2 * 4))  # panel: 1.5 halves of one L2
+    m = seed_parameters(getattr(pnn, cls)(I2, H2)).eval()
+    x = randn((5, 8, I2), F32, seed=2)
+    old = torch.get_num_threads()
+    pool = ThreadPoolExecutor(1)
+    try:
+        pool.submit(torch.get_num_threads).result()  # the worker exists with the current count
+        with torch.no_grad():
+            want = m(x)[0]
+            outs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                outs.append(m(x)[0])
+
+            def in_worker():
+                with torch.no_grad():
+                    return m(x)[0]
+            outs.append(pool.submit(in_worker).result())
+    finally:
+        torch.set_num_threads(old)
+        pool.shutdown()
+    for got in outs:
+        assert_bitwise_equal(got, want, "output")

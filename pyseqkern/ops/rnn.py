@@ -730,6 +730,12 @@ def _input_panel(code, reset_after, hidden, w_ih):
 # recurrent panel the steps read next. Larger panels go through torch's GEMM. The kernel may run
 # fewer threads than torch's count on tiny work; there a thread's share is larger, the call short.
 _L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
+# The choices of path below count the threads torch had when pyseqkern was imported, not the caller's
+# current count: the paths differ in the last bits, and torch.get_num_threads() is per OS thread, so a
+# server whose main thread set 1 thread after its pool existed got other bits in the pool's threads
+# than in main for the same call (found by a concurrency sweep). The kernels' own bits do not depend on
+# the count.
+_PATH_THREADS = max(1, torch.get_num_threads())
 # Levels where torch projects bfloat16 sequences anyway: on amx torch's bfloat16 GEMM runs on the tile unit
 # too (oneDNN) and beat the kernel's own projection in-process (LSTM 100,32,256: 1.14-1.21x torch.nn
 # against 0.99-1.07x). (A set, so that tests can still reach the kernel's path there.)
@@ -771,7 +777,7 @@ def _projects_each_step(mode, x2d, seq, hidden, proj, read):
         return False
     if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
         return False
-    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _L2_BYTES // 2 * max(1, num_threads())
+    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _L2_BYTES // 2 * _PATH_THREADS
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -780,7 +786,7 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     read = GATES[mode] * hidden * x2d.shape[1] * (2 if x2d.dtype == torch.bfloat16 else x2d.element_size())
-    if read > _L2_BYTES // 2 * max(1, num_threads()) or x2d.dtype != w_ih.dtype:
+    if read > _L2_BYTES // 2 * _PATH_THREADS or x2d.dtype != w_ih.dtype:
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
