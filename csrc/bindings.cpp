@@ -62,12 +62,12 @@ py::dict cpu_isa_report() {
   return d;
 }
 
-void set_cpu_isa(const std::string& name) {
+void set_cpu_isa(const std::string& name, bool all_threads) {
   Isa isa;
   if (!isa_parse(name.c_str(), &isa))
     throw py::value_error("pyseqkern: unknown CPU ISA level '" + name + "'; expected one of baseline, avx2, avx512, avx512bf16, amx");
   try {
-    isa_set_active(isa);
+    isa_set_active(isa, all_threads);
   } catch (const std::invalid_argument& e) {
     throw py::value_error(std::string("pyseqkern: ") + e.what());
   }
@@ -226,8 +226,11 @@ RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
 }
 
 // The CUDA kernels have their own packed layout and workspace (cuda/rnn_cuda.h); the reserve is shared.
-RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cuda) {
-  if (!cuda) return rnn_cpu_kernels().sizes(shape, batch, dtype);
+// `kern`: the CPU table the caller runs with (each entry reads the level once: sizes and kernels of
+// one call must come from the same level).
+RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cuda,
+                      const RnnCpuKernels& kern = rnn_cpu_kernels()) {
+  if (!cuda) return kern.sizes(shape, batch, dtype);
   const bool is_double = dtype == DType::Float64;
 #ifdef PSK_WITH_CUDA
   return rnn_sizes_cuda(shape, batch, is_double);
@@ -308,7 +311,8 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
     p.w_hr = r.data;
   }
   const bool on_cuda = w.device == DeviceKind::Cuda;
-  require_pack_out(out, rnn_sizes_of(p.shape, 1, w.dtype, on_cuda).packed_numel, w.dtype, "rnn_pack");
+  const RnnCpuKernels& kern = rnn_cpu_kernels();
+  require_pack_out(out, rnn_sizes_of(p.shape, 1, w.dtype, on_cuda, kern).packed_numel, w.dtype, "rnn_pack");
   p.out = out.data;
   if (on_cuda) {
 #ifdef PSK_WITH_CUDA
@@ -323,7 +327,7 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
 #endif
   }
   py::gil_scoped_release nogil;
-  rnn_cpu_kernels().pack(p);
+  kern.pack(p);
 }
 
 // The CPU input panel (rnn.h RnnPackInputParams): its size for the active level, 0 where the forward
@@ -345,14 +349,15 @@ void rnn_pack_input_entry(int mode, bool reset_after, int64_t hidden, py::handle
   p.input = w.sizes[1];
   if (w.sizes[0] != rnn_gate_count(p.shape.mode) * hidden)
     throw py::value_error("pyseqkern: rnn_pack_input: 'w_ih' must be [G*H, I]");
-  const int64_t numel = rnn_cpu_kernels().input_panel_numel(p.shape, p.input, w.dtype);
+  const RnnCpuKernels& kern = rnn_cpu_kernels();
+  const int64_t numel = kern.input_panel_numel(p.shape, p.input, w.dtype);
   if (numel == 0)
     throw py::value_error(std::string("pyseqkern: rnn_pack_input: no input panel for ") + dtype_name(w.dtype) +
                           " with I = " + std::to_string(p.input) + " at this CPU level");
   require_pack_out(out, numel, w.dtype, "rnn_pack_input");
   p.out = out.data;
   py::gil_scoped_release nogil;
-  rnn_cpu_kernels().pack_input(p);
+  kern.pack_input(p);
 }
 
 // The row mapping of a call, checked against itself (rnn.h): the kernels index rows, lengths and offsets
@@ -466,6 +471,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
                        int path, py::handle x, py::handle packed_in, py::handle x_gates_buf, py::handle x_bias) {
   RnnFwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
+  const RnnCpuKernels& kern = rnn_cpu_kernels();
   int64_t rows = 0;
   p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, &rows);
   if (!x.is_none()) {
@@ -478,7 +484,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     p.ld_x = row_stride(xv, "x");
     p.input = xv.sizes[1];
     p.packed_in = pin.data;
-    const int64_t numel = rnn_cpu_kernels().input_panel_numel(p.shape, p.input, p.dtype);
+    const int64_t numel = kern.input_panel_numel(p.shape, p.input, p.dtype);
     if (numel == 0 || pin.numel() < numel)
       throw py::value_error("pyseqkern: rnn_forward: 'packed_in' must be rnn_pack_input's output for this 'x'");
     if (!x_gates.is_none()) {
@@ -524,7 +530,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     check_rows(rows_of, "x", rows, p.input, p.dtype);
   else
     check_rows(rows_of, "x_gates", rows, G * H, p.dtype);
-  const RnnSizes sz = rnn_sizes_of(p.shape, batch, p.dtype, rows_of.device != DeviceKind::Cpu);
+  const RnnSizes sz = rnn_sizes_of(p.shape, batch, p.dtype, rows_of.device != DeviceKind::Cpu, kern);
   const DType acc = p.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
   p.b_hn = dense_of(b_hn, "b_hn", p.dtype, H);
   p.h0 = dense_of(h0, "h0", p.dtype, batch * K);
@@ -559,7 +565,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
 #endif
   }
   py::gil_scoped_release nogil;
-  rnn_cpu_kernels().forward(p);
+  kern.forward(p);
   return "cpu";
 }
 
@@ -572,6 +578,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
                         uintptr_t stream, int path) {
   RnnBwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
+  const RnnCpuKernels& kern = rnn_cpu_kernels();
   int64_t rows = 0;
   p.seq = rnn_seq(steps, batch, batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, &rows);
   const int64_t H = hidden, K = p.shape.state(), G = rnn_gate_count(p.shape.mode);
@@ -582,7 +589,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   TensorView gh;
   p.d_gates_h = const_cast<void*>(opt_data(d_gates_h, "d_gates_h", &gh));
   p.ld_dgh = p.d_gates_h ? check_rows(gh, "d_gates_h", rows, G * H, p.dtype) : 0;
-  const RnnSizes sz = rnn_sizes_of(p.shape, batch, p.dtype, gx.device != DeviceKind::Cpu);
+  const RnnSizes sz = rnn_sizes_of(p.shape, batch, p.dtype, gx.device != DeviceKind::Cpu, kern);
   const DType acc = p.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
   // Transposed copies [cols, N], all with one leading dimension (rnn.h).
   p.ld_t = -1;
@@ -642,7 +649,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
 #endif
   }
   py::gil_scoped_release nogil;
-  rnn_cpu_kernels().backward(p);
+  kern.backward(p);
   return "cpu";
 }
 
@@ -739,7 +746,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyseqkern compiled core (no libtorch): kernels behind pyseqkern.ops";
   m.def("build_info", &build_info);
   m.def("cpu_isa_report", &cpu_isa_report);
-  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"));
+  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"), py::arg("all_threads") = false);
   m.def("cuda_report", &cuda_report_dict);
   m.def("describe", &describe, py::arg("capsule"));
   m.def("handoff_noop", &handoff_noop);

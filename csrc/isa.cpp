@@ -65,7 +65,8 @@ Isa compute_best() {
   return Isa::Baseline;
 }
 
-std::atomic<int> g_active{-1};
+std::atomic<int> g_active{-1};   // the process default (-1: the best level)
+thread_local int t_active = -1;  // this thread's own level (-1: the default)
 
 }  // namespace
 
@@ -115,17 +116,21 @@ Isa isa_best() {
 }
 
 Isa isa_active() {
-  int v = g_active.load(std::memory_order_relaxed);
+  int v = t_active;
+  if (v < 0) v = g_active.load(std::memory_order_relaxed);
   return v < 0 ? isa_best() : static_cast<Isa>(v);
 }
 
-void isa_set_active(Isa isa) {
+void isa_set_active(Isa isa, bool all_threads) {
   if (!isa_compiled(isa))
     throw std::invalid_argument(std::string("CPU ISA level '") + isa_name(isa) + "' is not compiled into this build");
   if (static_cast<int>(isa) > static_cast<int>(isa_best()))
     throw std::invalid_argument(std::string("CPU ISA level '") + isa_name(isa) +
                                 "' is above what this CPU supports ('" + isa_name(isa_best()) + "')");
-  g_active.store(static_cast<int>(isa), std::memory_order_relaxed);
+  if (all_threads)
+    g_active.store(static_cast<int>(isa), std::memory_order_relaxed);
+  else
+    t_active = static_cast<int>(isa);
 }
 
 long long cpu_l2_bytes() {

@@ -10,6 +10,7 @@ Environment variables read at import:
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import torch
@@ -37,21 +38,36 @@ REFERENCE_ENV = "PYSEQKERN_REFERENCE"
 ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512bf16", "amx")
 
 
-_active_isa = _C.cpu_isa_report()["active"]
+class _IsaLevel(threading.local):
+    """This thread's CPU kernel level, as the core keeps it (per thread: csrc/isa.cpp): a level changed
+    by another thread in the middle of a call had its buffers sized at one level and its kernels run at
+    another, and its cache entries keyed at one level and packed at another. The class attribute is the
+    process default, which threads that set no level of their own follow."""
+    name = _C.cpu_isa_report()["active"]
 
 
-def set_cpu_isa(level: str) -> None:
-    """Makes CPU kernels dispatch to `level` (one of ISA_LEVELS, not above what the CPU runs)."""
-    global _active_isa
+_ISA = _IsaLevel()
+
+
+def set_cpu_isa(level: str, *, all_threads: bool = False) -> None:
+    """Makes the calling thread's CPU kernels dispatch to `level` (one of ISA_LEVELS, not above what the
+    CPU runs); other threads keep theirs. all_threads=True sets the process default instead, which
+    threads that never set a level follow: set it before other threads run pyseqkern calls (the
+    environment variable PYSEQKERN_CPU_ISA does so at import)."""
     if not isinstance(level, str):
         raise TypeError(f"pyseqkern.set_cpu_isa: 'level' must be a str, got {type(level).__name__}")
-    _C.set_cpu_isa(level.strip().lower())
-    _active_isa = level.strip().lower()
+    name = level.strip().lower()
+    _C.set_cpu_isa(name, all_threads)
+    if all_threads:
+        _IsaLevel.name = name
+    else:
+        _ISA.name = name
 
 
 def active_isa() -> str:
-    """The CPU kernel level in use (kept here: only set_cpu_isa changes it); part of cache keys."""
-    return _active_isa
+    """The calling thread's CPU kernel level (kept here as the core keeps it: only set_cpu_isa changes
+    it); part of cache keys."""
+    return _ISA.name
 
 
 def _apply_isa_env() -> str | None:
@@ -59,7 +75,7 @@ def _apply_isa_env() -> str | None:
     if value is None or value.strip() == "":
         return None
     try:
-        set_cpu_isa(value)
+        set_cpu_isa(value, all_threads=True)
     except ValueError as exc:
         raise ValueError(f"{ISA_ENV}={value!r}: {exc}") from None
     return value.strip().lower()

@@ -126,6 +126,29 @@ def test_set_cpu_isa_at_run_time():
         pyseqkern.set_cpu_isa(best)
 
 
+def test_the_cpu_isa_level_is_per_thread():
+    """set_cpu_isa sets the calling thread's level; other threads keep theirs, and threads that set none
+    follow the process default (all_threads=True, or PYSEQKERN_CPU_ISA at import)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    best = pyseqkern.backend_info()["cpu"]["isa_best"]
+    seen = lambda: (pyseqkern.backend_info()["cpu"]["isa_active"], pyseqkern._backend.active_isa())
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            pyseqkern.set_cpu_isa("baseline")
+            assert seen() == ("baseline", "baseline")
+            assert pool.submit(seen).result() == (best, best)
+            pyseqkern.set_cpu_isa("baseline", all_threads=True)
+            assert pool.submit(seen).result() == ("baseline", "baseline")
+            pool.submit(pyseqkern.set_cpu_isa, best).result()  # the worker's own level now
+            pyseqkern.set_cpu_isa(best, all_threads=True)
+            assert seen() == ("baseline", "baseline")  # the main thread's own level stands
+            assert pool.submit(seen).result() == (best, best)
+        finally:
+            pyseqkern.set_cpu_isa(best, all_threads=True)
+            pyseqkern.set_cpu_isa(best)
+
+
 def test_reference_env_is_reported_and_used():
     proc = run_python(
         "import json, torch, pyseqkern\n"

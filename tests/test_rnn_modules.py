@@ -1280,3 +1280,46 @@ def test_thread_count_of_the_caller_does_not_change_the_bits(cls):
         pool.shutdown()
     for got in outs:
         assert_bitwise_equal(got, want, "output")
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_levels_changed_by_another_thread_leave_calls_alone(dtype):
+    """Threads inferring while another switches the CPU level back and forth: each call runs wholly at
+    its own thread's level (sizes, packing, kernels, cache keys), so every result is that level's bits.
+    With one process-wide level, calls sized their buffers at one level and ran at another (heap
+    corruption within seconds in bfloat16, O(1) errors in float32) and cached weights packed at one level
+    under the other's key (found by a concurrency sweep)."""
+    import threading
+
+    levels = pyseqkern.backend_info()["cpu"]["isa_supported"]
+    if len(levels) < 2:
+        pytest.skip("a build with one CPU level (not x86-64): nothing to switch between")
+    models = [seed_parameters(getattr(pnn, c)(24, 40)).to(dtype).eval() for c in ("LSTM", "GRU", "RNN")]
+    cells = [seed_parameters(getattr(pnn, c)(24, 40)).to(dtype) for c in ("LSTMCell", "GRUCell", "RNNCell")]
+    x = randn((9, 5, 24), dtype, seed=3)
+    with torch.no_grad():
+        want = [m(x)[0] for m in models] + [c(x[0])[0] if isinstance(c(x[0]), tuple) else c(x[0]) for c in cells]
+    stop, bad = threading.Event(), []
+
+    def switch():
+        k = 0
+        while not stop.is_set():
+            pyseqkern.set_cpu_isa(levels[k % len(levels)])
+            k += 1
+
+    def infer():
+        with torch.no_grad():
+            for _ in range(60):
+                got = [m(x)[0] for m in models] + [c(x[0])[0] if isinstance(c(x[0]), tuple) else c(x[0]) for c in cells]
+                bad.extend(i for i, (a, b) in enumerate(zip(got, want)) if not torch.equal(a, b))
+
+    switcher = threading.Thread(target=switch)
+    workers = [threading.Thread(target=infer) for _ in range(2)]
+    switcher.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    switcher.join()
+    assert not bad, f"{len(bad)} results differ from the calling thread's level's bits (modules {sorted(set(bad))})"

@@ -845,7 +845,7 @@ def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_ih.is_contiguous(), w_hh.data_ptr(),
             w_hh._version, w_hh.is_contiguous(),
             None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
-            None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend._active_isa)
+            None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend._ISA.name)
 
 
 def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):

@@ -24,8 +24,14 @@ bool isa_parse(const char* name, Isa* out);
 bool isa_compiled(Isa isa);               // built into this binary
 bool isa_cpu_supports(Isa isa);           // the running CPU and OS can execute it
 Isa isa_best();                           // highest level compiled and supported
-Isa isa_active();                         // the level kernels dispatch to now
-void isa_set_active(Isa isa);             // throws std::invalid_argument if not runnable here
+// The level is per thread: a thread that set none follows the process default (the best level, or
+// what the default was set to). Per thread because a level changed by another thread in the middle of a
+// call made its buffers sized at one level and its kernels run at another (heap corruption), and its
+// caches keyed at one level and packed at another.
+Isa isa_active();                         // the level this thread's kernel calls dispatch to now
+// Throws std::invalid_argument if not runnable here. all_threads: the process default instead of this
+// thread's own level (set at import, from PYSEQKERN_CPU_ISA, before any call runs).
+void isa_set_active(Isa isa, bool all_threads = false);
 
 // One core's L2 in bytes, from the OS (1 MB where it does not say): the cache a kernel thread's share of
 // a weight panel must stay in.
