@@ -3,7 +3,7 @@
 # scikit-build-core preinstalled), build pyseqkern, run every CUDA test (nothing may skip for want of
 # CUDA), the CUDA benchmarks, compute-sanitizer on small cases, then the CPU tests. Logs and JSON go
 # under $OUT (default ./gpu-out): summary.txt, build.log, tests-cuda.log, bench-cuda-quick.{log,json},
-# sanitizer.log, bench-cuda.{log,json,png}, tests-cpu.log.
+# sanitizer-probe.log, sanitizer.log, bench-cuda.{log,json,png}, tests-cpu.log.
 #
 # Device time is scarce (a session may hold a GPU for 15 minutes, start-up included), so the steps run
 # in order of value and each starts only if the time it needs is left of GPU_SUITE_BUDGET_S (counted
@@ -75,11 +75,28 @@ if afford "CUDA benchmarks (quick)" 60; then
 fi
 
 # 3. compute-sanitizer on small cases (slow: the tools instrument every kernel and torch's start-up).
+# Some machines' runtimes refuse the tool altogether (gVisor: "Device not supported", then error 999;
+# device/KINDS.md): a probe first, so that such a machine reports the step NOT RUN rather than FAIL.
+# --report-api-errors no: only our memory errors and races count, not CUDA API errors torch handles.
+sanitizer_ok=0
+if afford "compute-sanitizer probe" 100; then
+  timeout "$(cap 60)" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python3 -c \
+    "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" > "$OUT/sanitizer-probe.log" 2>&1
+  if [ $? = 0 ] && ! grep -q "Device not supported" "$OUT/sanitizer-probe.log"; then
+    sanitizer_ok=1
+  else
+    echo "NOT RUN: compute-sanitizer (refused on this machine: $(grep -m1 -iE 'not supported|error' "$OUT/sanitizer-probe.log"))" \
+      | tee -a "$OUT/summary.txt"
+    partial=1
+  fi
+fi
 for tool in memcheck racecheck; do
+  [ $sanitizer_ok = 1 ] || break
   if afford "compute-sanitizer $tool" 90; then
     step "compute-sanitizer $tool: the CUDA probe tests and small RNN cases (both kernel paths)"
     echo "---- $tool" >> "$OUT/sanitizer.log"
-    timeout "$(cap 240)" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/test_probe_op.py \
+    timeout "$(cap 240)" compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 9 \
+      python3 -m pytest tests/test_probe_op.py \
       tests/test_rnn_ops.py -q -p no:cacheprovider -m cuda \
       -k "(test_probe_op and not graph) or raw_kernel_writes_every_output or cuda_paths_agree" >> "$OUT/sanitizer.log" 2>&1
     rc=$?

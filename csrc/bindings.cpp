@@ -622,7 +622,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   TensorView dp;
   p.d_proj = const_cast<void*>(opt_data(d_proj, "d_proj", &dp));
   if (proj > 0 && !p.d_proj) throw py::value_error("pyseqkern: rnn_backward: LSTM with proj needs 'd_proj'");
-  if (p.d_proj) check_rows(dp, "d_proj", rows, proj, p.dtype);
+  if (p.d_proj) check_rows(dp, "d_proj", rows, proj, p.dtype, proj);  // (both kernels write row * P + k)
   p.dh0 = dense_of(dh0, "dh0", p.dtype, batch * K, false);
   p.dc0 = dense_of(dc0, "dc0", p.dtype, batch * H);
   p.workspace = dense_of(workspace, "workspace", acc, sz.workspace_numel, false);

@@ -385,7 +385,8 @@ RnnCudaPath backward_typed(const RnnBwdParams& p, RnnCudaPath request, cudaStrea
     }
     if (request == RnnCudaPath::Persistent)
       throw std::invalid_argument("pyseqkern: rnn (CUDA): the persistent path was requested but the device "
-                                  "refused its co-resident grid (cudaErrorCooperativeLaunchTooLarge)");
+                                  "refused its cooperative launch (a grid too large to be co-resident, "
+                                  "or no cooperative launches here)");
     a.plan = demote_to_step(PlanShape{H, K, P, G, B, true, static_cast<int>(sizeof(A))}, request, kp, ks);
   }
   auto run = [&](int ph, const char* name) {

@@ -372,7 +372,8 @@ RnnCudaPath forward_typed(const RnnFwdParams& p, RnnCudaPath request, cudaStream
     }
     if (request == RnnCudaPath::Persistent)
       throw std::invalid_argument("pyseqkern: rnn (CUDA): the persistent path was requested but the device "
-                                  "refused its co-resident grid (cudaErrorCooperativeLaunchTooLarge)");
+                                  "refused its cooperative launch (a grid too large to be co-resident, "
+                                  "or no cooperative launches here)");
     a.plan = demote_to_step(PlanShape{H, K, P, G, B, false, static_cast<int>(sizeof(A))}, request, kp, ks);
   }
   launch(ks, a.plan, args, false, st, "kernel rnn_fwd_kernel (step, init)");

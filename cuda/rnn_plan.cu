@@ -205,7 +205,12 @@ bool launch(const void* kernel, const RnnPlan& plan, void** args, bool cooperati
   // A refused launch is also recorded as the thread's last error; left there, the next launch check
   // (ours or torch's) would report it against an innocent kernel. Sticky errors survive this anyway.
   (void)cudaGetLastError();
-  if (cooperative && err == cudaErrorCooperativeLaunchTooLarge) return false;
+  // Refused as cooperative (too large a grid, or a runtime that does not allow cooperative launches:
+  // virtualised ones, some tools): the caller demotes to the per-step path, or raises where the
+  // persistent path was asked for.
+  if (cooperative && (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported ||
+                      err == cudaErrorNotPermitted))
+    return false;
   cuda_check(err, name);
   return false;
 }

@@ -351,6 +351,13 @@ def test_raw_kernel_writes_every_output(device, mode, proj, reset_after):
         if got is not None:
             assert not torch.isnan(got).any(), f"{name} has unwritten entries"
             assert_bitwise_equal(got, expected, name=name)
+    if proj:  # both kernels write d_proj at row * P + k: a strided one is refused, not written past
+        wide = nan(n, proj + 3)[:, :proj]
+        with pytest.raises(ValueError, match=f"'d_proj' must hold {n} rows of {proj} float32 values, {proj} apart"):
+            _C.rnn_backward(code, reset_after, H, proj, seq.steps, B, cap(seq.batch_sizes), cap(seq.time_offsets),
+                            cap(seq.lengths), 0, 0, True, cap(dy), K, cap(dh_n), cap(dc_n), cap(t["c0"]),
+                            cap(reserve), cap(packed), cap(dgx), cap(dgh), cap(wide), cap(dh0), cap(dc0),
+                            cap(torch.empty(ws, device=device)), *(tail[:1] + (None, None, None) + tail[1:]))
 
 
 @pytest.mark.parametrize("updated", ["w_hh", "b_ih", "b_hh"])
@@ -1051,6 +1058,31 @@ def test_packed_device_lengths_are_copied_once_per_stream_and_kept_for_captures(
     assert len(ops._DEVICE_SEQ) == 3 and list(ops._DEVICE_SEQ_CAPTURED.values())[0][0] is captured[0]
     ops.empty_cache()
     assert not ops._DEVICE_SEQ and ops._DEVICE_SEQ_CAPTURED
+
+
+def test_packed_device_lengths_made_under_a_grad_transform_are_plain(monkeypatch):
+    """Under torch.func.grad every op's result is a functorch wrapper, which has no storage for the
+    kernels (nor for tolist()): the device copies of a packed batch's lengths are cached and handed to
+    the kernels unwrapped (found by a review of the CUDA path: packed CUDA input under torch.func.grad
+    crashed; the CUDA transform tests run it for real)."""
+    from pyseqkern.ops.rnn_autograd import _is_functorch_wrapped
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 7})())
+    monkeypatch.setattr(ops, "_DEVICE_SEQ", {})
+    seen = {}
+
+    def f(w):
+        bs = torch.tensor([3, 2, 2, 1])
+        offsets, lengths = torch.cumsum(bs, 0) - bs, bs.clone()  # wrapped, as in _Seq under the transform
+        seen["wrapped"] = _is_functorch_wrapped(offsets)
+        seen["out"] = ops._device_seq(bs, offsets, lengths, torch.device("cpu"))
+        return (w * w).sum()
+
+    torch.func.grad(f)(torch.ones(2))
+    assert seen["wrapped"], "the stand-in no longer makes wrapped tensors"
+    assert not any(_is_functorch_wrapped(t) for t in seen["out"])
+    assert torch.equal(seen["out"][0], torch.tensor([0, 3, 5, 7]))
 
 
 @pytest.mark.cuda

@@ -464,6 +464,8 @@ _DEVICE_SEQ_MAX = 64
 
 
 def _device_seq(bs, time_offsets, lengths, device):
+    """bs, time_offsets, lengths: plain CPU tensors (_Seq unwraps functorch's wrappers first: a wrapper
+    has no storage for tolist(), and the kernels cannot read one)."""
     if torch.compiler.is_compiling():
         return time_offsets.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
     sizes = tuple(bs.tolist())
@@ -481,8 +483,8 @@ def _device_seq(bs, time_offsets, lengths, device):
         return hit
     key = (device, torch.cuda.current_stream(device).cuda_stream, sizes)
     hit = _DEVICE_SEQ.pop(key, None)
-    if hit is None:
-        hit = (time_offsets.to(device, non_blocking=True), lengths.to(device, non_blocking=True))
+    if hit is None:  # (under a grad transform the copies come wrapped, however plain their sources)
+        hit = (_plain(time_offsets.to(device, non_blocking=True)), _plain(lengths.to(device, non_blocking=True)))
     _DEVICE_SEQ[key] = hit  # (re)inserted last: the dict's order is the age
     while len(_DEVICE_SEQ) > _DEVICE_SEQ_MAX:
         del _DEVICE_SEQ[next(iter(_DEVICE_SEQ))]
@@ -514,7 +516,8 @@ class _Seq:
                 self.batch_sizes, self.time_offsets, self.lengths = (
                     _plain(t) for t in (self.batch_sizes, self.time_offsets, self.lengths))
             if x.device.type == "cuda":  # read by the CUDA kernels on the device
-                self.time_offsets, self.lengths = _device_seq(bs, self.time_offsets, self.lengths, x.device)
+                self.time_offsets, self.lengths = _device_seq(self.batch_sizes, self.time_offsets, self.lengths,
+                                                              x.device)
 
     def args(self):
         return (self.batch_sizes, self.time_offsets, self.lengths, self.row_stride_t, self.row_stride_b, self.reverse)
