@@ -4,6 +4,8 @@ Each tensor crosses as a DLPack capsule (about 0.4 us); CUDA work also gets torc
 for the tensor's device, so kernels order correctly with the caller's torch work and never sync."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.dlpack import to_dlpack as capsule  # noqa: F401  (re-exported for ops)
 
@@ -22,5 +24,21 @@ def stream_of(t: torch.Tensor) -> int:
     return 0
 
 
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity call on this OS)
+        return max(1, os.cpu_count() or 1)
+
+
+# The CPUs this process may run on, read at import. Kernel teams never exceed them: the kernels meet at a
+# spin barrier every step, and with more threads than CPUs a thread waits out others' time slices (16
+# threads on 2 CPUs: LSTM (100,8,256) 6.7 -> 42.8 ms, against torch.nn's 28.8). Bits do not depend on
+# the team size.
+CPUS = _cpus()
+
+
 def num_threads() -> int:
-    return torch.get_num_threads()
+    """The kernel team for a call: torch's thread count for this OS thread, at most the CPUs."""
+    n = torch.get_num_threads()
+    return n if n <= CPUS else CPUS

@@ -1,6 +1,7 @@
 import pytest
 
 import pyseqkern
+import pyseqkern._handoff
 from helpers import cuda_usable, runnable_levels
 
 
@@ -21,3 +22,14 @@ def isa(request):
     pyseqkern.set_cpu_isa(request.param)
     yield request.param
     pyseqkern.set_cpu_isa(info["isa_best"])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def kernel_teams_follow_torchs_thread_count():
+    """Kernel teams are capped at the CPUs the process may use (_handoff.CPUS); the tests that set 3 or
+    more threads mean to run teams of that size (the kernels must give the same bits for any), so the
+    suite lifts the cap. test_kernel_teams_are_capped_at_the_cpus checks the cap itself."""
+    real = pyseqkern._handoff.CPUS
+    pyseqkern._handoff.CPUS = 1 << 16
+    yield real
+    pyseqkern._handoff.CPUS = real

@@ -1323,3 +1323,28 @@ def test_levels_changed_by_another_thread_leave_calls_alone(dtype):
     stop.set()
     switcher.join()
     assert not bad, f"{len(bad)} results differ from the calling thread's level's bits (modules {sorted(set(bad))})"
+
+
+def test_kernel_teams_are_capped_at_the_cpus(monkeypatch, kernel_teams_follow_torchs_thread_count):
+    """More torch threads than CPUs: the kernels' teams stay at the CPUs (their spin barriers each step
+    made 16 threads on 2 CPUs 6-7x slower than 2), with the same bits as at any other team size."""
+    import pyseqkern._handoff as handoff
+
+    monkeypatch.setattr(handoff, "CPUS", kernel_teams_follow_torchs_thread_count)
+    m = seed_parameters(pnn.GRU(I, H)).eval()
+    cell = seed_parameters(pnn.LSTMCell(I, H))
+    x = randn((T, B, I), F32, seed=2)
+    with torch.no_grad():
+        want, want_cell = m(x)[0], cell(x[0])
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(handoff.CPUS + 3)
+        assert handoff.num_threads() == handoff.CPUS
+        with torch.no_grad():
+            assert_bitwise_equal(m(x)[0], want, "output")
+            for a, b in zip(cell(x[0]), want_cell, strict=True):
+                assert_bitwise_equal(a, b, "cell state")
+        torch.set_num_threads(1)
+        assert handoff.num_threads() == 1
+    finally:
+        torch.set_num_threads(old)

@@ -936,10 +936,10 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     else:
         h_n = torch.empty(B, plan.hidden, dtype=dtype)
     if plan.code != 0:
-        plan.step.run(B, x.data_ptr(), h, 0, h_n.data_ptr(), 0, torch.get_num_threads(), spread)
+        plan.step.run(B, x.data_ptr(), h, 0, h_n.data_ptr(), 0, num_threads(), spread)
         return (h_n,)
     c_n = torch.empty_like(h_n)
-    plan.step.run(B, x.data_ptr(), h, c, h_n.data_ptr(), c_n.data_ptr(), torch.get_num_threads(), spread)
+    plan.step.run(B, x.data_ptr(), h, c, h_n.data_ptr(), c_n.data_ptr(), num_threads(), spread)
     return h_n, c_n
 
 
