@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn as _tnn
 
 from ._cell import cell_forward
-from ._checks import ResetAfter
+from ._checks import ResetAfter, split_lstm_hx
 from ._twin import TorchScriptable
 
 
@@ -15,11 +15,8 @@ class LSTMCell(TorchScriptable, _tnn.LSTMCell):
     def forward(self, input, hx=None):
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                # (a tuple of the wrong length is a RuntimeError in torch.nn, anything else a TypeError here)
-                seq = isinstance(hx, (tuple, list))
-                got = f"{type(hx).__name__} of {len(hx)}" if seq else type(hx).__name__
-                raise (RuntimeError if seq else TypeError)(
-                    f"LSTMCell: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+                split_lstm_hx("LSTMCell", hx)  # raises, with torch.nn's exception type (the thin check
+                # above keeps the cells' hot path free of split_lstm_hx's per-element checks)
             hx = tuple(hx)
         return cell_forward(self, "LSTMCell", "lstm", input, hx)
 

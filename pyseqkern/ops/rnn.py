@@ -738,7 +738,7 @@ _L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
 # server whose main thread set 1 thread after its pool existed got other bits in the pool's threads
 # than in main for the same call (found by a concurrency sweep). The kernels' own bits do not depend on
 # the count.
-_PATH_THREADS = max(1, torch.get_num_threads())
+_PATH_THREADS = num_threads()  # (at most the CPUs: an oversubscribed count has no more caches)
 # Levels where torch projects bfloat16 sequences anyway: on amx torch's bfloat16 GEMM runs on the tile unit
 # too (oneDNN) and beat the kernel's own projection in-process (LSTM 100,32,256: 1.14-1.21x torch.nn
 # against 0.99-1.07x). (A set, so that tests can still reach the kernel's path there.)
