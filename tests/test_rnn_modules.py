@@ -1161,6 +1161,70 @@ def _compile_and_compare(backend):
         torch.testing.assert_close(g, e)
 
 
+# Shapes the dynamic tests run after the first: batch and length both change, never to 1 (Dynamo
+# specializes sizes 0 and 1 whatever the model does).
+_DYNAMIC_SHAPES = [(2, 3), (6, 11), (4, 2), (9, 5)]
+
+
+def _dynamic_module(kind):
+    name, kw = KINDS["gru" if kind == "gru_reset_before" else kind]
+    extra = {"reset_after": False} if kind == "gru_reset_before" else {}
+    return seed_parameters(getattr(pnn, name)(I, H, num_layers=2, bidirectional=True, batch_first=True, **kw,
+                                              **extra))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before", "LSTMCell", "GRUCell", "RNNCell"])
+def test_compiled_with_dynamic_shapes_runs_every_batch_and_length_without_recompiling(kind, grad):
+    """A model compiled once with batch and length marked dynamic serves other batches and lengths from
+    the same graph, forward and backward. Until stop 18 the ops took the step and batch counts as plain
+    ints, which specialized every graph to one shape: each new length or batch recompiled (1.5 s a time
+    for an LSTM, until Dynamo's recompile limit sent the model back to eager), and torch.export refused
+    dynamic dimensions. (torch.nn's LSTM/GRU/RNN recompile at every length under allow_rnn.)"""
+    cell = kind.endswith("Cell")
+    m = seed_parameters(getattr(pnn, kind)(I, H)) if cell else _dynamic_module(kind)
+    make = (lambda b, t: randn((b, I), F32, seed=20 + b)) if cell else (lambda b, t: randn((b, t, I), F32, seed=20 + b + t))
+    flat = lambda o: [t for t in torch.utils._pytree.tree_leaves(o) if isinstance(t, torch.Tensor)]
+
+    def step(f, x):
+        with torch.set_grad_enabled(grad):
+            out = flat(f(x))
+            grads = torch.autograd.grad(weighted_sum(out), list(m.parameters())) if grad else []
+        return out + list(grads)
+
+    with torch._dynamo.config.patch(allow_rnn=True):
+        torch._dynamo.reset()
+        f = torch.compile(m, fullgraph=True, backend="aot_eager")
+        first = make(5, 7)
+        for d in range(first.dim() - 1):
+            torch._dynamo.mark_dynamic(first, d)
+        step(f, first)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for b, t in _DYNAMIC_SHAPES:
+                x = make(b, t)
+                # (the compiled backward's GEMMs may sum in another order than eager's: normwise bounds)
+                for got, want in zip(step(f, x), step(m, x), strict=True):
+                    assert_matches(got, want.double())
+
+
+@pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before"])
+def test_torch_export_with_dynamic_batch_and_length(kind, tmp_path):
+    """torch.export with batch and length as dynamic dimensions (it refused them until stop 18: the ops
+    specialized both), saved and loaded; the program serves other shapes as the module does."""
+    m = _dynamic_module(kind).eval()
+    b, t = torch.export.Dim("batch", min=2), torch.export.Dim("length", min=2)
+    program = torch.export.export(m, (x3((5, 7, I)),), dynamic_shapes=({0: b, 1: t},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    with torch.no_grad():
+        for bb, tt in _DYNAMIC_SHAPES:
+            x = randn((bb, tt, I), F32, seed=bb + tt)
+            got, want = loaded(x), m(x)
+            # (the program projects the input with torch's GEMM where eager inference has the kernel do it)
+            for a, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
+                assert_matches(a, w.double())
+
+
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64])
 @pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before"])
 def test_nan_in_the_input_propagates_as_in_torch(isa, kind, dtype):

@@ -45,15 +45,15 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 LIB.define("rnn_pack(int mode, bool reset_after, int hidden, int proj, Tensor w_hh, Tensor? w_hr) -> Tensor")
 LIB.define(
-    "rnn_forward(int mode, bool reset_after, int hidden, int proj, int steps, int batch, Tensor x_gates, "
+    "rnn_forward(int mode, bool reset_after, int hidden, int proj, SymInt steps, SymInt batch, Tensor x_gates, "
     "Tensor? b_hn, Tensor? h0, Tensor? c0, Tensor packed, Tensor? batch_sizes, Tensor? time_offsets, "
-    "Tensor? lengths, int row_stride_t, int row_stride_b, bool reverse, bool training, Tensor? x_bias=None) "
+    "Tensor? lengths, SymInt row_stride_t, SymInt row_stride_b, bool reverse, bool training, Tensor? x_bias=None) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 LIB.define(
-    "rnn_backward(int mode, bool reset_after, int hidden, int proj, int steps, int batch, Tensor? dy, "
+    "rnn_backward(int mode, bool reset_after, int hidden, int proj, SymInt steps, SymInt batch, Tensor? dy, "
     "Tensor? dh_n, Tensor? dc_n, Tensor? c0, Tensor reserve, Tensor packed, Tensor? batch_sizes, "
-    "Tensor? time_offsets, Tensor? lengths, int row_stride_t, int row_stride_b, bool reverse, bool transposed) "
+    "Tensor? time_offsets, Tensor? lengths, SymInt row_stride_t, SymInt row_stride_b, bool reverse, bool transposed) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -234,7 +234,7 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
     K = proj if proj > 0 else hidden
     n = x_gates.shape[0]
-    rcols = _sizes(mode, reset_after, hidden, proj, batch, x_gates.dtype)[3]
+    rcols = _sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype)[3]  # (the reserve's width does not depend on the batch)
     acc = _acc_dtype(x_gates.dtype)
     return (x_gates.new_empty(n, K), x_gates.new_empty(batch, K),
             x_gates.new_empty(batch if mode == 0 else 0, hidden),
@@ -394,10 +394,12 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 
 
 def _onednn_ok(rows, dtype, device):
-    """Where oneDNN's linear serves (below 32 rows its setup cost outweighs the gain)."""
-    return (_onednn_linear is not None and device.type == "cpu" and rows >= 32
-            and (dtype == torch.bfloat16 or (dtype == torch.float32 and _backend.FP32_GEMM == "onednn"))
-            and not torch.compiler.is_compiling())
+    """Where oneDNN's linear serves (below 32 rows its setup cost outweighs the gain). Never while
+    compiling, which is asked first: `rows` is symbolic there, and comparing it would guard the graph
+    on the row count (a recompilation where it crosses 32)."""
+    return (not torch.compiler.is_compiling() and _onednn_linear is not None and device.type == "cpu"
+            and rows >= 32
+            and (dtype == torch.bfloat16 or (dtype == torch.float32 and _backend.FP32_GEMM == "onednn")))
 
 
 def _input_projection(x2d, w_ih, bias, scratch=None):
