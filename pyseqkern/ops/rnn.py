@@ -499,7 +499,9 @@ class _Seq:
     __slots__ = ("steps", "batch", "batch_sizes", "time_offsets", "lengths", "row_stride_t", "row_stride_b",
                  "reverse")
 
-    def __init__(self, x, batch_sizes, reverse):
+    def __init__(self, x, batch_sizes, reverse, batch=None):
+        """`batch`: the packed batch where the caller knows it (the first batch size, otherwise read
+        from batch_sizes: data, which a trace cannot read)."""
         self.reverse = bool(reverse)
         if batch_sizes is None:
             self.steps, self.batch = x.shape[0], x.shape[1]
@@ -507,7 +509,8 @@ class _Seq:
             self.row_stride_t, self.row_stride_b = x.shape[1], 1
         else:
             bs = batch_sizes.to(dtype=torch.int64, device="cpu").contiguous()
-            self.steps, self.batch = bs.shape[0], int(bs[0]) if bs.numel() else 0
+            self.steps = bs.shape[0]
+            self.batch = batch if batch is not None else int(bs[0]) if bs.numel() else 0
             self.batch_sizes = bs
             self.time_offsets = torch.cumsum(bs, 0) - bs
             self.lengths = (bs.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
@@ -679,6 +682,11 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
                                        packed, *seq.args(), False, x_bias)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
+    if torch.compiler.is_exporting():  # (an exported program keeps an op's autograd, not a Function's)
+        y, h_n, c_n, _, _ = torch.ops.pyseqkern.rnn_layer_op(
+            MODES[mode], bool(reset_after), x, batch_sizes, h0c, c0c, w_ih, w_hh.contiguous(), b_ih, b_hh,
+            None if w_hr is None else w_hr.contiguous(), seq.reverse, training)
+        return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if mode == "lstm" else None)
     y, h_n, c_n, _, _ = _RnnLayer.apply(mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih,
                                         w_hh.contiguous(), b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
     y = y.view(*x.shape[:-1], y.shape[-1])
@@ -1023,3 +1031,4 @@ from . import rnn_cuda  # noqa: E402  (registers the CUDA impls of the ops defin
 # The layer op's autograd.Functions and torch.func rules; they use the helpers above.
 from .rnn_autograd import _plain, _RnnLayer, _transformed  # noqa: E402
 from . import rnn_versions  # noqa: E402,F401  (fused optimizer steps bump what the caches key on)
+from . import rnn_export  # noqa: E402,F401  (the layer as one op with autograd, for torch.export)
