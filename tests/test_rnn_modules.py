@@ -1228,11 +1228,11 @@ def test_torch_export_with_dynamic_batch_and_length(kind, tmp_path):
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before", "LSTMCell", "GRUCell", "RNNCell"])
 def test_exported_program_trains_like_the_module(kind, strict):
-    """A program exported with gradients enabled gives the module's outputs and the same gradients to the
-    input, the initial states and every parameter, at other batches and lengths too. torch.export
-    records the ops an autograd.Function runs but not the Function: until stop 18 the program held the
-    raw kernels, and a backward through it gave no gradient at all (only torch's warning). A program
-    exported under no_grad keeps nothing for a backward and says so."""
+    """A program exported from the module gives its outputs and the same gradients to the input, the
+    initial states and every parameter, at other batches and lengths too, whether it was exported with
+    gradients enabled or under no_grad. torch.export records the ops an autograd.Function runs but not
+    the Function: until stop 18 the program held the raw kernels, and a backward through it gave no
+    gradient at all (only torch's warning)."""
     cell = kind.endswith("Cell")
     m = seed_parameters(getattr(pnn, kind)(I, H)) if cell else _dynamic_module(kind)
     is_lstm = kind.startswith("LSTM") or kind.startswith("lstm")
@@ -1247,28 +1247,27 @@ def test_exported_program_trains_like_the_module(kind, strict):
         return x, (h0, c0) if is_lstm else h0
 
     b, t = torch.export.Dim("batch", min=2), torch.export.Dim("length", min=2)
-    x, hx = make(5, 7, 30)
     sx = {0: b} if cell else {0: b, 1: t}
     sh = {0: b} if cell else {1: b}
-    program = torch.export.export(m, (x, hx), dynamic_shapes=(sx, (sh, sh) if is_lstm else sh), strict=strict)
-    exported = program.module()
-    for bb, tt in [(5, 7)] + _DYNAMIC_SHAPES:
-        x, hx = make(bb, tt, 40 + bb + tt)
-        leaves = [x] + [s for s in (hx if is_lstm else (hx,))]
-        for s in leaves:
-            s.requires_grad_()
-        results = []
-        for f, params in ((exported, list(exported.parameters())), (m, list(m.parameters()))):
-            out = [o for o in torch.utils._pytree.tree_leaves(f(x, hx)) if isinstance(o, torch.Tensor)]
-            results.append(out + list(torch.autograd.grad(weighted_sum(out), leaves + params)))
-        assert len(results[0]) == len(results[1])
-        for got, want in zip(*results, strict=True):  # (exported: torch's GEMM projects, as in training)
-            assert_matches(got, want.double())
-    with torch.no_grad():
-        frozen = torch.export.export(m, make(5, 7, 30), strict=strict).module()
-    out = frozen(*make(5, 7, 30))
-    with pytest.raises(RuntimeError, match="exported without gradients"):
-        weighted_sum([o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]).backward()
+    shapes = (sx, (sh, sh) if is_lstm else sh)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            exported = torch.export.export(m, make(5, 7, 30), dynamic_shapes=shapes, strict=strict).module()
+        for bb, tt in [(5, 7)] + _DYNAMIC_SHAPES:
+            x, hx = make(bb, tt, 40 + bb + tt)
+            leaves = [x] + [s for s in (hx if is_lstm else (hx,))]
+            for s in leaves:
+                s.requires_grad_()
+            results = []
+            for f in (exported, m):
+                out = [o for o in torch.utils._pytree.tree_leaves(f(x, hx)) if isinstance(o, torch.Tensor)]
+                results.append(out + list(torch.autograd.grad(weighted_sum(out), leaves + list(f.parameters()))))
+            assert len(results[0]) == len(results[1])
+            for got, want in zip(*results, strict=True):  # (exported: torch's GEMM projects, as in training)
+                assert_matches(got, want.double())
+            with torch.no_grad():  # (the inference path: packed weights from the cache, no reserve)
+                for got, want in zip(*(torch.utils._pytree.tree_leaves(f(x, hx)) for f in (exported, m)), strict=True):
+                    assert_matches(got, want.double())
 
 
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64])

@@ -387,13 +387,12 @@ def test_opcheck(device):
         bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), device=device, seed=4),
                     randn((5, 11), device=device, seed=5), None, None, reserve, packed, *seq.args(), transposed)
         torch.library.opcheck(torch.ops.pyseqkern.rnn_backward.default, bwd_args)
-    # The layer op torch.export records (ops/rnn_export.py), with its autograd; padded and packed.
-    wants = lambda *ts: [u.detach().clone().requires_grad_() for u in ts]
-    for lengths in (None, [7, 5, 5, 2, 1]):
-        xs, sizes, u = make_case("gru", 0, torch.float32, lengths=lengths, strided_inputs=False, device=device)
-        args = wants(xs, u["h0"], u["w_ih"], u["w_hh"], u["b_ih"], u["b_hh"])
-        torch.library.opcheck(torch.ops.pyseqkern.rnn_layer_op.default,
-                              (1, True, args[0], sizes, args[1], None, *args[2:], None, False, True))
+    # The layer op torch.export records (ops/rnn_export.py), with its autograd. (Padded only: a packed
+    # batch's size is data, which no trace reads; export refuses packed input before this op.)
+    xs, _, u = make_case("gru", 0, torch.float32, strided_inputs=False, device=device)
+    args = [v.detach().clone().requires_grad_() for v in (xs, u["h0"], u["w_ih"], u["w_hh"], u["b_ih"], u["b_hh"])]
+    torch.library.opcheck(torch.ops.pyseqkern.rnn_layer_op.default,
+                          (1, True, args[0], None, args[1], None, *args[2:], None, False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -683,9 +683,9 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
                                        packed, *seq.args(), False, x_bias)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
     if torch.compiler.is_exporting():  # (an exported program keeps an op's autograd, not a Function's)
-        y, h_n, c_n, _, _ = torch.ops.pyseqkern.rnn_layer_op(
+        y, h_n, c_n = torch.ops.pyseqkern.rnn_layer_op(
             MODES[mode], bool(reset_after), x, batch_sizes, h0c, c0c, w_ih, w_hh.contiguous(), b_ih, b_hh,
-            None if w_hr is None else w_hr.contiguous(), seq.reverse, training)
+            None if w_hr is None else w_hr.contiguous(), seq.reverse)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if mode == "lstm" else None)
     y, h_n, c_n, _, _ = _RnnLayer.apply(mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih,
                                         w_hh.contiguous(), b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
