@@ -136,7 +136,8 @@ def _cache_put(cache, anchor, key, value, *sources):
     the entry's finalizer is one, so `.double()` after one inference call failed. Nor for CPU tensors
     in shared memory (share_memory_(), Hogwild training): another process writes them in place, and no
     version counter here sees it. (CUDA tensors report is_shared() always; they are cached.)"""
-    if key is None or _swap_on_conversion() or any(t is not None and t.is_cpu and t.is_shared() for t in sources):
+    if (key is None or _swap_on_conversion() or _sharded()
+            or any(t is not None and t.is_cpu and t.is_shared() for t in sources)):
         return value
     if id(anchor) not in cache:
         weakref.finalize(anchor, cache.pop, id(anchor), None)
@@ -147,6 +148,8 @@ def _cache_put(cache, anchor, key, value, *sources):
 def _cached(cache, anchor, key_of, make, *sources):
     """The cached value for anchor where key_of() still describes it, else make()'s, stored (_cache_put).
     key_of raising _NO_VERSION (an inference tensor) means: made afresh, not stored."""
+    if _sharded():
+        return make()
     try:
         key = key_of()
     except _NO_VERSION:
@@ -156,6 +159,22 @@ def _cached(cache, anchor, key_of, make, *sources):
 
 
 _swap_on_conversion = torch.__future__.get_swap_module_params_on_conversion
+# Nothing is cached, and no entry served, while a module is managed by one of torch.distributed's
+# composable APIs (FSDP2's fully_shard, replicate): FSDP2 gathers each forward's weights into the same
+# Parameter, often at the same address, with its version counter preserved on purpose, so evaluation
+# between FSDP2 training steps ran stale weights in 2-4 of 10 passes (outputs off by up to 2.6e-2;
+# found by an interop sweep, stop 18). Training calls never use the caches. (Not the whole of
+# torch.distributed: uncached, an LSTMCell step at B=1 took 8.9x the time, an LSTM at B=1 1.7x, and
+# DDP writes parameters through autograd and the optimizer, which bump the counters.) The registry is
+# private to torch: if it moves, any initialized process group turns the caches off instead.
+try:
+    from torch.distributed import _composable_state as _composable
+    _composable._module_state_mapping  # noqa: B018  (still there?)
+
+    def _sharded() -> bool:
+        return len(_composable._module_state_mapping) > 0
+except (ImportError, AttributeError):
+    _sharded = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
 # The caches' keys read each tensor's version counter, which inference tensors (made under
 # torch.inference_mode: a module built there, a weight_norm weight or a float16 module's float32 casts
 # computed there) do not have: reading it raises RuntimeError, and such calls are served uncached.
@@ -864,7 +883,7 @@ def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
 def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     """The _CellPlan for these parameters if cached and current, else None."""
     entry = _CELL_PLANS.get(id(w_hh))
-    if entry is None:
+    if entry is None or _sharded():
         return None
     try:
         key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
