@@ -1206,6 +1206,49 @@ def _compile_and_compare(backend):
         torch.testing.assert_close(g, e)
 
 
+class _FxModel(torch.nn.Module):
+    """Every module kind, called the ways models call them (hx given, unpacked outputs, cells stepped)."""
+
+    def __init__(self, nn):
+        super().__init__()
+        self.lstm = nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(2 * H, H)
+        self.rnn = nn.RNN(H, H, nonlinearity="relu")
+        self.lstm_cell = nn.LSTMCell(H, H)
+        self.gru_cell = nn.GRUCell(H, H)
+        self.rnn_cell = nn.RNNCell(H, H)
+
+    def forward(self, x, h0, c0):
+        y, (h, c) = self.lstm(x, (h0, c0))
+        z, g = self.gru(y.transpose(0, 1), h[-1:])
+        w, _ = self.rnn(z)
+        hc, cc = self.lstm_cell(w[-1], (g[0], c[-1]))
+        return self.rnn_cell(self.gru_cell(hc, cc)) + h.sum(0)
+
+
+def test_fx_symbolic_trace_keeps_the_modules_as_leaves():
+    """torch.fx.symbolic_trace keeps torch.nn's modules as leaves (one call_module node each) and traced
+    into ours, where any model holding one failed ("input must be a Tensor or a PackedSequence, got
+    Proxy"; found by an interop sweep, stop 18). The graph is torch.nn's, node for node, and the traced
+    module and fx.Interpreter give eager's outputs and gradients bit for bit."""
+    theirs = _FxModel(torch.nn)
+    ours = _FxModel(pnn)
+    ours.load_state_dict(theirs.state_dict())
+    traced = torch.fx.symbolic_trace(ours)
+    assert traced.code == torch.fx.symbolic_trace(theirs).code
+    args = [x3((B, T, I)), randn((4, B, H), F32, seed=3), randn((4, B, H), F32, seed=4)]
+    results = []
+    for f in (ours, traced, torch.fx.Interpreter(traced).run):
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = f(*leaves)
+        results.append([out] + list(torch.autograd.grad(weighted_sum([out]), leaves + list(ours.parameters()))))
+    for want, *got in zip(*results, strict=True):
+        for g in got:
+            assert_bitwise_equal(g, want, "traced")
+    with pytest.raises(RuntimeError, match="cannot trace a LSTM as the root module"):
+        torch.fx.symbolic_trace(pnn.LSTM(I, H))
+
+
 # Shapes the dynamic tests run after the first: batch and length both change, never to 1 (Dynamo
 # specializes sizes 0 and 1 whatever the model does).
 _DYNAMIC_SHAPES = [(2, 3), (6, 11), (4, 2), (9, 5)]

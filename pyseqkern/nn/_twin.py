@@ -63,3 +63,20 @@ class TorchScriptable:
 
 
 is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)
+
+# torch.fx.symbolic_trace keeps torch.nn's modules as leaves (one call_module node: its default
+# is_leaf_module asks whether the class's __module__ starts with "torch.nn") and traces into every other
+# module's forward, where ours met Proxies: any model holding one failed to trace (found by an interop
+# sweep, stop 18). Called with a Proxy, a forward records itself as that leaf node instead.
+FxProxy = torch.fx.Proxy
+
+
+def fx_leaf(module, *args):
+    tracer = args[0].tracer
+    name = tracer.path_of_module(module)
+    if not name:  # (the traced root: torch.nn's own fails here too, on its Python control flow)
+        raise RuntimeError(f"torch.fx cannot trace a {type(module).__name__} as the root module; trace a model "
+                           "that holds it (it becomes one call_module node, as torch.nn's does)")
+    while args[-1] is None:  # (hx=None as torch.nn's node records it: not at all)
+        args = args[:-1]
+    return tracer.create_proxy("call_module", name, args, {})

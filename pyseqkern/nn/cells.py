@@ -6,13 +6,15 @@ from torch import nn as _tnn
 
 from ._cell import cell_forward
 from ._checks import ResetAfter, split_lstm_hx
-from ._twin import TorchScriptable
+from ._twin import FxProxy, TorchScriptable, fx_leaf
 
 
 class LSTMCell(TorchScriptable, _tnn.LSTMCell):
     """torch.nn.LSTMCell on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
+        if isinstance(input, FxProxy):
+            return fx_leaf(self, input, hx)
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 split_lstm_hx("LSTMCell", hx)  # raises, with torch.nn's exception type (the thin check
@@ -25,6 +27,8 @@ class GRUCell(ResetAfter, TorchScriptable, _tnn.GRUCell):
     """torch.nn.GRUCell on pyseqkern kernels; reset_after (keyword-only) as in pyseqkern.nn.GRU."""
 
     def forward(self, input, hx=None):
+        if isinstance(input, FxProxy):
+            return fx_leaf(self, input, hx)
         return cell_forward(self, "GRUCell", "gru", input, None if hx is None else (hx,), self.reset_after)[0]
 
 
@@ -32,6 +36,8 @@ class RNNCell(TorchScriptable, _tnn.RNNCell):
     """torch.nn.RNNCell (tanh or relu) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
+        if isinstance(input, FxProxy):
+            return fx_leaf(self, input, hx)
         if self.nonlinearity == "tanh":
             mode = "rnn_tanh"
         elif self.nonlinearity == "relu":

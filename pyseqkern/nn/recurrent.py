@@ -7,7 +7,7 @@ from torch import nn as _tnn
 
 from ._checks import ResetAfter
 from ._sequence import sequence_forward
-from ._twin import TorchScriptable, is_tracing
+from ._twin import FxProxy, TorchScriptable, fx_leaf, is_tracing
 
 
 class LSTM(TorchScriptable, _tnn.LSTM):
@@ -16,6 +16,8 @@ class LSTM(TorchScriptable, _tnn.LSTM):
     def forward(self, input, hx=None):
         if is_tracing():
             return self._traced_forward(input, hx)
+        if isinstance(input, FxProxy):
+            return fx_leaf(self, input, hx)
         output, h_n, c_n = sequence_forward(self, input, hx)
         return output, (h_n, c_n)
 
@@ -31,6 +33,8 @@ class GRU(ResetAfter, TorchScriptable, _tnn.GRU):
     def forward(self, input, hx=None):
         if is_tracing():
             return self._traced_forward(input, hx)
+        if isinstance(input, FxProxy):
+            return fx_leaf(self, input, hx)
         output, h_n, _ = sequence_forward(self, input, hx, self.reset_after)
         return output, h_n
 
@@ -41,5 +45,7 @@ class RNN(TorchScriptable, _tnn.RNN):
     def forward(self, input, hx=None):
         if is_tracing():
             return self._traced_forward(input, hx)
+        if isinstance(input, FxProxy):
+            return fx_leaf(self, input, hx)
         output, h_n, _ = sequence_forward(self, input, hx)
         return output, h_n
