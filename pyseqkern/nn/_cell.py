@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from ._twin import is_tracing
+from ._twin import torch_nn_records
 # Looked up at call time (attribute access), so a rewritten rnn_cell is picked up.
 from ..ops import rnn as _rnn_ops
 
@@ -36,7 +36,7 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
             out = _rnn_ops.cell_fast(mode, reset_after, input, states, *params)
             if out is not None:
                 return out
-    if is_tracing():  # (the thin path above is off while tracing: _plain_eager)
+    if torch_nn_records():  # (the thin path above is off there: _plain_eager, or FakeTensors)
         out = module._traced_forward(input, None if states is None else states if mode == "lstm" else states[0])
         return out if mode == "lstm" else (out,)
     if not isinstance(input, torch.Tensor):

@@ -13,6 +13,7 @@ GRUCell with reset_after=False have no torch.nn counterpart and refuse with an e
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn as _tnn
@@ -56,13 +57,45 @@ class TorchScriptable:
         return twin
 
     def _traced_forward(self, *args):
-        """forward while torch.jit.trace records: torch.nn's forward on the same parameters."""
+        """forward while torch.jit.trace or torch.onnx.export records: torch.nn's forward on the same
+        parameters."""
         if not getattr(self, "reset_after", True):
-            _refuse(self, "torch.jit.trace")
+            _refuse(self, "torch.onnx.export" if onnx_exporting() else "torch.jit.trace")
         return _torch_class(self).forward(self, *args)
 
 
 is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)
+_onnx_flags = None
+
+
+def onnx_exporting() -> bool:
+    """torch.onnx.export (either exporter) is running. The ONNX exporters translate torch.nn's layers
+    (aten::lstm / gru / rnn_*, the cells' ops) to ONNX's LSTM, GRU and RNN, and know nothing of
+    pyseqkern's ops: the default (dynamo) exporter failed on them ("No ONNX function found for
+    pyseqkern.rnn_pack"; found by an interop sweep, stop 18), so the modules hand it torch.nn's forward
+    as they do TorchScript. torch.onnx.is_in_onnx_export() costs 2 us (two imports per call) on every
+    layer and cell call once anything imported torch.onnx, as torch.compile does: its two flags are
+    read directly, and nothing is asked before torch.onnx is imported."""
+    global _onnx_flags
+    if _onnx_flags is None:
+        if "torch.onnx" not in sys.modules:
+            return False
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+            _flags._is_onnx_exporting, GLOBALS._in_onnx_export  # noqa: B018  (still there?)
+            # (the attribute, not its property: Dynamo refuses to call into torch.onnx, and the ONNX
+            # exporter may trace with Dynamo)
+            _onnx_flags = lambda: GLOBALS._in_onnx_export or _flags._is_onnx_exporting  # noqa: E731
+        except (ImportError, AttributeError):  # (moved in another torch: the public check)
+            _onnx_flags = sys.modules["torch.onnx"].is_in_onnx_export
+    return _onnx_flags()
+
+
+def torch_nn_records() -> bool:
+    """A recorder that knows torch.nn's layers and not pyseqkern's ops is running (TorchScript tracing,
+    ONNX export): the modules hand it torch.nn's forward."""
+    return is_tracing() or onnx_exporting()
 
 # torch.fx.symbolic_trace keeps torch.nn's modules as leaves (one call_module node: its default
 # is_leaf_module asks whether the class's __module__ starts with "torch.nn") and traces into every other

@@ -7,14 +7,14 @@ from torch import nn as _tnn
 
 from ._checks import ResetAfter
 from ._sequence import sequence_forward
-from ._twin import FxProxy, TorchScriptable, fx_leaf, is_tracing
+from ._twin import FxProxy, TorchScriptable, fx_leaf, torch_nn_records
 
 
 class LSTM(TorchScriptable, _tnn.LSTM):
     """torch.nn.LSTM (proj_size included) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
-        if is_tracing():
+        if torch_nn_records():
             return self._traced_forward(input, hx)
         if isinstance(input, FxProxy):
             return fx_leaf(self, input, hx)
@@ -31,7 +31,7 @@ class GRU(ResetAfter, TorchScriptable, _tnn.GRU):
     default (linear_before_reset=0) do. Parameter shapes and names are the same either way."""
 
     def forward(self, input, hx=None):
-        if is_tracing():
+        if torch_nn_records():
             return self._traced_forward(input, hx)
         if isinstance(input, FxProxy):
             return fx_leaf(self, input, hx)
@@ -43,7 +43,7 @@ class RNN(TorchScriptable, _tnn.RNN):
     """torch.nn.RNN (tanh or relu) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
-        if is_tracing():
+        if torch_nn_records():
             return self._traced_forward(input, hx)
         if isinstance(input, FxProxy):
             return fx_leaf(self, input, hx)

@@ -253,7 +253,7 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
     K = proj if proj > 0 else hidden
     n = x_gates.shape[0]
-    rcols = _sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype)[3]  # (the reserve's width does not depend on the batch)
+    rcols = _sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype)[3]  # (its width does not depend on the batch)
     acc = _acc_dtype(x_gates.dtype)
     return (x_gates.new_empty(n, K), x_gates.new_empty(batch, K),
             x_gates.new_empty(batch if mode == 0 else 0, hidden),
@@ -591,6 +591,7 @@ def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.5)
 _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
 
 
@@ -701,7 +702,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
                                        packed, *seq.args(), False, x_bias)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
-    if torch.compiler.is_exporting():  # (an exported program keeps an op's autograd, not a Function's)
+    if _is_exporting():  # (an exported program keeps an op's autograd, not a Function's)
         y, h_n, c_n = torch.ops.pyseqkern.rnn_layer_op(
             MODES[mode], bool(reset_after), x, batch_sizes, h0c, c0c, w_ih, w_hh.contiguous(), b_ih, b_hh,
             None if w_hr is None else w_hr.contiguous(), seq.reverse)
