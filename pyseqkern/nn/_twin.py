@@ -97,6 +97,7 @@ def torch_nn_records() -> bool:
     ONNX export): the modules hand it torch.nn's forward."""
     return is_tracing() or onnx_exporting()
 
+
 # torch.fx.symbolic_trace keeps torch.nn's modules as leaves (one call_module node: its default
 # is_leaf_module asks whether the class's __module__ starts with "torch.nn") and traces into every other
 # module's forward, where ours met Proxies: any model holding one failed to trace (found by an interop

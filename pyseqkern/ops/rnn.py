@@ -518,9 +518,7 @@ class _Seq:
     __slots__ = ("steps", "batch", "batch_sizes", "time_offsets", "lengths", "row_stride_t", "row_stride_b",
                  "reverse")
 
-    def __init__(self, x, batch_sizes, reverse, batch=None):
-        """`batch`: the packed batch where the caller knows it (the first batch size, otherwise read
-        from batch_sizes: data, which a trace cannot read)."""
+    def __init__(self, x, batch_sizes, reverse):
         self.reverse = bool(reverse)
         if batch_sizes is None:
             self.steps, self.batch = x.shape[0], x.shape[1]
@@ -528,8 +526,7 @@ class _Seq:
             self.row_stride_t, self.row_stride_b = x.shape[1], 1
         else:
             bs = batch_sizes.to(dtype=torch.int64, device="cpu").contiguous()
-            self.steps = bs.shape[0]
-            self.batch = batch if batch is not None else int(bs[0]) if bs.numel() else 0
+            self.steps, self.batch = bs.shape[0], int(bs[0]) if bs.numel() else 0
             self.batch_sizes = bs
             self.time_offsets = torch.cumsum(bs, 0) - bs
             self.lengths = (bs.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
