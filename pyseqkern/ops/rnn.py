@@ -412,13 +412,30 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 # (PYSEQKERN_FP32_GEMM forces it).
 
 
+# oneDNN's linear builds and keeps a primitive per GEMM shape (torch's build keeps up to 1024, a few
+# hundred KB each): training on packed batches whose row count changed every step held +465 MB of
+# native memory at the plateau (a 2-layer LSTM(16, 32); torch.nn +23 MB; found by a leak sweep, stop
+# 18), and plain _linear_pointwise calls with varying rows alone do the same. So oneDNN serves at most
+# _ONEDNN_MAX_ROWS distinct row counts per process, the first ones seen; the rest go to torch.mm (MKL),
+# as on Intel: that loop now holds +56 MB (64 row counts: +197). Fixed shapes use one or two. A row
+# count's path, once decided, never changes (the two paths differ in the last bits).
+_ONEDNN_ROWS: set = set()
+_ONEDNN_MAX_ROWS = 16
+
+
 def _onednn_ok(rows, dtype, device):
     """Where oneDNN's linear serves (below 32 rows its setup cost outweighs the gain). Never while
     compiling, which is asked first: `rows` is symbolic there, and comparing it would guard the graph
     on the row count (a recompilation where it crosses 32)."""
-    return (not torch.compiler.is_compiling() and _onednn_linear is not None and device.type == "cpu"
-            and rows >= 32
-            and (dtype == torch.bfloat16 or (dtype == torch.float32 and _backend.FP32_GEMM == "onednn")))
+    if not (not torch.compiler.is_compiling() and _onednn_linear is not None and device.type == "cpu"
+            and type(rows) is int and rows >= 32  # (symbolic under other traces: torch.mm)
+            and (dtype == torch.bfloat16 or (dtype == torch.float32 and _backend.FP32_GEMM == "onednn"))):
+        return False
+    if rows not in _ONEDNN_ROWS:
+        if len(_ONEDNN_ROWS) >= _ONEDNN_MAX_ROWS:
+            return False
+        _ONEDNN_ROWS.add(rows)
+    return True
 
 
 def _input_projection(x2d, w_ih, bias, scratch=None):
