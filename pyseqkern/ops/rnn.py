@@ -169,10 +169,10 @@ _swap_on_conversion = torch.__future__.get_swap_module_params_on_conversion
 # private to torch: if it moves, any initialized process group turns the caches off instead.
 try:
     from torch.distributed import _composable_state as _composable
-    _composable._module_state_mapping  # noqa: B018  (still there?)
+    _composable._module_state_mapping.data  # noqa: B018  (still there?)
 
-    def _sharded() -> bool:
-        return len(_composable._module_state_mapping) > 0
+    def _sharded() -> bool:  # (the WeakKeyDictionary's own dict: 40 ns against len()'s 115, on every call)
+        return bool(_composable._module_state_mapping.data)
 except (ImportError, AttributeError):
     _sharded = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
 # The caches' keys read each tensor's version counter, which inference tensors (made under
