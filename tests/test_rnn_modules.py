@@ -1330,32 +1330,15 @@ def test_compiled_with_dynamic_shapes_runs_every_batch_and_length_without_recomp
                     assert_matches(got, want.double())
 
 
-@pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before"])
-def test_torch_export_with_dynamic_batch_and_length(kind, tmp_path):
-    """torch.export with batch and length as dynamic dimensions (it refused them until stop 18: the ops
-    specialized both), saved and loaded; the program serves other shapes as the module does."""
-    m = _dynamic_module(kind).eval()
-    b, t = torch.export.Dim("batch", min=2), torch.export.Dim("length", min=2)
-    program = torch.export.export(m, (x3((5, 7, I)),), dynamic_shapes=({0: b, 1: t},))
-    torch.export.save(program, tmp_path / "model.pt2")
-    loaded = torch.export.load(tmp_path / "model.pt2").module()
-    with torch.no_grad():
-        for bb, tt in _DYNAMIC_SHAPES:
-            x = randn((bb, tt, I), F32, seed=bb + tt)
-            got, want = loaded(x), m(x)
-            # (the program projects the input with torch's GEMM where eager inference has the kernel do it)
-            for a, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
-                assert_matches(a, w.double())
-
-
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before", "LSTMCell", "GRUCell", "RNNCell"])
-def test_exported_program_trains_like_the_module(kind, strict):
-    """A program exported from the module gives its outputs and the same gradients to the input, the
-    initial states and every parameter, at other batches and lengths too, whether it was exported with
-    gradients enabled or under no_grad. torch.export records the ops an autograd.Function runs but not
-    the Function: until stop 18 the program held the raw kernels, and a backward through it gave no
-    gradient at all (only torch's warning)."""
+def test_exported_program_trains_like_the_module(kind, strict, tmp_path):
+    """A program exported from the module with batch and length dynamic, saved and loaded, gives its
+    outputs and the same gradients to the input, the initial states and every parameter at other batches
+    and lengths, whether it was exported with gradients enabled or under no_grad. Until stop 18 the ops
+    specialized batch and length (export refused them as dynamic), and torch.export, which records the
+    ops an autograd.Function runs but not the Function, held the raw kernels: a backward through the
+    program gave no gradient at all (only torch's warning)."""
     cell = kind.endswith("Cell")
     m = seed_parameters(getattr(pnn, kind)(I, H)) if cell else _dynamic_module(kind)
     is_lstm = kind.startswith("LSTM") or kind.startswith("lstm")
@@ -1375,7 +1358,9 @@ def test_exported_program_trains_like_the_module(kind, strict):
     shapes = (sx, (sh, sh) if is_lstm else sh)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            exported = torch.export.export(m, make(5, 7, 30), dynamic_shapes=shapes, strict=strict).module()
+            program = torch.export.export(m, make(5, 7, 30), dynamic_shapes=shapes, strict=strict)
+        torch.export.save(program, tmp_path / f"model{grad}.pt2")
+        exported = torch.export.load(tmp_path / f"model{grad}.pt2").module()
         for bb, tt in [(5, 7)] + _DYNAMIC_SHAPES:
             x, hx = make(bb, tt, 40 + bb + tt)
             leaves = [x] + [s for s in (hx if is_lstm else (hx,))]

@@ -671,6 +671,18 @@ def _refuse_tracing(op):
                        "modules (they trace as torch.nn's), or use torch.compile / torch.export")
 
 
+def _records_gradient(*tensors) -> bool:
+    """Whether autograd will want a backward of a layer call with these tensors: decided by the caller,
+    where grad mode is visible (inside Function.forward it is off, and under torch.compile
+    needs_input_grad is not yet known). Under vmap a BatchedTensor reports requires_grad False even
+    where the tensor it maps does (the stacked parameters of an ensemble, stack_module_state): the
+    unwrapped tensor is asked too, or the vmap rule's forward saves nothing for the autograd graph
+    recorded around vmap."""
+    wrapped = _functorch_active is not None and _functorch_active()
+    return torch.is_grad_enabled() and any(
+        t is not None and (t.requires_grad or (wrapped and _plain(t).requires_grad)) for t in tensors)
+
+
 def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
     if _is_tracing():
         _refuse_tracing("rnn_layer")
@@ -697,15 +709,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     c0c = None if (c0 is None or mode != "lstm") else c0.contiguous()
     if c0c is not None and c0c is h0c and torch.compiler.is_compiling():
         c0c = c0c.clone()  # (Dynamo refuses one tensor as two inputs of an autograd.Function: hx=(z, z))
-    # Whether autograd will want a backward: decided here, where grad mode is visible (inside
-    # Function.forward it is off, and under torch.compile needs_input_grad is not yet known).
-    # Under vmap a BatchedTensor reports requires_grad False even where the tensor it maps does (the
-    # stacked parameters of an ensemble, stack_module_state): ask the unwrapped tensor too, or the
-    # vmap rule's forward saves nothing for the autograd graph recorded around vmap.
-    wrapped = _functorch_active is not None and _functorch_active()
-    training = torch.is_grad_enabled() and any(
-        t is not None and (t.requires_grad or (wrapped and _plain(t).requires_grad))
-        for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    training = _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if not training and _plain_eager(x):
         projected = _forward_projecting(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr)
         if projected is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .rnn import _Seq, GATES_BY_CODE, LIB, MODES, rnn_layer
+from .rnn import _records_gradient, _Seq, GATES_BY_CODE, LIB, MODES, rnn_layer
 from .rnn_autograd import _RnnLayer
 
 _NAMES = {code: name for name, code in MODES.items()}
@@ -35,8 +35,7 @@ def _layer(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_
         y, h_n, c_n = rnn_layer(_NAMES[mode], x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                 reset_after)
         return y.view(-1, y.shape[-1]), h_n, c_n if c_n is not None else _no_c(y, w_hh, mode)
-    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    training = _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     y, h_n, c_n, _, _ = _RnnLayer.apply(_NAMES[mode], reset_after, _Seq(x, batch_sizes, reverse), training,
                                         x.reshape(-1, x.shape[-1]), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     return y, h_n, c_n if c_n is not None else _no_c(y, w_hh, mode)
