@@ -293,27 +293,36 @@ void require_pack_out(const TensorView& out, int64_t numel, DType weight_dtype, 
                           dtype_name(acc) + " elements");
 }
 
-void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c, py::handle w_hr_c,
-                    py::handle out_c, uintptr_t stream) {
+// The weights of a pack (rnn_pack, rnn_pack_current) and its output, checked; `op` names the caller.
+RnnPackParams pack_params(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c,
+                          py::handle w_hr_c, const TensorView& w, const TensorView& out, const RnnCpuKernels& kern,
+                          const char* op) {
   RnnPackParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
-  TensorView w = view_of(w_hh_c, "w_hh"), out = view_of(out_c, "out");
   p.dtype = w.dtype;
   p.w_hh = w.data;
   p.ld_w_hh = row_stride(w, "w_hh");
   if (w.sizes[0] != rnn_gate_count(p.shape.mode) * hidden || w.sizes[1] != p.shape.state())
-    throw py::value_error("pyseqkern: rnn_pack: 'w_hh' must be [G*H, K]");
+    throw py::value_error(std::string("pyseqkern: ") + op + ": 'w_hh' must be [G*H, K]");
   if (proj > 0) {
     TensorView r = view_of(w_hr_c, "w_hr");
     p.ld_w_hr = row_stride(r, "w_hr");
     if (r.sizes[0] != proj || r.sizes[1] != hidden || r.dtype != w.dtype)
-      throw py::value_error("pyseqkern: rnn_pack: 'w_hr' must be [P, H] like 'w_hh'");
+      throw py::value_error(std::string("pyseqkern: ") + op + ": 'w_hr' must be [P, H] like 'w_hh'");
     p.w_hr = r.data;
   }
   const bool on_cuda = w.device == DeviceKind::Cuda;
-  const RnnCpuKernels& kern = rnn_cpu_kernels();
-  require_pack_out(out, rnn_sizes_of(p.shape, 1, w.dtype, on_cuda, kern).packed_numel, w.dtype, "rnn_pack");
+  require_pack_out(out, rnn_sizes_of(p.shape, 1, w.dtype, on_cuda, kern).packed_numel, w.dtype, op);
   p.out = out.data;
+  return p;
+}
+
+void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c, py::handle w_hr_c,
+                    py::handle out_c, uintptr_t stream) {
+  TensorView w = view_of(w_hh_c, "w_hh"), out = view_of(out_c, "out");
+  const RnnCpuKernels& kern = rnn_cpu_kernels();
+  RnnPackParams p = pack_params(mode, reset_after, hidden, proj, w_hh_c, w_hr_c, w, out, kern, "rnn_pack");
+  const bool on_cuda = w.device == DeviceKind::Cuda;
   if (on_cuda) {
 #ifdef PSK_WITH_CUDA
     require_on(w, "w_hh", out_c, "out");
@@ -328,6 +337,21 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
   }
   py::gil_scoped_release nogil;
   kern.pack(p);
+}
+
+// Whether `packed` (rnn_pack's output for these weights at the active level, CPU) still matches w_hh / w_hr
+// bit for bit: a pack reused across calls that record gradients is checked so (rnn.h pack_current).
+bool rnn_pack_current_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c,
+                            py::handle w_hr_c, py::handle packed_c) {
+  TensorView w = view_of(w_hh_c, "w_hh"), packed = view_of(packed_c, "packed");
+  if (w.device != DeviceKind::Cpu || packed.device != DeviceKind::Cpu)
+    throw py::value_error("pyseqkern: rnn_pack_current: CPU tensors only");
+  const RnnCpuKernels& kern = rnn_cpu_kernels();
+  RnnPackParams p = pack_params(mode, reset_after, hidden, proj, w_hh_c, w_hr_c, w, packed, kern, "rnn_pack_current");
+  if (proj > 0 && view_of(w_hr_c, "w_hr").device != DeviceKind::Cpu)
+    throw py::value_error("pyseqkern: rnn_pack_current: CPU tensors only");
+  py::gil_scoped_release nogil;
+  return kern.pack_current(p);
 }
 
 // The CPU input panel (rnn.h RnnPackInputParams): its size for the active level, 0 where the forward
@@ -772,6 +796,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("packed_in") = py::none(), py::arg("x_gates_buf") = py::none(), py::arg("x_bias") = py::none());
   m.def("rnn_input_panel_numel", &rnn_input_panel_numel_entry, py::arg("mode"), py::arg("reset_after"),
         py::arg("hidden"), py::arg("input"), py::arg("dtype"));
+  m.def("rnn_pack_current", &rnn_pack_current_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
+        py::arg("proj"), py::arg("w_hh"), py::arg("w_hr"), py::arg("packed"));
   m.def("rnn_pack_input", &rnn_pack_input_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("w_ih"), py::arg("out"));
   py::class_<RnnCellStep>(m, "RnnCellStep")

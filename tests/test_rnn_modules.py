@@ -364,6 +364,70 @@ def test_cell_matches_torch(device, kind, bias, batched, hx, dtype):
         assert_matches(a, e)
 
 
+# ---- recorded cell steps (ops/rnn_cell_train.py) ----------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("hx", [False, True])
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru_before", "rnn_tanh", "rnn_relu"])
+def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype, batch, hx, bias):
+    """A cell step that records gradients goes from the module to _CellStep: the same pieces as the layer
+    route (rnn_layer with T=1), so the same bits for the outputs and every gradient, over a loop of steps
+    whose packed weights are reused from step to step."""
+    base = "gru" if kind == "gru_before" else kind
+    kw = {"reset_after": False} if kind == "gru_before" else {}
+    cell = seed_parameters(make_cell(base, dtype=dtype, bias=bias, **kw), seed=230)
+    xs = [strided((batch, I), dtype, seed=40 + k).requires_grad_() for k in range(3)]
+    _, states = cell_inputs(base, batch, dtype, hx)
+
+    def run():
+        st, outs = states, []
+        for x in xs:
+            st = cell(x, st)
+            outs += list(st) if base == "lstm" else [st]
+        leaves = xs + list(cell.parameters())
+        return outs, torch.autograd.grad(weighted_sum(outs, 21), leaves)
+
+    taken = []
+    real = rnn_ops._cell_train.step
+    monkeypatch.setattr(rnn_ops._cell_train, "step", lambda *a: taken.append(1) or real(*a))
+    outs, grads = run()
+    assert len(taken) == 3
+    monkeypatch.setattr(rnn_ops._cell_train, "step", lambda *a: None)  # the layer route
+    outs2, grads2 = run()
+    for k, (a, b) in enumerate(zip(outs + list(grads), outs2 + list(grads2), strict=True)):
+        assert_bitwise_equal(a, b, name=f"output/gradient {k}")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "lstm_proj"])
+def test_training_loops_of_one_step_calls_see_writes_through_data(kind):
+    """Recorded one-step calls (a cell, a layer fed one token a call) keep their packed weights between
+    calls only while the kernel finds them unchanged: a write through `.data` (no version bump) between
+    two steps must reach the second step, as in torch.nn."""
+    if kind in ("lstm_proj",):
+        theirs = seed_parameters(torch.nn.LSTM(I, H, proj_size=5), seed=240)
+        ours = pnn.LSTM(I, H, proj_size=5)
+        names = ["weight_hh_l0", "weight_hr_l0"]
+        x = strided((1, 3, I), F32, seed=41)
+        hx = (randn((1, 3, 5), F32, seed=42), randn((1, 3, H), F32, seed=43))
+    else:
+        theirs = seed_parameters(make_cell(kind, ns=torch.nn), seed=240)
+        ours = make_cell(kind)
+        names = ["weight_hh"]
+        x = strided((3, I), F32, seed=41)
+        hx = cell_inputs(kind, 3, F32, True)[1]
+    ours.load_state_dict(theirs.state_dict())
+    x.requires_grad_()
+    for name in names:
+        for step in range(3):
+            a, b = ours(x, hx), theirs(x, hx)
+            a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+            assert a.requires_grad  # (recorded: the route that keeps the packed weights)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} after {step} writes")
+            for module in (ours, theirs):
+                getattr(module, name).data[step, step + 1] += 0.25  # (no version bump)
+
+
 # ---- the cells' planned inference path (ops.cell_fast) --------------------------------------------------
 def make_cell(kind, ns=pnn, inp=I, **kw):
     if kind == "lstm":
@@ -849,9 +913,11 @@ def test_one_op_call_per_layer_and_direction(monkeypatch):
     lstm(randn((T, B, I), seed=11))
     assert layer_calls == [("lstm", (T, B, I), False), ("lstm", (T, B, I), True)] + \
         [("lstm", (T, B, 2 * P), rev) for rev in (False, True) * 2]
-    pnn.GRUCell(I, H)(randn((B, I), seed=12))
+    # (batched steps go from the module to ops.cell_fast, planned inference and recorded steps alike; the
+    # rest through rnn_cell)
+    pnn.GRUCell(I, H)(randn((I,), seed=12))
     pnn.RNNCell(I, H, nonlinearity="relu")(randn((I,), seed=13))
-    assert cell_calls == [("gru", (B, I)), ("rnn_relu", (1, I))]
+    assert cell_calls == [("gru", (1, I)), ("rnn_relu", (1, I))]
 
 
 class Encoder(torch.nn.Module):

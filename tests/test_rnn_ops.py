@@ -264,16 +264,20 @@ def test_deterministic(device, mode, proj, reset_after):
         assert_bitwise_equal(ga[k], gb[k], name=f"d{k}")
 
 
-@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_gradcheck(device, mode, proj, reset_after):
-    x, bs, t = make_case(mode, proj, torch.float64, T=3, B=3, I=2, H=3, lengths=[3, 2, 1], strided_inputs=False,
-                         device=device)
+def gradcheck_case(mode, proj, device="cpu", **kw):
+    """A float64 case of H=3 small enough for gradcheck (proj at most 2), and the names of its tensors."""
+    x, bs, t = make_case(mode, proj, torch.float64, B=3, I=2, H=3, strided_inputs=False, device=device, **kw)
     proj = min(proj, 2)
     if proj:
         t["w_hr"] = randn((proj, 3), torch.float64, device=device, seed=50)
         t["h0"] = randn((3, proj), torch.float64, device=device, seed=51)
         t["w_hh"] = randn((12, proj), torch.float64, device=device, seed=52)
-    names = [k for k, v in t.items() if v is not None]
+    return x, bs, t, [k for k, v in t.items() if v is not None]
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_gradcheck(device, mode, proj, reset_after):
+    x, bs, t, names = gradcheck_case(mode, proj, device, T=3, lengths=[3, 2, 1])
 
     def fn(x_, *tensors):
         tt = dict(t, **dict(zip(names, tensors)))
@@ -281,6 +285,67 @@ def test_gradcheck(device, mode, proj, reset_after):
 
     inputs = [x.clone().requires_grad_()] + [t[k].clone().requires_grad_() for k in names]
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_gradcheck_of_one_step_calls(mode, proj, reset_after):
+    """One step a call that records gradients reuses the previous call's packed weights where the kernel
+    finds them unchanged (_packed's `reuse`). gradcheck perturbs its inputs through `.data`, which bumps
+    no version counter: every perturbation of w_hh and w_hr must still reach the kernel, as a layer of
+    T=1 and as a cell step."""
+    x, bs, t, names = gradcheck_case(mode, proj, T=1)
+
+    def layer(x_, *tensors):
+        tt = dict(t, **dict(zip(names, tensors)))
+        return tuple(o for o in call(ops.rnn_layer, mode, x_, bs, tt, False, reset_after) if o is not None)
+
+    inputs = [x.clone().requires_grad_()] + [t[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(layer, inputs)
+    if proj:
+        return
+
+    def cell(x_, *tensors):
+        tt = dict(t, **dict(zip(names, tensors)))
+        h, c = ops.rnn_cell(mode, x_, tt["h0"], tt["c0"], tt["w_ih"], tt["w_hh"], tt["b_ih"], tt["b_hh"], reset_after)
+        return (h,) if c is None else (h, c)
+
+    inputs[0] = x[0].clone().requires_grad_()
+    assert torch.autograd.gradcheck(cell, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_pack_current_sees_every_changed_weight(isa, mode, proj, reset_after, dtype):
+    """_C.rnn_pack_current: true for the weights a pack was made from, false once any one of them changed
+    (each unit block and its tail past H=11, w_hr's too), a sign of zero included; the size of `packed`
+    is checked."""
+    _, _, t = make_case(mode, proj, dtype, T=1, B=1, H=11, strided_inputs=False)
+    code = ops.MODES[mode]
+    w_hh, w_hr = t["w_hh"], t["w_hr"]
+    packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, 11, proj, w_hh, w_hr)
+
+    def current(a, b):
+        return _C.rnn_pack_current(code, reset_after, 11, proj, to_dlpack(a), None if b is None else to_dlpack(b),
+                                   to_dlpack(packed))
+
+    assert current(w_hh, w_hr)
+    for w in [w_hh] + ([w_hr] if proj else []):
+        for (i, j) in [(0, 0), (w.shape[0] - 1, w.shape[1] - 1), (w.shape[0] // 2, 1)]:
+            changed = w.clone()
+            changed[i, j] = -changed[i, j] if changed[i, j] != 0 else -0.0
+            assert not current(changed, w_hr) if w is w_hh else not current(w_hh, changed)
+        zero = w.clone()
+        zero[1, 2] = 0.0
+        other = zero.clone()
+        other[1, 2] = -0.0  # equal as numbers, not as bits (the products' signs of zero differ)
+        repacked = torch.ops.pyseqkern.rnn_pack(code, reset_after, 11, proj, zero if w is w_hh else w_hh,
+                                                zero if w is w_hr else w_hr)
+        assert _C.rnn_pack_current(code, reset_after, 11, proj, to_dlpack(other if w is w_hh else w_hh),
+                                   None if w_hr is None else to_dlpack(other if w is w_hr else w_hr),
+                                   to_dlpack(repacked)) is False
+    with pytest.raises(ValueError, match="'out' must hold"):
+        _C.rnn_pack_current(code, reset_after, 11, proj, to_dlpack(w_hh), None if w_hr is None else to_dlpack(w_hr),
+                            to_dlpack(packed[:-1]))
 
 
 def test_cell_matches_reference(device):

@@ -100,9 +100,13 @@ def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
 # Packed weights, cached per recurrent weight: reused while the parameter is unchanged (same storage,
 # same version counter, dtype, device, and ISA level, which sets the lane width of the layout).
 # Writes through `.data` (p.data.copy_(...), gradcheck's perturbations) do not bump the version
-# counter, so the cache only serves calls that record no gradient for the weight (inference). When
-# autograd records one (training), the optimizer changes the weights every step anyway: packing again
-# costs one pass over the weights, small next to a sequence's forward and backward.
+# counter, so an entry serves calls that record no gradient for the weight (inference) on its key
+# alone. When autograd records one (training), the optimizer changes the weights every step anyway:
+# packing again costs one pass over the weights, small next to a sequence's forward and backward. Not
+# next to one step: a cell stepped in a training loop (or a layer fed one token a call) packed on every
+# step, 80-130 us of a 300-700 us step at H=256 (and more in fresh memory). Such calls (`reuse`) take the
+# entry where its key matches and the kernel finds the weights still equal to the pack, bit for bit
+# (`_C.rnn_pack_current`: one read of both, no copy kept), so no write of any kind is missed.
 _PACK_CACHE: dict = {}
 
 
@@ -181,19 +185,34 @@ except (ImportError, AttributeError):
 _NO_VERSION = RuntimeError
 
 
-def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Tensor, w_hr, recording: bool):
-    """`recording`: autograd records a gradient for w_hh or w_hr in this call."""
-    if recording or torch.compiler.is_compiling():
+def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Tensor, w_hr, recording: bool,
+            reuse: bool = False):
+    """`recording`: autograd records a gradient for w_hh or w_hr in this call. `reuse`: such a call (plain
+    eager, CPU) may take the cached pack once the kernel has checked it against the weights' bits."""
+    def pack():
         return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
                                             None if w_hr is None else w_hr.detach())
-    return _cached(  # strides too: `p.data = p.data.t()` keeps the address and the version
-        _PACK_CACHE, w_hh,
-        lambda: (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.stride(), w_hh.dtype,
-                 w_hh.device, None if w_hr is None else (w_hr.data_ptr(), w_hr._version, w_hr.stride()),
-                 _backend.active_isa()),
-        lambda: torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
-                                             None if w_hr is None else w_hr.detach()),
-        w_hh, w_hr)
+
+    def key():  # strides too: `p.data = p.data.t()` keeps the address and the version
+        return (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.stride(), w_hh.dtype,
+                w_hh.device, None if w_hr is None else (w_hr.data_ptr(), w_hr._version, w_hr.stride()),
+                _backend.active_isa())
+
+    if torch.compiler.is_compiling() or (recording and not reuse):
+        return pack()
+    if not recording:
+        return _cached(_PACK_CACHE, w_hh, key, pack, w_hh, w_hr)
+    if _sharded():
+        return pack()
+    try:
+        k = key()
+    except _NO_VERSION:
+        return pack()
+    got = _hit(_PACK_CACHE.get(id(w_hh)), k)
+    if got is not _MISS and _C.rnn_pack_current(mode, reset_after, hidden, proj, capsule(w_hh.detach()),
+                                                _none(None if w_hr is None else w_hr.detach()), capsule(got)):
+        return got
+    return _cache_put(_PACK_CACHE, w_hh, k, pack(), w_hh, w_hr)
 
 
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
@@ -574,17 +593,19 @@ def _fold_bias(mode, reset_after, hidden, b_ih, b_hh):
     return (b_ih if b_hh is None else b_ih + b_hh), b_hn
 
 
-def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, scratch=None):
+def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, scratch=None, reuse=False):
     """What every forward call needs before the kernel: (code, hidden, proj, x_gates, b_hn, packed,
     x_bias). Folded biases and packed weights come from their caches unless autograd records
-    (`recording`); x_gates (into `scratch` where given) and x_bias as _input_projection gives them."""
+    (`recording`; then packed weights only where `reuse`, checked: _packed); x_gates (into `scratch`
+    where given) and x_bias as _input_projection gives them."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     proj = 0 if w_hr is None else w_hr.shape[0]
     fold = _fold_bias if recording or torch.compiler.is_compiling() else _folded_bias
     bias, b_hn = fold(mode, reset_after, hidden, b_ih, b_hh)
     x_gates, x_bias = _input_projection(x2d, w_ih, bias, scratch)
-    return code, hidden, proj, x_gates, b_hn, _packed(code, reset_after, hidden, proj, w_hh, w_hr, recording), x_bias
+    packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, recording, reuse)
+    return code, hidden, proj, x_gates, b_hn, packed, x_bias
 
 
 def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -725,8 +746,8 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
             MODES[mode], bool(reset_after), x, batch_sizes, h0c, c0c, w_ih, w_hh.contiguous(), b_ih, b_hh,
             None if w_hr is None else w_hr.contiguous(), seq.reverse)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if mode == "lstm" else None)
-    y, h_n, c_n, _, _ = _RnnLayer.apply(mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih,
-                                        w_hh.contiguous(), b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
+    y, h_n, c_n, _, _ = _apply(_RnnLayer, mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih,
+                               w_hh.contiguous(), b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
     y = y.view(*x.shape[:-1], y.shape[-1])
     return y, h_n, c_n
 
@@ -946,6 +967,9 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     and it checks each tensor inline (as _plan_takes would; 1.4-1.8 us less per call than calling it)."""
     if _autocast.any_enabled():  # (rnn_cell casts, then comes back here with autocast off)
         return None
+    if torch.is_grad_enabled() and (w_hh.requires_grad or w_ih.requires_grad or getattr(x, "requires_grad", False)
+                                    or any(getattr(t, "requires_grad", False) for t in (b_ih, b_hh, *(states or ())))):
+        return _cell_train.step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh)  # (training: its own route)
     plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     if plan is None or plan.step is None or type(x) is not torch.Tensor:
         return None
@@ -1067,6 +1091,7 @@ from . import rnn_cuda  # noqa: E402  (registers the CUDA impls of the ops defin
 
 
 # The layer op's autograd.Functions and torch.func rules; they use the helpers above.
-from .rnn_autograd import _plain, _RnnLayer, _transformed  # noqa: E402
+from .rnn_autograd import _plain, _RnnLayer, _transformed, apply as _apply  # noqa: E402
 from . import rnn_versions  # noqa: E402,F401  (fused optimizer steps bump what the caches key on)
 from . import rnn_export  # noqa: E402,F401  (the layer as one op with autograd, for torch.export)
+from . import rnn_cell_train as _cell_train  # noqa: E402  (recorded cell steps: cell_fast sends them there)

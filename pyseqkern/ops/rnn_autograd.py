@@ -54,6 +54,28 @@ except (ImportError, AttributeError):
     _functorch_interpreters = _is_functorch_wrapped = _is_legacy_batched = None
 
 
+# Function.apply binds each call's arguments through inspect.signature wherever a Function defines
+# setup_context (to fill in defaults for torch.func): 20-40 us a call, more than a cell step's kernel, paid
+# by every training step of a cell in a loop. Outside torch.func and compilation, `apply` goes to what
+# Function.apply itself calls then, torch's C apply, with every argument given (our forwards have no
+# defaults) and dead functorch wrappers unwrapped as Function.apply does. Where torch has moved either
+# piece, Function.apply.
+try:
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead
+    if [c for c in torch.autograd.Function.__mro__ if "apply" in c.__dict__] != [torch.autograd.Function,
+                                                                                    torch._C._FunctionBase]:
+        raise ImportError
+except ImportError:
+    _unwrap_dead = None
+
+
+def apply(fn, *args):
+    """fn.apply(*args), without Function.apply's argument binding where it does nothing."""
+    if _unwrap_dead is None or _functorch_active is None or _functorch_active() or torch.compiler.is_compiling():
+        return fn.apply(*args)
+    return super(torch.autograd.Function, fn).apply(*_unwrap_dead(args))
+
+
 class _RnnLayer(torch.autograd.Function):
     """One layer and direction on the kernels. In the setup_context form with a vmap rule, which torch.func
     requires (grad, vjp and an outermost vmap run here, at kernel speed; the other transforms take the
@@ -62,9 +84,11 @@ class _RnnLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        eager = _plain_eager(x2d)
+        # (one step a call, as a cell in a training loop: the pack of the call before, where still current)
         code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(
-            mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, training,
-            _proj_scratch() if _plain_eager(x2d) else None)
+            mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, training, _proj_scratch() if eager else None,
+            reuse=eager and seq.steps == 1)
         y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(
             code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
             training, x_bias)
@@ -88,7 +112,7 @@ class _RnnLayer(torch.autograd.Function):
         # The mapped dimension V joins the batch: rows (t, b) of each v become rows (t, v, b) of one
         # call with batch V*B. Mapped weights (ensembles) or packed data: one call per v.
         if seq.batch_sizes is not None or any(d is not None for d in in_dims[7:]):
-            return _vmap_loop(lambda *a: _RnnLayer.apply(mode, reset_after, seq, training, *a), info.batch_size,
+            return _vmap_loop(lambda *a: apply(_RnnLayer, mode, reset_after, seq, training, *a), info.batch_size,
                               (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), in_dims[4:])
         V, T, B = info.batch_size, seq.steps, seq.batch
         dx, dh, dc = in_dims[4:7]
@@ -96,7 +120,7 @@ class _RnnLayer(torch.autograd.Function):
         h0f = None if h0 is None else _fold_states(h0, dh, V)
         c0f = None if c0 is None else _fold_states(c0, dc, V)
         seqf = _Seq(xf.view(T, V * B, xf.shape[-1]), None, seq.reverse)
-        y, h_n, c_n, reserve, packed = _RnnLayer.apply(mode, reset_after, seqf, training, xf, h0f, c0f, w_ih, w_hh,
+        y, h_n, c_n, reserve, packed = apply(_RnnLayer, mode, reset_after, seqf, training, xf, h0f, c0f, w_ih, w_hh,
                                                        b_ih, b_hh, w_hr)
         # The reserve keeps its folded rows: only _RnnLayerGrad.vmap reads it (as [T, V, B, cols], dim 1).
         return ((_unfold_rows(y, V, T, B), h_n.view(V, B, -1), None if c_n is None else c_n.view(V, B, -1),
@@ -120,7 +144,7 @@ class _RnnLayer(torch.autograd.Function):
             # result; vmap needs rules; vjp's pull may run after its level ended, on dead wrappers that
             # Function.apply unwraps): the kernels, inside a Function with vmap rules whose own backward
             # differentiates the reference.
-            grads = _RnnLayerGrad.apply(ctx.cfg, need, *saved, dy, dh_n, dc_n)
+            grads = apply(_RnnLayerGrad, ctx.cfg, need, *saved, dy, dh_n, dc_n)
         elif not torch.is_grad_enabled():
             grads = _kernel_grads(ctx.cfg, need, saved[:5], dy, dh_n, dc_n)
         else:
@@ -257,7 +281,7 @@ class _RnnLayerGrad(torch.autograd.Function):
         mode, code, reset_after, hidden, proj, seq = cfg
         if seq.batch_sizes is not None or any(in_dims[i] is not None for i in (4, 6, 7, 8, 10, 11)):
             def one(x2d, c0, w_ih, reserve, *rest):  # (a folded forward's reserve comes as [T, B, cols])
-                return _RnnLayerGrad.apply(cfg, need, x2d, c0, w_ih, reserve.reshape(-1, reserve.shape[-1]), *rest)
+                return apply(_RnnLayerGrad, cfg, need, x2d, c0, w_ih, reserve.reshape(-1, reserve.shape[-1]), *rest)
             return _vmap_loop(one, info.batch_size, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy,
                                                      dh_n, dc_n), in_dims[2:])
         V, T, B = info.batch_size, seq.steps, seq.batch

@@ -165,6 +165,9 @@ struct RnnCpuKernels {
   void (*backward)(const RnnBwdParams& p);
   int64_t (*input_panel_numel)(const RnnShape& shape, int64_t input, DType dtype);  // 0: not supported
   void (*pack_input)(const RnnPackInputParams& p);
+  // True where p.out (read only) is the pack of p.w_hh / p.w_hr as their bits are now: a packing kept
+  // across calls that record gradients is checked so, since writes through `.data` leave no trace.
+  bool (*pack_current)(const RnnPackParams& p);
 };
 PSK_DECLARE_CPU_KERNELS(RnnCpuKernels, rnn)
 

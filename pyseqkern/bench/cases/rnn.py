@@ -9,7 +9,7 @@ Targets (the RNN issue's; speedup = torch ms / ours ms), inference unless stated
   LSTM   B=1: 2.0, B=8: 1.5, B>=16: 1.1; training 1.2; packed 2.0; bfloat16 1.0
   GRU    B<=8: 3.0, B>=16: 1.8; training 2.0; packed 2.0
   RNN    B<=8: 3.0, B>=16: 1.8
-  cells  (B, H) = (1, 256): 5.0, (32, 512): 1.3
+  cells  (B, H) = (1, 256): 5.0, (32, 512): 1.3; a training loop of cell steps (no target)
   torch.func (LSTM, GRU; no target): grad of a loss over functional_call, both under torch.func.grad;
   per-sample gradients, ours by vmap of grad, torch.nn's by a loop of plain autograd (no vmap rule).
   autocast (no target): float32 modules called inside torch.autocast(bfloat16) on both sides; torch.nn's
@@ -292,6 +292,53 @@ def _cell(cls: str, device: str, batch: int, hidden: int, dtype=torch.float32):
     return setup
 
 
+def _cell_loop(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32):
+    """A training step of a cell stepped by a Python loop (teacher forcing, an attention decoder): `steps`
+    calls recorded by autograd, a loss over every step's h, one backward."""
+    def setup(ceilings):
+        theirs, ours = _modules(cls, device, dtype, hidden, hidden)
+        theirs.train()
+        ours.train()
+        xs = _randn(steps, batch, hidden, device=device, dtype=dtype).requires_grad_()
+        h0 = _randn(batch, hidden, device=device, dtype=dtype, seed=_SEED + 2)
+        exact = _exact(device, dtype)
+
+        def run(module):
+            params = list(module.parameters())
+
+            def fn():
+                for p in params:
+                    p.grad = None
+                xs.grad = None
+                with exact():
+                    h, c, hs = h0, h0, []
+                    for t in range(steps):
+                        if cls == "LSTMCell":
+                            h, c = module(xs[t], (h, c))
+                        else:
+                            h = module(xs[t], h)
+                        hs.append(h)
+                    out = torch.stack(hs)
+                    out.sum().backward()
+                return out
+            return fn
+
+        torch_fn, ours_fn = run(theirs), run(ours)
+
+        def check():
+            expected = torch_fn()
+            grads = [xs.grad.clone()] + [p.grad.clone() for p in theirs.parameters()]
+            _assert_agree(expected, ours_fn(), dtype)
+            tol = _TOL[dtype]
+            for want, got in zip(grads, [xs.grad] + [p.grad for p in ours.parameters()]):
+                atol = tol["atol"] * max(1.0, float(want.abs().max()))  # (as _training's: sums of many products)
+                torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=atol)
+
+        return Prepared(torch_fn, ours_fn, check, work=3.0 * _layer_flops(cls, steps, batch, hidden, hidden))
+
+    return setup
+
+
 def _decode(cls: str, device: str, batch: int, hidden: int, layers: int, dtype=torch.float32):
     """One decoding step of a sequence module: T=1 with the state given, as a generation loop calls it."""
     def setup(ceilings):
@@ -380,6 +427,10 @@ def register_all():
             for batch, hidden, target in ((1, 256, 5.0), (32, 512, 1.3)):
                 register(Case("rnn_cell", f"{cls} B={batch} H={hidden}", device, _cell(cls, device, batch, hidden),
                               unit="GFLOP/s", peak="flops", target=target, note="one step per call"))
+            for batch in (1, 32):
+                register(Case("rnn_cell", f"{cls} training loop T=50 B={batch} H=256", device,
+                              _cell_loop(cls, device, 50, batch, 256), unit="GFLOP/s", peak="flops",
+                              note="a step per call, forward + backward"))
     register_cuda()
 
 

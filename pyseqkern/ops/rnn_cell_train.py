@@ -1,0 +1,94 @@
+"""One cell step that records gradients, in plain eager mode on the CPU: a cell stepped in a training loop
+(teacher forcing, attention decoders), and a layer fed one token a call (ops/rnn.py cell_fast sends both).
+
+The general route (rnn_cell -> rnn_layer -> _RnnLayer through the registered ops) pays its checks, op
+dispatch and argument binding once per call, which a sequence spreads over its steps and a cell step
+does not: at B=1, H=256 a training step of an RNNCell took 2.5x torch.nn's, the Python around the
+kernels most of it. _CellStep runs the same pieces as _RnnLayer (folded bias, torch's input GEMM, the
+packed weights, the forward kernel; _kernel_grads for the backward), so the same bits, with the checks
+made inline once and nothing else around them. The packed weights are the previous step's where the
+kernel finds them still current (_packed's `reuse`).
+
+Imported at the end of ops/rnn.py, whose helpers it uses.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from . import rnn_autocast as _autocast
+from .rnn import GATES, MODES, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch, _run_forward, _Seq
+from .rnn_autograd import _kernel_grads, _reference_vjp
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+class _CellStep(torch.autograd.Function):
+    """(h_n, c_n or None) of one step. Applied only where _plain_eager holds (never under torch.func,
+    compilation or tracing), so the plain form with ctx serves; a backward that is itself recorded
+    (create_graph) takes the reference's graph, as _RnnLayer's does."""
+
+    @staticmethod
+    def forward(ctx, cfg, x, h, c, w_ih, w_hh, b_ih, b_hh):
+        mode, code, reset_after, hidden, _, seq = cfg
+        bias, b_hn = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
+        x_gates, x_bias = _input_projection(x, w_ih, bias, _proj_scratch())
+        packed = _packed(code, reset_after, hidden, 0, w_hh, None, True, reuse=True)
+        _, h_n, c_n, reserve = _run_forward(code, reset_after, hidden, 0, 1, seq.batch, x_gates, b_hn, h, c, packed,
+                                            seq.args(), True, seq.batch, x_bias=x_bias)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, c, w_ih, reserve, packed, b_ih, b_hh, h, w_hh)
+        if code != 0:
+            return h_n, None
+        return h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dh_n, dc_n):
+        need = (*ctx.needs_input_grad[1:], False)  # x, h, c, w_ih, w_hh, b_ih, b_hh (and no w_hr)
+        saved = ctx.saved_tensors  # (read once: activation checkpointing allows no second read)
+        with _autocast.off("cpu"):  # (a backward inside an autocast region must not cast its GEMMs)
+            if torch.is_grad_enabled():  # create_graph: the gradient will be differentiated
+                x, c, w_ih, _, _, b_ih, b_hh, h, w_hh = saved
+                grads = _reference_vjp(ctx.cfg, need, x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, dh_n, dc_n,
+                                       functional=False)
+            else:
+                grads = _kernel_grads(ctx.cfg, need, saved[:5], None, dh_n, dc_n)
+        return (None, *grads[:7])
+
+
+def step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
+    """(h_n,) or (h_n, c_n) of one recorded step through _CellStep, or None where anything differs from a
+    plain CPU call whose shapes and dtypes agree (then the general route runs, with its checks and
+    errors). states: None (zeros) or (h,) / (h, c). The caller has seen that autograd records."""
+    if type(x) is not torch.Tensor or x.dim() != 2 or not _plain_eager(x) or _backend._REFERENCE_FORCED:
+        return None
+    dtype, (B, I) = x.dtype, x.shape
+    G = GATES[mode]
+    if (dtype not in _DTYPES or B == 0 or w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[1] != I
+            or w_ih.shape[0] != w_hh.shape[0] or w_hh.shape[0] % G):
+        return None
+    H = w_hh.shape[0] // G
+    if w_hh.shape[1] != H:
+        return None
+    for w in (w_ih, w_hh, b_ih, b_hh):
+        if w is not None and (w.dtype != dtype or not w.is_cpu or (w.dim() == 1 and w.shape[0] != G * H)
+                              or w.dim() not in (1, 2)):
+            return None
+    if (b_ih is not None and b_ih.dim() != 1) or (b_hh is not None and b_hh.dim() != 1):
+        return None
+    h = c = None
+    if states is not None:
+        if len(states) != (2 if mode == "lstm" else 1):
+            return None
+        for s in states:
+            if type(s) is not torch.Tensor or s.shape != (B, H) or s.dtype != dtype or not s.is_cpu:
+                return None
+        h = states[0].contiguous()
+        c = states[1].contiguous() if mode == "lstm" else None
+    if _autocast.any_enabled():
+        return None
+    seq = _Seq(x.unsqueeze(0), None, False)
+    cfg = (mode, MODES[mode], bool(reset_after), H, 0, seq)
+    h_n, c_n = _CellStep.apply(cfg, x.contiguous(), h, c, w_ih, w_hh.contiguous(), b_ih, b_hh)
+    return (h_n,) if mode != "lstm" else (h_n, c_n)
