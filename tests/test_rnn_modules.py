@@ -404,7 +404,7 @@ def test_training_loops_of_one_step_calls_see_writes_through_data(kind):
     """Recorded one-step calls (a cell, a layer fed one token a call) keep their packed weights between
     calls only while the kernel finds them unchanged: a write through `.data` (no version bump) between
     two steps must reach the second step, as in torch.nn."""
-    if kind in ("lstm_proj",):
+    if kind == "lstm_proj":
         theirs = seed_parameters(torch.nn.LSTM(I, H, proj_size=5), seed=240)
         ours = pnn.LSTM(I, H, proj_size=5)
         names = ["weight_hh_l0", "weight_hr_l0"]
@@ -417,13 +417,15 @@ def test_training_loops_of_one_step_calls_see_writes_through_data(kind):
         x = strided((3, I), F32, seed=41)
         hx = cell_inputs(kind, 3, F32, True)[1]
     ours.load_state_dict(theirs.state_dict())
+    theirs.double()  # the oracle
+    hx64 = tuple(s.double() for s in hx) if isinstance(hx, tuple) else hx.double()
     x.requires_grad_()
     for name in names:
         for step in range(3):
-            a, b = ours(x, hx), theirs(x, hx)
+            a, b = ours(x, hx), theirs(x.double(), hx64)
             a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
             assert a.requires_grad  # (recorded: the route that keeps the packed weights)
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} after {step} writes")
+            assert_matches(a, b, name=f"output after {step} writes to {name}")
             for module in (ours, theirs):
                 getattr(module, name).data[step, step + 1] += 0.25  # (no version bump)
 

@@ -964,7 +964,8 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     plan was checked for (then the caller takes the full path, which checks and explains). states: None
     (zeros) or (h,) / (h, c). Returns (h_n,) or (h_n, c_n). At B=1, H=256 every microsecond of Python
     here is a visible share of the step, so this is the only code between the module and the kernel,
-    and it checks each tensor inline (as _plan_takes would; 1.4-1.8 us less per call than calling it)."""
+    and it checks each tensor inline (as _plan_takes would; 1.4-1.8 us less per call than calling it).
+    A step that autograd records goes to ops/rnn_cell_train.py's route instead (None where it declines)."""
     if _autocast.any_enabled():  # (rnn_cell casts, then comes back here with autocast off)
         return None
     if torch.is_grad_enabled() and (w_hh.requires_grad or w_ih.requires_grad or getattr(x, "requires_grad", False)

@@ -138,23 +138,25 @@ class _RnnLayer(torch.autograd.Function):
         need = ctx.needs_input_grad[4:]  # x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
         # Read once: under activation checkpointing (torch.utils.checkpoint, use_reentrant=False) each
         # read recomputes the forward's saved tensors, and a second read is an error.
-        saved = ctx.saved_tensors
-        if _functorch_graph(saved):
-            # Under torch.func (grad and vjp ask for a graph whether or not anything differentiates the
-            # result; vmap needs rules; vjp's pull may run after its level ended, on dead wrappers that
-            # Function.apply unwraps): the kernels, inside a Function with vmap rules whose own backward
-            # differentiates the reference.
-            grads = apply(_RnnLayerGrad, ctx.cfg, need, *saved, dy, dh_n, dc_n)
-        elif not torch.is_grad_enabled():
-            grads = _kernel_grads(ctx.cfg, need, saved[:5], dy, dh_n, dc_n)
-        else:
-            # create_graph=True asked for in plain autograd: the gradient will be differentiated
-            # (penalties, MAML, Hessian-vector products), so the reference's graph is built right away;
-            # the kernels first and the reference in the second pass measured 6-15% slower there.
-            x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr = saved
-            grads = _reference_vjp(ctx.cfg, need, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n,
-                                   functional=False)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, *layer_grads(ctx.cfg, need, ctx.saved_tensors, dy, dh_n, dc_n))
+
+
+def layer_grads(cfg, need, saved, dy, dh_n, dc_n):
+    """The 8 gradients (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) of a layer call from what its forward
+    saved: x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr (_RnnLayer's and _CellStep's)."""
+    if _functorch_graph(saved):
+        # Under torch.func (grad and vjp ask for a graph whether or not anything differentiates the
+        # result; vmap needs rules; vjp's pull may run after its level ended, on dead wrappers that
+        # Function.apply unwraps): the kernels, inside a Function with vmap rules whose own backward
+        # differentiates the reference.
+        return apply(_RnnLayerGrad, cfg, need, *saved, dy, dh_n, dc_n)
+    if not torch.is_grad_enabled():
+        return _kernel_grads(cfg, need, saved[:5], dy, dh_n, dc_n)
+    # create_graph=True asked for in plain autograd: the gradient will be differentiated (penalties,
+    # MAML, Hessian-vector products), so the reference's graph is built right away; the kernels first
+    # and the reference in the second pass measured 6-15% slower there.
+    x2d, c0, w_ih, _, _, b_ih, b_hh, h0, w_hh, w_hr = saved
+    return _reference_vjp(cfg, need, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n, functional=False)
 
 
 def _reserve_operands(reserve, hidden, K):

@@ -5,7 +5,7 @@ The general route (rnn_cell -> rnn_layer -> _RnnLayer through the registered ops
 dispatch and argument binding once per call, which a sequence spreads over its steps and a cell step
 does not: at B=1, H=256 a training step of an RNNCell took 2.5x torch.nn's, the Python around the
 kernels most of it. _CellStep runs the same pieces as _RnnLayer (folded bias, torch's input GEMM, the
-packed weights, the forward kernel; _kernel_grads for the backward), so the same bits, with the checks
+packed weights, the forward kernel; layer_grads for the backward), so the same bits, with the checks
 made inline once and nothing else around them. The packed weights are the previous step's where the
 kernel finds them still current (_packed's `reuse`).
 
@@ -18,15 +18,15 @@ import torch
 from .. import _backend
 from . import rnn_autocast as _autocast
 from .rnn import GATES, MODES, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch, _run_forward, _Seq
-from .rnn_autograd import _kernel_grads, _reference_vjp
+from .rnn_autograd import layer_grads
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 class _CellStep(torch.autograd.Function):
     """(h_n, c_n or None) of one step. Applied only where _plain_eager holds (never under torch.func,
-    compilation or tracing), so the plain form with ctx serves; a backward that is itself recorded
-    (create_graph) takes the reference's graph, as _RnnLayer's does."""
+    compilation or tracing), so the plain form with ctx serves. Its backward is _RnnLayer's
+    (layer_grads: the kernels, or the reference's graph where create_graph asks for one)."""
 
     @staticmethod
     def forward(ctx, cfg, x, h, c, w_ih, w_hh, b_ih, b_hh):
@@ -38,7 +38,7 @@ class _CellStep(torch.autograd.Function):
                                             seq.args(), True, seq.batch, x_bias=x_bias)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, c, w_ih, reserve, packed, b_ih, b_hh, h, w_hh)
+        ctx.save_for_backward(x, c, w_ih, reserve, packed, b_ih, b_hh, h, w_hh, None)  # (_RnnLayer's layout)
         if code != 0:
             return h_n, None
         return h_n, c_n
@@ -46,14 +46,8 @@ class _CellStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh_n, dc_n):
         need = (*ctx.needs_input_grad[1:], False)  # x, h, c, w_ih, w_hh, b_ih, b_hh (and no w_hr)
-        saved = ctx.saved_tensors  # (read once: activation checkpointing allows no second read)
         with _autocast.off("cpu"):  # (a backward inside an autocast region must not cast its GEMMs)
-            if torch.is_grad_enabled():  # create_graph: the gradient will be differentiated
-                x, c, w_ih, _, _, b_ih, b_hh, h, w_hh = saved
-                grads = _reference_vjp(ctx.cfg, need, x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, dh_n, dc_n,
-                                       functional=False)
-            else:
-                grads = _kernel_grads(ctx.cfg, need, saved[:5], None, dh_n, dc_n)
+            grads = layer_grads(ctx.cfg, need, ctx.saved_tensors, None, dh_n, dc_n)
         return (None, *grads[:7])
 
 
@@ -71,11 +65,8 @@ def step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
     H = w_hh.shape[0] // G
     if w_hh.shape[1] != H:
         return None
-    for w in (w_ih, w_hh, b_ih, b_hh):
-        if w is not None and (w.dtype != dtype or not w.is_cpu or (w.dim() == 1 and w.shape[0] != G * H)
-                              or w.dim() not in (1, 2)):
-            return None
-    if (b_ih is not None and b_ih.dim() != 1) or (b_hh is not None and b_hh.dim() != 1):
+    if any(w.dtype != dtype or not w.is_cpu for w in (w_ih, w_hh)) or any(
+            b is not None and (b.dtype != dtype or not b.is_cpu or b.shape != (G * H,)) for b in (b_ih, b_hh)):
         return None
     h = c = None
     if states is not None:
