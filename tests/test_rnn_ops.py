@@ -761,14 +761,14 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
 def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj, expect):
     """The measured rule (ops._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): LSTM and GRU, float32, no
     proj_size, 2 to 32 rows a step or more where the input is no wider than the hidden size (H=32 here)
-    nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within half a core's L2."""
+    nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within a core's L2."""
     monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch, each_step=True)
     x, bs, t = make_case(mode, proj, dtype, T=3, B=B, I=I, H=32, strided_inputs=False)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)
-    monkeypatch.setattr(ops, "_L2_BYTES", 2 * ops.GATES[mode] * 32 * (I + 32) * 4 // torch.get_num_threads() - 64)
+    monkeypatch.setattr(ops, "_L2_BYTES", ops.GATES[mode] * 32 * (I + 32) * 4 // ops._PATH_THREADS - 64)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)  # both panels no longer fit: projected before the steps, or by torch

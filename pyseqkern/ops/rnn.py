@@ -822,7 +822,7 @@ _MKL_PROJECTS_LSTM_FROM = 4
 
 
 # Float32 LSTM and GRU inference sequences of 2 to 32 rows a step (on average: packed batches shrink)
-# whose threads' shares of both panels (W_ih and W_hh) fit half a core's L2 project each step's rows
+# whose threads' shares of both panels (W_ih and W_hh) fit a core's L2 project each step's rows
 # inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
 # x_gates buffer written out and read back (13 MB at LSTM 100,32,256), no phase and sync of its own;
 # the threads own unit blocks. Module calls in-process, 15-31 pairs, time before / after: GRU
@@ -831,7 +831,12 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # 0.98-0.995 (MKL's projection and threads owning rows do as well there; one rule kept). Not at B=1
 # (each step streams W_ih too: LSTM 2.5x slower); not RNN (its threads gain more from owning rows:
 # B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64 or bfloat16 (no gain measured);
-# proj_size not measured.
+# proj_size not measured. The panels' budget was half a core's L2 until stop 20; on a 1 MB-L2 EPYC
+# (Zen 4), where LSTM and GRU at H=256 (2 MB and 1.5 MB of panels on two threads) then projected before
+# the steps, the whole L2 measured better (in-process, 15-21 rotations, ratio to torch.nn before ->
+# after): LSTM (100,4,256) 1.11 -> 1.24x, (100,8,256) 0.96 -> 1.06x, (100,16,256) 0.89 -> 0.99x,
+# (100,32,256) 0.94 -> 0.98x; GRU B=4 / 8 / 16 / 32 3.98 / 3.08 / 2.17 / 1.85 -> 4.45 / 3.47 / 2.37 /
+# 1.91x. Panels beyond it stay out: at H=512 (8 MB) LSTM B=8 lost (0.96 -> 0.92x).
 _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32}
 # Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):
 # torch's GEMM with so short a contraction runs far below peak (MKL x W_ih^T at I=64: ~140 GFLOP/s).
@@ -849,7 +854,7 @@ def _projects_each_step(mode, x2d, seq, hidden, proj, read):
         return False
     if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
         return False
-    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _L2_BYTES // 2 * _PATH_THREADS
+    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _L2_BYTES * _PATH_THREADS
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
