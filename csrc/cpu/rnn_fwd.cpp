@@ -160,10 +160,28 @@ void pack(const RnnPackParams& p) {
 template <typename T, typename A>
 bool section_current(const A* packed, const T* src, int64_t units, int64_t K, int64_t L, int64_t ld) {
   using Bits = typename std::conditional<sizeof(A) == 8, uint64_t, uint32_t>::type;
+  constexpr int CL = lanes<A>();
   const int64_t U = ceil_div(units, L);
   for (int64_t u = 0; u < U; ++u) {
     const int64_t n = units - u * L < L ? units - u * L : L;
     Bits diff = 0;  // (or-ed over a whole block, so the loop vectorizes)
+    if (n == CL) {  // full blocks of one vector: a fixed-width body (56-70 GB/s from L2 with the general one)
+      Bits acc[CL] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const A* d = packed + (u * K + k) * L;
+        const T* s = src + k * ld + u * L;
+        for (int l = 0; l < CL; ++l) {
+          const A v = static_cast<A>(to_acc(s[l]));
+          Bits a, b;
+          std::memcpy(&a, &v, sizeof a);
+          std::memcpy(&b, d + l, sizeof b);
+          acc[l] |= a ^ b;
+        }
+      }
+      for (int l = 0; l < CL; ++l) diff |= acc[l];
+      if (diff) return false;
+      continue;
+    }
     for (int64_t k = 0; k < K; ++k) {
       const A* d = packed + (u * K + k) * L;
       const T* s = src + k * ld + u * L;
