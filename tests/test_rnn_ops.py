@@ -1387,3 +1387,13 @@ def test_raw_ops_refuse_what_the_kernels_would_index_out_of_bounds(change, match
         else:
             torch.ops.pyseqkern.rnn_backward(0, True, H, 0, steps, batch, dy, dh_n, None, None, reserve, packed, *seq,
                                              False, False)
+
+
+def test_sizes_memo_stays_bounded(monkeypatch):
+    """ops._sizes memoizes the kernels' sizes per (shape, batch, dtype, level): a server seeing every batch
+    size must not grow it for good, and an entry made after a clear is the same as before."""
+    monkeypatch.setattr(ops, "_SIZES", {})
+    monkeypatch.setattr(ops, "_SIZES_MAX", 3)
+    first = [ops._sizes(0, True, 11, 0, b, torch.float32) for b in range(1, 11)]
+    assert len(ops._SIZES) <= 3
+    assert [ops._sizes(0, True, 11, 0, b, torch.float32) for b in range(1, 11)] == first

@@ -63,6 +63,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _SIZES: dict = {}
+_SIZES_MAX = 4096  # (a server seeing every batch size would otherwise grow it for good; cleared past this)
 
 
 def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype):
@@ -70,6 +71,8 @@ def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dty
     key = (mode, reset_after, hidden, proj, batch, dtype, _backend.active_isa())
     got = _SIZES.get(key)
     if got is None:
+        if len(_SIZES) >= _SIZES_MAX:
+            _SIZES.clear()
         got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, str(dtype).split(".")[-1])
     return got
 
