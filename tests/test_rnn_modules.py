@@ -373,7 +373,8 @@ def test_cell_matches_torch(device, kind, bias, batched, hx, dtype):
 def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype, batch, hx, bias):
     """A cell step that records gradients goes from the module to _CellStep: the same pieces as the layer
     route (rnn_layer with T=1), so the same bits for the outputs and every gradient, over a loop of steps
-    whose packed weights are reused from step to step."""
+    whose packed weights are reused from step to step. Float32 and float64 RNN steps are torch's GEMMs
+    and activation instead (ops/rnn_cell_train.py _TORCH_STEPS): held to the float64 reference."""
     base = "gru" if kind == "gru_before" else kind
     kw = {"reset_after": False} if kind == "gru_before" else {}
     cell = seed_parameters(make_cell(base, dtype=dtype, bias=bias, **kw), seed=230)
@@ -393,6 +394,18 @@ def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype
     monkeypatch.setattr(rnn_ops._cell_train, "step", lambda *a: taken.append(1) or real(*a))
     outs, grads = run()
     assert len(taken) == 3
+    if dtype in rnn_ops._cell_train._TORCH_STEPS.get(base, ()):
+        params64 = [p.detach().double().requires_grad_() for p in cell.parameters()]
+        xs64 = [x.detach().double().requires_grad_() for x in xs]
+        w_ih, w_hh, b_ih, b_hh = params64 if bias else (*params64, None, None)
+        h, outs64 = None if states is None else states.double(), []
+        for x in xs64:
+            h, _ = ref.rnn_cell(base, x, h, None, w_ih, w_hh, b_ih, b_hh)
+            outs64.append(h)
+        grads64 = torch.autograd.grad(weighted_sum(outs64, 21), xs64 + params64)
+        for k, (a, b) in enumerate(zip(outs + list(grads), outs64 + list(grads64), strict=True)):
+            assert_matches(a, b, name=f"output/gradient {k}")
+        return
     monkeypatch.setattr(rnn_ops._cell_train, "step", lambda *a: None)  # the layer route
     outs2, grads2 = run()
     for k, (a, b) in enumerate(zip(outs + list(grads), outs2 + list(grads2), strict=True)):
