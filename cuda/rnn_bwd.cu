@@ -346,22 +346,13 @@ RnnCudaPath backward_typed(const RnnBwdParams& p, RnnCudaPath request, cudaStrea
   using A = typename AccOf<T>::type;
   const RnnShape& sh = p.shape;
   const int64_t H = sh.hidden, K = sh.state(), P = sh.proj, B = p.seq.batch, G = bwd_gates<V>();
-  const RnnSizes sz = rnn_sizes_cuda(sh, B, sizeof(A) == 8);
   BwdArgs a{};
-  a.q = SeqDev{p.seq.steps, B, p.seq.time_offsets, p.seq.lengths, p.seq.row_stride_t, p.seq.row_stride_b,
-               p.seq.reverse};
-  a.H = H;
-  a.K = K;
-  a.P = P;
+  set_common_args(a, p, rnn_sizes_cuda(sh, B, sizeof(A) == 8));
   a.dy = p.dy;
   a.ld_dy = p.ld_dy;
   a.dh_n = p.dh_n;
   a.dc_n = p.dc_n;
   a.c0 = p.c0;
-  a.reserve = p.reserve;
-  a.rc = sz.reserve_cols;
-  a.hprev_col = sz.reserve_hprev;
-  a.packed = p.packed;
   a.dgx = p.d_gates_x;
   a.ld_dgx = p.ld_dgx;
   a.dgh = p.d_gates_h;
@@ -369,30 +360,19 @@ RnnCudaPath backward_typed(const RnnBwdParams& p, RnnCudaPath request, cudaStrea
   a.d_proj = p.d_proj;
   a.dh0 = p.dh0;
   a.dc0 = p.dc0;
-  a.workspace = p.workspace;
   a.wl = bwd_workspace(B, H, K, G);
-  a.relu = sh.mode == RnnMode::RnnRelu;
   const void* kp = reinterpret_cast<const void*>(&rnn_bwd_kernel<V, T, true>);
   const void* ks = reinterpret_cast<const void*>(&rnn_bwd_kernel<V, T, false>);
-  a.plan = make_plan(PlanShape{H, K, P, G, B, true, static_cast<int>(sizeof(A))}, request, kp, ks);
+  const PlanShape shape{H, K, P, G, B, true, static_cast<int>(sizeof(A))};
+  a.plan = make_plan(shape, request, kp, ks);
   int phase = kBwdInit;
   int64_t step = 0, nb = B;
   void* args[] = {&a, &phase, &step, &nb};
-  if (a.plan.persistent) {
-    if (launch(kp, a.plan, args, true, st, "kernel rnn_bwd_kernel (persistent)")) {
-      PSK_CHECK_LAUNCH("rnn_bwd_kernel (persistent)");
-      return RnnCudaPath::Persistent;
-    }
-    if (request == RnnCudaPath::Persistent)
-      throw std::invalid_argument("pyseqkern: rnn (CUDA): the persistent path was requested but the device "
-                                  "refused its cooperative launch (a grid too large to be co-resident, "
-                                  "or no cooperative launches here)");
-    a.plan = demote_to_step(PlanShape{H, K, P, G, B, true, static_cast<int>(sizeof(A))}, request, kp, ks);
-  }
+  if (launch_persistent(a.plan, shape, request, kp, ks, args, st, "kernel rnn_bwd_kernel (persistent)"))
+    return RnnCudaPath::Persistent;
   auto run = [&](int ph, const char* name) {
     phase = ph;
-    launch(ks, a.plan, args, false, st, name);
-    PSK_CHECK_LAUNCH("rnn_bwd_kernel (step)");
+    launch_step(ks, a.plan, args, st, name);
   };
   run(kBwdInit, "kernel rnn_bwd_kernel (step, init)");
   for (step = p.seq.steps - 1; step >= 0; --step) {

@@ -258,5 +258,32 @@ RnnPlan demote_to_step(const PlanShape& s, RnnCudaPath request, const void* kern
 bool launch(const void* kernel, const RnnPlan& plan, void** args, bool cooperative, cudaStream_t stream,
             const char* name);
 
+// The launchers' common start: where `plan` chose the persistent path, the cooperative launch of
+// `kernel_persistent` (`name`), checked; true once it ran. Where the device refuses its co-resident grid:
+// throws std::invalid_argument if the persistent path was requested, else `plan` becomes the per-step plan
+// (demote_to_step) and it returns false, as it does where the plan chose the per-step path. `plan` is the
+// one `args` carries to the kernels (their argument struct's), so the per-step launches see the demotion.
+bool launch_persistent(RnnPlan& plan, const PlanShape& s, RnnCudaPath request, const void* kernel_persistent,
+                       const void* kernel_step, void** args, cudaStream_t stream, const char* name);
+
+// One per-step launch of `kernel_step` (a phase of one step), checked: `name` is named in the error.
+void launch_step(const void* kernel_step, const RnnPlan& plan, void** args, cudaStream_t stream, const char* name);
+
+// The fields the forward's and the backward's argument structs share, from their rnn.h parameters.
+template <typename Args, typename Params>
+void set_common_args(Args& a, const Params& p, const RnnSizes& sz) {
+  a.q = SeqDev{p.seq.steps, p.seq.batch, p.seq.time_offsets, p.seq.lengths, p.seq.row_stride_t,
+               p.seq.row_stride_b, p.seq.reverse};
+  a.H = p.shape.hidden;
+  a.K = p.shape.state();
+  a.P = p.shape.proj;
+  a.reserve = p.reserve;
+  a.rc = sz.reserve_cols;
+  a.hprev_col = sz.reserve_hprev;
+  a.packed = p.packed;
+  a.workspace = p.workspace;
+  a.relu = p.shape.mode == RnnMode::RnnRelu;
+}
+
 }  // namespace rnn_cuda
 }  // namespace pyseqkern

@@ -336,13 +336,8 @@ RnnCudaPath forward_typed(const RnnFwdParams& p, RnnCudaPath request, cudaStream
   using A = typename AccOf<T>::type;
   const RnnShape& sh = p.shape;
   const int64_t H = sh.hidden, K = sh.state(), P = sh.proj, B = p.seq.batch, G = fwd_gates<V>();
-  const RnnSizes sz = rnn_sizes_cuda(sh, B, sizeof(A) == 8);
   FwdArgs a{};
-  a.q = SeqDev{p.seq.steps, B, p.seq.time_offsets, p.seq.lengths, p.seq.row_stride_t, p.seq.row_stride_b,
-               p.seq.reverse};
-  a.H = H;
-  a.K = K;
-  a.P = P;
+  set_common_args(a, p, rnn_sizes_cuda(sh, B, sizeof(A) == 8));
   a.x_gates = p.x_gates;
   a.ld_gates = p.ld_gates;
   a.b_hn = p.b_hn;
@@ -352,42 +347,25 @@ RnnCudaPath forward_typed(const RnnFwdParams& p, RnnCudaPath request, cudaStream
   a.ld_y = p.ld_y;
   a.h_n = p.h_n;
   a.c_n = p.c_n;
-  a.packed = p.packed;
-  a.reserve = p.reserve;
-  a.rc = sz.reserve_cols;
-  a.hprev_col = sz.reserve_hprev;
-  a.workspace = p.workspace;
   a.wl = fwd_workspace(B, H, K);
-  a.relu = sh.mode == RnnMode::RnnRelu;
   const void* kp = reinterpret_cast<const void*>(&rnn_fwd_kernel<V, T, true>);
   const void* ks = reinterpret_cast<const void*>(&rnn_fwd_kernel<V, T, false>);
-  a.plan = make_plan(PlanShape{H, K, P, G, B, false, static_cast<int>(sizeof(A))}, request, kp, ks);
+  const PlanShape shape{H, K, P, G, B, false, static_cast<int>(sizeof(A))};
+  a.plan = make_plan(shape, request, kp, ks);
   int phase = kFwdInit;
   int64_t step = 0, nb = B;
   void* args[] = {&a, &phase, &step, &nb};
-  if (a.plan.persistent) {
-    if (launch(kp, a.plan, args, true, st, "kernel rnn_fwd_kernel (persistent)")) {
-      PSK_CHECK_LAUNCH("rnn_fwd_kernel (persistent)");
-      return RnnCudaPath::Persistent;
-    }
-    if (request == RnnCudaPath::Persistent)
-      throw std::invalid_argument("pyseqkern: rnn (CUDA): the persistent path was requested but the device "
-                                  "refused its cooperative launch (a grid too large to be co-resident, "
-                                  "or no cooperative launches here)");
-    a.plan = demote_to_step(PlanShape{H, K, P, G, B, false, static_cast<int>(sizeof(A))}, request, kp, ks);
-  }
-  launch(ks, a.plan, args, false, st, "kernel rnn_fwd_kernel (step, init)");
-  PSK_CHECK_LAUNCH("rnn_fwd_kernel (step, init)");
+  if (launch_persistent(a.plan, shape, request, kp, ks, args, st, "kernel rnn_fwd_kernel (persistent)"))
+    return RnnCudaPath::Persistent;
+  launch_step(ks, a.plan, args, st, "kernel rnn_fwd_kernel (step, init)");
   const bool second = fwd_has_second<V>(P);
   for (step = 0; step < p.seq.steps; ++step) {
     nb = p.seq.batch_sizes ? p.seq.batch_sizes[step] : B;
     phase = kFwdGates;
-    launch(ks, a.plan, args, false, st, "kernel rnn_fwd_kernel (step, gates)");
-    PSK_CHECK_LAUNCH("rnn_fwd_kernel (step, gates)");
+    launch_step(ks, a.plan, args, st, "kernel rnn_fwd_kernel (step, gates)");
     if (second) {
       phase = kFwdSecond;
-      launch(ks, a.plan, args, false, st, "kernel rnn_fwd_kernel (step, second)");
-      PSK_CHECK_LAUNCH("rnn_fwd_kernel (step, second)");
+      launch_step(ks, a.plan, args, st, "kernel rnn_fwd_kernel (step, second)");
     }
   }
   return RnnCudaPath::Step;

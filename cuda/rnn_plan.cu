@@ -215,5 +215,25 @@ bool launch(const void* kernel, const RnnPlan& plan, void** args, bool cooperati
   return false;
 }
 
+bool launch_persistent(RnnPlan& plan, const PlanShape& s, RnnCudaPath request, const void* kernel_persistent,
+                       const void* kernel_step, void** args, cudaStream_t stream, const char* name) {
+  if (!plan.persistent) return false;
+  if (launch(kernel_persistent, plan, args, true, stream, name)) {
+    cuda_check(cudaGetLastError(), name);
+    return true;
+  }
+  if (request == RnnCudaPath::Persistent)
+    throw std::invalid_argument("pyseqkern: rnn (CUDA): the persistent path was requested but the device "
+                                "refused its cooperative launch (a grid too large to be co-resident, "
+                                "or no cooperative launches here)");
+  plan = demote_to_step(s, request, kernel_persistent, kernel_step);
+  return false;
+}
+
+void launch_step(const void* kernel_step, const RnnPlan& plan, void** args, cudaStream_t stream, const char* name) {
+  launch(kernel_step, plan, args, false, stream, name);
+  cuda_check(cudaGetLastError(), name);
+}
+
 }  // namespace rnn_cuda
 }  // namespace pyseqkern
