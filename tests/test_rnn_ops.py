@@ -734,21 +734,25 @@ class ProjectingSpy:
     (13, False, None), (13, True, [9, 9, 9, 8, 8, 7, 5, 4, 4, 3, 2, 1, 1]),
     (70, False, None), (70, True, [9] * 20 + [7] * 25 + [3] * 15 + [1] * 10)])
 @pytest.mark.parametrize("I", [20, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, isa, mode, reset_after, B, reverse,
-                                                                   lengths, I):
-    """Float32 sequences of a few rows a step project each step's rows inside the step (the kernel's
-    fused mode, ops._projects_each_step; the layers take it for LSTM and GRU, the kernel runs it for
-    every mode): outputs and final states against float64, bit for bit at 1, 2 and 3 threads and run
-    after run, padded and packed, either direction, at every level. H = 37 leaves a partial unit
-    block; I = 13 an odd input width; B = 13 (over 2 and 3 row quanta, panels this small) has threads
-    owning rows instead of units (forward_variant); B = 70, beyond 32 rows, by the thin-input rule
-    (_EACH_STEP_THIN_INPUT: I <= H here)."""
+                                                                   lengths, I, dtype):
+    """Float32 and bfloat16 sequences of a few rows a step project each step's rows inside the step (the
+    kernel's fused mode, ops._projects_each_step; the layers take it for LSTM and GRU, the kernel runs it
+    for every mode): outputs and final states against float64 (bfloat16 by the 2x-torch rule), bit for
+    bit at 1, 2 and 3 threads and run after run, padded and packed, either direction, at every level.
+    H = 37 leaves a partial unit block; I = 13 an odd input width; B = 13 (over 2 and 3 row quanta,
+    panels this small) has threads owning rows instead of units (forward_variant); B = 70, beyond 32
+    rows, by the thin-input rule (_EACH_STEP_THIN_INPUT: I <= H here). bfloat16 has an input panel only
+    at levels with bfloat16 dot products and an even I: elsewhere torch projects, as the spy sees."""
     spy = ProjectingSpy(monkeypatch, each_step=True)
     monkeypatch.setattr(ops, "_EACH_STEP_MAX_ROWS", dict.fromkeys(ops.MODES, 32))  # RNN's sequences too
-    x, bs, t = make_case(mode, 0, torch.float32, T=9, B=B, I=I, H=37, lengths=lengths)
+    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())  # (amx: the kernel's panel too)
+    x, bs, t = make_case(mode, 0, dtype, T=9, B=B, I=I, H=37, lengths=lengths)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
-    assert (spy.taken, spy.declined, spy.each_step) == (4, 0, 4)
-    assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, False)
+    panel = dtype == torch.float32 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
+    assert (spy.taken, spy.declined, spy.each_step) == ((4, 0, 4) if panel else (0, 4, 0))
+    assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
 
 
 @pytest.mark.parametrize("mode, B, I, dtype, proj, expect", [
@@ -757,18 +761,22 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
     ("lstm", 70, 16, torch.float32, 0, True), ("gru", 32, 16, torch.float32, 0, True),
     ("gru", 70, 32, torch.float32, 0, True), ("gru", 70, 33, torch.float32, 0, False),
     ("rnn_tanh", 8, 16, torch.float32, 0, False), ("lstm", 8, 16, torch.float64, 0, False),
-    ("lstm", 8, 16, torch.bfloat16, 0, False), ("lstm", 8, 16, torch.float32, 10, False)])
+    ("lstm", 8, 16, torch.bfloat16, 0, "dot"), ("gru", 8, 16, torch.bfloat16, 0, "dot"),
+    ("lstm", 8, 15, torch.bfloat16, 0, False), ("lstm", 8, 16, torch.float32, 10, False)])
 def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj, expect):
-    """The measured rule (ops._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): LSTM and GRU, float32, no
+    """The measured rule (ops._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): LSTM and GRU, float32 and
+    bfloat16 (where the level has an input panel for it: bfloat16 dot products, an even I), no
     proj_size, 2 to 32 rows a step or more where the input is no wider than the hidden size (H=32 here)
     nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within a core's L2."""
+    if expect == "dot":
+        expect = pyseqkern.backend_info()["cpu"]["isa_active"] in BF16_DOT_LEVELS
     monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch, each_step=True)
     x, bs, t = make_case(mode, proj, dtype, T=3, B=B, I=I, H=32, strided_inputs=False)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)
-    monkeypatch.setattr(ops, "_L2_BYTES", ops.GATES[mode] * 32 * (I + 32) * 4 // ops._PATH_THREADS - 64)
+    monkeypatch.setattr(ops, "_L2_BYTES", ops.GATES[mode] * 32 * (I + 32) * dtype.itemsize // ops._PATH_THREADS - 64)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)  # both panels no longer fit: projected before the steps, or by torch

@@ -836,22 +836,28 @@ _TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
 _MKL_PROJECTS_LSTM_FROM = 4
 
 
-# Float32 LSTM and GRU inference sequences of 2 to 32 rows a step (on average: packed batches shrink)
-# whose threads' shares of both panels (W_ih and W_hh) fit a core's L2 project each step's rows
-# inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
+# Float32 and bfloat16 LSTM and GRU inference sequences of 2 to 32 rows a step (on average: packed
+# batches shrink) whose threads' shares of both panels (W_ih and W_hh) fit a core's L2 project each
+# step's rows inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
 # x_gates buffer written out and read back (13 MB at LSTM 100,32,256), no phase and sync of its own;
 # the threads own unit blocks. Module calls in-process, 15-31 pairs, time before / after: GRU
 # (100,8,256) 1.16, (100,32,256) 1.06, (50,16,128) 1.08, packed (lengths 100..10) B=8 / 32 1.16 / 1.14;
 # LSTM packed B=8 / 16 / 32 1.10 / 1.18 / 1.04, padded B=24 / 32 1.03, B=4 / 8 / 16 and (50,16,128)
 # 0.98-0.995 (MKL's projection and threads owning rows do as well there; one rule kept). Not at B=1
 # (each step streams W_ih too: LSTM 2.5x slower); not RNN (its threads gain more from owning rows:
-# B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64 or bfloat16 (no gain measured);
+# B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64 (no gain measured);
 # proj_size not measured. The panels' budget was half a core's L2 until stop 20; on a 1 MB-L2 EPYC
 # (Zen 4), where LSTM and GRU at H=256 (2 MB and 1.5 MB of panels on two threads) then projected before
 # the steps, the whole L2 measured better (in-process, 15-21 rotations, ratio to torch.nn before ->
 # after): LSTM (100,4,256) 1.11 -> 1.24x, (100,8,256) 0.96 -> 1.06x, (100,16,256) 0.89 -> 0.99x,
 # (100,32,256) 0.94 -> 0.98x; GRU B=4 / 8 / 16 / 32 3.98 / 3.08 / 2.17 / 1.85 -> 4.45 / 3.47 / 2.37 /
 # 1.91x. Panels beyond it stay out: at H=512 (8 MB) LSTM B=8 lost (0.96 -> 0.92x).
+# bfloat16 too since stop 20 (where the level has bfloat16 dot products: only there is there an input
+# panel; on amx torch projects bfloat16 anyway). On that Zen 4, in-process, 21 rotations, ratio to
+# torch.nn's bfloat16 layers before -> after: LSTM B=4 / 8 / 16 / 32 1.19 / 1.04 / 0.98 / 0.94 ->
+# 1.27 / 1.08 / 1.00 / 0.96x, GRU 4.78 / 3.48 / 2.67 / 2.23 -> 5.68 / 4.02 / 2.88 / 2.34x. (Stop 12
+# had measured no gain for bfloat16, on another machine and with the half-L2 budget.)
+_EACH_STEP_DTYPES = (torch.float32, torch.bfloat16)
 _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32}
 # Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):
 # torch's GEMM with so short a contraction runs far below peak (MKL x W_ih^T at I=64: ~140 GFLOP/s).
@@ -865,7 +871,7 @@ _EACH_STEP_THIN_INPUT = 128
 def _projects_each_step(mode, x2d, seq, hidden, proj, read):
     """`read`: the input panel's bytes (_forward_projecting's); the recurrent panel's add to it."""
     rows = x2d.shape[0] / max(1, seq.steps)
-    if x2d.dtype != torch.float32 or proj or mode not in _EACH_STEP_MAX_ROWS or rows < 2:
+    if x2d.dtype not in _EACH_STEP_DTYPES or proj or mode not in _EACH_STEP_MAX_ROWS or rows < 2:
         return False
     if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
         return False
