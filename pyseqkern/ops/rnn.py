@@ -851,7 +851,9 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # the steps, the whole L2 measured better (in-process, 15-21 rotations, ratio to torch.nn before ->
 # after): LSTM (100,4,256) 1.11 -> 1.24x, (100,8,256) 0.96 -> 1.06x, (100,16,256) 0.89 -> 0.99x,
 # (100,32,256) 0.94 -> 0.98x; GRU B=4 / 8 / 16 / 32 3.98 / 3.08 / 2.17 / 1.85 -> 4.45 / 3.47 / 2.37 /
-# 1.91x. Panels beyond it stay out: at H=512 (8 MB) LSTM B=8 lost (0.96 -> 0.92x).
+# 1.91x; again later, 21 rotations, time before / after per rotation: B=8 GRU 1.09, LSTM 1.07, B=32
+# GRU 1.01, LSTM 0.99 (so at 32 rows, within noise). Panels beyond it stay out: at H=512 (8 MB) LSTM
+# B=8 lost (0.96 -> 0.92x).
 # bfloat16 too since stop 20 (where the level has bfloat16 dot products: only there is there an input
 # panel; on amx torch projects bfloat16 anyway). On that Zen 4, in-process, 21 rotations, ratio to
 # torch.nn's bfloat16 layers before -> after: LSTM B=4 / 8 / 16 / 32 1.19 / 1.04 / 0.98 / 0.94 ->
