@@ -738,15 +738,13 @@ class ProjectingSpy:
 def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, isa, mode, reset_after, B, reverse,
                                                                    lengths, I, dtype):
     """Float32 and bfloat16 sequences of a few rows a step project each step's rows inside the step (the
-    kernel's fused mode, ops._projects_each_step; the layers take it for LSTM and GRU, the kernel runs it
-    for every mode): outputs and final states against float64 (bfloat16 by the 2x-torch rule), bit for
+    kernel's fused mode, ops._projects_each_step, every mode): outputs and final states against float64 (bfloat16 by the 2x-torch rule), bit for
     bit at 1, 2 and 3 threads and run after run, padded and packed, either direction, at every level.
     H = 37 leaves a partial unit block; I = 13 an odd input width; B = 13 (over 2 and 3 row quanta,
     panels this small) has threads owning rows instead of units (forward_variant); B = 70, beyond 32
     rows, by the thin-input rule (_EACH_STEP_THIN_INPUT: I <= H here). bfloat16 has an input panel only
     at levels with bfloat16 dot products and an even I: elsewhere torch projects, as the spy sees."""
     spy = ProjectingSpy(monkeypatch, each_step=True)
-    monkeypatch.setattr(ops, "_EACH_STEP_MAX_ROWS", dict.fromkeys(ops.MODES, 32))  # RNN's sequences too
     monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())  # (amx: the kernel's panel too)
     x, bs, t = make_case(mode, 0, dtype, T=9, B=B, I=I, H=37, lengths=lengths)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
@@ -760,11 +758,11 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
     ("lstm", 32, 48, torch.float32, 0, True), ("lstm", 33, 48, torch.float32, 0, False),
     ("lstm", 70, 16, torch.float32, 0, True), ("gru", 32, 16, torch.float32, 0, True),
     ("gru", 70, 32, torch.float32, 0, True), ("gru", 70, 33, torch.float32, 0, False),
-    ("rnn_tanh", 8, 16, torch.float32, 0, False), ("lstm", 8, 16, torch.float64, 0, False),
+    ("rnn_tanh", 8, 16, torch.float32, 0, True), ("rnn_relu", 33, 48, torch.float32, 0, False), ("lstm", 8, 16, torch.float64, 0, False),
     ("lstm", 8, 16, torch.bfloat16, 0, "dot"), ("gru", 8, 16, torch.bfloat16, 0, "dot"),
     ("lstm", 8, 15, torch.bfloat16, 0, False), ("lstm", 8, 16, torch.float32, 10, False)])
 def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj, expect):
-    """The measured rule (ops._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): LSTM and GRU, float32 and
+    """The measured rule (ops._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): every mode, float32 and
     bfloat16 (where the level has an input panel for it: bfloat16 dot products, an even I), no
     proj_size, 2 to 32 rows a step or more where the input is no wider than the hidden size (H=32 here)
     nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within a core's L2."""

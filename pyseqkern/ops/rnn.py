@@ -836,7 +836,7 @@ _TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
 _MKL_PROJECTS_LSTM_FROM = 4
 
 
-# Float32 and bfloat16 LSTM and GRU inference sequences of 2 to 32 rows a step (on average: packed
+# Float32 and bfloat16 inference sequences of 2 to 32 rows a step (on average: packed
 # batches shrink) whose threads' shares of both panels (W_ih and W_hh) fit a core's L2 project each
 # step's rows inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
 # x_gates buffer written out and read back (13 MB at LSTM 100,32,256), no phase and sync of its own;
@@ -844,8 +844,7 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # (100,8,256) 1.16, (100,32,256) 1.06, (50,16,128) 1.08, packed (lengths 100..10) B=8 / 32 1.16 / 1.14;
 # LSTM packed B=8 / 16 / 32 1.10 / 1.18 / 1.04, padded B=24 / 32 1.03, B=4 / 8 / 16 and (50,16,128)
 # 0.98-0.995 (MKL's projection and threads owning rows do as well there; one rule kept). Not at B=1
-# (each step streams W_ih too: LSTM 2.5x slower); not RNN (its threads gain more from owning rows:
-# B=8 0.90-1.00x, packed 0.98x); not GRU B=64 (1.00x), float64 (no gain measured);
+# (each step streams W_ih too: LSTM 2.5x slower); not GRU B=64 (1.00x), float64 (no gain measured);
 # proj_size not measured. The panels' budget was half a core's L2 until stop 20; on a 1 MB-L2 EPYC
 # (Zen 4), where LSTM and GRU at H=256 (2 MB and 1.5 MB of panels on two threads) then projected before
 # the steps, the whole L2 measured better (in-process, 15-21 rotations, ratio to torch.nn before ->
@@ -859,8 +858,14 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # torch.nn's bfloat16 layers before -> after: LSTM B=4 / 8 / 16 / 32 1.19 / 1.04 / 0.98 / 0.94 ->
 # 1.27 / 1.08 / 1.00 / 0.96x, GRU 4.78 / 3.48 / 2.67 / 2.23 -> 5.68 / 4.02 / 2.88 / 2.34x. (Stop 12
 # had measured no gain for bfloat16, on another machine and with the half-L2 budget.)
+# RNN too since stop 20. Stops 12-13 had found it 0.90-1.00x (threads owning unit blocks) and then,
+# with threads owning rows, within noise (B=8 1.03, B=32 0.99, packed 0.98) on an Emerald Rapids VM; on
+# the 1 MB-L2 Zen 4 of stop 20 it gains everywhere (in-process, 15-21 rotations, time before / after,
+# (T, B, H)): float32 (100,2,256) 1.18, (100,4,256) 1.26, (100,8,256) 1.20, (100,16,256) 1.12,
+# (100,32,256) 1.10, (50,16,128) 1.26, packed B=32 (lengths 100..10) 1.06; bfloat16 (100,8,256) 1.24,
+# (100,32,256) 1.15.
 _EACH_STEP_DTYPES = (torch.float32, torch.bfloat16)
-_EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32}
+_EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32, "rnn_tanh": 32, "rnn_relu": 32}
 # Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):
 # torch's GEMM with so short a contraction runs far below peak (MKL x W_ih^T at I=64: ~140 GFLOP/s).
 # In-process, 11-15 pairs, time each step / before the steps (MKL projecting), (T, B, I, H): LSTM
