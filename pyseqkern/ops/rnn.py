@@ -836,7 +836,7 @@ _TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
 _MKL_PROJECTS_LSTM_FROM = 4
 
 
-# Float32 and bfloat16 inference sequences of 2 to 32 rows a step (on average: packed
+# Float32 and bfloat16 inference sequences of 2 to 32 rows a step (RNN: 2 or more; on average: packed
 # batches shrink) whose threads' shares of both panels (W_ih and W_hh) fit a core's L2 project each
 # step's rows inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
 # x_gates buffer written out and read back (13 MB at LSTM 100,32,256), no phase and sync of its own;
@@ -863,9 +863,11 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # the 1 MB-L2 Zen 4 of stop 20 it gains everywhere (in-process, 15-21 rotations, time before / after,
 # (T, B, H)): float32 (100,2,256) 1.18, (100,4,256) 1.26, (100,8,256) 1.20, (100,16,256) 1.12,
 # (100,32,256) 1.10, (50,16,128) 1.26, packed B=32 (lengths 100..10) 1.06; bfloat16 (100,8,256) 1.24,
-# (100,32,256) 1.15.
+# (100,32,256) 1.15. And at any batch (11 rotations): (100,48,256) 1.11, (100,64,256) 1.11,
+# (100,128,256) 1.07, (100,256,256) 1.16, (100,64,512) 1.03; so RNN has no row limit. (GRU and LSTM at
+# 48 and 64 rows: 0.98-1.04, so theirs stays.)
 _EACH_STEP_DTYPES = (torch.float32, torch.bfloat16)
-_EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32, "rnn_tanh": 32, "rnn_relu": 32}
+_EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32, "rnn_tanh": 1 << 62, "rnn_relu": 1 << 62}
 # Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):
 # torch's GEMM with so short a contraction runs far below peak (MKL x W_ih^T at I=64: ~140 GFLOP/s).
 # In-process, 11-15 pairs, time each step / before the steps (MKL projecting), (T, B, I, H): LSTM
