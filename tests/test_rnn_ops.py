@@ -731,7 +731,7 @@ class ProjectingSpy:
                                                ("rnn_relu", True)])
 @pytest.mark.parametrize("B, reverse, lengths", [
     (6, False, None), (6, True, None), (6, False, [9, 9, 7, 4, 2, 1]), (6, True, [9, 8, 3, 3, 2, 1]),
-    (13, False, None), (13, True, [9, 9, 9, 8, 8, 7, 5, 4, 4, 3, 2, 1, 1]),
+    (13, False, None), (13, True, [9, 9, 9, 8, 8, 7, 5, 4, 4, 3, 2, 1, 1]), (13, False, [9] + [1] * 12),
     (70, False, None), (70, True, [9] * 20 + [7] * 25 + [3] * 15 + [1] * 10)])
 @pytest.mark.parametrize("I", [20, 13])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -741,7 +741,8 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
     kernel's fused mode, ops._projects_each_step, every mode): outputs and final states against float64 (bfloat16 by the 2x-torch rule), bit for
     bit at 1, 2 and 3 threads and run after run, padded and packed, either direction, at every level.
     H = 37 leaves a partial unit block; I = 13 an odd input width; B = 13 (over 2 and 3 row quanta,
-    panels this small) has threads owning rows instead of units (forward_variant); B = 70, beyond 32
+    panels this small) has threads owning rows instead of units (forward_variant; packed ones split by
+    cost, split_rows_by_cost: one long row and twelve of one step leave a third thread no rows); B = 70, beyond 32
     rows, by the thin-input rule (_EACH_STEP_THIN_INPUT: I <= H here). bfloat16 has an input panel only
     at levels with bfloat16 dot products and an even I: elsewhere torch projects, as the spy sees."""
     spy = ProjectingSpy(monkeypatch, each_step=True)

@@ -240,25 +240,38 @@ constexpr int64_t kOneThreadMacs = int64_t(1) << 19;
 // behind the line fill buffers, and with more rows each line feeds a row tile's worth of work anyway).
 constexpr int64_t kPrefetchRows = 8;
 
-// Thread tid's row quanta [t0, t1) of a packed batch (rows sorted longest first), split so that each
-// thread's rows hold about the same number of valid steps: the rows' work, not their count.
-void split_quanta_by_length(const RnnSeq& q, int tid, int nt, int64_t* t0, int64_t* t1) {
-  const int64_t nq = ceil_div(q.batch, kRowQuantum);
+// Thread tid's rows [r0, r1) of a packed batch (rows sorted longest first), so that the busiest
+// thread's cost is least: a range of rows costs its valid steps plus kStepRows for each step it is active
+// at all (the panels it streams every step, whatever its rows), kStepRows * len(first) + the sum of len.
+// The least largest cost by bisection, then each range as long as it allows (every thread computes the
+// same partition: it depends only on the lengths). Until stop 20 the split was by valid steps alone, in
+// quanta of kRowQuantum rows, whose coarse boundaries left the thread of the long rows 15% over its
+// share at B=32 (lengths 100..10) and more at B=8-16. In-process, 25 rotations, ratio to torch.nn,
+// quanta -> rows (kStepRows 1 / 2 / 3): RNN H=256 packed B=32 1.85 -> 1.81 / 2.08 / 2.08x, B=16 1.72 ->
+// 2.18 / 2.23 / 2.27x, B=8 2.29 -> 2.97 / 3.09 / 3.18x, RNN H=128 B=64 2.41 -> 2.69 / 2.88 / 2.80x,
+// LSTM H=128 B=32 2.53 -> 2.44 / 2.47 / 2.45x and B=64 2.05 -> 2.07 / 2.08x (within noise).
+constexpr int64_t kStepRows = 2;
+void split_rows_by_cost(const RnnSeq& q, int tid, int nt, int64_t* r0, int64_t* r1) {
+  const int64_t B = q.batch;
   int64_t total = 0;
-  for (int64_t b = 0; b < q.batch; ++b) total += seq_len(q, b);
-  // The first quantum at whose start the rows before hold at least share * total steps.
-  auto start_of = [&](int share) {
-    if (share <= 0) return int64_t(0);
-    if (share >= nt) return nq;
-    int64_t before = 0;
-    for (int64_t j = 0; j < nq; ++j) {
-      if (before * nt >= total * share) return j;
-      for (int64_t b = j * kRowQuantum; b < (j + 1) * kRowQuantum && b < q.batch; ++b) before += seq_len(q, b);
+  for (int64_t b = 0; b < B; ++b) total += seq_len(q, b);
+  // Ranges of rows from row 0, each of cost <= cap: the start of range k (B where there is none).
+  auto start_of = [&](int64_t cap, int k) {
+    int64_t b = 0;
+    for (int r = 0; r < k && b < B; ++r) {
+      int64_t cost = kStepRows * seq_len(q, b);
+      while (b < B && cost + seq_len(q, b) <= cap) cost += seq_len(q, b++);
     }
-    return nq;
+    return b;
   };
-  *t0 = start_of(tid);
-  *t1 = start_of(tid + 1);
+  int64_t lo = (kStepRows + 1) * (B ? seq_len(q, 0) : 0), hi = kStepRows * (B ? seq_len(q, 0) : 0) + total;
+  while (lo < hi) {  // the least cap whose nt ranges cover every row
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (start_of(mid, nt) >= B) hi = mid;
+    else lo = mid + 1;
+  }
+  *r0 = start_of(lo, tid);
+  *r1 = start_of(lo, tid + 1);
 }
 
 template <Variant VAR, typename T, typename A>
@@ -306,11 +319,14 @@ void fwd_worker(void* raw, const Team& team) {
   int64_t u0 = 0, u1 = l.U, p0 = 0, p1 = l.UP, k0 = 0, k1 = l.UK, rb0 = 0, rb1 = q.batch;
   const bool split = c.split_rows;
   if (split) {
-    int64_t t0, t1;
-    if (q.lengths) split_quanta_by_length(q, tid, nt, &t0, &t1);
-    else split_range(ceil_div(q.batch, kRowQuantum), tid, nt, &t0, &t1);
-    rb0 = t0 * kRowQuantum;
-    rb1 = t1 * kRowQuantum < q.batch ? t1 * kRowQuantum : q.batch;
+    if (q.lengths) {
+      split_rows_by_cost(q, tid, nt, &rb0, &rb1);
+    } else {
+      int64_t t0, t1;
+      split_range(ceil_div(q.batch, kRowQuantum), tid, nt, &t0, &t1);
+      rb0 = t0 * kRowQuantum;
+      rb1 = t1 * kRowQuantum < q.batch ? t1 * kRowQuantum : q.batch;
+    }
   } else {
     split_range(l.U, tid, nt, &u0, &u1);
     split_range(l.UP, tid, nt, &p0, &p1);
@@ -676,8 +692,8 @@ void forward_variant(const RnnFwdParams& p) {
   // Rows instead of units (split_rows) where each core's cache holds the whole forward panel (so each
   // thread can own every unit of its rows): then rows never meet across threads, and a step needs no
   // barrier, which on a shared machine cost a fifth of a bfloat16 LSTM step (one thread waiting out
-  // the other's stalls). Packed batches split their rows by valid steps (split_quanta_by_length), so
-  // the rows that stop early do not leave their thread idle: in-process, 8 alternations, packed
+  // the other's stalls). Packed batches split their rows by cost (split_rows_by_cost; by valid steps in
+  // quanta until stop 20), so the rows that stop early do not leave their thread idle: in-process, 8 alternations, packed
   // B=32 (lengths 100..10) RNN H=256 1.51 -> 1.71x torch.nn, LSTM H=128 (B=64) 1.62 -> 1.74x, LSTM and
   // GRU H=256 within noise. Where the kernel projects each step's input inside the step: below.
   // Bytes of one lane's column of a panel over k < n (pair sections where they are used).
