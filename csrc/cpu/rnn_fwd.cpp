@@ -696,6 +696,11 @@ void forward_variant(const RnnFwdParams& p) {
   // quanta until stop 20), so the rows that stop early do not leave their thread idle: in-process, 8 alternations, packed
   // B=32 (lengths 100..10) RNN H=256 1.51 -> 1.71x torch.nn, LSTM H=128 (B=64) 1.62 -> 1.74x, LSTM and
   // GRU H=256 within noise. Where the kernel projects each step's input inside the step: below.
+  // "Holds" meant half the L2 until stop 20; on a 1 MB-L2 Zen 4 the whole of it measured better for the
+  // panels in between (LSTM and GRU at H=256: 1 MB and 768 KB), time by units / by rows, in-process, 15
+  // rotations: LSTM inference (100,64,256) 1.13, (100,48,256) 1.17 (0.82 -> 0.95x torch.nn); training
+  // (forward and backward) LSTM (100,32,256) 1.10, GRU 1.03, GRU (100,8,256) 1.18, LSTM 1.03. (On a
+  // 2 MB-L2 machine half the L2 already took those panels by rows.)
   // Bytes of one lane's column of a panel over k < n (pair sections where they are used).
   auto col_bytes = [&](int64_t n) { return c.l.dot ? 4 * pairs_stored(n) : int64_t(sizeof(A)) * n; };
   const int64_t panel_bytes = col_bytes(c.l.K) * c.l.U * c.l.G * L + col_bytes(c.l.H) * c.l.UP * L;
@@ -712,7 +717,7 @@ void forward_variant(const RnnFwdParams& p) {
       2 * by_rows * tile_passes<VAR>(ceil_div(ceil_div(B, kRowQuantum), by_rows) * kRowQuantum) <=
           3 * tile_passes<VAR>(B);
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr || fused_rows) &&
-                 panel_bytes <= cpu_l2_bytes() / 2;
+                 panel_bytes <= cpu_l2_bytes();
   if (c.split_rows) nt = by_rows;
   // With rows split, and both panels in half a core's L2 (an RNN at H=256: 512 KB), each thread also
   // projects its own rows (every unit) before the steps: the steps then read only x_gates their own
