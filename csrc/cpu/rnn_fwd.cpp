@@ -175,7 +175,7 @@ bool section_current(const A* packed, const T* src, int64_t units, int64_t K, in
   for (int64_t u = 0; u < U; ++u) {
     const int64_t n = units - u * L < L ? units - u * L : L;
     Bits diff = 0;  // (or-ed over a whole block, so the loops vectorize)
-    if (n == CL) {  // full blocks of one vector: a fixed-width body (56-70 GB/s from L2 with the general one)
+    if (n == CL) {  // full blocks of one vector: a fixed-width body (LSTM H=256: 37 -> 27 us)
       Bits acc[CL] = {};
       for (int64_t k = 0; k < K; ++k) {
         const T* s = src + k * ld + u * L;
@@ -693,8 +693,8 @@ void forward_variant(const RnnFwdParams& p) {
   // thread can own every unit of its rows): then rows never meet across threads, and a step needs no
   // barrier, which on a shared machine cost a fifth of a bfloat16 LSTM step (one thread waiting out
   // the other's stalls). Packed batches split their rows by cost (split_rows_by_cost; by valid steps in
-  // quanta until stop 20), so the rows that stop early do not leave their thread idle: in-process, 8 alternations, packed
-  // B=32 (lengths 100..10) RNN H=256 1.51 -> 1.71x torch.nn, LSTM H=128 (B=64) 1.62 -> 1.74x, LSTM and
+  // quanta until stop 20), so the rows that stop early do not leave their thread idle: in-process, 8
+  // alternations (stop 12, the quanta), packed B=32 (lengths 100..10) RNN H=256 1.51 -> 1.71x torch.nn, LSTM H=128 (B=64) 1.62 -> 1.74x, LSTM and
   // GRU H=256 within noise. Where the kernel projects each step's input inside the step: below.
   // "Holds" meant half the L2 until stop 20; on a 1 MB-L2 Zen 4 the whole of it measured better for the
   // panels in between (LSTM and GRU at H=256: 1 MB and 768 KB), time by units / by rows, in-process, 15

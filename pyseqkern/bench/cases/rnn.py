@@ -138,6 +138,13 @@ def _inference(cls: str, device: str, steps: int, batch: int, hidden: int, dtype
     return setup
 
 
+def _drop_grads(params, x) -> None:
+    """Every timed training call starts from no gradients (accumulating would add a read per call)."""
+    for p in params:
+        p.grad = None
+    x.grad = None
+
+
 def _training(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32, autocast=None):
     """autocast: a dtype; the forward inside a torch.autocast region of it, the backward after it."""
     def setup(ceilings):
@@ -152,9 +159,7 @@ def _training(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=
             params = list(module.parameters())
 
             def fn():
-                for p in params:
-                    p.grad = None
-                x.grad = None
+                _drop_grads(params, x)
                 with exact():
                     with region():
                         out, h_n = module(x)
@@ -348,9 +353,7 @@ def _cell_loop(cls: str, device: str, steps: int, batch: int, hidden: int, dtype
             params = list(module.parameters())
 
             def fn():
-                for p in params:
-                    p.grad = None
-                xs.grad = None
+                _drop_grads(params, xs)
                 with exact():
                     h, c, hs = h0, h0, []
                     for t in range(steps):
