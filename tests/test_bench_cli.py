@@ -57,3 +57,42 @@ def test_ceilings_are_measured_again_at_the_end(tmp_path):
     assert ceiling * 1e-9 >= max(first["rate"], first["torch_rate"]) * (1 - 1e-12)
     assert abs(first["pct_peak"] - 100 * first["rate"] * 1e9 / ceiling) < 1e-6
     assert all(r["family"] in ("machine", "rnn_cell") for r in doc["results"])
+
+
+def test_a_case_torch_cannot_run_reports_ours_and_why(monkeypatch):
+    """torch.nn's bfloat16 LSTM and linear layers raise on CPUs without AVX-512 ("could not create a
+    primitive descriptor"): such a case times ours alone, checked against another torch computation,
+    and the table says why there is no ratio (was: an ERROR row and no figure at all)."""
+    from pyseqkern.bench import cli
+    from pyseqkern.bench.cases import rnn as rnn_cases
+    from pyseqkern.bench.registry import Case, Ceilings
+    from pyseqkern.bench.report import format_tables
+
+    import torch
+    real = rnn_cases._modules
+
+    def modules(*args, **kwargs):
+        theirs, ours = real(*args, **kwargs)
+        forward = theirs.forward
+
+        def no_bf16(x, *rest):  # as torch.nn on a Zen 3: bfloat16 raises, float32 runs
+            if x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"):
+                raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation primitive")
+            return forward(x, *rest)
+        monkeypatch.setattr(theirs, "forward", no_bf16)
+        return theirs, ours
+
+    monkeypatch.setattr(rnn_cases, "_modules", modules)
+    for setup in (rnn_cases._inference("LSTM", "cpu", 5, 3, 16, dtype=torch.bfloat16),
+                  rnn_cases._training("LSTM", "cpu", 5, 3, 16, autocast=torch.bfloat16)):
+        case = Case("lstm", "bf16", "cpu", setup, target=1.0)
+        r = cli._run_case(case, Ceilings(), repeats=3, full=False)
+        assert r.error is None and r.ours_ms > 0 and r.torch_ms is None and r.speedup is None
+        assert r.torch_missing and "no AVX-512" in r.torch_missing and r.rate > 0 and r.torch_rate is None
+        table = format_tables([r])
+        assert "torch not run: torch.nn's bfloat16 path" in table and "MISS" not in table
+    # any other failure of torch's side stays the case's error
+    monkeypatch.setattr(rnn_cases, "_torch_missing", lambda fn: fn())
+    r = cli._run_case(Case("lstm", "bf16", "cpu", rnn_cases._inference("LSTM", "cpu", 5, 3, 16, dtype=torch.bfloat16)),
+                      Ceilings(), repeats=3, full=False)
+    assert r.error and "primitive descriptor" in r.error

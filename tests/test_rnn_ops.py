@@ -467,6 +467,7 @@ def test_onednn_serves_a_bounded_number_of_row_counts(monkeypatch):
     if ops._onednn_linear is None:
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(ops, "_ONEDNN_ROWS", set())
+    monkeypatch.setattr(ops, "_ONEDNN_BF16", True)  # (the bookkeeping only: no GEMM runs)
     rows = list(range(32, 32 + 3 * ops._ONEDNN_MAX_ROWS))
     first = [ops._onednn_ok(r, torch.bfloat16, torch.device("cpu")) for r in rows]
     assert sum(first) == ops._ONEDNN_MAX_ROWS and all(first[:ops._ONEDNN_MAX_ROWS])
@@ -841,6 +842,9 @@ def test_inference_kernel_projecting_at_streaming_sizes(monkeypatch, mode, reset
     off 64-byte boundaries, which take plain stores): outputs and final states within the 2x-torch rule
     of a long float32 recurrence, bit for bit at 1 and 2 threads."""
     spy = ProjectingSpy(monkeypatch)
+    # The input panel (G * 200 * 200 floats, 640 KB for LSTM) within the read rule whatever this
+    # machine's L2 (512 KB per core on a Zen 3 put it out).
+    monkeypatch.setattr(ops, "_L2_BYTES", max(ops._L2_BYTES, 2 * ops.GATES[mode] * 200 * 200 * 4))
     x, bs, t = make_case(mode, 0, torch.float32, T=T, B=32, I=200, H=200)
     assert T * 32 * ops.GATES[mode] * 200 * 4 >= 8 << 20  # x_gates bytes: T * B rows of G * H floats
     runs = inference_runs(x, bs, t, mode, False, reset_after, (2, 1), poison=True)
@@ -1406,3 +1410,50 @@ def test_sizes_memo_stays_bounded(monkeypatch):
     first = [ops._sizes(0, True, 11, 0, b, torch.float32) for b in range(1, 11)]
     assert len(ops._SIZES) <= 3
     assert [ops._sizes(0, True, 11, 0, b, torch.float32) for b in range(1, 11)] == first
+
+
+def test_bfloat16_gemms_go_through_float32_where_onednn_has_none(monkeypatch):
+    """On CPUs without AVX-512 oneDNN has no bfloat16 inner product (it raises) and torch.mm in
+    bfloat16 runs a plain loop (8x slower than float32): the projection and the backward's GEMMs widen
+    to float32 and round the result once, and a bfloat16 layer trains by the 2x-torch rule all the
+    same (checked against torch.nn in float32 and the float64 reference)."""
+    monkeypatch.setattr(ops, "_ONEDNN_BF16", False)
+    monkeypatch.setattr(ops, "_BF16_BY_FLOAT32", True)
+    calls = []
+
+    def spy(real):
+        def gemm(a, b, *args, **kwargs):
+            calls.append(b.dtype)
+            return real(a, b, *args, **kwargs)
+        return gemm
+    monkeypatch.setattr(torch, "mm", spy(torch.mm))
+    monkeypatch.setattr(torch, "addmm", spy(torch.addmm))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy(torch.Tensor.__matmul__))
+    a, b = randn((37, 19), seed=1).bfloat16(), randn((23, 19), seed=2).bfloat16()
+    assert torch.equal(ops._mm(a, b), (a.float() @ b.float().t()).bfloat16())
+    x, w, bias = randn((40, 19), seed=3).bfloat16(), randn((28, 19), seed=4).bfloat16(), randn((28,), seed=5).bfloat16()
+    got, extra = ops._input_projection(x, w, bias)
+    assert extra is None and got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.addmm(bias.float(), x.float(), w.float().t()).bfloat16())
+    calls.clear()
+    from pyseqkern import nn as pnn
+    from helpers import TOLERANCES
+    theirs = torch.nn.LSTM(19, 7)
+    ours = pnn.LSTM(19, 7).bfloat16()
+    ours.load_state_dict(theirs.state_dict())
+    xs = randn((9, 5, 19), seed=6).bfloat16().requires_grad_()
+    out, (h, c) = ours(xs)
+    (out.float().sum() + h.float().sum()).backward()
+    assert torch.bfloat16 not in calls, "a bfloat16 GEMM went to torch.mm"
+    theirs64 = torch.nn.LSTM(19, 7).double()
+    theirs64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x64 = xs.detach().double().requires_grad_()
+    out64, (h64, _) = theirs64(x64)
+    (out64.sum() + h64.sum()).backward()
+    assert_close_to_ref(out, out64.detach(), "output")
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    # (gradients sum many products, whose entries can cancel: the bound scales with the largest entry)
+    for name, got, want in [("input", xs.grad, x64.grad)] + [
+            (n, p.grad, q.grad) for (n, p), q in zip(ours.named_parameters(), theirs64.parameters())]:
+        err = float((got.double() - want).abs().max())
+        assert err <= atol + rtol * float(want.abs().max()), f"grad {name}: {err}"

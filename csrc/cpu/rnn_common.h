@@ -47,6 +47,16 @@ template <typename A> struct Vec;
 template <> struct Vec<float> { using type = vfloat; };
 template <> struct Vec<double> { using type = vdouble; };
 template <typename A> using V = typename Vec<A>::type;
+// One register loaded from (or stored to) any element-aligned address. The tile loads its weights
+// through this, not memcpy: at the AVX2 level GCC merged a tile's adjacent per-gate memcpys into one
+// 128-byte copy, lowered it as a loop of 16-byte moves into a stack array, and then kept the weights
+// and accumulators in memory (LSTM (100,32,256) at 47 GFLOP/s of a 202 peak on a Zen 3).
+typedef float vfloat_u __attribute__((vector_size(kVecBytes), aligned(4), may_alias));
+typedef double vdouble_u __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
+template <typename A> struct VecU;
+template <> struct VecU<float> { using type = vfloat_u; };
+template <> struct VecU<double> { using type = vdouble_u; };
+template <typename A> inline V<A> loadu(const A* p) { return *reinterpret_cast<const typename VecU<A>::type*>(p); }
 template <typename A> constexpr int lanes() { return kVecBytes / static_cast<int>(sizeof(A)); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -387,7 +397,7 @@ __attribute__((noinline)) void gemm_tile(const A* const* rows, const A* panel, i
     const A* w = panel + k * kstride;
     V<A> wv[C];
     for (int b = 0; b < NB; ++b)
-      for (int g = 0; g < G; ++g) std::memcpy(&wv[b * G + g], w + b * bstride + g * L, sizeof(V<A>));
+      for (int g = 0; g < G; ++g) wv[b * G + g] = loadu(w + b * bstride + g * L);
     for (int r = 0; r < MR; ++r) {
       const V<A> hb = splat(row[r][k]);
       for (int c = 0; c < C; ++c) sum[r][c] += hb * wv[c];

@@ -17,6 +17,10 @@ class Prepared:
     # Work done per call by each side, in the unit's base quantity (FLOPs or bytes); None for per-call
     # overhead cases, whose rate column is empty.
     work: Optional[float] = None
+    # Why torch cannot run the case on this machine (torch_fn is then None and only ours is timed; the
+    # check compares against another torch computation): e.g. torch.nn's bfloat16 LSTM raises on CPUs
+    # without AVX-512. The table shows the reason instead of a ratio.
+    torch_missing: Optional[str] = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ class Result:
     budget_ms: Optional[float] = None
     note: str = ""
     error: Optional[str] = None
+    torch_missing: Optional[str] = None  # why torch was not run (only ours timed)
     torch_samples_ms: list = field(default_factory=list)
     ours_samples_ms: list = field(default_factory=list)
 
@@ -63,13 +64,15 @@ def format_tables(results: list[Result]) -> str:
                 table.append([f"{r.device}: {r.name}", "-", "-", "-", "-", "-", f"ERROR: {r.error}"])
                 continue
             speed = f"{r.speedup:.2f}x" if r.speedup else "-"
-            if r.target is not None:
+            if r.target is not None and r.speedup is not None:
                 speed += f" ({'ok' if r.target_met else 'MISS'} >= {r.target:g}x)"
             rate = f"{r.rate:,.1f} {r.unit}" if r.rate is not None else "-"
             if r.rate is not None and r.torch_rate is not None:
                 rate += f" (torch {r.torch_rate:,.1f})"
             pct = f"{r.pct_peak:.0f}%" if r.pct_peak is not None else "-"
             note = r.note
+            if r.torch_missing:
+                note = f"torch not run: {r.torch_missing}" + (f"; {note}" if note else "")
             if r.budget_ms is not None:
                 ok = r.ours_ms is not None and r.ours_ms <= r.budget_ms
                 note = f"{'ok' if ok else 'MISS'}: budget {_ms(r.budget_ms)} per call" + (f"; {note}" if note else "")

@@ -437,6 +437,32 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
             _onednn_linear = torch.ops.mkldnn._linear_pointwise
     except Exception:  # a torch whose internal op changed: addmm it is
         _onednn_linear = None
+# bfloat16 separately: oneDNN has no bfloat16 inner product on CPUs without AVX-512 (a Zen 3, say),
+# where the call raises ("could not create a primitive descriptor") and torch.mm must serve instead.
+_ONEDNN_BF16 = False
+if _onednn_linear is not None:
+    try:
+        _p = [t.to(torch.bfloat16) for t in (_probe_x, _probe_w, _probe_b)]
+        _ONEDNN_BF16 = torch.allclose(_onednn_linear(*_p, "none", [], "").float(),
+                                      torch.addmm(*(t.float() for t in (_p[2], _p[0], _p[1].t()))),
+                                      rtol=1e-2, atol=1e-2)
+    except Exception:
+        _ONEDNN_BF16 = False
+# There torch.mm in bfloat16 runs a plain loop: 3200x256 @ 256x1024 took 105 ms against 12.7 ms for the
+# float32 GEMM of the widened operands and one rounding of the result (Zen 3, 2 threads), which sums in
+# float32 as well (the same error norm against float64 to 8 digits). CPU bfloat16 GEMMs go that way.
+_BF16_BY_FLOAT32 = not _ONEDNN_BF16
+
+
+def _by_float32(dtype, device) -> bool:
+    return _BF16_BY_FLOAT32 and dtype == torch.bfloat16 and device.type == "cpu"
+
+
+def _mm(a, bt):
+    """a @ bt^T; CPU bfloat16 through float32 where torch has no fast bfloat16 GEMM."""
+    if _by_float32(a.dtype, a.device):
+        return torch.mm(a.float(), bt.float().t()).to(a.dtype)
+    return a @ bt.t()
 
 
 # That holds on AMD's cores. On Intel's, MKL's sgemm matches or beats oneDNN's linear and takes
@@ -463,7 +489,8 @@ def _onednn_ok(rows, dtype, device):
     on the row count (a recompilation where it crosses 32)."""
     if not (not torch.compiler.is_compiling() and _onednn_linear is not None and device.type == "cpu"
             and type(rows) is int and rows >= 32  # (symbolic under other traces: torch.mm)
-            and (dtype == torch.bfloat16 or (dtype == torch.float32 and _backend.FP32_GEMM == "onednn"))):
+            and ((dtype == torch.bfloat16 and _ONEDNN_BF16)
+                 or (dtype == torch.float32 and _backend.FP32_GEMM == "onednn"))):
         return False
     if rows not in _ONEDNN_ROWS:
         if len(_ONEDNN_ROWS) >= _ONEDNN_MAX_ROWS:
@@ -482,6 +509,9 @@ def _input_projection(x2d, w_ih, bias, scratch=None):
     rounded before the bias; oneDNN's linear adds it for free."""
     if _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device):
         return _onednn_linear(x2d, w_ih, bias, "none", [], ""), None
+    if _by_float32(x2d.dtype, x2d.device):
+        f = w_ih.float().t()
+        return (torch.addmm(bias.float(), x2d.float(), f) if bias is not None else x2d.float() @ f).to(x2d.dtype), None
     apart = bias is not None and x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64)
     inside = None if apart else bias
     if scratch is not None:
@@ -520,7 +550,7 @@ class _Gemms:
         return a.t().contiguous() if self.fast else a.t()
 
     def mm(self, a, bt):
-        return _onednn_linear(a, bt, None, "none", [], "") if self.fast else a @ bt.t()
+        return _onednn_linear(a, bt, None, "none", [], "") if self.fast else _mm(a, bt)
 
 
 # Device copies of packed batches' time offsets and lengths. A copy from host memory is refused inside

@@ -19,7 +19,7 @@ from torch.autograd import forward_ad as _fwad
 
 from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
-from .rnn import (GATES, MODES, _backward_impl, _functorch_active, _Gemms, _plain_eager, _prepare, _proj_scratch,
+from .rnn import (GATES, MODES, _backward_impl, _functorch_active, _Gemms, _mm, _plain_eager, _prepare, _proj_scratch,
                   _scratch, _Seq)
 
 
@@ -313,7 +313,7 @@ class _RnnLayerGrad(torch.autograd.Function):
             return a.reshape(T, V, B, -1).sum((0, 2))
         out = [None] * 8
         if need[0]:
-            out[0] = _unfold_rows(dgx @ w_ih, V, T, B)
+            out[0] = _unfold_rows(_mm(dgx, w_ih.t()), V, T, B)
         if need[1]:
             out[1] = dh0.view(V, B, -1)
         if need[2] and code == 0:
