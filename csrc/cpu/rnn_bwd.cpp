@@ -112,6 +112,27 @@ void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t nb, int64_t ncols, 
       return;
     }
   }
+#elif defined(__AVX2__)
+  if constexpr ((std::is_same<D, float>::value || std::is_same<D, bf16>::value) && std::is_same<S, float>::value) {
+    // The same by 8 x 8 blocks (ncols <= 8 at this level).
+    const int64_t row0 = seq_row(q, s, 0);
+    if (seq_row(q, s, nb - 1) == row0 + nb - 1 && ncols <= 8) {
+      const float* base = src + (by_row ? row0 : 0) * ld;
+      const __m256i cm = lanes_below(ncols);
+      for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int64_t n = nb - b0 < 8 ? nb - b0 : 8;
+        __m256 r[8];
+        for (int64_t i = 0; i < 8; ++i) r[i] = i < n ? _mm256_maskload_ps(base + (b0 + i) * ld, cm) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int64_t j = 0; j < ncols; ++j) {
+          vfloat v;
+          std::memcpy(&v, &r[j], sizeof(v));
+          store<float>(dst + j * ldt + row0 + b0, v, static_cast<int>(n));
+        }
+      }
+      return;
+    }
+  }
 #endif
   for (int64_t j = 0; j < ncols; ++j) {
     D* out = dst + j * ldt;

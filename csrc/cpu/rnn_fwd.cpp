@@ -54,6 +54,25 @@ void pack_section(A* dst, const T* src, int64_t units, int64_t K, int64_t G, int
       return;
     }
   }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+    if (k_stride == 1 && L == 8) {  // the same by 8 x 8 blocks
+      for (int64_t u = 0; u < U; ++u)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t k0 = 0; k0 < K; k0 += 8) {
+            const int64_t nk = K - k0 < 8 ? K - k0 : 8;
+            const __m256i km = lanes_below(nk);
+            __m256 r[8];
+            for (int64_t l = 0; l < 8; ++l) {
+              const int64_t j = u * 8 + l;
+              r[l] = j < units ? _mm256_maskload_ps(src + g * gate_stride + j * unit_stride + k0, km) : _mm256_setzero_ps();
+            }
+            transpose8(r);
+            for (int64_t kk = 0; kk < nk; ++kk) _mm256_storeu_ps(dst + ((u * K + k0 + kk) * G + g) * 8, r[kk]);
+          }
+      return;
+    }
+  }
 #endif
   if (unit_stride == 1) {
     // Units run along the source rows (the backward sections): each (u, k, g) is a run of L adjacent
