@@ -1553,9 +1553,9 @@ def test_thread_count_of_the_caller_does_not_change_the_bits(cls):
     from concurrent.futures import ThreadPoolExecutor
 
     H2 = 64
-    half_l2 = rnn_ops._L2_BYTES // 2
+    share = rnn_ops._L2_BYTES * rnn_ops._READ_L2S  # the read rule's budget per thread
     gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[cls]
-    I2 = -(-3 * half_l2 // (2 * gates * H2 * 4))  # panel: 1.5 halves of one L2
+    I2 = -(-3 * share // (2 * gates * H2 * 4))  # panel: 1.5 times one thread's budget
     m = seed_parameters(getattr(pnn, cls)(I2, H2)).eval()
     x = randn((5, 8, I2), F32, seed=2)
     old = torch.get_num_threads()

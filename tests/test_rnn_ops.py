@@ -767,7 +767,7 @@ def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj,
     """The measured rule (ops._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): every mode, float32 and
     bfloat16 (where the level has an input panel for it: bfloat16 dot products, an even I), no
     proj_size, 2 to 32 rows a step (RNN: any number from 2) or more where the input is no wider than the
-    hidden size (H=32 here) nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within a core's L2."""
+    hidden size (H=32 here) nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within _EACH_STEP_L2S L2s."""
     if expect == "dot":
         expect = pyseqkern.backend_info()["cpu"]["isa_active"] in BF16_DOT_LEVELS
     monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
@@ -776,7 +776,8 @@ def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj,
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)
-    monkeypatch.setattr(ops, "_L2_BYTES", ops.GATES[mode] * 32 * (I + 32) * dtype.itemsize // ops._PATH_THREADS - 64)
+    monkeypatch.setattr(ops, "_L2_BYTES", ops.GATES[mode] * 32 * (I + 32) * dtype.itemsize
+                        // (ops._EACH_STEP_L2S * ops._PATH_THREADS) - 64)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)  # both panels no longer fit: projected before the steps, or by torch
@@ -871,17 +872,18 @@ def test_inference_threads_projecting_their_own_rows(monkeypatch, isa, mode, res
     assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
 
 
-def test_inference_input_panels_past_half_the_l2_go_to_torch(monkeypatch):
-    """A panel whose per-thread share exceeds half a core's L2 would stream from memory for every row
-    tile: torch's GEMM projects instead, and the result is the op path's bit for bit."""
+def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
+    """A panel whose per-thread share exceeds a core's L2 (_READ_L2S of it) would stream from memory for
+    every row tile: torch's GEMM projects instead, and the result is the op path's bit for bit."""
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case("lstm", 0, torch.float32, I=64, H=40)
     read = 4 * 40 * 64 * 4  # G * H * I * sizeof(float)
-    monkeypatch.setattr(ops, "_L2_BYTES", 2 * read // torch.get_num_threads())  # just fits
+    fits = read // (ops._READ_L2S * ops._PATH_THREADS)
+    monkeypatch.setattr(ops, "_L2_BYTES", fits)  # just fits
     with torch.no_grad():
         call(ops.rnn_layer, "lstm", x, bs, t, False, True)
     assert (spy.taken, spy.declined) == (1, 0)
-    monkeypatch.setattr(ops, "_L2_BYTES", 2 * read // torch.get_num_threads() - 64)
+    monkeypatch.setattr(ops, "_L2_BYTES", fits - 64)
     with torch.no_grad():
         fast = call(ops.rnn_layer, "lstm", x, bs, t, False, True)
     assert (spy.taken, spy.declined) == (1, 1)

@@ -841,12 +841,17 @@ def _input_panel(code, reset_after, hidden, w_ih):
 
 
 # Inference over a sequence projects its input inside the kernel, before the steps, where each thread's
-# share of the input panel fits half a core's L2 (the panel then stays in the cache across all rows).
-# The projection runs at torch's GEMM rate; the gain (1.05-1.13x at B <= 8, ~1.0x at B=32) is in
+# share of the input panel fits _READ_L2S of a core's L2 (the panel then stays in the cache across all
+# rows). The projection runs at torch's GEMM rate; the gain (1.05-1.13x at B <= 8, ~1.0x at B=32) is in
 # what surrounds it: one thread team instead of two, and no GEMM on other threads evicting the
 # recurrent panel the steps read next. Larger panels go through torch's GEMM. The kernel may run
 # fewer threads than torch's count on tiny work; there a thread's share is larger, the call short.
+# Half an L2 until stop 21, a whole one since: on a 2-vCPU Zen 3 (512 KB L2 per core) LSTM H=256's 1 MB
+# panel went to oneDNN's GEMM, the kernel's own projection before the steps beats it (in-process, 11
+# rotations, time half / whole: LSTM (100,64,256) 1.043; GRU (100,64,256) 1.003), and so does
+# projecting each step where that rule admits the panels (below).
 _L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
+_READ_L2S = 1
 # The choices of path below count the threads torch had when pyseqkern was imported, not the caller's
 # current count: the paths differ in the last bits, and torch.get_num_threads() is per OS thread, so a
 # server whose main thread set 1 thread after its pool existed got other bits in the pool's threads
@@ -896,6 +901,14 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # (100,32,256) 1.15. And at any batch (11 rotations): (100,48,256) 1.11, (100,64,256) 1.11,
 # (100,128,256) 1.07, (100,256,256) 1.16, (100,64,512) 1.03; so RNN has no row limit. (GRU and LSTM at
 # 48 and 64 rows: 0.98-1.04, so theirs stays.)
+# Both panels within two L2s per thread since stop 21 (one until then): on a 2-vCPU Zen 3 (512 KB L2 per
+# core) LSTM and GRU at H=256 (2 MB and 1.5 MB of panels) had projected before the steps or by torch.
+# In-process, 15 rotations, time one L2 / two: LSTM (100,8,256) 1.058, (100,16,256) 1.042, (100,32,256)
+# 1.055; GRU B=8 / 16 / 32 1.065 / 1.076 / 1.113; RNN B=8 0.993. A thread then streams its 1 MB share
+# from L3 every step, and still gains: no x_gates written out and read back, no GEMM pass of its own.
+# (Stop 20's Zen 4 had found two L2s better for wide inputs as well: LSTM (100,B,256) at I=512 +10%,
+# GRU +7%.) Where two L2s reach 8 MB (LSTM H=512 on 2 MB-L2 cores) it is unmeasured.
+_EACH_STEP_L2S = 2
 _EACH_STEP_DTYPES = (torch.float32, torch.bfloat16)
 _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32, "rnn_tanh": 1 << 62, "rnn_relu": 1 << 62}
 # Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):
@@ -914,7 +927,7 @@ def _projects_each_step(mode, x2d, seq, hidden, proj, read):
         return False
     if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
         return False
-    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _L2_BYTES * _PATH_THREADS
+    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _EACH_STEP_L2S * _L2_BYTES * _PATH_THREADS
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -923,7 +936,7 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     read = GATES[mode] * hidden * x2d.shape[1] * (2 if x2d.dtype == torch.bfloat16 else x2d.element_size())
-    if read > _L2_BYTES // 2 * _PATH_THREADS or x2d.dtype != w_ih.dtype:
+    if read > _READ_L2S * _L2_BYTES * _PATH_THREADS or x2d.dtype != w_ih.dtype:
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
