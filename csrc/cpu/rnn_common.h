@@ -47,10 +47,10 @@ template <typename A> struct Vec;
 template <> struct Vec<float> { using type = vfloat; };
 template <> struct Vec<double> { using type = vdouble; };
 template <typename A> using V = typename Vec<A>::type;
-// One register loaded from (or stored to) any element-aligned address. The tile loads its weights
-// through this, not memcpy: at the AVX2 level GCC merged a tile's adjacent per-gate memcpys into one
-// 128-byte copy, lowered it as a loop of 16-byte moves into a stack array, and then kept the weights
-// and accumulators in memory (LSTM (100,32,256) at 47 GFLOP/s of a 202 peak on a Zen 3).
+// One register loaded from any element-aligned address; `load` takes whole registers through it. Not
+// memcpy: at the AVX2 level GCC merged the tile's adjacent per-gate memcpys into one 128-byte copy,
+// lowered it as a loop of 16-byte moves into a stack array, and then kept the weights and accumulators
+// in memory (LSTM (100,32,256) at 47 GFLOP/s of a 202 peak on a Zen 3).
 typedef float vfloat_u __attribute__((vector_size(kVecBytes), aligned(4), may_alias));
 typedef double vdouble_u __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
 template <typename A> struct VecU;
@@ -122,9 +122,8 @@ inline vbf16 narrow(vfloat f) {
 // Loads `valid` (<= L) elements, zero beyond; stores only `valid`.
 template <typename A, typename T> inline V<A> load(const T* p, int valid) {
   V<A> v;
-  if (std::is_same<T, A>::value && valid == lanes<A>()) {
-    std::memcpy(&v, p, sizeof(v));
-    return v;
+  if constexpr (std::is_same<T, A>::value) {
+    if (valid == lanes<A>()) return loadu(p);  // (not memcpy: see loadu)
   }
   if constexpr (std::is_same<T, bf16>::value && std::is_same<A, float>::value) {
     if (valid == lanes<A>()) {
@@ -424,7 +423,7 @@ __attribute__((noinline)) void gemm_tile(const A* const* rows, const A* panel, i
     const A* w = panel + k * kstride;
     V<A> wv[C];
     for (int b = 0; b < NB; ++b)
-      for (int g = 0; g < G; ++g) wv[b * G + g] = loadu(w + b * bstride + g * L);
+      for (int g = 0; g < G; ++g) wv[b * G + g] = load<A>(w + b * bstride + g * L, L);
     for (int r = 0; r < MR; ++r) {
       const V<A> hb = splat(row[r][k]);
       for (int c = 0; c < C; ++c) sum[r][c] += hb * wv[c];
