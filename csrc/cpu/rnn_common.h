@@ -24,14 +24,15 @@ namespace rnn {
 
 // ---- traits ---------------------------------------------------------------------------------------
 // A unit block is one register of L lanes; MR rows share each weight load (register tile MR x G).
-// kMR: rows of a tile at most (see rows_per_tile); kRowQuantum: the row groups threads split batches by.
+// kMR: rows of a tile at most (see rows_per_tile); kRowQuantum: the fewest rows per thread for threads to
+// own rows (split_rows_by_tiles splits them), and the LSTM epilogue's row group.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 constexpr int kMR = 8;  // 8 x 3 gates (GRU) or 6 x 4 (LSTM) = 24 of 32 zmm accumulators
 constexpr int kRowQuantum = 4;
 #elif defined(__AVX2__)
 constexpr int kVecBytes = 32;
-constexpr int kMR = 3;  // 3 x 4 = 12 of 16 ymm
+constexpr int kMR = 4;  // 3 x 4 gates (LSTM), 4 x 3 (GRU), 4 x 3 blocks (RNN) = 12 of 16 ymm
 constexpr int kRowQuantum = 3;
 #else
 constexpr int kVecBytes = 16;
@@ -389,21 +390,29 @@ constexpr int kMaxNB = 8;
 // a tile streamed 32 B/cycle of weights at the FMA peak, most of what the L2 delivers (~41 B/cycle
 // measured on an Emerald Rapids core). AVX-512: 6 rows x 4 gates, 8 x 3, 6 x 2 gates x 2 blocks, 6 x 4
 // blocks of one gate (24 accumulators each; 8 x 2 blocks x 1 gate left a third of them idle and ran
-// an RNN slower). Narrower levels: as many as the accumulators allow, up to kMR.
+// an RNN slower). AVX2 (12 accumulators): 3 rows x 4 gates, 4 x 3 gates, 3 x 2 gates x 2 blocks, 4 x 3
+// blocks of one gate. Until stop 22 every AVX2 tile had 3 rows: 8 rows went as 3 + 3 + 2 and threads
+// owning rows split 8 as 6 + 2. With 4-row tiles (and split_rows_by_tiles), on a Zen 3, 5 alternating
+// processes, time before / after: RNN (100,8,256) 1.42, (100,32,256) 1.13, (100,9,256) 1.12; GRU B=8
+// 1.12, B=32 1.05, (100,16,128) 1.14; LSTM (unchanged tiles) within noise. Baseline: up to kMR.
 template <int G> constexpr int rows_per_tile() {
 #if defined(__AVX512F__)
   return G == 3 ? 8 : 6;
+#elif defined(__AVX2__)
+  return G == 3 || G == 1 ? 4 : 3;  // (4 x 1 block x 2 gates would leave a third of them idle)
 #else
   return kAcc / G < kMR ? kAcc / G : kMR;
 #endif
 }
 // The next tile's height for `left` rows: full tiles, but never a last tile of 1 or 2 rows behind a
-// full one (8 rows go as 4 + 4, not 6 + 2: a narrow tile streams the weights for few rows). Heights
-// between 4 and full run as full tiles, the extra rows repeating the last.
+// full one (8 rows go as 4 + 4, not 6 + 2: a narrow tile streams the weights for few rows; with 4-row
+// tiles, 5 rows go as 3 + 2, not 4 + 1: RNN (100,5,256) 1.08x the time on a Zen 3). Heights between 4
+// and full run as full tiles, the extra rows repeating the last.
 template <int G> inline int next_tile_rows(int64_t left) {
   constexpr int M = rows_per_tile<G>();
   if (left <= M) return static_cast<int>(left);
-  return left - M >= 3 || M <= 4 ? M : 4;
+  if (left - M >= 3 || M < 4) return M;
+  return M > 4 ? 4 : left - M == 1 ? 3 : M;
 }
 
 template <typename A> struct Tile { V<A> v[kMR][kAcc]; };
@@ -577,8 +586,8 @@ __attribute__((noinline)) void amx_pass1(const char* a, int64_t as, const char* 
 // Blocks one tile of `mr` rows takes: the widest power of two within the budget and `left`.
 template <int G> inline int tile_blocks(int mr, int64_t left) {
   int nb = acc_budget(mr) / (mr * G);
-  nb = nb >= kMaxNB ? kMaxNB : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;
-  while (nb > left) nb >>= 1;
+  nb = nb >= kMaxNB ? kMaxNB : nb >= 4 ? 4 : nb == 3 ? 3 : nb >= 2 ? 2 : 1;
+  while (nb > left) nb = nb == 3 ? 2 : nb >> 1;
   return nb;
 }
 
@@ -589,6 +598,7 @@ inline void gemm_nb(int nb, const R* const* rows, const P* panel, int64_t K, int
   constexpr int cap = acc_budget(MR) / (MR * G);
   if constexpr (cap >= 8) if (nb == 8) return gemm_tile<MR, 8, G>(rows, panel, K, ks, bs, acc);
   if constexpr (cap >= 4) if (nb == 4) return gemm_tile<MR, 4, G>(rows, panel, K, ks, bs, acc);
+  if constexpr (cap == 3) if (nb == 3) return gemm_tile<MR, 3, G>(rows, panel, K, ks, bs, acc);
   if constexpr (cap >= 2) if (nb == 2) return gemm_tile<MR, 2, G>(rows, panel, K, ks, bs, acc);
   gemm_tile<MR, 1, G>(rows, panel, K, ks, bs, acc);
 }

@@ -230,6 +230,8 @@ bool pack_current(const RnnPackParams& p) {
 
 // ---- forward ----------------------------------------------------------------------------------------
 enum class Variant { Lstm, GruAfter, GruBefore, Rnn };
+// Gates of x_gates and of the forward panel.
+template <Variant VAR> constexpr int gates_of() { return VAR == Variant::Lstm ? 4 : VAR == Variant::Rnn ? 1 : 3; }
 
 template <typename A>
 struct FwdCtx {
@@ -293,6 +295,53 @@ void split_rows_by_cost(const RnnSeq& q, int tid, int nt, int64_t* r0, int64_t* 
   *r1 = start_of(lo, tid + 1);
 }
 
+// Thread tid's rows [r0, r1) of a padded batch, in the same way by the cost of its row tiles for G gates
+// (tiled_product's: each tile's rows plus one for streaming the panels). Until stop 22 the split was by
+// quanta of kRowQuantum rows: with 4-row tiles on AVX2, 8 rows went 6 + 2, 32 rows 18 + 14.
+template <int G> int64_t tiles_cost(int64_t n) {
+  constexpr int MRT = rows_per_tile<G>();
+  int64_t cost = 0;
+  for (int64_t left = n, mr; left > 0; left -= mr) {
+    mr = next_tile_rows<G>(left);
+    cost += (mr > 4 ? MRT : mr) + 1;  // (5 to MRT - 1 rows run as a full tile)
+  }
+  return cost;
+}
+template <int G> void split_rows_by_tiles(int64_t B, int tid, int nt, int64_t* r0, int64_t* r1) {
+  auto rows_within = [](int64_t cap, int64_t most) {  // the most rows, up to `most`, costing <= cap
+    int64_t lo = 0, hi = most;
+    while (lo < hi) {
+      const int64_t mid = hi - (hi - lo) / 2;
+      if (tiles_cost<G>(mid) <= cap) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  };
+  auto start_of = [&](int64_t cap, int k) {
+    int64_t b = 0;
+    for (int r = 0; r < k && b < B; ++r) b += rows_within(cap, B - b);
+    return b;
+  };
+  int64_t lo = 0, hi = tiles_cost<G>(B);
+  while (lo < hi) {  // the least cap whose nt ranges cover every row
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (start_of(mid, nt) >= B) hi = mid;
+    else lo = mid + 1;
+  }
+  *r0 = start_of(lo, tid);
+  *r1 = start_of(lo, tid + 1);
+}
+// The most rows split_rows_by_tiles gives one of nt threads.
+template <int G> int64_t busiest_rows(int64_t B, int nt) {
+  int64_t most = 0;
+  for (int t = 0; t < nt; ++t) {
+    int64_t r0, r1;
+    split_rows_by_tiles<G>(B, t, nt, &r0, &r1);
+    most = r1 - r0 > most ? r1 - r0 : most;
+  }
+  return most;
+}
+
 template <Variant VAR, typename T, typename A>
 void fwd_worker(void* raw, const Team& team) {
   const int tid = team.tid, nt = team.size;
@@ -303,7 +352,7 @@ void fwd_worker(void* raw, const Team& team) {
   constexpr int L = lanes<A>();
   // bfloat16 storage: pair products where the level has them (l.dot), and the float activations.
   constexpr bool BF = std::is_same<T, bf16>::value;
-  constexpr int G = VAR == Variant::Lstm ? 4 : VAR == Variant::Rnn ? 1 : 3;  // gates of x_gates and the panel
+  constexpr int G = gates_of<VAR>(), M = rows_per_tile<G>();
   using GI = std::integral_constant<int, G>;
   const bool dot = l.dot;
   auto tanh_ = [](V<A> v) {
@@ -341,10 +390,7 @@ void fwd_worker(void* raw, const Team& team) {
     if (q.lengths) {
       split_rows_by_cost(q, tid, nt, &rb0, &rb1);
     } else {
-      int64_t t0, t1;
-      split_range(ceil_div(q.batch, kRowQuantum), tid, nt, &t0, &t1);
-      rb0 = t0 * kRowQuantum;
-      rb1 = t1 * kRowQuantum < q.batch ? t1 * kRowQuantum : q.batch;
+      split_rows_by_tiles<G>(q.batch, tid, nt, &rb0, &rb1);
     }
   } else {
     split_range(l.U, tid, nt, &u0, &u1);
@@ -477,16 +523,16 @@ void fwd_worker(void* raw, const Team& team) {
       if constexpr (BF) if (dot) store<A>(hn2 + b * Kp + blk * L, h, L);
     };
     // x_gates of (row b + d, block u), the row this thread's next row tile uses (wrapping into the next
-    // step's first rows): d a full tile's rows, or kRowQuantum for a thread with that few rows (which
-    // then wraps to the same row of the next step; with d = 6 for 4 own rows, half of them found no
-    // row to prefetch and RNN B=8 lost 9%). The projection GEMM wrote all of x_gates before the call (13 MB for an
+    // step's first rows): d a full tile's rows, or all of the thread's rows where it has fewer (then it
+    // wraps to the same row of the next step; with d = 6 for 4 own rows, half of them found no row to
+    // prefetch and RNN B=8 lost 9%). The projection GEMM wrote all of x_gates before the call (13 MB for an
     // LSTM at T=100, B=32, H=256), so its rows come from memory, in a pattern (G short segments per
     // row) the hardware prefetcher misses. Waiting for them took as long as the bfloat16 product;
     // prefetched a whole step ahead they were evicted again before use (a third of the float32 LSTM
     // epilogue still waited on them). A row tile ahead is a few microseconds: in time, and still close.
     auto prefetch_ahead = [&](int64_t b, int64_t u) __attribute__((always_inline)) {
       if (fused) return;
-      int64_t ns = s, nbr = b + (nrows <= kRowQuantum ? kRowQuantum : rows_per_tile<G>());
+      int64_t ns = s, nbr = b + (nrows <= M ? nrows : M);
       if (nbr >= rb0 + nrows) {
         ns = s + 1;
         nbr -= nrows;
@@ -610,7 +656,7 @@ void fwd_worker(void* raw, const Team& team) {
       // Rows are computed in groups of 8 (amx: twice the independent activation chains of 4, whose last
       // phase, tanh(c), ran latency bound), of a full tile's, of kRowQuantum (2 to 4 left: a thread with
       // 4 rows paid 6 rows of activations as one group, 20% of a float64 LSTM call), or of one.
-      constexpr int M = rows_per_tile<4>(), Q = kRowQuantum;
+      constexpr int Q = kRowQuantum;
       int i = 0;
       if constexpr (kAmx)
         for (; mr - i >= 8; i += 8) lstm_rows(std::integral_constant<int, 8>(), r0 + i, 8, u, sum + i * kAcc, col);
@@ -678,7 +724,7 @@ void fwd_worker(void* raw, const Team& team) {
 
 // Row tiles (passes over the panel) a product over n rows makes, for the variant's gates.
 template <Variant VAR> int64_t tile_passes(int64_t n) {
-  constexpr int G = VAR == Variant::Lstm ? 4 : VAR == Variant::Rnn ? 1 : 3;
+  constexpr int G = gates_of<VAR>();
   int64_t t = 0;
   for (int64_t left = n; left > 0; left -= next_tile_rows<G>(left)) ++t;
   return t;
@@ -737,7 +783,7 @@ void forward_variant(const RnnFwdParams& p) {
   // 1.05, B=8 1.03; float32 panels in between: GRU H=192 B=8 / 32 1.04 / 1.00, LSTM H=160 1.07 / 1.03.
   const bool fused_rows =
       by_rows > 1 && panel_bytes + in_bytes <= cpu_l2_bytes() &&
-      2 * by_rows * tile_passes<VAR>(ceil_div(ceil_div(B, kRowQuantum), by_rows) * kRowQuantum) <=
+      2 * by_rows * tile_passes<VAR>(busiest_rows<gates_of<VAR>()>(B, by_rows)) <=
           3 * tile_passes<VAR>(B);
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr || fused_rows) &&
                  panel_bytes <= cpu_l2_bytes();
