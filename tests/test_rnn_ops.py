@@ -1307,6 +1307,53 @@ def test_inference_forward_scratch_keeps_the_results(monkeypatch, mode, proj, re
     assert len(set(ptrs)) == len(ptrs)
 
 
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_training_reserves_reuse_only_buffers_nothing_holds(mode, proj, reset_after):
+    """Training forwards take their reserves from a per-thread pool (ops._ReservePool) and reuse a buffer
+    only once nothing else holds it. Graphs alive together (two forwards before one backward, a graph
+    kept by retain_graph while others run, packed and padded calls of other sizes) must each keep
+    their own reserve: every gradient is the one the same call gives from a fresh pool, bit for bit,
+    and a backward run twice gives the same bits twice. Once the graphs are gone, steps of the same
+    sizes reuse the pool's buffers instead of adding new ones."""
+    # (cases 0 and 2: the same sizes, other values)
+    cases = [make_case(mode, proj, torch.float32, T=T, B=B, H=H, lengths=lengths, seed=i)
+             for i, (T, B, H, lengths) in enumerate([(9, 6, 11, None), (5, 3, 11, [5, 4, 2]), (9, 6, 11, None),
+                                                     (12, 7, 11, None)])]
+
+    def alone(case):
+        pyseqkern.empty_cache()
+        return outputs_and_grads(ops.rnn_layer, mode, *case, False, reset_after)[1]
+
+    want = [alone(c) for c in cases]
+    pyseqkern.empty_cache()
+    graphs = []
+    for x, bs, t in cases:  # every forward before any backward
+        lv = leaves(x, t)
+        outs = [o for o in call(ops.rnn_layer, mode, lv["x"], bs, {k: v for k, v in lv.items() if k != "x"}, False,
+                                reset_after) if o is not None]
+        loss = sum((o.double() * randn(o.shape, torch.float64, seed=9 + i)).sum() for i, o in enumerate(outs))
+        graphs.append((loss, lv))
+    kept_loss, kept_lv = graphs[0]
+    names = [k for k, v in kept_lv.items() if v is not None]
+    first = torch.autograd.grad(kept_loss, [kept_lv[k] for k in names], retain_graph=True)
+    for (loss, lv), w in list(zip(graphs, want))[1:]:
+        got = torch.autograd.grad(loss, [lv[k] for k in names])
+        for k, g in zip(names, got):
+            assert_bitwise_equal(g, w[k], name=f"d{k}")
+    again = outputs_and_grads(ops.rnn_layer, mode, *cases[2], False, reset_after)[1]  # while graph 0 is kept
+    second = torch.autograd.grad(kept_loss, [kept_lv[k] for k in names])
+    for k, a, b in zip(names, first, second):
+        assert_bitwise_equal(a, want[0][k], name=f"d{k}")
+        assert_bitwise_equal(b, want[0][k], name=f"d{k} (second backward)")
+    for k in names:
+        assert_bitwise_equal(again[k], want[2][k], name=f"d{k}")
+    del graphs, kept_loss, kept_lv
+    held = len(ops._reserves().bufs)
+    for _ in range(3):
+        outputs_and_grads(ops.rnn_layer, mode, *cases[0], False, reset_after)
+    assert len(ops._reserves().bufs) == held
+
+
 @pytest.mark.parametrize("change, error, match", [
     (lambda a: dict(a, h=a["h"][:, :5]), ValueError, r"'h0' must have shape \(3, 11\), got \(3, 5\)"),
     (lambda a: dict(a, h=a["h"][:2]), ValueError, r"'h0' must have shape \(3, 11\), got \(2, 11\)"),
