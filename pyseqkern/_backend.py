@@ -88,14 +88,17 @@ FP32_GEMM_ENV = "PYSEQKERN_FP32_GEMM"
 
 def _pick_fp32_gemm(value: str) -> str:
     """Which of torch's GEMMs the recurrent layers call for float32 (ops/rnn.py): "mkl" (mm, taking
-    transposed views) on Intel CPUs where torch has MKL, "onednn" (its internal linear) elsewhere: MKL's
-    sgemm runs at ~40% of peak on AMD cores (DESIGN.md, "Which torch GEMM")."""
+    transposed views) where torch has MKL and the CPU is Intel's or has no AVX-512, "onednn" (its
+    internal linear) elsewhere: on AMD cores with AVX-512 MKL's sgemm takes its AVX2 path, ~40% of
+    peak; without AVX-512 both run AVX2 code and MKL's was faster (DESIGN.md, "Which torch GEMM")."""
     name = value.strip().lower() or "auto"
     if name not in ("auto", "mkl", "onednn"):
         raise ValueError(f"{FP32_GEMM_ENV}={value!r}: expected one of ['auto', 'mkl', 'onednn']")
     if name != "auto":
         return name
-    return "mkl" if _C.cpu_isa_report()["vendor"] == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
+    isa = _C.cpu_isa_report()
+    mkl_full_speed = isa["vendor"] == "GenuineIntel" or "avx512" not in isa["supported"]
+    return "mkl" if mkl_full_speed and torch.backends.mkl.is_available() else "onednn"
 
 
 FP32_GEMM = _pick_fp32_gemm(os.environ.get(FP32_GEMM_ENV, ""))  # read at call time (tests set it)

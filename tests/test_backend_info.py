@@ -97,12 +97,13 @@ def test_unknown_level_is_a_clear_error():
                                            ("auto", None)])
 def test_fp32_gemm_by_env(value, expect):
     """PYSEQKERN_FP32_GEMM forces the library of the recurrent layers' float32 GEMMs; auto (or unset)
-    takes MKL on Intel CPUs where torch has it, oneDNN's linear elsewhere."""
+    takes MKL where torch has it on Intel CPUs and on CPUs without AVX-512, oneDNN's linear elsewhere."""
     proc = run_python("import json, pyseqkern; print(json.dumps(pyseqkern.backend_info()['cpu']))",
                       PYSEQKERN_FP32_GEMM=value)
     assert proc.returncode == 0, proc.stderr
     cpu = json.loads(proc.stdout)
-    auto = "mkl" if cpu["vendor"] == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
+    mkl_full_speed = cpu["vendor"] == "GenuineIntel" or "avx512" not in cpu["isa_supported"]
+    auto = "mkl" if mkl_full_speed and torch.backends.mkl.is_available() else "onednn"
     assert cpu["fp32_gemm"] == (expect or auto)
 
 

@@ -1169,7 +1169,7 @@ def test_activation_checkpointing_and_saved_tensor_hooks(kind, cfg_name, hooks):
     non-reentrant checkpointing refuses)."""
     from torch.utils.checkpoint import checkpoint
     cfg = CONFIGS[cfg_name]
-    _, ours = make_pair(kind, cfg, F32)
+    theirs, ours = make_pair(kind, cfg, F32)
     x, h0, c0 = make_inputs(kind, cfg, F32)
     is_lstm = KINDS[kind][0] == "LSTM"
     lengths = torch.tensor(LENGTHS[cfg["packed"]]) if "packed" in cfg else None
@@ -1197,10 +1197,16 @@ def test_activation_checkpointing_and_saved_tensor_hooks(kind, cfg_name, hooks):
     else:
         outs = checkpoint(f, x, h0, c0, use_reentrant=hooks == "checkpoint_reentrant", preserve_rng_state=True)
     got = grads_of(outs)
-    for a, b in zip(outs, plain_outs, strict=True):
-        # (reentrant checkpointing runs the first forward without grad: the inference paths, which
-        # may sum in another order)
-        torch.testing.assert_close(a, b, rtol=TOLERANCES[F32][0], atol=TOLERANCES[F32][1])
+    # Reentrant checkpointing runs the first forward without grad: the inference paths, which may sum in
+    # another order (the kernel projecting the input, torch's GEMM in training), so those outputs are
+    # each held to the float64 reference, as every float32 module output is (assert_matches); two
+    # float32 orders through three relu layers differed by 140 ulps in one element.
+    expected = run(copy.deepcopy(theirs).double(), kind, cfg, F64)[0]
+    for a, b, e in zip(outs, plain_outs, expected, strict=True):
+        assert_matches(a, e)
+        assert_matches(b, e)
+        if hooks != "checkpoint_reentrant":
+            assert_bitwise_equal(a, b, "output")
     for a, b in zip(got, plain, strict=True):
         assert_bitwise_equal(a, b, "gradient")
 

@@ -467,11 +467,12 @@ def _mm(a, bt):
     return a @ bt.t()
 
 
-# That holds on AMD's cores. On Intel's, MKL's sgemm matches or beats oneDNN's linear and takes
-# transposed operands as they are, so float32 there goes to mm with views and the backward kernel
+# That holds on AMD's cores with AVX-512. On Intel's, MKL's sgemm matches or beats oneDNN's linear and
+# takes transposed operands as they are, so float32 there goes to mm with views and the backward kernel
 # writes no transposed copies (in-process, Emerald Rapids, 5 alternations: LSTM training (100,32,256)
-# 1.05-1.11x -> 1.13-1.22x torch.nn, GRU 1.73-1.87x -> 1.82-1.94x). _backend.FP32_GEMM says which
-# (PYSEQKERN_FP32_GEMM forces it).
+# 1.05-1.11x -> 1.13-1.22x torch.nn, GRU 1.73-1.87x -> 1.82-1.94x); so it does on CPUs without AVX-512
+# (stop 22, a Zen 3: training (100,32,256) LSTM / GRU / RNN 1.08 / 1.12 / 1.21x faster than through
+# oneDNN). _backend.FP32_GEMM says which (PYSEQKERN_FP32_GEMM forces it).
 
 
 # oneDNN's linear builds and keeps a primitive per GEMM shape (torch's build keeps up to 1024, a few
@@ -595,7 +596,8 @@ class _Gemms:
     transposed view as its weight took one training call from 60 ms to 10 s), and the weight
     gradients contract over rows: the backward kernel writes d_gates^T and h_prev^T itself (torch's
     transposing copies cost 4 ms of a 50 ms LSTM training call); `t()` copies the small rest.
-    Elsewhere (float64, CUDA, torch.compile, few rows, float32 on Intel: _backend.FP32_GEMM): views and mm."""
+    Elsewhere (float64, CUDA, torch.compile, few rows, float32 where MKL runs at full speed:
+    _backend.FP32_GEMM): views and mm."""
 
     def __init__(self, rows, dtype, device):
         self.fast = _onednn_ok(rows, dtype, device)
