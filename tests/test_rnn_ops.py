@@ -1308,13 +1308,14 @@ def test_inference_forward_scratch_keeps_the_results(monkeypatch, mode, proj, re
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_training_reserves_reuse_only_buffers_nothing_holds(mode, proj, reset_after):
+def test_training_reserves_reuse_only_buffers_nothing_holds(monkeypatch, mode, proj, reset_after):
     """Training forwards take their reserves from a per-thread pool (ops._ReservePool) and reuse a buffer
     only once nothing else holds it. Graphs alive together (two forwards before one backward, a graph
     kept by retain_graph while others run, packed and padded calls of other sizes) must each keep
     their own reserve: every gradient is the one the same call gives from a fresh pool, bit for bit,
     and a backward run twice gives the same bits twice. Once the graphs are gone, steps of the same
     sizes reuse the pool's buffers instead of adding new ones."""
+    monkeypatch.setattr(ops, "_RESERVE_POOL_FROM", 0)  # (these reserves are small)
     # (cases 0 and 2: the same sizes, other values)
     cases = [make_case(mode, proj, torch.float32, T=T, B=B, H=H, lengths=lengths, seed=i)
              for i, (T, B, H, lengths) in enumerate([(9, 6, 11, None), (5, 3, 11, [5, 4, 2]), (9, 6, 11, None),
@@ -1349,6 +1350,7 @@ def test_training_reserves_reuse_only_buffers_nothing_holds(mode, proj, reset_af
         assert_bitwise_equal(again[k], want[2][k], name=f"d{k}")
     del graphs, kept_loss, kept_lv
     held = len(ops._reserves().bufs)
+    assert held > 0
     for _ in range(3):
         outputs_and_grads(ops.rnn_layer, mode, *cases[0], False, reset_after)
     assert len(ops._reserves().bufs) == held
