@@ -297,7 +297,9 @@ void split_rows_by_cost(const RnnSeq& q, int tid, int nt, int64_t* r0, int64_t* 
 
 // Thread tid's rows [r0, r1) of a padded batch, in the same way by the cost of its row tiles for G gates
 // (tiled_product's: each tile's rows plus one for streaming the panels). Until stop 22 the split was by
-// quanta of kRowQuantum rows: with 4-row tiles on AVX2, 8 rows went 6 + 2, 32 rows 18 + 14.
+// quanta of kRowQuantum rows: with 4-row tiles on AVX2, 8 rows went 6 + 2, 32 rows 18 + 14. Beyond
+// kExactSplitRows rows, whole tiles split evenly (a tile's difference is then small, and the bisections
+// would cost microseconds per call).
 template <int G> int64_t tiles_cost(int64_t n) {
   constexpr int MRT = rows_per_tile<G>();
   int64_t cost = 0;
@@ -307,7 +309,16 @@ template <int G> int64_t tiles_cost(int64_t n) {
   }
   return cost;
 }
+constexpr int64_t kExactSplitRows = 64;
 template <int G> void split_rows_by_tiles(int64_t B, int tid, int nt, int64_t* r0, int64_t* r1) {
+  if (B > kExactSplitRows) {
+    constexpr int M = rows_per_tile<G>();
+    int64_t t0, t1;
+    split_range(ceil_div(B, M), tid, nt, &t0, &t1);
+    *r0 = t0 * M < B ? t0 * M : B;
+    *r1 = t1 * M < B ? t1 * M : B;
+    return;
+  }
   auto rows_within = [](int64_t cap, int64_t most) {  // the most rows, up to `most`, costing <= cap
     int64_t lo = 0, hi = most;
     while (lo < hi) {
