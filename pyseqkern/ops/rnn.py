@@ -542,10 +542,11 @@ class _ReservePool:
     keeps until the backward: each comes from a buffer of this thread's pool that nothing else holds
     (torch's count of references to its storage is back to the pool's own), else from a new one. Fresh
     each call they came back from the OS as new pages (glibc maps or trims allocations this large):
-    in-process, training step (100,32,256) LSTM 85 -> 79 ms, GRU 64 -> 61 ms on a 2-vCPU Zen 3. The
-    tensor handed out is a new one on the buffer's storage (never the buffer itself, which autograd would
-    tie to the graph), of exactly the shape asked for; a buffer serves requests of half its size or more.
-    Only reserves of _RESERVE_POOL_FROM bytes or more. pyseqkern.empty_cache() releases the pool."""
+    3 alternating processes, training step (100,32,256) LSTM 86 -> 79 ms, GRU 64 -> 62 ms on a 2-vCPU
+    Zen 3. The tensor handed out is a new one on the buffer's storage (never the buffer itself, which
+    autograd would tie to the graph), of exactly the shape asked for; a buffer serves requests of half
+    its size or more. Only reserves of _RESERVE_POOL_FROM bytes or more. pyseqkern.empty_cache()
+    releases the pool."""
 
     def __init__(self):
         self.bufs: list = []  # (buffer, its storage's reference count when free), least recently used first
