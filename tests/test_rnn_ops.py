@@ -872,6 +872,18 @@ def test_inference_threads_projecting_their_own_rows(monkeypatch, isa, mode, res
     assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
 
 
+@pytest.mark.parametrize("B", [5, 6, 8, 9, 64, 65, 97])
+@pytest.mark.parametrize("mode, reset_after", [("rnn_tanh", True), ("gru", True), ("lstm", True)])
+def test_inference_rows_split_by_tile_cost(isa, mode, reset_after, B):
+    """Threads that own rows of a padded batch split it by the cost of their row tiles
+    (split_rows_by_tiles: bisection up to 64 rows, whole tiles evenly beyond), and a thread's rows run
+    as tiles of next_tile_rows (5 rows as 3 + 2 with 4-row tiles): every batch size around those
+    boundaries, at 1, 2 and 3 threads, bit for bit alike and elementwise on the float64 reference."""
+    x, bs, t = make_case(mode, 0, torch.float64, T=21, B=B, I=24, H=64)
+    runs = inference_runs(x, bs, t, mode, False, reset_after, (1, 2, 3), poison=True)
+    assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, False)
+
+
 def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
     """A panel whose per-thread share exceeds a core's L2 (_READ_L2S of it) would stream from memory for
     every row tile: torch's GEMM projects instead, and the result is the op path's bit for bit."""
