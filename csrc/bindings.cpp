@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "fingerprint.h"
 #include "handoff.h"
 #include "pyseqkern/isa.h"
 #include "pyseqkern/probe.h"
@@ -808,6 +809,10 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &RnnCellStep::run, py::arg("batch"), py::arg("x"), py::arg("h"), py::arg("c"), py::arg("h_n"),
            py::arg("c_n"), py::arg("num_threads"), py::arg("spread") = false)
       .def_static("release_workspace", &RnnCellStep::release_workspace);
+  py::class_<Fingerprint>(m, "Fingerprint")
+      .def(py::init<const std::vector<std::pair<uintptr_t, int64_t>>&>(), py::arg("spans"))
+      .def("matches", &Fingerprint::matches)
+      .def_property_readonly("samples", &Fingerprint::samples);
   m.def("rnn_backward", &rnn_backward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
         py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),

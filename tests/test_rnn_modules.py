@@ -9,6 +9,7 @@ tensor's largest value in float32 (see assert_matches). The numerical quality of
 as torch.nn does, and a wiring mistake is off by O(1). Sequence modules and cells run on the CPU and on
 CUDA (helpers.devices(); CUDA cases skip cleanly without a GPU), always against torch.nn in float64 on
 the CPU."""
+import contextlib
 import copy
 import inspect
 
@@ -214,16 +215,19 @@ def test_one_step_calls_without_grad_run_as_cells(monkeypatch, kind, cfg_name, d
     assert len(set(ptrs)) == len(ptrs)
 
 
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no_hx"])
 @pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched"])
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("layers", [1, 3])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, layers, batch, layout, dtype):
-    """One step of a one-direction module with hx given and no grad goes from the module straight to the
-    cells' planned entry, layer by layer (nn/_sequence.py _decode_step): the bits of the general one-step
-    path (run_layers, rnn_cell), torch.nn's results in float64, outputs that share no memory; and the
-    full path, with its errors, wherever anything differs."""
+def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, layers, batch, layout, dtype, hx_given):
+    """One step of a one-direction module with no grad, hx given or not (zeros: a decoding loop's first
+    step), goes from the module straight to the cells' planned entry, layer by layer (nn/_sequence.py
+    _decode_step): the bits of the general one-step path (run_layers, rnn_cell), torch.nn's results in
+    float64, outputs that share no memory; and the full path, with its errors, wherever anything
+    differs. (Without hx that step took the sequence path until stop 23: LSTM T=1, B=1, H=256 117 ->
+    54 us.)"""
     from pyseqkern.nn import _sequence
 
     name, kwargs = KINDS[kind]
@@ -236,7 +240,9 @@ def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, l
     x = randn(shape, dtype, seed=1)
     hs = [randn((layers, H) if unbatched else (layers, batch, H), dtype, seed=2 + k, scale=0.5)
           for k in range(2 if kind == "lstm" else 1)]
-    hx = tuple(hs) if kind == "lstm" else hs[0]
+    if not hx_given:
+        hs = [torch.zeros_like(h) for h in hs]  # (the oracle's states)
+    hx = (tuple(hs) if kind == "lstm" else hs[0]) if hx_given else None
     real_fast, real_cell = rnn_ops.cell_fast, rnn_ops.rnn_cell
     fast, cells = [], []
     monkeypatch.setattr(rnn_ops, "cell_fast", lambda *a, **k: fast.append(1) or real_fast(*a, **k))
@@ -648,6 +654,62 @@ def test_fsdp2_evaluation_between_training_steps_uses_the_current_weights(cls, r
         opt.step()
         for a, b in zip(evaluated, trained, strict=True):
             assert_matches(a, b.detach().double(), f"evaluation before step {step}")
+
+
+DATA_WRITES = {  # what code outside autograd does to a parameter through `.data` (no version bump)
+    "soft_update": lambda p, o: p.mul_(0.99).add_(o, alpha=0.01),  # an RL target network's update
+    "copy": lambda p, o: p.copy_(o),  # a hard update, or weights loaded by hand
+    "first_gate_rows": lambda p, o: p[: max(1, p.shape[0] // 4)].add_(0.25),  # one gate's rows
+}
+
+
+@pytest.mark.parametrize("write", list(DATA_WRITES))
+@pytest.mark.parametrize("call", ["sequence", "one_step", "one_step_no_hx", "autocast_bf16"])
+@pytest.mark.parametrize("cls", ["LSTM", "LSTM-proj", "GRU", "GRU-reset_before", "RNN", "LSTMCell", "GRUCell",
+                                 "RNNCell"])
+def test_inference_caches_see_writes_through_data(cls, call, write):
+    """Writes through `.data` bump no version counter, so inference after
+    `target.p.data.mul_(0.99).add_(p.data, alpha=0.01)` ran the weights packed (input panel, folded
+    bias, cell plan, autocast casts) before it, off by up to 1.5. Each entry now holds a sample of its
+    parameters' memory (ops/rnn.py _fingerprint), checked on every hit: after each parameter's write
+    the result is a fresh module's with the same weights, bit for bit, and torch.nn's in float64."""
+    name, kw = cls.split("-")[0], {"proj": dict(proj_size=5), "reset_before": dict(reset_after=False)}.get(
+        cls.split("-")[-1], {})
+    cell, inp, hid = "Cell" in name, 20, 33
+    if call != "sequence" and (cell or "proj_size" in kw) and call != "autocast_bf16":
+        call = "sequence"  # (a cell's call is its one step; proj_size layers keep the sequence path)
+    ours = getattr(pnn, name)(inp, hid, **kw)
+    theirs = getattr(torch.nn, name)(inp, hid, **{k: v for k, v in kw.items() if k != "reset_after"})
+    seed_parameters(ours, seed=270)
+    donor = seed_parameters(getattr(pnn, name)(inp, hid, **kw), seed=271)
+    steps = 1 if call.startswith("one_step") else 6
+    x = randn((3, inp) if cell else (steps, 3, inp), seed=272)
+    hx = None
+    if call != "one_step_no_hx":
+        hout = 5 if "proj_size" in kw else hid
+        h = randn((3, hout) if cell else (1, 3, hout), seed=273, scale=0.5)
+        c = randn((3, hid) if cell else (1, 3, hid), seed=274, scale=0.5)
+        hx = (h, c) if name.startswith("LSTM") else h
+    region = torch.autocast("cpu", dtype=torch.bfloat16) if call == "autocast_bf16" else contextlib.nullcontext()
+
+    def fresh():
+        other = getattr(pnn, name)(inp, hid, **kw)
+        other.load_state_dict({k: v.detach().clone() for k, v in ours.state_dict().items()})
+        return other
+
+    with torch.no_grad():
+        for pname, p in ours.named_parameters():
+            with region:
+                ours(x, hx)  # caches what this call path keeps
+                ours(x, hx)
+            DATA_WRITES[write](p.data, dict(donor.named_parameters())[pname].data)
+            with region:
+                got, want = _first(ours(x, hx)), _first(fresh()(x, hx))
+            assert_bitwise_equal(got, want, f"output after a write to {pname}")
+            if call != "autocast_bf16" and "reset_after" not in kw:
+                theirs.load_state_dict(ours.state_dict())
+                hx64 = None if hx is None else tuple(t.double() for t in hx) if isinstance(hx, tuple) else hx.double()
+                assert_matches(got, _first(theirs.double()(x.double(), hx64)), f"output after a write to {pname}")
 
 
 @pytest.mark.parametrize("share", [False, True], ids=["plain", "share_memory"])

@@ -39,7 +39,7 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
     together overflow one core's L2 (RNN, 2 bidirectional layers at H=256: 2.5 MB), and on one thread
     each step streamed them from L3 (in-process, time spread / not: 0.76; 2 layers 0.90)."""
     mode = module.mode.lower()
-    one_step = (batch_sizes is None and x.shape[0] == 1 and h0 is not None and not torch.is_grad_enabled()
+    one_step = (batch_sizes is None and x.shape[0] == 1 and not torch.is_grad_enabled()
                 and module.proj_size == 0 and x.is_cpu and not torch.compiler.is_compiling())
 
     def step(layer_input, idx, direction, w_ih, w_hh, b_ih, b_hh, w_hr):

@@ -103,13 +103,15 @@ def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
 # Packed weights, cached per recurrent weight: reused while the parameter is unchanged (same storage,
 # same version counter, dtype, device, and ISA level, which sets the lane width of the layout).
 # Writes through `.data` (p.data.copy_(...), gradcheck's perturbations) do not bump the version
-# counter, so an entry serves calls that record no gradient for the weight (inference) on its key
-# alone. When autograd records one (training), the optimizer changes the weights every step anyway:
-# packing again costs one pass over the weights, small next to a sequence's forward and backward. Not
-# next to one step: a cell stepped in a training loop (or a layer fed one token a call) packed on every
-# step, 80-130 us of a 300-700 us step at H=256 (and more in fresh memory). Such calls (`reuse`) take the
-# entry where its key matches and the kernel finds the weights still equal to the pack, bit for bit
-# (`_C.rnn_pack_current`: one read of both, no copy kept), so no write of any kind is missed.
+# counter, so an entry serves calls that record no gradient for the weight (inference) on its key and
+# a sample of the weights' memory (_fingerprint: whole-tensor writes are seen, a few elements written
+# through `.data` only where they touch the sample). When autograd records one (training), the
+# optimizer changes the weights every step anyway: packing again costs one pass over the weights,
+# small next to a sequence's forward and backward. Not next to one step: a cell stepped in a training
+# loop (or a layer fed one token a call) packed on every step, 80-130 us of a 300-700 us step at H=256
+# (and more in fresh memory). Such calls (`reuse`) take the entry where its key matches and the kernel
+# finds the weights still equal to the pack, bit for bit (`_C.rnn_pack_current`: one read of both, no
+# copy kept), so no write of any kind is missed.
 _PACK_CACHE: dict = {}
 
 
@@ -123,13 +125,30 @@ def _pinned(*sources):
     return tuple((t.detach(), t.data_ptr()) for t in sources if t is not None)
 
 
+def _fingerprint(*sources):
+    """A sample of the CPU memory of the tensors an entry is made from (csrc/fingerprint.h), or None where
+    none is on the CPU. The version counter misses writes through `.data`: inference after
+    `target.p.data.copy_(tau * p.data + (1 - tau) * target.p.data)` (a soft target update) ran the
+    weights packed before it. A hit (_hit, _cell_plan) compares the sample: 64 words per tensor, ~0.1 us
+    for an LSTM's four parameters. CUDA memory is not sampled (a read would cost a sync)."""
+    spans = []
+    for t in sources:
+        if t is not None and t.is_cpu and t.numel():
+            extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+            spans.append((t.data_ptr(), extent * t.element_size()))
+    return _C.Fingerprint(spans) if spans else None
+
+
 def _hit(entry, key):
-    """entry's value if its key is key and its pinned memory is still where the key says, else _MISS."""
+    """entry's value if its key is key, its pinned memory still where the key says and still holding
+    the sampled values (_fingerprint), else _MISS."""
     if entry is None or entry[0] != key:
         return _MISS
     for alias, address in entry[2]:
         if alias.data_ptr() != address:
             return _MISS
+    if entry[3] is not None and not entry[3].matches():
+        return _MISS
     return entry[1]
 
 
@@ -148,7 +167,7 @@ def _cache_put(cache, anchor, key, value, *sources):
         return value
     if id(anchor) not in cache:
         weakref.finalize(anchor, cache.pop, id(anchor), None)
-    cache[id(anchor)] = (key, value, _pinned(*sources))
+    cache[id(anchor)] = (key, value, _pinned(*sources), _fingerprint(*sources))
     return value
 
 
@@ -1072,8 +1091,10 @@ def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
         return None
     # One pinned address checked, not four (_hit's loop was 0.6 us of a 14 us RNNCell step): w_hh's,
     # pinned first. Module.share_memory() moves every parameter, w_hh with them.
+    # The key holds every parameter's address, so the sample reads live memory (_fingerprint).
     pin, address = entry[2][0]
-    return entry[1] if entry[0] == key and pin.data_ptr() == address else None
+    return entry[1] if entry[0] == key and pin.data_ptr() == address and (
+        entry[3] is None or entry[3].matches()) else None
 
 
 def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
@@ -1196,12 +1217,14 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         (x, h, c), (w_ih, w_hh, b_ih, b_hh) = _autocast.cast_args(to, dev, (x, h, c), (w_ih, w_hh, b_ih, b_hh))
         with _autocast.off(dev):
             return rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, spread)
-    if (h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
-            and not torch.compiler.is_compiling()):
+    # Both states given, or none (zeros: the kernel reads none; a decoding loop's first step).
+    states = None if h is None and c is None else (h,) if mode != "lstm" else (h, c)
+    thin_states = states is None or (h is not None and (c is not None or mode != "lstm"))
+    if thin_states and type(x) is torch.Tensor and not torch.compiler.is_compiling():
         # Inference with parameters already planned: only this call's own tensors are checked here;
         # anything off goes the full way below, which says what is wrong. (Not while compiling: the
         # plan's lookup compares data pointers, which Dynamo refuses once an eager call made a plan.)
-        fast = cell_fast(mode, reset_after, x, (h,) if mode != "lstm" else (h, c), w_ih, w_hh, b_ih, b_hh, spread)
+        fast = cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread)
         if fast is not None:
             return fast[0], (fast[1] if mode == "lstm" else None)
     if _is_tracing():  # (never fast while tracing: _plain_eager)
@@ -1209,22 +1232,21 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
     # The thin inference paths below, or rnn_layer (autograd; also CPU float16, which it runs in float32).
     thin = x.dtype != torch.float16 and (not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)))
-    if (thin and h is not None and (c is not None or mode != "lstm") and type(x) is torch.Tensor
-            and x.dim() == 2 and _plain_eager(x) and not _backend._REFERENCE_FORCED):
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    hc, cc = (lambda: contiguous(h)), (lambda: contiguous(c) if mode == "lstm" else None)  # noqa: E731
+    if (thin and thin_states and type(x) is torch.Tensor and x.dim() == 2 and _plain_eager(x)
+            and not _backend._REFERENCE_FORCED):
         plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
         B = x.shape[0]
         if plan is not None and _plan_takes(plan, x, B, plan.input) and all(
-                _plan_takes(plan, t, B, plan.hidden) for t in ((h,) if mode != "lstm" else (h, c))):
+                _plan_takes(plan, t, B, plan.hidden) for t in (states or ())):
             # planned, but not for the compiled step (more rows than it projects, or no input panel)
-            return _cell_inference(mode, x.contiguous(), h.contiguous(), None if mode != "lstm" else c.contiguous(),
-                                   w_ih, w_hh, b_ih, b_hh, reset_after, plan)
+            return _cell_inference(mode, x.contiguous(), hc(), cc(), w_ih, w_hh, b_ih, b_hh, reset_after, plan)
     x3 = x.unsqueeze(0)
     _check_layer(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None)
     _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
-    if (thin and h is not None and (c is not None or mode != "lstm") and _plain_eager(x)
-            and not _backend.use_reference("rnn_layer", x.device)):
-        return _cell_inference(mode, x.contiguous(), h.contiguous(), None if mode != "lstm" else c.contiguous(),
-                               w_ih, w_hh, b_ih, b_hh, reset_after)
+    if thin and thin_states and _plain_eager(x) and not _backend.use_reference("rnn_layer", x.device):
+        return _cell_inference(mode, x.contiguous(), hc(), cc(), w_ih, w_hh, b_ih, b_hh, reset_after)
     y, h_n, c_n = rnn_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
     return h_n, c_n
 
