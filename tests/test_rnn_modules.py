@@ -22,8 +22,8 @@ import pyseqkern.nn as pnn
 from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
-from helpers import (BF16_DOT_LEVELS, TOLERANCES, assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error,
-                     devices, errors, randn, strided)
+from helpers import (BF16_DOT_LEVELS, TOLERANCES, assert_bitwise_equal, assert_close_to_ref, assert_matches,
+                     assert_within_torch_error, devices, randn, strided, weighted_sum)
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 T, B, I, H, P = 7, 5, 13, 7, 3
@@ -91,27 +91,6 @@ def make_inputs(kind, cfg, dtype, device="cpu"):
         if KINDS[kind][0] == "LSTM":
             c0 = randn((d, *state_batch, H), dtype, device=device, seed=3).requires_grad_()
     return x, h0, c0
-
-
-def assert_matches(actual, ref64, name="output"):
-    """float64: elementwise, helpers.assert_close_to_ref. float32: max|actual - ref64| <= atol + rtol *
-    max|ref64| with the float32 (rtol, atol). Elementwise float32 bounds do not hold for recurrent
-    gradients, which are long sums with cancellation: torch.nn's own float32 LSTM/GRU/RNN misses them
-    against its float64 result in 15 of the 60 configurations of test_sequence_module_matches_torch
-    (by up to 27x), while its normwise error stays under half the bound."""
-    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != reference {tuple(ref64.shape)}"
-    if actual.dtype == F64:
-        assert_close_to_ref(actual, ref64, name)
-        return
-    rtol, atol = TOLERANCES[actual.dtype]
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    abs_err, _ = errors(actual, ref64)
-    bound = atol + rtol * ref64.detach().abs().max().item()
-    assert abs_err <= bound, f"{name} ({actual.dtype}): max abs err {abs_err:.3e} > {bound:.3e} (rtol={rtol} x max|ref| + atol={atol})"
-
-
-def weighted_sum(tensors, seed=10):
-    return sum((t * randn(t.shape, t.dtype, device=t.device, seed=seed + i)).sum() for i, t in enumerate(tensors))
 
 
 def run(module, kind, cfg, dtype, device="cpu"):
@@ -379,8 +358,9 @@ def test_cell_matches_torch(device, kind, bias, batched, hx, dtype):
 def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype, batch, hx, bias):
     """A cell step that records gradients goes from the module to _CellStep: the same pieces as the layer
     route (rnn_layer with T=1), so the same bits for the outputs and every gradient, over a loop of steps
-    whose packed weights are reused from step to step. Float32 and float64 RNN steps are torch's GEMMs
-    and activation instead (ops/rnn_cell_train.py _TORCH_STEPS): held to the float64 reference."""
+    whose packed weights are reused from step to step. Float32 and float64 steps (but GRU reset_before)
+    are torch's GEMMs and activations with deferred weight gradients instead (ops/rnn_cell_deferred.py):
+    held to the float64 reference."""
     base = "gru" if kind == "gru_before" else kind
     kw = {"reset_after": False} if kind == "gru_before" else {}
     cell = seed_parameters(make_cell(base, dtype=dtype, bias=bias, **kw), seed=230)
@@ -400,14 +380,16 @@ def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype
     monkeypatch.setattr(rnn_ops._cell_train, "step", lambda *a: taken.append(1) or real(*a))
     outs, grads = run()
     assert len(taken) == 3
-    if dtype in rnn_ops._cell_train._TORCH_STEPS.get(base, ()):
+    if rnn_ops._cell_train.by_torch(base, kind != "gru_before", dtype):
         params64 = [p.detach().double().requires_grad_() for p in cell.parameters()]
         xs64 = [x.detach().double().requires_grad_() for x in xs]
         w_ih, w_hh, b_ih, b_hh = params64 if bias else (*params64, None, None)
-        h, outs64 = None if states is None else states.double(), []
+        st = None if states is None else tuple(s.double() for s in states) if base == "lstm" else (states.double(),)
+        h, c = (None, None) if st is None else (st[0], st[-1] if base == "lstm" else None)
+        outs64 = []
         for x in xs64:
-            h, _ = ref.rnn_cell(base, x, h, None, w_ih, w_hh, b_ih, b_hh)
-            outs64.append(h)
+            h, c = ref.rnn_cell(base, x, h, c, w_ih, w_hh, b_ih, b_hh)
+            outs64 += [h, c] if base == "lstm" else [h]
         grads64 = torch.autograd.grad(weighted_sum(outs64, 21), xs64 + params64)
         for k, (a, b) in enumerate(zip(outs + list(grads), outs64 + list(grads64), strict=True)):
             assert_matches(a, b, name=f"output/gradient {k}")

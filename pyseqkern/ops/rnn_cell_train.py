@@ -7,8 +7,9 @@ does not: at B=1, H=256 a training step of an RNNCell took 2.5x torch.nn's, the 
 kernels most of it. _CellStep runs the same pieces as _RnnLayer (folded bias, torch's input GEMM, the
 packed weights, the forward kernel; layer_grads for the backward), so the same bits, with the checks
 made inline once and nothing else around them. The packed weights are the previous step's where the
-kernel finds them still current (_packed's `reuse`). Float32 and float64 RNN steps are torch's GEMMs
-and activation instead (_TORCH_STEPS, at the end).
+kernel finds them still current (_packed's `reuse`). Float32 and float64 steps (but GRU reset_before)
+are torch's GEMMs and activations with the weight gradients of a whole loop formed at once instead
+(by_torch, ops/rnn_cell_deferred.py): faster than both this route and torch.nn's (DESIGN.md).
 
 Imported at the end of ops/rnn.py, whose helpers it uses.
 """
@@ -21,6 +22,7 @@ from . import rnn_autocast as _autocast
 from .rnn import GATES, MODES, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch, _run_forward, _Seq
 from . import rnn_autograd as _autograd
 from .rnn_autograd import layer_grads
+from . import rnn_cell_deferred as _deferred
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -87,29 +89,16 @@ def step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
         c = states[1].contiguous() if mode == "lstm" else None
     if _autocast.any_enabled():
         return None
-    if mode in _TORCH_STEPS and dtype in _TORCH_STEPS[mode]:
-        return (_rnn_step_by_torch(mode, x, h, w_ih, w_hh, b_ih, b_hh),)
+    if by_torch(mode, reset_after, dtype):
+        return _deferred.step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     seq = _Seq(x.unsqueeze(0), None, False)
     cfg = (mode, MODES[mode], bool(reset_after), H, 0, seq)
     h_n, c_n = _apply(cfg, x.contiguous(), h, c, w_ih, w_hh.contiguous(), b_ih, b_hh)
     return (h_n,) if mode != "lstm" else (h_n, c_n)
 
 
-# A recorded step of a plain RNN cell has nothing for a kernel to fuse: two GEMVs and one activation,
-# which torch records as three nodes in C++, while the kernel route pays the pack check (a read of W_hh
-# and of its pack), the folded bias and ~25 Python calls around the same two products. So float32 and
-# float64 RNN steps are torch's GEMMs and activation, from the equation (bfloat16 keeps the kernels,
-# which sum in float32 where torch rounds each GEMM's output). In-process, 15 rotations, T=50, H=256,
-# fwd+bwd, ratio to torch.nn, kernel route -> this: B=1 0.61 -> 0.99x, B=32 0.75 -> 0.97x.
-_TORCH_STEPS = {"rnn_tanh": (torch.float32, torch.float64), "rnn_relu": (torch.float32, torch.float64)}
-
-
-def _rnn_step_by_torch(mode, x, h, w_ih, w_hh, b_ih, b_hh):
-    """h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh); h None: zeros, multiplied too, so that W_hh gets its
-    (zero) gradient as in torch.nn: an optimizer skips a parameter whose grad is None (no weight decay,
-    no momentum step)."""
-    if h is None:
-        h = x.new_zeros(x.shape[0], w_hh.shape[1])
-    pre = torch.nn.functional.linear(x, w_ih, b_ih) + torch.nn.functional.linear(h, w_hh, b_hh)
-    return torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)
-
+def by_torch(mode, reset_after, dtype) -> bool:
+    """Whether a recorded step runs as torch's ops with deferred weight gradients (ops/rnn_cell_deferred.py):
+    float32 and float64 LSTM, GRU (reset_after) and RNN. bfloat16 keeps the kernels, which sum in float32
+    where torch rounds each GEMM's output; GRU reset_before keeps them too (W_hn multiplies r * h)."""
+    return dtype in (torch.float32, torch.float64) and (mode != "gru" or reset_after)

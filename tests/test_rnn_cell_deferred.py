@@ -1,0 +1,213 @@
+"""Recorded cell steps with deferred weight gradients (pyseqkern/ops/rnn_cell_deferred.py): a loop's
+weight gradients formed once per backward pass, with autograd's semantics kept (partial gradients,
+retain_graph, create_graph, hooks, threads) and every gradient on the float64 reference."""
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+
+import pyseqkern.nn as pnn
+from pyseqkern.ops import rnn_cell_deferred as deferred
+from pyseqkern.reference import rnn as ref
+from helpers import assert_bitwise_equal, assert_matches, randn, strided, weighted_sum
+
+I, H = 11, 9
+KINDS = {"lstm": ("LSTMCell", {}), "gru": ("GRUCell", {}), "rnn_tanh": ("RNNCell", {"nonlinearity": "tanh"}),
+         "rnn_relu": ("RNNCell", {"nonlinearity": "relu"})}
+
+
+def make(kind, dtype=torch.float32, bias=True, seed=300):
+    name, kw = KINDS[kind]
+    cell = getattr(pnn, name)(I, H, bias=bias, dtype=dtype, **kw)
+    with torch.no_grad():
+        for k, p in enumerate(cell.parameters()):
+            p.copy_(randn(p.shape, dtype, seed=seed + k, scale=0.5))
+    return cell
+
+
+def states_of(kind, batch, dtype, seed=310):
+    h = randn((batch, H), dtype, seed=seed, scale=0.5).requires_grad_()
+    if kind == "lstm":
+        return h, randn((batch, H), dtype, seed=seed + 1, scale=0.5).requires_grad_()
+    return h
+
+
+def loop(cell, kind, xs, st):
+    """The outputs of a loop of steps (h, and c for LSTM, each step)."""
+    outs = []
+    for x in xs:
+        st = cell(x, st)
+        outs += list(st) if kind == "lstm" else [st]
+    return outs
+
+
+def reference(cell, kind, xs, st):
+    """(outputs, params64, xs64, states64) of the same loop through the float64 reference."""
+    params = [p.detach().double().requires_grad_() for p in cell.parameters()]
+    w_ih, w_hh, b_ih, b_hh = params if len(params) == 4 else (*params, None, None)
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    st64 = None if st is None else [s.detach().double().requires_grad_() for s in (st if kind == "lstm" else (st,))]
+    h, c = (None, None) if st64 is None else (st64[0], st64[-1] if kind == "lstm" else None)
+    outs = []
+    for x in xs64:
+        h, c = ref.rnn_cell(kind, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        outs += [h, c] if kind == "lstm" else [h]
+    return outs, params, xs64, st64 or []
+
+
+def counting_deferred_steps(monkeypatch):
+    """A list that grows by one for each step whose backward defers its weight gradients."""
+    left, real = [], deferred._Accumulator.leave
+    monkeypatch.setattr(deferred._Accumulator, "leave", lambda self, *a: left.append(1) or real(self, *a))
+    return left
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hx", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 5, deferred._DEFER_MAX_BATCH, deferred._DEFER_MAX_BATCH + 1])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_loop_gradients_match_the_reference(monkeypatch, kind, batch, bias, hx, dtype):
+    """Every output and gradient of a 7-step loop (x strided, states given or zeros) on the float64
+    reference, the weight gradients deferred up to _DEFER_MAX_BATCH rows (every step's backward), and
+    two runs bit for bit alike."""
+    cell = make(kind, dtype, bias)
+    left = counting_deferred_steps(monkeypatch)
+    xs = [strided((batch, I), dtype, seed=320 + t).requires_grad_() for t in range(7)]
+    st = states_of(kind, batch, dtype) if hx else None
+    runs = []
+    for _ in range(2):
+        outs = loop(cell, kind, xs, st)
+        weighted_sum(outs, 30).backward()
+        grads = [p.grad.clone() for p in cell.parameters()] + [x.grad.clone() for x in xs]
+        grads += [s.grad.clone() for s in (st if kind == "lstm" else (st,))] if hx else []
+        runs.append([o.detach() for o in outs] + grads)
+        cell.zero_grad(set_to_none=True)
+        for t in xs + (list(st if kind == "lstm" else (st,)) if hx else []):
+            t.grad = None
+    assert len(left) == (14 if batch <= deferred._DEFER_MAX_BATCH else 0)
+    outs64, params64, xs64, st64 = reference(cell, kind, xs, st)
+    grads64 = torch.autograd.grad(weighted_sum(outs64, 30), params64 + xs64 + st64)
+    for k, (a, a2, e) in enumerate(zip(runs[0], runs[1], outs64 + list(grads64), strict=True)):
+        assert_bitwise_equal(a, a2, name=f"output/gradient {k}")
+        assert_matches(a, e, name=f"output/gradient {k}")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_partial_gradients_retain_graph_and_two_losses_over_one_loop(kind):
+    """autograd.grad of the inputs only leaves nothing behind; a second backward pass over the retained
+    graph, and a loss over part of the loop, each get their own steps' weight gradients."""
+    cell = make(kind)
+    xs = [randn((2, I), seed=330 + t).requires_grad_() for t in range(6)]
+    outs = loop(cell, kind, xs, states_of(kind, 2, torch.float32))
+    per_step = 2 if kind == "lstm" else 1
+    early, full = weighted_sum(outs[:3 * per_step], 40), weighted_sum(outs, 41)
+    outs64, params64, xs64, _ = reference(cell, kind, xs, states_of(kind, 2, torch.float32))
+    want_early = torch.autograd.grad(weighted_sum(outs64[:3 * per_step], 40), params64, retain_graph=True)
+    want_full = torch.autograd.grad(weighted_sum(outs64, 41), params64 + xs64)
+
+    dxs = torch.autograd.grad(full, xs, retain_graph=True)  # (inputs only: the token does not run)
+    for k, (a, e) in enumerate(zip(dxs, want_full[len(params64):])):
+        assert_matches(a, e, name=f"dx {k}")
+    for rep in range(2):  # the retained graph, twice
+        got = torch.autograd.grad(early, list(cell.parameters()), retain_graph=True)
+        for k, (a, e) in enumerate(zip(got, want_early)):
+            assert_matches(a, e, name=f"early loss, pass {rep}, parameter gradient {k}")
+    full.backward()
+    for k, (p, e) in enumerate(zip(cell.parameters(), want_full)):
+        assert_matches(p.grad, e, name=f"full loss, parameter gradient {k}")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_gradcheck_and_gradgradcheck_of_a_loop(kind):
+    """float64 gradcheck (its perturbations go through .data between calls) and gradgradcheck
+    (create_graph: each step's own weight gradients, from differentiable ops)."""
+    cell = make(kind, torch.float64)
+    xs = [randn((2, I), torch.float64, seed=340 + t).requires_grad_() for t in range(3)]
+    st = states_of(kind, 2, torch.float64)
+    states = list(st) if kind == "lstm" else [st]
+
+    def g(*args):  # the cell's own Parameters among the inputs, so that the route is the recorded one
+        s = tuple(args[:len(states)])
+        return tuple(loop(cell, kind, args[len(states):], s if kind == "lstm" else s[0]))
+
+    params = list(cell.parameters())
+    assert torch.autograd.gradcheck(lambda *a: g(*a[len(params):]), (*params, *states, *xs))
+    assert torch.autograd.gradgradcheck(lambda *a: g(*a[len(params):]), (*params, *states, *xs))
+
+
+def test_hooks_threads_and_frozen_weights():
+    """A parameter hook sees the loop's gradient once; loops in two threads at once over one module each
+    get their own gradients; frozen weights defer nothing and still give x its gradient."""
+    cell = make("lstm")
+    seen = []
+    cell.weight_hh.register_hook(lambda g: seen.append(g.clone()))
+    xs = [randn((3, I), seed=350 + t) for t in range(5)]
+    outs64, params64, _, _ = reference(cell, "lstm", xs, None)
+    want = torch.autograd.grad(weighted_sum(outs64, 50), params64)
+    weighted_sum(loop(cell, "lstm", xs, None), 50).backward()
+    assert len(seen) == 1
+    assert_matches(seen[0], want[1], "hooked dW_hh")
+
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            for _ in range(20):
+                outs = loop(cell, "lstm", [x * (k + 1) for x in xs], None)
+                results[k] = torch.autograd.grad(weighted_sum(outs, 50), list(cell.parameters()))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in range(2):
+        o64, p64, _, _ = reference(cell, "lstm", [x * (k + 1) for x in xs], None)
+        for j, (a, e) in enumerate(zip(results[k], torch.autograd.grad(weighted_sum(o64, 50), p64))):
+            assert_matches(a, e, f"thread {k} gradient {j}")
+
+    for p in cell.parameters():
+        p.requires_grad_(False)
+    xg = [x.clone().requires_grad_() for x in xs]
+    outs = loop(cell, "lstm", xg, None)
+    dx = torch.autograd.grad(weighted_sum(outs, 51), xg)
+    o64, _, x64, _ = reference(cell, "lstm", xg, None)
+    for j, (a, e) in enumerate(zip(dx, torch.autograd.grad(weighted_sum(o64, 51), x64))):
+        assert_matches(a, e, f"dx {j} with frozen weights")
+
+
+def test_a_loop_left_without_backward_keeps_nothing_alive():
+    """The token's graph holds the parameters: a loop stepped with grad and dropped must not keep its
+    module (nor the states' bookkeeping) alive."""
+    cell = make("gru")
+    ref_cell = weakref.ref(cell)
+    h = None
+    for t in range(4):
+        h = cell(randn((2, I), seed=360 + t), h)
+    del cell, h
+    gc.collect()
+    assert ref_cell() is None
+    assert not deferred._LOOPS
+
+
+def test_states_computed_between_steps_start_new_loops():
+    """A state the caller computes from the outputs (here h * 1) carries no loop: each step its own
+    token, the gradients the same."""
+    cell = make("rnn_tanh")
+    xs = [randn((2, I), seed=370 + t) for t in range(4)]
+    h, outs = None, []
+    for x in xs:
+        h = cell(x, h) * 1.0
+        outs.append(h)
+    weighted_sum(outs, 60).backward()
+    o64, p64, _, _ = reference(cell, "rnn_tanh", xs, None)
+    for j, (p, e) in enumerate(zip(cell.parameters(), torch.autograd.grad(weighted_sum(o64, 60), p64))):
+        assert_matches(p.grad, e, f"parameter gradient {j}")
