@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "fingerprint.h"
+#include "pyseqkern/cell_pointwise.h"
 #include "handoff.h"
 #include "pyseqkern/isa.h"
 #include "pyseqkern/probe.h"
@@ -765,6 +766,47 @@ class RnnCellStep {
   int64_t lanes_ = 1;
 };
 
+// ---- a recorded cell step's pointwise parts (pyseqkern/cell_pointwise.h) -------------------------------
+// Internal to ops/rnn_cell_deferred.py, which passes data pointers of contiguous tensors it made or
+// checked (0 for the nullable ones); `f64` picks double over float.
+template <typename T>
+T* at(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+void cell_lstm_forward(bool f64, int64_t batch, int64_t hidden, uintptr_t gates, uintptr_t c, uintptr_t c_n,
+                       uintptr_t tanh_c, uintptr_t h_n) {
+  cell_cpu_kernels().lstm_forward(f64, batch, hidden, at<void>(gates), at<const void>(c), at<void>(c_n),
+                                  at<void>(tanh_c), at<void>(h_n));
+}
+
+void cell_lstm_backward(bool f64, int64_t batch, int64_t hidden, uintptr_t act, uintptr_t c, uintptr_t tanh_c,
+                        uintptr_t dh_n, uintptr_t dc_n, uintptr_t d_gates, uintptr_t dc) {
+  cell_cpu_kernels().lstm_backward(f64, batch, hidden, at<const void>(act), at<const void>(c),
+                                   at<const void>(tanh_c), at<const void>(dh_n), at<const void>(dc_n),
+                                   at<void>(d_gates), at<void>(dc));
+}
+
+void cell_gru_forward(bool f64, int64_t batch, int64_t hidden, uintptr_t gi, uintptr_t gh, uintptr_t h,
+                      uintptr_t act, uintptr_t h_n) {
+  cell_cpu_kernels().gru_forward(f64, batch, hidden, at<const void>(gi), at<const void>(gh), at<const void>(h),
+                                 at<void>(act), at<void>(h_n));
+}
+
+void cell_gru_backward(bool f64, int64_t batch, int64_t hidden, uintptr_t act, uintptr_t gh, uintptr_t h,
+                       uintptr_t dh_n, uintptr_t d_gi, uintptr_t d_gh, uintptr_t dh) {
+  cell_cpu_kernels().gru_backward(f64, batch, hidden, at<const void>(act), at<const void>(gh), at<const void>(h),
+                                  at<const void>(dh_n), at<void>(d_gi), at<void>(d_gh), at<void>(dh));
+}
+
+void cell_rnn_forward(bool f64, int64_t batch, int64_t hidden, uintptr_t pre, bool relu) {
+  cell_cpu_kernels().rnn_forward(f64, batch, hidden, at<void>(pre), relu);
+}
+
+void cell_rnn_backward(bool f64, int64_t batch, int64_t hidden, uintptr_t act, uintptr_t dy, uintptr_t d_pre,
+                       bool relu) {
+  cell_cpu_kernels().rnn_backward(f64, batch, hidden, at<const void>(act), at<const void>(dy), at<void>(d_pre),
+                                  relu);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -809,6 +851,12 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &RnnCellStep::run, py::arg("batch"), py::arg("x"), py::arg("h"), py::arg("c"), py::arg("h_n"),
            py::arg("c_n"), py::arg("num_threads"), py::arg("spread") = false)
       .def_static("release_workspace", &RnnCellStep::release_workspace);
+  m.def("cell_lstm_forward", &cell_lstm_forward);
+  m.def("cell_lstm_backward", &cell_lstm_backward);
+  m.def("cell_gru_forward", &cell_gru_forward);
+  m.def("cell_gru_backward", &cell_gru_backward);
+  m.def("cell_rnn_forward", &cell_rnn_forward);
+  m.def("cell_rnn_backward", &cell_rnn_backward);
   py::class_<Fingerprint>(m, "Fingerprint")
       .def(py::init<const std::vector<std::pair<uintptr_t, int64_t>>&>(), py::arg("spans"))
       .def("matches", &Fingerprint::matches)

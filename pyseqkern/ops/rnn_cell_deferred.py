@@ -1,31 +1,31 @@
-"""Recorded float32/float64 cell steps as torch's GEMMs and activations, with the weight gradients of a
-whole loop of steps formed once, in the backward of the last node to run.
+"""Recorded float32/float64 cell steps at small batches: one autograd node a step, and the weight
+gradients of a whole loop of steps formed at once, in the backward of a node that runs after them all.
 
 A cell stepped in a training loop (teacher forcing, attention decoders) records one step per call. On
-the CPU at small batches its cost is not arithmetic but the weight gradients: torch.nn's backward of
-each step writes dW_ih and dW_hh afresh (two outer products of 1 MB at H=256) and adds each into .grad
-(AccumulateGrad), a few MB of memory traffic per step for a few KB of gate gradients. The kernel route
-(_CellStep) pays the same, plus a check of the packed weights against W_hh and ~60 Python calls a step:
-0.72-0.85x torch.nn at B=1.
+the CPU at small batches its cost is not arithmetic: torch.nn's backward of each step writes dW_ih and
+dW_hh afresh (two outer products of 768 KB-1 MB at H=256) and the engine adds each into the
+parameter's gradient buffer, a few MB of memory traffic per step for a few KB of gate gradients; its
+activations are ~12 autograd nodes a step. The kernel route (_CellStep) paid the same, plus a check of
+the packed weights against W_hh and ~60 Python calls a step: 0.72-0.85x torch.nn at B=1.
 
-Here the gates' products run in one autograd node per step (_Gates: x W_ih^T + b_ih and h W_hh^T +
-b_hh, as torch.nn computes them), and the activations are torch's own ops. A step's backward forms the
-gradients of x and h only and leaves its gate gradients, with its x and h, in the loop's accumulator;
-every step of the loop also takes as input one empty tensor made by _WeightGrads from the parameters
-(the token), so autograd runs _WeightGrads.backward once, after every step of the backward pass, and
-that forms dW = dG^T [x ; h] and db = dG^T 1 for all steps in one GEMM each: one AccumulateGrad per
-parameter per backward pass. A step's outputs carry its token to the step that takes them (or a view
-of their memory) as states (_LOOPS), until the token's backward has run; a state that carries none
-(h0, or a state the caller computed from the outputs) starts a new loop. The accumulator keys what it holds by autograd's graph
-task, so two backward passes over a shared token (retain_graph, autograd.grad of another output) each
-get their own steps' gradients. Where the engine will not run the token (autograd.grad asked only for
-inputs), nothing is left there.
+Here a step is one node (_Step): the gates' products as torch.nn computes them (x W_ih^T + b_ih,
+h W_hh^T + b_hh), then the activations in one call (_C.cell_*, pyseqkern/cell_pointwise.h), whose
+derivatives its backward takes in one call too. The backward forms the gradients of x and h, and leaves
+its gate gradients with its x and h in the loop's accumulator. Every step of a loop also takes one
+empty tensor (the token) that _WeightGrads made from the parameters, so autograd runs
+_WeightGrads.backward after every step of the backward pass; it forms dW = dG^T [x; h] and db = dG^T 1
+for all the steps in one GEMM each. A step's outputs carry the token to the step that takes them (or a
+view of their memory) as states (_LOOPS), until the token's backward has run; a state that carries none
+(h0, or a state computed from the outputs) starts a new loop. The accumulator keys what it holds by
+autograd's graph task, so two backward passes over one token (retain_graph, autograd.grad of another
+output) each get their own steps' gradients; where the engine will not run the token (autograd.grad
+asked only for inputs), a step leaves nothing.
 
-create_graph=True (a gradient that will be differentiated): each step's backward returns its own weight
-gradients from differentiable ops instead, nothing deferred. Not deferred either above
-_DEFER_MAX_BATCH rows, where the products dominate and one GEMM over all steps saves nothing: the step
-runs as plain torch ops (F.linear), which is torch.nn's own arithmetic. GRU with reset_after=False keeps
-the kernel route (the product of W_hn with r * h needs r first).
+create_graph=True (a gradient that will be differentiated): a step's backward returns its gradients as
+a graph of the reference's equations instead, nothing deferred. Above _DEFER_MAX_BATCH rows, where the
+products dominate and one GEMM over all steps saves nothing, a step is plain torch ops (_composite:
+F.linear and torch's activations, torch.nn's own arithmetic). GRU with reset_after=False keeps the
+kernel route (W_hn multiplies r * h, known only after r).
 """
 from __future__ import annotations
 
@@ -34,9 +34,16 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-# Up to this many rows a recorded step defers its weight gradients (in-process against torch.nn, H=256,
-# T=50, fwd+bwd per step: see docs/DESIGN.md "Recorded cell steps, deferred weight gradients").
-_DEFER_MAX_BATCH = 8
+from .. import _C
+from ..reference import rnn as _reference
+from .rnn_autograd import _is_legacy_batched, _unwrap_dead
+
+# Up to this many rows a recorded step is a _Step with deferred weight gradients; above, _composite.
+# In-process against torch.nn (H=256, T=50, forward + backward, 7 rotations), deferred / composite:
+# LSTMCell B=16 1.24 / 0.95x, B=32 1.16 / 0.94x, B=64 1.14 / 0.99x, B=256 1.01 / 1.04x; GRUCell 1.27 /
+# 0.93x, 1.00 / 0.93x, 1.19 / 0.97x, 0.92 / 0.94x. The accumulator holds every step's gate gradients
+# until the token runs (T*B*G*H values, 13 MB for an LSTM at T=50, B=64, H=256).
+_DEFER_MAX_BATCH = 64
 _NO_GRAD = torch.empty(0)  # (the token's gradient: a step has none to give it)
 _graph_task_id = torch._C._current_graph_task_id
 _will_run = torch._C._will_engine_execute_node
@@ -90,45 +97,116 @@ class _WeightGrads(torch.autograd.Function):
         return None, dw_ih, dw_hh, dgi.sum(0) if need[3] else None, dgh.sum(0) if need[4] else None
 
 
-class _Gates(torch.autograd.Function):
-    """(x W_ih^T + b_ih, h W_hh^T + b_hh) of one step (pair: GRU), or their sum (LSTM, RNN). With acc, the
-    weight gradients are deferred to the token's backward (module docstring)."""
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+class _Step(torch.autograd.Function):
+    """One step in one node: the gate products as torch computes them (x W_ih^T + b_ih, h W_hh^T + b_hh;
+    summed for LSTM and RNN, apart for GRU), and the activations and their derivatives in one call each
+    (_C.cell_*, pyseqkern/cell_pointwise.h). With acc, the weight gradients are left for the token's
+    backward (module docstring); without, each step forms its own. h, c: contiguous (h zeros where the
+    caller gave none; c None there)."""
 
     @staticmethod
-    def forward(ctx, acc, pair, x, h, token, w_ih, w_hh, b_ih, b_hh):
+    def forward(ctx, mode, acc, x, h, c, token, w_ih, w_hh, b_ih, b_hh):
         gi = torch.addmm(b_ih, x, w_ih.t()) if b_ih is not None else x.mm(w_ih.t())
-        ctx.save_for_backward(x, h, w_ih, w_hh)
-        ctx.acc, ctx.pair = acc, pair
-        if pair:
-            return gi, (torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else h.mm(w_hh.t()))
-        return gi.addmm_(h, w_hh.t()).add_(b_hh) if b_hh is not None else gi.addmm_(h, w_hh.t())
+        gh = torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else h.mm(w_hh.t())
+        batch, hidden = h.shape
+        f64 = x.dtype == torch.float64
+        ctx.mode, ctx.acc = mode, acc
+        ctx.set_materialize_grads(False)
+        if mode == "lstm":
+            gates = gi.add_(gh)
+            c_n, tanh_c, h_n = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
+            _C.cell_lstm_forward(f64, batch, hidden, gates.data_ptr(), _ptr(c), c_n.data_ptr(), tanh_c.data_ptr(),
+                                 h_n.data_ptr())
+            ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, gates, tanh_c)
+            return h_n, c_n
+        if mode == "gru":
+            act, h_n = torch.empty_like(gi), torch.empty_like(h)
+            _C.cell_gru_forward(f64, batch, hidden, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), act.data_ptr(),
+                                h_n.data_ptr())
+            ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, act, gh)
+            return h_n
+        act = gi.add_(gh)
+        _C.cell_rnn_forward(f64, batch, hidden, act.data_ptr(), mode == "rnn_relu")
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, act)
+        return act
 
     @staticmethod
-    def backward(ctx, dgi, dgh=None):
-        x, h, w_ih, w_hh = ctx.saved_tensors
-        if not ctx.pair:
-            dgh = dgi
-        need = ctx.needs_input_grad
-        dx = dgi.mm(w_ih) if need[2] else None
-        dh = dgh.mm(w_hh) if need[3] else None
+    def backward(ctx, dh_n, dc_n=None):
+        mode, saved, need = ctx.mode, ctx.saved_tensors, ctx.needs_input_grad
+        x, h, c, w_ih, w_hh, b_ih, b_hh = saved[:7]
+        # create_graph=True, or autograd.grad(is_grads_batched=True) (torch.autograd.functional's
+        # vectorized jacobian): its legacy vmap hands in gradients without storage for the kernels
+        if torch.is_grad_enabled() or (_is_legacy_batched is not None and any(
+                g is not None and _is_legacy_batched(g) for g in (dh_n, dc_n))):
+            return _differentiable_grads(mode, need, saved[:7], dh_n, dc_n)
+        if dh_n is None and dc_n is None:
+            return (None,) * 10
+        dh_n = None if dh_n is None else dh_n.contiguous()
+        dc_n = None if dc_n is None else dc_n.contiguous()
+        batch, hidden = h.shape
+        f64 = x.dtype == torch.float64
+        dc = dh_direct = None
+        if mode == "lstm":
+            gates, tanh_c = saved[7:]
+            d_gi = d_gh = torch.empty_like(gates)
+            dc = torch.empty_like(h) if need[4] else None
+            _C.cell_lstm_backward(f64, batch, hidden, gates.data_ptr(), _ptr(c), tanh_c.data_ptr(), _ptr(dh_n),
+                                  _ptr(dc_n), d_gi.data_ptr(), _ptr(dc))
+        elif mode == "gru":
+            act, gh = saved[7:]
+            d_gi, d_gh = torch.empty_like(act), torch.empty_like(act)
+            dh_direct = torch.empty_like(h) if need[3] else None
+            _C.cell_gru_backward(f64, batch, hidden, act.data_ptr(), gh.data_ptr(), h.data_ptr(), _ptr(dh_n),
+                                 d_gi.data_ptr(), d_gh.data_ptr(), _ptr(dh_direct))
+        else:
+            act = saved[7]
+            d_gi = d_gh = torch.empty_like(act)
+            _C.cell_rnn_backward(f64, batch, hidden, act.data_ptr(), dh_n.data_ptr(), d_gi.data_ptr(),
+                                 mode == "rnn_relu")
+        dx = d_gi.mm(w_ih) if need[2] else None
+        dh = d_gh.mm(w_hh) if need[3] else None
+        if dh_direct is not None:
+            dh.add_(dh_direct)
         acc = ctx.acc
-        if acc is not None and not torch.is_grad_enabled():
+        if acc is not None:
             if _will_run(acc.node):
-                acc.leave(dgi, dgh, x, h)
-            return None, None, dx, dh, _NO_GRAD, None, None, None, None
-        # create_graph=True (or no parameter needs a gradient): each step's own, from differentiable ops
-        return (None, None, dx, dh, None, dgi.t().mm(x) if need[5] else None, dgh.t().mm(h) if need[6] else None,
-                dgi.sum(0) if need[7] else None, dgh.sum(0) if need[8] else None)
+                acc.leave(d_gi, d_gh, x, h)
+            return None, None, dx, dh, dc, _NO_GRAD, None, None, None, None
+        return (None, None, dx, dh, dc, None, d_gi.t().mm(x) if need[6] else None,
+                d_gh.t().mm(h) if need[7] else None, d_gi.sum(0) if need[8] else None,
+                d_gh.sum(0) if need[9] else None)
+
+
+def _differentiable_grads(mode, need, inputs, dh_n, dc_n):
+    """_Step.backward's gradients from the reference's equations on the saved inputs, as a graph where
+    grad mode is on (create_graph=True: the gradient will be differentiated); nothing deferred (the token
+    gets none)."""
+    x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
+    wants = (2, 3, 4, 6, 7, 8, 9)  # (need's index of each input)
+    wanted = [k for k, (t, i) in enumerate(zip(inputs, wants)) if need[i] and t is not None]
+    create = torch.is_grad_enabled()
+    grads = [None] * 7
+    with torch.enable_grad():  # (a batched backward runs without grad mode)
+        out = _reference.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        pairs = [(o, g) for o, g in zip(out, (dh_n, dc_n)) if o is not None and g is not None]
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
+                                  create_graph=create, allow_unused=True) if wanted and pairs else ()
+        for k, g in zip(wanted, got):
+            grads[k] = g
+    return (None, None, *grads[:3], None, *grads[3:])
 
 
 # step() runs only outside torch.func and compilation (rnn_cell_train.step's checks): torch's C apply
 # directly, as _CellStep does.
 def _c_apply(fn):
-    from .rnn_autograd import _unwrap_dead
     return fn.apply if _unwrap_dead is None else super(torch.autograd.Function, fn).apply
 
 
-_gates = _c_apply(_Gates)
+_step = _c_apply(_Step)
 _weight_grads = _c_apply(_WeightGrads)
 # The loop a state belongs to: state's data_ptr -> (acc, token, parameter ids, weakref to the output
 # there). A step's outputs carry its loop to the next step that takes them, or a view of their memory
@@ -164,43 +242,45 @@ def _carry(loop, outputs):
 
 def step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
     """(h_n,) or (h_n, c_n) of one recorded step of an LSTM, GRU (reset_after) or RNN cell, x [B, I], h and
-    c [B, H] or None (zeros). The caller has checked shapes, dtypes (float32 / float64) and devices."""
+    c [B, H] contiguous or None (zeros). The caller has checked shapes, dtypes (float32 / float64) and
+    devices."""
     states = (h, c)
     if h is None:  # (zeros, multiplied too, so that W_hh gets the zero gradient torch.nn gives it)
         h = x.new_zeros(x.shape[0], w_hh.shape[1])
-    pair = mode == "gru"
-    loop = None
-    if x.shape[0] <= _DEFER_MAX_BATCH:
-        acc = token = None
-        if any(t is not None and t.requires_grad for t in (w_ih, w_hh, b_ih, b_hh)):
-            key = (id(w_ih), id(w_hh), id(b_ih), id(b_hh))
-            loop = _loop_of(states, key)
-            if loop is None:
-                acc = _Accumulator(pair)
-                token = _weight_grads(acc, w_ih, w_hh, b_ih, b_hh)
-                acc.node = token.grad_fn
-                loop = (acc, token, key)
-            acc, token = loop[0], loop[1]
-        gates = _gates(acc, pair, x, h, token, w_ih, w_hh, b_ih, b_hh)
-    elif pair:
-        gates = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
-    else:
-        gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    if x.shape[0] > _DEFER_MAX_BATCH:
+        return _composite(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    loop = acc = token = None
+    if any(t is not None and t.requires_grad for t in (w_ih, w_hh, b_ih, b_hh)):
+        key = (id(w_ih), id(w_hh), id(b_ih), id(b_hh))
+        loop = _loop_of(states, key)
+        if loop is None:
+            acc = _Accumulator(mode == "gru")
+            token = _weight_grads(acc, w_ih, w_hh, b_ih, b_hh)
+            acc.node = token.grad_fn
+            loop = (acc, token, key)
+        acc, token = loop[0], loop[1]
+    out = _step(mode, acc, x, h, c, token, w_ih, w_hh, b_ih, b_hh)
+    out = out if mode == "lstm" else (out,)
+    if loop is not None:
+        _carry(loop, out)
+    return out
+
+
+def _composite(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """A step as plain torch ops (torch.nn's own arithmetic, its activations vectorized): above
+    _DEFER_MAX_BATCH rows, where the products dominate and one GEMM over all steps saves nothing."""
+    if mode == "gru":
+        x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, 1)
+        h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, 1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return (n + z * (h - n),)
+    gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
     if mode == "lstm":
         i, f, g, o = gates.chunk(4, 1)
         c_n = torch.sigmoid(i) * torch.tanh(g)
         if c is not None:
             c_n = torch.sigmoid(f) * c + c_n
-        out = torch.sigmoid(o) * torch.tanh(c_n), c_n
-    elif pair:
-        x_r, x_z, x_n = gates[0].chunk(3, 1)
-        h_r, h_z, h_n = gates[1].chunk(3, 1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
-        out = (n + z * (h - n),)
-    else:
-        out = (torch.tanh(gates) if mode == "rnn_tanh" else torch.relu(gates),)
-    if loop is not None:
-        _carry(loop, out)
-    return out
+        return torch.sigmoid(o) * torch.tanh(c_n), c_n
+    return (torch.tanh(gates) if mode == "rnn_tanh" else torch.relu(gates),)
