@@ -211,3 +211,32 @@ def test_states_computed_between_steps_start_new_loops():
     o64, p64, _, _ = reference(cell, "rnn_tanh", xs, None)
     for j, (p, e) in enumerate(zip(cell.parameters(), torch.autograd.grad(weighted_sum(o64, 60), p64))):
         assert_matches(p.grad, e, f"parameter gradient {j}")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
+def test_activation_checkpointing_over_a_loop(kind, reentrant):
+    """torch.utils.checkpoint over chunks of a loop (the steps recomputed in the backward, their tokens
+    and accumulators made afresh there), under saved-tensor hooks: the float64 reference's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    cell = make(kind, torch.float64)
+    xs = randn((6, 3, I), torch.float64, seed=380).requires_grad_()
+    h0 = states_of(kind, 3, torch.float64)
+
+    def chunk(xs_part, *st):
+        outs = loop(cell, kind, list(xs_part), st if kind == "lstm" else st[0])
+        step = 2 if kind == "lstm" else 1
+        return (torch.stack(outs[::step]), *outs[-step:])
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        first = checkpoint(chunk, xs[:3], *(h0 if kind == "lstm" else (h0,)), use_reentrant=reentrant)
+        second = checkpoint(chunk, xs[3:], *first[1:], use_reentrant=reentrant)
+    weighted_sum([first[0], second[0]], 70).backward()
+    o64, p64, xs64, s64 = reference(cell, kind, list(xs.detach()), h0)
+    hs64 = torch.stack(o64[::2] if kind == "lstm" else o64)
+    want = torch.autograd.grad(weighted_sum([hs64[:3], hs64[3:]], 70), xs64 + p64 + s64)
+    want = [torch.stack(want[:6])] + list(want[6:])
+    got = [xs.grad] + [p.grad for p in cell.parameters()] + [s.grad for s in (h0 if kind == "lstm" else (h0,))]
+    for k, (a, e) in enumerate(zip(got, want, strict=True)):
+        assert_matches(a, e, f"gradient {k}")
