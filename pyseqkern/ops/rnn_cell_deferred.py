@@ -38,12 +38,15 @@ from .. import _C
 from ..reference import rnn as _reference
 from .rnn_autograd import _is_legacy_batched, _unwrap_dead
 
-# Up to this many rows a recorded step is a _Step with deferred weight gradients; above, _composite.
-# In-process against torch.nn (H=256, T=50, forward + backward, 7 rotations), deferred / composite:
-# LSTMCell B=16 1.24 / 0.95x, B=32 1.16 / 0.94x, B=64 1.14 / 0.99x, B=256 1.01 / 1.04x; GRUCell 1.27 /
-# 0.93x, 1.00 / 0.93x, 1.19 / 0.97x, 0.92 / 0.94x. The accumulator holds every step's gate gradients
-# until the token runs (T*B*G*H values, 13 MB for an LSTM at T=50, B=64, H=256).
-_DEFER_MAX_BATCH = 64
+# Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,
+# _composite. In-process against torch.nn (H=256, T=50, x requiring grad, forward + backward, 7-11
+# rotations), deferred / composite: LSTMCell B=16 1.23 / 0.99x, B=32 1.16 / 0.99x, B=64 1.12 / 0.98x;
+# GRUCell 1.27 / 0.99x, 0.96 / 0.92x, 1.06 / 1.00x; RNNCell B=8 1.05 / 0.98x but B=16 0.86 / 1.01x,
+# B=32 0.77-0.85 / 0.98-1.07x, B=64 0.78-0.92 / 0.97-1.00x (a plain RNN step's per-step products are
+# small and torch's nodes cheap; the deferred GEMM over all steps gains nothing there). The accumulator
+# holds every step's gate gradients until the token runs (T*B*G*H values, 13 MB for an LSTM at T=50,
+# B=64, H=256).
+_DEFER_MAX_BATCH = {"lstm": 64, "gru": 64, "rnn_tanh": 8, "rnn_relu": 8}
 _NO_GRAD = torch.empty(0)  # (the token's gradient: a step has none to give it)
 _graph_task_id = torch._C._current_graph_task_id
 _will_run = torch._C._will_engine_execute_node
@@ -247,7 +250,7 @@ def step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
     states = (h, c)
     if h is None:  # (zeros, multiplied too, so that W_hh gets the zero gradient torch.nn gives it)
         h = x.new_zeros(x.shape[0], w_hh.shape[1])
-    if x.shape[0] > _DEFER_MAX_BATCH:
+    if x.shape[0] > _DEFER_MAX_BATCH[mode]:
         return _composite(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     loop = acc = token = None
     if any(t is not None and t.requires_grad for t in (w_ih, w_hh, b_ih, b_hh)):
