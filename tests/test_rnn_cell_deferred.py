@@ -16,8 +16,8 @@ from pyseqkern.reference import rnn as ref
 from helpers import assert_bitwise_equal, assert_matches, randn, strided, weighted_sum
 
 I, H = 11, 9
-KINDS = {"lstm": ("LSTMCell", {}), "gru": ("GRUCell", {}), "rnn_tanh": ("RNNCell", {"nonlinearity": "tanh"}),
-         "rnn_relu": ("RNNCell", {"nonlinearity": "relu"})}
+KINDS = {"lstm": ("LSTMCell", {}), "gru": ("GRUCell", {}), "gru_before": ("GRUCell", {"reset_after": False}),
+         "rnn_tanh": ("RNNCell", {"nonlinearity": "tanh"}), "rnn_relu": ("RNNCell", {"nonlinearity": "relu"})}
 
 
 def make(kind, dtype=torch.float32, bias=True, seed=300):
@@ -54,7 +54,8 @@ def reference(cell, kind, xs, st):
     h, c = (None, None) if st64 is None else (st64[0], st64[-1] if kind == "lstm" else None)
     outs = []
     for x in xs64:
-        h, c = ref.rnn_cell(kind, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        h, c = ref.rnn_cell("gru" if kind == "gru_before" else kind, x, h, c, w_ih, w_hh, b_ih, b_hh,
+                            reset_after=kind != "gru_before")
         outs += [h, c] if kind == "lstm" else [h]
     return outs, params, xs64, st64 or []
 
@@ -99,7 +100,7 @@ def test_loop_gradients_match_the_reference(monkeypatch, kind, batch, bias, hx, 
         assert_matches(a, e, name=f"output/gradient {k}")
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru_before"])
 def test_partial_gradients_retain_graph_and_two_losses_over_one_loop(kind):
     """autograd.grad of the inputs only leaves nothing behind; a second backward pass over the retained
     graph, and a loss over part of the loop, each get their own steps' weight gradients."""
@@ -216,7 +217,7 @@ def test_states_computed_between_steps_start_new_loops():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru_before", "rnn_relu"])
 def test_activation_checkpointing_over_a_loop(kind, reentrant):
     """torch.utils.checkpoint over chunks of a loop (the steps recomputed in the backward, their tokens
     and accumulators made afresh there), under saved-tensor hooks: the float64 reference's gradients."""

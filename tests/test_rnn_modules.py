@@ -12,6 +12,8 @@ the CPU."""
 import contextlib
 import copy
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -358,9 +360,9 @@ def test_cell_matches_torch(device, kind, bias, batched, hx, dtype):
 def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype, batch, hx, bias):
     """A cell step that records gradients goes from the module to _CellStep: the same pieces as the layer
     route (rnn_layer with T=1), so the same bits for the outputs and every gradient, over a loop of steps
-    whose packed weights are reused from step to step. Float32 and float64 steps (but GRU reset_before)
-    are torch's GEMMs and activations with deferred weight gradients instead (ops/rnn_cell_deferred.py):
-    held to the float64 reference."""
+    whose packed weights are reused from step to step. Float32 and float64 steps are torch's GEMMs and
+    one-call activations with deferred weight gradients instead (ops/rnn_cell_deferred.py): held to the
+    float64 reference."""
     base = "gru" if kind == "gru_before" else kind
     kw = {"reset_after": False} if kind == "gru_before" else {}
     cell = seed_parameters(make_cell(base, dtype=dtype, bias=bias, **kw), seed=230)
@@ -388,7 +390,7 @@ def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype
         h, c = (None, None) if st is None else (st[0], st[-1] if base == "lstm" else None)
         outs64 = []
         for x in xs64:
-            h, c = ref.rnn_cell(base, x, h, c, w_ih, w_hh, b_ih, b_hh)
+            h, c = ref.rnn_cell(base, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=kind != "gru_before")
             outs64 += [h, c] if base == "lstm" else [h]
         grads64 = torch.autograd.grad(weighted_sum(outs64, 21), xs64 + params64)
         for k, (a, b) in enumerate(zip(outs + list(grads), outs64 + list(grads64), strict=True)):
@@ -1459,6 +1461,26 @@ def test_compiled_with_dynamic_shapes_runs_every_batch_and_length_without_recomp
                 # (the compiled backward's GEMMs may sum in another order than eager's: normwise bounds)
                 for got, want in zip(step(f, x), step(m, x), strict=True):
                     assert_matches(got, want.double())
+
+
+def test_a_module_compiled_before_any_eager_call_never_recompiles(tmp_path):
+    """In a fresh process: the first call compiled, then an eager one, then compiled again under
+    `fail_on_recompile`. The ONNX-export check read a global it resolved on first use; under Dynamo that
+    first use became a guard on the old value, and the next call recompiled (the test above failed when
+    run alone)."""
+    code = "\n".join([
+        "import torch, pyseqkern",
+        "torch._dynamo.config.allow_rnn = True",
+        "m = pyseqkern.nn.GRU(5, 7)",
+        "f = torch.compile(m, backend='eager', fullgraph=True)",
+        "x = torch.randn(3, 2, 5)",
+        "f(x)",
+        "m(x)",
+        "with torch.compiler.set_stance('fail_on_recompile'):",
+        "    f(x)",
+        "print('ok')"])
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("strict", [False, True])

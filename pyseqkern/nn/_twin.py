@@ -13,7 +13,6 @@ GRUCell with reset_after=False have no torch.nn counterpart and refuse with an e
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 from torch import nn as _tnn
@@ -65,7 +64,28 @@ class TorchScriptable:
 
 
 is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)
-_onnx_flags = None
+def _onnx_flags_reader():
+    """A function reading whether torch.onnx.export (either exporter) runs: its two flags directly (the
+    attributes, not their properties: Dynamo refuses to call into torch.onnx, and the ONNX exporter
+    may trace with Dynamo), or where they moved in another torch, the public check."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+        _flags._is_onnx_exporting, GLOBALS._in_onnx_export  # noqa: B018  (still there?)
+        return lambda: GLOBALS._in_onnx_export or _flags._is_onnx_exporting
+    except (ImportError, AttributeError):
+        try:
+            import torch.onnx
+            return torch.onnx.is_in_onnx_export
+        except ImportError:  # (no exporter, no export)
+            return lambda: False
+
+
+# Resolved at import (35 ms, torch.onnx's own import), not on first use: resolved lazily, the first call
+# under torch.compile assigned this global while Dynamo traced, so the graph guarded on its old value
+# (None) and the next call recompiled (`fail_on_recompile` raised; found by a compile test that ran
+# alone, stop 23).
+_onnx_flags = _onnx_flags_reader()
 
 
 def onnx_exporting() -> bool:
@@ -73,22 +93,7 @@ def onnx_exporting() -> bool:
     (aten::lstm / gru / rnn_*, the cells' ops) to ONNX's LSTM, GRU and RNN, and know nothing of
     pyseqkern's ops: the default (dynamo) exporter failed on them ("No ONNX function found for
     pyseqkern.rnn_pack"; found by an interop sweep, stop 18), so the modules hand it torch.nn's forward
-    as they do TorchScript. torch.onnx.is_in_onnx_export() costs 2 us (two imports per call) on every
-    layer and cell call once anything imported torch.onnx, as torch.compile does: its two flags are
-    read directly, and nothing is asked before torch.onnx is imported."""
-    global _onnx_flags
-    if _onnx_flags is None:
-        if "torch.onnx" not in sys.modules:
-            return False
-        try:
-            from torch.onnx._internal.exporter import _flags
-            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-            _flags._is_onnx_exporting, GLOBALS._in_onnx_export  # noqa: B018  (still there?)
-            # (the attribute, not its property: Dynamo refuses to call into torch.onnx, and the ONNX
-            # exporter may trace with Dynamo)
-            _onnx_flags = lambda: GLOBALS._in_onnx_export or _flags._is_onnx_exporting  # noqa: E731
-        except (ImportError, AttributeError):  # (moved in another torch: the public check)
-            _onnx_flags = sys.modules["torch.onnx"].is_in_onnx_export
+    as they do TorchScript. (torch.onnx.is_in_onnx_export() cost 2 us a call: two imports.)"""
     return _onnx_flags()
 
 

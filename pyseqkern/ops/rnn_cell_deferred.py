@@ -24,8 +24,9 @@ asked only for inputs), a step leaves nothing.
 create_graph=True (a gradient that will be differentiated): a step's backward returns its gradients as
 a graph of the reference's equations instead, nothing deferred. Above _DEFER_MAX_BATCH rows, where the
 products dominate and one GEMM over all steps saves nothing, a step is plain torch ops (_composite:
-F.linear and torch's activations, torch.nn's own arithmetic). GRU with reset_after=False keeps the
-kernel route (W_hn multiplies r * h, known only after r).
+F.linear and torch's activations, torch.nn's own arithmetic). GRU with reset_after=False (mode
+"gru_before": W_hn multiplies r * h, known only after r) runs its second product and activations as
+torch's ops inside the one node.
 """
 from __future__ import annotations
 
@@ -46,30 +47,34 @@ from .rnn_autograd import _is_legacy_batched, _unwrap_dead
 # small and torch's nodes cheap; the deferred GEMM over all steps gains nothing there). The accumulator
 # holds every step's gate gradients until the token runs (T*B*G*H values, 13 MB for an LSTM at T=50,
 # B=64, H=256).
-_DEFER_MAX_BATCH = {"lstm": 64, "gru": 64, "rnn_tanh": 8, "rnn_relu": 8}
+_DEFER_MAX_BATCH = {"lstm": 64, "gru": 64, "gru_before": 64, "rnn_tanh": 8, "rnn_relu": 8}
 _NO_GRAD = torch.empty(0)  # (the token's gradient: a step has none to give it)
 _graph_task_id = torch._C._current_graph_task_id
 _will_run = torch._C._will_engine_execute_node
 
 
 class _Accumulator:
-    """A loop's deferred gate gradients: per graph task, lists of dG_x (and dG_h where the gates come
-    apart, GRU), x and h rows. `node` is the token's backward node; `spent` once it has run."""
+    """A loop's deferred gate gradients: per graph task, lists of dG_x (and dG_h where they differ, GRU),
+    x and h rows, and r * h (GRU reset_before: W_hn's operand). `node` is the token's backward node;
+    `spent` once it has run."""
 
-    __slots__ = ("pair", "node", "spent", "by_task", "__weakref__")
+    __slots__ = ("pair", "before", "node", "spent", "by_task", "__weakref__")
 
-    def __init__(self, pair):
-        self.pair, self.node, self.spent, self.by_task = pair, None, False, {}
+    def __init__(self, mode):
+        self.pair, self.before = mode == "gru", mode == "gru_before"
+        self.node, self.spent, self.by_task = None, False, {}
 
-    def leave(self, dgi, dgh, x, h):
+    def leave(self, dgi, dgh, x, h, rh=None):
         lists = self.by_task.get(_graph_task_id())
         if lists is None:
-            lists = self.by_task[_graph_task_id()] = ([], [], [], [])
+            lists = self.by_task[_graph_task_id()] = ([], [], [], [], [])
         lists[0].append(dgi)
         if self.pair:
             lists[1].append(dgh)
         lists[2].append(x)
         lists[3].append(h)
+        if self.before:
+            lists[4].append(rh)
 
 
 def _rows(ts):
@@ -96,8 +101,17 @@ class _WeightGrads(torch.autograd.Function):
         dgh = _rows(lists[1]) if acc.pair else dgi
         need = ctx.needs_input_grad
         dw_ih = dgi.t().mm(_rows(lists[2])) if need[1] else None
-        dw_hh = dgh.t().mm(_rows(lists[3])) if need[2] else None
+        dw_hh = None
+        if need[2]:
+            dw_hh = _before_w_hh_grad(dgi, _rows(lists[3]), _rows(lists[4])) if acc.before else \
+                dgh.t().mm(_rows(lists[3]))
         return None, dw_ih, dw_hh, dgi.sum(0) if need[3] else None, dgh.sum(0) if need[4] else None
+
+
+def _before_w_hh_grad(dg, h, rh):
+    """GRU reset_before's dW_hh: its r and z rows multiply h, its n rows r * h."""
+    hidden = dg.shape[1] // 3
+    return torch.cat([dg[:, :2 * hidden].t().mm(h), dg[:, 2 * hidden:].t().mm(rh)])
 
 
 def _ptr(t):
@@ -114,7 +128,8 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode, acc, x, h, c, token, w_ih, w_hh, b_ih, b_hh):
         gi = torch.addmm(b_ih, x, w_ih.t()) if b_ih is not None else x.mm(w_ih.t())
-        gh = torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else h.mm(w_hh.t())
+        gh = None if mode == "gru_before" else torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else \
+            h.mm(w_hh.t())
         batch, hidden = h.shape
         f64 = x.dtype == torch.float64
         ctx.mode, ctx.acc = mode, acc
@@ -126,6 +141,15 @@ class _Step(torch.autograd.Function):
                                  h_n.data_ptr())
             ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, gates, tanh_c)
             return h_n, c_n
+        if mode == "gru_before":  # (W_hn multiplies r * h: its product waits for r; torch's ops)
+            two = 2 * hidden
+            gh = torch.addmm(b_hh[:two], h, w_hh[:two].t()) if b_hh is not None else h.mm(w_hh[:two].t())
+            rz = gh.add_(gi[:, :two]).sigmoid_()
+            rh = rz[:, :hidden] * h
+            n = torch.addmm(b_hh[two:], rh, w_hh[two:].t()) if b_hh is not None else rh.mm(w_hh[two:].t())
+            n = n.add_(gi[:, two:]).tanh_()
+            ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, rz, n, rh)
+            return torch.addcmul(n, rz[:, hidden:], h - n)
         if mode == "gru":
             act, h_n = torch.empty_like(gi), torch.empty_like(h)
             _C.cell_gru_forward(f64, batch, hidden, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), act.data_ptr(),
@@ -153,6 +177,8 @@ class _Step(torch.autograd.Function):
         batch, hidden = h.shape
         f64 = x.dtype == torch.float64
         dc = dh_direct = None
+        if mode == "gru_before":
+            return _before_backward(ctx, need, saved, dh_n)
         if mode == "lstm":
             gates, tanh_c = saved[7:]
             d_gi = d_gh = torch.empty_like(gates)
@@ -184,6 +210,29 @@ class _Step(torch.autograd.Function):
                 d_gh.sum(0) if need[9] else None)
 
 
+def _before_backward(ctx, need, saved, dh_n):
+    """_Step.backward of a GRU reset_before step (torch's ops: n's pre-activation holds W_hn (r * h))."""
+    x, h, c, w_ih, w_hh, b_ih, b_hh, rz, n, rh = saved
+    hidden = h.shape[1]
+    two = 2 * hidden
+    r, z = rz[:, :hidden], rz[:, hidden:]
+    dg = torch.empty(h.shape[0], 3 * hidden, dtype=h.dtype)
+    torch.mul(dh_n * (1 - z), 1 - n * n, out=dg[:, two:])
+    torch.mul(dh_n * (h - n), z * (1 - z), out=dg[:, hidden:two])
+    d_rh = dg[:, two:].mm(w_hh[two:])
+    torch.mul(d_rh * h, r * (1 - r), out=dg[:, :hidden])
+    dx = dg.mm(w_ih) if need[2] else None
+    dh = (dh_n * z).addcmul_(d_rh, r).addmm_(dg[:, :two], w_hh[:two]) if need[3] else None
+    acc = ctx.acc
+    if acc is not None:
+        if _will_run(acc.node):
+            acc.leave(dg, dg, x, h, rh)
+        return None, None, dx, dh, None, _NO_GRAD, None, None, None, None
+    return (None, None, dx, dh, None, None, dg.t().mm(x) if need[6] else None,
+            _before_w_hh_grad(dg, h, rh) if need[7] else None, dg.sum(0) if need[8] else None,
+            dg.sum(0) if need[9] else None)
+
+
 def _differentiable_grads(mode, need, inputs, dh_n, dc_n):
     """_Step.backward's gradients from the reference's equations on the saved inputs, as a graph where
     grad mode is on (create_graph=True: the gradient will be differentiated); nothing deferred (the token
@@ -194,7 +243,8 @@ def _differentiable_grads(mode, need, inputs, dh_n, dc_n):
     create = torch.is_grad_enabled()
     grads = [None] * 7
     with torch.enable_grad():  # (a batched backward runs without grad mode)
-        out = _reference.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        out = _reference.rnn_cell("gru" if mode == "gru_before" else mode, x, h, c, w_ih, w_hh, b_ih, b_hh,
+                                  reset_after=mode != "gru_before")
         pairs = [(o, g) for o, g in zip(out, (dh_n, dc_n)) if o is not None and g is not None]
         got = torch.autograd.grad([o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
                                   create_graph=create, allow_unused=True) if wanted and pairs else ()
@@ -257,7 +307,7 @@ def step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
         key = (id(w_ih), id(w_hh), id(b_ih), id(b_hh))
         loop = _loop_of(states, key)
         if loop is None:
-            acc = _Accumulator(mode == "gru")
+            acc = _Accumulator(mode)
             token = _weight_grads(acc, w_ih, w_hh, b_ih, b_hh)
             acc.node = token.grad_fn
             loop = (acc, token, key)
@@ -272,6 +322,8 @@ def step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
 def _composite(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
     """A step as plain torch ops (torch.nn's own arithmetic, its activations vectorized): above
     _DEFER_MAX_BATCH rows, where the products dominate and one GEMM over all steps saves nothing."""
+    if mode == "gru_before":  # (no torch.nn counterpart: the reference's equations, plain torch ops too)
+        return (_reference.rnn_cell("gru", x, h, None, w_ih, w_hh, b_ih, b_hh, reset_after=False)[0],)
     if mode == "gru":
         x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, 1)
         h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, 1)
