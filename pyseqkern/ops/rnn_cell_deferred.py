@@ -294,9 +294,9 @@ def _carry(loop, outputs):
 
 
 def step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
-    """(h_n,) or (h_n, c_n) of one recorded step of an LSTM, GRU (reset_after) or RNN cell, x [B, I], h and
-    c [B, H] contiguous or None (zeros). The caller has checked shapes, dtypes (float32 / float64) and
-    devices."""
+    """(h_n,) or (h_n, c_n) of one recorded step; mode "lstm", "gru" (reset_after), "gru_before" or
+    "rnn_tanh" / "rnn_relu"; x [B, I], h and c [B, H] contiguous or None (zeros). The caller has checked
+    shapes, dtypes (float32 / float64) and devices."""
     states = (h, c)
     if h is None:  # (zeros, multiplied too, so that W_hh gets the zero gradient torch.nn gives it)
         h = x.new_zeros(x.shape[0], w_hh.shape[1])
