@@ -382,7 +382,7 @@ def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype
     monkeypatch.setattr(rnn_ops._cell_train, "step", lambda *a: taken.append(1) or real(*a))
     outs, grads = run()
     assert len(taken) == 3
-    if rnn_ops._cell_train.by_torch(base, kind != "gru_before", dtype):
+    if rnn_ops._cell_train.by_torch(dtype):
         params64 = [p.detach().double().requires_grad_() for p in cell.parameters()]
         xs64 = [x.detach().double().requires_grad_() for x in xs]
         w_ih, w_hh, b_ih, b_hh = params64 if bias else (*params64, None, None)

@@ -1208,6 +1208,12 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     return h_n, c_n
 
 
+def _dense_states(mode, h, c):
+    """(h, c) made contiguous where given; c None but for LSTM."""
+    return (None if h is None else h.contiguous(),
+            None if c is None or mode != "lstm" else c.contiguous())
+
+
 def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=False):
     """One step: a sequence of length 1 through the same kernels. `spread`: the caller runs several
     layers' steps in a row, so the planned step never takes the one-thread shortcut (RnnFwdParams)."""
@@ -1232,8 +1238,6 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
     # The thin inference paths below, or rnn_layer (autograd; also CPU float16, which it runs in float32).
     thin = x.dtype != torch.float16 and (not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)))
-    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    hc, cc = (lambda: contiguous(h)), (lambda: contiguous(c) if mode == "lstm" else None)  # noqa: E731
     if (thin and thin_states and type(x) is torch.Tensor and x.dim() == 2 and _plain_eager(x)
             and not _backend._REFERENCE_FORCED):
         plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
@@ -1241,12 +1245,14 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         if plan is not None and _plan_takes(plan, x, B, plan.input) and all(
                 _plan_takes(plan, t, B, plan.hidden) for t in (states or ())):
             # planned, but not for the compiled step (more rows than it projects, or no input panel)
-            return _cell_inference(mode, x.contiguous(), hc(), cc(), w_ih, w_hh, b_ih, b_hh, reset_after, plan)
+            return _cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
+                                   reset_after, plan)
     x3 = x.unsqueeze(0)
     _check_layer(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None)
     _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
     if thin and thin_states and _plain_eager(x) and not _backend.use_reference("rnn_layer", x.device):
-        return _cell_inference(mode, x.contiguous(), hc(), cc(), w_ih, w_hh, b_ih, b_hh, reset_after)
+        return _cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
+                               reset_after)
     y, h_n, c_n = rnn_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
     return h_n, c_n
 

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from .. import _C
 from ..reference import rnn as _reference
-from .rnn_autograd import _is_legacy_batched, _unwrap_dead
+from .rnn import MODES, _Seq
+from .rnn_autograd import _is_legacy_batched, _reference_vjp, _unwrap_dead
 
 # Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,
 # _composite. In-process against torch.nn (H=256, T=50, x requiring grad, forward + backward, 7-11
@@ -234,23 +235,16 @@ def _before_backward(ctx, need, saved, dh_n):
 
 
 def _differentiable_grads(mode, need, inputs, dh_n, dc_n):
-    """_Step.backward's gradients from the reference's equations on the saved inputs, as a graph where
-    grad mode is on (create_graph=True: the gradient will be differentiated); nothing deferred (the token
-    gets none)."""
+    """_Step.backward's gradients from the reference's equations on the saved inputs (rnn_autograd's
+    _reference_vjp, the layer route's, for a one-step layer), as a graph; nothing deferred (the token
+    gets none). Grad mode on for it: a batched backward runs without."""
     x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
-    wants = (2, 3, 4, 6, 7, 8, 9)  # (need's index of each input)
-    wanted = [k for k, (t, i) in enumerate(zip(inputs, wants)) if need[i] and t is not None]
-    create = torch.is_grad_enabled()
-    grads = [None] * 7
-    with torch.enable_grad():  # (a batched backward runs without grad mode)
-        out = _reference.rnn_cell("gru" if mode == "gru_before" else mode, x, h, c, w_ih, w_hh, b_ih, b_hh,
-                                  reset_after=mode != "gru_before")
-        pairs = [(o, g) for o, g in zip(out, (dh_n, dc_n)) if o is not None and g is not None]
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
-                                  create_graph=create, allow_unused=True) if wanted and pairs else ()
-        for k, g in zip(wanted, got):
-            grads[k] = g
-    return (None, None, *grads[:3], None, *grads[3:])
+    base = "gru" if mode == "gru_before" else mode
+    cfg = (base, MODES[base], mode != "gru_before", h.shape[1], 0, _Seq(x.unsqueeze(0), None, False))
+    wanted = (need[2], need[3], need[4], need[6], need[7], need[8], need[9], False)
+    with torch.enable_grad():
+        g = _reference_vjp(cfg, wanted, x, h, c, w_ih, w_hh, b_ih, b_hh, None, None, dh_n, dc_n, functional=False)
+    return None, None, g[0], g[1], g[2], None, g[3], g[4], g[5], g[6]
 
 
 # step() runs only outside torch.func and compilation (rnn_cell_train.step's checks): torch's C apply

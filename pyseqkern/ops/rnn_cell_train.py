@@ -7,8 +7,9 @@ does not: at B=1, H=256 a training step of an RNNCell took 2.5x torch.nn's, the 
 kernels most of it. _CellStep runs the same pieces as _RnnLayer (folded bias, torch's input GEMM, the
 packed weights, the forward kernel; layer_grads for the backward), so the same bits, with the checks
 made inline once and nothing else around them. The packed weights are the previous step's where the
-kernel finds them still current (_packed's `reuse`). Float32 and float64 steps are torch's GEMMs and activations with the weight gradients of a whole loop formed at once instead
-(by_torch, ops/rnn_cell_deferred.py): faster than both this route and torch.nn's (DESIGN.md).
+kernel finds them still current (_packed's `reuse`). Since stop 23 only bfloat16 steps come here:
+float32 and float64 steps are one node each with the weight gradients of a whole loop formed at once
+(by_torch, ops/rnn_cell_deferred.py), faster than both this route and torch.nn's (DESIGN.md).
 
 Imported at the end of ops/rnn.py, whose helpers it uses.
 """
@@ -88,7 +89,7 @@ def step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
         c = states[1].contiguous() if mode == "lstm" else None
     if _autocast.any_enabled():
         return None
-    if by_torch(mode, reset_after, dtype):
+    if by_torch(dtype):
         return _deferred.step("gru_before" if mode == "gru" and not reset_after else mode, x, h, c, w_ih, w_hh,
                               b_ih, b_hh)
     seq = _Seq(x.unsqueeze(0), None, False)
@@ -97,7 +98,7 @@ def step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
     return (h_n,) if mode != "lstm" else (h_n, c_n)
 
 
-def by_torch(mode, reset_after, dtype) -> bool:
+def by_torch(dtype) -> bool:
     """Whether a recorded step runs as torch's GEMMs with deferred weight gradients
     (ops/rnn_cell_deferred.py): float32 and float64, every mode. bfloat16 keeps the kernels, which sum in
     float32 where torch rounds each GEMM's output."""
