@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C
-from ..reference import rnn as _reference
 from .rnn import MODES, _Seq
 from .rnn_autograd import _is_legacy_batched, _reference_vjp, _unwrap_dead
 
@@ -316,8 +315,12 @@ def step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
 def _composite(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
     """A step as plain torch ops (torch.nn's own arithmetic, its activations vectorized): above
     _DEFER_MAX_BATCH rows, where the products dominate and one GEMM over all steps saves nothing."""
-    if mode == "gru_before":  # (no torch.nn counterpart: the reference's equations, plain torch ops too)
-        return (_reference.rnn_cell("gru", x, h, None, w_ih, w_hh, b_ih, b_hh, reset_after=False)[0],)
+    if mode == "gru_before":  # (W_hn multiplies r * h)
+        two = 2 * h.shape[1]
+        x_rz, x_n = F.linear(x, w_ih, b_ih).split([two, two // 2], 1)
+        r, z = torch.sigmoid(x_rz + F.linear(h, w_hh[:two], None if b_hh is None else b_hh[:two])).chunk(2, 1)
+        n = torch.tanh(x_n + F.linear(r * h, w_hh[two:], None if b_hh is None else b_hh[two:]))
+        return (n + z * (h - n),)
     if mode == "gru":
         x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, 1)
         h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, 1)
