@@ -199,6 +199,14 @@ def test_a_loop_left_without_backward_keeps_nothing_alive():
     gc.collect()
     assert ref_cell() is None
     assert not deferred._LOOPS
+    module = pnn.LSTM(I, H, num_layers=3)  # (its states stacked each call: carry_stacked's entries)
+    ref_module, hx = weakref.ref(module), None
+    for t in range(4):
+        y, hx = module(randn((1, 2, I), seed=365 + t), hx)
+    del module, hx, y
+    gc.collect()
+    assert ref_module() is None
+    assert not deferred._LOOPS
 
 
 def test_states_computed_between_steps_start_new_loops():
@@ -243,3 +251,52 @@ def test_activation_checkpointing_over_a_loop(kind, reentrant):
     got = [xs.grad] + [p.grad for p in cell.parameters()] + [s.grad for s in (h0 if kind == "lstm" else (h0,))]
     for k, (a, e) in enumerate(zip(got, want, strict=True)):
         assert_matches(a, e, f"gradient {k}")
+
+
+MODULES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "gru_before": ("GRU", {"reset_after": False}),
+           "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}), "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("layers", [2, 3])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_a_module_of_several_layers_fed_one_token_a_call(monkeypatch, kind, layers, batched):
+    """A layer stack fed one token a call with grad (each call's h_n, c_n stacked from its layers' steps,
+    the next call's states views of them): one token per layer for the whole loop, every step deferring
+    (not a loop per step), and every output and gradient on the float64 reference, layer by layer."""
+    name, kw = MODULES[kind]
+    module = getattr(pnn, name)(I, H, num_layers=layers, batch_first=True, **kw)
+    with torch.no_grad():
+        for k, p in enumerate(module.parameters()):
+            p.copy_(randn(p.shape, seed=390 + k, scale=0.5))
+    tokens, real = [], deferred._weight_grads
+    monkeypatch.setattr(deferred, "_weight_grads", lambda *a: tokens.append(1) or real(*a))
+    left = counting_deferred_steps(monkeypatch)
+    steps, batch = 5, 3 if batched else 1
+    xs = [randn((batch, 1, I) if batched else (1, I), seed=400 + t).requires_grad_() for t in range(steps)]
+    hx, outs = None, []
+    for x in xs:
+        y, hx = module(x, hx)
+        outs += [y, *(hx if kind == "lstm" else (hx,))]
+    weighted_sum(outs, 80).backward()
+    assert len(tokens) == layers and len(left) == layers * steps
+
+    params64 = [p.detach().double().requires_grad_() for p in module.parameters()]
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    states = [(None, None)] * layers
+    outs64 = []
+    for x in xs64:
+        inp = x.reshape(batch, I)
+        for layer in range(layers):
+            w_ih, w_hh, b_ih, b_hh = params64[4 * layer:4 * layer + 4]
+            h, c = ref.rnn_cell("gru" if kind == "gru_before" else kind, inp, *states[layer], w_ih, w_hh, b_ih, b_hh,
+                                reset_after=kind != "gru_before")
+            states[layer], inp = (h, c), h
+        shape = (layers, batch, H) if batched else (layers, H)
+        outs64 += [inp.reshape(xs[0].shape[:-1] + (H,)), torch.stack([s[0] for s in states]).reshape(shape)]
+        if kind == "lstm":
+            outs64.append(torch.stack([s[1] for s in states]).reshape(shape))
+    grads64 = torch.autograd.grad(weighted_sum(outs64, 80), params64 + xs64)
+    got = [o.detach() for o in outs] + [p.grad for p in module.parameters()] + [x.grad for x in xs]
+    for k, (a, e) in enumerate(zip(got, outs64 + list(grads64), strict=True)):
+        assert_matches(a, e, name=f"output/gradient {k}")

@@ -13,6 +13,7 @@ from ._cell import CELL_PARAMETERS, planned_parameters
 from ._stack import run_layers
 # Looked up at call time (attribute access), so a rewritten cell_fast is picked up.
 from ..ops import rnn as _rnn_ops
+from ..ops import rnn_cell_deferred as _deferred
 
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
 
@@ -80,10 +81,16 @@ def _decode_step(module, input, hx, reset_after):
         hs.append(out[0] if batched else out[0][0])
         if is_lstm:
             cs.append(out[1] if batched else out[1][0])
-    stack = (lambda ts: ts[0].unsqueeze(0)) if layers == 1 else (lambda ts: torch.stack(ts))
     # (the output is a copy where it would be h_n's memory: torch.nn's never share memory)
     y = x.unsqueeze(1 if module.batch_first else 0) if batched else x
-    return (y.clone() if layers == 1 else y), stack(hs), (stack(cs) if is_lstm else None)
+    if layers == 1:
+        return y.clone(), hs[0].unsqueeze(0), (cs[0].unsqueeze(0) if is_lstm else None)
+    h_n, c_n = torch.stack(hs), (torch.stack(cs) if is_lstm else None)
+    if x.requires_grad:  # (recorded steps: the next call's states carry each layer's loop on)
+        _deferred.carry_stacked(hs, h_n)
+        if is_lstm:
+            _deferred.carry_stacked(cs, c_n)
+    return y, h_n, c_n
 
 
 def sequence_forward(module, input, hx, reset_after: bool = True):

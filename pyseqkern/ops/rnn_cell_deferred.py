@@ -275,15 +275,30 @@ def _loop_of(states, key):
     return None
 
 
+def _enter(k, loop, t):
+    """The memory at address k carries loop (acc, token, key) while t lives."""
+    def drop(ref):  # (only its own entry: the address may carry a newer output's by then)
+        if _LOOPS.get(k, (None,) * 4)[3] is ref:
+            del _LOOPS[k]
+
+    _LOOPS[k] = (*loop[:3], weakref.ref(t, drop))
+
+
 def _carry(loop, outputs):
     for t in outputs:
-        k = t.data_ptr()
+        _enter(t.data_ptr(), loop, t)
 
-        def drop(ref, k=k):  # (only its own entry: the address may carry a newer output's by then)
-            if _LOOPS.get(k, (None,) * 4)[3] is ref:
-                del _LOOPS[k]
 
-        _LOOPS[k] = (*loop[:3], weakref.ref(t, drop))
+def carry_stacked(parts, stacked):
+    """stacked = torch.stack(parts): each stacked[i] carries the loop parts[i] carries, while stacked
+    lives. A layer fed one token a call stacks its layers' states into h_n (c_n), whose views the next
+    call takes as states: without this every step of a module of several layers started a loop of its
+    own, and formed its own weight gradients (RNN, 2 layers, B=1, H=256: 0.80x torch.nn)."""
+    row = stacked.stride(0) * stacked.element_size()
+    for i, t in enumerate(parts):
+        entry = _LOOPS.get(t.data_ptr())
+        if entry is not None and entry[3]() is not None and not entry[0].spent:
+            _enter(stacked.data_ptr() + i * row, entry, stacked)
 
 
 def step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
