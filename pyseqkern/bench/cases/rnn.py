@@ -366,11 +366,12 @@ def _cell(cls: str, device: str, batch: int, hidden: int, dtype=torch.float32):
     return setup
 
 
-def _cell_loop(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32):
+def _cell_loop(cls: str, device: str, steps: int, batch: int, hidden: int, dtype=torch.float32, layers=0):
     """A training step of a cell stepped by a Python loop (teacher forcing, an attention decoder): `steps`
-    calls recorded by autograd, a loss over every step's h, one backward."""
+    calls recorded by autograd, a loss over every step's h, one backward. With `layers`, a sequence
+    module of that many layers fed one token a call instead (x [1, B, H], hx from the last call)."""
     def setup(ceilings):
-        theirs, ours = _modules(cls, device, dtype, hidden, hidden)
+        theirs, ours = _modules(cls, device, dtype, hidden, hidden, **({"num_layers": layers} if layers else {}))
         theirs.train()
         ours.train()
         xs = _randn(steps, batch, hidden, device=device, dtype=dtype).requires_grad_()
@@ -384,7 +385,12 @@ def _cell_loop(cls: str, device: str, steps: int, batch: int, hidden: int, dtype
                 _drop_grads(params, xs)
                 with exact():
                     h, c, hs = h0, h0, []
-                    for t in range(steps):
+                    if layers:
+                        hx = None
+                        for t in range(steps):
+                            h, hx = module(xs[t:t + 1], hx)
+                            hs.append(h[0])
+                    for t in range(steps if not layers else 0):
                         if cls == "LSTMCell":
                             h, c = module(xs[t], (h, c))
                         else:
@@ -406,7 +412,8 @@ def _cell_loop(cls: str, device: str, steps: int, batch: int, hidden: int, dtype
                 atol = tol["atol"] * max(1.0, float(want.abs().max()))  # (as _training's: sums of many products)
                 torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=atol)
 
-        return Prepared(torch_fn, ours_fn, check, work=3.0 * _layer_flops(cls, steps, batch, hidden, hidden))
+        return Prepared(torch_fn, ours_fn, check,
+                        work=3.0 * max(1, layers) * _layer_flops(cls, steps, batch, hidden, hidden))
 
     return setup
 
@@ -477,6 +484,9 @@ def register_all():
                 register(Case(family, f"decode step T=1 B=1 H=256 layers={layers}", device,
                               _decode(cls, device, 1, 256, layers), unit="GFLOP/s", peak="flops", target=1.0,
                               note="one token per call, hx given", quick=layers == 1))
+            register(Case(family, "training loop T=50 B=1 H=256 layers=2", device,
+                          _cell_loop(cls, device, 50, 1, 256, layers=2), unit="GFLOP/s", peak="flops",
+                          note="one token per call, forward + backward"))
             register(Case(family, "packed B=32 lengths 10..100", device, _packed(cls, device, 32, 256, 100, 10),
                           unit="GFLOP/s", peak="flops", target=2.0, note="H=256, vs torch's packed path"))
             register(Case(family, "packed B=32 lengths 10..100 vs our padded T=100", device,
