@@ -443,7 +443,8 @@ def register_cuda():
             for steps, batch, hidden in _CUDA_SHAPES:
                 shape = f"T={steps} B={batch} H={hidden} {dname}"
                 quick = hidden == 512
-                register(Case(family, f"inference {shape}", device, _inference(cls, device, steps, batch, hidden, dtype),
+                register(Case(family, f"inference {shape}", device,
+                              _inference(cls, device, steps, batch, hidden, dtype),
                               unit="GFLOP/s", peak="flops", target=2.0 if batch <= 16 else 1.0, quick=quick))
                 register(Case(family, f"training {shape}", device,
                               _training(cls, device, steps, batch, hidden, dtype), unit="GFLOP/s", peak="flops",
