@@ -14,9 +14,11 @@ from .report import Result, format_tables, write_json
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="pyseqkern-bench", description="pyseqkern against torch, same process, same cases.")
+    p = argparse.ArgumentParser(prog="pyseqkern-bench",
+                                description="pyseqkern against torch, same process, same cases.")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="full", action="store_false", help="the quick suite (default, < 2 min on 2 cores)")
+    size.add_argument("--quick", dest="full", action="store_false",
+                      help="the quick suite (default; about 8 minutes on 2 cores)")
     size.add_argument("--full", dest="full", action="store_true", help="every case")
     p.set_defaults(full=False)
     p.add_argument("--op", action="append", default=[], help="op families to run (repeat or comma-separate); "
@@ -46,7 +48,8 @@ def _select(args) -> tuple[list[Case], list[str]]:
     unknown = families - known
     if unknown:
         raise SystemExit(f"--op: unknown families {sorted(unknown)}; known: {sorted(known)}")
-    chosen = [c for c in cases if c.device in devices and (args.full or c.quick) and (not families or c.family in families)]
+    chosen = [c for c in cases
+              if c.device in devices and (args.full or c.quick) and (not families or c.family in families)]
     return chosen, notes
 
 
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     needs_ceiling = {(c.device, c.peak) for c in cases if c.peak and c.family != "machine"}
     have = {(c.device, c.peak) for c in cases if c.family == "machine"}
     if needs_ceiling - have:
-        extra = [c for c in all_cases() if c.family == "machine" and c.quick and (c.device, c.peak) in needs_ceiling - have]
+        extra = [c for c in all_cases()
+                 if c.family == "machine" and c.quick and (c.device, c.peak) in needs_ceiling - have]
         cases = extra + cases
     info = backend_info()
     print(f"pyseqkern {__version__} bench: {len(cases)} cases, {'full' if args.full else 'quick'} suite, "
