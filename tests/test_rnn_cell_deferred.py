@@ -300,3 +300,135 @@ def test_a_module_of_several_layers_fed_one_token_a_call(monkeypatch, kind, laye
     got = [o.detach() for o in outs] + [p.grad for p in module.parameters()] + [x.grad for x in xs]
     for k, (a, e) in enumerate(zip(got, outs64 + list(grads64), strict=True)):
         assert_matches(a, e, name=f"output/gradient {k}")
+
+
+def torch_twin(cell, kind):
+    """torch.nn's cell with the same weights, in float64 (GRU reset_before has none: None)."""
+    if kind == "gru_before":
+        return None
+    name, kw = KINDS[kind]
+    twin = getattr(torch.nn, name)(I, H, bias=cell.bias_ih is not None, **kw).double()
+    twin.load_state_dict(cell.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_writes_and_freezes_in_the_middle_of_a_loop(kind):
+    """What torch.nn allows between a loop's steps and its backward, with its gradients: a bias updated
+    in place (torch.nn saves no bias), W_ih updated in place where x wants no gradient, a parameter
+    rebound through `.data` (the backward uses what the forward multiplied), and weight_ih frozen for
+    some steps (those steps give it nothing; the loop's token is made for the parameters wanting
+    gradients when it starts)."""
+    cell = make(kind, torch.float64)
+    twin = torch_twin(cell, kind)
+    xs = [randn((3, I), torch.float64, seed=420 + t) for t in range(4)]
+
+    def run(m, write):
+        for p in m.parameters():
+            p.grad = None
+        h, outs = None, []
+        for t, x in enumerate(xs):
+            m.weight_ih.requires_grad_(t != 2)
+            h = m(x, h)
+            outs += list(h) if kind == "lstm" else [h]
+        m.weight_ih.requires_grad_(True)
+        saved = [p.detach().clone() for p in m.parameters()]
+        write(m)
+        weighted_sum(outs, 90).backward()
+        grads = [p.grad for p in m.parameters()]
+        with torch.no_grad():
+            for p, v in zip(m.parameters(), saved):
+                p.data = v
+        return outs, grads
+
+    def expected():  # the float64 reference, weight_ih detached at step 2
+        params = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+        h = c = None
+        outs = []
+        for t, x in enumerate(xs):
+            w_ih = params[0] if t != 2 else params[0].detach()
+            h, c = ref.rnn_cell("gru" if kind == "gru_before" else kind, x, h, c, w_ih, *params[1:],
+                                reset_after=kind != "gru_before")
+            outs += [h, c] if kind == "lstm" else [h]
+        return outs, torch.autograd.grad(weighted_sum(outs, 90), params)
+
+    def in_place(name, op):
+        def write(m):
+            with torch.no_grad():
+                op(getattr(m, name))
+        return write
+
+    writes = {
+        "bias in place": in_place("bias_hh", lambda p: p.add_(0.25)),
+        "W_ih in place (x wants no gradient)": in_place("weight_ih", lambda p: p.mul_(0.5)),
+        "W_hh rebound through .data": lambda m: setattr(m.weight_hh, "data", m.weight_hh.data * 2),
+    }
+    want_outs, want_grads = expected()
+    for what, write in writes.items():
+        outs, grads = run(cell, write)
+        for k, (a, e) in enumerate(zip(outs + grads, want_outs + list(want_grads), strict=True)):
+            assert_matches(a, e, name=f"{what}: output/gradient {k}")
+        if twin is not None:  # (and torch.nn agrees that the write is allowed)
+            run(twin, write)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_create_graph_after_an_in_place_write_raises(kind):
+    """create_graph recomputes a step from its inputs: a bias written in place since then would change
+    the recomputation, so it raises torch's in-place error rather than answer for other values."""
+    cell = make(kind, torch.float64)
+    h = None
+    for t in range(2):
+        h = cell(randn((2, I), torch.float64, seed=430 + t), h)
+    with torch.no_grad():
+        cell.bias_hh.add_(1.0)
+    with pytest.raises(RuntimeError, match="bias_hh is at version"):
+        torch.autograd.grad((h[0] if kind == "lstm" else h).sum(), cell.weight_hh, create_graph=True)
+
+
+def test_tied_gru_cells_of_both_variants_in_one_loop():
+    """A GRUCell and a reset_before GRUCell sharing their parameters, stepped alternately: each variant's
+    steps keep their own accumulator (its layout differs)."""
+    after = make("gru", torch.float64)
+    before = pnn.GRUCell(I, H, reset_after=False, dtype=torch.float64)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        setattr(before, name, getattr(after, name))
+    xs = [randn((2, I), torch.float64, seed=440 + t) for t in range(4)]
+    for order in ((after, before), (before, after)):
+        after.zero_grad(set_to_none=True)
+        h, outs = None, []
+        for t, x in enumerate(xs):
+            h = order[t % 2](x, h)
+            outs.append(h)
+        weighted_sum(outs, 91).backward()
+        params = [p.detach().clone().requires_grad_() for p in after.parameters()]
+        h, want = None, []
+        for t, x in enumerate(xs):
+            h, _ = ref.rnn_cell("gru", x, h, None, *params, reset_after=order[t % 2] is after)
+            want.append(h)
+        for k, (p, e) in enumerate(zip(after.parameters(), torch.autograd.grad(weighted_sum(want, 91), params))):
+            assert_matches(p.grad, e, name=f"gradient {k}")
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_rnn_module_fed_one_token_a_call_takes_in_place_writes_to_its_outputs(nonlinearity, layers):
+    """A recorded RNN step saves its output; the module's y and h_n must be memory of their own, as
+    torch.nn's are: a mask written into h_n (and y) before the next call is allowed, and the gradients
+    are the reference's."""
+    module = pnn.RNN(I, H, num_layers=layers, nonlinearity=nonlinearity).double()
+    twin = torch.nn.RNN(I, H, num_layers=layers, nonlinearity=nonlinearity).double()
+    twin.load_state_dict(module.state_dict())
+    xs = [randn((1, 2, I), torch.float64, seed=450 + t) for t in range(4)]
+    results = []
+    for m in (module, twin):
+        hx, outs = None, []
+        for x in xs:
+            y, hx = m(x, hx)
+            hx[:, 1] = 0.0  # (a finished beam's state)
+            y.mul_(0.5)
+            outs += [y, hx]
+        weighted_sum(outs, 92).backward()
+        results.append([o.detach() for o in outs] + [p.grad for p in m.parameters()])
+    for k, (a, e) in enumerate(zip(*results, strict=True)):
+        assert_matches(a, e, name=f"output/gradient {k}")

@@ -83,14 +83,17 @@ def _decode_step(module, input, hx, reset_after):
             cs.append(out[1] if batched else out[1][0])
     # (the output is a copy where it would be h_n's memory: torch.nn's never share memory)
     y = x.unsqueeze(1 if module.batch_first else 0) if batched else x
-    if layers == 1:
+    # A recorded RNN step saves its output for its backward: torch.nn's y and h_n are copies, which the
+    # caller may write in place (a mask on h_n), so ours are too.
+    saved_out = x.requires_grad and mode.startswith("rnn")
+    if layers == 1 and not saved_out:
         return y.clone(), hs[0].unsqueeze(0), (cs[0].unsqueeze(0) if is_lstm else None)
     h_n, c_n = torch.stack(hs), (torch.stack(cs) if is_lstm else None)
     if x.requires_grad:  # (recorded steps: the next call's states carry each layer's loop on)
         _deferred.carry_stacked(hs, h_n)
         if is_lstm:
             _deferred.carry_stacked(cs, c_n)
-    return y, h_n, c_n
+    return (y.clone() if layers == 1 or saved_out else y), h_n, c_n
 
 
 def sequence_forward(module, input, hx, reset_after: bool = True):

@@ -127,6 +127,19 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mode, acc, x, h, c, token, w_ih, w_hh, b_ih, b_hh):
+        # Saved (so checked against in-place writes before the backward) only what the first-order
+        # backward reads, as torch.nn's ops save theirs: x where W_ih wants a gradient, W_ih where x
+        # does, never a bias. An in-place bias update between forward and backward raised here and
+        # not in torch.nn (found by a fuzzing helper). The weights as aliases made now: a later
+        # `p.data = ...` rebinds the parameter, not what this step multiplied. The inputs themselves
+        # stay on ctx for create_graph, which recomputes the step (_inputs_for_graph).
+        need = ctx.needs_input_grad
+        gru = mode in ("gru", "gru_before")
+        kept = (x if need[6] else None, h if need[7] or gru else None, c,
+                w_ih.detach() if need[2] else None, w_hh.detach() if need[3] or mode == "gru_before" else None)
+        ctx.inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+        ctx.rows, ctx.f64 = h.shape[0], x.dtype == torch.float64
+        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
         gi = torch.addmm(b_ih, x, w_ih.t()) if b_ih is not None else x.mm(w_ih.t())
         gh = None if mode == "gru_before" else torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else \
             h.mm(w_hh.t())
@@ -139,7 +152,7 @@ class _Step(torch.autograd.Function):
             c_n, tanh_c, h_n = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
             _C.cell_lstm_forward(f64, batch, hidden, gates.data_ptr(), _ptr(c), c_n.data_ptr(), tanh_c.data_ptr(),
                                  h_n.data_ptr())
-            ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, gates, tanh_c)
+            ctx.save_for_backward(*kept, gates, tanh_c)
             return h_n, c_n
         if mode == "gru_before":  # (W_hn multiplies r * h: its product waits for r; torch's ops)
             two = 2 * hidden
@@ -148,51 +161,52 @@ class _Step(torch.autograd.Function):
             rh = rz[:, :hidden] * h
             n = torch.addmm(b_hh[two:], rh, w_hh[two:].t()) if b_hh is not None else rh.mm(w_hh[two:].t())
             n = n.add_(gi[:, two:]).tanh_()
-            ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, rz, n, rh)
+            ctx.save_for_backward(*kept, rz, n, rh)
             return torch.addcmul(n, rz[:, hidden:], h - n)
         if mode == "gru":
             act, h_n = torch.empty_like(gi), torch.empty_like(h)
             _C.cell_gru_forward(f64, batch, hidden, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), act.data_ptr(),
                                 h_n.data_ptr())
-            ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, act, gh)
+            ctx.save_for_backward(*kept, act, gh)
             return h_n
         act = gi.add_(gh)
         _C.cell_rnn_forward(f64, batch, hidden, act.data_ptr(), mode == "rnn_relu")
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, act)
+        ctx.save_for_backward(*kept, act)
         return act
 
     @staticmethod
     def backward(ctx, dh_n, dc_n=None):
-        mode, saved, need = ctx.mode, ctx.saved_tensors, ctx.needs_input_grad
-        x, h, c, w_ih, w_hh, b_ih, b_hh = saved[:7]
+        mode, need = ctx.mode, ctx.needs_input_grad
         # create_graph=True, or autograd.grad(is_grads_batched=True) (torch.autograd.functional's
         # vectorized jacobian): its legacy vmap hands in gradients without storage for the kernels
         if torch.is_grad_enabled() or (_is_legacy_batched is not None and any(
                 g is not None and _is_legacy_batched(g) for g in (dh_n, dc_n))):
-            return _differentiable_grads(mode, need, saved[:7], dh_n, dc_n)
+            return _differentiable_grads(mode, need, _inputs_for_graph(ctx), dh_n, dc_n)
+        saved = ctx.saved_tensors
+        x, h, c, w_ih, w_hh = saved[:5]
         if dh_n is None and dc_n is None:
             return (None,) * 10
         dh_n = None if dh_n is None else dh_n.contiguous()
         dc_n = None if dc_n is None else dc_n.contiguous()
-        batch, hidden = h.shape
-        f64 = x.dtype == torch.float64
-        dc = dh_direct = None
         if mode == "gru_before":
             return _before_backward(ctx, need, saved, dh_n)
+        batch, f64 = ctx.rows, ctx.f64
+        hidden = saved[5].shape[1] // (4 if mode == "lstm" else 3 if mode == "gru" else 1)
+        dc = dh_direct = None
         if mode == "lstm":
-            gates, tanh_c = saved[7:]
+            gates, tanh_c = saved[5:]
             d_gi = d_gh = torch.empty_like(gates)
-            dc = torch.empty_like(h) if need[4] else None
+            dc = gates.new_empty(batch, hidden) if need[4] else None
             _C.cell_lstm_backward(f64, batch, hidden, gates.data_ptr(), _ptr(c), tanh_c.data_ptr(), _ptr(dh_n),
                                   _ptr(dc_n), d_gi.data_ptr(), _ptr(dc))
         elif mode == "gru":
-            act, gh = saved[7:]
+            act, gh = saved[5:]
             d_gi, d_gh = torch.empty_like(act), torch.empty_like(act)
             dh_direct = torch.empty_like(h) if need[3] else None
             _C.cell_gru_backward(f64, batch, hidden, act.data_ptr(), gh.data_ptr(), h.data_ptr(), _ptr(dh_n),
                                  d_gi.data_ptr(), d_gh.data_ptr(), _ptr(dh_direct))
         else:
-            act = saved[7]
+            act = saved[5]
             d_gi = d_gh = torch.empty_like(act)
             _C.cell_rnn_backward(f64, batch, hidden, act.data_ptr(), dh_n.data_ptr(), d_gi.data_ptr(),
                                  mode == "rnn_relu")
@@ -212,7 +226,7 @@ class _Step(torch.autograd.Function):
 
 def _before_backward(ctx, need, saved, dh_n):
     """_Step.backward of a GRU reset_before step (torch's ops: n's pre-activation holds W_hn (r * h))."""
-    x, h, c, w_ih, w_hh, b_ih, b_hh, rz, n, rh = saved
+    x, h, c, w_ih, w_hh, rz, n, rh = saved
     hidden = h.shape[1]
     two = 2 * hidden
     r, z = rz[:, :hidden], rz[:, hidden:]
@@ -231,6 +245,19 @@ def _before_backward(ctx, need, saved, dh_n):
     return (None, None, dx, dh, None, None, dg.t().mm(x) if need[6] else None,
             _before_w_hh_grad(dg, h, rh) if need[7] else None, dg.sum(0) if need[8] else None,
             dg.sum(0) if need[9] else None)
+
+
+def _inputs_for_graph(ctx):
+    """(x, h, c, w_ih, w_hh, b_ih, b_hh) of a step for create_graph's recomputation: the tensors
+    themselves (the graph must reach them), unchanged since the forward, as torch's saved tensors are."""
+    for name, t, version in zip(("x", "h", "c", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), ctx.inputs,
+                                ctx.versions):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: the cell step's {name} is at version {t._version}; expected version {version} "
+                f"instead (create_graph=True recomputes the step from its inputs)")
+    return ctx.inputs
 
 
 def _differentiable_grads(mode, need, inputs, dh_n, dc_n):
@@ -312,7 +339,10 @@ def step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
         return _composite(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     loop = acc = token = None
     if any(t is not None and t.requires_grad for t in (w_ih, w_hh, b_ih, b_hh)):
-        key = (id(w_ih), id(w_hh), id(b_ih), id(b_hh))
+        # (The mode too: tied GRU cells of both variants must not share an accumulator laid out for one;
+        # and which parameters want a gradient: the token's are fixed when it is made.)
+        key = (mode, *(id(t) for t in (w_ih, w_hh, b_ih, b_hh)),
+               *(t is not None and t.requires_grad for t in (w_ih, w_hh, b_ih, b_hh)))
         loop = _loop_of(states, key)
         if loop is None:
             acc = _Accumulator(mode)
