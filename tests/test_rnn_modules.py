@@ -1722,3 +1722,74 @@ def test_kernel_teams_are_capped_at_the_cpus(monkeypatch, kernel_teams_follow_to
         assert handoff.num_threads() == 1
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "gru_before", "rnn_relu"])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_parameters_written_in_place_between_forward_and_backward(kind, x_grad):
+    """torch.nn's GRU and RNN save neither bias (nor W_ih where x wants no gradient), so an in-place
+    update of one between forward and backward is allowed there; ours raised. The kernels' backward
+    reads what the forward computed (the reserve, the packed weights), so now every parameter but a
+    W_ih whose input wants a gradient (dx = dG W_ih reads it) may be written, and the gradients are
+    those of the forward as it ran, bit for bit; create_graph, which recomputes the layer from its
+    inputs, raises torch's in-place error."""
+    cls, kw = {"lstm": ("LSTM", {}), "lstm_proj": ("LSTM", {"proj_size": 3}), "gru": ("GRU", {}),
+               "gru_before": ("GRU", {"reset_after": False}), "rnn_relu": ("RNN", {"nonlinearity": "relu"})}[kind]
+    module = getattr(pnn, cls)(I, H, num_layers=2, **kw)
+    x = strided((5, 3, I), F32, seed=60).requires_grad_(x_grad)
+
+    def grads(write=None, create_graph=False):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        y, _ = module(x)
+        p = None if write is None else getattr(module, write)
+        before = None if p is None else p.detach().clone()
+        if p is not None:
+            with torch.no_grad():
+                p.add_(0.5)
+        try:
+            return torch.autograd.grad(weighted_sum([y], 61), ([x] if x_grad else []) + list(module.parameters()),
+                                       create_graph=create_graph)
+        finally:
+            if p is not None:
+                with torch.no_grad():
+                    p.copy_(before)
+
+    want = grads()
+    dx_reads = {"weight_ih_l1"} | ({"weight_ih_l0"} if x_grad else set())  # (saved, as by torch.nn)
+    for name, _ in module.named_parameters():
+        if name in dx_reads:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                grads(name)
+        else:
+            for k, (a, b) in enumerate(zip(grads(name), want, strict=True)):
+                assert_bitwise_equal(a, b, name=f"gradient {k} after writing {name}")
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            grads(name, create_graph=True)
+
+
+def flat_tensors(out):
+    """A module's outputs as a flat list: (y, (h, c)) -> [y, h, c]."""
+    parts = out if isinstance(out, tuple) else (out,)
+    return [t for part in parts for t in (part if isinstance(part, tuple) else (part,))]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_an_empty_batch_gives_empty_outputs(cls, grad):
+    """B=0 (a filtered batch, the last beam finished): torch.nn returns empty outputs and states; without
+    autograd ours raised an internal error from the kernel's argument checks (found by a fuzzing helper)."""
+    theirs = getattr(torch.nn, cls)(I, H)
+    ours = getattr(pnn, cls)(I, H)
+    ours.load_state_dict(theirs.state_dict())
+    cell = cls.endswith("Cell")
+    x = randn((0, I) if cell else (4, 0, I), F32, seed=70)
+    for hx in (False, True):
+        state = None
+        if hx:
+            h = randn((0, H) if cell else (1, 0, H), F32, seed=71)
+            state = (h, h.clone()) if cls.startswith("LSTM") else h
+        with torch.set_grad_enabled(grad):
+            got, want = ours(x, state), theirs(x, state)
+        for a, b in zip(flat_tensors(got), flat_tensors(want), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype

@@ -856,7 +856,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
     if c0c is not None and c0c is h0c and torch.compiler.is_compiling():
         c0c = c0c.clone()  # (Dynamo refuses one tensor as two inputs of an autograd.Function: hx=(z, z))
     training = _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if not training and _plain_eager(x):
+    if not training and _plain_eager(x) and x2d.shape[0]:  # (no rows, as B=0: no input panel to fill)
         projected = _forward_projecting(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr)
         if projected is not None:
             y, h_n, c_n = projected
@@ -1187,6 +1187,8 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
     if plan is None:
         plan = _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     hidden, code, panel, packed, bias, b_hn = plan.hidden, plan.code, plan.panel, plan.packed, plan.bias, plan.b_hn
+    if batch == 0:  # (torch.nn gives empty states; the kernel's arguments want rows)
+        return x.new_empty(0, hidden), (x.new_empty(0, hidden) if code == 0 else None)
     if batch > _INPUT_PANEL_MAX_BATCH:
         panel = None
     sizes = _sizes(code, reset_after, hidden, 0, batch, dtype)

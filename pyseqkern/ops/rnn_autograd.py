@@ -104,8 +104,9 @@ class _RnnLayer(torch.autograd.Function):
         hidden = w_hh.shape[0] // GATES[mode]
         ctx.cfg = (mode, MODES[mode], reset_after, hidden, 0 if w_hr is None else w_hr.shape[0], seq)
         ctx.device_type = x2d.device.type
-        if training:  # h0, w_hh and w_hr only for a backward that is itself differentiated
-            ctx.save_for_backward(x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
+        if training:
+            save_layer(ctx, ctx.needs_input_grad[4], ctx.needs_input_grad[7],
+                       x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
 
     @staticmethod
     def vmap(info, in_dims, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -138,7 +139,45 @@ class _RnnLayer(torch.autograd.Function):
         need = ctx.needs_input_grad[4:]  # x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
         # Read once: under activation checkpointing (torch.utils.checkpoint, use_reentrant=False) each
         # read recomputes the forward's saved tensors, and a second read is an error.
-        return (None, None, None, None, *layer_grads(ctx.cfg, need, ctx.saved_tensors, dy, dh_n, dc_n))
+        return (None, None, None, None, *layer_grads(ctx.cfg, need, saved_layer(ctx), dy, dh_n, dc_n))
+
+
+_LAYER_SAVED = ("input", "c0", "weight_ih", None, None, "bias_ih", "bias_hh", "h0", "weight_hh", "weight_hr")
+
+
+def save_layer(ctx, need_x, need_w_ih, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr):
+    """Saves what a layer's backward reads, in layer_grads' layout. In plain eager mode on the CPU, only
+    what the kernels' first-order backward reads, as torch.nn's GRU and RNN ops save theirs: x where
+    W_ih wants a gradient, W_ih where x does, c0, the reserve and the packed weights; no bias, h0, W_hh
+    or W_hr (the reserve and the packed copy hold what the backward needs of them). An in-place bias or
+    W_ih update between forward and backward raised there where torch.nn does not. The rest stays on
+    ctx for create_graph's recomputation, which checks it against in-place writes (saved_layer). Under
+    torch.func, compilation or on CUDA, all of it (what those track)."""
+    full = (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
+    if not _plain_eager(x2d):
+        ctx.kept = None
+        ctx.save_for_backward(*full)
+        return
+    ctx.save_for_backward(x2d if need_w_ih else None, c0, w_ih if need_x else None, reserve, packed,
+                          None, None, None, None, None)
+    ctx.kept = full
+    ctx.kept_versions = tuple(None if t is None else t._version for t in full)
+
+
+def saved_layer(ctx):
+    """The layout save_layer saved; where grad mode is on (create_graph: the reference recomputes the
+    layer from these), with what it kept on ctx, each unchanged since the forward or torch's in-place
+    error."""
+    saved = ctx.saved_tensors
+    if ctx.kept is None or not torch.is_grad_enabled():
+        return saved
+    for name, t, version in zip(_LAYER_SAVED, ctx.kept, ctx.kept_versions):
+        if name is not None and t is not None and t._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: the recurrent layer's {name} is at version {t._version}; expected version "
+                f"{version} instead (create_graph=True recomputes the layer from its inputs)")
+    return tuple(s if s is not None else k for s, k in zip(saved, ctx.kept))
 
 
 def layer_grads(cfg, need, saved, dy, dh_n, dc_n):
@@ -175,7 +214,11 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
     # column slice); the kernel reads dense rows.
     dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
     K = proj if proj > 0 else hidden
-    wdtype = w_ih.dtype
+    if dy is None and dh_n is None and dc_n is None:
+        return (None,) * 8  # (no gradient reached the outputs: every input's is zero)
+    # (x2d and w_ih are saved only where a gradient reads them: save_layer. The weights' dtype is the
+    # outputs', so the incoming gradients'.)
+    wdtype = next(g for g in (dy, dh_n, dc_n) if g is not None).dtype
     # One step's GEMMs are small: there oneDNN's setup, the kernel's transposed copies and the joint
     # operand cost more than they save (recorded cell steps at B=32, H=256, in-process: RNNCell 0.61 ->
     # 0.74x torch.nn, GRUCell 0.73 -> 0.81x, LSTMCell 0.66 -> 0.96x with mm on views), so they take mm.
@@ -191,7 +234,7 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
     # LSTM and RNN: dW_ih = dG^T x, dW_hh = dG^T h_prev and the bias gradient dG^T 1 in one GEMM,
     # dG^T [x | h_prev | 1] (one pass over dG^T: 10% less time than two GEMMs and a sum), x^T,
     # h_prev^T and a row of ones stacked in one buffer.
-    I = x2d.shape[1]
+    I = 0 if x2d is None else x2d.shape[1]
     with_db = need[5] or need[6]
     joint = None
     use_joint = g.fast and mode != "gru" and need[3] and need[4]  # (never under the legacy vmap: g.fast)

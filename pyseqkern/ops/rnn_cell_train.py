@@ -21,7 +21,7 @@ from .. import _backend
 from . import rnn_autocast as _autocast
 from .rnn import GATES, MODES, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch, _run_forward, _Seq
 from . import rnn_autograd as _autograd
-from .rnn_autograd import layer_grads
+from .rnn_autograd import layer_grads, save_layer, saved_layer
 from . import rnn_cell_deferred as _deferred
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -42,7 +42,8 @@ class _CellStep(torch.autograd.Function):
                                             seq.args(), True, seq.batch, x_bias=x_bias)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, c, w_ih, reserve, packed, b_ih, b_hh, h, w_hh, None)  # (_RnnLayer's layout)
+        save_layer(ctx, ctx.needs_input_grad[1], ctx.needs_input_grad[4], x, c, w_ih, reserve, packed, b_ih, b_hh, h,
+                   w_hh, None)
         if code != 0:
             return h_n, None
         return h_n, c_n
@@ -51,7 +52,7 @@ class _CellStep(torch.autograd.Function):
     def backward(ctx, dh_n, dc_n):
         need = (*ctx.needs_input_grad[1:], False)  # x, h, c, w_ih, w_hh, b_ih, b_hh (and no w_hr)
         with _autocast.off("cpu"):  # (a backward inside an autocast region must not cast its GEMMs)
-            grads = layer_grads(ctx.cfg, need, ctx.saved_tensors, None, dh_n, dc_n)
+            grads = layer_grads(ctx.cfg, need, saved_layer(ctx), None, dh_n, dc_n)
         return (None, *grads[:7])
 
 
