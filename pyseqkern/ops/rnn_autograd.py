@@ -171,13 +171,20 @@ def saved_layer(ctx):
     saved = ctx.saved_tensors
     if ctx.kept is None or not torch.is_grad_enabled():
         return saved
-    for name, t, version in zip(_LAYER_SAVED, ctx.kept, ctx.kept_versions):
+    check_unchanged("recurrent layer", _LAYER_SAVED, ctx.kept, ctx.kept_versions)
+    return tuple(s if s is not None else k for s, k in zip(saved, ctx.kept))
+
+
+def check_unchanged(what, names, tensors, versions):
+    """torch's in-place error where a tensor kept for create_graph's recomputation (not saved: saved
+    ones torch checks itself) was written since the forward (its version then: `versions`). Names None:
+    not checked."""
+    for name, t, version in zip(names, tensors, versions):
         if name is not None and t is not None and t._version != version:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: the recurrent layer's {name} is at version {t._version}; expected version "
-                f"{version} instead (create_graph=True recomputes the layer from its inputs)")
-    return tuple(s if s is not None else k for s, k in zip(saved, ctx.kept))
+                f"operation: the {what}'s {name} is at version {t._version}; expected version {version} "
+                f"instead (create_graph=True recomputes the {what} from its inputs)")
 
 
 def layer_grads(cfg, need, saved, dy, dh_n, dc_n):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import _C
 from .rnn import MODES, _Seq
-from .rnn_autograd import _is_legacy_batched, _reference_vjp, _unwrap_dead
+from .rnn_autograd import _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged
 
 # Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,
 # _composite. In-process against torch.nn (H=256, T=50, x requiring grad, forward + backward, 7-11
@@ -250,13 +250,8 @@ def _before_backward(ctx, need, saved, dh_n):
 def _inputs_for_graph(ctx):
     """(x, h, c, w_ih, w_hh, b_ih, b_hh) of a step for create_graph's recomputation: the tensors
     themselves (the graph must reach them), unchanged since the forward, as torch's saved tensors are."""
-    for name, t, version in zip(("x", "h", "c", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), ctx.inputs,
-                                ctx.versions):
-        if t is not None and t._version != version:
-            raise RuntimeError(
-                f"one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: the cell step's {name} is at version {t._version}; expected version {version} "
-                f"instead (create_graph=True recomputes the step from its inputs)")
+    check_unchanged("cell step", ("x", "h", "c", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), ctx.inputs,
+                    ctx.versions)
     return ctx.inputs
 
 
