@@ -104,6 +104,7 @@ class _RnnLayer(torch.autograd.Function):
         hidden = w_hh.shape[0] // GATES[mode]
         ctx.cfg = (mode, MODES[mode], reset_after, hidden, 0 if w_hr is None else w_hr.shape[0], seq)
         ctx.device_type = x2d.device.type
+        ctx.kept = None
         if training:
             save_layer(ctx, ctx.needs_input_grad[4], ctx.needs_input_grad[7],
                        x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
