@@ -18,7 +18,7 @@ def _parse(argv):
                                 description="pyseqkern against torch, same process, same cases.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="full", action="store_false",
-                      help="the quick suite (default; about 4 minutes on 2 cores)")
+                      help="the quick suite (default; 2-4 minutes on 2 cores)")
     size.add_argument("--full", dest="full", action="store_true", help="every case")
     p.set_defaults(full=False)
     p.add_argument("--op", action="append", default=[], help="op families to run (repeat or comma-separate); "
