@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C
-from .rnn import MODES, _Seq
+from .rnn import GATES, MODES, _Seq
 from .rnn_autograd import _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged
 
 # Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,
@@ -138,7 +138,6 @@ class _Step(torch.autograd.Function):
         kept = (x if need[6] else None, h if need[7] or gru else None, c,
                 w_ih.detach() if need[2] else None, w_hh.detach() if need[3] or mode == "gru_before" else None)
         ctx.inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-        ctx.rows, ctx.f64 = h.shape[0], x.dtype == torch.float64
         ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
         gi = torch.addmm(b_ih, x, w_ih.t()) if b_ih is not None else x.mm(w_ih.t())
         gh = None if mode == "gru_before" else torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else \
@@ -190,8 +189,8 @@ class _Step(torch.autograd.Function):
         dc_n = None if dc_n is None else dc_n.contiguous()
         if mode == "gru_before":
             return _before_backward(ctx, need, saved, dh_n)
-        batch, f64 = ctx.rows, ctx.f64
-        hidden = saved[5].shape[1] // (4 if mode == "lstm" else 3 if mode == "gru" else 1)
+        act0 = saved[5]  # (the step's activations: x, h may not be saved)
+        batch, hidden, f64 = act0.shape[0], act0.shape[1] // GATES[mode], act0.dtype == torch.float64
         dc = dh_direct = None
         if mode == "lstm":
             gates, tanh_c = saved[5:]
