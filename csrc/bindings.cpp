@@ -563,6 +563,10 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   p.c0 = dense_of(c0, "c0", p.dtype, batch * H);
   const TensorView yv = view_of(y, "y");
   check_rows(yv, "y", rows, K, p.dtype, ld_y);
+  // Packed: every output row is a row of sequence data (a compiled graph leaves this check to the
+  // kernel entry; fewer rows would return the rest unwritten).
+  if (!batch_sizes.is_none() && (yv.ndim != 2 || yv.sizes[0] != rows))
+    throw py::value_error("pyseqkern: rnn_forward: 'batch_sizes' must sum to the rows of 'y' (and of the packed input)");
   p.y = yv.data;
   p.ld_y = ld_y;
   p.h_n = dense_of(h_n, "h_n", p.dtype, batch * K, false);

@@ -1463,6 +1463,67 @@ def test_compiled_with_dynamic_shapes_runs_every_batch_and_length_without_recomp
                     assert_matches(got, want.double())
 
 
+# (lengths of each call: new lengths, longest length and batch every call; no batch of one, where torch
+# specializes any size of 1)
+_PACKED_CALLS = [[7, 3, 5, 6], [2, 9, 4], [5, 5, 1, 8, 3], [4, 2], [6, 2, 2]]
+
+
+@pytest.mark.parametrize("hx", [False, True])
+@pytest.mark.parametrize("sort", [False, True])
+@pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before"])
+def test_compiled_packed_batches_share_one_graph(kind, sort, hx):
+    """A compiled model fed PackedSequences (sorted or not, hx or not) compiles whole (fullgraph) and
+    serves new lengths and batch sizes without recompiling past torch's one automatic-dynamic recompile,
+    forward and backward, with eager's outputs and gradients. Until stop 25 each layer read batch_sizes'
+    values (three checks and the batch: Tensor.item()), which fullgraph refused and which split a
+    two-layer bidirectional LSTM into ~13 graphs, recompiled for every new set of lengths. (torch.nn's
+    RNNs refuse fullgraph with packed input.)"""
+    m = _dynamic_module(kind)
+    is_lstm = kind.startswith("lstm")
+    hout = P if kind == "lstm_proj" else H
+
+    def call(f, lengths, seed):
+        x = randn((len(lengths), max(lengths), I), F32, seed=seed).requires_grad_()
+        packed = pack_padded_sequence(x, torch.tensor(sorted(lengths, reverse=True) if sort else lengths),
+                                      batch_first=True, enforce_sorted=sort)
+        states = []
+        if hx:
+            states = [randn((4, len(lengths), hout), F32, seed=seed + 1).requires_grad_()]
+            if is_lstm:
+                states.append(randn((4, len(lengths), H), F32, seed=seed + 2).requires_grad_())
+        y, h = f(packed, (tuple(states) if is_lstm else states[0]) if hx else None)
+        out = [y.data] + list(h if is_lstm else (h,))
+        grads = torch.autograd.grad(weighted_sum(out), [x] + states + list(m.parameters()))
+        return out + list(grads)
+
+    with torch._dynamo.config.patch(allow_rnn=True):
+        torch._dynamo.reset()
+        f = torch.compile(m, fullgraph=True, backend="aot_eager")
+        for i, lengths in enumerate(_PACKED_CALLS):
+            # (the second call's new sizes are where torch marks them dynamic: its one recompile)
+            stance = "fail_on_recompile" if i >= 2 else "default"
+            with torch.compiler.set_stance(stance):
+                got = call(f, lengths, 30 + i)
+            for g, w in zip(got, call(m, lengths, 30 + i), strict=True):
+                assert_matches(g, w.double())
+
+
+def test_a_compiled_packed_batch_of_inconsistent_sizes_raises():
+    """Compiled, the batch_sizes of a PackedSequence are not read in Python (each read would break the
+    graph): the kernel entry checks them when the graph runs, and a hand-made PackedSequence whose
+    sizes do not sum to its rows raises there instead of returning rows never written."""
+    m = seed_parameters(pnn.GRU(I, H))
+    data = randn((9, I), F32, seed=3)
+    bad = PackedSequence(data, torch.tensor([3, 2, 2]), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="batch_sizes"):
+            m(bad)
+        with torch._dynamo.config.patch(allow_rnn=True):
+            torch._dynamo.reset()
+            with pytest.raises(Exception, match="batch_sizes' must sum to the rows"):
+                torch.compile(m, fullgraph=True, backend="eager")(bad)
+
+
 def test_a_module_compiled_before_any_eager_call_never_recompiles(tmp_path):
     """In a fresh process: the first call compiled, then an eager one, then compiled again under
     `fail_on_recompile`. The ONNX-export check read a global it resolved on first use; under Dynamo that

@@ -111,7 +111,11 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
         x, batch_sizes, sorted_indices, unsorted_indices = input
         if x.dim() != 2:
             raise RuntimeError(f"{name}: packed input data must have 2 dimensions, got {x.dim()}")
-        batched, batch = True, int(batch_sizes[0])
+        batched = True
+        # Compiled, the batch is a shape where it can be (each read of batch_sizes is a graph break
+        # and a recompile for every new set of lengths): the permutation's, or hx's below. The kernel
+        # entry checks batch_sizes against it.
+        batch = sorted_indices.shape[0] if sorted_indices is not None and torch.compiler.is_compiling() else None
     else:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
@@ -145,6 +149,8 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     _checks.input_dtype_and_device(name, x, module.weight_ih_l0)
     _checks.input_features(name, x, module.input_size)
 
+    if batch is None:
+        batch = h0.shape[1] if h0 is not None and torch.compiler.is_compiling() else int(batch_sizes[0])
     num_directions = 2 if module.bidirectional else 1
     hout = module.proj_size if module.proj_size > 0 else module.hidden_size
     h_shape = (module.num_layers * num_directions, batch, hout)
@@ -154,6 +160,10 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
         if is_lstm:
             _checks.state_matches(name, "hx[1]", c0, c_shape, x)
         h0, c0 = _permute((h0, c0), sorted_indices)
+    elif batch_sizes is not None and torch.compiler.is_compiling():
+        # zero states that carry the batch to each layer (rnn_layer reads it from h0 when compiled)
+        h0 = x.new_zeros(h_shape)
+        c0 = x.new_zeros(c_shape) if is_lstm else None
 
     if batch_sizes is None and module.batch_first:
         x = x.transpose(0, 1)

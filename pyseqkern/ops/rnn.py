@@ -679,7 +679,8 @@ class _Seq:
     __slots__ = ("steps", "batch", "batch_sizes", "time_offsets", "lengths", "row_stride_t", "row_stride_b",
                  "reverse")
 
-    def __init__(self, x, batch_sizes, reverse):
+    def __init__(self, x, batch_sizes, reverse, batch=None):
+        """batch: batch_sizes[0] where the caller has it (a read of it breaks a compiled graph)."""
         self.reverse = bool(reverse)
         if batch_sizes is None:
             self.steps, self.batch = x.shape[0], x.shape[1]
@@ -687,7 +688,8 @@ class _Seq:
             self.row_stride_t, self.row_stride_b = x.shape[1], 1
         else:
             bs = batch_sizes.to(dtype=torch.int64, device="cpu").contiguous()
-            self.steps, self.batch = bs.shape[0], int(bs[0]) if bs.numel() else 0
+            self.steps = bs.shape[0]
+            self.batch = batch if batch is not None else int(bs[0]) if bs.numel() else 0
             self.batch_sizes = bs
             self.time_offsets = torch.cumsum(bs, 0) - bs
             self.lengths = (bs.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
@@ -771,7 +773,8 @@ def _shape_error(name, got, want):
 
 
 def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-    """Everything the kernels index by: a wrong shape here would be an out-of-bounds read there."""
+    """Everything the kernels index by: a wrong shape here would be an out-of-bounds read there.
+    Returns the batch size."""
     G = GATES[mode]
     if w_ih.dim() != 2 or w_hh.dim() != 2 or w_hh.shape[0] % G or w_hh.shape[0] == 0:
         raise ValueError(f"pyseqkern.rnn_layer: 'w_ih' and 'w_hh' must be 2-D with {G}*hidden_size rows, got "
@@ -800,14 +803,21 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             raise RuntimeError("pyseqkern.rnn_layer: packed 'x' must be [N, I] with a 1-D, non-empty 'batch_sizes'")
         if bs.device.type != "cpu" or bs.dtype != torch.int64:
             raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be an int64 CPU tensor (PackedSequence's)")
-        if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]:
-            raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be positive, non-increasing and sum to "
-                             f"x.shape[0] = {x.shape[0]}, got {bs.tolist()}")
-        B = int(bs[0])
+        if torch.compiler.is_compiling() and h0 is not None:
+            # Each value read here would be a graph break (Tensor.item()), and a recompile for every new
+            # set of lengths: the batch comes from h0 (the modules pass zeros for none), and the kernel
+            # entry checks batch_sizes against it and x's rows when the compiled graph runs.
+            B = h0.shape[0]
+        else:
+            if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]:
+                raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be positive, non-increasing and sum "
+                                   f"to x.shape[0] = {x.shape[0]}, got {bs.tolist()}")
+            B = int(bs[0])
     if h0 is not None and h0.shape != (B, K):
         _shape_error("h0", h0.shape, (B, K))
     if c0 is not None and mode == "lstm" and c0.shape != (B, H):
         _shape_error("c0", c0.shape, (B, H))
+    return B
 
 
 def _refuse_tracing(op):
@@ -840,7 +850,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         with _autocast.off(dev):
             return rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    batch = _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if x.dtype == torch.float16 and x.device.type == "cpu":
         # torch.nn runs float16 on the CPU; the CPU kernels have no float16 storage (no fast float16 math
         # there either), so such a layer runs in float32, through casts autograd follows.
@@ -849,7 +859,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         return y.half(), h_n.half(), None if c_n is None else c_n.half()
     if _backend.use_reference("rnn_layer", x.device) or _transformed():
         return _reference.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
-    seq = _Seq(x, batch_sizes, reverse)
+    seq = _Seq(x, batch_sizes, reverse, batch)
     x2d = x.reshape(-1, x.shape[-1])
     h0c = None if h0 is None else h0.contiguous()
     c0c = None if (c0 is None or mode != "lstm") else c0.contiguous()
