@@ -1592,6 +1592,67 @@ def test_exported_program_trains_like_the_module(kind, strict, tmp_path):
                     assert_matches(got, want.double())
 
 
+class _PackedIn(torch.nn.Module):
+    """A module fed a PackedSequence as its four tensors (what an exported program takes), and hx."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, data, batch_sizes, sorted_indices, unsorted_indices, hx=None):
+        y, h = self.rnn(PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), hx)
+        return y.data, h
+
+
+@pytest.mark.parametrize("sort", [False, True])
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before"])
+def test_exported_program_takes_packed_sequences(kind, strict, sort, tmp_path):
+    """A program exported from a model fed PackedSequences (unsorted; sorted with hx), with the rows,
+    steps and batch dynamic, saved and loaded, gives the module's outputs and gradients at other lengths
+    and batches. Until stop 25 export refused packed input (each layer read batch_sizes' values); the
+    batch now comes from sorted_indices or hx. A sorted PackedSequence without hx holds its batch size
+    only as data: export refuses it with an error that says what to pass."""
+    m = _PackedIn(_dynamic_module(kind))
+    is_lstm = kind.startswith("lstm")
+    hout = P if kind == "lstm_proj" else H
+
+    def make(lengths, seed):
+        x = randn((len(lengths), max(lengths), I), F32, seed=seed)
+        packed = pack_padded_sequence(x, torch.tensor(sorted(lengths, reverse=True) if sort else lengths),
+                                      batch_first=True, enforce_sorted=sort)
+        states = []
+        if sort:
+            states = [randn((4, len(lengths), hout), F32, seed=seed + 1)]
+            if is_lstm:
+                states.append(randn((4, len(lengths), H), F32, seed=seed + 2))
+        hx = (tuple(states) if is_lstm else states[0]) if sort else None
+        return (packed.data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices, hx)
+
+    N, T, B = (torch.export.Dim(n) for n in "NTB")
+    hx_dims = ({1: B}, {1: B}) if is_lstm else {1: B}
+    shapes = ({0: N}, {0: T}, {0: B} if not sort else None, {0: B} if not sort else None, hx_dims if sort else None)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        program = torch.export.export(m, make([7, 3, 5, 6], 30), dynamic_shapes=shapes, strict=strict)
+        if sort:
+            args = make([7, 3, 5, 6], 30)
+            with pytest.raises(RuntimeError, match="enforce_sorted=False .* or pass hx"):
+                torch.export.export(m, args[:4], strict=strict)
+    torch.export.save(program, tmp_path / "packed.pt2")
+    exported = torch.export.load(tmp_path / "packed.pt2").module()
+    for lengths in _PACKED_CALLS:
+        args = make(lengths, 40 + len(lengths))
+        leaves = [args[0]] + [t for t in torch.utils._pytree.tree_leaves(args[4]) if t is not None]
+        for s in leaves:
+            s.requires_grad_()
+        results = []
+        for f in (exported, m):
+            out = torch.utils._pytree.tree_leaves(f(*args))
+            results.append(out + list(torch.autograd.grad(weighted_sum(out), leaves + list(f.parameters()))))
+        for got, want in zip(*results, strict=True):
+            assert_matches(got, want.double())
+
+
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64])
 @pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before"])
 def test_nan_in_the_input_propagates_as_in_torch(isa, kind, dtype):

@@ -452,12 +452,16 @@ def test_opcheck(device):
         bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), device=device, seed=4),
                     randn((5, 11), device=device, seed=5), None, None, reserve, packed, *seq.args(), transposed)
         torch.library.opcheck(torch.ops.pyseqkern.rnn_backward.default, bwd_args)
-    # The layer op torch.export records (ops/rnn_export.py), with its autograd. (Padded only: a packed
-    # batch's size is data, which no trace reads; export refuses packed input before this op.)
+    # The layer op torch.export records (ops/rnn_export.py), with its autograd; packed too, where the
+    # batch comes from h0 (a packed batch's size is data, which no trace reads).
     xs, _, u = make_case("gru", 0, torch.float32, strided_inputs=False, device=device)
     args = [v.detach().clone().requires_grad_() for v in (xs, u["h0"], u["w_ih"], u["w_hh"], u["b_ih"], u["b_hh"])]
     torch.library.opcheck(torch.ops.pyseqkern.rnn_layer_op.default,
                           (1, True, args[0], None, args[1], None, *args[2:], None, False))
+    bs = torch.tensor([5, 5, 4, 4, 2, 1, 1])
+    rows = args[0].detach().reshape(-1, args[0].shape[-1])[: int(bs.sum())].clone().requires_grad_()
+    torch.library.opcheck(torch.ops.pyseqkern.rnn_layer_op.default,
+                          (1, True, rows, bs, args[1], None, *args[2:], None, False))
 
 
 def test_onednn_serves_a_bounded_number_of_row_counts(monkeypatch):

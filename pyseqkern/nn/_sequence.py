@@ -115,7 +115,7 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
         # Compiled, the batch is a shape where it can be (each read of batch_sizes is a graph break
         # and a recompile for every new set of lengths): the permutation's, or hx's below. The kernel
         # entry checks batch_sizes against it.
-        batch = sorted_indices.shape[0] if sorted_indices is not None and torch.compiler.is_compiling() else None
+        batch = sorted_indices.shape[0] if sorted_indices is not None and _rnn_ops.capturing_graph() else None
     else:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
@@ -150,7 +150,14 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     _checks.input_features(name, x, module.input_size)
 
     if batch is None:
-        batch = h0.shape[1] if h0 is not None and torch.compiler.is_compiling() else int(batch_sizes[0])
+        if h0 is not None and _rnn_ops.capturing_graph():
+            batch = h0.shape[1]
+        elif _rnn_ops._is_exporting():  # (torch's own error would name a symbol inside this file)
+            raise RuntimeError(f"{name}: torch.export of a PackedSequence needs its batch size as a shape: pack "
+                               "it with enforce_sorted=False (sorted_indices) or pass hx; a sorted "
+                               "PackedSequence without hx holds it only as data (batch_sizes[0])")
+        else:
+            batch = int(batch_sizes[0])
     num_directions = 2 if module.bidirectional else 1
     hout = module.proj_size if module.proj_size > 0 else module.hidden_size
     h_shape = (module.num_layers * num_directions, batch, hout)
@@ -160,7 +167,7 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
         if is_lstm:
             _checks.state_matches(name, "hx[1]", c0, c_shape, x)
         h0, c0 = _permute((h0, c0), sorted_indices)
-    elif batch_sizes is not None and torch.compiler.is_compiling():
+    elif batch_sizes is not None and _rnn_ops.capturing_graph():
         # zero states that carry the batch to each layer (rnn_layer reads it from h0 when compiled)
         h0 = x.new_zeros(h_shape)
         c0 = x.new_zeros(c_shape) if is_lstm else None

@@ -757,6 +757,12 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch
 _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
 
 
+def capturing_graph() -> bool:
+    """torch.compile or torch.export (strict or not) is recording a graph: a value read from a tensor
+    (Tensor.item()) would break it or fail, so packed batch sizes are not read then."""
+    return torch.compiler.is_compiling() or _is_exporting()
+
+
 def _plain_eager(x: torch.Tensor) -> bool:
     """True when nothing would see a call through the dispatcher: eager mode, a plain CPU tensor, no
     dispatch or function modes, no functorch transforms, no forward-mode AD level, no jit tracing. Then
@@ -803,10 +809,11 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             raise RuntimeError("pyseqkern.rnn_layer: packed 'x' must be [N, I] with a 1-D, non-empty 'batch_sizes'")
         if bs.device.type != "cpu" or bs.dtype != torch.int64:
             raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be an int64 CPU tensor (PackedSequence's)")
-        if torch.compiler.is_compiling() and h0 is not None:
+        if h0 is not None and (capturing_graph() or type(bs) is not torch.Tensor):
             # Each value read here would be a graph break (Tensor.item()), and a recompile for every new
-            # set of lengths: the batch comes from h0 (the modules pass zeros for none), and the kernel
-            # entry checks batch_sizes against it and x's rows when the compiled graph runs.
+            # set of lengths (or fail: FakeTensors hold none): the batch comes from h0 (the modules pass
+            # zeros for none), and the kernel entry checks batch_sizes against it and x's rows when the
+            # graph runs.
             B = h0.shape[0]
         else:
             if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]:

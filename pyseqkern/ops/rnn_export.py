@@ -36,7 +36,8 @@ def _layer(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_
                                 reset_after)
         return y.view(-1, y.shape[-1]), h_n, c_n if c_n is not None else _no_c(y, w_hh, mode)
     training = _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    y, h_n, c_n, _, _ = _RnnLayer.apply(_NAMES[mode], reset_after, _Seq(x, batch_sizes, reverse), training,
+    batch = None if batch_sizes is None or h0 is None else h0.shape[0]  # (packed: not read from batch_sizes)
+    y, h_n, c_n, _, _ = _RnnLayer.apply(_NAMES[mode], reset_after, _Seq(x, batch_sizes, reverse, batch), training,
                                         x.reshape(-1, x.shape[-1]), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     return y, h_n, c_n if c_n is not None else _no_c(y, w_hh, mode)
 
