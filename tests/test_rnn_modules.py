@@ -753,6 +753,45 @@ def test_inference_mode_with_weights_that_are_inference_tensors(cls, variant):
             torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(KINDS) + ["LSTMCell", "GRUCell", "RNNCell"])
+def test_a_model_evaluated_under_inference_mode_then_trains(kind, dtype):
+    """Evaluated under torch.inference_mode, then trained, then evaluated under no_grad. What the first
+    calls cached (packed weights, cell plans, folded biases, per-thread scratch) was made of inference
+    tensors there: the next training call raised "Inference tensors do not track version counter" (one
+    step of a bidirectional, projected or bfloat16 layer takes the cached pack), and the next call that
+    projects through torch's GEMM into the scratch "Inplace update to inference tensor outside
+    InferenceMode", from then on, for every module in the thread. Found by a lifecycle fuzzer, stop 25.
+    Every call now matches torch.nn in float64."""
+    cell = kind.endswith("Cell")
+    if cell:
+        theirs = seed_parameters(getattr(torch.nn, kind)(I, H))
+        ours = getattr(pnn, kind)(I, H)
+    else:
+        name, kw = KINDS[kind]
+        theirs = seed_parameters(getattr(torch.nn, name)(I, H, num_layers=2, bidirectional=True, **kw))
+        ours = getattr(pnn, name)(I, H, num_layers=2, bidirectional=True, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = ours.to(dtype), theirs.double()
+    theirs.load_state_dict(ours.state_dict())  # (the weights ours holds, in float64)
+    shapes = [(1, I), (5, I)] if cell else [(1, 5, I), (6, 5, I), (1, 1, I)]
+    with torch.inference_mode():
+        for i, shape in enumerate(shapes):
+            x = randn(shape, dtype, seed=270 + i)
+            assert_matches(_first(ours(x)), _first(theirs(x.double())))
+    for i, shape in enumerate(shapes):
+        x = randn(shape, dtype, seed=280 + i).requires_grad_()
+        out = torch.utils._pytree.tree_leaves(ours(x))
+        x64 = x.detach().double().requires_grad_()
+        want = torch.utils._pytree.tree_leaves(theirs(x64))
+        grads = torch.autograd.grad(weighted_sum([o.float() for o in out]), [x] + list(ours.parameters()))
+        wants = torch.autograd.grad(weighted_sum(want), [x64] + list(theirs.parameters()))
+        for got, w in zip(out + list(grads), want + list(wants), strict=True):
+            assert_matches(got, w)
+        with torch.no_grad():
+            assert_matches(_first(ours(x)), _first(theirs(x64)))
+
+
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNNCell", "GRUCell"])
 def test_inference_caches_follow_a_weight_restrided_in_place(cls):
     """`p.data = p.data.reshape(C, R).t()` keeps p's address and version but changes its values: the

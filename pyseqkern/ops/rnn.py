@@ -181,7 +181,18 @@ def _cached(cache, anchor, key_of, make, *sources):
     except _NO_VERSION:
         key = None
     got = _hit(cache.get(id(anchor)), key)
-    return got if got is not _MISS else _cache_put(cache, anchor, key, make(), *sources)
+    return got if got is not _MISS else _cache_put(cache, anchor, key, normal(make), *sources)
+
+
+def normal(make):
+    """make()'s tensors made as normal tensors, also inside torch.inference_mode: a cache entry or a
+    scratch buffer made there was an inference tensor, and a later call outside (a model evaluated under
+    inference_mode, then trained) could not save it for backward, read its version or write it in
+    place: "Inference tensors do not track version counter" (found by a lifecycle fuzzer, stop 25)."""
+    if not torch.is_inference_mode_enabled():
+        return make()
+    with torch.inference_mode(False):
+        return make()
 
 
 _swap_on_conversion = torch.__future__.get_swap_module_params_on_conversion
@@ -223,7 +234,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
     if torch.compiler.is_compiling() or (recording and not reuse):
         return pack()
     if not recording:
-        return _cached(_PACK_CACHE, w_hh, key, pack, w_hh, w_hr)
+        return _cached(_PACK_CACHE, w_hh, key, pack, w_hh, w_hr)  # (its pack made normal: _cached)
     if _sharded():
         return pack()
     try:
@@ -234,7 +245,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
     if got is not _MISS and _C.rnn_pack_current(mode, reset_after, hidden, proj, capsule(w_hh.detach()),
                                                 _none(None if w_hr is None else w_hr.detach()), capsule(got)):
         return got
-    return _cache_put(_PACK_CACHE, w_hh, k, pack(), w_hh, w_hr)
+    return _cache_put(_PACK_CACHE, w_hh, k, normal(pack), w_hh, w_hr)
 
 
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
@@ -368,14 +379,17 @@ class _Scratch:
             if v[0] == shape and v[1] is dtype:
                 return v[2]
         else:
-            self.buffers.append(torch.empty(0, dtype=torch.uint8))
+            self.buffers.append(None)
             self.views.append(None)
+        return normal(lambda: self._view(i, shape, dtype))  # (its views are written in place later)
+
+    def _view(self, i, shape, dtype):
         numel = 1
         for d in shape:
             numel *= d
         nbytes = numel * dtype.itemsize
         buf = self.buffers[i]
-        if buf.numel() < nbytes:
+        if buf is None or buf.numel() < nbytes:
             buf = self.buffers[i] = torch.empty(nbytes, dtype=torch.uint8)
         view = buf[:nbytes].view(dtype).view(shape)
         self.views[i] = (tuple(shape), dtype, view)
@@ -1120,15 +1134,15 @@ def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
         key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     except _NO_VERSION:
         key = None
-    return _cache_put(_CELL_PLANS, w_hh, key, _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh),
-                      w_hh, w_ih, b_ih, b_hh)  # (w_hh first: _cell_plan checks its address)
+    plan = normal(lambda: _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh))
+    return _cache_put(_CELL_PLANS, w_hh, key, plan, w_hh, w_ih, b_ih, b_hh)  # (w_hh first: _cell_plan checks it)
 
 
 def _cell_workspace(numel, dtype):
     """The kernel's workspace for a cell call, kept per thread (it lives only inside the call)."""
     ws = getattr(_SCRATCH, "cell_ws", None)
     if ws is None or ws.dtype != dtype or ws.numel() < numel:
-        ws = _SCRATCH.cell_ws = torch.empty(numel, dtype=dtype)
+        ws = _SCRATCH.cell_ws = normal(lambda: torch.empty(numel, dtype=dtype))
     return ws
 
 

@@ -84,10 +84,8 @@ def cast_params(params, to, device_type: str):
     if _cached is None:
         from .rnn import _cached  # (rnn.py imports this module first)
 
-    def make():
-        # Made outside inference mode, so that the caches keyed on the casts' versions can hold them.
-        with torch.inference_mode(False):
-            return tuple(None if t is None else cast(t.detach(), to, device_type) for t in params)
+    def make():  # (made as normal tensors by _cached: the cache keys on the casts' versions)
+        return tuple(None if t is None else cast(t.detach(), to, device_type) for t in params)
     return _cached(_CAST_CACHE, params[0],
                    lambda: (to, *((None,) if t is None else (t.data_ptr(), t._version, t.stride(), t.dtype)
                                   for t in params)),
