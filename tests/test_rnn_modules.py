@@ -830,26 +830,46 @@ def test_parameters_in_shared_memory_are_read_afresh(cls):
             torch.testing.assert_close(_first(ours(x)), _first(theirs(x)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls", ["LSTM", "GRUCell"])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
 def test_modules_convert_when_torch_swaps_parameters_on_conversion(cls):
     """torch.__future__.set_swap_module_params_on_conversion(True) converts through
     torch.utils.swap_tensors, which refuses a tensor with a weakref: the caches' finalizers made
-    `.double()` fail after one inference call. Nothing is cached while the flag is on."""
+    `.double()` fail after one inference call. Nothing is cached while the flag is on, and the modules
+    drop their parameters' entries before torch swaps them (entries made before the flag was set made
+    `.double()` and a cell's load_state_dict raise "Couldn't swap" until stop 25, found by a lifecycle
+    fuzzer). A direct torch.utils.swap_tensors works after pyseqkern.empty_cache(), which drops every
+    entry (torch.nn's LSTM/GRU/RNN keep weak references of their own: it refuses those either way)."""
     torch.manual_seed(270)
+    cell = "Cell" in cls
     theirs = getattr(torch.nn, cls)(I, H)
     ours = getattr(pnn, cls)(I, H)
     ours.load_state_dict(theirs.state_dict())  # (before the flag: torch.nn's own LSTM cannot load under it)
+    x = randn((B, I) if cell else (T, B, I), seed=271)
+    with torch.no_grad():
+        ours(x)  # (cached before the flag)
     saved = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
-        x = randn((B, I) if "Cell" in cls else (T, B, I), seed=271)
         with torch.no_grad():
             ours(x)
             ours.double()
             theirs.double()
             torch.testing.assert_close(_first(ours(x.double())), _first(theirs(x.double())))
+            if cell:
+                theirs.weight_hh.mul_(0.5)
+                ours.load_state_dict(theirs.state_dict())
+                torch.testing.assert_close(_first(ours(x.double())), _first(theirs(x.double())))
     finally:
         torch.__future__.set_swap_module_params_on_conversion(saved)
+    if cell:
+        with torch.no_grad():
+            ours(x.double())
+        pyseqkern.empty_cache()
+        new = torch.nn.Parameter(ours.weight_hh.detach() * 2)
+        torch.utils.swap_tensors(ours.weight_hh, new)
+        theirs.weight_hh.data.mul_(2)
+        with torch.no_grad():
+            torch.testing.assert_close(_first(ours(x.double())), _first(theirs(x.double())))
 
 
 def test_cell_planned_path_leaves_recorded_calls_to_autograd():

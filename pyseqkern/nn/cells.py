@@ -6,10 +6,11 @@ from torch import nn as _tnn
 
 from ._cell import cell_forward
 from ._checks import ResetAfter, split_lstm_hx
+from ._conversion import SwapsParameters
 from ._twin import FxProxy, TorchScriptable, fx_leaf
 
 
-class LSTMCell(TorchScriptable, _tnn.LSTMCell):
+class LSTMCell(TorchScriptable, SwapsParameters, _tnn.LSTMCell):
     """torch.nn.LSTMCell on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
@@ -23,7 +24,7 @@ class LSTMCell(TorchScriptable, _tnn.LSTMCell):
         return cell_forward(self, "LSTMCell", "lstm", input, hx)
 
 
-class GRUCell(ResetAfter, TorchScriptable, _tnn.GRUCell):
+class GRUCell(ResetAfter, TorchScriptable, SwapsParameters, _tnn.GRUCell):
     """torch.nn.GRUCell on pyseqkern kernels; reset_after (keyword-only) as in pyseqkern.nn.GRU."""
 
     def forward(self, input, hx=None):
@@ -32,7 +33,7 @@ class GRUCell(ResetAfter, TorchScriptable, _tnn.GRUCell):
         return cell_forward(self, "GRUCell", "gru", input, None if hx is None else (hx,), self.reset_after)[0]
 
 
-class RNNCell(TorchScriptable, _tnn.RNNCell):
+class RNNCell(TorchScriptable, SwapsParameters, _tnn.RNNCell):
     """torch.nn.RNNCell (tanh or relu) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):

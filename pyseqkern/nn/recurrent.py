@@ -7,10 +7,11 @@ from torch import nn as _tnn
 
 from ._checks import ResetAfter
 from ._sequence import sequence_forward
+from ._conversion import SwapsParameters
 from ._twin import FxProxy, TorchScriptable, fx_leaf, torch_nn_records
 
 
-class LSTM(TorchScriptable, _tnn.LSTM):
+class LSTM(TorchScriptable, SwapsParameters, _tnn.LSTM):
     """torch.nn.LSTM (proj_size included) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):
@@ -22,7 +23,7 @@ class LSTM(TorchScriptable, _tnn.LSTM):
         return output, (h_n, c_n)
 
 
-class GRU(ResetAfter, TorchScriptable, _tnn.GRU):
+class GRU(ResetAfter, TorchScriptable, SwapsParameters, _tnn.GRU):
     """torch.nn.GRU on pyseqkern kernels.
 
     reset_after (keyword-only, default True): True is torch's/cuDNN's candidate
@@ -39,7 +40,7 @@ class GRU(ResetAfter, TorchScriptable, _tnn.GRU):
         return output, h_n
 
 
-class RNN(TorchScriptable, _tnn.RNN):
+class RNN(TorchScriptable, SwapsParameters, _tnn.RNN):
     """torch.nn.RNN (tanh or relu) on pyseqkern kernels."""
 
     def forward(self, input, hx=None):

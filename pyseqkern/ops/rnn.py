@@ -165,10 +165,33 @@ def _cache_put(cache, anchor, key, value, *sources):
     if (key is None or _swap_on_conversion() or _sharded()
             or any(t is not None and t.is_cpu and t.is_shared() for t in sources)):
         return value
-    if id(anchor) not in cache:
-        weakref.finalize(anchor, cache.pop, id(anchor), None)
+    if id(anchor) not in _WATCHED:
+        _WATCHED[id(anchor)] = weakref.finalize(anchor, _drop, id(anchor))
     cache[id(anchor)] = (key, value, _pinned(*sources), _fingerprint(*sources))
     return value
+
+
+# Every cache of entries anchored on a parameter (the later ones append themselves), and per anchor's
+# id the one finalizer that drops its entries from all of them when it dies.
+ANCHORED_CACHES: list = [_PACK_CACHE, _autocast._CAST_CACHE]
+_WATCHED: dict = {}
+
+
+def _drop(anchor_id):
+    _WATCHED.pop(anchor_id, None)
+    for cache in ANCHORED_CACHES:
+        cache.pop(anchor_id, None)
+
+
+def forget(tensors) -> None:
+    """Drops the cache entries anchored on these tensors and detaches their finalizers (weak references):
+    torch.utils.swap_tensors refuses a tensor with one. The modules call it before torch swaps their
+    parameters (swap_module_params_on_conversion); the next inference call packs afresh."""
+    for t in tensors:
+        finalizer = _WATCHED.get(id(t))
+        if finalizer is not None and finalizer.peek() is not None and finalizer.peek()[0] is t:
+            finalizer.detach()
+            _drop(id(t))
 
 
 def _cached(cache, anchor, key_of, make, *sources):
@@ -420,8 +443,10 @@ def _fwd_scratch():
 def empty_cache() -> None:
     """Releases the calling thread's cached temporaries (_Scratch: the CPU backward's, the inference
     forward's, torch's input projection's; the training forwards' reserve pool) and cell workspaces
-    (the Python one, and the compiled step's), and the device copies of packed batches' lengths that no
-    captured CUDA graph reads (_device_seq)."""
+    (the Python one, and the compiled step's), the device copies of packed batches' lengths that no
+    captured CUDA graph reads (_device_seq), and every inference cache entry (packed weights, folded
+    biases, cell plans, casts) with its weak reference to its parameter (forget)."""
+    forget([f.peek()[0] for f in list(_WATCHED.values()) if f.peek() is not None])
     _DEVICE_SEQ.clear()
     _SCRATCH.s = None
     _SCRATCH.proj = None
@@ -911,6 +936,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
 # Folded biases for inference, cached like the packed weights (same rules: only when no gradient is
 # recorded, keyed by storage and version counter).
 _BIAS_CACHE: dict = {}
+ANCHORED_CACHES.append(_BIAS_CACHE)
 
 
 def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
@@ -926,6 +952,7 @@ def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
 
 # Input panels (w_ih packed for forwards that project the input themselves), cached like _PACK_CACHE.
 _PACK_IN_CACHE: dict = {}
+ANCHORED_CACHES.append(_PACK_IN_CACHE)
 # Cells up to this batch project their input inside the kernel: at B=1, H=256 torch's GEMV of x W_ih^T
 # took 18.6 us of a 55 us LSTMCell call (W_ih, 1 MB, streamed by one thread), where each kernel
 # thread projects its own gate columns from a panel that stays in its cache between calls. The same
@@ -1077,6 +1104,7 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
 # call's 27 us at B=1, H=256). Keyed like the caches it draws on (storage and version counter of each
 # parameter, ISA level).
 _CELL_PLANS: dict = {}
+ANCHORED_CACHES.append(_CELL_PLANS)
 
 
 class _CellPlan:
