@@ -1155,6 +1155,54 @@ def test_convert_accelerates_parametrized_modules(norm):
     assert type(model[0]) is pnn.LSTM
 
 
+@pytest.mark.parametrize("kind", list(KINDS) + ["LSTMCell", "GRUCell", "RNNCell"])
+def test_stateful_parametrizations_train_as_in_torch(kind):
+    """spectral_norm in training mode runs a power iteration each time its weight is read, so a module
+    must read its weights as often as torch.nn's does: ours read a parametrized sequence module's weights
+    three times a forward where torch.nn reads them four (its _update_flat_weights), and its estimate
+    and gradients drifted (1e-5 after one call; found by a lifecycle fuzzer, stop 25). Counted reads,
+    outputs, power-iteration vectors and gradients over three training calls, against torch.nn in
+    float64, two layers, bidirectional."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Count(torch.nn.Module):
+        reads = 0
+
+        def forward(self, w):
+            Count.reads += 1
+            return w
+
+    cell = kind.endswith("Cell")
+    if cell:
+        theirs = seed_parameters(getattr(torch.nn, kind)(I, H, dtype=F64))
+        ours = getattr(pnn, kind)(I, H, dtype=F64)
+        names = ("weight_ih", "weight_hh")
+    else:
+        name, kw = KINDS[kind]
+        theirs = seed_parameters(getattr(torch.nn, name)(I, H, num_layers=2, bidirectional=True, dtype=F64, **kw))
+        ours = getattr(pnn, name)(I, H, num_layers=2, bidirectional=True, dtype=F64, **kw)
+        names = ("weight_ih_l1", "weight_hh_l0_reverse")
+    ours.load_state_dict(theirs.state_dict())
+    for m in (theirs, ours):
+        torch.manual_seed(290)
+        parametrizations.spectral_norm(m, names[0])
+        parametrize.register_parametrization(m, names[1], Count())
+    reads = []
+    for i in range(3):
+        x = randn((B, I) if cell else (T, B, I), F64, seed=291 + i)
+        outs = []
+        for m in (theirs, ours):
+            Count.reads = 0
+            out = torch.utils._pytree.tree_leaves(m(x))
+            reads.append(Count.reads)
+            outs.append(out + list(torch.autograd.grad(weighted_sum(out), list(m.parameters()))))
+        for got, want in zip(outs[1], outs[0], strict=True):
+            assert_close_to_ref(got, want)
+        u = [m.parametrizations[names[0]][0]._u for m in (ours, theirs)]
+        assert_close_to_ref(u[0], u[1])
+    assert reads[0::2] == reads[1::2]
+
+
 def x3(shape=(T, B, I), dtype=F32, **kw):
     return randn(shape, dtype, seed=16, **kw)
 

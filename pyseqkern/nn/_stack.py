@@ -14,9 +14,13 @@ from ..ops import rnn as _rnn_ops
 from ..ops import rnn_autocast as _autocast
 
 
-def layer_weights(module, layer: int, direction: int):
-    """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; absent ones are None."""
+def layer_weights(module, layer: int, direction: int, weights=None):
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; absent ones are None. weights: the
+    module's weights by name where they were read already (a parametrized module's), else None."""
     sfx = "_reverse" if direction else ""
+    if weights is not None:
+        return tuple(weights.get(f"{n}_l{layer}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                                                 "weight_hr"))
     w_ih = getattr(module, f"weight_ih_l{layer}{sfx}")
     w_hh = getattr(module, f"weight_hh_l{layer}{sfx}")
     b_ih = getattr(module, f"bias_ih_l{layer}{sfx}") if module.bias else None
@@ -25,7 +29,7 @@ def layer_weights(module, layer: int, direction: int):
     return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
-def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
+def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True, weights=None):
     """x time-major [T, B, I] or packed [N, I]; h0 [L*D, B, Hout] and c0 [L*D, B, H] (LSTM), or both
     None for zero states (the kernels read none then). Returns (y, h_n, c_n or None), h_n [L*D, B, Hout],
     c_n [L*D, B, H] for LSTM.
@@ -65,7 +69,7 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True):
         outputs = []
         for direction in range(num_directions):
             y, h, c = step(layer_input, layer * num_directions + direction, direction,
-                           *layer_weights(module, layer, direction))
+                           *layer_weights(module, layer, direction, weights))
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
