@@ -439,11 +439,15 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
   int64_t n = 0;
   for (int64_t t = 0; t < steps; ++t) {
     if (b[t] < 0 || b[t] > (t ? b[t - 1] : batch))
-      throw py::value_error("pyseqkern: rnn: 'batch_sizes' must be non-increasing from at most 'batch', >= 0");
+      throw py::value_error("pyseqkern: rnn: 'batch_sizes' must be non-increasing from at most 'batch', >= 0 (a "
+                            "PackedSequence's batch_sizes[0] is its number of sequences: len(sorted_indices) or "
+                            "hx's batch where the layer was compiled or exported)");
     n += b[t];
   }
   if (steps > 0 && b[0] != batch)  // (rows past batch_sizes[0] would take no step: h_n unwritten)
-    throw py::value_error("pyseqkern: rnn: 'batch_sizes' must start at 'batch' (every row takes a step)");
+    throw py::value_error("pyseqkern: rnn: 'batch_sizes' must start at 'batch' (every row takes a step; a "
+                          "PackedSequence's batch_sizes[0] is its number of sequences: len(sorted_indices) or hx's "
+                          "batch where the layer was compiled or exported)");
   if (to.device == DeviceKind::Cpu) {
     const auto* o = static_cast<const int64_t*>(to.data);
     for (int64_t t = 0, off = 0; t < steps; off += b[t], ++t)
@@ -552,6 +556,12 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   // inconsistent arguments would otherwise write out of bounds).
   const int64_t H = hidden, K = p.shape.state(), G = rnn_gate_count(p.shape.mode);
   const TensorView rows_of = p.x != nullptr ? view_of(x, "x") : view_of(x_gates, "x_gates");
+  // Packed: every row is a row of sequence data (a compiled or exported graph leaves this check to the
+  // kernel entry; fewer rows than x's would return the rest of y unwritten).
+  if (!batch_sizes.is_none() && (rows_of.ndim != 2 || rows_of.sizes[0] != rows))
+    throw py::value_error("pyseqkern: rnn_forward: 'batch_sizes' must sum to the rows of the packed input (" +
+                          std::to_string(rows_of.ndim == 2 ? rows_of.sizes[0] : -1) + "), got " +
+                          std::to_string(rows));
   if (p.x != nullptr)
     check_rows(rows_of, "x", rows, p.input, p.dtype);
   else
@@ -563,10 +573,8 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   p.c0 = dense_of(c0, "c0", p.dtype, batch * H);
   const TensorView yv = view_of(y, "y");
   check_rows(yv, "y", rows, K, p.dtype, ld_y);
-  // Packed: every output row is a row of sequence data (a compiled graph leaves this check to the
-  // kernel entry; fewer rows would return the rest unwritten).
   if (!batch_sizes.is_none() && (yv.ndim != 2 || yv.sizes[0] != rows))
-    throw py::value_error("pyseqkern: rnn_forward: 'batch_sizes' must sum to the rows of 'y' (and of the packed input)");
+    throw py::value_error("pyseqkern: rnn_forward: 'batch_sizes' must sum to the rows of 'y'");
   p.y = yv.data;
   p.ld_y = ld_y;
   p.h_n = dense_of(h_n, "h_n", p.dtype, batch * K, false);

@@ -1273,7 +1273,7 @@ BAD_INPUTS = [
     ("lstm-cell-hx-one-tensor", lambda nn: nn.LSTMCell(I, H)(x3((B, I)), (x3((B, H)),)), RuntimeError,
      r"LSTMCell: hx must be a tuple \(h_0, c_0\) of two tensors, got tuple\(Tensor\)", True),
     ("gru-packed-sizes-sum", lambda nn: nn.GRU(I, H)(PackedSequence(x3((5, I)), torch.tensor([3, 2, 1]))),
-     RuntimeError, r"'batch_sizes' must be positive, non-increasing and sum to x.shape\[0\] = 5", True),
+     RuntimeError, r"'batch_sizes' must be >= 0, non-increasing and sum to x.shape\[0\] = 5", True),
     ("gru-packed-sizes-growing", lambda nn: nn.GRU(I, H)(PackedSequence(x3((6, I)), torch.tensor([1, 2, 3]))),
      RuntimeError, r"non-increasing", True),
     ("gru-packed-sizes-int32", lambda nn: nn.GRU(I, H)(PackedSequence(x3((6, I)), torch.tensor([3, 2, 1],
@@ -1632,6 +1632,59 @@ def test_a_compiled_packed_batch_of_inconsistent_sizes_raises():
             torch._dynamo.reset()
             with pytest.raises(Exception, match="batch_sizes' must sum to the rows"):
                 torch.compile(m, fullgraph=True, backend="eager")(bad)
+
+
+@pytest.mark.parametrize("sizes", [[3, 2, 2, 0], [0]])
+def test_packed_batch_sizes_with_zeros_run_as_in_torch(sizes):
+    """Zeros in batch_sizes (steps no sequence reaches; no pack function makes them, torch.nn runs them)
+    run eager and compiled as in torch.nn; eager refused them until stop 25 while the compiled layer
+    ran them (found by a compile fuzzer)."""
+    theirs = seed_parameters(torch.nn.GRU(I, H, bidirectional=True))
+    ours = pnn.GRU(I, H, bidirectional=True)
+    ours.load_state_dict(theirs.state_dict())
+    B = sizes[0]
+    order = torch.arange(B).flip(0)
+    data = randn((sum(sizes), I), F32, seed=5)
+    packed = PackedSequence(data, torch.tensor(sizes), order, order)
+    want = theirs(packed)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        torch._dynamo.reset()
+        for f in (ours, torch.compile(ours, fullgraph=True, backend="aot_eager")):
+            got = f(packed)
+            for g, w in ((got[0].data, want[0].data), (got[1], want[1])):
+                assert g.shape == w.shape
+                if w.numel():
+                    assert_matches(g, w.double())
+
+
+def test_batch_sizes_written_between_forward_and_backward():
+    """The layers keep a copy of batch_sizes for their backward: the caller's tensor written in place
+    after the forward made the backward raise (torch.nn's backward does not read it)."""
+    theirs = seed_parameters(torch.nn.LSTM(I, H))
+    ours = pnn.LSTM(I, H)
+    ours.load_state_dict(theirs.state_dict())
+    grads = []
+    packed = pack_padded_sequence(randn((T, B, I), F32, seed=6), torch.tensor([T] + [2] * (B - 1)))
+    for m in (theirs, ours):
+        x, batch_sizes = packed.data.clone().requires_grad_(), packed.batch_sizes.clone()
+        y, (h, c) = m(PackedSequence(x, batch_sizes))
+        batch_sizes.fill_(1)  # (a buffer reused for the next batch)
+        grads.append(torch.autograd.grad(weighted_sum([y.data, h, c]), [x] + list(m.parameters())))
+    for g, w in zip(*reversed(grads), strict=True):
+        assert_matches(g, w.double())
+
+
+def test_compiled_packed_indices_out_of_range_raise():
+    """Inductor's index_select wraps a negative index where eager raises: a hand-made PackedSequence with
+    -1 in its unsorted_indices returned another sequence's final state, compiled. Checked when the
+    graph runs."""
+    m = seed_parameters(pnn.GRU(I, H))
+    idx = torch.tensor([1, 0, -1])
+    packed = PackedSequence(randn((7, I), F32, seed=7), torch.tensor([3, 2, 2]), torch.tensor([1, 0, 2]), idx)
+    with torch.no_grad(), torch._dynamo.config.patch(allow_rnn=True):
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match="indices must be >= 0"):
+            torch.compile(m, fullgraph=True)(packed)
 
 
 def test_a_module_compiled_before_any_eager_call_never_recompiles(tmp_path):

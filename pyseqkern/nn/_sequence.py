@@ -21,6 +21,10 @@ _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
 def _permute(states, permutation):
     if permutation is None:
         return states
+    if _rnn_ops.capturing_graph() and permutation.numel():
+        # Inductor's index_select wraps negative indices where eager raises (a hand-made PackedSequence
+        # with -1 in its indices read another row's states); checked when the graph runs.
+        torch._assert_async(permutation.min() >= 0, "PackedSequence indices must be >= 0")
     return tuple(None if s is None else s.index_select(1, permutation) for s in states)
 
 
@@ -123,6 +127,9 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
         x, batch_sizes, sorted_indices, unsorted_indices = input
         if x.dim() != 2:
             raise RuntimeError(f"{name}: packed input data must have 2 dimensions, got {x.dim()}")
+        if not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1 or batch_sizes.numel() == 0:
+            got = tuple(batch_sizes.shape) if isinstance(batch_sizes, torch.Tensor) else type(batch_sizes).__name__
+            raise RuntimeError(f"{name}: packed input batch_sizes must be a non-empty 1-D tensor, got {got}")
         batched = True
         # Compiled, the batch is a shape where it can be (each read of batch_sizes is a graph break
         # and a recompile for every new set of lengths): the permutation's, or hx's below. The kernel

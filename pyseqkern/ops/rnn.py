@@ -726,7 +726,9 @@ class _Seq:
             self.batch_sizes = self.time_offsets = self.lengths = None
             self.row_stride_t, self.row_stride_b = x.shape[1], 1
         else:
-            bs = batch_sizes.to(dtype=torch.int64, device="cpu").contiguous()
+            # A copy: the backward reads them again, and the caller's tensor may be written in between
+            # (torch.nn's backward does not read them).
+            bs = batch_sizes.to(dtype=torch.int64, device="cpu", memory_format=torch.contiguous_format, copy=True)
             self.steps = bs.shape[0]
             self.batch = batch if batch is not None else int(bs[0]) if bs.numel() else 0
             self.batch_sizes = bs
@@ -855,8 +857,9 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             # graph runs.
             B = h0.shape[0]
         else:
-            if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]:
-                raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be positive, non-increasing and sum "
+            # (zeros: steps no sequence reaches, which torch.nn runs too; no pack function makes them)
+            if bool((bs < 0).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]:
+                raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be >= 0, non-increasing and sum "
                                    f"to x.shape[0] = {x.shape[0]}, got {bs.tolist()}")
             B = int(bs[0])
     if h0 is not None and h0.shape != (B, K):
