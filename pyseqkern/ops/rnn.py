@@ -83,6 +83,12 @@ def _none(t):
 
 # ---- rnn_pack -------------------------------------------------------------------------------------------
 def _pack_impl(mode, reset_after, hidden, proj, w_hh, w_hr):
+    """The op's CPU kernel. Handed a Parameter itself (a graph compiled by Inductor passes the module's
+    parameters as they are; eager calls pass detached aliases), it serves the pack cached for that
+    Parameter once the kernel has checked it against the weights bit for bit, as eager training reuses
+    one (_packed's `reuse`): each compiled call packed afresh, 70% of a compiled GRU step at B=1."""
+    if type(w_hh) is torch.nn.Parameter and (w_hr is None or type(w_hr) is torch.nn.Parameter):
+        return _packed(mode, reset_after, hidden, proj, w_hh, w_hr, True, reuse=True)
     numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
     out = torch.empty(numel, dtype=_acc_dtype(w_hh.dtype), device=w_hh.device)
     _C.rnn_pack(mode, reset_after, hidden, proj, capsule(w_hh.contiguous()),
