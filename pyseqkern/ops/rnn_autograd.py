@@ -162,7 +162,9 @@ def save_layer(ctx, need_x, need_w_ih, x2d, c0, w_ih, reserve, packed, b_ih, b_h
     ctx.save_for_backward(x2d if need_w_ih else None, c0, w_ih if need_x else None, reserve, packed,
                           None, None, None, None, None)
     ctx.kept = full
-    ctx.kept_versions = tuple(None if t is None else t._version for t in full)
+    # (versions of what saved_layer checks only: the reserve and the pack are ours, and no version of
+    # an inference tensor can be read)
+    ctx.kept_versions = tuple(None if n is None or t is None else t._version for n, t in zip(_LAYER_SAVED, full))
 
 
 def saved_layer(ctx):
