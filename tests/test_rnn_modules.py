@@ -1848,6 +1848,53 @@ def test_exported_program_takes_packed_sequences(kind, strict, sort, tmp_path):
             assert_matches(got, want.double())
 
 
+@pytest.mark.parametrize("kind,packed", [(k, p) for k in list(KINDS) + ["gru_reset_before"] for p in (False, True)]
+                         + [(cell, False) for cell in ("LSTMCell", "GRUCell", "RNNCell")])
+def test_decomposed_exported_program_keeps_the_layer_op_and_its_gradients(kind, packed, tmp_path):
+    """ExportedProgram.run_decompositions() (the inference IR, what ONNX and AOTInductor take) keeps
+    rnn_layer_op whole, and the decomposed program, saved and loaded, gives the module's outputs and
+    gradients. Until stop 26 the retrace ran the op's autograd kernel with gradients off, which recorded
+    its raw kernels (rnn_pack, rnn_forward) instead: they have no autograd, so a backward through the
+    decomposed program gave no gradient to the input, the states or any weight (torch's warning only)."""
+    cell = kind.endswith("Cell")
+    is_lstm = kind.startswith("LSTM") or kind.startswith("lstm")
+    if packed:
+        m = _PackedIn(_dynamic_module(kind))
+
+        def make(lengths, seed):
+            x = randn((len(lengths), max(lengths), I), F32, seed=seed)
+            p = pack_padded_sequence(x, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
+            return (p.data, p.batch_sizes, p.sorted_indices, p.unsorted_indices), [p.data]
+        calls = [make([7, 3, 5, 6], 30), make([5, 7, 6, 3], 40)]  # (static shapes)
+    else:
+        m = seed_parameters(getattr(pnn, kind)(I, H)) if cell else _dynamic_module(kind)
+
+        def make(b, t, seed):
+            x = randn((b, I) if cell else (b, t, I), F32, seed=seed)
+            shape = (b, P if kind == "lstm_proj" else H) if cell else (4, b, P if kind == "lstm_proj" else H)
+            states = [randn(shape, F32, seed=seed + 1)]
+            if is_lstm:
+                states.append(randn((b, H) if cell else (4, b, H), F32, seed=seed + 2))
+            return (x, tuple(states) if is_lstm else states[0]), [x] + states
+        calls = [make(5, 7, 30), make(5, 7, 41)]
+    with torch._dynamo.config.patch(allow_rnn=True):
+        program = torch.export.export(m, calls[0][0]).run_decompositions()
+    ours = {str(n.target) for n in program.graph.nodes if n.op == "call_function" and "pyseqkern" in str(n.target)}
+    assert ours == {"pyseqkern.rnn_layer_op.default"}, ours
+    torch.export.save(program, tmp_path / "decomposed.pt2")
+    exported = torch.export.load(tmp_path / "decomposed.pt2").module()
+    for args, leaves in calls[1:]:
+        for s in leaves:
+            s.requires_grad_()
+        results = []
+        for f in (exported, m):
+            out = [o for o in torch.utils._pytree.tree_leaves(f(*args)) if isinstance(o, torch.Tensor)]
+            results.append(out + list(torch.autograd.grad(weighted_sum(out), leaves + list(f.parameters()))))
+        assert len(results[0]) == len(results[1])
+        for got, want in zip(*results, strict=True):
+            assert_matches(got, want.double())
+
+
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64])
 @pytest.mark.parametrize("kind", list(KINDS) + ["gru_reset_before"])
 def test_nan_in_the_input_propagates_as_in_torch(isa, kind, dtype):

@@ -462,6 +462,14 @@ def test_opcheck(device):
     rows = args[0].detach().reshape(-1, args[0].shape[-1])[: int(bs.sum())].clone().requires_grad_()
     torch.library.opcheck(torch.ops.pyseqkern.rnn_layer_op.default,
                           (1, True, rows, bs, args[1], None, *args[2:], None, False))
+    # LSTM with a projection (c_n has hidden columns, y and h_n proj), reversed, packed and padded, one
+    # bias: the fake impl's shapes against the kernel's.
+    w_ih, w_hh, w_hr, b_hh, h0, c0 = (randn(s, device=device, seed=20 + i).requires_grad_() for i, s in
+                                      enumerate([(28, 13), (28, 3), (3, 7), (28,), (5, 3), (5, 7)]))
+    torch.library.opcheck(torch.ops.pyseqkern.rnn_layer_op.default,
+                          (0, True, rows, bs, h0, c0, w_ih, w_hh, None, b_hh, w_hr, True))
+    torch.library.opcheck(torch.ops.pyseqkern.rnn_layer_op.default,
+                          (0, True, args[0], None, h0, c0, w_ih, w_hh, None, b_hh, w_hr, True))
 
 
 def test_onednn_serves_a_bounded_number_of_row_counts(monkeypatch):

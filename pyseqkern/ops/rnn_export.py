@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .rnn import _records_gradient, _Seq, GATES_BY_CODE, LIB, MODES, rnn_layer
+from .rnn import _check_layer, _check_shapes, _records_gradient, _Seq, GATES_BY_CODE, LIB, MODES, rnn_layer
 from .rnn_autograd import _RnnLayer
 
 _NAMES = {code: name for name, code in MODES.items()}
@@ -46,9 +46,37 @@ def _no_c(y, w_hh, mode):
     return y.new_empty(0, w_hh.shape[0] // GATES_BY_CODE[mode])  # (an op returns tensors: GRU's, RNN's c_n)
 
 
-# One function for every key. At the Autograd key it is the op's autograd (what torch.export keeps);
-# below it (inference_mode, which skips autograd, or a trace that does) it runs the same code, which
-# decides by grad mode and requires_grad as an eager call does. Fake and meta tensors take it too:
-# _RnnLayer's ops have fake impls.
-for _key in ("Autograd", "CPU", "CUDA", "Meta"):
+def _autograd(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """The Autograd kernel. Where no gradient will be recorded the op goes on below autograd as itself:
+    ExportedProgram.run_decompositions() retraces the program through this key with gradients off, and
+    running _RnnLayer here recorded its raw kernels (rnn_pack, rnn_forward) in place of this op, which
+    have no autograd: the decomposed program's backward gave no gradient at all (torch's warning only)."""
+    if not _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.pyseqkern.rnn_layer_op(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                    w_hr, reverse)
+    return _layer(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+
+
+@torch.library.register_fake("pyseqkern::rnn_layer_op")
+def _layer_fake(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """Shapes only, from the arguments' shapes. (Running _layer on fake tensors, as the Meta kernel did
+    until stop 26, recursed without end in the copy of batch_sizes where the decomposed program's retrace
+    reached it.) A packed batch without h0 is a size only the data holds."""
+    _check_layer(_NAMES[mode], x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if batch_sizes is None or h0 is not None:
+        batch = _check_shapes(_NAMES[mode], x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    else:
+        batch = torch.library.get_ctx().new_dynamic_size()
+    hidden = w_hh.shape[0] // GATES_BY_CODE[mode]
+    out = hidden if w_hr is None else w_hr.shape[0]
+    rows = x.shape[0] if batch_sizes is not None else x.shape[0] * x.shape[1]
+    return x.new_empty(rows, out), x.new_empty(batch, out), x.new_empty(batch if mode == MODES["lstm"] else 0, hidden)
+
+
+# At the Autograd key _layer is the op's autograd (what torch.export keeps); below it (inference_mode,
+# which skips autograd, a trace that does, or _autograd with no gradient to record) it runs the same
+# code, which decides by grad mode and requires_grad as an eager call does.
+LIB.impl("rnn_layer_op", _autograd, "Autograd")
+for _key in ("CPU", "CUDA"):
     LIB.impl("rnn_layer_op", _layer, _key)
