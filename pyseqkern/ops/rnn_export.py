@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .rnn import _check_layer, _check_shapes, _records_gradient, _Seq, GATES_BY_CODE, LIB, MODES, rnn_layer
+from .rnn import (_check_layer, _check_shapes, _plain_eager, _records_gradient, _Seq, GATES_BY_CODE, LIB, MODES,
+                  rnn_cell, rnn_layer)
 from .rnn_autograd import _RnnLayer
 
 _NAMES = {code: name for name, code in MODES.items()}
@@ -32,6 +33,12 @@ def _layer(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_
     """The eager layer call: rnn_layer itself when the program runs (its fastest inference paths), and
     _RnnLayer while something traces (rnn_layer would record this op again)."""
     if not torch.compiler.is_compiling():
+        if (batch_sizes is None and x.shape[0] == 1 and w_hr is None and type(x) is torch.Tensor
+                and not _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)):
+            # One step (a decoding loop's, compiled for inference): the planned cell step, as the
+            # modules take in eager mode. (y and h_n are one tensor there; an op's outputs may not alias.)
+            h_n, c_n = rnn_cell(_NAMES[mode], x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, reset_after)
+            return h_n.clone(), h_n, c_n if c_n is not None else _no_c(h_n, w_hh, mode)
         y, h_n, c_n = rnn_layer(_NAMES[mode], x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
                                 reset_after)
         return y.view(-1, y.shape[-1]), h_n, c_n if c_n is not None else _no_c(y, w_hh, mode)
@@ -50,8 +57,9 @@ def _autograd(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
     """The Autograd kernel. Where no gradient will be recorded the op goes on below autograd as itself:
     ExportedProgram.run_decompositions() retraces the program through this key with gradients off, and
     running _RnnLayer here recorded its raw kernels (rnn_pack, rnn_forward) in place of this op, which
-    have no autograd: the decomposed program's backward gave no gradient at all (torch's warning only)."""
-    if not _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    have no autograd: the decomposed program's backward gave no gradient at all (torch's warning only).
+    (Where nothing traces, as when a program runs, the redispatch is skipped: _layer is what it reaches.)"""
+    if not _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) and not _plain_eager(x):
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.pyseqkern.rnn_layer_op(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                     w_hr, reverse)
