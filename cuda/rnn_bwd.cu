@@ -190,7 +190,7 @@ struct BwdBlock {
       dG[3 * H + j] = go;
     } else if (V == Variant::Rnn) {
       const A h = rr[j];
-      const A gp = a.relu ? (h > A(0) ? dh : A(0)) : dh * (A(1) - h * h);
+      const A gp = a.relu ? (h <= A(0) ? A(0) : dh) : dh * (A(1) - h * h);
       put(a.dgx, gx, gp);
       dG[j] = gp;
     } else {

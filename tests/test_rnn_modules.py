@@ -1919,6 +1919,52 @@ def test_nan_in_the_input_propagates_as_in_torch(isa, kind, dtype):
     assert not y[:2].isnan().any() and not y[:, 0].isnan().any()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("kind", list(KINDS) + ["LSTMCell", "GRUCell", "RNNCell_tanh", "RNNCell_relu"])
+def test_gradients_through_a_non_finite_input_follow_torch(isa, kind, dtype, value):
+    """One NaN or infinite input element: the outputs and every gradient (input, initial states, every
+    parameter) are NaN, infinite and finite where torch.nn's are (same dtype), and the finite entries
+    match torch.nn in float64. The relu backward masked the gradient with `out > 0`, which a NaN output
+    fails: torch's threshold_backward passes it on, so the input gradient of that row was 0 where
+    torch's is finite, and the weight gradients' NaN and inf entries differed (found by a size and
+    value fuzzer, stop 26)."""
+    cell = "Cell" in kind
+    if cell:
+        name, kw = kind.split("_")[0], ({"nonlinearity": kind.split("_")[1]} if "_" in kind else {})
+        make = lambda ns: getattr(ns, name)(I, H, **kw)  # noqa: E731
+        shape, states = (B, I), [(B, H)] * (2 if name == "LSTMCell" else 1)
+    else:
+        name, kw = KINDS[kind]
+        make = lambda ns: getattr(ns, name)(I, H, num_layers=2, **kw)  # noqa: E731
+        hout = P if kind == "lstm_proj" else H
+        shape, states = (T, B, I), [(2, B, hout)] + ([(2, B, H)] if name == "LSTM" else [])
+    theirs = seed_parameters(make(torch.nn))
+    ours = make(pnn)
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(shape, F64, seed=3)
+    x.view(-1)[3 * I + 2] = value  # (a row past the first: the other rows stay finite)
+    hx = [randn(st, F64, seed=4 + i) for i, st in enumerate(states)]
+
+    def run(module, dtype):
+        module = copy.deepcopy(module).to(dtype)
+        leaves = [t.to(dtype).requires_grad_() for t in [x] + hx]
+        out = module(leaves[0], tuple(leaves[1:]) if len(leaves) > 2 else leaves[1])
+        out = [o for o in torch.utils._pytree.tree_leaves(out)]
+        loss = sum((o * randn(o.shape, dtype, seed=20 + i)).sum() for i, o in enumerate(out))
+        return out + list(torch.autograd.grad(loss, leaves + list(module.parameters())))
+
+    got, same, want = run(ours, dtype), run(theirs, dtype), run(theirs, F64)
+    assert len(got) == len(same) == len(want)
+    assert not all(torch.isfinite(g).all() for g in got)
+    for i, (g, t, w) in enumerate(zip(got, same, want)):
+        for test in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(test(g), test(t)), (i, test.__name__, test(g).sum().item(), test(t).sum().item())
+        finite = torch.isfinite(g) & torch.isfinite(w)
+        if finite.any():
+            assert_matches(g[finite], w[finite], f"tensor {i}")
+
+
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["gru_bias_-1e38", "gru_bias_-inf", "lstm_proj_gate_-1e38", "lstm_gates_+-200"])
 def test_saturated_gates_reach_zero_and_one_as_in_torch(isa, case, dtype):

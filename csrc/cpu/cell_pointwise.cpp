@@ -115,7 +115,7 @@ void rnn_backward_t(int64_t batch, int64_t H, const void* act, const void* dy, v
   each<A>(batch, H, [&](int64_t b, int64_t j, int n) {
     const int64_t k = b * H + j;
     const V<A> y = ld<A>(act, k, n), d = ld<A>(dy, k, n);
-    st<A>(d_pre, k, relu ? (y > A(0) ? d : V<A>{}) : d * (one - y * y), n);
+    st<A>(d_pre, k, relu ? (y <= A(0) ? V<A>{} : d) : d * (one - y * y), n);  // (as torch: a NaN passes d)
   });
 }
 

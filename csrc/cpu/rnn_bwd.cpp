@@ -251,7 +251,8 @@ void bwd_worker(void* raw, const Team& team) {
         store<A>(dGb + 3 * H, go, valid);
       } else if (VAR == Variant::Rnn) {
         const V<A> h = load<A>(rr + u * L, valid);
-        const V<A> gp = c.relu ? (h > A(0) ? dh : splat(A(0))) : dh * (A(1) - h * h);
+        // (relu: as torch's threshold_backward, a NaN output passes the gradient on)
+        const V<A> gp = c.relu ? (h <= A(0) ? splat(A(0)) : dh) : dh * (A(1) - h * h);
         store_dgx(gxo, gp, valid);
         store<A>(dGb, gp, valid);
       } else {
