@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C
-from .rnn import GATES, MODES, _Seq
+from .rnn import GATES, MODES, _mm, _Seq
 from .rnn_autograd import _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged
 
 # Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,
@@ -100,18 +100,23 @@ class _WeightGrads(torch.autograd.Function):
         dgi = _rows(lists[0])
         dgh = _rows(lists[1]) if acc.pair else dgi
         need = ctx.needs_input_grad
-        dw_ih = dgi.t().mm(_rows(lists[2])) if need[1] else None
+        dw_ih = _rows_product(dgi, _rows(lists[2])) if need[1] else None
         dw_hh = None
         if need[2]:
             dw_hh = _before_w_hh_grad(dgi, _rows(lists[3]), _rows(lists[4])) if acc.before else \
-                dgh.t().mm(_rows(lists[3]))
+                _rows_product(dgh, _rows(lists[3]))
         return None, dw_ih, dw_hh, dgi.sum(0) if need[3] else None, dgh.sum(0) if need[4] else None
 
 
 def _before_w_hh_grad(dg, h, rh):
     """GRU reset_before's dW_hh: its r and z rows multiply h, its n rows r * h."""
     hidden = dg.shape[1] // 3
-    return torch.cat([dg[:, :2 * hidden].t().mm(h), dg[:, 2 * hidden:].t().mm(rh)])
+    return torch.cat([_rows_product(dg[:, :2 * hidden], h), _rows_product(dg[:, 2 * hidden:], rh)])
+
+
+def _rows_product(a, b):
+    """a^T b summed over the steps' rows (_mm: in blocks of rows where the product is narrow)."""
+    return _mm(a.t(), b.t())
 
 
 def _ptr(t):
