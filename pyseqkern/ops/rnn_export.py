@@ -35,8 +35,9 @@ def _layer(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_
     if not torch.compiler.is_compiling():
         if (batch_sizes is None and x.shape[0] == 1 and w_hr is None and type(x) is torch.Tensor
                 and not _records_gradient(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)):
-            # One step (a decoding loop's, compiled for inference): the planned cell step, as the
-            # modules take in eager mode. (y and h_n are one tensor there; an op's outputs may not alias.)
+            # One step of an exported program (a decoding loop's, or a cell's), for inference: the planned
+            # cell step, as the modules take in eager mode. (y and h_n are one tensor there; an op's
+            # outputs may not alias.)
             h_n, c_n = rnn_cell(_NAMES[mode], x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, reset_after)
             return h_n.clone(), h_n, c_n if c_n is not None else _no_c(h_n, w_hh, mode)
         y, h_n, c_n = rnn_layer(_NAMES[mode], x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
