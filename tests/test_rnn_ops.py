@@ -1026,6 +1026,35 @@ def test_cell_inference_path_equals_the_op_path(monkeypatch, isa, mode, reset_af
             w[0].mul_(0.75)  # and the cached input panel
 
 
+@pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", True), ("gru", False), ("rnn_tanh", True),
+                                               ("rnn_relu", True)])
+def test_wide_input_cells_meet_twice_torchs_error(isa, mode, reset_after):
+    """A cell at I = 4096 without grad: the kernel projects the input itself, a sum of 4096 products per
+    gate. Summed in one run it had 2.3-3.0x torch's error (stop 27, found by a size fuzzer); the kernels
+    sum k in blocks now (csrc/cpu/rnn_common.h, kSumBlock)."""
+    G, I, H, B = ops.GATES[mode], 4096, 37, 9
+    x, h = randn((B, I), torch.float32, seed=1), randn((B, H), torch.float32, seed=2, scale=0.5)
+    c = randn((B, H), torch.float32, seed=3, scale=0.5) if mode == "lstm" else None
+    w = [randn(s, torch.float32, seed=4 + i, scale=sc) for i, (s, sc) in
+         enumerate([((G * H, I), I ** -0.5), ((G * H, H), H ** -0.5), ((G * H,), 0.3), ((G * H,), 0.3)])]
+    assert ops._input_panel(ops.MODES[mode], reset_after, H, w[0]) is not None  # the kernel's own projection
+    with torch.no_grad():
+        ours = ops.rnn_cell(mode, x, h, c, *w, reset_after=reset_after)
+    c64 = None if c is None else c.double()
+    exact = ref.rnn_cell(mode, x.double(), h.double(), c64, *[v.double() for v in w], reset_after=reset_after)
+    theirs = ref.rnn_cell(mode, x, h, c, *w, reset_after=reset_after)
+    for name, a, th, e in zip(["h", "c"], ours, theirs, exact):
+        if e is not None:
+            assert_within_torch_error(a, th, e, name=f"{mode} {name}")
+
+
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_wide_hidden_layers_meet_twice_torchs_error(isa, mode, proj, reset_after):
+    """H = 1024 (K = 1024 a step, G x 1024 in the backward): outputs and every gradient within twice
+    torch's error, the sums over k blocked as for wide inputs."""
+    check_against_reference(mode, proj * 100, reset_after, torch.float32, False, None, T=3, B=3, I=5, H=1024)
+
+
 def test_dispatch_modes_still_see_the_op():
     # A TorchDispatchMode must observe pyseqkern's ops, so the fast path must step aside for it.
     from torch.utils._python_dispatch import TorchDispatchMode

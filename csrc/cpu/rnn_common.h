@@ -417,29 +417,36 @@ template <int G> inline int next_tile_rows(int64_t left) {
 
 template <typename A> struct Tile { V<A> v[kMR][kAcc]; };
 
+// Sums over k run in blocks of kSumBlock, each from zero in the registers, added in order to the
+// tile's totals: one running sum over a wide input (I = 4096) carried every rounding of 4096 terms and
+// made a cell's error 2-3x torch's (whose GEMMs block k too); blocked, it is at most about torch's.
+// K <= kSumBlock (H and I up to 256) is one block: the same bits as one running sum.
+constexpr int64_t kSumBlock = 256;
 template <int MR, int NB, int G, typename A>
 __attribute__((noinline)) void gemm_tile(const A* const* rows, const A* panel, int64_t K, int64_t kstride,
                                          int64_t bstride, Tile<A>& acc) {
   constexpr int L = lanes<A>(), C = NB * G;
   static_assert(MR * C <= kAcc, "tile exceeds the accumulator budget");
-  V<A> sum[MR][C];
   const A* row[MR];
-  for (int r = 0; r < MR; ++r) {
-    row[r] = rows[r];
-    for (int c = 0; c < C; ++c) sum[r][c] = splat(A(0));
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const A* w = panel + k * kstride;
-    V<A> wv[C];
-    for (int b = 0; b < NB; ++b)
-      for (int g = 0; g < G; ++g) wv[b * G + g] = load<A>(w + b * bstride + g * L, L);
-    for (int r = 0; r < MR; ++r) {
-      const V<A> hb = splat(row[r][k]);
-      for (int c = 0; c < C; ++c) sum[r][c] += hb * wv[c];
+  for (int r = 0; r < MR; ++r) row[r] = rows[r];
+  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kSumBlock) {
+    const int64_t k1 = K - k0 < kSumBlock ? K : k0 + kSumBlock;
+    V<A> sum[MR][C];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < C; ++c) sum[r][c] = splat(A(0));
+    for (int64_t k = k0; k < k1; ++k) {
+      const A* w = panel + k * kstride;
+      V<A> wv[C];
+      for (int b = 0; b < NB; ++b)
+        for (int g = 0; g < G; ++g) wv[b * G + g] = load<A>(w + b * bstride + g * L, L);
+      for (int r = 0; r < MR; ++r) {
+        const V<A> hb = splat(row[r][k]);
+        for (int c = 0; c < C; ++c) sum[r][c] += hb * wv[c];
+      }
     }
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < C; ++c) acc.v[r][c] = k0 == 0 ? sum[r][c] : acc.v[r][c] + sum[r][c];
   }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < C; ++c) acc.v[r][c] = sum[r][c];
 }
 
 // ---- the bfloat16 dot-product tile (levels with AVX512_BF16) ----------------------------------------
@@ -461,23 +468,36 @@ __attribute__((noinline)) void gemm_tile(const bf16* const* rows, const bf16x2* 
                                          int64_t bstride, Tile<float>& acc) {
   constexpr int C = NB * G;
   static_assert(MR * C <= kAcc, "tile exceeds the accumulator budget");
-  __m512 sum[MR][C];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < C; ++c) sum[r][c] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K2; ++k) {
-    const bf16x2* w = panel + k * kstride;
-    __m512bh wv[C];
-    for (int b = 0; b < NB; ++b)
-      for (int g = 0; g < G; ++g) wv[b * G + g] = (__m512bh)_mm512_loadu_si512(w + b * bstride + g * 16);
-    for (int r = 0; r < MR; ++r) {
-      uint32_t pair;
-      std::memcpy(&pair, rows[r] + 2 * k, 4);
-      const __m512bh hb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-      for (int c = 0; c < C; ++c) sum[r][c] = _mm512_dpbf16_ps(sum[r][c], hb, wv[c]);
+  // k in blocks as gemm_tile's (kSumBlock values: half as many pairs).
+  for (int64_t k0 = 0; k0 < K2 || k0 == 0; k0 += kSumBlock / 2) {
+    const int64_t k1 = K2 - k0 < kSumBlock / 2 ? K2 : k0 + kSumBlock / 2;
+    __m512 sum[MR][C];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < C; ++c) sum[r][c] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+      const bf16x2* w = panel + k * kstride;
+      __m512bh wv[C];
+      for (int b = 0; b < NB; ++b)
+        for (int g = 0; g < G; ++g) wv[b * G + g] = (__m512bh)_mm512_loadu_si512(w + b * bstride + g * 16);
+      for (int r = 0; r < MR; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, rows[r] + 2 * k, 4);
+        const __m512bh hb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        for (int c = 0; c < C; ++c) sum[r][c] = _mm512_dpbf16_ps(sum[r][c], hb, wv[c]);
+      }
     }
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < C; ++c) {
+        if (k0 == 0) {
+          std::memcpy(&acc.v[r][c], &sum[r][c], sizeof(vfloat));
+        } else {
+          __m512 t;
+          std::memcpy(&t, &acc.v[r][c], sizeof(vfloat));
+          t = _mm512_add_ps(t, sum[r][c]);
+          std::memcpy(&acc.v[r][c], &t, sizeof(vfloat));
+        }
+      }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < C; ++c) std::memcpy(&acc.v[r][c], &sum[r][c], sizeof(vfloat));
 }
 #else
 constexpr bool kBf16Dot = false;
