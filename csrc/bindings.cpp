@@ -826,6 +826,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("cpu_isa_report", &cpu_isa_report);
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"), py::arg("all_threads") = false);
+  m.def("cpu_isa_follow_default", &isa_follow_default);
   m.def("cuda_report", &cuda_report_dict);
   m.def("describe", &describe, py::arg("capsule"));
   m.def("handoff_noop", &handoff_noop);

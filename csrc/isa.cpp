@@ -133,6 +133,8 @@ void isa_set_active(Isa isa, bool all_threads) {
     t_active = static_cast<int>(isa);
 }
 
+void isa_follow_default() { t_active = -1; }
+
 long long cpu_l2_bytes() {
   static const long long bytes = [] {
 #if defined(_SC_LEVEL2_CACHE_SIZE)

@@ -5,10 +5,11 @@ Environment variables read at import:
                        (baseline, avx2, avx512, avx512bf16, amx); anything else raises ValueError at import.
   PYSEQKERN_REFERENCE  "1" routes every op to its pure-PyTorch reference (slow; for debugging).
   PYSEQKERN_THREADS    "own" runs CPU kernels on pyseqkern's own workers instead of torch's OpenMP
-                       team (read by the core at load).
+                       team, "openmp" (or unset) on torch's; any other value raises ValueError at import.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -64,6 +65,23 @@ def set_cpu_isa(level: str, *, all_threads: bool = False) -> None:
         _ISA.name = name
 
 
+@contextlib.contextmanager
+def thread_isa(level: str):
+    """The calling thread's kernels at `level` inside the block, then as before (its own level, or the
+    process default where it had none). A training forward's packed weights and reserve are laid out
+    for its level's vector width: its backward runs at that level (ops/rnn_autograd._kernel_grads)."""
+    own = _ISA.__dict__.get("name")
+    set_cpu_isa(level)
+    try:
+        yield
+    finally:
+        if own is None:
+            _C.cpu_isa_follow_default()
+            del _ISA.name
+        else:
+            set_cpu_isa(own)
+
+
 def active_isa() -> str:
     """The calling thread's CPU kernel level (kept here as the core keeps it: only set_cpu_isa changes
     it); part of cache keys."""
@@ -82,6 +100,23 @@ def _apply_isa_env() -> str | None:
 
 
 _FORCED_ISA = _apply_isa_env()
+THREADS_ENV = "PYSEQKERN_THREADS"
+
+
+def _apply_threads_env() -> None:
+    """The core reads the exact string "own" at load; here any case and spacing, and anything else is
+    refused: "OWN", "1" or "2" left the kernels on torch's team without a word (a concurrency fuzzer,
+    stop 27)."""
+    value = os.environ.get(THREADS_ENV)
+    name = "" if value is None else value.strip().lower()
+    if name not in ("", "own", "openmp"):
+        raise ValueError(f"{THREADS_ENV}={value!r}: expected 'own' (pyseqkern's own worker threads) or 'openmp' "
+                         "(torch's OpenMP team, the default)")
+    if name == "own":
+        _C.set_own_threads(True)
+
+
+_apply_threads_env()
 
 FP32_GEMM_ENV = "PYSEQKERN_FP32_GEMM"
 

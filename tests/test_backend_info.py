@@ -113,6 +113,23 @@ def test_unknown_fp32_gemm_is_a_clear_error():
     assert "PYSEQKERN_FP32_GEMM='cublas'" in proc.stderr and "['auto', 'mkl', 'onednn']" in proc.stderr
 
 
+@pytest.mark.parametrize("value, expect", [("own", "own"), ("OWN", "own"), (" own ", "own"), ("openmp", "openmp"),
+                                           ("", "openmp"), ("2", None), ("bogus", None)])
+def test_threads_env(value, expect):
+    """PYSEQKERN_THREADS: own workers for "own" in any case or spacing; the OpenMP team for "openmp" or
+    nothing; anything else a clear error at import ("OWN" and "2" once left torch's team in place
+    silently; found by a concurrency fuzzer, stop 27). (openmp: torch's libgomp, where this torch has it.)"""
+    proc = run_python("import pyseqkern; print(pyseqkern.backend_info()['cpu']['thread_pool'])",
+                      PYSEQKERN_THREADS=value)
+    if expect is None:
+        assert proc.returncode != 0
+        assert f"PYSEQKERN_THREADS={value!r}" in proc.stderr and "expected 'own'" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    pool = proc.stdout.strip()
+    assert pool == "own" if expect == "own" else pool != "own"
+
+
 def test_set_cpu_isa_at_run_time():
     best = pyseqkern.backend_info()["cpu"]["isa_best"]
     try:

@@ -161,8 +161,14 @@ def _hit(entry, key):
 _MISS = object()
 
 
-def _cache_put(cache, anchor, key, value, *sources):
-    """Stores value for anchor (its entry goes when anchor dies) and returns it. key None: not stored.
+def _cache_put(cache, anchor, key, make, *sources):
+    """Stores make() for anchor (its entry goes when anchor dies) and returns it. key None: not stored.
+    The sample of the sources' memory is taken before make() reads them: taken after, a `.data` write
+    made while make() ran (another thread publishing weights as the module served) was in the sample
+    but not in the value, and every later call matched the sample and served the stale value (found by
+    a concurrency fuzzer, stop 27: 11 of 100 trials). Entries go in and out under _CACHE_LOCK: an
+    empty_cache() or forget() in another thread between the check for a finalizer and the store left
+    entries no finalizer would drop, and two first calls at once two finalizers on one parameter.
     Nothing is stored while torch swaps module parameters on conversion (torch.__future__'s opt-in
     swap_module_params_on_conversion): torch.utils.swap_tensors refuses a tensor with a weakref, and
     the entry's finalizer is one, so `.double()` after one inference call failed. Nor for CPU tensors
@@ -170,10 +176,13 @@ def _cache_put(cache, anchor, key, value, *sources):
     version counter here sees it. (CUDA tensors report is_shared() always; they are cached.)"""
     if (key is None or _swap_on_conversion() or _sharded()
             or any(t is not None and t.is_cpu and t.is_shared() for t in sources)):
-        return value
-    if id(anchor) not in _WATCHED:
-        _WATCHED[id(anchor)] = weakref.finalize(anchor, _drop, id(anchor))
-    cache[id(anchor)] = (key, value, _pinned(*sources), _fingerprint(*sources))
+        return make()
+    sample = _fingerprint(*sources)
+    value = make()
+    with _CACHE_LOCK:
+        if id(anchor) not in _WATCHED:
+            _WATCHED[id(anchor)] = weakref.finalize(anchor, _drop, id(anchor))
+        cache[id(anchor)] = (key, value, _pinned(*sources), sample)
     return value
 
 
@@ -181,23 +190,26 @@ def _cache_put(cache, anchor, key, value, *sources):
 # id the one finalizer that drops its entries from all of them when it dies.
 ANCHORED_CACHES: list = [_PACK_CACHE, _autocast._CAST_CACHE]
 _WATCHED: dict = {}
+_CACHE_LOCK = threading.RLock()  # (reentrant: a finalizer may run _drop inside a locked section)
 
 
 def _drop(anchor_id):
-    _WATCHED.pop(anchor_id, None)
-    for cache in ANCHORED_CACHES:
-        cache.pop(anchor_id, None)
+    with _CACHE_LOCK:
+        _WATCHED.pop(anchor_id, None)
+        for cache in ANCHORED_CACHES:
+            cache.pop(anchor_id, None)
 
 
 def forget(tensors) -> None:
     """Drops the cache entries anchored on these tensors and detaches their finalizers (weak references):
     torch.utils.swap_tensors refuses a tensor with one. The modules call it before torch swaps their
     parameters (swap_module_params_on_conversion); the next inference call packs afresh."""
-    for t in tensors:
-        finalizer = _WATCHED.get(id(t))
-        if finalizer is not None and finalizer.peek() is not None and finalizer.peek()[0] is t:
-            finalizer.detach()
-            _drop(id(t))
+    with _CACHE_LOCK:
+        for t in tensors:
+            finalizer = _WATCHED.get(id(t))
+            if finalizer is not None and finalizer.peek() is not None and finalizer.peek()[0] is t:
+                finalizer.detach()
+                _drop(id(t))
 
 
 def _cached(cache, anchor, key_of, make, *sources):
@@ -210,7 +222,7 @@ def _cached(cache, anchor, key_of, make, *sources):
     except _NO_VERSION:
         key = None
     got = _hit(cache.get(id(anchor)), key)
-    return got if got is not _MISS else _cache_put(cache, anchor, key, normal(make), *sources)
+    return got if got is not _MISS else _cache_put(cache, anchor, key, lambda: normal(make), *sources)
 
 
 def normal(make):
@@ -274,7 +286,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
     if got is not _MISS and _C.rnn_pack_current(mode, reset_after, hidden, proj, capsule(w_hh.detach()),
                                                 _none(None if w_hr is None else w_hr.detach()), capsule(got)):
         return got
-    return _cache_put(_PACK_CACHE, w_hh, k, normal(pack), w_hh, w_hr)
+    return _cache_put(_PACK_CACHE, w_hh, k, lambda: normal(pack), w_hh, w_hr)
 
 
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
@@ -452,7 +464,10 @@ def empty_cache() -> None:
     (the Python one, and the compiled step's), the device copies of packed batches' lengths that no
     captured CUDA graph reads (_device_seq), and every inference cache entry (packed weights, folded
     biases, cell plans, casts) with its weak reference to its parameter (forget)."""
-    forget([f.peek()[0] for f in list(_WATCHED.values()) if f.peek() is not None])
+    with _CACHE_LOCK:
+        forget([f.peek()[0] for f in list(_WATCHED.values()) if f.peek() is not None])
+        for cache in ANCHORED_CACHES:  # (and any entry whose finalizer is gone)
+            cache.clear()
     _DEVICE_SEQ.clear()
     _SCRATCH.s = None
     _SCRATCH.proj = None
@@ -595,6 +610,11 @@ def _input_projection(x2d, w_ih, bias, scratch=None):
     135 ms of the LSTM (200,64,512) projection); the GEMM's float sum plus the bias is rounded once
     (addmm can differ in the last bit where MKL splits k, as at K=512). bfloat16 x_gates would be
     rounded before the bias; oneDNN's linear adds it for free."""
+    if x2d.dtype in (torch.float32, torch.float64) and _narrow_and_long(x2d, w_ih):
+        # A few rows (T x B) over a wide input: MKL summed each in one run (LSTM(4097, 7) training at
+        # T=3, B=1: outputs and gradients 2.4-6.5x torch.nn's error; a fuzzer, stop 27). _mm blocks k.
+        x_gates = _mm(x2d, w_ih)
+        return (x_gates, bias.contiguous()) if bias is not None else (x_gates, None)
     if _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device):
         return _onednn_linear(x2d, w_ih, bias, "none", [], ""), None
     if _by_float32(x2d.dtype, x2d.device):
@@ -743,11 +763,13 @@ class _Seq:
     """How rows of sequence data map to (step, sequence): see csrc/include/pyseqkern/rnn.h."""
 
     __slots__ = ("steps", "batch", "batch_sizes", "time_offsets", "lengths", "row_stride_t", "row_stride_b",
-                 "reverse")
+                 "reverse", "isa")
 
     def __init__(self, x, batch_sizes, reverse, batch=None):
-        """batch: batch_sizes[0] where the caller has it (a read of it breaks a compiled graph)."""
+        """batch: batch_sizes[0] where the caller has it (a read of it breaks a compiled graph). isa: the
+        CPU level of the forward (made in its thread), at which its backward runs (_kernel_grads)."""
         self.reverse = bool(reverse)
+        self.isa = _backend.active_isa() if x.device.type == "cpu" else None
         if batch_sizes is None:
             self.steps, self.batch = x.shape[0], x.shape[1]
             self.batch_sizes = self.time_offsets = self.lengths = None
@@ -1192,7 +1214,7 @@ def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
         key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     except _NO_VERSION:
         key = None
-    plan = normal(lambda: _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh))
+    plan = lambda: normal(lambda: _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh))  # noqa: E731
     return _cache_put(_CELL_PLANS, w_hh, key, plan, w_hh, w_ih, b_ih, b_hh)  # (w_hh first: _cell_plan checks it)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad as _fwad
 
+from .. import _backend
 from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
 from .rnn import (GATES, MODES, _backward_impl, _functorch_active, _Gemms, _mm, _plain_eager, _prepare, _proj_scratch,
@@ -217,7 +218,18 @@ def _reserve_operands(reserve, hidden, K):
 
 def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
     """The 8 gradients (x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr; None where `need` says no) of a layer
-    from the backward kernel and torch GEMMs. `saved`: x2d, c0, w_ih, reserve, packed."""
+    from the backward kernel and torch GEMMs. `saved`: x2d, c0, w_ih, reserve, packed. At the forward's
+    CPU level: its packed weights and reserve are laid out for that level's vector width, and a backward
+    at another (the forward in a thread that set its own level, the backward in the caller's; or a level
+    set in between) read them in the wrong layout, gradients O(1) off without an error (stop 27)."""
+    level = cfg[5].isa
+    if level is not None and level != _backend.active_isa() and not torch.compiler.is_compiling():
+        with _backend.thread_isa(level):
+            return _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n)
+    return _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n)
+
+
+def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     mode, code, reset_after, hidden, proj, seq = cfg
     x2d, c0, w_ih, reserve, packed = saved
     # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a

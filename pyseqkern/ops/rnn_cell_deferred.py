@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .. import _C
+from .. import _backend, _C
 from .rnn import GATES, MODES, _mm, _Seq
 from .rnn_autograd import _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged
 
@@ -149,7 +149,7 @@ class _Step(torch.autograd.Function):
             h.mm(w_hh.t())
         batch, hidden = h.shape
         f64 = x.dtype == torch.float64
-        ctx.mode, ctx.acc = mode, acc
+        ctx.mode, ctx.acc, ctx.isa = mode, acc, _backend.active_isa()
         ctx.set_materialize_grads(False)
         if mode == "lstm":
             gates = gi.add_(gh)
@@ -180,6 +180,13 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh_n, dc_n=None):
+        if ctx.isa != _backend.active_isa():  # (the activations' derivatives at the forward's level, as a
+            with _backend.thread_isa(ctx.isa):  # layer's backward: rnn_autograd._kernel_grads)
+                return _Step._backward(ctx, dh_n, dc_n)
+        return _Step._backward(ctx, dh_n, dc_n)
+
+    @staticmethod
+    def _backward(ctx, dh_n, dc_n=None):
         mode, need = ctx.mode, ctx.needs_input_grad
         # create_graph=True, or autograd.grad(is_grads_batched=True) (torch.autograd.functional's
         # vectorized jacobian): its legacy vmap hands in gradients without storage for the kernels

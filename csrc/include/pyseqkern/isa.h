@@ -32,6 +32,8 @@ Isa isa_active();                         // the level this thread's kernel call
 // Throws std::invalid_argument if not runnable here. all_threads: the process default instead of this
 // thread's own level (set at import, from PYSEQKERN_CPU_ISA, before any call runs).
 void isa_set_active(Isa isa, bool all_threads = false);
+// This thread drops its own level and follows the process default again.
+void isa_follow_default();
 
 // One core's L2 in bytes, from the OS (1 MB where it does not say): the cache a kernel thread's share of
 // a weight panel must stay in.
