@@ -14,6 +14,8 @@ Imported at the end of ops/rnn.py, whose helpers it uses (import pyseqkern.ops.r
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd import forward_ad as _fwad
 
@@ -222,11 +224,15 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
     CPU level: its packed weights and reserve are laid out for that level's vector width, and a backward
     at another (the forward in a thread that set its own level, the backward in the caller's; or a level
     set in between) read them in the wrong layout, gradients O(1) off without an error (stop 27)."""
-    level = cfg[5].isa
-    if level is not None and level != _backend.active_isa() and not torch.compiler.is_compiling():
-        with _backend.thread_isa(level):
-            return _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n)
-    return _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n)
+    with _at_level(cfg[5].isa):
+        return _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n)
+
+
+def _at_level(level):
+    """The thread at CPU level `level` (None: a CUDA call) for the block, where it is at another."""
+    if level is None or level == _backend.active_isa() or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _backend.thread_isa(level)
 
 
 def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
@@ -365,8 +371,9 @@ class _RnnLayerGrad(torch.autograd.Function):
         dhf = None if dh_n is None else _fold_states(dh_n, d["dh_n"], V).contiguous()
         dcf = None if dc_n is None else _fold_states(dc_n, d["dc_n"], V).contiguous()
         seqf = _Seq(xf.view(T, V * B, xf.shape[-1]), None, seq.reverse)
-        dgx, dgh, dproj, dh0, dc0, _, _, _ = torch.ops.pyseqkern.rnn_backward(
-            code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False)
+        with _at_level(seq.isa):  # (the forward's: _kernel_grads)
+            dgx, dgh, dproj, dh0, dc0, _, _, _ = torch.ops.pyseqkern.rnn_backward(
+                code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False)
         wdtype = w_ih.dtype
 
         h_prev, rh, m = _reserve_operands(rf, hidden, K)
