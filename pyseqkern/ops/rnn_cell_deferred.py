@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _C
 from .rnn import GATES, MODES, _mm, _Seq
-from .rnn_autograd import _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged
+from .rnn_autograd import _at_level, _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged
 
 # Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,
 # _composite. In-process against torch.nn (H=256, T=50, x requiring grad, forward + backward, 7-11
@@ -180,10 +180,8 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh_n, dc_n=None):
-        if ctx.isa != _backend.active_isa():  # (the activations' derivatives at the forward's level, as a
-            with _backend.thread_isa(ctx.isa):  # layer's backward: rnn_autograd._kernel_grads)
-                return _Step._backward(ctx, dh_n, dc_n)
-        return _Step._backward(ctx, dh_n, dc_n)
+        with _at_level(ctx.isa):  # (the activations' derivatives at the forward's level, as a layer's)
+            return _Step._backward(ctx, dh_n, dc_n)
 
     @staticmethod
     def _backward(ctx, dh_n, dc_n=None):
