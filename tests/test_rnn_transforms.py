@@ -520,6 +520,19 @@ def test_vmap_over_weights_or_packed_data_loops_over_the_kernels(kind, monkeypat
                 _assert_close(packed_g[k][i], want[k], f"packed per-sample grad {k}")
 
 
+def _ensemble(kind):
+    """torch.func's ensembling recipe for three members of a kind: (members, stacked params, buffers, the
+    meta-device base module, input)."""
+    _, ours, x, _ = _case(kind)
+    members = [copy.deepcopy(ours) for _ in range(3)]
+    with torch.no_grad():
+        for i, m in enumerate(members):
+            for p in m.parameters():
+                p.mul_(1 - 0.1 * i)
+    params, buffers = torch.func.stack_module_state(members)
+    return members, params, buffers, copy.deepcopy(ours).to("meta"), x
+
+
 @pytest.mark.parametrize("kind", ["lstm_proj-bidirectional-2layers", "gru-2layers", "rnn_relu", "lstm_cell",
                                   "gru_cell"])
 def test_ensemble_trained_through_vmap_by_plain_autograd(kind):
@@ -528,20 +541,58 @@ def test_ensemble_trained_through_vmap_by_plain_autograd(kind):
     the stacked leaves. Under vmap a BatchedTensor reports requires_grad False, so the forward had saved
     nothing and the backward failed (found by a drop-in sweep, stop 16). Gradients against each member
     run alone."""
-    _, ours, x, _ = _case(kind)
-    members = [copy.deepcopy(ours) for _ in range(3)]
-    with torch.no_grad():
-        for i, m in enumerate(members):
-            for p in m.parameters():
-                p.mul_(1 - 0.1 * i)
-    params, buffers = torch.func.stack_module_state(members)
-    base = copy.deepcopy(ours).to("meta")
+    members, params, buffers, base, x = _ensemble(kind)
     out = torch.vmap(lambda p, b: _run_with(base, (p, b), x))(params, buffers)
     got = torch.autograd.grad(out.sin().sum(), list(params.values()))
     for i, m in enumerate(members):
         want = torch.autograd.grad(_run(m, x, False).sin().sum(), list(m.parameters()))
         for (name, _), g, w in zip(m.named_parameters(), got, want, strict=True):
             _assert_close(g[i], w, f"member {i} d/d{name}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("kind", ["gru-2layers", "lstm_cell"])
+def test_compiled_ensemble_through_vmap_is_right_or_refused(kind, backend):
+    """The ensembling recipe of the test above under torch.compile: Dynamo breaks the graph inside the
+    layer, and with backend="eager" the frame it resumes sees the vmapped parameters as not requiring
+    grad and inlines _RnnLayer.forward, so the raw rnn_forward ran on recorded tensors with no autograd
+    kernel: every parameter's .grad came out None, silently (stop 27's lead). The raw ops now refuse such
+    a call naming the way out; aot_eager runs right. Either outcome, never a lost gradient."""
+    members, params, buffers, base, x = _ensemble(kind)
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(torch.vmap(lambda p, b: _run_with(base, (p, b), x)), backend=backend)(params, buffers)
+        out.sin().sum().backward()
+    except RuntimeError as e:
+        assert backend == "eager" and "rnn_forward was called on tensors that require grad" in str(e), e
+        return
+    finally:
+        torch._dynamo.reset()
+    for i, m in enumerate(members):
+        want = torch.autograd.grad(_run(m, x, False).sin().sum(), list(m.parameters()))
+        for (name, p), w in zip(params.items(), want, strict=True):
+            assert p.grad is not None, f"d/d{name} lost"
+            _assert_close(p.grad[i], w, f"member {i} d/d{name}")
+
+
+def test_raw_ops_refuse_a_recorded_call():
+    """rnn_forward / rnn_backward / rnn_pack have no gradient of their own (the autograd.Functions are
+    theirs): called where autograd records, they raise rather than hand back outputs with no graph."""
+    from pyseqkern.ops.rnn import _Seq
+    torch.manual_seed(3)
+    H, T, B = 5, 4, 3
+    x_gates = torch.randn(T * B, 3 * H, requires_grad=True)
+    w_hh = torch.randn(3 * H, H)
+    packed = torch.ops.pyseqkern.rnn_pack(1, True, H, 0, w_hh, None)
+    seq = _Seq(torch.empty(T, B, 1), None, False)
+    args = (1, True, H, 0, T, B, x_gates, torch.randn(H), None, None, packed, *seq.args(), False)
+    with pytest.raises(RuntimeError, match="rnn_forward was called on tensors that require grad"):
+        torch.ops.pyseqkern.rnn_forward(*args)
+    with pytest.raises(RuntimeError, match="rnn_pack was called"):
+        torch.ops.pyseqkern.rnn_pack(1, True, H, 0, w_hh.requires_grad_(), None)
+    with torch.no_grad():
+        y = torch.ops.pyseqkern.rnn_forward(*args)[0]
+    _assert_close(y, torch.ops.pyseqkern.rnn_forward(1, True, H, 0, T, B, x_gates.detach(), *args[7:])[0], "y")
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru-2layers", "rnn_tanh-bidirectional", "lstm_cell", "gru_cell",

@@ -15,6 +15,7 @@ Imported at the end of ops/rnn.py, whose helpers it uses (import pyseqkern.ops.r
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch.autograd import forward_ad as _fwad
@@ -22,8 +23,8 @@ from torch.autograd import forward_ad as _fwad
 from .. import _backend
 from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
-from .rnn import (GATES, MODES, _backward_impl, _functorch_active, _Gemms, _mm, _plain_eager, _prepare, _proj_scratch,
-                  _scratch, _Seq)
+from .rnn import (GATES, LIB, MODES, _backward_impl, _forward_impl, _functorch_active, _Gemms, _mm, _plain_eager,
+                  _prepare, _proj_scratch, _scratch, _Seq)
 
 
 def _transformed() -> bool:
@@ -72,6 +73,52 @@ except ImportError:
     _unwrap_dead = None
 
 
+# The raw ops have no gradient of their own: _RnnLayer and _RnnLayerGrad are their autograd and call them
+# with grad mode off, or, in the backward's vmap rule under a grad transform, where no gradient of them is
+# wanted (_own_call). With no kernel at the Autograd key, a raw call that autograd records anyway went
+# through torch's fallback, which records nothing: the parameters' .grad came out None, silently (seen
+# under torch.compile's "eager" backend over a torch.vmap whose frame Dynamo split at a graph break: the
+# resumed frame saw the vmapped parameters as not requiring grad and inlined _RnnLayer.forward). Such a
+# call is an error now; every other goes on below autograd, one Python call later (the plain eager paths
+# call the impls directly and never come here).
+_OWN = threading.local()
+
+
+@contextlib.contextmanager
+def _own_call():
+    """Raw op calls of the Functions' own backward, whose gradients are not wanted (_RnnLayerGrad's).
+    (Not while Dynamo traces a backward: the ops become graph nodes, run with grad mode off.)"""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    _OWN.depth = getattr(_OWN, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _OWN.depth -= 1
+
+
+def _no_gradient_of_its_own(name):
+    op = getattr(torch.ops.pyseqkern, name).default
+
+    def kernel(*args, **kwargs):
+        if torch.is_grad_enabled() and not getattr(_OWN, "depth", 0) and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
+            raise RuntimeError(
+                f"pyseqkern::{name} was called on tensors that require grad with grad mode on, outside the "
+                "autograd.Function that differentiates it (pyseqkern.ops.rnn.rnn_layer): its gradients would "
+                "be lost. Under torch.compile with backend='eager' around torch.vmap (an ensemble), use "
+                "backend='aot_eager' or 'inductor', or vmap outside torch.compile.")
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args, **kwargs)
+
+    LIB.impl(name, kernel, "Autograd")
+
+
+for _name in ("rnn_pack", "rnn_forward", "rnn_backward"):
+    _no_gradient_of_its_own(_name)
+
+
 def apply(fn, *args):
     """fn.apply(*args), without Function.apply's argument binding where it does nothing."""
     if _unwrap_dead is None or _functorch_active is None or _functorch_active() or torch.compiler.is_compiling():
@@ -92,7 +139,9 @@ class _RnnLayer(torch.autograd.Function):
         code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(
             mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, training, _proj_scratch() if eager else None,
             reuse=eager and seq.steps == 1)
-        y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(
+        # (plain eager: straight to the kernel, as inference and the backward go; the dispatcher's round trip
+        # through the raw op's autograd kernel, below, is for everything that must see the op)
+        y, h_n, c_n, reserve = (_forward_impl if eager else torch.ops.pyseqkern.rnn_forward)(
             code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
             training, x_bias)
         # (inference: the packed weights are the cache's own tensor, which must not leave as an output)
@@ -283,9 +332,10 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
             code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
             *seq.args(), g.fast, scratch=scratch, h_prev_t=None if joint is None else joint[I:I + K])
     else:
-        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
-            code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
-            *seq.args(), g.fast)
+        with _own_call():
+            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
+                code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
+                *seq.args(), g.fast)
         if use_joint:  # the same GEMM, so both paths give the same bits
             joint = make_joint(lambda shape, dtype: torch.empty(shape, dtype=dtype, device=reserve.device))
             joint[I:I + K].copy_(hprev_t)
@@ -371,7 +421,7 @@ class _RnnLayerGrad(torch.autograd.Function):
         dhf = None if dh_n is None else _fold_states(dh_n, d["dh_n"], V).contiguous()
         dcf = None if dc_n is None else _fold_states(dc_n, d["dc_n"], V).contiguous()
         seqf = _Seq(xf.view(T, V * B, xf.shape[-1]), None, seq.reverse)
-        with _at_level(seq.isa):  # (the forward's: _kernel_grads)
+        with _at_level(seq.isa), _own_call():  # (the forward's level: _kernel_grads)
             dgx, dgh, dproj, dh0, dc0, _, _, _ = torch.ops.pyseqkern.rnn_backward(
                 code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False)
         wdtype = w_ih.dtype
