@@ -592,7 +592,14 @@ def test_raw_ops_refuse_a_recorded_call():
         torch.ops.pyseqkern.rnn_pack(1, True, H, 0, w_hh.requires_grad_(), None)
     with torch.no_grad():
         y = torch.ops.pyseqkern.rnn_forward(*args)[0]
-    _assert_close(y, torch.ops.pyseqkern.rnn_forward(1, True, H, 0, T, B, x_gates.detach(), *args[7:])[0], "y")
+        reserve = torch.ops.pyseqkern.rnn_forward(*args[:-1], True)[3]
+    assert torch.equal(y, torch.ops.pyseqkern.rnn_forward(1, True, H, 0, T, B, x_gates.detach(), *args[7:])[0])
+    dy = torch.randn(T * B, H, requires_grad=True)
+    bwd = (1, True, H, 0, T, B, dy, None, None, None, reserve, packed, *seq.args(), False)
+    with pytest.raises(RuntimeError, match="rnn_backward was called on tensors that require grad"):
+        torch.ops.pyseqkern.rnn_backward(*bwd)
+    with torch.no_grad():
+        assert torch.ops.pyseqkern.rnn_backward(*bwd)[0].shape == (T * B, 3 * H)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru-2layers", "rnn_tanh-bidirectional", "lstm_cell", "gru_cell",
