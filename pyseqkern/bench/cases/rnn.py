@@ -12,7 +12,7 @@ Targets (the RNN issue's; speedup = torch ms / ours ms), inference unless stated
   packed, every mode, "padding costs nothing": our packed call no slower than 1.2x our padded call
          scaled by the valid share (a case whose "torch" side is our padded call; target 1/(1.2 x share))
   cells  (B, H) = (1, 256): 5.0, (32, 512): 1.3; a training loop of cell steps (no target)
-  decode steps (T=1, B=1, hx given; no target): eager, and both modules under torch.compile (full suite)
+  decode steps (T=1, B=1, hx given): eager 1.0; both modules under torch.compile (full suite, no target)
   torch.func (LSTM, GRU; no target): grad of a loss over functional_call, both under torch.func.grad;
   per-sample gradients, ours by vmap of grad, torch.nn's by a loop of plain autograd (no vmap rule).
   autocast (no target): float32 modules called inside torch.autocast(bfloat16) on both sides; torch.nn's
@@ -432,9 +432,9 @@ def _decode(cls: str, device: str, batch: int, hidden: int, layers: int, dtype=t
 
 
 def _compiled_decode(cls: str, device: str, batch: int, hidden: int, dtype=torch.float32):
-    """_decode with both modules under torch.compile(fullgraph=True) (Inductor), compiled in the setup. Dynamo
-    refuses torch.nn's recurrent classes, subclasses included, unless allow_rnn is set: set for the
-    compilation only (the calls hit the compiled code)."""
+    """_decode with both modules under torch.compile(fullgraph=True) (Inductor), compiled in the setup.
+    Dynamo refuses torch.nn's recurrent classes, subclasses included, unless allow_rnn is set: set for
+    the compilation only (the calls hit the compiled code)."""
     def setup(ceilings):
         theirs, ours = _modules(cls, device, dtype, hidden, hidden)
         x = _randn(1, batch, hidden, device=device, dtype=dtype, seed=_SEED + 1)
@@ -504,8 +504,9 @@ def register_all():
                 register(Case(family, f"decode step T=1 B=1 H=256 layers={layers}", device,
                               _decode(cls, device, 1, 256, layers), unit="GFLOP/s", peak="flops", target=1.0,
                               note="one token per call, hx given", quick=layers == 1))
-            register(Case(family, "compiled decode step T=1 B=1 H=256", device, _compiled_decode(cls, device, 1, 256),
-                          unit="GFLOP/s", peak="flops", note="both under torch.compile (Inductor)", quick=False))
+            register(Case(family, "compiled decode step T=1 B=1 H=256", device,
+                          _compiled_decode(cls, device, 1, 256), unit="GFLOP/s", peak="flops",
+                          note="both under torch.compile (Inductor)", quick=False))
             register(Case(family, "training loop T=50 B=1 H=256 layers=2", device,
                           _cell_loop(cls, device, 50, 1, 256, layers=2), unit="GFLOP/s", peak="flops",
                           note="one token per call, forward + backward"))
