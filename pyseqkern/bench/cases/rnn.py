@@ -419,32 +419,21 @@ def _cell_loop(cls: str, device: str, steps: int, batch: int, hidden: int, dtype
     return setup
 
 
-def _decode(cls: str, device: str, batch: int, hidden: int, layers: int, dtype=torch.float32):
-    """One decoding step of a sequence module: T=1 with the state given, as a generation loop calls it."""
+def _decode(cls: str, device: str, batch: int, hidden: int, layers: int, dtype=torch.float32, compiled=False):
+    """One decoding step of a sequence module: T=1 with the state given, as a generation loop calls it.
+    `compiled`: both modules under torch.compile(fullgraph=True) (Inductor), compiled in the setup. Dynamo
+    refuses torch.nn's recurrent classes, subclasses included, unless allow_rnn is set: set for the
+    compilation only (the calls hit the compiled code)."""
     def setup(ceilings):
         theirs, ours = _modules(cls, device, dtype, hidden, hidden, num_layers=layers)
         x = _randn(1, batch, hidden, device=device, dtype=dtype, seed=_SEED + 1)
         h = _randn(layers, batch, hidden, device=device, dtype=dtype, seed=_SEED + 2)
         hx = (h, _randn(layers, batch, hidden, device=device, dtype=dtype, seed=_SEED + 3)) if cls == "LSTM" else h
+        if compiled:
+            theirs, ours = (torch.compile(m.eval(), fullgraph=True) for m in (theirs, ours))
+            with torch._dynamo.config.patch(allow_rnn=True), torch.no_grad():
+                theirs(x, hx), ours(x, hx)
         return _one_call(theirs, ours, (x, hx), device, dtype, layers * _layer_flops(cls, 1, batch, hidden, hidden))
-
-    return setup
-
-
-def _compiled_decode(cls: str, device: str, batch: int, hidden: int, dtype=torch.float32):
-    """_decode with both modules under torch.compile(fullgraph=True) (Inductor), compiled in the setup.
-    Dynamo refuses torch.nn's recurrent classes, subclasses included, unless allow_rnn is set: set for
-    the compilation only (the calls hit the compiled code)."""
-    def setup(ceilings):
-        theirs, ours = _modules(cls, device, dtype, hidden, hidden)
-        x = _randn(1, batch, hidden, device=device, dtype=dtype, seed=_SEED + 1)
-        h = _randn(1, batch, hidden, device=device, dtype=dtype, seed=_SEED + 2)
-        hx = (h, _randn(1, batch, hidden, device=device, dtype=dtype, seed=_SEED + 3)) if cls == "LSTM" else h
-        compiled = [torch.compile(m.eval(), fullgraph=True) for m in (theirs, ours)]
-        with torch._dynamo.config.patch(allow_rnn=True), torch.no_grad():
-            for m in compiled:
-                m(x, hx)
-        return _one_call(*compiled, (x, hx), device, dtype, _layer_flops(cls, 1, batch, hidden, hidden))
 
     return setup
 
@@ -505,7 +494,7 @@ def register_all():
                               _decode(cls, device, 1, 256, layers), unit="GFLOP/s", peak="flops", target=1.0,
                               note="one token per call, hx given", quick=layers == 1))
             register(Case(family, "compiled decode step T=1 B=1 H=256", device,
-                          _compiled_decode(cls, device, 1, 256), unit="GFLOP/s", peak="flops",
+                          _decode(cls, device, 1, 256, 1, compiled=True), unit="GFLOP/s", peak="flops",
                           note="both under torch.compile (Inductor)", quick=False))
             register(Case(family, "training loop T=50 B=1 H=256 layers=2", device,
                           _cell_loop(cls, device, 50, 1, 256, layers=2), unit="GFLOP/s", peak="flops",
