@@ -12,6 +12,7 @@
 #include "pyseqkern/isa.h"
 #include "pyseqkern/probe.h"
 #include "pyseqkern/rnn.h"
+#include "pyseqkern/rnn_direct.h"
 #include "pyseqkern/thread_pool.h"
 #ifdef PSK_WITH_CUDA
 #include "pyseqkern/cuda_info.h"
@@ -819,6 +820,35 @@ void cell_rnn_backward(bool f64, int64_t batch, int64_t hidden, uintptr_t act, u
                                   relu);
 }
 
+// ---- one step from torch's weight layout (pyseqkern/rnn_direct.h) ----------------------------------
+// Internal to ops/rnn_direct.py, whose op impl checks every shape, dtype and device and passes data
+// pointers of contiguous tensors (0 for the nullable ones); dtype: 0 float32, 1 float64, 3 bfloat16.
+void rnn_direct_step(int mode, bool reset_after, int64_t hidden, int dtype, int64_t batch, int64_t input,
+                     uintptr_t x, uintptr_t h0, uintptr_t c0, uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih,
+                     uintptr_t b_hh, uintptr_t h_n, uintptr_t c_n, uintptr_t workspace, int num_threads) {
+  RnnDirectParams p{};
+  p.shape = RnnShape{static_cast<RnnMode>(mode), reset_after, hidden, 0};
+  p.dtype = static_cast<DType>(dtype);
+  p.batch = batch;
+  p.input = input;
+  p.x = at<const void>(x);
+  p.ld_x = input;
+  p.h0 = at<const void>(h0);
+  p.c0 = at<const void>(c0);
+  p.w_ih = at<const void>(w_ih);
+  p.ld_w_ih = input;
+  p.w_hh = at<const void>(w_hh);
+  p.ld_w_hh = hidden;
+  p.b_ih = at<const void>(b_ih);
+  p.b_hh = at<const void>(b_hh);
+  p.h_n = at<void>(h_n);
+  p.c_n = at<void>(c_n);
+  p.workspace = at<void>(workspace);
+  p.num_threads = num_threads;
+  py::gil_scoped_release nogil;
+  rnn_direct_cpu_kernels().step(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -870,6 +900,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cell_gru_backward", &cell_gru_backward);
   m.def("cell_rnn_forward", &cell_rnn_forward);
   m.def("cell_rnn_backward", &cell_rnn_backward);
+  m.def("rnn_direct_step", &rnn_direct_step);
   py::class_<Fingerprint>(m, "Fingerprint")
       .def(py::init<const std::vector<std::pair<uintptr_t, int64_t>>&>(), py::arg("spans"))
       .def("matches", &Fingerprint::matches)

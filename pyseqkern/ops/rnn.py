@@ -37,6 +37,7 @@ from .._handoff import capsule, num_threads
 from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
 from ._library import LIB
+from . import rnn_direct  # noqa: F401  (defines rnn_step_direct, which rnn_layer calls in compiled graphs)
 
 _C = _backend._C
 MODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
@@ -937,6 +938,9 @@ def _records_gradient(*tensors) -> bool:
         t is not None and (t.requires_grad or (wrapped and _plain(t).requires_grad)) for t in tensors)
 
 
+_DIRECT_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
     if _is_tracing():
         _refuse_tracing("rnn_layer")
@@ -974,6 +978,13 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
                                        packed, *seq.args(), False, x_bias)
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
+    if (not training and x.shape[0] == 1 and batch_sizes is None and w_hr is None and x.is_cpu
+            and torch.compiler.is_compiling() and not _is_exporting() and x.dtype in _DIRECT_DTYPES):
+        # A compiled graph's inference step: one op reading the weights as they are (ops/rnn_direct.py).
+        # (T = 1 is static here: Dynamo specializes sizes 0 and 1, so this adds no guard.)
+        h_n, c_n = torch.ops.pyseqkern.rnn_step_direct(MODES[mode], bool(reset_after), x2d, h0c, c0c, w_ih, w_hh,
+                                                        b_ih, b_hh)
+        return h_n.clone().view(*x.shape[:-1], h_n.shape[-1]), h_n, (c_n if mode == "lstm" else None)
     if _is_exporting():  # (an exported program keeps an op's autograd, not a Function's)
         y, h_n, c_n = torch.ops.pyseqkern.rnn_layer_op(
             MODES[mode], bool(reset_after), x, batch_sizes, h0c, c0c, w_ih, w_hh.contiguous(), b_ih, b_hh,

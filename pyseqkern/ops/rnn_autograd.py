@@ -23,8 +23,9 @@ from torch.autograd import forward_ad as _fwad
 from .. import _backend
 from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
-from .rnn import (GATES, LIB, MODES, _backward_impl, _forward_impl, _functorch_active, _Gemms, _mm, _plain_eager,
-                  _prepare, _proj_scratch, _scratch, _Seq)
+from .rnn import (GATES, LIB, MODES, _backward_impl, _dispatch_stack_len, _forward_impl, _functorch_active, _Gemms,
+                  _mm, _plain_eager, _prepare, _proj_scratch, _scratch, _Seq)
+from .rnn_direct import _step_impl as _step_direct_impl
 
 
 def _transformed() -> bool:
@@ -98,7 +99,18 @@ def _own_call():
         _OWN.depth -= 1
 
 
-def _no_gradient_of_its_own(name):
+def _plain_cpu_below(args) -> bool:
+    """Nothing below autograd would see these arguments but the CPU kernel: plain CPU tensors, no
+    dispatch or function modes, no functorch transforms (a compiled graph's step at run time)."""
+    return (all(a is None or not isinstance(a, torch.Tensor) or (type(a) is torch.Tensor and a.is_cpu)
+                for a in args)
+            and _dispatch_stack_len is not None and _dispatch_stack_len() == 0
+            and not _functorch_active() and not torch._C._is_torch_function_mode_enabled())
+
+
+def _no_gradient_of_its_own(name, cpu_impl=None):
+    """`cpu_impl`: the op's CPU kernel, called straight from here where _plain_cpu_below holds (the
+    redispatch to it costs ~7 us, half of a decoding step's kernel)."""
     op = getattr(torch.ops.pyseqkern, name).default
 
     def kernel(*args, **kwargs):
@@ -109,6 +121,8 @@ def _no_gradient_of_its_own(name):
                 "autograd.Function that differentiates it (pyseqkern.ops.rnn.rnn_layer): its gradients would "
                 "be lost. Under torch.compile with backend='eager' around torch.vmap (an ensemble), use "
                 "backend='aot_eager' or 'inductor', or vmap outside torch.compile.")
+        if cpu_impl is not None and not kwargs and _plain_cpu_below(args):
+            return cpu_impl(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args, **kwargs)
 
@@ -117,6 +131,7 @@ def _no_gradient_of_its_own(name):
 
 for _name in ("rnn_pack", "rnn_forward", "rnn_backward"):
     _no_gradient_of_its_own(_name)
+_no_gradient_of_its_own("rnn_step_direct", _step_direct_impl)
 
 
 def apply(fn, *args):
