@@ -16,7 +16,8 @@ OP = torch.ops.pyseqkern.rnn_step_direct
 # name -> (mode code, reference mode, reset_after, gates)
 MODES = {"lstm": (0, "lstm", True, 4), "gru": (1, "gru", True, 3), "gru_rb": (1, "gru", False, 3),
          "rnn_tanh": (2, "rnn_tanh", True, 1), "rnn_relu": (3, "rnn_relu", True, 1)}
-SIZES = [(1, 7, 113), (3, 256, 256), (5, 33, 17), (9, 1, 1), (2, 300, 40)]  # (B, I, H)
+# (B, I, H); 40 rows: past every mode's DIRECT_MAX_ROWS, the op's packed step
+SIZES = [(1, 7, 113), (3, 256, 256), (5, 33, 17), (9, 1, 1), (2, 300, 40), (40, 9, 23)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
@@ -90,9 +91,10 @@ def test_strided_views_give_the_contiguous_bits(kind):
         assert_bitwise_equal(got, want)
 
 
+@pytest.mark.parametrize("batch", [5, 40])
 @pytest.mark.parametrize("kind", list(MODES))
-def test_bits_do_not_depend_on_runs_or_threads(kind):
-    args = _args(kind, 5, 256, 256, torch.float32)
+def test_bits_do_not_depend_on_runs_or_threads(kind, batch):
+    args = _args(kind, batch, 256, 256, torch.float32)
     first = OP(*args)
     before = torch.get_num_threads()
     try:
@@ -145,10 +147,12 @@ def test_opcheck(kind):
 _MODULES = {"LSTM": {}, "GRU": {}, "GRU_rb": {"reset_after": False}, "RNN": {"nonlinearity": "relu"}}
 
 
+@pytest.mark.parametrize("batch", [3, 40])
 @pytest.mark.parametrize("name", list(_MODULES))
-def test_compiled_inference_steps_take_it_and_see_every_write(name):
+def test_compiled_inference_steps_take_it_and_see_every_write(name, batch):
     """A compiled decoding step (T = 1, no gradient) is this op alone, and the weights it reads are the
-    weights as they are: one element written through `.data` (no version bump) shows in the next call.
+    weights as they are: one element written through `.data` (no version bump) shows in the next call
+    (past DIRECT_MAX_ROWS rows too, where the op checks the cached pack bit for bit).
     (Eager inference can miss such a write: its cache samples the weights, DESIGN.md "Packed weights".)"""
     graphs = []
 
@@ -157,8 +161,8 @@ def test_compiled_inference_steps_take_it_and_see_every_write(name):
         return gm.forward
 
     m = getattr(pyseqkern.nn, name.split("_")[0])(13, 29, num_layers=2, **_MODULES[name]).eval()
-    x, h = randn((1, 3, 13), seed=1), randn((2, 3, 29), seed=2)
-    hx = (h, randn((2, 3, 29), seed=3)) if name == "LSTM" else h
+    x, h = randn((1, batch, 13), seed=1), randn((2, batch, 29), seed=2)
+    hx = (h, randn((2, batch, 29), seed=3)) if name == "LSTM" else h
     with torch._dynamo.config.patch(allow_rnn=True):
         torch._dynamo.reset()
         for compiled in (torch.compile(m, backend=backend, fullgraph=True), torch.compile(m, fullgraph=True)):
