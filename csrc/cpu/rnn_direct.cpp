@@ -191,8 +191,9 @@ struct Step {
 template <typename A, typename S>
 void step_t(const RnnDirectParams& p) {
   Step<A, S> s{p, p.shape.hidden, rnn_gate_count(p.shape.mode)};
-  // Threads: at most one per unit block, and one alone where all the weights fit a core's L1 and L2
-  // comfortably (a thread wakes in ~1-3 us; a 128 KB step streams in about that).
+  // Threads: at most one per unit block, and one alone for a small step: under 128 KB of weights (a
+  // thread wakes in ~1-3 us, about what such a step streams in), counted 4x past 8 rows, where each
+  // weight feeds that many FMAs (compute, not streaming, then sets the step's time).
   const int64_t bytes = s.G * s.H * (p.input + s.H) * static_cast<int64_t>(sizeof(S)) * (p.batch > 8 ? 4 : 1);
   int64_t nt = p.num_threads < 1 ? 1 : p.num_threads;
   if (nt > rnn::ceil_div(s.H, Step<A, S>::L)) nt = rnn::ceil_div(s.H, Step<A, S>::L);

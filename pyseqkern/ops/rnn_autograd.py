@@ -105,7 +105,8 @@ def _plain_cpu_below(args) -> bool:
     return (all(a is None or not isinstance(a, torch.Tensor) or (type(a) is torch.Tensor and a.is_cpu)
                 for a in args)
             and _dispatch_stack_len is not None and _dispatch_stack_len() == 0
-            and not _functorch_active() and not torch._C._is_torch_function_mode_enabled())
+            and _functorch_active is not None and not _functorch_active()
+            and not torch._C._is_torch_function_mode_enabled())
 
 
 def _no_gradient_of_its_own(name, cpu_impl=None):
