@@ -128,6 +128,13 @@ def test_bad_inputs_name_the_argument():
         OP(code, ra, x[None], h, c, w_ih, w_hh, b_ih, b_hh)
 
 
+@pytest.mark.cuda
+def test_cuda_tensors_are_refused_by_name():
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in _args("gru", 2, 5, 7, torch.float32)]
+    with pytest.raises(ValueError, match="'x' must be a CPU tensor"):
+        OP(*args)
+
+
 def test_refuses_a_recorded_call():
     """No gradient of its own (rnn_layer sends it only calls that record none)."""
     args = list(_args("gru", 2, 5, 7, torch.float32))

@@ -98,6 +98,7 @@ def _step_impl(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
 
 
 LIB.impl("rnn_step_direct", _step_impl, "CPU")
+LIB.impl("rnn_step_direct", _step_impl, "CUDA")  # (CPU only: it says so, naming the argument)
 
 
 @torch.library.register_fake("pyseqkern::rnn_step_direct")
