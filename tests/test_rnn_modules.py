@@ -2410,11 +2410,10 @@ def test_projected_lstm_trains_within_twice_torchs_error(case, seeds):
     """Projected LSTMs at torch.nn's default initialisation: outputs, final states and every gradient
     (input, initial states, weights, biases) within twice torch.nn's error norm against float64 (torch.nn
     runs them without oneDNN), each tensor's errors over `seeds` seeds taken together: at proj_size 1 some
-    are a few values, each one sum of 1024 terms, where either side's error is mostly chance. Until stop
-    30 these passed by the rule's floor only: at (200, 64, 512) with proj_size 128 the backward's GEMMs
-    went through oneDNN, whose sgemm rounds its sums over 12800 rows ~2.2x MKL's on AVX-512 AMD cores
-    (the bias and input gradients 2.1-2.3x torch.nn's error), and at proj_size 1 the kernels summed 256
-    and 1024 terms in one run (the output 1.6x torch.nn's error on average, 3.0x on one seed of 16)."""
+    are a few values, each one sum of 1024 terms, where either side's error is mostly chance. At (200,
+    64, 512) with proj_size 128 the backward's GEMMs go through oneDNN, whose sgemm rounds its sums over
+    12800 rows ~2.2x MKL's on AVX-512 AMD cores: the bias and input gradients stand at 2.1-2.3x torch.nn's
+    error, inside the rule by its floor (docs/DESIGN.md, "Recurrent layers (CPU)", stop 30)."""
     spec, T, B = case.rsplit("x", 2)[0], int(case.rsplit("x", 2)[1]), int(case.rsplit("x", 2)[2])
     args = spec[len("LSTM("):-1].split(",")
     sizes = [int(a) for a in args if "=" not in a]

@@ -316,13 +316,6 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     # operand cost more than they save (recorded cell steps at B=32, H=256, in-process: RNNCell 0.61 ->
     # 0.74x torch.nn, GRUCell 0.73 -> 0.81x, LSTMCell 0.66 -> 0.96x with mm on views), so they take mm.
     g = _Gemms(reserve.shape[0] if seq.steps > 1 else 0, wdtype, reserve.device)
-    if proj > 0 and wdtype == torch.float32:
-        # torch.nn runs projected LSTMs without oneDNN, its GEMMs MKL's, which block their sums over rows;
-        # oneDNN's sgemm on an AVX-512 AMD core rounds them ~2.2x as much (1024 x 513 over 3200 rows).
-        # LSTM(512, 512, proj_size=128) at (200, 64) had 1.45-2.3x torch.nn's error norm on every gradient
-        # through oneDNN (within the 2x rule only by its floor), 1.05-1.19x through mm; training time
-        # mm / oneDNN, in-process: 1.00 there, 1.03 at (100, 32, 256, proj 64), 0.96 at (100, 8) (stop 30).
-        g.fast = False
     # autograd.grad(is_grads_batched=True) (torch.autograd.functional.jacobian/hessian with vectorize)
     # runs this under torch's legacy vmap: its batched gradients have no storage for the kernels, so the
     # kernel goes through the op (the legacy vmap calls it once per slice) and the GEMMs through mm.
