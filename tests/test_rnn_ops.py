@@ -140,11 +140,12 @@ def test_layer_matches_reference(target, mode, proj, reset_after, dtype, reverse
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-@pytest.mark.parametrize("T, B, I, H", [(1, 1, 1, 1), (3, 1, 7, 17), (2, 9, 5, 33), (4, 6, 3, 113)])
+@pytest.mark.parametrize("T, B, I, H", [(1, 1, 1, 1), (3, 1, 7, 17), (2, 9, 5, 33), (4, 6, 3, 113), (2, 3, 65, 64)])
 def test_odd_sizes(device, mode, proj, reset_after, T, B, I, H):
     # Sizes straddle the unit blocks (16 lanes in float32 on AVX-512, 8 on AVX2, 4 on SSE) and the
-    # register tile's row count; H=113 spreads blocks over both threads. On CUDA: warp-sized k chunks,
-    # the 4-row register tile and the 8-row batch tile.
+    # register tile's row count; H=113 spreads blocks over both threads. The CPU tiles sum over k in
+    # blocks of 64 (kSumBlock): I=65 ends in a block of one, H=64 and 4H fill theirs exactly, H=113 does
+    # not. On CUDA: warp-sized k chunks, the 4-row register tile and the 8-row batch tile.
     check_against_reference(mode, min(proj, H - 1) if H > 1 else 0, reset_after, torch.float32, True, None,
                             T=T, B=B, I=I, H=H, device=device)
 
