@@ -421,11 +421,11 @@ template <typename A> struct Tile { V<A> v[kMR][kAcc]; };
 // tile's totals: one running sum over a wide input (I = 4096) carried every rounding of 4096 terms and
 // made a cell's error 2-3x torch's (whose GEMMs block k too). Blocks of 256 (until stop 30) still left
 // K = 256 one run: LSTMs with projections (H = 256, T = 50, B = 1, the backward's sum over 4H = 1024
-// gate rows into P units) ran 1.45-1.6x torch.nn's output error at proj_size 1..64, a 2-layer one 2.97x
-// on one seed of 16. A sum of K terms in blocks of b carries about sqrt(b/2 + K/(2b)) ulps of its norm
-// (simulated: K = 256 4.9 ulps in one run, 2.3 in blocks of 64; K = 1024 9.4 and 2.8), least near
-// b = sqrt(K); 64 costs one add per accumulator every 64 FMAs (1-2% of a step at B = 1..4, within
-// noise at B = 32) and took those ratios to 0.86-1.04 (1.54 at worst).
+// gate rows into P units) ran 1.44-1.6x torch.nn's output error at proj_size 1..64, a 2-layer one 2.97x
+// on one seed of 16. A sum of K terms in blocks of b carries an error of about sqrt(b/2 + K/(2b))
+// x 2^-24 x its norm (simulated: K = 256 4.9 in one run, 2.3 in blocks of 64; K = 1024 9.4 and 2.8),
+// least near b = sqrt(K); 64 costs one add per accumulator every 64 FMAs (1-2% of a step at B = 1..4,
+// within noise at B = 32) and took those ratios to 0.86-1.04 (1.54 at worst).
 constexpr int64_t kSumBlock = 64;
 template <int MR, int NB, int G, typename A>
 __attribute__((noinline)) void gemm_tile(const A* const* rows, const A* panel, int64_t K, int64_t kstride,
