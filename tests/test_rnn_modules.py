@@ -2403,21 +2403,20 @@ def test_empty_cache_in_another_thread_leaves_no_entries_behind():
     assert not cache
 
 
-@pytest.mark.parametrize("case, seeds", [("LSTM(512,512,proj_size=128)x200x64", 1),
-                                         ("LSTM(256,256,proj_size=1,num_layers=2)x50x1", 6),
-                                         ("LSTM(1,64,proj_size=2)x100x8", 6)])
-def test_projected_lstm_trains_within_twice_torchs_error(case, seeds):
+@pytest.mark.parametrize("sizes, kw, T, B, seeds", [
+    ((512, 512), dict(proj_size=128), 200, 64, 1),
+    ((256, 256), dict(proj_size=1, num_layers=2), 50, 1, 6),
+    ((1, 64), dict(proj_size=2), 100, 8, 6)], ids=["proj128-200x64", "proj1-2layers-50x1", "I1-proj2-100x8"])
+def test_projected_lstm_trains_within_twice_torchs_error(sizes, kw, T, B, seeds):
     """Projected LSTMs at torch.nn's default initialisation: outputs, final states and every gradient
     (input, initial states, weights, biases) within twice torch.nn's error norm against float64 (torch.nn
     runs them without oneDNN), each tensor's errors over `seeds` seeds taken together: at proj_size 1 some
     are a few values, each one sum of 1024 terms, where either side's error is mostly chance. At (200,
     64, 512) with proj_size 128 the backward's GEMMs go through oneDNN, whose sgemm rounds its sums over
     12800 rows ~2.2x MKL's on AVX-512 AMD cores: the bias and input gradients stand at 2.1-2.3x torch.nn's
-    error, inside the rule by its floor (docs/DESIGN.md, "Recurrent layers (CPU)", stop 30)."""
-    spec, T, B = case.rsplit("x", 2)[0], int(case.rsplit("x", 2)[1]), int(case.rsplit("x", 2)[2])
-    args = spec[len("LSTM("):-1].split(",")
-    sizes = [int(a) for a in args if "=" not in a]
-    kw = {k: int(v) for k, v in (a.split("=") for a in args if "=" in a)}
+    error, inside the rule by its floor (docs/DESIGN.md, "Recurrent layers (CPU)", stop 30). It guards
+    these paths against the rule; it does not tell the kernels' k blocks of 64 from the old 256 (both
+    pass by the floor: the gain was 1.6x -> 0.9x torch's error, measured outside the suite)."""
     L, P, Hs = kw.get("num_layers", 1), kw["proj_size"], sizes[1]
 
     def run(module, dtype, seed):
