@@ -29,8 +29,10 @@ def test_describe_matches_torch(device, dtype, kind):
     t = make(kind, dtype, device)
     ptr, dt, dev, index, sizes, strides = _C.describe(to_dlpack(t))
     assert (ptr, dt, dev, index, sizes) == expected(t)
+    # torch may normalize strides of size-1 dimensions, and of every dimension of an empty tensor (torch
+    # 2.4 exports torch.empty(0, 7) with strides (1, 1)): there they address nothing.
     for size, got, want in zip(t.shape, strides, t.stride()):
-        assert size == 1 or got == want  # torch may normalize strides of size-1 dimensions
+        assert size == 1 or t.numel() == 0 or got == want
 
 
 def test_handoff_noop_takes_six_tensors():

@@ -2254,21 +2254,28 @@ def flat_tensors(out):
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
 def test_an_empty_batch_gives_empty_outputs(cls, grad):
     """B=0 (a filtered batch, the last beam finished): torch.nn returns empty outputs and states; without
-    autograd ours raised an internal error from the kernel's argument checks (found by a fuzzing helper)."""
+    autograd ours raised an internal error from the kernel's argument checks (found by a fuzzing helper).
+    Empty views with odd strides too: the kernels' handoff refused them as not contiguous (an empty tensor
+    is contiguous whatever its strides; torch 2.4 exports even torch.empty(0, 7) with strides (1, 1))."""
     theirs = getattr(torch.nn, cls)(I, H)
     ours = getattr(pnn, cls)(I, H)
     ours.load_state_dict(theirs.state_dict())
     cell = cls.endswith("Cell")
-    x = randn((0, I) if cell else (4, 0, I), F32, seed=70)
-    for hx in (False, True):
-        state = None
-        if hx:
-            h = randn((0, H) if cell else (1, 0, H), F32, seed=71)
-            state = (h, h.clone()) if cls.startswith("LSTM") else h
-        with torch.set_grad_enabled(grad):
-            got, want = ours(x, state), theirs(x, state)
-        for a, b in zip(flat_tensors(got), flat_tensors(want), strict=True):
-            assert a.shape == b.shape and a.dtype == b.dtype
+    for views in (False, True):
+        x = randn((0, I) if cell else (4, 0, I), F32, seed=70)
+        if views:  # (.contiguous() hands these on as they are: torch calls them contiguous)
+            x = torch.empty(I, 0).t() if cell else torch.empty(4, I, 0).transpose(1, 2)
+        for hx in (False, True):
+            state = None
+            if hx:
+                h = randn((0, H) if cell else (1, 0, H), F32, seed=71)
+                if views:
+                    h = torch.empty(H, 0).t() if cell else torch.empty(0, H, 1).permute(2, 0, 1)
+                state = (h, h.clone()) if cls.startswith("LSTM") else h
+            with torch.set_grad_enabled(grad):
+                got, want = ours(x, state), theirs(x, state)
+            for a, b in zip(flat_tensors(got), flat_tensors(want), strict=True):
+                assert a.shape == b.shape and a.dtype == b.dtype
 
 
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16])

@@ -60,7 +60,10 @@ struct TensorView {
     for (int i = 0; i < ndim; ++i) n *= sizes[i];
     return n;
   }
+  // torch's rule: size-1 dimensions may have any stride, and a tensor with no elements is contiguous
+  // whatever its strides (torch 2.4's DLPack export gives torch.empty(0, 7) strides (1, 1)).
   bool is_contiguous() const {
+    if (numel() == 0) return true;
     int64_t expected = 1;
     for (int i = ndim - 1; i >= 0; --i) {
       if (sizes[i] != 1 && strides[i] != expected) return false;
