@@ -53,8 +53,8 @@ def _after_step(optimizer, args, kwargs):
     noted = getattr(_noted, "by_optimizer", {}).pop(id(optimizer), None)
     if noted:
         unbumped = [p for p, version in noted if p._version == version]
-        if unbumped:
-            torch.autograd.graph.increment_version(unbumped)
+        for p in unbumped:  # (one at a time: torch 2.4 takes no list here)
+            torch.autograd.graph.increment_version(p)
 
 
 register_optimizer_step_pre_hook(_before_step)
