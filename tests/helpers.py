@@ -107,6 +107,21 @@ def assert_within_torch_error(ours: torch.Tensor, theirs: torch.Tensor, ref64: t
     )
 
 
+def ready_for_backward(module: torch.nn.Module):
+    """A context for running torch.nn's recurrent `module` (a baseline) forward then backward on any
+    device. cuDNN refuses the backward of an eval-mode forward ("cudnn RNN backward can only be called
+    in training mode"), so on CUDA an eval module without dropout is put in train mode (the same
+    function: cuDNN stays the baseline), and one with dropout runs with cuDNN off (torch's own layers)."""
+    import contextlib
+    on_cuda = any(p.is_cuda for p in module.parameters())
+    if not on_cuda or module.training:
+        return contextlib.nullcontext()
+    if getattr(module, "dropout", 0) == 0:
+        module.train()
+        return contextlib.nullcontext()
+    return torch.backends.cudnn.flags(enabled=False)
+
+
 def make_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -17,7 +17,7 @@ import pyseqkern.nn as pnn
 from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.ops import rnn_autocast
 from pyseqkern.reference import rnn as ref
-from helpers import TOLERANCES, assert_bitwise_equal, assert_within_torch_error, randn, strided
+from helpers import TOLERANCES, assert_bitwise_equal, assert_within_torch_error, randn, ready_for_backward, strided
 from test_rnn_modules import CONFIGS, DROPOUT_SEED, KINDS, LENGTHS, H, I, make_cell, make_inputs, make_pair, seed_parameters
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -73,7 +73,8 @@ def exact_on_our_relu_kinks(converted, kind, cfg, dtype):
     layer's reverse weights, a 32% error in their gradient while torch.nn's own run took the exact
     side; on other inputs torch.nn flips instead, its error then 5-50x ours.) Built from the equations
     (pyseqkern.reference) layer by layer through our module's own stacking (dropout masks included),
-    every relu replaced by a multiplication with the mask our run's layer output gives (y > 0)."""
+    every relu replaced by a multiplication with the mask our run's layer output gives (y > 0): our run on
+    `converted`'s device, the reference on the CPU."""
     from pyseqkern.ops import rnn as ops
     recorded, depth = [], [0]
     real_layer = ops.rnn_layer
@@ -85,12 +86,12 @@ def exact_on_our_relu_kinks(converted, kind, cfg, dtype):
         finally:
             depth[0] -= 1
         if depth[0] == 0:
-            recorded.append(out[0].detach())
+            recorded.append(out[0].detach().cpu())
         return out
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, "rnn_layer", record)
-        run_sequence(converted, kind, cfg, "cpu", dtype, dtype)
+        run_sequence(converted, kind, cfg, next(converted.parameters()).device.type, dtype, dtype)
     masks = iter(recorded)
     real_step = ref._step
 
@@ -112,7 +113,7 @@ def exact_on_our_relu_kinks(converted, kind, cfg, dtype):
             inner.setattr(ref, "_step", step)
             return ref.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
 
-    exact_module = copy.deepcopy(converted).double()
+    exact_module = copy.deepcopy(converted).cpu().double()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, "rnn_layer", replay)
         out = run_sequence(exact_module, kind, cfg, "cpu", dtype, F64)
@@ -148,8 +149,13 @@ def test_sequence_module_in_a_region_computes_the_converted_module(device, dtype
         assert torch.equal(g.to(dtype).to(F32), g), f"grad {name} is not a widened {dtype} value"
         assert_bitwise_equal(g.to(dtype), same_grads[name], f"grad {name}")
 
-    torch_outs, torch_grads = run_sequence(copy.deepcopy(theirs).to(device=device, dtype=dtype), kind, cfg, device,
-                                           dtype, dtype)
+    if device == "cuda" and cfg.get("train") and cfg.get("dropout"):
+        # (Only the wiring is checked here: the float64 oracle runs on the CPU, whose dropout masks are
+        # not those of CUDA's generator, as in test_rnn_modules.check_sequence_module.)
+        return
+    baseline = copy.deepcopy(theirs).to(device=device, dtype=dtype)
+    with ready_for_backward(baseline):
+        torch_outs, torch_grads = run_sequence(baseline, kind, cfg, device, dtype, dtype)
     exact, exact_grads = run_sequence(copy.deepcopy(theirs).to(dtype).double(), kind, cfg, "cpu", dtype, F64)
     ours_exact, ours_exact_grads = exact, exact_grads
     if kind == "rnn_relu":
@@ -211,7 +217,7 @@ def test_cell_in_a_region_computes_the_converted_cell(device, dtype, kind, batch
         assert_bitwise_equal(a, b.float(), "cell gradient")
 
     if kind == "gru_reset_before":
-        theirs, exact_cell = ReferenceGRUCell(ours, dtype), ReferenceGRUCell(copy.deepcopy(ours).to(dtype), F64)
+        theirs, exact_cell = ReferenceGRUCell(ours, dtype), ReferenceGRUCell(copy.deepcopy(ours).to("cpu", dtype), F64)
     else:
         twin = make_cell(base, ns=torch.nn)
         twin.load_state_dict(ours.state_dict())

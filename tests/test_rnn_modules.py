@@ -25,7 +25,7 @@ from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
 from helpers import (BF16_DOT_LEVELS, TOLERANCES, assert_bitwise_equal, assert_close_to_ref, assert_matches,
-                     assert_within_torch_error, devices, randn, strided, weighted_sum)
+                     assert_within_torch_error, devices, randn, ready_for_backward, strided, weighted_sum)
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 T, B, I, H, P = 7, 5, 13, 7, 3
@@ -127,7 +127,9 @@ def check_sequence_module(kind, cfg_name, dtype, device):
     expected, expected_grads, _ = run(theirs64, kind, cfg, F64)
     check = assert_matches
     if dtype == F16:  # each layer's output is rounded to float16, as torch.nn's: the 2x-torch rule
-        torch_outs, torch_grads, _ = run(theirs, kind, cfg, dtype)
+        baseline = copy.deepcopy(theirs).to(device)  # (torch on our device: cuDNN's float16 on CUDA)
+        with ready_for_backward(baseline):
+            torch_outs, torch_grads, _ = run(baseline, kind, cfg, dtype, device)
         torch_same = dict(zip(["output", "h_n", "c_n"], torch_outs), **{f"grad {k}": v for k, v in torch_grads.items()})
 
         def check(a, e, name):

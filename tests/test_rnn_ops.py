@@ -1239,6 +1239,25 @@ def test_packed_device_lengths_made_under_a_grad_transform_are_plain(monkeypatch
     assert torch.equal(seen["out"][0], torch.tensor([0, 3, 5, 7]))
 
 
+def test_packed_device_lengths_of_a_traced_batch_are_only_moved(monkeypatch):
+    """Fake batch sizes with symbolic values (opcheck's test_aot_dispatch_dynamic traces rnn_layer_op that
+    way) are moved, not cached: their tolist() gives SymInts, which no dict key takes (the first GPU
+    run, stop 31: "unhashable type: non-nested SymInt"). The stream is never asked for."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: pytest.fail("a traced batch was cached"))
+    monkeypatch.setattr(ops, "_DEVICE_SEQ", {})
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    bs = mode.from_tensor(torch.tensor([3, 2, 2, 1]))
+    with mode:
+        assert isinstance(bs.tolist()[0], torch.SymInt)  # (what the cache key would have held)
+        offsets, lengths = torch.cumsum(bs, 0) - bs, bs.clone()
+        out = ops._device_seq(bs, offsets, lengths, torch.device("cpu"))
+    assert [tuple(t.shape) for t in out] == [(4,), (4,)] and not ops._DEVICE_SEQ
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
 def test_cuda_graph_capture_replays_a_packed_batch(path):

@@ -348,7 +348,8 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
     K = proj if proj > 0 else hidden
     n = x_gates.shape[0]
-    rcols = _sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype)[3]  # (its width does not depend on the batch)
+    sizes = rnn_cuda.sizes if x_gates.device.type == "cuda" else _sizes  # (as _pack_fake: the backend's own table)
+    rcols = sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype)[3]  # (its width does not depend on the batch)
     acc = _acc_dtype(x_gates.dtype)
     return (x_gates.new_empty(n, K), x_gates.new_empty(batch, K),
             x_gates.new_empty(batch if mode == 0 else 0, hidden),
@@ -734,8 +735,11 @@ _DEVICE_SEQ_MAX = 64
 
 def _device_seq(bs, time_offsets, lengths, device):
     """bs, time_offsets, lengths: plain CPU tensors (_Seq unwraps functorch's wrappers first: a wrapper
-    has no storage for tolist(), and the kernels cannot read one)."""
-    if torch.compiler.is_compiling():
+    has no storage for tolist(), and the kernels cannot read one). Fake or traced ones (opcheck's
+    aot_dispatch_dynamic, make_fx: a dispatch mode is on) are only moved: their tolist() gives SymInts,
+    which no dict key takes ("unhashable type: non-nested SymInt", the first GPU run, stop 31)."""
+    if (torch.compiler.is_compiling() or type(bs) is not torch.Tensor
+            or (_dispatch_stack_len is not None and _dispatch_stack_len() != 0)):
         return time_offsets.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
     sizes = tuple(bs.tolist())
     if torch.cuda.is_current_stream_capturing():
