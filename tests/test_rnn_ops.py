@@ -1239,6 +1239,44 @@ def test_packed_device_lengths_made_under_a_grad_transform_are_plain(monkeypatch
     assert torch.equal(seen["out"][0], torch.tensor([0, 3, 5, 7]))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mode,proj,reset_after", VARIANTS)
+def test_cuda_inference_route_calls_the_impl_as_the_op_does(monkeypatch, mode, proj, reset_after, packed):
+    """CUDA inference goes straight to rnn_cuda._forward_cuda (rnn_layer, _plain_eager_cuda), skipping the
+    autograd.Function and the dispatcher. Stood in for on the CPU (the CPU impl as the CUDA one, the CPU
+    eager paths off): the same bits as the op route, for every variant, packed or not, both directions,
+    and a cell step; the CUDA tests run it for real."""
+    calls = []
+
+    def impl(*args):
+        calls.append(len(args))
+        return ops._forward_impl(*args)
+
+    lengths = [7, 6, 6, 3, 1] if packed else None
+    x, bs, t = make_case(mode, proj, torch.float32, lengths=lengths)
+    monkeypatch.setattr(ops, "_plain_eager", lambda x: False)
+    monkeypatch.setattr(ops.rnn_cuda, "_forward_cuda", impl)
+    with torch.no_grad():
+        for reverse in (False, True):
+            want = call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after)
+            monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: True)
+            got = call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after)
+            monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: False)
+            for name, a, b in zip(["y", "h_n", "c_n"], got, want):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert_bitwise_equal(a, b, name)
+        if proj == 0:
+            x0, h0, c0 = x[:5] if packed else x[0], t["h0"], t["c0"]
+            want = ops.rnn_cell(mode, x0, h0, c0, t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], reset_after)
+            monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: True)
+            got = ops.rnn_cell(mode, x0, h0, c0, t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], reset_after)
+            for a, b in zip(got, want):
+                if a is not None:
+                    assert_bitwise_equal(a, b, "cell state")
+    assert len(calls) == (3 if proj == 0 else 2)
+
+
 def test_packed_device_lengths_of_a_traced_batch_are_only_moved(monkeypatch):
     """Fake batch sizes with symbolic values (opcheck's test_aot_dispatch_dynamic traces rnn_layer_op that
     way) are moved, not cached: their tolist() gives SymInts, which no dict key takes (the first GPU
