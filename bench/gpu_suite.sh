@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU suite: on a CUDA machine without network access (torch, nvcc, cmake, ninja, pybind11 and
 # scikit-build-core preinstalled), build pyseqkern, run every CUDA test (nothing may skip for want of
-# CUDA), the CUDA benchmarks, compute-sanitizer on small cases, then the CPU tests. Logs and JSON go
-# under $OUT (default ./gpu-out), eight files, the most the device tool brings back (the first run, stop
-# 31, wrote nine and lost tests-cuda.log): summary.txt, build.log, tests-cuda.log, bench-cuda-quick.log,
-# sanitizer.log, bench-cuda.{log,json}, tests-cpu.log (bench-cuda.png too where GPU_SUITE_PLOT=1).
+# CUDA), the CUDA benchmarks and the phase breakdown of bench/gpu_phases.py, compute-sanitizer on small
+# cases, then the CPU tests. Logs and JSON go under $OUT (default ./gpu-out), eight files, the most the
+# device tool brings back (the first run, stop 31, wrote nine and lost tests-cuda.log): summary.txt,
+# build.log, tests-cuda.log, bench-cuda-quick.log, sanitizer.log, bench-cuda.{log,json}, tests-cpu.log
+# (bench-cuda.png too where GPU_SUITE_PLOT=1).
 # summary.txt lists every failed CUDA test by name.
 #
 # Device time is scarce (a session may hold a GPU for 15 minutes, start-up included), so the steps run
@@ -79,6 +80,14 @@ if afford "CUDA benchmarks (quick)" 60; then
   step "benchmarks (CUDA, quick suite)"
   timeout "$(cap 180)" python3 -m pyseqkern.bench --device cuda \
     2>&1 | tee "$OUT/bench-cuda-quick.log" | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+# 2b. Where a persistent forward step spends its time (bench/gpu_phases.py: parts left out, timing only),
+# appended to the quick log (the device tool brings back eight files).
+if afford "CUDA phase breakdown" 40; then
+  step "phase breakdown of the persistent forward (bench/gpu_phases.py)"
+  timeout "$(cap 90)" python3 bench/gpu_phases.py 2>&1 | tee -a "$OUT/bench-cuda-quick.log" | tail -12
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 

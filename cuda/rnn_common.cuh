@@ -23,6 +23,18 @@ constexpr int kRT = 4;
 constexpr int kNB = 8;
 static_assert(kRT * kNB == 32, "the reduce-scatter hands each lane exactly one (row, batch) sum");
 
+// Timing only, never for results: parts of the forward kernel to leave out, so that the time each takes
+// is the difference (no GPU profiler places time inside one kernel here; device/METHOD.md). Read from
+// PYSEQKERN_CUDA_RNN_SKIP (an integer, 0 when unset) at every forward launch by debug_skip()
+// (rnn_plan.cu); bench/gpu_phases.py sets it. Outputs are wrong whenever it is not 0.
+enum SkipBits : int {
+  kSkipStage = 1,     // block_gemv's staging of the activations into shared memory
+  kSkipProduct = 2,   // block_gemv's multiply-adds and reduce-scatter
+  kSkipEpilogue = 4,  // the gate math, x_gates reads and stores of each batch tile
+  kSkipBarrier = 8,   // the persistent kernel's grid barriers between steps
+};
+int debug_skip();
+
 enum class Variant : int { Lstm = 0, GruAfter = 1, GruBefore = 2, Rnn = 3 };
 
 template <typename T> struct AccOf { using type = float; };
@@ -144,16 +156,17 @@ __device__ __forceinline__ A warp_reduce_scatter32(A (&v)[32], int lane) {
 // Every thread of the block must call this (it synchronizes); ends synchronized.
 template <typename A, typename RowOf>
 __device__ __forceinline__ void block_gemv(const RowOf& row_of, int R, int64_t K, const A* X, int64_t ldx,
-                                           int64_t b0, int nbt, int ktile, A* sX, A* spart) {
+                                           int64_t b0, int nbt, int ktile, A* sX, A* spart, int skip = 0) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int Rp = pad_rows(R), RG = Rp / kRT, KC = k_chunks(R);
   for (int64_t k0 = 0; k0 < K; k0 += ktile) {
     const int kt = static_cast<int>(K - k0 < ktile ? K - k0 : ktile);
-    for (int idx = tid; idx < nbt * kt; idx += kThreads) {
+    for (int idx = tid; idx < (skip & kSkipStage ? 0 : nbt * kt); idx += kThreads) {
       const int b = idx / kt, k = idx - b * kt;
       sX[b * ktile + k] = __ldcg(X + (b0 + b) * ldx + k0 + k);
     }
     __syncthreads();
+    if (skip & kSkipProduct) continue;  // (spart keeps what it held: timing only)
     const int chunk = ((kt + KC - 1) / KC + 31) / 32 * 32;
     for (int task = warp; task < RG * KC; task += kWarps) {
       const int rg = task / KC, kc = task - rg * KC;

@@ -52,6 +52,7 @@ struct FwdArgs {
   FwdWorkspace wl;
   RnnPlan plan;
   bool relu;
+  int skip;  // SkipBits (timing only)
 };
 
 // ---- kernel -----------------------------------------------------------------------------------------
@@ -162,8 +163,8 @@ struct FwdBlock {
     T* h_n = static_cast<T*>(a.h_n);
     for (int64_t b0 = 0; b0 < nb; b0 += kNB) {
       const int nbt = static_cast<int>(nb - b0 < kNB ? nb - b0 : kNB);
-      block_gemv<A>(row_of, R, K, hcur, K, b0, nbt, ktile, sX, spart);
-      for (int i = threadIdx.x; i < nbt * nu; i += kThreads) {
+      block_gemv<A>(row_of, R, K, hcur, K, b0, nbt, ktile, sX, spart, a.skip);
+      for (int i = threadIdx.x; i < (a.skip & kSkipEpilogue ? 0 : nbt * nu); i += kThreads) {
         const int bt = i / nu, jj = i - bt * nu;
         const int64_t b = b0 + bt, j = j0 + jj;
         const int64_t row = seq_row(a.q, s, b);
@@ -317,10 +318,10 @@ rnn_fwd_kernel(const __grid_constant__ FwdArgs a, int phase, int64_t step, int64
     for (int64_t s = 0; s < a.q.steps; ++s) {
       const int64_t n = seq_active(a.q, s);
       blk.gates(s, n);
-      grid.sync();
+      if (!(a.skip & kSkipBarrier)) grid.sync();
       if (second) {
         blk.second(s, n);
-        grid.sync();
+        if (!(a.skip & kSkipBarrier)) grid.sync();
       }
     }
   } else {
@@ -348,6 +349,7 @@ RnnCudaPath forward_typed(const RnnFwdParams& p, RnnCudaPath request, cudaStream
   a.h_n = p.h_n;
   a.c_n = p.c_n;
   a.wl = fwd_workspace(B, H, K);
+  a.skip = debug_skip();
   const void* kp = reinterpret_cast<const void*>(&rnn_fwd_kernel<V, T, true>);
   const void* ks = reinterpret_cast<const void*>(&rnn_fwd_kernel<V, T, false>);
   const PlanShape shape{H, K, P, G, B, false, static_cast<int>(sizeof(A))};

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -155,6 +156,11 @@ PlanKey plan_key(int dev, const PlanShape& s, RnnCudaPath request, const void* k
 }
 
 }  // namespace
+
+int debug_skip() {
+  const char* v = std::getenv("PYSEQKERN_CUDA_RNN_SKIP");
+  return v ? std::atoi(v) : 0;
+}
 
 RnnPlan make_plan(const PlanShape& s, RnnCudaPath request, const void* kernel_persistent, const void* kernel_step) {
   int dev = 0;
