@@ -1277,6 +1277,47 @@ def test_cuda_inference_route_calls_the_impl_as_the_op_does(monkeypatch, mode, p
     assert len(calls) == (3 if proj == 0 else 2)
 
 
+@pytest.mark.parametrize("hx", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru_reset_before", "rnn_tanh", "rnn_relu"])
+def test_cuda_cell_steps_take_the_thin_route_with_the_op_routes_bits(monkeypatch, kind, hx):
+    """A CUDA cell step in inference runs _cuda_cell (checks inline, then _prepare and the CUDA impl) from
+    the module's own thin path. Stood in for on the CPU as above: the same bits as the op route, zero
+    states where hx is None; anything it does not take (a wrong hx shape, unbatched input, grad mode on
+    a parameter that records) goes the general route, whose errors and results are unchanged."""
+    import pyseqkern.nn as pnn
+    calls = []
+
+    def impl(*args):
+        calls.append(args[4])  # steps
+        return ops._forward_impl(*args)
+
+    cls = {"lstm": pnn.LSTMCell, "rnn_tanh": pnn.RNNCell, "rnn_relu": pnn.RNNCell}.get(kind, pnn.GRUCell)
+    kw = ({"nonlinearity": "relu"} if kind == "rnn_relu" else
+          {"reset_after": False} if kind == "gru_reset_before" else {})
+    torch.manual_seed(3)
+    cell = cls(13, 11, **kw)
+    x = randn((7, 13), seed=1)
+    h = randn((7, 11), seed=2)
+    state = None if not hx else (h, randn((7, 11), seed=3)) if kind == "lstm" else h
+    monkeypatch.setattr(ops, "_plain_eager", lambda x: False)  # (the CPU's own thin paths off)
+    monkeypatch.setattr(ops.rnn_cuda, "_forward_cuda", impl)
+    one = None if state is None else tuple(t[0] for t in state) if kind == "lstm" else h[0]
+    leaves = torch.utils._pytree.tree_leaves
+    with torch.no_grad():
+        want, want_one = cell(x, state), cell(x[0], one)
+        monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: True)
+        got = cell(x, state)
+        assert calls == [1]  # (the op route before it runs the CPU op)
+        got_one = cell(x[0], one)  # (unbatched: the general route, rnn_layer's CUDA inference route)
+        for a, b in zip(leaves((got, got_one)), leaves((want, want_one)), strict=True):
+            assert_bitwise_equal(a, b, "state")
+        bad = (h[:, :5], h) if kind == "lstm" else h[:, :5]
+        with pytest.raises(RuntimeError, match="hidden_size"):
+            cell(x, bad)
+    got = cell(x, state)  # (records a gradient: not the inference route)
+    assert got[0].requires_grad if kind == "lstm" else got.requires_grad
+
+
 def test_packed_device_lengths_of_a_traced_batch_are_only_moved(monkeypatch):
     """Fake batch sizes with symbolic values (opcheck's test_aot_dispatch_dynamic traces rnn_layer_op that
     way) are moved, not cached: their tolist() gives SymInts, which no dict key takes (the first GPU

@@ -1290,7 +1290,7 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
         return _cell_train.step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh)  # (training: its own route)
     plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     if plan is None or plan.step is None or type(x) is not torch.Tensor:
-        return None
+        return _cuda_cell(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh) if _plain_eager_cuda(x) else None
     dtype, shape = plan.dtype, x.shape
     if len(shape) != 2:
         return None
@@ -1331,6 +1331,46 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     c_n = torch.empty_like(h_n)
     plan.step.run(B, x.data_ptr(), h, c, h_n.data_ptr(), c_n.data_ptr(), num_threads(), spread)
     return h_n, c_n
+
+
+_CUDA_CELL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _cuda_cell(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
+    """One CUDA inference step with only what it needs around the kernel: the general route's calls
+    (_prepare, then the CUDA impl, as rnn_layer's CUDA inference route makes them) after inline checks
+    of this call's tensors, or None where anything differs (the general route then checks and explains).
+    The module, rnn_cell and rnn_layer layers of checks were ~40 of ~65 us of host time a step, which
+    is the step's whole time on a GPU at small sizes (CPU stand-in, LSTMCell H=8). Returns (h_n,) or
+    (h_n, c_n)."""
+    dtype, dev = x.dtype, x.device
+    if x.dim() != 2 or dtype not in _CUDA_CELL_DTYPES or _backend._REFERENCE_FORCED:
+        return None
+    B, I = x.shape
+    G = GATES[mode]
+    if B == 0 or any(type(t) not in _PLAIN_TYPES for t in (w_ih, w_hh, b_ih, b_hh) if t is not None):
+        return None  # (a tensor subclass goes the general route, where its __torch_function__ sees the ops)
+    if w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] != w_hh.shape[0] or w_hh.shape[0] % G:
+        return None
+    H = w_hh.shape[0] // G
+    if w_hh.shape[1] != H or any(w.dtype != dtype or w.device != dev for w in (w_ih, w_hh)) or any(
+            b is not None and (b.dtype != dtype or b.device != dev or b.shape != (G * H,)) for b in (b_ih, b_hh)):
+        return None
+    h = c = None
+    if states is not None:
+        if len(states) != (2 if mode == "lstm" else 1):
+            return None
+        for t in states:
+            if type(t) is not torch.Tensor or t.shape != (B, H) or t.dtype != dtype or t.device != dev:
+                return None
+        h = states[0].contiguous()
+        c = states[1].contiguous() if mode == "lstm" else None
+    code, hidden, _, x_gates, b_hn, packed, x_bias = _prepare(mode, reset_after, x, w_ih, w_hh, b_ih, b_hh, None,
+                                                              False)
+    _, h_n, c_n, _ = rnn_cuda._forward_cuda(code, reset_after, hidden, 0, 1, B, x_gates, b_hn, h, c, packed, None,
+                                            None, None, B, 1, False, False, x_bias)
+    return (h_n, c_n) if code == 0 else (h_n,)
 
 
 def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=None):
