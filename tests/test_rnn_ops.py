@@ -11,7 +11,7 @@ from torch.utils.dlpack import to_dlpack
 import pyseqkern
 from pyseqkern import _C
 from pyseqkern.ops import rnn as ops
-from pyseqkern.ops import rnn_cuda
+from pyseqkern.ops import rnn_autograd, rnn_cuda
 from pyseqkern.reference import rnn as ref
 from helpers import (BF16_DOT_LEVELS, assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
                      runnable_levels, strided)
@@ -1275,6 +1275,50 @@ def test_cuda_inference_route_calls_the_impl_as_the_op_does(monkeypatch, mode, p
                 if a is not None:
                     assert_bitwise_equal(a, b, "cell state")
     assert len(calls) == (3 if proj == 0 else 2)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mode,proj,reset_after", VARIANTS)
+def test_cuda_training_route_calls_the_impls_as_the_ops_do(monkeypatch, mode, proj, reset_after, packed):
+    """A CUDA layer that records gradients runs the CUDA impls of rnn_forward and rnn_backward straight
+    from _RnnLayer in plain eager mode. Stood in for on the CPU (the CPU impls as the CUDA ones, the CPU
+    eager paths off): outputs and every gradient bitwise those of the op route, both directions."""
+    calls = []
+
+    def fwd(*args):
+        calls.append("forward")
+        return ops._forward_impl(*args)
+
+    def bwd(*args):
+        calls.append("backward")
+        return ops._backward_impl(*args)
+
+    lengths = [7, 6, 6, 3, 1] if packed else None
+    x, bs, t = make_case(mode, proj, torch.float32, lengths=lengths)
+    monkeypatch.setattr(ops, "_plain_eager", lambda x: False)
+    monkeypatch.setattr(rnn_autograd, "_plain_eager", lambda x: False)
+    monkeypatch.setattr(ops.rnn_cuda, "_forward_cuda", fwd)
+    monkeypatch.setattr(ops.rnn_cuda, "_backward_cuda", bwd)
+
+    def run(reverse):
+        inputs = {k: v.detach().clone().requires_grad_() for k, v in dict(t, x=x).items() if v is not None}
+        out = ops.rnn_layer(mode, inputs["x"], bs, inputs["h0"], inputs.get("c0"), inputs["w_ih"], inputs["w_hh"],
+                            inputs["b_ih"], inputs["b_hh"], inputs.get("w_hr"), reverse, reset_after)
+        outs = [o for o in out if o is not None]
+        grads = torch.autograd.grad(sum((o * randn(o.shape, seed=9 + i)).sum() for i, o in enumerate(outs)),
+                                    list(inputs.values()))
+        return outs + list(grads)
+
+    for reverse in (False, True):
+        want = run(reverse)
+        monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: True)
+        monkeypatch.setattr(rnn_autograd, "_plain_eager_cuda", lambda x: True)
+        got = run(reverse)
+        monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: False)
+        monkeypatch.setattr(rnn_autograd, "_plain_eager_cuda", lambda x: False)
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_bitwise_equal(a, b, f"output or gradient {i}")
+    assert calls == ["forward", "backward"] * 2
 
 
 @pytest.mark.parametrize("hx", [False, True])

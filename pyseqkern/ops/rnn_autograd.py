@@ -23,8 +23,9 @@ from torch.autograd import forward_ad as _fwad
 from .. import _backend
 from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
+from . import rnn_cuda as _cuda
 from .rnn import (GATES, LIB, MODES, _backward_impl, _dispatch_stack_len, _forward_impl, _functorch_active, _Gemms,
-                  _mm, _plain_eager, _prepare, _proj_scratch, _scratch, _Seq)
+                  _mm, _plain_eager, _plain_eager_cuda, _prepare, _proj_scratch, _scratch, _Seq)
 from .rnn_direct import _step_impl as _step_direct_impl
 
 
@@ -157,9 +158,11 @@ class _RnnLayer(torch.autograd.Function):
             reuse=eager and seq.steps == 1)
         # (plain eager: straight to the kernel, as inference and the backward go; the dispatcher's round trip
         # through the raw op's autograd kernel, below, is for everything that must see the op)
-        y, h_n, c_n, reserve = (_forward_impl if eager else torch.ops.pyseqkern.rnn_forward)(
-            code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0, packed, *seq.args(),
-            training, x_bias)
+        # (CUDA in plain eager mode: the CUDA impl straight, as inference goes, rnn.py's rnn_layer)
+        impl = (_forward_impl if eager else _cuda._forward_cuda if _plain_eager_cuda(x2d)
+                else torch.ops.pyseqkern.rnn_forward)
+        y, h_n, c_n, reserve = impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0,
+                                    packed, *seq.args(), training, x_bias)
         # (inference: the packed weights are the cache's own tensor, which must not leave as an output)
         return y, h_n, (c_n if code == 0 else None), reserve, (packed if training else reserve)
 
@@ -348,8 +351,10 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
             code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
             *seq.args(), g.fast, scratch=scratch, h_prev_t=None if joint is None else joint[I:I + K])
     else:
+        # (CUDA in plain eager mode: the CUDA impl straight; elsewhere the op, which modes and tracers see)
+        impl = _cuda._backward_cuda if not legacy and _plain_eager_cuda(reserve) else torch.ops.pyseqkern.rnn_backward
         with _own_call():
-            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = torch.ops.pyseqkern.rnn_backward(
+            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = impl(
                 code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
                 *seq.args(), g.fast)
         if use_joint:  # the same GEMM, so both paths give the same bits
