@@ -105,6 +105,8 @@ struct RnnPlan {
   int units;      // UB
   int states;     // UK
   int ktile;      // k columns staged per tile (multiple of 32, or the whole K of the longest phase)
+  int etiles;     // forward gate phase: batch tiles (kNB rows each) whose products are held at once, so
+                  // that one epilogue over all their rows runs with every thread (backward: 1)
   int64_t weight_elems;  // shared-memory weight slice in elements of A (persistent only)
   int64_t smem_bytes;
 };
@@ -115,7 +117,8 @@ __host__ __device__ inline int k_chunks(int R) {
   const int rg = (R + kRT - 1) / kRT;
   return (kWarps + rg - 1) / rg;
 }
-// Partial-sum slots a phase of R rows needs: k_chunks(R) * kNB * pad_rows(R) <= kNB * max(64, pad_rows(R)).
+// Partial-sum slots a phase of R rows needs per batch tile: k_chunks(R) * kNB * pad_rows(R) <=
+// kNB * max(64, pad_rows(R)).
 __host__ __device__ inline int64_t spart_elems(int Rmax) {
   const int rp = pad_rows(Rmax);
   return int64_t(kNB) * (rp > 64 ? rp : 64);

@@ -161,17 +161,26 @@ struct FwdBlock {
     };
     const int64_t rc = a.rc, hcol = a.hprev_col;
     T* h_n = static_cast<T*>(a.h_n);
-    for (int64_t b0 = 0; b0 < nb; b0 += kNB) {
-      const int nbt = static_cast<int>(nb - b0 < kNB ? nb - b0 : kNB);
-      block_gemv<A>(row_of, R, K, hcur, K, b0, nbt, ktile, sX, spart, a.skip);
-      for (int i = threadIdx.x; i < (a.skip & kSkipEpilogue ? 0 : nbt * nu); i += kThreads) {
-        const int bt = i / nu, jj = i - bt * nu;
-        const int64_t b = b0 + bt, j = j0 + jj;
+    // Groups of up to etiles batch tiles: each tile's products into its own partial-sum slots, then one
+    // epilogue over the group's rows with every thread (block_gemv ends with a barrier, and the next
+    // group's first block_gemv writes slots only after its staging barrier, which every thread reaches
+    // once its epilogue is done).
+    const int64_t group = int64_t(kNB) * a.plan.etiles, slots = spart_elems(R);
+    for (int64_t g0 = 0; g0 < nb; g0 += group) {
+      const int64_t gn = nb - g0 < group ? nb - g0 : group;
+      for (int64_t t0 = 0; t0 < gn; t0 += kNB) {
+        const int nbt = static_cast<int>(gn - t0 < kNB ? gn - t0 : kNB);
+        block_gemv<A>(row_of, R, K, hcur, K, g0 + t0, nbt, ktile, sX, spart + (t0 / kNB) * slots, a.skip);
+      }
+      for (int i = threadIdx.x; i < (a.skip & kSkipEpilogue ? 0 : gn * nu); i += kThreads) {
+        const int bg = i / nu, jj = i - bg * nu, bt = bg % kNB;
+        const int64_t b = g0 + bg, j = j0 + jj;
         const int64_t row = seq_row(a.q, s, b);
         const bool last = s == seq_len(a.q, b) - 1;
         const T* gx = xg + row * a.ld_gates + j;
         A* rr = res ? res + row * rc : nullptr;
-        auto pre = [&](int g) { return gemv_result(spart, R, g * UB + jj, bt); };
+        const A* tile_part = spart + (bg / kNB) * slots;
+        auto pre = [&](int g) { return gemv_result(tile_part, R, g * UB + jj, bt); };
         if (V == Variant::Lstm) {
           const A ig = act_sigmoid(pre(0) + xval(gx));
           const A fg = act_sigmoid(pre(1) + xval(gx + H));

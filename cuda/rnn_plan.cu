@@ -25,6 +25,17 @@ namespace {
 constexpr int64_t kMinBlockMacs = 16384;
 // The per-step path stages at most this many k columns per tile (more blocks per multiprocessor).
 constexpr int kStepKTile = 1024;
+// The forward's gate phase holds the products of up to this many batch tiles (kNB rows each) at once
+// and runs one epilogue over all their rows with every thread. One tile at a time, the epilogue of
+// kNB * units elements ran on a warp or two, its x_gates loads and activations exposed once per tile:
+// at B=64 eight times a step (stop 32, not yet measured on a GPU: bench/gpu_phases.py).
+constexpr int64_t kMaxEpilogueTiles = 8;
+
+int64_t epilogue_tiles(const PlanShape& s) {
+  if (s.backward) return 1;
+  const int64_t tiles = (s.B + kNB - 1) / kNB;
+  return tiles < 1 ? 1 : (tiles > kMaxEpilogueTiles ? kMaxEpilogueTiles : tiles);
+}
 
 struct DeviceInfo {
   int sms = 0;
@@ -106,9 +117,15 @@ bool try_persistent(const PlanShape& s, const DeviceInfo& d, int dev, const void
   raise_smem_limit(dev, kernel, d.smem_optin);
   while (true) {
     const Slices c = slices_of(s, units);
-    const int64_t fixed = c.weights + spart_elems(static_cast<int>(c.rmax));
-    if (c.rmax > (1 << 20) || fixed >= optin) return false;  // more units per block only hold more weights
-    const int64_t ktile = ktile_for(c.kmax, optin - fixed, c.kmax);
+    if (c.rmax > (1 << 20)) return false;
+    // All the epilogue tiles where they fit beside a k tile of 128 (or the whole k), else one.
+    int64_t et = epilogue_tiles(s), fixed = 0, ktile = 0;
+    for (;; et = 1) {
+      fixed = c.weights + spart_elems(static_cast<int>(c.rmax)) * et;
+      ktile = fixed < optin ? ktile_for(c.kmax, optin - fixed, c.kmax) : 0;
+      if (ktile >= (c.kmax < 128 ? c.kmax : 128) || et == 1) break;
+    }
+    if (fixed >= optin) return false;  // more units per block only hold more weights
     if (ktile < (c.kmax < 128 ? c.kmax : 128)) return false;
     const int64_t bytes = (fixed + kNB * ktile) * s.acc_bytes;
     int per_sm = 0;
@@ -120,6 +137,7 @@ bool try_persistent(const PlanShape& s, const DeviceInfo& d, int dev, const void
       out->units = static_cast<int>(c.units);
       out->states = static_cast<int>(c.states);
       out->ktile = static_cast<int>(ktile);
+      out->etiles = static_cast<int>(et);
       out->weight_elems = c.weights;
       out->smem_bytes = bytes;
       return true;
@@ -134,8 +152,12 @@ RnnPlan step_plan(const PlanShape& s, const DeviceInfo& d, int dev, const void* 
   const int64_t units = ceil_div(s.H, s.H < target ? s.H : target);
   const Slices c = slices_of(s, units);
   const int64_t optin = d.smem_optin / s.acc_bytes;
-  const int64_t fixed = spart_elems(static_cast<int>(c.rmax));
-  const int64_t ktile = ktile_for(c.kmax, optin - fixed, kStepKTile);
+  int64_t et = epilogue_tiles(s), fixed = 0, ktile = 0;
+  for (;; et = 1) {  // (as try_persistent: all the epilogue tiles where a k tile of 128 still fits)
+    fixed = spart_elems(static_cast<int>(c.rmax)) * et;
+    ktile = fixed < optin ? ktile_for(c.kmax, optin - fixed, kStepKTile) : 0;
+    if (ktile >= (c.kmax < 128 ? c.kmax : 128) || et == 1) break;
+  }
   if (ktile < 1)
     throw std::runtime_error("pyseqkern: rnn (CUDA): shared memory too small for the per-step kernel (" +
                              std::to_string(d.smem_optin) + " bytes per block)");
@@ -146,6 +168,7 @@ RnnPlan step_plan(const PlanShape& s, const DeviceInfo& d, int dev, const void* 
   p.units = static_cast<int>(c.units);
   p.states = static_cast<int>(c.states);
   p.ktile = static_cast<int>(ktile);
+  p.etiles = static_cast<int>(et);
   p.weight_elems = 0;
   p.smem_bytes = (fixed + kNB * ktile) * s.acc_bytes;
   return p;

@@ -74,6 +74,18 @@ SMALL_DEVICE_CASES = [
     case("rnn_tanh", 231, 2, 2, dtype="f64", path="persistent", dev=4),
 ]
 
+# Batches of several kNB-row tiles, whose products the forward's gate phase holds together for one
+# epilogue (plan.etiles): groups of up to 8 tiles and a last partial one (B=70: 9 tiles), packed batches
+# whose active rows shrink across groups, and a device too small to hold more than one tile's sums.
+BATCH_TILE_CASES = [
+    case("lstm", 9, 70, 3, path="persistent", dev=0),
+    case("gru_reset_after", 7, 70, 3, packed=True, rev=1, path="step", dev=0),
+    case("gru_reset_before", 5, 33, 2, bm=1, path="persistent", dev=4),
+    case("lstm_proj", 6, 20, 2, P=4, path="step", dev=4),
+    case("rnn_relu", 40, 20, 2, packed=True, path="step", dev=2),
+    case("rnn_tanh", 5, 17, 2, dtype="f16", path="persistent", dev=0),
+]
+
 # One block at a time runs ahead to its next grid barrier: a missing barrier or double buffer shows.
 # Persistent grids of 2 to 8 blocks, and a per-step run.
 SKEW_CASES = [line for v in VARIANTS for line in (
@@ -98,6 +110,7 @@ GROUPS = {
     **{f"variant-{v}": variant_cases(v) for v in VARIANTS},
     **{f"dtype-{d}": dtype_cases(d) for d in ("f64", "f16", "bf16")},
     "small-devices": SMALL_DEVICE_CASES,
+    "batch-tiles": BATCH_TILE_CASES,
     "skewed-schedule": SKEW_CASES,
     "cooperative-refused": DEMOTION_CASES,
 }
@@ -107,11 +120,12 @@ GROUPS = {
 class Result:
     passed: bool
     line: str
-    calls: dict  # "fwd"/"bwd" -> {"path", "blocks", "ktile", "kmax", "coop", "plain", "refused"}
+    calls: dict  # "fwd"/"bwd" -> {"path", "blocks", "ktile", "kmax", "etiles", "coop", "plain", "refused"}
     text: str
 
 
-STATS_RE = re.compile(r"(fwd|bwd)=(\w+) blocks=(\d+) ktile=(\d+)/(\d+) coop=(\d+) plain=(\d+) refused=(\d+)")
+STATS_RE = re.compile(r"(fwd|bwd)=(\w+) blocks=(\d+) ktile=(\d+)/(\d+) etiles=(\d+) coop=(\d+) plain=(\d+) "
+                      r"refused=(\d+)")
 
 
 def tiled(r: Result, call: str, path: str) -> bool:
@@ -131,6 +145,15 @@ COVERAGE = {
         (lambda r: tiled(r, "bwd", "step"), "a per-step backward with k tiles"),
         (lambda r: tiled(r, "fwd", "persistent"), "a persistent forward with k tiles"),
         (lambda r: tiled(r, "bwd", "persistent"), "a persistent backward with k tiles"),
+    ],
+    "batch-tiles": [
+        (lambda r: r.calls.get("fwd", {}).get("etiles") == 8 and "B=70" in r.line, "8 tiles a group, then more"),
+        (lambda r: r.calls.get("fwd", {}).get("path") == "persistent" and r.calls["fwd"]["etiles"] > 1,
+         "a persistent forward holding several tiles"),
+        (lambda r: r.calls.get("fwd", {}).get("path") == "step" and r.calls["fwd"]["etiles"] > 1,
+         "a per-step forward holding several tiles"),
+        (lambda r: r.calls.get("fwd", {}).get("etiles") == 1 and "B=20" in r.line and "dev=2" in r.line,
+         "one tile at a time where the sums of more do not fit"),
     ],
     "skewed-schedule": [
         (lambda r: r.calls.get("bwd", {}).get("path") == "persistent" and r.calls["bwd"]["blocks"] > 1,
@@ -156,7 +179,7 @@ def run_group(driver, lines: list[str], timeout: int = 300) -> list[Result]:
         m = re.match(r"(PASS|FAIL) (.*)", out)
         if m:
             line = m.group(2).split(" :: ")[0]
-            calls = {c[0]: {"path": c[1], **dict(zip(("blocks", "ktile", "kmax", "coop", "plain", "refused"),
+            calls = {c[0]: {"path": c[1], **dict(zip(("blocks", "ktile", "kmax", "etiles", "coop", "plain", "refused"),
                                                      map(int, c[2:])))} for c in STATS_RE.findall(out)}
             cur = Result(m.group(1) == "PASS", line, calls, out)
             results.append(cur)

@@ -1,7 +1,8 @@
 // Runs the CUDA recurrent kernels (compiled as host code, emulated blocks and warps: emu_rt.cpp) against a
 // double reference of the rnn.h semantics (forward, reserve, backward), with NaN-poisoned buffers and guard
 // zones. Reads one case a line from stdin (key=value words, see parse_case) and answers one line a case:
-//   PASS|FAIL <the case line> :: fwd=<path that ran> blocks=.. ktile=../<kmax> coop=.. plain=.. refused=.. :: bwd=...
+//   PASS|FAIL <the case line> :: fwd=<path that ran> blocks=.. ktile=../<kmax> etiles=.. coop=.. plain=..
+//   refused=.. :: bwd=...
 // followed by indented detail lines for a failure. Exit status 1 when a case failed.
 #include "shim/cuda_runtime.h"
 #include "shim/cuda_fp16.h"
@@ -107,8 +108,9 @@ struct Checker {
 std::string launch_summary(const char* which, RnnCudaPath ran, int64_t kmax) {
   const PskEmuStats s = psk_emu_stats();
   char m[200];
-  snprintf(m, sizeof m, "%s=%s blocks=%d ktile=%d/%ld coop=%d plain=%d refused=%d", which, rnn_cuda_path_name(ran),
-           s.plan.blocks, s.plan.ktile, long(kmax), s.coop_launches, s.plain_launches, s.refused);
+  snprintf(m, sizeof m, "%s=%s blocks=%d ktile=%d/%ld etiles=%d coop=%d plain=%d refused=%d", which,
+           rnn_cuda_path_name(ran), s.plan.blocks, s.plan.ktile, long(kmax), s.plan.etiles, s.coop_launches,
+           s.plain_launches, s.refused);
   return m;
 }
 

@@ -67,7 +67,7 @@ template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask
 struct PskEmuPlanNote {
   bool seen;
   bool persistent;
-  int blocks, ktile;
+  int blocks, ktile, etiles;
 };
 void psk_emu_note_plan(const PskEmuPlanNote& n);
 void psk_emu_register(const void* fn, std::function<void(void**)> thunk);
@@ -77,7 +77,7 @@ template <typename X, typename = void> struct psk_has_plan : std::false_type {};
 template <typename X> struct psk_has_plan<X, std::void_t<decltype(std::declval<X>().plan.ktile)>> : std::true_type {};
 template <typename X> void psk_note_arg(const X& x) {
   if constexpr (psk_has_plan<X>::value)
-    psk_emu_note_plan(PskEmuPlanNote{true, x.plan.persistent, x.plan.blocks, x.plan.ktile});
+    psk_emu_note_plan(PskEmuPlanNote{true, x.plan.persistent, x.plan.blocks, x.plan.ktile, x.plan.etiles});
 }
 template <typename... P, size_t... I>
 void psk_emu_invoke(void (*fn)(P...), void** args, std::index_sequence<I...>) {
