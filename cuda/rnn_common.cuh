@@ -151,6 +151,45 @@ __device__ __forceinline__ A warp_reduce_scatter32(A (&v)[32], int lane) {
   return v[0];
 }
 
+// 16-byte vectors of A for staging: four floats or two doubles.
+template <typename A> struct Vec16;
+template <> struct Vec16<float> {
+  using type = float4;
+  static constexpr int n = 4;
+  __device__ static void store(float* d, const float4& v) { d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w; }
+};
+template <> struct Vec16<double> {
+  using type = double2;
+  static constexpr int n = 2;
+  __device__ static void store(double* d, const double2& v) { d[0] = v.x; d[1] = v.y; }
+};
+
+// sX[b][k] = X[b0 + b][k0 + k] for b < nbt, k < kt, read with ld.global.cg (block_gemv's note). In
+// 16-byte loads where X's rows, k0 and kt allow, so that a thread's few loads are all in flight at
+// once: the staging is a chain of L2 round trips, not bandwidth (8 x 512 floats: 16 scalar loads a
+// thread, or 4 vectors). Stores to shared memory stay scalar (sX need not be 16-byte aligned).
+template <typename A>
+__device__ __forceinline__ void stage_rows(A* sX, int ktile, const A* X, int64_t ldx, int64_t b0, int nbt,
+                                           int64_t k0, int kt) {
+  using V = Vec16<A>;
+  const int tid = threadIdx.x;
+  const A* base = X + b0 * ldx + k0;
+  if ((reinterpret_cast<uintptr_t>(base) & 15) == 0 && ldx % V::n == 0 && kt % V::n == 0) {
+    const int kv = kt / V::n;
+#pragma unroll 4
+    for (int idx = tid; idx < nbt * kv; idx += kThreads) {
+      const int b = idx / kv, k = (idx - b * kv) * V::n;
+      V::store(sX + b * ktile + k, __ldcg(reinterpret_cast<const typename V::type*>(base + b * ldx + k)));
+    }
+    return;
+  }
+#pragma unroll 4
+  for (int idx = tid; idx < nbt * kt; idx += kThreads) {
+    const int b = idx / kt, k = idx - b * kt;
+    sX[b * ktile + k] = __ldcg(base + b * ldx + k);
+  }
+}
+
 // spart[(kc * kNB + b) * pad_rows(R) + r] = sum over the k of chunk kc of W_r[k] * X[b0 + b][k], for
 // r < R and b < nbt (<= kNB), accumulated over k tiles in a fixed order. W_r = row_of(r): a pointer to
 // element 0 of weight row r (shared or global memory), or null for a zero row. X: rows of an A buffer
@@ -164,10 +203,7 @@ __device__ __forceinline__ void block_gemv(const RowOf& row_of, int R, int64_t K
   const int Rp = pad_rows(R), RG = Rp / kRT, KC = k_chunks(R);
   for (int64_t k0 = 0; k0 < K; k0 += ktile) {
     const int kt = static_cast<int>(K - k0 < ktile ? K - k0 : ktile);
-    for (int idx = tid; idx < (skip & kSkipStage ? 0 : nbt * kt); idx += kThreads) {
-      const int b = idx / kt, k = idx - b * kt;
-      sX[b * ktile + k] = __ldcg(X + (b0 + b) * ldx + k0 + k);
-    }
+    if (!(skip & kSkipStage)) stage_rows(sX, ktile, X, ldx, b0, nbt, k0, kt);
     __syncthreads();
     if (skip & kSkipProduct) continue;  // (spart keeps what it held: timing only)
     const int chunk = ((kt + KC - 1) / KC + 31) / 32 * 32;

@@ -43,13 +43,17 @@ template <> double tol<double>() { return 1e-11; }
 template <> double tol<__half>() { return 4e-3; }
 template <> double tol<__nv_bfloat16>() { return 3e-2; }
 
-// guarded buffer: 0xff bytes (NaN for every float type) around and inside until written
+// guarded buffer: 0xff bytes (NaN for every float type) around and inside until written. The guard of 257
+// elements leaves the data off 16-byte alignment (any alignment an op may be handed); `aligned` makes it
+// 256 (16-byte aligned, as the workspaces torch allocates on a GPU are, where the kernels' staging loads
+// 16-byte vectors).
 template <typename E> struct Buf {
-  static constexpr size_t kGuard = 257;
+  size_t kGuard = 257;
   std::vector<E> v;
   size_t n = 0;
-  void alloc(size_t count) {
+  void alloc(size_t count, bool aligned = false) {
     n = count;
+    kGuard = aligned ? 256 : 257;
     v.assign(count + 2 * kGuard, E{});
     std::memset(static_cast<void*>(v.data()), 0xff, v.size() * sizeof(E));
   }
@@ -223,7 +227,7 @@ bool run_case(const Case& c, const std::string& label) {
   hn.alloc(B * K);
   if (lstm) cn.alloc(B * H);
   res.alloc(N * sz.reserve_cols);
-  ws.alloc(sz.workspace_numel);
+  ws.alloc(sz.workspace_numel, true);
   RnnFwdParams fp{};
   fp.shape = shape;
   fp.dtype = dt<T>();
@@ -363,7 +367,7 @@ bool run_case(const Case& c, const std::string& label) {
   if (P) dproj.alloc(N * P);
   dh0.alloc(B * K);
   if (lstm) dc0.alloc(B * H);
-  ws2.alloc(sz.workspace_numel);
+  ws2.alloc(sz.workspace_numel, true);
   RnnBwdParams bp{};
   bp.shape = shape;
   bp.dtype = dt<T>();

@@ -23,6 +23,9 @@ struct dim3 {
   constexpr dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
 extern dim3 threadIdx, blockIdx, blockDim, gridDim;
+// CUDA's 16-byte vector types (vector_types.h), as the kernels' staging loads them.
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
 extern unsigned char* psk_cur_smem;  // the running block's dynamic shared memory (build.py's edit)
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorCooperativeLaunchTooLarge = 720,
