@@ -165,9 +165,19 @@ struct FwdBlock {
     // epilogue over the group's rows with every thread (block_gemv ends with a barrier, and the next
     // group's first block_gemv writes slots only after its staging barrier, which every thread reaches
     // once its epilogue is done).
+    // Each thread's first element's x_gates are loaded before the products (the epilogue's loads were a
+    // round trip to memory after them, in every step's critical path); further elements load in place.
+    constexpr int NX = V == Variant::Lstm ? 4 : (V == Variant::GruAfter ? 3 : (V == Variant::GruBefore ? 2 : 1));
     const int64_t group = int64_t(kNB) * a.plan.etiles, slots = spart_elems(R);
     for (int64_t g0 = 0; g0 < nb; g0 += group) {
       const int64_t gn = nb - g0 < group ? nb - g0 : group;
+      T xfirst[NX];
+      if (!(a.skip & kSkipEpilogue) && threadIdx.x < gn * nu) {
+        const int bg = threadIdx.x / nu, jj = threadIdx.x - bg * nu;
+        const T* gx = xg + seq_row(a.q, s, g0 + bg) * a.ld_gates + j0 + jj;
+#pragma unroll
+        for (int g = 0; g < NX; ++g) xfirst[g] = gx[g * H];
+      }
       for (int64_t t0 = 0; t0 < gn; t0 += kNB) {
         const int nbt = static_cast<int>(gn - t0 < kNB ? gn - t0 : kNB);
         block_gemv<A>(row_of, R, K, hcur, K, g0 + t0, nbt, ktile, sX, spart + (t0 / kNB) * slots, a.skip);
@@ -181,11 +191,13 @@ struct FwdBlock {
         A* rr = res ? res + row * rc : nullptr;
         const A* tile_part = spart + (bg / kNB) * slots;
         auto pre = [&](int g) { return gemv_result(tile_part, R, g * UB + jj, bt); };
+        const bool first = i == static_cast<int>(threadIdx.x);
+        auto xin = [&](int g) { return first ? A(to_acc(xfirst[g])) : xval(gx + g * H); };
         if (V == Variant::Lstm) {
-          const A ig = act_sigmoid(pre(0) + xval(gx));
-          const A fg = act_sigmoid(pre(1) + xval(gx + H));
-          const A gg = act_tanh(pre(2) + xval(gx + 2 * H));
-          const A og = act_sigmoid(pre(3) + xval(gx + 3 * H));
+          const A ig = act_sigmoid(pre(0) + xin(0));
+          const A fg = act_sigmoid(pre(1) + xin(1));
+          const A gg = act_tanh(pre(2) + xin(2));
+          const A og = act_sigmoid(pre(3) + xin(3));
           A* cp = cst + b * H + j;
           const A c = fg * *cp + ig * gg;
           *cp = c;
@@ -209,10 +221,10 @@ struct FwdBlock {
           }
         } else if (V == Variant::GruAfter) {
           const A hprev = __ldcg(hcur + b * K + j);
-          const A rg = act_sigmoid(pre(0) + xval(gx));
-          const A zg = act_sigmoid(pre(1) + xval(gx + H));
+          const A rg = act_sigmoid(pre(0) + xin(0));
+          const A zg = act_sigmoid(pre(1) + xin(1));
           const A hng = pre(2) + (a.b_hn ? xval(static_cast<const T*>(a.b_hn) + j) : A(0));
-          const A ng = act_tanh(xval(gx + 2 * H) + rg * hng);
+          const A ng = act_tanh(xin(2) + rg * hng);
           const A h = (A(1) - zg) * ng + zg * hprev;
           hnext[b * K + j] = h;
           y[row * a.ld_y + j] = from_acc<T>(h);
@@ -226,8 +238,8 @@ struct FwdBlock {
           }
         } else if (V == Variant::GruBefore) {
           const A hprev = __ldcg(hcur + b * K + j);
-          const A rg = act_sigmoid(pre(0) + xval(gx));
-          const A zg = act_sigmoid(pre(1) + xval(gx + H));
+          const A rg = act_sigmoid(pre(0) + xin(0));
+          const A zg = act_sigmoid(pre(1) + xin(1));
           const A rhv = rg * hprev;
           rh[b * H + j] = rhv;
           z[b * H + j] = zg;
@@ -239,7 +251,7 @@ struct FwdBlock {
           }
         } else {
           const A hprev = __ldcg(hcur + b * K + j);
-          const A pv = pre(0) + xval(gx);
+          const A pv = pre(0) + xin(0);
           const A h = a.relu ? act_relu(pv) : act_tanh(pv);
           hnext[b * K + j] = h;
           y[row * a.ld_y + j] = from_acc<T>(h);
