@@ -228,6 +228,17 @@ RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
   return RnnShape{static_cast<RnnMode>(mode), reset_after, hidden, proj};
 }
 
+// The CPU kernels' storage dtypes: float32, float64, bfloat16. Their tables dispatch float64 and bfloat16
+// and take everything else as float32, so a float16 or integer tensor reached them as one: torch.ops.
+// pyseqkern.rnn_forward on float16 CPU x_gates wrote 4-byte values into 2-byte rows and corrupted the heap
+// (found in stop 32). Every CPU entry checks here; `arg` names the tensor whose dtype the call takes.
+void require_cpu_dtype(DType dtype, const char* op, const char* arg) {
+  if (dtype != DType::Float32 && dtype != DType::Float64 && dtype != DType::BFloat16)
+    throw py::type_error(std::string("pyseqkern: ") + op + ": '" + arg + "' must be float32, float64 or bfloat16 " +
+                         "on the CPU (float16 runs on CUDA, or through float32: pyseqkern.rnn_layer), got " +
+                         dtype_name(dtype));
+}
+
 // The CUDA kernels have their own packed layout and workspace (cuda/rnn_cuda.h); the reserve is shared.
 // `kern`: the CPU table the caller runs with (each entry reads the level once: sizes and kernels of
 // one call must come from the same level).
@@ -338,6 +349,7 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
     throw_no_cuda("rnn_pack");
 #endif
   }
+  require_cpu_dtype(p.dtype, "rnn_pack", "w_hh");
   py::gil_scoped_release nogil;
   kern.pack(p);
 }
@@ -350,6 +362,7 @@ bool rnn_pack_current_entry(int mode, bool reset_after, int64_t hidden, int64_t 
   if (w.device != DeviceKind::Cpu || packed.device != DeviceKind::Cpu)
     throw py::value_error("pyseqkern: rnn_pack_current: CPU tensors only");
   const RnnCpuKernels& kern = rnn_cpu_kernels();
+  require_cpu_dtype(w.dtype, "rnn_pack_current", "w_hh");
   RnnPackParams p = pack_params(mode, reset_after, hidden, proj, w_hh_c, w_hr_c, w, packed, kern, "rnn_pack_current");
   if (proj > 0 && view_of(w_hr_c, "w_hr").device != DeviceKind::Cpu)
     throw py::value_error("pyseqkern: rnn_pack_current: CPU tensors only");
@@ -371,6 +384,7 @@ void rnn_pack_input_entry(int mode, bool reset_after, int64_t hidden, py::handle
   if (w.device != DeviceKind::Cpu || out.device != DeviceKind::Cpu)
     throw py::value_error("pyseqkern: rnn_pack_input: CPU tensors only");
   p.dtype = w.dtype;
+  require_cpu_dtype(p.dtype, "rnn_pack_input", "w_ih");
   p.w_ih = w.data;
   p.ld_w_ih = row_stride(w, "w_ih");
   p.input = w.sizes[1];
@@ -603,6 +617,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     throw_no_cuda("rnn_forward");
 #endif
   }
+  require_cpu_dtype(p.dtype, "rnn_forward", p.x != nullptr ? "x" : "x_gates");
   py::gil_scoped_release nogil;
   kern.forward(p);
   return "cpu";
@@ -687,6 +702,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
     throw_no_cuda("rnn_backward");
 #endif
   }
+  require_cpu_dtype(p.dtype, "rnn_backward", "d_gates_x (the dtype of dy, dh_n, dc_n)");
   py::gil_scoped_release nogil;
   kern.backward(p);
   return "cpu";
@@ -708,6 +724,7 @@ class RnnCellStep {
     RnnFwdParams& p = base_;
     p.shape = rnn_shape(mode, reset_after, hidden, 0);
     p.dtype = rnn_dtype(dtype);
+    require_cpu_dtype(p.dtype, "RnnCellStep", "dtype");
     p.input = input;
     const int64_t panel_numel = input > 0 ? kernels_.input_panel_numel(p.shape, input, p.dtype) : 0;
     if (panel_numel == 0)
@@ -829,6 +846,7 @@ void rnn_direct_step(int mode, bool reset_after, int64_t hidden, int dtype, int6
   RnnDirectParams p{};
   p.shape = RnnShape{static_cast<RnnMode>(mode), reset_after, hidden, 0};
   p.dtype = static_cast<DType>(dtype);
+  require_cpu_dtype(p.dtype, "rnn_direct_step", "dtype");
   p.batch = batch;
   p.input = input;
   p.x = at<const void>(x);

@@ -1649,6 +1649,27 @@ def test_raw_ops_refuse_what_the_kernels_would_index_out_of_bounds(change, match
                                              False, False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int32, torch.uint8])
+@pytest.mark.parametrize("op", ["rnn_pack", "rnn_forward", "rnn_backward"])
+def test_raw_ops_refuse_dtypes_the_cpu_kernels_do_not_have(op, dtype):
+    """The CPU kernels store float32, float64 or bfloat16 and took anything else as float32: rnn_forward on
+    float16 CPU x_gates wrote 4-byte values into 2-byte rows and corrupted the heap (a crash of the
+    interpreter, found in stop 32). Each CPU entry refuses other dtypes with a TypeError naming the tensor
+    (integer dtypes already stop earlier, where the op sizes its buffers by dtype: a ValueError)."""
+    H, T_, B_, packed, xg, reserve = _raw_ops_case()
+    error, match = ((TypeError, r"must be float32, float64 or bfloat16 on the CPU") if dtype == torch.float16 else
+                    (ValueError, r"'dtype' must be float32, float64, float16 or bfloat16, got '(int32|uint8)'"))
+    with pytest.raises(error, match=match):
+        if op == "rnn_pack":
+            torch.ops.pyseqkern.rnn_pack(0, True, H, 0, torch.ones(4 * H, H).to(dtype), None)
+        elif op == "rnn_forward":
+            torch.ops.pyseqkern.rnn_forward(0, True, H, 0, T_, B_, xg.to(dtype), None, None, None, packed, None,
+                                            None, None, B_, 1, False, False)
+        else:
+            torch.ops.pyseqkern.rnn_backward(0, True, H, 0, T_, B_, torch.ones(T_ * B_, H).to(dtype), None, None,
+                                             None, reserve, packed, None, None, None, B_, 1, False, False)
+
+
 def test_sizes_memo_stays_bounded(monkeypatch):
     """ops._sizes memoizes the kernels' sizes per (shape, batch, dtype, level): a server seeing every batch
     size must not grow it for good, and an entry made after a clear is the same as before."""
