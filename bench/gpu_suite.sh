@@ -59,6 +59,14 @@ python3 -m pyseqkern.info | tee -a "$OUT/summary.txt"
 python3 -c "import pyseqkern, sys; c = pyseqkern.backend_info()['cuda']; sys.exit(0 if c['usable'] else 'CUDA not usable: ' + str(c['reason']))" \
   || { echo "CUDA not usable" | tee -a "$OUT/summary.txt"; exit 1; }
 
+# pytest-xdist and pytest-timeout are in the GPU image (device/KINDS.md): the tests spread over processes
+# (GPU_SUITE_XDIST, default 4; 0 for none), and a test that hangs (a grid barrier a block never reaches)
+# fails alone after GPU_SUITE_TEST_TIMEOUT_S (default 180) instead of eating the budget.
+par=()
+if [ "${GPU_SUITE_XDIST:-4}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then par+=(-n "${GPU_SUITE_XDIST:-4}"); fi
+if python3 -c "import pytest_timeout" 2>/dev/null; then par+=(--timeout "${GPU_SUITE_TEST_TIMEOUT_S:-180}"); fi
+echo "pytest options: ${par[*]:-none}" | tee -a "$OUT/summary.txt"
+
 # 1. Every CUDA test: what no machine without a GPU can check.
 if afford "CUDA tests" 60; then
   step "tests (CUDA-marked)"
@@ -66,7 +74,7 @@ if afford "CUDA tests" 60; then
   # other 1100 cases. Short tracebacks keep a log of hundreds of failures readable.)
   # shellcheck disable=SC2086
   timeout "$(cap 330)" python3 -m pytest ${GPU_SUITE_TESTS:-tests} -q -p no:cacheprovider -rfEs --tb=short -m cuda \
-    2>&1 | tee "$OUT/tests-cuda.log" | tail -25
+    ${par[@]+"${par[@]}"} 2>&1 | tee "$OUT/tests-cuda.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   grep -E "^(FAILED|ERROR) " "$OUT/tests-cuda.log" | cut -c1-400 >> "$OUT/summary.txt"
   if grep -q "needs a usable CUDA device" "$OUT/tests-cuda.log"; then
@@ -135,7 +143,8 @@ fi
 # 5. The CPU tests (CI runs them on every change; here for a machine with many cores and another CPU).
 if afford "CPU tests" 120; then
   step "tests (CPU)"
-  timeout "$(cap 400)" python3 -m pytest tests -q -p no:cacheprovider -m "not cuda" --maxfail=25 2>&1 | tee "$OUT/tests-cpu.log" | tail -5
+  timeout "$(cap 400)" python3 -m pytest tests -q -p no:cacheprovider -m "not cuda" --maxfail=25 \
+    ${par[@]+"${par[@]}"} 2>&1 | tee "$OUT/tests-cpu.log" | tail -5
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   tail -1 "$OUT/tests-cpu.log" >> "$OUT/summary.txt"
 fi
