@@ -64,7 +64,11 @@ python3 -c "import pyseqkern, sys; c = pyseqkern.backend_info()['cuda']; sys.exi
 # fails alone after GPU_SUITE_TEST_TIMEOUT_S (default 180) instead of eating the budget.
 par=()
 if [ "${GPU_SUITE_XDIST:-4}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then par+=(-n "${GPU_SUITE_XDIST:-4}"); fi
-if python3 -c "import pytest_timeout" 2>/dev/null; then par+=(--timeout "${GPU_SUITE_TEST_TIMEOUT_S:-180}"); fi
+# (method thread: a hung kernel keeps the main thread in C++, where no SIGALRM handler runs; the thread
+# method ends the worker, which xdist reports as crashed in that test and replaces)
+if python3 -c "import pytest_timeout" 2>/dev/null; then
+  par+=(--timeout "${GPU_SUITE_TEST_TIMEOUT_S:-180}" --timeout-method=thread)
+fi
 echo "pytest options: ${par[*]:-none}" | tee -a "$OUT/summary.txt"
 
 # 1. Every CUDA test: what no machine without a GPU can check.

@@ -4,6 +4,8 @@ gradient, for every mode and option; bfloat16 (and float16 on CUDA) by the 2x-to
 with poisoned outputs; determinism, gradcheck, opcheck, torch.compile, weight-cache invalidation, bad
 inputs; on CUDA also CUDA-graph capture, side streams and larger shapes (several blocks, batch and k
 tiles). CUDA cases skip cleanly without a usable GPU."""
+import warnings
+
 import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -1347,19 +1349,44 @@ def test_cuda_cell_steps_take_the_thin_route_with_the_op_routes_bits(monkeypatch
     monkeypatch.setattr(ops.rnn_cuda, "_forward_cuda", impl)
     one = None if state is None else tuple(t[0] for t in state) if kind == "lstm" else h[0]
     leaves = torch.utils._pytree.tree_leaves
+    taken = []
+    real_cuda_cell = ops._cuda_cell
+    monkeypatch.setattr(ops, "_cuda_cell", lambda *a: taken.append(real_cuda_cell(*a)) or taken[-1])
     with torch.no_grad():
         want, want_one = cell(x, state), cell(x[0], one)
         monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: True)
         got = cell(x, state)
-        assert calls == [1]  # (the op route before it runs the CPU op)
+        assert calls == [1] and len(taken) == 1 and taken[0] is not None  # (the op route runs the CPU op)
         got_one = cell(x[0], one)  # (unbatched: the general route, rnn_layer's CUDA inference route)
         for a, b in zip(leaves((got, got_one)), leaves((want, want_one)), strict=True):
             assert_bitwise_equal(a, b, "state")
         bad = (h[:, :5], h) if kind == "lstm" else h[:, :5]
         with pytest.raises(RuntimeError, match="hidden_size"):
             cell(x, bad)
+        # A build without CUDA kernels (use_reference): declined, so the general route runs the reference.
+        monkeypatch.setattr(ops._backend, "use_reference", lambda op, device, *a: True)
+        taken.clear()
+        ref_out = cell(x, state)
+        assert taken and not any(taken) and calls == [1, 1]  # (declined; the reference runs no kernel)
+        for a, b in zip(leaves(ref_out), leaves(want), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(ops._backend, "use_reference", lambda op, device, *a: False)
     got = cell(x, state)  # (records a gradient: not the inference route)
     assert got[0].requires_grad if kind == "lstm" else got.requires_grad
+
+
+def test_the_timing_only_skip_mask_warns_when_set(monkeypatch):
+    """PYSEQKERN_CUDA_RNN_SKIP (bench/gpu_phases.py) leaves parts of the CUDA forward out, wrong outputs
+    by design; left set in a shell it would corrupt every CUDA forward silently, so each call warns."""
+    monkeypatch.delenv(rnn_cuda.SKIP_ENV, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnn_cuda._warn_if_skipping()
+        monkeypatch.setenv(rnn_cuda.SKIP_ENV, "0")
+        rnn_cuda._warn_if_skipping()
+    monkeypatch.setenv(rnn_cuda.SKIP_ENV, "4")
+    with pytest.warns(RuntimeWarning, match="PYSEQKERN_CUDA_RNN_SKIP=4 is set: .* outputs are wrong"):
+        rnn_cuda._warn_if_skipping()
 
 
 def test_packed_device_lengths_of_a_traced_batch_are_only_moved(monkeypatch):

@@ -735,11 +735,11 @@ _DEVICE_SEQ_MAX = 64
 
 def _device_seq(bs, time_offsets, lengths, device):
     """bs, time_offsets, lengths: plain CPU tensors (_Seq unwraps functorch's wrappers first: a wrapper
-    has no storage for tolist(), and the kernels cannot read one). Fake or traced ones (opcheck's
-    aot_dispatch_dynamic, make_fx: a dispatch mode is on) are only moved: their tolist() gives SymInts,
-    which no dict key takes ("unhashable type: non-nested SymInt", the first GPU run, stop 31)."""
-    if (torch.compiler.is_compiling() or type(bs) is not torch.Tensor
-            or (_dispatch_stack_len is not None and _dispatch_stack_len() != 0)):
+    has no storage for tolist(), and the kernels cannot read one). Fake ones (opcheck's
+    aot_dispatch_dynamic, make_fx's symbolic tracing) are only moved: their tolist() gives SymInts,
+    which no dict key takes ("unhashable type: non-nested SymInt", the first GPU run, stop 31). (Real
+    tensors under a dispatch mode keep the cache: a capture under FlopCounterMode needs its copy.)"""
+    if torch.compiler.is_compiling() or type(bs) is not torch.Tensor:
         return time_offsets.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
     sizes = tuple(bs.tolist())
     if torch.cuda.is_current_stream_capturing():
@@ -1345,8 +1345,8 @@ def _cuda_cell(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
     is the step's whole time on a GPU at small sizes (CPU stand-in, LSTMCell H=8). Returns (h_n,) or
     (h_n, c_n)."""
     dtype, dev = x.dtype, x.device
-    if x.dim() != 2 or dtype not in _CUDA_CELL_DTYPES or _backend._REFERENCE_FORCED:
-        return None
+    if x.dim() != 2 or dtype not in _CUDA_CELL_DTYPES or mode not in GATES or _backend.use_reference("rnn_layer", dev):
+        return None  # (a build without CUDA kernels: the general route runs the reference, and says so)
     B, I = x.shape
     G = GATES[mode]
     if B == 0 or any(type(t) not in _PLAIN_TYPES for t in (w_ih, w_hh, b_ih, b_hh) if t is not None):

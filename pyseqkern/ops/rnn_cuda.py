@@ -15,6 +15,7 @@ in pyseqkern.backend_info()["cuda"]["rnn_paths"].
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -91,8 +92,21 @@ def _pack_cuda(mode, reset_after, hidden, proj, w_hh, w_hr):
     return out
 
 
+SKIP_ENV = "PYSEQKERN_CUDA_RNN_SKIP"  # timing only (cuda/rnn_common.cuh SkipBits, bench/gpu_phases.py)
+
+
+def _warn_if_skipping():
+    """The kernel reads SKIP_ENV at every forward launch; left set (an exported shell variable after a
+    bench session), every CUDA forward would be wrong without a word."""
+    value = os.environ.get(SKIP_ENV)
+    if value and value.strip() not in ("0", ""):
+        warnings.warn(f"{SKIP_ENV}={value} is set: the CUDA recurrent forward leaves parts of its kernel out and "
+                      "its outputs are wrong (timing only, bench/gpu_phases.py); unset it", RuntimeWarning)
+
+
 def _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
+    _warn_if_skipping()
     if x_bias is not None:  # (the CUDA kernels read the bias inside x_gates; the layers pass none here)
         x_gates = x_gates + x_bias
     K = proj if proj > 0 else hidden

@@ -246,6 +246,10 @@ void psk_emu_set_skew(bool skew) { g_skew = skew; }
 void psk_emu_reset_stats() { g_stats = PskEmuStats{}; }
 PskEmuStats psk_emu_stats() { return g_stats; }
 void psk_emu_note_plan(const PskEmuPlanNote& n) { g_stats.plan = n; }
+void psk_misaligned(const void* p, size_t bytes) {
+  std::fprintf(stderr, "emulated device fault: a %zu-byte load from %p, not %zu-byte aligned\n", bytes, p, bytes);
+  std::abort();
+}
 void psk_emu_register(const void* fn, std::function<void(void**)> thunk) { g_registry[fn] = std::move(thunk); }
 
 const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaErrorEmu"; }

@@ -59,6 +59,16 @@ void psk_shfl_exchange(void* slot_value, size_t bytes, int lane_mask, unsigned m
 inline void __syncthreads() { psk_syncthreads(); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
+// 16-byte loads fault on a GPU unless 16-byte aligned; x86 would not notice, so the emulator stops here.
+void psk_misaligned(const void* p, size_t bytes);
+inline float4 __ldcg(const float4* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) psk_misaligned(p, 16);
+  return *p;
+}
+inline double2 __ldcg(const double2* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) psk_misaligned(p, 16);
+  return *p;
+}
 template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   psk_shfl_exchange(&v, sizeof(T), lane_mask, mask);
   return v;
