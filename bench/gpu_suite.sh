@@ -67,7 +67,7 @@ if [ "${GPU_SUITE_XDIST:-4}" != 0 ] && python3 -c "import xdist" 2>/dev/null; th
 # (method thread: a hung kernel keeps the main thread in C++, where no SIGALRM handler runs; the thread
 # method ends the worker, which xdist reports as crashed in that test and replaces)
 if python3 -c "import pytest_timeout" 2>/dev/null; then
-  par+=(--timeout "${GPU_SUITE_TEST_TIMEOUT_S:-180}" --timeout-method=thread)
+  par+=(--timeout "${GPU_SUITE_TEST_TIMEOUT_S:-180}" -o timeout_method=thread)  # (the ini form: every version)
 fi
 echo "pytest options: ${par[*]:-none}" | tee -a "$OUT/summary.txt"
 
