@@ -437,6 +437,13 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
          __builtin_add_overflow(last, int64_t(1), &last)))
       throw py::value_error("pyseqkern: rnn: 'row_stride_t' and 'row_stride_b' reach past any tensor (overflow)");
     *rows = steps > 0 && batch > 0 ? last : 0;
+    // Every row up to the last a step reaches is some (step, sequence)'s, time-major or batch-major:
+    // rows no step writes came back uninitialised in y and d_gates_x (a fuzzer, stop 32).
+    const bool time_major = (batch == 1 || row_stride_b == 1) && (steps == 1 || row_stride_t == batch);
+    const bool batch_major = (steps == 1 || row_stride_t == 1) && (batch == 1 || row_stride_b == steps);
+    if (steps > 0 && batch > 0 && !time_major && !batch_major)
+      throw py::value_error("pyseqkern: rnn: 'row_stride_t' and 'row_stride_b' must lay the steps' rows out "
+                            "densely: (batch, 1) time-major or (1, steps) batch-major");
     return q;
   }
   auto index = [](py::handle h, const char* arg, int64_t n) {
@@ -581,6 +588,12 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     check_rows(rows_of, "x", rows, p.input, p.dtype);
   else
     check_rows(rows_of, "x_gates", rows, G * H, p.dtype);
+  // Padded: y has exactly the rows the steps write (the op sizes y by x_gates; more rows came back
+  // uninitialised, a fuzzer, stop 32).
+  if (batch_sizes.is_none() && view_of(y, "y").sizes[0] != rows)
+    throw py::value_error("pyseqkern: rnn_forward: '" + std::string(p.x != nullptr ? "x" : "x_gates") +
+                          "' and 'y' must have exactly the " + std::to_string(rows) +
+                          " rows that 'steps', 'batch' and the row strides reach");
   const RnnSizes sz = rnn_sizes_of(p.shape, batch, p.dtype, rows_of.device != DeviceKind::Cpu, kern);
   const DType acc = p.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
   p.b_hn = dense_of(b_hn, "b_hn", p.dtype, H);
@@ -662,7 +675,8 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   p.d_gates_xt = transposed(d_gates_xt, "d_gates_xt", gate_rows);
   p.d_gates_ht = transposed(d_gates_ht, "d_gates_ht", gate_rows);
   p.h_prev_t = transposed(h_prev_t, "h_prev_t", p.shape.state());
-  if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h && !p.d_gates_ht)
+  // (no rows, as at batch 0: nothing is written, and a zero-row buffer arrives as None)
+  if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h && !p.d_gates_ht && rows > 0)
     throw py::value_error("pyseqkern: rnn_backward: GRU with reset_after needs 'd_gates_h' or 'd_gates_ht'");
   TensorView dyv;
   p.dy = opt_data(dy, "dy", &dyv);
@@ -672,6 +686,11 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   p.dc_n = dense_of(dc_n, "dc_n", p.dtype, batch * H);
   p.c0 = dense_of(c0, "c0", p.dtype, batch * H);
   p.reserve = dense_of(reserve, "reserve", acc, rows * sz.reserve_cols, false);
+  // The op sizes d_gates_x by the reserve's rows: exactly the sequence's, or rows past it came back
+  // uninitialised (a fuzzer, stop 32).
+  if (const TensorView rv = view_of(reserve, "reserve"); rv.ndim != 2 || rv.sizes[0] != rows || gx.sizes[0] != rows)
+    throw py::value_error("pyseqkern: rnn_backward: 'reserve' (and 'd_gates_x') must have exactly the " +
+                          std::to_string(rows) + " rows of the sequence, as rnn_forward made it");
   p.packed = dense_of(packed, "packed", acc, sz.packed_numel, false);
   TensorView dp;
   p.d_proj = const_cast<void*>(opt_data(d_proj, "d_proj", &dp));

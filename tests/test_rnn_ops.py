@@ -1628,6 +1628,10 @@ def _raw_ops_case():
     ("stride_overflow", r"reach past any tensor \(overflow\)"),
     ("forward_zero_steps", "'steps' must be >= 1 where 'batch' > 0"),
     ("batch_sizes_short", "'batch_sizes' must start at 'batch'"),
+    # Found by a fuzzer (stop 32): rows no step writes came back uninitialised in y or d_gates_x.
+    ("forward_extra_rows", "must have exactly the 6 rows"),
+    ("forward_gapped_strides", "lay the steps' rows out densely"),
+    ("reserve_extra_rows", "'reserve' \\(and 'd_gates_x'\\) must have exactly the 6 rows"),
 ])
 def test_raw_ops_refuse_what_the_kernels_would_index_out_of_bounds(change, match):
     # torch.ops.pyseqkern.rnn_forward/rnn_backward are public: the C++ entries hold every row-indexed
@@ -1653,6 +1657,12 @@ def test_raw_ops_refuse_what_the_kernels_would_index_out_of_bounds(change, match
         seq = (None, None, None, 2 ** 63 - 1, 1)
     elif change == "forward_zero_steps":
         steps, xg = 0, xg[:0]
+    elif change == "forward_extra_rows":
+        xg = torch.cat([xg, xg[:1]])
+    elif change == "forward_gapped_strides":  # (rows 2 and 5 of 8 belong to no step)
+        seq, xg = (None, None, None, 3, 1), torch.randn(8, xg.shape[1])
+    elif change == "reserve_extra_rows":
+        reserve = torch.cat([reserve, reserve])
     elif not change.startswith("forward"):
         bs, off, lengths = torch.tensor([2, 2, 2]), torch.tensor([0, 2, 4]), torch.tensor([3, 3])
         if change == "batch_sizes_int32":
@@ -1695,6 +1705,44 @@ def test_raw_ops_refuse_dtypes_the_cpu_kernels_do_not_have(op, dtype):
         else:
             torch.ops.pyseqkern.rnn_backward(0, True, H, 0, T_, B_, torch.ones(T_ * B_, H).to(dtype), None, None,
                                              None, reserve, packed, None, None, None, B_, 1, False, False)
+
+
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_plan_is_not_served_for_reshaped_parameters(cls):
+    """A parameter re-pointed at a view of its own start keeps its address and version: the cell plan
+    made for the old shapes was served, a (2, 8) output where torch.nn gives (2, 4) (a fuzzer, stop 32).
+    The plan's key holds the weights' shapes."""
+    import pyseqkern.nn as pnn
+    torch.manual_seed(5)
+    ours, theirs = getattr(pnn, cls)(5, 8), getattr(torch.nn, cls)(5, 8)
+    theirs.load_state_dict(ours.state_dict())
+    x = randn((2, 5), seed=3)
+    G = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}[cls]
+    with torch.no_grad():
+        ours(x)  # (the plan for H=8)
+        for m in (ours, theirs):
+            for n in ("weight_ih", "bias_ih", "bias_hh"):
+                getattr(m, n).data = getattr(m, n).data[:G * 4]
+            m.weight_hh.data = m.weight_hh.data.flatten()[:G * 16].view(G * 4, 4)
+            m.hidden_size = 4
+        got, want = ours(x), theirs(x)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
+        assert a.shape == b.shape == (2, 4)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
+def test_gru_training_on_an_empty_batch(kind):
+    """GRU with batch 0 in training raised "GRU with reset_after needs 'd_gates_h'" (its zero-row buffer
+    arrives as None); torch.nn gives empty outputs and zero gradients (a fuzzer, stop 32)."""
+    import pyseqkern.nn as pnn
+    m = getattr(pnn, kind)(5, 6)
+    x = torch.randn((4, 0, 5) if kind == "GRU" else (0, 5), requires_grad=True)
+    out = m(x)
+    y = out[0] if kind == "GRU" else out
+    y.sum().backward()
+    assert y.shape[-2] == 0 and x.grad.shape == x.shape
+    assert all(p.grad is None or not p.grad.any() for p in m.parameters())
 
 
 def test_sizes_memo_stays_bounded(monkeypatch):

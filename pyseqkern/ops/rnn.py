@@ -1229,8 +1229,10 @@ def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     # tensor (w_hh's own id is the dict key, and its entry goes when it dies)
     # (raises _NO_VERSION for inference tensors). Contiguity where _packed's key holds strides: shapes are
     # checked, so that tells `p.data = p.data.t()` apart at half the cost of stride() on every step.
-    return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_ih.is_contiguous(), w_hh.data_ptr(),
-            w_hh._version, w_hh.is_contiguous(),
+    # Shapes too: a parameter re-pointed at a view of its own start (`p.data = p.data[:12]`) keeps its
+    # address and version, and the old plan ran with the old sizes (a fuzzer, stop 32).
+    return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_ih.is_contiguous(), w_ih.shape,
+            w_hh.data_ptr(), w_hh._version, w_hh.is_contiguous(), w_hh.shape,
             None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
             None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend._ISA.name)
 
