@@ -90,6 +90,7 @@ def _pack_impl(mode, reset_after, hidden, proj, w_hh, w_hr):
     one (_packed's `reuse`): each compiled call packed afresh, 70% of a compiled GRU step at B=1."""
     if type(w_hh) is torch.nn.Parameter and (w_hr is None or type(w_hr) is torch.nn.Parameter):
         return _packed(mode, reset_after, hidden, proj, w_hh, w_hr, True, reuse=True)
+    _require_float("rnn_pack", w_hh=w_hh)
     numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
     out = torch.empty(numel, dtype=_acc_dtype(w_hh.dtype), device=w_hh.device)
     _C.rnn_pack(mode, reset_after, hidden, proj, capsule(w_hh.contiguous()),
@@ -293,6 +294,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
 def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
+    _require_float("rnn_forward", x_gates=x_gates)
     return _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed,
                         (batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse), training,
                         x_gates.shape[0], x_bias=x_bias)
@@ -367,6 +369,7 @@ def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
     n = reserve.shape[0]
+    _require_float("rnn_backward", dy=dy, dh_n=dh_n, dc_n=dc_n, c0=c0)
     dtype = _storage_dtype(dy, dh_n, dc_n, c0, reserve)
     dev = reserve.device
     ws_numel = _sizes(mode, reset_after, hidden, proj, batch, dtype)[2]
@@ -477,6 +480,18 @@ def empty_cache() -> None:
     _SCRATCH.reserves = None
     _SCRATCH.cell_ws = None
     _C.RnnCellStep.release_workspace()
+
+
+_OP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _require_float(op, **tensors):
+    """A raw op's tensors in a dtype some kernel stores (the CPU's entries refuse float16 themselves):
+    integer or complex ones had been told only "'dtype' must be ..., got 'int32'", naming no tensor."""
+    for arg, t in tensors.items():
+        if t is not None and t.dtype not in _OP_DTYPES:
+            raise TypeError(f"pyseqkern::{op}: '{arg}' must be float32, float64 or bfloat16 (or float16 on CUDA), "
+                            f"got {t.dtype}")
 
 
 def _storage_dtype(*tensors):

@@ -21,7 +21,18 @@ from .rnn import (_check_layer, _check_shapes, _plain_eager, _records_gradient, 
                   rnn_cell, rnn_layer)
 from .rnn_autograd import _RnnLayer
 
-_NAMES = {code: name for name, code in MODES.items()}
+_CODES = {code: name for name, code in MODES.items()}
+
+
+class _Names(dict):
+    """mode code -> name; an unknown code is a ValueError naming the argument (was a bare KeyError)."""
+
+    def __missing__(self, mode):
+        raise ValueError(f"pyseqkern::rnn_layer_op: 'mode' must be 0 (lstm), 1 (gru), 2 (rnn_tanh) or 3 (rnn_relu), "
+                         f"got {mode!r}")
+
+
+_NAMES = _Names(_CODES)
 
 LIB.define(
     "rnn_layer_op(int mode, bool reset_after, Tensor x, Tensor? batch_sizes, Tensor? h0, Tensor? c0, Tensor w_ih, "
