@@ -1350,6 +1350,32 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     return h_n, c_n
 
 
+def cell_step_args(mode, x, states, w_ih, w_hh, b_ih, b_hh, here):
+    """(B, H, h, c) of one cell step on x [B, I] whose weights, biases and states (None, (h,) or (h, c))
+    have x's dtype, the step's shapes and here(t) true (the device), h and c made contiguous (None where
+    not given); None where anything differs, so that the general route checks and explains. The thin
+    routes' shared checks (_cuda_cell; rnn_cell_train.step with here = is_cpu)."""
+    dtype, (B, I) = x.dtype, x.shape
+    G = GATES[mode]
+    if B == 0 or w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] != w_hh.shape[0] or \
+            w_hh.shape[0] % G:
+        return None
+    H = w_hh.shape[0] // G
+    if w_hh.shape[1] != H or any(w.dtype != dtype or not here(w) for w in (w_ih, w_hh)) or any(
+            b is not None and (b.dtype != dtype or not here(b) or b.shape != (G * H,)) for b in (b_ih, b_hh)):
+        return None
+    h = c = None
+    if states is not None:
+        if len(states) != (2 if mode == "lstm" else 1):
+            return None
+        for t in states:
+            if type(t) is not torch.Tensor or t.shape != (B, H) or t.dtype != dtype or not here(t):
+                return None
+        h = states[0].contiguous()
+        c = states[1].contiguous() if mode == "lstm" else None
+    return B, H, h, c
+
+
 _CUDA_CELL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -1364,25 +1390,12 @@ def _cuda_cell(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
     dtype, dev = x.dtype, x.device
     if x.dim() != 2 or dtype not in _CUDA_CELL_DTYPES or mode not in GATES or _backend.use_reference("rnn_layer", dev):
         return None  # (a build without CUDA kernels: the general route runs the reference, and says so)
-    B, I = x.shape
-    G = GATES[mode]
-    if B == 0 or any(type(t) not in _PLAIN_TYPES for t in (w_ih, w_hh, b_ih, b_hh) if t is not None):
+    if any(type(t) not in _PLAIN_TYPES for t in (w_ih, w_hh, b_ih, b_hh) if t is not None):
         return None  # (a tensor subclass goes the general route, where its __torch_function__ sees the ops)
-    if w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] != w_hh.shape[0] or w_hh.shape[0] % G:
+    args = cell_step_args(mode, x, states, w_ih, w_hh, b_ih, b_hh, lambda t: t.device == dev)
+    if args is None:
         return None
-    H = w_hh.shape[0] // G
-    if w_hh.shape[1] != H or any(w.dtype != dtype or w.device != dev for w in (w_ih, w_hh)) or any(
-            b is not None and (b.dtype != dtype or b.device != dev or b.shape != (G * H,)) for b in (b_ih, b_hh)):
-        return None
-    h = c = None
-    if states is not None:
-        if len(states) != (2 if mode == "lstm" else 1):
-            return None
-        for t in states:
-            if type(t) is not torch.Tensor or t.shape != (B, H) or t.dtype != dtype or t.device != dev:
-                return None
-        h = states[0].contiguous()
-        c = states[1].contiguous() if mode == "lstm" else None
+    B, _, h, c = args
     code, hidden, _, x_gates, b_hn, packed, x_bias = _prepare(mode, reset_after, x, w_ih, w_hh, b_ih, b_hh, None,
                                                               False)
     _, h_n, c_n, _ = rnn_cuda._forward_cuda(code, reset_after, hidden, 0, 1, B, x_gates, b_hn, h, c, packed, None,

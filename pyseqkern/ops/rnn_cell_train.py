@@ -19,12 +19,14 @@ import torch
 
 from .. import _backend
 from . import rnn_autocast as _autocast
-from .rnn import GATES, MODES, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch, _run_forward, _Seq
+from .rnn import (GATES, MODES, cell_step_args, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch,
+                  _run_forward, _Seq)
 from . import rnn_autograd as _autograd
 from .rnn_autograd import layer_grads, save_layer, saved_layer
 from . import rnn_cell_deferred as _deferred
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_on_cpu = torch.Tensor.is_cpu.__get__  # (t -> t.is_cpu, without a Python frame)
 
 
 class _CellStep(torch.autograd.Function):
@@ -68,26 +70,11 @@ def step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
     errors). states: None (zeros) or (h,) / (h, c). The caller has seen that autograd records."""
     if type(x) is not torch.Tensor or x.dim() != 2 or not _plain_eager(x) or _backend._REFERENCE_FORCED:
         return None
-    dtype, (B, I) = x.dtype, x.shape
-    G = GATES[mode]
-    if (dtype not in _DTYPES or B == 0 or w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[1] != I
-            or w_ih.shape[0] != w_hh.shape[0] or w_hh.shape[0] % G):
+    dtype = x.dtype
+    args = None if dtype not in _DTYPES else cell_step_args(mode, x, states, w_ih, w_hh, b_ih, b_hh, _on_cpu)
+    if args is None:
         return None
-    H = w_hh.shape[0] // G
-    if w_hh.shape[1] != H:
-        return None
-    if any(w.dtype != dtype or not w.is_cpu for w in (w_ih, w_hh)) or any(
-            b is not None and (b.dtype != dtype or not b.is_cpu or b.shape != (G * H,)) for b in (b_ih, b_hh)):
-        return None
-    h = c = None
-    if states is not None:
-        if len(states) != (2 if mode == "lstm" else 1):
-            return None
-        for s in states:
-            if type(s) is not torch.Tensor or s.shape != (B, H) or s.dtype != dtype or not s.is_cpu:
-                return None
-        h = states[0].contiguous()
-        c = states[1].contiguous() if mode == "lstm" else None
+    B, H, h, c = args
     if _autocast.any_enabled():
         return None
     if by_torch(dtype):
