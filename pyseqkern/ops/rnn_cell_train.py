@@ -19,7 +19,7 @@ import torch
 
 from .. import _backend
 from . import rnn_autocast as _autocast
-from .rnn import (GATES, MODES, cell_step_args, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch,
+from .rnn import (MODES, cell_step_args, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch,
                   _run_forward, _Seq)
 from . import rnn_autograd as _autograd
 from .rnn_autograd import layer_grads, save_layer, saved_layer
