@@ -9,6 +9,7 @@
 #include "fingerprint.h"
 #include "pyseqkern/cell_pointwise.h"
 #include "handoff.h"
+#include "pack_stamp.h"
 #include "pyseqkern/isa.h"
 #include "pyseqkern/probe.h"
 #include "pyseqkern/rnn.h"
@@ -208,6 +209,13 @@ void noop_cuda_entry(int device, uintptr_t stream) {
 
 // Row stride of a 2-D view whose rows are contiguous; size-1 dimensions may carry any stride (torch
 // calls such tensors contiguous), so they are not held against it.
+// "[a, b, ...]": a tensor's shape, for messages.
+std::string shape_text(const TensorView& v) {
+  std::string s = "[";
+  for (int i = 0; i < v.ndim; ++i) s += (i ? ", " : "") + std::to_string(v.sizes[i]);
+  return s + "]";
+}
+
 int64_t row_stride(const TensorView& v, const char* what) {
   if (v.ndim != 2 || (v.sizes[1] > 1 && v.strides[1] != 1))
     throw py::value_error(std::string("pyseqkern: rnn: '") + what + "' must be 2-D with contiguous rows");
@@ -242,15 +250,57 @@ void require_cpu_dtype(DType dtype, const char* op, const char* arg) {
 // The CUDA kernels have their own packed layout and workspace (cuda/rnn_cuda.h); the reserve is shared.
 // `kern`: the CPU table the caller runs with (each entry reads the level once: sizes and kernels of
 // one call must come from the same level).
+// A CPU pack's size includes its stamp (pack_stamp.h).
 RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cuda,
                       const RnnCpuKernels& kern = rnn_cpu_kernels()) {
-  if (!cuda) return kern.sizes(shape, batch, dtype);
+  if (!cuda) {
+    RnnSizes s = kern.sizes(shape, batch, dtype);
+    s.packed_numel += stamp_elems(dtype);
+    return s;
+  }
   const bool is_double = dtype == DType::Float64;
 #ifdef PSK_WITH_CUDA
   return rnn_sizes_cuda(shape, batch, is_double);
 #else
   throw_no_cuda("rnn_sizes");
 #endif
+}
+
+// The stamp a CPU pack of these weights (or, with `input`, of this input panel) carries at the level of
+// `kern`, and where it sits (pack_stamp.h).
+PackStamp weights_stamp(const RnnShape& shape, DType dtype, const RnnCpuKernels& kern, int64_t* layout_numel) {
+  const RnnSizes s = kern.sizes(shape, 1, dtype);
+  *layout_numel = s.packed_numel;
+  return pack_stamp(PackKind::Weights, shape, dtype, s.lanes, shape.proj, s.packed_numel);
+}
+
+PackStamp panel_stamp(const RnnShape& shape, DType dtype, int64_t input, const RnnCpuKernels& kern,
+                      int64_t* layout_numel) {
+  *layout_numel = kern.input_panel_numel(shape, input, dtype);
+  return pack_stamp(PackKind::InputPanel, shape, dtype, kern.sizes(shape, 1, dtype).lanes, input, *layout_numel);
+}
+
+// Refuses a CPU pack (at least as large as this call's layout, checked before) laid out for another
+// layer or level.
+void require_stamp(const void* pack, DType dtype, int64_t layout_numel, const PackStamp& want, const char* op,
+                   const char* arg) {
+  const std::string why = stamp_mismatch(pack, dtype, layout_numel, want);
+  if (!why.empty())
+    throw py::value_error(std::string("pyseqkern: ") + op + ": '" + arg + "' does not fit this call: " + why);
+}
+
+void require_weights_stamp(const void* pack, const RnnShape& shape, DType dtype, const RnnCpuKernels& kern,
+                           const char* op) {
+  int64_t at = 0;
+  const PackStamp want = weights_stamp(shape, dtype, kern, &at);
+  require_stamp(pack, dtype, at, want, op, "packed");
+}
+
+void require_panel_stamp(const void* panel, const RnnShape& shape, DType dtype, int64_t input,
+                         const RnnCpuKernels& kern, const char* op) {
+  int64_t at = 0;
+  const PackStamp want = panel_stamp(shape, dtype, input, kern, &at);
+  require_stamp(panel, dtype, at, want, op, "packed_in");
 }
 
 DType rnn_dtype(const std::string& dtype) {
@@ -319,10 +369,14 @@ RnnPackParams pack_params(int mode, bool reset_after, int64_t hidden, int64_t pr
   if (w.sizes[0] != rnn_gate_count(p.shape.mode) * hidden || w.sizes[1] != p.shape.state())
     throw py::value_error(std::string("pyseqkern: ") + op + ": 'w_hh' must be [G*H, K]");
   if (proj > 0) {
+    if (w_hr_c.is_none())
+      throw py::value_error(std::string("pyseqkern: ") + op + ": 'w_hr' [P, H] is required where 'proj' > 0");
     TensorView r = view_of(w_hr_c, "w_hr");
+    if (r.ndim != 2 || r.sizes[0] != proj || r.sizes[1] != hidden || r.dtype != w.dtype)
+      throw py::value_error(std::string("pyseqkern: ") + op + ": 'w_hr' must be [P, H] = [" + std::to_string(proj) +
+                            ", " + std::to_string(hidden) + "] of w_hh's dtype " + dtype_name(w.dtype) + ", got " +
+                            shape_text(r) + " " + dtype_name(r.dtype));
     p.ld_w_hr = row_stride(r, "w_hr");
-    if (r.sizes[0] != proj || r.sizes[1] != hidden || r.dtype != w.dtype)
-      throw py::value_error(std::string("pyseqkern: ") + op + ": 'w_hr' must be [P, H] like 'w_hh'");
     p.w_hr = r.data;
   }
   const bool on_cuda = w.device == DeviceKind::Cuda;
@@ -350,8 +404,11 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
 #endif
   }
   require_cpu_dtype(p.dtype, "rnn_pack", "w_hh");
+  int64_t at = 0;
+  const PackStamp stamp = weights_stamp(p.shape, p.dtype, kern, &at);
   py::gil_scoped_release nogil;
   kern.pack(p);
+  write_stamp(p.out, p.dtype, at, stamp);
 }
 
 // Whether `packed` (rnn_pack's output for these weights at the active level, CPU) still matches w_hh / w_hr
@@ -366,6 +423,9 @@ bool rnn_pack_current_entry(int mode, bool reset_after, int64_t hidden, int64_t 
   RnnPackParams p = pack_params(mode, reset_after, hidden, proj, w_hh_c, w_hr_c, w, packed, kern, "rnn_pack_current");
   if (proj > 0 && view_of(w_hr_c, "w_hr").device != DeviceKind::Cpu)
     throw py::value_error("pyseqkern: rnn_pack_current: CPU tensors only");
+  int64_t at = 0;
+  const PackStamp stamp = weights_stamp(p.shape, p.dtype, kern, &at);
+  if (!stamp_mismatch(p.out, p.dtype, at, stamp).empty()) return false;  // another level's or layer's pack
   py::gil_scoped_release nogil;
   return kern.pack_current(p);
 }
@@ -374,7 +434,9 @@ bool rnn_pack_current_entry(int mode, bool reset_after, int64_t hidden, int64_t 
 // cannot project the input itself (bfloat16 without dot products, or with an odd I).
 int64_t rnn_input_panel_numel_entry(int mode, bool reset_after, int64_t hidden, int64_t input, const std::string& dtype) {
   if (input < 1) throw py::value_error("pyseqkern: rnn_input_panel_numel: 'input' must be >= 1");
-  return rnn_cpu_kernels().input_panel_numel(rnn_shape(mode, reset_after, hidden, 0), input, rnn_dtype(dtype));
+  const DType d = rnn_dtype(dtype);
+  const int64_t numel = rnn_cpu_kernels().input_panel_numel(rnn_shape(mode, reset_after, hidden, 0), input, d);
+  return numel > 0 ? numel + stamp_elems(d) : 0;  // with its stamp (pack_stamp.h)
 }
 
 void rnn_pack_input_entry(int mode, bool reset_after, int64_t hidden, py::handle w_ih_c, py::handle out_c) {
@@ -391,14 +453,16 @@ void rnn_pack_input_entry(int mode, bool reset_after, int64_t hidden, py::handle
   if (w.sizes[0] != rnn_gate_count(p.shape.mode) * hidden)
     throw py::value_error("pyseqkern: rnn_pack_input: 'w_ih' must be [G*H, I]");
   const RnnCpuKernels& kern = rnn_cpu_kernels();
-  const int64_t numel = kern.input_panel_numel(p.shape, p.input, w.dtype);
-  if (numel == 0)
+  int64_t at = 0;
+  const PackStamp stamp = panel_stamp(p.shape, p.dtype, p.input, kern, &at);
+  if (at == 0)
     throw py::value_error(std::string("pyseqkern: rnn_pack_input: no input panel for ") + dtype_name(w.dtype) +
                           " with I = " + std::to_string(p.input) + " at this CPU level");
-  require_pack_out(out, numel, w.dtype, "rnn_pack_input");
+  require_pack_out(out, at + stamp_elems(p.dtype), w.dtype, "rnn_pack_input");
   p.out = out.data;
   py::gil_scoped_release nogil;
   kern.pack_input(p);
+  write_stamp(p.out, p.dtype, at, stamp);
 }
 
 // The row mapping of a call, checked against itself (rnn.h): the kernels index rows, lengths and offsets
@@ -537,7 +601,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     p.input = xv.sizes[1];
     p.packed_in = pin.data;
     const int64_t numel = kern.input_panel_numel(p.shape, p.input, p.dtype);
-    if (numel == 0 || pin.numel() < numel)
+    if (numel == 0 || pin.numel() < numel + stamp_elems(p.dtype))
       throw py::value_error("pyseqkern: rnn_forward: 'packed_in' must be rnn_pack_input's output for this 'x'");
     if (!x_gates.is_none()) {
       TensorView b = view_of(x_gates, "x_gates");
@@ -631,6 +695,8 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
 #endif
   }
   require_cpu_dtype(p.dtype, "rnn_forward", p.x != nullptr ? "x" : "x_gates");
+  require_weights_stamp(p.packed, p.shape, p.dtype, kern, "rnn_forward");
+  if (p.x != nullptr) require_panel_stamp(p.packed_in, p.shape, p.dtype, p.input, kern, "rnn_forward");
   py::gil_scoped_release nogil;
   kern.forward(p);
   return "cpu";
@@ -722,6 +788,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
 #endif
   }
   require_cpu_dtype(p.dtype, "rnn_backward", "d_gates_x (the dtype of dy, dh_n, dc_n)");
+  require_weights_stamp(p.packed, p.shape, p.dtype, kern, "rnn_backward");
   py::gil_scoped_release nogil;
   kern.backward(p);
   return "cpu";
@@ -761,8 +828,10 @@ class RnnCellStep {
     };
     if (packed.is_none() || packed_in.is_none())
       throw py::value_error("pyseqkern: RnnCellStep: 'packed' and 'packed_in' are required");
-    p.packed = own(packed, "packed", acc, sz.packed_numel);
-    p.packed_in = own(packed_in, "packed_in", acc, panel_numel);
+    p.packed = own(packed, "packed", acc, sz.packed_numel + stamp_elems(p.dtype));
+    p.packed_in = own(packed_in, "packed_in", acc, panel_numel + stamp_elems(p.dtype));
+    require_weights_stamp(p.packed, p.shape, p.dtype, kernels_, "RnnCellStep");
+    require_panel_stamp(p.packed_in, p.shape, p.dtype, input, kernels_, "RnnCellStep");
     p.x_gates = own(bias, "bias", p.dtype, rnn_gate_count(p.shape.mode) * hidden);  // the bias row, or none
     p.b_hn = own(b_hn, "b_hn", p.dtype, hidden);
   }

@@ -39,6 +39,17 @@ bool map_dtype(const dl::DataType& t, DType* out) {
   }
 }
 
+// torch's name for a DLPack dtype (lanes 1), for messages.
+std::string dl_dtype_name(const dl::DataType& t) {
+  const char* kind = t.code == dl::kInt ? "int" : t.code == dl::kUInt ? "uint" : t.code == dl::kFloat ? "float" :
+                     t.code == dl::kBfloat ? "bfloat" : t.code == dl::kComplex ? "complex" :
+                     t.code == dl::kBool ? "bool" : nullptr;
+  std::string name = kind ? kind + std::to_string(t.bits)
+                          : "DLPack code " + std::to_string(t.code) + " of " + std::to_string(t.bits) + " bits";
+  if (t.lanes != 1) name += " x " + std::to_string(t.lanes) + " lanes";
+  return name;
+}
+
 }  // namespace
 
 TensorView view_of(py::handle capsule, const char* arg) {
@@ -50,8 +61,8 @@ TensorView view_of(py::handle capsule, const char* arg) {
   const dl::Tensor& t = mt->dl_tensor;
   TensorView v;
   if (!map_dtype(t.dtype, &v.dtype))
-    throw py::type_error(prefix(arg) + "unsupported dtype (DLPack code " + std::to_string(t.dtype.code) +
-                         ", " + std::to_string(t.dtype.bits) + " bits)");
+    throw py::type_error(prefix(arg) + "unsupported dtype " + dl_dtype_name(t.dtype) +
+                         " (pyseqkern takes float32, float64, float16, bfloat16, int32, int64 and bool tensors)");
   if (t.device.device_type == dl::kCPU) {
     v.device = DeviceKind::Cpu;
   } else if (t.device.device_type == dl::kCUDA) {

@@ -12,6 +12,7 @@ from torch.utils.dlpack import to_dlpack
 
 import pyseqkern
 from pyseqkern import _C
+from pyseqkern._handoff import capsule
 from pyseqkern.ops import rnn as ops
 from pyseqkern.ops import rnn_autograd, rnn_cuda
 from pyseqkern.reference import rnn as ref
@@ -1731,6 +1732,83 @@ def test_cell_plan_is_not_served_for_reshaped_parameters(cls):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _levels_packing_apart():
+    """Two runnable CPU levels whose float32 packs at H=11 have the same size and different lanes, or None."""
+    best = pyseqkern.backend_info()["cpu"]["isa_best"]
+    seen = {}
+    try:
+        for level in SUPPORTED:
+            pyseqkern.set_cpu_isa(level)
+            lanes, numel = _C.rnn_sizes(0, True, 11, 0, 1, "float32")[:2]
+            for other, (lanes_o, numel_o) in seen.items():
+                if numel_o == numel and lanes_o != lanes:
+                    return other, level
+            seen[level] = (lanes, numel)
+    finally:
+        pyseqkern.set_cpu_isa(best)
+    return None
+
+
+def test_raw_ops_refuse_a_pack_laid_out_for_another_level_or_layer():
+    """A pack is a plain tensor. Made at avx512 (16 lanes) and read at avx2 (8 lanes), an LSTM's at H=11 has the
+    same size, and the raw ops returned wrong numbers in bounds (a fuzzer, stop 32; the modules key their caches
+    on the level). A CPU pack and input panel now end in a stamp of their layout, which every entry reading them
+    checks: another level's, another layer's or a hand-made tensor is refused by name, and rnn_pack_current
+    calls another level's pack stale."""
+    apart = _levels_packing_apart()
+    if apart is None:
+        pytest.skip("this CPU runs no two levels with packs of one size and different lanes")
+    made_at, read_at = apart
+    best = pyseqkern.backend_info()["cpu"]["isa_best"]
+    H, T_, B_ = 11, 3, 2
+    w_hh, xg, w_ih = randn((4 * H, H), seed=1, scale=0.3), randn((T_ * B_, 4 * H), seed=2), randn((4 * H, H), seed=3)
+    fwd = (0, True, H, 0, T_, B_, xg, None, None, None)
+    seq = (None, None, None, B_, 1, False)
+    try:
+        pyseqkern.set_cpu_isa(made_at)
+        packed = torch.ops.pyseqkern.rnn_pack(0, True, H, 0, w_hh, None)
+        panel = torch.empty(_C.rnn_input_panel_numel(0, True, H, H, "float32"))
+        _C.rnn_pack_input(0, True, H, capsule(w_ih), capsule(panel))
+        y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(*fwd, packed, *seq, True)
+        bwd = (0, True, H, 0, T_, B_, randn((T_ * B_, H), seed=4), None, None, None, reserve)
+        dgx = torch.ops.pyseqkern.rnn_backward(*bwd, packed, *seq, False)[0]
+        pyseqkern.set_cpu_isa(read_at)
+        level = r"'packed' does not fit this call: it was packed at another CPU level"
+        with pytest.raises(ValueError, match="rnn_forward: " + level):
+            torch.ops.pyseqkern.rnn_forward(*fwd, packed, *seq, True)
+        with pytest.raises(ValueError, match="rnn_backward: " + level):
+            torch.ops.pyseqkern.rnn_backward(*bwd, packed, *seq, False)
+        assert not _C.rnn_pack_current(0, True, H, 0, capsule(w_hh), None, capsule(packed))
+        with pytest.raises(ValueError, match="RnnCellStep: 'packed_in' does not fit this call: it was packed at an"):
+            _C.RnnCellStep(0, True, H, H, "float32", capsule(torch.ops.pyseqkern.rnn_pack(0, True, H, 0, w_hh, None)),
+                           capsule(panel), None, None)
+        # The same call at the level that packed it: the results it gave before, bit for bit.
+        pyseqkern.set_cpu_isa(made_at)
+        again = torch.ops.pyseqkern.rnn_forward(*fwd, packed, *seq, True)
+        assert_bitwise_equal(again[0], y)
+        assert_bitwise_equal(torch.ops.pyseqkern.rnn_backward(*bwd, packed, *seq, False)[0], dgx)
+        assert _C.rnn_pack_current(0, True, H, 0, capsule(w_hh), None, capsule(packed))
+    finally:
+        pyseqkern.set_cpu_isa(best)
+    # Another layer's pack of the same size (bfloat16 weights, float32 call) and a tensor made by hand.
+    other = torch.ops.pyseqkern.rnn_pack(0, True, H, 0, w_hh.bfloat16(), None)
+    if other.numel() == packed.numel():
+        with pytest.raises(ValueError, match=r"it was packed for another layer \(4 gates, dtype bfloat16, hidden 11"):
+            torch.ops.pyseqkern.rnn_forward(*fwd, other, *seq, True)
+    with pytest.raises(ValueError, match="'packed' does not fit this call: it is not a CPU pack for this layer"):
+        torch.ops.pyseqkern.rnn_forward(*fwd, torch.randn(packed.numel()), *seq, True)
+    # A GRU's two variants share one layout: either's pack serves the other, and an RNN's serves relu and tanh.
+    gru_w = randn((3 * H, H), seed=5, scale=0.3)
+    gx = randn((T_ * B_, 3 * H), seed=6)
+    for reset_after in (True, False):
+        p = torch.ops.pyseqkern.rnn_pack(1, not reset_after, H, 0, gru_w, None)
+        got = torch.ops.pyseqkern.rnn_forward(1, reset_after, H, 0, T_, B_, gx, None, None, None, p, *seq, False)[0]
+        want = torch.ops.pyseqkern.rnn_forward(1, reset_after, H, 0, T_, B_, gx, None, None, None,
+                                               torch.ops.pyseqkern.rnn_pack(1, reset_after, H, 0, gru_w, None),
+                                               *seq, False)[0]
+        assert_bitwise_equal(got, want)
+
+
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
 def test_gru_training_on_an_empty_batch(kind):
     """GRU with batch 0 in training raised "GRU with reset_after needs 'd_gates_h'" (its zero-row buffer
@@ -1751,6 +1829,37 @@ def test_layer_op_names_an_unknown_mode():
     w_ih, w_hh = randn((4, 5), seed=3), randn((4, 4), seed=4)
     with pytest.raises(ValueError, match=r"'mode' must be 0 \(lstm\), 1 \(gru\), .* or 3 \(rnn_relu\), got 9"):
         torch.ops.pyseqkern.rnn_layer_op(9, True, x, None, h0, None, w_ih, w_hh, None, None, None, False)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("proj_without_w_hr", ValueError, r"rnn_pack: 'w_hr' \[P, H\] is required where 'proj' > 0"),
+    ("w_hr_int32", ValueError, r"'w_hr' must be \[P, H\] = \[2, 4\] of w_hh's dtype float32, got \[2, 4\] int32"),
+    ("w_hr_uint8", TypeError, r"argument 'w_hr': unsupported dtype uint8 \(pyseqkern takes float32"),
+    ("w_hr_shape", ValueError, r"'w_hr' must be \[P, H\] = \[2, 4\] of w_hh's dtype float32, got \[3, 4\] float32"),
+    ("x_gates_0d", ValueError, r"rnn_forward: 'x_gates' must be 2-D \[rows, columns\], got shape \(\)"),
+    ("reserve_1d", ValueError, r"rnn_backward: 'reserve' must be 2-D \[rows, columns\], got shape \(10,\)"),
+    ("layer_input_size_0", ValueError, r"rnn_layer: 'x' must have at least one feature \(input_size >= 1\)"),
+])
+def test_unclear_errors_a_fuzzer_found_name_the_argument(case, error, match):
+    """Errors the stop-32 fuzzer found unclear: a projection without w_hr ("expected an unconsumed DLPack
+    capsule"), w_hr of another dtype or shape ("like 'w_hh'", or raw DLPack codes), a 0-d x_gates or 1-d reserve
+    (a bare IndexError from the op), an input of no features (a reshape's RuntimeError)."""
+    H = 4
+    packed = torch.ops.pyseqkern.rnn_pack(0, True, H, 0, randn((4 * H, H), seed=1), None)
+    w_hr = {"w_hr_int32": torch.ones(2, H, dtype=torch.int32), "w_hr_uint8": torch.ones(2, H, dtype=torch.uint8),
+            "w_hr_shape": randn((3, H), seed=2)}.get(case)
+    with pytest.raises(error, match=match):
+        if case.startswith(("proj", "w_hr")):
+            torch.ops.pyseqkern.rnn_pack(0, True, H, 2, randn((4 * H, 2), seed=3), w_hr)
+        elif case == "x_gates_0d":
+            torch.ops.pyseqkern.rnn_forward(0, True, H, 0, 1, 1, torch.tensor(1.0), None, None, None, packed, None,
+                                            None, None, 1, 1, False, False)
+        elif case == "reserve_1d":
+            torch.ops.pyseqkern.rnn_backward(0, True, H, 0, 1, 1, randn((1, H), seed=4), None, None, None,
+                                             randn((10,), seed=5), packed, None, None, None, 1, 1, False, False)
+        else:
+            ops.rnn_layer("lstm", torch.randn(3, 2, 0), None, None, None, torch.randn(4 * H, 0),
+                          randn((4 * H, H), seed=6), None, None, None, False)
 
 
 def test_sizes_memo_stays_bounded(monkeypatch):

@@ -295,6 +295,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
 def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
     _require_float("rnn_forward", x_gates=x_gates)
+    _require_rows("rnn_forward", x_gates=x_gates)
     return _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed,
                         (batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse), training,
                         x_gates.shape[0], x_bias=x_bias)
@@ -349,6 +350,7 @@ LIB.impl("rnn_forward", _forward_impl, "CPU")
 def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
     K = proj if proj > 0 else hidden
+    _require_rows("rnn_forward", x_gates=x_gates)
     n = x_gates.shape[0]
     sizes = rnn_cuda.sizes if x_gates.device.type == "cuda" else _sizes  # (as _pack_fake: the backend's own table)
     rcols = sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype)[3]  # (its width does not depend on the batch)
@@ -368,6 +370,7 @@ def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     (rows of a wider buffer, row stride n)."""
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
+    _require_rows("rnn_backward", reserve=reserve)
     n = reserve.shape[0]
     _require_float("rnn_backward", dy=dy, dh_n=dh_n, dc_n=dc_n, c0=c0)
     dtype = _storage_dtype(dy, dh_n, dc_n, c0, reserve)
@@ -494,6 +497,14 @@ def _require_float(op, **tensors):
                             f"got {t.dtype}")
 
 
+def _require_rows(op, **tensors):
+    """A raw op's matrices of sequence rows ([N, cols]): a 0-d x_gates had raised a bare IndexError (a fuzzer,
+    stop 32)."""
+    for arg, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"pyseqkern::{op}: '{arg}' must be 2-D [rows, columns], got shape {tuple(t.shape)}")
+
+
 def _storage_dtype(*tensors):
     """The storage dtype of a backward call: that of the first incoming gradient or state given (the
     reserve is float32 for bfloat16 layers, so it only decides when nothing else is there)."""
@@ -511,6 +522,7 @@ def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
                    time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
+    _require_rows("rnn_backward", reserve=reserve)
     n = reserve.shape[0]
     dtype = _storage_dtype(dy, dh_n, dc_n, c0, reserve)
     gru_after = mode == 1 and reset_after
@@ -920,6 +932,9 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     if w_hr is not None and (w_hr.shape != (K, H) or not 0 < K < H):
         _shape_error("w_hr", w_hr.shape, (K, H))
     I = x.shape[-1]
+    if I == 0:  # (torch.nn's layers refuse input_size 0 when made; a direct call had failed in a reshape)
+        raise ValueError(f"pyseqkern.rnn_layer: 'x' must have at least one feature (input_size >= 1), got shape "
+                         f"{tuple(x.shape)}")
     if w_ih.shape != (G * H, I):
         _shape_error("w_ih", w_ih.shape, (G * H, I))
     if w_hh.shape != (G * H, K):

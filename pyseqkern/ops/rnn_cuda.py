@@ -110,6 +110,7 @@ def _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
     if x_bias is not None:  # (the CUDA kernels read the bias inside x_gates; the layers pass none here)
         x_gates = x_gates + x_bias
     K = proj if proj > 0 else hidden
+    _rnn._require_rows("rnn_forward", x_gates=x_gates)
     n = x_gates.shape[0]
     dtype, dev = x_gates.dtype, x_gates.device
     _, _, ws_numel, rcols, _ = sizes(mode, reset_after, hidden, proj, batch, dtype)
@@ -133,6 +134,7 @@ def _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     """As the CPU impl; the transposed copies (a CPU GEMM aid) are made by torch when asked for."""
     K = proj if proj > 0 else hidden
     G = _rnn.GATES_BY_CODE[mode]
+    _rnn._require_rows("rnn_backward", reserve=reserve)
     n = reserve.shape[0]
     dtype = _rnn._storage_dtype(dy, dh_n, dc_n, c0, reserve)
     dev = reserve.device

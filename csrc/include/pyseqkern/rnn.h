@@ -58,7 +58,7 @@ struct RnnSeq {
 //   RNN:  h_prev [H]
 struct RnnSizes {
   int64_t lanes;           // L: unit block width of the packed weights
-  int64_t packed_numel;    // rnn pack output
+  int64_t packed_numel;    // rnn pack output (the binding adds a stamp to CPU packs: csrc/pack_stamp.h)
   int64_t workspace_numel; // per call
   int64_t reserve_cols;    // reserve row width
   int64_t reserve_hprev;   // column where h_prev starts in a reserve row
