@@ -5,6 +5,7 @@ assert_within_torch_error: our error against the float64 reference must be at mo
 the same-dtype PyTorch computation."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -184,3 +185,83 @@ def assert_matches(actual, ref64, name="output"):
 
 def weighted_sum(tensors, seed=10):
     return sum((t * randn(t.shape, t.dtype, device=t.device, seed=seed + i)).sum() for i, t in enumerate(tensors))
+
+
+@contextlib.contextmanager
+def stack_dropout(masks=None):
+    """The dropout between layers of pyseqkern's layer stack (nn/_stack.py), recorded or replayed, for an oracle
+    where torch.nn on the CPU cannot draw our masks (a CUDA run's generator is another).
+
+    Without `masks`: the real F.dropout runs, and the block's value, a list, gets each call's mask as F.dropout
+    scales it (0 or 1/(1-p), float64, CPU). The mask is drawn again from the same generator state on a tensor
+    of ones: dropout's random numbers depend on the tensor's shape and layout, not its values; the kept pattern
+    is checked against the real output wherever the input is not 0. With `masks` (such a list): each call
+    multiplies by the next mask instead, in float32 (float64 for float64 tensors) and rounds to the input's
+    dtype, as torch's fused kernels do, and every mask must be used."""
+    import torch.nn.functional as F
+    import types
+    from pyseqkern.nn import _stack
+    record = masks is None
+    recorded, replay = [], iter(masks or ())
+
+    def dropout(x, p, training=True):
+        if not record:
+            m = next(replay)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return (x.to(acc) * m.to(device=x.device, dtype=acc)).to(x.dtype)
+        on_cuda = x.device.type == "cuda"
+        get = (lambda: torch.cuda.get_rng_state(x.device)) if on_cuda else torch.get_rng_state
+        put = (lambda s: torch.cuda.set_rng_state(s, x.device)) if on_cuda else torch.set_rng_state
+        before = get()
+        out = F.dropout(x, p, training=training)
+        after = get()
+        put(before)
+        scale = F.dropout(torch.ones_like(x), p, training=training)
+        put(after)
+        nonzero = x.detach() != 0
+        assert torch.equal((scale == 0) & nonzero, (out.detach() == 0) & nonzero), \
+            "dropout drew another mask for a tensor of ones: the recorded masks would not be the run's"
+        recorded.append(((scale != 0).double() / (1 - p)).cpu())
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_stack, "F", types.SimpleNamespace(dropout=dropout))
+        yield recorded if record else None
+    assert record or next(replay, None) is None, "fewer dropout calls than recorded masks"
+
+
+def torch_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after=True):
+    """One layer and direction by torch.nn, with ops.rnn_layer's arguments and results: a stand-in for it in a
+    baseline run through our layer stack (torch's same-dtype kernels, cuDNN on CUDA, between our recorded
+    dropout masks). A one-layer bidirectional torch.nn module whose two directions both hold these weights
+    gives the `reverse` half (torch's own reversal of each packed sequence within its length)."""
+    assert reset_after, "torch.nn has no GRU with reset_after=False"
+    import warnings
+    from torch.nn.utils.rnn import PackedSequence
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(mode, torch.nn.RNN)
+    kw = {"nonlinearity": mode[4:]} if mode.startswith("rnn") else {}
+    if w_hr is not None:
+        kw["proj_size"] = w_hr.shape[0]
+    hidden = w_hh.shape[0] // {"lstm": 4, "gru": 3}.get(mode, 1)
+    module = cls(w_ih.shape[1], hidden, bias=b_ih is not None, bidirectional=True, device="meta", **kw)
+    weights = {}
+    for sfx in ("", "_reverse"):
+        for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
+                        ("weight_hr", w_hr)):
+            if w is not None:
+                weights[f"{name}_l0{sfx}"] = w
+    hx = None
+    if h0 is not None:  # (our stack passes both states or neither)
+        both = lambda s: torch.stack([torch.zeros_like(s), s] if reverse else [s, torch.zeros_like(s)])  # noqa: E731
+        hx = (both(h0), both(c0)) if mode == "lstm" else both(h0)
+    hout = hidden if w_hr is None else w_hr.shape[0]
+    inp = x if batch_sizes is None else PackedSequence(x, batch_sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ("weights are not part of single contiguous chunk of memory")
+        out, state = torch.func.functional_call(module, weights, (inp, hx))
+    y = out if batch_sizes is None else out.data
+    y = y[..., hout:] if reverse else y[..., :hout]
+    d = 1 if reverse else 0
+    if mode == "lstm":
+        return y, state[0][d], state[1][d]
+    return y, state[d], None

@@ -7,6 +7,7 @@ region's dtype computes on inputs converted to it. Two oracles say so:
   computations' errors count, not the rounding of the inputs, which both share).
 Outputs come in the region's dtype; float32 leaves get float32 gradients; a backward called inside a
 region is not cast; float64 stays float64; inference caches the casts."""
+import contextlib
 import copy
 
 import pytest
@@ -17,7 +18,8 @@ import pyseqkern.nn as pnn
 from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.ops import rnn_autocast
 from pyseqkern.reference import rnn as ref
-from helpers import TOLERANCES, assert_bitwise_equal, assert_within_torch_error, randn, ready_for_backward, strided
+from helpers import (TOLERANCES, assert_bitwise_equal, assert_within_torch_error, randn, ready_for_backward,
+                     stack_dropout, strided, torch_layer)
 from test_rnn_modules import CONFIGS, DROPOUT_SEED, KINDS, LENGTHS, H, I, make_cell, make_inputs, make_pair, seed_parameters
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -63,7 +65,7 @@ def run_sequence(module, kind, cfg, device, values, leaf, region=None, backward_
     return outs, dict(zip(leaves, grads))
 
 
-def exact_on_our_relu_kinks(converted, kind, cfg, dtype):
+def exact_on_our_relu_kinks(converted, kind, cfg, dtype, dropout_masks=None):
     """The float64 reference of a relu module taking each relu's side from our own run (`converted`,
     whose bits are the region's): relu'(a) is a step, and where the exact pre-activation lies within
     the low-precision rounding of zero either side is a correct result, but the side taken changes the
@@ -74,7 +76,8 @@ def exact_on_our_relu_kinks(converted, kind, cfg, dtype):
     side; on other inputs torch.nn flips instead, its error then 5-50x ours.) Built from the equations
     (pyseqkern.reference) layer by layer through our module's own stacking (dropout masks included),
     every relu replaced by a multiplication with the mask our run's layer output gives (y > 0): our run on
-    `converted`'s device, the reference on the CPU."""
+    `converted`'s device, the reference on the CPU. `dropout_masks`: recorded dropout masks (helpers.stack_dropout),
+    replayed in both runs."""
     from pyseqkern.ops import rnn as ops
     recorded, depth = [], [0]
     real_layer = ops.rnn_layer
@@ -89,7 +92,8 @@ def exact_on_our_relu_kinks(converted, kind, cfg, dtype):
             recorded.append(out[0].detach().cpu())
         return out
 
-    with pytest.MonkeyPatch.context() as mp:
+    dropout = (lambda: stack_dropout(dropout_masks)) if dropout_masks is not None else contextlib.nullcontext
+    with pytest.MonkeyPatch.context() as mp, dropout():
         mp.setattr(ops, "rnn_layer", record)
         run_sequence(converted, kind, cfg, next(converted.parameters()).device.type, dtype, dtype)
     masks = iter(recorded)
@@ -114,11 +118,19 @@ def exact_on_our_relu_kinks(converted, kind, cfg, dtype):
             return ref.rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
 
     exact_module = copy.deepcopy(converted).cpu().double()
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, dropout():
         mp.setattr(ops, "rnn_layer", replay)
         out = run_sequence(exact_module, kind, cfg, "cpu", dtype, F64)
     assert next(masks, None) is None and real_step is ref._step
     return out
+
+
+def replayed(module, masks, layer, kind, cfg, device, values, leaf):
+    """run_sequence of `module` with the recorded dropout `masks` replayed and each layer and direction computed
+    by `layer` (ref.rnn_layer: the float64 oracle; helpers.torch_layer: torch's same-dtype baseline)."""
+    with stack_dropout(masks), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rnn_ops, "rnn_layer", layer)
+        return run_sequence(module, kind, cfg, device, values, leaf)
 
 
 SEQ_CONFIGS = ["plain", "bidirectional-2layers-hx", "unbatched-hx-2layers",
@@ -137,7 +149,12 @@ def test_sequence_module_in_a_region_computes_the_converted_module(device, dtype
     outs, grads = run_sequence(ours, kind, cfg, device, dtype, F32, region=dtype, backward_inside=backward_inside)
 
     converted = copy.deepcopy(ours).to(dtype)
-    same_outs, same_grads = run_sequence(converted, kind, cfg, device, dtype, dtype)
+    # Dropout in training on CUDA: torch.nn on the CPU draws other masks, so the oracles take ours (recorded
+    # here, the region's run drawing the same: its bits are asserted equal) through the float64 reference and
+    # through torch.nn's same-dtype layers, layer by layer in our stack (as test_rnn_modules does).
+    masked = device == "cuda" and cfg.get("train") and cfg.get("dropout")
+    with stack_dropout() if masked else contextlib.nullcontext() as masks:
+        same_outs, same_grads = run_sequence(converted, kind, cfg, device, dtype, dtype)
     for name, a, b in zip(["output", "h_n", "c_n"], outs, same_outs):
         assert a.dtype == dtype, f"{name} comes in {a.dtype}, not the region's {dtype}"
         assert_bitwise_equal(a, b, name)
@@ -149,17 +166,18 @@ def test_sequence_module_in_a_region_computes_the_converted_module(device, dtype
         assert torch.equal(g.to(dtype).to(F32), g), f"grad {name} is not a widened {dtype} value"
         assert_bitwise_equal(g.to(dtype), same_grads[name], f"grad {name}")
 
-    if device == "cuda" and cfg.get("train") and cfg.get("dropout"):
-        # (Only the wiring is checked here: the float64 oracle runs on the CPU, whose dropout masks are
-        # not those of CUDA's generator, as in test_rnn_modules.check_sequence_module.)
-        return
-    baseline = copy.deepcopy(theirs).to(device=device, dtype=dtype)
-    with ready_for_backward(baseline):
-        torch_outs, torch_grads = run_sequence(baseline, kind, cfg, device, dtype, dtype)
-    exact, exact_grads = run_sequence(copy.deepcopy(theirs).to(dtype).double(), kind, cfg, "cpu", dtype, F64)
+    if masked:
+        torch_outs, torch_grads = replayed(converted, masks, torch_layer, kind, cfg, device, dtype, dtype)
+        exact, exact_grads = replayed(copy.deepcopy(converted).cpu().double(), masks, ref.rnn_layer, kind, cfg,
+                                      "cpu", dtype, F64)
+    else:
+        baseline = copy.deepcopy(theirs).to(device=device, dtype=dtype)
+        with ready_for_backward(baseline):
+            torch_outs, torch_grads = run_sequence(baseline, kind, cfg, device, dtype, dtype)
+        exact, exact_grads = run_sequence(copy.deepcopy(theirs).to(dtype).double(), kind, cfg, "cpu", dtype, F64)
     ours_exact, ours_exact_grads = exact, exact_grads
     if kind == "rnn_relu":
-        ours_exact, ours_exact_grads = exact_on_our_relu_kinks(converted, kind, cfg, dtype)
+        ours_exact, ours_exact_grads = exact_on_our_relu_kinks(converted, kind, cfg, dtype, masks)
     for name, a, t, e, oe in zip(["output", "h_n", "c_n"], outs, torch_outs, exact, ours_exact):
         assert_within_torch_error(a, t, e, name, ours_ref64=oe)
     for name, g in grads.items():

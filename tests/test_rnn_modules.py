@@ -25,7 +25,8 @@ from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
 from helpers import (BF16_DOT_LEVELS, TOLERANCES, assert_bitwise_equal, assert_close_to_ref, assert_matches,
-                     assert_within_torch_error, devices, randn, ready_for_backward, strided, weighted_sum)
+                     assert_within_torch_error, devices, randn, ready_for_backward, stack_dropout, strided,
+                     torch_layer, weighted_sum)
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 T, B, I, H, P = 7, 5, 13, 7, 3
@@ -116,20 +117,38 @@ def run(module, kind, cfg, dtype, device="cpu"):
     return outs, dict(zip(leaves, grads)), (inp, out)
 
 
+def run_masked(ours, kind, cfg, dtype, device, masks, layer):
+    """`run` of a copy of our module on `device` in `dtype` with the recorded dropout `masks` replayed and each
+    layer and direction computed by `layer` (ref.rnn_layer: the float64 oracle; helpers.torch_layer: torch's
+    same-dtype baseline)."""
+    module = copy.deepcopy(ours).to(device=device, dtype=dtype)
+    with stack_dropout(masks), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rnn_ops, "rnn_layer", layer)
+        return run(module, kind, cfg, dtype, device)
+
+
 def check_sequence_module(kind, cfg_name, dtype, device):
     cfg = CONFIGS[cfg_name]
-    if device == "cuda" and cfg.get("train") and cfg.get("dropout"):
-        pytest.skip("torch.nn on the CPU draws other dropout masks than a CUDA run")
+    # Dropout in training on CUDA: torch.nn on the CPU draws other masks, so the oracle takes ours (recorded)
+    # through the float64 reference layer by layer, and float16's baseline is torch.nn's layers on our device.
+    masked = device == "cuda" and cfg.get("train") and cfg.get("dropout")
     theirs, ours = make_pair(kind, cfg, dtype)
     ours.to(device)
-    outs, grads, (inp, out) = run(ours, kind, cfg, dtype, device)
-    theirs64 = copy.deepcopy(theirs).double()
-    expected, expected_grads, _ = run(theirs64, kind, cfg, F64)
+    with stack_dropout() if masked else contextlib.nullcontext() as masks:
+        outs, grads, (inp, out) = run(ours, kind, cfg, dtype, device)
+    if masked:
+        expected, expected_grads, _ = run_masked(ours, kind, cfg, F64, "cpu", masks, ref.rnn_layer)
+    else:
+        theirs64 = copy.deepcopy(theirs).double()
+        expected, expected_grads, _ = run(theirs64, kind, cfg, F64)
     check = assert_matches
     if dtype == F16:  # each layer's output is rounded to float16, as torch.nn's: the 2x-torch rule
-        baseline = copy.deepcopy(theirs).to(device)  # (torch on our device: cuDNN's float16 on CUDA)
-        with ready_for_backward(baseline):
-            torch_outs, torch_grads, _ = run(baseline, kind, cfg, dtype, device)
+        if masked:
+            torch_outs, torch_grads, _ = run_masked(ours, kind, cfg, dtype, device, masks, torch_layer)
+        else:
+            baseline = copy.deepcopy(theirs).to(device)  # (torch on our device: cuDNN's float16 on CUDA)
+            with ready_for_backward(baseline):
+                torch_outs, torch_grads, _ = run(baseline, kind, cfg, dtype, device)
         torch_same = dict(zip(["output", "h_n", "c_n"], torch_outs), **{f"grad {k}": v for k, v in torch_grads.items()})
 
         def check(a, e, name):
@@ -151,6 +170,35 @@ def check_sequence_module(kind, cfg_name, dtype, device):
         # The comparison above only means something if dropout changed the result.
         ours.eval()
         assert not torch.allclose(run(ours, kind, cfg, dtype, device)[0][0], outs[0])
+
+
+@pytest.mark.parametrize("cfg_name", [c for c in CONFIGS if CONFIGS[c].get("train") and CONFIGS[c].get("dropout")])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_masked_oracle_of_cuda_dropout_is_torch_nns_on_the_cpu(kind, cfg_name):
+    """check_sequence_module's oracle for dropout in training on CUDA (our masks recorded, then the float64
+    reference and torch.nn's float32 layers run through our stack with them) checked where torch.nn draws the
+    same masks as ours, on the CPU: both agree with torch.nn's own run, and the masks replayed shifted in time
+    do not (the recording is what the run drew)."""
+    cfg = CONFIGS[cfg_name]
+    theirs, ours = make_pair(kind, cfg, F32)
+    with stack_dropout() as masks:
+        outs, grads, _ = run(ours, kind, cfg, F32)
+    keep = 1 / (1 - cfg["dropout"])
+    assert len(masks) == cfg["num_layers"] - 1 and all(((m == 0) | (m == keep)).all() for m in masks)
+    exact, exact_grads, _ = run(copy.deepcopy(theirs).double(), kind, cfg, F64)
+    oracle, oracle_grads, _ = run_masked(ours, kind, cfg, F64, "cpu", masks, ref.rnn_layer)
+    base, base_grads, _ = run(theirs, kind, cfg, F32)
+    layered, layered_grads, _ = run_masked(ours, kind, cfg, F32, "cpu", masks, torch_layer)
+    for name, a, b, c, d in zip(["output", "h_n", "c_n"], oracle, exact, layered, base):
+        assert_close_to_ref(a, b, name)
+        assert_matches(c, b, name)
+        assert_matches(d, b, name)
+    assert oracle_grads.keys() == exact_grads.keys() == layered_grads.keys()
+    for name in exact_grads:
+        assert_close_to_ref(oracle_grads[name], exact_grads[name], f"grad {name}")
+        assert_matches(layered_grads[name], exact_grads[name], f"grad {name}")
+    shifted, _, _ = run_masked(ours, kind, cfg, F64, "cpu", [m.roll(1, 0) for m in masks], ref.rnn_layer)
+    assert not torch.allclose(shifted[0], exact[0])
 
 
 @pytest.mark.parametrize("device", devices())
