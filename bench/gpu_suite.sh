@@ -119,7 +119,9 @@ if afford "compute-sanitizer probe" 100; then
     partial=1
   fi
 fi
-for tool in memcheck racecheck; do
+# synccheck: barriers and the warp-synchronous reduce-scatter under real independent thread scheduling;
+# initcheck: a workspace read before it is written (a review, stop 33); both after the two that matter most.
+for tool in memcheck racecheck synccheck initcheck; do
   [ $sanitizer_ok = 1 ] || break
   if afford "compute-sanitizer $tool" 90; then
     step "compute-sanitizer $tool: the CUDA probe tests and small RNN cases (both kernel paths)"

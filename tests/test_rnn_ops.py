@@ -4,6 +4,8 @@ gradient, for every mode and option; bfloat16 (and float16 on CUDA) by the 2x-to
 with poisoned outputs; determinism, gradcheck, opcheck, torch.compile, weight-cache invalidation, bad
 inputs; on CUDA also CUDA-graph capture, side streams and larger shapes (several blocks, batch and k
 tiles). CUDA cases skip cleanly without a usable GPU."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -1095,6 +1097,62 @@ def test_cuda_states_on_another_device_are_refused():
         call(ops.rnn_layer, "lstm", x, bs, dict(t, h0=t["h0"].cpu()), False, True)
     with pytest.raises(ValueError, match=r"'w_hh' is on cpu but 'x' is on cuda"):
         call(ops.rnn_layer, "lstm", x, bs, dict(t, w_hh=t["w_hh"].cpu()), False, True)
+
+
+def test_cuda_packed_op_calls_read_only_the_metadata_batch_sizes_implies(monkeypatch):
+    """The CUDA kernels index rows with a packed call's device time_offsets and lengths unchecked; a raw op
+    call's own, where batch_sizes does not imply them, would have had y, the reserve and h_n written out of
+    bounds (a review, stop 33; read, not seen on a GPU). The CUDA impls read _device_seq's copies made from batch_sizes and only compare the caller's
+    with them: on the host for CPU tensors (a ValueError naming the tensor), by an asynchronous device assert
+    for device ones (test_cuda_raw_op_with_other_device_lengths_fails_in_a_device_assert). Stood in for on the
+    CPU (_device_seq caching CPU copies)."""
+    made = {}
+
+    def device_seq(bs, off, lens, device):
+        return made.setdefault(tuple(bs.tolist()), (off.clone(), lens.clone()))
+
+    monkeypatch.setattr(ops, "_device_seq", device_seq)
+    cpu, bs = torch.device("cpu"), torch.tensor([3, 2, 2, 1])
+    got = rnn_cuda._trusted_seq("rnn_forward", bs, torch.tensor([0, 3, 5, 7]), torch.tensor([4, 3, 1]), cpu)
+    assert got[0] is made[(3, 2, 2, 1)][0] and got[1] is made[(3, 2, 2, 1)][1]
+    assert got[0].tolist() == [0, 3, 5, 7] and got[1].tolist() == [4, 3, 1]
+    again = rnn_cuda._trusted_seq("rnn_backward", bs, *got, cpu)  # (the layers' own copies: taken as they are)
+    assert again[0] is got[0] and again[1] is got[1]
+    with pytest.raises(ValueError, match=r"rnn_forward: 'lengths' must be what 'batch_sizes' implies"):
+        rnn_cuda._trusted_seq("rnn_forward", bs, got[0], torch.tensor([4, 3, 2]), cpu)
+    with pytest.raises(ValueError, match=r"rnn_backward: 'time_offsets' must be .*shape \(4,\), got torch.int64 \(3,\)"):
+        rnn_cuda._trusted_seq("rnn_backward", bs, torch.tensor([0, 3, 5]), got[1], cpu)
+    with pytest.raises(ValueError, match=r"'lengths' must be .* an int64 tensor of shape \(3,\), got torch.int32"):
+        rnn_cuda._trusted_seq("rnn_forward", bs, got[0], got[1].int(), cpu)
+    assert rnn_cuda._trusted_seq("rnn_forward", None, None, None, cpu) == (None, None)
+
+
+@pytest.mark.cuda
+def test_cuda_raw_op_with_other_device_lengths_fails_in_a_device_assert():
+    """A raw CUDA call whose device lengths batch_sizes does not imply ends in a device-side assert (in a child
+    process: it ends the CUDA context, as torch's own index asserts do), never an out-of-bounds write; with
+    the implied ones it gives the layer's results."""
+    script = """
+import torch, pyseqkern
+from pyseqkern.ops import rnn as ops
+H, bs = 4, torch.tensor([3, 2, 1])
+xg = torch.randn(6, 4 * H, device="cuda")
+packed = torch.ops.pyseqkern.rnn_pack(0, True, H, 0, torch.randn(4 * H, H, device="cuda"), None)
+off, lens = torch.tensor([0, 3, 5], device="cuda"), torch.tensor([3, 2, 1], device="cuda")
+run = lambda o, l: torch.ops.pyseqkern.rnn_forward(0, True, H, 0, 3, 3, xg, None, None, None, packed, bs, o, l,
+                                                   0, 0, True, False)
+good = run(off, lens)[0]
+assert torch.equal(good, run(off.cpu(), lens.cpu())[0])
+torch.cuda.synchronize()
+print("GOOD", flush=True)
+run(off, torch.tensor([3, 3, 3], device="cuda"))
+torch.cuda.synchronize()
+print("NOT REFUSED", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "GOOD" in done.stdout, done.stderr[-2000:]
+    assert "NOT REFUSED" not in done.stdout and done.returncode != 0
+    assert "device-side assert" in done.stderr or "assert" in done.stderr.lower(), done.stderr[-2000:]
 
 
 def test_cuda_path_override_is_validated():

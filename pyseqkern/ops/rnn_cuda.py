@@ -164,6 +164,55 @@ def _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
             dgh.t().contiguous() if gru_after else e(0, n), hprev.t().contiguous())
 
 
+# ---- the op route's packed metadata ------------------------------------------------------------------------
+def _trusted_seq(op, batch_sizes, time_offsets, lengths, device):
+    """The device time offsets and lengths the kernels of a packed op call read: the copies _device_seq made
+    from batch_sizes. The kernels index rows with them unchecked (a review, stop 33: a raw call's own device
+    lengths that batch_sizes does not imply would have had y, reserve and h_n written out of bounds), so a
+    caller's own are only compared with them: on the host where they are CPU tensors (a ValueError, as the
+    CPU entries raise), else by an asynchronous device-side assert, as torch checks indices on CUDA (no
+    sync, allowed in a capture; like torch's, it ends the CUDA context). The layers' own copies are those
+    objects: no check. Without batch_sizes, or without either tensor, the binding says what is missing."""
+    if batch_sizes is None or time_offsets is None or lengths is None:
+        return time_offsets, lengths
+    bs = batch_sizes.to(dtype=torch.int64, device="cpu").contiguous()
+    if bs.dim() != 1 or bs.numel() == 0:
+        return time_offsets, lengths  # (the binding refuses it, naming batch_sizes)
+    batch = int(bs[0])
+    off = torch.cumsum(bs, 0) - bs
+    lens = (bs.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
+    want = _rnn._device_seq(bs, off, lens, device)
+    for name, given, host, dev in (("time_offsets", time_offsets, off, want[0]), ("lengths", lengths, lens, want[1])):
+        if given is dev:
+            continue
+        msg = (f"pyseqkern::{op}: '{name}' must be what 'batch_sizes' implies (time_offsets: its exclusive "
+               "cumsum; lengths: each row's steps)")
+        if given.shape != host.shape or given.dtype != torch.int64:
+            raise ValueError(f"{msg}: an int64 tensor of shape {tuple(host.shape)}, got {given.dtype} "
+                             f"{tuple(given.shape)}")
+        if given.device.type == "cpu":
+            if not torch.equal(given, host):
+                raise ValueError(msg)
+        else:
+            torch._assert_async((given.to(device) == dev).all(), msg)
+    return want
+
+
+def _forward_op(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
+                time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
+    """The op's CUDA impl: the layers' direct route calls _forward_cuda with their own copies."""
+    time_offsets, lengths = _trusted_seq("rnn_forward", batch_sizes, time_offsets, lengths, x_gates.device)
+    return _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
+                         time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias)
+
+
+def _backward_op(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
+                 time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
+    time_offsets, lengths = _trusted_seq("rnn_backward", batch_sizes, time_offsets, lengths, reserve.device)
+    return _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed,
+                          batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed)
+
+
 LIB.impl("rnn_pack", _pack_cuda, "CUDA")
-LIB.impl("rnn_forward", _forward_cuda, "CUDA")
-LIB.impl("rnn_backward", _backward_cuda, "CUDA")
+LIB.impl("rnn_forward", _forward_op, "CUDA")
+LIB.impl("rnn_backward", _backward_op, "CUDA")
