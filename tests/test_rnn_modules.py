@@ -1334,6 +1334,33 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.parametrize("x_dtype, c_dtype", [(F64, F32), (F64, torch.bfloat16), (F32, torch.bfloat16), (F32, F16)])
+@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
+def test_lstm_takes_a_cell_state_below_the_inputs_precision(cls, x_dtype, c_dtype):
+    """torch.nn's LSTM and LSTMCell take a c_0 in a float dtype below the input's (their math promotes it: the
+    numbers of converting it first), where ours refused it (a fuzzer, stop 33). Ours converts it: outputs as
+    torch.nn's with c_0 converted (torch.nn's oneDNN LSTM itself fails for a float32 input), and c_0's
+    gradient comes back in its own dtype. A c_0 above the input's precision stays refused."""
+    batch = (B,) if cls == "LSTMCell" else (1, B)
+    theirs = seed_parameters(getattr(torch.nn, cls)(I, H, dtype=x_dtype))
+    ours = getattr(pnn, cls)(I, H, dtype=x_dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = randn((B, I) if cls == "LSTMCell" else (T, B, I), x_dtype, seed=1)
+    h0 = randn((*batch, H), x_dtype, seed=2).requires_grad_()
+    c0 = randn((*batch, H), c_dtype, seed=3).requires_grad_()
+    got = ours(x, (h0, c0))
+    want = theirs(x, (h0, c0.to(x_dtype)))
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
+        assert a.dtype == x_dtype
+        assert_matches(a, b.double())
+    (g,) = torch.autograd.grad(weighted_sum(torch.utils._pytree.tree_leaves(got)), [c0])
+    (w,) = torch.autograd.grad(weighted_sum(torch.utils._pytree.tree_leaves(want)), [c0])
+    assert g.dtype == c_dtype and torch.equal(g, w)
+    if x_dtype == F32:
+        with pytest.raises(RuntimeError, match=r"hx\[1\] dtype \(torch.float64\) does not match input dtype"):
+            ours(x, (h0.detach(), c0.detach().double()))
+
+
 @pytest.mark.parametrize("call,exc,match,torch_same", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 def test_bad_inputs_raise_clear_errors(call, exc, match, torch_same):
     with pytest.raises(exc, match=match):

@@ -70,6 +70,8 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
         c = torch.zeros(shape, dtype=x.dtype, device=x.device) if mode == "lstm" else None
     else:
         states = [s if batched else s.unsqueeze(0) for s in states]
+        if mode == "lstm":
+            states[1] = _checks.cell_state_as_input(states[1], x)
         for label, s in zip(labels, states):
             if s.size(0) != x.size(0):
                 raise RuntimeError(f"{name}: Input batch size {x.size(0)} doesn't match {label} batch size {s.size(0)}")

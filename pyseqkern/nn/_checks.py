@@ -53,6 +53,17 @@ def state_matches(name: str, label: str, state: torch.Tensor, expected_shape: tu
         )
 
 
+def cell_state_as_input(c0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An LSTM's c_0 in a float dtype below the input's, converted to it: torch.nn's LSTM and LSTMCell take
+    one (their math promotes it, the same numbers as converting it first) where they refuse such an h_0
+    (a fuzzer, stop 33). One above the input's stays, for state_matches to refuse (torch.nn then computes
+    in the higher dtype, or its oneDNN path fails)."""
+    if (c0.dtype != x.dtype and c0.is_floating_point() and x.is_floating_point()
+            and torch.promote_types(c0.dtype, x.dtype) == x.dtype):
+        return c0.to(x.dtype)
+    return c0
+
+
 def split_lstm_hx(name: str, hx) -> tuple[torch.Tensor, torch.Tensor]:
     # torch indexes hx[0], hx[1] without looking, so a plain tensor there fails later with a message about
     # dimensions; say what is expected instead. A tuple of the wrong length is a RuntimeError in torch.nn.

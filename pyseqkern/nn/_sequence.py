@@ -185,6 +185,7 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     if hx is not None:
         _checks.state_matches(name, "hx[0]" if is_lstm else "hx", h0, h_shape, x)
         if is_lstm:
+            c0 = _checks.cell_state_as_input(c0, x)
             _checks.state_matches(name, "hx[1]", c0, c_shape, x)
         h0, c0 = _permute((h0, c0), sorted_indices)
     elif batch_sizes is not None and _rnn_ops.capturing_graph():
