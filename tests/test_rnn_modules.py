@@ -1331,7 +1331,25 @@ BAD_INPUTS = [
      RuntimeError, r"'batch_sizes' must be an int64 CPU tensor", True),
     ("rnn-cell-unknown-nonlinearity", lambda nn: nn.RNNCell(I, H, nonlinearity="gelu")(x3((B, I))), RuntimeError,
      r"Unknown nonlinearity: gelu", True),
+    # A parameter replaced by one of another shape or dtype: named as the module's (a fuzzer, stop 33: the
+    # message had named the op's 'w_hh'; torch.nn's float32 LSTM takes a (16, 5) weight_hh_l0 without a word)
+    ("lstm-weight-hh-shape", lambda nn: with_parameter(nn.LSTM(I, H), "weight_hh_l0", x3((4 * H, H + 1)))(x3()),
+     RuntimeError, r"LSTM: 'weight_hh_l0' must have shape \(28, 7\), got \(28, 8\)", False),
+    ("gru-reverse-weight-hh-rows", lambda nn: with_parameter(nn.GRU(I, H, 2, bidirectional=True), "weight_hh_l1_reverse",
+                                                             x3((3 * H - 1, H)))(x3()), RuntimeError,
+     r"GRU: 'weight_ih_l1_reverse' and 'weight_hh_l1_reverse' must be 2-D with 3\*hidden_size rows", True),
+    ("rnn-bias-hh-shape", lambda nn: with_parameter(nn.RNN(I, H), "bias_hh_l0", x3((H + 1,)))(x3()), RuntimeError,
+     r"RNN: 'bias_hh_l0' must have shape \(7,\), got \(8,\)", True),
+    ("lstm-weight-hh-dtype", lambda nn: with_parameter(nn.LSTM(I, H), "weight_hh_l0", x3((4 * H, H), F64))(x3()),
+     RuntimeError, r"LSTM: 'weight_hh_l0' has dtype torch.float64 but the input has torch.float32", True),
+    ("gru-cell-weight-hh-shape", lambda nn: with_parameter(nn.GRUCell(I, H), "weight_hh", x3((3 * H, H + 1)))(
+        x3((B, I))), RuntimeError, r"GRUCell: 'weight_hh' must have shape \(21, 7\), got \(21, 8\)", True),
 ]
+
+
+def with_parameter(module, name, value):
+    setattr(module, name, torch.nn.Parameter(value))
+    return module
 
 
 @pytest.mark.parametrize("x_dtype, c_dtype", [(F64, F32), (F64, torch.bfloat16), (F32, torch.bfloat16), (F32, F16)])

@@ -81,7 +81,13 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
             _checks.state_matches(name, label, s, shape, x)
         h, c = states[0], (states[1] if mode == "lstm" else None)
 
-    h_new, c_new = _rnn_ops.rnn_cell(mode, x, h, c, w_ih, module.weight_hh, module.bias_ih, module.bias_hh,
-                                     reset_after)
+    try:
+        h_new, c_new = _rnn_ops.rnn_cell(mode, x, h, c, w_ih, module.weight_hh, module.bias_ih, module.bias_hh,
+                                         reset_after)
+    except (ValueError, TypeError) as e:
+        named = _checks.parameter_error(name, e)
+        if named is None:
+            raise
+        raise named from e
     out = (h_new,) if mode != "lstm" else (h_new, c_new)
     return out if batched else tuple(t.squeeze(0) for t in out)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 # The ops module is looked up at call time (attribute access), so a rewritten rnn_layer is picked up.
 from ..ops import rnn as _rnn_ops
 from ..ops import rnn_autocast as _autocast
+from . import _checks
 
 
 def layer_weights(module, layer: int, direction: int, weights=None):
@@ -49,11 +50,18 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True, weights
     def step(layer_input, idx, direction, w_ih, w_hh, b_ih, b_hh, w_hr):
         """(output, h, c) of one layer and direction."""
         h, c = None if h0 is None else h0[idx], None if c0 is None else c0[idx]
-        if one_step:
-            h, c = _rnn_ops.rnn_cell(mode, layer_input, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, spread)
-            return h, h, c
-        return _rnn_ops.rnn_layer(mode, layer_input, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, bool(direction),
-                                  reset_after)
+        try:
+            if one_step:
+                h, c = _rnn_ops.rnn_cell(mode, layer_input, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, spread)
+                return h, h, c
+            return _rnn_ops.rnn_layer(mode, layer_input, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                      bool(direction), reset_after)
+        except (ValueError, TypeError) as e:
+            named = _checks.parameter_error(type(module).__name__, e,
+                                            f"_l{idx // num_directions}{'_reverse' if direction else ''}")
+            if named is None:
+                raise
+            raise named from e
 
     num_directions = 2 if module.bidirectional else 1
     spread = module.num_layers * num_directions > 1
