@@ -372,6 +372,46 @@ def test_writes_and_freezes_in_the_middle_of_a_loop(kind):
             run(twin, write)
 
 
+@pytest.mark.parametrize("kind", ["gru", "gru_before"])
+@pytest.mark.parametrize("module", ["cell", "layer"])
+def test_frozen_gru_takes_a_write_to_its_state_before_the_backward(kind, module):
+    """A frozen GRU's state written in place between a step and its backward (RL code resetting h where an
+    episode ends): torch.nn's fused GRU cell keeps h in its workspace and gives the gradient; ours saved h
+    itself and raised autograd's in-place error (a module fuzzer, stop 33). It keeps a copy where W_hh wants
+    no gradient: the gradient of the state as it was at the step, for GRUCell and a one-step GRU alike."""
+    torch.manual_seed(0)
+    reset_after = kind == "gru"
+    m = make(kind, torch.float64) if module == "cell" else pnn.GRU(I, H, reset_after=reset_after).double()
+    m.requires_grad_(False)
+    x = randn((3, I), torch.float64, seed=440)
+    x = x if module == "cell" else x.unsqueeze(0)
+    h0 = randn((3, H) if module == "cell" else (1, 3, H), torch.float64, seed=441)
+
+    def grad(write):
+        h = h0.clone().requires_grad_()
+        out = m(x, h)
+        y = out if module == "cell" else out[0]
+        if write:
+            with torch.no_grad():
+                h.mul_(3)
+        return torch.autograd.grad(weighted_sum([y], 91), [h])[0]
+
+    want = grad(False)
+    assert_bitwise_equal(grad(True), want)
+    params = [p.detach() for p in m.parameters()]
+    h = h0.reshape(3, H).clone().requires_grad_()
+    y, _ = ref.rnn_cell("gru", x.reshape(3, I), h, None, *params, reset_after=reset_after)
+    assert_matches(want.reshape(3, H), torch.autograd.grad(weighted_sum([y.reshape(want.shape)], 91), [h])[0])
+    if reset_after:  # (and torch.nn agrees that the write is allowed)
+        twin = getattr(torch.nn, "GRUCell" if module == "cell" else "GRU")(I, H).double().requires_grad_(False)
+        twin.load_state_dict(m.state_dict())
+        h = h0.clone().requires_grad_()
+        out = twin(x, h)
+        with torch.no_grad():
+            h.mul_(3)
+        torch.autograd.grad(weighted_sum([out if module == "cell" else out[0]], 91), [h])
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_create_graph_after_an_in_place_write_raises(kind):
     """create_graph recomputes a step from its inputs: a bias written in place since then would change

@@ -138,9 +138,12 @@ class _Step(torch.autograd.Function):
         # not in torch.nn (found by a fuzzing helper). The weights as aliases made now: a later
         # `p.data = ...` rebinds the parameter, not what this step multiplied. The inputs themselves
         # stay on ctx for create_graph, which recomputes the step (_inputs_for_graph).
+        # A GRU's backward reads h itself (dz = dh (h - n)): where W_hh wants no gradient it keeps a copy, as
+        # torch.nn's fused GRU cell keeps h in its workspace, so a write to h before the backward (a frozen
+        # GRU's state reused in place) is not refused where torch.nn's is not (a fuzzer, stop 33).
         need = ctx.needs_input_grad
         gru = mode in ("gru", "gru_before")
-        kept = (x if need[6] else None, h if need[7] or gru else None, c,
+        kept = (x if need[6] else None, h if need[7] else h.clone() if gru else None, c,
                 w_ih.detach() if need[2] else None, w_hh.detach() if need[3] or mode == "gru_before" else None)
         ctx.inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh)
         ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
