@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fingerprint.h"
@@ -280,27 +282,29 @@ PackStamp panel_stamp(const RnnShape& shape, DType dtype, int64_t input, const R
   return pack_stamp(PackKind::InputPanel, shape, dtype, kern.sizes(shape, 1, dtype).lanes, input, *layout_numel);
 }
 
-// Refuses a CPU pack (at least as large as this call's layout, checked before) laid out for another
-// layer or level.
-void require_stamp(const void* pack, DType dtype, int64_t layout_numel, const PackStamp& want, const char* op,
-                   const char* arg) {
-  const std::string why = stamp_mismatch(pack, dtype, layout_numel, want);
+// Refuses a CPU pack (`numel` elements of A, at least this call's layout and its stamp: checked before)
+// laid out for another layer or level.
+void require_stamp(const void* pack, int64_t numel, DType dtype, int64_t layout_numel, const PackStamp& want,
+                   const char* op, const char* arg) {
+  const std::string why = stamp_mismatch(pack, numel, dtype, layout_numel, want);
   if (!why.empty())
     throw py::value_error(std::string("pyseqkern: ") + op + ": '" + arg + "' does not fit this call: " + why);
 }
 
-void require_weights_stamp(const void* pack, const RnnShape& shape, DType dtype, const RnnCpuKernels& kern,
+void require_weights_stamp(py::handle pack, const RnnShape& shape, DType dtype, const RnnCpuKernels& kern,
                            const char* op) {
   int64_t at = 0;
   const PackStamp want = weights_stamp(shape, dtype, kern, &at);
-  require_stamp(pack, dtype, at, want, op, "packed");
+  const TensorView v = view_of(pack, "packed");
+  require_stamp(v.data, v.numel(), dtype, at, want, op, "packed");
 }
 
-void require_panel_stamp(const void* panel, const RnnShape& shape, DType dtype, int64_t input,
+void require_panel_stamp(py::handle panel, const RnnShape& shape, DType dtype, int64_t input,
                          const RnnCpuKernels& kern, const char* op) {
   int64_t at = 0;
   const PackStamp want = panel_stamp(shape, dtype, input, kern, &at);
-  require_stamp(panel, dtype, at, want, op, "packed_in");
+  const TensorView v = view_of(panel, "packed_in");
+  require_stamp(v.data, v.numel(), dtype, at, want, op, "packed_in");
 }
 
 DType rnn_dtype(const std::string& dtype) {
@@ -420,12 +424,16 @@ bool rnn_pack_current_entry(int mode, bool reset_after, int64_t hidden, int64_t 
     throw py::value_error("pyseqkern: rnn_pack_current: CPU tensors only");
   const RnnCpuKernels& kern = rnn_cpu_kernels();
   require_cpu_dtype(w.dtype, "rnn_pack_current", "w_hh");
+  // (a pack smaller than this level's layout, or of another dtype, is another level's: not current)
+  if (packed.dtype != (w.dtype == DType::Float64 ? DType::Float64 : DType::Float32) ||
+      packed.numel() < rnn_sizes_of(rnn_shape(mode, reset_after, hidden, proj), 1, w.dtype, false, kern).packed_numel)
+    return false;
   RnnPackParams p = pack_params(mode, reset_after, hidden, proj, w_hh_c, w_hr_c, w, packed, kern, "rnn_pack_current");
   if (proj > 0 && view_of(w_hr_c, "w_hr").device != DeviceKind::Cpu)
     throw py::value_error("pyseqkern: rnn_pack_current: CPU tensors only");
   int64_t at = 0;
   const PackStamp stamp = weights_stamp(p.shape, p.dtype, kern, &at);
-  if (!stamp_mismatch(p.out, p.dtype, at, stamp).empty()) return false;  // another level's or layer's pack
+  if (!stamp_mismatch(p.out, packed.numel(), p.dtype, at, stamp).empty()) return false;  // another level's or layer's pack
   py::gil_scoped_release nogil;
   return kern.pack_current(p);
 }
@@ -512,9 +520,9 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
   }
   auto index = [](py::handle h, const char* arg, int64_t n) {
     TensorView v = view_of(h, arg);
-    if (v.dtype != DType::Int64 || !v.is_contiguous() || v.numel() < n)
-      throw py::value_error(std::string("pyseqkern: rnn: '") + arg + "' must be a contiguous int64 tensor of at least " +
-                            std::to_string(n) + " values");
+    if (v.dtype != DType::Int64 || v.ndim != 1 || !v.is_contiguous() || v.numel() < n)
+      throw py::value_error(std::string("pyseqkern: rnn: '") + arg + "' must be a 1-D contiguous int64 tensor of at " +
+                            "least " + std::to_string(n) + " values");
     return v;
   };
   TensorView bs = index(batch_sizes, "batch_sizes", steps), to = index(time_offsets, "time_offsets", steps),
@@ -565,6 +573,15 @@ int64_t check_rows(const TensorView& v, const char* arg, int64_t rows, int64_t c
   return stride;
 }
 
+// A call the CPU kernels run: every tensor given in host memory (they dereference its pointer; a CUDA
+// pack or state with CPU x_gates had crashed the interpreter).
+void require_cpu(const char* op, std::initializer_list<std::pair<py::handle, const char*>> tensors) {
+  for (const auto& [h, arg] : tensors)
+    if (!h.is_none() && view_of(h, arg).device != DeviceKind::Cpu)
+      throw py::value_error(std::string("pyseqkern: ") + op + ": '" + arg + "' is a CUDA tensor, but this call " +
+                            "runs on the CPU (its sequence data are CPU tensors): every tensor must be on one device");
+}
+
 // A dense tensor of at least `numel` values of `dtype` (states, packed weights, workspace), or None.
 void* dense_of(py::handle h, const char* arg, DType dtype, int64_t numel, bool optional = true) {
   if (h.is_none()) {
@@ -599,10 +616,11 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     p.x = xv.data;
     p.ld_x = row_stride(xv, "x");
     p.input = xv.sizes[1];
-    p.packed_in = pin.data;
     const int64_t numel = kern.input_panel_numel(p.shape, p.input, p.dtype);
-    if (numel == 0 || pin.numel() < numel + stamp_elems(p.dtype))
+    if (numel == 0)
       throw py::value_error("pyseqkern: rnn_forward: 'packed_in' must be rnn_pack_input's output for this 'x'");
+    p.packed_in = dense_of(packed_in, "packed_in", p.dtype == DType::Float64 ? DType::Float64 : DType::Float32,
+                           numel + stamp_elems(p.dtype), false);
     if (!x_gates.is_none()) {
       TensorView b = view_of(x_gates, "x_gates");
       if (b.dtype != p.dtype || b.numel() != rnn_gate_count(p.shape.mode) * hidden || !b.is_contiguous())
@@ -695,8 +713,12 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
 #endif
   }
   require_cpu_dtype(p.dtype, "rnn_forward", p.x != nullptr ? "x" : "x_gates");
-  require_weights_stamp(p.packed, p.shape, p.dtype, kern, "rnn_forward");
-  if (p.x != nullptr) require_panel_stamp(p.packed_in, p.shape, p.dtype, p.input, kern, "rnn_forward");
+  require_cpu("rnn_forward", {{time_offsets, "time_offsets"}, {lengths, "lengths"}, {b_hn, "b_hn"}, {h0, "h0"},
+                              {c0, "c0"}, {y, "y"}, {h_n, "h_n"}, {c_n, "c_n"}, {packed, "packed"}, {reserve, "reserve"},
+                              {workspace, "workspace"}, {x_gates, "x_gates"}, {x, "x"}, {packed_in, "packed_in"},
+                              {x_gates_buf, "x_gates_buf"}, {x_bias, "x_bias"}});
+  require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_forward");
+  if (p.x != nullptr) require_panel_stamp(packed_in, p.shape, p.dtype, p.input, kern, "rnn_forward");
   py::gil_scoped_release nogil;
   kern.forward(p);
   return "cpu";
@@ -788,7 +810,12 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
 #endif
   }
   require_cpu_dtype(p.dtype, "rnn_backward", "d_gates_x (the dtype of dy, dh_n, dc_n)");
-  require_weights_stamp(p.packed, p.shape, p.dtype, kern, "rnn_backward");
+  require_cpu("rnn_backward", {{time_offsets, "time_offsets"}, {lengths, "lengths"}, {dy, "dy"}, {dh_n, "dh_n"},
+                               {dc_n, "dc_n"}, {c0, "c0"}, {reserve, "reserve"}, {packed, "packed"},
+                               {d_gates_h, "d_gates_h"}, {d_proj, "d_proj"}, {dh0, "dh0"}, {dc0, "dc0"},
+                               {workspace, "workspace"}, {d_gates_xt, "d_gates_xt"}, {d_gates_ht, "d_gates_ht"},
+                               {h_prev_t, "h_prev_t"}});
+  require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_backward");
   py::gil_scoped_release nogil;
   kern.backward(p);
   return "cpu";
@@ -830,8 +857,8 @@ class RnnCellStep {
       throw py::value_error("pyseqkern: RnnCellStep: 'packed' and 'packed_in' are required");
     p.packed = own(packed, "packed", acc, sz.packed_numel + stamp_elems(p.dtype));
     p.packed_in = own(packed_in, "packed_in", acc, panel_numel + stamp_elems(p.dtype));
-    require_weights_stamp(p.packed, p.shape, p.dtype, kernels_, "RnnCellStep");
-    require_panel_stamp(p.packed_in, p.shape, p.dtype, input, kernels_, "RnnCellStep");
+    require_weights_stamp(packed, p.shape, p.dtype, kernels_, "RnnCellStep");
+    require_panel_stamp(packed_in, p.shape, p.dtype, input, kernels_, "RnnCellStep");
     p.x_gates = own(bias, "bias", p.dtype, rnn_gate_count(p.shape.mode) * hidden);  // the bias row, or none
     p.b_hn = own(b_hn, "b_hn", p.dtype, hidden);
   }

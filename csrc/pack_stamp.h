@@ -13,7 +13,8 @@
 // calls), or made for another layer, it is in bounds but laid out otherwise: the raw ops returned wrong
 // numbers without a word (a fuzzer, stop 32). The modules key their caches on the level and never hit
 // this; the raw ops and exported graphs that keep a pack as a constant can. CUDA packs carry no stamp
-// (one layout per build) and a CPU entry refuses them for the missing magic.
+// (one layout per build): the CPU entries refuse CUDA tensors outright, and a CUDA pack copied to the host
+// for the missing magic.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -52,15 +53,20 @@ inline void write_stamp(void* pack, DType storage, int64_t layout_numel, const P
   std::memcpy(static_cast<char*>(pack) + layout_numel * elem, &st, sizeof st);
 }
 
-// Empty where the pack at `pack` carries `want`; else why not, for an error message.
-inline std::string stamp_mismatch(const void* pack, DType storage, int64_t layout_numel, const PackStamp& want) {
+// Empty where the pack at `pack` (`numel` elements of A, at least layout_numel + stamp_elems) carries `want`;
+// else why not, for an error message. A pack made for a larger layout has its stamp at its own end, which
+// is read then to say whose it is.
+inline std::string stamp_mismatch(const void* pack, int64_t numel, DType storage, int64_t layout_numel,
+                                  const PackStamp& want) {
   const int64_t elem = storage == DType::Float64 ? 8 : 4;
   PackStamp got;
   std::memcpy(&got, static_cast<const char*>(pack) + layout_numel * elem, sizeof got);
   if (std::memcmp(&got, &want, sizeof got) == 0) return std::string();
   if (got.word[0] >> 32 != kStampMagic)
-    return "it is not a CPU pack for this layer (no pack stamp where this layer's layout ends: made by hand, "
-           "on CUDA, or for a larger layer)";
+    std::memcpy(&got, static_cast<const char*>(pack) + numel * elem - kStampBytes, sizeof got);
+  if (got.word[0] >> 32 != kStampMagic)
+    return "it is not a CPU pack (no pack stamp where this layer's layout ends, nor at its own end: made by "
+           "hand, or on CUDA)";
   const uint64_t gm = got.word[0], wm = want.word[0];
   const auto field = [](uint64_t meta, int shift, uint64_t mask) { return (meta >> shift) & mask; };
   if (field(gm, 28, 0xF) != field(wm, 28, 0xF))

@@ -194,8 +194,10 @@ def stack_dropout(masks=None):
 
     Without `masks`: the real F.dropout runs, and the block's value, a list, gets each call's mask as F.dropout
     scales it (0 or 1/(1-p), float64, CPU). The mask is drawn again from the same generator state on a tensor
-    of ones: dropout's random numbers depend on the tensor's shape and layout, not its values; the kept pattern
-    is checked against the real output wherever the input is not 0. With `masks` (such a list): each call
+    of ones: dropout's random numbers depend on the tensor's shape and layout, not its values (on CUDA the
+    fused kernel's vector width also follows the pointer's alignment: a misaligned input would draw another
+    pattern than the fresh tensor of ones), so the kept pattern is checked against the real output wherever
+    the input is not 0, and a mismatch fails loudly. Not yet run on a GPU. With `masks` (such a list): each call
     multiplies by the next mask instead, in float32 (float64 for float64 tensors) and rounds to the input's
     dtype, as torch's fused kernels do, and every mask must be used."""
     import torch.nn.functional as F
@@ -207,6 +209,7 @@ def stack_dropout(masks=None):
     def dropout(x, p, training=True):
         if not record:
             m = next(replay)
+            assert m.shape == x.shape, f"replayed mask {tuple(m.shape)} for a dropout input {tuple(x.shape)}"
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             return (x.to(acc) * m.to(device=x.device, dtype=acc)).to(x.dtype)
         on_cuda = x.device.type == "cuda"

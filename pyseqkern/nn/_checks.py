@@ -73,10 +73,11 @@ def state_matches(name: str, label: str, state: torch.Tensor, expected_shape: tu
 
 
 def cell_state_as_input(c0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """An LSTM's c_0 in a float dtype below the input's, converted to it: torch.nn's LSTM and LSTMCell take
-    one (their math promotes it, the same numbers as converting it first) where they refuse such an h_0
-    (a fuzzer, stop 33). One above the input's stays, for state_matches to refuse (torch.nn then computes
-    in the higher dtype, or its oneDNN path fails)."""
+    """An LSTM's c_0 in a float dtype below the input's, converted to it: torch.nn's LSTMCell and its
+    generic LSTM take one (their math promotes it: the numbers of converting it first), where they refuse
+    such an h_0 (a fuzzer, stop 33); its oneDNN LSTM (float32 on the CPU) fails for a bfloat16 or float16
+    c_0 instead. One above the input's stays, for state_matches to refuse: there torch.nn's LSTMCell
+    computes in the higher dtype and returns it, and its LSTM fails."""
     if (c0.dtype != x.dtype and c0.is_floating_point() and x.is_floating_point()
             and torch.promote_types(c0.dtype, x.dtype) == x.dtype):
         return c0.to(x.dtype)

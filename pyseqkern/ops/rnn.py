@@ -760,9 +760,17 @@ _DEVICE_SEQ_CAPTURED: dict = {}
 _DEVICE_SEQ_MAX = 64
 
 
+def _seq_host(bs):
+    """(time_offsets, lengths) of a valid batch_sizes (1-D int64 CPU, non-increasing): exclusive cumsum, and
+    each row's steps, in O(T + B log T)."""
+    batch = int(bs[0]) if bs.numel() else 0
+    return torch.cumsum(bs, 0) - bs, torch.searchsorted(-bs, -torch.arange(batch), side="left")
+
+
 def _device_seq(bs, time_offsets, lengths, device):
     """bs, time_offsets, lengths: plain CPU tensors (_Seq unwraps functorch's wrappers first: a wrapper
-    has no storage for tolist(), and the kernels cannot read one). Fake ones (opcheck's
+    has no storage for tolist(), and the kernels cannot read one); time_offsets and lengths may be None,
+    made from bs (_seq_host) where no copy is cached. Fake ones (opcheck's
     aot_dispatch_dynamic, make_fx's symbolic tracing) are only moved: their tolist() gives SymInts,
     which no dict key takes ("unhashable type: non-nested SymInt", the first GPU run, stop 31). (Real
     tensors under a dispatch mode keep the cache: a capture under FlopCounterMode needs its copy.)"""
@@ -784,6 +792,8 @@ def _device_seq(bs, time_offsets, lengths, device):
     key = (device, torch.cuda.current_stream(device).cuda_stream, sizes)
     hit = _DEVICE_SEQ.pop(key, None)
     if hit is None:  # (under a grad transform the copies come wrapped, however plain their sources)
+        if time_offsets is None:
+            time_offsets, lengths = _seq_host(bs)
         hit = (_plain(time_offsets.to(device, non_blocking=True)), _plain(lengths.to(device, non_blocking=True)))
     _DEVICE_SEQ[key] = hit  # (re)inserted last: the dict's order is the age
     while len(_DEVICE_SEQ) > _DEVICE_SEQ_MAX:

@@ -171,27 +171,35 @@ def _trusted_seq(op, batch_sizes, time_offsets, lengths, device):
     lengths that batch_sizes does not imply would have had y, reserve and h_n written out of bounds), so a
     caller's own are only compared with them: on the host where they are CPU tensors (a ValueError, as the
     CPU entries raise), else by an asynchronous device-side assert, as torch checks indices on CUDA (no
-    sync, allowed in a capture; like torch's, it ends the CUDA context). The layers' own copies are those
-    objects: no check. Without batch_sizes, or without either tensor, the binding says what is missing."""
+    sync, allowed in a capture; like torch's, it ends the CUDA context, and the kernels read the copies
+    either way). The layers' own copies are those objects: a cache lookup, no comparison. Compiled graphs
+    pass fresh device tensors: a comparison of a few small kernels per call. Without all three tensors the
+    binding says what is missing."""
     if batch_sizes is None or time_offsets is None or lengths is None:
         return time_offsets, lengths
-    bs = batch_sizes.to(dtype=torch.int64, device="cpu").contiguous()
-    if bs.dim() != 1 or bs.numel() == 0:
-        return time_offsets, lengths  # (the binding refuses it, naming batch_sizes)
-    batch = int(bs[0])
-    off = torch.cumsum(bs, 0) - bs
-    lens = (bs.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
-    want = _rnn._device_seq(bs, off, lens, device)
-    for name, given, host, dev in (("time_offsets", time_offsets, off, want[0]), ("lengths", lengths, lens, want[1])):
+    bs = batch_sizes
+    if bs.dim() != 1 or bs.dtype != torch.int64 or bs.device.type != "cpu" or bs.numel() == 0:
+        raise ValueError(f"pyseqkern::{op}: 'batch_sizes' must be a non-empty 1-D int64 CPU tensor, got "
+                         f"{bs.dtype} {tuple(bs.shape)} on {bs.device}")
+    bs = bs.contiguous()
+    sizes = bs.tolist()
+    if sizes[-1] < 0 or any(a < b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"pyseqkern::{op}: 'batch_sizes' must be non-increasing and >= 0")
+    want = _rnn._device_seq(bs, None, None, device)
+    if time_offsets is want[0] and lengths is want[1]:
+        return want
+    host = _rnn._seq_host(bs)
+    for name, given, expect, dev in (("time_offsets", time_offsets, host[0], want[0]),
+                                     ("lengths", lengths, host[1], want[1])):
         if given is dev:
             continue
         msg = (f"pyseqkern::{op}: '{name}' must be what 'batch_sizes' implies (time_offsets: its exclusive "
                "cumsum; lengths: each row's steps)")
-        if given.shape != host.shape or given.dtype != torch.int64:
-            raise ValueError(f"{msg}: an int64 tensor of shape {tuple(host.shape)}, got {given.dtype} "
+        if given.shape != expect.shape or given.dtype != torch.int64:
+            raise ValueError(f"{msg}: an int64 tensor of shape {tuple(expect.shape)}, got {given.dtype} "
                              f"{tuple(given.shape)}")
         if given.device.type == "cpu":
-            if not torch.equal(given, host):
+            if not torch.equal(given, expect):
                 raise ValueError(msg)
         else:
             torch._assert_async((given.to(device) == dev).all(), msg)
