@@ -433,7 +433,8 @@ bool rnn_pack_current_entry(int mode, bool reset_after, int64_t hidden, int64_t 
     throw py::value_error("pyseqkern: rnn_pack_current: CPU tensors only");
   int64_t at = 0;
   const PackStamp stamp = weights_stamp(p.shape, p.dtype, kern, &at);
-  if (!stamp_mismatch(p.out, packed.numel(), p.dtype, at, stamp).empty()) return false;  // another level's or layer's pack
+  // (another level's or layer's pack)
+  if (!stamp_mismatch(p.out, packed.numel(), p.dtype, at, stamp).empty()) return false;
   py::gil_scoped_release nogil;
   return kern.pack_current(p);
 }
@@ -714,9 +715,9 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   }
   require_cpu_dtype(p.dtype, "rnn_forward", p.x != nullptr ? "x" : "x_gates");
   require_cpu("rnn_forward", {{time_offsets, "time_offsets"}, {lengths, "lengths"}, {b_hn, "b_hn"}, {h0, "h0"},
-                              {c0, "c0"}, {y, "y"}, {h_n, "h_n"}, {c_n, "c_n"}, {packed, "packed"}, {reserve, "reserve"},
-                              {workspace, "workspace"}, {x_gates, "x_gates"}, {x, "x"}, {packed_in, "packed_in"},
-                              {x_gates_buf, "x_gates_buf"}, {x_bias, "x_bias"}});
+                              {c0, "c0"}, {y, "y"}, {h_n, "h_n"}, {c_n, "c_n"}, {packed, "packed"},
+                              {reserve, "reserve"}, {workspace, "workspace"}, {x_gates, "x_gates"}, {x, "x"},
+                              {packed_in, "packed_in"}, {x_gates_buf, "x_gates_buf"}, {x_bias, "x_bias"}});
   require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_forward");
   if (p.x != nullptr) require_panel_stamp(packed_in, p.shape, p.dtype, p.input, kern, "rnn_forward");
   py::gil_scoped_release nogil;
