@@ -1335,8 +1335,9 @@ BAD_INPUTS = [
     # message had named the op's 'w_hh'; torch.nn's float32 LSTM takes a (16, 5) weight_hh_l0 without a word)
     ("lstm-weight-hh-shape", lambda nn: with_parameter(nn.LSTM(I, H), "weight_hh_l0", x3((4 * H, H + 1)))(x3()),
      RuntimeError, r"LSTM: 'weight_hh_l0' must have shape \(28, 7\), got \(28, 8\)", False),
-    ("gru-reverse-weight-hh-rows", lambda nn: with_parameter(nn.GRU(I, H, 2, bidirectional=True), "weight_hh_l1_reverse",
-                                                             x3((3 * H - 1, H)))(x3()), RuntimeError,
+    ("gru-reverse-weight-hh-rows", lambda nn: with_parameter(nn.GRU(I, H, 2, bidirectional=True),
+                                                             "weight_hh_l1_reverse", x3((3 * H - 1, H)))(x3()),
+     RuntimeError,
      r"GRU: 'weight_ih_l1_reverse' and 'weight_hh_l1_reverse' must be 2-D with 3\*hidden_size rows", True),
     ("rnn-bias-hh-shape", lambda nn: with_parameter(nn.RNN(I, H), "bias_hh_l0", x3((H + 1,)))(x3()), RuntimeError,
      r"RNN: 'bias_hh_l0' must have shape \(7,\), got \(8,\)", True),

@@ -1112,10 +1112,11 @@ def test_cuda_states_on_another_device_are_refused():
 def test_cuda_packed_op_calls_read_only_the_metadata_batch_sizes_implies(monkeypatch):
     """The CUDA kernels index rows with a packed call's device time_offsets and lengths unchecked; a raw op
     call's own, where batch_sizes does not imply them, would have had y, the reserve and h_n written out of
-    bounds (a review, stop 33; read, not seen on a GPU). The CUDA impls read _device_seq's copies made from batch_sizes and only compare the caller's
-    with them: on the host for CPU tensors (a ValueError naming the tensor), by an asynchronous device assert
-    for device ones (test_cuda_raw_op_with_other_device_lengths_fails_in_a_device_assert). Stood in for on the
-    CPU (_device_seq caching CPU copies)."""
+    bounds (a review, stop 33; read, not seen on a GPU). The CUDA impls read _device_seq's copies made from
+    batch_sizes and only compare the caller's with them: on the host for CPU tensors (a ValueError naming
+    the tensor), by an asynchronous device assert for device ones
+    (test_cuda_raw_op_with_other_device_lengths_fails_in_a_device_assert). Stood in for on the CPU
+    (_device_seq caching CPU copies)."""
     made = {}
 
     def device_seq(bs, off, lens, device):
@@ -1130,7 +1131,7 @@ def test_cuda_packed_op_calls_read_only_the_metadata_batch_sizes_implies(monkeyp
     assert again[0] is got[0] and again[1] is got[1]
     with pytest.raises(ValueError, match=r"rnn_forward: 'lengths' must be what 'batch_sizes' implies"):
         rnn_cuda._trusted_seq("rnn_forward", bs, got[0], torch.tensor([4, 3, 2]), cpu)
-    with pytest.raises(ValueError, match=r"rnn_backward: 'time_offsets' must be .*shape \(4,\), got torch.int64 \(3,\)"):
+    with pytest.raises(ValueError, match=r"rnn_backward: 'time_offsets' must be .*\(4,\), got torch.int64 \(3,\)"):
         rnn_cuda._trusted_seq("rnn_backward", bs, torch.tensor([0, 3, 5]), got[1], cpu)
     with pytest.raises(ValueError, match=r"'lengths' must be .* an int64 tensor of shape \(3,\), got torch.int32"):
         rnn_cuda._trusted_seq("rnn_forward", bs, got[0], got[1].int(), cpu)
