@@ -3,7 +3,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <initializer_list>
 #include <string>
 #include <utility>
 #include <vector>
@@ -209,8 +208,6 @@ void noop_cuda_entry(int device, uintptr_t stream) {
 // Optional tensors arrive as None. Python (pyseqkern/ops/rnn.py) has already validated shapes, dtypes
 // and devices; the checks here only keep a wrong call from reading out of bounds.
 
-// Row stride of a 2-D view whose rows are contiguous; size-1 dimensions may carry any stride (torch
-// calls such tensors contiguous), so they are not held against it.
 // "[a, b, ...]": a tensor's shape, for messages.
 std::string shape_text(const TensorView& v) {
   std::string s = "[";
@@ -218,6 +215,8 @@ std::string shape_text(const TensorView& v) {
   return s + "]";
 }
 
+// Row stride of a 2-D view whose rows are contiguous; size-1 dimensions may carry any stride (torch
+// calls such tensors contiguous), so they are not held against it.
 int64_t row_stride(const TensorView& v, const char* what) {
   if (v.ndim != 2 || (v.sizes[1] > 1 && v.strides[1] != 1))
     throw py::value_error(std::string("pyseqkern: rnn: '") + what + "' must be 2-D with contiguous rows");
@@ -321,9 +320,10 @@ py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t pr
   return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev);
 }
 
-#ifdef PSK_WITH_CUDA
-// CUDA calls: each given tensor on the device of `anchor`, except batch_sizes, which stays in host
-// memory; time_offsets and lengths are read by the kernels on the device (rnn.h, cuda/rnn_cuda.h).
+// Each given tensor of a call on the device of `anchor` (its sequence data), except batch_sizes, which
+// stays in host memory; on CUDA time_offsets and lengths are read by the kernels on the device (rnn.h,
+// cuda/rnn_cuda.h). A CPU call's kernels dereference every pointer: a CUDA pack or state with CPU
+// x_gates had crashed the interpreter (a review, stop 33).
 void require_on(const TensorView& anchor, const char* anchor_name, py::handle h, const char* arg) {
   if (h.is_none()) return;
   TensorView v = view_of(h, arg);
@@ -332,6 +332,7 @@ void require_on(const TensorView& anchor, const char* anchor_name, py::handle h,
   require_same_device(views, names, 2);
 }
 
+#ifdef PSK_WITH_CUDA
 void require_cuda_seq(const TensorView& anchor, const char* anchor_name, py::handle batch_sizes,
                       py::handle time_offsets, py::handle lengths) {
   if (!batch_sizes.is_none() && view_of(batch_sizes, "batch_sizes").device != DeviceKind::Cpu)
@@ -574,15 +575,6 @@ int64_t check_rows(const TensorView& v, const char* arg, int64_t rows, int64_t c
   return stride;
 }
 
-// A call the CPU kernels run: every tensor given in host memory (they dereference its pointer; a CUDA
-// pack or state with CPU x_gates had crashed the interpreter).
-void require_cpu(const char* op, std::initializer_list<std::pair<py::handle, const char*>> tensors) {
-  for (const auto& [h, arg] : tensors)
-    if (!h.is_none() && view_of(h, arg).device != DeviceKind::Cpu)
-      throw py::value_error(std::string("pyseqkern: ") + op + ": '" + arg + "' is a CUDA tensor, but this call " +
-                            "runs on the CPU (its sequence data are CPU tensors): every tensor must be on one device");
-}
-
 // A dense tensor of at least `numel` values of `dtype` (states, packed weights, workspace), or None.
 void* dense_of(py::handle h, const char* arg, DType dtype, int64_t numel, bool optional = true) {
   if (h.is_none()) {
@@ -695,16 +687,17 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   const int64_t own_gates = p.x != nullptr && p.x_gates_buf == nullptr ? batch * G * ((H + sz.lanes - 1) / sz.lanes) * sz.lanes : 0;
   p.workspace = dense_of(workspace, "workspace", acc, sz.workspace_numel + own_gates, false);
   p.num_threads = num_threads;
-  if (p.x == nullptr && view_of(x_gates, "x_gates").device != DeviceKind::Cpu) {
+  const char* anchor = p.x != nullptr ? "x" : "x_gates";
+  const std::pair<py::handle, const char*> tensors[] = {
+      {b_hn, "b_hn"}, {h0, "h0"}, {c0, "c0"}, {y, "y"}, {h_n, "h_n"}, {c_n, "c_n"}, {packed, "packed"},
+      {reserve, "reserve"}, {workspace, "workspace"}, {x_gates, "x_gates"}, {packed_in, "packed_in"},
+      {x_gates_buf, "x_gates_buf"}, {x_bias, "x_bias"}};
+  for (const auto& [h, arg] : tensors) require_on(rows_of, anchor, h, arg);
+  if (rows_of.device != DeviceKind::Cpu) {
 #ifdef PSK_WITH_CUDA
-    TensorView xg = view_of(x_gates, "x_gates");
-    const std::pair<py::handle, const char*> tensors[] = {
-        {b_hn, "b_hn"}, {h0, "h0"}, {c0, "c0"}, {y, "y"}, {h_n, "h_n"}, {c_n, "c_n"},
-        {packed, "packed"}, {reserve, "reserve"}, {workspace, "workspace"}};
-    for (const auto& [h, arg] : tensors) require_on(xg, "x_gates", h, arg);
-    require_cuda_seq(xg, "x_gates", batch_sizes, time_offsets, lengths);
+    require_cuda_seq(rows_of, anchor, batch_sizes, time_offsets, lengths);
     const RnnCudaPath request = rnn_cuda_path(path);
-    CudaDeviceGuard guard(xg);
+    CudaDeviceGuard guard(rows_of);
     py::gil_scoped_release nogil;
     return rnn_cuda_path_name(rnn_forward_cuda(p, request, as_stream(stream)));
 #else
@@ -713,11 +706,9 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     throw_no_cuda("rnn_forward");
 #endif
   }
-  require_cpu_dtype(p.dtype, "rnn_forward", p.x != nullptr ? "x" : "x_gates");
-  require_cpu("rnn_forward", {{time_offsets, "time_offsets"}, {lengths, "lengths"}, {b_hn, "b_hn"}, {h0, "h0"},
-                              {c0, "c0"}, {y, "y"}, {h_n, "h_n"}, {c_n, "c_n"}, {packed, "packed"},
-                              {reserve, "reserve"}, {workspace, "workspace"}, {x_gates, "x_gates"}, {x, "x"},
-                              {packed_in, "packed_in"}, {x_gates_buf, "x_gates_buf"}, {x_bias, "x_bias"}});
+  require_cpu_dtype(p.dtype, "rnn_forward", anchor);
+  require_on(rows_of, anchor, time_offsets, "time_offsets");
+  require_on(rows_of, anchor, lengths, "lengths");
   require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_forward");
   if (p.x != nullptr) require_panel_stamp(packed_in, p.shape, p.dtype, p.input, kern, "rnn_forward");
   py::gil_scoped_release nogil;
@@ -789,16 +780,17 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   p.dc0 = dense_of(dc0, "dc0", p.dtype, batch * H);
   p.workspace = dense_of(workspace, "workspace", acc, sz.workspace_numel, false);
   p.num_threads = num_threads;
+  const std::pair<py::handle, const char*> tensors[] = {
+      {dy, "dy"}, {dh_n, "dh_n"}, {dc_n, "dc_n"}, {c0, "c0"}, {reserve, "reserve"}, {packed, "packed"},
+      {d_gates_h, "d_gates_h"}, {d_proj, "d_proj"}, {dh0, "dh0"}, {dc0, "dc0"}, {workspace, "workspace"},
+      {d_gates_xt, "d_gates_xt"}, {d_gates_ht, "d_gates_ht"}, {h_prev_t, "h_prev_t"}};
+  for (const auto& [h, arg] : tensors) require_on(gx, "d_gates_x", h, arg);
   if (gx.device != DeviceKind::Cpu) {
 #ifdef PSK_WITH_CUDA
     if (p.d_gates_xt || p.d_gates_ht || p.h_prev_t)
       throw py::value_error("pyseqkern: rnn_backward (CUDA): transposed outputs are CPU-only; pass None");
     if (p.shape.mode == RnnMode::Gru && p.shape.reset_after && !p.d_gates_h)
       throw py::value_error("pyseqkern: rnn_backward (CUDA): GRU with reset_after needs 'd_gates_h'");
-    const std::pair<py::handle, const char*> tensors[] = {
-        {dy, "dy"}, {dh_n, "dh_n"}, {dc_n, "dc_n"}, {c0, "c0"}, {reserve, "reserve"}, {packed, "packed"},
-        {d_gates_h, "d_gates_h"}, {d_proj, "d_proj"}, {dh0, "dh0"}, {dc0, "dc0"}, {workspace, "workspace"}};
-    for (const auto& [h, arg] : tensors) require_on(gx, "d_gates_x", h, arg);
     require_cuda_seq(gx, "d_gates_x", batch_sizes, time_offsets, lengths);
     const RnnCudaPath request = rnn_cuda_path(path);
     CudaDeviceGuard guard(gx);
@@ -811,11 +803,8 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
 #endif
   }
   require_cpu_dtype(p.dtype, "rnn_backward", "d_gates_x (the dtype of dy, dh_n, dc_n)");
-  require_cpu("rnn_backward", {{time_offsets, "time_offsets"}, {lengths, "lengths"}, {dy, "dy"}, {dh_n, "dh_n"},
-                               {dc_n, "dc_n"}, {c0, "c0"}, {reserve, "reserve"}, {packed, "packed"},
-                               {d_gates_h, "d_gates_h"}, {d_proj, "d_proj"}, {dh0, "dh0"}, {dc0, "dc0"},
-                               {workspace, "workspace"}, {d_gates_xt, "d_gates_xt"}, {d_gates_ht, "d_gates_ht"},
-                               {h_prev_t, "h_prev_t"}});
+  require_on(gx, "d_gates_x", time_offsets, "time_offsets");
+  require_on(gx, "d_gates_x", lengths, "lengths");
   require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_backward");
   py::gil_scoped_release nogil;
   kern.backward(p);

@@ -85,9 +85,6 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
         h_new, c_new = _rnn_ops.rnn_cell(mode, x, h, c, w_ih, module.weight_hh, module.bias_ih, module.bias_hh,
                                          reset_after)
     except (ValueError, TypeError) as e:
-        named = _checks.parameter_error(name, e)
-        if named is None:
-            raise
-        raise named from e
+        _checks.raise_for_module(name, e)
     out = (h_new,) if mode != "lstm" else (h_new, c_new)
     return out if batched else tuple(t.squeeze(0) for t in out)

@@ -35,17 +35,18 @@ _OP_WEIGHT = re.compile(r"'(w_ih|w_hh|b_ih|b_hh|w_hr)'")
 _PARAMETER_OF = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh", "w_hr": "weight_hr"}
 
 
-def parameter_error(name: str, error: Exception, suffix: str = ""):
-    """The ops' error about their weight arguments (a parameter replaced by one of another shape or dtype)
-    as a RuntimeError naming the module's parameters, weight_hh + `suffix` (`_l0`, `_l1_reverse`), as torch.nn
-    raises for them; None where the error is about something else. The ops' names meant nothing to a
-    module's user (a fuzzer, stop 33: "pyseqkern.rnn_layer: 'w_hh' must have shape ...", a cell's too)."""
+def raise_for_module(name: str, error: Exception, suffix: str = ""):
+    """Re-raises an op's error from inside a module's forward: one about the op's weight arguments (a
+    parameter replaced by one of another shape or dtype) as a RuntimeError naming the module's parameters,
+    weight_hh + `suffix` (`_l0`, `_l1_reverse`), as torch.nn raises for them; any other as it is. The ops'
+    names meant nothing to a module's user (a fuzzer, stop 33: "pyseqkern.rnn_layer: 'w_hh' must have
+    shape ...", a cell's too)."""
     message = str(error)
     prefix = _OP_PREFIX.match(message)
     if prefix is None or not _OP_WEIGHT.search(message):
-        return None
+        raise error
     rest = _OP_WEIGHT.sub(lambda m: f"'{_PARAMETER_OF[m.group(1)]}{suffix}'", message[prefix.end():])
-    return RuntimeError(f"{name}: " + rest.replace("'x'", "the input"))
+    raise RuntimeError(f"{name}: " + rest.replace("'x'", "the input")) from error
 
 
 def input_features(name: str, x: torch.Tensor, input_size: int) -> None:

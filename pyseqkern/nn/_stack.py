@@ -57,11 +57,8 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True, weights
             return _rnn_ops.rnn_layer(mode, layer_input, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
                                       bool(direction), reset_after)
         except (ValueError, TypeError) as e:
-            named = _checks.parameter_error(type(module).__name__, e,
-                                            f"_l{idx // num_directions}{'_reverse' if direction else ''}")
-            if named is None:
-                raise
-            raise named from e
+            _checks.raise_for_module(type(module).__name__, e,
+                                     f"_l{idx // num_directions}{'_reverse' if direction else ''}")
 
     num_directions = 2 if module.bidirectional else 1
     spread = module.num_layers * num_directions > 1

@@ -760,11 +760,13 @@ _DEVICE_SEQ_CAPTURED: dict = {}
 _DEVICE_SEQ_MAX = 64
 
 
-def _seq_host(bs):
-    """(time_offsets, lengths) of a valid batch_sizes (1-D int64 CPU, non-increasing): exclusive cumsum, and
-    each row's steps, in O(T + B log T)."""
-    batch = int(bs[0]) if bs.numel() else 0
-    return torch.cumsum(bs, 0) - bs, torch.searchsorted(-bs, -torch.arange(batch), side="left")
+def _seq_host(bs, batch=None):
+    """(time_offsets, lengths) of a batch_sizes (1-D int64 CPU, non-increasing from `batch`, its first value:
+    given where the caller has it, since reading it breaks a compiled graph): the exclusive cumsum, and
+    each row's steps (the binding checks both against batch_sizes on the CPU)."""
+    if batch is None:
+        batch = int(bs[0]) if bs.numel() else 0
+    return torch.cumsum(bs, 0) - bs, (bs.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
 
 
 def _device_seq(bs, time_offsets, lengths, device):
@@ -823,8 +825,7 @@ class _Seq:
             self.steps = bs.shape[0]
             self.batch = batch if batch is not None else int(bs[0]) if bs.numel() else 0
             self.batch_sizes = bs
-            self.time_offsets = torch.cumsum(bs, 0) - bs
-            self.lengths = (bs.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
+            self.time_offsets, self.lengths = _seq_host(bs, self.batch)
             self.row_stride_t = self.row_stride_b = 0
             if _functorch_active is not None and _functorch_active():
                 # Under a grad transform every op's result (these too) is a functorch wrapper, which the
