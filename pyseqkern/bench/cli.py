@@ -54,8 +54,8 @@ def _select(args) -> tuple[list[Case], list[str]]:
 
 
 def _run_case(case: Case, ceilings: Ceilings, repeats: int, full: bool) -> Result:
-    r = Result(case.family, case.name, case.device, case.unit, target=case.target, budget_ms=case.budget_ms,
-               note=case.note)
+    r = Result(case.family, case.name, case.device, case.unit, target=case.target, peak_target=case.peak_target,
+               budget_ms=case.budget_ms, note=case.note)
     try:
         prep = case.setup(ceilings)
         if prep.check is not None:

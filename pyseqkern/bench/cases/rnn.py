@@ -6,7 +6,8 @@ loads its state_dict. Work is the FLOPs of the recurrent layer: a forward pass d
 step (forward + backward) counts 3x that; a packed batch counts only its valid steps.
 
 Targets (the RNN issue's; speedup = torch ms / ours ms), inference unless stated:
-  LSTM   B=1: 2.0, B=8: 1.5, B>=16: 1.1; training 1.2; packed 2.0; bfloat16 1.0
+  LSTM   B=1: 2.0, B=8: 1.5, B>=16: 1.1 (B>=32: or 85% of the measured peak, where torch's oneDNN is
+         near it); training 1.2; packed 2.0; bfloat16 1.0
   GRU    B<=8: 3.0, B>=16: 1.8; training 2.0; packed 2.0
   RNN    B<=8: 3.0, B>=16: 1.8; packed 2.0
   packed, every mode, "padding costs nothing": our packed call no slower than 1.2x our padded call
@@ -49,6 +50,11 @@ def _inference_target(cls: str, batch: int) -> float:
     if cls == "LSTM":
         return 2.0 if batch <= 1 else 1.5 if batch <= 8 else 1.1
     return 3.0 if batch <= 8 else 1.8
+
+
+def _inference_peak_target(cls: str, batch: int):
+    """The issue's alternative for LSTM at B >= 32: 85% of the measured peak FLOP/s also meets it."""
+    return 85.0 if cls == "LSTM" and batch >= 32 else None
 
 
 def _modules(cls: str, device: str, dtype: torch.dtype, *args, **kwargs):
@@ -478,7 +484,9 @@ def register_all():
             for steps, batch, hidden in _INFERENCE_SHAPES:
                 register(Case(family, f"inference T={steps} B={batch} H={hidden}", device,
                               _inference(cls, device, steps, batch, hidden), unit="GFLOP/s", peak="flops",
-                              target=_inference_target(cls, batch), quick=(steps, batch, hidden) not in _FULL_ONLY))
+                              target=_inference_target(cls, batch),
+                              peak_target=_inference_peak_target(cls, batch),
+                              quick=(steps, batch, hidden) not in _FULL_ONLY))
             register(Case(family, "training T=100 B=32 H=256", device, _training(cls, device, 100, 32, 256),
                           unit="GFLOP/s", peak="flops", target={"LSTM": 1.2, "GRU": 2.0}.get(cls),
                           note="forward + backward"))
