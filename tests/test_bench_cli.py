@@ -23,6 +23,7 @@ def test_handoff_family_writes_tables_json_and_png(tmp_path):
     rows = doc["results"]
     assert rows and all(r["family"] == "handoff" and r["device"] == "cpu" for r in rows)
     assert all(r["torch_ms"] > 0 and r["ours_ms"] > 0 and len(r["ours_samples_ms"]) == 3 for r in rows)
+    assert all("pct_needed" in r and "peak_target" in r for r in rows)
     assert doc["meta"]["backend"]["cpu"]["isa_active"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
