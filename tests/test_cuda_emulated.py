@@ -6,6 +6,7 @@ k tiles, plan and demotion) on machines without one. Each group below is one dri
 at a time while the tests wait on them."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from itertools import count
 
 import pytest
 
-from cuda_emu.build import CUDA_DIR, EditError, build, prepare_sources
+from cuda_emu.build import CUDA_DIR, SANITIZER_FLAGS, EditError, build, prepare_sources
 
 # ---- the case matrix ---------------------------------------------------------------------------------
 # One case = one line of driver input (driver.cpp's parse_case). Devices (emu_rt.cpp): 0 large, 1 small
@@ -167,10 +168,13 @@ COVERAGE = {
 }
 
 
-def run_group(driver, lines: list[str], timeout: int = 300) -> list[Result]:
+SANITIZER_REPORT_RE = re.compile(r"^.*(ERROR: AddressSanitizer|runtime error:)", re.M)
+
+
+def run_group(driver, lines: list[str], timeout: int = 300, env=None) -> list[Result]:
     try:
         proc = subprocess.run([str(driver)], input="\n".join(lines) + "\n", capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:  # a kernel spinning on a flag never yields to the emulator
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         pytest.fail(f"the emulator driver ran past {timeout} s; its output so far:\n{out[-4000:]}", pytrace=False)
@@ -188,27 +192,76 @@ def run_group(driver, lines: list[str], timeout: int = 300) -> list[Result]:
     if len(results) != len(lines) or proc.returncode not in (0, 1):
         done = len(results)
         pending = lines[done] if done < len(lines) else "?"
+        report = SANITIZER_REPORT_RE.search(proc.stderr)  # from its first line: the frame that did it
+        err = proc.stderr[report.start():][:6000] if report else proc.stderr[-4000:]
         pytest.fail(f"the emulator driver stopped (exit status {proc.returncode}) after {done} of {len(lines)} "
-                    f"cases, while running:\n  {pending}\nstderr:\n{proc.stderr[-4000:]}", pytrace=False)
+                    f"cases, while running:\n  {pending}\nstderr:\n{err}", pytrace=False)
     return results
 
 
 # ---- fixtures --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def emu_driver(tmp_path_factory):
+class GroupRuns:
+    """The driver runs of a test's groups, two at a time: all of those this session selected, started at
+    once in test order; under pytest-xdist, whose workers each collect every test but run a share, a group
+    starts only when its test asks for it (else every worker ran every group)."""
+
+    def __init__(self, request, test_name: str, driver, timeout: int = 300, env=None):
+        self.driver, self.timeout, self.env = driver, timeout, env
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.futures = {}
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            for item in request.session.items:
+                if item.module.__name__ == __name__ and item.originalname == test_name:
+                    self[item.callspec.params["group"]]
+
+    def __getitem__(self, group: str):
+        if group not in self.futures:
+            self.futures[group] = self.pool.submit(run_group, self.driver, GROUPS[group], self.timeout, self.env)
+        return self.futures[group]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def require_gpp() -> None:
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed: the CUDA kernel emulator is built with it")
+
+
+@pytest.fixture(scope="session")
+def emu_driver(tmp_path_factory):
+    require_gpp()
     return build(tmp_path_factory.mktemp("cuda_emu"), jobs=2)
 
 
 @pytest.fixture(scope="session")
 def emu_group_results(request, emu_driver):
-    """Starts the driver runs of every group this session selected, two at a time, in test order."""
-    wanted = [item.callspec.params["group"] for item in request.session.items
-              if item.module.__name__ == __name__ and hasattr(item, "callspec") and "group" in item.callspec.params]
-    pool = ThreadPoolExecutor(max_workers=2)
-    yield {g: pool.submit(run_group, emu_driver, GROUPS[g]) for g in dict.fromkeys(wanted)}
-    pool.shutdown(wait=True, cancel_futures=True)
+    runs = GroupRuns(request, "test_emulated_kernels", emu_driver)
+    yield runs
+    runs.close()
+
+
+# The groups run again with the driver built under AddressSanitizer and UndefinedBehaviorSanitizer: an index
+# off by one in a kernel then stops the run at the read or write that makes it (the driver poisons its guard
+# zones), and signed overflow or a misaligned access in the index arithmetic does too. Every variant and path
+# (skewed-schedule), the half types, k tiles, batch tiles and demotion; ~2 minutes on two cores.
+SANITIZED_GROUPS = ("skewed-schedule", "dtype-f16", "dtype-bf16", "small-devices", "batch-tiles",
+                    "cooperative-refused")
+SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
+
+
+@pytest.fixture(scope="session")
+def emu_sanitized_results(request, tmp_path_factory):
+    require_gpp()
+    probe = tmp_path_factory.mktemp("sanitizer_probe")
+    (probe / "main.cpp").write_text("int main() { return 0; }\n")
+    if subprocess.run(["g++", "-fsanitize=address,undefined", str(probe / "main.cpp"), "-o", str(probe / "main")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("g++ cannot link -fsanitize=address,undefined here (no libasan/libubsan)")
+    driver = build(tmp_path_factory.mktemp("cuda_emu_sanitized"), jobs=2, extra=SANITIZER_FLAGS)
+    runs = GroupRuns(request, "test_emulated_kernels_sanitized", driver, 600, {**os.environ, **SANITIZER_ENV})
+    yield runs
+    runs.close()
 
 
 # ---- tests -----------------------------------------------------------------------------------------------
@@ -221,6 +274,14 @@ def test_emulated_kernels(group, emu_group_results):
     missing = [what for pred, what in COVERAGE.get(group, []) if not any(pred(r) for r in results)]
     if missing:
         pytest.fail(f"the group no longer exercises: {missing}\n" + "\n".join(r.text for r in results), pytrace=False)
+
+
+@pytest.mark.parametrize("group", SANITIZED_GROUPS)
+def test_emulated_kernels_sanitized(group, emu_sanitized_results):
+    results = emu_sanitized_results[group].result()
+    failed = [r.text for r in results if not r.passed]
+    if failed:
+        pytest.fail(f"{len(failed)} of {len(results)} emulated cases failed:\n" + "\n".join(failed), pytrace=False)
 
 
 def test_emulator_edits_fail_loudly(tmp_path):

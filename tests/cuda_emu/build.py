@@ -7,6 +7,7 @@ An edit whose pattern no longer matches raises EditError naming the file and the
 kernels that needs a new edit fails the build instead of testing something else than cuda/ holds."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,12 @@ INCLUDE_DIR = REPO / "csrc" / "include"
 # Translation units linked into the driver (probe.cu is not part of the recurrent kernels).
 KERNEL_UNITS = ("rnn_fwd.cu", "rnn_bwd.cu", "rnn_pack.cu", "rnn_plan.cu")
 CXXFLAGS = ("-std=c++17", "-O1", "-g0", "-w")
+# Extra flags for compiling and linking (build()'s `extra`, else this variable's words).
+EXTRA_FLAGS_ENV = "PYSEQKERN_EMU_FLAGS"
+# The kernels' index arithmetic under AddressSanitizer and UndefinedBehaviorSanitizer (the driver poisons its
+# guard zones then). ucontext fibers: ASan follows swapcontext, not the hand-written x86-64 switch.
+SANITIZER_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g",
+                   "-DPSK_EMU_UCONTEXT")
 
 
 class EditError(RuntimeError):
@@ -123,15 +130,17 @@ def prepare_sources(src_dir: Path, dst_dir: Path) -> None:
                             f"pattern: {PATTERNS[edit]}")
 
 
-def _compile(src: Path, obj: Path, includes: list[Path]) -> None:
-    cmd = ["g++", *CXXFLAGS, "-x", "c++", *(f"-I{i}" for i in includes), "-c", str(src), "-o", str(obj)]
+def _compile(src: Path, obj: Path, includes: list[Path], extra: tuple) -> None:
+    cmd = ["g++", *CXXFLAGS, *extra, "-x", "c++", *(f"-I{i}" for i in includes), "-c", str(src), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"compiling {src.name} failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
 
 
-def build(out_dir: Path, src_dir: Path = CUDA_DIR, jobs: int = 2) -> Path:
-    """Builds out_dir/driver from the kernels in src_dir; returns its path."""
+def build(out_dir: Path, src_dir: Path = CUDA_DIR, jobs: int = 2, extra=None) -> Path:
+    """Builds out_dir/driver from the kernels in src_dir; returns its path. extra: flags for g++ beyond
+    CXXFLAGS (SANITIZER_FLAGS, say); None takes $PYSEQKERN_EMU_FLAGS."""
+    extra = tuple(os.environ.get(EXTRA_FLAGS_ENV, "").split() if extra is None else extra)
     out_dir = Path(out_dir)
     src = out_dir / "src"
     if src.exists():
@@ -141,10 +150,10 @@ def build(out_dir: Path, src_dir: Path = CUDA_DIR, jobs: int = 2) -> Path:
     units = [src / u for u in KERNEL_UNITS] + [HERE / "emu_rt.cpp", HERE / "driver.cpp"]
     objs = [out_dir / (u.stem + ".o") for u in units]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for f in [pool.submit(_compile, u, o, [HERE, *includes]) for u, o in zip(units, objs)]:
+        for f in [pool.submit(_compile, u, o, [HERE, *includes], extra) for u, o in zip(units, objs)]:
             f.result()
     driver = out_dir / "driver"
-    proc = subprocess.run(["g++", *(str(o) for o in objs), "-o", str(driver)], capture_output=True, text=True)
+    proc = subprocess.run(["g++", *extra, *(str(o) for o in objs), "-o", str(driver)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"linking the emulator failed:\n{proc.stderr[-6000:]}")
     return driver

@@ -20,6 +20,17 @@
 #include <string>
 #include <vector>
 
+// Built with -fsanitize=address (build.py's PYSEQKERN_EMU_FLAGS), the guard zones are poisoned too: a kernel
+// reading into one is reported where it reads, not only where a NaN it read reaches an output.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define PSK_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define PSK_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define PSK_POISON(p, n) ((void)(p), (void)(n))
+#define PSK_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 using namespace pyseqkern;
 
 template <typename T> double tod(T v);
@@ -51,21 +62,38 @@ template <typename E> struct Buf {
   size_t kGuard = 257;
   std::vector<E> v;
   size_t n = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { unpoison(); }
   void alloc(size_t count, bool aligned = false) {
+    unpoison();
     n = count;
     kGuard = aligned ? 256 : 257;
     v.assign(count + 2 * kGuard, E{});
     std::memset(static_cast<void*>(v.data()), 0xff, v.size() * sizeof(E));
+    poison();
   }
   E* p() { return v.data() + kGuard; }
   E& operator[](size_t i) { return v[kGuard + i]; }
   bool guards_ok() const {
+    unpoison();
+    bool ok = true;
     const unsigned char* b = reinterpret_cast<const unsigned char*>(v.data());
     for (size_t i = 0; i < kGuard * sizeof(E); ++i)
-      if (b[i] != 0xff) return false;
+      if (b[i] != 0xff) ok = false;
     for (size_t i = (kGuard + n) * sizeof(E); i < v.size() * sizeof(E); ++i)
-      if (b[i] != 0xff) return false;
-    return true;
+      if (b[i] != 0xff) ok = false;
+    poison();
+    return ok;
+  }
+  void poison() const {
+    if (v.empty()) return;
+    PSK_POISON(v.data(), kGuard * sizeof(E));
+    PSK_POISON(v.data() + kGuard + n, kGuard * sizeof(E));
+  }
+  void unpoison() const {
+    if (!v.empty()) PSK_UNPOISON(v.data(), v.size() * sizeof(E));
   }
   bool untouched(size_t i) const {
     const unsigned char* b = reinterpret_cast<const unsigned char*>(v.data() + kGuard + i);
