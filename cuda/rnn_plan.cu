@@ -256,6 +256,18 @@ bool launch_persistent(RnnPlan& plan, const PlanShape& s, RnnCudaPath request, c
                                 "refused its cooperative launch (a grid too large to be co-resident, "
                                 "or no cooperative launches here)");
   plan = demote_to_step(s, request, kernel_persistent, kernel_step);
+  // Inside a CUDA graph capture the refused launch may have invalidated the capture, and the per-step
+  // launches would then fail at the capture's end with an error that names neither this layer nor the
+  // cause. The demoted plan is kept, so the same call made once before capturing (a warm-up) takes the
+  // per-step path from the start, and that path captures.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) (void)cudaGetLastError();
+  if (capture == cudaStreamCaptureStatusInvalidated)
+    throw std::runtime_error(std::string("pyseqkern: rnn (CUDA): ") + name +
+                             ": the device refused the persistent kernel's cooperative launch inside a CUDA "
+                             "graph capture, which invalidated the capture; this layer now takes the per-step "
+                             "path on this device, so run it once before capturing (the warm-up "
+                             "torch.cuda.graphs asks for) and capture again");
   return false;
 }
 

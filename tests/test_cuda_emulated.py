@@ -105,6 +105,11 @@ DEMOTION_CASES = [
     case("rnn_relu", 9, 2, 2, path="persistent", dev=5, expect="throw"),
     case("lstm", 200, 2, 1, path="persistent", dev=1, expect="throw"),  # weights do not fit on chip
     case("gru_reset_before", 33, 4, 2, path="auto", dev=0, expect="persistent"),
+    # Inside a CUDA graph capture: a refusal that invalidates it raises (the next capture runs per step,
+    # nothing refused); one that leaves it active demotes in place; none, and capture changes nothing.
+    case("lstm_proj", 21, 3, 2, path="auto", dev=5, capture="breaks", expect="step"),
+    case("gru_reset_before", 19, 2, 3, packed=True, path="auto", dev=6, capture="keeps", expect="step"),
+    case("rnn_tanh", 30, 4, 2, path="auto", dev=0, capture="breaks", expect="persistent"),
 ]
 
 GROUPS = {
@@ -164,6 +169,10 @@ COVERAGE = {
         (lambda r: refused_then_step(r) and "dev=5" in r.line, "a refused (too large) launch demoted to step"),
         (lambda r: refused_then_step(r) and "dev=6" in r.line, "a refused (not supported) launch demoted"),
         (lambda r: "threw as expected" in r.text and "refused" in r.text, "Persistent raising on refusal"),
+        (lambda r: "capture=breaks" in r.line and r.text.count("threw inside the capture as expected") == 2
+         and all(r.calls[k]["path"] == "step" and r.calls[k]["refused"] == 0 for k in ("fwd", "bwd")),
+         "a capture a refused launch broke: an error, then the per-step path in the next capture"),
+        (lambda r: refused_then_step(r) and "capture=keeps" in r.line, "a refusal a capture survives, demoted"),
     ],
 }
 

@@ -117,6 +117,7 @@ struct Case {
   uint64_t seed;
   std::string dtype, expect;  // expect: the path that must run (persistent, step), or throw (invalid_argument)
   bool skew;
+  std::string capture;  // "": none; keeps / breaks: inside a graph capture that a refused launch keeps / breaks
 };
 
 struct Checker {
@@ -153,10 +154,35 @@ template <typename F>
 bool call_entry(const Case& c, const char* which, F&& entry, RnnCudaPath* ran, std::vector<std::string>& msgs,
                 bool* stop) {
   psk_emu_reset_stats();
+  if (!c.capture.empty()) psk_emu_set_capture(cudaStreamCaptureStatusActive, c.capture == "breaks");
+  struct EndCapture {
+    ~EndCapture() { psk_emu_set_capture(cudaStreamCaptureStatusNone, false); }
+  } end_capture;
   try {
     *ran = entry();
   } catch (std::exception& e) {
-    const bool expected = c.expect == "throw" && dynamic_cast<std::invalid_argument*>(&e) != nullptr;
+    const bool is_arg = dynamic_cast<std::invalid_argument*>(&e) != nullptr;
+    // A capture that a refused launch broke: the call must say so, keep the demoted plan, and run on the
+    // per-step path, nothing refused, in the next capture (the warm-up's advice followed).
+    if (c.capture == "breaks" && !is_arg && psk_emu_stats().refused > 0 && std::strstr(e.what(), "capture")) {
+      msgs.push_back(std::string(which) + " threw inside the capture as expected: " + e.what());
+      psk_emu_reset_stats();
+      psk_emu_set_capture(cudaStreamCaptureStatusActive, true);
+      try {
+        *ran = entry();
+      } catch (std::exception& again) {
+        msgs.push_back(std::string(which) + " threw again in the next capture: " + again.what());
+        *stop = true;
+        return false;
+      }
+      if (psk_emu_stats().refused != 0 || *ran != RnnCudaPath::Step) {
+        msgs.push_back(std::string(which) + " in the next capture ran " + rnn_cuda_path_name(*ran) + " after " +
+                       std::to_string(psk_emu_stats().refused) + " refused launches; expected step, none refused");
+        return false;
+      }
+      return true;
+    }
+    const bool expected = c.expect == "throw" && is_arg;
     msgs.push_back(std::string(which) + (expected ? " threw as expected: " : " threw: ") + e.what());
     *stop = true;
     return expected;
@@ -534,10 +560,11 @@ bool run_case(const Case& c, const std::string& label) {
 // One case a line: key=value words. dtype f32|f64|f16|bf16, mode lstm|gru|tanh|relu, ra (GRU reset_after),
 // H P B T, len (comma list: packed; absent: padded), rev, bm (padded batch-major), xld (added to leading
 // dimensions), h0 c0 bhn dy dhn dcn (optional inputs present), path auto|persistent|step, dev (emu_rt.cpp's
-// table), seed, sched random|skew, expect persistent|step|throw.
+// table), seed, sched random|skew, expect persistent|step|throw, capture keeps|breaks (the calls run inside an
+// emulated graph capture, which a refused cooperative launch keeps active or invalidates).
 Case parse_case(const std::string& line) {
   Case c{RnnMode::Lstm, true, 1, 0, 1, 1, {}, false, false, 0, true, true, true, true, true, true,
-         RnnCudaPath::Auto, 0, 1, "f32", "", false};
+         RnnCudaPath::Auto, 0, 1, "f32", "", false, ""};
   std::istringstream words(line);
   std::string w;
   while (words >> w) {
@@ -574,6 +601,7 @@ Case parse_case(const std::string& line) {
     else if (k == "seed") c.seed = uint64_t(num());
     else if (k == "sched") c.skew = v == "skew" ? true : v == "random" ? false : throw std::invalid_argument("sched " + v);
     else if (k == "expect") c.expect = v;
+    else if (k == "capture") c.capture = v == "keeps" || v == "breaks" ? v : throw std::invalid_argument("capture " + v);
     else throw std::invalid_argument("unknown key " + k);
   }
   if (!c.lengths.empty() && int64_t(c.lengths.size()) != c.B) throw std::invalid_argument("len needs B entries");

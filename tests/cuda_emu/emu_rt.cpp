@@ -176,6 +176,8 @@ int g_current_dev = 0;
 std::map<std::pair<int, const void*>, int> g_func_max_smem;
 std::map<const void*, std::function<void(void**)>> g_registry;
 cudaError_t g_last = cudaSuccess;
+cudaStreamCaptureStatus g_capture = cudaStreamCaptureStatusNone;
+bool g_refusal_invalidates = false;
 
 int max_dyn(const void* f) {
   auto it = g_func_max_smem.find({g_current_dev, f});
@@ -243,6 +245,14 @@ void run_grid(dim3 grid, dim3 block, size_t smem, bool coop, const std::function
 void psk_emu_set_device(int d) { g_current_dev = d; }
 void psk_emu_seed(uint64_t s) { g_rng.seed(s); }
 void psk_emu_set_skew(bool skew) { g_skew = skew; }
+void psk_emu_set_capture(cudaStreamCaptureStatus status, bool refusal_invalidates) {
+  g_capture = status;
+  g_refusal_invalidates = refusal_invalidates;
+}
+cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = g_capture;
+  return cudaSuccess;
+}
 void psk_emu_reset_stats() { g_stats = PskEmuStats{}; }
 PskEmuStats psk_emu_stats() { return g_stats; }
 void psk_emu_note_plan(const PskEmuPlanNote& n) { g_stats.plan = n; }
@@ -312,6 +322,7 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* cfg, const void* fn, v
   for (unsigned i = 0; i < cfg->numAttrs; ++i)
     if (cfg->attrs[i].id == cudaLaunchAttributeCooperative && cfg->attrs[i].val.cooperative) coop = true;
   if (cfg->blockDim.x != 256 || cfg->gridDim.x < 1) return g_last = cudaErrorInvalidValue;
+  if (g_capture == cudaStreamCaptureStatusInvalidated) return g_last = cudaErrorStreamCaptureInvalidated;
   if (static_cast<long>(cfg->dynamicSmemBytes) > max_dyn(fn)) {
     fprintf(stderr, "EMU: launch with %zu bytes of dynamic smem above the attribute %d\n", cfg->dynamicSmemBytes,
             max_dyn(fn));
@@ -323,6 +334,8 @@ cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t* cfg, const void* fn, v
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, fn, 256, cfg->dynamicSmemBytes);
     if (d.refuse_coop != cudaSuccess || !d.coop || long(cfg->gridDim.x) > long(per) * d.sms) {
       ++g_stats.refused;
+      if (g_capture == cudaStreamCaptureStatusActive && g_refusal_invalidates)
+        g_capture = cudaStreamCaptureStatusInvalidated;
       return g_last = d.refuse_coop != cudaSuccess ? d.refuse_coop : cudaErrorCooperativeLaunchTooLarge;
     }
   }

@@ -29,7 +29,8 @@ struct alignas(16) double2 { double x, y; };
 extern unsigned char* psk_cur_smem;  // the running block's dynamic shared memory (build.py's edit)
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorCooperativeLaunchTooLarge = 720,
-                   cudaErrorLaunchFailure = 719, cudaErrorNotPermitted = 800, cudaErrorNotSupported = 801 };
+                   cudaErrorLaunchFailure = 719, cudaErrorNotPermitted = 800, cudaErrorNotSupported = 801,
+                   cudaErrorStreamCaptureInvalidated = 901 };
 typedef struct CUstream_st* cudaStream_t;
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
                       cudaDevAttrCooperativeLaunch = 95 };
@@ -52,6 +53,9 @@ cudaError_t cudaDeviceGetAttribute(int*, cudaDeviceAttr, int);
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int);
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int*, const void*, int, size_t);
 cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**);
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1,
+                               cudaStreamCaptureStatusInvalidated = 2 };
+cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus*);
 
 // ---- device intrinsics -------------------------------------------------------------------------------
 void psk_syncthreads();
@@ -117,5 +121,8 @@ struct PskEmuStats {
 void psk_emu_set_device(int dev);
 void psk_emu_seed(uint64_t seed);
 void psk_emu_set_skew(bool skew);  // one block at a time runs ahead to its next grid barrier
+// Starts (or ends, with None) an emulated graph capture on every stream; with `refusal_invalidates` a
+// refused cooperative launch invalidates it, as an error inside a capture does on a GPU.
+void psk_emu_set_capture(cudaStreamCaptureStatus status, bool refusal_invalidates);
 void psk_emu_reset_stats();
 PskEmuStats psk_emu_stats();
