@@ -1119,7 +1119,8 @@ def test_cuda_packed_op_calls_read_only_the_metadata_batch_sizes_implies(monkeyp
     (_device_seq caching CPU copies)."""
     made = {}
 
-    def device_seq(bs, off, lens, device):
+    def device_seq(bs, off, lens, device, sizes=None):
+        assert sizes is None or sizes == tuple(bs.tolist())
         return made.setdefault(tuple(bs.tolist()), ops._seq_host(bs) if off is None else (off.clone(), lens.clone()))
 
     monkeypatch.setattr(ops, "_device_seq", device_seq)

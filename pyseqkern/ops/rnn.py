@@ -769,16 +769,17 @@ def _seq_host(bs, batch=None):
     return torch.cumsum(bs, 0) - bs, (bs.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
 
 
-def _device_seq(bs, time_offsets, lengths, device):
+def _device_seq(bs, time_offsets, lengths, device, sizes=None):
     """bs, time_offsets, lengths: plain CPU tensors (_Seq unwraps functorch's wrappers first: a wrapper
     has no storage for tolist(), and the kernels cannot read one); time_offsets and lengths may be None,
     made from bs (_seq_host) where no copy is cached. Fake ones (opcheck's
     aot_dispatch_dynamic, make_fx's symbolic tracing) are only moved: their tolist() gives SymInts,
     which no dict key takes ("unhashable type: non-nested SymInt", the first GPU run, stop 31). (Real
-    tensors under a dispatch mode keep the cache: a capture under FlopCounterMode needs its copy.)"""
+    tensors under a dispatch mode keep the cache: a capture under FlopCounterMode needs its copy.)
+    sizes: bs as a tuple, where the caller has listed it already."""
     if torch.compiler.is_compiling() or type(bs) is not torch.Tensor:
         return time_offsets.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
-    sizes = tuple(bs.tolist())
+    sizes = tuple(bs.tolist()) if sizes is None else sizes
     if torch.cuda.is_current_stream_capturing():
         key = (device, sizes)
         hit = _DEVICE_SEQ_CAPTURED.get(key)

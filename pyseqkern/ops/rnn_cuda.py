@@ -182,10 +182,10 @@ def _trusted_seq(op, batch_sizes, time_offsets, lengths, device):
         raise ValueError(f"pyseqkern::{op}: 'batch_sizes' must be a non-empty 1-D int64 CPU tensor, got "
                          f"{bs.dtype} {tuple(bs.shape)} on {bs.device}")
     bs = bs.contiguous()
-    sizes = bs.tolist()
+    sizes = tuple(bs.tolist())
     if sizes[-1] < 0 or any(a < b for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"pyseqkern::{op}: 'batch_sizes' must be non-increasing and >= 0")
-    want = _rnn._device_seq(bs, None, None, device)
+    want = _rnn._device_seq(bs, None, None, device, sizes)
     if time_offsets is want[0] and lengths is want[1]:
         return want
     host = _rnn._seq_host(bs)
