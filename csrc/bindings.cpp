@@ -774,7 +774,8 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   p.packed = dense_of(packed, "packed", acc, sz.packed_numel, false);
   TensorView dp;
   p.d_proj = const_cast<void*>(opt_data(d_proj, "d_proj", &dp));
-  if (proj > 0 && !p.d_proj) throw py::value_error("pyseqkern: rnn_backward: LSTM with proj needs 'd_proj'");
+  if (proj > 0 && !p.d_proj && rows > 0)  // (a zero-row d_proj arrives as None, as d_gates_h above)
+    throw py::value_error("pyseqkern: rnn_backward: LSTM with proj needs 'd_proj'");
   if (p.d_proj) check_rows(dp, "d_proj", rows, proj, p.dtype, proj);  // (both kernels write row * P + k)
   p.dh0 = dense_of(dh0, "dh0", p.dtype, batch * K, false);
   p.dc0 = dense_of(dc0, "dc0", p.dtype, batch * H);

@@ -2354,16 +2354,22 @@ def flat_tensors(out):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("cls", ["LSTM", "LSTM-proj", "GRU", "GRU-bi", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
 def test_an_empty_batch_gives_empty_outputs(cls, grad):
     """B=0 (a filtered batch, the last beam finished): torch.nn returns empty outputs and states; without
     autograd ours raised an internal error from the kernel's argument checks (found by a fuzzing helper).
     Empty views with odd strides too: the kernels' handoff refused them as not contiguous (an empty tensor
-    is contiguous whatever its strides; torch 2.4 exports even torch.empty(0, 7) with strides (1, 1))."""
-    theirs = getattr(torch.nn, cls)(I, H)
-    ours = getattr(pnn, cls)(I, H)
+    is contiguous whatever its strides; torch 2.4 exports even torch.empty(0, 7) with strides (1, 1)).
+    With autograd the backward runs too, and gives torch.nn's gradients (zero, empty for the input): a
+    projected LSTM's backward refused its zero-row d_proj (stop 35)."""
+    cls, _, opt = cls.partition("-")
+    kw = {"proj": {"proj_size": 2}, "bi": {"bidirectional": True, "num_layers": 2}}.get(opt, {})
+    theirs = getattr(torch.nn, cls)(I, H, **kw)
+    ours = getattr(pnn, cls)(I, H, **kw)
     ours.load_state_dict(theirs.state_dict())
     cell = cls.endswith("Cell")
+    states = (2 if opt == "bi" else 1) * (2 if opt == "bi" else 1)
+    hsize = 2 if opt == "proj" else H
     for views in (False, True):
         if views:  # (.contiguous() hands these on as they are: torch calls them contiguous)
             x = torch.empty(I, 0).t() if cell else torch.empty(4, I, 0).transpose(1, 2)
@@ -2372,14 +2378,27 @@ def test_an_empty_batch_gives_empty_outputs(cls, grad):
         for hx in (False, True):
             state = None
             if hx:
-                h = randn((0, H) if cell else (1, 0, H), F32, seed=71)
+                h = randn((0, hsize) if cell else (states, 0, hsize), F32, seed=71)
                 if views:
-                    h = torch.empty(H, 0).t() if cell else torch.empty(0, H, 1).permute(2, 0, 1)
-                state = (h, h.clone()) if cls.startswith("LSTM") else h
-            with torch.set_grad_enabled(grad):
-                got, want = ours(x, state), theirs(x, state)
-            for a, b in zip(flat_tensors(got), flat_tensors(want), strict=True):
+                    h = torch.empty(hsize, 0).t() if cell else torch.empty(0, hsize, states).permute(2, 0, 1)
+                state = (h, randn((states, 0, H), F32, seed=72)) if cls == "LSTM" else \
+                    (h, h.clone()) if cls == "LSTMCell" else h
+            grads = []
+            for m in (ours, theirs):
+                xx = x.detach().requires_grad_(grad)
+                with torch.set_grad_enabled(grad):
+                    out = flat_tensors(m(xx, state))
+                    if grad:
+                        m.zero_grad(set_to_none=True)
+                        sum(t.sum() for t in out).backward()
+                grads.append((out, xx.grad, [p.grad for p in m.parameters()]))
+            (got, gx, gp), (want, wx, wp) = grads
+            for a, b in zip(got, want, strict=True):
                 assert a.shape == b.shape and a.dtype == b.dtype
+            if grad:
+                assert gx.shape == wx.shape
+                for a, b in zip(gp, wp, strict=True):
+                    assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
