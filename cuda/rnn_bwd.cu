@@ -303,7 +303,7 @@ struct BwdBlock {
 };
 
 template <Variant V, typename T, bool PERSIST>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<PERSIST>)
 rnn_bwd_kernel(const __grid_constant__ BwdArgs a, int phase, int64_t step, int64_t nb) {
   extern __shared__ __align__(16) unsigned char smem[];
   BwdBlock<V, T, PERSIST> blk(a, smem);

@@ -22,6 +22,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRT = 4;
 constexpr int kNB = 8;
 static_assert(kRT * kNB == 32, "the reduce-scatter hands each lane exactly one (row, batch) sum");
+// Blocks per SM: the persistent grid has at most one block per SM (its plan gives each a slice of
+// ceil(H / SMs) units or more); the per-step grid has kStepBlocksPerSm per SM. Both kernels declare
+// it as __launch_bounds__' minimum, so ptxas has 255 or 128 registers a thread to work with: given
+// the thread count alone it kept the per-step kernels to 80 registers and spilled 32-52 bytes
+// (nvcc 13, sm_90), the persistent ones to 128 (the float64 backward spilled 32).
+constexpr int kStepBlocksPerSm = 2;
+template <bool PERSIST> constexpr int kMinBlocksPerSm = PERSIST ? 1 : kStepBlocksPerSm;
 
 // Timing only, never for results: parts of the forward kernel to leave out, so that the time each takes
 // is the difference (no GPU profiler places time inside one kernel here; device/METHOD.md). Read from

@@ -326,7 +326,7 @@ template <Variant V> __host__ __device__ inline bool fwd_has_second(int64_t P) {
 
 // phase/step/nb are read only by the per-step launches; the persistent launch runs every step.
 template <Variant V, typename T, bool PERSIST>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<PERSIST>)
 rnn_fwd_kernel(const __grid_constant__ FwdArgs a, int phase, int64_t step, int64_t nb) {
   extern __shared__ __align__(16) unsigned char smem[];
   FwdBlock<V, T, PERSIST> blk(a, smem);

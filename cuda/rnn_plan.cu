@@ -148,7 +148,7 @@ bool try_persistent(const PlanShape& s, const DeviceInfo& d, int dev, const void
 }
 
 RnnPlan step_plan(const PlanShape& s, const DeviceInfo& d, int dev, const void* kernel) {
-  const int64_t target = 2 * static_cast<int64_t>(d.sms > 0 ? d.sms : 1);
+  const int64_t target = kStepBlocksPerSm * static_cast<int64_t>(d.sms > 0 ? d.sms : 1);
   const int64_t units = ceil_div(s.H, s.H < target ? s.H : target);
   const Slices c = slices_of(s, units);
   const int64_t optin = d.smem_optin / s.acc_bytes;
