@@ -285,7 +285,9 @@ cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute, int v) {
   g_func_max_smem[{g_current_dev, f}] = v;
   return cudaSuccess;
 }
-// 2 blocks per SM by registers (~120 registers x 256 threads); shared memory: 1 KB reserved per block.
+// 2 blocks per SM by registers (the per-step kernels' launch bounds; a persistent grid has at most one a
+// SM, and its kernels may take more registers, which a real device would count here); shared memory:
+// 1 KB reserved per block.
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void* f, int threads, size_t smem) {
   if (threads != 256) { *n = 0; return cudaErrorInvalidValue; }
   if (static_cast<long>(smem) > max_dyn(f)) { *n = 0; return cudaSuccess; }
