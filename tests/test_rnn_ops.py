@@ -577,6 +577,34 @@ def test_layer_and_cell_match_the_reference_where_the_panel_exceeds_the_cache(mo
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("lengths", [None, [6, 6, 6, 6, 6, 5, 4, 4, 3, 3, 2, 1, 1]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", True), ("rnn_relu", True)])
+def test_threads_owning_units_agree_bitwise_forward_and_backward(mode, reset_after, dtype, lengths):
+    """Where the recurrent panel exceeds a core's L2 the threads own unit blocks and meet at a barrier
+    every step, forward and backward. One, two and three threads give the same bits: outputs, final
+    states and the initial states' gradients (the kernels' own; the input and weight gradients are
+    torch's GEMMs, whose bits follow its threads). B = 13 makes several row tiles; the packed rows stop at
+    different steps. (Written for stop 35's per-row waits in place of the barrier, measured and not
+    kept: with them taken out of the forward's or the backward's product, every case here failed.)"""
+    G = ops.GATES[mode]
+    H = int((ops._L2_BYTES / (G * dtype.itemsize)) ** 0.5) + 17
+    x, bs, t = make_case(mode, 0, dtype, T=6, B=13, I=10, H=H, strided_inputs=False, lengths=lengths)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs, grads = outputs_and_grads(ops.rnn_layer, mode, x, bs, t, False, reset_after)
+            runs.append([o for o in outs] + [grads["h0"]] + ([grads["c0"]] if mode == "lstm" else []))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for name, a, b in zip(["y", "h_n", "c_n", "dh0", "dc0"] if mode == "lstm" else ["y", "h_n", "dh0"],
+                              runs[0], other, strict=True):
+            assert_bitwise_equal(b, a, name=name)
+
+
 def check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H):
     x, bs, t = make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, strided_inputs=False, device=device)
     code, G, K = ops.MODES[mode], ops.GATES[mode], proj or H
