@@ -1337,15 +1337,39 @@ BAD_INPUTS = [
      RuntimeError, r"LSTM: 'weight_hh_l0' must have shape \(28, 7\), got \(28, 8\)", False),
     ("gru-reverse-weight-hh-rows", lambda nn: with_parameter(nn.GRU(I, H, 2, bidirectional=True),
                                                              "weight_hh_l1_reverse", x3((3 * H - 1, H)))(x3()),
-     RuntimeError,
-     r"GRU: 'weight_ih_l1_reverse' and 'weight_hh_l1_reverse' must be 2-D with 3\*hidden_size rows", True),
+     RuntimeError, r"GRU: 'weight_hh_l1_reverse' must have shape \(21, 7\), got \(20, 7\)", True),
     ("rnn-bias-hh-shape", lambda nn: with_parameter(nn.RNN(I, H), "bias_hh_l0", x3((H + 1,)))(x3()), RuntimeError,
      r"RNN: 'bias_hh_l0' must have shape \(7,\), got \(8,\)", True),
     ("lstm-weight-hh-dtype", lambda nn: with_parameter(nn.LSTM(I, H), "weight_hh_l0", x3((4 * H, H), F64))(x3()),
      RuntimeError, r"LSTM: 'weight_hh_l0' has dtype torch.float64 but the input has torch.float32", True),
     ("gru-cell-weight-hh-shape", lambda nn: with_parameter(nn.GRUCell(I, H), "weight_hh", x3((3 * H, H + 1)))(
         x3((B, I))), RuntimeError, r"GRUCell: 'weight_hh' must have shape \(21, 7\), got \(21, 8\)", True),
+    # Named by the module's own sizes (a fuzzer, stop 35): the op takes the hidden size from w_hh's rows, so a
+    # replaced weight_hh of 3 rows was reported as a weight_ih of the wrong shape, and a projection as wide as
+    # the hidden size as "must have shape (7, 7), got (7, 7)"; a parameter set to None failed in an attribute
+    # lookup ('NoneType' object has no attribute 'dim').
+    ("gru-weight-hh-few-rows", lambda nn: with_parameter(nn.GRU(I, H), "weight_hh_l0", x3((3, 3)))(x3()),
+     RuntimeError, r"GRU: 'weight_hh_l0' must have shape \(21, 7\), got \(3, 3\)", True),
+    ("rnn-cell-weight-hh-rows", lambda nn: with_parameter(nn.RNNCell(I, H), "weight_hh", x3((H + 2, H)))(x3((B, I))),
+     RuntimeError, r"RNNCell: 'weight_hh' must have shape \(7, 7\), got \(9, 7\)", True),
+    ("lstm-weight-hr-square", lambda nn: with_parameter(nn.LSTM(I, H, proj_size=3), "weight_hr_l0", x3((H, H)))(x3()),
+     RuntimeError, r"LSTM: 'weight_hr_l0' must have shape \(3, 7\), got \(7, 7\)", True),
+    ("gru-weight-hh-none", lambda nn: with_none(nn.GRU(I, H, 2), "weight_hh_l1")(x3()), TypeError,
+     r"GRU: 'weight_hh_l1' is None; expected a tensor of shape \(21, 7\)", True),
+    ("lstm-weight-ih-none", lambda nn: with_none(nn.LSTM(I, H), "weight_ih_l0")(x3()), TypeError,
+     r"LSTM: 'weight_ih_l0' is None; expected a tensor of shape \(28, 13\)", False),
+    ("lstm-decode-step-weight-hh-none", lambda nn: with_none(nn.LSTM(I, H), "weight_hh_l0")(x3((1, B, I))),
+     TypeError, r"LSTM: 'weight_hh_l0' is None", True),
+    ("lstm-cell-weight-ih-none", lambda nn: with_none(nn.LSTMCell(I, H), "weight_ih")(x3((B, I))), TypeError,
+     r"LSTMCell: 'weight_ih' is None; expected a tensor of shape \(28, 13\)", True),
+    ("gru-cell-weight-hh-none", lambda nn: with_none(nn.GRUCell(I, H), "weight_hh")(x3((B, I))), TypeError,
+     r"GRUCell: 'weight_hh' is None; expected a tensor of shape \(21, 7\)", True),
 ]
+
+
+def with_none(module, name):
+    setattr(module, name, None)
+    return module
 
 
 def with_parameter(module, name, value):

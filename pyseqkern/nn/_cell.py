@@ -59,6 +59,9 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
     x = input if batched else input.unsqueeze(0)
 
     w_ih = module.weight_ih
+    if w_ih is None:
+        raise TypeError(f"{name}: 'weight_ih' is None; expected a tensor of shape "
+                           f"({_rnn_ops.GATES[mode] * module.hidden_size}, {module.input_size})")
     _checks.input_dtype_and_device(name, x, w_ih, exc=RuntimeError)
     if x.size(1) != module.input_size:
         raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.size(1)}, "
@@ -84,7 +87,11 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
     try:
         h_new, c_new = _rnn_ops.rnn_cell(mode, x, h, c, w_ih, module.weight_hh, module.bias_ih, module.bias_hh,
                                          reset_after)
-    except (ValueError, TypeError) as e:
-        _checks.raise_for_module(name, e)
+    except (ValueError, TypeError, AttributeError) as e:
+        G, H = _rnn_ops.GATES[mode], module.hidden_size
+        bias = (G * H,) if module.bias else None
+        _checks.raise_for_module(name, e, expected={
+            "w_ih": (w_ih, (G * H, module.input_size)), "w_hh": (module.weight_hh, (G * H, H)),
+            "b_ih": (module.bias_ih, bias), "b_hh": (module.bias_hh, bias)})
     out = (h_new,) if mode != "lstm" else (h_new, c_new)
     return out if batched else tuple(t.squeeze(0) for t in out)

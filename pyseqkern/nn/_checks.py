@@ -35,12 +35,27 @@ _OP_WEIGHT = re.compile(r"'(w_ih|w_hh|b_ih|b_hh|w_hr)'")
 _PARAMETER_OF = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh", "w_hr": "weight_hr"}
 
 
-def raise_for_module(name: str, error: Exception, suffix: str = ""):
+def raise_for_module(name: str, error: Exception, suffix: str = "", expected: dict | None = None):
     """Re-raises an op's error from inside a module's forward: one about the op's weight arguments (a
     parameter replaced by one of another shape or dtype) as a RuntimeError naming the module's parameters,
     weight_hh + `suffix` (`_l0`, `_l1_reverse`), as torch.nn raises for them; any other as it is. The ops'
     names meant nothing to a module's user (a fuzzer, stop 33: "pyseqkern.rnn_layer: 'w_hh' must have
-    shape ...", a cell's too)."""
+    shape ...", a cell's too).
+
+    `expected`: {op argument: (the parameter passed, the shape the module's sizes give it, or None where
+    it has none)}. A parameter that is None or of another shape is named first, with that shape: the op
+    sees only its arguments, takes the hidden size from w_hh, and so blamed a replaced weight_hh on
+    weight_ih, or said "must have shape (8, 8), got (8, 8)" of a projection as wide as the hidden size;
+    a parameter set to None failed in an attribute lookup (a fuzzer, stop 35). None is a TypeError, as
+    torch.nn's ("expected Tensor as element 1 in argument 2, but got NoneType")."""
+    for arg, (tensor, want) in (expected or {}).items():
+        label = f"'{_PARAMETER_OF[arg]}{suffix}'"
+        if tensor is None and want is not None:
+            raise TypeError(f"{name}: {label} is None; expected a tensor of shape {want}") from error
+        if tensor is not None and want is not None and tuple(tensor.shape) != want:
+            raise RuntimeError(f"{name}: {label} must have shape {want}, got {tuple(tensor.shape)}") from error
+    if isinstance(error, AttributeError):
+        raise error
     message = str(error)
     prefix = _OP_PREFIX.match(message)
     if prefix is None or not _OP_WEIGHT.search(message):

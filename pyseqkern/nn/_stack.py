@@ -56,9 +56,15 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True, weights
                 return h, h, c
             return _rnn_ops.rnn_layer(mode, layer_input, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
                                       bool(direction), reset_after)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:
+            G, H, P = _rnn_ops.GATES[mode], module.hidden_size, module.proj_size
+            width = module.input_size if idx < num_directions else (P or H) * num_directions
+            bias = (G * H,) if module.bias else None
             _checks.raise_for_module(type(module).__name__, e,
-                                     f"_l{idx // num_directions}{'_reverse' if direction else ''}")
+                                     f"_l{idx // num_directions}{'_reverse' if direction else ''}",
+                                     {"w_ih": (w_ih, (G * H, width)), "w_hh": (w_hh, (G * H, P or H)),
+                                      "b_ih": (b_ih, bias), "b_hh": (b_hh, bias),
+                                      "w_hr": (w_hr, (P, H) if P else None)})
 
     num_directions = 2 if module.bidirectional else 1
     spread = module.num_layers * num_directions > 1

@@ -941,8 +941,9 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     if w_hr is not None and mode != "lstm":
         raise ValueError("pyseqkern.rnn_layer: 'w_hr' (projection) is only for mode 'lstm'")
     K = H if w_hr is None else w_hr.shape[0]
-    if w_hr is not None and (w_hr.shape != (K, H) or not 0 < K < H):
-        _shape_error("w_hr", w_hr.shape, (K, H))
+    if w_hr is not None and (w_hr.dim() != 2 or w_hr.shape[1] != H or not 0 < K < H):
+        raise ValueError(f"pyseqkern.rnn_layer: 'w_hr' must be [proj_size, hidden_size] with 0 < proj_size < "
+                         f"hidden_size = {H} (w_hh's rows / {G}), got {tuple(w_hr.shape)}")
     I = x.shape[-1]
     if I == 0:  # (torch.nn's layers refuse input_size 0 when made; a direct call had failed in a reshape)
         raise ValueError(f"pyseqkern.rnn_layer: 'x' must have at least one feature (input_size >= 1), got shape "
