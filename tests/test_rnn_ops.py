@@ -689,6 +689,29 @@ def test_bad_inputs(change, error, match):
         call(ops.rnn_layer, change.get("mode", "lstm"), x, bs, t, False, True)
 
 
+@pytest.mark.parametrize("op", ["rnn_layer", "rnn_cell"])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("arg, value, match", [
+    ("x", [1.0, 2.0], r"'x' must be a tensor, got list"),
+    ("w_ih", None, r"'w_ih' must be a tensor, got NoneType"),
+    ("h0", 3, r"'(h0|h)' must be a tensor or None, got int"),
+    ("reset_after", "no", r"'reset_after' must be a bool, got str"),
+])
+def test_raw_ops_name_an_argument_of_the_wrong_kind(op, grad, arg, value, match):
+    """Non-tensors and non-bools reaching the raw ops: a TypeError naming the argument (a fuzzer, stop 35:
+    "'list' object has no attribute 'dtype'", or the binding's list of signatures for reset_after='no')."""
+    x, _, t = make_case("gru", 0, torch.float32, strided_inputs=False)
+    t = {k: v if v is None else v.requires_grad_(grad) for k, v in t.items()}
+    args = dict(x=x if op == "rnn_layer" else x[0], reset_after=True, **t)
+    args[arg] = value
+    with pytest.raises(TypeError, match=match):
+        if op == "rnn_layer":
+            call(ops.rnn_layer, "gru", args["x"], None, args, False, args["reset_after"])
+        else:
+            ops.rnn_cell("gru", args["x"], args["h0"], None, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"],
+                         args["reset_after"])
+
+
 def test_inference_fast_path_equals_the_op_path(monkeypatch):
     # Without grad, plain eager calls skip the dispatcher; where torch's GEMM projects the input (the
     # kernel projecting it is tested below), the result must be the op's, bit for bit.

@@ -869,9 +869,30 @@ def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, sc
     return code, hidden, proj, x_gates, b_hn, packed, x_bias
 
 
-def _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+def _check_tensors(op, **args):
+    """x, w_ih and w_hh tensors, the rest tensors or None (non-tensors had failed in an attribute lookup:
+    'list' object has no attribute 'dtype'; a fuzzer, stop 35)."""
+    for name, t in args.items():
+        if not isinstance(t, torch.Tensor):
+            required = name in ("x", "w_ih", "w_hh")
+            if t is not None or required:
+                either = "" if required else " or None"
+                raise TypeError(f"pyseqkern.{op}: '{name}' must be a tensor{either}, got {type(t).__name__}")
+
+
+def _check_flags(op, **flags):
+    """The ops' bool arguments (a string had reached the binding, whose error listed its signature)."""
+    for name, v in flags.items():
+        if not isinstance(v, (bool, int)):
+            raise TypeError(f"pyseqkern.{op}: '{name}' must be a bool, got {type(v).__name__}")
+
+
+def _check_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after):
     if mode not in MODES:
         raise ValueError(f"pyseqkern.rnn_layer: 'mode' must be one of {sorted(MODES)}, got {mode!r}")
+    _check_tensors("rnn_layer", x=x, w_ih=w_ih, w_hh=w_hh, batch_sizes=batch_sizes, h0=h0, c0=c0, b_ih=b_ih,
+                   b_hh=b_hh, w_hr=w_hr)
+    _check_flags("rnn_layer", reverse=reverse, reset_after=reset_after)
     if x.dtype not in DTYPES and x.dtype != torch.float16:
         raise TypeError(f"pyseqkern.rnn_layer: 'x' must be float32, float64, bfloat16 or float16, got {x.dtype}")
     for name, t in (("h0", h0), ("c0", c0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
@@ -1016,7 +1037,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
                                                                           (w_ih, w_hh, b_ih, b_hh, w_hr))
         with _autocast.off(dev):
             return rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
-    _check_layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    _check_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     batch = _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if x.dtype == torch.float16 and x.device.type == "cpu":
         # torch.nn runs float16 on the CPU; the CPU kernels have no float16 storage (no fast float16 math
@@ -1332,6 +1353,8 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
         return None
     if torch.is_grad_enabled() and (w_hh.requires_grad or w_ih.requires_grad or getattr(x, "requires_grad", False)
                                     or any(getattr(t, "requires_grad", False) for t in (b_ih, b_hh, *(states or ())))):
+        if type(reset_after) is not bool:  # (the full path says what it must be)
+            return None
         return _cell_train.step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh)  # (training: its own route)
     plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
     if plan is None or plan.step is None or type(x) is not torch.Tensor:
@@ -1485,11 +1508,16 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         # Inference with parameters already planned: only this call's own tensors are checked here;
         # anything off goes the full way below, which says what is wrong. (Not while compiling: the
         # plan's lookup compares data pointers, which Dynamo refuses once an eager call made a plan.)
-        fast = cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread)
+        try:
+            fast = cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread)
+        except AttributeError:  # (a None weight: the checks below name it)
+            fast = None
         if fast is not None:
             return fast[0], (fast[1] if mode == "lstm" else None)
     if _is_tracing():  # (never fast while tracing: _plain_eager)
         _refuse_tracing("rnn_cell")
+    _check_tensors("rnn_cell", x=x, w_ih=w_ih, w_hh=w_hh, h=h, c=c, b_ih=b_ih, b_hh=b_hh)
+    _check_flags("rnn_cell", reset_after=reset_after, spread=spread)
     # The thin inference paths below, or rnn_layer (autograd; also CPU float16, which it runs in float32).
     thin = x.dtype != torch.float16 and (not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)))
@@ -1504,7 +1532,7 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
                                    reset_after, plan)
     x3 = x.unsqueeze(0)
     if thin and thin_states and _plain_eager(x) and not _backend.use_reference("rnn_layer", x.device):
-        _check_layer(mode, x3, h, c, w_ih, w_hh, b_ih, b_hh, None)
+        _check_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
         _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
         return _cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
                                reset_after)

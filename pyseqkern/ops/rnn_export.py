@@ -83,7 +83,7 @@ def _layer_fake(mode, reset_after, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_h
     """Shapes only, from the arguments' shapes. (Running _layer on fake tensors, as the Meta kernel did
     until stop 26, recursed without end in the copy of batch_sizes where the decomposed program's retrace
     reached it.) A packed batch without h0 is a size only the data holds."""
-    _check_layer(_NAMES[mode], x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    _check_layer(_NAMES[mode], x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, reset_after)
     if batch_sizes is None or h0 is not None:
         batch = _check_shapes(_NAMES[mode], x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     else:
