@@ -2425,6 +2425,27 @@ def test_an_empty_batch_gives_empty_outputs(cls, grad):
                     assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_an_input_made_under_inference_mode_trains_the_other_weights(cls):
+    """Data made under torch.inference_mode (inference tensors have no version counter) into a training
+    call that needs no gradient of it: W_ih frozen, so nothing saves x. torch.nn's GRU, RNN and cells run;
+    ours raised "Inference tensors do not track version counter", reading the input's version for
+    create_graph's check (a fuzzer, stop 35). The gradients are those of the same call on a normal
+    tensor, bit for bit."""
+    cell = cls.endswith("Cell")
+    m = seed_parameters(getattr(pnn, cls)(I, H))
+    (m.weight_ih if cell else m.weight_ih_l0).requires_grad_(False)
+    with torch.inference_mode():
+        x = randn((B, I) if cell else (T, B, I), F32, seed=5)
+    grads = []
+    for inp in (x, x.clone()):
+        m.zero_grad(set_to_none=True)
+        weighted_sum(flat_tensors(m(inp))).backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        assert_bitwise_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "RNNCell"])
 def test_backward_runs_at_the_forwards_cpu_level(cls, dtype):

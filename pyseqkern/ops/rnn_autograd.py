@@ -235,7 +235,8 @@ def save_layer(ctx, need_x, need_w_ih, x2d, c0, w_ih, reserve, packed, b_ih, b_h
     ctx.kept = full
     # (versions of what saved_layer checks only: the reserve and the pack are ours, and no version of
     # an inference tensor can be read)
-    ctx.kept_versions = tuple(None if n is None or t is None else t._version for n, t in zip(_LAYER_SAVED, full))
+    ctx.kept_versions = tuple(None if n is None or t is None or t.is_inference() else t._version
+                              for n, t in zip(_LAYER_SAVED, full))
 
 
 def saved_layer(ctx):
@@ -252,9 +253,11 @@ def saved_layer(ctx):
 def check_unchanged(what, names, tensors, versions):
     """torch's in-place error where a tensor kept for create_graph's recomputation (not saved: saved
     ones torch checks itself) was written since the forward (its version then: `versions`). Names None:
-    not checked."""
+    not checked; nor versions None (inference tensors have none: made under torch.inference_mode, an
+    input of a training call raised "Inference tensors do not track version counter" where torch.nn,
+    saving nothing of it, runs; a fuzzer, stop 35)."""
     for name, t, version in zip(names, tensors, versions):
-        if name is not None and t is not None and t._version != version:
+        if name is not None and t is not None and version is not None and t._version != version:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an inplace "
                 f"operation: the {what}'s {name} is at version {t._version}; expected version {version} "

@@ -146,7 +146,7 @@ class _Step(torch.autograd.Function):
         kept = (x if need[6] else None, h if need[7] else h.clone() if gru else None, c,
                 w_ih.detach() if need[2] else None, w_hh.detach() if need[3] or mode == "gru_before" else None)
         ctx.inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
+        ctx.versions = tuple(None if t is None or t.is_inference() else t._version for t in ctx.inputs)
         gi = torch.addmm(b_ih, x, w_ih.t()) if b_ih is not None else x.mm(w_ih.t())
         gh = None if mode == "gru_before" else torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else \
             h.mm(w_hh.t())
