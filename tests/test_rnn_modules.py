@@ -2392,7 +2392,7 @@ def test_an_empty_batch_gives_empty_outputs(cls, grad):
     ours = getattr(pnn, cls)(I, H, **kw)
     ours.load_state_dict(theirs.state_dict())
     cell = cls.endswith("Cell")
-    states = (2 if opt == "bi" else 1) * (2 if opt == "bi" else 1)
+    states = 4 if opt == "bi" else 1  # (layers x directions)
     hsize = 2 if opt == "proj" else H
     for views in (False, True):
         if views:  # (.contiguous() hands these on as they are: torch calls them contiguous)
