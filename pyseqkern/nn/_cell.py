@@ -60,8 +60,8 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
 
     w_ih = module.weight_ih
     if w_ih is None:
-        raise TypeError(f"{name}: 'weight_ih' is None; expected a tensor of shape "
-                        f"({_rnn_ops.GATES[mode] * module.hidden_size}, {module.input_size})")
+        _checks.parameters_as_sized(name, {"w_ih": (None, (_rnn_ops.GATES[mode] * module.hidden_size,
+                                                           module.input_size))})
     _checks.input_dtype_and_device(name, x, w_ih, exc=RuntimeError)
     if x.size(1) != module.input_size:
         raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.size(1)}, "

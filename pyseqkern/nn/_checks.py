@@ -48,12 +48,10 @@ def raise_for_module(name: str, error: Exception, suffix: str = "", expected: di
     weight_ih, or said "must have shape (8, 8), got (8, 8)" of a projection as wide as the hidden size;
     a parameter set to None failed in an attribute lookup (a fuzzer, stop 35). None is a TypeError, as
     torch.nn's ("expected Tensor as element 1 in argument 2, but got NoneType")."""
-    for arg, (tensor, want) in (expected or {}).items():
-        label = f"'{_PARAMETER_OF[arg]}{suffix}'"
-        if tensor is None and want is not None:
-            raise TypeError(f"{name}: {label} is None; expected a tensor of shape {want}") from error
-        if tensor is not None and want is not None and tuple(tensor.shape) != want:
-            raise RuntimeError(f"{name}: {label} must have shape {want}, got {tuple(tensor.shape)}") from error
+    try:
+        parameters_as_sized(name, expected or {}, suffix)
+    except (TypeError, RuntimeError) as mismatch:
+        raise mismatch from error
     if isinstance(error, AttributeError):
         raise error
     message = str(error)
@@ -62,6 +60,17 @@ def raise_for_module(name: str, error: Exception, suffix: str = "", expected: di
         raise error
     rest = _OP_WEIGHT.sub(lambda m: f"'{_PARAMETER_OF[m.group(1)]}{suffix}'", message[prefix.end():])
     raise RuntimeError(f"{name}: " + rest.replace("'x'", "the input")) from error
+
+
+def parameters_as_sized(name: str, expected: dict, suffix: str = "") -> None:
+    """Each {op argument: (parameter, shape or None)} as raise_for_module's `expected`: a TypeError for a
+    None where a shape is expected, a RuntimeError naming the parameter for another shape."""
+    for arg, (tensor, want) in expected.items():
+        label = f"'{_PARAMETER_OF[arg]}{suffix}'"
+        if tensor is None and want is not None:
+            raise TypeError(f"{name}: {label} is None; expected a tensor of shape {want}")
+        if tensor is not None and want is not None and tuple(tensor.shape) != want:
+            raise RuntimeError(f"{name}: {label} must have shape {want}, got {tuple(tensor.shape)}")
 
 
 def input_features(name: str, x: torch.Tensor, input_size: int) -> None:

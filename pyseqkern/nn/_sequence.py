@@ -167,9 +167,9 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
 
     weights = _parametrized_weights(module)
     w_ih = module.weight_ih_l0 if weights is None else weights["weight_ih_l0"]
-    if w_ih is None:  # (torch.nn: "expected Tensor as element 0 in argument 2, but got NoneType")
-        raise TypeError(f"{name}: 'weight_ih_l0' is None; expected a tensor of shape "
-                        f"({_rnn_ops.GATES[module.mode.lower()] * module.hidden_size}, {module.input_size})")
+    if w_ih is None:
+        _checks.parameters_as_sized(name, {"w_ih": (None, (_rnn_ops.GATES[module.mode.lower()] * module.hidden_size,
+                                                           module.input_size))}, "_l0")
     _checks.input_dtype_and_device(name, x, w_ih)
     _checks.input_features(name, x, module.input_size)
 
