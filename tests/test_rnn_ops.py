@@ -726,6 +726,65 @@ def test_inference_fast_path_equals_the_op_path(monkeypatch):
             assert_bitwise_equal(a, b.detach())
 
 
+CHUNKED_CASES = [("lstm", 0, False, True), ("lstm", 5, True, True), ("gru", 0, True, True), ("gru", 0, False, False),
+                 ("rnn_tanh", 0, True, True), ("rnn_relu", 0, False, True)]
+
+
+@pytest.mark.parametrize("h0_given", [True, False])
+@pytest.mark.parametrize("gemm", ["onednn", "mkl"])
+@pytest.mark.parametrize("mode,proj,reverse,reset_after", CHUNKED_CASES)
+def test_inference_by_chunks_equals_the_op_path(monkeypatch, mode, proj, reverse, reset_after, gemm, h0_given):
+    """Where torch projects an inference sequence, it projects a chunk of steps at a time and the kernel
+    runs them before the next chunk (ops._chunks): outputs and final states bit for bit those of the op
+    path, which projects every row first, through oneDNN and MKL, chunks of 5, 4 and 4 steps taken in
+    either direction; and on the float64 reference."""
+    monkeypatch.setattr(ops, "_L2_BYTES", 0)  # (torch projects)
+    monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
+    monkeypatch.setattr(ops, "_ONEDNN_ROWS", set())  # (every row count may take oneDNN, as in a fresh process)
+    monkeypatch.setattr(ops, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(ops, "_CHUNK_MIN_ROWS", 32)
+    seen = []
+    real = ops._forward_by_chunks
+    monkeypatch.setattr(ops, "_forward_by_chunks", lambda *a: seen.append(a[-1]) or real(*a))
+    x, bs, t = make_case(mode, proj, torch.float32, T=13, B=8, I=20, H=24)
+    if not h0_given:
+        t = dict(t, h0=None, c0=None)
+    with torch.no_grad():
+        fast = call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after)
+    assert seen == [[(0, 5), (5, 9), (9, 13)]]
+    slow = call(ops.rnn_layer, mode, x.detach().requires_grad_(), bs, t, reverse, reset_after)
+    for a, b in zip(fast, slow):
+        if a is not None:
+            assert_bitwise_equal(a, b.detach())
+    assert_runs_meet_reference([fast], mode, x, bs, t, reverse, reset_after, False)
+
+
+def test_inference_chunks_cover_the_steps_evenly(monkeypatch):
+    """ops._chunks: (start, stop) steps covering the sequence in order, sizes one step apart at most, at most
+    one step over _CHUNK_BYTES of x_gates each, never under half of _CHUNK_MIN_ROWS rows; whole (None) where one chunk
+    would do, for packed data, for float64 and bfloat16 (ops._chunks says why)."""
+    monkeypatch.setattr(ops, "_CHUNK_BYTES", 12 << 20)
+    monkeypatch.setattr(ops, "_CHUNK_MIN_ROWS", 256)
+
+    def chunks(T, B, H, G=4, dtype=torch.float32, packed=False):
+        x = torch.empty(T, B, 3, dtype=dtype)
+        seq = ops._Seq(x, torch.full((T,), B) if packed else None, False)
+        return ops._chunks(seq, x.view(-1, 3), torch.empty(G * H, 3, dtype=dtype))
+
+    for T, B, H in ((200, 64, 512), (201, 64, 512), (50, 256, 512), (1000, 3, 4096), (7, 1000, 300), (97, 129, 2048)):
+        got = chunks(T, B, H)
+        assert got[0][0] == 0 and got[-1][1] == T and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        steps = [e - s for s, e in got]
+        assert max(steps) - min(steps) <= 1 and min(steps) * B >= 128
+        # (at most one step over, or fewer chunks where the rows would be too few)
+        assert (max(steps) - 1) * B * 4 * H * 4 <= (12 << 20) or max(steps) * B < 2 * 256
+    assert len(chunks(200, 64, 512)) == 9  # 105 MB of x_gates
+    assert chunks(100, 32, 256) is not None and chunks(100, 8, 256) is None  # 13 MB; 3.3 MB
+    assert chunks(3, 2, 100000) is None  # (rows too few to split)
+    assert chunks(200, 64, 512, packed=True) is None
+    assert chunks(200, 64, 512, dtype=torch.float64) is None and chunks(200, 64, 512, dtype=torch.bfloat16) is None
+
+
 def poison_forward_scratch():
     """NaN bytes over the inference forward's cached buffers (ops._fwd_scratch): a value the kernel
     failed to write cannot then pass as the one an earlier call left there."""

@@ -309,8 +309,9 @@ def _own_x_gates_numel(sizes, mode, batch, hidden):
 
 
 def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
-                 n, x=None, panel=None, each_step=False, x_bias=None):
-    """Allocates the outputs and runs the forward kernel over n rows of sequence data. With x and its
+                 n, x=None, panel=None, each_step=False, x_bias=None, out=None):
+    """Allocates the outputs (or writes `out`: y, h_n, c_n) and runs the forward kernel over n rows of
+    sequence data. With x and its
     input panel, x_gates is the bias row (or None) and the kernel projects the input itself (CPU, the
     eager inference path): every row before the steps into an x_gates buffer, or with `each_step` each
     step's rows inside the step (rnn.h: no buffer, the workspace grows by B*G*Hp). Its buffer and
@@ -319,9 +320,12 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
     dtype, dev = (x if x is not None else x_gates).dtype, (x if x is not None else x_gates).device
     sizes = _sizes(mode, reset_after, hidden, proj, batch, dtype)
     ws_numel, rcols = sizes[2], sizes[3]
-    y = torch.empty(n, K, dtype=dtype, device=dev)
-    h_n = torch.empty(batch, K, dtype=dtype, device=dev)
-    c_n = torch.empty(batch if mode == 0 else 0, hidden, dtype=dtype, device=dev)
+    if out is None:
+        y = torch.empty(n, K, dtype=dtype, device=dev)
+        h_n = torch.empty(batch, K, dtype=dtype, device=dev)
+        c_n = torch.empty(batch if mode == 0 else 0, hidden, dtype=dtype, device=dev)
+    else:
+        y, h_n, c_n = out
     reserve = _reserves().take((n, rcols), _acc_dtype(dtype)) if training and dev.type == "cpu" else \
         torch.empty(n if training else 0, rcols, dtype=_acc_dtype(dtype), device=dev)
     if x is None:
@@ -859,14 +863,22 @@ def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, sc
     x_bias). Folded biases and packed weights come from their caches unless autograd records
     (`recording`; then packed weights only where `reuse`, checked: _packed); x_gates (into `scratch`
     where given) and x_bias as _input_projection gives them."""
+    code, hidden, proj, bias, b_hn, packed = _prepare_weights(mode, reset_after, w_hh, b_ih, b_hh, w_hr, recording,
+                                                              reuse)
+    x_gates, x_bias = _input_projection(x2d, w_ih, bias, scratch)
+    return code, hidden, proj, x_gates, b_hn, packed, x_bias
+
+
+def _prepare_weights(mode, reset_after, w_hh, b_ih, b_hh, w_hr, recording, reuse=False):
+    """_prepare's part that does not read x: (code, hidden, proj, bias, b_hn, packed), bias the folded
+    one the projection adds."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     proj = 0 if w_hr is None else w_hr.shape[0]
     fold = _fold_bias if recording or torch.compiler.is_compiling() else _folded_bias
     bias, b_hn = fold(mode, reset_after, hidden, b_ih, b_hh)
-    x_gates, x_bias = _input_projection(x2d, w_ih, bias, scratch)
     packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, recording, reuse)
-    return code, hidden, proj, x_gates, b_hn, packed, x_bias
+    return code, hidden, proj, bias, b_hn, packed
 
 
 def _check_tensors(op, **args):
@@ -1059,6 +1071,10 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         if projected is not None:
             y, h_n, c_n = projected
             return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
+        chunks = _chunks(seq, x2d, w_hh)
+        if chunks:
+            y, h_n, c_n = _forward_by_chunks(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr, chunks)
+            return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
         code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh,
                                                                      w_hr, False, _proj_scratch())
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
@@ -1228,6 +1244,60 @@ def _projects_each_step(mode, x2d, seq, hidden, proj, read):
     if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
         return False
     return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _EACH_STEP_L2S * _L2_BYTES * _PATH_THREADS
+
+
+# Where torch's GEMM projects an inference sequence (panels too large for the kernel, MKL's share of LSTM),
+# it projects _CHUNK_BYTES of x_gates at a time and the kernel runs those steps before the next chunk
+# is projected, the states carried from one kernel call to the next. Whole, x_gates is written to memory
+# and read back (105 MB at LSTM (200,64,512)), and torch's oneDNN linear, which takes no output buffer,
+# gets it as fresh pages every call: that GEMM alone ran 168 GFLOP/s whole against 191-206 in chunks of
+# 640-2560 rows (12800 x 512 @ 512 x 2048, the same bits). Module calls in-process, 11 A B B A rounds,
+# time by chunks / whole, steps per chunk: LSTM (200,64,512) 5 / 10 / 20 / 50: 0.97 / 0.94 / 0.92 / 0.95;
+# GRU (200,64,512) 26 / 52: 0.94 / 0.93; LSTM (50,256,512) 5 / 10: 0.94 / 0.93. Padded sequences only
+# (a packed chunk would need its own batch_sizes, offsets and lengths). Chunks differ by one step at most,
+# so a sequence's shape adds at most two row counts to oneDNN's (_ONEDNN_ROWS), and keep rows enough to
+# stay clear of the few-row paths (oneDNN's 32-row floor, MKL's _narrow_and_long), whose sums differ.
+# float32 only: a bfloat16 kernel carries its states in float32 from step to step, which a chunk's end
+# would round to bfloat16; and MKL's dgemm gave some rows other bits in chunks of odd row counts
+# (3000 x 300 @ 300 x 1200 in chunks of 257), which its sgemm and oneDNN did not.
+_CHUNK_BYTES = 12 << 20
+_CHUNK_MIN_ROWS = 256
+
+
+def _chunks(seq, x2d, w_hh):
+    """The chunks of an inference sequence that torch projects (_forward_by_chunks), as (start, stop)
+    steps in time order; None: whole. Chunks differ by at most one step and keep about
+    _CHUNK_MIN_ROWS rows or more (at least half of it)."""
+    if seq.batch_sizes is not None or not seq.steps or x2d.device.type != "cpu" or x2d.dtype != torch.float32:
+        return None
+    step_bytes = seq.batch * w_hh.shape[0] * x2d.element_size()
+    n = min(-(-seq.steps * step_bytes // _CHUNK_BYTES), seq.steps * seq.batch // _CHUNK_MIN_ROWS)
+    if n < 2:
+        return None
+    q, r = divmod(seq.steps, n)
+    ends = [(i + 1) * q + min(i + 1, r) for i in range(n)]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, chunks):
+    """(y, h_n, c_n or None) of a padded inference sequence projected a chunk of steps at a time (_chunks),
+    each chunk run by the kernel before the next is projected (from the last chunk back where `reverse`).
+    The same bits as projecting every row first wherever torch's GEMM gives a row the same sums at any
+    row count (the tests hold the two to each other through oneDNN and MKL)."""
+    code, hidden, proj, bias, b_hn, packed = _prepare_weights(mode, reset_after, w_hh, b_ih, b_hh, w_hr, False)
+    T, B, K = seq.steps, seq.batch, (proj if proj > 0 else hidden)
+    y = torch.empty(T * B, K, dtype=x2d.dtype)
+    # (two pairs of state buffers: a chunk's final states are the next one's initial states)
+    states = [(torch.empty(B, K, dtype=x2d.dtype), torch.empty(B if code == 0 else 0, hidden, dtype=x2d.dtype))
+              for _ in range(2)]
+    for i, (s, e) in enumerate(reversed(chunks) if seq.reverse else chunks):
+        rows = slice(s * B, e * B)
+        x_gates, x_bias = _input_projection(x2d[rows], w_ih, bias, _proj_scratch())
+        h_n, c_n = states[i % 2]
+        _run_forward(code, reset_after, hidden, proj, e - s, B, x_gates, b_hn, h0, c0, packed,
+                     (None, None, None, B, 1, seq.reverse), False, (e - s) * B, x_bias=x_bias, out=(y[rows], h_n, c_n))
+        h0, c0 = h_n, (c_n if code == 0 else None)
+    return y, h0, c0
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
