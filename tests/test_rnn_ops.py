@@ -530,7 +530,7 @@ def test_layer_matches_reference_at_streaming_sizes(monkeypatch, mode, proj, res
     """Outputs and every gradient where the kernels store past the caches (kStreamBytes), with either
     library's float32 GEMMs (ops/rnn.py picks one by CPU vendor; the oneDNN one reads the kernel's
     transposed copies)."""
-    monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
+    use_gemm(monkeypatch, gemm)
     check_against_reference(mode, proj, reset_after, torch.float32, False, None, T=100, B=32, H=200)
 
 
@@ -541,8 +541,30 @@ def test_training_gemms_of_either_library_meet_the_reference(monkeypatch, mode, 
                                                               gemm):
     """The backward's float32 GEMMs from 32 rows on: oneDNN's linear on the kernel's transposed copies, or
     MKL's mm on views (_backend.FP32_GEMM)."""
-    monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
+    use_gemm(monkeypatch, gemm)
     check_against_reference(mode, proj, reset_after, torch.float32, reverse, lengths, T=9, B=9)
+
+
+def use_gemm(monkeypatch, gemm):
+    """The backward's float32 GEMMs from `gemm`'s library, gates of any width (ops._MKL_GATES_UP_TO sends
+    narrow ones to MKL where oneDNN serves the rest; these tests' layers are that narrow)."""
+    monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
+    monkeypatch.setattr(ops, "_MKL_GATES_UP_TO", 0)
+
+
+def test_narrow_gates_take_mkl_for_the_backward_gemms(monkeypatch):
+    """Float32 layers whose gates are _MKL_GATES_UP_TO wide or less take MKL's mm on views for the backward's
+    GEMMs where oneDNN serves the rest, without taking one of oneDNN's row counts; wider ones and bfloat16
+    take oneDNN."""
+    if ops._onednn_linear is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(ops._backend, "FP32_GEMM", "onednn")
+    monkeypatch.setattr(ops, "_ONEDNN_ROWS", set())
+    cpu = torch.device("cpu")
+    narrow = ops._MKL_GATES_UP_TO
+    assert not ops._Gemms(3200, torch.float32, cpu, narrow).fast and not ops._ONEDNN_ROWS
+    assert ops._Gemms(3200, torch.float32, cpu, narrow + 1).fast and ops._ONEDNN_ROWS == {3200}
+    assert ops._Gemms(3200, torch.bfloat16, cpu, narrow).fast == ops._ONEDNN_BF16
 
 
 @pytest.mark.parametrize("threads", [1, 2])

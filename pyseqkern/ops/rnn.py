@@ -732,6 +732,16 @@ def _proj_scratch():
     return s.begin()
 
 
+# The backward's float32 GEMMs of layers whose gates are this wide or less (G*H) take MKL's mm on views even
+# where oneDNN serves the rest (stop 36, the 1 MB-L2 Zen 4, torch 2.13): the transposed copies that
+# oneDNN needs cost more than its GEMMs save there. Training steps in-process, 11 A B B A rounds, time
+# with MKL / oneDNN, (T, B, H): RNN (100,32,256) 0.92, (100,8,256) 0.95, (100,64,256) 0.92,
+# (50,16,128) 0.91, GRU (100,32,64) 0.93; wider, LSTM (100,32,64) 1.00, GRU (100,32,128) 0.99, RNN
+# (200,64,512) 1.00, LSTM (100,32,128) 1.02, RNN (100,32,1024) 1.02, GRU (100,32,256) 1.02, LSTM
+# (100,32,256) 1.05.
+_MKL_GATES_UP_TO = 256
+
+
 class _Gemms:
     """The backward's GEMMs as a @ bt^T with both operands row-major (`t()` gives the transposed copy
     or view). Where `fast`, they go through the same oneDNN linear as the projection, about twice
@@ -740,10 +750,12 @@ class _Gemms:
     gradients contract over rows: the backward kernel writes d_gates^T and h_prev^T itself (torch's
     transposing copies cost 4 ms of a 50 ms LSTM training call); `t()` copies the small rest.
     Elsewhere (float64, CUDA, torch.compile, few rows, float32 where MKL runs at full speed:
-    _backend.FP32_GEMM): views and mm."""
+    _backend.FP32_GEMM, float32 gates _MKL_GATES_UP_TO wide or less): views and mm."""
 
-    def __init__(self, rows, dtype, device):
-        self.fast = _onednn_ok(rows, dtype, device)
+    def __init__(self, rows, dtype, device, gate_cols):
+        # (asked first: _onednn_ok takes one of oneDNN's row counts)
+        narrow = dtype == torch.float32 and gate_cols <= _MKL_GATES_UP_TO
+        self.fast = not narrow and _onednn_ok(rows, dtype, device)
 
     def t(self, a):
         return a.t().contiguous() if self.fast else a.t()

@@ -321,7 +321,7 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     # One step's GEMMs are small: there oneDNN's setup, the kernel's transposed copies and the joint
     # operand cost more than they save (recorded cell steps at B=32, H=256, in-process: RNNCell 0.61 ->
     # 0.74x torch.nn, GRUCell 0.73 -> 0.81x, LSTMCell 0.66 -> 0.96x with mm on views), so they take mm.
-    g = _Gemms(reserve.shape[0] if seq.steps > 1 else 0, wdtype, reserve.device)
+    g = _Gemms(reserve.shape[0] if seq.steps > 1 else 0, wdtype, reserve.device, GATES[mode] * hidden)
     # autograd.grad(is_grads_batched=True) (torch.autograd.functional.jacobian/hessian with vectorize)
     # runs this under torch's legacy vmap: its batched gradients have no storage for the kernels, so the
     # kernel goes through the op (the legacy vmap calls it once per slice) and the GEMMs through mm.
