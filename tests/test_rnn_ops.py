@@ -750,61 +750,92 @@ def test_inference_fast_path_equals_the_op_path(monkeypatch):
 
 CHUNKED_CASES = [("lstm", 0, False, True), ("lstm", 5, True, True), ("gru", 0, True, True), ("gru", 0, False, False),
                  ("rnn_tanh", 0, True, True), ("rnn_relu", 0, False, True)]
+# (packed: 16 sequences of 40 down to 3 steps, 347 rows)
+CHUNKED_LENGTHS = [40 - (37 * i) // 15 for i in range(16)]
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("h0_given", [True, False])
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
 @pytest.mark.parametrize("mode,proj,reverse,reset_after", CHUNKED_CASES)
-def test_inference_by_chunks_equals_the_op_path(monkeypatch, mode, proj, reverse, reset_after, gemm, h0_given):
+def test_inference_by_chunks_equals_the_op_path(monkeypatch, mode, proj, reverse, reset_after, gemm, h0_given, packed):
     """Where torch projects an inference sequence, it projects a chunk of steps at a time and the kernel
     runs them before the next chunk (ops._chunks): outputs and final states bit for bit those of the op
-    path, which projects every row first, through oneDNN and MKL, chunks of 5, 4 and 4 steps taken in
-    either direction; and on the float64 reference."""
+    path, which projects every row first, through oneDNN and MKL, three chunks taken in either direction,
+    padded (5, 4 and 4 steps) or packed (rows ending and, reverse, starting inside a chunk); and on the
+    float64 reference (the 2x-torch rule over the packed case's 40 steps)."""
     monkeypatch.setattr(ops, "_L2_BYTES", 0)  # (torch projects)
     monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
     monkeypatch.setattr(ops, "_ONEDNN_ROWS", set())  # (every row count may take oneDNN, as in a fresh process)
     monkeypatch.setattr(ops, "_CHUNK_BYTES", 1)
-    monkeypatch.setattr(ops, "_CHUNK_MIN_ROWS", 32)
+    monkeypatch.setattr(ops, "_CHUNK_MIN_ROWS", 96 if packed else 32)
     seen = []
     real = ops._forward_by_chunks
     monkeypatch.setattr(ops, "_forward_by_chunks", lambda *a: seen.append(a[-1]) or real(*a))
-    x, bs, t = make_case(mode, proj, torch.float32, T=13, B=8, I=20, H=24)
+    if packed:
+        x, bs, t = make_case(mode, proj, torch.float32, T=40, B=16, I=20, H=24, lengths=CHUNKED_LENGTHS)
+    else:
+        x, bs, t = make_case(mode, proj, torch.float32, T=13, B=8, I=20, H=24)
     if not h0_given:
         t = dict(t, h0=None, c0=None)
     with torch.no_grad():
         fast = call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after)
-    assert seen == [[(0, 5), (5, 9), (9, 13)]]
+    if packed:
+        [chunks] = seen
+        rows = [int(bs[s:e].sum()) for s, e in chunks]
+        assert len(chunks) == 3 and chunks[0][0] == 0 and chunks[-1][1] == 40 and min(rows) >= 32, (chunks, rows)
+    else:
+        assert seen == [[(0, 5), (5, 9), (9, 13)]]
     slow = call(ops.rnn_layer, mode, x.detach().requires_grad_(), bs, t, reverse, reset_after)
     for a, b in zip(fast, slow):
         if a is not None:
             assert_bitwise_equal(a, b.detach())
-    assert_runs_meet_reference([fast], mode, x, bs, t, reverse, reset_after, False)
+    assert_runs_meet_reference([fast], mode, x, bs, t, reverse, reset_after, packed)  # (40 steps: the 2x rule)
 
 
 def test_inference_chunks_cover_the_steps_evenly(monkeypatch):
-    """ops._chunks: (start, stop) steps covering the sequence in order, sizes one step apart at most, at most
-    one step over _CHUNK_BYTES of x_gates each, never under half of _CHUNK_MIN_ROWS rows; whole (None) where one chunk
-    would do, for packed data, for float64 and bfloat16 (ops._chunks says why)."""
+    """ops._chunks: (start, stop) steps covering the sequence in order; padded, sizes one step apart at most,
+    at most one step over _CHUNK_BYTES of x_gates each, never under half of _CHUNK_MIN_ROWS rows; packed,
+    the padded chunks where every step has the batch, and where the batch shrinks, rows near an equal
+    share each and never under a quarter of _CHUNK_MIN_ROWS; whole (None) where one chunk would do, and
+    for float64 and bfloat16 (ops._chunks says why)."""
     monkeypatch.setattr(ops, "_CHUNK_BYTES", 12 << 20)
     monkeypatch.setattr(ops, "_CHUNK_MIN_ROWS", 256)
 
-    def chunks(T, B, H, G=4, dtype=torch.float32, packed=False):
+    def chunks(T, B, H, G=4, dtype=torch.float32, batch_sizes=None):
         x = torch.empty(T, B, 3, dtype=dtype)
-        seq = ops._Seq(x, torch.full((T,), B) if packed else None, False)
-        return ops._chunks(seq, x.view(-1, 3), torch.empty(G * H, 3, dtype=dtype))
+        seq = ops._Seq(x, batch_sizes, False)
+        rows = T * B if batch_sizes is None else int(batch_sizes.sum())
+        return ops._chunks(seq, x.view(-1, 3)[:rows], torch.empty(G * H, 3, dtype=dtype))
+
+    def covers(got, T):
+        return got[0][0] == 0 and got[-1][1] == T and all(a[1] == b[0] and a[0] < a[1] for a, b in zip(got, got[1:]))
 
     for T, B, H in ((200, 64, 512), (201, 64, 512), (50, 256, 512), (1000, 3, 4096), (7, 1000, 300), (97, 129, 2048)):
         got = chunks(T, B, H)
-        assert got[0][0] == 0 and got[-1][1] == T and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        assert covers(got, T)
         steps = [e - s for s, e in got]
         assert max(steps) - min(steps) <= 1 and min(steps) * B >= 128
         # (at most one step over, or fewer chunks where the rows would be too few)
         assert (max(steps) - 1) * B * 4 * H * 4 <= (12 << 20) or max(steps) * B < 2 * 256
+        assert chunks(T, B, H, batch_sizes=torch.full((T,), B)) == got
     assert len(chunks(200, 64, 512)) == 9  # 105 MB of x_gates
     assert chunks(100, 32, 256) is not None and chunks(100, 8, 256) is None  # 13 MB; 3.3 MB
     assert chunks(3, 2, 100000) is None  # (rows too few to split)
-    assert chunks(200, 64, 512, packed=True) is None
     assert chunks(200, 64, 512, dtype=torch.float64) is None and chunks(200, 64, 512, dtype=torch.bfloat16) is None
+    for B, H, top in ((64, 512, 200), (300, 512, 9), (8, 4096, 300)):
+        lengths = [top - ((top - 1) * i) // (B - 1) for i in range(B)]  # (top down to 1 step)
+        bs = torch.tensor([sum(n > t for n in lengths) for t in range(top)] + [0, 0])  # (and steps of no rows)
+        got = chunks(top + 2, B, H, batch_sizes=bs)
+        assert covers(got, top + 2)
+        rows = [int(bs[s:e].sum()) for s, e in got]
+        total = sum(rows)
+        assert len(rows) == min(-(-total * 4 * H * 4 // (12 << 20)), total // 256)
+        assert min(rows) >= 256 // 4 and max(rows) <= total / len(rows) + 2 * B
+    # A step crossing several shares at once leaves chunks of a step or two behind it, which join the next
+    # one; a small last chunk joins the one before (here the only other: whole).
+    assert chunks(51, 1000, 4096, batch_sizes=torch.tensor([1000] + [10] * 50)) == [(0, 1), (1, 21), (21, 51)]
+    assert chunks(51, 1000, 4096, batch_sizes=torch.tensor([1000] + [1] * 50)) is None
 
 
 def poison_forward_scratch():

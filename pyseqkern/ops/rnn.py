@@ -311,11 +311,11 @@ def _own_x_gates_numel(sizes, mode, batch, hidden):
 def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
                  n, x=None, panel=None, each_step=False, x_bias=None, out=None):
     """Allocates the outputs (or writes `out`: y, h_n, c_n) and runs the forward kernel over n rows of
-    sequence data. With x and its
-    input panel, x_gates is the bias row (or None) and the kernel projects the input itself (CPU, the
-    eager inference path): every row before the steps into an x_gates buffer, or with `each_step` each
-    step's rows inside the step (rnn.h: no buffer, the workspace grows by B*G*Hp). Its buffer and
-    workspace live only inside the call and come from this thread's forward scratch (_fwd_scratch)."""
+    sequence data. With x and its input panel, x_gates is the bias row (or None) and the kernel projects
+    the input itself (CPU, the eager inference path): every row before the steps into an x_gates
+    buffer, or with `each_step` each step's rows inside the step (rnn.h: no buffer, the workspace grows
+    by B*G*Hp). Its buffer and workspace live only inside the call and come from this thread's forward
+    scratch (_fwd_scratch)."""
     K = proj if proj > 0 else hidden
     dtype, dev = (x if x is not None else x_gates).dtype, (x if x is not None else x_gates).device
     sizes = _sizes(mode, reset_after, hidden, proj, batch, dtype)
@@ -1258,16 +1258,19 @@ def _projects_each_step(mode, x2d, seq, hidden, proj, read):
     return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _EACH_STEP_L2S * _L2_BYTES * _PATH_THREADS
 
 
-# Where torch's GEMM projects an inference sequence (panels too large for the kernel, MKL's share of LSTM),
-# it projects _CHUNK_BYTES of x_gates at a time and the kernel runs those steps before the next chunk
+# Where torch's GEMM projects a CPU inference sequence (panels too large for the kernel, MKL's share of
+# LSTM), it projects _CHUNK_BYTES of x_gates at a time and the kernel runs those steps before the next chunk
 # is projected, the states carried from one kernel call to the next. Whole, x_gates is written to memory
 # and read back (105 MB at LSTM (200,64,512)), and torch's oneDNN linear, which takes no output buffer,
 # gets it as fresh pages every call: that GEMM alone ran 168 GFLOP/s whole against 191-206 in chunks of
 # 640-2560 rows (12800 x 512 @ 512 x 2048, the same bits). Module calls in-process, 11 A B B A rounds,
 # time by chunks / whole, steps per chunk: LSTM (200,64,512) 5 / 10 / 20 / 50: 0.97 / 0.94 / 0.92 / 0.95;
-# GRU (200,64,512) 26 / 52: 0.94 / 0.93; LSTM (50,256,512) 5 / 10: 0.94 / 0.93. Padded sequences only
-# (a packed chunk would need its own batch_sizes, offsets and lengths). Chunks differ by one step at most,
-# so a sequence's shape adds at most two row counts to oneDNN's (_ONEDNN_ROWS), and keep rows enough to
+# GRU (200,64,512) 26 / 52: 0.94 / 0.93; LSTM (50,256,512) 5 / 10: 0.94 / 0.93; at this budget, LSTM
+# (110,64,512) 0.98, bidirectional GRU (100,64,512) 0.94; packed (lengths spread down to a tenth), LSTM
+# (400,64,512) 0.89, (200,64,512) 0.99, bidirectional GRU (100,64,512) 1.01. The gain grows with x_gates
+# (57 MB at the packed LSTM of 200 steps, 113 MB at 400) and is within noise below. Chunks end where the rows
+# so far pass a multiple of the rows over the chunk count, so a padded sequence's chunks differ by one
+# step at most (its shape adds at most two row counts to oneDNN's, _ONEDNN_ROWS) and keep rows enough to
 # stay clear of the few-row paths (oneDNN's 32-row floor, MKL's _narrow_and_long), whose sums differ.
 # float32 only: a bfloat16 kernel carries its states in float32 from step to step, which a chunk's end
 # would round to bfloat16; and MKL's dgemm gave some rows other bits in chunks of odd row counts
@@ -1278,38 +1281,68 @@ _CHUNK_MIN_ROWS = 256
 
 def _chunks(seq, x2d, w_hh):
     """The chunks of an inference sequence that torch projects (_forward_by_chunks), as (start, stop)
-    steps in time order; None: whole. Chunks differ by at most one step and keep about
-    _CHUNK_MIN_ROWS rows or more (at least half of it)."""
-    if seq.batch_sizes is not None or not seq.steps or x2d.device.type != "cpu" or x2d.dtype != torch.float32:
+    steps in time order; None: whole. n chunks of about _CHUNK_BYTES of x_gates and _CHUNK_MIN_ROWS rows
+    or more, each ending at the first step whose rows so far reach its share of all rows (k / n of
+    them); a packed chunk left with fewer than a quarter of _CHUNK_MIN_ROWS rows joins a neighbour."""
+    if x2d.dtype != torch.float32:
         return None
-    step_bytes = seq.batch * w_hh.shape[0] * x2d.element_size()
-    n = min(-(-seq.steps * step_bytes // _CHUNK_BYTES), seq.steps * seq.batch // _CHUNK_MIN_ROWS)
+    rows = x2d.shape[0]
+    n = min(-(-rows * w_hh.shape[0] * x2d.element_size() // _CHUNK_BYTES), rows // _CHUNK_MIN_ROWS)
     if n < 2:
         return None
-    q, r = divmod(seq.steps, n)
-    ends = [(i + 1) * q + min(i + 1, r) for i in range(n)]
-    return list(zip([0] + ends[:-1], ends))
+    if seq.batch_sizes is None:
+        ends = [-(-k * seq.steps // n) for k in range(1, n + 1)]
+    else:
+        ends, cum, done = [], [0], 0
+        for step, size in enumerate(seq.batch_sizes.tolist()):
+            done += size
+            cum.append(done)
+            if done * n >= (len(ends) + 1) * rows:
+                ends.append(step + 1)
+        ends[-1] = seq.steps  # (steps of no rows after the last)
+        kept = []
+        for e in ends:
+            if cum[e] - cum[kept[-1] if kept else 0] >= _CHUNK_MIN_ROWS // 4 or e == seq.steps:
+                kept.append(e)
+        if len(kept) > 1 and cum[-1] - cum[kept[-2]] < _CHUNK_MIN_ROWS // 4:
+            del kept[-2]
+        ends = kept
+    return list(zip([0] + ends[:-1], ends)) if len(ends) > 1 else None
 
 
 def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, chunks):
-    """(y, h_n, c_n or None) of a padded inference sequence projected a chunk of steps at a time (_chunks),
-    each chunk run by the kernel before the next is projected (from the last chunk back where `reverse`).
-    The same bits as projecting every row first wherever torch's GEMM gives a row the same sums at any
-    row count (the tests hold the two to each other through oneDNN and MKL)."""
+    """(y, h_n, c_n or None) of an inference sequence projected a chunk of steps at a time (_chunks), each
+    chunk run by the kernel before the next is projected (from the last chunk back where `reverse`). A
+    chunk runs the rows its first step has (packed: batch_sizes[start]) from the states so far, each row
+    for its steps inside the chunk (its length past the start, at most the chunk's), forward or reverse
+    (rnn.h); the states start as h0 / c0 and each chunk writes its rows' back, so a row that ends (or,
+    reverse, starts) in an earlier chunk keeps its own. The same bits as projecting every row first
+    wherever torch's GEMM gives a row the same sums at any row count (the tests hold the two to each
+    other through oneDNN and MKL)."""
     code, hidden, proj, bias, b_hn, packed = _prepare_weights(mode, reset_after, w_hh, b_ih, b_hh, w_hr, False)
-    T, B, K = seq.steps, seq.batch, (proj if proj > 0 else hidden)
-    y = torch.empty(T * B, K, dtype=x2d.dtype)
-    # (two pairs of state buffers: a chunk's final states are the next one's initial states)
-    states = [(torch.empty(B, K, dtype=x2d.dtype), torch.empty(B if code == 0 else 0, hidden, dtype=x2d.dtype))
-              for _ in range(2)]
-    for i, (s, e) in enumerate(reversed(chunks) if seq.reverse else chunks):
-        rows = slice(s * B, e * B)
-        x_gates, x_bias = _input_projection(x2d[rows], w_ih, bias, _proj_scratch())
-        h_n, c_n = states[i % 2]
-        _run_forward(code, reset_after, hidden, proj, e - s, B, x_gates, b_hn, h0, c0, packed,
-                     (None, None, None, B, 1, seq.reverse), False, (e - s) * B, x_bias=x_bias, out=(y[rows], h_n, c_n))
-        h0, c0 = h_n, (c_n if code == 0 else None)
-    return y, h0, c0
+    B, K, dt = seq.batch, (proj if proj > 0 else hidden), x2d.dtype
+    y = torch.empty(x2d.shape[0], K, dtype=dt)
+    h = h0.clone() if h0 is not None else torch.zeros(B, K, dtype=dt)
+    c = torch.empty(0, hidden, dtype=dt) if code != 0 else c0.clone() if c0 is not None else torch.zeros(B, hidden, dtype=dt)
+    h_n, c_n = torch.empty(B, K, dtype=dt), torch.empty(B if code == 0 else 0, hidden, dtype=dt)
+    bs = seq.batch_sizes
+    for s, e in reversed(chunks) if seq.reverse else chunks:
+        if bs is None:
+            rows, first = B, s * B
+            seq_args = (None, None, None, B, 1, seq.reverse)
+        else:
+            rows, first = int(bs[s]), int(seq.time_offsets[s])
+            seq_args = (bs[s:e], seq.time_offsets[s:e] - first, (seq.lengths[:rows] - s).clamp_(max=e - s), 0, 0,
+                        seq.reverse)
+        n = (e - s) * B if bs is None else int(bs[s:e].sum())
+        x_gates, x_bias = _input_projection(x2d[first:first + n], w_ih, bias, _proj_scratch())
+        out = (y[first:first + n], h_n[:rows], c_n[:rows] if code == 0 else c_n)
+        _run_forward(code, reset_after, hidden, proj, e - s, rows, x_gates, b_hn, h[:rows],
+                     c[:rows] if code == 0 else None, packed, seq_args, False, n, x_bias=x_bias, out=out)
+        h[:rows].copy_(out[1])
+        if code == 0:
+            c[:rows].copy_(out[2])
+    return y, h, (c if code == 0 else None)
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
