@@ -1085,7 +1085,8 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
             return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
         chunks = _chunks(seq, x2d, w_hh)
         if chunks:
-            y, h_n, c_n = _forward_by_chunks(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr, chunks)
+            y, h_n, c_n = _forward_by_chunks(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                             chunks)
             return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
         code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh,
                                                                      w_hr, False, _proj_scratch())
@@ -1323,7 +1324,8 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
     B, K, dt = seq.batch, (proj if proj > 0 else hidden), x2d.dtype
     y = torch.empty(x2d.shape[0], K, dtype=dt)
     h = h0.clone() if h0 is not None else torch.zeros(B, K, dtype=dt)
-    c = torch.empty(0, hidden, dtype=dt) if code != 0 else c0.clone() if c0 is not None else torch.zeros(B, hidden, dtype=dt)
+    c = (torch.empty(0, hidden, dtype=dt) if code != 0 else c0.clone() if c0 is not None
+         else torch.zeros(B, hidden, dtype=dt))
     h_n, c_n = torch.empty(B, K, dtype=dt), torch.empty(B if code == 0 else 0, hidden, dtype=dt)
     bs = seq.batch_sizes
     for s, e in reversed(chunks) if seq.reverse else chunks:
