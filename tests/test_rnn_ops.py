@@ -627,6 +627,43 @@ def test_threads_owning_units_agree_bitwise_forward_and_backward(mode, reset_aft
             assert_bitwise_equal(b, a, name=name)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, [6] * 20 + [5] * 20 + [4] * 18 + [3] * 16 + [2] * 16 + [1] * 10])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 0, True), ("lstm", 24, True), ("gru", 0, True),
+                                                     ("gru", 0, False), ("rnn_tanh", 0, True)])
+def test_threads_owning_rows_agree_bitwise_in_the_backward(mode, proj, reset_after, dtype, lengths, reverse):
+    """Where the panel fits half a core's L2 and each thread gets a cache line's worth of rows (16 float32,
+    32 bfloat16), the backward's threads own rows (every unit of them) and take no barrier per step
+    (rnn_bwd.cpp, split_rows). One thread owns everything; two and three split the 100 rows (H = 64:
+    enough work per step for three). Every output of the kernel call, the transposed copies included,
+    has the same bits for each team."""
+    x, bs, t = make_case(mode, proj, dtype, T=6, B=100, I=10, H=64, lengths=lengths, strided_inputs=False)
+    code, G, K, H = ops.MODES[mode], ops.GATES[mode], proj or 64, 64
+    seq = ops._Seq(x, bs, reverse)
+    n = x.shape[0] * (1 if bs is not None else x.shape[1])
+    xg = randn((n, G * H), dtype, seed=3)
+    packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
+    b_hn = t["b_hh"][2 * H:] if mode == "gru" and reset_after else None
+    _, _, _, reserve = torch.ops.pyseqkern.rnn_forward(code, reset_after, H, proj, seq.steps, seq.batch, xg, b_hn,
+                                                       t["h0"], t["c0"], packed, *seq.args(), True)
+    grads = (randn((n, K), dtype, seed=4), randn((seq.batch, K), dtype, seed=5),
+             randn((seq.batch, H), dtype, seed=6) if mode == "lstm" else None)
+    args = (code, reset_after, H, proj, seq.steps, seq.batch, *grads, t["c0"], reserve, packed, *seq.args())
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append([torch.ops.pyseqkern.rnn_backward(*args, transposed) for transposed in (False, True)])
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for outs, want in zip(other, runs[0]):
+            for i, (a, b) in enumerate(zip(outs, want, strict=True)):
+                assert_bitwise_equal(a, b, name=f"output {i}")
+
+
 def check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H):
     x, bs, t = make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, strided_inputs=False, device=device)
     code, G, K = ops.MODES[mode], ops.GATES[mode], proj or H

@@ -127,11 +127,13 @@ inline vbf16 narrow(vfloat f) {
 // accesses per row and step, took more of an LSTM training step than the recurrent products.
 inline unsigned lane_mask(int valid) { return (1u << valid) - 1u; }
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// vmaskmovps/pd take the mask as the top bit of each lane.
-inline __m256i lanes_below(int valid, int lanes) {
-  const __m256i iota = lanes == 8 ? _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7) : _mm256_setr_epi64x(0, 1, 2, 3);
-  return lanes == 8 ? _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), iota)
-                    : _mm256_cmpgt_epi64(_mm256_set1_epi64x(valid), iota);
+// Lanes below n set, as the top bit of each 32-bit (vmaskmovps) or 64-bit (vmaskmovpd) lane, which
+// touch nothing past them.
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256i lanes_below_pd(int64_t n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
 }
 #endif
 template <typename A, typename T> inline V<A> load(const T* p, int valid) {
@@ -149,10 +151,10 @@ template <typename A, typename T> inline V<A> load(const T* p, int valid) {
     return v;
 #elif defined(__AVX2__)
     if constexpr (std::is_same<A, float>::value) {
-      const __m256 x = _mm256_maskload_ps(p, lanes_below(valid, 8));
+      const __m256 x = _mm256_maskload_ps(p, lanes_below(valid));
       std::memcpy(&v, &x, sizeof(v));
     } else {
-      const __m256d x = _mm256_maskload_pd(p, lanes_below(valid, 4));
+      const __m256d x = _mm256_maskload_pd(p, lanes_below_pd(valid));
       std::memcpy(&v, &x, sizeof(v));
     }
     return v;
@@ -194,11 +196,11 @@ template <typename A, typename T> inline void store(T* p, V<A> v, int valid) {
     if constexpr (std::is_same<A, float>::value) {
       __m256 x;
       std::memcpy(&x, &v, sizeof(x));
-      _mm256_maskstore_ps(p, lanes_below(valid, 8), x);
+      _mm256_maskstore_ps(p, lanes_below(valid), x);
     } else {
       __m256d x;
       std::memcpy(&x, &v, sizeof(x));
-      _mm256_maskstore_pd(p, lanes_below(valid, 4), x);
+      _mm256_maskstore_pd(p, lanes_below_pd(valid), x);
     }
     return;
 #endif
@@ -300,10 +302,6 @@ inline void transpose8(__m256 r[8]) {
     r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
     r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
   }
-}
-// Lanes below n set: a mask for vmaskmovps, which reads nothing past them.
-inline __m256i lanes_below(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 #endif
 
@@ -889,6 +887,88 @@ inline int64_t seq_row(const RnnSeq& q, int64_t s, int64_t b) {
   return q.time_offsets ? q.time_offsets[t] + b : t * q.row_stride_t + b * q.row_stride_b;
 }
 inline int64_t seq_active(const RnnSeq& q, int64_t s) { return q.batch_sizes ? q.batch_sizes[s] : q.batch; }
+
+// Thread tid's rows [r0, r1) of a packed batch (rows sorted longest first), so that the busiest
+// thread's cost is least: a range of rows costs its valid steps plus kStepRows for each step it is active
+// at all (the panels it streams every step, whatever its rows), kStepRows * len(first) + the sum of len.
+// The least largest cost by bisection, then each range as long as it allows (every thread computes the
+// same partition: it depends only on the lengths). Until stop 20 the split was by valid steps alone, in
+// quanta of kRowQuantum rows, whose coarse boundaries left the thread of the long rows 15% over its
+// share at B=32 (lengths 100..10) and more at B=8-16. In-process, 25 rotations, ratio to torch.nn,
+// quanta -> rows (kStepRows 1 / 2 / 3): RNN H=256 packed B=32 1.85 -> 1.81 / 2.08 / 2.08x, B=16 1.72 ->
+// 2.18 / 2.23 / 2.27x, B=8 2.29 -> 2.97 / 3.09 / 3.18x, RNN H=128 B=64 2.41 -> 2.69 / 2.88 / 2.80x,
+// LSTM H=128 B=32 2.53 -> 2.44 / 2.47 / 2.45x and B=64 2.05 -> 2.07 / 2.08x (within noise).
+inline constexpr int64_t kStepRows = 2;
+inline void split_rows_by_cost(const RnnSeq& q, int tid, int nt, int64_t* r0, int64_t* r1) {
+  const int64_t B = q.batch;
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += seq_len(q, b);
+  // Ranges of rows from row 0, each of cost <= cap: the start of range k (B where there is none).
+  auto start_of = [&](int64_t cap, int k) {
+    int64_t b = 0;
+    for (int r = 0; r < k && b < B; ++r) {
+      int64_t cost = kStepRows * seq_len(q, b);
+      while (b < B && cost + seq_len(q, b) <= cap) cost += seq_len(q, b++);
+    }
+    return b;
+  };
+  int64_t lo = (kStepRows + 1) * (B ? seq_len(q, 0) : 0), hi = kStepRows * (B ? seq_len(q, 0) : 0) + total;
+  while (lo < hi) {  // the least cap whose nt ranges cover every row
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (start_of(mid, nt) >= B) hi = mid;
+    else lo = mid + 1;
+  }
+  *r0 = start_of(lo, tid);
+  *r1 = start_of(lo, tid + 1);
+}
+
+// Thread tid's rows [r0, r1) of a padded batch, in the same way by the cost of its row tiles for G gates
+// (tiled_product's: each tile's rows plus one for streaming the panels). Until stop 22 the split was by
+// quanta of kRowQuantum rows: with 4-row tiles on AVX2, 8 rows went 6 + 2, 32 rows 18 + 14. Beyond
+// kExactSplitRows rows, whole tiles split evenly (a tile's difference is then small, and the bisections
+// would cost microseconds per call).
+template <int G> int64_t tiles_cost(int64_t n) {
+  constexpr int MRT = rows_per_tile<G>();
+  int64_t cost = 0;
+  for (int64_t left = n, mr; left > 0; left -= mr) {
+    mr = next_tile_rows<G>(left);
+    cost += (mr > 4 ? MRT : mr) + 1;  // (5 to MRT - 1 rows run as a full tile)
+  }
+  return cost;
+}
+inline constexpr int64_t kExactSplitRows = 64;
+template <int G> void split_rows_by_tiles(int64_t B, int tid, int nt, int64_t* r0, int64_t* r1) {
+  if (B > kExactSplitRows) {
+    constexpr int M = rows_per_tile<G>();
+    int64_t t0, t1;
+    split_range(ceil_div(B, M), tid, nt, &t0, &t1);
+    *r0 = t0 * M < B ? t0 * M : B;
+    *r1 = t1 * M < B ? t1 * M : B;
+    return;
+  }
+  auto rows_within = [](int64_t cap, int64_t most) {  // the most rows, up to `most`, costing <= cap
+    int64_t lo = 0, hi = most;
+    while (lo < hi) {
+      const int64_t mid = hi - (hi - lo) / 2;
+      if (tiles_cost<G>(mid) <= cap) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  };
+  auto start_of = [&](int64_t cap, int k) {
+    int64_t b = 0;
+    for (int r = 0; r < k && b < B; ++r) b += rows_within(cap, B - b);
+    return b;
+  };
+  int64_t lo = 0, hi = tiles_cost<G>(B);
+  while (lo < hi) {  // the least cap whose nt ranges cover every row
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (start_of(mid, nt) >= B) hi = mid;
+    else lo = mid + 1;
+  }
+  *r0 = start_of(lo, tid);
+  *r1 = start_of(lo, tid + 1);
+}
 
 }  // namespace rnn
 PSK_ISA_NAMESPACE_END
