@@ -638,18 +638,7 @@ def test_threads_owning_rows_agree_bitwise_in_the_backward(mode, proj, reset_aft
     (rnn_bwd.cpp, split_rows). One thread owns everything; two and three split the 100 rows (H = 64:
     enough work per step for three). Every output of the kernel call, the transposed copies included,
     has the same bits for each team."""
-    x, bs, t = make_case(mode, proj, dtype, T=6, B=100, I=10, H=64, lengths=lengths, strided_inputs=False)
-    code, G, K, H = ops.MODES[mode], ops.GATES[mode], proj or 64, 64
-    seq = ops._Seq(x, bs, reverse)
-    n = x.shape[0] * (1 if bs is not None else x.shape[1])
-    xg = randn((n, G * H), dtype, seed=3)
-    packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
-    b_hn = t["b_hh"][2 * H:] if mode == "gru" and reset_after else None
-    _, _, _, reserve = torch.ops.pyseqkern.rnn_forward(code, reset_after, H, proj, seq.steps, seq.batch, xg, b_hn,
-                                                       t["h0"], t["c0"], packed, *seq.args(), True)
-    grads = (randn((n, K), dtype, seed=4), randn((seq.batch, K), dtype, seed=5),
-             randn((seq.batch, H), dtype, seed=6) if mode == "lstm" else None)
-    args = (code, reset_after, H, proj, seq.steps, seq.batch, *grads, t["c0"], reserve, packed, *seq.args())
+    args, _ = backward_args("cpu", mode, proj, reset_after, reverse, lengths, dtype, T=6, B=100, H=64, I=10)
     before = torch.get_num_threads()
     runs = []
     try:
@@ -664,8 +653,10 @@ def test_threads_owning_rows_agree_bitwise_in_the_backward(mode, proj, reset_aft
                 assert_bitwise_equal(a, b, name=f"output {i}")
 
 
-def check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H):
-    x, bs, t = make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, strided_inputs=False, device=device)
+def backward_args(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H, I=13):
+    """The raw backward op's arguments (all but `transposed`) after a training forward of a seeded case, and
+    that forward's reserve."""
+    x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H, lengths=lengths, strided_inputs=False, device=device)
     code, G, K = ops.MODES[mode], ops.GATES[mode], proj or H
     seq = ops._Seq(x, bs, reverse)
     n = x.shape[0] * (1 if bs is not None else x.shape[1])
@@ -676,7 +667,12 @@ def check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, 
                                                        t["h0"], t["c0"], packed, *seq.args(), True)
     grads = (randn((n, K), dtype, device=device, seed=4), randn((seq.batch, K), dtype, device=device, seed=5),
              randn((seq.batch, H), dtype, device=device, seed=6) if mode == "lstm" else None)
-    args = (code, reset_after, H, proj, seq.steps, seq.batch, *grads, t["c0"], reserve, packed, *seq.args())
+    return (code, reset_after, H, proj, seq.steps, seq.batch, *grads, t["c0"], reserve, packed, *seq.args()), reserve
+
+
+def check_transposed_outputs(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H):
+    args, reserve = backward_args(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H)
+    K = proj or H
     plain = torch.ops.pyseqkern.rnn_backward(*args, False)
     tr = torch.ops.pyseqkern.rnn_backward(*args, True)
     for i in range(5):  # dgx, (dgh), dproj, dh0, dc0 agree between the two calls

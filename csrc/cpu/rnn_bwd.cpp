@@ -4,8 +4,8 @@
 // gradient) into gate gradients for its units, then, after one barrier, the recurrent gradient
 // dh_{t-1} = dG W_hh for its state blocks from every unit's dG. dG is double buffered by step parity so
 // the next step's writes never meet this step's reads. Or, where the panel fits half a core's L2 and
-// each thread gets 16 rows or more (split_rows), each thread owns rows and every unit of them: a row's
-// gradients need no other row, so the steps run without a barrier.
+// each thread gets a cache line's worth of rows (split_rows), each thread owns rows and every unit of
+// them: a row's gradients need no other row, so the steps run without a barrier.
 #include "rnn_common.h"
 
 PSK_ISA_NAMESPACE_BEGIN
@@ -19,10 +19,10 @@ struct BwdCtx {
   const RnnBwdParams* p;
   Layout l;
   int64_t reserve_cols, reserve_hprev;
-  A* dh_rec;   // [B][Kp] gradient reaching h_{t-1} through the recurrence (owner: state block)
-  A* dh_aux;   // [B][Kp] proj: dh_t total, read by all; GRU: the direct part dh * z (owner only)
-  A* dc;       // [B][Hp] LSTM cell-state gradient (owner: unit block)
-  A* dG[2];    // [B][G*H] gate gradients of the step, read by every thread's recurrent product
+  A* dh_rec;   // [B][Kp] gradient reaching h_{t-1} through the recurrence (owner: state block, or row)
+  A* dh_aux;   // [B][Kp] proj: dh_t total, read by all (a row's own); GRU: the direct part dh * z (owner only)
+  A* dc;       // [B][Hp] LSTM cell-state gradient (owner: unit block, or row)
+  A* dG[2];    // [B][G*H] gate gradients of the step, read by every thread's recurrent product (a row's own)
   bool relu;
   bool split_rows;  // threads own rows (every unit of them) instead of unit blocks: no barrier per step
 };
@@ -125,7 +125,8 @@ void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t b0, int64_t nb, int
       for (int64_t i0 = 0; i0 < nb; i0 += 8) {
         const int64_t n = nb - i0 < 8 ? nb - i0 : 8;
         __m256 r[8];
-        for (int64_t i = 0; i < 8; ++i) r[i] = i < n ? _mm256_maskload_ps(base + (i0 + i) * ld, cm) : _mm256_setzero_ps();
+        for (int64_t i = 0; i < 8; ++i)
+          r[i] = i < n ? _mm256_maskload_ps(base + (i0 + i) * ld, cm) : _mm256_setzero_ps();
         transpose8(r);
         for (int64_t j = 0; j < ncols; ++j) {
           vfloat v;
