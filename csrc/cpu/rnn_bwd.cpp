@@ -59,7 +59,7 @@ void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t b0, int64_t nb, int
     const int64_t row0 = seq_row(q, s, b0);
     if (seq_row(q, s, b0 + nb - 1) == row0 + nb - 1 && ncols <= 16) {
       const float* base = src + (by_row ? row0 : b0) * ld;
-      const __mmask16 cm = static_cast<__mmask16>(ncols == 16 ? 0xFFFFu : (1u << ncols) - 1u);
+      const __mmask16 cm = static_cast<__mmask16>(lane_mask(static_cast<int>(ncols)));
       auto block = [&](int64_t i0, int64_t n, __m512 r[16]) {  // r[j]: column j of rows i0..i0+n-1
         for (int64_t i = 0; i < 16; ++i)
           r[i] = i < n ? _mm512_maskz_loadu_ps(cm, base + (i0 + i) * ld) : _mm512_setzero_ps();
@@ -78,7 +78,7 @@ void transpose_step_cols(const RnnSeq& q, int64_t s, int64_t b0, int64_t nb, int
               std::memcpy(&v, &r[j], sizeof(v));
               store_stream<float>(to, v, 16, stream);
             } else {
-              _mm512_mask_storeu_ps(to, static_cast<__mmask16>((1u << n) - 1u), r[j]);
+              _mm512_mask_storeu_ps(to, static_cast<__mmask16>(lane_mask(static_cast<int>(n))), r[j]);
             }
           }
         }

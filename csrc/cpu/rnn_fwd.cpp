@@ -41,7 +41,7 @@ void pack_section(A* dst, const T* src, int64_t units, int64_t K, int64_t G, int
         for (int64_t g = 0; g < G; ++g)
           for (int64_t k0 = 0; k0 < K; k0 += 16) {
             const int64_t nk = K - k0 < 16 ? K - k0 : 16;
-            const __mmask16 km = static_cast<__mmask16>(nk == 16 ? 0xFFFFu : (1u << nk) - 1u);
+            const __mmask16 km = static_cast<__mmask16>(lane_mask(static_cast<int>(nk)));
             __m512 r[16];
             for (int64_t l = 0; l < 16; ++l) {
               const int64_t j = u * 16 + l;
