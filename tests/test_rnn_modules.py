@@ -815,7 +815,10 @@ def test_a_model_evaluated_under_inference_mode_then_trains(kind, dtype):
     step of a bidirectional, projected or bfloat16 layer takes the cached pack), and the next call that
     projects through torch's GEMM into the scratch "Inplace update to inference tensor outside
     InferenceMode", from then on, for every module in the thread. Found by a lifecycle fuzzer, stop 25.
-    Every call now matches torch.nn in float64."""
+    Every call now matches torch.nn in float64; in bfloat16 the training calls' outputs and gradients are
+    held to twice torch.nn's own bfloat16 error (helpers.assert_within_torch_error), not to the fixed
+    elementwise bound: with these weights (scale 0.5), torch.nn's bfloat16 RNN misses that bound for 210
+    of 300 seeds of this model (ours 84-88; stop 38)."""
     cell = kind.endswith("Cell")
     if cell:
         theirs = seed_parameters(getattr(torch.nn, kind)(I, H))
@@ -827,6 +830,7 @@ def test_a_model_evaluated_under_inference_mode_then_trains(kind, dtype):
     ours.load_state_dict(theirs.state_dict())
     ours, theirs = ours.to(dtype), theirs.double()
     theirs.load_state_dict(ours.state_dict())  # (the weights ours holds, in float64)
+    twin = copy.deepcopy(theirs).to(dtype) if dtype == torch.bfloat16 else None  # (the same weights, exactly)
     shapes = [(1, I), (5, I)] if cell else [(1, 5, I), (6, 5, I), (1, 1, I)]
     with torch.inference_mode():
         for i, shape in enumerate(shapes):
@@ -839,8 +843,15 @@ def test_a_model_evaluated_under_inference_mode_then_trains(kind, dtype):
         want = torch.utils._pytree.tree_leaves(theirs(x64))
         grads = torch.autograd.grad(weighted_sum([o.float() for o in out]), [x] + list(ours.parameters()))
         wants = torch.autograd.grad(weighted_sum(want), [x64] + list(theirs.parameters()))
-        for got, w in zip(out + list(grads), want + list(wants), strict=True):
-            assert_matches(got, w)
+        if twin is None:
+            for got, w in zip(out + list(grads), want + list(wants), strict=True):
+                assert_matches(got, w)
+        else:
+            xt = x.detach().clone().requires_grad_()
+            tout = torch.utils._pytree.tree_leaves(twin(xt))
+            tgrads = torch.autograd.grad(weighted_sum([o.float() for o in tout]), [xt] + list(twin.parameters()))
+            for got, th, w in zip(out + list(grads), tout + list(tgrads), want + list(wants), strict=True):
+                assert_within_torch_error(got, th, w)
         with torch.no_grad():
             assert_matches(_first(ours(x)), _first(theirs(x64)))
 

@@ -1744,9 +1744,9 @@ def test_cuda_runs_on_the_current_stream(path):
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_bfloat16_pair_sections_only_where_the_level_has_bf16_dot_products(isa, mode, proj, reset_after):
-    """avx512bf16 and amx pack bfloat16 weights a second time as pairs of k for their dot products
-    (rnn_common.h; amx pads each block's pairs to whole tiles of 16); other dtypes and levels pack
-    exactly what the float kernels read."""
+    """avx512bf16 and amx pack bfloat16 weights a second time as pairs of k for their dot products, the
+    forward's sections and the backward's main one (rnn_common.h; amx pads each block's pairs to whole
+    tiles of 16); other dtypes and levels pack exactly what the float kernels read."""
     code, H = ops.MODES[mode], 37
     bf, f32 = (ops._sizes(code, reset_after, H, proj, 3, dt)[1] for dt in (torch.bfloat16, torch.float32))
     assert (bf > f32) == (isa in BF16_DOT_LEVELS)
@@ -1756,7 +1756,8 @@ def test_bfloat16_pair_sections_only_where_the_level_has_bf16_dot_products(isa, 
         def pairs(k):
             return -(-(-(-k // 2)) // tile) * tile
 
-        assert bf - f32 == -(-H // L) * pairs(K) * G * L + (-(-proj // L) * pairs(H) * L if proj else 0)
+        forward = -(-H // L) * pairs(K) * G * L + (-(-proj // L) * pairs(H) * L if proj else 0)
+        assert bf - f32 == forward + -(-K // L) * pairs(G * H) * L
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -21,8 +21,11 @@ struct BwdCtx {
   int64_t reserve_cols, reserve_hprev;
   A* dh_rec;   // [B][Kp] gradient reaching h_{t-1} through the recurrence (owner: state block, or row)
   A* dh_aux;   // [B][Kp] proj: dh_t total, read by all (a row's own); GRU: the direct part dh * z (owner only)
-  A* dc;       // [B][Hp] LSTM cell-state gradient (owner: unit block, or row)
+  A* dc;       // [B][Hp] LSTM cell-state gradient; GRU reset_after: the n gate's d_gates_x (owners as dG's)
   A* dG[2];    // [B][G*H] gate gradients of the step, read by every thread's recurrent product (a row's own)
+  bf16* dG2[2];  // [B][ld2] pair sections only (Layout::dot): dG rounded to bfloat16, 0 past G*H, which
+                 // the recurrent product reads in pairs
+  int64_t ld2;
   bool relu;
   bool split_rows;  // threads own rows (every unit of them) instead of unit blocks: no barrier per step
 };
@@ -35,6 +38,21 @@ void recurrent_grad(const Layout& l, const A* bpanel, int64_t kb_begin, int64_t 
   tiled_product<1, A>(nb, kb_begin, kb_end, bpanel + j0 * L, J, L, l.G * l.H * L,
                       [&](int64_t b) { return dG + b * ldg + j0; },
                       [&](int64_t b, int64_t kb, const V<A>* sum, int col) {
+    const int64_t at = b * Kp + kb * L;
+    store<A>(out + at, base ? sum[col] + load<A>(base + at, L) : sum[col], L);
+  }, b0);
+}
+
+// The same product from dG's bfloat16 copy against the pair section (bmain2: [UK][GH2][L], pairs along j),
+// for bfloat16 storage where the level has dot products: dG rounded to bfloat16 first, as torch's oneDNN
+// bfloat16 LSTM rounds its gate gradients for its GEMMs, and as the forward rounds h.
+template <typename A>
+void recurrent_grad_pairs(const Layout& l, const bf16x2* bpanel2, int64_t kb_begin, int64_t kb_end, const bf16* dG2,
+                          int64_t ld2, int64_t J, int64_t b0, int64_t nb, int64_t Kp, const A* base, A* out) {
+  constexpr int L = lanes<A>();
+  tiled_product<1>(nb, kb_begin, kb_end, bpanel2, ceil_div(J, 2), L, pairs_stored(l.G * l.H) * L,
+                   [&](int64_t b) { return dG2 + b * ld2; },
+                   [&](int64_t b, int64_t kb, const V<A>* sum, int col) {
     const int64_t at = b * Kp + kb * L;
     store<A>(out + at, base ? sum[col] + load<A>(base + at, L) : sum[col], L);
   }, b0);
@@ -155,6 +173,7 @@ void bwd_worker(void* raw, const Team& team) {
   const Layout& l = c.l;
   const RnnSeq& q = p.seq;
   constexpr int L = lanes<A>();
+  constexpr bool kDot = kBf16Dot && std::is_same<T, bf16>::value;  // (then l.dot: backward_variant)
   const int64_t H = l.H, K = l.K, P = l.P, G = l.G, GH = G * H, B = q.batch, Kp = l.UK * L, Hp = l.U * L;
   const int64_t rc = c.reserve_cols, hprev_col = c.reserve_hprev;
   // Outputs read only after the call (d_gates_x, the transposed copies) by non-temporal stores when
@@ -192,13 +211,13 @@ void bwd_worker(void* raw, const Team& team) {
     for (int64_t u = u0; u < u1 && (xt || ht); ++u)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t col = g * H + u * L;
-        // LSTM and RNN: from dG, the same values in A (d_gates_x went out by store_stream and is no
-        // longer cached); GRU's n gate differs there (dG has r * dn), so from d_gates_x.
-        if (xt && (VAR == Variant::Lstm || VAR == Variant::Rnn))
-          transpose_step_cols(q, s, b0, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dG + col, GH, false, stream);
-        else if (xt)
-          transpose_step_cols(q, s, b0, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dgx + col, p.ld_dgx, true,
+        // From dG, the same values in A (d_gates_x went out by store_stream and is no longer cached),
+        // but for GRU reset_after's n gate, where dG has r * dn: from dn's own copy in c.dc.
+        if (xt && VAR == Variant::GruAfter && g == 2)
+          transpose_step_cols(q, s, b0, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, c.dc + u * L, Hp, false,
                               stream);
+        else if (xt)
+          transpose_step_cols(q, s, b0, nb, valid_of(u, H), xt + col * p.ld_t, p.ld_t, dG + col, GH, false, stream);
         if (ht)  // dG holds d_gates_h's values (A), which d_gates_h would round to T
           transpose_step_cols(q, s, b0, nb, valid_of(u, H), ht + col * p.ld_t, p.ld_t, dG + col, GH, false, stream);
       }
@@ -221,6 +240,26 @@ void bwd_worker(void* raw, const Team& team) {
     // This thread's rows of the step: [r0, r0 + nr).
     const int64_t r0 = split ? rb0 : 0, r1 = split ? (nb < rb1 ? nb : rb1) : nb, nr = r1 > r0 ? r1 - r0 : 0;
     A* dG = c.dG[s & 1];
+    // dG's bfloat16 copy for the pair product: own rows and units, once their values are final.
+    auto narrow_dG = [&]() {
+      if constexpr (kDot) {
+        bf16* g2 = c.dG2[s & 1];
+        for (int64_t b = r0; b < r1; ++b)
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t u = u0; u < u1; ++u) {
+              const int64_t col = b * GH + g * H + u * L;
+              store<A>(g2 + b * c.ld2 + g * H + u * L, load<A>(dG + col, valid_of(u, H)), valid_of(u, H));
+            }
+      }
+    };
+    // dh_rec = base + dG W_hh over the first J gate rows, for own state blocks.
+    auto rec_grad = [&](const A* base, int64_t J) {
+      if constexpr (kDot)
+        recurrent_grad_pairs<A>(l, reinterpret_cast<const bf16x2*>(packed + l.bmain2), k0, k1, c.dG2[s & 1], c.ld2,
+                                J, r0, nr, Kp, base, c.dh_rec);
+      else
+        recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, J, r0, nr, Kp, base, c.dh_rec);
+    };
     if (VAR == Variant::Lstm && P > 0) {
       // dh_t = dy + recurrent part, for own projection blocks; everyone needs all of it next.
       for (int64_t kb = k0; kb < k1; ++kb)
@@ -281,9 +320,10 @@ void bwd_worker(void* raw, const Team& team) {
         if (VAR == Variant::GruAfter) {
           const V<A> hng = load<A>(rr + 3 * H + u * L, valid);
           const V<A> drp = dnp * hng * rg * (A(1) - rg);
-          store<A>(gxo, drp, valid);
-          store<A>(gxo + H, dzp, valid);
-          store<A>(gxo + 2 * H, dnp, valid);
+          store_dgx(gxo, drp, valid);
+          store_dgx(gxo + H, dzp, valid);
+          store_dgx(gxo + 2 * H, dnp, valid);
+          if (p.d_gates_xt) store<A>(c.dc + b * Hp + u * L, dnp, L);
           if (dgh) {
             T* gho = dgh + row * p.ld_dgh + u * L;
             store<A>(gho, drp, valid);
@@ -311,6 +351,7 @@ void bwd_worker(void* raw, const Team& team) {
           gates(b, u, dh);
         }
     }
+    if (VAR != Variant::GruBefore) narrow_dG();
     if (!split) team.sync();
     if (VAR != Variant::GruBefore) transpose_step(s, r0, nr);
     A* base = (VAR == Variant::GruAfter || VAR == Variant::GruBefore) ? c.dh_aux : nullptr;
@@ -330,15 +371,16 @@ void bwd_worker(void* raw, const Team& team) {
         A* dGb = dG + b * GH + u * L;
         store<A>(dGb, drp, valid);
         T* gxo = dgx + row * p.ld_dgx + u * L;
-        store<A>(gxo, drp, valid);
-        store<A>(gxo + H, load<A>(dGb + H, valid), valid);
-        store<A>(gxo + 2 * H, load<A>(dGb + 2 * H, valid), valid);
+        store_dgx(gxo, drp, valid);
+        store_dgx(gxo + H, load<A>(dGb + H, valid), valid);
+        store_dgx(gxo + 2 * H, load<A>(dGb + 2 * H, valid), valid);
       }, r0);
+      narrow_dG();
       if (!split) team.sync();
       transpose_step(s, r0, nr);
-      recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, 2 * H, r0, nr, Kp, base, c.dh_rec);
+      rec_grad(base, 2 * H);
     } else {
-      recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, GH, r0, nr, Kp, base, c.dh_rec);
+      rec_grad(base, GH);
     }
   }
 
@@ -362,7 +404,8 @@ template <Variant VAR, typename T, typename A>
 void backward_variant(const RnnBwdParams& p) {
   BwdCtx<A> c;
   c.p = &p;
-  c.l = layout_of(p.shape, lanes<A>());
+  constexpr bool kDot = kBf16Dot && std::is_same<T, bf16>::value;
+  c.l = layout_of(p.shape, lanes<A>(), kDot);
   const int64_t L = c.l.L, B = p.seq.batch, Kp = c.l.UK * L, Hp = c.l.U * L, GH = c.l.G * c.l.H;
   reserve_layout(c.l, p.shape.mode, &c.reserve_cols, &c.reserve_hprev);
   A* ws = static_cast<A*>(p.workspace);
@@ -371,6 +414,15 @@ void backward_variant(const RnnBwdParams& p) {
   c.dc = c.dh_aux + B * Kp;
   c.dG[0] = c.dc + B * Hp;
   c.dG[1] = c.dG[0] + B * GH;
+  c.ld2 = 2 * pairs_stored(GH);
+  c.dG2[0] = c.dG2[1] = nullptr;
+  if (kDot) {
+    c.dG2[0] = reinterpret_cast<bf16*>(c.dG[1] + B * GH);
+    c.dG2[1] = c.dG2[0] + B * c.ld2;
+    for (bf16* g2 : c.dG2)  // (the pairs past G*H: their weights are 0, but 0 x NaN is not)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = GH; j < c.ld2; ++j) g2[b * c.ld2 + j].bits = 0;
+  }
   c.relu = p.shape.mode == RnnMode::RnnRelu;
   const int64_t macs = B * GH * c.l.K + B * c.l.P * c.l.H;
   int nt = choose_threads(p.num_threads, c.l.U < c.l.UK ? c.l.U : c.l.UK, macs, p.seq.steps);

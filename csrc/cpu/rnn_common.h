@@ -828,14 +828,16 @@ inline void call_epilogue(Epi& epi, int64_t r0, int mr, int64_t blk, const V<A>*
 //   fproj [ceil(P/L)][H][L]      w_hr, forward (proj)
 //   bmain [ceil(K/L)][G*H][L]    w_hh transposed: block over state units, j over the G*H gate rows
 //   bproj [ceil(H/L)][P][L]      w_hr transposed (proj)
-// bfloat16 storage on levels with bfloat16 dot products (kBf16Dot) adds the forward sections again as
-// bf16x2 pairs of k (one pair per A element), the second of a pair zero past the last k:
-//   fmain2 [ceil(H/L)][K2][G][L]   fproj2 [ceil(P/L)][H2][L]
-// with K2 = pairs_stored(K) = ceil(K/2) (on the amx level rounded up to whole tiles of 16 pairs).
+// bfloat16 storage on levels with bfloat16 dot products (kBf16Dot) adds the forward sections and the
+// backward's main one again as bf16x2 pairs of k (one pair per A element), the second of a pair zero
+// past the last k:
+//   fmain2 [ceil(H/L)][K2][G][L]   fproj2 [ceil(P/L)][H2][L]   bmain2 [ceil(K/L)][GH2][L]
+// with K2 = pairs_stored(K) = ceil(K/2) (on the amx level rounded up to whole tiles of 16 pairs), H2
+// and GH2 likewise of H and G*H.
 struct Layout {
   int64_t L, U, UK, UP, H, K, P, G;
-  int64_t fmain, fproj, bmain, bproj, fmain2, fproj2, packed_numel;
-  bool dot;  // the pair sections exist, and the forward uses them
+  int64_t fmain, fproj, bmain, bproj, fmain2, fproj2, bmain2, packed_numel;
+  bool dot;  // the pair sections exist, and the products of bfloat16 storage use them
 };
 inline Layout layout_of(const RnnShape& s, int64_t L, bool dot = false) {
   Layout l;
@@ -853,8 +855,9 @@ inline Layout layout_of(const RnnShape& s, int64_t L, bool dot = false) {
   l.bproj = l.bmain + l.UK * l.G * l.H * L;
   l.fmain2 = l.bproj + l.U * l.P * L;
   l.fproj2 = l.fmain2 + l.U * pairs_stored(l.K) * l.G * L;
+  l.bmain2 = l.fproj2 + l.UP * pairs_stored(l.H) * L;
   l.dot = dot;
-  l.packed_numel = dot ? l.fproj2 + l.UP * pairs_stored(l.H) * L : l.fmain2;
+  l.packed_numel = dot ? l.bmain2 + l.UK * pairs_stored(l.G * l.H) * L : l.fmain2;
   return l;
 }
 

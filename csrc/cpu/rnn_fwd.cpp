@@ -20,7 +20,8 @@ RnnSizes sizes(const RnnShape& s, int64_t B, DType dtype) {
   const int64_t Kp = l.UK * L, Hp = l.U * L;
   // h (double buffer), c, m, r*h, z; with pair sections, bfloat16 copies of h (x2), m and r*h.
   const int64_t fwd = 2 * B * Kp + 4 * B * Hp + (l.dot ? B * (Kp + Hp) : 0);
-  const int64_t bwd = B * (2 * Kp + Hp + 2 * l.G * l.H);        // dh_rec, dh_total, dc, dG (x2)
+  // dh_rec, dh_total, dc, dG (x2); with pair sections, dG's bfloat16 copies (x2, 2 * GH2 values a row).
+  const int64_t bwd = B * (2 * Kp + Hp + 2 * l.G * l.H + (l.dot ? 2 * pairs_stored(l.G * l.H) : 0));
   r.workspace_numel = (fwd > bwd ? fwd : bwd) + 8 * L;          // + room to align each buffer
   reserve_layout(l, s.mode, &r.reserve_cols, &r.reserve_hprev);
   return r;
@@ -119,6 +120,24 @@ void pack_pairs(bf16x2* dst, const bf16* src, int64_t units, int64_t K, int64_t 
         }
 }
 
+// The backward's pair section from w_hh [G*H][K] (rows ld apart): dst[kb][j][l] holds w_hh[2j][n] (low
+// half) and w_hh[2j + 1][n] (high half) for state unit n = kb*L + l, 0 past K and past G*H. Units run
+// innermost, so each pair reads two rows of w_hh along their length.
+void pack_pairs_transposed(bf16x2* dst, const bf16* src, int64_t K, int64_t GH, int64_t L, int64_t ld) {
+  const int64_t UK = ceil_div(K, L), J2 = pairs_stored(GH);
+  for (int64_t kb = 0; kb < UK; ++kb)
+    for (int64_t j = 0; j < J2; ++j)
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t n = kb * L + l;
+        uint32_t v = 0;
+        if (n < K && 2 * j < GH) {
+          v = src[2 * j * ld + n].bits;
+          if (2 * j + 1 < GH) v |= uint32_t(src[(2 * j + 1) * ld + n].bits) << 16;
+        }
+        dst[(kb * J2 + j) * L + l].bits = v;
+      }
+}
+
 template <typename T, typename A>
 void pack_typed(const RnnPackParams& p) {
   const Layout l = layout_of(p.shape, lanes<A>(), uses_dot(p.dtype));
@@ -137,6 +156,7 @@ void pack_typed(const RnnPackParams& p) {
       if (l.P > 0)
         pack_pairs(reinterpret_cast<bf16x2*>(out + l.fproj2), static_cast<const T*>(p.w_hr), l.P, l.H, 1, l.L, 0,
                    p.ld_w_hr);
+      pack_pairs_transposed(reinterpret_cast<bf16x2*>(out + l.bmain2), whh, l.K, l.G * l.H, l.L, p.ld_w_hh);
     }
   }
 }
