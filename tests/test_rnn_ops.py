@@ -1760,6 +1760,30 @@ def test_bfloat16_pair_sections_only_where_the_level_has_bf16_dot_products(isa, 
         assert bf - f32 == forward + -(-K // L) * pairs(G * H) * L
 
 
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_bfloat16_backward_in_a_nan_workspace(isa, mode, proj, reset_after):
+    """The bfloat16 backward's recurrent product on dot-product levels reads each step's dG in pairs from
+    the workspace; where G*H is odd (H = 11: GRU, RNN) the last pair's second value is padding, whose
+    weight is 0, but 0 x NaN is NaN: the kernel zeroes it. A NaN-filled workspace gives the op's bits."""
+    H = 11
+    args, _ = backward_args("cpu", mode, proj, reset_after, False, [7, 5, 5, 2, 1], torch.bfloat16, T=7, B=5, H=H)
+    want = torch.ops.pyseqkern.rnn_backward(*args, False)
+    (code, _, _, _, steps, B, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes, time_offsets, lengths, st, sb,
+     reverse) = args
+    K, G, n = proj or H, ops.GATES[mode], dy.shape[0]
+    ws = ops._sizes(code, reset_after, H, proj, B, torch.bfloat16)[2]
+    out = [torch.empty_like(w) for w in want[:5]]
+    cap = lambda v: None if v is None or v.numel() == 0 else to_dlpack(v)  # noqa: E731
+    _C.rnn_backward(code, reset_after, H, proj, steps, B, cap(batch_sizes), cap(time_offsets), cap(lengths), st, sb,
+                    reverse, cap(dy), K, cap(dh_n), cap(dc_n), cap(c0), cap(reserve), cap(packed), *map(cap, out),
+                    cap(torch.full((ws,), float("nan"))), 2, None, None, None)
+    for name, got, expected in zip(["d_gates_x", "d_gates_h", "d_proj", "dh0", "dc0"], out, want):
+        if expected.numel():
+            assert torch.isfinite(got).all(), name
+            assert_bitwise_equal(got, expected, name=name)
+    assert G * H % 2 == (mode != "lstm")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_backward_scratch_gives_the_op_paths_gradients(monkeypatch, mode, proj, reset_after, dtype):
