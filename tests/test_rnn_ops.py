@@ -1770,7 +1770,7 @@ def test_bfloat16_backward_in_a_nan_workspace(isa, mode, proj, reset_after):
     want = torch.ops.pyseqkern.rnn_backward(*args, False)
     (code, _, _, _, steps, B, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes, time_offsets, lengths, st, sb,
      reverse) = args
-    K, G, n = proj or H, ops.GATES[mode], dy.shape[0]
+    K, G = proj or H, ops.GATES[mode]
     ws = ops._sizes(code, reset_after, H, proj, B, torch.bfloat16)[2]
     out = [torch.empty_like(w) for w in want[:5]]
     cap = lambda v: None if v is None or v.numel() == 0 else to_dlpack(v)  # noqa: E731
