@@ -30,34 +30,23 @@ struct BwdCtx {
   bool split_rows;  // threads own rows (every unit of them) instead of unit blocks: no barrier per step
 };
 
-// dh_rec[b][blk] = base[b][blk] + sum_j dG[b][j0 + j] * W[j0 + j][blk], j < J, for rows [b0, b0 + nb).
-template <typename A>
-void recurrent_grad(const Layout& l, const A* bpanel, int64_t kb_begin, int64_t kb_end, const A* dG, int64_t ldg,
-                    int64_t j0, int64_t J, int64_t b0, int64_t nb, int64_t Kp, const A* base, A* out) {
-  constexpr int L = lanes<A>();
-  tiled_product<1, A>(nb, kb_begin, kb_end, bpanel + j0 * L, J, L, l.G * l.H * L,
-                      [&](int64_t b) { return dG + b * ldg + j0; },
-                      [&](int64_t b, int64_t kb, const V<A>* sum, int col) {
-    const int64_t at = b * Kp + kb * L;
-    store<A>(out + at, base ? sum[col] + load<A>(base + at, L) : sum[col], L);
-  }, b0);
-}
+// The products of bfloat16 storage read dG's bfloat16 copy in pairs (Layout::dot, bmain2), on levels with
+// bfloat16 dot products: dG rounded to bfloat16 first, as torch's oneDNN bfloat16 LSTM rounds its gate
+// gradients for its GEMMs, and as the forward rounds h.
+template <typename T> constexpr bool kDotOf = kBf16Dot && std::is_same<T, bf16>::value;
 
-// The same product from dG's bfloat16 copy against the pair section (bmain2: [UK][GH2][L], pairs along j),
-// for bfloat16 storage where the level has dot products: dG rounded to bfloat16 first, as torch's oneDNN
-// bfloat16 LSTM rounds its gate gradients for its GEMMs, and as the forward rounds h.
-template <typename A>
-void recurrent_grad_pairs(const Layout& l, const bf16x2* bpanel2, int64_t kb_begin, int64_t kb_end, const bf16* dG2,
-                          int64_t ld2, int64_t J, int64_t b0, int64_t nb, int64_t Kp, const A* base, A* out) {
+// dh_rec[b][blk] = base[b][blk] + sum_j dG[b][j] * W[j][blk] over the panel's K values of j (pairs of j
+// for a bf16x2 panel), for rows [b0, b0 + nb) of dG (rows ld apart) and state blocks [kb_begin, kb_end).
+template <typename A, typename P, typename R>
+void recurrent_grad(const P* bpanel, int64_t K, int64_t bstride, int64_t kb_begin, int64_t kb_end, const R* dG,
+                    int64_t ld, int64_t b0, int64_t nb, int64_t Kp, const A* base, A* out) {
   constexpr int L = lanes<A>();
-  tiled_product<1>(nb, kb_begin, kb_end, bpanel2, ceil_div(J, 2), L, pairs_stored(l.G * l.H) * L,
-                   [&](int64_t b) { return dG2 + b * ld2; },
+  tiled_product<1>(nb, kb_begin, kb_end, bpanel, K, L, bstride, [&](int64_t b) { return dG + b * ld; },
                    [&](int64_t b, int64_t kb, const V<A>* sum, int col) {
     const int64_t at = b * Kp + kb * L;
     store<A>(out + at, base ? sum[col] + load<A>(base + at, L) : sum[col], L);
   }, b0);
 }
-
 
 // dst[j * ldt + row(s, b)] = src[(by_row ? row(s, b) : b) * ld + j] for j < ncols (<= 16) and the step's
 // rows b0 <= b < b0 + nb: some columns of the step's values, transposed. b runs innermost so the writes are
@@ -173,7 +162,7 @@ void bwd_worker(void* raw, const Team& team) {
   const Layout& l = c.l;
   const RnnSeq& q = p.seq;
   constexpr int L = lanes<A>();
-  constexpr bool kDot = kBf16Dot && std::is_same<T, bf16>::value;  // (then l.dot: backward_variant)
+  constexpr bool kDot = kDotOf<T>;  // (then l.dot: backward_variant)
   const int64_t H = l.H, K = l.K, P = l.P, G = l.G, GH = G * H, B = q.batch, Kp = l.UK * L, Hp = l.U * L;
   const int64_t rc = c.reserve_cols, hprev_col = c.reserve_hprev;
   // Outputs read only after the call (d_gates_x, the transposed copies) by non-temporal stores when
@@ -255,10 +244,10 @@ void bwd_worker(void* raw, const Team& team) {
     // dh_rec = base + dG W_hh over the first J gate rows, for own state blocks.
     auto rec_grad = [&](const A* base, int64_t J) {
       if constexpr (kDot)
-        recurrent_grad_pairs<A>(l, reinterpret_cast<const bf16x2*>(packed + l.bmain2), k0, k1, c.dG2[s & 1], c.ld2,
-                                J, r0, nr, Kp, base, c.dh_rec);
+        recurrent_grad<A>(reinterpret_cast<const bf16x2*>(packed + l.bmain2), ceil_div(J, 2), pairs_stored(GH) * L,
+                          k0, k1, c.dG2[s & 1], c.ld2, r0, nr, Kp, base, c.dh_rec);
       else
-        recurrent_grad<A>(l, packed + l.bmain, k0, k1, dG, GH, 0, J, r0, nr, Kp, base, c.dh_rec);
+        recurrent_grad<A>(packed + l.bmain, J, GH * L, k0, k1, dG, GH, r0, nr, Kp, base, c.dh_rec);
     };
     if (VAR == Variant::Lstm && P > 0) {
       // dh_t = dy + recurrent part, for own projection blocks; everyone needs all of it next.
@@ -404,7 +393,7 @@ template <Variant VAR, typename T, typename A>
 void backward_variant(const RnnBwdParams& p) {
   BwdCtx<A> c;
   c.p = &p;
-  constexpr bool kDot = kBf16Dot && std::is_same<T, bf16>::value;
+  constexpr bool kDot = kDotOf<T>;
   c.l = layout_of(p.shape, lanes<A>(), kDot);
   const int64_t L = c.l.L, B = p.seq.batch, Kp = c.l.UK * L, Hp = c.l.U * L, GH = c.l.G * c.l.H;
   reserve_layout(c.l, p.shape.mode, &c.reserve_cols, &c.reserve_hprev);

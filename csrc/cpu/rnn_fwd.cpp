@@ -102,9 +102,11 @@ void pack_section(A* dst, const T* src, int64_t units, int64_t K, int64_t G, int
 }
 
 // Pair sections: dst[u][j][g][l] holds src at k = 2j (low half) and 2j + 1 (high half), 0 past `units`
-// and past K (j < pairs_stored(K)).
+// and past K (j < pairs_stored(K)); src at (g, unit n, k) is src[g * gate_stride + n * unit_stride + k *
+// k_stride]. Units run innermost: with unit_stride 1 (the backward's transposed section) each pair reads
+// two rows of w_hh along their length.
 void pack_pairs(bf16x2* dst, const bf16* src, int64_t units, int64_t K, int64_t G, int64_t L, int64_t gate_stride,
-                int64_t unit_stride) {
+                int64_t unit_stride, int64_t k_stride = 1) {
   const int64_t U = ceil_div(units, L), K2 = pairs_stored(K);
   for (int64_t u = 0; u < U; ++u)
     for (int64_t j = 0; j < K2; ++j)
@@ -114,28 +116,10 @@ void pack_pairs(bf16x2* dst, const bf16* src, int64_t units, int64_t K, int64_t 
           uint32_t v = 0;
           if (n < units && k < K) {
             const bf16* s = src + g * gate_stride + n * unit_stride;
-            v = uint32_t(s[k].bits) | (k + 1 < K ? uint32_t(s[k + 1].bits) << 16 : 0u);
+            v = uint32_t(s[k * k_stride].bits) | (k + 1 < K ? uint32_t(s[(k + 1) * k_stride].bits) << 16 : 0u);
           }
           dst[((u * K2 + j) * G + g) * L + l].bits = v;
         }
-}
-
-// The backward's pair section from w_hh [G*H][K] (rows ld apart): dst[kb][j][l] holds w_hh[2j][n] (low
-// half) and w_hh[2j + 1][n] (high half) for state unit n = kb*L + l, 0 past K and past G*H. Units run
-// innermost, so each pair reads two rows of w_hh along their length.
-void pack_pairs_transposed(bf16x2* dst, const bf16* src, int64_t K, int64_t GH, int64_t L, int64_t ld) {
-  const int64_t UK = ceil_div(K, L), J2 = pairs_stored(GH);
-  for (int64_t kb = 0; kb < UK; ++kb)
-    for (int64_t j = 0; j < J2; ++j)
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t n = kb * L + l;
-        uint32_t v = 0;
-        if (n < K && 2 * j < GH) {
-          v = src[2 * j * ld + n].bits;
-          if (2 * j + 1 < GH) v |= uint32_t(src[(2 * j + 1) * ld + n].bits) << 16;
-        }
-        dst[(kb * J2 + j) * L + l].bits = v;
-      }
 }
 
 template <typename T, typename A>
@@ -156,7 +140,7 @@ void pack_typed(const RnnPackParams& p) {
       if (l.P > 0)
         pack_pairs(reinterpret_cast<bf16x2*>(out + l.fproj2), static_cast<const T*>(p.w_hr), l.P, l.H, 1, l.L, 0,
                    p.ld_w_hr);
-      pack_pairs_transposed(reinterpret_cast<bf16x2*>(out + l.bmain2), whh, l.K, l.G * l.H, l.L, p.ld_w_hh);
+      pack_pairs(reinterpret_cast<bf16x2*>(out + l.bmain2), whh, l.K, l.G * l.H, 1, l.L, 0, 1, p.ld_w_hh);
     }
   }
 }
