@@ -63,6 +63,7 @@ py::dict cpu_isa_report() {
   d["active"] = std::string(isa_name(isa_active()));
   d["vector_bits"] = probe_cpu_kernels().vector_bits;
   d["l2_bytes"] = cpu_l2_bytes();
+  d["l3_bytes"] = cpu_l3_bytes();
   d["vendor"] = cpu_vendor();
   return d;
 }

@@ -1069,6 +1069,70 @@ def test_inference_kernel_projecting_at_streaming_sizes(monkeypatch, mode, reset
     assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, True)
 
 
+RIDE_MODES = [("lstm", True, 0), ("lstm", True, 5), ("gru", True, 0), ("gru", False, 0), ("rnn_tanh", True, 0),
+              ("rnn_relu", True, 0)]
+
+
+@pytest.mark.parametrize("mode, reset_after, proj", RIDE_MODES)
+@pytest.mark.parametrize("T", [9, 16, 17, 41])
+@pytest.mark.parametrize("I, H", [(13, 37), (40, 16), (16, 70)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa, mode, reset_after, proj, T, I, H,
+                                                               reverse, packed):
+    """B = 1 sequences whose kernel projects the input project the rows past the first kRideRows (8)
+    inside the recurrent tiles of earlier steps, on levels with 32 vector registers (rnn_fwd.cpp,
+    ride_tile): outputs and final states against the float64 reference, bit for bit at 1, 2 and 3
+    threads and run after run, and bit for bit what the kernel gives projecting each step's row inside
+    that step instead (its fused mode; no proj_size there). T = 9, 16, 17, 41 end on every phase of the
+    row groups; H = 37 and 70 leave a partial unit block and an odd count of blocks per thread (so
+    tiles of one block, and on RNN every power of two up to 8); I < H, I > H and an odd I (the input and
+    the state sums end in different kSumBlock blocks: K and KI differ)."""
+    spy = ProjectingSpy(monkeypatch)
+    x, bs, t = make_case(mode, proj, torch.float32, T=T, B=1, I=I, H=H, lengths=[T] if packed else None)
+    runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
+    assert (spy.taken, spy.declined, spy.each_step) == (4, 0, 0)
+    assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, False)
+    if proj:
+        return
+    monkeypatch.setattr(ops, "_projects_each_step", lambda *args: True)
+    for threads in (2, 1):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                each = call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after)
+        finally:
+            torch.set_num_threads(before)
+        for name, a, b in zip(["y", "h_n", "c_n"], runs[0], each):
+            if a is not None:
+                assert_bitwise_equal(a, b, name=name)
+    assert spy.each_step == 2
+
+
+@pytest.mark.parametrize("mode, reset_after, proj", RIDE_MODES)
+def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypatch, isa, mode, reset_after, proj):
+    """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 float32 sequences still
+    project inside the kernel where its recurrent tiles carry the projection (ops._rides: a level in
+    _RIDE_LEVELS, not GRU reset_before, more than 8 steps) and both panels fit _RIDE_L3_SHARE of the L3;
+    otherwise torch's GEMM projects. Either way the same reference is met."""
+    spy = ProjectingSpy(monkeypatch)
+    I, H = 40, 16
+    G, K = ops.GATES[mode], proj or 16
+    panels = 4 * G * H * (I + K) + 4 * proj * H
+    monkeypatch.setattr(ops, "_L2_BYTES", 64)  # (the read rule always exceeded)
+    rides = isa in ops._RIDE_LEVELS and (mode != "gru" or reset_after)
+    for T, B, l3, dtype, expect in [(9, 1, 2 * panels, torch.float32, rides), (8, 1, 2 * panels, torch.float32, False),
+                                    (9, 1, 2 * panels - 8, torch.float32, False),
+                                    (9, 2, 2 * panels, torch.float32, False), (9, 1, 2 * panels, torch.float64, False)]:
+        monkeypatch.setattr(ops, "_L3_BYTES", l3)
+        x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H)
+        taken = spy.taken
+        runs = inference_runs(x, bs, t, mode, False, reset_after, (2,))
+        assert spy.taken - taken == int(expect), (T, B, l3, dtype)
+        assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("mode, reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False), ("lstm", True)])

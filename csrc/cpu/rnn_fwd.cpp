@@ -276,6 +276,69 @@ template <int G> int64_t busiest_rows(int64_t B, int nt) {
   return most;
 }
 
+// ---- one-row sequences: the recurrent tile carrying later rows' projection ---------------------------
+// At B = 1 a step's product streams the thread's recurrent panel from L2 with one FMA per weight
+// vector: it runs at the L2's rate with the FMA unit half idle, while the projection of every row
+// before the steps (`first`) ran FMA-bound with the L2 idle (LSTM (100,1,256): 52% and 22% of a call's
+// samples). ride_tile does both in one pass over k: gemm_tile<1, NB, G>'s sums of the step's row
+// (acc.v[0][b * G + g]) and kRideRows later rows' sums of one gate column of one unit block of the
+// input panel (pacc[r]; in_col points at that column's k = 0, in_kstride apart). Each sum runs over k
+// as gemm_tile's do (blocks of kSumBlock from zero, added in order), so both come out with the bits
+// their own tiles give. K and KI (the state and the input width) may differ: the shorter one's blocks
+// end first. Registers: NB * G + kRideRows sums (16; GRU 14), a row value, a weight vector; the
+// recurrent weights are FMA memory operands (disassembly: per k, NB * G of those, one input-panel load,
+// kRideRows FMAs with broadcast operands).
+constexpr int kRideRows = 8;
+template <int NB, int G, typename A>
+__attribute__((noinline)) void ride_tile(const A* row, const A* panel, int64_t K, int64_t kstride, int64_t bstride,
+                                         Tile<A>& acc, const A* const* xrows, const A* in_col, int64_t KI,
+                                         int64_t in_kstride, V<A>* pacc) {
+  constexpr int L = lanes<A>(), C = NB * G, R = kRideRows;
+  const A* x[R];
+  for (int r = 0; r < R; ++r) x[r] = xrows[r];
+  const int64_t KM = K > KI ? K : KI;
+  for (int64_t k0 = 0; k0 < KM || k0 == 0; k0 += kSumBlock) {
+    const bool rec = k0 < K || k0 == 0, prj = k0 < KI || k0 == 0;
+    const int64_t kr = !rec ? k0 : K - k0 < kSumBlock ? K : k0 + kSumBlock;
+    const int64_t kp = !prj ? k0 : KI - k0 < kSumBlock ? KI : k0 + kSumBlock;
+    V<A> sum[C], ps[R];
+    for (int c = 0; c < C; ++c) sum[c] = splat(A(0));
+    for (int r = 0; r < R; ++r) ps[r] = splat(A(0));
+    auto rec_k = [&](int64_t k) __attribute__((always_inline)) {
+      const A* w = panel + k * kstride;
+      const V<A> hb = splat(row[k]);
+      for (int b = 0; b < NB; ++b)
+        for (int g = 0; g < G; ++g) sum[b * G + g] += hb * load<A>(w + b * bstride + g * L, L);
+    };
+    auto prj_k = [&](int64_t k) __attribute__((always_inline)) {
+      const V<A> wv = load<A>(in_col + k * in_kstride, L);
+      for (int r = 0; r < R; ++r) ps[r] += splat(x[r][k]) * wv;
+    };
+    const int64_t kb = kr < kp ? kr : kp;
+    int64_t k = k0;
+    for (; k < kb; ++k) {
+      rec_k(k);
+      prj_k(k);
+    }
+    for (int64_t j = k; j < kr; ++j) rec_k(j);
+    for (int64_t j = k; j < kp; ++j) prj_k(j);
+    if (rec)
+      for (int c = 0; c < C; ++c) acc.v[0][c] = k0 == 0 ? sum[c] : acc.v[0][c] + sum[c];
+    if (prj)
+      for (int r = 0; r < R; ++r) pacc[r] = k0 == 0 ? ps[r] : pacc[r] + ps[r];
+  }
+}
+// Where the ride runs: float32 on levels with 32 vector registers (AVX2's 16 hold one part only).
+template <typename T, typename A> constexpr bool rides() {
+#if defined(__AVX512F__)
+  return std::is_same<T, float>::value && std::is_same<A, float>::value;
+#else
+  return false;
+#endif
+}
+// Blocks of a ride tile: 8 / G, at least 2 (with the projection's 8 sums, at most 16).
+template <int G> constexpr int ride_blocks() { return G == 1 ? 8 : 2; }
+
 template <Variant VAR, typename T, typename A>
 void fwd_worker(void* raw, const Team& team) {
   const int tid = team.tid, nt = team.size;
@@ -363,6 +426,10 @@ void fwd_worker(void* raw, const Team& team) {
     if constexpr (std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(row_a(0))>>, A>::value)
       tiled_product<GN>(nr, b0, b1, base + off + g0 * L, KK, GP * L, KK * GP * L, row_a, epi, row0);
   };
+  // One-row sequences projecting first: only the first kRideRows rows before the steps, the rest
+  // inside the steps' recurrent tiles (ride_tile, ride_product below). Every step has its row.
+  const bool ride = rides<T, A>() && VAR != Variant::GruBefore && first && !split && q.batch == 1 &&
+                    q.steps > kRideRows && seq_len(q, 0) == q.steps;
   if (first) {
     // Every row's x_gates before the steps: own gate columns (unit blocks, whichever way the steps
     // split), so this thread's part of the input panel stays in its cache across all rows; or, with
@@ -374,7 +441,8 @@ void fwd_worker(void* raw, const Team& team) {
     // A buffer larger than the caches (13 MB for an LSTM at T=100, B=32, H=256) is read back from
     // memory by the steps anyway: written past the caches, it costs no line reads and does not evict
     // the input panel this loop streams.
-    const bool stream_xg = std::is_same<T, A>::value && p.x_rows * p.ld_gates * int64_t(sizeof(T)) >= kStreamBytes;
+    const bool stream_xg =
+        std::is_same<T, A>::value && !ride && p.x_rows * p.ld_gates * int64_t(sizeof(T)) >= kStreamBytes;
     // Rows r of the product are rows row_of(r) of x and of the buffer.
     auto project = [&](int64_t nr, auto row_of, int64_t x0, int64_t x1) {
       auto xrow = [&](int64_t r) { return xin + row_of(r) * p.ld_x; };
@@ -394,6 +462,8 @@ void fwd_worker(void* raw, const Team& team) {
       if (own > 0)
         project(own * q.steps, [&](int64_t r) { return (r / own) * q.row_stride_t + (rb0 + r % own) * q.row_stride_b; },
                 0, l.U);
+    } else if (ride) {
+      project(kRideRows, [&](int64_t r) { return seq_row(q, r, 0); }, u0, u1);
     } else {
       int64_t x0, x1;
       split_range(l.U, tid, nt, &x0, &x1);
@@ -610,13 +680,71 @@ void fwd_worker(void* raw, const Team& team) {
     using G1 = std::integral_constant<int, 1>;
     auto hrow = [&](int64_t b) { return hp + b * Kp; };
     auto hrow2 = [&, hp2 = c.h2[s & 1]](int64_t b) { return hp2 + b * Kp; };
+    // ride: the step's product over own blocks in tiles that also project this thread's columns of
+    // the next group of kRideRows rows (steps t0..): unit w is block u0 + w / G, gate w % G; a group's
+    // units spread evenly over its kRideRows steps, one per tile (ride_blocks<G>() blocks a tile, so a
+    // step has at least as many tiles as its share; any left over would run alone after them). The rows a
+    // step's epilogues read were projected by this thread in an earlier group (or before the steps).
+    auto ride_product = [&](auto& epi) {
+      if constexpr (rides<T, A>()) {
+        constexpr int NBR = ride_blocks<G>();
+        const int64_t t0 = (s / kRideRows + 1) * kRideRows, units = (u1 - u0) * G;
+        const int64_t quota = ceil_div(units, kRideRows);
+        int64_t w = t0 < q.steps ? (s % kRideRows) * quota : units;
+        const int64_t w1 = w + quota < units ? w + quota : units;
+        const int64_t nr = q.steps - t0 < kRideRows ? q.steps - t0 : kRideRows;
+        const A* xin = static_cast<const A*>(p.x);
+        const A* bias = static_cast<const A*>(p.x_gates);
+        A* buf = static_cast<A*>(p.x_gates_buf);
+        const A* xr[kRideRows];  // rows past the sequence repeat its last (computed, never stored)
+        for (int r = 0; r < kRideRows && w < w1; ++r) xr[r] = xin + seq_row(q, t0 + (r < nr ? r : nr - 1), 0) * p.ld_x;
+        const A* in_panel = static_cast<const A*>(p.packed_in);
+        auto in_col = [&](int64_t unit) { return in_panel + (u0 + unit / G) * p.input * G * L + (unit % G) * L; };
+        V<A> pacc[kRideRows];
+        auto put_x = [&](int64_t unit) {  // as `project` stores: the sum plus the bias row, rounded once
+          const int64_t u = u0 + unit / G;
+          const int g = static_cast<int>(unit % G), valid = static_cast<int>(H - u * L < L ? H - u * L : L);
+          const V<A> bv = bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0));
+          for (int64_t r = 0; r < nr; ++r) store<A>(buf + seq_row(q, t0 + r, 0) * p.ld_gates + g * H + u * L, pacc[r] + bv, valid);
+        };
+        const A* panel = packed + l.fmain;
+        const A* row[1] = {hp};
+        auto tile = [&](auto nbc, int64_t blk) {
+          constexpr int NB = decltype(nbc)::value;
+          Tile<A> acc;
+          if (w < w1) {
+            ride_tile<NB, G>(hp, panel + blk * K * G * L, K, G * L, K * G * L, acc, xr, in_col(w), p.input, G * L, pacc);
+            put_x(w++);
+          } else {
+            gemm_tile<1, NB, G>(row, panel + blk * K * G * L, K, G * L, K * G * L, acc);
+          }
+          for (int bi = 0; bi < NB; ++bi) call_epilogue<A>(epi, rb0, 1, blk + bi, acc.v[0], bi * G);
+        };
+        for (int64_t blk = u0; blk < u1;) {
+          const int64_t left = u1 - blk;
+          if constexpr (NBR >= 8) if (left >= 8) { tile(std::integral_constant<int, 8>(), blk); blk += 8; continue; }
+          if constexpr (NBR >= 4) if (left >= 4) { tile(std::integral_constant<int, 4>(), blk); blk += 4; continue; }
+          if (left >= 2) { tile(std::integral_constant<int, 2>(), blk); blk += 2; continue; }
+          tile(std::integral_constant<int, 1>(), blk++);
+        }
+        for (; w < w1; ++w) {
+          Tile<A> acc;
+          gemm_tile<kRideRows, 1, 1>(xr, in_col(w), p.input, G * L, 0, acc);
+          for (int r = 0; r < kRideRows; ++r) pacc[r] = acc.v[r][0];
+          put_x(w);
+        }
+      }
+    };
     if (fused && !overlap) project_step(s);
     if constexpr (VAR == Variant::GruBefore)
       product(std::integral_constant<int, 2>(), packed, 3, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
-    else if constexpr (VAR == Variant::Lstm)
-      product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, lstm_tile);
-    else
-      product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
+    else if constexpr (VAR == Variant::Lstm) {
+      if (ride) ride_product(lstm_tile);
+      else product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, lstm_tile);
+    } else {
+      if (ride) ride_product(epilogue);
+      else product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
+    }
     if (VAR == Variant::GruBefore) {
       // Phase 2: n = tanh(x_n + W_hn (r * h_{t-1})) needs every unit's r * h_{t-1}.
       if (!split) team.sync();

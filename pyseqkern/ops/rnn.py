@@ -1181,6 +1181,19 @@ def _input_panel(code, reset_after, hidden, w_ih):
 # 1.04; padded B=4 1.00 / 1.03).
 _L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
 _READ_L2S = 1
+# One-row sequences (B = 1) past the read rule: on levels with 32 vector registers the kernel projects
+# each row inside the recurrent tiles of earlier steps (rnn_fwd.cpp, ride_tile), which stream the
+# recurrent panel at the cache's rate with the FMA unit half idle, so the projection costs little more
+# than its input panel's bytes (a group of kRideRows rows at a time): still a gain where both panels,
+# streamed every step, mostly come back from L3. In-process on a 2-vCPU Zen 4 (1 MB L2, 32 MB L3), 7
+# rotations, time kernel riding / torch's GEMM projecting, (mode, H = I, both panels): LSTM 512 (8 MB)
+# 0.89, 640 (12.5 MB) 0.94, 768 (18 MB) 0.93; GRU 512 (6 MB) 0.87, 768 (13.5 MB) 0.96, 1024 (24 MB)
+# 1.11; RNN 1024 (8 MB) 0.96; LSTM I = 256, H = 1024 (20 MB) 1.10, 1024 (32 MB) 1.58. Hence both panels
+# within half the L3 (0 where the OS does not say).
+_L3_BYTES = int(_C.cpu_isa_report()["l3_bytes"])
+_RIDE_L3_SHARE = 0.5
+_RIDE_LEVELS = frozenset({"avx512", "avx512bf16", "amx"})
+_RIDE_MIN_STEPS = 9  # more than kRideRows: the first kRideRows rows are projected before the steps
 # The choices of path below count the threads torch had when pyseqkern was imported, not the caller's
 # current count: the paths differ in the last bits, and torch.get_num_threads() is per OS thread, so a
 # server whose main thread set 1 thread after its pool existed got other bits in the pool's threads
@@ -1347,13 +1360,23 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
     return y, h, (c if code == 0 else None)
 
 
+def _rides(mode, reset_after, seq, x2d, panels):
+    """Whether the kernel projects a sequence with the read rule exceeded: the ride's cases (float32 B = 1
+    rows every step, a level with ride tiles, not GRU reset_before), both panels (`panels` bytes) within
+    _RIDE_L3_SHARE of the L3."""
+    return (seq.batch == 1 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS and x2d.dtype == torch.float32
+            and (mode != "gru" or reset_after) and _backend.active_isa() in _RIDE_LEVELS
+            and panels <= _RIDE_L3_SHARE * _L3_BYTES)
+
+
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     """(y, h_n, c_n or None) of an inference forward whose kernel projects the input, or None where
     torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large)."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     read = GATES[mode] * hidden * x2d.shape[1] * (2 if x2d.dtype == torch.bfloat16 else x2d.element_size())
-    if read > _READ_L2S * _L2_BYTES * _PATH_THREADS or x2d.dtype != w_ih.dtype:
+    if x2d.dtype != w_ih.dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
+            mode, reset_after, seq, x2d, read + w_hh.numel() * 4 + (0 if w_hr is None else w_hr.numel() * 4)):
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None

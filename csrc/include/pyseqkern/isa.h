@@ -39,6 +39,10 @@ void isa_follow_default();
 // a weight panel must stay in.
 long long cpu_l2_bytes();
 
+// The last-level cache the OS reports for one core (L3, shared with the other cores behind it), 0 where
+// it says none: how much of a panel streamed every step can come back from cache rather than memory.
+long long cpu_l3_bytes();
+
 // cpuid's vendor string ("GenuineIntel", "AuthenticAMD", ...), empty off x86. The Python layer picks
 // torch's float32 GEMM by it (ops/rnn.py: MKL's sgemm is fast on Intel's cores and slow on AMD's).
 std::string cpu_vendor();
