@@ -682,9 +682,10 @@ void fwd_worker(void* raw, const Team& team) {
     auto hrow2 = [&, hp2 = c.h2[s & 1]](int64_t b) { return hp2 + b * Kp; };
     // ride: the step's product over own blocks in tiles that also project this thread's columns of
     // the next group of kRideRows rows (steps t0..): unit w is block u0 + w / G, gate w % G; a group's
-    // units spread evenly over its kRideRows steps, one per tile (ride_blocks<G>() blocks a tile, so a
-    // step has at least as many tiles as its share; any left over would run alone after them). The rows a
-    // step's epilogues read were projected by this thread in an earlier group (or before the steps).
+    // units spread evenly over its kRideRows steps, one per tile. A step's share, ceil(n * G / 8) of
+    // n own blocks, never exceeds its tiles: ceil(n / 2) for G = 3 and 4 (2-block tiles), at least
+    // ceil(n / 8) for RNN (tiles of 8, 4, 2, 1 blocks). The rows a step's epilogues read were projected
+    // by this thread in an earlier group (or before the steps).
     auto ride_product = [&](auto& epi) {
       if constexpr (rides<T, A>()) {
         constexpr int NBR = ride_blocks<G>();
@@ -726,12 +727,6 @@ void fwd_worker(void* raw, const Team& team) {
           if constexpr (NBR >= 4) if (left >= 4) { tile(std::integral_constant<int, 4>(), blk); blk += 4; continue; }
           if (left >= 2) { tile(std::integral_constant<int, 2>(), blk); blk += 2; continue; }
           tile(std::integral_constant<int, 1>(), blk++);
-        }
-        for (; w < w1; ++w) {
-          Tile<A> acc;
-          gemm_tile<kRideRows, 1, 1>(xr, in_col(w), p.input, G * L, 0, acc);
-          for (int r = 0; r < kRideRows; ++r) pacc[r] = acc.v[r][0];
-          put_x(w);
         }
       }
     };
