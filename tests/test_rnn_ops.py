@@ -1075,25 +1075,31 @@ RIDE_MODES = [("lstm", True, 0), ("lstm", True, 5), ("gru", True, 0), ("gru", Fa
 
 @pytest.mark.parametrize("mode, reset_after, proj", RIDE_MODES)
 @pytest.mark.parametrize("T", [9, 16, 17, 41])
-@pytest.mark.parametrize("I, H", [(13, 37), (40, 16), (16, 70)])
+@pytest.mark.parametrize("I, H", [(13, 37), (40, 16), (16, 70), (40, 37)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa, mode, reset_after, proj, T, I, H,
-                                                               reverse, packed):
+                                                               reverse, packed, dtype):
     """B = 1 sequences whose kernel projects the input project the rows past the first kRideRows (8)
     inside the recurrent tiles of earlier steps, on levels with 32 vector registers (rnn_fwd.cpp,
-    ride_tile): outputs and final states against the float64 reference, bit for bit at 1, 2 and 3
+    ride_tile; bfloat16 by pair dot products where the level has them, not amx): outputs and final
+    states against the float64 reference (bfloat16 by the 2x-torch rule), bit for bit at 1, 2 and 3
     threads and run after run, and bit for bit what the kernel gives projecting each step's row inside
     that step instead (its fused mode; no proj_size there). T = 9, 16, 17, 41 end on every phase of the
     row groups; H = 37 and 70 leave a partial unit block and an odd count of blocks per thread (so
-    tiles of one block, and on RNN every power of two up to 8); I < H, I > H and an odd I (the input and
-    the state sums end in different kSumBlock blocks: K and KI differ)."""
+    tiles of one block, and on RNN every power of two up to 8; H = 37 an odd count of k pairs); I < H,
+    I > H and an odd I (the input and the state sums end in different kSumBlock blocks: K and KI
+    differ). bfloat16 has an input panel only at levels with bf16 dot products and an even I;
+    elsewhere torch projects, as the spy sees."""
+    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())  # (amx: the kernel's panel too)
     spy = ProjectingSpy(monkeypatch)
-    x, bs, t = make_case(mode, proj, torch.float32, T=T, B=1, I=I, H=H, lengths=[T] if packed else None)
+    x, bs, t = make_case(mode, proj, dtype, T=T, B=1, I=I, H=H, lengths=[T] if packed else None)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
-    assert (spy.taken, spy.declined, spy.each_step) == (4, 0, 0)
-    assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, False)
-    if proj:
+    panel = dtype == torch.float32 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
+    assert (spy.taken, spy.declined, spy.each_step) == ((4, 0, 0) if panel else (0, 4, 0))
+    assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
+    if proj or not panel:
         return
     monkeypatch.setattr(ops, "_projects_each_step", lambda *args: True)
     for threads in (2, 1):

@@ -328,10 +328,71 @@ __attribute__((noinline)) void ride_tile(const A* row, const A* panel, int64_t K
       for (int r = 0; r < R; ++r) pacc[r] = k0 == 0 ? ps[r] : pacc[r] + ps[r];
   }
 }
-// Where the ride runs: float32 on levels with 32 vector registers (AVX2's 16 hold one part only).
+#if defined(__AVX512BF16__)
+// ride_tile for bfloat16 storage on levels with bf16 dot products: the same two parts over pairs of k
+// (K2 and KI2 pairs; rows are bf16, panels bf16x2, sums float), each as the pair gemm_tile sums
+// (blocks of kSumBlock / 2 pairs from zero, added in order).
+template <int NB, int G>
+__attribute__((noinline)) void ride_tile(const bf16* row, const bf16x2* panel, int64_t K2, int64_t kstride,
+                                         int64_t bstride, Tile<float>& acc, const bf16* const* xrows,
+                                         const bf16x2* in_col, int64_t KI2, int64_t in_kstride, vfloat* pacc) {
+  constexpr int C = NB * G, R = kRideRows, KB = kSumBlock / 2;
+  const bf16* x[R];
+  for (int r = 0; r < R; ++r) x[r] = xrows[r];
+  auto pair_of = [](const bf16* p, int64_t k) __attribute__((always_inline)) {
+    uint32_t v;
+    std::memcpy(&v, p + 2 * k, 4);
+    return (__m512bh)_mm512_set1_epi32(static_cast<int>(v));
+  };
+  auto add = [](vfloat& total, __m512 part, bool first) __attribute__((always_inline)) {
+    __m512 t;
+    if (!first) {
+      std::memcpy(&t, &total, sizeof(vfloat));
+      part = _mm512_add_ps(t, part);
+    }
+    std::memcpy(&total, &part, sizeof(vfloat));
+  };
+  const int64_t KM = K2 > KI2 ? K2 : KI2;
+  for (int64_t k0 = 0; k0 < KM || k0 == 0; k0 += KB) {
+    const bool rec = k0 < K2 || k0 == 0, prj = k0 < KI2 || k0 == 0;
+    const int64_t kr = !rec ? k0 : K2 - k0 < KB ? K2 : k0 + KB;
+    const int64_t kp = !prj ? k0 : KI2 - k0 < KB ? KI2 : k0 + KB;
+    __m512 sum[C], ps[R];
+    for (int c = 0; c < C; ++c) sum[c] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) ps[r] = _mm512_setzero_ps();
+    auto rec_k = [&](int64_t k) __attribute__((always_inline)) {
+      const bf16x2* w = panel + k * kstride;
+      const __m512bh hb = pair_of(row, k);
+      for (int b = 0; b < NB; ++b)
+        for (int g = 0; g < G; ++g)
+          sum[b * G + g] = _mm512_dpbf16_ps(sum[b * G + g], hb, (__m512bh)_mm512_loadu_si512(w + b * bstride + g * 16));
+    };
+    auto prj_k = [&](int64_t k) __attribute__((always_inline)) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(in_col + k * in_kstride);
+      for (int r = 0; r < R; ++r) ps[r] = _mm512_dpbf16_ps(ps[r], pair_of(x[r], k), wv);
+    };
+    const int64_t kb = kr < kp ? kr : kp;
+    int64_t k = k0;
+    for (; k < kb; ++k) {
+      rec_k(k);
+      prj_k(k);
+    }
+    for (int64_t j = k; j < kr; ++j) rec_k(j);
+    for (int64_t j = k; j < kp; ++j) prj_k(j);
+    if (rec)
+      for (int c = 0; c < C; ++c) add(acc.v[0][c], sum[c], k0 == 0);
+    if (prj)
+      for (int r = 0; r < R; ++r) add(pacc[r], ps[r], k0 == 0);
+  }
+}
+#endif
+// Where the ride runs: float32 on levels with 32 vector registers (AVX2's 16 hold one part only), and
+// bfloat16 storage where the products are bf16 dot products on those registers (not amx, whose tile
+// unit does a step's product).
 template <typename T, typename A> constexpr bool rides() {
 #if defined(__AVX512F__)
-  return std::is_same<T, float>::value && std::is_same<A, float>::value;
+  return std::is_same<A, float>::value &&
+         (std::is_same<T, float>::value || (std::is_same<T, bf16>::value && kBf16Dot && !kAmx));
 #else
   return false;
 #endif
@@ -428,8 +489,8 @@ void fwd_worker(void* raw, const Team& team) {
   };
   // One-row sequences projecting first: only the first kRideRows rows before the steps, the rest
   // inside the steps' recurrent tiles (ride_tile, ride_product below). Every step has its row.
-  const bool ride = rides<T, A>() && VAR != Variant::GruBefore && first && !split && q.batch == 1 &&
-                    q.steps > kRideRows && seq_len(q, 0) == q.steps;
+  const bool ride = rides<T, A>() && (!BF || dot) && VAR != Variant::GruBefore && first && !split &&
+                    q.batch == 1 && q.steps > kRideRows && seq_len(q, 0) == q.steps;
   if (first) {
     // Every row's x_gates before the steps: own gate columns (unit blocks, whichever way the steps
     // split), so this thread's part of the input panel stays in its cache across all rows; or, with
@@ -694,13 +755,20 @@ void fwd_worker(void* raw, const Team& team) {
         int64_t w = t0 < q.steps ? (s % kRideRows) * quota : units;
         const int64_t w1 = w + quota < units ? w + quota : units;
         const int64_t nr = q.steps - t0 < kRideRows ? q.steps - t0 : kRideRows;
-        const A* xin = static_cast<const A*>(p.x);
-        const A* bias = static_cast<const A*>(p.x_gates);
-        A* buf = static_cast<A*>(p.x_gates_buf);
-        const A* xr[kRideRows];  // rows past the sequence repeat its last (computed, never stored)
+        const T* xin = static_cast<const T*>(p.x);
+        const T* bias = static_cast<const T*>(p.x_gates);
+        T* buf = static_cast<T*>(p.x_gates_buf);
+        const T* xr[kRideRows];  // rows past the sequence repeat its last (computed, never stored)
         for (int r = 0; r < kRideRows && w < w1; ++r) xr[r] = xin + seq_row(q, t0 + (r < nr ? r : nr - 1), 0) * p.ld_x;
-        const A* in_panel = static_cast<const A*>(p.packed_in);
-        auto in_col = [&](int64_t unit) { return in_panel + (u0 + unit / G) * p.input * G * L + (unit % G) * L; };
+        // The panels and rows the products read: A sections against h, or (bfloat16) pair sections
+        // against its bf16 copy, k counted in pairs (as product_rows picks them). Rows are T either way.
+        using P = std::conditional_t<BF, bf16x2, A>;
+        const int64_t KR = BF ? ceil_div(K, 2) : K, KI = BF ? ceil_div(p.input, 2) : p.input;
+        const int64_t rec_bs = (BF ? pairs_stored(K) : K) * G * L, in_bs = (BF ? pairs_stored(p.input) : p.input) * G * L;
+        const P* panel = reinterpret_cast<const P*>(packed + (BF ? l.fmain2 : l.fmain));
+        const P* in_panel = reinterpret_cast<const P*>(static_cast<const A*>(p.packed_in) + (BF ? l.U * p.input * G * L : 0));
+        const T* hrow0 = BF ? reinterpret_cast<const T*>(c.h2[s & 1]) : reinterpret_cast<const T*>(hp);
+        auto in_col = [&](int64_t unit) { return in_panel + (u0 + unit / G) * in_bs + (unit % G) * L; };
         V<A> pacc[kRideRows];
         auto put_x = [&](int64_t unit) {  // as `project` stores: the sum plus the bias row, rounded once
           const int64_t u = u0 + unit / G;
@@ -708,16 +776,15 @@ void fwd_worker(void* raw, const Team& team) {
           const V<A> bv = bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0));
           for (int64_t r = 0; r < nr; ++r) store<A>(buf + seq_row(q, t0 + r, 0) * p.ld_gates + g * H + u * L, pacc[r] + bv, valid);
         };
-        const A* panel = packed + l.fmain;
-        const A* row[1] = {hp};
+        const T* row[1] = {hrow0};
         auto tile = [&](auto nbc, int64_t blk) {
           constexpr int NB = decltype(nbc)::value;
           Tile<A> acc;
           if (w < w1) {
-            ride_tile<NB, G>(hp, panel + blk * K * G * L, K, G * L, K * G * L, acc, xr, in_col(w), p.input, G * L, pacc);
+            ride_tile<NB, G>(hrow0, panel + blk * rec_bs, KR, G * L, rec_bs, acc, xr, in_col(w), KI, G * L, pacc);
             put_x(w++);
           } else {
-            gemm_tile<1, NB, G>(row, panel + blk * K * G * L, K, G * L, K * G * L, acc);
+            gemm_tile<1, NB, G>(row, panel + blk * rec_bs, KR, G * L, rec_bs, acc);
           }
           for (int bi = 0; bi < NB; ++bi) call_epilogue<A>(epi, rb0, 1, blk + bi, acc.v[0], bi * G);
         };
