@@ -289,31 +289,18 @@ template <int G> int64_t busiest_rows(int64_t B, int nt) {
 // recurrent weights are FMA memory operands (disassembly: per k, NB * G of those, one input-panel load,
 // kRideRows FMAs with broadcast operands).
 constexpr int kRideRows = 8;
-template <int NB, int G, typename A>
-__attribute__((noinline)) void ride_tile(const A* row, const A* panel, int64_t K, int64_t kstride, int64_t bstride,
-                                         Tile<A>& acc, const A* const* xrows, const A* in_col, int64_t KI,
-                                         int64_t in_kstride, V<A>* pacc) {
-  constexpr int L = lanes<A>(), C = NB * G, R = kRideRows;
-  const A* x[R];
-  for (int r = 0; r < R; ++r) x[r] = xrows[r];
+// The k loop both ride tiles run: blocks of KB from k = 0 over the longer of K and KI, each part only
+// while its own k lasts. Per block: begin() zeroes the block sums, rec_k(k) / prj_k(k) add one k of
+// each part, end(first, rec, prj) adds the block sums of the parts that ran to the totals.
+template <typename Begin, typename RecK, typename PrjK, typename End>
+inline __attribute__((always_inline)) void ride_k_blocks(int64_t K, int64_t KI, int64_t KB, Begin begin, RecK rec_k,
+                                                         PrjK prj_k, End end) {
   const int64_t KM = K > KI ? K : KI;
-  for (int64_t k0 = 0; k0 < KM || k0 == 0; k0 += kSumBlock) {
+  for (int64_t k0 = 0; k0 < KM || k0 == 0; k0 += KB) {
     const bool rec = k0 < K || k0 == 0, prj = k0 < KI || k0 == 0;
-    const int64_t kr = !rec ? k0 : K - k0 < kSumBlock ? K : k0 + kSumBlock;
-    const int64_t kp = !prj ? k0 : KI - k0 < kSumBlock ? KI : k0 + kSumBlock;
-    V<A> sum[C], ps[R];
-    for (int c = 0; c < C; ++c) sum[c] = splat(A(0));
-    for (int r = 0; r < R; ++r) ps[r] = splat(A(0));
-    auto rec_k = [&](int64_t k) __attribute__((always_inline)) {
-      const A* w = panel + k * kstride;
-      const V<A> hb = splat(row[k]);
-      for (int b = 0; b < NB; ++b)
-        for (int g = 0; g < G; ++g) sum[b * G + g] += hb * load<A>(w + b * bstride + g * L, L);
-    };
-    auto prj_k = [&](int64_t k) __attribute__((always_inline)) {
-      const V<A> wv = load<A>(in_col + k * in_kstride, L);
-      for (int r = 0; r < R; ++r) ps[r] += splat(x[r][k]) * wv;
-    };
+    const int64_t kr = !rec ? k0 : K - k0 < KB ? K : k0 + KB;
+    const int64_t kp = !prj ? k0 : KI - k0 < KB ? KI : k0 + KB;
+    begin();
     const int64_t kb = kr < kp ? kr : kp;
     int64_t k = k0;
     for (; k < kb; ++k) {
@@ -322,11 +309,39 @@ __attribute__((noinline)) void ride_tile(const A* row, const A* panel, int64_t K
     }
     for (int64_t j = k; j < kr; ++j) rec_k(j);
     for (int64_t j = k; j < kp; ++j) prj_k(j);
-    if (rec)
-      for (int c = 0; c < C; ++c) acc.v[0][c] = k0 == 0 ? sum[c] : acc.v[0][c] + sum[c];
-    if (prj)
-      for (int r = 0; r < R; ++r) pacc[r] = k0 == 0 ? ps[r] : pacc[r] + ps[r];
+    end(k0 == 0, rec, prj);
   }
+}
+template <int NB, int G, typename A>
+__attribute__((noinline)) void ride_tile(const A* row, const A* panel, int64_t K, int64_t kstride, int64_t bstride,
+                                         Tile<A>& acc, const A* const* xrows, const A* in_col, int64_t KI,
+                                         int64_t in_kstride, V<A>* pacc) {
+  constexpr int L = lanes<A>(), C = NB * G, R = kRideRows;
+  const A* x[R];
+  for (int r = 0; r < R; ++r) x[r] = xrows[r];
+  V<A> sum[C], ps[R];
+  ride_k_blocks(
+      K, KI, kSumBlock,
+      [&]() __attribute__((always_inline)) {
+        for (int c = 0; c < C; ++c) sum[c] = splat(A(0));
+        for (int r = 0; r < R; ++r) ps[r] = splat(A(0));
+      },
+      [&](int64_t k) __attribute__((always_inline)) {
+        const A* w = panel + k * kstride;
+        const V<A> hb = splat(row[k]);
+        for (int b = 0; b < NB; ++b)
+          for (int g = 0; g < G; ++g) sum[b * G + g] += hb * load<A>(w + b * bstride + g * L, L);
+      },
+      [&](int64_t k) __attribute__((always_inline)) {
+        const V<A> wv = load<A>(in_col + k * in_kstride, L);
+        for (int r = 0; r < R; ++r) ps[r] += splat(x[r][k]) * wv;
+      },
+      [&](bool first, bool rec, bool prj) __attribute__((always_inline)) {
+        if (rec)
+          for (int c = 0; c < C; ++c) acc.v[0][c] = first ? sum[c] : acc.v[0][c] + sum[c];
+        if (prj)
+          for (int r = 0; r < R; ++r) pacc[r] = first ? ps[r] : pacc[r] + ps[r];
+      });
 }
 #if defined(__AVX512BF16__)
 // ride_tile for bfloat16 storage on levels with bf16 dot products: the same two parts over pairs of k
@@ -352,38 +367,30 @@ __attribute__((noinline)) void ride_tile(const bf16* row, const bf16x2* panel, i
     }
     std::memcpy(&total, &part, sizeof(vfloat));
   };
-  const int64_t KM = K2 > KI2 ? K2 : KI2;
-  for (int64_t k0 = 0; k0 < KM || k0 == 0; k0 += KB) {
-    const bool rec = k0 < K2 || k0 == 0, prj = k0 < KI2 || k0 == 0;
-    const int64_t kr = !rec ? k0 : K2 - k0 < KB ? K2 : k0 + KB;
-    const int64_t kp = !prj ? k0 : KI2 - k0 < KB ? KI2 : k0 + KB;
-    __m512 sum[C], ps[R];
-    for (int c = 0; c < C; ++c) sum[c] = _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) ps[r] = _mm512_setzero_ps();
-    auto rec_k = [&](int64_t k) __attribute__((always_inline)) {
-      const bf16x2* w = panel + k * kstride;
-      const __m512bh hb = pair_of(row, k);
-      for (int b = 0; b < NB; ++b)
-        for (int g = 0; g < G; ++g)
-          sum[b * G + g] = _mm512_dpbf16_ps(sum[b * G + g], hb, (__m512bh)_mm512_loadu_si512(w + b * bstride + g * 16));
-    };
-    auto prj_k = [&](int64_t k) __attribute__((always_inline)) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(in_col + k * in_kstride);
-      for (int r = 0; r < R; ++r) ps[r] = _mm512_dpbf16_ps(ps[r], pair_of(x[r], k), wv);
-    };
-    const int64_t kb = kr < kp ? kr : kp;
-    int64_t k = k0;
-    for (; k < kb; ++k) {
-      rec_k(k);
-      prj_k(k);
-    }
-    for (int64_t j = k; j < kr; ++j) rec_k(j);
-    for (int64_t j = k; j < kp; ++j) prj_k(j);
-    if (rec)
-      for (int c = 0; c < C; ++c) add(acc.v[0][c], sum[c], k0 == 0);
-    if (prj)
-      for (int r = 0; r < R; ++r) add(pacc[r], ps[r], k0 == 0);
-  }
+  __m512 sum[C], ps[R];
+  ride_k_blocks(
+      K2, KI2, KB,
+      [&]() __attribute__((always_inline)) {
+        for (int c = 0; c < C; ++c) sum[c] = _mm512_setzero_ps();
+        for (int r = 0; r < R; ++r) ps[r] = _mm512_setzero_ps();
+      },
+      [&](int64_t k) __attribute__((always_inline)) {
+        const bf16x2* w = panel + k * kstride;
+        const __m512bh hb = pair_of(row, k);
+        for (int b = 0; b < NB; ++b)
+          for (int g = 0; g < G; ++g)
+            sum[b * G + g] = _mm512_dpbf16_ps(sum[b * G + g], hb, (__m512bh)_mm512_loadu_si512(w + b * bstride + g * 16));
+      },
+      [&](int64_t k) __attribute__((always_inline)) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(in_col + k * in_kstride);
+        for (int r = 0; r < R; ++r) ps[r] = _mm512_dpbf16_ps(ps[r], pair_of(x[r], k), wv);
+      },
+      [&](bool first, bool rec, bool prj) __attribute__((always_inline)) {
+        if (rec)
+          for (int c = 0; c < C; ++c) add(acc.v[0][c], sum[c], first);
+        if (prj)
+          for (int r = 0; r < R; ++r) add(pacc[r], ps[r], first);
+      });
 }
 #endif
 // Where the ride runs: float32 on levels with 32 vector registers (AVX2's 16 hold one part only), and
