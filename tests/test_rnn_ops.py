@@ -1120,22 +1120,25 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
 def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypatch, isa, mode, reset_after, proj):
     """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 float32 sequences still
     project inside the kernel where its recurrent tiles carry the projection (ops._rides: a level in
-    _RIDE_LEVELS, not GRU reset_before, more than 8 steps) and both panels fit _RIDE_L3_SHARE of the L3;
-    otherwise torch's GEMM projects. Either way the same reference is met."""
+    _RIDE_LEVELS, not GRU reset_before, more than 8 steps), both panels fit _RIDE_L3_SHARE of the L3 and
+    x_gates fits _CHUNK_BYTES; otherwise torch's GEMM projects. Either way the same reference is met."""
     spy = ProjectingSpy(monkeypatch)
     I, H = 40, 16
     G, K = ops.GATES[mode], proj or 16
     panels = 4 * G * H * (I + K) + 4 * proj * H
     monkeypatch.setattr(ops, "_L2_BYTES", 64)  # (the read rule always exceeded)
     rides = isa in ops._RIDE_LEVELS and (mode != "gru" or reset_after)
-    for T, B, l3, dtype, expect in [(9, 1, 2 * panels, torch.float32, rides), (8, 1, 2 * panels, torch.float32, False),
-                                    (9, 1, 2 * panels - 8, torch.float32, False),
-                                    (9, 2, 2 * panels, torch.float32, False), (9, 1, 2 * panels, torch.float64, False)]:
+    x_gates = 9 * G * H * 4  # (bytes at T = 9)
+    for T, B, l3, chunk, dtype, expect in [
+            (9, 1, 2 * panels, x_gates, torch.float32, rides), (8, 1, 2 * panels, x_gates, torch.float32, False),
+            (9, 1, 2 * panels - 8, x_gates, torch.float32, False), (9, 1, 2 * panels, x_gates - 4, torch.float32, False),
+            (9, 2, 2 * panels, x_gates, torch.float32, False), (9, 1, 2 * panels, x_gates, torch.float64, False)]:
         monkeypatch.setattr(ops, "_L3_BYTES", l3)
+        monkeypatch.setattr(ops, "_CHUNK_BYTES", chunk)
         x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H)
         taken = spy.taken
         runs = inference_runs(x, bs, t, mode, False, reset_after, (2,))
-        assert spy.taken - taken == int(expect), (T, B, l3, dtype)
+        assert spy.taken - taken == int(expect), (T, B, l3, chunk, dtype)
         assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, False)
 
 

@@ -1360,13 +1360,14 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
     return y, h, (c if code == 0 else None)
 
 
-def _rides(mode, reset_after, seq, x2d, panels):
+def _rides(mode, reset_after, seq, x2d, panels, gate_rows):
     """Whether the kernel projects a sequence with the read rule exceeded: the ride's cases (float32 B = 1
     rows every step, a level with ride tiles, not GRU reset_before), both panels (`panels` bytes) within
-    _RIDE_L3_SHARE of the L3."""
+    _RIDE_L3_SHARE of the L3, and x_gates (all rows of `gate_rows` values, the kernel's buffer) within
+    _CHUNK_BYTES: a longer sequence keeps torch's projection by chunks, whose buffer is that size."""
     return (seq.batch == 1 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS and x2d.dtype == torch.float32
             and (mode != "gru" or reset_after) and _backend.active_isa() in _RIDE_LEVELS
-            and panels <= _RIDE_L3_SHARE * _L3_BYTES)
+            and panels <= _RIDE_L3_SHARE * _L3_BYTES and x2d.shape[0] * gate_rows * 4 <= _CHUNK_BYTES)
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -1376,7 +1377,8 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     hidden = w_hh.shape[0] // GATES[mode]
     read = GATES[mode] * hidden * x2d.shape[1] * (2 if x2d.dtype == torch.bfloat16 else x2d.element_size())
     if x2d.dtype != w_ih.dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
-            mode, reset_after, seq, x2d, read + w_hh.numel() * 4 + (0 if w_hr is None else w_hr.numel() * 4)):
+            mode, reset_after, seq, x2d, read + w_hh.numel() * 4 + (0 if w_hr is None else w_hr.numel() * 4),
+            w_hh.shape[0]):
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
