@@ -534,6 +534,22 @@ template <typename P> struct AccOf { using type = P; };
 template <> struct AccOf<bf16x2> { using type = float; };
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
+// Row values k = 2j and 2j + 1 as one pair broadcast to every lane.
+inline __m512bh pair_at(const bf16* row, int64_t j) {
+  uint32_t pair;
+  std::memcpy(&pair, row + 2 * j, 4);
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+}
+// A block's sums into a tile's totals (vfloat and __m512 are the same bits by memcpy): the first block's
+// stored, later ones added.
+inline void add_block(vfloat& total, __m512 part, bool first) {
+  if (!first) {
+    __m512 t;
+    std::memcpy(&t, &total, sizeof(vfloat));
+    part = _mm512_add_ps(t, part);
+  }
+  std::memcpy(&total, &part, sizeof(vfloat));
+}
 template <int MR, int NB, int G>
 __attribute__((noinline)) void gemm_tile(const bf16* const* rows, const bf16x2* panel, int64_t K2, int64_t kstride,
                                          int64_t bstride, Tile<float>& acc) {
@@ -551,23 +567,12 @@ __attribute__((noinline)) void gemm_tile(const bf16* const* rows, const bf16x2* 
       for (int b = 0; b < NB; ++b)
         for (int g = 0; g < G; ++g) wv[b * G + g] = (__m512bh)_mm512_loadu_si512(w + b * bstride + g * 16);
       for (int r = 0; r < MR; ++r) {
-        uint32_t pair;
-        std::memcpy(&pair, rows[r] + 2 * k, 4);
-        const __m512bh hb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        const __m512bh hb = pair_at(rows[r], k);
         for (int c = 0; c < C; ++c) sum[r][c] = _mm512_dpbf16_ps(sum[r][c], hb, wv[c]);
       }
     }
     for (int r = 0; r < MR; ++r)
-      for (int c = 0; c < C; ++c) {
-        if (k0 == 0) {
-          std::memcpy(&acc.v[r][c], &sum[r][c], sizeof(vfloat));
-        } else {
-          __m512 t;
-          std::memcpy(&t, &acc.v[r][c], sizeof(vfloat));
-          t = _mm512_add_ps(t, sum[r][c]);
-          std::memcpy(&acc.v[r][c], &t, sizeof(vfloat));
-        }
-      }
+      for (int c = 0; c < C; ++c) add_block(acc.v[r][c], sum[r][c], k0 == 0);
   }
 }
 #else

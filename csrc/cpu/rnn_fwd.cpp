@@ -354,19 +354,6 @@ __attribute__((noinline)) void ride_tile(const bf16* row, const bf16x2* panel, i
   constexpr int C = NB * G, R = kRideRows, KB = kSumBlock / 2;
   const bf16* x[R];
   for (int r = 0; r < R; ++r) x[r] = xrows[r];
-  auto pair_of = [](const bf16* p, int64_t k) __attribute__((always_inline)) {
-    uint32_t v;
-    std::memcpy(&v, p + 2 * k, 4);
-    return (__m512bh)_mm512_set1_epi32(static_cast<int>(v));
-  };
-  auto add = [](vfloat& total, __m512 part, bool first) __attribute__((always_inline)) {
-    __m512 t;
-    if (!first) {
-      std::memcpy(&t, &total, sizeof(vfloat));
-      part = _mm512_add_ps(t, part);
-    }
-    std::memcpy(&total, &part, sizeof(vfloat));
-  };
   __m512 sum[C], ps[R];
   ride_k_blocks(
       K2, KI2, KB,
@@ -376,20 +363,20 @@ __attribute__((noinline)) void ride_tile(const bf16* row, const bf16x2* panel, i
       },
       [&](int64_t k) __attribute__((always_inline)) {
         const bf16x2* w = panel + k * kstride;
-        const __m512bh hb = pair_of(row, k);
+        const __m512bh hb = pair_at(row, k);
         for (int b = 0; b < NB; ++b)
           for (int g = 0; g < G; ++g)
             sum[b * G + g] = _mm512_dpbf16_ps(sum[b * G + g], hb, (__m512bh)_mm512_loadu_si512(w + b * bstride + g * 16));
       },
       [&](int64_t k) __attribute__((always_inline)) {
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(in_col + k * in_kstride);
-        for (int r = 0; r < R; ++r) ps[r] = _mm512_dpbf16_ps(ps[r], pair_of(x[r], k), wv);
+        for (int r = 0; r < R; ++r) ps[r] = _mm512_dpbf16_ps(ps[r], pair_at(x[r], k), wv);
       },
       [&](bool first, bool rec, bool prj) __attribute__((always_inline)) {
         if (rec)
-          for (int c = 0; c < C; ++c) add(acc.v[0][c], sum[c], first);
+          for (int c = 0; c < C; ++c) add_block(acc.v[0][c], sum[c], first);
         if (prj)
-          for (int r = 0; r < R; ++r) add(pacc[r], ps[r], first);
+          for (int r = 0; r < R; ++r) add_block(pacc[r], ps[r], first);
       });
 }
 #endif
