@@ -1102,14 +1102,7 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
     if proj or not panel:
         return
     monkeypatch.setattr(ops, "_projects_each_step", lambda *args: True)
-    for threads in (2, 1):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                each = call(ops.rnn_layer, mode, x, bs, t, reverse, reset_after)
-        finally:
-            torch.set_num_threads(before)
+    for each in inference_runs(x, bs, t, mode, reverse, reset_after, (2, 1)):
         for name, a, b in zip(["y", "h_n", "c_n"], runs[0], each):
             if a is not None:
                 assert_bitwise_equal(a, b, name=name)
