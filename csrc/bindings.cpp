@@ -624,13 +624,18 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     if (!x_gates_buf.is_none()) {
       // Every row projected before the steps, into x_gates_buf [N, G*H] (rows of sequence data).
       TensorView buf = view_of(x_gates_buf, "x_gates_buf");
-      if (buf.dtype != p.dtype || buf.device != DeviceKind::Cpu || buf.ndim != 2 || buf.sizes[0] != xv.sizes[0] ||
+      // N = x's rows, or a ring of kRnnRideRing rows for a forward that rides (rnn.h; the kernel
+      // refuses it otherwise).
+      if (buf.dtype != p.dtype || buf.device != DeviceKind::Cpu || buf.ndim != 2 ||
+          (buf.sizes[0] != xv.sizes[0] && (buf.sizes[0] != kRnnRideRing || xv.sizes[0] < kRnnRideRing)) ||
           buf.sizes[1] != rnn_gate_count(p.shape.mode) * hidden)
         throw py::value_error("pyseqkern: rnn_forward: 'x_gates_buf' must be a CPU [N, G*H] tensor in x's dtype, "
-                              "N = x's rows");
+                              "N = x's rows (or " + std::to_string(kRnnRideRing) +
+                              ", a ring, for a one-row sequence whose projection rides in the steps)");
       p.x_gates_buf = buf.data;
       p.ld_gates = row_stride(buf, "x_gates_buf");
       p.x_rows = xv.sizes[0];
+      p.x_gates_buf_rows = buf.sizes[0];
     }
   } else {
     if (!x_gates_buf.is_none())
@@ -978,6 +983,7 @@ void rnn_direct_step(int mode, bool reset_after, int64_t hidden, int dtype, int6
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyseqkern compiled core (no libtorch): kernels behind pyseqkern.ops";
+  m.attr("RNN_RIDE_RING") = kRnnRideRing;
   m.def("build_info", &build_info);
   m.def("cpu_isa_report", &cpu_isa_report);
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"), py::arg("all_threads") = false);

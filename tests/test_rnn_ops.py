@@ -4,6 +4,7 @@ gradient, for every mode and option; bfloat16 (and float16 on CUDA) by the 2x-to
 with poisoned outputs; determinism, gradcheck, opcheck, torch.compile, weight-cache invalidation, bad
 inputs; on CUDA also CUDA-graph capture, side streams and larger shapes (several blocks, batch and k
 tiles). CUDA cases skip cleanly without a usable GPU."""
+import math
 import subprocess
 import sys
 import warnings
@@ -915,14 +916,15 @@ def assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, torch
 
 class ProjectingSpy:
     """Counts inference forwards whose kernel projected the input itself (ops._forward_projecting), and
-    of those the ones that projected each step's rows inside the step (`each_step`). The tests that use
+    of those the ones that projected each step's rows inside the step (`each_step`) and the ones whose
+    x_gates buffer was the ride's ring (`ring`). The tests that use
     it check the kernel's projection before the steps unless `each_step` is True, so the measured
     choices that would take their cases elsewhere are set aside: MKL's share of LSTM float32 (where
     FP32_GEMM is "mkl", test_mkl_projects_lstm_sequences_from_four_rows) and, unless asked for,
     projecting each step (ops._EACH_STEP_MAX_ROWS)."""
 
     def __init__(self, monkeypatch, each_step=False):
-        self.taken = self.declined = self.each_step = 0
+        self.taken = self.declined = self.each_step = self.ring = 0
         monkeypatch.setattr(ops, "_MKL_PROJECTS_LSTM_FROM", 1 << 62)
         if not each_step:
             monkeypatch.setattr(ops, "_EACH_STEP_MAX_ROWS", {})
@@ -938,6 +940,7 @@ class ProjectingSpy:
 
         def run_spy(*args, **kw):
             self.each_step += bool(kw.get("each_step"))
+            self.ring += bool(kw.get("ring"))
             return run(*args, **kw)
 
         monkeypatch.setattr(ops, "_forward_projecting", spy)
@@ -1098,6 +1101,11 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
     panel = dtype == torch.float32 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
     assert (spy.taken, spy.declined, spy.each_step) == ((4, 0, 0) if panel else (0, 4, 0))
+    # Riding, x_gates lives in a ring of 16 rows (T = 17 and 41 wrap it, 41 more than twice); the kernel
+    # refuses the ring where it would not ride, so a wrong guess here fails the runs above.
+    rides = panel and (mode != "gru" or reset_after) and isa in (
+        ("avx512", "avx512bf16", "amx") if dtype == torch.float32 else ("avx512bf16",))
+    assert spy.ring == (4 if rides else 0)
     assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
     if proj or not panel:
         return
@@ -1113,25 +1121,25 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
 def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypatch, isa, mode, reset_after, proj):
     """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 float32 sequences still
     project inside the kernel where its recurrent tiles carry the projection (ops._rides: a level in
-    _RIDE_LEVELS, not GRU reset_before, more than 8 steps), both panels fit _RIDE_L3_SHARE of the L3 and
-    x_gates fits _CHUNK_BYTES; otherwise torch's GEMM projects. Either way the same reference is met."""
+    _RIDE_LEVELS, not GRU reset_before, more than 8 steps) and both panels fit _RIDE_L3_SHARE of the L3,
+    at any length (x_gates in the ride's ring: a sequence whose rows would overflow _CHUNK_BYTES rides
+    too); otherwise torch's GEMM projects. Either way the same reference is met."""
     spy = ProjectingSpy(monkeypatch)
     I, H = 40, 16
     G, K = ops.GATES[mode], proj or 16
     panels = 4 * G * H * (I + K) + 4 * proj * H
     monkeypatch.setattr(ops, "_L2_BYTES", 64)  # (the read rule always exceeded)
-    rides = isa in ops._RIDE_LEVELS and (mode != "gru" or reset_after)
-    x_gates = 9 * G * H * 4  # (bytes at T = 9)
-    for T, B, l3, chunk, dtype, expect in [
-            (9, 1, 2 * panels, x_gates, torch.float32, rides), (8, 1, 2 * panels, x_gates, torch.float32, False),
-            (9, 1, 2 * panels - 8, x_gates, torch.float32, False), (9, 1, 2 * panels, x_gates - 4, torch.float32, False),
-            (9, 2, 2 * panels, x_gates, torch.float32, False), (9, 1, 2 * panels, x_gates, torch.float64, False)]:
+    monkeypatch.setattr(ops, "_CHUNK_BYTES", 4 * G * H * 4)  # (x_gates of 4 rows: every case is longer)
+    rides = isa in ops._RIDE_LEVELS[torch.float32] and (mode != "gru" or reset_after)
+    for T, B, l3, dtype, expect in [
+            (9, 1, 2 * panels, torch.float32, rides), (40, 1, 2 * panels, torch.float32, rides),
+            (8, 1, 2 * panels, torch.float32, False), (9, 1, 2 * panels - 8, torch.float32, False),
+            (9, 2, 2 * panels, torch.float32, False), (9, 1, 2 * panels, torch.float64, False)]:
         monkeypatch.setattr(ops, "_L3_BYTES", l3)
-        monkeypatch.setattr(ops, "_CHUNK_BYTES", chunk)
         x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H)
-        taken = spy.taken
+        taken, ring = spy.taken, spy.ring
         runs = inference_runs(x, bs, t, mode, False, reset_after, (2,))
-        assert spy.taken - taken == int(expect), (T, B, l3, chunk, dtype)
+        assert (spy.taken - taken, spy.ring - ring) == (int(expect), int(expect)), (T, B, l3, dtype)
         assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, False)
 
 
@@ -1184,6 +1192,38 @@ def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
     slow = call(ops.rnn_layer, "lstm", x.detach().requires_grad_(), bs, t, False, True)  # the op path
     for a, b in zip(fast, slow):
         assert_bitwise_equal(a, b.detach())
+
+
+@pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", False)])
+def test_the_ride_ring_is_checked(isa, mode, reset_after):
+    """A 16-row x_gates_buf (the ride's ring, rnn.h kRnnRideRing) runs where the kernel rides (B = 1, more
+    than 8 steps, float32 on the AVX-512 levels, not GRU reset_before), bit for bit as with a buffer of
+    every row; where it would not ride the kernel refuses it with an error naming the buffer. Fewer than 16 rows of x take no ring at all (the binding's check)."""
+    code, H, I, T = ops.MODES[mode], 24, 20, 21
+    G = ops.GATES[mode]
+    w_ih, w_hh = randn((G * H, I), seed=1), randn((G * H, H), seed=2)
+    panel = ops._input_panel(code, reset_after, H, w_ih)
+    packed = ops._packed(code, reset_after, H, 0, w_hh, None, False)
+    ws = torch.empty(ops._sizes(code, reset_after, H, 0, 1, torch.float32)[2])
+
+    def run(T, rows):
+        x = randn((T, I), seed=3)
+        y, hn, cn = torch.full((T, H), math.nan), torch.empty(1, H), torch.empty(1 if code == 0 else 0, H)
+        _C.rnn_forward(code, reset_after, H, 0, T, 1, None, None, None, 1, 1, False, None, None, None, None,
+                       capsule(y), H, capsule(hn), capsule(cn) if code == 0 else None, capsule(packed), None,
+                       capsule(ws), 2, x=capsule(x), packed_in=capsule(panel),
+                       x_gates_buf=capsule(torch.full((rows, G * H), math.nan)))
+        return y
+
+    assert _C.RNN_RIDE_RING == ops._RIDE_RING == 16
+    full = run(T, T)
+    if mode == "lstm" and isa in ("avx512", "avx512bf16", "amx"):
+        assert_bitwise_equal(run(T, 16), full)
+    else:
+        with pytest.raises(ValueError, match=f"'x_gates_buf' holds 16 rows, a ring .* needs all of x's {T} rows"):
+            run(T, 16)
+    with pytest.raises(ValueError, match="'x_gates_buf' must be a CPU \\[N, G\\*H\\] tensor .* \\(or 16, a ring"):
+        run(12, 16)
 
 
 def test_kernel_projection_buffer_is_checked():

@@ -2,6 +2,9 @@
 // (contract: pyseqkern/rnn.h). Compiled once per ISA level.
 #include "rnn_common.h"
 
+#include <stdexcept>
+#include <string>
+
 PSK_ISA_NAMESPACE_BEGIN
 namespace rnn {
 namespace {
@@ -254,6 +257,7 @@ struct FwdCtx {
   bool relu;
   bool split_rows;  // threads own row tiles (all units of them) instead of unit blocks: no barrier per step
   bool project_own_rows;  // with split_rows, the projection before the steps by rows too (forward_variant)
+  bool ride;  // a one-row sequence's projection rides in the steps' recurrent tiles (forward_variant)
 };
 
 // Below this many multiply-adds a whole call whose panels fit one core's cache runs on one thread
@@ -482,9 +486,13 @@ void fwd_worker(void* raw, const Team& team) {
       tiled_product<GN>(nr, b0, b1, base + off + g0 * L, KK, GP * L, KK * GP * L, row_a, epi, row0);
   };
   // One-row sequences projecting first: only the first kRideRows rows before the steps, the rest
-  // inside the steps' recurrent tiles (ride_tile, ride_product below). Every step has its row.
-  const bool ride = rides<T, A>() && (!BF || dot) && VAR != Variant::GruBefore && first && !split &&
-                    q.batch == 1 && q.steps > kRideRows && seq_len(q, 0) == q.steps;
+  // inside the steps' recurrent tiles (ride_tile, ride_product below), into a ring of kRnnRideRing
+  // rows of the buffer (two groups: the steps read one while their tiles fill the next).
+  const bool ride = c.ride;
+  // The buffer row of step s's x_gates for row b.
+  auto xg_row = [&](int64_t s_, int64_t b) __attribute__((always_inline)) {
+    return ride ? s_ % kRnnRideRing : seq_row(q, s_, b);
+  };
   if (first) {
     // Every row's x_gates before the steps: own gate columns (unit blocks, whichever way the steps
     // split), so this thread's part of the input panel stays in its cache across all rows; or, with
@@ -499,12 +507,12 @@ void fwd_worker(void* raw, const Team& team) {
     const bool stream_xg =
         std::is_same<T, A>::value && !ride && p.x_rows * p.ld_gates * int64_t(sizeof(T)) >= kStreamBytes;
     // Rows r of the product are rows row_of(r) of x and of the buffer.
-    auto project = [&](int64_t nr, auto row_of, int64_t x0, int64_t x1) {
+    auto project = [&](int64_t nr, auto row_of, int64_t x0, int64_t x1, auto buf_row_of) {
       auto xrow = [&](int64_t r) { return xin + row_of(r) * p.ld_x; };
       product_rows(nr, 0, GI(), static_cast<const A*>(p.packed_in), G, 0, x0, x1, 0, l.U * p.input * G * L,
                    p.input, xrow, xrow, [&](int64_t r, int64_t u, const V<A>* sum, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
-        T* dst = buf + row_of(r) * p.ld_gates + u * L;
+        T* dst = buf + buf_row_of(r) * p.ld_gates + u * L;
         for (int g = 0; g < G; ++g) {
           const V<A> v = sum[col + g] + (bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0)));
           if constexpr (std::is_same<T, A>::value) store_stream<A>(dst + g * H, v, valid, stream_xg);
@@ -514,15 +522,15 @@ void fwd_worker(void* raw, const Team& team) {
     };
     if (c.project_own_rows) {
       const int64_t own = rb1 - rb0;
-      if (own > 0)
-        project(own * q.steps, [&](int64_t r) { return (r / own) * q.row_stride_t + (rb0 + r % own) * q.row_stride_b; },
-                0, l.U);
+      auto row_of = [&](int64_t r) { return (r / own) * q.row_stride_t + (rb0 + r % own) * q.row_stride_b; };
+      if (own > 0) project(own * q.steps, row_of, 0, l.U, row_of);
     } else if (ride) {
-      project(kRideRows, [&](int64_t r) { return seq_row(q, r, 0); }, u0, u1);
+      project(kRideRows, [&](int64_t r) { return seq_row(q, r, 0); }, u0, u1, [&](int64_t r) { return xg_row(r, 0); });
     } else {
       int64_t x0, x1;
       split_range(l.U, tid, nt, &x0, &x1);
-      project(p.x_rows, [](int64_t r) { return r; }, x0, x1);
+      auto row_of = [](int64_t r) { return r; };
+      project(p.x_rows, row_of, x0, x1, row_of);
     }
     if (stream_xg) stream_fence();  // before the sync below publishes the buffer
   }
@@ -597,7 +605,7 @@ void fwd_worker(void* raw, const Team& team) {
         nbr -= nrows;
       }
       if (ns < q.steps && nbr < rb0 + own_rows(ns) && ns < seq_len(q, nbr)) {
-        const T* next = xg + seq_row(q, ns, nbr) * p.ld_gates + u * L;
+        const T* next = xg + xg_row(ns, nbr) * p.ld_gates + u * L;
         for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * H);
       }
     };
@@ -606,7 +614,7 @@ void fwd_worker(void* raw, const Team& team) {
       const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
       const int64_t row = seq_row(q, s, b);
       const bool last = s == seq_len(q, b) - 1;
-      const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
+      const T* gx = fused ? xgo + b * G * Hp + u * L : xg + xg_row(s, b) * p.ld_gates + u * L;
       A* rr = res ? res + row * rc : nullptr;
       prefetch_ahead(b, u);
       auto xin = [&](int g) __attribute__((always_inline)) { return gate_in(gx, g, u, valid); };
@@ -670,7 +678,7 @@ void fwd_worker(void* raw, const Team& team) {
       for (int r = 0; r < MR; ++r) {
         const int64_t b = bb[r] = r0 + (r < mr ? r : 0);
         row[r] = seq_row(q, s, b);
-        const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row[r] * p.ld_gates + u * L;
+        const T* gx = fused ? xgo + b * G * Hp + u * L : xg + xg_row(s, b) * p.ld_gates + u * L;
         if (r < mr) prefetch_ahead(b, u);
         const int ra = r < mr ? r : 0;  // rows past the tile repeat its first: computed, never stored
         gi[r] = sum[ra * kAcc + col] + gate_in(gx, 0, u, valid);
@@ -768,7 +776,7 @@ void fwd_worker(void* raw, const Team& team) {
           const int64_t u = u0 + unit / G;
           const int g = static_cast<int>(unit % G), valid = static_cast<int>(H - u * L < L ? H - u * L : L);
           const V<A> bv = bias ? load<A>(bias + g * H + u * L, valid) : splat(A(0));
-          for (int64_t r = 0; r < nr; ++r) store<A>(buf + seq_row(q, t0 + r, 0) * p.ld_gates + g * H + u * L, pacc[r] + bv, valid);
+          for (int64_t r = 0; r < nr; ++r) store<A>(buf + xg_row(t0 + r, 0) * p.ld_gates + g * H + u * L, pacc[r] + bv, valid);
         };
         const T* row[1] = {hrow0};
         auto tile = [&](auto nbc, int64_t blk) {
@@ -917,6 +925,17 @@ void forward_variant(const RnnFwdParams& p) {
   // sequences only (the rows are t * row_stride_t + b * row_stride_b).
   c.project_own_rows = c.split_rows && p.x != nullptr && p.x_gates_buf != nullptr && p.seq.lengths == nullptr &&
                        p.seq.time_offsets == nullptr && in_bytes + panel_bytes <= cpu_l2_bytes() / 2;
+  // Every step has its one row (seq_len 0 == steps; the ring's arithmetic counts steps, not rows).
+  const bool first = p.x != nullptr && p.x_gates_buf != nullptr;
+  c.ride = rides<T, A>() && (!std::is_same<T, bf16>::value || c.l.dot) && VAR != Variant::GruBefore && first &&
+           !c.split_rows && B == 1 && p.seq.steps > kRideRows && seq_len(p.seq, 0) == p.seq.steps;
+  static_assert(kRnnRideRing == 2 * kRideRows, "the ring holds the group the steps read and the one they fill");
+  if (first && p.x_gates_buf_rows < p.x_rows && !c.ride)
+    throw std::invalid_argument(
+        "pyseqkern: rnn_forward: 'x_gates_buf' holds " + std::to_string(p.x_gates_buf_rows) +
+        " rows, a ring that only a one-row sequence projected inside its steps takes (B = 1, more than " +
+        std::to_string(kRideRows) + " steps, float32 on avx512 levels or bfloat16 on avx512bf16, not GRU "
+        "reset_before); this call needs all of x's " + std::to_string(p.x_rows) + " rows");
   // A call this small whose panels (the input panel too, where the kernel projects) fit one core's
   // cache runs on one thread: waking a second costs more than it saves. RNNCell B=1, H=256 (131K
   // multiply-adds, 512 KB of panels): 5.3 us on one thread, 7.3 on two. Panels that do not fit keep

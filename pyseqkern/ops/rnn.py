@@ -309,13 +309,13 @@ def _own_x_gates_numel(sizes, mode, batch, hidden):
 
 
 def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
-                 n, x=None, panel=None, each_step=False, x_bias=None, out=None):
+                 n, x=None, panel=None, each_step=False, x_bias=None, out=None, ring=False):
     """Allocates the outputs (or writes `out`: y, h_n, c_n) and runs the forward kernel over n rows of
     sequence data. With x and its input panel, x_gates is the bias row (or None) and the kernel projects
     the input itself (CPU, the eager inference path): every row before the steps into an x_gates
     buffer, or with `each_step` each step's rows inside the step (rnn.h: no buffer, the workspace grows
-    by B*G*Hp). Its buffer and workspace live only inside the call and come from this thread's forward
-    scratch (_fwd_scratch)."""
+    by B*G*Hp; with `ring`, where the kernel rides, a ring of _RIDE_RING rows). Its buffer and workspace
+    live only inside the call and come from this thread's forward scratch (_fwd_scratch)."""
     K = proj if proj > 0 else hidden
     dtype, dev = (x if x is not None else x_gates).dtype, (x if x is not None else x_gates).device
     sizes = _sizes(mode, reset_after, hidden, proj, batch, dtype)
@@ -337,7 +337,7 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
             x_buf = None
         else:
             workspace = scratch.take((ws_numel,), _acc_dtype(dtype))
-            x_buf = scratch.take((n, GATES_BY_CODE[mode] * hidden), dtype)
+            x_buf = scratch.take((min(n, _RIDE_RING) if ring else n, GATES_BY_CODE[mode] * hidden), dtype)
     batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse = seq_args
     _C.rnn_forward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
                    _none(lengths), row_stride_t, row_stride_b, reverse, _none(x_gates), _none(b_hn), _none(h0),
@@ -1192,8 +1192,14 @@ _READ_L2S = 1
 # within half the L3 (0 where the OS does not say).
 _L3_BYTES = int(_C.cpu_isa_report()["l3_bytes"])
 _RIDE_L3_SHARE = 0.5
-_RIDE_LEVELS = frozenset({"avx512", "avx512bf16", "amx"})
+# Levels where the kernel's tiles carry the projection, by dtype (rnn_fwd.cpp, `rides`: 32 vector
+# registers; bfloat16 by pair dot products, not amx, whose tile unit runs the step's product).
+_RIDE_LEVELS = {torch.float32: frozenset({"avx512", "avx512bf16", "amx"}), torch.bfloat16: frozenset({"avx512bf16"})}
 _RIDE_MIN_STEPS = 9  # more than kRideRows: the first kRideRows rows are projected before the steps
+# Riding, the kernel keeps x_gates in a ring of this many rows (two groups of kRideRows, rnn.h) instead of
+# one row per step: 64 KB for an LSTM at H = 256, where a sequence of 100,000 steps took 400 MB (held by
+# the forward scratch until empty_cache()).
+_RIDE_RING = _C.RNN_RIDE_RING
 # The choices of path below count the threads torch had when pyseqkern was imported, not the caller's
 # current count: the paths differ in the last bits, and torch.get_num_threads() is per OS thread, so a
 # server whose main thread set 1 thread after its pool existed got other bits in the pool's threads
@@ -1360,14 +1366,21 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
     return y, h, (c if code == 0 else None)
 
 
-def _rides(mode, reset_after, seq, x2d, panels, gate_rows):
-    """Whether the kernel projects a sequence with the read rule exceeded: the ride's cases (float32 B = 1
-    rows every step, a level with ride tiles, not GRU reset_before), both panels (`panels` bytes) within
-    _RIDE_L3_SHARE of the L3, and x_gates (all rows of `gate_rows` values, the kernel's buffer) within
-    _CHUNK_BYTES: a longer sequence keeps torch's projection by chunks, whose buffer is that size."""
-    return (seq.batch == 1 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS and x2d.dtype == torch.float32
-            and (mode != "gru" or reset_after) and _backend.active_isa() in _RIDE_LEVELS
-            and panels <= _RIDE_L3_SHARE * _L3_BYTES and x2d.shape[0] * gate_rows * 4 <= _CHUNK_BYTES)
+def _kernel_rides(mode, reset_after, seq, x2d):
+    """Whether a kernel that projects this inference sequence before its steps carries the projection in
+    its recurrent tiles instead (rnn_fwd.cpp, FwdCtx::ride, which this restates): one row every step
+    (B = 1, more than kRideRows steps), a level and dtype in _RIDE_LEVELS, not GRU reset_before. Its
+    x_gates buffer is then a ring of _RIDE_RING rows, which the kernel refuses otherwise."""
+    return (seq.batch == 1 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS and (mode != "gru" or reset_after)
+            and _backend.active_isa() in _RIDE_LEVELS.get(x2d.dtype, ()))
+
+
+def _rides(mode, reset_after, seq, x2d, panels):
+    """Whether the kernel projects a sequence with the read rule exceeded: float32 rides (_kernel_rides)
+    with both panels (`panels` bytes) within _RIDE_L3_SHARE of the L3. (Its ring keeps x_gates small at
+    any length; bfloat16 past the read rule was not measured.)"""
+    return (x2d.dtype == torch.float32 and _kernel_rides(mode, reset_after, seq, x2d)
+            and panels <= _RIDE_L3_SHARE * _L3_BYTES)
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -1377,8 +1390,7 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     hidden = w_hh.shape[0] // GATES[mode]
     read = GATES[mode] * hidden * x2d.shape[1] * (2 if x2d.dtype == torch.bfloat16 else x2d.element_size())
     if x2d.dtype != w_ih.dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
-            mode, reset_after, seq, x2d, read + w_hh.numel() * 4 + (0 if w_hr is None else w_hr.numel() * 4),
-            w_hh.shape[0]):
+            mode, reset_after, seq, x2d, read + w_hh.numel() * 4 + (0 if w_hr is None else w_hr.numel() * 4)):
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
@@ -1396,7 +1408,8 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
         x2d = x2d.contiguous()
     y, h_n, c_n, _ = _run_forward(code, reset_after, hidden, proj, seq.steps, seq.batch,
                                   None if bias is None else bias.contiguous(), b_hn, h0, c0, packed, seq.args(),
-                                  False, x2d.shape[0], x=x2d, panel=panel, each_step=each_step)
+                                  False, x2d.shape[0], x=x2d, panel=panel, each_step=each_step,
+                                  ring=not each_step and _kernel_rides(mode, reset_after, seq, x2d))
     return y, h_n, (c_n if code == 0 else None)
 
 

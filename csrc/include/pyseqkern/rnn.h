@@ -85,6 +85,10 @@ struct RnnPackInputParams {
   void* out;
 };
 
+// Rows of x_gates_buf that a forward projecting a one-row sequence inside its steps keeps (two groups
+// of the 8 rows a step's tiles project ahead).
+constexpr int64_t kRnnRideRing = 16;
+
 struct RnnFwdParams {
   RnnShape shape;
   DType dtype;
@@ -114,8 +118,12 @@ struct RnnFwdParams {
   // dtype as torch's GEMM rounds), each thread its own gate columns from the panel in its cache, and
   // runs the steps reading it as x_gates; the workspace needs no room for x_gates then. For sequences
   // whose per-thread input panel fits the cache: torch's GEMM evicts the recurrent panel and reaches
-  // a lower share of peak on these shapes.
-  void* x_gates_buf; int64_t x_rows;
+  // a lower share of peak on these shapes. x_gates_buf_rows is x_rows, or kRnnRideRing where the
+  // kernel projects a one-row sequence inside its steps (rnn_fwd.cpp, `rides`: B = 1, more than 8
+  // steps, float32 on AVX-512 levels, bfloat16 on avx512bf16, not GRU reset_before): it then keeps
+  // the rows as a ring of that many (rows of step s at s % kRnnRideRing, whatever the direction),
+  // and a forward that would not ride refuses so short a buffer (std::invalid_argument).
+  void* x_gates_buf; int64_t x_rows; int64_t x_gates_buf_rows;
   // CPU only, optional, without x: a row [G*H] (storage dtype) added to every x_gates row as the steps
   // read it, for x_gates that torch's GEMM made without its bias (addmm first copies the bias into
   // every row of its output, then reads it back: a tenth of the GEMM's time). For float32 and float64,
