@@ -1119,28 +1119,32 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
 
 @pytest.mark.parametrize("mode, reset_after, proj", RIDE_MODES)
 def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypatch, isa, mode, reset_after, proj):
-    """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 float32 sequences still
-    project inside the kernel where its recurrent tiles carry the projection (ops._rides: a level in
-    _RIDE_LEVELS, not GRU reset_before, more than 8 steps) and both panels fit _RIDE_L3_SHARE of the L3,
+    """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 sequences still project
+    inside the kernel where its recurrent tiles carry the projection (ops._rides: float32 on a level in
+    _RIDE_LEVELS, bfloat16 on avx512bf16, not GRU reset_before, more than 8 steps) and both panels, in
+    the bytes the products read (2 a weight for bfloat16's pair sections), fit _RIDE_L3_SHARE of the L3,
     at any length (x_gates in the ride's ring: a sequence whose rows would overflow _CHUNK_BYTES rides
     too); otherwise torch's GEMM projects. Either way the same reference is met."""
     spy = ProjectingSpy(monkeypatch)
     I, H = 40, 16
     G, K = ops.GATES[mode], proj or 16
-    panels = 4 * G * H * (I + K) + 4 * proj * H
+    panels = G * H * (I + K) + proj * H  # (weights)
     monkeypatch.setattr(ops, "_L2_BYTES", 64)  # (the read rule always exceeded)
     monkeypatch.setattr(ops, "_CHUNK_BYTES", 4 * G * H * 4)  # (x_gates of 4 rows: every case is longer)
-    rides = isa in ops._RIDE_LEVELS[torch.float32] and (mode != "gru" or reset_after)
+    rides = (mode != "gru" or reset_after) and isa in ("avx512", "avx512bf16", "amx")
+    rides_bf16 = rides and isa == "avx512bf16"
+    f32, bf16 = torch.float32, torch.bfloat16
     for T, B, l3, dtype, expect in [
-            (9, 1, 2 * panels, torch.float32, rides), (40, 1, 2 * panels, torch.float32, rides),
-            (8, 1, 2 * panels, torch.float32, False), (9, 1, 2 * panels - 8, torch.float32, False),
-            (9, 2, 2 * panels, torch.float32, False), (9, 1, 2 * panels, torch.float64, False)]:
+            (9, 1, 8 * panels, f32, rides), (40, 1, 8 * panels, f32, rides), (8, 1, 8 * panels, f32, False),
+            (9, 1, 8 * panels - 8, f32, False), (9, 2, 8 * panels, f32, False), (9, 1, 8 * panels, torch.float64, False),
+            (9, 1, 4 * panels, bf16, rides_bf16), (40, 1, 4 * panels, bf16, rides_bf16),
+            (9, 1, 4 * panels - 8, bf16, False)]:
         monkeypatch.setattr(ops, "_L3_BYTES", l3)
         x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H)
         taken, ring = spy.taken, spy.ring
         runs = inference_runs(x, bs, t, mode, False, reset_after, (2,))
         assert (spy.taken - taken, spy.ring - ring) == (int(expect), int(expect)), (T, B, l3, dtype)
-        assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, False)
+        assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, dtype == bf16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -1189,7 +1189,10 @@ _READ_L2S = 1
 # rotations, time kernel riding / torch's GEMM projecting, (mode, H = I, both panels): LSTM 512 (8 MB)
 # 0.89, 640 (12.5 MB) 0.94, 768 (18 MB) 0.93; GRU 512 (6 MB) 0.87, 768 (13.5 MB) 0.96, 1024 (24 MB)
 # 1.11; RNN 1024 (8 MB) 0.96; LSTM I = 256, H = 1024 (20 MB) 1.10, 1024 (32 MB) 1.58. Hence both panels
-# within half the L3 (0 where the OS does not say).
+# within half the L3 (0 where the OS does not say). bfloat16 on avx512bf16 (stop 40; its pair sections, 2
+# bytes a weight, counted as read): LSTM 640 (6.3 MB) 0.86, 768 (9 MB) 0.88, 1024 (16 MB) 0.94, 1280
+# (25 MB) 1.45; GRU 768 (6.8 MB) 0.84, 1024 (12 MB) 0.88, 1280 (18.8 MB) 0.93; RNN 1536 (9 MB) 0.93,
+# 2048 (16 MB) 1.01: the same share holds.
 _L3_BYTES = int(_C.cpu_isa_report()["l3_bytes"])
 _RIDE_L3_SHARE = 0.5
 # Levels where the kernel's tiles carry the projection, by dtype (rnn_fwd.cpp, `rides`: 32 vector
@@ -1376,11 +1379,10 @@ def _kernel_rides(mode, reset_after, seq, x2d):
 
 
 def _rides(mode, reset_after, seq, x2d, panels):
-    """Whether the kernel projects a sequence with the read rule exceeded: float32 rides (_kernel_rides)
-    with both panels (`panels` bytes) within _RIDE_L3_SHARE of the L3. (Its ring keeps x_gates small at
-    any length; bfloat16 past the read rule was not measured.)"""
-    return (x2d.dtype == torch.float32 and _kernel_rides(mode, reset_after, seq, x2d)
-            and panels <= _RIDE_L3_SHARE * _L3_BYTES)
+    """Whether the kernel projects a sequence with the read rule exceeded: it rides (_kernel_rides) with
+    both panels (`panels`: the bytes its products read) within _RIDE_L3_SHARE of the L3. (Its ring keeps
+    x_gates small at any length.)"""
+    return _kernel_rides(mode, reset_after, seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -1388,9 +1390,10 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large)."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
-    read = GATES[mode] * hidden * x2d.shape[1] * (2 if x2d.dtype == torch.bfloat16 else x2d.element_size())
+    size = 2 if x2d.dtype == torch.bfloat16 else x2d.element_size()  # (bfloat16: pair sections, read as such)
+    read = GATES[mode] * hidden * x2d.shape[1] * size
     if x2d.dtype != w_ih.dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
-            mode, reset_after, seq, x2d, read + w_hh.numel() * 4 + (0 if w_hr is None else w_hr.numel() * 4)):
+            mode, reset_after, seq, x2d, read + (w_hh.numel() + (0 if w_hr is None else w_hr.numel())) * size):
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
