@@ -1103,8 +1103,7 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
     assert (spy.taken, spy.declined, spy.each_step) == ((4, 0, 0) if panel else (0, 4, 0))
     # Riding, x_gates lives in a ring of 16 rows (T = 17 and 41 wrap it, 41 more than twice); the kernel
     # refuses the ring where it would not ride, so a wrong guess here fails the runs above.
-    rides = panel and (mode != "gru" or reset_after) and isa in (
-        ("avx512", "avx512bf16", "amx") if dtype == torch.float32 else ("avx512bf16",))
+    rides = panel and isa in (("avx512", "avx512bf16", "amx") if dtype == torch.float32 else ("avx512bf16",))
     assert spy.ring == (4 if rides else 0)
     assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
     if proj or not panel:
@@ -1121,7 +1120,7 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
 def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypatch, isa, mode, reset_after, proj):
     """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 sequences still project
     inside the kernel where its recurrent tiles carry the projection (ops._rides: float32 on a level in
-    _RIDE_LEVELS, bfloat16 on avx512bf16, not GRU reset_before, more than 8 steps) and both panels, in
+    _RIDE_LEVELS, bfloat16 on avx512bf16, more than 8 steps) and both panels, in
     the bytes the products read (2 a weight for bfloat16's pair sections), fit _RIDE_L3_SHARE of the L3,
     at any length (x_gates in the ride's ring: a sequence whose rows would overflow _CHUNK_BYTES rides
     too); otherwise torch's GEMM projects. Either way the same reference is met."""
@@ -1131,7 +1130,7 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
     panels = G * H * (I + K) + proj * H  # (weights)
     monkeypatch.setattr(ops, "_L2_BYTES", 64)  # (the read rule always exceeded)
     monkeypatch.setattr(ops, "_CHUNK_BYTES", 4 * G * H * 4)  # (x_gates of 4 rows: every case is longer)
-    rides = (mode != "gru" or reset_after) and isa in ("avx512", "avx512bf16", "amx")
+    rides = isa in ("avx512", "avx512bf16", "amx")
     rides_bf16 = rides and isa == "avx512bf16"
     f32, bf16 = torch.float32, torch.bfloat16
     for T, B, l3, dtype, expect in [
@@ -1198,30 +1197,33 @@ def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
         assert_bitwise_equal(a, b.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", False)])
-def test_the_ride_ring_is_checked(isa, mode, reset_after):
+def test_the_ride_ring_is_checked(isa, mode, reset_after, dtype):
     """A 16-row x_gates_buf (the ride's ring, rnn.h kRnnRideRing) runs where the kernel rides (B = 1, more
-    than 8 steps, float32 on the AVX-512 levels, not GRU reset_before), bit for bit as with a buffer of
-    every row; where it would not ride the kernel refuses it with an error naming the buffer. Fewer than 16 rows of x take no ring at all (the binding's check)."""
+    than 8 steps, float32 on the AVX-512 levels), bit for bit as with a buffer of every row; where it
+    would not ride (float64, or another level) the kernel refuses it with an error naming the buffer.
+    Fewer than 16 rows of x take no ring at all (the binding's check)."""
     code, H, I, T = ops.MODES[mode], 24, 20, 21
     G = ops.GATES[mode]
-    w_ih, w_hh = randn((G * H, I), seed=1), randn((G * H, H), seed=2)
+    w_ih, w_hh = randn((G * H, I), seed=1).to(dtype), randn((G * H, H), seed=2).to(dtype)
     panel = ops._input_panel(code, reset_after, H, w_ih)
     packed = ops._packed(code, reset_after, H, 0, w_hh, None, False)
-    ws = torch.empty(ops._sizes(code, reset_after, H, 0, 1, torch.float32)[2])
+    ws = torch.empty(ops._sizes(code, reset_after, H, 0, 1, dtype)[2], dtype=dtype)
 
     def run(T, rows):
-        x = randn((T, I), seed=3)
-        y, hn, cn = torch.full((T, H), math.nan), torch.empty(1, H), torch.empty(1 if code == 0 else 0, H)
+        x = randn((T, I), seed=3).to(dtype)
+        y = torch.full((T, H), math.nan, dtype=dtype)
+        hn, cn = torch.empty(1, H, dtype=dtype), torch.empty(1 if code == 0 else 0, H, dtype=dtype)
         _C.rnn_forward(code, reset_after, H, 0, T, 1, None, None, None, 1, 1, False, None, None, None, None,
                        capsule(y), H, capsule(hn), capsule(cn) if code == 0 else None, capsule(packed), None,
                        capsule(ws), 2, x=capsule(x), packed_in=capsule(panel),
-                       x_gates_buf=capsule(torch.full((rows, G * H), math.nan)))
+                       x_gates_buf=capsule(torch.full((rows, G * H), math.nan, dtype=dtype)))
         return y
 
     assert _C.RNN_RIDE_RING == ops._RIDE_RING == 16
     full = run(T, T)
-    if mode == "lstm" and isa in ("avx512", "avx512bf16", "amx"):
+    if dtype == torch.float32 and isa in ("avx512", "avx512bf16", "amx"):
         assert_bitwise_equal(run(T, 16), full)
     else:
         with pytest.raises(ValueError, match=f"'x_gates_buf' holds 16 rows, a ring .* needs all of x's {T} rows"):

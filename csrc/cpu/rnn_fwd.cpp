@@ -748,10 +748,11 @@ void fwd_worker(void* raw, const Team& team) {
     // units spread evenly over its kRideRows steps, one per tile. A step's share, ceil(n * G / 8) of
     // n own blocks, never exceeds its tiles: ceil(n / 2) for G = 3 and 4 (2-block tiles), at least
     // ceil(n / 8) for RNN (tiles of 8, 4, 2, 1 blocks). The rows a step's epilogues read were projected
-    // by this thread in an earlier group (or before the steps).
-    auto ride_product = [&](auto& epi) {
+    // by this thread in an earlier group (or before the steps). The tiles sum the panel's first GR of
+    // its G gates (GRU reset_before: r and z, its first phase).
+    auto ride_product = [&](auto grc, auto& epi) {
       if constexpr (rides<T, A>()) {
-        constexpr int NBR = ride_blocks<G>();
+        constexpr int GR = decltype(grc)::value, NBR = ride_blocks<GR>();
         const int64_t t0 = (s / kRideRows + 1) * kRideRows, units = (u1 - u0) * G;
         const int64_t quota = ceil_div(units, kRideRows);
         int64_t w = t0 < q.steps ? (s % kRideRows) * quota : units;
@@ -783,12 +784,12 @@ void fwd_worker(void* raw, const Team& team) {
           constexpr int NB = decltype(nbc)::value;
           Tile<A> acc;
           if (w < w1) {
-            ride_tile<NB, G>(hrow0, panel + blk * rec_bs, KR, G * L, rec_bs, acc, xr, in_col(w), KI, G * L, pacc);
+            ride_tile<NB, GR>(hrow0, panel + blk * rec_bs, KR, G * L, rec_bs, acc, xr, in_col(w), KI, G * L, pacc);
             put_x(w++);
           } else {
-            gemm_tile<1, NB, G>(row, panel + blk * rec_bs, KR, G * L, rec_bs, acc);
+            gemm_tile<1, NB, GR>(row, panel + blk * rec_bs, KR, G * L, rec_bs, acc);
           }
-          for (int bi = 0; bi < NB; ++bi) call_epilogue<A>(epi, rb0, 1, blk + bi, acc.v[0], bi * G);
+          for (int bi = 0; bi < NB; ++bi) call_epilogue<A>(epi, rb0, 1, blk + bi, acc.v[0], bi * GR);
         };
         for (int64_t blk = u0; blk < u1;) {
           const int64_t left = u1 - blk;
@@ -800,13 +801,15 @@ void fwd_worker(void* raw, const Team& team) {
       }
     };
     if (fused && !overlap) project_step(s);
-    if constexpr (VAR == Variant::GruBefore)
-      product(std::integral_constant<int, 2>(), packed, 3, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
-    else if constexpr (VAR == Variant::Lstm) {
-      if (ride) ride_product(lstm_tile);
+    if constexpr (VAR == Variant::GruBefore) {
+      using G2 = std::integral_constant<int, 2>;
+      if (ride) ride_product(G2(), epilogue);
+      else product(G2(), packed, 3, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
+    } else if constexpr (VAR == Variant::Lstm) {
+      if (ride) ride_product(GI(), lstm_tile);
       else product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, lstm_tile);
     } else {
-      if (ride) ride_product(epilogue);
+      if (ride) ride_product(GI(), epilogue);
       else product(GI(), packed, G, 0, u0, u1, l.fmain, l.fmain2, K, hrow, hrow2, epilogue);
     }
     if (VAR == Variant::GruBefore) {
@@ -817,7 +820,7 @@ void fwd_worker(void* raw, const Team& team) {
               [&](int64_t b, int64_t u, const V<A>* sum, int col) {
         const int valid = static_cast<int>(H - u * L < L ? H - u * L : L);
         const int64_t row = seq_row(q, s, b);
-        const T* gx = fused ? xgo + b * G * Hp + u * L : xg + row * p.ld_gates + u * L;
+        const T* gx = fused ? xgo + b * G * Hp + u * L : xg + xg_row(s, b) * p.ld_gates + u * L;
         const V<A> ng = tanh_(sum[col] + gate_in(gx, 2, u, valid));
         const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
         const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
@@ -927,15 +930,15 @@ void forward_variant(const RnnFwdParams& p) {
                        p.seq.time_offsets == nullptr && in_bytes + panel_bytes <= cpu_l2_bytes() / 2;
   // Every step has its one row (seq_len 0 == steps; the ring's arithmetic counts steps, not rows).
   const bool first = p.x != nullptr && p.x_gates_buf != nullptr;
-  c.ride = rides<T, A>() && (!std::is_same<T, bf16>::value || c.l.dot) && VAR != Variant::GruBefore && first &&
-           !c.split_rows && B == 1 && p.seq.steps > kRideRows && seq_len(p.seq, 0) == p.seq.steps;
+  c.ride = rides<T, A>() && (!std::is_same<T, bf16>::value || c.l.dot) && first && !c.split_rows && B == 1 &&
+           p.seq.steps > kRideRows && seq_len(p.seq, 0) == p.seq.steps;
   static_assert(kRnnRideRing == 2 * kRideRows, "the ring holds the group the steps read and the one they fill");
   if (first && p.x_gates_buf_rows < p.x_rows && !c.ride)
     throw std::invalid_argument(
         "pyseqkern: rnn_forward: 'x_gates_buf' holds " + std::to_string(p.x_gates_buf_rows) +
         " rows, a ring that only a one-row sequence projected inside its steps takes (B = 1, more than " +
-        std::to_string(kRideRows) + " steps, float32 on avx512 levels or bfloat16 on avx512bf16, not GRU "
-        "reset_before); this call needs all of x's " + std::to_string(p.x_rows) + " rows");
+        std::to_string(kRideRows) + " steps, float32 on avx512 levels or bfloat16 on avx512bf16); this call "
+        "needs all of x's " + std::to_string(p.x_rows) + " rows");
   // A call this small whose panels (the input panel too, where the kernel projects) fit one core's
   // cache runs on one thread: waking a second costs more than it saves. RNNCell B=1, H=256 (131K
   // multiply-adds, 512 KB of panels): 5.3 us on one thread, 7.3 on two. Panels that do not fit keep

@@ -1369,20 +1369,20 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
     return y, h, (c if code == 0 else None)
 
 
-def _kernel_rides(mode, reset_after, seq, x2d):
+def _kernel_rides(seq, x2d):
     """Whether a kernel that projects this inference sequence before its steps carries the projection in
     its recurrent tiles instead (rnn_fwd.cpp, FwdCtx::ride, which this restates): one row every step
-    (B = 1, more than kRideRows steps), a level and dtype in _RIDE_LEVELS, not GRU reset_before. Its
-    x_gates buffer is then a ring of _RIDE_RING rows, which the kernel refuses otherwise."""
-    return (seq.batch == 1 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS and (mode != "gru" or reset_after)
+    (B = 1, more than kRideRows steps), a level and dtype in _RIDE_LEVELS, every variant. Its x_gates
+    buffer is then a ring of _RIDE_RING rows, which the kernel refuses otherwise."""
+    return (seq.batch == 1 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS
             and _backend.active_isa() in _RIDE_LEVELS.get(x2d.dtype, ()))
 
 
-def _rides(mode, reset_after, seq, x2d, panels):
+def _rides(seq, x2d, panels):
     """Whether the kernel projects a sequence with the read rule exceeded: it rides (_kernel_rides) with
     both panels (`panels`: the bytes its products read) within _RIDE_L3_SHARE of the L3. (Its ring keeps
     x_gates small at any length.)"""
-    return _kernel_rides(mode, reset_after, seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
+    return _kernel_rides(seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -1393,7 +1393,7 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     size = 2 if x2d.dtype == torch.bfloat16 else x2d.element_size()  # (bfloat16: pair sections, read as such)
     read = GATES[mode] * hidden * x2d.shape[1] * size
     if x2d.dtype != w_ih.dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
-            mode, reset_after, seq, x2d, read + (w_hh.numel() + (0 if w_hr is None else w_hr.numel())) * size):
+            seq, x2d, read + (w_hh.numel() + (0 if w_hr is None else w_hr.numel())) * size):
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
@@ -1412,7 +1412,7 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     y, h_n, c_n, _ = _run_forward(code, reset_after, hidden, proj, seq.steps, seq.batch,
                                   None if bias is None else bias.contiguous(), b_hn, h0, c0, packed, seq.args(),
                                   False, x2d.shape[0], x=x2d, panel=panel, each_step=each_step,
-                                  ring=not each_step and _kernel_rides(mode, reset_after, seq, x2d))
+                                  ring=not each_step and _kernel_rides(seq, x2d))
     return y, h_n, (c_n if code == 0 else None)
 
 
