@@ -1081,15 +1081,15 @@ RIDE_MODES = [("lstm", True, 0), ("lstm", True, 5), ("gru", True, 0), ("gru", Fa
 @pytest.mark.parametrize("I, H", [(13, 37), (40, 16), (16, 70), (40, 37)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa, mode, reset_after, proj, T, I, H,
                                                                reverse, packed, dtype):
     """B = 1 sequences whose kernel projects the input project the rows past the first kRideRows (8)
     inside the recurrent tiles of earlier steps, on levels with 32 vector registers (rnn_fwd.cpp,
-    ride_tile; bfloat16 by pair dot products where the level has them, not amx): outputs and final
-    states against the float64 reference (bfloat16 by the 2x-torch rule), bit for bit at 1, 2 and 3
-    threads and run after run, and bit for bit what the kernel gives projecting each step's row inside
-    that step instead (its fused mode; no proj_size there). T = 9, 16, 17, 41 end on every phase of the
+    ride_tile; float32 and float64; bfloat16 by pair dot products where the level has them, not amx):
+    outputs and final states against the float64 reference (bfloat16 by the 2x-torch rule), bit for bit
+    at 1, 2 and 3 threads and run after run, and bit for bit what the kernel gives projecting each step's
+    row inside that step instead (its fused mode; no proj_size there). T = 9, 16, 17, 41 end on every phase of the
     row groups; H = 37 and 70 leave a partial unit block and an odd count of blocks per thread (so
     tiles of one block, and on RNN every power of two up to 8; H = 37 an odd count of k pairs); I < H,
     I > H and an odd I (the input and the state sums end in different kSumBlock blocks: K and KI
@@ -1099,11 +1099,11 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, proj, dtype, T=T, B=1, I=I, H=H, lengths=[T] if packed else None)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
-    panel = dtype == torch.float32 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
+    panel = dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
     assert (spy.taken, spy.declined, spy.each_step) == ((4, 0, 0) if panel else (0, 4, 0))
     # Riding, x_gates lives in a ring of 16 rows (T = 17 and 41 wrap it, 41 more than twice); the kernel
     # refuses the ring where it would not ride, so a wrong guess here fails the runs above.
-    rides = panel and isa in (("avx512", "avx512bf16", "amx") if dtype == torch.float32 else ("avx512bf16",))
+    rides = panel and isa in (("avx512bf16",) if dtype == torch.bfloat16 else ("avx512", "avx512bf16", "amx"))
     assert spy.ring == (4 if rides else 0)
     assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
     if proj or not panel:
@@ -1119,8 +1119,8 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
 @pytest.mark.parametrize("mode, reset_after, proj", RIDE_MODES)
 def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypatch, isa, mode, reset_after, proj):
     """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 sequences still project
-    inside the kernel where its recurrent tiles carry the projection (ops._rides: float32 on a level in
-    _RIDE_LEVELS, bfloat16 on avx512bf16, more than 8 steps) and both panels, in
+    inside the kernel where its recurrent tiles carry the projection (ops._rides: float32 and float64 on
+    a level in _RIDE_LEVELS, bfloat16 on avx512bf16, more than 8 steps) and both panels, in
     the bytes the products read (2 a weight for bfloat16's pair sections), fit _RIDE_L3_SHARE of the L3,
     at any length (x_gates in the ride's ring: a sequence whose rows would overflow _CHUNK_BYTES rides
     too); otherwise torch's GEMM projects. Either way the same reference is met."""
@@ -1132,10 +1132,11 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
     monkeypatch.setattr(ops, "_CHUNK_BYTES", 4 * G * H * 4)  # (x_gates of 4 rows: every case is longer)
     rides = isa in ("avx512", "avx512bf16", "amx")
     rides_bf16 = rides and isa == "avx512bf16"
-    f32, bf16 = torch.float32, torch.bfloat16
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
     for T, B, l3, dtype, expect in [
             (9, 1, 8 * panels, f32, rides), (40, 1, 8 * panels, f32, rides), (8, 1, 8 * panels, f32, False),
-            (9, 1, 8 * panels - 8, f32, False), (9, 2, 8 * panels, f32, False), (9, 1, 8 * panels, torch.float64, False),
+            (9, 1, 8 * panels - 8, f32, False), (9, 2, 8 * panels, f32, False),
+            (9, 1, 16 * panels, f64, rides), (9, 1, 16 * panels - 8, f64, False),
             (9, 1, 4 * panels, bf16, rides_bf16), (40, 1, 4 * panels, bf16, rides_bf16),
             (9, 1, 4 * panels - 8, bf16, False)]:
         monkeypatch.setattr(ops, "_L3_BYTES", l3)
@@ -1201,8 +1202,8 @@ def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
 @pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", False)])
 def test_the_ride_ring_is_checked(isa, mode, reset_after, dtype):
     """A 16-row x_gates_buf (the ride's ring, rnn.h kRnnRideRing) runs where the kernel rides (B = 1, more
-    than 8 steps, float32 on the AVX-512 levels), bit for bit as with a buffer of every row; where it
-    would not ride (float64, or another level) the kernel refuses it with an error naming the buffer.
+    than 8 steps, float32 and float64 on the AVX-512 levels), bit for bit as with a buffer of every row;
+    where it would not ride (the other levels) the kernel refuses it with an error naming the buffer.
     Fewer than 16 rows of x take no ring at all (the binding's check)."""
     code, H, I, T = ops.MODES[mode], 24, 20, 21
     G = ops.GATES[mode]
@@ -1223,7 +1224,7 @@ def test_the_ride_ring_is_checked(isa, mode, reset_after, dtype):
 
     assert _C.RNN_RIDE_RING == ops._RIDE_RING == 16
     full = run(T, T)
-    if dtype == torch.float32 and isa in ("avx512", "avx512bf16", "amx"):
+    if isa in ("avx512", "avx512bf16", "amx"):
         assert_bitwise_equal(run(T, 16), full)
     else:
         with pytest.raises(ValueError, match=f"'x_gates_buf' holds 16 rows, a ring .* needs all of x's {T} rows"):

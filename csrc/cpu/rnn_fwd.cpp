@@ -384,13 +384,12 @@ __attribute__((noinline)) void ride_tile(const bf16* row, const bf16x2* panel, i
       });
 }
 #endif
-// Where the ride runs: float32 on levels with 32 vector registers (AVX2's 16 hold one part only), and
-// bfloat16 storage where the products are bf16 dot products on those registers (not amx, whose tile
-// unit does a step's product).
+// Where the ride runs: float32 and float64 on levels with 32 vector registers (AVX2's 16 hold one part
+// only), and bfloat16 storage where the products are bf16 dot products on those registers (not amx,
+// whose tile unit does a step's product).
 template <typename T, typename A> constexpr bool rides() {
 #if defined(__AVX512F__)
-  return std::is_same<A, float>::value &&
-         (std::is_same<T, float>::value || (std::is_same<T, bf16>::value && kBf16Dot && !kAmx));
+  return std::is_same<T, A>::value || (std::is_same<T, bf16>::value && kBf16Dot && !kAmx);
 #else
   return false;
 #endif

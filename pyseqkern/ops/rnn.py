@@ -1192,12 +1192,14 @@ _READ_L2S = 1
 # within half the L3 (0 where the OS does not say). bfloat16 on avx512bf16 (stop 40; its pair sections, 2
 # bytes a weight, counted as read): LSTM 640 (6.3 MB) 0.86, 768 (9 MB) 0.88, 1024 (16 MB) 0.94, 1280
 # (25 MB) 1.45; GRU 768 (6.8 MB) 0.84, 1024 (12 MB) 0.88, 1280 (18.8 MB) 0.93; RNN 1536 (9 MB) 0.93,
-# 2048 (16 MB) 1.01: the same share holds.
+# 2048 (16 MB) 1.01: the same share holds. float64 (stop 40): LSTM 384 (9.4 MB) 0.88, 512 (16 MB) 0.93,
+# GRU 512 (12 MB) 0.91, RNN 1024 (16 MB) 1.01.
 _L3_BYTES = int(_C.cpu_isa_report()["l3_bytes"])
 _RIDE_L3_SHARE = 0.5
 # Levels where the kernel's tiles carry the projection, by dtype (rnn_fwd.cpp, `rides`: 32 vector
 # registers; bfloat16 by pair dot products, not amx, whose tile unit runs the step's product).
 _RIDE_LEVELS = {torch.float32: frozenset({"avx512", "avx512bf16", "amx"}), torch.bfloat16: frozenset({"avx512bf16"})}
+_RIDE_LEVELS[torch.float64] = _RIDE_LEVELS[torch.float32]
 _RIDE_MIN_STEPS = 9  # more than kRideRows: the first kRideRows rows are projected before the steps
 # Riding, the kernel keeps x_gates in a ring of this many rows (two groups of kRideRows, rnn.h) instead of
 # one row per step: 64 KB for an LSTM at H = 256, where a sequence of 100,000 steps took 400 MB (held by
