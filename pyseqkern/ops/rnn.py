@@ -1198,8 +1198,8 @@ _L3_BYTES = int(_C.cpu_isa_report()["l3_bytes"])
 _RIDE_L3_SHARE = 0.5
 # Levels where the kernel's tiles carry the projection, by dtype (rnn_fwd.cpp, `rides`: 32 vector
 # registers; bfloat16 by pair dot products, not amx, whose tile unit runs the step's product).
-_RIDE_LEVELS = {torch.float32: frozenset({"avx512", "avx512bf16", "amx"}), torch.bfloat16: frozenset({"avx512bf16"})}
-_RIDE_LEVELS[torch.float64] = _RIDE_LEVELS[torch.float32]
+_AVX512_LEVELS = frozenset({"avx512", "avx512bf16", "amx"})
+_RIDE_LEVELS = {torch.float32: _AVX512_LEVELS, torch.float64: _AVX512_LEVELS, torch.bfloat16: frozenset({"avx512bf16"})}
 _RIDE_MIN_STEPS = 9  # more than kRideRows: the first kRideRows rows are projected before the steps
 # Riding, the kernel keeps x_gates in a ring of this many rows (two groups of kRideRows, rnn.h) instead of
 # one row per step: 64 KB for an LSTM at H = 256, where a sequence of 100,000 steps took 400 MB (held by
