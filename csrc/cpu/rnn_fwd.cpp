@@ -936,8 +936,8 @@ void forward_variant(const RnnFwdParams& p) {
     throw std::invalid_argument(
         "pyseqkern: rnn_forward: 'x_gates_buf' holds " + std::to_string(p.x_gates_buf_rows) +
         " rows, a ring that only a one-row sequence projected inside its steps takes (B = 1, more than " +
-        std::to_string(kRideRows) + " steps, float32 on avx512 levels or bfloat16 on avx512bf16); this call "
-        "needs all of x's " + std::to_string(p.x_rows) + " rows");
+        std::to_string(kRideRows) + " steps, float32 or float64 on the avx512 levels, bfloat16 on avx512bf16); "
+        "this call needs all of x's " + std::to_string(p.x_rows) + " rows");
   // A call this small whose panels (the input panel too, where the kernel projects) fit one core's
   // cache runs on one thread: waking a second costs more than it saves. RNNCell B=1, H=256 (131K
   // multiply-adds, 512 KB of panels): 5.3 us on one thread, 7.3 on two. Panels that do not fit keep

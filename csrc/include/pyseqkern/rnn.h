@@ -120,7 +120,7 @@ struct RnnFwdParams {
   // whose per-thread input panel fits the cache: torch's GEMM evicts the recurrent panel and reaches
   // a lower share of peak on these shapes. x_gates_buf_rows is x_rows, or kRnnRideRing where the
   // kernel projects a one-row sequence inside its steps (rnn_fwd.cpp, `rides`: B = 1, more than 8
-  // steps, float32 on AVX-512 levels, bfloat16 on avx512bf16): it then keeps
+  // steps, float32 or float64 on AVX-512 levels, bfloat16 on avx512bf16): it then keeps
   // the rows as a ring of that many (rows of step s at s % kRnnRideRing, whatever the direction),
   // and a forward that would not ride refuses so short a buffer (std::invalid_argument).
   void* x_gates_buf; int64_t x_rows; int64_t x_gates_buf_rows;
