@@ -318,7 +318,7 @@ DType rnn_dtype(const std::string& dtype) {
 py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t batch,
                           const std::string& dtype, bool cuda) {
   const RnnSizes s = rnn_sizes_of(rnn_shape(mode, reset_after, hidden, proj), batch, rnn_dtype(dtype), cuda);
-  return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev);
+  return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev, s.ride_ring);
 }
 
 // Each given tensor of a call on the device of `anchor` (its sequence data), except batch_sizes, which

@@ -71,7 +71,7 @@ void pack_typed(const RnnPackParams& p, cudaStream_t st) {
 RnnSizes rnn_sizes_cuda(const RnnShape& shape, int64_t batch, bool /*is_double*/) {
   using namespace rnn_cuda;
   const int64_t G = rnn_gate_count(shape.mode), H = shape.hidden, K = shape.state(), P = shape.proj;
-  RnnSizes r;
+  RnnSizes r{};  // (ride_ring 0: the CPU kernels' one-row ride only)
   r.lanes = 1;
   r.packed_numel = pack_layout(shape).total;
   const int64_t fwd = fwd_workspace(batch, H, K).total, bwd = bwd_workspace(batch, H, K, G).total;

@@ -383,11 +383,11 @@ def test_raw_kernel_writes_every_output(device, mode, proj, reset_after):
     cuda = device == "cuda"
     if cuda:
         packed = rnn_cuda._pack_cuda(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
-        _, _, ws, rcols, _ = rnn_cuda.sizes(code, reset_after, H, proj, seq.batch, torch.float32)
+        _, _, ws, rcols, _, _ = rnn_cuda.sizes(code, reset_after, H, proj, seq.batch, torch.float32)
         tail = (1, torch.cuda.current_stream().cuda_stream, rnn_cuda.PATHS[rnn_cuda.path()])
     else:
         packed = ops._pack_impl(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
-        _, _, ws, rcols, _ = ops._sizes(code, reset_after, H, proj, seq.batch, torch.float32)
+        _, _, ws, rcols, _, _ = ops._sizes(code, reset_after, H, proj, seq.batch, torch.float32)
         tail = (2,)
     n, B = x.shape[0], seq.batch
     nan = lambda *shape: torch.full(shape, float("nan"), device=device)  # noqa: E731
@@ -1120,7 +1120,7 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
 def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypatch, isa, mode, reset_after, proj):
     """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 sequences still project
     inside the kernel where its recurrent tiles carry the projection (ops._rides: float32 and float64 on
-    a level in _RIDE_LEVELS, bfloat16 on avx512bf16, more than 8 steps) and both panels, in
+    the AVX-512 levels, bfloat16 on avx512bf16, more than 8 steps) and both panels, in
     the bytes the products read (2 a weight for bfloat16's pair sections), fit _RIDE_L3_SHARE of the L3,
     at any length (x_gates in the ride's ring: a sequence whose rows would overflow _CHUNK_BYTES rides
     too); otherwise torch's GEMM projects. Either way the same reference is met."""
@@ -1202,9 +1202,9 @@ def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
 @pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", False)])
 def test_the_ride_ring_is_checked(isa, mode, reset_after, dtype):
     """A 16-row x_gates_buf (the ride's ring, rnn.h kRnnRideRing) runs where the kernel rides (B = 1, more
-    than 8 steps, float32 and float64 on the AVX-512 levels), bit for bit as with a buffer of every row;
-    where it would not ride (the other levels) the kernel refuses it with an error naming the buffer.
-    Fewer than 16 rows of x take no ring at all (the binding's check)."""
+    than 8 steps, float32 and float64 on the AVX-512 levels, as the kernel's sizes report), bit for bit as
+    with a buffer of every row; where it would not ride (the other levels) the kernel refuses it with an
+    error naming the buffer. Fewer than 16 rows of x take no ring at all (the binding's check)."""
     code, H, I, T = ops.MODES[mode], 24, 20, 21
     G = ops.GATES[mode]
     w_ih, w_hh = randn((G * H, I), seed=1).to(dtype), randn((G * H, H), seed=2).to(dtype)
@@ -1223,8 +1223,11 @@ def test_the_ride_ring_is_checked(isa, mode, reset_after, dtype):
         return y
 
     assert _C.RNN_RIDE_RING == ops._RIDE_RING == 16
+    rides = isa in ("avx512", "avx512bf16", "amx")
+    # The kernel's sizes say where it rides (ops._kernel_rides reads them): B = 1 only.
+    assert [ops._sizes(code, reset_after, H, 0, b, dtype)[5] for b in (1, 2)] == [16 if rides else 0, 0]
     full = run(T, T)
-    if isa in ("avx512", "avx512bf16", "amx"):
+    if rides:
         assert_bitwise_equal(run(T, 16), full)
     else:
         with pytest.raises(ValueError, match=f"'x_gates_buf' holds 16 rows, a ring .* needs all of x's {T} rows"):

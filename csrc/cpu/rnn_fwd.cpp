@@ -14,10 +14,21 @@ namespace {
 // bfloat16 dot products.
 inline bool uses_dot(DType dtype) { return kBf16Dot && dtype == DType::BFloat16; }
 
+// Where the ride runs: float32 and float64 on levels with 32 vector registers (AVX2's 16 hold one part
+// only), and bfloat16 storage where the products are bf16 dot products on those registers (not amx,
+// whose tile unit does a step's product).
+template <typename T, typename A> constexpr bool rides() {
+#if defined(__AVX512F__)
+  return std::is_same<T, A>::value || (std::is_same<T, bf16>::value && kBf16Dot && !kAmx);
+#else
+  return false;
+#endif
+}
+
 RnnSizes sizes(const RnnShape& s, int64_t B, DType dtype) {
   const int64_t L = dtype == DType::Float64 ? lanes<double>() : lanes<float>();
   const Layout l = layout_of(s, L, uses_dot(dtype));
-  RnnSizes r;
+  RnnSizes r{};
   r.lanes = L;
   r.packed_numel = l.packed_numel;
   const int64_t Kp = l.UK * L, Hp = l.U * L;
@@ -27,6 +38,10 @@ RnnSizes sizes(const RnnShape& s, int64_t B, DType dtype) {
   const int64_t bwd = B * (2 * Kp + Hp + 2 * l.G * l.H + (l.dot ? 2 * pairs_stored(l.G * l.H) : 0));
   r.workspace_numel = (fwd > bwd ? fwd : bwd) + 8 * L;          // + room to align each buffer
   reserve_layout(l, s.mode, &r.reserve_cols, &r.reserve_hprev);
+  const bool ride = dtype == DType::Float64    ? rides<double, double>()
+                    : dtype == DType::BFloat16 ? rides<bf16, float>() && l.dot
+                                               : rides<float, float>();
+  r.ride_ring = B == 1 && ride ? kRnnRideRing : 0;
   return r;
 }
 
@@ -384,16 +399,6 @@ __attribute__((noinline)) void ride_tile(const bf16* row, const bf16x2* panel, i
       });
 }
 #endif
-// Where the ride runs: float32 and float64 on levels with 32 vector registers (AVX2's 16 hold one part
-// only), and bfloat16 storage where the products are bf16 dot products on those registers (not amx,
-// whose tile unit does a step's product).
-template <typename T, typename A> constexpr bool rides() {
-#if defined(__AVX512F__)
-  return std::is_same<T, A>::value || (std::is_same<T, bf16>::value && kBf16Dot && !kAmx);
-#else
-  return false;
-#endif
-}
 // Blocks of a ride tile: 8 / G, at least 2 (with the projection's 8 sums, at most 16).
 template <int G> constexpr int ride_blocks() { return G == 1 ? 8 : 2; }
 
@@ -929,15 +934,15 @@ void forward_variant(const RnnFwdParams& p) {
                        p.seq.time_offsets == nullptr && in_bytes + panel_bytes <= cpu_l2_bytes() / 2;
   // Every step has its one row (seq_len 0 == steps; the ring's arithmetic counts steps, not rows).
   const bool first = p.x != nullptr && p.x_gates_buf != nullptr;
-  c.ride = rides<T, A>() && (!std::is_same<T, bf16>::value || c.l.dot) && first && !c.split_rows && B == 1 &&
-           p.seq.steps > kRideRows && seq_len(p.seq, 0) == p.seq.steps;
+  c.ride = c.sz.ride_ring > 0 && first && !c.split_rows && p.seq.steps > kRideRows &&
+           seq_len(p.seq, 0) == p.seq.steps;
   static_assert(kRnnRideRing == 2 * kRideRows, "the ring holds the group the steps read and the one they fill");
   if (first && p.x_gates_buf_rows < p.x_rows && !c.ride)
     throw std::invalid_argument(
         "pyseqkern: rnn_forward: 'x_gates_buf' holds " + std::to_string(p.x_gates_buf_rows) +
         " rows, a ring that only a one-row sequence projected inside its steps takes (B = 1, more than " +
-        std::to_string(kRideRows) + " steps, float32 or float64 on the avx512 levels, bfloat16 on avx512bf16); "
-        "this call needs all of x's " + std::to_string(p.x_rows) + " rows");
+        std::to_string(kRideRows) + " steps, a level and dtype whose sizes report a ride ring); this call "
+        "needs all of x's " + std::to_string(p.x_rows) + " rows");
   // A call this small whose panels (the input panel too, where the kernel projects) fit one core's
   // cache runs on one thread: waking a second costs more than it saves. RNNCell B=1, H=256 (131K
   // multiply-adds, 512 KB of panels): 5.3 us on one thread, 7.3 on two. Panels that do not fit keep

@@ -68,7 +68,8 @@ _SIZES_MAX = 4096  # (a server seeing every batch size would otherwise grow it f
 
 
 def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype):
-    """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev) for the active ISA level."""
+    """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev, ride_ring) for the active ISA
+    level (rnn.h RnnSizes)."""
     key = (mode, reset_after, hidden, proj, batch, dtype, _backend.active_isa())
     got = _SIZES.get(key)
     if got is None:
@@ -1196,14 +1197,11 @@ _READ_L2S = 1
 # GRU 512 (12 MB) 0.91, RNN 1024 (16 MB) 1.01.
 _L3_BYTES = int(_C.cpu_isa_report()["l3_bytes"])
 _RIDE_L3_SHARE = 0.5
-# Levels where the kernel's tiles carry the projection, by dtype (rnn_fwd.cpp, `rides`: 32 vector
-# registers; bfloat16 by pair dot products, not amx, whose tile unit runs the step's product).
-_AVX512_LEVELS = frozenset({"avx512", "avx512bf16", "amx"})
-_RIDE_LEVELS = {torch.float32: _AVX512_LEVELS, torch.float64: _AVX512_LEVELS, torch.bfloat16: frozenset({"avx512bf16"})}
 _RIDE_MIN_STEPS = 9  # more than kRideRows: the first kRideRows rows are projected before the steps
 # Riding, the kernel keeps x_gates in a ring of this many rows (two groups of kRideRows, rnn.h) instead of
 # one row per step: 64 KB for an LSTM at H = 256, where a sequence of 100,000 steps took 400 MB (held by
-# the forward scratch until empty_cache()).
+# the forward scratch until empty_cache()). Where it rides, its sizes say (_sizes(...)[5]: the level's
+# `rides` for the dtype, B = 1).
 _RIDE_RING = _C.RNN_RIDE_RING
 # The choices of path below count the threads torch had when pyseqkern was imported, not the caller's
 # current count: the paths differ in the last bits, and torch.get_num_threads() is per OS thread, so a
@@ -1371,20 +1369,19 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
     return y, h, (c if code == 0 else None)
 
 
-def _kernel_rides(seq, x2d):
+def _kernel_rides(sizes, seq, x2d):
     """Whether a kernel that projects this inference sequence before its steps carries the projection in
-    its recurrent tiles instead (rnn_fwd.cpp, FwdCtx::ride, which this restates): one row every step
-    (B = 1, more than kRideRows steps), a level and dtype in _RIDE_LEVELS, every variant. Its x_gates
-    buffer is then a ring of _RIDE_RING rows, which the kernel refuses otherwise."""
-    return (seq.batch == 1 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS
-            and _backend.active_isa() in _RIDE_LEVELS.get(x2d.dtype, ()))
+    its recurrent tiles instead (rnn_fwd.cpp, FwdCtx::ride): its `sizes` (_sizes(...) at the sequence's
+    batch and dtype) report a ride ring, and every step has its one row, more than kRideRows of them.
+    Its x_gates buffer is then a ring of _RIDE_RING rows."""
+    return sizes[5] > 0 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS
 
 
-def _rides(seq, x2d, panels):
+def _rides(sizes, seq, x2d, panels):
     """Whether the kernel projects a sequence with the read rule exceeded: it rides (_kernel_rides) with
     both panels (`panels`: the bytes its products read) within _RIDE_L3_SHARE of the L3. (Its ring keeps
     x_gates small at any length.)"""
-    return _kernel_rides(seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
+    return _kernel_rides(sizes, seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
 
 
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -1392,14 +1389,15 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large)."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    sizes = _sizes(code, reset_after, hidden, proj, seq.batch, x2d.dtype)
     size = 2 if x2d.dtype == torch.bfloat16 else x2d.element_size()  # (bfloat16: pair sections, read as such)
     read = GATES[mode] * hidden * x2d.shape[1] * size
     if x2d.dtype != w_ih.dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
-            seq, x2d, read + (w_hh.numel() + (0 if w_hr is None else w_hr.numel())) * size):
+            sizes, seq, x2d, read + (w_hh.numel() + (0 if w_hr is None else w_hr.numel())) * size):
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
-    proj = 0 if w_hr is None else w_hr.shape[0]
     each_step = _projects_each_step(mode, x2d, seq, hidden, proj, read)
     if (not each_step and mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32
             and _backend.FP32_GEMM == "mkl"):
@@ -1414,7 +1412,7 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     y, h_n, c_n, _ = _run_forward(code, reset_after, hidden, proj, seq.steps, seq.batch,
                                   None if bias is None else bias.contiguous(), b_hn, h0, c0, packed, seq.args(),
                                   False, x2d.shape[0], x=x2d, panel=panel, each_step=each_step,
-                                  ring=not each_step and _kernel_rides(seq, x2d))
+                                  ring=not each_step and _kernel_rides(sizes, seq, x2d))
     return y, h_n, (c_n if code == 0 else None)
 
 

@@ -59,7 +59,8 @@ _SIZES: dict = {}
 
 
 def sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype):
-    """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev) of the CUDA kernels."""
+    """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev, ride_ring = 0) of the CUDA
+    kernels."""
     key = (mode, reset_after, hidden, proj, batch, dtype == torch.float64)
     got = _SIZES.get(key)
     if got is None:
@@ -113,7 +114,7 @@ def _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
     _rnn._require_rows("rnn_forward", x_gates=x_gates)
     n = x_gates.shape[0]
     dtype, dev = x_gates.dtype, x_gates.device
-    _, _, ws_numel, rcols, _ = sizes(mode, reset_after, hidden, proj, batch, dtype)
+    _, _, ws_numel, rcols, _, _ = sizes(mode, reset_after, hidden, proj, batch, dtype)
     acc = _acc_dtype(dtype)
     y = torch.empty(n, K, dtype=dtype, device=dev)
     h_n = torch.empty(batch, K, dtype=dtype, device=dev)

@@ -62,6 +62,8 @@ struct RnnSizes {
   int64_t workspace_numel; // per call
   int64_t reserve_cols;    // reserve row width
   int64_t reserve_hprev;   // column where h_prev starts in a reserve row
+  int64_t ride_ring;       // CPU, B = 1: kRnnRideRing where a forward projecting first rides at this level
+                           // and dtype (x_gates_buf may then be that ring, see RnnFwdParams), else 0
 };
 
 // Packing: w_hh [G*H, K] and w_hr [P, H] (row-major with leading dimensions, storage dtype) into the
@@ -119,10 +121,10 @@ struct RnnFwdParams {
   // runs the steps reading it as x_gates; the workspace needs no room for x_gates then. For sequences
   // whose per-thread input panel fits the cache: torch's GEMM evicts the recurrent panel and reaches
   // a lower share of peak on these shapes. x_gates_buf_rows is x_rows, or kRnnRideRing where the
-  // kernel projects a one-row sequence inside its steps (rnn_fwd.cpp, `rides`: B = 1, more than 8
-  // steps, float32 or float64 on AVX-512 levels, bfloat16 on avx512bf16): it then keeps
-  // the rows as a ring of that many (rows of step s at s % kRnnRideRing, whatever the direction),
-  // and a forward that would not ride refuses so short a buffer (std::invalid_argument).
+  // kernel projects a one-row sequence inside its steps (RnnSizes::ride_ring for B = 1, and a
+  // sequence of more than 8 steps, each with its row): it then keeps the rows as a ring of that many
+  // (rows of step s at s % kRnnRideRing, whatever the direction), and a forward that would not ride
+  // refuses so short a buffer (std::invalid_argument).
   void* x_gates_buf; int64_t x_rows; int64_t x_gates_buf_rows;
   // CPU only, optional, without x: a row [G*H] (storage dtype) added to every x_gates row as the steps
   // read it, for x_gates that torch's GEMM made without its bias (addmm first copies the bias into
