@@ -64,6 +64,7 @@ py::dict cpu_isa_report() {
   d["vector_bits"] = probe_cpu_kernels().vector_bits;
   d["l2_bytes"] = cpu_l2_bytes();
   d["l3_bytes"] = cpu_l3_bytes();
+  d["l3_streams_fast"] = cpu_l3_streams_fast();
   d["vendor"] = cpu_vendor();
   return d;
 }

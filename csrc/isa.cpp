@@ -167,6 +167,14 @@ long long cpu_l3_bytes() {
   return bytes;
 }
 
+bool cpu_l3_streams_fast() {
+  static const bool fast = [] {
+    const std::string v = cpu_vendor();
+    return v == "AuthenticAMD" || v == "HygonGenuine";
+  }();
+  return fast;
+}
+
 std::string cpu_vendor() {
 #if defined(__x86_64__) || defined(_M_X64)
   unsigned a, b, c, d;

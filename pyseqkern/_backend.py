@@ -247,6 +247,7 @@ def backend_info() -> dict:
             "threads": torch.get_num_threads(),
             "thread_pool": _C.thread_backend(),
             "vendor": isa["vendor"],
+            "l3_streams_fast": bool(isa["l3_streams_fast"]),
             "fp32_gemm": FP32_GEMM,
         },
         "cuda": dict(_cuda_info(build), rnn_paths=dict(CUDA_RNN_PATHS)),

@@ -1123,7 +1123,11 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
     the AVX-512 levels, bfloat16 on avx512bf16, more than 8 steps) and both panels, in
     the bytes the products read (2 a weight for bfloat16's pair sections), fit _RIDE_L3_SHARE of the L3,
     at any length (x_gates in the ride's ring: a sequence whose rows would overflow _CHUNK_BYTES rides
-    too); otherwise torch's GEMM projects. Either way the same reference is met."""
+    too); otherwise torch's GEMM projects. Either way the same reference is met. The share is half the L3
+    where it streams near the L2's rate (_L3_STREAMS_FAST), none elsewhere: nothing rides past the read
+    rule there."""
+    assert ops._RIDE_L3_SHARE == (0.5 if ops._L3_STREAMS_FAST else 0.0)
+    monkeypatch.setattr(ops, "_RIDE_L3_SHARE", 0.5)
     spy = ProjectingSpy(monkeypatch)
     I, H = 40, 16
     G, K = ops.GATES[mode], proj or 16
@@ -1138,8 +1142,10 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
             (9, 1, 8 * panels - 8, f32, False), (9, 2, 8 * panels, f32, False),
             (9, 1, 16 * panels, f64, rides), (9, 1, 16 * panels - 8, f64, False),
             (9, 1, 4 * panels, bf16, rides_bf16), (40, 1, 4 * panels, bf16, rides_bf16),
-            (9, 1, 4 * panels - 8, bf16, False)]:
+            (9, 1, 4 * panels - 8, bf16, False), (40, 1, 1 << 40, f32, False)]:
         monkeypatch.setattr(ops, "_L3_BYTES", l3)
+        if l3 == 1 << 40:
+            monkeypatch.setattr(ops, "_RIDE_L3_SHARE", 0.0)  # (a slow L3, however large)
         x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H)
         taken, ring = spy.taken, spy.ring
         runs = inference_runs(x, bs, t, mode, False, reset_after, (2,))

@@ -919,12 +919,20 @@ void forward_variant(const RnnFwdParams& p) {
   // bfloat16 LSTM and GRU at H=256 (1 MB and 768 KB) by rows, time by units / by rows, in-process, 17
   // rotations: LSTM (100,32,256) 1.26 (0.84 -> 1.06x torch.nn's bfloat16), B=16 1.13, B=8 1.14; GRU B=32
   // 1.05, B=8 1.03; float32 panels in between: GRU H=192 B=8 / 32 1.04 / 1.00, LSTM H=160 1.07 / 1.03.
+  // A whole L2 where the core's L3 streams fast (cpu_l3_streams_fast: AMD), half of it elsewhere: a
+  // Granite Rapids-class Xeon (2 MB L2) streams 189 GB/s a core from 1 MB, 121 from 1.5 MB, 75 from 2 MB
+  // and 29 from its L3, and ran LSTM H=256 each step by rows (2 MB of panels) at half the speed of
+  // units. In-process, 7-9 rotations, ratio to torch.nn by rows -> by units: LSTM (100,8,256) 0.78 ->
+  // 1.16x, (100,16,256) 0.76 -> 1.00x, (100,32,256) 0.82 -> 0.94x; H=240 (1.8 MB) B=8 0.86 -> 1.07x,
+  // H=224 (1.6 MB) 1.12 -> 1.26x; GRU H=256 (1.5 MB) packed B=32 (lengths 100..10) 1.45 -> 1.66x, padded
+  // B=8 / 32 2.04 / 1.61 -> 2.06 / 1.58x; LSTM H=208 (1.4 MB) B=8 / 32 1.19 / 1.01 -> 1.16 / 0.94x.
+  const int64_t l2_rows = cpu_l3_streams_fast() ? cpu_l2_bytes() : cpu_l2_bytes() / 2;
   const bool fused_rows =
-      by_rows > 1 && panel_bytes + in_bytes <= cpu_l2_bytes() &&
+      by_rows > 1 && panel_bytes + in_bytes <= l2_rows &&
       2 * by_rows * tile_passes<VAR>(busiest_rows<gates_of<VAR>()>(B, by_rows)) <=
           3 * tile_passes<VAR>(B);
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr || fused_rows) &&
-                 panel_bytes <= cpu_l2_bytes();
+                 panel_bytes <= l2_rows;
   if (c.split_rows) nt = by_rows;
   // With rows split, and both panels in half a core's L2 (an RNN at H=256: 512 KB), each thread also
   // projects its own rows (every unit) before the steps: the steps then read only x_gates their own

@@ -1195,8 +1195,15 @@ _READ_L2S = 1
 # (25 MB) 1.45; GRU 768 (6.8 MB) 0.84, 1024 (12 MB) 0.88, 1280 (18.8 MB) 0.93; RNN 1536 (9 MB) 0.93,
 # 2048 (16 MB) 1.01: the same share holds. float64 (stop 40): LSTM 384 (9.4 MB) 0.88, 512 (16 MB) 0.93,
 # GRU 512 (12 MB) 0.91, RNN 1024 (16 MB) 1.01.
+# On cores whose L3 streams far below their L2 (not cpu_l3_streams_fast: Intel's server cores, docs/DESIGN.md
+# "Caches by vendor") the ride past the read rule loses: on a Granite Rapids-class Xeon (2 MB L2, 480 MB
+# L3 reported), in-process, 5 rotations, ratio to torch.nn riding -> torch's GEMM projecting: LSTM
+# (100,1,768) 1.23 -> 1.32x, (100,1,1024) 1.20 -> 1.30x, (100,1,1536) 1.15 -> 1.31x. (Within the read
+# rule it rides there as anywhere: (100,1,256) LSTM / GRU / RNN 2.65 / 3.34 / 2.80x, not riding 2.64 /
+# 3.28 / 2.79x.)
+_L3_STREAMS_FAST = bool(_C.cpu_isa_report()["l3_streams_fast"])
 _L3_BYTES = int(_C.cpu_isa_report()["l3_bytes"])
-_RIDE_L3_SHARE = 0.5
+_RIDE_L3_SHARE = 0.5 if _L3_STREAMS_FAST else 0.0
 _RIDE_MIN_STEPS = 9  # more than kRideRows: the first kRideRows rows are projected before the steps
 # Riding, the kernel keeps x_gates in a ring of this many rows (two groups of kRideRows, rnn.h) instead of
 # one row per step: 64 KB for an LSTM at H = 256, where a sequence of 100,000 steps took 400 MB (held by
@@ -1258,8 +1265,14 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # 1.055; GRU B=8 / 16 / 32 1.065 / 1.076 / 1.113; RNN B=8 0.993. A thread then streams its 1 MB share
 # from L3 every step, and still gains: no x_gates written out and read back, no GEMM pass of its own.
 # (Stop 20's Zen 4 had found two L2s better for wide inputs as well: LSTM (100,B,256) at I=512 +10%,
-# GRU +7%.) Where two L2s reach 8 MB (LSTM H=512 on 2 MB-L2 cores) it is unmeasured.
-_EACH_STEP_L2S = 2
+# GRU +7%.) That holds where the L3 streams near the L2's rate (_L3_STREAMS_FAST); elsewhere a thread's
+# share of the panels stays within half its L2 (stop 41, a Granite Rapids-class Xeon: 2 MB L2 streaming
+# 189 GB/s a core to 1 MB, its L3 29). There, in-process, 5-9 rotations, ratio to torch.nn two L2s ->
+# half of one: LSTM (100,8,384) 0.94 -> 1.38x, (100,32,384) 0.92 -> 1.02x, (100,8,512) 0.95 -> 1.61x,
+# (100,32,512) 0.84 -> 0.98x, (100,8,320) 1.01 -> 1.11x, (100,8,288) 1.06 -> 1.12x; GRU (100,8,512) 1.16
+# -> 1.53x, (100,32,512) 1.45 -> 1.62x. A quarter (H=256 out too) lost GRU (100,8,256) 2.15 -> 1.84x,
+# the rest within noise.
+_EACH_STEP_L2S = 2 if _L3_STREAMS_FAST else 0.5
 _EACH_STEP_DTYPES = (torch.float32, torch.bfloat16)
 _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32, "rnn_tanh": 1 << 62, "rnn_relu": 1 << 62}
 # Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):

@@ -43,6 +43,15 @@ long long cpu_l2_bytes();
 // it says none: how much of a panel streamed every step can come back from cache rather than memory.
 long long cpu_l3_bytes();
 
+// Whether a core streams from its L3 at nearly its L2's rate, so that panels past a core's L2, read every
+// step, cost little more than panels within it: AMD's (and Hygon's) cores, whose L3 is their CCX's own
+// (a Zen 4: one core reads 96-108 GB/s from 128-512 KB, 82-89 from 0.75-4 MB), not Intel's server cores,
+// whose L3 is across the mesh (a Granite Rapids-class Xeon with 2 MB of L2: 189 GB/s to 1 MB, 121 at
+// 1.5 MB, 75 at 2 MB, 29 from 3 MB on). By vendor, not by a probe: the choices it steers differ in the
+// last bits, which must not change from run to run. Other cores take the slow rule, which costs at most
+// the small gains of streaming past the L2 (docs/DESIGN.md, "Caches by vendor").
+bool cpu_l3_streams_fast();
+
 // cpuid's vendor string ("GenuineIntel", "AuthenticAMD", ...), empty off x86. The Python layer picks
 // torch's float32 GEMM by it (ops/rnn.py: MKL's sgemm is fast on Intel's cores and slow on AMD's).
 std::string cpu_vendor();
