@@ -7,6 +7,7 @@ tiles). CUDA cases skip cleanly without a usable GPU."""
 import math
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -2358,3 +2359,33 @@ def test_bfloat16_gemms_go_through_float32_where_onednn_has_none(monkeypatch):
             (n, p.grad, q.grad) for (n, p), q in zip(ours.named_parameters(), theirs64.parameters())]:
         err = float((got.double() - want).abs().max())
         assert err <= atol + rtol * float(want.abs().max()), f"grad {name}: {err}"
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_amx_tiles_are_configured_again_after_torchs_own_tile_kernels(mode):
+    """On the amx level a bfloat16 backward runs its recurrent product on the tile unit; torch's bfloat16
+    GEMMs (oneDNN) configure and release the tiles on the same threads. The backward released none and
+    kept its note of the configuration, so the next forward took the tiles for configured and died of
+    SIGILL (first run on an AMX machine at stop 41: 11 tests crashed their workers). In a child process,
+    so that a crash reads as one. Elsewhere the level is absent and the test says so."""
+    if "amx" not in pyseqkern.backend_info()["cpu"]["isa_supported"]:
+        pytest.skip("this CPU has no AMX tile unit (or the OS grants no tile permission)")
+    script = f"""
+import torch, pyseqkern
+from pyseqkern import nn as pnn
+pyseqkern.set_cpu_isa("amx", all_threads=True)
+torch.manual_seed(0)
+for B, H in [(6, 11), (1, 32), (3, 16), (8, 64)]:  # (the crash needed the forward's tile rows to match)
+    m = getattr(pnn, "{mode.upper()}")(H, H).to(torch.bfloat16)
+    x = torch.randn(9, B, H, dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(3):
+        m(x)[0].float().sum().backward()  # the recurrent gradient product on the tile unit
+        a = torch.randn(96, 96, dtype=torch.bfloat16)
+        (a @ a).sum().item()  # torch's own tile kernels on these threads
+        with torch.no_grad():
+            m(x)
+print("DONE", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tempfile.gettempdir())
+    assert done.returncode == 0 and "DONE" in done.stdout, (f"exit {done.returncode} (-4: SIGILL)", done.stderr[-2000:])

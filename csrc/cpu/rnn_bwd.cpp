@@ -382,6 +382,8 @@ void bwd_worker(void* raw, const Team& team) {
       for (int64_t u = u0; u < u1; ++u) store<A>(dc0 + b * H + u * L, load<A>(c.dc + b * Hp + u * L, L), valid_of(u, H));
   }
   if (stream) stream_fence();  // d_gates_x and the transposed copies went out by non-temporal stores
+  amx_release();               // (the amx level's tiles, if recurrent_grad configured them: else torch's
+                               // oneDNN, releasing them on this thread, left our key stale: SIGILL)
 }
 
 // The fewest bytes of rows per thread, per column of the transposed copies, for the backward's threads
