@@ -990,6 +990,7 @@ def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj,
     hidden size (H=32 here) nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within _EACH_STEP_L2S L2s."""
     if expect == "dot":
         expect = pyseqkern.backend_info()["cpu"]["isa_active"] in BF16_DOT_LEVELS
+    assert ops._EACH_STEP_L2S == (2 if ops._L3_STREAMS_FAST else 0.5)  # (two L2s on AMD, half of one elsewhere)
     monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch, each_step=True)
     x, bs, t = make_case(mode, proj, dtype, T=3, B=B, I=I, H=32, strided_inputs=False)
