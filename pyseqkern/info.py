@@ -17,8 +17,8 @@ def format_info(info: dict) -> str:
         f"      threads: {cpu['threads']} (torch.get_num_threads()), on {cpu['thread_pool']}",
         f"      vendor: {cpu['vendor'] or 'unknown'}; torch's float32 GEMMs for recurrent layers: "
         + ("MKL's mm" if cpu["fp32_gemm"] == "mkl" else "oneDNN's linear"),
-        "      caches: " + ("L3 streams near the L2's rate (panels may stream past a core's L2)"
-                            if cpu["l3_streams_fast"] else "L3 streams far below the L2 (panels kept within it)"),
+        "      cache rules: " + ("AMD's (the L3 streams near the L2's rate)" if cpu["l3_streams_fast"]
+                                 else "slow-L3 (not AMD or Hygon; measured on Intel server cores)"),
     ]
     if cuda["compiled"]:
         lines.append(f"CUDA  compiled: yes (toolkit {cuda['toolkit']}, archs {', '.join(cuda['archs'])})")

@@ -1129,7 +1129,6 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
     where it streams near the L2's rate (_L3_STREAMS_FAST), none elsewhere: nothing rides past the read
     rule there."""
     assert ops._RIDE_L3_SHARE == (0.5 if ops._L3_STREAMS_FAST else 0.0)
-    monkeypatch.setattr(ops, "_RIDE_L3_SHARE", 0.5)
     spy = ProjectingSpy(monkeypatch)
     I, H = 40, 16
     G, K = ops.GATES[mode], proj or 16
@@ -1139,15 +1138,15 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
     rides = isa in ("avx512", "avx512bf16", "amx")
     rides_bf16 = rides and isa == "avx512bf16"
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
-    for T, B, l3, dtype, expect in [
-            (9, 1, 8 * panels, f32, rides), (40, 1, 8 * panels, f32, rides), (8, 1, 8 * panels, f32, False),
-            (9, 1, 8 * panels - 8, f32, False), (9, 2, 8 * panels, f32, False),
-            (9, 1, 16 * panels, f64, rides), (9, 1, 16 * panels - 8, f64, False),
-            (9, 1, 4 * panels, bf16, rides_bf16), (40, 1, 4 * panels, bf16, rides_bf16),
-            (9, 1, 4 * panels - 8, bf16, False), (40, 1, 1 << 40, f32, False)]:
+    for T, B, l3, share, dtype, expect in [
+            (9, 1, 8 * panels, 0.5, f32, rides), (40, 1, 8 * panels, 0.5, f32, rides),
+            (8, 1, 8 * panels, 0.5, f32, False), (9, 1, 8 * panels - 8, 0.5, f32, False),
+            (9, 2, 8 * panels, 0.5, f32, False), (9, 1, 16 * panels, 0.5, f64, rides),
+            (9, 1, 16 * panels - 8, 0.5, f64, False), (9, 1, 4 * panels, 0.5, bf16, rides_bf16),
+            (40, 1, 4 * panels, 0.5, bf16, rides_bf16), (9, 1, 4 * panels - 8, 0.5, bf16, False),
+            (40, 1, 1 << 40, 0.0, f32, False)]:  # (the last: a slow L3, however large)
         monkeypatch.setattr(ops, "_L3_BYTES", l3)
-        if l3 == 1 << 40:
-            monkeypatch.setattr(ops, "_RIDE_L3_SHARE", 0.0)  # (a slow L3, however large)
+        monkeypatch.setattr(ops, "_RIDE_L3_SHARE", share)
         x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H)
         taken, ring = spy.taken, spy.ring
         runs = inference_runs(x, bs, t, mode, False, reset_after, (2,))
@@ -2369,8 +2368,8 @@ def test_amx_tiles_are_configured_again_after_torchs_own_tile_kernels(mode):
     kept its note of the configuration, so the next forward took the tiles for configured and died of
     SIGILL (first run on an AMX machine at stop 41: 11 tests crashed their workers). In a child process,
     so that a crash reads as one. Elsewhere the level is absent and the test says so."""
-    if "amx" not in pyseqkern.backend_info()["cpu"]["isa_supported"]:
-        pytest.skip("this CPU has no AMX tile unit (or the OS grants no tile permission)")
+    if "amx" not in SUPPORTED:
+        pytest.skip("no amx level here (no AMX tile unit, no OS tile permission, or not compiled in)")
     script = f"""
 import torch, pyseqkern
 from pyseqkern import nn as pnn

@@ -1230,7 +1230,7 @@ _MKL_PROJECTS_LSTM_FROM = 4
 
 
 # Float32 and bfloat16 inference sequences of 2 to 32 rows a step (RNN: 2 or more; on average: packed
-# batches shrink) whose threads' shares of both panels (W_ih and W_hh) fit a core's L2 project each
+# batches shrink) whose threads' shares of both panels (W_ih and W_hh) fit _EACH_STEP_L2S L2s project each
 # step's rows inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
 # x_gates buffer written out and read back (13 MB at LSTM 100,32,256), no phase and sync of its own;
 # the threads own unit blocks. Module calls in-process, 15-31 pairs, time before / after: GRU

@@ -48,8 +48,9 @@ long long cpu_l3_bytes();
 // (a Zen 4: one core reads 96-108 GB/s from 128-512 KB, 82-89 from 0.75-4 MB), not Intel's server cores,
 // whose L3 is across the mesh (a Granite Rapids-class Xeon with 2 MB of L2: 189 GB/s to 1 MB, 121 at
 // 1.5 MB, 75 at 2 MB, 29 from 3 MB on). By vendor, not by a probe: the choices it steers differ in the
-// last bits, which must not change from run to run. Other cores take the slow rule, which costs at most
-// the small gains of streaming past the L2 (docs/DESIGN.md, "Caches by vendor").
+// last bits, which must not change from run to run. Other cores (Intel's client cores, ARM) take the slow
+// rules unmeasured: where their L3 is fast they forgo what the AMD rules gained there (up to 1.26x, a
+// bfloat16 LSTM on a Zen 4; docs/DESIGN.md, "Caches by vendor").
 bool cpu_l3_streams_fast();
 
 // cpuid's vendor string ("GenuineIntel", "AuthenticAMD", ...), empty off x86. The Python layer picks
