@@ -987,6 +987,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("RNN_RIDE_RING") = kRnnRideRing;
   m.def("build_info", &build_info);
   m.def("cpu_isa_report", &cpu_isa_report);
+  m.def("set_cpu_l3_streams_fast", &set_cpu_l3_streams_fast);
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"), py::arg("all_threads") = false);
   m.def("cpu_isa_follow_default", &isa_follow_default);
   m.def("cuda_report", &cuda_report_dict);

@@ -167,13 +167,21 @@ long long cpu_l3_bytes() {
   return bytes;
 }
 
+namespace {
+std::atomic<int> g_l3_streams_forced{-1};  // set_cpu_l3_streams_fast: -1 by vendor, else 0 or 1
+}  // namespace
+
 bool cpu_l3_streams_fast() {
+  const int forced = g_l3_streams_forced.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced != 0;
   static const bool fast = [] {
     const std::string v = cpu_vendor();
     return v == "AuthenticAMD" || v == "HygonGenuine";
   }();
   return fast;
 }
+
+void set_cpu_l3_streams_fast(int fast) { g_l3_streams_forced.store(fast < 0 ? -1 : fast != 0); }
 
 std::string cpu_vendor() {
 #if defined(__x86_64__) || defined(_M_X64)

@@ -118,6 +118,23 @@ def _apply_threads_env() -> None:
 
 _apply_threads_env()
 
+L3_STREAMS_ENV = "PYSEQKERN_L3_STREAMS"
+
+
+def _apply_l3_streams_env() -> None:
+    """PYSEQKERN_L3_STREAMS=auto|fast|slow: which cache rules the recurrent layers follow (isa.h,
+    cpu_l3_streams_fast; docs/DESIGN.md "Caches by vendor"). auto: AMD's rules on AMD and Hygon cores,
+    the slow-L3 ones elsewhere; forcing them lets a CPU nobody measured be measured both ways. Read once
+    at import: the rules are read then."""
+    value = os.environ.get(L3_STREAMS_ENV, "")
+    name = value.strip().lower() or "auto"
+    if name not in ("auto", "fast", "slow"):
+        raise ValueError(f"{L3_STREAMS_ENV}={value!r}: expected one of ['auto', 'fast', 'slow']")
+    _C.set_cpu_l3_streams_fast({"auto": -1, "fast": 1, "slow": 0}[name])
+
+
+_apply_l3_streams_env()
+
 FP32_GEMM_ENV = "PYSEQKERN_FP32_GEMM"
 
 

@@ -208,3 +208,36 @@ def test_arch_compatibility(archs, cap, runs):
 def test_cuda_report_names_the_device():
     info = pyseqkern.backend_info()["cuda"]
     assert info["usable"] and torch.cuda.get_device_name() in info["device"]
+
+
+@pytest.mark.parametrize("value, fast", [("fast", True), (" Slow ", False), ("", None), ("auto", None)])
+def test_l3_streams_by_env(value, fast):
+    """PYSEQKERN_L3_STREAMS forces the cache rules (fast: AMD's, slow: the slow-L3 ones) or leaves them to
+    the vendor; the recurrent layers' rules follow it, and a layer whose panels the forced rules treat
+    otherwise (LSTM H=256 at 8 rows: 2 MB of panels by rows or by units, each step or not) still gives
+    torch.nn's results."""
+    code = """
+import json, torch, pyseqkern
+from pyseqkern.ops import rnn as ops
+torch.manual_seed(0)
+ref = torch.nn.LSTM(256, 256)
+ours = pyseqkern.convert(torch.nn.LSTM(256, 256)); ours.load_state_dict(ref.state_dict())
+x = torch.randn(9, 8, 256)
+with torch.no_grad():
+    err = (ours(x)[0] - ref(x)[0]).abs().max().item()
+print(json.dumps([pyseqkern.backend_info()["cpu"], ops._EACH_STEP_L2S, ops._RIDE_L3_SHARE, err]))
+"""
+    proc = run_python(code, PYSEQKERN_L3_STREAMS=value)
+    assert proc.returncode == 0, proc.stderr
+    cpu, each_step_l2s, ride_share, err = json.loads(proc.stdout)
+    if fast is None:
+        fast = cpu["vendor"] in ("AuthenticAMD", "HygonGenuine")
+    assert cpu["l3_streams_fast"] == fast
+    assert (each_step_l2s, ride_share) == ((2, 0.5) if fast else (0.5, 0.0))
+    assert err < 1e-5
+
+
+def test_unknown_l3_streams_is_a_clear_error():
+    proc = run_python("import pyseqkern", PYSEQKERN_L3_STREAMS="quick")
+    assert proc.returncode != 0
+    assert "PYSEQKERN_L3_STREAMS='quick'" in proc.stderr and "['auto', 'fast', 'slow']" in proc.stderr

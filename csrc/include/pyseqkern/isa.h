@@ -52,6 +52,9 @@ long long cpu_l3_bytes();
 // rules unmeasured: where their L3 is fast they forgo what the AMD rules gained there (up to 1.26x, a
 // bfloat16 LSTM on a Zen 4; docs/DESIGN.md, "Caches by vendor").
 bool cpu_l3_streams_fast();
+// Forces it (1 fast, 0 slow) or returns it to the vendor's rule (-1): PYSEQKERN_L3_STREAMS, set by the
+// Python layer at import, before any kernel runs (the rules it steers are read then too).
+void set_cpu_l3_streams_fast(int fast);
 
 // cpuid's vendor string ("GenuineIntel", "AuthenticAMD", ...), empty off x86. The Python layer picks
 // torch's float32 GEMM by it (ops/rnn.py: MKL's sgemm is fast on Intel's cores and slow on AMD's).
