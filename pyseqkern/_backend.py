@@ -118,6 +118,18 @@ def _apply_threads_env() -> None:
 
 _apply_threads_env()
 
+
+
+def _env_choice(env: str, choices: tuple) -> str:
+    """The variable's value, any case and spacing, "auto" where unset or empty; anything not in
+    `choices` (which hold "auto") raises, naming the variable and the choices."""
+    value = os.environ.get(env, "")
+    name = value.strip().lower() or "auto"
+    if name not in choices:
+        raise ValueError(f"{env}={value!r}: expected one of {list(choices)}")
+    return name
+
+
 L3_STREAMS_ENV = "PYSEQKERN_L3_STREAMS"
 
 
@@ -126,10 +138,7 @@ def _apply_l3_streams_env() -> None:
     cpu_l3_streams_fast; docs/DESIGN.md "Caches by vendor"). auto: AMD's rules on AMD and Hygon cores,
     the slow-L3 ones elsewhere; forcing them lets a CPU nobody measured be measured both ways. Read once
     at import: the rules are read then."""
-    value = os.environ.get(L3_STREAMS_ENV, "")
-    name = value.strip().lower() or "auto"
-    if name not in ("auto", "fast", "slow"):
-        raise ValueError(f"{L3_STREAMS_ENV}={value!r}: expected one of ['auto', 'fast', 'slow']")
+    name = _env_choice(L3_STREAMS_ENV, ("auto", "fast", "slow"))
     _C.set_cpu_l3_streams_fast({"auto": -1, "fast": 1, "slow": 0}[name])
 
 
@@ -138,14 +147,12 @@ _apply_l3_streams_env()
 FP32_GEMM_ENV = "PYSEQKERN_FP32_GEMM"
 
 
-def _pick_fp32_gemm(value: str) -> str:
+def _pick_fp32_gemm() -> str:
     """Which of torch's GEMMs the recurrent layers call for float32 (ops/rnn.py): "mkl" (mm, taking
     transposed views) where torch has MKL and the CPU is Intel's or has no AVX-512, "onednn" (its
     internal linear) elsewhere: on AMD cores with AVX-512 MKL's sgemm takes its AVX2 path, ~40% of
     peak; without AVX-512 both run AVX2 code and MKL's was faster (DESIGN.md, "Which torch GEMM")."""
-    name = value.strip().lower() or "auto"
-    if name not in ("auto", "mkl", "onednn"):
-        raise ValueError(f"{FP32_GEMM_ENV}={value!r}: expected one of ['auto', 'mkl', 'onednn']")
+    name = _env_choice(FP32_GEMM_ENV, ("auto", "mkl", "onednn"))
     if name != "auto":
         return name
     isa = _C.cpu_isa_report()
@@ -153,7 +160,7 @@ def _pick_fp32_gemm(value: str) -> str:
     return "mkl" if mkl_full_speed and torch.backends.mkl.is_available() else "onednn"
 
 
-FP32_GEMM = _pick_fp32_gemm(os.environ.get(FP32_GEMM_ENV, ""))  # read at call time (tests set it)
+FP32_GEMM = _pick_fp32_gemm()  # read at call time (tests set it)
 _REFERENCE_FORCED = os.environ.get(REFERENCE_ENV, "").strip() in ("1", "true", "yes", "on")
 _FALLBACKS: dict[str, str] = {}
 _CUDA_COMPILED = bool(_C.build_info()["cuda_compiled"])  # asked once: every CUDA op call reads it

@@ -32,7 +32,7 @@ def test_keys_and_values():
     assert cpu["threads"] == torch.get_num_threads()
     assert cpu["vector_bits"] in (128, 256, 512)
     assert isinstance(cpu["vendor"], str) and cpu["fp32_gemm"] in ("onednn", "mkl")
-    assert cpu["l3_streams_fast"] == (cpu["vendor"] in ("AuthenticAMD", "HygonGenuine"))
+    assert isinstance(cpu["l3_streams_fast"], bool)  # (its rule: test_l3_streams_by_env)
     cuda = info["cuda"]
     assert set(cuda) >= {"compiled", "archs", "usable", "device", "reason"}
     assert cuda["usable"] == (cuda["reason"] is None)

@@ -990,7 +990,6 @@ def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj,
     hidden size (H=32 here) nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within _EACH_STEP_L2S L2s."""
     if expect == "dot":
         expect = pyseqkern.backend_info()["cpu"]["isa_active"] in BF16_DOT_LEVELS
-    assert ops._EACH_STEP_L2S == (2 if ops._L3_STREAMS_FAST else 0.5)  # (two L2s on AMD, half of one elsewhere)
     monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch, each_step=True)
     x, bs, t = make_case(mode, proj, dtype, T=3, B=B, I=I, H=32, strided_inputs=False)
@@ -1126,9 +1125,8 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
     the bytes the products read (2 a weight for bfloat16's pair sections), fit _RIDE_L3_SHARE of the L3,
     at any length (x_gates in the ride's ring: a sequence whose rows would overflow _CHUNK_BYTES rides
     too); otherwise torch's GEMM projects. Either way the same reference is met. The share is half the L3
-    where it streams near the L2's rate (_L3_STREAMS_FAST), none elsewhere: nothing rides past the read
-    rule there."""
-    assert ops._RIDE_L3_SHARE == (0.5 if ops._L3_STREAMS_FAST else 0.0)
+    where it streams near the L2's rate (_L3_STREAMS_FAST), none elsewhere (test_backend_info,
+    test_l3_streams_by_env): nothing rides past the read rule there."""
     spy = ProjectingSpy(monkeypatch)
     I, H = 40, 16
     G, K = ops.GATES[mode], proj or 16

@@ -1180,7 +1180,8 @@ def _input_panel(code, reset_after, hidden, w_ih):
 # (100,1,256) 1.16, (100,64,256) 1.00), and so does projecting each step where that rule admits the
 # panels (below; both rules together, packed B=32 lengths 100..10: LSTM 1.10, GRU 1.09; B=8 1.06 /
 # 1.04; padded B=4 1.00 / 1.03).
-_L2_BYTES = int(_C.cpu_isa_report()["l2_bytes"])
+_CPU = _C.cpu_isa_report()  # (sizes and vendor rules, read once)
+_L2_BYTES = int(_CPU["l2_bytes"])
 _READ_L2S = 1
 # One-row sequences (B = 1) past the read rule: on levels with 32 vector registers the kernel projects
 # each row inside the recurrent tiles of earlier steps (rnn_fwd.cpp, ride_tile), which stream the
@@ -1201,8 +1202,8 @@ _READ_L2S = 1
 # (100,1,768) 1.23 -> 1.32x, (100,1,1024) 1.20 -> 1.30x, (100,1,1536) 1.15 -> 1.31x. (Within the read
 # rule it rides there as anywhere: (100,1,256) LSTM / GRU / RNN 2.65 / 3.34 / 2.80x, not riding 2.64 /
 # 3.28 / 2.79x.)
-_L3_STREAMS_FAST = bool(_C.cpu_isa_report()["l3_streams_fast"])
-_L3_BYTES = int(_C.cpu_isa_report()["l3_bytes"])
+_L3_STREAMS_FAST = bool(_CPU["l3_streams_fast"])
+_L3_BYTES = int(_CPU["l3_bytes"])
 _RIDE_L3_SHARE = 0.5 if _L3_STREAMS_FAST else 0.0
 _RIDE_MIN_STEPS = 9  # more than kRideRows: the first kRideRows rows are projected before the steps
 # Riding, the kernel keeps x_gates in a ring of this many rows (two groups of kRideRows, rnn.h) instead of
