@@ -8,7 +8,7 @@ import time
 import torch
 
 from .. import __version__, backend_info
-from . import timing
+from . import allocator, timing
 from .registry import Case, Ceilings, all_cases
 from .report import Result, format_tables, write_json
 
@@ -28,6 +28,9 @@ def _parse(argv):
     p.add_argument("--json", metavar="FILE", help="write every result (with raw samples) as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG of speedups and share of peak")
     p.add_argument("--repeats", type=int, default=None, help="timed samples per side (default 15 quick, 30 full)")
+    p.add_argument("--malloc", choices=["steady", "as-is"], default="steady",
+                   help="steady (default): hold glibc's malloc thresholds so that neither side's large tensors "
+                   "page-fault on every call (bench/allocator.py); as-is: leave them as glibc starts")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)
 
@@ -109,9 +112,11 @@ def main(argv=None) -> int:
                  if c.family == "machine" and c.quick and (c.device, c.peak) in needs_ceiling - have]
         cases = extra + cases
     info = backend_info()
+    malloc = allocator.hold_steady() if args.malloc == "steady" else "as glibc starts (--malloc as-is)"
     print(f"pyseqkern {__version__} bench: {len(cases)} cases, {'full' if args.full else 'quick'} suite, "
           f"CPU {info['cpu']['isa_active']} x {info['cpu']['threads']} threads"
           + (f", CUDA {info['cuda']['device']}" if info["cuda"]["usable"] else ""), file=sys.stderr)
+    print(f"malloc: {malloc}", file=sys.stderr)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     ceilings = Ceilings()
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
     _shares_of_peak(cases, results, ceilings)
     print(f"done in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     print(format_tables(results))
-    meta = {"version": __version__, "suite": "full" if args.full else "quick", "backend": info,
+    meta = {"version": __version__, "suite": "full" if args.full else "quick", "backend": info, "malloc": malloc,
             "argv": list(sys.argv[1:] if argv is None else argv)}
     if args.json:
         write_json(args.json, results, ceilings.values, meta)
