@@ -25,6 +25,7 @@ def test_handoff_family_writes_tables_json_and_png(tmp_path):
     assert all(r["torch_ms"] > 0 and r["ours_ms"] > 0 and len(r["ours_samples_ms"]) == 3 for r in rows)
     assert all("pct_needed" in r and "peak_target" in r for r in rows)
     assert doc["meta"]["backend"]["cpu"]["isa_active"]
+    assert doc["meta"]["malloc"] and f"malloc: {doc['meta']['malloc']}" in proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -132,3 +133,40 @@ def test_a_missed_target_says_what_share_of_peak_it_needs():
     assert by_peak == {"inference T=100 B=32 H=256", "inference T=200 B=64 H=512"}
     assert not [c for c in all_cases() if c.family != "lstm" and c.peak_target is not None]
     assert rnn_cases._inference_peak_target("GRU", 64) is None
+
+
+_FAULTS = """
+import resource, sys, torch
+from pyseqkern.bench import allocator
+said = allocator.hold_steady() if sys.argv[1] == "steady" else "as-is"
+def faults_of_one_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(48 << 20, dtype=torch.uint8).fill_(1)  # 48 MB, touched, freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+for _ in range(10):  # (posix_memalign's slack: a block of a size may not fit where the last one was)
+    faults_of_one_tensor()
+print(said, "|", sum(faults_of_one_tensor() for _ in range(5)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux")
+def test_malloc_held_steady_reuses_freed_memory():
+    """A 48 MB tensor made again and again: glibc as it starts maps it afresh each time and faults every
+    page of it (12,288 of 4 KB); held steady it comes from the memory the last one freed."""
+    runs = {}
+    for mode in ("steady", "as-is"):
+        proc = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        said, faults = proc.stdout.rsplit("|", 1)
+        runs[mode] = (said.strip(), int(faults))
+    if not runs["steady"][0].startswith("glibc"):
+        pytest.skip(f"not glibc: {runs['steady'][0]}")
+    assert "held" in runs["steady"][0], runs
+    assert runs["steady"][1] < 1000 and runs["as-is"][1] > 5 * 12288 * 0.9, runs
+
+
+def test_malloc_as_is_is_reported(tmp_path):
+    js = tmp_path / "b.json"
+    proc = bench("--op", "handoff", "--device", "cpu", "--repeats", "1", "--malloc", "as-is", "--json", str(js))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(js.read_text())["meta"]["malloc"] == "as glibc starts (--malloc as-is)"
