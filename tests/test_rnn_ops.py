@@ -1388,6 +1388,14 @@ def test_wide_hidden_layers_meet_twice_torchs_error(isa, mode, proj, reset_after
     check_against_reference(mode, proj * 100, reset_after, torch.float32, False, None, T=3, B=3, I=5, H=1024)
 
 
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_wide_bfloat16_layers_meet_twice_torchs_error(isa, mode, proj, reset_after):
+    """bfloat16 at H = 1040: rows of more than 1024 values in the forward's product (K = 1040) and the
+    backward's (G x 1040 gate rows), which the amx level stages for the tile unit since stop 42
+    (rnn_common.h, amx_stage; before, the vdpbf16ps tile took them); other levels as before."""
+    check_against_reference(mode, proj * 100, reset_after, torch.bfloat16, False, None, T=3, B=3, I=5, H=1040)
+
+
 def test_dispatch_modes_still_see_the_op():
     # A TorchDispatchMode must observe pyseqkern's ops, so the fast path must step aside for it.
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -4,6 +4,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -602,9 +603,26 @@ constexpr int64_t kPairRound = 1;
 inline int64_t pairs_stored(int64_t k) { return (((k + 1) / 2 + kPairRound - 1) / kPairRound) * kPairRound; }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Staged row length limit (bfloat16 values): 32 rows x 1024 x 2 bytes = 64 KB of the worker's stack.
-// Longer rows (K or I above 1024) take the vdpbf16ps tile.
-constexpr int64_t kAmxMaxK = 1024;
+// The staged rows of amx_product: 32 rows of whole tiles of k, this thread's own buffer, kept and grown
+// as needed (an LSTM's backward at H = 512 contracts over 2048 gate rows: 128 KB, more than a worker's
+// stack should hold). Until stop 42 rows past 1024 values took the vdpbf16ps tile instead, at a third of
+// the tile unit's rate: half of a bfloat16 LSTM training call at (200, 64, 512). Null where the
+// allocation fails (then the vdpbf16ps tile).
+inline bf16* amx_stage(int64_t values) {
+  struct Buf {
+    void* p = nullptr;
+    int64_t cap = 0;
+    ~Buf() { std::free(p); }
+  };
+  static thread_local Buf buf;
+  if (values > buf.cap) {
+    std::free(buf.p);
+    buf.cap = 0;
+    buf.p = std::aligned_alloc(64, static_cast<size_t>(ceil_div(values * 2, 64) * 64));
+    if (buf.p) buf.cap = values;
+  }
+  return static_cast<bf16*>(buf.p);
+}
 constexpr int64_t kScratchRow = kAcc * 64;  // bytes between rows of the scratch: kAcc vectors, as in a Tile
 
 // Two row groups: tiles 0-3 C, 4-5 A (row groups 0 and 1), 6-7 B. One row group: 0-1 C, 2-3 A, 4-7 B
@@ -729,7 +747,7 @@ template <int G, typename RowPtr, typename Epi>
 void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel, int64_t K2, int64_t kstride,
                  int64_t bstride, RowPtr row_ptr, Epi& epi, int64_t row0) {
   const int64_t KC = ceil_div(K2, 16), Ks = KC * 32;  // staged row: whole tiles of k (bfloat16 values)
-  alignas(64) bf16 stage[32 * kAmxMaxK];
+  bf16* const stage = amx_stage(32 * Ks);  // (checked by tiled_product)
   // Two scratches: the next window's tile products are issued before the last window's epilogue runs,
   // so the out-of-order core runs that epilogue's vector work while the tile unit computes.
   alignas(64) vfloat sc[2][32 * kAcc];  // in each, row r's sums at r * kAcc
@@ -785,8 +803,8 @@ inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* pa
   using A = typename AccOf<P>::type;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if constexpr (std::is_same<P, bf16x2>::value) {
-    if (ceil_div(K, 16) * 32 <= kAmxMaxK) return amx_product<G>(nrows, blk0, blk1, panel, K, kstride, bstride, row_ptr,
-                                                                epi, row0);
+    if (amx_stage(32 * ceil_div(K, 16) * 32))
+      return amx_product<G>(nrows, blk0, blk1, panel, K, kstride, bstride, row_ptr, epi, row0);
   }
 #endif
   // Rows outer, so each row tile streams every block of the panel: from the cache where the panel

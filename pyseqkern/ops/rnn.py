@@ -743,6 +743,16 @@ def _proj_scratch():
 _MKL_GATES_UP_TO = 256
 
 
+# oneDNN's bfloat16 GEMM on AMX cores (torch 2.13, 2-core Granite Rapids-class Xeon) runs the joint
+# weight-gradient GEMM dG^T [x | h_prev | 1] (M = G*K gate rows, N = I + K + 1) at half its speed for two
+# GEMMs of half the width where M is 512 or more: at 3200 rows, M = 1024, N = 513 at 790 GFLOP/s, N = 256
+# at 1860. Time joint / (dW_ih, dW_hh, bias sum apart), rows 800 / 3200 / 12800: (M, N) = (512, 257)
+# 1.50 / 0.99 / 1.01, (768, 513) 1.96 / 2.10 / 1.13, (1024, 513) 2.15 / 2.09 / 2.07, (2048, 1025) 2.21 /
+# 1.13 / 0.94; below 512 the joint one is as fast or faster: (256, 513) 0.51 / 1.06 / 1.13, (256, 129)
+# 0.82 / 0.86 / 0.96. (Float32 is MKL's or oneDNN's float32 kernel: the joint GEMM saves 10% there.)
+_AMX_BF16_APART_FROM = 512
+
+
 class _Gemms:
     """The backward's GEMMs as a @ bt^T with both operands row-major (`t()` gives the transposed copy
     or view). Where `fast`, they go through the same oneDNN linear as the projection, about twice
@@ -757,6 +767,9 @@ class _Gemms:
         # (asked first: _onednn_ok takes one of oneDNN's row counts)
         narrow = dtype == torch.float32 and gate_cols <= _MKL_GATES_UP_TO
         self.fast = not narrow and _onednn_ok(rows, dtype, device)
+        # The weight gradients as one GEMM, dG^T [x | h_prev | 1] (rnn_autograd), or as one per weight and
+        # a sum: bfloat16 on AMX cores takes the latter for gates _AMX_BF16_APART_FROM wide or more.
+        self.joint = not (dtype == torch.bfloat16 and _AMX and gate_cols >= _AMX_BF16_APART_FROM)
 
     def t(self, a):
         return a.t().contiguous() if self.fast else a.t()
@@ -1181,6 +1194,7 @@ def _input_panel(code, reset_after, hidden, w_ih):
 # panels (below; both rules together, packed B=32 lengths 100..10: LSTM 1.10, GRU 1.09; B=8 1.06 /
 # 1.04; padded B=4 1.00 / 1.03).
 _CPU = _C.cpu_isa_report()  # (sizes and vendor rules, read once)
+_AMX = "amx" in _CPU["supported"]  # (the tile unit, which oneDNN's bfloat16 GEMMs use: _Gemms)
 _L2_BYTES = int(_CPU["l2_bytes"])
 _READ_L2S = 1
 # One-row sequences (B = 1) past the read rule: on levels with 32 vector registers the kernel projects

@@ -336,7 +336,7 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     I = 0 if x2d is None else x2d.shape[1]
     with_db = need[5] or need[6]
     joint = None
-    use_joint = g.fast and mode != "gru" and need[3] and need[4]  # (never under the legacy vmap: g.fast)
+    use_joint = g.fast and g.joint and mode != "gru" and need[3] and need[4]  # (never under the legacy vmap: g.fast)
 
     def make_joint(take):
         j = take((I + K + with_db, reserve.shape[0]), wdtype)
