@@ -155,7 +155,8 @@ def test_malloc_held_steady_reuses_freed_memory():
     page of it (12,288 of 4 KB); held steady it comes from the memory the last one freed."""
     runs = {}
     for mode in ("steady", "as-is"):
-        proc = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120,
+                              cwd=tempfile.gettempdir())  # (-c puts the directory first on sys.path)
         assert proc.returncode == 0, proc.stderr
         said, faults = proc.stdout.rsplit("|", 1)
         runs[mode] = (said.strip(), int(faults))
