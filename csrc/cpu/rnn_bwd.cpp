@@ -333,8 +333,15 @@ void bwd_worker(void* raw, const Team& team) {
       tiled_product<1, A>(nr, u0, u1, packed + l.bproj, P, L, P * L, [&](int64_t b) { return c.dh_aux + b * Kp; },
                           [&](int64_t b, int64_t u, const V<A>* sum, int col) { gates(b, u, sum[col]); }, r0);
     } else {
-      for (int64_t u = u0; u < u1; ++u)
-        for (int64_t b = r0; b < r1; ++b) {
+      // Rows outer: a row's reserve (G gate segments and c, rc values apart from the next row's) is read
+      // a block after another, runs the L2 streamer follows; with blocks outer each block of a step
+      // visited every row, 6 KB apart, and the reserve (written past the caches) came line by line
+      // from memory. Stop 42, the Xeon, the backward kernel's own time a call (T, B, H) = (100, 32, 256),
+      // 3 process pairs blocks / rows outer: LSTM float32 8.33 / 8.19, 8.07 / 7.78, 8.18 / 7.16 ms; under
+      // autocast(bfloat16) 6.91 / 6.35, 7.17 / 6.22, 7.10 / 5.92; GRU under autocast 6.44 / 6.17, 6.29 /
+      // 6.07. (Each (row, block) is on its own: the same bits either way.)
+      for (int64_t b = r0; b < r1; ++b)
+        for (int64_t u = u0; u < u1; ++u) {
           V<A> dh = load<A>(c.dh_rec + b * Kp + u * L, L);
           if (dy) dh += load<A>(dy + seq_row(q, s, b) * p.ld_dy + u * L, valid_of(u, H));
           gates(b, u, dh);
