@@ -368,7 +368,7 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
         dgx_t = dgx.t()
         dgh_t = dgh.t() if gru_after else None
         hprev_t = h_prev.to(wdtype).t()
-    dx = g.mm(dgx, g.t(w_ih)) if need[0] else None
+    dx = g.mm_rows(dgx, w_ih) if need[0] else None
     dw_hh = dw_hr = None
     db = None
     if joint is not None:
@@ -377,7 +377,7 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
         if with_db:
             db = dw[:, I + K].contiguous()
     else:
-        dw_ih = g.mm(dgx_t, g.t(x2d)) if need[3] else None
+        dw_ih = g.mm_rows(dgx_t, x2d) if need[3] else None
         db = dgx.sum(0) if with_db else None
     if need[4] and joint is None:
         if gru_after:
