@@ -746,11 +746,16 @@ _MKL_GATES_UP_TO = 256
 # oneDNN's bfloat16 GEMM on AMX cores (torch 2.13, 2-core Granite Rapids-class Xeon) runs the joint
 # weight-gradient GEMM dG^T [x | h_prev | 1] (M = G*K gate rows, N = I + K + 1) at half its speed for two
 # GEMMs of half the width where M is 512 or more: at 3200 rows, M = 1024, N = 513 at 790 GFLOP/s, N = 256
-# at 1860. Time joint / (dW_ih, dW_hh, bias sum apart), rows 800 / 3200 / 12800: (M, N) = (512, 257)
-# 1.50 / 0.99 / 1.01, (768, 513) 1.96 / 2.10 / 1.13, (1024, 513) 2.15 / 2.09 / 2.07, (2048, 1025) 2.21 /
-# 1.13 / 0.94; below 512 the joint one is as fast or faster: (256, 513) 0.51 / 1.06 / 1.13, (256, 129)
-# 0.82 / 0.86 / 0.96. (Float32 is MKL's or oneDNN's float32 kernel: the joint GEMM saves 10% there.)
-_AMX_BF16_APART_FROM = 512
+# at 1860. GEMM time joint / apart (dW_ih and dW_hh on transposed copies, a bias sum), rows 800 / 3200 /
+# 12800: (M, N) = (512, 257) 1.50 / 0.99 / 1.01, (768, 513) 1.96 / 2.10 / 1.13, (1024, 513) 2.15 / 2.09 /
+# 2.07, (2048, 1025) 2.21 / 1.13 / 0.94; (256, 513) 0.51 / 1.06 / 1.13. With dW_ih on x as it comes
+# (mm_rows) apart wins at every size measured, so bfloat16 on AMX is always apart: in-process, 5 rounds,
+# ratio to torch.nn joint -> apart, autocast training: LSTM (100,32,256) 0.80 -> 0.94x (before mm_rows),
+# (100,32,64) 1.11 -> 1.14, (100,8,64) 1.68 -> 1.79, (50,16,128) 1.45 -> 1.57; RNN (100,32,256) 2.79 ->
+# 3.12 (bfloat16 modules 2.72 -> 3.07), (100,8,256) 5.24 -> 5.38, (50,16,128) 4.24 -> 4.49, (100,64,512)
+# 1.61 -> 1.70; one shape measured the other way, LSTM (200,64,512) 1.08 -> 1.05x (M = 2048 at 12,800
+# rows, 3 rounds). Elsewhere the joint GEMM stays (float32: 10% less time than apart; bfloat16 without AMX
+# unmeasured).
 
 
 class _Gemms:
@@ -759,7 +764,8 @@ class _Gemms:
     MKL's speed here. oneDNN takes only operands contiguous along the contracted dimension (a
     transposed view as its weight took one training call from 60 ms to 10 s), and the weight
     gradients contract over rows: the backward kernel writes d_gates^T and h_prev^T itself (torch's
-    transposing copies cost 4 ms of a 50 ms LSTM training call); `t()` copies the small rest.
+    transposing copies cost 4 ms of a 50 ms LSTM training call); `t()` copies the small rest, and
+    bfloat16 operands that come row-major (x, w_ih) go to torch.mm whole (`mm_rows`).
     Elsewhere (float64, CUDA, torch.compile, few rows, float32 where MKL runs at full speed:
     _backend.FP32_GEMM, float32 gates _MKL_GATES_UP_TO wide or less): views and mm."""
 
@@ -768,8 +774,8 @@ class _Gemms:
         narrow = dtype == torch.float32 and gate_cols <= _MKL_GATES_UP_TO
         self.fast = not narrow and _onednn_ok(rows, dtype, device)
         # The weight gradients as one GEMM, dG^T [x | h_prev | 1] (rnn_autograd), or as one per weight and
-        # a sum: bfloat16 on AMX cores takes the latter for gates _AMX_BF16_APART_FROM wide or more.
-        self.joint = not (dtype == torch.bfloat16 and _AMX and gate_cols >= _AMX_BF16_APART_FROM)
+        # a sum, as bfloat16 on AMX cores takes them (above).
+        self.joint = not (dtype == torch.bfloat16 and _AMX)
 
     def t(self, a):
         return a.t().contiguous() if self.fast else a.t()
