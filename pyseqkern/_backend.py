@@ -119,7 +119,6 @@ def _apply_threads_env() -> None:
 _apply_threads_env()
 
 
-
 def _env_choice(env: str, choices: tuple) -> str:
     """The variable's value, any case and spacing, "auto" where unset or empty; anything not in
     `choices` (which hold "auto") raises, naming the variable and the choices."""

@@ -743,11 +743,11 @@ inline void call_epilogue(Epi& epi, int64_t r0, int mr, int64_t blk, const V<A>*
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // tiled_product for bf16 rows against pair panels on the tile unit (see amx_pass2): windows of the
 // blocks whose G columns fit a Tile (kAcc), each computed for up to 32 rows, then its epilogues.
+// `stage`: amx_stage's buffer of 32 staged rows (whole tiles of k).
 template <int G, typename RowPtr, typename Epi>
 void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel, int64_t K2, int64_t kstride,
-                 int64_t bstride, RowPtr row_ptr, Epi& epi, int64_t row0) {
+                 int64_t bstride, RowPtr row_ptr, Epi& epi, int64_t row0, bf16* stage) {
   const int64_t KC = ceil_div(K2, 16), Ks = KC * 32;  // staged row: whole tiles of k (bfloat16 values)
-  bf16* const stage = amx_stage(32 * Ks);  // (checked by tiled_product)
   // Two scratches: the next window's tile products are issued before the last window's epilogue runs,
   // so the out-of-order core runs that epilogue's vector work while the tile unit computes.
   alignas(64) vfloat sc[2][32 * kAcc];  // in each, row r's sums at r * kAcc
@@ -803,8 +803,8 @@ inline void tiled_product(int64_t nrows, int64_t blk0, int64_t blk1, const P* pa
   using A = typename AccOf<P>::type;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if constexpr (std::is_same<P, bf16x2>::value) {
-    if (amx_stage(32 * ceil_div(K, 16) * 32))
-      return amx_product<G>(nrows, blk0, blk1, panel, K, kstride, bstride, row_ptr, epi, row0);
+    if (bf16* stage = amx_stage(32 * ceil_div(K, 16) * 32))
+      return amx_product<G>(nrows, blk0, blk1, panel, K, kstride, bstride, row_ptr, epi, row0, stage);
   }
 #endif
   // Rows outer, so each row tile streams every block of the panel: from the cache where the panel
