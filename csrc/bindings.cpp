@@ -861,8 +861,9 @@ class RnnCellStep {
     p.b_hn = own(b_hn, "b_hn", p.dtype, hidden);
   }
 
+  // y: where the step's output goes besides h_n (a one-step sequence's output tensor), or 0 (h_n only).
   void run(int64_t batch, uintptr_t x, uintptr_t h, uintptr_t c, uintptr_t h_n, uintptr_t c_n,
-           int num_threads, bool spread) const {
+           int num_threads, bool spread, uintptr_t y) const {
     if (batch < 1 || x == 0 || h_n == 0 || (base_.shape.mode == RnnMode::Lstm) != (c_n != 0))
       throw py::value_error("pyseqkern: RnnCellStep.run: needs batch >= 1, x and h_n, and c_n exactly for LSTM");
     RnnFwdParams p = base_;
@@ -871,8 +872,9 @@ class RnnCellStep {
     p.ld_x = p.input;
     p.h0 = reinterpret_cast<const void*>(h);
     p.c0 = reinterpret_cast<const void*>(c);
-    // One step: each row's output is its final state, so y and h_n share one buffer (rnn.h allows it).
-    p.y = p.h_n = reinterpret_cast<void*>(h_n);
+    // One step: each row's output is its final state, so y and h_n may share one buffer (rnn.h allows it).
+    p.h_n = reinterpret_cast<void*>(h_n);
+    p.y = y != 0 ? reinterpret_cast<void*>(y) : p.h_n;
     p.ld_y = p.shape.hidden;
     p.c_n = reinterpret_cast<void*>(c_n);
     p.num_threads = num_threads;
@@ -1025,7 +1027,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("input"), py::arg("dtype"),
            py::arg("packed"), py::arg("packed_in"), py::arg("bias").none(true), py::arg("b_hn").none(true))
       .def("run", &RnnCellStep::run, py::arg("batch"), py::arg("x"), py::arg("h"), py::arg("c"), py::arg("h_n"),
-           py::arg("c_n"), py::arg("num_threads"), py::arg("spread") = false)
+           py::arg("c_n"), py::arg("num_threads"), py::arg("spread") = false, py::arg("y") = 0)
       .def_static("release_workspace", &RnnCellStep::release_workspace);
   m.def("cell_lstm_forward", &cell_lstm_forward);
   m.def("cell_lstm_backward", &cell_lstm_backward);

@@ -254,11 +254,12 @@ def test_one_step_calls_without_grad_run_as_cells(monkeypatch, kind, cfg_name, d
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, layers, batch, layout, dtype, hx_given):
     """One step of a one-direction module with no grad, hx given or not (zeros: a decoding loop's first
-    step), goes from the module straight to the cells' planned entry, layer by layer (nn/_sequence.py
-    _decode_step): the bits of the general one-step path (run_layers, rnn_cell), torch.nn's results in
-    float64, outputs that share no memory; and the full path, with its errors, wherever anything
-    differs. (Without hx that step took the sequence path until stop 23: LSTM T=1, B=1, H=256 117 ->
-    54 us.)"""
+    step), goes from the module straight to the cells' planned entries (nn/_sequence.py _decode_step):
+    contiguous tensors by data pointers (ops.rnn.step_fast, one call for every layer), strided ones
+    layer by layer (ops.rnn.cell_fast); both with the bits of the general one-step path (run_layers,
+    rnn_cell), torch.nn's results in float64, outputs that share no memory; and the full path, with its
+    errors, wherever anything differs. (Without hx that step took the sequence path until stop 23: LSTM
+    T=1, B=1, H=256 117 -> 54 us.)"""
     from pyseqkern.nn import _sequence
 
     name, kwargs = KINDS[kind]
@@ -274,29 +275,42 @@ def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, l
     if not hx_given:
         hs = [torch.zeros_like(h) for h in hs]  # (the oracle's states)
     hx = (tuple(hs) if kind == "lstm" else hs[0]) if hx_given else None
-    real_fast, real_cell = rnn_ops.cell_fast, rnn_ops.rnn_cell
-    fast, cells = [], []
+    real_step, real_fast, real_cell = rnn_ops.step_fast, rnn_ops.cell_fast, rnn_ops.rnn_cell
+    steps, fast, cells = [], [], []
+    monkeypatch.setattr(rnn_ops, "step_fast", lambda *a, **k: steps.append(real_step(*a, **k)) or steps[-1])
     monkeypatch.setattr(rnn_ops, "cell_fast", lambda *a, **k: fast.append(1) or real_fast(*a, **k))
     monkeypatch.setattr(rnn_ops, "rnn_cell", lambda *a, **k: cells.append(1) or real_cell(*a, **k))
+    # The same step from a strided view (every other column of a buffer twice as wide): layer by layer.
+    strided = torch.stack([x, torch.full_like(x, float("nan"))], -1).view(*shape[:-1], 2 * I)[..., ::2]
+    assert torch.equal(strided, x) and not strided.is_contiguous()
     with torch.no_grad():
         ours(x, hx)  # plans the cells' entries for these parameters (through the general path)
-        fast.clear(), cells.clear()
+        steps.clear(), fast.clear(), cells.clear()
         out, hn = ours(x, hx)
         plan = rnn_ops._cell_plan(kind, True, ours.weight_ih_l0, ours.weight_hh_l0, ours.bias_ih_l0, ours.bias_hh_l0)
         if plan.step is not None:  # (none for bfloat16 with an odd input size, or without bf16 dot products)
-            assert len(fast) == layers and not cells, "the decode step did not go straight to the cells' entry"
+            assert len(steps) == 1 and steps[0] is not None and not fast and not cells, \
+                "the decode step did not go straight to the cells' entries"
+            steps.clear()
+            by_layer, by_layer_hn = ours(strided, hx)
+            assert not steps and len(fast) == layers and not cells, "a strided step did not go layer by layer"
         with monkeypatch.context() as m:
             m.setattr(_sequence, "_decode_step", lambda *a: None)
             general, general_hn = ours(x, hx)
+            if plan.step is None:
+                by_layer, by_layer_hn = ours(strided, hx)
         want, want_hn = copy.deepcopy(theirs).double()(x.double(), tuple(h.double() for h in hs) if kind == "lstm"
                                                        else hs[0].double())
     flat = lambda o, s: [o] + (list(s) if kind == "lstm" else [s])
-    for name_, a, g, e in zip(["output", "h_n", "c_n"], flat(out, hn), flat(general, general_hn), flat(want, want_hn)):
-        assert a.shape == e.shape and a.dtype == dtype
+    for name_, a, s, g, e in zip(["output", "h_n", "c_n"], flat(out, hn), flat(by_layer, by_layer_hn),
+                                 flat(general, general_hn), flat(want, want_hn)):
+        assert a.shape == s.shape == e.shape and a.dtype == s.dtype == dtype
         assert_bitwise_equal(a, g, name_)
+        assert_bitwise_equal(s, g, name_)
         assert_matches(a, e, name_)
-    ptrs = [t.untyped_storage().data_ptr() for t in flat(out, hn)]
-    assert len(set(ptrs)) == len(ptrs)
+    for outs in (flat(out, hn), flat(by_layer, by_layer_hn)):
+        ptrs = [t.untyped_storage().data_ptr() for t in outs]
+        assert len(set(ptrs)) == len(ptrs)
     # anything else takes the full path: its error for a state of the wrong size
     bad = tuple(h[..., :-1] for h in hs) if kind == "lstm" else hs[0][..., :-1]
     with pytest.raises(RuntimeError, match="Expected hx"):

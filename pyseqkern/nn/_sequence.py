@@ -36,11 +36,13 @@ def _layer_parameters(layer: int) -> tuple:
 
 def _decode_step(module, input, hx, reset_after):
     """(output, h_n, c_n or None) of one time step of a one-direction module through the cells' planned
-    entry (ops.rnn.cell_fast), layer by layer, or None where anything differs (then the full path runs,
-    with its checks and errors). A decoding loop calls a layer once per token; the general path's
-    argument handling, layer stack and stacking cost more than the step itself (RNN T=1, B=1, H=256:
-    39 us against 17 for an RNNCell). The same kernel entries as that path's (several layers spread
-    over every thread there too), so the same bits."""
+    entries, or None where anything differs (then the full path runs, with its checks and errors). A
+    decoding loop calls a layer once per token; the general path's argument handling, layer stack and
+    stacking cost more than the step itself (RNN T=1, B=1, H=256: 39 us against 17 for an RNNCell).
+    Inference on contiguous tensors goes by data pointers (ops.rnn.step_fast: no views, no copies);
+    the rest layer by layer through ops.rnn.cell_fast (recorded steps: its training route). The same
+    kernel entries as the general path's (several layers spread over every thread there too), so the
+    same bits."""
     layers = module.num_layers
     if (module.bidirectional or module.proj_size or (module.dropout and module.training and layers > 1)
             or torch.compiler.is_compiling()):
@@ -50,10 +52,7 @@ def _decode_step(module, input, hx, reset_after):
         t_dim = 1 if module.batch_first else 0
         if input.shape[t_dim] != 1:
             return None
-        x = input.select(t_dim, 0)
-    elif input.dim() == 2 and input.shape[0] == 1:
-        x = input  # (one step of an unbatched sequence: a batch of one row)
-    else:
+    elif input.dim() != 2 or input.shape[0] != 1:  # (one step of an unbatched sequence: a batch of one row)
         return None
     is_lstm = module.mode == "LSTM"
     if hx is None:  # (zero states: the kernel reads none, 117 -> 61 us for LSTM T=1, B=1, H=256)
@@ -71,6 +70,16 @@ def _decode_step(module, input, hx, reset_after):
     if h0 is not None and (h0.dim() != input.dim() or h0.shape[0] != layers or (is_lstm and c0.shape[0] != layers)):
         return None
     mode, spread = module.mode.lower(), layers > 1
+    if input.is_contiguous():
+        params = [planned_parameters(module, _layer_parameters(layer)) for layer in range(layers)]
+        if None not in params:
+            hidden = module.hidden_size
+            state_shape = (layers, input.shape[1 - t_dim], hidden) if batched else (layers, hidden)
+            step = _rnn_ops.step_fast(mode, reset_after, input, h0, c0, params, input.shape[:-1] + (hidden,),
+                                      state_shape, spread)
+            if step is not None:
+                return step
+    x = input.select(t_dim, 0) if batched else input
     hs, cs = [], []
     for layer in range(layers):
         at = layer if batched else slice(layer, layer + 1)
