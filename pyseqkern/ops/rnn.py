@@ -1566,9 +1566,6 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     B = shape[0]
     if not (0 < B <= _INPUT_PANEL_MAX_BATCH and shape[1] == plan.input and x.dtype is dtype and x.is_cpu):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or w_ih.requires_grad or w_hh.requires_grad or any(
-            t is not None and t.requires_grad for t in (b_ih, b_hh, *(states or ())))):
-        return None
     h = c = 0
     hs = (B, plan.hidden)
     if states is not None:  # (a contiguous copy stays referenced until the call)
@@ -1583,7 +1580,7 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
         if plan.code == 0:
             c_t = c_t if c_t.is_contiguous() else c_t.contiguous()
             c = c_t.data_ptr()
-    if _backend._REFERENCE_FORCED or not _plain_eager(x):
+    if _backend._REFERENCE_FORCED or not _unobserved():  # (_plain_eager's own type and device checks: above)
         return None
     if not x.is_contiguous():
         x = x.contiguous()
