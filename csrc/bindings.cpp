@@ -393,7 +393,7 @@ RnnPackParams pack_params(int mode, bool reset_after, int64_t hidden, int64_t pr
 }
 
 void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c, py::handle w_hr_c,
-                    py::handle out_c, uintptr_t stream) {
+                    py::handle out_c, uintptr_t stream, int num_threads) {
   TensorView w = view_of(w_hh_c, "w_hh"), out = view_of(out_c, "out");
   const RnnCpuKernels& kern = rnn_cpu_kernels();
   RnnPackParams p = pack_params(mode, reset_after, hidden, proj, w_hh_c, w_hr_c, w, out, kern, "rnn_pack");
@@ -411,6 +411,7 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
 #endif
   }
   require_cpu_dtype(p.dtype, "rnn_pack", "w_hh");
+  p.num_threads = num_threads;
   int64_t at = 0;
   const PackStamp stamp = weights_stamp(p.shape, p.dtype, kern, &at);
   py::gil_scoped_release nogil;
@@ -1006,7 +1007,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("rnn_sizes", &rnn_sizes_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("proj"),
         py::arg("batch"), py::arg("dtype"), py::arg("cuda") = false);
   m.def("rnn_pack", &rnn_pack_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("proj"),
-        py::arg("w_hh"), py::arg("w_hr"), py::arg("out"), py::arg("stream") = 0);
+        py::arg("w_hh"), py::arg("w_hr"), py::arg("out"), py::arg("stream") = 0, py::arg("num_threads") = 1);
   m.def("rnn_forward", &rnn_forward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
         py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),

@@ -322,6 +322,28 @@ def test_gradcheck_of_one_step_calls(mode, proj, reset_after):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS + [("lstm", 37, True)])
+def test_packs_are_the_same_bytes_at_every_thread_count(isa, mode, proj, reset_after, dtype):
+    """rnn_pack splits every section's unit blocks over its threads (from 2^16 weights): H = 263 leaves a
+    tail block of 7 units and blocks that do not split evenly; the weights are column slices of wider
+    buffers (rows read through their leading dimension)."""
+    H, code = 263, ops.MODES[mode]
+    K = proj or H
+    w_hh = randn((ops.GATES[mode] * H, 2 * K), dtype, seed=1)[:, K:]
+    w_hr = randn((proj, 2 * H), dtype, seed=2)[:, :H] if proj else None
+    numel = ops._sizes(code, reset_after, H, proj, 1, dtype)[1]
+    packs = []
+    for threads in (1, 2, 3):
+        out = torch.full((numel,), float("nan"), dtype=ops._acc_dtype(dtype))
+        _C.rnn_pack(code, reset_after, H, proj, to_dlpack(w_hh), None if w_hr is None else to_dlpack(w_hr),
+                    to_dlpack(out), num_threads=threads)
+        packs.append(out)
+    assert all(p.view(torch.uint8).equal(packs[0].view(torch.uint8)) for p in packs[1:])
+    assert _C.rnn_pack_current(code, reset_after, H, proj, to_dlpack(w_hh),
+                               None if w_hr is None else to_dlpack(w_hr), to_dlpack(packs[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_pack_current_sees_every_changed_weight(isa, mode, proj, reset_after, dtype):
     """_C.rnn_pack_current: true for the weights a pack was made from, false once any one of them changed

@@ -95,7 +95,7 @@ def _pack_impl(mode, reset_after, hidden, proj, w_hh, w_hr):
     numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
     out = torch.empty(numel, dtype=_acc_dtype(w_hh.dtype), device=w_hh.device)
     _C.rnn_pack(mode, reset_after, hidden, proj, capsule(w_hh.contiguous()),
-                _none(None if w_hr is None else w_hr.contiguous()), capsule(out))
+                _none(None if w_hr is None else w_hr.contiguous()), capsule(out), num_threads=num_threads())
     return out
 
 

@@ -75,6 +75,7 @@ struct RnnPackParams {
   const void* w_hh; int64_t ld_w_hh;
   const void* w_hr; int64_t ld_w_hr;  // null unless proj
   void* out;
+  int num_threads;                    // CPU: threads the pack may take (0 or 1: the caller's alone)
 };
 
 // The input panel (CPU only): w_ih [G*H, I] packed like w_hh's forward section, for forwards that
