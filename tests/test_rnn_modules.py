@@ -294,6 +294,15 @@ def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, l
             steps.clear()
             by_layer, by_layer_hn = ours(strided, hx)
             assert not steps and len(fast) == layers and not cells, "a strided step did not go layer by layer"
+        # Strided states (every other column of buffers twice as wide): step_fast declines, the layers
+        # take them.
+        wide = tuple(torch.stack([h, torch.full_like(h, float("nan"))], -1).view(*h.shape[:-1], 2 * H)[..., ::2]
+                     for h in hs)
+        assert not wide[0].is_contiguous()
+        steps.clear(), fast.clear()
+        wide_out, wide_hn = ours(x, (wide if kind == "lstm" else wide[0]) if hx_given else None)
+        if plan.step is not None and hx_given:
+            assert steps == [None] and len(fast) == layers, "strided states did not go layer by layer"
         with monkeypatch.context() as m:
             m.setattr(_sequence, "_decode_step", lambda *a: None)
             general, general_hn = ours(x, hx)
@@ -308,6 +317,8 @@ def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, l
         assert_bitwise_equal(a, g, name_)
         assert_bitwise_equal(s, g, name_)
         assert_matches(a, e, name_)
+    for a, w in zip(flat(out, hn), flat(wide_out, wide_hn)):
+        assert_bitwise_equal(a, w)
     for outs in (flat(out, hn), flat(by_layer, by_layer_hn)):
         ptrs = [t.untyped_storage().data_ptr() for t in outs]
         assert len(set(ptrs)) == len(ptrs)
