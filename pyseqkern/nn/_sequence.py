@@ -70,24 +70,22 @@ def _decode_step(module, input, hx, reset_after):
     if h0 is not None and (h0.dim() != input.dim() or h0.shape[0] != layers or (is_lstm and c0.shape[0] != layers)):
         return None
     mode, spread = module.mode.lower(), layers > 1
+    params = [planned_parameters(module, _layer_parameters(layer)) for layer in range(layers)]
+    if None in params:
+        return None
     if input.is_contiguous():
-        params = [planned_parameters(module, _layer_parameters(layer)) for layer in range(layers)]
-        if None not in params:
-            hidden = module.hidden_size
-            state_shape = (layers, input.shape[1 - t_dim], hidden) if batched else (layers, hidden)
-            step = _rnn_ops.step_fast(mode, reset_after, input, h0, c0, params, input.shape[:-1] + (hidden,),
-                                      state_shape, spread)
-            if step is not None:
-                return step
+        hidden = module.hidden_size
+        state_shape = (layers, input.shape[1 - t_dim], hidden) if batched else (layers, hidden)
+        step = _rnn_ops.step_fast(mode, reset_after, input, h0, c0, params, input.shape[:-1] + (hidden,),
+                                  state_shape, spread)
+        if step is not None:
+            return step
     x = input.select(t_dim, 0) if batched else input
     hs, cs = [], []
-    for layer in range(layers):
+    for layer, layer_params in enumerate(params):
         at = layer if batched else slice(layer, layer + 1)
         states = None if h0 is None else (h0[at], c0[at]) if is_lstm else (h0[at],)
-        params = planned_parameters(module, _layer_parameters(layer))
-        if params is None:
-            return None
-        out = _rnn_ops.cell_fast(mode, reset_after, x, states, *params, spread)
+        out = _rnn_ops.cell_fast(mode, reset_after, x, states, *layer_params, spread)
         if out is None:
             return None
         x = out[0]
