@@ -1410,6 +1410,45 @@ def test_wide_hidden_layers_meet_twice_torchs_error(isa, mode, proj, reset_after
     check_against_reference(mode, proj * 100, reset_after, torch.float32, False, None, T=3, B=3, I=5, H=1024)
 
 
+@pytest.mark.parametrize("B, H, lengths", [(31, 113, False), (32, 113, False), (33, 113, True), (64, 37, True),
+                                          (32, 1024, False)])
+@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
+def test_float32_calls_of_32_rows_meet_twice_torchs_error(isa, mode, proj, reset_after, B, H, lengths):
+    """float32 calls of kSplitRows (32) rows or more multiply on the amx level's tile unit, each float as
+    three bfloat16 pieces (rnn_common.h, amx_split_pass2): the forward's recurrent and input products and
+    the backward's recurrent one. Around the threshold, odd and partial tiles of k (H = 113), packed
+    batches whose active rows fall below 32 (the call's choice holds), and K = 1024: outputs and every
+    gradient within twice torch's error; other levels take the FMA tiles as before."""
+    spread = [9 - (8 * i) // (B - 1) for i in range(B)] if lengths else None
+    T = 2 if H == 1024 else 9
+    check_against_reference(mode, proj * (H // 8), reset_after, torch.float32, False, spread, T=T, B=B, I=37, H=H)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh"])
+def test_float32_tile_unit_keeps_infinite_values_as_torch_does(isa, cls, where):
+    """On the tile unit an infinite row value or weight meets the other factor's three pieces (inf x hi +
+    inf x mid of opposite signs is NaN where the float product is +-inf): such sums are summed again from
+    the float panel (rnn_common.h, resum_nan). Fed +-inf at B = 32, torch.nn's saturated outputs, not NaN."""
+    torch.manual_seed(3)
+    theirs = getattr(torch.nn, cls)(16, 24)
+    ours = getattr(pyseqkern.nn, cls)(16, 24)
+    x = torch.randn(4, 32, 16)
+    with torch.no_grad():
+        if where == "input":
+            x[0, :, 3] = float("inf")
+            x[2, 5:, 7] = -float("inf")
+        else:
+            w = getattr(theirs, where + "_l0")
+            w[3, 5] = float("inf")
+            w[9, 2] = -float("inf")
+        ours.load_state_dict(theirs.state_dict())
+        got, want = ours(x)[0], theirs(x)[0]
+    assert torch.isfinite(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_wide_bfloat16_layers_meet_twice_torchs_error(isa, mode, proj, reset_after):
     """bfloat16 at H = 1040: rows of more than 1024 values in the forward's product (K = 1040) and the
@@ -1894,21 +1933,28 @@ def test_cuda_runs_on_the_current_stream(path):
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_bfloat16_pair_sections_only_where_the_level_has_bf16_dot_products(isa, mode, proj, reset_after):
+def test_pair_and_piece_sections_only_where_the_level_reads_them(isa, mode, proj, reset_after):
     """avx512bf16 and amx pack bfloat16 weights a second time as pairs of k for their dot products, the
     forward's sections and the backward's main one (rnn_common.h; amx pads each block's pairs to whole
-    tiles of 16); other dtypes and levels pack exactly what the float kernels read."""
+    tiles of 16); other dtypes and levels pack exactly what the float kernels read, but float32 on amx,
+    which adds the three bfloat16 pieces of the forward's and the backward's main sections (Layout::split)."""
     code, H = ops.MODES[mode], 37
-    bf, f32 = (ops._sizes(code, reset_after, H, proj, 3, dt)[1] for dt in (torch.bfloat16, torch.float32))
-    assert (bf > f32) == (isa in BF16_DOT_LEVELS)
-    if isa in BF16_DOT_LEVELS:
-        G, K, L, tile = ops.GATES[mode], proj or H, 16, 16 if isa == "amx" else 1
+    (L, bf), f32 = (ops._sizes(code, reset_after, H, proj, 3, dt)[:2] for dt in (torch.bfloat16, torch.float32))
+    f32 = f32[1]
+    G, K, tile = ops.GATES[mode], proj or H, 16 if isa == "amx" else 1
 
-        def pairs(k):
-            return -(-(-(-k // 2)) // tile) * tile
+    def blocks(n):
+        return -(-n // L)
 
-        forward = -(-H // L) * pairs(K) * G * L + (-(-proj // L) * pairs(H) * L if proj else 0)
-        assert bf - f32 == forward + -(-K // L) * pairs(G * H) * L
+    def pairs(k):
+        return -(-(-(-k // 2)) // tile) * tile
+
+    floats = blocks(H) * K * G * L + blocks(K) * G * H * L + (blocks(proj) * H * L + blocks(H) * proj * L if proj else 0)
+    main = blocks(H) * pairs(K) * G * L, blocks(K) * pairs(G * H) * L  # the forward's and the backward's
+    stamp = f32 - floats - (3 * sum(main) if isa == "amx" else 0)  # (the layout's stamp: bindings.cpp)
+    assert 0 < stamp <= 16
+    forward = main[0] + (blocks(proj) * pairs(H) * L if proj else 0)
+    assert bf == floats + (forward + main[1] if isa in BF16_DOT_LEVELS else 0) + stamp
 
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
@@ -2266,7 +2312,8 @@ def test_raw_ops_refuse_a_pack_laid_out_for_another_level_or_layer():
         with pytest.raises(ValueError, match=r"it was packed for another layer \(4 gates, dtype bfloat16, hidden 11"):
             torch.ops.pyseqkern.rnn_forward(*fwd, other, *seq, True)
     with pytest.raises(ValueError, match="'packed' does not fit this call: it is not a CPU pack"):
-        torch.ops.pyseqkern.rnn_forward(*fwd, torch.randn(packed.numel()), *seq, True)
+        mine = torch.ops.pyseqkern.rnn_pack(0, True, H, 0, w_hh, None)  # (this level's size)
+        torch.ops.pyseqkern.rnn_forward(*fwd, torch.randn(mine.numel()), *seq, True)
     # A GRU's two variants share one layout: either's pack serves the other, and an RNN's serves relu and tanh.
     gru_w = randn((3 * H, H), seed=5, scale=0.3)
     gx = randn((T_ * B_, 3 * H), seed=6)

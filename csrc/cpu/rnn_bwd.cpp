@@ -28,6 +28,7 @@ struct BwdCtx {
   int64_t ld2;
   bool relu;
   bool split_rows;  // threads own rows (every unit of them) instead of unit blocks: no barrier per step
+  bool amx_split;   // the recurrent products on the tile unit, as three bfloat16 pieces a float (Layout::split)
 };
 
 // The products of bfloat16 storage read dG's bfloat16 copy in pairs (Layout::dot, bmain2), on levels with
@@ -243,6 +244,18 @@ void bwd_worker(void* raw, const Team& team) {
     };
     // dh_rec = base + dG W_hh over the first J gate rows, for own state blocks.
     auto rec_grad = [&](const A* base, int64_t J) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+      if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+        if (c.amx_split &&
+            split_product<1>(nr, k0, k1, reinterpret_cast<const bf16x2*>(packed + l.bsplit), l.bsplit_piece, J, L,
+                             pairs_stored(GH) * L, packed + l.bmain, L, GH * L, [&](int64_t b) { return dG + b * GH; },
+                             [&](int64_t b, int64_t kb, const V<A>* sum, int col) {
+              const int64_t at = b * Kp + kb * L;
+              store<A>(c.dh_rec + at, base ? sum[col] + load<A>(base + at, L) : sum[col], L);
+            }, r0))
+          return;
+      }
+#endif
       if constexpr (kDot)
         recurrent_grad<A>(reinterpret_cast<const bf16x2*>(packed + l.bmain2), ceil_div(J, 2), pairs_stored(GH) * L,
                           k0, k1, c.dG2[s & 1], c.ld2, r0, nr, Kp, base, c.dh_rec);
@@ -403,7 +416,8 @@ void backward_variant(const RnnBwdParams& p) {
   BwdCtx<A> c;
   c.p = &p;
   constexpr bool kDot = kDotOf<T>;
-  c.l = layout_of(p.shape, lanes<A>(), kDot);
+  c.l = layout_of(p.shape, lanes<A>(), kDot, uses_split(p.dtype));
+  c.amx_split = c.l.split && p.seq.batch >= kSplitRows;
   const int64_t L = c.l.L, B = p.seq.batch, Kp = c.l.UK * L, Hp = c.l.U * L, GH = c.l.G * c.l.H;
   reserve_layout(c.l, p.shape.mode, &c.reserve_cols, &c.reserve_hprev);
   A* ws = static_cast<A*>(p.workspace);

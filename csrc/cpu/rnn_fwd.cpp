@@ -27,7 +27,7 @@ template <typename T, typename A> constexpr bool rides() {
 
 RnnSizes sizes(const RnnShape& s, int64_t B, DType dtype) {
   const int64_t L = dtype == DType::Float64 ? lanes<double>() : lanes<float>();
-  const Layout l = layout_of(s, L, uses_dot(dtype));
+  const Layout l = layout_of(s, L, uses_dot(dtype), uses_split(dtype));
   RnnSizes r{};
   r.lanes = L;
   r.packed_numel = l.packed_numel;
@@ -141,13 +141,66 @@ void pack_pairs(bf16x2* dst, const bf16* src, int64_t units, int64_t K, int64_t 
         }
 }
 
+// The piece sections (Layout::split): three pair sections as pack_pairs lays them out, `piece`
+// elements apart, of the hi, mid and lo pieces of float weights (split3). Training packs on every call,
+// so values are split a register at a time (split_values) and the pairs assembled from the pieces.
+void pack_split(bf16x2* dst, const float* src, int64_t units, int64_t K, int64_t G, int64_t L, int64_t gate_stride,
+                int64_t unit_stride, int64_t piece, int64_t k_stride = 1, int64_t ub0 = 0, int64_t ub1 = -1) {
+  const int64_t U = ub1 < 0 ? ceil_div(units, L) : ub1, K2 = pairs_stored(K);
+  auto put = [&](int64_t u, int64_t j, int64_t g, int64_t l, const bf16* a, const bf16* b) {
+    for (int q = 0; q < 3; ++q)
+      dst[q * piece + ((u * K2 + j) * G + g) * L + l].bits = uint32_t(a[q].bits) | uint32_t(b[q].bits) << 16;
+  };
+  const bf16 zero[3] = {};
+  if (k_stride == 1) {  // each unit's weights run along k: split 64 of a unit's values at a time
+    constexpr int64_t C = 64;
+    bf16 t[3][C];
+    for (int64_t u = ub0; u < U; ++u)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t n = u * L + l;
+          for (int64_t k0 = 0; k0 < 2 * K2; k0 += C) {
+            const int64_t nk = n >= units || k0 >= K ? 0 : K - k0 < C ? K - k0 : C;
+            if (nk > 0) split_values(src + g * gate_stride + n * unit_stride + k0, nk, t[0], t[1], t[2]);
+            for (int q = 0; q < 3; ++q)
+              for (int64_t k = nk; k < C; ++k) t[q][k] = bf16{0};
+            for (int64_t j = k0 / 2; j < (k0 + C) / 2 && j < K2; ++j) {
+              const int64_t k = 2 * j - k0;
+              const bf16 a[3] = {t[0][k], t[1][k], t[2][k]}, b[3] = {t[0][k + 1], t[1][k + 1], t[2][k + 1]};
+              put(u, j, g, l, a, b);
+            }
+          }
+        }
+    return;
+  }
+  // Units along the source rows (unit_stride 1, the backward's transposed section): a block's L units of
+  // rows k = 2j and 2j + 1 at a time.
+  float row[2 * kVecBytes / 4];
+  bf16 t[3][2 * kVecBytes / 4];
+  for (int64_t u = ub0; u < U; ++u)
+    for (int64_t j = 0; j < K2; ++j)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t n = units - u * L < L ? units - u * L : L;
+        for (int e = 0; e < 2; ++e) {
+          const int64_t k = 2 * j + e;
+          for (int64_t l = 0; l < L; ++l)
+            row[e * L + l] = l < n && k < K ? src[g * gate_stride + (u * L + l) * unit_stride + k * k_stride] : 0.f;
+        }
+        split_values(row, 2 * L, t[0], t[1], t[2]);
+        for (int64_t l = 0; l < L; ++l) {
+          const bf16 a[3] = {t[0][l], t[1][l], t[2][l]}, b[3] = {t[0][L + l], t[1][L + l], t[2][L + l]};
+          put(u, j, g, l, a, b);
+        }
+      }
+}
+
 // Each thread packs its share of every section's unit blocks (a copy: the same bytes at any thread
 // count). Training packs on every call; one thread took 0.47 ms of a float32 LSTM step at
 // (100, 32, 256) and 0.56 ms of the forward's 6.1 under autocast(bfloat16) (stop 43, the Xeon).
 template <typename T, typename A>
 void pack_worker(void* raw, const Team& team) {
   const RnnPackParams& p = *static_cast<const RnnPackParams*>(raw);
-  const Layout l = layout_of(p.shape, lanes<A>(), uses_dot(p.dtype));
+  const Layout l = layout_of(p.shape, lanes<A>(), uses_dot(p.dtype), uses_split(p.dtype));
   A* out = static_cast<A*>(p.out);
   const T* whh = static_cast<const T*>(p.w_hh);
   const T* whr = static_cast<const T*>(p.w_hr);
@@ -174,6 +227,14 @@ void pack_worker(void* raw, const Team& team) {
         pack_pairs(reinterpret_cast<bf16x2*>(out + l.bmain2), whh, l.K, l.G * l.H, 1, l.L, 0, 1, p.ld_w_hh, b0, b1);
     }
   }
+  if constexpr (std::is_same<T, float>::value) {
+    if (l.split && share(l.H))
+      pack_split(reinterpret_cast<bf16x2*>(out + l.fmain2), whh, l.H, l.K, l.G, l.L, l.H * p.ld_w_hh, p.ld_w_hh,
+                 l.split_piece, 1, b0, b1);
+    if (l.split && share(l.K))
+      pack_split(reinterpret_cast<bf16x2*>(out + l.bsplit), whh, l.K, l.G * l.H, 1, l.L, 0, 1, l.bsplit_piece,
+                 p.ld_w_hh, b0, b1);
+  }
 }
 
 // Packs of fewer weights than this take one thread: waking a second costs a few microseconds.
@@ -188,12 +249,15 @@ void pack_typed(const RnnPackParams& p) {
 }
 
 // Input panel: [U][I][G][L] of A (w_ih as fmain packs w_hh), then for bfloat16 on levels with dot
-// products the pairs [U][ceil(I/2)][G][L].
+// products the pairs [U][ceil(I/2)][G][L], for float32 on the amx level the pieces [3][U][ceil(I/2)][G][L]
+// (input_split_piece elements apart).
+int64_t input_split_piece(const Layout& l, int64_t input) { return l.U * pairs_stored(input) * l.G * l.L; }
 int64_t input_panel_numel(const RnnShape& s, int64_t input, DType dtype) {
   // bfloat16 rows are read as pairs of k: a level with dot products, and an even I (no pair past a row).
   if (dtype == DType::BFloat16 && (!uses_dot(dtype) || input % 2)) return 0;
   const Layout l = layout_of(s, dtype == DType::Float64 ? lanes<double>() : lanes<float>());
-  return l.U * input * l.G * l.L + (uses_dot(dtype) ? l.U * pairs_stored(input) * l.G * l.L : 0);
+  return l.U * input * l.G * l.L + (uses_dot(dtype) ? input_split_piece(l, input) : 0) +
+         (uses_split(dtype) ? 3 * input_split_piece(l, input) : 0);
 }
 
 template <typename T, typename A>
@@ -205,6 +269,10 @@ void pack_input_typed(const RnnPackInputParams& p) {
   if constexpr (std::is_same<T, bf16>::value)
     pack_pairs(reinterpret_cast<bf16x2*>(out + l.U * p.input * l.G * l.L), w, l.H, p.input, l.G, l.L,
                l.H * p.ld_w_ih, p.ld_w_ih);
+  if constexpr (std::is_same<T, float>::value)
+    if (uses_split(p.dtype))
+      pack_split(reinterpret_cast<bf16x2*>(out + l.U * p.input * l.G * l.L), w, l.H, p.input, l.G, l.L,
+                 l.H * p.ld_w_ih, p.ld_w_ih, input_split_piece(l, p.input));
 }
 
 void pack_input(const RnnPackInputParams& p) {
@@ -295,6 +363,7 @@ struct FwdCtx {
   void* xg_own;  // T [B][G][Hp] with RnnFwdParams::x: the step's x_gates, each block made by its owner
   bool relu;
   bool split_rows;  // threads own row tiles (all units of them) instead of unit blocks: no barrier per step
+  bool amx_split;  // the products on the tile unit, as three bfloat16 pieces a float (Layout::split)
   bool project_own_rows;  // with split_rows, the projection before the steps by rows too (forward_variant)
   bool ride;  // a one-row sequence's projection rides in the steps' recurrent tiles (forward_variant)
 };
@@ -503,6 +572,21 @@ void fwd_worker(void* raw, const Team& team) {
   auto product_rows = [&](int64_t nr, int64_t row0, auto gates, const A* base, int64_t GP, int64_t g0, int64_t b0,
                           int64_t b1, int64_t off, int64_t off2, int64_t KK, auto row_a, auto row_2, auto epi) {
     constexpr int GN = decltype(gates)::value;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if constexpr (kAmx && std::is_same<T, float>::value && std::is_same<A, float>::value) {
+      // The piece sections: the recurrent panel's (fmain2 of the pack) and the input panel's (after its
+      // float section, as the pairs of bfloat16); the projection's (fproj) has none.
+      const bool rec = base == packed && off2 == l.fmain2;
+      const int64_t piece = rec ? l.split_piece
+                            : base == static_cast<const A*>(p.packed_in) ? input_split_piece(l, p.input) : 0;
+      if (c.amx_split && piece > 0) {
+        const bf16x2* panel = reinterpret_cast<const bf16x2*>(base + off2) + g0 * L;
+        if (split_product<GN>(nr, b0, b1, panel, piece, KK, GP * L, pairs_stored(KK) * GP * L, base + off + g0 * L,
+                              GP * L, KK * GP * L, row_a, epi, row0))
+          return;
+      }
+    }
+#endif
     if constexpr (BF && kBf16Dot) {
       if (dot) {
         const bf16x2* panel = reinterpret_cast<const bf16x2*>(base + off2) + g0 * L;
@@ -896,8 +980,9 @@ template <Variant VAR, typename T, typename A>
 void forward_variant(const RnnFwdParams& p) {
   FwdCtx<A> c;
   c.p = &p;
-  c.l = layout_of(p.shape, lanes<A>(), uses_dot(p.dtype));
+  c.l = layout_of(p.shape, lanes<A>(), uses_dot(p.dtype), uses_split(p.dtype));
   c.sz = sizes(p.shape, p.seq.batch, p.dtype);
+  c.amx_split = c.l.split && p.seq.batch >= kSplitRows;
   const int64_t L = c.l.L, B = p.seq.batch, Kp = c.l.UK * L, Hp = c.l.U * L;
   A* ws = static_cast<A*>(p.workspace);
   c.hbuf[0] = ws;

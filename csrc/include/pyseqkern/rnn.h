@@ -51,7 +51,9 @@ struct RnnSeq {
 };
 
 // Sizes a caller allocates (elements of A), for the storage dtype and the lane width L of the active
-// kernels (levels with bfloat16 dot products pack extra bfloat16 copies for that dtype). Reserve rows
+// kernels (levels with bfloat16 dot products pack extra bfloat16 copies for that dtype; the amx level
+// packs float32 weights once more as three bfloat16 pieces each, for calls of 32 rows and more: the
+// tile unit multiplies them, summed to float32 accuracy). Reserve rows
 // hold, per row of sequence data, in this order:
 //   LSTM: i, f, g, o activations [4H]; c_t [H]; m = o * tanh(c_t) [H] (proj only); h_prev [K]
 //   GRU:  r, z, n [3H]; reset_after: W_hn h_prev + b_hn [H], else r * h_prev [H]; h_prev [H]
