@@ -1067,10 +1067,13 @@ struct Layout {
   bool split;  // the piece sections exist (float32 on the amx level)
 };
 // float32 on the amx level packs its main sections as three bfloat16 pieces too (Layout::split), which
-// calls of kSplitRows rows or more multiply on the tile unit (split_product). The call's choice, not a
-// thread's: a row's bits must not depend on the thread count or on the rows beside it in a step.
+// calls of kSplitRows rows or more multiply on the tile unit (split_product) at every step with
+// kSplitStepRows active rows or more (a packed batch's last steps, fewer rows than one row group of the
+// tile unit, which costs the same for 4 rows as for 16, take the FMA tiles). Decided by the call's
+// batch and the step's active rows, never by a thread's share: a row's bits do not depend on the thread
+// count (they do on its step's active rows, as a GEMM's on its size).
 inline bool uses_split(DType dtype) { return kAmx && dtype == DType::Float32; }
-constexpr int64_t kSplitRows = 32;
+constexpr int64_t kSplitRows = 32, kSplitStepRows = 16;
 inline Layout layout_of(const RnnShape& s, int64_t L, bool dot = false, bool split = false) {
   Layout l;
   l.L = L;

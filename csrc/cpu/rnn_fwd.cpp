@@ -569,6 +569,8 @@ void fwd_worker(void* raw, const Team& team) {
   // from gate g0, over rows of KK values: the section at base + off against rows row_a(b) in A, or,
   // with pair sections, the one at base + off2 against row_2(b) in bf16 pairs. (bf16 rows never meet
   // an A panel: bf16 x without pair sections is refused, so x products pass row_a only where T is A.)
+  // The tile unit's float32 products for this call (amx_split) and, within the steps, this step's rows.
+  bool split_now = c.amx_split;
   auto product_rows = [&](int64_t nr, int64_t row0, auto gates, const A* base, int64_t GP, int64_t g0, int64_t b0,
                           int64_t b1, int64_t off, int64_t off2, int64_t KK, auto row_a, auto row_2, auto epi) {
     constexpr int GN = decltype(gates)::value;
@@ -579,7 +581,7 @@ void fwd_worker(void* raw, const Team& team) {
       const bool rec = base == packed && off2 == l.fmain2;
       const int64_t piece = rec ? l.split_piece
                             : base == static_cast<const A*>(p.packed_in) ? input_split_piece(l, p.input) : 0;
-      if (c.amx_split && piece > 0) {
+      if (split_now && piece > 0) {
         const bf16x2* panel = reinterpret_cast<const bf16x2*>(base + off2) + g0 * L;
         if (split_product<GN>(nr, b0, b1, panel, piece, KK, GP * L, pairs_stored(KK) * GP * L, base + off + g0 * L,
                               GP * L, KK * GP * L, row_a, epi, row0))
@@ -664,6 +666,8 @@ void fwd_worker(void* raw, const Team& team) {
   // Step s2's x_gates for own blocks (fused): x W_ih^T + the bias row, rounded to the storage dtype as
   // torch's projection GEMM rounds its output. The input panel is laid out as fmain (then pairs).
   auto project_step = [&](int64_t s2) {
+    const bool saved = split_now;
+    split_now = c.amx_split && seq_active(q, s2) >= kSplitStepRows;
     const T* xin = static_cast<const T*>(p.x);
     auto xrow = [&](int64_t b) { return xin + seq_row(q, s2, b) * p.ld_x; };
     auto xepi = [&](int64_t b, int64_t u, const V<A>* sum, int col) {
@@ -674,6 +678,7 @@ void fwd_worker(void* raw, const Team& team) {
     };
     product_rows(own_rows(s2), rb0, GI(), static_cast<const A*>(p.packed_in), G, 0, u0, u1, 0,
                  l.U * p.input * G * L, p.input, xrow, xrow, xepi);
+    split_now = saved;
   };
   // Threads that split units wait for each other at the end of every step; the next step's projection
   // reads only x and writes only the thread's own x_gates, so it runs between arriving and waiting (a
@@ -684,6 +689,7 @@ void fwd_worker(void* raw, const Team& team) {
 
   for (int64_t s = 0; s < q.steps; ++s) {
     const int64_t nrows = own_rows(s);
+    split_now = c.amx_split && seq_active(q, s) >= kSplitStepRows;
     const A* hp = c.hbuf[s & 1];
     // Threads that split units read rows of h_{t-1} that the other threads wrote last step, so those
     // lines come from other cores. The product reads each row in k order, a line per 16 values, and
