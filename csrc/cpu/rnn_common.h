@@ -742,7 +742,7 @@ __attribute__((noinline)) void amx_pass1(const char* a, int64_t as, const char* 
 // float32 FMA chain over k). Six tile products per float32 one, at 16 cycles each whether a tile holds
 // 16 rows or 8: on the Granite Rapids-class Xeon one core ran a 32 x 512 x 512 float32 product this way
 // at 270-350 GFLOP/s (one row group of 16: 250; of 8: 122), where the FMA tile runs ~183 from L2. So
-// only products of 16 rows and more take it (kSplitRows, chosen per call). The staged rows hold the
+// only calls of kSplitRows rows, at steps of kSplitStepRows active rows, take it (uses_split, below). The staged rows hold the
 // three pieces of each row (piece p of row r at stage + (p * 32 + r) * Ks), the panel the weights' hi,
 // mid and lo pair sections `piece` elements apart.
 // Two row groups: C tiles 0-3, A tiles 4, 5 (a piece of each group's rows), B tiles 6, 7 (a piece of
