@@ -930,16 +930,11 @@ void amx_product(int64_t nrows, int64_t blk0, int64_t blk1, const bf16x2* panel,
     int prev_nb = 0;
     auto epilogues = [&](int w) {  // of the window before w
       if constexpr (S) resum_nan(sc[(w + 1) & 1], m, prev_nb * G, [&](int r, int c) {
-        const float* row = row_ptr(r0 + r);
-        const float* wc = fpanel + (prev_blk + c / G) * fbstride + (c % G) * 16;
-        vfloat total{};
-        for (int64_t k0 = 0; k0 < kvals || k0 == 0; k0 += kSumBlock) {
-          const int64_t k1 = kvals - k0 < kSumBlock ? kvals : k0 + kSumBlock;
-          vfloat sum{};
-          for (int64_t k = k0; k < k1; ++k) sum += splat(row[k]) * load<float>(wc + k * fkstride, 16);
-          total = k0 == 0 ? sum : total + sum;
-        }
-        return total;
+        const float* row[1] = {row_ptr(r0 + r)};  // the FMA tile's one-row, one-column sum: its bits
+        Tile<float> acc;
+        gemm_tile<1, 1, 1>(row, fpanel + (prev_blk + c / G) * fbstride + (c % G) * 16, kvals, fkstride, fbstride,
+                           acc);
+        return acc.v[0][0];
       });
       for (int bi = 0; bi < prev_nb; ++bi) call_epilogue<float>(epi, r0, m, prev_blk + bi, sc[(w + 1) & 1], bi * G);
     };
