@@ -753,6 +753,22 @@ def test_malformed_batch_sizes_are_refused(batch_sizes, match):
         call(ops.rnn_layer, "gru", x, torch.tensor(batch_sizes), t, False, True)
 
 
+@pytest.mark.parametrize("sizes", [[1], [7], [5, 5, 5], [9, 4, 4, 1], [3, 3, 0, 0], [0, 0], [113] + [60] * 7 + [2]])
+def test_packed_host_forms_listed_equal_torchs_and_are_ours(sizes):
+    """A packed batch's copy of batch_sizes, time offsets and lengths come from one listing of its values,
+    cached by them (ops/rnn.py, _host_seq): equal to the torch ops' forms (_seq_host), never the caller's
+    tensor, and unchanged by a write to it; malformed sizes give None (the caller raises)."""
+    bs = torch.tensor(sizes)
+    mine, offsets, lengths, total = ops._host_seq(bs)
+    want_offsets, want_lengths = ops._seq_host(bs.clone())
+    assert torch.equal(mine, bs) and torch.equal(offsets, want_offsets) and torch.equal(lengths, want_lengths)
+    assert total == sum(sizes) and mine.data_ptr() != bs.data_ptr()
+    bs[0] += 1
+    assert mine.tolist() == sizes and ops._host_seq(bs)[0].tolist() == bs.tolist()
+    assert ops._host_seq(torch.tensor(sizes[::-1] + [sizes[0] + 1])) is None
+    assert ops._host_seq(torch.tensor([2, -1])) is None
+
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(mode="lstmx"), ValueError, "'mode' must be one of"),
     (dict(x_dtype=torch.int32), TypeError, "'x' must be float32, float64, bfloat16 or float16, got torch.int32"),
@@ -1417,8 +1433,9 @@ def test_float32_calls_of_32_rows_meet_twice_torchs_error(isa, mode, proj, reset
     """float32 calls of kSplitRows (32) rows or more multiply on the amx level's tile unit, each float as
     three bfloat16 pieces (rnn_common.h, amx_split_pass2): the forward's recurrent and input products and
     the backward's recurrent one. Around the threshold, odd and partial tiles of k (H = 113), packed
-    batches whose active rows fall below 32 (the call's choice holds), and K = 1024: outputs and every
-    gradient within twice torch's error; other levels take the FMA tiles as before."""
+    batches whose active rows fall below 32 (the call's choice holds) and past the steps' thresholds to
+    the FMA tiles (kSplitStepRows: 13 rows, 9 for GRU), and K = 1024: outputs and every gradient within
+    twice torch's error; other levels take the FMA tiles as before."""
     spread = [9 - (8 * i) // (B - 1) for i in range(B)] if lengths else None
     T = 2 if H == 1024 else 9
     check_against_reference(mode, proj * (H // 8), reset_after, torch.float32, False, spread, T=T, B=B, I=37, H=H)

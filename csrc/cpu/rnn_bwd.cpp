@@ -246,7 +246,7 @@ void bwd_worker(void* raw, const Team& team) {
     auto rec_grad = [&](const A* base, int64_t J) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
       if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
-        if (c.amx_split && nb >= kSplitStepRows &&
+        if (c.amx_split && nb >= kSplitStepRows<1> &&
             split_product<1>(nr, k0, k1, reinterpret_cast<const bf16x2*>(packed + l.bsplit), l.bsplit_piece, J, L,
                              pairs_stored(GH) * L, packed + l.bmain, L, GH * L, [&](int64_t b) { return dG + b * GH; },
                              [&](int64_t b, int64_t kb, const V<A>* sum, int col) {

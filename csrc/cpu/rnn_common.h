@@ -742,9 +742,9 @@ __attribute__((noinline)) void amx_pass1(const char* a, int64_t as, const char* 
 // float32 FMA chain over k). Six tile products per float32 one, at 16 cycles each whether a tile holds
 // 16 rows or 8: on the Granite Rapids-class Xeon one core ran a 32 x 512 x 512 float32 product this way
 // at 270-350 GFLOP/s (one row group of 16: 250; of 8: 122), where the FMA tile runs ~183 from L2. So
-// only calls of kSplitRows rows, at steps of kSplitStepRows active rows, take it (uses_split, below). The staged rows hold the
-// three pieces of each row (piece p of row r at stage + (p * 32 + r) * Ks), the panel the weights' hi,
-// mid and lo pair sections `piece` elements apart.
+// only calls of kSplitRows rows take it, at steps of kSplitStepRows<G> active rows (uses_split, below).
+// The staged rows hold the three pieces of each row (piece p of row r at stage + (p * 32 + r) * Ks), the
+// panel the weights' hi, mid and lo pair sections `piece` elements apart.
 // Two row groups: C tiles 0-3, A tiles 4, 5 (a piece of each group's rows), B tiles 6, 7 (a piece of
 // NC columns); the smallest products first, the largest (hi x hi) last.
 template <int NC>
@@ -1063,12 +1063,17 @@ struct Layout {
 };
 // float32 on the amx level packs its main sections as three bfloat16 pieces too (Layout::split), which
 // calls of kSplitRows rows or more multiply on the tile unit (split_product) at every step with
-// kSplitStepRows active rows or more (a packed batch's last steps, fewer rows than one row group of the
-// tile unit, which costs the same for 4 rows as for 16, take the FMA tiles). Decided by the call's
-// batch and the step's active rows, never by a thread's share: a row's bits do not depend on the thread
-// count (they do on its step's active rows, as a GEMM's on its size).
+// kSplitStepRows<G> active rows or more, G the gates of the product's column blocks; a packed batch's
+// last steps, with fewer rows, take the FMA tiles. A tile product costs the same for 1 row as for 16, so
+// the tile unit pays from where the FMA tiles need a third row tile of 6 (LSTM, RNN, the backward's
+// product: 13 rows) or a second of 8 (GRU: 9 rows); time a step, packed B=32 with n rows of 100 steps,
+// in DESIGN ("float32 on the tile unit"). All of a step's rows go one way: its rows past whole groups
+// of 16 on the FMA tiles cost more than a group (both panels then stream through the cache). Decided
+// by the call's batch and the step's active rows, never by a thread's share: a row's bits do not
+// depend on the thread count (they do on its step's active rows, as a GEMM's on its size).
 inline bool uses_split(DType dtype) { return kAmx && dtype == DType::Float32; }
-constexpr int64_t kSplitRows = 32, kSplitStepRows = 16;
+constexpr int64_t kSplitRows = 32;
+template <int G> constexpr int64_t kSplitStepRows = G == 3 ? 9 : 13;
 inline Layout layout_of(const RnnShape& s, int64_t L, bool dot = false, bool split = false) {
   Layout l;
   l.L = L;

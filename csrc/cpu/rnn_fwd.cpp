@@ -667,7 +667,7 @@ void fwd_worker(void* raw, const Team& team) {
   // torch's projection GEMM rounds its output. The input panel is laid out as fmain (then pairs).
   auto project_step = [&](int64_t s2) {
     const bool saved = split_now;
-    split_now = c.amx_split && seq_active(q, s2) >= kSplitStepRows;
+    split_now = c.amx_split && seq_active(q, s2) >= kSplitStepRows<G>;
     const T* xin = static_cast<const T*>(p.x);
     auto xrow = [&](int64_t b) { return xin + seq_row(q, s2, b) * p.ld_x; };
     auto xepi = [&](int64_t b, int64_t u, const V<A>* sum, int col) {
@@ -689,7 +689,7 @@ void fwd_worker(void* raw, const Team& team) {
 
   for (int64_t s = 0; s < q.steps; ++s) {
     const int64_t nrows = own_rows(s);
-    split_now = c.amx_split && seq_active(q, s) >= kSplitStepRows;
+    split_now = c.amx_split && seq_active(q, s) >= kSplitStepRows<G>;
     const A* hp = c.hbuf[s & 1];
     // Threads that split units read rows of h_{t-1} that the other threads wrote last step, so those
     // lines come from other cores. The product reads each row in k order, a line per 16 values, and
