@@ -889,6 +889,58 @@ class RnnCellStep {
     kernels_.forward(p);
   }
 
+  // A whole inference sequence through the same bound parameters (ops/rnn.py, seq_fast: a layer of a
+  // module's plain forward), the kernel projecting the input as rnn_forward does with 'x': time-major
+  // rows (b_stride 1, t_stride batch) or batch-major ones (t_stride 1, b_stride steps), for x and y
+  // alike, or a packed batch's. `buf`: 0 to project each step's rows inside the step, else the x_gates buffer of buf_rows
+  // rows (all of x's, or the ride's ring); `ws`: the workspace of ws_numel accumulation values.
+  void run_seq(int64_t steps, int64_t batch, int64_t t_stride, int64_t b_stride, uintptr_t x, uintptr_t h,
+               uintptr_t c, uintptr_t y, uintptr_t h_n, uintptr_t c_n, uintptr_t ws, int64_t ws_numel,
+               uintptr_t buf, int64_t buf_rows, int num_threads, uintptr_t batch_sizes, uintptr_t time_offsets,
+               uintptr_t lengths, int64_t packed_rows) const {
+    // Packed (PackedSequence order): batch_sizes [steps], time_offsets [steps] and lengths [batch], as
+    // ops/rnn.py's _host_seq made them from checked batch sizes summing to packed_rows.
+    const bool packed = batch_sizes != 0;
+    const int64_t rows = packed ? packed_rows : steps * batch;
+    if (steps < 1 || batch < 1 || x == 0 || y == 0 || h_n == 0 || ws == 0 ||
+        (base_.shape.mode == RnnMode::Lstm) != (c_n != 0) ||
+        (packed ? time_offsets == 0 || lengths == 0 || rows < 1
+                : !((t_stride == batch && b_stride == 1) || (t_stride == 1 && b_stride == steps))))
+      throw py::value_error("pyseqkern: RnnCellStep.run_seq: needs steps, batch >= 1, x, y, h_n and a workspace, "
+                            "c_n exactly for LSTM, and time- or batch-major rows (or all three packed forms)");
+    RnnFwdParams p = base_;
+    p.seq = packed ? RnnSeq{steps, batch, reinterpret_cast<const int64_t*>(batch_sizes),
+                            reinterpret_cast<const int64_t*>(time_offsets), reinterpret_cast<const int64_t*>(lengths),
+                            0, 0, false}
+                   : RnnSeq{steps, batch, nullptr, nullptr, nullptr, t_stride, b_stride, false};
+    p.x = reinterpret_cast<const void*>(x);
+    p.ld_x = p.input;
+    p.h0 = reinterpret_cast<const void*>(h);
+    p.c0 = reinterpret_cast<const void*>(c);
+    p.y = reinterpret_cast<void*>(y);
+    p.ld_y = p.shape.hidden;
+    p.h_n = reinterpret_cast<void*>(h_n);
+    p.c_n = reinterpret_cast<void*>(c_n);
+    p.num_threads = num_threads;
+    const int64_t G = rnn_gate_count(p.shape.mode);
+    int64_t need = kernels_.sizes(p.shape, batch, p.dtype).workspace_numel;
+    if (buf != 0) {
+      if (buf_rows != rows && (buf_rows != kRnnRideRing || rows < kRnnRideRing))
+        throw py::value_error("pyseqkern: RnnCellStep.run_seq: 'buf_rows' must be the sequence's rows or the ring's");
+      p.x_gates_buf = reinterpret_cast<void*>(buf);
+      p.ld_gates = G * p.shape.hidden;
+      p.x_rows = rows;
+      p.x_gates_buf_rows = buf_rows;
+    } else {
+      need += batch * G * ((p.shape.hidden + lanes_ - 1) / lanes_ * lanes_);
+    }
+    if (ws_numel < need)
+      throw py::value_error("pyseqkern: RnnCellStep.run_seq: the workspace needs " + std::to_string(need) + " values");
+    p.workspace = reinterpret_cast<void*>(ws);
+    py::gil_scoped_release nogil;
+    kernels_.forward(p);
+  }
+
  private:
   // The kernel's workspace lives only inside a call: one per calling thread, grown to the largest seen.
   // pyseqkern.empty_cache() releases the calling thread's (release_workspace).
@@ -1029,6 +1081,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("packed"), py::arg("packed_in"), py::arg("bias").none(true), py::arg("b_hn").none(true))
       .def("run", &RnnCellStep::run, py::arg("batch"), py::arg("x"), py::arg("h"), py::arg("c"), py::arg("h_n"),
            py::arg("c_n"), py::arg("num_threads"), py::arg("spread") = false, py::arg("y") = 0)
+      .def("run_seq", &RnnCellStep::run_seq)
       .def_static("release_workspace", &RnnCellStep::release_workspace);
   m.def("cell_lstm_forward", &cell_lstm_forward);
   m.def("cell_lstm_backward", &cell_lstm_backward);

@@ -320,13 +320,183 @@ def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, l
     for a, w in zip(flat(out, hn), flat(wide_out, wide_hn)):
         assert_bitwise_equal(a, w)
     for outs in (flat(out, hn), flat(by_layer, by_layer_hn)):
-        ptrs = [t.untyped_storage().data_ptr() for t in outs]
-        assert len(set(ptrs)) == len(ptrs)
-    # anything else takes the full path: its error for a state of the wrong size
+        assert_own_memory(outs)
+    refuses_short_states(ours, x, hs, kind)
+
+
+def assert_own_memory(outs):
+    """No two outputs share memory (torch.nn's never do)."""
+    ptrs = [t.untyped_storage().data_ptr() for t in outs]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def refuses_short_states(module, x, hs, kind):
+    """Anything else takes the full path: its error for a state of the wrong size."""
     bad = tuple(h[..., :-1] for h in hs) if kind == "lstm" else hs[0][..., :-1]
     with pytest.raises(RuntimeError, match="Expected hx"):
         with torch.no_grad():
-            ours(x, bad)
+            module(x, bad)
+
+
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("layout, batch", [(layout, batch) for layout in ("time_major", "batch_first")
+                                           for batch in (1, 7, 33)] + [("unbatched", 1)])
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_inference_sequences_go_from_the_module_to_the_kernel_entry(monkeypatch, kind, layers, batch, layout, dtype,
+                                                                    hx_given):
+    """A plain inference sequence (one direction, no projection, contiguous input and states) whose layers
+    the kernel projects goes from the module straight to the planned kernel entry (nn/_sequence.py
+    _sequence_fast, ops.rnn.seq_fast: _C.RnnCellStep.run_seq by data pointers, batch_first rows read and
+    written batch-major), once the full path has run and planned the layers: with the full path's bits,
+    torch.nn's results in float64, outputs that share no memory. Modules made one after another (each
+    layer's input is the last one's output, freed memory a new module may reuse) and the full path,
+    with its errors, wherever anything differs."""
+    from pyseqkern.nn import _sequence
+
+    name, kwargs = KINDS[kind]
+    cls_kw = dict(kwargs, num_layers=layers, batch_first=layout == "batch_first", dtype=dtype)
+    unbatched = layout == "unbatched"
+    real = rnn_ops.seq_fast
+    taken = []
+    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    for seed in (0, 1):  # (two modules in turn: the second may get the first's freed memory)
+        theirs = seed_parameters(getattr(torch.nn, name)(I, H, **cls_kw), seed=seed)
+        ours = getattr(pnn, name)(I, H, **cls_kw)
+        ours.load_state_dict(theirs.state_dict())
+        shape = (T, I) if unbatched else ((batch, T, I) if layout == "batch_first" else (T, batch, I))
+        x = randn(shape, dtype, seed=1 + seed)
+        hs = [randn((layers, H) if unbatched else (layers, batch, H), dtype, seed=3 + k, scale=0.5)
+              for k in range(2 if kind == "lstm" else 1)]
+        if not hx_given:
+            hs = [torch.zeros_like(h) for h in hs]  # (the oracle's states)
+        hx = (tuple(hs) if kind == "lstm" else hs[0]) if hx_given else None
+        with torch.no_grad():
+            taken.clear()
+            first, first_hn = ours(x, hx)  # (the full path, which plans the layers where the fast one wants it)
+            planned = taken == [rnn_ops.NO_PLAN]
+            taken.clear()
+            out, hn = ours(x, hx)
+            with monkeypatch.context() as m:
+                m.setattr(_sequence, "_sequence_fast", lambda *a: None)
+                general, general_hn = ours(x, hx)
+            want, want_hn = copy.deepcopy(theirs).double()(
+                x.double(), tuple(h.double() for h in hs) if kind == "lstm" else hs[0].double())
+            same, same_hn = theirs(x, tuple(hs) if kind == "lstm" else hs[0])  # (torch.nn in this dtype)
+        if planned:
+            assert len(taken) == 1 and type(taken[0]) is tuple, "the planned sequence did not take the kernel entry"
+        else:  # (torch projects here: MKL's LSTM rows, bfloat16 on amx, or no input panel)
+            assert taken == [None]
+        flat = lambda o, s: [o] + (list(s) if kind == "lstm" else [s])  # noqa: E731
+        for name_, a, f, g, e, t in zip(["output", "h_n", "c_n"], flat(out, hn), flat(first, first_hn),
+                                        flat(general, general_hn), flat(want, want_hn), flat(same, same_hn)):
+            assert a.shape == g.shape == e.shape and a.dtype == dtype
+            assert_bitwise_equal(a, g, name_)
+            assert_bitwise_equal(f, g, name_)
+            if dtype == torch.bfloat16:  # (3 layers of bfloat16 steps: the 2x-torch rule)
+                assert_within_torch_error(a, t, e, name_)
+            else:
+                assert_matches(a, e, name_)
+        assert_own_memory(flat(out, hn))
+    refuses_short_states(ours, x, hs, kind)
+
+
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+@pytest.mark.parametrize("batch", [1, 5, 33])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_packed_inference_goes_from_the_module_to_the_kernel_entry(monkeypatch, kind, layers, batch, order, hx_given):
+    """A PackedSequence (sorted, or unsorted: hx and h_n in the caller's order) takes the planned sequence
+    path too (ops.rnn.seq_fast with _host_seq's forms of batch_sizes): the full path's bits, torch.nn's
+    results in float64, and the PackedSequence's own batch_sizes and indices back."""
+    from pyseqkern.nn import _sequence
+
+    name, kwargs = KINDS[kind]
+    theirs = seed_parameters(getattr(torch.nn, name)(I, H, num_layers=layers, **kwargs), seed=9)
+    ours = getattr(pnn, name)(I, H, num_layers=layers, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    lengths = torch.tensor([T - (b * 5) % T for b in range(batch)])
+    lengths = lengths.sort(descending=True).values if order == "sorted" else lengths
+    x = pack_padded_sequence(randn((T, batch, I), F32, seed=10), lengths, enforce_sorted=order == "sorted")
+    hs = [randn((layers, batch, H), F32, seed=11 + k, scale=0.5) for k in range(2 if kind == "lstm" else 1)]
+    hx = (tuple(hs) if kind == "lstm" else hs[0]) if hx_given else None
+    real = rnn_ops.seq_fast
+    taken = []
+    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    with torch.no_grad():
+        ours(x, hx)
+        assert taken == [rnn_ops.NO_PLAN]
+        taken.clear()
+        out, hn = ours(x, hx)
+        assert len(taken) == 1 and type(taken[0]) is tuple, "the packed batch did not take the kernel entry"
+        with monkeypatch.context() as m:
+            m.setattr(_sequence, "_sequence_fast", lambda *a: None)
+            general, general_hn = ours(x, hx)
+        x64 = PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+        want, want_hn = copy.deepcopy(theirs).double()(
+            x64, None if hx is None else tuple(h.double() for h in hs) if kind == "lstm" else hs[0].double())
+    assert out.batch_sizes is x.batch_sizes and out.sorted_indices is x.sorted_indices
+    assert out.unsorted_indices is x.unsorted_indices
+    flat = lambda o, s: [o.data] + (list(s) if kind == "lstm" else [s])  # noqa: E731
+    for name_, a, g, e in zip(["output", "h_n", "c_n"], flat(out, hn), flat(general, general_hn),
+                              flat(want, want_hn)):
+        assert_bitwise_equal(a, g, name_)
+        assert_matches(a, e, name_)
+
+
+@pytest.mark.parametrize("batch, steps", [(1, 40), (3, 40), (33, 9)])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_inference_sequences_take_the_kernel_entry_at_every_level(monkeypatch, isa, kind, batch, steps):
+    """The planned sequence path at each CPU level (its own packs and paths: riding one-row sequences of
+    more than kRideRows steps, each step's projection, every row's before the steps): the full path's
+    bits, and taken wherever the kernel projects."""
+    from pyseqkern.nn import _sequence
+
+    name, kwargs = KINDS[kind]
+    ours = seed_parameters(getattr(pnn, name)(I, H, num_layers=2, **kwargs), seed=7)
+    x = randn((steps, batch, I), F32, seed=8)
+    real = rnn_ops.seq_fast
+    taken = []
+    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    with torch.no_grad():
+        ours(x)
+        planned = taken == [rnn_ops.NO_PLAN]
+        taken.clear()
+        out, hn = ours(x)
+        with monkeypatch.context() as m:
+            m.setattr(_sequence, "_sequence_fast", lambda *a: None)
+            general, general_hn = ours(x)
+    assert (len(taken) == 1 and type(taken[0]) is tuple) if planned else taken == [None]
+    assert_bitwise_equal(out, general)
+    for a, b in zip(hn if kind == "lstm" else (hn,), general_hn if kind == "lstm" else (general_hn,)):
+        assert_bitwise_equal(a, b, "h_n")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_inference_sequences_follow_parameter_changes(kind):
+    """The planned sequence path (ops.rnn.seq_fast) after in-place updates of each layer's parameters and
+    a replaced one: the result of a fresh module with the new weights."""
+    name, kwargs = KINDS[kind]
+    ours = seed_parameters(getattr(pnn, name)(I, H, num_layers=2, **kwargs), seed=5)
+    x = randn((T, 4, I), F32, seed=6)
+
+    def check():
+        other = getattr(pnn, name)(I, H, num_layers=2, **kwargs)
+        other.load_state_dict({k: v.detach().clone() for k, v in ours.state_dict().items()})
+        for a, b in zip(ours(x)[:1] + tuple(ours(x)[1:]), other(x)[:1] + tuple(other(x)[1:])):
+            for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                assert_bitwise_equal(u, v)
+
+    with torch.no_grad():
+        ours(x), ours(x)
+        ours.weight_hh_l1.mul_(0.5)
+        check()
+        ours.bias_ih_l0.add_(0.25)
+        check()
+        ours.weight_ih_l1 = torch.nn.Parameter(ours.weight_ih_l1 * 0.75)
+        check()
 
 
 @pytest.mark.parametrize("name", ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "weight_ih_l1"])

@@ -107,6 +107,54 @@ def _decode_step(module, input, hx, reset_after):
     return (y.clone() if layers == 1 or saved_out else y), h_n, c_n
 
 
+def _sequence_fast(module, input, hx, reset_after):
+    """(output, h_n, c_n or None) of a plain inference sequence through ops.rnn.seq_fast, or None where
+    anything differs (then the full path runs, with its checks and errors), or the layers' parameters
+    where only their plans are missing (the full path runs, then makes them: sequence_forward). One
+    direction, no projection, no dropout between layers in training mode, time-major or batch_first,
+    batched or not; the same kernel entries, paths and bits as the full path."""
+    layers = module.num_layers
+    if (module.bidirectional or module.proj_size or (module.dropout and module.training and layers > 1)
+            or torch.compiler.is_compiling()):
+        return None
+    packed = type(input) is PackedSequence
+    if packed:
+        x, batch_sizes, sorted_indices, unsorted_indices = input
+        if type(x) is not torch.Tensor or (sorted_indices is None) != (unsorted_indices is None):
+            return None
+    else:
+        x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+        if x.dim() not in (2, 3):
+            return None
+    is_lstm = module.mode == "LSTM"
+    if hx is None:
+        h0 = c0 = None
+    elif is_lstm:
+        if type(hx) is not tuple or len(hx) != 2:
+            return None
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    params = [planned_parameters(module, _layer_parameters(layer)) for layer in range(layers)]
+    if None in params:
+        return None
+    if sorted_indices is not None and h0 is not None:
+        # (the caller's order to the sorted one, as the full path's _permute; states it would refuse decline)
+        for t in (h0, c0) if is_lstm else (h0,):
+            if type(t) is not torch.Tensor or t.dim() != 3 or t.shape[1] != sorted_indices.shape[0]:
+                return None
+        h0, c0 = _permute((h0, c0), sorted_indices)
+    out = _rnn_ops.seq_fast(module.mode.lower(), reset_after, x, h0, c0, params, module.hidden_size,
+                            module.batch_first and x.dim() == 3 and not packed, batch_sizes)
+    if out is _rnn_ops.NO_PLAN:
+        return params
+    if out is None or not packed:
+        return out
+    y, h_n, c_n = out
+    h_n, c_n = _permute((h_n, c_n), unsorted_indices)
+    return PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices), h_n, c_n
+
+
 def _parametrized_weights(module):
     """A parametrized module's weights by name, read as torch.nn's forward reads them (its
     _update_flat_weights), or None where nothing is parametrized (then each is read once, by name). A
@@ -121,10 +169,16 @@ def _parametrized_weights(module):
 
 def sequence_forward(module, input, hx, reset_after: bool = True):
     """Returns (output, h_n, c_n or None), output a PackedSequence when input is one."""
+    planless = None  # (the layers' parameters where the thin sequence path wants plans made)
     if type(input) is torch.Tensor:
         step = _decode_step(module, input, hx, reset_after)
         if step is not None:
             return step
+    if type(input) is torch.Tensor or type(input) is PackedSequence:
+        fast = _sequence_fast(module, input, hx, reset_after)
+        if type(fast) is tuple:
+            return fast
+        planless = fast
     name = _NAMES[module.mode]
     is_lstm = module.mode == "LSTM"
     # (No _update_flat_weights(): the weights are read by name below, and torch's own forward and
@@ -209,6 +263,8 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     y, h_n, c_n = run_layers(module, x, batch_sizes, h0, c0, reset_after, weights)
     h_n, c_n = _permute((h_n, c_n), unsorted_indices)
 
+    if planless is not None:
+        _rnn_ops.make_seq_plans(module.mode.lower(), reset_after, planless)
     if batch_sizes is not None:
         return PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices), h_n, c_n
     if module.batch_first:

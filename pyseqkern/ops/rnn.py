@@ -475,13 +475,15 @@ def empty_cache() -> None:
     """Releases the calling thread's cached temporaries (_Scratch: the CPU backward's, the inference
     forward's, torch's input projection's; the training forwards' reserve pool) and cell workspaces
     (the Python one, and the compiled step's), the device copies of packed batches' lengths that no
-    captured CUDA graph reads (_device_seq), and every inference cache entry (packed weights, folded
-    biases, cell plans, casts) with its weak reference to its parameter (forget)."""
+    captured CUDA graph reads (_device_seq), packed batches' host forms (_host_seq), and every inference
+    cache entry (packed weights, folded biases, cell plans, casts) with its weak reference to its
+    parameter (forget)."""
     with _CACHE_LOCK:
         forget([f.peek()[0] for f in list(_WATCHED.values()) if f.peek() is not None])
         for cache in ANCHORED_CACHES:  # (and any entry whose finalizer is gone)
             cache.clear()
     _DEVICE_SEQ.clear()
+    _HOST_SEQ.clear()
     _SCRATCH.s = None
     _SCRATCH.proj = None
     _SCRATCH.fwd = None
@@ -1475,17 +1477,16 @@ def _rides(sizes, seq, x2d, panels):
     return _kernel_rides(sizes, seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
 
 
-def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-    """(y, h_n, c_n or None) of an inference forward whose kernel projects the input, or None where
-    torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large)."""
+def _projection_path(mode, reset_after, seq, x2d, w_dtype, hidden, proj, recurrent_numel):
+    """(each_step, ring) where the kernel projects this inference sequence's input itself (given an input
+    panel: _input_panel), or None where torch's GEMM does it (a panel too large, or torch's faster).
+    w_dtype: the weights'; recurrent_numel: W_hh's and W_hr's values. Reads only x2d's shape and dtype."""
     code = MODES[mode]
-    hidden = w_hh.shape[0] // GATES[mode]
-    proj = 0 if w_hr is None else w_hr.shape[0]
     sizes = _sizes(code, reset_after, hidden, proj, seq.batch, x2d.dtype)
     size = 2 if x2d.dtype == torch.bfloat16 else x2d.element_size()  # (bfloat16: pair sections, read as such)
     read = GATES[mode] * hidden * x2d.shape[1] * size
-    if x2d.dtype != w_ih.dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
-            sizes, seq, x2d, read + (w_hh.numel() + (0 if w_hr is None else w_hr.numel())) * size):
+    if x2d.dtype != w_dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
+            sizes, seq, x2d, read + recurrent_numel * size):
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
@@ -1493,6 +1494,20 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     if (not each_step and mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32
             and _backend.FP32_GEMM == "mkl"):
         return None
+    return each_step, not each_step and _kernel_rides(sizes, seq, x2d)
+
+
+def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """(y, h_n, c_n or None) of an inference forward whose kernel projects the input, or None where
+    torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large)."""
+    code = MODES[mode]
+    hidden = w_hh.shape[0] // GATES[mode]
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    path = _projection_path(mode, reset_after, seq, x2d, w_ih.dtype, hidden, proj,
+                            w_hh.numel() + (0 if w_hr is None else w_hr.numel()))
+    if path is None:
+        return None
+    each_step, ring = path
     panel = _input_panel(code, reset_after, hidden, w_ih)
     if panel is None:
         return None
@@ -1502,8 +1517,7 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
         x2d = x2d.contiguous()
     y, h_n, c_n, _ = _run_forward(code, reset_after, hidden, proj, seq.steps, seq.batch,
                                   None if bias is None else bias.contiguous(), b_hn, h0, c0, packed, seq.args(),
-                                  False, x2d.shape[0], x=x2d, panel=panel, each_step=each_step,
-                                  ring=not each_step and _kernel_rides(sizes, seq, x2d))
+                                  False, x2d.shape[0], x=x2d, panel=panel, each_step=each_step, ring=ring)
     return y, h_n, (c_n if code == 0 else None)
 
 
@@ -1704,6 +1718,127 @@ def step_fast(mode, reset_after, x, h0, c0, params, out_shape, state_shape, spre
                       y.data_ptr() if layer == last else 0)
         xp = hn + at
     return y, h_n, c_n
+
+
+# The projecting path of plain inference sequences by shape (seq_fast): _projection_path's answer for
+# (mode, reset_after, hidden, input, dtype, steps, batch, level); bounded as _SIZES is.
+_SEQ_PATHS: dict = {}
+# seq_fast's answer where the sequence would take its path but a layer has no plan yet: the caller runs
+# the full path, which checks every argument, and then makes the plans (make_seq_plans).
+NO_PLAN = object()
+
+
+def _seq_path(mode, reset_after, hidden, size, dtype, steps, batch, rows):
+    key = (mode, reset_after, hidden, size, dtype, steps, batch, rows, _backend._ISA.name)
+    path = _SEQ_PATHS.get(key, _SEQ_PATHS)
+    if path is _SEQ_PATHS:
+        # (meta tensors of the sequence's shape and rows: the path reads shapes and the dtype only)
+        xm = torch.empty((steps, batch, size), dtype=dtype, device="meta")
+        path = _projection_path(mode, reset_after, _Seq(xm, None, False),
+                                torch.empty((rows, size), dtype=dtype, device="meta"), dtype, hidden, 0,
+                                GATES[mode] * hidden * hidden)
+        if len(_SEQ_PATHS) >= _SIZES_MAX:
+            _SEQ_PATHS.clear()
+        _SEQ_PATHS[key] = path
+    return path
+
+
+def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_sizes=None):
+    """A plain inference sequence through stacked one-direction layers of `hidden` units (no projection)
+    straight to their planned kernel entries by data pointers (_C.RnnCellStep.run_seq), where each
+    layer takes the path on which the kernel projects its input (_projection_path; the same kernel, path
+    and bits as rnn_layer's); else None (then the full path runs), or NO_PLAN where only a layer's plan
+    is missing. x: [T, B, I] ([B, T, I] with batch_first: rows read and written batch-major, no
+    transposing copies), unbatched [T, I], or a packed batch's data [N, I] with its `batch_sizes` (the
+    forms _host_seq lists), contiguous; h0, c0: None (zeros) or contiguous [L, B, H]
+    ([L, H] unbatched), c0 exactly for lstm; params: each layer's (w_ih, w_hh, b_ih, b_hh). Returns (y,
+    h_n, c_n or None). The full path's checks, _Seq, caches, scratch and capsules took 60-90 us of a
+    module call (RNN (100,1,256): 64 of 282 us)."""
+    lstm = mode == "lstm"
+    states = () if h0 is None else (h0, c0) if lstm else (h0,)
+    if type(x) is not torch.Tensor or (c0 is not None) != (lstm and h0 is not None):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(type(t) is torch.Tensor and t.requires_grad for t in states)
+                                    or any(t is not None and t.requires_grad for p in params for t in p)):
+        return None
+    if _autocast.any_enabled() or _backend._REFERENCE_FORCED or not x.is_cpu or not _unobserved():
+        return None
+    forms = None
+    if batch_sizes is not None:
+        forms = _host_seq(batch_sizes) if _listable(batch_sizes) and x.dim() == 2 else None
+        if forms is None or forms[3] != x.shape[0]:
+            return None
+        T, B, rows = forms[0].shape[0], forms[2].shape[0], forms[3]
+    elif x.dim() == 3:
+        B, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
+        rows = T * B
+    else:
+        B, T = 1, x.shape[0]
+        rows = T
+    dtype, L = x.dtype, len(params)
+    if T < (1 if forms else 2) or B < 1 or dtype not in _DIRECT_DTYPES or not x.is_contiguous():
+        return None
+    state_shape = (L, B, hidden) if x.dim() == 3 or forms else (L, hidden)
+    for t in states:
+        if not (type(t) is torch.Tensor and t.shape == state_shape and t.dtype is dtype and t.is_cpu
+                and t.is_contiguous()):
+            return None
+    plans, paths, size = [], [], x.shape[-1]
+    for w_ih, w_hh, b_ih, b_hh in params:
+        plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
+        if plan is not None and (plan.step is None or plan.dtype is not dtype or plan.input != size
+                                 or plan.hidden != hidden):
+            return None
+        if plan is None:
+            try:  # (parameters without a version counter, made under inference_mode, are never planned)
+                _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
+            except _NO_VERSION:
+                return None
+        path = _seq_path(mode, reset_after, hidden, size, dtype, T, B, rows)
+        if path is None:
+            return None
+        plans.append(plan)
+        paths.append(path)
+        size = hidden
+    if None in plans:
+        return NO_PLAN
+    out_shape = x.shape[:-1] + (hidden,)
+    if dtype is torch.get_default_dtype():
+        h_n, c_n = torch.empty(*state_shape), torch.empty(*state_shape) if lstm else None
+    else:
+        h_n, c_n = torch.empty(*state_shape, dtype=dtype), torch.empty(*state_shape, dtype=dtype) if lstm else None
+    t_stride, b_stride = (1, T) if batch_first else (B, 1)
+    slot = B * hidden * x.element_size()  # (one layer's [B, H] in the states and results)
+    xp, hn = x.data_ptr(), h_n.data_ptr()
+    h = h0.data_ptr() if h0 is not None else 0
+    c = c0.data_ptr() if c0 is not None else 0
+    cn = c_n.data_ptr() if lstm else 0
+    threads, code, acc = num_threads(), MODES[mode], _acc_dtype(dtype)
+    seq_ptrs = (forms[0].data_ptr(), forms[1].data_ptr(), forms[2].data_ptr(), rows) if forms else (0, 0, 0, 0)
+    y = x  # (each layer's input stays referenced through its call)
+    for layer, (plan, (each_step, ring)) in enumerate(zip(plans, paths)):
+        layer_input, y = y, torch.empty(out_shape, dtype=dtype)
+        sizes = _sizes(code, reset_after, hidden, 0, B, dtype)
+        ws_numel = sizes[2] + (_own_x_gates_numel(sizes, code, B, hidden) if each_step else 0)
+        scratch = _fwd_scratch()  # (a layer's buffers live only inside its call, as _run_forward's)
+        ws = scratch.take((ws_numel,), acc)
+        buf, buf_rows = 0, 0
+        if not each_step:
+            buf_rows = min(rows, _RIDE_RING) if ring else rows
+            buf = scratch.take((buf_rows, GATES[mode] * hidden), dtype).data_ptr()
+        at = layer * slot
+        plan.step.run_seq(T, B, t_stride, b_stride, xp, h and h + at, c and c + at, y.data_ptr(), hn + at,
+                          cn and cn + at, ws.data_ptr(), ws_numel, buf, buf_rows, threads, *seq_ptrs)
+        xp = y.data_ptr()
+        del layer_input
+    return y, h_n, c_n
+
+
+def make_seq_plans(mode, reset_after, params):
+    """The plans seq_fast wanted (NO_PLAN), made after the full path's checks passed for `params`."""
+    for w_ih, w_hh, b_ih, b_hh in params:
+        if _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh) is None:
+            _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
 
 
 def cell_step_args(mode, x, states, w_ih, w_hh, b_ih, b_hh, here):
