@@ -446,6 +446,57 @@ def test_packed_inference_goes_from_the_module_to_the_kernel_entry(monkeypatch, 
         assert_matches(a, e, name_)
 
 
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched", "packed"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
+def test_bidirectional_inference_goes_from_the_module_to_the_kernel_entry(monkeypatch, kind, layers, layout,
+                                                                         hx_given):
+    """Both directions of each layer through the planned sequence path: the reverse one runs from each
+    row's last step, and each writes its half of the layer's output rows (no cat); h_n in the full path's
+    order (layer * 2 + direction). The full path's bits and torch.nn's float64 results."""
+    from pyseqkern.nn import _sequence
+
+    name, kwargs = KINDS[kind]
+    cls_kw = dict(kwargs, num_layers=layers, bidirectional=True, batch_first=layout == "batch_first")
+    theirs = seed_parameters(getattr(torch.nn, name)(I, H, **cls_kw), seed=13)
+    ours = getattr(pnn, name)(I, H, **cls_kw)
+    ours.load_state_dict(theirs.state_dict())
+    batch = 1 if layout == "unbatched" else 6
+    if layout == "packed":
+        x = pack_padded_sequence(randn((T, batch, I), F32, seed=14), torch.tensor([5, 7, 1, 7, 3, 2]),
+                                 enforce_sorted=False)
+    else:
+        x = randn({"time_major": (T, batch, I), "batch_first": (batch, T, I), "unbatched": (T, I)}[layout], F32,
+                  seed=14)
+    shape = (2 * layers, H) if layout == "unbatched" else (2 * layers, batch, H)
+    hs = [randn(shape, F32, seed=15 + k, scale=0.5) for k in range(2 if kind == "lstm" else 1)]
+    hx = (tuple(hs) if kind == "lstm" else hs[0]) if hx_given else None
+    real = rnn_ops.seq_fast
+    taken = []
+    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    with torch.no_grad():
+        ours(x, hx)
+        assert taken == [rnn_ops.NO_PLAN]
+        taken.clear()
+        out, hn = ours(x, hx)
+        assert len(taken) == 1 and type(taken[0]) is tuple, "the bidirectional call did not take the kernel entry"
+        with monkeypatch.context() as m:
+            m.setattr(_sequence, "_sequence_fast", lambda *a: None)
+            general, general_hn = ours(x, hx)
+        x64 = (PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+               if layout == "packed" else x.double())
+        want, want_hn = copy.deepcopy(theirs).double()(
+            x64, None if hx is None else tuple(h.double() for h in hs) if kind == "lstm" else hs[0].double())
+    data = (lambda o: o.data) if layout == "packed" else (lambda o: o)  # noqa: E731
+    flat = lambda o, s: [data(o)] + (list(s) if kind == "lstm" else [s])  # noqa: E731
+    for name_, a, g, e in zip(["output", "h_n", "c_n"], flat(out, hn), flat(general, general_hn),
+                              flat(want, want_hn)):
+        assert_bitwise_equal(a, g, name_)
+        assert_matches(a, e, name_)
+    assert_own_memory(flat(out, hn))
+
+
 @pytest.mark.parametrize("batch, steps", [(1, 40), (3, 40), (33, 9)])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_inference_sequences_take_the_kernel_entry_at_every_level(monkeypatch, isa, kind, batch, steps):

@@ -29,9 +29,9 @@ def _permute(states, permutation):
 
 
 @functools.cache
-def _layer_parameters(layer: int) -> tuple:
-    """The parameter names of a layer's forward direction, for planned_parameters."""
-    return tuple(f"{n}_l{layer}" for n in CELL_PARAMETERS)
+def _layer_parameters(layer: int, reverse: bool = False) -> tuple:
+    """The parameter names of a layer's forward (or reverse) direction, for planned_parameters."""
+    return tuple(f"{n}_l{layer}{'_reverse' if reverse else ''}" for n in CELL_PARAMETERS)
 
 
 def _decode_step(module, input, hx, reset_after):
@@ -111,11 +111,10 @@ def _sequence_fast(module, input, hx, reset_after):
     """(output, h_n, c_n or None) of a plain inference sequence through ops.rnn.seq_fast, or None where
     anything differs (then the full path runs, with its checks and errors), or the layers' parameters
     where only their plans are missing (the full path runs, then makes them: sequence_forward). One
-    direction, no projection, no dropout between layers in training mode, time-major or batch_first,
-    batched or not; the same kernel entries, paths and bits as the full path."""
+    direction or two, no projection, no dropout between layers in training mode, time-major, batch_first,
+    batched or not, or packed; the same kernel entries, paths and bits as the full path."""
     layers = module.num_layers
-    if (module.bidirectional or module.proj_size or (module.dropout and module.training and layers > 1)
-            or torch.compiler.is_compiling()):
+    if module.proj_size or (module.dropout and module.training and layers > 1) or torch.compiler.is_compiling():
         return None
     packed = type(input) is PackedSequence
     if packed:
@@ -135,7 +134,9 @@ def _sequence_fast(module, input, hx, reset_after):
         h0, c0 = hx
     else:
         h0, c0 = hx, None
-    params = [planned_parameters(module, _layer_parameters(layer)) for layer in range(layers)]
+    directions = 2 if module.bidirectional else 1
+    params = [planned_parameters(module, _layer_parameters(layer, bool(direction)))
+              for layer in range(layers) for direction in range(directions)]
     if None in params:
         return None
     if sorted_indices is not None and h0 is not None:
@@ -145,7 +146,7 @@ def _sequence_fast(module, input, hx, reset_after):
                 return None
         h0, c0 = _permute((h0, c0), sorted_indices)
     out = _rnn_ops.seq_fast(module.mode.lower(), reset_after, x, h0, c0, params, module.hidden_size,
-                            module.batch_first and x.dim() == 3 and not packed, batch_sizes)
+                            module.batch_first and x.dim() == 3 and not packed, batch_sizes, directions)
     if out is _rnn_ops.NO_PLAN:
         return params
     if out is None or not packed:

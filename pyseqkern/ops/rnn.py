@@ -1743,15 +1743,17 @@ def _seq_path(mode, reset_after, hidden, size, dtype, steps, batch, rows):
     return path
 
 
-def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_sizes=None):
-    """A plain inference sequence through stacked one-direction layers of `hidden` units (no projection)
+def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_sizes=None, directions=1):
+    """A plain inference sequence through stacked layers of `hidden` units (no projection), one direction or
+    two (`directions`: each layer's outputs side by side in one row, as the full path's cat lays them)
     straight to their planned kernel entries by data pointers (_C.RnnCellStep.run_seq), where each
     layer takes the path on which the kernel projects its input (_projection_path; the same kernel, path
     and bits as rnn_layer's); else None (then the full path runs), or NO_PLAN where only a layer's plan
     is missing. x: [T, B, I] ([B, T, I] with batch_first: rows read and written batch-major, no
     transposing copies), unbatched [T, I], or a packed batch's data [N, I] with its `batch_sizes` (the
     forms _host_seq lists), contiguous; h0, c0: None (zeros) or contiguous [L, B, H]
-    ([L, H] unbatched), c0 exactly for lstm; params: each layer's (w_ih, w_hh, b_ih, b_hh). Returns (y,
+    ([L, H] unbatched; L = layers x directions), c0 exactly for lstm; params: (w_ih, w_hh, b_ih, b_hh) of
+    each layer and direction, in h_n's order (layer * directions + direction). Returns (y,
     h_n, c_n or None). The full path's checks, _Seq, caches, scratch and capsules took 60-90 us of a
     module call (RNN (100,1,256): 64 of 282 us)."""
     lstm = mode == "lstm"
@@ -1775,7 +1777,7 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     else:
         B, T = 1, x.shape[0]
         rows = T
-    dtype, L = x.dtype, len(params)
+    dtype, L, D = x.dtype, len(params), directions
     if T < (1 if forms else 2) or B < 1 or dtype not in _DIRECT_DTYPES or not x.is_contiguous():
         return None
     state_shape = (L, B, hidden) if x.dim() == 3 or forms else (L, hidden)
@@ -1783,8 +1785,9 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
         if not (type(t) is torch.Tensor and t.shape == state_shape and t.dtype is dtype and t.is_cpu
                 and t.is_contiguous()):
             return None
-    plans, paths, size = [], [], x.shape[-1]
-    for w_ih, w_hh, b_ih, b_hh in params:
+    plans, paths = [], []
+    for idx, (w_ih, w_hh, b_ih, b_hh) in enumerate(params):
+        size = x.shape[-1] if idx < D else D * hidden
         plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
         if plan is not None and (plan.step is None or plan.dtype is not dtype or plan.input != size
                                  or plan.hidden != hidden):
@@ -1799,10 +1802,9 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
             return None
         plans.append(plan)
         paths.append(path)
-        size = hidden
     if None in plans:
         return NO_PLAN
-    out_shape = x.shape[:-1] + (hidden,)
+    out_shape = x.shape[:-1] + (D * hidden,)
     if dtype is torch.get_default_dtype():
         h_n, c_n = torch.empty(*state_shape), torch.empty(*state_shape) if lstm else None
     else:
@@ -1816,8 +1818,10 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     threads, code, acc = num_threads(), MODES[mode], _acc_dtype(dtype)
     seq_ptrs = (forms[0].data_ptr(), forms[1].data_ptr(), forms[2].data_ptr(), rows) if forms else (0, 0, 0, 0)
     y = x  # (each layer's input stays referenced through its call)
-    for layer, (plan, (each_step, ring)) in enumerate(zip(plans, paths)):
-        layer_input, y = y, torch.empty(out_shape, dtype=dtype)
+    for idx, (plan, (each_step, ring)) in enumerate(zip(plans, paths)):
+        direction = idx % D
+        if direction == 0:
+            layer_input, y = y, torch.empty(out_shape, dtype=dtype)
         sizes = _sizes(code, reset_after, hidden, 0, B, dtype)
         ws_numel = sizes[2] + (_own_x_gates_numel(sizes, code, B, hidden) if each_step else 0)
         scratch = _fwd_scratch()  # (a layer's buffers live only inside its call, as _run_forward's)
@@ -1826,11 +1830,13 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
         if not each_step:
             buf_rows = min(rows, _RIDE_RING) if ring else rows
             buf = scratch.take((buf_rows, GATES[mode] * hidden), dtype).data_ptr()
-        at = layer * slot
-        plan.step.run_seq(T, B, t_stride, b_stride, xp, h and h + at, c and c + at, y.data_ptr(), hn + at,
-                          cn and cn + at, ws.data_ptr(), ws_numel, buf, buf_rows, threads, *seq_ptrs)
-        xp = y.data_ptr()
-        del layer_input
+        at = idx * slot
+        plan.step.run_seq(T, B, t_stride, b_stride, xp, h and h + at, c and c + at,
+                          y.data_ptr() + direction * hidden * x.element_size(), hn + at, cn and cn + at,
+                          ws.data_ptr(), ws_numel, buf, buf_rows, threads, *seq_ptrs, direction == 1, D * hidden)
+        if direction == D - 1:
+            xp = y.data_ptr()
+            del layer_input
     return y, h_n, c_n
 
 
