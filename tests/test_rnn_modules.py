@@ -402,6 +402,31 @@ def test_inference_sequences_go_from_the_module_to_the_kernel_entry(monkeypatch,
     refuses_short_states(ours, x, hs, kind)
 
 
+def thin_full_and_oracle(monkeypatch, ours, theirs, x, hs, hx, kind):
+    """Without grad: our module's second call, which must take the planned sequence path (its first, the
+    full path, plans it), the full path's result, and torch.nn's in float64 (x plain or packed; hs the
+    oracle's states, hx what ours takes)."""
+    from pyseqkern.nn import _sequence
+
+    real = rnn_ops.seq_fast
+    taken = []
+    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    with torch.no_grad():
+        ours(x, hx)
+        assert taken == [rnn_ops.NO_PLAN]
+        taken.clear()
+        thin = ours(x, hx)
+        assert len(taken) == 1 and type(taken[0]) is tuple, "the call did not take the kernel entry"
+        with monkeypatch.context() as m:
+            m.setattr(_sequence, "_sequence_fast", lambda *a: None)
+            full = ours(x, hx)
+        x64 = (PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+               if isinstance(x, PackedSequence) else x.double())
+        want = copy.deepcopy(theirs).double()(
+            x64, None if hx is None else tuple(h.double() for h in hs) if kind == "lstm" else hs[0].double())
+    return thin, full, want
+
+
 @pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no_hx"])
 @pytest.mark.parametrize("order", ["sorted", "unsorted"])
 @pytest.mark.parametrize("batch", [1, 5, 33])
@@ -411,8 +436,6 @@ def test_packed_inference_goes_from_the_module_to_the_kernel_entry(monkeypatch, 
     """A PackedSequence (sorted, or unsorted: hx and h_n in the caller's order) takes the planned sequence
     path too (ops.rnn.seq_fast with _host_seq's forms of batch_sizes): the full path's bits, torch.nn's
     results in float64, and the PackedSequence's own batch_sizes and indices back."""
-    from pyseqkern.nn import _sequence
-
     name, kwargs = KINDS[kind]
     theirs = seed_parameters(getattr(torch.nn, name)(I, H, num_layers=layers, **kwargs), seed=9)
     ours = getattr(pnn, name)(I, H, num_layers=layers, **kwargs)
@@ -422,21 +445,8 @@ def test_packed_inference_goes_from_the_module_to_the_kernel_entry(monkeypatch, 
     x = pack_padded_sequence(randn((T, batch, I), F32, seed=10), lengths, enforce_sorted=order == "sorted")
     hs = [randn((layers, batch, H), F32, seed=11 + k, scale=0.5) for k in range(2 if kind == "lstm" else 1)]
     hx = (tuple(hs) if kind == "lstm" else hs[0]) if hx_given else None
-    real = rnn_ops.seq_fast
-    taken = []
-    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
-    with torch.no_grad():
-        ours(x, hx)
-        assert taken == [rnn_ops.NO_PLAN]
-        taken.clear()
-        out, hn = ours(x, hx)
-        assert len(taken) == 1 and type(taken[0]) is tuple, "the packed batch did not take the kernel entry"
-        with monkeypatch.context() as m:
-            m.setattr(_sequence, "_sequence_fast", lambda *a: None)
-            general, general_hn = ours(x, hx)
-        x64 = PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
-        want, want_hn = copy.deepcopy(theirs).double()(
-            x64, None if hx is None else tuple(h.double() for h in hs) if kind == "lstm" else hs[0].double())
+    (out, hn), (general, general_hn), (want, want_hn) = thin_full_and_oracle(monkeypatch, ours, theirs, x, hs, hx,
+                                                                               kind)
     assert out.batch_sizes is x.batch_sizes and out.sorted_indices is x.sorted_indices
     assert out.unsorted_indices is x.unsorted_indices
     flat = lambda o, s: [o.data] + (list(s) if kind == "lstm" else [s])  # noqa: E731
@@ -455,8 +465,6 @@ def test_bidirectional_inference_goes_from_the_module_to_the_kernel_entry(monkey
     """Both directions of each layer through the planned sequence path: the reverse one runs from each
     row's last step, and each writes its half of the layer's output rows (no cat); h_n in the full path's
     order (layer * 2 + direction). The full path's bits and torch.nn's float64 results."""
-    from pyseqkern.nn import _sequence
-
     name, kwargs = KINDS[kind]
     cls_kw = dict(kwargs, num_layers=layers, bidirectional=True, batch_first=layout == "batch_first")
     theirs = seed_parameters(getattr(torch.nn, name)(I, H, **cls_kw), seed=13)
@@ -472,22 +480,8 @@ def test_bidirectional_inference_goes_from_the_module_to_the_kernel_entry(monkey
     shape = (2 * layers, H) if layout == "unbatched" else (2 * layers, batch, H)
     hs = [randn(shape, F32, seed=15 + k, scale=0.5) for k in range(2 if kind == "lstm" else 1)]
     hx = (tuple(hs) if kind == "lstm" else hs[0]) if hx_given else None
-    real = rnn_ops.seq_fast
-    taken = []
-    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
-    with torch.no_grad():
-        ours(x, hx)
-        assert taken == [rnn_ops.NO_PLAN]
-        taken.clear()
-        out, hn = ours(x, hx)
-        assert len(taken) == 1 and type(taken[0]) is tuple, "the bidirectional call did not take the kernel entry"
-        with monkeypatch.context() as m:
-            m.setattr(_sequence, "_sequence_fast", lambda *a: None)
-            general, general_hn = ours(x, hx)
-        x64 = (PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
-               if layout == "packed" else x.double())
-        want, want_hn = copy.deepcopy(theirs).double()(
-            x64, None if hx is None else tuple(h.double() for h in hs) if kind == "lstm" else hs[0].double())
+    (out, hn), (general, general_hn), (want, want_hn) = thin_full_and_oracle(monkeypatch, ours, theirs, x, hs, hx,
+                                                                               kind)
     data = (lambda o: o.data) if layout == "packed" else (lambda o: o)  # noqa: E731
     flat = lambda o, s: [data(o)] + (list(s) if kind == "lstm" else [s])  # noqa: E731
     for name_, a, g, e in zip(["output", "h_n", "c_n"], flat(out, hn), flat(general, general_hn),

@@ -1811,16 +1811,16 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
         h_n, c_n = torch.empty(*state_shape, dtype=dtype), torch.empty(*state_shape, dtype=dtype) if lstm else None
     t_stride, b_stride = (1, T) if batch_first else (B, 1)
     slot = B * hidden * x.element_size()  # (one layer's [B, H] in the states and results)
-    xp, hn = x.data_ptr(), h_n.data_ptr()
+    hn = h_n.data_ptr()
     h = h0.data_ptr() if h0 is not None else 0
     c = c0.data_ptr() if c0 is not None else 0
     cn = c_n.data_ptr() if lstm else 0
     threads, code, acc = num_threads(), MODES[mode], _acc_dtype(dtype)
     seq_ptrs = (forms[0].data_ptr(), forms[1].data_ptr(), forms[2].data_ptr(), rows) if forms else (0, 0, 0, 0)
-    y = x  # (each layer's input stays referenced through its call)
+    y = x
     for idx, (plan, (each_step, ring)) in enumerate(zip(plans, paths)):
         direction = idx % D
-        if direction == 0:
+        if direction == 0:  # (the layer's input, the last one's output, stays referenced through its calls)
             layer_input, y = y, torch.empty(out_shape, dtype=dtype)
         sizes = _sizes(code, reset_after, hidden, 0, B, dtype)
         ws_numel = sizes[2] + (_own_x_gates_numel(sizes, code, B, hidden) if each_step else 0)
@@ -1831,12 +1831,9 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
             buf_rows = min(rows, _RIDE_RING) if ring else rows
             buf = scratch.take((buf_rows, GATES[mode] * hidden), dtype).data_ptr()
         at = idx * slot
-        plan.step.run_seq(T, B, t_stride, b_stride, xp, h and h + at, c and c + at,
+        plan.step.run_seq(T, B, t_stride, b_stride, layer_input.data_ptr(), h and h + at, c and c + at,
                           y.data_ptr() + direction * hidden * x.element_size(), hn + at, cn and cn + at,
                           ws.data_ptr(), ws_numel, buf, buf_rows, threads, *seq_ptrs, direction == 1, D * hidden)
-        if direction == D - 1:
-            xp = y.data_ptr()
-            del layer_input
     return y, h_n, c_n
 
 
