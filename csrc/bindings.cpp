@@ -893,8 +893,10 @@ class RnnCellStep {
   // module's plain forward), the kernel projecting the input as rnn_forward does with 'x': time-major
   // rows (b_stride 1, t_stride batch) or batch-major ones (t_stride 1, b_stride steps), for x and y
   // alike, or a packed batch's; `reverse` runs it from its last step (a bidirectional layer's second
-  // direction), y's rows ld_y apart (both directions' outputs side by side in one row). `buf`: 0 to project each step's rows inside the step, else the x_gates buffer of buf_rows
-  // rows (all of x's, or the ride's ring); `ws`: the workspace of ws_numel accumulation values.
+  // direction), y's rows ld_y apart (both directions' outputs side by side in one row). `buf`: 0 to
+  // project each step's rows inside the step, else the x_gates buffer of buf_rows rows (all of x's, or
+  // the ride's ring); `ws`: the workspace of ws_numel accumulation values. The caller (seq_fast) checked
+  // every tensor these pointers come from against the plan: this entry checks only the sizes it is told.
   void run_seq(int64_t steps, int64_t batch, int64_t t_stride, int64_t b_stride, uintptr_t x, uintptr_t h,
                uintptr_t c, uintptr_t y, uintptr_t h_n, uintptr_t c_n, uintptr_t ws, int64_t ws_numel,
                uintptr_t buf, int64_t buf_rows, int num_threads, uintptr_t batch_sizes, uintptr_t time_offsets,

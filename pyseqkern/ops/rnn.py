@@ -916,7 +916,8 @@ class _Seq:
                 bs = batch_sizes.to(dtype=torch.int64, device="cpu", memory_format=torch.contiguous_format,
                                     copy=True)
             self.steps = bs.shape[0]
-            self.batch = batch if batch is not None else int(bs[0]) if bs.numel() else 0
+            self.batch = (batch if batch is not None else hit[2].shape[0] if hit is not None
+                          else int(bs[0]) if bs.numel() else 0)
             self.batch_sizes = bs
             if hit is None:
                 self.time_offsets, self.lengths = _seq_host(bs, self.batch)
@@ -1095,8 +1096,9 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             B = h0.shape[0]
         else:
             # (zeros: steps no sequence reaches, which torch.nn runs too; no pack function makes them)
-            hit = _host_seq(bs) if _listable(bs) else None
-            if (hit is None or hit[3] != x.shape[0]) if _listable(bs) else (
+            listable = _listable(bs)
+            hit = _host_seq(bs) if listable else None
+            if (hit is None or hit[3] != x.shape[0]) if listable else (
                     bool((bs < 0).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]):
                 raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be >= 0, non-increasing and sum "
                                    f"to x.shape[0] = {x.shape[0]}, got {bs.tolist()}")
