@@ -1974,6 +1974,50 @@ def test_pair_and_piece_sections_only_where_the_level_reads_them(isa, mode, proj
     assert bf == floats + (forward + main[1] if isa in BF16_DOT_LEVELS else 0) + stamp
 
 
+def _piece_pairs(w, units, tile):
+    """The three bfloat16 pieces of float32 rows w [G, units, K] (hi = bf16(w), mid = bf16(w - hi), lo =
+    bf16(w - hi - mid), rounding to nearest even) as pair sections: [3, blocks of 16 units, pairs of k
+    padded to whole tiles, G, 16] of int32, k = 2j in the low half, 2j + 1 in the high one."""
+    G, n, K = w.shape
+    U, K2 = -(-n // 16), -(-(-(-K // 2)) // tile) * tile
+    wp = torch.zeros(G, U * 16, 2 * K2)
+    wp[:, :n, :K] = w
+    hi = wp.to(torch.bfloat16)
+    rest = wp - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    out = []
+    for piece in (hi, mid, lo):
+        bits = piece.view(torch.int16).to(torch.int32) & 0xFFFF
+        pairs = bits[..., 0::2] | (bits[..., 1::2] << 16)  # [G, U*16, K2]
+        out.append(pairs.view(G, U, 16, K2).permute(1, 3, 0, 2))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mode, H, proj", [(mode, H, 0) for mode in ("lstm", "gru", "rnn_tanh")
+                                           for H in (7, 37, 113, 256)] + [("lstm", 37, 5)])
+def test_float32_piece_sections_hold_each_weights_three_pieces(mode, H, proj):
+    """On amx, float32 packs hold each weight of W_hh as three bfloat16 pieces, laid out as pair sections
+    (Layout::split): the forward's [3][U][K2][G][16] after the float sections, then the backward's (W_hh
+    transposed) [3][UK][GH2][16]; pack_split writes them a register at a time (stop 45). Exactly the pieces
+    torch's own conversions give, at odd sizes and partial blocks (H = 7, 37, 113) and with projection."""
+    if pyseqkern.backend_info()["cpu"]["isa_active"] != "amx":
+        pytest.skip("the piece sections exist on the amx level only")
+    code, G, K = ops.MODES[mode], ops.GATES[mode], proj or H
+    w = randn((G * H, K), torch.float32, seed=31)
+    packed = torch.ops.pyseqkern.rnn_pack(code, True, H, proj, w, randn((proj, H), torch.float32, seed=32)
+                                          if proj else None).view(torch.int32)
+    blocks = lambda n: -(-n // 16)  # noqa: E731
+    floats = blocks(H) * K * G * 16 + blocks(K) * G * H * 16 + (blocks(proj) * H * 16 + blocks(H) * proj * 16
+                                                              if proj else 0)
+    forward = _piece_pairs(w.view(G, H, K), H, 16)
+    backward = _piece_pairs(w.t().reshape(1, K, G * H), K, 16)
+    got_f = packed[floats:floats + forward.numel()].view(forward.shape)
+    at = floats + forward.numel()
+    got_b = packed[at:at + backward.numel()].view(backward.shape)
+    assert torch.equal(got_f, forward) and torch.equal(got_b, backward)
+
+
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_bfloat16_backward_in_a_nan_workspace(isa, mode, proj, reset_after):
     """The bfloat16 backward's recurrent product on dot-product levels reads each step's dG in pairs from
