@@ -137,8 +137,9 @@ def _sequence_fast(module, input, hx, reset_after):
     directions = 2 if module.bidirectional else 1
     params = [planned_parameters(module, _layer_parameters(layer, bool(direction)))
               for layer in range(layers) for direction in range(directions)]
-    if None in params:
-        return None
+    if None in params or torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for p in params for t in p):
+        return None  # (a recorded call: the full path, before any permutation of hx here)
     if sorted_indices is not None and h0 is not None:
         # (the caller's order to the sorted one, as the full path's _permute; states it would refuse decline)
         for t in (h0, c0) if is_lstm else (h0,):
