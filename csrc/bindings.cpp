@@ -566,6 +566,13 @@ RnnSeq rnn_seq(int64_t steps, int64_t batch, py::handle batch_sizes, py::handle 
   return q;
 }
 
+// The workspace a forward needs beyond sizes' where it projects each step's rows itself (x without
+// x_gates_buf): the step's own x_gates, B*G*ceil(H/L)*L (rnn.h). rnn_forward, the cells' step and
+// the planned sequence (RnnCellStep) all size it so.
+int64_t own_x_gates_numel(const RnnShape& shape, int64_t batch, int64_t lanes) {
+  return batch * rnn_gate_count(shape.mode) * ((shape.hidden + lanes - 1) / lanes * lanes);
+}
+
 // A row-indexed tensor (sequence data) as the kernels read or write it: `rows` rows of `cols` values of
 // `dtype`, contiguous within a row, `ld` apart (the view's own row stride where ld < 0). Returns the
 // row stride.
@@ -692,7 +699,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   p.c_n = dense_of(c_n, "c_n", p.dtype, batch * H);
   p.packed = dense_of(packed, "packed", acc, sz.packed_numel, false);
   p.reserve = dense_of(reserve, "reserve", acc, rows * sz.reserve_cols);
-  const int64_t own_gates = p.x != nullptr && p.x_gates_buf == nullptr ? batch * G * ((H + sz.lanes - 1) / sz.lanes) * sz.lanes : 0;
+  const int64_t own_gates = p.x != nullptr && p.x_gates_buf == nullptr ? own_x_gates_numel(p.shape, batch, sz.lanes) : 0;
   p.workspace = dense_of(workspace, "workspace", acc, sz.workspace_numel + own_gates, false);
   p.num_threads = num_threads;
   const char* anchor = p.x != nullptr ? "x" : "x_gates";
@@ -880,10 +887,9 @@ class RnnCellStep {
     p.c_n = reinterpret_cast<void*>(c_n);
     p.num_threads = num_threads;
     p.spread = spread;
-    // The workspace plus the kernel's own x_gates, B*G*ceil(H/L)*L (rnn.h).
-    const int64_t units = (p.shape.hidden + lanes_ - 1) / lanes_ * lanes_;
-    const int64_t numel = kernels_.sizes(p.shape, batch, p.dtype).workspace_numel +
-                          batch * rnn_gate_count(p.shape.mode) * units;
+    // The workspace plus the kernel's own x_gates.
+    const int64_t numel =
+        kernels_.sizes(p.shape, batch, p.dtype).workspace_numel + own_x_gates_numel(p.shape, batch, lanes_);
     py::gil_scoped_release nogil;
     p.workspace = workspace(numel * (p.dtype == DType::Float64 ? 8 : 4));
     kernels_.forward(p);
@@ -902,7 +908,7 @@ class RnnCellStep {
                uintptr_t buf, int64_t buf_rows, int num_threads, uintptr_t batch_sizes, uintptr_t time_offsets,
                uintptr_t lengths, int64_t packed_rows, bool reverse, int64_t ld_y) const {
     // Packed (PackedSequence order): batch_sizes [steps], time_offsets [steps] and lengths [batch], as
-    // ops/rnn.py's _host_seq made them from checked batch sizes summing to packed_rows.
+    // ops/rnn.py's _listed_seq made them from checked batch sizes summing to packed_rows.
     const bool packed = batch_sizes != 0;
     const int64_t rows = packed ? packed_rows : steps * batch;
     if (steps < 1 || batch < 1 || x == 0 || y == 0 || h_n == 0 || ws == 0 ||
@@ -935,7 +941,7 @@ class RnnCellStep {
       p.x_rows = rows;
       p.x_gates_buf_rows = buf_rows;
     } else {
-      need += batch * G * ((p.shape.hidden + lanes_ - 1) / lanes_ * lanes_);
+      need += own_x_gates_numel(p.shape, batch, lanes_);
     }
     if (ws_numel < need)
       throw py::value_error("pyseqkern: RnnCellStep.run_seq: the workspace needs " + std::to_string(need) + " values");

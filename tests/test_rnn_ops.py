@@ -756,17 +756,17 @@ def test_malformed_batch_sizes_are_refused(batch_sizes, match):
 @pytest.mark.parametrize("sizes", [[1], [7], [5, 5, 5], [9, 4, 4, 1], [3, 3, 0, 0], [0, 0], [113] + [60] * 7 + [2]])
 def test_packed_host_forms_listed_equal_torchs_and_are_ours(sizes):
     """A packed batch's copy of batch_sizes, time offsets and lengths come from one listing of its values,
-    cached by them (ops/rnn.py, _host_seq): equal to the torch ops' forms (_seq_host), never the caller's
+    cached by them (ops/rnn.py, _listed_seq): equal to the torch ops' forms (_seq_host), never the caller's
     tensor, and unchanged by a write to it; malformed sizes give None (the caller raises)."""
     bs = torch.tensor(sizes)
-    mine, offsets, lengths, total = ops._host_seq(bs)
+    mine, offsets, lengths, total = ops._listed_seq(bs)
     want_offsets, want_lengths = ops._seq_host(bs.clone())
     assert torch.equal(mine, bs) and torch.equal(offsets, want_offsets) and torch.equal(lengths, want_lengths)
     assert total == sum(sizes) and mine.data_ptr() != bs.data_ptr()
     bs[0] += 1
-    assert mine.tolist() == sizes and ops._host_seq(bs)[0].tolist() == bs.tolist()
-    assert ops._host_seq(torch.tensor(sizes[::-1] + [sizes[0] + 1])) is None
-    assert ops._host_seq(torch.tensor([2, -1])) is None
+    assert mine.tolist() == sizes and ops._listed_seq(bs)[0].tolist() == bs.tolist()
+    assert ops._listed_seq(torch.tensor(sizes[::-1] + [sizes[0] + 1])) is None
+    assert ops._listed_seq(torch.tensor([2, -1])) is None
 
 
 @pytest.mark.parametrize("change, error, match", [

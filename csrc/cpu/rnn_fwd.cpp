@@ -142,109 +142,67 @@ void pack_pairs(bf16x2* dst, const bf16* src, int64_t units, int64_t K, int64_t 
 }
 
 // The piece sections (Layout::split): three pair sections as pack_pairs lays them out, `piece`
-// elements apart, of the hi, mid and lo pieces of float weights (split3). Training packs on every call,
-// so values are split a register at a time (split_values) and the pairs assembled from the pieces.
+// elements apart, of the hi, mid and lo pieces of float weights (split_values). Only the amx level has
+// them (uses_split), so only its build has this body: 16 lanes, and either each unit's weights along k
+// (k_stride 1: the forward's section, the input panel) or the units along the source rows (unit_stride
+// 1: the backward's W_hh transposed). A register a (piece, pair of k, 16 units): a block's 16 units of
+// 32 values of k split at a time, a unit's 16 pairs of each piece a register, transposed to a register of
+// the 16 units' pairs at each j; or the 16 units of rows 2j and 2j + 1 interleaved by halves. Element by
+// element (until stop 45), three scalar stores a pair, the pieces were most of a float32 pack on amx
+// (LSTM W_hh at H=256: 0.52 ms a pack against 0.28 now).
 void pack_split(bf16x2* dst, const float* src, int64_t units, int64_t K, int64_t G, int64_t L, int64_t gate_stride,
                 int64_t unit_stride, int64_t piece, int64_t k_stride = 1, int64_t ub0 = 0, int64_t ub1 = -1) {
-  const int64_t U = ub1 < 0 ? ceil_div(units, L) : ub1, K2 = pairs_stored(K);
-  auto put = [&](int64_t u, int64_t j, int64_t g, int64_t l, const bf16* a, const bf16* b) {
-    for (int q = 0; q < 3; ++q)
-      dst[q * piece + ((u * K2 + j) * G + g) * L + l].bits = uint32_t(a[q].bits) | uint32_t(b[q].bits) << 16;
-  };
-  const bf16 zero[3] = {};
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (L == 16 && (k_stride == 1 || unit_stride == 1)) {
-    // A register a (piece, pair of k, 16 units): a block's 16 units of 32 values of k split at a time, a
-    // unit's 16 pairs of each piece a register, transposed to a register of the 16 units' pairs at each
-    // j (forward sections); or the 16 units of rows 2j and 2j + 1 interleaved by halves (the backward's).
-    // Element by element, three scalar stores a pair, the pieces were most of a float32 pack on amx
-    // (LSTM W_hh at H=256: 0.62-0.72 ms against 0.13-0.17 without them).
-    alignas(64) bf16 t[3][32];
-    if (k_stride == 1) {
-      for (int64_t u = ub0; u < U; ++u)
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t j0 = 0; j0 < K2; j0 += 16) {  // (K2 counts whole tiles of 16 pairs here)
-            const int64_t k0 = 2 * j0, nk = k0 >= K ? 0 : K - k0 < 32 ? K - k0 : 32;
-            __m512 pc[3][16];
-            for (int64_t l = 0; l < 16; ++l) {
-              const int64_t n = u * 16 + l, valid = n < units ? nk : 0;
-              if (valid > 0) split_values(src + g * gate_stride + n * unit_stride + k0, valid, t[0], t[1], t[2]);
-              for (int q = 0; q < 3; ++q) {
-                for (int64_t k = valid; k < 32; ++k) t[q][k] = bf16{0};
-                pc[q][l] = _mm512_load_ps(reinterpret_cast<const float*>(t[q]));
-              }
-            }
-            for (int q = 0; q < 3; ++q) {
-              transpose16(pc[q]);
-              for (int64_t jj = 0; jj < 16; ++jj)
-                _mm512_storeu_ps(reinterpret_cast<float*>(dst + q * piece + ((u * K2 + j0 + jj) * G + g) * 16),
-                                 pc[q][jj]);
-            }
-          }
-      return;
-    }
-    // (the pair's low half from row 2j, its high half from row 2j + 1: halves 0-15 and 16-31 of t[q])
-    const __m512i mix = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
-                                         6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    alignas(64) float row[32];
-    for (int64_t u = ub0; u < U; ++u)
-      for (int64_t j = 0; j < K2; ++j)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t n = units - u * 16 < 16 ? units - u * 16 : 16;
-          for (int e = 0; e < 2; ++e) {
-            const int64_t k = 2 * j + e;
-            const __mmask16 m = k < K ? static_cast<__mmask16>(lane_mask(static_cast<int>(n))) : __mmask16(0);
-            _mm512_store_ps(row + 16 * e,
-                            _mm512_maskz_loadu_ps(m, src + g * gate_stride + u * 16 * unit_stride + k * k_stride));
-          }
-          split_values(row, 32, t[0], t[1], t[2]);
-          for (int q = 0; q < 3; ++q)
-            _mm512_storeu_si512(dst + q * piece + ((u * K2 + j) * G + g) * 16,
-                                _mm512_permutexvar_epi16(mix, _mm512_load_si512(t[q])));
-        }
-    return;
-  }
-#endif
-  if (k_stride == 1) {  // each unit's weights run along k: split 64 of a unit's values at a time
-    constexpr int64_t C = 64;
-    bf16 t[3][C];
+  const int64_t U = ub1 < 0 ? ceil_div(units, L) : ub1, K2 = pairs_stored(K);
+  if (L != 16 || (k_stride != 1 && unit_stride != 1)) std::abort();  // (no caller: see above)
+  alignas(64) bf16 t[3][32];
+  if (k_stride == 1) {
     for (int64_t u = ub0; u < U; ++u)
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t l = 0; l < L; ++l) {
-          const int64_t n = u * L + l;
-          for (int64_t k0 = 0; k0 < 2 * K2; k0 += C) {
-            const int64_t nk = n >= units || k0 >= K ? 0 : K - k0 < C ? K - k0 : C;
-            if (nk > 0) split_values(src + g * gate_stride + n * unit_stride + k0, nk, t[0], t[1], t[2]);
-            for (int q = 0; q < 3; ++q)
-              for (int64_t k = nk; k < C; ++k) t[q][k] = bf16{0};
-            for (int64_t j = k0 / 2; j < (k0 + C) / 2 && j < K2; ++j) {
-              const int64_t k = 2 * j - k0;
-              const bf16 a[3] = {t[0][k], t[1][k], t[2][k]}, b[3] = {t[0][k + 1], t[1][k + 1], t[2][k + 1]};
-              put(u, j, g, l, a, b);
+        for (int64_t j0 = 0; j0 < K2; j0 += 16) {  // (K2 counts whole tiles of 16 pairs here)
+          const int64_t k0 = 2 * j0, nk = k0 >= K ? 0 : K - k0 < 32 ? K - k0 : 32;
+          __m512 pc[3][16];
+          for (int64_t l = 0; l < 16; ++l) {
+            const int64_t n = u * 16 + l, valid = n < units ? nk : 0;
+            if (valid > 0) split_values(src + g * gate_stride + n * unit_stride + k0, valid, t[0], t[1], t[2]);
+            for (int q = 0; q < 3; ++q) {
+              for (int64_t k = valid; k < 32; ++k) t[q][k] = bf16{0};
+              pc[q][l] = _mm512_load_ps(reinterpret_cast<const float*>(t[q]));
             }
+          }
+          for (int q = 0; q < 3; ++q) {
+            transpose16(pc[q]);
+            for (int64_t jj = 0; jj < 16; ++jj)
+              _mm512_storeu_ps(reinterpret_cast<float*>(dst + q * piece + ((u * K2 + j0 + jj) * G + g) * 16),
+                               pc[q][jj]);
           }
         }
     return;
   }
-  // Units along the source rows (unit_stride 1, the backward's transposed section): a block's L units of
-  // rows k = 2j and 2j + 1 at a time.
-  float row[2 * kVecBytes / 4];
-  bf16 t[3][2 * kVecBytes / 4];
+  // (the pair's low half from row 2j, its high half from row 2j + 1: halves 0-15 and 16-31 of t[q])
+  const __m512i mix = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                       6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  alignas(64) float row[32];
   for (int64_t u = ub0; u < U; ++u)
     for (int64_t j = 0; j < K2; ++j)
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t n = units - u * L < L ? units - u * L : L;
+        const int64_t n = units - u * 16 < 16 ? units - u * 16 : 16;
         for (int e = 0; e < 2; ++e) {
           const int64_t k = 2 * j + e;
-          for (int64_t l = 0; l < L; ++l)
-            row[e * L + l] = l < n && k < K ? src[g * gate_stride + (u * L + l) * unit_stride + k * k_stride] : 0.f;
+          const __mmask16 m = k < K ? static_cast<__mmask16>(lane_mask(static_cast<int>(n))) : __mmask16(0);
+          _mm512_store_ps(row + 16 * e,
+                          _mm512_maskz_loadu_ps(m, src + g * gate_stride + u * 16 * unit_stride + k * k_stride));
         }
-        split_values(row, 2 * L, t[0], t[1], t[2]);
-        for (int64_t l = 0; l < L; ++l) {
-          const bf16 a[3] = {t[0][l], t[1][l], t[2][l]}, b[3] = {t[0][L + l], t[1][L + l], t[2][L + l]};
-          put(u, j, g, l, a, b);
-        }
+        split_values(row, 32, t[0], t[1], t[2]);
+        for (int q = 0; q < 3; ++q)
+          _mm512_storeu_si512(dst + q * piece + ((u * K2 + j) * G + g) * 16,
+                              _mm512_permutexvar_epi16(mix, _mm512_load_si512(t[q])));
       }
+#else
+  (void)dst, (void)src, (void)units, (void)K, (void)G, (void)L, (void)gate_stride, (void)unit_stride,
+      (void)piece, (void)k_stride, (void)ub0, (void)ub1;
+  std::abort();  // (no piece sections below the amx level: Layout::split is false there)
+#endif
 }
 
 // Each thread packs its share of every section's unit blocks (a copy: the same bytes at any thread

@@ -309,6 +309,17 @@ def _own_x_gates_numel(sizes, mode, batch, hidden):
     return batch * GATES_BY_CODE[mode] * -(-hidden // lanes) * lanes
 
 
+def _projecting_buffers(sizes, mode, batch, hidden, dtype, n, each_step, ring):
+    """(workspace, x_gates buffer or None) of a forward that projects its n rows itself, from this thread's
+    forward scratch (_fwd_scratch): each step's rows inside the step (the workspace grows by its own
+    x_gates), or every row before the steps into a buffer (a ring of _RIDE_RING rows where it rides)."""
+    scratch = _fwd_scratch()
+    if each_step:
+        return scratch.take((sizes[2] + _own_x_gates_numel(sizes, mode, batch, hidden),), _acc_dtype(dtype)), None
+    return (scratch.take((sizes[2],), _acc_dtype(dtype)),
+            scratch.take((min(n, _RIDE_RING) if ring else n, GATES_BY_CODE[mode] * hidden), dtype))
+
+
 def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
                  n, x=None, panel=None, each_step=False, x_bias=None, out=None, ring=False):
     """Allocates the outputs (or writes `out`: y, h_n, c_n) and runs the forward kernel over n rows of
@@ -332,13 +343,7 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
     if x is None:
         workspace, x_buf = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev), None
     else:
-        scratch = _fwd_scratch()
-        if each_step:
-            workspace = scratch.take((ws_numel + _own_x_gates_numel(sizes, mode, batch, hidden),), _acc_dtype(dtype))
-            x_buf = None
-        else:
-            workspace = scratch.take((ws_numel,), _acc_dtype(dtype))
-            x_buf = scratch.take((min(n, _RIDE_RING) if ring else n, GATES_BY_CODE[mode] * hidden), dtype)
+        workspace, x_buf = _projecting_buffers(sizes, mode, batch, hidden, dtype, n, each_step, ring)
     batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse = seq_args
     _C.rnn_forward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
                    _none(lengths), row_stride_t, row_stride_b, reverse, _none(x_gates), _none(b_hn), _none(h0),
@@ -475,7 +480,7 @@ def empty_cache() -> None:
     """Releases the calling thread's cached temporaries (_Scratch: the CPU backward's, the inference
     forward's, torch's input projection's; the training forwards' reserve pool) and cell workspaces
     (the Python one, and the compiled step's), the device copies of packed batches' lengths that no
-    captured CUDA graph reads (_device_seq), packed batches' host forms (_host_seq), and every inference
+    captured CUDA graph reads (_device_seq), packed batches' host forms (_listed_seq), and every inference
     cache entry (packed weights, folded biases, cell plans, casts) with its weak reference to its
     parameter (forget)."""
     with _CACHE_LOCK:
@@ -483,7 +488,7 @@ def empty_cache() -> None:
         for cache in ANCHORED_CACHES:  # (and any entry whose finalizer is gone)
             cache.clear()
     _DEVICE_SEQ.clear()
-    _HOST_SEQ.clear()
+    _LISTED_SEQ.clear()
     _SCRATCH.s = None
     _SCRATCH.proj = None
     _SCRATCH.fwd = None
@@ -812,14 +817,14 @@ _DEVICE_SEQ_MAX = 64
 # derived with torch ops that took 120 us of a packed layer call (LSTM, B=32, lengths 100..10: 7.3 ms),
 # each layer and direction again; a listing and a lookup now. Plain CPU tensors only: compiled graphs,
 # fakes and functorch's wrappers take _seq_host (their values can't be listed, or mustn't be).
-_HOST_SEQ: dict = {}
-_HOST_SEQ_MAX = 64
+_LISTED_SEQ: dict = {}
+_LISTED_SEQ_MAX = 64
 
 
-def _host_seq(bs):
+def _listed_seq(bs):
     sizes = tuple(bs.tolist())
-    hit = _HOST_SEQ.pop(sizes, _HOST_SEQ)
-    if hit is _HOST_SEQ:
+    hit = _LISTED_SEQ.pop(sizes, _LISTED_SEQ)
+    if hit is _LISTED_SEQ:
         hit = None
         if sizes[-1] >= 0 and all(a >= b for a, b in zip(sizes, sizes[1:])):
             offsets, total = [], 0
@@ -833,14 +838,14 @@ def _host_seq(bs):
                 lengths.append(t)
             hit = (torch.tensor(sizes, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),
                    torch.tensor(lengths, dtype=torch.int64), total)
-    _HOST_SEQ[sizes] = hit  # (re)inserted last: the dict's order is the age
-    while len(_HOST_SEQ) > _HOST_SEQ_MAX:
-        del _HOST_SEQ[next(iter(_HOST_SEQ))]
+    _LISTED_SEQ[sizes] = hit  # (re)inserted last: the dict's order is the age
+    while len(_LISTED_SEQ) > _LISTED_SEQ_MAX:
+        del _LISTED_SEQ[next(iter(_LISTED_SEQ))]
     return hit
 
 
 def _listable(bs):
-    """Whether batch_sizes' values can be read here (_host_seq): a plain, non-empty 1-D int64 CPU tensor,
+    """Whether batch_sizes' values can be read here (_listed_seq): a plain, non-empty 1-D int64 CPU tensor,
     outside compilation and grad transforms."""
     return (type(bs) is torch.Tensor and bs.dtype == torch.int64 and bs.device.type == "cpu" and bs.dim() == 1
             and bs.numel() > 0 and not torch.compiler.is_compiling()
@@ -909,7 +914,7 @@ class _Seq:
         else:
             # A copy: the backward reads them again, and the caller's tensor may be written in between
             # (torch.nn's backward does not read them).
-            hit = _host_seq(batch_sizes) if _listable(batch_sizes) else None
+            hit = _listed_seq(batch_sizes) if _listable(batch_sizes) else None
             if hit is not None:  # (its tensors are ours alone, made from the values, and never written)
                 bs, self.time_offsets, self.lengths, _ = hit
             else:
@@ -1097,7 +1102,7 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         else:
             # (zeros: steps no sequence reaches, which torch.nn runs too; no pack function makes them)
             listable = _listable(bs)
-            hit = _host_seq(bs) if listable else None
+            hit = _listed_seq(bs) if listable else None
             if (hit is None or hit[3] != x.shape[0]) if listable else (
                     bool((bs < 0).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]):
                 raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be >= 0, non-increasing and sum "
@@ -1753,7 +1758,7 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     and bits as rnn_layer's); else None (then the full path runs), or NO_PLAN where only a layer's plan
     is missing. x: [T, B, I] ([B, T, I] with batch_first: rows read and written batch-major, no
     transposing copies), unbatched [T, I], or a packed batch's data [N, I] with its `batch_sizes` (the
-    forms _host_seq lists), contiguous; h0, c0: None (zeros) or contiguous [L, B, H]
+    forms _listed_seq lists), contiguous; h0, c0: None (zeros) or contiguous [L, B, H]
     ([L, H] unbatched; L = layers x directions), c0 exactly for lstm; params: (w_ih, w_hh, b_ih, b_hh) of
     each layer and direction, in h_n's order (layer * directions + direction). Returns (y,
     h_n, c_n or None). The full path's checks, _Seq, caches, scratch and capsules took 60-90 us of a
@@ -1769,7 +1774,7 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
         return None
     forms = None
     if batch_sizes is not None:
-        forms = _host_seq(batch_sizes) if _listable(batch_sizes) and x.dim() == 2 else None
+        forms = _listed_seq(batch_sizes) if _listable(batch_sizes) and x.dim() == 2 else None
         if forms is None or forms[3] != x.shape[0]:
             return None
         T, B, rows = forms[0].shape[0], forms[2].shape[0], forms[3]
@@ -1817,25 +1822,21 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     h = h0.data_ptr() if h0 is not None else 0
     c = c0.data_ptr() if c0 is not None else 0
     cn = c_n.data_ptr() if lstm else 0
-    threads, code, acc = num_threads(), MODES[mode], _acc_dtype(dtype)
+    threads, code = num_threads(), MODES[mode]
+    sizes = _sizes(code, reset_after, hidden, 0, B, dtype)
     seq_ptrs = (forms[0].data_ptr(), forms[1].data_ptr(), forms[2].data_ptr(), rows) if forms else (0, 0, 0, 0)
     y = x
     for idx, (plan, (each_step, ring)) in enumerate(zip(plans, paths)):
         direction = idx % D
         if direction == 0:  # (the layer's input, the last one's output, stays referenced through its calls)
             layer_input, y = y, torch.empty(out_shape, dtype=dtype)
-        sizes = _sizes(code, reset_after, hidden, 0, B, dtype)
-        ws_numel = sizes[2] + (_own_x_gates_numel(sizes, code, B, hidden) if each_step else 0)
-        scratch = _fwd_scratch()  # (a layer's buffers live only inside its call, as _run_forward's)
-        ws = scratch.take((ws_numel,), acc)
-        buf, buf_rows = 0, 0
-        if not each_step:
-            buf_rows = min(rows, _RIDE_RING) if ring else rows
-            buf = scratch.take((buf_rows, GATES[mode] * hidden), dtype).data_ptr()
+        # (a layer's buffers live only inside its call, as _run_forward's)
+        ws, buf = _projecting_buffers(sizes, code, B, hidden, dtype, rows, each_step, ring)
         at = idx * slot
         plan.step.run_seq(T, B, t_stride, b_stride, layer_input.data_ptr(), h and h + at, c and c + at,
                           y.data_ptr() + direction * hidden * x.element_size(), hn + at, cn and cn + at,
-                          ws.data_ptr(), ws_numel, buf, buf_rows, threads, *seq_ptrs, direction == 1, D * hidden)
+                          ws.data_ptr(), ws.numel(), 0 if buf is None else buf.data_ptr(),
+                          0 if buf is None else buf.shape[0], threads, *seq_ptrs, direction == 1, D * hidden)
     return y, h_n, c_n
 
 
