@@ -1221,6 +1221,23 @@ def test_inference_rows_split_by_tile_cost(isa, mode, reset_after, B):
     assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, False)
 
 
+@pytest.mark.parametrize("natural", [False, True])
+@pytest.mark.parametrize("mode, reset_after", [("rnn_tanh", True), ("gru", True), ("gru", False), ("lstm", True)])
+def test_small_calls_split_by_rows_on_one_thread_cover_every_row(monkeypatch, isa, mode, reset_after, natural):
+    """A call too small to wake a second thread (kOneThreadMacs) keeps the row split made for two and runs
+    on one, whose range must then be every row. Bisecting a cost that is not monotonic in the rows (a
+    GRU at AVX-512: 9 and 10 rows cost more than 11) gave that thread 8 of 11 rows (of 19, 27, ...), and
+    rows 8-10 of every step were never projected (a fuzzer, stop 46). Every batch size to 40 at 2
+    threads and 1, the kernel projecting before the steps (or, `natural`, as the measured choices go: each
+    step where they say so), scratch poisoned: bit for bit alike and elementwise on the float64 reference."""
+    spy = ProjectingSpy(monkeypatch, each_step=natural)
+    for B in range(1, 41):
+        x, bs, t = make_case(mode, 0, torch.float64, T=3, B=B, I=3, H=32, seed=B)
+        runs = inference_runs(x, bs, t, mode, False, reset_after, (2, 1), poison=True)
+        assert_runs_meet_reference(runs, mode, x, bs, t, False, reset_after, False)
+    assert (spy.taken, spy.declined) == (80, 0)
+
+
 def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
     """A panel whose per-thread share exceeds a core's L2 (_READ_L2S of it) would stream from memory for
     every row tile: torch's GEMM projects instead, and the result is the op path's bit for bit."""

@@ -2,6 +2,7 @@
 // sources listed in PSK_CPU_KERNEL_SOURCES, after PSK_ISA is defined). Everything lives in the ISA's
 // namespace: see cpu_dispatch.h for why no shared inline code may cross ISA objects.
 #pragma once
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1188,21 +1189,27 @@ template <int G> void split_rows_by_tiles(int64_t B, int tid, int nt, int64_t* r
     *r1 = t1 * M < B ? t1 * M : B;
     return;
   }
-  auto rows_within = [](int64_t cap, int64_t most) {  // the most rows, up to `most`, costing <= cap
-    int64_t lo = 0, hi = most;
-    while (lo < hi) {
-      const int64_t mid = hi - (hi - lo) / 2;
-      if (tiles_cost<G>(mid) <= cap) lo = mid;
-      else hi = mid - 1;
-    }
-    return lo;
+  // The cost is not monotonic in the rows: at AVX-512 a GRU's 9 and 10 rows run as 4 + a full tile of
+  // 8 (cost 14), 11 rows as 8 + 3 (13). So the most rows within a cap come from a scan down the table,
+  // not a bisection: bisecting, 11 rows under cap 13 gave 8, no cap below the search's top (13) covered
+  // them, and one thread (a small call: forward_variant keeps split_rows but runs one) computed rows 0-7
+  // only, leaving rows 8-10 of every step unwritten (B = 11, 19, 27, ...: a fuzzer, stop 46). With the
+  // scan the top cap, tiles_cost(B), always covers every row, so the least covering cap exists.
+  static const std::array<int64_t, kExactSplitRows + 1> cost = [] {
+    std::array<int64_t, kExactSplitRows + 1> t{};
+    for (int64_t n = 0; n <= kExactSplitRows; ++n) t[n] = tiles_cost<G>(n);
+    return t;
+  }();
+  auto rows_within = [&](int64_t cap, int64_t most) {  // the most rows, up to `most`, costing <= cap
+    while (most > 0 && cost[most] > cap) --most;
+    return most;
   };
   auto start_of = [&](int64_t cap, int k) {
     int64_t b = 0;
     for (int r = 0; r < k && b < B; ++r) b += rows_within(cap, B - b);
     return b;
   };
-  int64_t lo = 0, hi = tiles_cost<G>(B);
+  int64_t lo = 0, hi = cost[B];
   while (lo < hi) {  // the least cap whose nt ranges cover every row
     const int64_t mid = lo + (hi - lo) / 2;
     if (start_of(mid, nt) >= B) hi = mid;
