@@ -899,24 +899,26 @@ class RnnCellStep {
   // module's plain forward), the kernel projecting the input as rnn_forward does with 'x': time-major
   // rows (b_stride 1, t_stride batch) or batch-major ones (t_stride 1, b_stride steps), for x and y
   // alike, or a packed batch's; `reverse` runs it from its last step (a bidirectional layer's second
-  // direction), y's rows ld_y apart (both directions' outputs side by side in one row). `buf`: 0 to
+  // direction), y's rows ld_y apart (both directions' outputs side by side in one row), and time-major
+  // where y_time_major (batch-major rows read, y as torch.nn lays out a batch_first output). `buf`: 0 to
   // project each step's rows inside the step, else the x_gates buffer of buf_rows rows (all of x's, or
   // the ride's ring); `ws`: the workspace of ws_numel accumulation values. The caller (seq_fast) checked
   // every tensor these pointers come from against the plan: this entry checks only the sizes it is told.
   void run_seq(int64_t steps, int64_t batch, int64_t t_stride, int64_t b_stride, uintptr_t x, uintptr_t h,
                uintptr_t c, uintptr_t y, uintptr_t h_n, uintptr_t c_n, uintptr_t ws, int64_t ws_numel,
                uintptr_t buf, int64_t buf_rows, int num_threads, uintptr_t batch_sizes, uintptr_t time_offsets,
-               uintptr_t lengths, int64_t packed_rows, bool reverse, int64_t ld_y) const {
+               uintptr_t lengths, int64_t packed_rows, bool reverse, int64_t ld_y, bool y_time_major) const {
     // Packed (PackedSequence order): batch_sizes [steps], time_offsets [steps] and lengths [batch], as
     // ops/rnn.py's _listed_seq made them from checked batch sizes summing to packed_rows.
     const bool packed = batch_sizes != 0;
     const int64_t rows = packed ? packed_rows : steps * batch;
     if (steps < 1 || batch < 1 || x == 0 || y == 0 || h_n == 0 || ws == 0 ||
         (base_.shape.mode == RnnMode::Lstm) != (c_n != 0) ||
-        ld_y < base_.shape.hidden || (packed ? time_offsets == 0 || lengths == 0 || rows < 1
+        ld_y < base_.shape.hidden || (packed ? time_offsets == 0 || lengths == 0 || rows < 1 || y_time_major
                 : !((t_stride == batch && b_stride == 1) || (t_stride == 1 && b_stride == steps))))
       throw py::value_error("pyseqkern: RnnCellStep.run_seq: needs steps, batch >= 1, x, y, h_n and a workspace, "
-                            "c_n exactly for LSTM, and time- or batch-major rows (or all three packed forms)");
+                            "c_n exactly for LSTM, and time- or batch-major rows (or all three packed forms, "
+                            "y's rows as x's)");
     RnnFwdParams p = base_;
     p.seq = packed ? RnnSeq{steps, batch, reinterpret_cast<const int64_t*>(batch_sizes),
                             reinterpret_cast<const int64_t*>(time_offsets), reinterpret_cast<const int64_t*>(lengths),
@@ -928,6 +930,10 @@ class RnnCellStep {
     p.c0 = reinterpret_cast<const void*>(c);
     p.y = reinterpret_cast<void*>(y);
     p.ld_y = ld_y;
+    if (y_time_major) {
+      p.y_row_stride_t = batch;
+      p.y_row_stride_b = 1;
+    }
     p.h_n = reinterpret_cast<void*>(h_n);
     p.c_n = reinterpret_cast<void*>(c_n);
     p.num_threads = num_threads;

@@ -348,9 +348,10 @@ def test_inference_sequences_go_from_the_module_to_the_kernel_entry(monkeypatch,
                                                                     hx_given):
     """A plain inference sequence (one direction, no projection, contiguous input and states) whose layers
     the kernel projects goes from the module straight to the planned kernel entry (nn/_sequence.py
-    _sequence_fast, ops.rnn.seq_fast: _C.RnnCellStep.run_seq by data pointers, batch_first rows read and
-    written batch-major), once the full path has run and planned the layers: with the full path's bits,
-    torch.nn's results in float64, outputs that share no memory. Modules made one after another (each
+    _sequence_fast, ops.rnn.seq_fast: _C.RnnCellStep.run_seq by data pointers, batch_first rows read in
+    place, batch-major), once the full path has run and planned the layers: with the full path's bits and
+    torch.nn's strides (a batch_first output is a transposed view of time-major rows, the thin path's too
+    since stop 46), torch.nn's results in float64, outputs that share no memory. Modules made one after another (each
     layer's input is the last one's output, freed memory a new module may reuse) and the full path,
     with its errors, wherever anything differs."""
     from pyseqkern.nn import _sequence
@@ -395,6 +396,7 @@ def test_inference_sequences_go_from_the_module_to_the_kernel_entry(monkeypatch,
         for name_, a, f, g, e, t in zip(["output", "h_n", "c_n"], flat(out, hn), flat(first, first_hn),
                                         flat(general, general_hn), flat(want, want_hn), flat(same, same_hn)):
             assert a.shape == g.shape == e.shape and a.dtype == dtype
+            assert a.stride() == g.stride() == t.stride(), name_
             assert_bitwise_equal(a, g, name_)
             assert_bitwise_equal(f, g, name_)
             if dtype == torch.bfloat16:  # (3 layers of bfloat16 steps: the 2x-torch rule)
@@ -487,8 +489,11 @@ def test_bidirectional_inference_goes_from_the_module_to_the_kernel_entry(monkey
                                                                                kind)
     data = (lambda o: o.data) if layout == "packed" else (lambda o: o)  # noqa: E731
     flat = lambda o, s: [data(o)] + (list(s) if kind == "lstm" else [s])  # noqa: E731
-    for name_, a, g, e in zip(["output", "h_n", "c_n"], flat(out, hn), flat(general, general_hn),
-                              flat(want, want_hn)):
+    with torch.no_grad():
+        same_out, same_hn = theirs(x, hx)  # (for the strides: torch.nn's, in this dtype)
+    for name_, a, g, e, t in zip(["output", "h_n", "c_n"], flat(out, hn), flat(general, general_hn),
+                                 flat(want, want_hn), flat(same_out, same_hn)):
+        assert a.stride() == g.stride() == t.stride(), name_
         assert_bitwise_equal(a, g, name_)
         assert_matches(a, e, name_)
     assert_own_memory(flat(out, hn))

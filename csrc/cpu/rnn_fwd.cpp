@@ -572,6 +572,13 @@ void fwd_worker(void* raw, const Team& team) {
   const T* c0 = static_cast<const T*>(p.c0);
   const T* bhn = static_cast<const T*>(p.b_hn);
   T* y = static_cast<T*>(p.y);
+  // y's rows: x's, or a padded sequence's own (RnnFwdParams::y_row_stride_t/b: a batch-major input read
+  // in place whose output is laid out time-major, as torch.nn's batch_first output is).
+  RnnSeq qy = q;
+  if (p.y_row_stride_t != 0 && q.time_offsets == nullptr) {
+    qy.row_stride_t = p.y_row_stride_t;
+    qy.row_stride_b = p.y_row_stride_b;
+  }
   T* h_n = static_cast<T*>(p.h_n);
   T* c_n = static_cast<T*>(p.c_n);
   A* res = static_cast<A*>(p.reserve);
@@ -755,7 +762,7 @@ void fwd_worker(void* raw, const Team& team) {
         const V<A> ng = tanh_(xin(2) + rg * hng);
         const V<A> h = (A(1) - zg) * ng + zg * hprev;
         put_h(b, u, h);
-        store<A>(y + row * p.ld_y + u * L, h, valid);
+        store<A>(y + seq_row(qy, s, b) * p.ld_y + u * L, h, valid);
         if (last) store<A>(h_n + b * K + u * L, h, valid);
         if (rr) {
           store_stream<A>(rr + u * L, rg, valid, stream);
@@ -782,7 +789,7 @@ void fwd_worker(void* raw, const Team& team) {
         const V<A> pre = sum[col] + xin(0);
         const V<A> h = c.relu ? vrelu(pre) : tanh_(pre);
         put_h(b, u, h);
-        store<A>(y + row * p.ld_y + u * L, h, valid);
+        store<A>(y + seq_row(qy, s, b) * p.ld_y + u * L, h, valid);
         if (last) store<A>(h_n + b * K + u * L, h, valid);
         if (rr) {
           store_stream<A>(rr + u * L, h, valid, stream);
@@ -845,7 +852,7 @@ void fwd_worker(void* raw, const Team& team) {
           if (rr) store_stream<A>(rr + 5 * H + u * L, hv[r], valid, stream);
         } else {
           put_h(b, u, hv[r]);
-          store<A>(y + row[r] * p.ld_y + u * L, hv[r], valid);
+          store<A>(y + seq_row(qy, s, b) * p.ld_y + u * L, hv[r], valid);
           if (rr) store_stream<A>(rr + hprev_col + u * L, load<A>(hp + b * Kp + u * L, L), valid, stream);
           if (last) store<A>(h_n + b * K + u * L, hv[r], valid);
         }
@@ -954,7 +961,7 @@ void fwd_worker(void* raw, const Team& team) {
         const V<A> zg = load<A>(c.z + b * Hp + u * L, L);
         const V<A> h = (A(1) - zg) * ng + zg * load<A>(hp + b * Kp + u * L, L);
         put_h(b, u, h);
-        store<A>(y + row * p.ld_y + u * L, h, valid);
+        store<A>(y + seq_row(qy, s, b) * p.ld_y + u * L, h, valid);
         if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + u * L, h, valid);
         if (res) store_stream<A>(res + row * rc + 2 * H + u * L, ng, valid, stream);
       });
@@ -968,7 +975,7 @@ void fwd_worker(void* raw, const Team& team) {
         const int valid = static_cast<int>(P - pb * L < L ? P - pb * L : L);
         const int64_t row = seq_row(q, s, b);
         put_h(b, pb, sum[col]);
-        store<A>(y + row * p.ld_y + pb * L, sum[col], valid);
+        store<A>(y + seq_row(qy, s, b) * p.ld_y + pb * L, sum[col], valid);
         if (s == seq_len(q, b) - 1) store<A>(h_n + b * K + pb * L, sum[col], valid);
         if (res) store_stream<A>(res + row * rc + hprev_col + pb * L, load<A>(hp + b * Kp + pb * L, L), valid, stream);
       });

@@ -1756,8 +1756,9 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     straight to their planned kernel entries by data pointers (_C.RnnCellStep.run_seq), where each
     layer takes the path on which the kernel projects its input (_projection_path; the same kernel, path
     and bits as rnn_layer's); else None (then the full path runs), or NO_PLAN where only a layer's plan
-    is missing. x: [T, B, I] ([B, T, I] with batch_first: rows read and written batch-major, no
-    transposing copies), unbatched [T, I], or a packed batch's data [N, I] with its `batch_sizes` (the
+    is missing. x: [T, B, I] ([B, T, I] with batch_first: rows read in place, batch-major, as the layers
+    in between write theirs; the last layer writes time-major, as torch.nn lays out a batch_first output,
+    and y is its transposed view), unbatched [T, I], or a packed batch's data [N, I] with its `batch_sizes` (the
     forms _listed_seq lists), contiguous; h0, c0: None (zeros) or contiguous [L, B, H]
     ([L, H] unbatched; L = layers x directions), c0 exactly for lstm; params: (w_ih, w_hh, b_ih, b_hh) of
     each layer and direction, in h_n's order (layer * directions + direction). Returns (y,
@@ -1826,18 +1827,21 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     sizes = _sizes(code, reset_after, hidden, 0, B, dtype)
     seq_ptrs = (forms[0].data_ptr(), forms[1].data_ptr(), forms[2].data_ptr(), rows) if forms else (0, 0, 0, 0)
     y = x
+    time_major_out = batch_first and x.dim() == 3
     for idx, (plan, (each_step, ring)) in enumerate(zip(plans, paths)):
         direction = idx % D
+        last = time_major_out and idx >= L - D
         if direction == 0:  # (the layer's input, the last one's output, stays referenced through its calls)
-            layer_input, y = y, torch.empty(out_shape, dtype=dtype)
+            layer_input = y
+            y = torch.empty((T, B, D * hidden) if last else out_shape, dtype=dtype)
         # (a layer's buffers live only inside its call, as _run_forward's)
         ws, buf = _projecting_buffers(sizes, code, B, hidden, dtype, rows, each_step, ring)
         at = idx * slot
         plan.step.run_seq(T, B, t_stride, b_stride, layer_input.data_ptr(), h and h + at, c and c + at,
                           y.data_ptr() + direction * hidden * x.element_size(), hn + at, cn and cn + at,
                           ws.data_ptr(), ws.numel(), 0 if buf is None else buf.data_ptr(),
-                          0 if buf is None else buf.shape[0], threads, *seq_ptrs, direction == 1, D * hidden)
-    return y, h_n, c_n
+                          0 if buf is None else buf.shape[0], threads, *seq_ptrs, direction == 1, D * hidden, last)
+    return (y.transpose(0, 1) if time_major_out else y), h_n, c_n
 
 
 def make_seq_plans(mode, reset_after, params):

@@ -139,6 +139,10 @@ struct RnnFwdParams {
   // caller that runs several layers' steps in a row (a decoding step through a stack): their panels
   // together overflow that core's L2, and two threads keep half of every layer's in each core's.
   bool spread;
+  // CPU only, optional: y's rows of a padded sequence at t * y_row_stride_t + b * y_row_stride_b where
+  // y_row_stride_t is nonzero; 0: x's rows (seq.row_stride_t, row_stride_b). For a batch_first input
+  // read in place (batch-major rows) whose output torch.nn lays out time-major (a transposed view).
+  int64_t y_row_stride_t, y_row_stride_b;
 };
 
 struct RnnBwdParams {
