@@ -499,6 +499,47 @@ def test_bidirectional_inference_goes_from_the_module_to_the_kernel_entry(monkey
     assert_own_memory(flat(out, hn))
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_small_calls_at_every_batch_size_match_torch(isa, kind):
+    """Small float64 calls at two threads, every batch size to 40 and a few past tile boundaries, several
+    hidden sizes: each kernel's row tiles, row and unit splits and its one-thread shortcut for small calls
+    (which keeps a split made for two), inference and training, padded and packed. Outputs, final states
+    and the gradients of x, h0 and every parameter as torch.nn's in float64. A fuzzer found rows never
+    computed at B = 11, 19, 27, ... here (stop 46); this sweeps the space around them."""
+    name, kwargs = KINDS[kind]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for k, batch in enumerate(list(range(1, 41)) + [47, 64, 65]):
+            hidden, steps, inp = (19, 32, 54)[k % 3], (2, 3, 5)[k % 3], (3, 17)[k % 2]
+            train, packed = k % 2 == 1, batch > 1 and k % 3 == 2
+            theirs = seed_parameters(getattr(torch.nn, name)(inp, hidden, dtype=F64, **kwargs), seed=k)
+            ours = getattr(pnn, name)(inp, hidden, dtype=F64, **kwargs)
+            ours.load_state_dict(theirs.state_dict())
+            x0 = randn((steps, batch, inp), F64, seed=1000 + k)
+            h0 = randn((1, batch, hidden), F64, seed=2000 + k, scale=0.5)
+            c0 = randn((1, batch, hidden), F64, seed=3000 + k, scale=0.5)
+            lengths = [steps] + [1 + (b * 7 + k) % steps for b in range(1, batch)] if packed else None
+            if lengths:
+                lengths = sorted(lengths, reverse=True)
+
+            def run(module):
+                x, h = x0.clone().requires_grad_(train), h0.clone().requires_grad_(train)
+                inp_ = pack_padded_sequence(x, lengths) if packed else x
+                with torch.set_grad_enabled(train):
+                    out, st = module(inp_, (h, c0) if kind == "lstm" else h)
+                y = out.data if packed else out
+                got = [y] + (list(st) if kind == "lstm" else [st])
+                if train:
+                    got += torch.autograd.grad(weighted_sum(got), [x, h] + list(module.parameters()))
+                return [t.detach() for t in got]
+
+            for i, (a, e) in enumerate(zip(run(ours), run(theirs), strict=True)):
+                assert_matches(a, e, f"{kind} B={batch} H={hidden} T={steps} train={train} packed={packed} [{i}]")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("batch, steps", [(1, 40), (3, 40), (33, 9)])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_inference_sequences_take_the_kernel_entry_at_every_level(monkeypatch, isa, kind, batch, steps):
