@@ -1120,6 +1120,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream") = 0, py::arg("path") = 0);
   m.def("thread_backend", [] { return std::string(thread_backend()); });
   m.def("set_own_threads", &set_own_threads, py::arg("own"));
+  m.def("set_thread_scratch_limit", &set_thread_scratch_limit, py::arg("bytes"));
   m.def("barrier_selftest", [](int nthreads, int steps) {
     py::gil_scoped_release nogil;
     return barrier_selftest(nthreads, steps);

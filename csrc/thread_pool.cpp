@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include <condition_variable>
@@ -53,6 +54,32 @@ void futex_wake_all(std::atomic<int>* word) {
 #endif
 
 thread_local bool t_in_worker = false;
+
+struct Scratch {
+  void* p = nullptr;
+  int64_t cap = 0;
+  bool refused = false;  // a request refused since this thread's task began
+  ~Scratch() { std::free(p); }
+};
+thread_local Scratch t_scratch;
+std::atomic<int64_t> g_scratch_limit{-1};
+
+// Runs one thread's task and reports whether a scratch request was refused during it.
+bool run_task(TaskFn fn, void* ctx, const Team& team) {
+  t_scratch.refused = false;
+  fn(ctx, team);
+  return t_scratch.refused;
+}
+
+[[noreturn]] void throw_scratch_refused() {
+  struct Refused : std::bad_alloc {
+    const char* what() const noexcept override {
+      return "pyseqkern: a kernel thread could not allocate its scratch memory (the call computed nothing "
+             "usable; free memory and call again)";
+    }
+  };
+  throw Refused();
+}
 
 using RawFn = void (*)(void* ctx, int tid, int nthreads);
 
@@ -206,29 +233,33 @@ struct GompRun {
   void* ctx;
   int requested;
   SpinBarrier* barrier;
+  std::atomic<bool> refused{false};
 };
 
 void gomp_trampoline(void* raw) {
   GompRun& r = *static_cast<GompRun*>(raw);
   const int size = r.g->num_threads();
   const int tid = r.g->thread_num();
+  bool refused = false;
   if (size == r.requested) {
-    r.fn(r.ctx, Team{tid, size, r.barrier});
+    refused = run_task(r.fn, r.ctx, Team{tid, size, r.barrier});
   } else if (tid == 0) {  // granted fewer threads than asked: one thread does it all
     SpinBarrier solo(1);
-    r.fn(r.ctx, Team{0, 1, &solo});
+    refused = run_task(r.fn, r.ctx, Team{0, 1, &solo});
   }
+  if (refused) r.refused.store(true, std::memory_order_relaxed);
 }
 
 struct OwnRun {
   TaskFn fn;
   void* ctx;
   SpinBarrier* barrier;
+  std::atomic<bool> refused{false};
 };
 
 void own_trampoline(void* raw, int tid, int n) {
   OwnRun& r = *static_cast<OwnRun*>(raw);
-  r.fn(r.ctx, Team{tid, n, r.barrier});
+  if (run_task(r.fn, r.ctx, Team{tid, n, r.barrier})) r.refused.store(true, std::memory_order_relaxed);
 }
 
 
@@ -237,9 +268,14 @@ void own_trampoline(void* raw, int tid, int n) {
 void parallel_run(int nthreads, TaskFn fn, void* ctx) {
   if (nthreads < 1) nthreads = 1;
   if (nthreads > kMaxThreads) nthreads = kMaxThreads;
-  if (nthreads == 1 || t_in_worker) {  // nested: one thread, so a kernel's barriers cannot deadlock
+  if (t_in_worker) {  // nested: one thread, so a kernel's barriers cannot deadlock; the outer run reports
     SpinBarrier solo(1);
     fn(ctx, Team{0, 1, &solo});
+    return;
+  }
+  if (nthreads == 1) {
+    SpinBarrier solo(1);
+    if (run_task(fn, ctx, Team{0, 1, &solo})) throw_scratch_refused();
     return;
   }
   SpinBarrier barrier(nthreads);
@@ -248,11 +284,35 @@ void parallel_run(int nthreads, TaskFn fn, void* ctx) {
     t_in_worker = true;  // our kernels never nest parallel regions
     g->parallel(gomp_trampoline, &run, static_cast<unsigned>(nthreads), 0);
     t_in_worker = false;
+    if (run.refused.load(std::memory_order_relaxed)) throw_scratch_refused();
     return;
   }
   OwnRun run{fn, ctx, &barrier};
   pool().run(nthreads, own_trampoline, &run);
+  if (run.refused.load(std::memory_order_relaxed)) throw_scratch_refused();
 }
+
+void* thread_scratch(int64_t bytes) {
+  Scratch& s = t_scratch;
+  const int64_t limit = g_scratch_limit.load(std::memory_order_relaxed);
+  if (bytes < 0 || (limit >= 0 && bytes > limit)) {
+    s.refused = true;
+    return nullptr;
+  }
+  if (bytes > s.cap) {
+    std::free(s.p);
+    s.cap = 0;
+    s.p = std::aligned_alloc(64, static_cast<size_t>(bytes < 1 ? 64 : (bytes + 63) / 64 * 64));
+    if (s.p == nullptr) {
+      s.refused = true;
+      return nullptr;
+    }
+    s.cap = bytes;
+  }
+  return s.p;
+}
+
+void set_thread_scratch_limit(int64_t bytes) { g_scratch_limit.store(bytes, std::memory_order_relaxed); }
 
 const char* thread_backend() {
   static thread_local std::string text;

@@ -8,7 +8,7 @@ from torch.utils.dlpack import to_dlpack
 
 from pyseqkern import _C
 from pyseqkern.reference.probe import triad as triad_ref
-from helpers import assert_close_to_ref, randn
+from helpers import assert_bitwise_equal, assert_close_to_ref, randn
 
 
 @pytest.fixture(params=["openmp", "own"])
@@ -63,3 +63,58 @@ def test_pool_works_in_a_forked_child():
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+
+
+@pytest.mark.parametrize("mode, dtype, B", [("lstm", torch.float32, 33), ("gru", torch.float32, 40),
+                                            ("lstm", torch.bfloat16, 5), ("rnn_tanh", torch.bfloat16, 7)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_refused_scratch_fails_the_call_not_its_bits(backend, isa, mode, dtype, B, threads):
+    """The tile unit's staged rows are per-thread scratch (thread_scratch). A thread refused it finishes on
+    the vdpbf16ps / FMA tiles, whose bits differ, so the call must raise MemoryError (inference, the
+    training forward and the backward) rather than return them; the next call, with scratch, gives the
+    same bits as before. Levels without the tile unit never ask for scratch. Float32 from 32 rows
+    (kSplitRows) and bfloat16 at any size multiply on the tile unit at amx."""
+    import pyseqkern
+
+    cls = {"lstm": pyseqkern.nn.LSTM, "gru": pyseqkern.nn.GRU, "rnn_tanh": pyseqkern.nn.RNN}[mode]
+    torch.manual_seed(5)
+    m = cls(24, 40).to(dtype)
+    x = randn((9, B, 24), dtype=dtype, seed=6)
+    dy = randn((9, B, 40), dtype=dtype, seed=7)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    def refused(fn):
+        _C.set_thread_scratch_limit(0)
+        try:
+            if isa != "amx":
+                return fn()
+            with pytest.raises(MemoryError, match="could not allocate its scratch"):
+                fn()
+        finally:
+            _C.set_thread_scratch_limit(-1)
+
+    def grads(y):
+        y.backward(dy)
+        return [x_.grad] + [p.grad for p in m.parameters()]
+
+    try:
+        with torch.no_grad():
+            want = m(x)[0]
+        refused(lambda: m(x))  # inference
+        x_ = x.clone().requires_grad_()
+        refused(lambda: m(x_))  # the training forward
+        want_grads = grads(m(x_)[0])
+        m.zero_grad()
+        x_.grad = None
+        y = m(x_)[0]
+        refused(lambda: y.backward(dy, retain_graph=True))  # the backward
+        m.zero_grad()
+        x_.grad = None
+        with torch.no_grad():
+            assert_bitwise_equal(m(x)[0], want)
+        for got, expect in zip(grads(y), want_grads):
+            assert_bitwise_equal(got, expect, "gradient")
+    finally:
+        torch.set_num_threads(saved)
+        _C.set_thread_scratch_limit(-1)

@@ -631,26 +631,14 @@ constexpr int64_t kPairRound = 1;
 inline int64_t pairs_stored(int64_t k) { return (((k + 1) / 2 + kPairRound - 1) / kPairRound) * kPairRound; }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// The staged rows of amx_product: 32 rows of whole tiles of k, this thread's own buffer, kept and grown
-// as needed (an LSTM's backward at H = 512 contracts over 2048 gate rows: 128 KB, more than a worker's
-// stack should hold). Until stop 42 rows past 1024 values took the vdpbf16ps tile instead, at a third of
-// the tile unit's rate: half of a bfloat16 LSTM training call at (200, 64, 512). Null where the
-// allocation fails (then the vdpbf16ps tile).
-inline bf16* amx_stage(int64_t values) {
-  struct Buf {
-    void* p = nullptr;
-    int64_t cap = 0;
-    ~Buf() { std::free(p); }
-  };
-  static thread_local Buf buf;
-  if (values > buf.cap) {
-    std::free(buf.p);
-    buf.cap = 0;
-    buf.p = std::aligned_alloc(64, static_cast<size_t>(ceil_div(values * 2, 64) * 64));
-    if (buf.p) buf.cap = values;
-  }
-  return static_cast<bf16*>(buf.p);
-}
+// The staged rows of amx_product: 32 rows of whole tiles of k, this thread's scratch (thread_scratch:
+// kept and grown as needed; an LSTM's backward at H = 512 contracts over 2048 gate rows, 128 KB, more
+// than a worker's stack should hold). Until stop 42 rows past 1024 values took the vdpbf16ps tile
+// instead, at a third of the tile unit's rate: half of a bfloat16 LSTM training call at (200, 64, 512).
+// Null where the scratch is refused: the caller then finishes on the vdpbf16ps / FMA tiles (other bits)
+// only so that its threads meet their barriers, and parallel_run throws, so those bits never reach
+// anyone (until stop 47 they were returned).
+inline bf16* amx_stage(int64_t values) { return static_cast<bf16*>(thread_scratch(values * 2)); }
 constexpr int64_t kScratchRow = kAcc * 64;  // bytes between rows of the scratch: kAcc vectors, as in a Tile
 
 // Two row groups: tiles 0-3 C, 4-5 A (row groups 0 and 1), 6-7 B. One row group: 0-1 C, 2-3 A, 4-7 B

@@ -51,7 +51,17 @@ struct Team {
 };
 
 using TaskFn = void (*)(void* ctx, const Team& team);
+// Throws std::bad_alloc (after every thread has finished) where a thread of the team was refused its
+// thread_scratch: the call fails rather than return results whose bits depend on memory being short.
 void parallel_run(int nthreads, TaskFn fn, void* ctx);
+
+// This thread's scratch for a kernel (the tile unit's staged rows): at least `bytes`, 64-byte aligned,
+// kept and grown across calls, valid until this thread's next request. Null where it cannot be had; the
+// kernel must then still finish (on another path, reading nothing it lacks), and the parallel_run
+// around it throws once the team is done. Called outside parallel_run, null is the caller's to handle.
+void* thread_scratch(int64_t bytes);
+// For tests: scratch requests of more than `bytes` are refused (-1, the default: none are).
+void set_thread_scratch_limit(int64_t bytes);
 
 // Contiguous share [begin, end) of n items for thread tid of nthreads: a fixed split, so the same
 // inputs and thread count always give the same partition (determinism).
