@@ -1,5 +1,6 @@
 """The benchmark CLI end to end on its cheapest family: progress, tables, JSON, PNG, filters, errors."""
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,40 @@ def test_malloc_held_steady_reuses_freed_memory():
         pytest.skip(f"not glibc: {runs['steady'][0]}")
     assert "held" in runs["steady"][0], runs
     assert runs["steady"][1] < 1000 and runs["as-is"][1] > 5 * 12288 * 0.9, runs
+
+
+_REPORT = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("allocator", sys.argv[1])
+allocator = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(allocator)
+print(allocator.hold_steady())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux")
+def test_a_replaced_malloc_is_reported_not_held():
+    """Where the process's malloc is not glibc's (jemalloc or tcmalloc preloaded, or a sanitizer's), mallopt
+    tunes an allocator nothing calls: the report says so instead of "held". gcc's AddressSanitizer runtime
+    stands in for them (it replaces malloc when preloaded)."""
+    from pyseqkern.bench import allocator
+
+    try:
+        lib = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                             timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        lib = ""
+    if not os.path.isabs(lib) or not os.path.exists(lib):
+        pytest.skip("no malloc to preload here (gcc's libasan.so)")
+    env = dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
+    said = {}
+    for name, child_env in (("replaced", env), ("glibc", {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})):
+        proc = subprocess.run([sys.executable, "-c", _REPORT, allocator.__file__], capture_output=True, text=True,
+                              timeout=120, env=child_env, cwd=tempfile.gettempdir())
+        assert proc.returncode == 0, proc.stderr
+        said[name] = proc.stdout.strip()
+    assert "malloc replaced" in said["replaced"] and "held" not in said["replaced"], said
+    assert "malloc replaced" not in said["glibc"], said
 
 
 def test_malloc_as_is_is_reported(tmp_path):

@@ -20,6 +20,17 @@ _MMAP_LIMITS = (1 << 30, 32 << 20)  # the first glibc accepts (older ones cap ma
 _TRIM = (1 << 31) - 1  # mallopt takes an int
 
 
+def _malloc_replaced(libc: ctypes.CDLL) -> bool:
+    """Whether the process's malloc is another than this libc's: jemalloc or tcmalloc preloaded, or a
+    sanitizer's. mallopt then tunes an allocator nothing calls, and the report must not say "held"."""
+    try:
+        used = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value  # the global lookup's malloc
+        own = ctypes.cast(libc.malloc, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False
+    return used != own
+
+
 def hold_steady() -> str:
     """Holds glibc's thresholds (a no-op elsewhere); returns what was done, for the report."""
     try:
@@ -28,6 +39,8 @@ def hold_steady() -> str:
         gnu = libc.gnu_get_libc_version
     except (OSError, AttributeError):
         return "as the platform gives it (not glibc)"
+    if _malloc_replaced(libc):
+        return "as the process gives it (malloc replaced, not glibc's: jemalloc, tcmalloc or a sanitizer)"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     gnu.restype = ctypes.c_char_p
     mmap = next((v for v in _MMAP_LIMITS if mallopt(_M_MMAP_THRESHOLD, v) == 1), None)
