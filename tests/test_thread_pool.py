@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
 
+import pyseqkern
 from pyseqkern import _C
 from pyseqkern.reference.probe import triad as triad_ref
 from helpers import assert_bitwise_equal, assert_close_to_ref, randn
@@ -74,8 +75,6 @@ def test_a_refused_scratch_fails_the_call_not_its_bits(backend, isa, mode, dtype
     training forward and the backward) rather than return them; the next call, with scratch, gives the
     same bits as before. Levels without the tile unit never ask for scratch. Float32 from 32 rows
     (kSplitRows) and bfloat16 at any size multiply on the tile unit at amx."""
-    import pyseqkern
-
     cls = {"lstm": pyseqkern.nn.LSTM, "gru": pyseqkern.nn.GRU, "rnn_tanh": pyseqkern.nn.RNN}[mode]
     torch.manual_seed(5)
     m = cls(24, 40).to(dtype)
