@@ -147,7 +147,7 @@ FP32_GEMM_ENV = "PYSEQKERN_FP32_GEMM"
 
 
 def _pick_fp32_gemm() -> str:
-    """Which of torch's GEMMs the recurrent layers call for float32 (ops/rnn.py): "mkl" (mm, taking
+    """Which of torch's GEMMs the recurrent layers call for float32 (ops/rnn_gemms.py): "mkl" (mm, taking
     transposed views) where torch has MKL and the CPU is Intel's or has no AVX-512, "onednn" (its
     internal linear) elsewhere: on AMD cores with AVX-512 MKL's sgemm takes its AVX2 path, ~40% of
     peak; without AVX-512 both run AVX2 code and MKL's was faster (DESIGN.md, "Which torch GEMM")."""

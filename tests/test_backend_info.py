@@ -218,14 +218,14 @@ def test_l3_streams_by_env(value, fast):
     torch.nn's results."""
     code = """
 import json, torch, pyseqkern
-from pyseqkern.ops import rnn as ops
+from pyseqkern.ops import rnn_paths
 torch.manual_seed(0)
 ref = torch.nn.LSTM(256, 256)
 ours = pyseqkern.convert(torch.nn.LSTM(256, 256)); ours.load_state_dict(ref.state_dict())
 x = torch.randn(9, 8, 256)
 with torch.no_grad():
     err = (ours(x)[0] - ref(x)[0]).abs().max().item()
-print(json.dumps([pyseqkern.backend_info()["cpu"], ops._EACH_STEP_L2S, ops._RIDE_L3_SHARE, err]))
+print(json.dumps([pyseqkern.backend_info()["cpu"], rnn_paths._EACH_STEP_L2S, rnn_paths._RIDE_L3_SHARE, err]))
 """
     proc = run_python(code, PYSEQKERN_L3_STREAMS=value)
     assert proc.returncode == 0, proc.stderr

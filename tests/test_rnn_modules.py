@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import pyseqkern
 import pyseqkern.nn as pnn
 from pyseqkern.ops import rnn as rnn_ops
+from pyseqkern.ops import rnn_paths
 from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
 from helpers import (BF16_DOT_LEVELS, TOLERANCES, assert_bitwise_equal, assert_close_to_ref, assert_matches,
@@ -2352,7 +2353,7 @@ def test_few_steps_of_a_wide_input_train_as_accurately_as_torch(name):
     """T x B = 3 rows of a wide input (I = 4097) projected for training: outputs, final states and the
     gradients of the input and the weights within twice torch.nn's error against float64. torch's GEMM
     summed each of so few rows over k in one run: LSTM outputs 2.8x and gradients 2.4-6.5x torch.nn's
-    error (whose oneDNN LSTM blocks k; found by an accuracy fuzzer, stop 27). ops.rnn._mm blocks them."""
+    error (whose oneDNN LSTM blocks k; found by an accuracy fuzzer, stop 27). ops.rnn_gemms._mm blocks them."""
     theirs = seed_parameters(getattr(torch.nn, name)(4097, 7), seed=7)
     with torch.no_grad():
         theirs.weight_ih_l0.mul_(2 * 4097 ** -0.5)  # (gates of order 1, not saturated)
@@ -2381,7 +2382,7 @@ def test_long_narrow_weight_gradients_are_as_accurate_as_torch(case):
     """Weight gradients a few columns (or rows) wide summed over many rows (T x B): float32 error against
     torch.nn in float64 at most twice torch.nn float32's. MKL summed such a product over all the rows in
     one run: LSTM(3, 64) at T x B = 24000 had weight_ih's gradient 11x torch's error, a projected
-    LSTM's weight_hr 5x (found by a size fuzzer, stop 26); summed in blocks of rows now (ops.rnn._mm)."""
+    LSTM's weight_hr 5x (found by a size fuzzer, stop 26); summed in blocks of rows now (ops.rnn_gemms._mm)."""
     spec, T, B = case.rsplit("x", 2)[0], int(case.rsplit("x", 2)[1]), int(case.rsplit("x", 2)[2])
     name, args = spec.split("(")[0], spec[len(spec.split("(")[0]) + 1:-1].split(",")
     kw = dict(a.split("=") for a in args if "=" in a)
@@ -2530,11 +2531,11 @@ def test_thread_count_of_the_caller_does_not_change_the_bits(cls):
     from concurrent.futures import ThreadPoolExecutor
 
     H2 = 64
-    share = rnn_ops._L2_BYTES * rnn_ops._READ_L2S  # the read rule's budget per thread
+    share = rnn_paths._L2_BYTES * rnn_paths._READ_L2S  # the read rule's budget per thread
     gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[cls]
     I2 = -(-3 * share // (2 * gates * H2 * 4))  # panel: 1.5 times one thread's budget
     m = seed_parameters(getattr(pnn, cls)(I2, H2)).eval()
-    x = randn((5, rnn_ops._MKL_PROJECTS_LSTM_FROM - 1 if cls == "LSTM" else 8, I2), F32, seed=2)
+    x = randn((5, rnn_paths._MKL_PROJECTS_LSTM_FROM - 1 if cls == "LSTM" else 8, I2), F32, seed=2)
     old = torch.get_num_threads()
     pool = ThreadPoolExecutor(1)
     try:

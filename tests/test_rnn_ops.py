@@ -19,6 +19,9 @@ from pyseqkern import _C
 from pyseqkern._handoff import capsule
 from pyseqkern.ops import rnn as ops
 from pyseqkern.ops import rnn_autograd, rnn_cuda
+from pyseqkern.ops import rnn_gemms
+from pyseqkern.ops import rnn_paths
+from pyseqkern.ops import rnn_scratch
 from pyseqkern.reference import rnn as ref
 from helpers import (BF16_DOT_LEVELS, assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
                      runnable_levels, strided)
@@ -508,15 +511,15 @@ def test_onednn_serves_a_bounded_number_of_row_counts(monkeypatch):
     """oneDNN's linear keeps a primitive per GEMM shape: packed training whose row count changed every
     step held +465 MB of native memory (found by a leak sweep, stop 18). It serves the first
     _ONEDNN_MAX_ROWS row counts seen; each row count keeps the path it got first."""
-    if ops._onednn_linear is None:
+    if rnn_gemms._onednn_linear is None:
         pytest.skip("this torch build has no oneDNN linear")
-    monkeypatch.setattr(ops, "_ONEDNN_ROWS", set())
-    monkeypatch.setattr(ops, "_ONEDNN_BF16", True)  # (the bookkeeping only: no GEMM runs)
-    rows = list(range(32, 32 + 3 * ops._ONEDNN_MAX_ROWS))
-    first = [ops._onednn_ok(r, torch.bfloat16, torch.device("cpu")) for r in rows]
-    assert sum(first) == ops._ONEDNN_MAX_ROWS and all(first[:ops._ONEDNN_MAX_ROWS])
-    assert [ops._onednn_ok(r, torch.bfloat16, torch.device("cpu")) for r in reversed(rows)] == first[::-1]
-    assert not ops._onednn_ok(31, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(rnn_gemms, "_ONEDNN_ROWS", set())
+    monkeypatch.setattr(rnn_gemms, "_ONEDNN_BF16", True)  # (the bookkeeping only: no GEMM runs)
+    rows = list(range(32, 32 + 3 * rnn_gemms._ONEDNN_MAX_ROWS))
+    first = [rnn_gemms._onednn_ok(r, torch.bfloat16, torch.device("cpu")) for r in rows]
+    assert sum(first) == rnn_gemms._ONEDNN_MAX_ROWS and all(first[:rnn_gemms._ONEDNN_MAX_ROWS])
+    assert [rnn_gemms._onednn_ok(r, torch.bfloat16, torch.device("cpu")) for r in reversed(rows)] == first[::-1]
+    assert not rnn_gemms._onednn_ok(31, torch.bfloat16, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -570,25 +573,25 @@ def test_training_gemms_of_either_library_meet_the_reference(monkeypatch, mode, 
 
 
 def use_gemm(monkeypatch, gemm):
-    """The backward's float32 GEMMs from `gemm`'s library, gates of any width (ops._MKL_GATES_UP_TO sends
+    """The backward's float32 GEMMs from `gemm`'s library, gates of any width (rnn_gemms._MKL_GATES_UP_TO sends
     narrow ones to MKL where oneDNN serves the rest; these tests' layers are that narrow)."""
     monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
-    monkeypatch.setattr(ops, "_MKL_GATES_UP_TO", 0)
+    monkeypatch.setattr(rnn_gemms, "_MKL_GATES_UP_TO", 0)
 
 
 def test_narrow_gates_take_mkl_for_the_backward_gemms(monkeypatch):
     """Float32 layers whose gates are _MKL_GATES_UP_TO wide or less take MKL's mm on views for the backward's
     GEMMs where oneDNN serves the rest, without taking one of oneDNN's row counts; wider ones and bfloat16
     take oneDNN."""
-    if ops._onednn_linear is None:
+    if rnn_gemms._onednn_linear is None:
         pytest.skip("this torch has no oneDNN linear")
     monkeypatch.setattr(ops._backend, "FP32_GEMM", "onednn")
-    monkeypatch.setattr(ops, "_ONEDNN_ROWS", set())
+    monkeypatch.setattr(rnn_gemms, "_ONEDNN_ROWS", set())
     cpu = torch.device("cpu")
-    narrow = ops._MKL_GATES_UP_TO
-    assert not ops._Gemms(3200, torch.float32, cpu, narrow).fast and not ops._ONEDNN_ROWS
-    assert ops._Gemms(3200, torch.float32, cpu, narrow + 1).fast and ops._ONEDNN_ROWS == {3200}
-    assert ops._Gemms(3200, torch.bfloat16, cpu, narrow).fast == ops._ONEDNN_BF16
+    narrow = rnn_gemms._MKL_GATES_UP_TO
+    assert not rnn_gemms._Gemms(3200, torch.float32, cpu, narrow).fast and not rnn_gemms._ONEDNN_ROWS
+    assert rnn_gemms._Gemms(3200, torch.float32, cpu, narrow + 1).fast and rnn_gemms._ONEDNN_ROWS == {3200}
+    assert rnn_gemms._Gemms(3200, torch.bfloat16, cpu, narrow).fast == rnn_gemms._ONEDNN_BF16
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -600,7 +603,7 @@ def test_layer_and_cell_match_the_reference_where_the_panel_exceeds_the_cache(mo
     row tile over one chunk before the next (rnn_common.h tiled_product): H is chosen so that the
     recurrent panel is larger than this machine's whole L2, forward (sequence and cell) and backward."""
     G = ops.GATES[mode]
-    H = int((ops._L2_BYTES / (G * dtype.itemsize)) ** 0.5) + 17
+    H = int((rnn_paths._L2_BYTES / (G * dtype.itemsize)) ** 0.5) + 17
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -634,7 +637,7 @@ def test_threads_owning_units_agree_bitwise_forward_and_backward(mode, reset_aft
     different steps. (Written for stop 35's per-row waits in place of the barrier, measured and not
     kept: with them taken out of the forward's or the backward's product, every case here failed.)"""
     G = ops.GATES[mode]
-    H = int((ops._L2_BYTES / (G * dtype.itemsize)) ** 0.5) + 17
+    H = int((rnn_paths._L2_BYTES / (G * dtype.itemsize)) ** 0.5) + 17
     x, bs, t = make_case(mode, 0, dtype, T=6, B=13, I=10, H=H, strided_inputs=False, lengths=lengths)
     before = torch.get_num_threads()
     runs = []
@@ -810,7 +813,7 @@ def test_raw_ops_name_an_argument_of_the_wrong_kind(op, grad, arg, value, match)
 def test_inference_fast_path_equals_the_op_path(monkeypatch):
     # Without grad, plain eager calls skip the dispatcher; where torch's GEMM projects the input (the
     # kernel projecting it is tested below), the result must be the op's, bit for bit.
-    monkeypatch.setattr(ops, "_L2_BYTES", 0)
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", 0)
     x, bs, t = make_case("gru", 0, torch.float32, lengths=[7, 6, 3, 3, 1])
     with torch.no_grad():
         fast = call(ops.rnn_layer, "gru", x, bs, t, True, True)
@@ -833,15 +836,15 @@ CHUNKED_LENGTHS = [40 - (37 * i) // 15 for i in range(16)]
 @pytest.mark.parametrize("mode,proj,reverse,reset_after", CHUNKED_CASES)
 def test_inference_by_chunks_equals_the_op_path(monkeypatch, mode, proj, reverse, reset_after, gemm, h0_given, packed):
     """Where torch projects an inference sequence, it projects a chunk of steps at a time and the kernel
-    runs them before the next chunk (ops._chunks): outputs and final states bit for bit those of the op
+    runs them before the next chunk (rnn_paths._chunks): outputs and final states bit for bit those of the op
     path, which projects every row first, through oneDNN and MKL, three chunks taken in either direction,
     padded (5, 4 and 4 steps) or packed (rows ending and, reverse, starting inside a chunk); and on the
     float64 reference (the 2x-torch rule over the packed case's 40 steps)."""
-    monkeypatch.setattr(ops, "_L2_BYTES", 0)  # (torch projects)
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", 0)  # (torch projects)
     monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
-    monkeypatch.setattr(ops, "_ONEDNN_ROWS", set())  # (every row count may take oneDNN, as in a fresh process)
-    monkeypatch.setattr(ops, "_CHUNK_BYTES", 1)
-    monkeypatch.setattr(ops, "_CHUNK_MIN_ROWS", 96 if packed else 32)
+    monkeypatch.setattr(rnn_gemms, "_ONEDNN_ROWS", set())  # (every row count may take oneDNN, as in a fresh process)
+    monkeypatch.setattr(rnn_paths, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(rnn_paths, "_CHUNK_MIN_ROWS", 96 if packed else 32)
     seen = []
     real = ops._forward_by_chunks
     monkeypatch.setattr(ops, "_forward_by_chunks", lambda *a: seen.append(a[-1]) or real(*a))
@@ -867,19 +870,19 @@ def test_inference_by_chunks_equals_the_op_path(monkeypatch, mode, proj, reverse
 
 
 def test_inference_chunks_cover_the_steps_evenly(monkeypatch):
-    """ops._chunks: (start, stop) steps covering the sequence in order; padded, sizes one step apart at most,
+    """rnn_paths._chunks: (start, stop) steps covering the sequence in order; padded, sizes one step apart at most,
     at most one step over _CHUNK_BYTES of x_gates each, never under half of _CHUNK_MIN_ROWS rows; packed,
     the padded chunks where every step has the batch, and where the batch shrinks, rows near an equal
     share each and never under a quarter of _CHUNK_MIN_ROWS; whole (None) where one chunk would do, and
-    for float64 and bfloat16 (ops._chunks says why)."""
-    monkeypatch.setattr(ops, "_CHUNK_BYTES", 12 << 20)
-    monkeypatch.setattr(ops, "_CHUNK_MIN_ROWS", 256)
+    for float64 and bfloat16 (rnn_paths._chunks says why)."""
+    monkeypatch.setattr(rnn_paths, "_CHUNK_BYTES", 12 << 20)
+    monkeypatch.setattr(rnn_paths, "_CHUNK_MIN_ROWS", 256)
 
     def chunks(T, B, H, G=4, dtype=torch.float32, batch_sizes=None):
         x = torch.empty(T, B, 3, dtype=dtype)
         seq = ops._Seq(x, batch_sizes, False)
         rows = T * B if batch_sizes is None else int(batch_sizes.sum())
-        return ops._chunks(seq, x.view(-1, 3)[:rows], torch.empty(G * H, 3, dtype=dtype))
+        return rnn_paths._chunks(seq, x.view(-1, 3)[:rows], torch.empty(G * H, 3, dtype=dtype))
 
     def covers(got, T):
         return got[0][0] == 0 and got[-1][1] == T and all(a[1] == b[0] and a[0] < a[1] for a, b in zip(got, got[1:]))
@@ -912,9 +915,9 @@ def test_inference_chunks_cover_the_steps_evenly(monkeypatch):
 
 
 def poison_forward_scratch():
-    """NaN bytes over the inference forward's cached buffers (ops._fwd_scratch): a value the kernel
+    """NaN bytes over the inference forward's cached buffers (rnn_scratch._fwd_scratch): a value the kernel
     failed to write cannot then pass as the one an earlier call left there."""
-    for buf in ops._fwd_scratch().buffers:
+    for buf in rnn_scratch._fwd_scratch().buffers:
         buf.fill_(255)
 
 
@@ -960,13 +963,13 @@ class ProjectingSpy:
     it check the kernel's projection before the steps unless `each_step` is True, so the measured
     choices that would take their cases elsewhere are set aside: MKL's share of LSTM float32 (where
     FP32_GEMM is "mkl", test_mkl_projects_lstm_sequences_from_four_rows) and, unless asked for,
-    projecting each step (ops._EACH_STEP_MAX_ROWS)."""
+    projecting each step (rnn_paths._EACH_STEP_MAX_ROWS)."""
 
     def __init__(self, monkeypatch, each_step=False):
         self.taken = self.declined = self.each_step = self.ring = 0
-        monkeypatch.setattr(ops, "_MKL_PROJECTS_LSTM_FROM", 1 << 62)
+        monkeypatch.setattr(rnn_paths, "_MKL_PROJECTS_LSTM_FROM", 1 << 62)
         if not each_step:
-            monkeypatch.setattr(ops, "_EACH_STEP_MAX_ROWS", {})
+            monkeypatch.setattr(rnn_paths, "_EACH_STEP_MAX_ROWS", {})
         real, run = ops._forward_projecting, ops._run_forward
 
         def spy(*args):
@@ -997,7 +1000,7 @@ class ProjectingSpy:
 def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, isa, mode, reset_after, B, reverse,
                                                                    lengths, I, dtype):
     """Float32 and bfloat16 sequences of a few rows a step project each step's rows inside the step (the
-    kernel's fused mode, ops._projects_each_step, every mode): outputs and final states against float64 (bfloat16 by the 2x-torch rule), bit for
+    kernel's fused mode, rnn_paths._projects_each_step, every mode): outputs and final states against float64 (bfloat16 by the 2x-torch rule), bit for
     bit at 1, 2 and 3 threads and run after run, padded and packed, either direction, at every level.
     H = 37 leaves a partial unit block; I = 13 an odd input width; B = 13 (over 2 and 3 row quanta,
     panels this small) has threads owning rows instead of units (forward_variant; packed ones split by
@@ -1005,7 +1008,7 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
     rows, by the thin-input rule (_EACH_STEP_THIN_INPUT: I <= H here). bfloat16 has an input panel only
     at levels with bfloat16 dot products and an even I: elsewhere torch projects, as the spy sees."""
     spy = ProjectingSpy(monkeypatch, each_step=True)
-    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())  # (amx: the kernel's panel too)
+    monkeypatch.setattr(rnn_paths, "_TORCH_PROJECTS_BF16_ON", frozenset())  # (amx: the kernel's panel too)
     x, bs, t = make_case(mode, 0, dtype, T=9, B=B, I=I, H=37, lengths=lengths)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
     panel = dtype == torch.float32 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
@@ -1022,20 +1025,20 @@ def test_inference_kernel_projecting_each_step_meets_the_reference(monkeypatch, 
     ("lstm", 8, 16, torch.bfloat16, 0, "dot"), ("gru", 8, 16, torch.bfloat16, 0, "dot"),
     ("lstm", 8, 15, torch.bfloat16, 0, False), ("lstm", 8, 16, torch.float32, 10, False)])
 def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj, expect):
-    """The measured rule (ops._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): every mode, float32 and
+    """The measured rule (rnn_paths._EACH_STEP_MAX_ROWS, _EACH_STEP_THIN_INPUT): every mode, float32 and
     bfloat16 (where the level has an input panel for it: bfloat16 dot products, an even I), no
     proj_size, 2 to 32 rows a step (RNN: any number from 2) or more where the input is no wider than the
     hidden size (H=32 here) nor _EACH_STEP_THIN_INPUT, both panels' per-thread shares within _EACH_STEP_L2S L2s."""
     if expect == "dot":
         expect = pyseqkern.backend_info()["cpu"]["isa_active"] in BF16_DOT_LEVELS
-    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
+    monkeypatch.setattr(rnn_paths, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch, each_step=True)
     x, bs, t = make_case(mode, proj, dtype, T=3, B=B, I=I, H=32, strided_inputs=False)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)
-    monkeypatch.setattr(ops, "_L2_BYTES", ops.GATES[mode] * 32 * (I + 32) * dtype.itemsize
-                        // (ops._EACH_STEP_L2S * ops._PATH_THREADS) - 64)
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", ops.GATES[mode] * 32 * (I + 32) * dtype.itemsize
+                        // (rnn_paths._EACH_STEP_L2S * rnn_paths._PATH_THREADS) - 64)
     with torch.no_grad():
         call(ops.rnn_layer, mode, x, bs, t, False, True)
     assert spy.each_step == int(expect)  # both panels no longer fit: projected before the steps, or by torch
@@ -1048,7 +1051,7 @@ def test_mkl_projects_lstm_sequences_from_four_rows(monkeypatch, mode, B, gemm):
     projected by torch's GEMM, not the kernel (measured, ops/rnn.py); bits as the op path's."""
     monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
     spy = ProjectingSpy(monkeypatch)
-    monkeypatch.setattr(ops, "_MKL_PROJECTS_LSTM_FROM", 4)
+    monkeypatch.setattr(rnn_paths, "_MKL_PROJECTS_LSTM_FROM", 4)
     x, bs, t = make_case(mode, 0, torch.float32, T=9, B=B, I=20, H=37)
     with torch.no_grad():
         fast = call(ops.rnn_layer, mode, x, bs, t, False, True)
@@ -1084,7 +1087,7 @@ def test_inference_kernel_projecting_the_input_meets_the_reference(monkeypatch, 
     bf16 dot products and an even I; elsewhere torch projects. (amx leaves bfloat16 to torch's GEMM by
     default, a measured choice, test_amx_leaves_bfloat16_sequences_to_torchs_gemm; its kernel path is
     checked here all the same.)"""
-    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
+    monkeypatch.setattr(rnn_paths, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, proj, dtype, I=I, H=37, lengths=lengths)
     expect = dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)
@@ -1103,7 +1106,7 @@ def test_inference_kernel_projecting_at_streaming_sizes(monkeypatch, mode, reset
     spy = ProjectingSpy(monkeypatch)
     # The input panel (G * 200 * 200 floats, 640 KB for LSTM) within the read rule whatever this
     # machine's L2 (512 KB per core on a Zen 3 put it out).
-    monkeypatch.setattr(ops, "_L2_BYTES", max(ops._L2_BYTES, 2 * ops.GATES[mode] * 200 * 200 * 4))
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", max(rnn_paths._L2_BYTES, 2 * ops.GATES[mode] * 200 * 200 * 4))
     x, bs, t = make_case(mode, 0, torch.float32, T=T, B=32, I=200, H=200)
     assert T * 32 * ops.GATES[mode] * 200 * 4 >= 8 << 20  # x_gates bytes: T * B rows of G * H floats
     runs = inference_runs(x, bs, t, mode, False, reset_after, (2, 1), poison=True)
@@ -1134,7 +1137,7 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
     I > H and an odd I (the input and the state sums end in different kSumBlock blocks: K and KI
     differ). bfloat16 has an input panel only at levels with bf16 dot products and an even I;
     elsewhere torch projects, as the spy sees."""
-    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())  # (amx: the kernel's panel too)
+    monkeypatch.setattr(rnn_paths, "_TORCH_PROJECTS_BF16_ON", frozenset())  # (amx: the kernel's panel too)
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, proj, dtype, T=T, B=1, I=I, H=H, lengths=[T] if packed else None)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (2, 2, 1, 3), poison=True)
@@ -1147,7 +1150,7 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
     assert_runs_meet_reference(runs, mode, x, bs, t, reverse, reset_after, dtype == torch.bfloat16)
     if proj or not panel:
         return
-    monkeypatch.setattr(ops, "_projects_each_step", lambda *args: True)
+    monkeypatch.setattr(rnn_paths, "_projects_each_step", lambda *args: True)
     for each in inference_runs(x, bs, t, mode, reverse, reset_after, (2, 1)):
         for name, a, b in zip(["y", "h_n", "c_n"], runs[0], each):
             if a is not None:
@@ -1158,7 +1161,7 @@ def test_one_row_sequences_projected_inside_the_recurrent_tiles(monkeypatch, isa
 @pytest.mark.parametrize("mode, reset_after, proj", RIDE_MODES)
 def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypatch, isa, mode, reset_after, proj):
     """Past the read rule (the input panel over _READ_L2S of the L2s), B = 1 sequences still project
-    inside the kernel where its recurrent tiles carry the projection (ops._rides: float32 and float64 on
+    inside the kernel where its recurrent tiles carry the projection (rnn_paths._rides: float32 and float64 on
     the AVX-512 levels, bfloat16 on avx512bf16, more than 8 steps) and both panels, in
     the bytes the products read (2 a weight for bfloat16's pair sections), fit _RIDE_L3_SHARE of the L3,
     at any length (x_gates in the ride's ring: a sequence whose rows would overflow _CHUNK_BYTES rides
@@ -1169,8 +1172,8 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
     I, H = 40, 16
     G, K = ops.GATES[mode], proj or 16
     panels = G * H * (I + K) + proj * H  # (weights)
-    monkeypatch.setattr(ops, "_L2_BYTES", 64)  # (the read rule always exceeded)
-    monkeypatch.setattr(ops, "_CHUNK_BYTES", 4 * G * H * 4)  # (x_gates of 4 rows: every case is longer)
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", 64)  # (the read rule always exceeded)
+    monkeypatch.setattr(rnn_paths, "_CHUNK_BYTES", 4 * G * H * 4)  # (x_gates of 4 rows: every case is longer)
     rides = isa in ("avx512", "avx512bf16", "amx")
     rides_bf16 = rides and isa == "avx512bf16"
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
@@ -1181,8 +1184,8 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
             (9, 1, 16 * panels - 8, 0.5, f64, False), (9, 1, 4 * panels, 0.5, bf16, rides_bf16),
             (40, 1, 4 * panels, 0.5, bf16, rides_bf16), (9, 1, 4 * panels - 8, 0.5, bf16, False),
             (40, 1, 1 << 40, 0.0, f32, False)]:  # (the last: a slow L3, however large)
-        monkeypatch.setattr(ops, "_L3_BYTES", l3)
-        monkeypatch.setattr(ops, "_RIDE_L3_SHARE", share)
+        monkeypatch.setattr(rnn_paths, "_L3_BYTES", l3)
+        monkeypatch.setattr(rnn_paths, "_RIDE_L3_SHARE", share)
         x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H)
         taken, ring = spy.taken, spy.ring
         runs = inference_runs(x, bs, t, mode, False, reset_after, (2,))
@@ -1200,7 +1203,7 @@ def test_inference_threads_projecting_their_own_rows(monkeypatch, isa, mode, res
     reference requires (float64 elementwise, float32 too at T = 11, bfloat16 by the 2x-torch rule), bit
     for bit at 1, 2 and 3 threads. bfloat16 projects in the kernel only on levels with bf16 dot
     products (amx's default of torch's GEMM set aside, as in the test above)."""
-    monkeypatch.setattr(ops, "_TORCH_PROJECTS_BF16_ON", frozenset())
+    monkeypatch.setattr(rnn_paths, "_TORCH_PROJECTS_BF16_ON", frozenset())
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case(mode, 0, dtype, T=11, B=16, I=24, H=64)
     runs = inference_runs(x, bs, t, mode, reverse, reset_after, (1, 2, 3, 2), poison=True)
@@ -1244,12 +1247,12 @@ def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
     spy = ProjectingSpy(monkeypatch)
     x, bs, t = make_case("lstm", 0, torch.float32, I=64, H=40)
     read = 4 * 40 * 64 * 4  # G * H * I * sizeof(float)
-    fits = read // (ops._READ_L2S * ops._PATH_THREADS)
-    monkeypatch.setattr(ops, "_L2_BYTES", fits)  # just fits
+    fits = read // (rnn_paths._READ_L2S * rnn_paths._PATH_THREADS)
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", fits)  # just fits
     with torch.no_grad():
         call(ops.rnn_layer, "lstm", x, bs, t, False, True)
     assert (spy.taken, spy.declined) == (1, 0)
-    monkeypatch.setattr(ops, "_L2_BYTES", fits - 64)
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", fits - 64)
     with torch.no_grad():
         fast = call(ops.rnn_layer, "lstm", x, bs, t, False, True)
     assert (spy.taken, spy.declined) == (1, 1)
@@ -1282,9 +1285,9 @@ def test_the_ride_ring_is_checked(isa, mode, reset_after, dtype):
                        x_gates_buf=capsule(torch.full((rows, G * H), math.nan, dtype=dtype)))
         return y
 
-    assert _C.RNN_RIDE_RING == ops._RIDE_RING == 16
+    assert _C.RNN_RIDE_RING == rnn_paths._RIDE_RING == 16
     rides = isa in ("avx512", "avx512bf16", "amx")
-    # The kernel's sizes say where it rides (ops._kernel_rides reads them): B = 1 only.
+    # The kernel's sizes say where it rides (rnn_paths._kernel_rides reads them): B = 1 only.
     assert [ops._sizes(code, reset_after, H, 0, b, dtype)[5] for b in (1, 2)] == [16 if rides else 0, 0]
     full = run(T, T)
     if rides:
@@ -2062,7 +2065,7 @@ def test_bfloat16_backward_in_a_nan_workspace(isa, mode, proj, reset_after):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_backward_scratch_gives_the_op_paths_gradients(monkeypatch, mode, proj, reset_after, dtype):
-    """The eager CPU backward keeps its temporaries in a per-thread scratch (ops._Scratch) reused across
+    """The eager CPU backward keeps its temporaries in a per-thread scratch (rnn_scratch._Scratch) reused across
     calls of different sizes; its gradients must be those of the op path bit for bit, call after call,
     and empty_cache() must leave it working."""
     cases = [make_case(mode, proj, dtype, T=T, B=B, H=H, lengths=lengths, seed=T)
@@ -2084,8 +2087,8 @@ def test_backward_scratch_gives_the_op_paths_gradients(monkeypatch, mode, proj, 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_inference_forward_scratch_keeps_the_results(monkeypatch, mode, proj, reset_after, dtype, projects):
     """The eager inference forward takes its x_gates buffer from a per-thread scratch reused across calls
-    of different sizes: the kernel's projection with its workspace (ops._fwd_scratch), torch's GEMM
-    into its own (ops._proj_scratch). Every call's results must be what the call gives alone (after
+    of different sizes: the kernel's projection with its workspace (rnn_scratch._fwd_scratch), torch's GEMM
+    into its own (rnn_scratch._proj_scratch). Every call's results must be what the call gives alone (after
     empty_cache(), from fresh buffers), and no returned tensor may share memory with the scratch or
     with another call's results."""
     if projects == "torch":
@@ -2106,13 +2109,13 @@ def test_inference_forward_scratch_keeps_the_results(monkeypatch, mode, proj, re
 
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_training_reserves_reuse_only_buffers_nothing_holds(monkeypatch, mode, proj, reset_after):
-    """Training forwards take their reserves from a per-thread pool (ops._ReservePool) and reuse a buffer
+    """Training forwards take their reserves from a per-thread pool (rnn_scratch._ReservePool) and reuse a buffer
     only once nothing else holds it. Graphs alive together (two forwards before one backward, a graph
     kept by retain_graph while others run, packed and padded calls of other sizes) must each keep
     their own reserve: every gradient is the one the same call gives from a fresh pool, bit for bit,
     and a backward run twice gives the same bits twice. Once the graphs are gone, steps of the same
     sizes reuse the pool's buffers instead of adding new ones."""
-    monkeypatch.setattr(ops, "_RESERVE_POOL_FROM", 0)  # (these reserves are small)
+    monkeypatch.setattr(rnn_scratch, "_RESERVE_POOL_FROM", 0)  # (these reserves are small)
     # (cases 0 and 2: the same sizes, other values)
     cases = [make_case(mode, proj, torch.float32, T=T, B=B, H=H, lengths=lengths, seed=i)
              for i, (T, B, H, lengths) in enumerate([(9, 6, 11, None), (5, 3, 11, [5, 4, 2]), (9, 6, 11, None),
@@ -2146,11 +2149,11 @@ def test_training_reserves_reuse_only_buffers_nothing_holds(monkeypatch, mode, p
     for k in names:
         assert_bitwise_equal(again[k], want[2][k], name=f"d{k}")
     del graphs, kept_loss, kept_lv
-    held = len(ops._reserves().bufs)
+    held = len(rnn_scratch._reserves().bufs)
     assert held > 0
     for _ in range(3):
         outputs_and_grads(ops.rnn_layer, mode, *cases[0], False, reset_after)
-    assert len(ops._reserves().bufs) == held
+    assert len(rnn_scratch._reserves().bufs) == held
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -2472,8 +2475,8 @@ def test_bfloat16_gemms_go_through_float32_where_onednn_has_none(monkeypatch):
     bfloat16 runs a plain loop (8x slower than float32): the projection and the backward's GEMMs widen
     to float32 and round the result once, and a bfloat16 layer trains by the 2x-torch rule all the
     same (checked against torch.nn in float32 and the float64 reference)."""
-    monkeypatch.setattr(ops, "_ONEDNN_BF16", False)
-    monkeypatch.setattr(ops, "_BF16_BY_FLOAT32", True)
+    monkeypatch.setattr(rnn_gemms, "_ONEDNN_BF16", False)
+    monkeypatch.setattr(rnn_gemms, "_BF16_BY_FLOAT32", True)
     calls = []
 
     def spy(real):
@@ -2485,9 +2488,9 @@ def test_bfloat16_gemms_go_through_float32_where_onednn_has_none(monkeypatch):
     monkeypatch.setattr(torch, "addmm", spy(torch.addmm))
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy(torch.Tensor.__matmul__))
     a, b = randn((37, 19), seed=1).bfloat16(), randn((23, 19), seed=2).bfloat16()
-    assert torch.equal(ops._mm(a, b), (a.float() @ b.float().t()).bfloat16())
+    assert torch.equal(rnn_gemms._mm(a, b), (a.float() @ b.float().t()).bfloat16())
     x, w, bias = randn((40, 19), seed=3).bfloat16(), randn((28, 19), seed=4).bfloat16(), randn((28,), seed=5).bfloat16()
-    got, extra = ops._input_projection(x, w, bias)
+    got, extra = rnn_gemms._input_projection(x, w, bias)
     assert extra is None and got.dtype == torch.bfloat16
     assert torch.equal(got, torch.addmm(bias.float(), x.float(), w.float().t()).bfloat16())
     calls.clear()

@@ -21,8 +21,9 @@ How the work splits: torch computes x W_ih^T + biases for all steps in one GEMM;
 (torch.ops.pyseqkern.rnn_forward) runs the whole time loop; backward (rnn_backward) runs the loop in
 reverse and returns gate gradients, from which torch GEMMs form every weight gradient. Recurrent weights
 are packed once per weight version (cache below); the op's autograd and torch.func rules are in
-rnn_autograd.py, autocast in rnn_autocast.py. Dtypes: float32, float64, bfloat16 (float32 math);
-float16 on CUDA, and on the CPU through float32 casts.
+rnn_autograd.py, autocast in rnn_autocast.py, which torch GEMM serves each product in rnn_gemms.py, which
+way a CPU inference sequence goes in rnn_paths.py, the buffers kept between calls in rnn_scratch.py.
+Dtypes: float32, float64, bfloat16 (float32 math); float16 on CUDA, and on the CPU through float32 casts.
 """
 from __future__ import annotations
 
@@ -36,12 +37,15 @@ from .. import _backend
 from .._handoff import capsule, num_threads
 from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
+from . import rnn_gemms as _gemms
+from . import rnn_paths as _paths
+from .rnn_modes import GATES, GATES_BY_CODE, MODES
+from .rnn_scratch import (_cell_workspace, _fwd_scratch, _proj_scratch, _reserves, normal,
+                          release as _release_scratch)
 from ._library import LIB
 from . import rnn_direct  # noqa: F401  (defines rnn_step_direct, which rnn_layer calls in compiled graphs)
 
 _C = _backend._C
-MODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 LIB.define("rnn_pack(int mode, bool reset_after, int hidden, int proj, Tensor w_hh, Tensor? w_hr) -> Tensor")
@@ -228,17 +232,6 @@ def _cached(cache, anchor, key_of, make, *sources):
     return got if got is not _MISS else _cache_put(cache, anchor, key, lambda: normal(make), *sources)
 
 
-def normal(make):
-    """make()'s tensors made as normal tensors, also inside torch.inference_mode: a cache entry or a
-    scratch buffer made there was an inference tensor, and a later call outside (a model evaluated under
-    inference_mode, then trained) could not save it for backward, read its version or write it in
-    place: "Inference tensors do not track version counter" (found by a lifecycle fuzzer, stop 25)."""
-    if not torch.is_inference_mode_enabled():
-        return make()
-    with torch.inference_mode(False):
-        return make()
-
-
 _swap_on_conversion = torch.__future__.get_swap_module_params_on_conversion
 # Nothing is cached, and no entry served, while a module is managed by one of torch.distributed's
 # composable APIs (FSDP2's fully_shard, replicate): FSDP2 gathers each forward's weights into the same
@@ -312,12 +305,12 @@ def _own_x_gates_numel(sizes, mode, batch, hidden):
 def _projecting_buffers(sizes, mode, batch, hidden, dtype, n, each_step, ring):
     """(workspace, x_gates buffer or None) of a forward that projects its n rows itself, from this thread's
     forward scratch (_fwd_scratch): each step's rows inside the step (the workspace grows by its own
-    x_gates), or every row before the steps into a buffer (a ring of _RIDE_RING rows where it rides)."""
+    x_gates), or every row before the steps into a buffer (a ring of rnn_paths._RIDE_RING rows where it rides)."""
     scratch = _fwd_scratch()
     if each_step:
         return scratch.take((sizes[2] + _own_x_gates_numel(sizes, mode, batch, hidden),), _acc_dtype(dtype)), None
     return (scratch.take((sizes[2],), _acc_dtype(dtype)),
-            scratch.take((min(n, _RIDE_RING) if ring else n, GATES_BY_CODE[mode] * hidden), dtype))
+            scratch.take((min(n, _paths._RIDE_RING) if ring else n, GATES_BY_CODE[mode] * hidden), dtype))
 
 
 def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, seq_args, training,
@@ -326,7 +319,7 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
     sequence data. With x and its input panel, x_gates is the bias row (or None) and the kernel projects
     the input itself (CPU, the eager inference path): every row before the steps into an x_gates
     buffer, or with `each_step` each step's rows inside the step (rnn.h: no buffer, the workspace grows
-    by B*G*Hp; with `ring`, where the kernel rides, a ring of _RIDE_RING rows). Its buffer and workspace
+    by B*G*Hp; with `ring`, where the kernel rides, a ring of rnn_paths._RIDE_RING rows). Its buffer and workspace
     live only inside the call and come from this thread's forward scratch (_fwd_scratch)."""
     K = proj if proj > 0 else hidden
     dtype, dev = (x if x is not None else x_gates).dtype, (x if x is not None else x_gates).device
@@ -407,73 +400,6 @@ def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     return dgx, dgh, dproj, dh0, dc0, dgxt, dght, hpt
 
 
-GATES_BY_CODE = {0: 4, 1: 3, 2: 1, 3: 1}
-
-
-class _Scratch:
-    """The backward's temporaries (gate gradients, their transposes, h_prev^T, workspace: 30-40 MB for
-    an LSTM layer at T=100, B=32, H=256), kept between training steps. Allocated fresh, they came back
-    from the OS as new pages every step (glibc returns freed memory above its trim threshold), and the
-    page faults cost 10-20 ms of a 45-65 ms LSTM training step. One per thread; buffers are handed
-    out in order from the start of each call (begin()) and grow to the largest call seen.
-    pyseqkern.empty_cache() releases them."""
-
-    def __init__(self):
-        self.buffers: list = []
-        self.views: list = []  # per buffer: (shape, dtype, the view last handed out)
-        self.next = 0
-
-    def begin(self):
-        self.next = 0
-        return self
-
-    def take(self, shape, dtype):
-        i = self.next
-        self.next += 1
-        if i < len(self.views):
-            # A training loop of cell steps asks each slot for the same shape every call: the view made
-            # last time serves again (three view ops cost ~3 us, more than torch.empty of a small
-            # buffer; a one-step backward takes seven). Callers only write through it.
-            v = self.views[i]
-            if v[0] == shape and v[1] is dtype:
-                return v[2]
-        else:
-            self.buffers.append(None)
-            self.views.append(None)
-        return normal(lambda: self._view(i, shape, dtype))  # (its views are written in place later)
-
-    def _view(self, i, shape, dtype):
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
-        buf = self.buffers[i]
-        if buf is None or buf.numel() < nbytes:
-            buf = self.buffers[i] = torch.empty(nbytes, dtype=torch.uint8)
-        view = buf[:nbytes].view(dtype).view(shape)
-        self.views[i] = (tuple(shape), dtype, view)
-        return view
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch():
-    s = getattr(_SCRATCH, "s", None)
-    if s is None:
-        s = _SCRATCH.s = _Scratch()
-    return s.begin()
-
-
-def _fwd_scratch():
-    """The eager inference forward's own _Scratch (x_gates of the kernel's projection, workspace: 13 MB
-    for an LSTM layer at T=100, B=32, H=256), apart from the backward's, whose buffers a backward may
-    still hold while a forward runs. Fresh each call they came back as new pages: RNN (100,32,256)
-    spent ~15% of its call in page faults."""
-    s = getattr(_SCRATCH, "fwd", None)
-    if s is None:
-        s = _SCRATCH.fwd = _Scratch()
-    return s.begin()
 
 
 def empty_cache() -> None:
@@ -489,11 +415,7 @@ def empty_cache() -> None:
             cache.clear()
     _DEVICE_SEQ.clear()
     _LISTED_SEQ.clear()
-    _SCRATCH.s = None
-    _SCRATCH.proj = None
-    _SCRATCH.fwd = None
-    _SCRATCH.reserves = None
-    _SCRATCH.cell_ws = None
+    _release_scratch()
     _C.RnnCellStep.release_workspace()
 
 
@@ -542,262 +464,6 @@ def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     return (e(n, G * hidden), e(n if gru_after and not transposed else 0, G * hidden), e(n if proj > 0 else 0, proj),
             e(batch, K), e(batch if mode == 0 else 0, hidden), e(G * hidden if transposed else 0, n),
             e(G * hidden if transposed and gru_after else 0, n), e(K if transposed else 0, n))
-
-
-# ---- autograd ---------------------------------------------------------------------------------------------
-# The input projection goes through torch; which torch GEMM matters. On a Zen-class EPYC, MKL's sgemm
-# (torch.addmm) runs at 40% of peak for these shapes and torch's own oneDNN linear at 75% (3200x256 @
-# 256x1024: 10.5 ms vs 5.1 ms, equal results; DESIGN.md). oneDNN's entry point is internal to torch,
-# so it is used only where it exists and passed a one-time check against addmm.
-_onednn_linear = None
-if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-    try:
-        _probe_x, _probe_w, _probe_b = (torch.linspace(-1, 1, n).reshape(s) for n, s in
-                                        ((3 * 5, (3, 5)), (4 * 5, (4, 5)), (4, (4,))))
-        if torch.allclose(torch.ops.mkldnn._linear_pointwise(_probe_x, _probe_w, _probe_b, "none", [], ""),
-                          torch.addmm(_probe_b, _probe_x, _probe_w.t()), rtol=1e-5, atol=1e-6):
-            _onednn_linear = torch.ops.mkldnn._linear_pointwise
-    except Exception:  # a torch whose internal op changed: addmm it is
-        _onednn_linear = None
-# bfloat16 separately: oneDNN has no bfloat16 inner product on CPUs without AVX-512 (a Zen 3, say),
-# where the call raises ("could not create a primitive descriptor") and torch.mm must serve instead.
-_ONEDNN_BF16 = False
-if _onednn_linear is not None:
-    try:
-        _p = [t.to(torch.bfloat16) for t in (_probe_x, _probe_w, _probe_b)]
-        _ONEDNN_BF16 = torch.allclose(_onednn_linear(*_p, "none", [], "").float(),
-                                      torch.addmm(*(t.float() for t in (_p[2], _p[0], _p[1].t()))),
-                                      rtol=1e-2, atol=1e-2)
-    except Exception:
-        _ONEDNN_BF16 = False
-# There torch.mm in bfloat16 runs a plain loop: 3200x256 @ 256x1024 took 105 ms against 12.7 ms for the
-# float32 GEMM of the widened operands and one rounding of the result (Zen 3, 2 threads), which sums in
-# float32 as well (the same error norm against float64 to 8 digits). CPU bfloat16 GEMMs go that way.
-_BF16_BY_FLOAT32 = not _ONEDNN_BF16
-
-
-def _by_float32(dtype, device) -> bool:
-    return _BF16_BY_FLOAT32 and dtype == torch.bfloat16 and device.type == "cpu"
-
-
-def _mm(a, bt):
-    """a @ bt^T; CPU bfloat16 through float32 where torch has no fast bfloat16 GEMM."""
-    if _by_float32(a.dtype, a.device):
-        return _mm(a.float(), bt.float()).to(a.dtype)
-    if _narrow_and_long(a, bt):
-        # A product a few rows or columns wide (a weight gradient of a narrow input or projection)
-        # contracted over many rows: MKL takes a path that sums all of them in one run, 5-10x the error
-        # of a blocked sum (float32 LSTM(3, 64) at T x B = 24000 rows: weight_ih's gradient 4.4e-6 off
-        # the float64 result where torch.nn's is 4.0e-7; found by a size fuzzer, stop 26). Each block of
-        # rows is its own product, and the products are added in order: 3.8e-7 there, in less time, the
-        # same bits every run. (addmm into the sum would continue the one run: the same bits as before.)
-        k = a.shape[1]
-        out = a[:, :_SUM_BLOCK] @ bt[:, :_SUM_BLOCK].t()
-        for i in range(_SUM_BLOCK, k, _SUM_BLOCK):
-            out = out + a[:, i:i + _SUM_BLOCK] @ bt[:, i:i + _SUM_BLOCK].t()
-        return out
-    return a @ bt.t()
-
-
-_SUM_BLOCK = 512
-
-
-def _narrow_and_long(a, bt) -> bool:
-    k = a.shape[1]
-    return (type(k) is int and k > 2 * _SUM_BLOCK and min(a.shape[0], bt.shape[0]) < 16 and a.device.type == "cpu"
-            and not torch.compiler.is_compiling())
-
-
-# That holds on AMD's cores with AVX-512. On Intel's, MKL's sgemm matches or beats oneDNN's linear and
-# takes transposed operands as they are, so float32 there goes to mm with views and the backward kernel
-# writes no transposed copies (in-process, Emerald Rapids, 5 alternations: LSTM training (100,32,256)
-# 1.05-1.11x -> 1.13-1.22x torch.nn, GRU 1.73-1.87x -> 1.82-1.94x); so it does on CPUs without AVX-512
-# (stop 22, a Zen 3: training (100,32,256) LSTM / GRU / RNN 1.08 / 1.12 / 1.21x faster than through
-# oneDNN). _backend.FP32_GEMM says which (PYSEQKERN_FP32_GEMM forces it).
-
-
-# oneDNN's linear builds and keeps a primitive per GEMM shape (torch's build keeps up to 1024, a few
-# hundred KB each): training on packed batches whose row count changed every step held +465 MB of
-# native memory at the plateau (a 2-layer LSTM(16, 32); torch.nn +23 MB; found by a leak sweep, stop
-# 18), and plain _linear_pointwise calls with varying rows alone do the same. So oneDNN serves at most
-# _ONEDNN_MAX_ROWS distinct row counts per process, the first ones seen; the rest go to torch.mm (MKL),
-# as on Intel: that loop now holds +56 MB (64 row counts: +197). Fixed shapes use one or two. A row
-# count's path, once decided, never changes (the two paths differ in the last bits).
-_ONEDNN_ROWS: set = set()
-_ONEDNN_MAX_ROWS = 16
-
-
-def _onednn_ok(rows, dtype, device):
-    """Where oneDNN's linear serves (below 32 rows its setup cost outweighs the gain). Never while
-    compiling, which is asked first: `rows` is symbolic there, and comparing it would guard the graph
-    on the row count (a recompilation where it crosses 32)."""
-    if not (not torch.compiler.is_compiling() and _onednn_linear is not None and device.type == "cpu"
-            and type(rows) is int and rows >= 32  # (symbolic under other traces: torch.mm)
-            and ((dtype == torch.bfloat16 and _ONEDNN_BF16)
-                 or (dtype == torch.float32 and _backend.FP32_GEMM == "onednn"))):
-        return False
-    if rows not in _ONEDNN_ROWS:
-        if len(_ONEDNN_ROWS) >= _ONEDNN_MAX_ROWS:
-            return False
-        _ONEDNN_ROWS.add(rows)
-    return True
-
-
-def _input_projection(x2d, w_ih, bias, scratch=None):
-    """(x_gates, x_bias): x W_ih^T for every step at once, into `scratch` (a _Scratch) where given and
-    torch's GEMM takes an output. The bias goes inside x_gates (x_bias None), except where torch's own
-    GEMM projects CPU float32 or float64: there it is returned as x_bias for the kernel to add as it
-    reads each row (rnn.h), because addmm first copies it into every row and reads it back (10.5 of the
-    135 ms of the LSTM (200,64,512) projection); the GEMM's float sum plus the bias is rounded once
-    (addmm can differ in the last bit where MKL splits k, as at K=512). bfloat16 x_gates would be
-    rounded before the bias; oneDNN's linear adds it for free."""
-    if x2d.dtype in (torch.float32, torch.float64) and _narrow_and_long(x2d, w_ih):
-        # A few rows (T x B) over a wide input: MKL summed each in one run (LSTM(4097, 7) training at
-        # T=3, B=1: outputs and gradients 2.4-6.5x torch.nn's error; a fuzzer, stop 27). _mm blocks k.
-        x_gates = _mm(x2d, w_ih)
-        return (x_gates, bias.contiguous()) if bias is not None else (x_gates, None)
-    if _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device):
-        return _onednn_linear(x2d, w_ih, bias, "none", [], ""), None
-    if _by_float32(x2d.dtype, x2d.device):
-        f = w_ih.float().t()
-        return (torch.addmm(bias.float(), x2d.float(), f) if bias is not None else x2d.float() @ f).to(x2d.dtype), None
-    apart = bias is not None and x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64)
-    inside = None if apart else bias
-    if scratch is not None:
-        out = scratch.take((x2d.shape[0], w_ih.shape[0]), x2d.dtype)
-        x_gates = (torch.addmm(inside, x2d, w_ih.t(), out=out) if inside is not None
-                   else torch.mm(x2d, w_ih.t(), out=out))
-    else:
-        x_gates = torch.addmm(inside, x2d, w_ih.t()) if inside is not None else x2d @ w_ih.t()
-    return x_gates, (bias.contiguous() if apart else None)
-
-
-# torch's count of references to a storage, where this torch has it (2.x does); without it reserves are
-# allocated fresh each call.
-_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-# Buffers a thread's reserve pool keeps (a 4-layer bidirectional LSTM training step holds 8 reserves at once).
-_RESERVE_POOL_SIZE = 8
-# Reserves smaller than this are allocated as usual: they come from malloc's heap without new pages (glibc
-# maps a freed size afresh only until its threshold has risen past it), and the recorded steps of a cell
-# training loop (one small reserve a step, all alive until the backward) would only scan a full pool.
-_RESERVE_POOL_FROM = 1 << 20
-
-
-class _ReservePool:
-    """CPU training forwards' reserves (20 MB per LSTM layer call at T=100, B=32, H=256), which autograd
-    keeps until the backward: each comes from a buffer of this thread's pool that nothing else holds
-    (torch's count of references to its storage is back to the pool's own), else from a new one. Fresh
-    each call they came back from the OS as new pages (glibc maps or trims allocations this large):
-    3 alternating processes, training step (100,32,256) LSTM 86 -> 79 ms, GRU 64 -> 62 ms on a 2-vCPU
-    Zen 3. The tensor handed out is a new one on the buffer's storage (never the buffer itself, which
-    autograd would tie to the graph), of exactly the shape asked for; a buffer serves requests of half
-    its size or more. Only reserves of _RESERVE_POOL_FROM bytes or more. pyseqkern.empty_cache()
-    releases the pool."""
-
-    def __init__(self):
-        self.bufs: list = []  # (buffer, its storage's reference count when free), least recently used first
-
-    @staticmethod
-    def _refs(buf):
-        return _STORAGE_USE_COUNT(buf.untyped_storage()._cdata)
-
-    def take(self, shape, dtype):
-        nbytes = shape[0] * shape[1] * dtype.itemsize
-        if _STORAGE_USE_COUNT is None or nbytes < max(1, _RESERVE_POOL_FROM):
-            return torch.empty(shape, dtype=dtype)
-        free = None  # the least recently used free buffer, which a new one replaces when the pool is full
-        for i, (buf, idle) in enumerate(self.bufs):
-            if self._refs(buf) != idle:
-                continue
-            if nbytes <= buf.numel() <= 2 * nbytes:
-                self.bufs.append(self.bufs.pop(i))
-                return torch.empty(0, dtype=dtype).set_(buf.untyped_storage(), 0, shape)
-            free = i if free is None else free
-        if len(self.bufs) >= _RESERVE_POOL_SIZE:
-            if free is None:
-                return torch.empty(shape, dtype=dtype)
-            del self.bufs[free]
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        self.bufs.append((buf, self._refs(buf)))
-        return torch.empty(0, dtype=dtype).set_(buf.untyped_storage(), 0, shape)
-
-
-def _reserves():
-    s = getattr(_SCRATCH, "reserves", None)
-    if s is None:
-        s = _SCRATCH.reserves = _ReservePool()
-    return s
-
-
-def _proj_scratch():
-    """The eager forward's own _Scratch for torch's input projection (x_gates; inference and training),
-    which lives only until the kernel has read it. Fresh each call, the pages came back from the OS
-    (above 32 MB glibc maps every allocation anew): in-process, time per call without / with it,
-    inference (200,64,512) LSTM 1.15, GRU 1.10; training (100,32,256) LSTM 1.08, GRU 1.04, RNN 1.00."""
-    s = getattr(_SCRATCH, "proj", None)
-    if s is None:
-        s = _SCRATCH.proj = _Scratch()
-    return s.begin()
-
-
-# The backward's float32 GEMMs of layers whose gates are this wide or less (G*H) take MKL's mm on views even
-# where oneDNN serves the rest (stop 36, the 1 MB-L2 Zen 4, torch 2.13): the transposed copies that
-# oneDNN needs cost more than its GEMMs save there. Training steps in-process, 11 A B B A rounds, time
-# with MKL / oneDNN, (T, B, H): RNN (100,32,256) 0.92, (100,8,256) 0.95, (100,64,256) 0.92,
-# (50,16,128) 0.91, GRU (100,32,64) 0.93; wider, LSTM (100,32,64) 1.00, GRU (100,32,128) 0.99, RNN
-# (200,64,512) 1.00, LSTM (100,32,128) 1.02, RNN (100,32,1024) 1.02, GRU (100,32,256) 1.02, LSTM
-# (100,32,256) 1.05.
-_MKL_GATES_UP_TO = 256
-
-
-# oneDNN's bfloat16 GEMM on AMX cores (torch 2.13, 2-core Granite Rapids-class Xeon) runs the joint
-# weight-gradient GEMM dG^T [x | h_prev | 1] (M = G*K gate rows, N = I + K + 1) at half its speed for two
-# GEMMs of half the width where M is 512 or more: at 3200 rows, M = 1024, N = 513 at 790 GFLOP/s, N = 256
-# at 1860. GEMM time joint / apart (dW_ih and dW_hh on transposed copies, a bias sum), rows 800 / 3200 /
-# 12800: (M, N) = (512, 257) 1.50 / 0.99 / 1.01, (768, 513) 1.96 / 2.10 / 1.13, (1024, 513) 2.15 / 2.09 /
-# 2.07, (2048, 1025) 2.21 / 1.13 / 0.94; (256, 513) 0.51 / 1.06 / 1.13. With dW_ih on x as it comes
-# (mm_rows) apart wins at every size measured, so bfloat16 on AMX is always apart: in-process, 5 rounds,
-# ratio to torch.nn joint -> apart, autocast training: LSTM (100,32,256) 0.80 -> 0.94x (before mm_rows),
-# (100,32,64) 1.11 -> 1.14, (100,8,64) 1.68 -> 1.79, (50,16,128) 1.45 -> 1.57; RNN (100,32,256) 2.79 ->
-# 3.12 (bfloat16 modules 2.72 -> 3.07), (100,8,256) 5.24 -> 5.38, (50,16,128) 4.24 -> 4.49, (100,64,512)
-# 1.61 -> 1.70; one shape measured the other way, LSTM (200,64,512) 1.08 -> 1.05x (M = 2048 at 12,800
-# rows, 3 rounds). Elsewhere the joint GEMM stays (float32: 10% less time than apart; bfloat16 without AMX
-# unmeasured).
-
-
-class _Gemms:
-    """The backward's GEMMs as a @ bt^T with both operands row-major (`t()` gives the transposed copy
-    or view). Where `fast`, they go through the same oneDNN linear as the projection, about twice
-    MKL's speed here. oneDNN takes only operands contiguous along the contracted dimension (a
-    transposed view as its weight took one training call from 60 ms to 10 s), and the weight
-    gradients contract over rows: the backward kernel writes d_gates^T and h_prev^T itself (torch's
-    transposing copies cost 4 ms of a 50 ms LSTM training call); `t()` copies the small rest, and
-    bfloat16 operands that come row-major (x, w_ih) go to torch.mm whole (`mm_rows`).
-    Elsewhere (float64, CUDA, torch.compile, few rows, float32 where MKL runs at full speed:
-    _backend.FP32_GEMM, float32 gates _MKL_GATES_UP_TO wide or less): views and mm."""
-
-    def __init__(self, rows, dtype, device, gate_cols):
-        # (asked first: _onednn_ok takes one of oneDNN's row counts)
-        narrow = dtype == torch.float32 and gate_cols <= _MKL_GATES_UP_TO
-        self.fast = not narrow and _onednn_ok(rows, dtype, device)
-        # The weight gradients as one GEMM, dG^T [x | h_prev | 1] (rnn_autograd), or as one per weight and
-        # a sum, as bfloat16 on AMX cores takes them (above).
-        self.joint = not (dtype == torch.bfloat16 and _AMX)
-
-    def t(self, a):
-        return a.t().contiguous() if self.fast else a.t()
-
-    def mm(self, a, bt):
-        return _onednn_linear(a, bt, None, "none", [], "") if self.fast and not _narrow_and_long(a, bt) else _mm(a, bt)
-
-    def mm_rows(self, a, b):
-        """a @ b with b row-major as it comes (x, w_ih). In bfloat16 torch.mm is oneDNN's own GEMM and
-        takes b whole, where linear wants b^T copied first: torch's transposing copy was a third of the
-        GEMM's time and more (x of 3200 x 256: 0.49 ms against the GEMM's 0.85; 12800 x 512: 11.6 against
-        14.5; stop 42, the Xeon). Float32's torch.mm is MKL's, which oneDNN's linear beats where `fast`."""
-        if self.fast and a.dtype == torch.bfloat16 and not _narrow_and_long(a, b.t()):
-            return torch.mm(a, b)
-        return self.mm(a, self.t(b))
 
 
 # Device copies of packed batches' time offsets and lengths. A copy from host memory is refused inside
@@ -957,10 +623,10 @@ def _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, recording, sc
     """What every forward call needs before the kernel: (code, hidden, proj, x_gates, b_hn, packed,
     x_bias). Folded biases and packed weights come from their caches unless autograd records
     (`recording`; then packed weights only where `reuse`, checked: _packed); x_gates (into `scratch`
-    where given) and x_bias as _input_projection gives them."""
+    where given) and x_bias as rnn_gemms._input_projection gives them."""
     code, hidden, proj, bias, b_hn, packed = _prepare_weights(mode, reset_after, w_hh, b_ih, b_hh, w_hr, recording,
                                                               reuse)
-    x_gates, x_bias = _input_projection(x2d, w_ih, bias, scratch)
+    x_gates, x_bias = _gemms._input_projection(x2d, w_ih, bias, scratch)
     return code, hidden, proj, x_gates, b_hn, packed, x_bias
 
 
@@ -1169,7 +835,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         if projected is not None:
             y, h_n, c_n = projected
             return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
-        chunks = _chunks(seq, x2d, w_hh)
+        chunks = _paths._chunks(seq, x2d, w_hh)
         if chunks:
             y, h_n, c_n = _forward_by_chunks(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr,
                                              chunks)
@@ -1253,188 +919,8 @@ def _input_panel(code, reset_after, hidden, w_ih):
                    make, w_ih)
 
 
-# Inference over a sequence projects its input inside the kernel, before the steps, where each thread's
-# share of the input panel fits _READ_L2S of a core's L2 (the panel then stays in the cache across all
-# rows). The projection runs at torch's GEMM rate; the gain (1.05-1.13x at B <= 8, ~1.0x at B=32) is in
-# what surrounds it: one thread team instead of two, and no GEMM on other threads evicting the
-# recurrent panel the steps read next. Larger panels go through torch's GEMM. The kernel may run
-# fewer threads than torch's count on tiny work; there a thread's share is larger, the call short.
-# Half an L2 until stop 21, a whole one since: on a 2-vCPU Zen 3 (512 KB L2 per core) LSTM H=256's 1 MB
-# panel went to oneDNN's GEMM, the kernel's own projection before the steps beats it (in-process, 11
-# rotations, time half / whole: LSTM (100,1,256) 1.13, (100,64,256) 1.04, packed B=1 1.20; GRU
-# (100,1,256) 1.16, (100,64,256) 1.00), and so does projecting each step where that rule admits the
-# panels (below; both rules together, packed B=32 lengths 100..10: LSTM 1.10, GRU 1.09; B=8 1.06 /
-# 1.04; padded B=4 1.00 / 1.03).
-_CPU = _C.cpu_isa_report()  # (sizes and vendor rules, read once)
-_AMX = "amx" in _CPU["supported"]  # (the tile unit, which oneDNN's bfloat16 GEMMs use: _Gemms)
-_L2_BYTES = int(_CPU["l2_bytes"])
-_READ_L2S = 1
-# One-row sequences (B = 1) past the read rule: on levels with 32 vector registers the kernel projects
-# each row inside the recurrent tiles of earlier steps (rnn_fwd.cpp, ride_tile), which stream the
-# recurrent panel at the cache's rate with the FMA unit half idle, so the projection costs little more
-# than its input panel's bytes (a group of kRideRows rows at a time): still a gain where both panels,
-# streamed every step, mostly come back from L3. In-process on a 2-vCPU Zen 4 (1 MB L2, 32 MB L3), 7
-# rotations, time kernel riding / torch's GEMM projecting, (mode, H = I, both panels): LSTM 512 (8 MB)
-# 0.89, 640 (12.5 MB) 0.94, 768 (18 MB) 0.93; GRU 512 (6 MB) 0.87, 768 (13.5 MB) 0.96, 1024 (24 MB)
-# 1.11; RNN 1024 (8 MB) 0.96; LSTM I = 256, H = 1024 (20 MB) 1.10, 1024 (32 MB) 1.58. Hence both panels
-# within half the L3 (0 where the OS does not say). bfloat16 on avx512bf16 (stop 40; its pair sections, 2
-# bytes a weight, counted as read): LSTM 640 (6.3 MB) 0.86, 768 (9 MB) 0.88, 1024 (16 MB) 0.94, 1280
-# (25 MB) 1.45; GRU 768 (6.8 MB) 0.84, 1024 (12 MB) 0.88, 1280 (18.8 MB) 0.93; RNN 1536 (9 MB) 0.93,
-# 2048 (16 MB) 1.01: the same share holds. float64 (stop 40): LSTM 384 (9.4 MB) 0.88, 512 (16 MB) 0.93,
-# GRU 512 (12 MB) 0.91, RNN 1024 (16 MB) 1.01.
-# On cores whose L3 streams far below their L2 (not cpu_l3_streams_fast: Intel's server cores, docs/DESIGN.md
-# "Caches by vendor") the ride past the read rule loses: on a Granite Rapids-class Xeon (2 MB L2, 480 MB
-# L3 reported), in-process, 5 rotations, ratio to torch.nn riding -> torch's GEMM projecting: LSTM
-# (100,1,768) 1.23 -> 1.32x, (100,1,1024) 1.20 -> 1.30x, (100,1,1536) 1.15 -> 1.31x. (Within the read
-# rule it rides there as anywhere: (100,1,256) LSTM / GRU / RNN 2.65 / 3.34 / 2.80x, not riding 2.64 /
-# 3.28 / 2.79x.)
-_L3_STREAMS_FAST = bool(_CPU["l3_streams_fast"])
-_L3_BYTES = int(_CPU["l3_bytes"])
-_RIDE_L3_SHARE = 0.5 if _L3_STREAMS_FAST else 0.0
-_RIDE_MIN_STEPS = 9  # more than kRideRows: the first kRideRows rows are projected before the steps
-# Riding, the kernel keeps x_gates in a ring of this many rows (two groups of kRideRows, rnn.h) instead of
-# one row per step: 64 KB for an LSTM at H = 256, where a sequence of 100,000 steps took 400 MB (held by
-# the forward scratch until empty_cache()). Where it rides, its sizes say (_sizes(...)[5]: the level's
-# `rides` for the dtype, B = 1).
-_RIDE_RING = _C.RNN_RIDE_RING
-# The choices of path below count the threads torch had when pyseqkern was imported, not the caller's
-# current count: the paths differ in the last bits, and torch.get_num_threads() is per OS thread, so a
-# server whose main thread set 1 thread after its pool existed got other bits in the pool's threads
-# than in main for the same call (found by a concurrency sweep). The kernels' own bits do not depend on
-# the count.
-_PATH_THREADS = num_threads()  # (at most the CPUs: an oversubscribed count has no more caches)
-# Levels where torch projects bfloat16 sequences anyway: on amx torch's bfloat16 GEMM runs on the tile unit
-# too (oneDNN) and beat the kernel's own projection in-process (LSTM 100,32,256: 1.14-1.21x torch.nn
-# against 0.99-1.07x). (A set, so that tests can still reach the kernel's path there.)
-_TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
-# Where MKL's sgemm serves float32 (_backend.FP32_GEMM), it also beats the kernel's own projection for LSTM
-# sequences from 4 rows a step (in-process, Emerald Rapids, 5 alternations, ratio to torch.nn:
-# (100,4,256) 1.25 -> 1.32x, (100,8,256) 1.04 -> 1.15x, (100,16,256) 0.93 -> 1.03x, (100,32,256)
-# 0.92 -> 0.95x, (50,16,128) 1.19 -> 1.21x), not at B=1 (1.68 -> 1.61x) nor for GRU and RNN (B=32 GRU
-# 1.61 -> 1.50x; the rest within noise). Measured before projecting each step (below), which now takes
-# LSTM's float32 sequences of 2 to 32 rows a step where both panels fit; this serves the larger ones.
-_MKL_PROJECTS_LSTM_FROM = 4
-
-
-# Float32 and bfloat16 inference sequences of 2 to 32 rows a step (RNN: 2 or more; on average: packed
-# batches shrink) whose threads' shares of both panels (W_ih and W_hh) fit _EACH_STEP_L2S L2s project each
-# step's rows inside the step instead of every row before the steps (the kernel's `fused` mode, as cells do): no
-# x_gates buffer written out and read back (13 MB at LSTM 100,32,256), no phase and sync of its own;
-# the threads own unit blocks. Module calls in-process, 15-31 pairs, time before / after: GRU
-# (100,8,256) 1.16, (100,32,256) 1.06, (50,16,128) 1.08, packed (lengths 100..10) B=8 / 32 1.16 / 1.14;
-# LSTM packed B=8 / 16 / 32 1.10 / 1.18 / 1.04, padded B=24 / 32 1.03, B=4 / 8 / 16 and (50,16,128)
-# 0.98-0.995 (MKL's projection and threads owning rows do as well there; one rule kept). Not at B=1
-# (each step streams W_ih too: LSTM 2.5x slower); not GRU B=64 (1.00x), float64 (no gain measured);
-# proj_size not measured. The panels' budget was half a core's L2 until stop 20; on a 1 MB-L2 EPYC
-# (Zen 4), where LSTM and GRU at H=256 (2 MB and 1.5 MB of panels on two threads) then projected before
-# the steps, the whole L2 measured better (in-process, 15-21 rotations, ratio to torch.nn before ->
-# after): LSTM (100,4,256) 1.11 -> 1.24x, (100,8,256) 0.96 -> 1.06x, (100,16,256) 0.89 -> 0.99x,
-# (100,32,256) 0.94 -> 0.98x; GRU B=4 / 8 / 16 / 32 3.98 / 3.08 / 2.17 / 1.85 -> 4.45 / 3.47 / 2.37 /
-# 1.91x; again later, 21 rotations, time before / after per rotation: B=8 GRU 1.09, LSTM 1.07, B=32
-# GRU 1.01, LSTM 0.99 (so at 32 rows, within noise). Panels beyond it stay out: at H=512 (8 MB) LSTM
-# B=8 lost (0.96 -> 0.92x).
-# bfloat16 too since stop 20 (where the level has bfloat16 dot products: only there is there an input
-# panel; on amx torch projects bfloat16 anyway). On that Zen 4, in-process, 21 rotations, ratio to
-# torch.nn's bfloat16 layers before -> after: LSTM B=4 / 8 / 16 / 32 1.19 / 1.04 / 0.98 / 0.94 ->
-# 1.27 / 1.08 / 1.00 / 0.96x, GRU 4.78 / 3.48 / 2.67 / 2.23 -> 5.68 / 4.02 / 2.88 / 2.34x. (Stop 12
-# had measured no gain for bfloat16, on another machine and with the half-L2 budget.)
-# RNN too since stop 20. Stops 12-13 had found it 0.90-1.00x (threads owning unit blocks) and then,
-# with threads owning rows, within noise (B=8 1.03, B=32 0.99, packed 0.98) on an Emerald Rapids VM; on
-# the 1 MB-L2 Zen 4 of stop 20 it gains everywhere (in-process, 15-21 rotations, time before / after,
-# (T, B, H)): float32 (100,2,256) 1.18, (100,4,256) 1.26, (100,8,256) 1.20, (100,16,256) 1.12,
-# (100,32,256) 1.10, (50,16,128) 1.26, packed B=32 (lengths 100..10) 1.06; bfloat16 (100,8,256) 1.24,
-# (100,32,256) 1.15. And at any batch (11 rotations): (100,48,256) 1.11, (100,64,256) 1.11,
-# (100,128,256) 1.07, (100,256,256) 1.16, (100,64,512) 1.03; so RNN has no row limit. (GRU and LSTM at
-# 48 and 64 rows: 0.98-1.04, so theirs stays.)
-# Both panels within two L2s per thread since stop 21 (one until then): on a 2-vCPU Zen 3 (512 KB L2 per
-# core) LSTM and GRU at H=256 (2 MB and 1.5 MB of panels) had projected before the steps or by torch.
-# In-process, 15 rotations, time one L2 / two: LSTM (100,8,256) 1.058, (100,16,256) 1.042, (100,32,256)
-# 1.055; GRU B=8 / 16 / 32 1.065 / 1.076 / 1.113; RNN B=8 0.993. A thread then streams its 1 MB share
-# from L3 every step, and still gains: no x_gates written out and read back, no GEMM pass of its own.
-# (Stop 20's Zen 4 had found two L2s better for wide inputs as well: LSTM (100,B,256) at I=512 +10%,
-# GRU +7%.) That holds where the L3 streams near the L2's rate (_L3_STREAMS_FAST); elsewhere a thread's
-# share of the panels stays within half its L2 (stop 41, a Granite Rapids-class Xeon: 2 MB L2 streaming
-# 189 GB/s a core to 1 MB, its L3 29). There, in-process, 5-9 rotations, ratio to torch.nn two L2s ->
-# half of one: LSTM (100,8,384) 0.94 -> 1.38x, (100,32,384) 0.92 -> 1.02x, (100,8,512) 0.95 -> 1.61x,
-# (100,32,512) 0.84 -> 0.98x, (100,8,320) 1.01 -> 1.11x, (100,8,288) 1.06 -> 1.12x; GRU (100,8,512) 1.16
-# -> 1.53x, (100,32,512) 1.45 -> 1.62x. A quarter (H=256 out too) lost GRU (100,8,256) 2.15 -> 1.84x,
-# the rest within noise.
-_EACH_STEP_L2S = 2 if _L3_STREAMS_FAST else 0.5
-_EACH_STEP_DTYPES = (torch.float32, torch.bfloat16)
-_EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32, "rnn_tanh": 1 << 62, "rnn_relu": 1 << 62}
-# Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):
-# torch's GEMM with so short a contraction runs far below peak (MKL x W_ih^T at I=64: ~140 GFLOP/s).
-# In-process, 11-15 pairs, time each step / before the steps (MKL projecting), (T, B, I, H): LSTM
-# (30,256,64,128) 0.85, (100,64,64,128) 0.89, (20,512,64,128) 0.88, (30,256,64,64) 0.92, (100,64,64,256)
-# 0.84 (0.76 -> 0.91x torch.nn), (30,256,128,128) 0.93, (100,64,128,128) / (50,128,128,128) 0.99; GRU
-# (30,256,64,128) 0.89, (100,64,64,256) 0.96. Wider inputs lose: LSTM (30,256,256,128) 1.04.
-_EACH_STEP_THIN_INPUT = 128
-
-
-def _projects_each_step(mode, x2d, seq, hidden, proj, read):
-    """`read`: the input panel's bytes (_forward_projecting's); the recurrent panel's add to it."""
-    rows = x2d.shape[0] / max(1, seq.steps)
-    if x2d.dtype not in _EACH_STEP_DTYPES or proj or mode not in _EACH_STEP_MAX_ROWS or rows < 2:
-        return False
-    if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
-        return False
-    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _EACH_STEP_L2S * _L2_BYTES * _PATH_THREADS
-
-
-# Where torch's GEMM projects a CPU inference sequence (panels too large for the kernel, MKL's share of
-# LSTM), it projects _CHUNK_BYTES of x_gates at a time and the kernel runs those steps before the next chunk
-# is projected, the states carried from one kernel call to the next. Whole, x_gates is written to memory
-# and read back (105 MB at LSTM (200,64,512)), and torch's oneDNN linear, which takes no output buffer,
-# gets it as fresh pages every call: that GEMM alone ran 168 GFLOP/s whole against 191-206 in chunks of
-# 640-2560 rows (12800 x 512 @ 512 x 2048, the same bits). Module calls in-process, 11 A B B A rounds,
-# time by chunks / whole, steps per chunk: LSTM (200,64,512) 5 / 10 / 20 / 50: 0.97 / 0.94 / 0.92 / 0.95;
-# GRU (200,64,512) 26 / 52: 0.94 / 0.93; LSTM (50,256,512) 5 / 10: 0.94 / 0.93; at this budget, LSTM
-# (110,64,512) 0.98, bidirectional GRU (100,64,512) 0.94; packed (lengths spread down to a tenth), LSTM
-# (400,64,512) 0.89, (200,64,512) 0.99, bidirectional GRU (100,64,512) 1.01. The gain grows with x_gates
-# (57 MB at the packed LSTM of 200 steps, 113 MB at 400) and is within noise below. Chunks end where the rows
-# so far pass a multiple of the rows over the chunk count, so a padded sequence's chunks differ by one
-# step at most (its shape adds at most two row counts to oneDNN's, _ONEDNN_ROWS) and keep rows enough to
-# stay clear of the few-row paths (oneDNN's 32-row floor, MKL's _narrow_and_long), whose sums differ.
-# float32 only: a bfloat16 kernel carries its states in float32 from step to step, which a chunk's end
-# would round to bfloat16; and MKL's dgemm gave some rows other bits in chunks of odd row counts
-# (3000 x 300 @ 300 x 1200 in chunks of 257), which its sgemm and oneDNN did not.
-_CHUNK_BYTES = 12 << 20
-_CHUNK_MIN_ROWS = 256
-
-
-def _chunks(seq, x2d, w_hh):
-    """The chunks of an inference sequence that torch projects (_forward_by_chunks), as (start, stop)
-    steps in time order; None: whole. n chunks of about _CHUNK_BYTES of x_gates and _CHUNK_MIN_ROWS rows
-    or more, each ending at the first step whose rows so far reach its share of all rows (k / n of
-    them); a packed chunk left with fewer than a quarter of _CHUNK_MIN_ROWS rows joins a neighbour."""
-    if x2d.dtype != torch.float32:
-        return None
-    rows = x2d.shape[0]
-    n = min(-(-rows * w_hh.shape[0] * x2d.element_size() // _CHUNK_BYTES), rows // _CHUNK_MIN_ROWS)
-    if n < 2:
-        return None
-    if seq.batch_sizes is None:
-        ends = [-(-k * seq.steps // n) for k in range(1, n + 1)]
-    else:
-        ends, cum, done = [], [0], 0
-        for step, size in enumerate(seq.batch_sizes.tolist()):
-            done += size
-            cum.append(done)
-            if done * n >= (len(ends) + 1) * rows:
-                ends.append(step + 1)
-        ends[-1] = seq.steps  # (steps of no rows after the last)
-        kept = []
-        for e in ends:
-            if cum[e] - cum[kept[-1] if kept else 0] >= _CHUNK_MIN_ROWS // 4 or e == seq.steps:
-                kept.append(e)
-        if len(kept) > 1 and cum[-1] - cum[kept[-2]] < _CHUNK_MIN_ROWS // 4:
-            del kept[-2]
-        ends = kept
-    return list(zip([0] + ends[:-1], ends)) if len(ends) > 1 else None
-
-
 def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, chunks):
-    """(y, h_n, c_n or None) of an inference sequence projected a chunk of steps at a time (_chunks), each
+    """(y, h_n, c_n or None) of an inference sequence projected a chunk of steps at a time (rnn_paths._chunks), each
     chunk run by the kernel before the next is projected (from the last chunk back where `reverse`). A
     chunk runs the rows its first step has (packed: batch_sizes[start]) from the states so far, each row
     for its steps inside the chunk (its length past the start, at most the chunk's), forward or reverse
@@ -1459,7 +945,7 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
             seq_args = (bs[s:e], seq.time_offsets[s:e] - first, (seq.lengths[:rows] - s).clamp_(max=e - s), 0, 0,
                         seq.reverse)
         n = (e - s) * B if bs is None else int(bs[s:e].sum())
-        x_gates, x_bias = _input_projection(x2d[first:first + n], w_ih, bias, _proj_scratch())
+        x_gates, x_bias = _gemms._input_projection(x2d[first:first + n], w_ih, bias, _proj_scratch())
         out = (y[first:first + n], h_n[:rows], c_n[:rows] if code == 0 else c_n)
         _run_forward(code, reset_after, hidden, proj, e - s, rows, x_gates, b_hn, h[:rows],
                      c[:rows] if code == 0 else None, packed, seq_args, False, n, x_bias=x_bias, out=out)
@@ -1469,49 +955,14 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
     return y, h, (c if code == 0 else None)
 
 
-def _kernel_rides(sizes, seq, x2d):
-    """Whether a kernel that projects this inference sequence before its steps carries the projection in
-    its recurrent tiles instead (rnn_fwd.cpp, FwdCtx::ride): its `sizes` (_sizes(...) at the sequence's
-    batch and dtype) report a ride ring, and every step has its one row, more than kRideRows of them.
-    Its x_gates buffer is then a ring of _RIDE_RING rows."""
-    return sizes[5] > 0 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS
-
-
-def _rides(sizes, seq, x2d, panels):
-    """Whether the kernel projects a sequence with the read rule exceeded: it rides (_kernel_rides) with
-    both panels (`panels`: the bytes its products read) within _RIDE_L3_SHARE of the L3. (Its ring keeps
-    x_gates small at any length.)"""
-    return _kernel_rides(sizes, seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
-
-
-def _projection_path(mode, reset_after, seq, x2d, w_dtype, hidden, proj, recurrent_numel):
-    """(each_step, ring) where the kernel projects this inference sequence's input itself (given an input
-    panel: _input_panel), or None where torch's GEMM does it (a panel too large, or torch's faster).
-    w_dtype: the weights'; recurrent_numel: W_hh's and W_hr's values. Reads only x2d's shape and dtype."""
-    code = MODES[mode]
-    sizes = _sizes(code, reset_after, hidden, proj, seq.batch, x2d.dtype)
-    size = 2 if x2d.dtype == torch.bfloat16 else x2d.element_size()  # (bfloat16: pair sections, read as such)
-    read = GATES[mode] * hidden * x2d.shape[1] * size
-    if x2d.dtype != w_dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
-            sizes, seq, x2d, read + recurrent_numel * size):
-        return None
-    if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
-        return None
-    each_step = _projects_each_step(mode, x2d, seq, hidden, proj, read)
-    if (not each_step and mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32
-            and _backend.FP32_GEMM == "mkl"):
-        return None
-    return each_step, not each_step and _kernel_rides(sizes, seq, x2d)
-
-
 def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     """(y, h_n, c_n or None) of an inference forward whose kernel projects the input, or None where
     torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large)."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     proj = 0 if w_hr is None else w_hr.shape[0]
-    path = _projection_path(mode, reset_after, seq, x2d, w_ih.dtype, hidden, proj,
-                            w_hh.numel() + (0 if w_hr is None else w_hr.numel()))
+    path = _paths._projection_path(mode, _sizes(code, reset_after, hidden, proj, seq.batch, x2d.dtype), seq, x2d,
+                                   w_ih.dtype, hidden, proj, w_hh.numel() + (0 if w_hr is None else w_hr.numel()))
     if path is None:
         return None
     each_step, ring = path
@@ -1596,14 +1047,6 @@ def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
         key = None
     plan = lambda: normal(lambda: _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh))  # noqa: E731
     return _cache_put(_CELL_PLANS, w_hh, key, plan, w_hh, w_ih, b_ih, b_hh)  # (w_hh first: _cell_plan checks it)
-
-
-def _cell_workspace(numel, dtype):
-    """The kernel's workspace for a cell call, kept per thread (it lives only inside the call)."""
-    ws = getattr(_SCRATCH, "cell_ws", None)
-    if ws is None or ws.dtype != dtype or ws.numel() < numel:
-        ws = _SCRATCH.cell_ws = normal(lambda: torch.empty(numel, dtype=dtype))
-    return ws
 
 
 def _plan_takes(plan, t, rows, cols):
@@ -1727,7 +1170,7 @@ def step_fast(mode, reset_after, x, h0, c0, params, out_shape, state_shape, spre
     return y, h_n, c_n
 
 
-# The projecting path of plain inference sequences by shape (seq_fast): _projection_path's answer for
+# The projecting path of plain inference sequences by shape (seq_fast): rnn_paths._projection_path's answer for
 # (mode, reset_after, hidden, input, dtype, steps, batch, level); bounded as _SIZES is.
 _SEQ_PATHS: dict = {}
 # seq_fast's answer where the sequence would take its path but a layer has no plan yet: the caller runs
@@ -1741,9 +1184,9 @@ def _seq_path(mode, reset_after, hidden, size, dtype, steps, batch, rows):
     if path is _SEQ_PATHS:
         # (meta tensors of the sequence's shape and rows: the path reads shapes and the dtype only)
         xm = torch.empty((steps, batch, size), dtype=dtype, device="meta")
-        path = _projection_path(mode, reset_after, _Seq(xm, None, False),
-                                torch.empty((rows, size), dtype=dtype, device="meta"), dtype, hidden, 0,
-                                GATES[mode] * hidden * hidden)
+        path = _paths._projection_path(mode, _sizes(MODES[mode], reset_after, hidden, 0, batch, dtype),
+                                       _Seq(xm, None, False), torch.empty((rows, size), dtype=dtype, device="meta"),
+                                       dtype, hidden, 0, GATES[mode] * hidden * hidden)
         if len(_SEQ_PATHS) >= _SIZES_MAX:
             _SEQ_PATHS.clear()
         _SEQ_PATHS[key] = path
@@ -1754,7 +1197,7 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     """A plain inference sequence through stacked layers of `hidden` units (no projection), one direction or
     two (`directions`: each layer's outputs side by side in one row, as the full path's cat lays them)
     straight to their planned kernel entries by data pointers (_C.RnnCellStep.run_seq), where each
-    layer takes the path on which the kernel projects its input (_projection_path; the same kernel, path
+    layer takes the path on which the kernel projects its input (rnn_paths._projection_path; the same kernel, path
     and bits as rnn_layer's); else None (then the full path runs), or NO_PLAN where only a layer's plan
     is missing. x: [T, B, I] ([B, T, I] with batch_first: rows read in place, batch-major, as the layers
     in between write theirs; the last layer writes time-major, as torch.nn lays out a batch_first output,
@@ -1919,7 +1362,7 @@ def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=Non
         panel = None
     sizes = _sizes(code, reset_after, hidden, 0, batch, dtype)
     if panel is None:  # (the bias as the autograd path adds it, for the same bits)
-        x_gates, x_bias = _input_projection(x, w_ih, bias)
+        x_gates, x_bias = _gemms._input_projection(x, w_ih, bias)
         extra = 0
     else:
         x_gates, x_bias = bias, None

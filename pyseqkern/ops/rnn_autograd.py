@@ -24,8 +24,12 @@ from .. import _backend
 from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
 from . import rnn_cuda as _cuda
-from .rnn import (GATES, LIB, MODES, _backward_impl, _dispatch_stack_len, _forward_impl, _functorch_active, _Gemms,
-                  _mm, _plain_eager, _plain_eager_cuda, _prepare, _proj_scratch, _scratch, _Seq)
+from ._library import LIB
+from .rnn import (_backward_impl, _dispatch_stack_len, _forward_impl, _functorch_active, _plain_eager,
+                  _plain_eager_cuda, _prepare, _Seq)
+from .rnn_gemms import _Gemms, _mm
+from .rnn_modes import GATES, MODES
+from .rnn_scratch import _proj_scratch, _scratch
 from .rnn_direct import _step_impl as _step_direct_impl
 
 

@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _C
-from .rnn import GATES, MODES, _mm, _Seq
+from .rnn import _Seq
+from .rnn_gemms import _mm
+from .rnn_modes import GATES, MODES
 from .rnn_autograd import _at_level, _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged
 
 # Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,

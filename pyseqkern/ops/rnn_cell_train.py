@@ -19,8 +19,10 @@ import torch
 
 from .. import _backend
 from . import rnn_autocast as _autocast
-from .rnn import (MODES, cell_step_args, _fold_bias, _input_projection, _packed, _plain_eager, _proj_scratch,
-                  _run_forward, _Seq)
+from .rnn import cell_step_args, _fold_bias, _packed, _plain_eager, _run_forward, _Seq
+from .rnn_gemms import _input_projection
+from .rnn_modes import MODES
+from .rnn_scratch import _proj_scratch
 from . import rnn_autograd as _autograd
 from .rnn_autograd import layer_grads, save_layer, saved_layer
 from . import rnn_cell_deferred as _deferred

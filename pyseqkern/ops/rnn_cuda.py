@@ -23,6 +23,7 @@ from .. import _backend
 from .._handoff import capsule, stream_of
 from . import rnn as _rnn
 from ._library import LIB
+from .rnn_modes import GATES_BY_CODE
 
 _C = _backend._C
 PATH_ENV = "PYSEQKERN_CUDA_RNN_PATH"
@@ -134,7 +135,7 @@ def _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
                    time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
     """As the CPU impl; the transposed copies (a CPU GEMM aid) are made by torch when asked for."""
     K = proj if proj > 0 else hidden
-    G = _rnn.GATES_BY_CODE[mode]
+    G = GATES_BY_CODE[mode]
     _rnn._require_rows("rnn_backward", reserve=reserve)
     n = reserve.shape[0]
     dtype = _rnn._storage_dtype(dy, dh_n, dc_n, c0, reserve)

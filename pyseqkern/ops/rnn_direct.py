@@ -15,8 +15,9 @@ import torch
 from .. import _C
 from .._handoff import num_threads
 from ._library import LIB
+from . import rnn_gemms as _gemms
+from .rnn_modes import GATES_BY_CODE, NAMES
 
-_GATES = (4, 3, 1, 1)  # by mode code: lstm, gru, rnn_tanh, rnn_relu
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 3}
 
 LIB.define("rnn_step_direct(int mode, bool reset_after, Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
@@ -27,7 +28,7 @@ def _sizes(mode, x, w_ih, w_hh):
     if mode not in (0, 1, 2, 3):
         raise ValueError(f"pyseqkern.rnn_step_direct: 'mode' must be 0 (lstm), 1 (gru), 2 (rnn_tanh) or 3 "
                          f"(rnn_relu), got {mode}")
-    G = _GATES[mode]
+    G = GATES_BY_CODE[mode]
     if x.dim() != 2 or w_ih.dim() != 2 or w_hh.dim() != 2 or w_hh.shape[0] % G or w_hh.shape[0] == 0:
         raise ValueError(f"pyseqkern.rnn_step_direct: 'x' must be [B, I], 'w_ih' and 'w_hh' 2-D with {G}*hidden "
                          f"rows; got {tuple(x.shape)}, {tuple(w_ih.shape)}, {tuple(w_hh.shape)}")
@@ -62,7 +63,6 @@ def _addr(t):
 # steps, time packed / direct, medians of 9 in-process alternations: B=4 LSTM 1.86, GRU 1.79, RNN 1.96;
 # B=16 1.03 / 1.24 / 1.68; B=32 0.89 / 1.05 / 1.45.
 DIRECT_MAX_ROWS = (16, 32, 32, 32)  # lstm, gru, rnn_tanh, rnn_relu
-_NAMES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 
 def _packed_step(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh, H, B):
@@ -71,8 +71,8 @@ def _packed_step(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh, H, B):
     for the input, the forward kernel."""
     from . import rnn as _rnn  # (rnn imports this module)
     packed = _rnn._pack_impl(mode, reset_after, H, 0, w_hh, None)
-    bias, b_hn = _rnn._fold_bias(_NAMES[mode], reset_after, H, b_ih, b_hh)
-    x_gates, x_bias = _rnn._input_projection(x, w_ih, bias)
+    bias, b_hn = _rnn._fold_bias(NAMES[mode], reset_after, H, b_ih, b_hh)
+    x_gates, x_bias = _gemms._input_projection(x, w_ih, bias)
     _, h_n, c_n, _ = _rnn._forward_impl(mode, reset_after, H, 0, 1, B, x_gates, b_hn, h0, c0, packed, None, None,
                                         None, B, 1, False, False, x_bias)
     return h_n, c_n

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .rnn import (_check_layer, _check_shapes, _plain_eager, _records_gradient, _Seq, GATES_BY_CODE, LIB, MODES,
-                  rnn_cell, rnn_layer)
+from ._library import LIB
+from .rnn import _check_layer, _check_shapes, _plain_eager, _records_gradient, _Seq, rnn_cell, rnn_layer
 from .rnn_autograd import _RnnLayer
-
-_CODES = {code: name for name, code in MODES.items()}
+from .rnn_modes import GATES_BY_CODE, MODES, NAMES
 
 
 class _Names(dict):
@@ -32,7 +31,7 @@ class _Names(dict):
                          f"got {mode!r}")
 
 
-_NAMES = _Names(_CODES)
+_NAMES = _Names(enumerate(NAMES))
 
 LIB.define(
     "rnn_layer_op(int mode, bool reset_after, Tensor x, Tensor? batch_sizes, Tensor? h0, Tensor? c0, Tensor w_ih, "

@@ -57,7 +57,7 @@ bool cpu_l3_streams_fast();
 void set_cpu_l3_streams_fast(int fast);
 
 // cpuid's vendor string ("GenuineIntel", "AuthenticAMD", ...), empty off x86. The Python layer picks
-// torch's float32 GEMM by it (ops/rnn.py: MKL's sgemm is fast on Intel's cores and slow on AMD's).
+// torch's float32 GEMM by it (ops/rnn_gemms.py: MKL's sgemm is fast on Intel's cores and slow on AMD's).
 std::string cpu_vendor();
 
 }  // namespace pyseqkern
