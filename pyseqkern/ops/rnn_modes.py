@@ -2,5 +2,5 @@
 
 MODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-NAMES = tuple(MODES)  # by code
+NAMES = tuple(sorted(MODES, key=MODES.get))  # by code
 GATES_BY_CODE = {code: GATES[name] for name, code in MODES.items()}

@@ -67,13 +67,21 @@ class _Scratch:
 
 
 _SCRATCH = threading.local()
+# The calling thread's buffers by name (release() drops them all).
+_KEPT = ("s", "fwd", "proj", "reserves", "cell_ws")
+
+
+def _kept(name, make):
+    """The calling thread's `name` buffer, made by make() on first use."""
+    s = getattr(_SCRATCH, name, None)
+    if s is None:
+        s = make()
+        setattr(_SCRATCH, name, s)
+    return s
 
 
 def _scratch():
-    s = getattr(_SCRATCH, "s", None)
-    if s is None:
-        s = _SCRATCH.s = _Scratch()
-    return s.begin()
+    return _kept("s", _Scratch).begin()
 
 
 def _fwd_scratch():
@@ -81,10 +89,7 @@ def _fwd_scratch():
     for an LSTM layer at T=100, B=32, H=256), apart from the backward's, whose buffers a backward may
     still hold while a forward runs. Fresh each call they came back as new pages: RNN (100,32,256)
     spent ~15% of its call in page faults."""
-    s = getattr(_SCRATCH, "fwd", None)
-    if s is None:
-        s = _SCRATCH.fwd = _Scratch()
-    return s.begin()
+    return _kept("fwd", _Scratch).begin()
 
 
 # torch's count of references to a storage, where this torch has it (2.x does); without it reserves are
@@ -138,10 +143,7 @@ class _ReservePool:
 
 
 def _reserves():
-    s = getattr(_SCRATCH, "reserves", None)
-    if s is None:
-        s = _SCRATCH.reserves = _ReservePool()
-    return s
+    return _kept("reserves", _ReservePool)
 
 
 def _proj_scratch():
@@ -149,10 +151,7 @@ def _proj_scratch():
     which lives only until the kernel has read it. Fresh each call, the pages came back from the OS
     (above 32 MB glibc maps every allocation anew): in-process, time per call without / with it,
     inference (200,64,512) LSTM 1.15, GRU 1.10; training (100,32,256) LSTM 1.08, GRU 1.04, RNN 1.00."""
-    s = getattr(_SCRATCH, "proj", None)
-    if s is None:
-        s = _SCRATCH.proj = _Scratch()
-    return s.begin()
+    return _kept("proj", _Scratch).begin()
 
 
 def _cell_workspace(numel, dtype):
@@ -165,8 +164,5 @@ def _cell_workspace(numel, dtype):
 
 def release():
     """Drops this thread's buffers (empty_cache)."""
-    _SCRATCH.s = None
-    _SCRATCH.proj = None
-    _SCRATCH.fwd = None
-    _SCRATCH.reserves = None
-    _SCRATCH.cell_ws = None
+    for name in _KEPT:
+        setattr(_SCRATCH, name, None)
