@@ -271,10 +271,13 @@ RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cu
 
 // The stamp a CPU pack of these weights (or, with `input`, of this input panel) carries at the level of
 // `kern`, and where it sits (pack_stamp.h).
-PackStamp weights_stamp(const RnnShape& shape, DType dtype, const RnnCpuKernels& kern, int64_t* layout_numel) {
+// `no_pieces`: the stamp of a pack made without its piece sections (pack_stamp.h), where the layout has them.
+PackStamp weights_stamp(const RnnShape& shape, DType dtype, const RnnCpuKernels& kern, int64_t* layout_numel,
+                        bool no_pieces = false) {
   const RnnSizes s = kern.sizes(shape, 1, dtype);
   *layout_numel = s.packed_numel;
-  return pack_stamp(PackKind::Weights, shape, dtype, s.lanes, shape.proj, s.packed_numel);
+  return pack_stamp(PackKind::Weights, shape, dtype, s.lanes, shape.proj, s.packed_numel,
+                    no_pieces && s.split_rows > 0);
 }
 
 PackStamp panel_stamp(const RnnShape& shape, DType dtype, int64_t input, const RnnCpuKernels& kern,
@@ -292,11 +295,16 @@ void require_stamp(const void* pack, int64_t numel, DType dtype, int64_t layout_
     throw py::value_error(std::string("pyseqkern: ") + op + ": '" + arg + "' does not fit this call: " + why);
 }
 
+// `batch`: the call's rows; below the level's split_rows a pack without its piece sections serves too.
 void require_weights_stamp(py::handle pack, const RnnShape& shape, DType dtype, const RnnCpuKernels& kern,
-                           const char* op) {
+                           const char* op, int64_t batch) {
   int64_t at = 0;
   const PackStamp want = weights_stamp(shape, dtype, kern, &at);
   const TensorView v = view_of(pack, "packed");
+  const int64_t split_rows = kern.sizes(shape, 1, dtype).split_rows;
+  if (split_rows > 0 && batch < split_rows &&
+      stamp_mismatch(v.data, v.numel(), dtype, at, weights_stamp(shape, dtype, kern, &at, true)).empty())
+    return;
   require_stamp(v.data, v.numel(), dtype, at, want, op, "packed");
 }
 
@@ -319,7 +327,8 @@ DType rnn_dtype(const std::string& dtype) {
 py::tuple rnn_sizes_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, int64_t batch,
                           const std::string& dtype, bool cuda) {
   const RnnSizes s = rnn_sizes_of(rnn_shape(mode, reset_after, hidden, proj), batch, rnn_dtype(dtype), cuda);
-  return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev, s.ride_ring);
+  return py::make_tuple(s.lanes, s.packed_numel, s.workspace_numel, s.reserve_cols, s.reserve_hprev, s.ride_ring,
+                        s.split_rows);
 }
 
 // Each given tensor of a call on the device of `anchor` (its sequence data), except batch_sizes, which
@@ -392,8 +401,9 @@ RnnPackParams pack_params(int mode, bool reset_after, int64_t hidden, int64_t pr
   return p;
 }
 
+// `pieces` false: the piece sections left unwritten (pack_stamp.h), a pack for calls below split_rows only.
 void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py::handle w_hh_c, py::handle w_hr_c,
-                    py::handle out_c, uintptr_t stream, int num_threads) {
+                    py::handle out_c, uintptr_t stream, int num_threads, bool pieces) {
   TensorView w = view_of(w_hh_c, "w_hh"), out = view_of(out_c, "out");
   const RnnCpuKernels& kern = rnn_cpu_kernels();
   RnnPackParams p = pack_params(mode, reset_after, hidden, proj, w_hh_c, w_hr_c, w, out, kern, "rnn_pack");
@@ -412,8 +422,9 @@ void rnn_pack_entry(int mode, bool reset_after, int64_t hidden, int64_t proj, py
   }
   require_cpu_dtype(p.dtype, "rnn_pack", "w_hh");
   p.num_threads = num_threads;
+  p.skip_pieces = !pieces;
   int64_t at = 0;
-  const PackStamp stamp = weights_stamp(p.shape, p.dtype, kern, &at);
+  const PackStamp stamp = weights_stamp(p.shape, p.dtype, kern, &at, !pieces);
   py::gil_scoped_release nogil;
   kern.pack(p);
   write_stamp(p.out, p.dtype, at, stamp);
@@ -724,7 +735,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   require_cpu_dtype(p.dtype, "rnn_forward", anchor);
   require_on(rows_of, anchor, time_offsets, "time_offsets");
   require_on(rows_of, anchor, lengths, "lengths");
-  require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_forward");
+  require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_forward", p.seq.batch);
   if (p.x != nullptr) require_panel_stamp(packed_in, p.shape, p.dtype, p.input, kern, "rnn_forward");
   py::gil_scoped_release nogil;
   kern.forward(p);
@@ -821,7 +832,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   require_cpu_dtype(p.dtype, "rnn_backward", "d_gates_x (the dtype of dy, dh_n, dc_n)");
   require_on(gx, "d_gates_x", time_offsets, "time_offsets");
   require_on(gx, "d_gates_x", lengths, "lengths");
-  require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_backward");
+  require_weights_stamp(packed, p.shape, p.dtype, kern, "rnn_backward", p.seq.batch);
   py::gil_scoped_release nogil;
   kern.backward(p);
   return "cpu";
@@ -863,7 +874,8 @@ class RnnCellStep {
       throw py::value_error("pyseqkern: RnnCellStep: 'packed' and 'packed_in' are required");
     p.packed = own(packed, "packed", acc, sz.packed_numel + stamp_elems(p.dtype));
     p.packed_in = own(packed_in, "packed_in", acc, panel_numel + stamp_elems(p.dtype));
-    require_weights_stamp(packed, p.shape, p.dtype, kernels_, "RnnCellStep");
+    // (its batch varies call to call: a whole pack, as the caches hold)
+    require_weights_stamp(packed, p.shape, p.dtype, kernels_, "RnnCellStep", INT64_MAX);
     require_panel_stamp(packed_in, p.shape, p.dtype, input, kernels_, "RnnCellStep");
     p.x_gates = own(bias, "bias", p.dtype, rnn_gate_count(p.shape.mode) * hidden);  // the bias row, or none
     p.b_hn = own(b_hn, "b_hn", p.dtype, hidden);
@@ -1074,7 +1086,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("rnn_sizes", &rnn_sizes_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("proj"),
         py::arg("batch"), py::arg("dtype"), py::arg("cuda") = false);
   m.def("rnn_pack", &rnn_pack_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"), py::arg("proj"),
-        py::arg("w_hh"), py::arg("w_hr"), py::arg("out"), py::arg("stream") = 0, py::arg("num_threads") = 1);
+        py::arg("w_hh"), py::arg("w_hr"), py::arg("out"), py::arg("stream") = 0, py::arg("num_threads") = 1,
+        py::arg("pieces") = true);
   m.def("rnn_forward", &rnn_forward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),
         py::arg("proj"), py::arg("steps"), py::arg("batch"), py::arg("batch_sizes").none(true),
         py::arg("time_offsets").none(true), py::arg("lengths").none(true), py::arg("row_stride_t"),

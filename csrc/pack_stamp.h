@@ -9,6 +9,12 @@
 // the layout's element count (which tells the bfloat16 pair sections apart). So a pack made at avx512
 // still serves avx512bf16 for float32, and a GRU's either variant, where the layouts are the same.
 //
+// A training call packs its weights for itself (the optimizer changes them between calls), and below
+// RnnSizes::split_rows rows no kernel reads the piece sections of the amx level's float32 layout, which are
+// three quarters of that pack's time (LSTM W_hh at H=256: 0.25 ms with them, 0.065 without): such a pack
+// leaves them unwritten and says so in its stamp (kNoPieces); the entries take it only for calls below
+// split_rows (accepts_narrow) and refuse it to wider ones, naming why.
+//
 // Why: a pack is a plain tensor. Made at one level and read at another (set_cpu_isa between the two
 // calls), or made for another layer, it is in bounds but laid out otherwise: the raw ops returned wrong
 // numbers without a word (a fuzzer, stop 32). The modules key their caches on the level and never hit
@@ -29,6 +35,7 @@ constexpr int64_t kStampBytes = 32;
 constexpr uint64_t kStampMagic = 0x50534b50u;  // "PSKP"
 
 enum class PackKind : uint32_t { Weights = 0, InputPanel = 1 };
+constexpr uint64_t kNoPieces = uint64_t(1) << 31;  // (meta bit: the piece sections were left unwritten)
 
 struct PackStamp {
   uint64_t word[4];
@@ -38,10 +45,10 @@ inline int64_t stamp_elems(DType storage) { return kStampBytes / (storage == DTy
 
 // `extent`: P for weights, I for an input panel.
 inline PackStamp pack_stamp(PackKind kind, const RnnShape& s, DType storage, int64_t lanes, int64_t extent,
-                            int64_t layout_numel) {
+                            int64_t layout_numel, bool no_pieces = false) {
   const uint64_t meta = static_cast<uint64_t>(rnn_gate_count(s.mode)) |
                         static_cast<uint64_t>(storage) << 8 | static_cast<uint64_t>(lanes) << 16 |
-                        static_cast<uint64_t>(kind) << 28;
+                        static_cast<uint64_t>(kind) << 28 | (no_pieces ? kNoPieces : 0);
   return PackStamp{{kStampMagic << 32 | meta, static_cast<uint64_t>(s.hidden), static_cast<uint64_t>(extent),
                     static_cast<uint64_t>(layout_numel)}};
 }
@@ -69,10 +76,13 @@ inline std::string stamp_mismatch(const void* pack, int64_t numel, DType storage
            "hand, or on CUDA)";
   const uint64_t gm = got.word[0], wm = want.word[0];
   const auto field = [](uint64_t meta, int shift, uint64_t mask) { return (meta >> shift) & mask; };
-  if (field(gm, 28, 0xF) != field(wm, 28, 0xF))
-    return field(gm, 28, 0xF) == 0 ? "it holds packed recurrent weights (rnn_pack), not an input panel"
+  if (field(gm, 28, 0x7) != field(wm, 28, 0x7))
+    return field(gm, 28, 0x7) == 0 ? "it holds packed recurrent weights (rnn_pack), not an input panel"
                                    : "it holds an input panel (rnn_pack_input), not packed recurrent weights";
-  const char* extent = field(wm, 28, 0xF) == 0 ? ", proj " : ", input ";
+  if ((gm ^ wm) == kNoPieces && std::memcmp(&got.word[1], &want.word[1], 3 * sizeof got.word[0]) == 0)
+    return "it was packed without the piece sections (rnn_pack's pieces=False), which a call of this many rows "
+           "reads: pack it with them";
+  const char* extent = field(wm, 28, 0x7) == 0 ? ", proj " : ", input ";
   const auto layer = [&](uint64_t meta, const PackStamp& st) {
     return std::to_string(field(meta, 0, 0xF)) + " gates, dtype " +
            dtype_name(static_cast<DType>(field(meta, 8, 0xFF))) + ", hidden " + std::to_string(st.word[1]) + extent +

@@ -2407,6 +2407,95 @@ def test_raw_ops_refuse_a_pack_laid_out_for_another_level_or_layer():
         assert_bitwise_equal(got, want)
 
 
+@pytest.mark.parametrize("mode, proj, reset_after", [("lstm", 0, True), ("lstm", 5, True), ("gru", 0, True),
+                                                      ("gru", 0, False), ("rnn_tanh", 0, True)])
+def test_a_pack_without_pieces_serves_only_calls_below_split_rows(isa, mode, proj, reset_after):
+    """rnn_pack(pieces=False) leaves out the amx level's float32 piece sections (pack_stamp.h), which no call
+    below RnnSizes::split_rows reads: there forward and backward give the bits of a whole pack; a call of
+    split_rows rows is refused by name (it would read unwritten memory), and so are rnn_pack_current and a
+    cell plan (which serve calls of any batch). Where the layout has no pieces the flag changes nothing."""
+    code, H, T_ = ops.MODES[mode], 19, 3
+    G, K = ops.GATES[mode], proj or 19
+    w_hh = randn((G * H, K), seed=1, scale=0.3)
+    w_hr = randn((proj, H), seed=2, scale=0.3) if proj else None
+    sizes = _C.rnn_sizes(code, reset_after, H, proj, 1, "float32")
+    numel, split_rows = sizes[1], sizes[6]
+
+    def pack(pieces):
+        out = torch.full((numel,), float("nan"))
+        _C.rnn_pack(code, reset_after, H, proj, capsule(w_hh), None if w_hr is None else capsule(w_hr),
+                    capsule(out), num_threads=2, pieces=pieces)
+        return out
+
+    whole, narrow = pack(True), pack(False)
+    if split_rows == 0:
+        assert isa != "amx"
+        assert_bitwise_equal(narrow, whole)
+        return
+    assert isa == "amx" and split_rows == 32
+    assert not _C.rnn_pack_current(code, reset_after, H, proj, capsule(w_hh), _none(w_hr), capsule(narrow))
+    assert _C.rnn_pack_current(code, reset_after, H, proj, capsule(w_hh), _none(w_hr), capsule(whole))
+
+    def run(packed, B):
+        xg = randn((T_ * B, G * H), seed=3)
+        b_hn = randn((H,), seed=4) if mode == "gru" and reset_after else None
+        seq = (None, None, None, B, 1, False)
+        y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(code, reset_after, H, proj, T_, B, xg, b_hn, None,
+                                                               None, packed, *seq, True)
+        dy = randn((T_ * B, K), seed=5)
+        grads = torch.ops.pyseqkern.rnn_backward(code, reset_after, H, proj, T_, B, dy, None, None, None, reserve,
+                                                 packed, *seq, False)
+        return [y, h_n, reserve] + [g for g in grads if g is not None]
+
+    for B in (1, 7, split_rows - 1):
+        for a, b in zip(run(narrow, B), run(whole, B), strict=True):
+            assert_bitwise_equal(a, b)
+    why = "'packed' does not fit this call: it was packed without the piece sections"
+    with pytest.raises(ValueError, match="rnn_forward: " + why):
+        run(narrow, split_rows)
+    run(whole, split_rows)
+    if not proj:
+        panel = torch.empty(_C.rnn_input_panel_numel(code, reset_after, H, 6, "float32"))
+        _C.rnn_pack_input(code, reset_after, H, capsule(randn((G * H, 6), seed=6)), capsule(panel))
+        with pytest.raises(ValueError, match="RnnCellStep: " + why):
+            _C.RnnCellStep(code, reset_after, H, 6, "float32", capsule(narrow), capsule(panel), None, None)
+
+
+def _none(t):
+    return None if t is None else capsule(t)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_training_below_split_rows_packs_without_pieces_and_keeps_its_bits(monkeypatch, isa, kind):
+    """Training calls (recording, plain eager) below split_rows rows pack without the piece sections
+    (ops._pack_narrow): outputs and every gradient are the bits of a whole pack; from split_rows rows the
+    pack is whole."""
+    import pyseqkern.nn as pnn
+    made = []
+    real = ops._pack_narrow
+
+    def spy(*args):
+        got = real(*args)
+        made.append(got is not None)
+        return got
+
+    for B in (5, 32):
+        results = []
+        for narrow in (True, False):
+            monkeypatch.setattr(ops, "_pack_narrow", spy if narrow else lambda *a: None)
+            torch.manual_seed(0)
+            m = getattr(pnn, kind)(9, 21, num_layers=2, bidirectional=True)
+            x = randn((6, B, 9), seed=7).requires_grad_()
+            y, h = m(x)
+            h = h[0] if isinstance(h, tuple) else h
+            (y * randn(y.shape, seed=8)).sum().backward()
+            results.append([y, h, x.grad] + [p.grad for p in m.parameters()])
+        for a, b in zip(*results, strict=True):
+            assert_bitwise_equal(a, b)
+        assert made and all(made) == (B < 32 and isa == "amx")
+        made.clear()
+
+
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])
 def test_gru_training_on_an_empty_batch(kind):
     """GRU with batch 0 in training raised "GRU with reset_after needs 'd_gates_h'" (its zero-row buffer

@@ -42,6 +42,7 @@ RnnSizes sizes(const RnnShape& s, int64_t B, DType dtype) {
                     : dtype == DType::BFloat16 ? rides<bf16, float>() && l.dot
                                                : rides<float, float>();
   r.ride_ring = B == 1 && ride ? kRnnRideRing : 0;
+  r.split_rows = l.split ? kSplitRows : 0;
   return r;
 }
 
@@ -239,6 +240,7 @@ void pack_worker(void* raw, const Team& team) {
     }
   }
   if constexpr (std::is_same<T, float>::value) {
+    if (p.skip_pieces) return;
     if (l.split && share(l.H))
       pack_split(reinterpret_cast<bf16x2*>(out + l.fmain2), whh, l.H, l.K, l.G, l.L, l.H * p.ld_w_hh, p.ld_w_hh,
                  l.split_piece, 1, b0, b1);

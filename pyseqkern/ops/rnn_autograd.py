@@ -159,7 +159,7 @@ class _RnnLayer(torch.autograd.Function):
         # (one step a call, as a cell in a training loop: the pack of the call before, where still current)
         code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(
             mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, training, _proj_scratch() if eager else None,
-            reuse=eager and seq.steps == 1)
+            reuse=eager and seq.steps == 1, narrow_batch=seq.batch if eager and training else None)
         # (plain eager: straight to the kernel, as inference and the backward go; the dispatcher's round trip
         # through the raw op's autograd kernel, below, is for everything that must see the op)
         # (CUDA in plain eager mode: the CUDA impl straight, as inference goes, rnn.py's rnn_layer)

@@ -66,6 +66,8 @@ struct RnnSizes {
   int64_t reserve_hprev;   // column where h_prev starts in a reserve row
   int64_t ride_ring;       // CPU, B = 1: kRnnRideRing where a forward projecting first rides at this level
                            // and dtype (x_gates_buf may then be that ring, see RnnFwdParams), else 0
+  int64_t split_rows;      // CPU: calls of this many rows (batch) or more read the pack's piece sections
+                           // (float32 on the amx level); 0: the layout has none
 };
 
 // Packing: w_hh [G*H, K] and w_hr [P, H] (row-major with leading dimensions, storage dtype) into the
@@ -78,6 +80,9 @@ struct RnnPackParams {
   const void* w_hr; int64_t ld_w_hr;  // null unless proj
   void* out;
   int num_threads;                    // CPU: threads the pack may take (0 or 1: the caller's alone)
+  bool skip_pieces;                   // CPU: leave the piece sections (RnnSizes::split_rows) unwritten, for
+                                      // calls below split_rows only (a training call packs for itself); the
+                                      // binding's stamp says so and the entries refuse it to wider calls
 };
 
 // The input panel (CPU only): w_ih [G*H, I] packed like w_hh's forward section, for forwards that
