@@ -409,11 +409,11 @@ def test_raw_kernel_writes_every_output(device, mode, proj, reset_after):
     cuda = device == "cuda"
     if cuda:
         packed = rnn_cuda._pack_cuda(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
-        _, _, ws, rcols, _, _ = rnn_cuda.sizes(code, reset_after, H, proj, seq.batch, torch.float32)
+        ws, rcols = rnn_cuda.sizes(code, reset_after, H, proj, seq.batch, torch.float32)[2:4]
         tail = (1, torch.cuda.current_stream().cuda_stream, rnn_cuda.PATHS[rnn_cuda.path()])
     else:
         packed = ops._pack_impl(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
-        _, _, ws, rcols, _, _ = ops._sizes(code, reset_after, H, proj, seq.batch, torch.float32)
+        ws, rcols = ops._sizes(code, reset_after, H, proj, seq.batch, torch.float32)[2:4]
         tail = (2,)
     n, B = x.shape[0], seq.batch
     nan = lambda *shape: torch.full(shape, float("nan"), device=device)  # noqa: E731
@@ -2494,6 +2494,65 @@ def test_training_below_split_rows_packs_without_pieces_and_keeps_its_bits(monke
             assert_bitwise_equal(a, b)
         assert made and all(made) == (B < 32 and isa == "amx")
         made.clear()
+
+
+@pytest.mark.parametrize("kind, kw", [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}),
+                                      ("LSTM", {"bidirectional": True, "num_layers": 2}), ("RNN", {})])
+@pytest.mark.parametrize("packed", [False, True])
+def test_training_forwards_project_as_inference_does(monkeypatch, kind, kw, packed):
+    """A plain eager training forward of LSTM or GRU at rnn_paths._RECORDS_PROJECTING_FROM rows or more takes
+    the path an inference call takes (the kernel projecting its input where rnn_paths._projection_path says
+    so): its outputs are the inference call's bits, and its gradients torch.nn's within float32's error.
+    Below that batch, and for RNN, torch's GEMM projects as before."""
+    import pyseqkern.nn as pnn
+    calls = []
+    real = ops._forward_projecting
+
+    def spy(*args, **kwargs):
+        got = real(*args, **kwargs)
+        calls.append((args[-1] if len(args) == 12 else kwargs.get("recording", False), got is not None))
+        return got
+
+    monkeypatch.setattr(rnn_autograd, "_forward_projecting", spy)
+    for B in (31, 32, 45):
+        torch.manual_seed(0)
+        m = getattr(pnn, kind)(23, 40, **kw)
+        theirs = getattr(torch.nn, kind)(23, 40, **{k: v for k, v in kw.items() if k != "reset_after"})
+        theirs.load_state_dict(m.state_dict())
+        lengths = torch.tensor([9] * (B // 2) + [6] * (B - B // 2))
+        x = randn((9, B, 23), seed=3)
+
+        def call(module, x):
+            xi = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+            y, h = module(xi)
+            y = torch.nn.utils.rnn.pad_packed_sequence(y)[0] if packed else y
+            return y, (h[0] if isinstance(h, tuple) else h)
+
+        with torch.no_grad():
+            y_inf, h_inf = call(m, x)
+        calls.clear()
+        xg = x.clone().requires_grad_()
+        y, h = call(m, xg)
+        projecting = kind != "RNN" and B >= rnn_paths._RECORDS_PROJECTING_FROM
+        assert bool(calls) == projecting and all(r for r, _ in calls)
+        # (the first layer's input of 23 is thin: each step projects it at any batch; the second's of 80
+        # takes the inference rule's path too, which at 45 rows is torch's GEMM)
+        assert [ok for _, ok in calls] == ([True] * len(calls) if B <= 32 or "num_layers" not in kw else
+                                           [True, True, False, False])
+        if projecting and all(ok for _, ok in calls):
+            assert_bitwise_equal(y.detach(), y_inf)
+            assert_bitwise_equal(h.detach(), h_inf)
+        w = randn(y.shape, seed=4)
+        (y * w).sum().backward()
+        xt = x.clone().requires_grad_()
+        if kw.get("reset_after", True):
+            yt, _ = call(theirs, xt)
+            (yt * w).sum().backward()
+            torch.testing.assert_close(y.detach(), yt.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(xg.grad, xt.grad, rtol=1e-4, atol=1e-5)
+            for (n, a), b in zip(m.named_parameters(), theirs.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * max(1.0, float(b.grad.abs().max())),
+                                           msg=lambda e, n=n: f"{n}: {e}")
 
 
 @pytest.mark.parametrize("kind", ["GRU", "GRUCell"])

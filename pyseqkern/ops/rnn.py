@@ -926,15 +926,20 @@ ANCHORED_CACHES.append(_PACK_IN_CACHE)
 _INPUT_PANEL_MAX_BATCH = 64
 
 
+def _fresh_input_panel(code, reset_after, hidden, w_ih):
+    """w_ih's input panel, packed for this call; None where this CPU level has none for its dtype and size."""
+    numel = _C.rnn_input_panel_numel(code, reset_after, hidden, w_ih.shape[1], str(w_ih.dtype).split(".")[-1])
+    if not numel:
+        return None
+    panel = torch.empty(numel, dtype=_acc_dtype(w_ih.dtype))
+    _C.rnn_pack_input(code, reset_after, hidden, capsule(w_ih.detach().contiguous()), capsule(panel))
+    return panel
+
+
 def _input_panel(code, reset_after, hidden, w_ih):
     """The packed input panel for w_ih, or None where this CPU level has none for its dtype and size."""
     def make():
-        numel = _C.rnn_input_panel_numel(code, reset_after, hidden, w_ih.shape[1], str(w_ih.dtype).split(".")[-1])
-        if not numel:
-            return None
-        panel = torch.empty(numel, dtype=_acc_dtype(w_ih.dtype))
-        _C.rnn_pack_input(code, reset_after, hidden, capsule(w_ih.detach().contiguous()), capsule(panel))
-        return panel
+        return _fresh_input_panel(code, reset_after, hidden, w_ih)
 
     return _cached(_PACK_IN_CACHE, w_ih,
                    lambda: (code, reset_after, hidden, w_ih.data_ptr(), w_ih._version, w_ih.stride(), w_ih.dtype,
@@ -978,9 +983,11 @@ def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_
     return y, h, (c if code == 0 else None)
 
 
-def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, recording=False):
     """(y, h_n, c_n or None) of an inference forward whose kernel projects the input, or None where
-    torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large)."""
+    torch's GEMM does it (no input panel for this dtype, size and level, or a panel too large).
+    `recording`: a plain eager training forward (rnn_paths._records_projecting): (y, h_n, c_n, reserve,
+    packed), its packs and folded bias made for the call (training changes the weights between calls)."""
     code = MODES[mode]
     hidden = w_hh.shape[0] // GATES[mode]
     proj = 0 if w_hr is None else w_hr.shape[0]
@@ -989,16 +996,27 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     if path is None:
         return None
     each_step, ring = path
-    panel = _input_panel(code, reset_after, hidden, w_ih)
-    if panel is None:
-        return None
-    bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
-    packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, False)
+    if recording:
+        ring = False  # (as each step's: x_gates of every row into the buffer, before the steps)
+        panel = _fresh_input_panel(code, reset_after, hidden, w_ih)
+        if panel is None:
+            return None
+        bias, b_hn = _fold_bias(mode, reset_after, hidden, b_ih, b_hh)
+        packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, True, narrow_batch=seq.batch)
+    else:
+        panel = _input_panel(code, reset_after, hidden, w_ih)
+        if panel is None:
+            return None
+        bias, b_hn = _folded_bias(mode, reset_after, hidden, b_ih, b_hh)
+        packed = _packed(code, reset_after, hidden, proj, w_hh, w_hr, False)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    y, h_n, c_n, _ = _run_forward(code, reset_after, hidden, proj, seq.steps, seq.batch,
-                                  None if bias is None else bias.contiguous(), b_hn, h0, c0, packed, seq.args(),
-                                  False, x2d.shape[0], x=x2d, panel=panel, each_step=each_step, ring=ring)
+    y, h_n, c_n, reserve = _run_forward(code, reset_after, hidden, proj, seq.steps, seq.batch,
+                                        None if bias is None else bias.contiguous(), b_hn, h0, c0, packed, seq.args(),
+                                        recording, x2d.shape[0], x=x2d.detach(), panel=panel, each_step=each_step,
+                                        ring=ring)
+    if recording:
+        return y, h_n, (c_n if code == 0 else None), reserve, packed
     return y, h_n, (c_n if code == 0 else None)
 
 

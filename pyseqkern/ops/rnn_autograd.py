@@ -25,8 +25,9 @@ from ..reference import rnn as _reference
 from . import rnn_autocast as _autocast
 from . import rnn_cuda as _cuda
 from ._library import LIB
-from .rnn import (_backward_impl, _dispatch_stack_len, _forward_impl, _functorch_active, _plain_eager,
-                  _plain_eager_cuda, _prepare, _Seq)
+from .rnn import (_backward_impl, _dispatch_stack_len, _forward_impl, _forward_projecting, _functorch_active,
+                  _plain_eager, _plain_eager_cuda, _prepare, _Seq)
+from . import rnn_paths as _paths
 from .rnn_gemms import _Gemms, _mm
 from .rnn_modes import GATES, MODES
 from .rnn_scratch import _proj_scratch, _scratch
@@ -156,6 +157,10 @@ class _RnnLayer(torch.autograd.Function):
     @staticmethod
     def forward(mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         eager = _plain_eager(x2d)
+        if eager and training and seq.steps > 1 and x2d.shape[0] and _paths._records_projecting(mode, x2d.dtype, seq.batch):
+            got = _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True)
+            if got is not None:
+                return got
         # (one step a call, as a cell in a training loop: the pack of the call before, where still current)
         code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(
             mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh, w_hr, training, _proj_scratch() if eager else None,

@@ -115,7 +115,7 @@ def _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
     _rnn._require_rows("rnn_forward", x_gates=x_gates)
     n = x_gates.shape[0]
     dtype, dev = x_gates.dtype, x_gates.device
-    _, _, ws_numel, rcols, _, _ = sizes(mode, reset_after, hidden, proj, batch, dtype)
+    ws_numel, rcols = sizes(mode, reset_after, hidden, proj, batch, dtype)[2:4]
     acc = _acc_dtype(dtype)
     y = torch.empty(n, K, dtype=dtype, device=dev)
     h_n = torch.empty(batch, K, dtype=dtype, device=dev)

@@ -1,6 +1,7 @@
-"""Which way a CPU inference sequence goes, by the machine's caches: the kernel projecting its input
-itself (every row before the steps, each step's rows inside the step, or riding in a one-row sequence's
-recurrent tiles), or torch's GEMM projecting it (whole, or in chunks the kernel runs between). Rules
+"""Which way a CPU inference sequence (and, from 32 rows, an LSTM or GRU training one) goes, by the
+machine's caches: the kernel projecting its input itself (every row before the steps, each step's rows
+inside the step, or riding in a one-row sequence's recurrent tiles), or torch's GEMM projecting it (whole,
+or in chunks the kernel runs between). Rules
 only, each with the measurements behind it; rnn.py runs the paths they pick. The paths differ in the
 last bits, so each rule reads only shapes, dtypes, the level and what the machine reported at import,
 never the caller's thread count or a timing."""
@@ -207,6 +208,22 @@ def _rides(sizes, seq, x2d, panels):
     both panels (`panels`: the bytes its products read) within _RIDE_L3_SHARE of the L3. (Its ring keeps
     x_gates small at any length.)"""
     return _kernel_rides(sizes, seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
+
+
+# Training forwards (plain eager, recording) of these modes and dtypes from this many rows a step take
+# _projection_path's answer too (rnn._forward_projecting's `recording`): where it says the kernel projects,
+# the kernel projects (its input panel packed for the call), and the outputs are the inference call's bits.
+# In-process, ratio to torch.nn, torch's projection -> the kernel's: GRU (100,32,256) 1.99-2.02 -> 2.06-2.10x,
+# (50,48,128) 2.08 -> 2.15x, LSTM (100,32,256) 1.03-1.04 -> 1.03-1.07x; below 32 rows it lost (LSTM
+# (100,1,256) 1.45 -> 1.25x, (100,8,256) 0.98 -> 0.94x, GRU (100,8,256) 2.57 -> 2.48x). Not RNN: a chaotic
+# tanh RNN's weight gradients no longer track torch.nn's rounding (docs/DESIGN.md, "Open (LSTM)").
+_RECORDS_PROJECTING = {"lstm", "gru"}
+_RECORDS_PROJECTING_DTYPES = (torch.float32,)
+_RECORDS_PROJECTING_FROM = 32
+
+
+def _records_projecting(mode, dtype, batch):
+    return mode in _RECORDS_PROJECTING and dtype in _RECORDS_PROJECTING_DTYPES and batch >= _RECORDS_PROJECTING_FROM
 
 
 def _projection_path(mode, sizes, seq, x2d, w_dtype, hidden, proj, recurrent_numel):
