@@ -748,7 +748,7 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
                         py::handle dc_n, py::handle c0, py::handle reserve, py::handle packed, py::handle d_gates_x,
                         py::handle d_gates_h, py::handle d_proj, py::handle dh0, py::handle dc0, py::handle workspace,
                         int num_threads, py::handle d_gates_xt, py::handle d_gates_ht, py::handle h_prev_t,
-                        uintptr_t stream, int path, py::handle d_bias, py::handle d_bias_hn) {
+                        uintptr_t stream, int path) {
   RnnBwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   const RnnCpuKernels& kern = rnn_cpu_kernels();
@@ -807,17 +807,10 @@ std::string rnn_backward_entry(int mode, bool reset_after, int64_t hidden, int64
   p.dc0 = dense_of(dc0, "dc0", p.dtype, batch * H);
   p.workspace = dense_of(workspace, "workspace", acc, sz.workspace_numel, false);
   p.num_threads = num_threads;
-  p.d_bias = dense_of(d_bias, "d_bias", p.dtype, G * H);
-  p.d_bias_hn = dense_of(d_bias_hn, "d_bias_hn", p.dtype, H);
-  if (p.d_bias_hn && !(p.shape.mode == RnnMode::Gru && p.shape.reset_after && p.d_bias))
-    throw py::value_error("pyseqkern: rnn_backward: 'd_bias_hn' is GRU reset_after's, and comes with 'd_bias'");
-  if ((p.d_bias || p.d_bias_hn) && gx.device != DeviceKind::Cpu)
-    throw py::value_error("pyseqkern: rnn_backward: 'd_bias' and 'd_bias_hn' are for the CPU kernels only");
   const std::pair<py::handle, const char*> tensors[] = {
       {dy, "dy"}, {dh_n, "dh_n"}, {dc_n, "dc_n"}, {c0, "c0"}, {reserve, "reserve"}, {packed, "packed"},
       {d_gates_h, "d_gates_h"}, {d_proj, "d_proj"}, {dh0, "dh0"}, {dc0, "dc0"}, {workspace, "workspace"},
-      {d_gates_xt, "d_gates_xt"}, {d_gates_ht, "d_gates_ht"}, {h_prev_t, "h_prev_t"}, {d_bias, "d_bias"},
-      {d_bias_hn, "d_bias_hn"}};
+      {d_gates_xt, "d_gates_xt"}, {d_gates_ht, "d_gates_ht"}, {h_prev_t, "h_prev_t"}};
   for (const auto& [h, arg] : tensors) require_on(gx, "d_gates_x", h, arg);
   if (gx.device != DeviceKind::Cpu) {
 #ifdef PSK_WITH_CUDA
@@ -1137,7 +1130,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("packed"), py::arg("d_gates_x"), py::arg("d_gates_h").none(true), py::arg("d_proj").none(true),
         py::arg("dh0"), py::arg("dc0").none(true), py::arg("workspace"), py::arg("num_threads"),
         py::arg("d_gates_xt").none(true), py::arg("d_gates_ht").none(true), py::arg("h_prev_t").none(true),
-        py::arg("stream") = 0, py::arg("path") = 0, py::arg("d_bias") = py::none(), py::arg("d_bias_hn") = py::none());
+        py::arg("stream") = 0, py::arg("path") = 0);
   m.def("thread_backend", [] { return std::string(thread_backend()); });
   m.def("set_own_threads", &set_own_threads, py::arg("own"));
   m.def("set_thread_scratch_limit", &set_thread_scratch_limit, py::arg("bytes"));

@@ -451,24 +451,6 @@ def test_raw_kernel_writes_every_output(device, mode, proj, reset_after):
         if got is not None:
             assert not torch.isnan(got).any(), f"{name} has unwritten entries"
             assert_bitwise_equal(got, expected, name=name)
-    if not cuda:  # the CPU kernels' bias sums, into poisoned outputs too
-        d_bias, d_bias_hn = nan(G * H), nan(H) if gru_after else None
-        _C.rnn_backward(code, reset_after, H, proj, seq.steps, B, cap(seq.batch_sizes), cap(seq.time_offsets),
-                        cap(seq.lengths), 0, 0, True, cap(dy), K, cap(dh_n), cap(dc_n), cap(t["c0"]), cap(reserve),
-                        cap(packed), cap(dgx), cap(dgh), cap(dproj), cap(dh0), cap(dc0),
-                        cap(torch.empty(ws, device=device)), *(tail[:1] + (None, None, None) + tail[1:]),
-                        d_bias=cap(d_bias), d_bias_hn=cap(d_bias_hn))
-        sums = torch.ops.pyseqkern.rnn_backward(code, reset_after, H, proj, seq.steps, B, dy, dh_n, dc_n, t["c0"],
-                                                reserve, packed, *seq.args(), False, True)
-        assert_bitwise_equal(d_bias, sums[8], name="d_bias")
-        if gru_after:
-            assert_bitwise_equal(d_bias_hn, sums[9], name="d_bias_hn")
-        with pytest.raises(ValueError, match="'d_bias_hn' is GRU reset_after's, and comes with 'd_bias'"):
-            _C.rnn_backward(code, reset_after, H, proj, seq.steps, B, cap(seq.batch_sizes), cap(seq.time_offsets),
-                            cap(seq.lengths), 0, 0, True, cap(dy), K, cap(dh_n), cap(dc_n), cap(t["c0"]),
-                            cap(reserve), cap(packed), cap(dgx), cap(dgh), cap(dproj), cap(dh0), cap(dc0),
-                            cap(torch.empty(ws, device=device)), *(tail[:1] + (None, None, None) + tail[1:]),
-                            d_bias_hn=cap(nan(H)))
     if proj:  # both kernels write d_proj at row * P + k: a strided one is refused, not written past
         wide = nan(n, proj + 3)[:, :proj]
         with pytest.raises(ValueError, match=f"'d_proj' must hold {n} rows of {proj} float32 values, {proj} apart"):
@@ -505,7 +487,6 @@ def test_opcheck(device):
         bwd_args = (1, True, 11, 0, 7, 5, randn((35, 11), device=device, seed=4),
                     randn((5, 11), device=device, seed=5), None, None, reserve, packed, *seq.args(), transposed)
         torch.library.opcheck(torch.ops.pyseqkern.rnn_backward.default, bwd_args)
-        torch.library.opcheck(torch.ops.pyseqkern.rnn_backward.default, bwd_args + (True,))
     # The layer op torch.export records (ops/rnn_export.py), with its autograd; packed too, where the
     # batch comes from h0 (a packed batch's size is data, which no trace reads).
     xs, _, u = make_case("gru", 0, torch.float32, strided_inputs=False, device=device)
@@ -690,58 +671,13 @@ def test_threads_owning_rows_agree_bitwise_in_the_backward(mode, proj, reset_aft
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            runs.append([torch.ops.pyseqkern.rnn_backward(*args, transposed, sums)
-                         for transposed in (False, True) for sums in (False, True)])
+            runs.append([torch.ops.pyseqkern.rnn_backward(*args, transposed) for transposed in (False, True)])
     finally:
         torch.set_num_threads(before)
     for other in runs[1:]:
         for outs, want in zip(other, runs[0]):
             for i, (a, b) in enumerate(zip(outs, want, strict=True)):
                 assert_bitwise_equal(a, b, name=f"output {i}")
-
-
-@pytest.mark.parametrize("B, lengths", [(3, None), (3, [5, 3, 1]), (40, None), (40, [6] * 9 + [4] * 30 + [1])])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
-def test_backward_bias_sums_are_the_gate_gradients_column_sums(isa, mode, proj, reset_after, dtype, reverse, B,
-                                                             lengths):
-    """rnn_backward(bias_sums=True): the kernel sums the bias gradients as it makes the gate gradients
-    (rnn.h RnnBwdParams::d_bias): d_gates_x's column sums and, GRU reset_after, d_gates_h's n gate's, within
-    a few units of the last place of the float64 sums (compensated: per row over its steps, then over rows),
-    the same bits from one, two and three threads (threads owning units at B=3, rows at B=40 where the
-    panel fits), and every other output the bits of the call without them."""
-    H = 37
-    args, _ = backward_args("cpu", mode, proj, reset_after, reverse, lengths, dtype, T=6, B=B, H=H, I=10)
-    G, gru_after = ops.GATES[mode], mode == "gru" and reset_after
-    plain = torch.ops.pyseqkern.rnn_backward(*args, False)
-    before = torch.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            runs.append(torch.ops.pyseqkern.rnn_backward(*args, False, True))
-    finally:
-        torch.set_num_threads(before)
-    for run in runs:
-        for i, (a, b) in enumerate(zip(run[:8], plain[:8], strict=True)):
-            assert_bitwise_equal(a, b, name=f"output {i}")
-        assert_bitwise_equal(run[8], runs[0][8], name="d_bias")
-        assert_bitwise_equal(run[9], runs[0][9], name="d_bias_hn")
-    assert plain[8].numel() == 0 and plain[9].numel() == 0
-    d_bias, d_bias_hn = runs[0][8], runs[0][9]
-    assert d_bias.shape == (G * H,) and d_bias.dtype == dtype
-    assert d_bias_hn.shape == ((H,) if gru_after else (0,))
-    # float32 and float64: the sums of the gate gradients the call returned; bfloat16 returns them rounded
-    # (each within 2^-8 of its value) and sums them before rounding (float32), the sum rounded once: within
-    # 2^-8 of the column's absolute sum of those roundings, and 2^-8 of the sum's own.
-    eps = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53, torch.bfloat16: 2.0 ** -8}[dtype]
-    wants = [(d_bias, plain[0])] + ([(d_bias_hn, plain[1][:, 2 * H:])] if gru_after else [])
-    for got, cols in wants:
-        want = cols.double().sum(0)
-        scale = cols.double().abs().sum(0)
-        slack = 4 * eps * scale if dtype != torch.bfloat16 else 2 * eps * scale
-        assert ((got.double() - want).abs() <= slack + 1e-300).all(), float(((got.double() - want).abs() / scale).max())
 
 
 def backward_args(device, mode, proj, reset_after, reverse, lengths, dtype, T, B, H, I=13):

@@ -29,9 +29,6 @@ struct BwdCtx {
   bool relu;
   bool split_rows;  // threads own rows (every unit of them) instead of unit blocks: no barrier per step
   bool amx_split;   // the recurrent products on the tile unit, as three bfloat16 pieces a float (Layout::split)
-  A* bsum;          // [B][nseg][Hp] each row's running bias sums (null: no d_bias), then as many
-                    // compensations (bcomp elements on); segments: the G gates, GRU reset_after's r * dn
-  int64_t bcomp, nseg;
 };
 
 // The products of bfloat16 storage read dG's bfloat16 copy in pairs (Layout::dot, bmain2), on levels with
@@ -219,23 +216,6 @@ void bwd_worker(void* raw, const Team& team) {
                           true, stream);
   };
 
-  // The bias gradients: each (row, column) pair's running sum over the row's steps, Kahan-compensated,
-  // kept by the pair's owner; summed over rows 0..B-1 after the steps (below). Whole lanes: the padding
-  // past H is never stored out.
-  const int64_t bstride = c.nseg * Hp;
-  auto bias_add = [&](int64_t b, int64_t seg, int64_t u, V<A> v) {
-    A* s = c.bsum + b * bstride + seg * Hp + u * L;
-    const V<A> y = v - load<A>(s + c.bcomp, L), sum = load<A>(s, L), t = sum + y;
-    store<A>(s + c.bcomp, (t - sum) - y, L);
-    store<A>(s, t, L);
-  };
-  for (int64_t b = rb0; b < rb1 && c.bsum; ++b)
-    for (int64_t seg = 0; seg < c.nseg; ++seg)
-      for (int64_t u = u0; u < u1; ++u) {
-        A* s = c.bsum + b * bstride + seg * Hp + u * L;
-        store<A>(s, splat(A(0)), L);
-        store<A>(s + c.bcomp, splat(A(0)), L);
-      }
   for (int64_t b = rb0; b < rb1; ++b) {
     for (int64_t kb = k0; kb < k1; ++kb)
       store<A>(c.dh_rec + b * Kp + kb * L, dh_n ? load<A>(dh_n + b * K + kb * L, valid_of(kb, K)) : splat(A(0)), L);
@@ -327,14 +307,12 @@ void bwd_worker(void* raw, const Team& team) {
         store<A>(dGb + H, gf, valid);
         store<A>(dGb + 2 * H, gg, valid);
         store<A>(dGb + 3 * H, go, valid);
-        if (c.bsum) bias_add(b, 0, u, gi), bias_add(b, 1, u, gf), bias_add(b, 2, u, gg), bias_add(b, 3, u, go);
       } else if (VAR == Variant::Rnn) {
         const V<A> h = load<A>(rr + u * L, valid);
         // (relu: as torch's threshold_backward, a NaN output passes the gradient on)
         const V<A> gp = c.relu ? (h <= A(0) ? splat(A(0)) : dh) : dh * (A(1) - h * h);
         store_dgx(gxo, gp, valid);
         store<A>(dGb, gp, valid);
-        if (c.bsum) bias_add(b, 0, u, gp);
       } else {
         const V<A> rg = load<A>(rr + u * L, valid), zg = load<A>(rr + H + u * L, valid);
         const V<A> ng = load<A>(rr + 2 * H + u * L, valid), hprev = load<A>(rr + hprev_col + u * L, valid);
@@ -357,14 +335,9 @@ void bwd_worker(void* raw, const Team& team) {
           store<A>(dGb, drp, valid);
           store<A>(dGb + H, dzp, valid);
           store<A>(dGb + 2 * H, dnp * rg, valid);
-          if (c.bsum) {
-            bias_add(b, 0, u, drp), bias_add(b, 1, u, dzp), bias_add(b, 2, u, dnp);
-            if (c.nseg > 3) bias_add(b, 3, u, dnp * rg);
-          }
         } else {
           store<A>(dGb + H, dzp, valid);
           store<A>(dGb + 2 * H, dnp, valid);
-          if (c.bsum) bias_add(b, 1, u, dzp), bias_add(b, 2, u, dnp);  // (r's below, once its product is in)
         }
       }
     };
@@ -410,7 +383,6 @@ void bwd_worker(void* raw, const Team& team) {
         store_dgx(gxo, drp, valid);
         store_dgx(gxo + H, load<A>(dGb + H, valid), valid);
         store_dgx(gxo + 2 * H, load<A>(dGb + 2 * H, valid), valid);
-        if (c.bsum) bias_add(b, 0, u, drp);
       }, r0);
       narrow_dG();
       if (!split) team.sync();
@@ -428,28 +400,6 @@ void bwd_worker(void* raw, const Team& team) {
     for (int64_t kb = k0; kb < k1; ++kb) store<A>(dh0 + b * K + kb * L, load<A>(c.dh_rec + b * Kp + kb * L, L), valid_of(kb, K));
     if (VAR == Variant::Lstm && dc0)
       for (int64_t u = u0; u < u1; ++u) store<A>(dc0 + b * H + u * L, load<A>(c.dc + b * Hp + u * L, L), valid_of(u, H));
-  }
-  // The bias gradients: rows 0..B-1 in order for each column, by units (all rows done first where
-  // threads own rows).
-  if (c.bsum) {
-    int64_t v0 = u0, v1 = u1;
-    if (split) {
-      team.sync();
-      split_range(l.U, tid, nt, &v0, &v1);
-    }
-    for (int64_t seg = 0; seg < c.nseg; ++seg) {
-      T* out = seg < G ? static_cast<T*>(p.d_bias) + seg * H : static_cast<T*>(p.d_bias_hn);
-      for (int64_t u = v0; u < v1; ++u) {
-        V<A> sum = splat(A(0)), comp = splat(A(0));
-        for (int64_t b = 0; b < B; ++b) {
-          const A* s = c.bsum + b * bstride + seg * Hp + u * L;
-          const V<A> y = (load<A>(s, L) - load<A>(s + c.bcomp, L)) - comp, t = sum + y;
-          comp = (t - sum) - y;
-          sum = t;
-        }
-        store<A>(out + u * L, sum, valid_of(u, H));
-      }
-    }
   }
   if (stream) stream_fence();  // d_gates_x and the transposed copies went out by non-temporal stores
   amx_release();               // (the amx level's tiles, if recurrent_grad configured them: else torch's
@@ -485,9 +435,6 @@ void backward_variant(const RnnBwdParams& p) {
       for (int64_t b = 0; b < B; ++b)
         for (int64_t j = GH; j < c.ld2; ++j) g2[b * c.ld2 + j].bits = 0;
   }
-  c.nseg = c.l.G + (VAR == Variant::GruAfter && p.d_bias_hn ? 1 : 0);
-  c.bcomp = B * (c.l.G + 1) * Hp;
-  c.bsum = p.d_bias ? c.dG[1] + B * GH + (kDot ? B * c.ld2 : 0) : nullptr;
   c.relu = p.shape.mode == RnnMode::RnnRelu;
   const int64_t macs = B * GH * c.l.K + B * c.l.P * c.l.H;
   int nt = choose_threads(p.num_threads, c.l.U < c.l.UK ? c.l.U : c.l.UK, macs, p.seq.steps);

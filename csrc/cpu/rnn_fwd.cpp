@@ -34,10 +34,8 @@ RnnSizes sizes(const RnnShape& s, int64_t B, DType dtype) {
   const int64_t Kp = l.UK * L, Hp = l.U * L;
   // h (double buffer), c, m, r*h, z; with pair sections, bfloat16 copies of h (x2), m and r*h.
   const int64_t fwd = 2 * B * Kp + 4 * B * Hp + (l.dot ? B * (Kp + Hp) : 0);
-  // dh_rec, dh_total, dc, dG (x2); with pair sections, dG's bfloat16 copies (x2, 2 * GH2 values a row);
-  // the bias gradients' row sums and their compensations ((G + 1) x Hp each a row: RnnBwdParams::d_bias).
-  const int64_t bwd = B * (2 * Kp + Hp + 2 * l.G * l.H + (l.dot ? 2 * pairs_stored(l.G * l.H) : 0) +
-                           2 * (l.G + 1) * Hp);
+  // dh_rec, dh_total, dc, dG (x2); with pair sections, dG's bfloat16 copies (x2, 2 * GH2 values a row).
+  const int64_t bwd = B * (2 * Kp + Hp + 2 * l.G * l.H + (l.dot ? 2 * pairs_stored(l.G * l.H) : 0));
   r.workspace_numel = (fwd > bwd ? fwd : bwd) + 8 * L;          // + room to align each buffer
   reserve_layout(l, s.mode, &r.reserve_cols, &r.reserve_hprev);
   const bool ride = dtype == DType::Float64    ? rides<double, double>()

@@ -58,8 +58,8 @@ LIB.define(
 LIB.define(
     "rnn_backward(int mode, bool reset_after, int hidden, int proj, SymInt steps, SymInt batch, Tensor? dy, "
     "Tensor? dh_n, Tensor? dc_n, Tensor? c0, Tensor reserve, Tensor packed, Tensor? batch_sizes, "
-    "Tensor? time_offsets, Tensor? lengths, SymInt row_stride_t, SymInt row_stride_b, bool reverse, bool transposed, "
-    "bool bias_sums=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? time_offsets, Tensor? lengths, SymInt row_stride_t, SymInt row_stride_b, bool reverse, bool transposed) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -386,15 +386,13 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
 
 
 def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, bias_sums=False,
-                   scratch=None, h_prev_t=None):
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, scratch=None,
+                   h_prev_t=None):
     """`transposed`: also return d_gates_x^T, d_gates_h^T (GRU reset_after, then in place of d_gates_h)
     and h_prev^T, [cols, N] each, for the weight-gradient GEMMs (rnn.h); empty tensors otherwise.
-    `bias_sums`: also return the bias gradients the kernel sums as it goes (rnn.h RnnBwdParams::d_bias):
-    d_gates_x's column sums [G*H] and, GRU reset_after, those of d_gates_h's n gate [H] (else empty).
     `scratch` (the autograd backward's direct call only): a _Scratch whose buffers hold everything but
-    dh0, dc0 and the bias sums, which the caller consumes before its next call; `h_prev_t`, where h_prev^T
-    goes (rows of a wider buffer, row stride n)."""
+    dh0 and dc0, which the caller consumes before its next call; `h_prev_t`, where h_prev^T goes
+    (rows of a wider buffer, row stride n)."""
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
     _require_rows("rnn_backward", reserve=reserve)
@@ -416,16 +414,12 @@ def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     hpt = h_prev_t if h_prev_t is not None else s(K if transposed else 0, n)
     workspace = torch.empty(ws_numel, dtype=_acc_dtype(dtype), device=dev) if scratch is None else \
         scratch.take((ws_numel,), _acc_dtype(dtype))
-    # (zeros: a call of no rows or no batch runs no step)
-    d_bias = torch.zeros(G * hidden if bias_sums else 0, dtype=dtype, device=dev)
-    d_bias_hn = torch.zeros(hidden if bias_sums and gru_after else 0, dtype=dtype, device=dev)
     opt = lambda t: capsule(t) if t.numel() else None
     _C.rnn_backward(mode, reset_after, hidden, proj, steps, batch, _none(batch_sizes), _none(time_offsets),
                     _none(lengths), row_stride_t, row_stride_b, reverse, _none(dy), K, _none(dh_n), _none(dc_n),
                     _none(c0), capsule(reserve), capsule(packed), capsule(dgx), opt(dgh), opt(dproj), capsule(dh0),
-                    opt(dc0), capsule(workspace), num_threads(), opt(dgxt), opt(dght), opt(hpt),
-                    d_bias=opt(d_bias), d_bias_hn=opt(d_bias_hn))
-    return dgx, dgh, dproj, dh0, dc0, dgxt, dght, hpt, d_bias, d_bias_hn
+                    opt(dc0), capsule(workspace), num_threads(), opt(dgxt), opt(dght), opt(hpt))
+    return dgx, dgh, dproj, dh0, dc0, dgxt, dght, hpt
 
 
 
@@ -481,7 +475,7 @@ LIB.impl("rnn_backward", _backward_impl, "CPU")
 
 @torch.library.register_fake("pyseqkern::rnn_backward")
 def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, bias_sums=False):
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
     _require_rows("rnn_backward", reserve=reserve)
@@ -491,9 +485,7 @@ def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     e = lambda *shape: reserve.new_empty(*shape, dtype=dtype)
     return (e(n, G * hidden), e(n if gru_after and not transposed else 0, G * hidden), e(n if proj > 0 else 0, proj),
             e(batch, K), e(batch if mode == 0 else 0, hidden), e(G * hidden if transposed else 0, n),
-            e(G * hidden if transposed and gru_after else 0, n), e(K if transposed else 0, n),
-            e(G * hidden if bias_sums and reserve.device.type == "cpu" else 0),
-            e(hidden if bias_sums and gru_after and reserve.device.type == "cpu" else 0))
+            e(G * hidden if transposed and gru_after else 0, n), e(K if transposed else 0, n))
 
 
 # Device copies of packed batches' time offsets and lengths. A copy from host memory is refused inside

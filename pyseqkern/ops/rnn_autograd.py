@@ -354,24 +354,21 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
             j[I + K].fill_(1)
         return j
 
-    # The kernel sums the bias gradients as it makes the gate gradients (CPU; not where the joint GEMM gives
-    # them): a pass over d_gates_x (and GRU's d_gates_h^T) less, 0.8 ms of a GRU (100,32,256) training call.
-    bias_sums = with_db and not use_joint and reserve.device.type == "cpu"
     if reserve.device.type == "cpu" and _plain_eager(reserve) and not legacy:
         # Straight to the kernel (as inference does) with the temporaries in this thread's scratch:
-        # none of them leaves this function (every gradient returned is a fresh GEMM output or sum).
+        # none of them leaves this function (every gradient returned is a fresh GEMM output).
         scratch = _scratch()
         joint = make_joint(scratch.take) if use_joint else None
-        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t, db, db_hn = _backward_impl(
+        dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = _backward_impl(
             code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
-            *seq.args(), g.fast, bias_sums, scratch=scratch, h_prev_t=None if joint is None else joint[I:I + K])
+            *seq.args(), g.fast, scratch=scratch, h_prev_t=None if joint is None else joint[I:I + K])
     else:
         # (CUDA in plain eager mode: the CUDA impl straight; elsewhere the op, which modes and tracers see)
         impl = _cuda._backward_cuda if not legacy and _plain_eager_cuda(reserve) else torch.ops.pyseqkern.rnn_backward
         with _own_call():
-            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t, db, db_hn = impl(
+            dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = impl(
                 code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
-                *seq.args(), g.fast, bias_sums)
+                *seq.args(), g.fast)
         if use_joint:  # the same GEMM, so both paths give the same bits
             joint = make_joint(lambda shape, dtype: torch.empty(shape, dtype=dtype, device=reserve.device))
             joint[I:I + K].copy_(hprev_t)
@@ -382,6 +379,7 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
         hprev_t = h_prev.to(wdtype).t()
     dx = g.mm_rows(dgx, w_ih) if need[0] else None
     dw_hh = dw_hr = None
+    db = None
     if joint is not None:
         dw = g.mm(dgx_t, joint)
         dw_ih, dw_hh = dw[:, :I], dw[:, I:I + K]
@@ -389,8 +387,7 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
             db = dw[:, I + K].contiguous()
     else:
         dw_ih = g.mm_rows(dgx_t, x2d) if need[3] else None
-        if with_db and not bias_sums:
-            db = dgx.sum(0)
+        db = dgx.sum(0) if with_db else None
     if need[4] and joint is None:
         if gru_after:
             dw_hh = g.mm(dgh_t, hprev_t)
@@ -400,12 +397,7 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
             dw_hh = g.mm(dgx_t, hprev_t)
     db_hh = None
     if need[6]:
-        if not gru_after:
-            db_hh = db
-        elif bias_sums:
-            db_hh = torch.cat([db[:2 * hidden], db_hn])
-        else:
-            db_hh = dgh_t.sum(1)
+        db_hh = dgh_t.sum(1) if gru_after else db
     if need[7]:
         dw_hr = g.mm(g.t(dproj), g.t(m.to(wdtype)))
     return (dx, dh0 if need[1] else None, (dc0 if code == 0 else None) if need[2] else None,
@@ -463,8 +455,8 @@ class _RnnLayerGrad(torch.autograd.Function):
         dcf = None if dc_n is None else _fold_states(dc_n, d["dc_n"], V).contiguous()
         seqf = _Seq(xf.view(T, V * B, xf.shape[-1]), None, seq.reverse)
         with _at_level(seq.isa), _own_call():  # (the forward's level: _kernel_grads)
-            dgx, dgh, dproj, dh0, dc0 = torch.ops.pyseqkern.rnn_backward(
-                code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False)[:5]
+            dgx, dgh, dproj, dh0, dc0, _, _, _ = torch.ops.pyseqkern.rnn_backward(
+                code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False)
         wdtype = w_ih.dtype
 
         h_prev, rh, m = _reserve_operands(rf, hidden, K)

@@ -132,9 +132,8 @@ def _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
 
 
 def _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, bias_sums=False):
-    """As the CPU impl; the transposed copies (a CPU GEMM aid) are made by torch when asked for. No bias
-    sums (`bias_sums`: empty tensors; the caller sums d_gates_x)."""
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
+    """As the CPU impl; the transposed copies (a CPU GEMM aid) are made by torch when asked for."""
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
     _rnn._require_rows("rnn_backward", reserve=reserve)
@@ -161,10 +160,10 @@ def _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
                           stream_of(reserve), PATHS[_path])
     _ran("backward", ran)
     if not transposed:
-        return dgx, dgh, dproj, dh0, dc0, e(0, n), e(0, n), e(0, n), e(0), e(0)
+        return dgx, dgh, dproj, dh0, dc0, e(0, n), e(0, n), e(0, n)
     hprev = reserve[:, reserve.shape[1] - K:].to(dtype)
     return (dgx, e(0, G * hidden), dproj, dh0, dc0, dgx.t().contiguous(),
-            dgh.t().contiguous() if gru_after else e(0, n), hprev.t().contiguous(), e(0), e(0))
+            dgh.t().contiguous() if gru_after else e(0, n), hprev.t().contiguous())
 
 
 # ---- the op route's packed metadata ------------------------------------------------------------------------
@@ -218,7 +217,7 @@ def _forward_op(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0
 
 
 def _backward_op(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                 time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, bias_sums=False):
+                 time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
     time_offsets, lengths = _trusted_seq("rnn_backward", batch_sizes, time_offsets, lengths, reserve.device)
     return _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed,
                           batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed)

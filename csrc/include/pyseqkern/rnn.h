@@ -176,12 +176,6 @@ struct RnnBwdParams {
   int64_t ld_t;
   void* dh0;                              // [B, K]
   void* dc0;                              // [B, H] (LSTM)
-  // Optional, CPU: the bias gradients, storage dtype. d_bias [G*H]: each column's sum of d_gates_x over
-  // the call's rows; d_bias_hn [H] (GRU reset_after, with d_bias): the n gate's sum of d_gates_h (r * dn).
-  // Summed in A: per batch row over its steps, then over rows 0..B-1, both compensated (Kahan), an order
-  // that no thread count or split changes.
-  void* d_bias;
-  void* d_bias_hn;
   void* workspace;                        // [workspace_numel]
   int num_threads;
 };
