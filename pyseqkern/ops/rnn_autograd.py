@@ -157,7 +157,10 @@ class _RnnLayer(torch.autograd.Function):
     @staticmethod
     def forward(mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         eager = _plain_eager(x2d)
-        if eager and training and seq.steps > 1 and x2d.shape[0] and _paths._records_projecting(mode, x2d.dtype, seq.batch):
+        # (a training sequence that the inference rule would have the kernel project: rnn_paths._records_projecting;
+        # one step a call goes as cells go, below)
+        if (eager and training and seq.steps > 1 and x2d.shape[0]
+                and _paths._records_projecting(mode, x2d.dtype, seq.batch)):
             got = _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True)
             if got is not None:
                 return got
