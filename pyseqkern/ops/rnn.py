@@ -96,10 +96,16 @@ def _pack_impl(mode, reset_after, hidden, proj, w_hh, w_hr):
     if type(w_hh) is torch.nn.Parameter and (w_hr is None or type(w_hr) is torch.nn.Parameter):
         return _packed(mode, reset_after, hidden, proj, w_hh, w_hr, True, reuse=True)
     _require_float("rnn_pack", w_hh=w_hh)
+    return _pack_into_new(mode, reset_after, hidden, proj, w_hh, w_hr)
+
+
+def _pack_into_new(mode, reset_after, hidden, proj, w_hh, w_hr, pieces=True):
+    """A fresh CPU pack of w_hh (and w_hr) at the active level; `pieces`: rnn_pack's (_pack_narrow)."""
     numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
     out = torch.empty(numel, dtype=_acc_dtype(w_hh.dtype), device=w_hh.device)
     _C.rnn_pack(mode, reset_after, hidden, proj, capsule(w_hh.contiguous()),
-                _none(None if w_hr is None else w_hr.contiguous()), capsule(out), num_threads=num_threads())
+                _none(None if w_hr is None else w_hr.contiguous()), capsule(out), num_threads=num_threads(),
+                pieces=pieces)
     return out
 
 
@@ -297,14 +303,11 @@ def _pack_narrow(mode, reset_after, hidden, proj, w_hh, w_hr, batch):
     level's layout has none or a call of that batch reads them (RnnSizes::split_rows). The pieces are three
     quarters of a float32 pack's time on the amx level (LSTM W_hh at H=256: 0.25 -> 0.065 ms alone,
     0.61 ms of a (100, 8, 256) training forward's 4.4 in-call); training calls pack on every call."""
-    sizes = _sizes(mode, reset_after, hidden, proj, batch, w_hh.dtype)
-    if not sizes[6] or batch >= sizes[6]:
+    split_rows = _sizes(mode, reset_after, hidden, proj, batch, w_hh.dtype)[6]
+    if not split_rows or batch >= split_rows:
         return None
-    out = torch.empty(sizes[1], dtype=_acc_dtype(w_hh.dtype))
-    _C.rnn_pack(mode, reset_after, hidden, proj, capsule(w_hh.detach().contiguous()),
-                _none(None if w_hr is None else w_hr.detach().contiguous()), capsule(out), num_threads=num_threads(),
-                pieces=False)
-    return out
+    return _pack_into_new(mode, reset_after, hidden, proj, w_hh.detach(), None if w_hr is None else w_hr.detach(),
+                          pieces=False)
 
 
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------

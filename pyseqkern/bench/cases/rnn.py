@@ -43,7 +43,7 @@ _TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-
 # (T, B, H) with I = H, for inference and training. The (200, 64, 512) shape is 13-54 GFLOP per inference
 # call, 3x that in training (about 15 s and 45 s a case on 2 cores): full suite only; every other case is
 # in the quick suite.
-_INFERENCE_SHAPES = [(100, 1, 256), (100, 8, 256), (100, 32, 256), (200, 64, 512), (50, 16, 128)]
+_LAYER_SHAPES = [(100, 1, 256), (100, 8, 256), (100, 32, 256), (200, 64, 512), (50, 16, 128)]
 _FULL_ONLY = {(200, 64, 512)}
 
 
@@ -487,14 +487,14 @@ def register_all():
     for device in ("cpu",):
         for cls in ("LSTM", "GRU", "RNN"):
             family = cls.lower()
-            for steps, batch, hidden in _INFERENCE_SHAPES:
+            for steps, batch, hidden in _LAYER_SHAPES:
                 register(Case(family, f"inference T={steps} B={batch} H={hidden}", device,
                               _inference(cls, device, steps, batch, hidden), unit="GFLOP/s", peak="flops",
                               target=_inference_target(cls, batch),
                               peak_target=_inference_peak_target(cls, batch),
                               quick=(steps, batch, hidden) not in _FULL_ONLY))
             # Training at every shape inference runs (the list); its targets are at (100, 32, 256).
-            for steps, batch, hidden in _INFERENCE_SHAPES:
+            for steps, batch, hidden in _LAYER_SHAPES:
                 register(Case(family, f"training T={steps} B={batch} H={hidden}", device,
                               _training(cls, device, steps, batch, hidden), unit="GFLOP/s", peak="flops",
                               target=_training_target(cls, (steps, batch, hidden)), note="forward + backward",
