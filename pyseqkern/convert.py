@@ -62,7 +62,11 @@ def _convert(module: _tnn.Module, memo: dict) -> _tnn.Module:
         result = _replacement(module, cls)
     else:
         result = module
-        for name, child in list(module.named_children()):
+        # (_modules itself: named_children yields a module registered twice under one parent once, and
+        # the second name kept torch's module)
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
             new_child = _convert(child, memo)
             if new_child is not child:
                 setattr(module, name, new_child)

@@ -1468,10 +1468,15 @@ def test_convert_leaves_ours_and_subclasses_alone_and_keeps_shared_modules_share
 
     shared = torch.nn.GRU(I, H)
     mine, ours = MyLSTM(I, H), pnn.LSTM(I, H)
-    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared), "mine": mine, "ours": ours})
+    cell, twice = torch.nn.LSTMCell(I, H), torch.nn.RNN(I, H)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared), "mine": mine, "ours": ours,
+                                 "enc": cell, "dec": cell, "pair": torch.nn.ModuleList([twice, twice, None])})
     pyseqkern.convert(model)
     assert model["mine"] is mine and model["ours"] is ours
     assert type(model["a"]) is pnn.GRU and model["b"][0] is model["a"]
+    # (one module under two names of one parent: both names hold the one replacement)
+    assert type(model["enc"]) is pnn.LSTMCell and model["dec"] is model["enc"]
+    assert type(model["pair"][0]) is pnn.RNN and model["pair"][1] is model["pair"][0] and model["pair"][2] is None
     with pytest.raises(TypeError, match="torch.nn.Module"):
         pyseqkern.convert("not a module")
 
