@@ -16,7 +16,7 @@ from pyseqkern import _backend
 from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.ops import rnn_autograd
 from pyseqkern.reference import rnn as ref
-from helpers import TOLERANCES, devices
+from helpers import TOLERANCES, assert_within_torch_error, devices
 
 F64 = torch.float64
 T, B, I, H, P = 4, 3, 5, 4, 2
@@ -721,3 +721,23 @@ def test_compiled_torch_func_grad_of_a_cell_is_right_or_refused(kind, fullgraph)
         torch._dynamo.reset()
     for name in want:
         _assert_close(got[name], want[name], f"d/d{name}")
+
+
+@pytest.mark.parametrize("kind", list(SEQ_KINDS))
+def test_jacrev_in_float32_of_a_forward_below_split_rows(kind, monkeypatch):
+    """jacrev maps the backward over the output's basis vectors: one call of V*B rows for a forward of B.
+    On the amx level a float32 recording forward below RnnSizes::split_rows packs without the piece
+    sections (ops.rnn._pack_narrow), which a call of V*B rows reads: the backward's vmap rule packs whole
+    (ops.rnn._pack_for_rows; it raised before, found by an auditing helper). Held to the rule against the
+    reference run in float32, float64 the truth, at whichever level runs."""
+    cls, kw = SEQ_KINDS[kind]
+    torch.manual_seed(11)
+    ours = getattr(pnn, cls)(I, H, **kw)
+    x = torch.randn(T, 2, I)  # (output basis: V = T * 2 * hidden >= 32 rows of 2)
+    ours64 = copy.deepcopy(ours).double()
+    got = torch.func.jacrev(lambda z: _run(ours, z, False))(x)
+    _forced_reference(monkeypatch, True)
+    theirs = torch.func.jacrev(lambda z: _run(ours, z, False))(x)
+    want = torch.func.jacrev(lambda z: _run(ours64, z, False))(x.double())
+    assert got.numel() // x.numel() * 2 >= 32 and got.dtype == torch.float32
+    assert_within_torch_error(got, theirs, want, name="jacrev")

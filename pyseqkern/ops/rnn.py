@@ -310,6 +310,21 @@ def _pack_narrow(mode, reset_after, hidden, proj, w_hh, w_hr, batch):
                           pieces=False)
 
 
+def _pack_for_rows(mode, reset_after, hidden, proj, packed, w_hh, w_hr, batch, rows, dtype):
+    """A forward's pack `packed`, made for its calls of `batch` rows, for a backward of `rows` rows (vmap's
+    folded batch): itself, or where it may be a pack without pieces (_pack_narrow: `batch` below the level's
+    split_rows) and a call of `rows` reads them, a whole pack of w_hh and w_hr; None where that pack would be
+    needed and w_hh is not at hand (the caller then runs `batch` rows a call)."""
+    if packed.device.type != "cpu":
+        return packed
+    split_rows = _sizes(mode, reset_after, hidden, proj, batch, dtype)[6]
+    if not split_rows or batch >= split_rows or rows < split_rows:
+        return packed
+    if w_hh is None or (proj > 0 and w_hr is None):
+        return None
+    return _pack_into_new(mode, reset_after, hidden, proj, w_hh.detach(), None if w_hr is None else w_hr.detach())
+
+
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
 def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):

@@ -26,7 +26,7 @@ from . import rnn_autocast as _autocast
 from . import rnn_cuda as _cuda
 from ._library import LIB
 from .rnn import (_backward_impl, _dispatch_stack_len, _forward_impl, _forward_projecting, _functorch_active,
-                  _plain_eager, _plain_eager_cuda, _prepare, _Seq)
+                  _pack_for_rows, _plain_eager, _plain_eager_cuda, _prepare, _Seq)
 from . import rnn_paths as _paths
 from .rnn_gemms import _Gemms, _mm
 from .rnn_modes import GATES, MODES
@@ -441,12 +441,21 @@ class _RnnLayerGrad(torch.autograd.Function):
         # batched GEMMs over its own rows (per-sample gradients: the weights are not mapped, dy is); or
         # one call per v where the weights (or the packed weights) are mapped or the data packed.
         mode, code, reset_after, hidden, proj, seq = cfg
-        if seq.batch_sizes is not None or any(in_dims[i] is not None for i in (4, 6, 7, 8, 10, 11)):
+        V, T, B = info.batch_size, seq.steps, seq.batch
+        # (a forward below the level's split_rows may have packed without the piece sections, which the folded
+        # call of V*B rows reads: jacrev's cotangents, torch.func.vjp's pull under vmap; a whole pack then)
+        whole = packed
+        if in_dims[6] is None and seq.batch_sizes is None:
+            with _at_level(seq.isa):
+                dtype = next(g for g in (dy, dh_n, dc_n) if g is not None).dtype  # (the storage dtype)
+                whole = _pack_for_rows(code, reset_after, hidden, proj, packed, w_hh, w_hr, B, V * B, dtype)
+        if (whole is None or seq.batch_sizes is not None
+                or any(in_dims[i] is not None for i in (4, 6, 7, 8, 10, 11))):
             def one(x2d, c0, w_ih, reserve, *rest):  # (a folded forward's reserve comes as [T, B, cols])
                 return apply(_RnnLayerGrad, cfg, need, x2d, c0, w_ih, reserve.reshape(-1, reserve.shape[-1]), *rest)
             return _vmap_loop(one, info.batch_size, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy,
                                                      dh_n, dc_n), in_dims[2:])
-        V, T, B = info.batch_size, seq.steps, seq.batch
+        packed = whole
         K = proj if proj > 0 else hidden
         d = dict(zip(("x2d", "c0", "reserve", "dy", "dh_n", "dc_n"),
                      (in_dims[2], in_dims[3], in_dims[5], in_dims[12], in_dims[13], in_dims[14])))
