@@ -442,15 +442,30 @@ class _RnnLayerGrad(torch.autograd.Function):
         # one call per v where the weights (or the packed weights) are mapped or the data packed.
         mode, code, reset_after, hidden, proj, seq = cfg
         V, T, B = info.batch_size, seq.steps, seq.batch
-        # (a forward below the level's split_rows may have packed without the piece sections, which the folded
-        # call of V*B rows reads: jacrev's cotangents, torch.func.vjp's pull under vmap; a whole pack then)
+
+        def wrapped(t):  # (a tensor of an outer transform's level: an ensemble's mapped weights, say)
+            return t is not None and _is_functorch_wrapped is not None and _is_functorch_wrapped(t)
+        # Where an outer level may differentiate what this rule returns (grad(vjp -> vmap(pull)), or a Jacobian
+        # penalty jacrev(f)(x).square().sum().backward()), the folded call below will not do: its raw kernels
+        # and per-v GEMMs are in no graph, and such gradients came back zero or partial, without a word. One
+        # Function call per v keeps _RnnLayerGrad's own backward for each.
+        differentiated = torch.is_grad_enabled() and any(
+            t is not None and (t.requires_grad or wrapped(t))
+            for t in (x2d, c0, w_ih, b_ih, b_hh, h0, w_hh, w_hr, dy, dh_n, dc_n))
+        looped = (differentiated or seq.batch_sizes is not None
+                  or any(in_dims[i] is not None for i in (4, 6, 7, 8, 10, 11)))
         whole = packed
-        if in_dims[6] is None and seq.batch_sizes is None:
-            with _at_level(seq.isa):
-                dtype = next(g for g in (dy, dh_n, dc_n) if g is not None).dtype  # (the storage dtype)
-                whole = _pack_for_rows(code, reset_after, hidden, proj, packed, w_hh, w_hr, B, V * B, dtype)
-        if (whole is None or seq.batch_sizes is not None
-                or any(in_dims[i] is not None for i in (4, 6, 7, 8, 10, 11))):
+        if not looped:
+            # (a forward below the level's split_rows may have packed without the piece sections, which the
+            # folded call of V*B rows reads: jacrev's cotangents, a vjp's pull under vmap; a whole pack then,
+            # made here only from plain weights)
+            if any(wrapped(t) for t in (packed, w_hh, w_hr)):
+                whole = None
+            else:
+                with _at_level(seq.isa):
+                    dtype = next(g for g in (dy, dh_n, dc_n) if g is not None).dtype  # (the storage dtype)
+                    whole = _pack_for_rows(code, reset_after, hidden, proj, packed, w_hh, w_hr, B, V * B, dtype)
+        if looped or whole is None:
             def one(x2d, c0, w_ih, reserve, *rest):  # (a folded forward's reserve comes as [T, B, cols])
                 return apply(_RnnLayerGrad, cfg, need, x2d, c0, w_ih, reserve.reshape(-1, reserve.shape[-1]), *rest)
             return _vmap_loop(one, info.batch_size, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy,
