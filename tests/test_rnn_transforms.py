@@ -776,3 +776,20 @@ def test_gradients_through_a_mapped_backward(kind, monkeypatch):
     names = [n for n, _ in ours.named_parameters()] + ["d/dx of vmap(pull)"]
     for name, a, e in zip(names, got, want, strict=True):
         _assert_close(a, e, f"{kind}: {name}")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("kind", list(SEQ_KINDS))
+def test_per_sample_input_gradients_of_a_module_with_its_parameters(kind, batch, monkeypatch):
+    """vmap(grad(loss of x)) with the module's own Parameters (which require grad, so the backward's vmap
+    rule takes a Function call per v): each v's slice of the folded reserve is a strided view at B=1, which
+    the kernel refused until it was made contiguous (an auditing helper, stop 50). Against torch.nn in
+    float64 (the reference for reset_before), sample by sample."""
+    theirs, ours, _, _ = _case(kind)
+    torch.manual_seed(9)
+    xs = torch.randn(3, T, batch, I, dtype=F64)
+    got = torch.vmap(torch.func.grad(lambda z: _run(ours, z, False).square().sum()))(xs)
+    oracle = _oracle(theirs, ours, monkeypatch)
+    want = torch.stack([torch.autograd.grad(_run(oracle, z, False).square().sum(), z)[0]
+                        for z in xs.clone().requires_grad_()])
+    _assert_close(got, want, f"{kind} B={batch}")

@@ -466,8 +466,10 @@ class _RnnLayerGrad(torch.autograd.Function):
                     dtype = next(g for g in (dy, dh_n, dc_n) if g is not None).dtype  # (the storage dtype)
                     whole = _pack_for_rows(code, reset_after, hidden, proj, packed, w_hh, w_hr, B, V * B, dtype)
         if looped or whole is None:
-            def one(x2d, c0, w_ih, reserve, *rest):  # (a folded forward's reserve comes as [T, B, cols])
-                return apply(_RnnLayerGrad, cfg, need, x2d, c0, w_ih, reserve.reshape(-1, reserve.shape[-1]), *rest)
+            def one(x2d, c0, w_ih, reserve, *rest):  # (a folded forward's reserve comes as [T, B, cols]: at B=1
+                # its rows of one v are T rows V*cols apart, which the reshape keeps as a view)
+                return apply(_RnnLayerGrad, cfg, need, x2d, c0, w_ih,
+                             reserve.reshape(-1, reserve.shape[-1]).contiguous(), *rest)
             return _vmap_loop(one, info.batch_size, (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr, dy,
                                                      dh_n, dc_n), in_dims[2:])
         packed = whole
