@@ -2553,16 +2553,11 @@ def test_training_forwards_project_as_inference_does(monkeypatch, kind, kw, pack
             xt = x.detach().to(dt, copy=True).requires_grad_()
             if kw.get("reset_after", True):
                 yt, _ = call(mod, xt)
-            else:
-                ws = [getattr(mod, n).detach().clone().requires_grad_()
-                      for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")]
-                for n, q in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), ws):
-                    setattr(mod, n, torch.nn.Parameter(q))  # (the reference's leaves are the module's)
+            else:  # (the reference on the module's own Parameters, whose .grad the loop below reads)
                 xs = torch.nn.utils.rnn.pack_padded_sequence(xt, lengths, enforce_sorted=False) if packed else None
                 yr, _, _ = ref.rnn_layer("gru", xs.data if packed else xt, xs.batch_sizes if packed else None,
-                                         None, None, *[getattr(mod, n) for n in ("weight_ih_l0", "weight_hh_l0",
-                                                                                 "bias_ih_l0", "bias_hh_l0")],
-                                         None, False, reset_after=False)
+                                         None, None, mod.weight_ih_l0, mod.weight_hh_l0, mod.bias_ih_l0,
+                                         mod.bias_hh_l0, None, False, reset_after=False)
                 yt = (torch.nn.utils.rnn.pad_packed_sequence(torch.nn.utils.rnn.PackedSequence(
                     yr, xs.batch_sizes, xs.sorted_indices, xs.unsorted_indices))[0] if packed else yr)
             (yt * w.to(dt)).sum().backward()

@@ -463,8 +463,7 @@ class _RnnLayerGrad(torch.autograd.Function):
                 whole = None
             else:
                 with _at_level(seq.isa):
-                    dtype = next(g for g in (dy, dh_n, dc_n) if g is not None).dtype  # (the storage dtype)
-                    whole = _pack_for_rows(code, reset_after, hidden, proj, packed, w_hh, w_hr, B, V * B, dtype)
+                    whole = _pack_for_rows(code, reset_after, hidden, proj, packed, w_hh, w_hr, B, V * B, w_ih.dtype)
         if looped or whole is None:
             def one(x2d, c0, w_ih, reserve, *rest):  # (a folded forward's reserve comes as [T, B, cols]: at B=1
                 # its rows of one v are T rows V*cols apart, which the reshape keeps as a view)
