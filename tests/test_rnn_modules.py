@@ -1481,6 +1481,27 @@ def test_convert_leaves_ours_and_subclasses_alone_and_keeps_shared_modules_share
         pyseqkern.convert("not a module")
 
 
+def test_convert_after_dynamic_quantization_keeps_torchs_quantized_layers():
+    """torch.ao's quantize_dynamic matches modules by exact type, so it quantizes torch.nn's LSTM, GRU and
+    cells but leaves ours (subclasses) in float. Quantized first, a model keeps torch's quantized layers
+    through convert, which takes the float ones it left (README, "Dynamic quantization")."""
+    import warnings
+
+    model = torch.nn.ModuleDict({"q": torch.nn.LSTM(I, H), "f": torch.nn.GRU(I, H), "c": torch.nn.LSTMCell(I, H)})
+    x = x3()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.ao's deprecation notice)
+        quantized = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.LSTM}, dtype=torch.qint8)
+    q = quantized["q"]
+    with torch.no_grad():
+        want = q(x)[0]
+    pyseqkern.convert(quantized)
+    assert quantized["q"] is q and not isinstance(q, torch.nn.LSTM)
+    assert type(quantized["f"]) is pnn.GRU and type(quantized["c"]) is pnn.LSTMCell
+    with torch.no_grad():
+        assert_bitwise_equal(quantized["q"](x)[0], want)
+
+
 @pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm", "custom"])
 def test_convert_accelerates_parametrized_modules(norm):
     """A parametrized torch.nn module has torch's generated class (ParametrizedLSTM, a direct subclass);
