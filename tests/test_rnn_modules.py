@@ -908,6 +908,56 @@ def test_cell_planned_path_follows_parameter_changes(kind):
         same(got, other(x, states))
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_modules_tied_on_weight_hh_alone_keep_their_plans(cls, monkeypatch):
+    """Two modules sharing weight_hh but not weight_ih, called in turn: a plan is anchored on weight_hh,
+    and each call replaced the other module's and planned again (two GRUCells at B=1, H=256: 4x the
+    time). The plan of the other module is kept beside the newest: no plan is made after each module's
+    first call, results are each module's own (bit for bit as an untied copy), and an in-place update of
+    one module still re-plans it, the stale plan not kept."""
+    made = []
+
+    class Counted(rnn_ops._CellPlan):
+        __slots__ = ()
+
+        def __init__(self, *args):
+            made.append(args[0])
+            super().__init__(*args)
+
+    monkeypatch.setattr(rnn_ops, "_CellPlan", Counted)
+    cell = "Cell" in cls
+    a, b = (seed_parameters(getattr(pnn, cls)(I, H), seed=s).eval() for s in (230, 231))
+    name = "weight_hh" if cell else "weight_hh_l0"
+    setattr(b, name, getattr(a, name))
+    copies = [copy.deepcopy(m) for m in (a, b)]  # untied: b's copy has its own copy of the shared weight
+    x = x3((B, I)) if cell else x3()
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    with torch.no_grad():
+        want = [first(m(x)) for m in copies]
+        made.clear()
+        for _ in range(3):
+            for m, w in zip((a, b), want):
+                assert_bitwise_equal(first(m(x)), w)
+        assert len(made) == 2, f"{len(made)} plans made for two modules called three times each"
+        getattr(a, name).mul_(0.5)  # (b's weight too: they are one tensor)
+        fresh = [copy.deepcopy(m) for m in (a, b)]
+        setattr(fresh[1], name, getattr(fresh[0], name))
+        want = [first(m(x)) for m in fresh]
+        made.clear()
+        for _ in range(2):
+            for m, w in zip((a, b), want):
+                assert_bitwise_equal(first(m(x)), w)
+        assert len(made) == 2
+    anchor = id(getattr(a, name))
+    keys = [rnn_ops._CELL_PLANS[anchor][0], rnn_ops._CELL_PLANS_OTHER[anchor][0]]
+    assert all(k[8] == getattr(a, name)._version for k in keys), "a stale plan was kept"
+    lone = copies[0]  # a module of its own: its plan at the old version goes when it re-plans
+    with torch.no_grad():
+        getattr(lone, name).mul_(0.5)
+        lone(x)
+    assert id(getattr(lone, name)) not in rnn_ops._CELL_PLANS_OTHER, "a stale plan of the same module was kept"
+
+
 @pytest.mark.parametrize("optimizer", ["Adam", "SGD", "Adagrad"])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell"])
 def test_inference_after_a_fused_optimizer_step_sees_the_new_weights(cls, optimizer):

@@ -28,7 +28,7 @@ def _caches_hold_entries() -> bool:
     from . import rnn, rnn_autocast
 
     return bool(rnn._PACK_CACHE or rnn._BIAS_CACHE or rnn._PACK_IN_CACHE or rnn._CELL_PLANS
-                or rnn_autocast._CAST_CACHE)
+                or rnn._CELL_PLANS_OTHER or rnn_autocast._CAST_CACHE)
 
 
 def _before_step(optimizer, args, kwargs):
