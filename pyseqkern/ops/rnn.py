@@ -1081,16 +1081,21 @@ def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
     # checked, so that tells `p.data = p.data.t()` apart at half the cost of stride() on every step.
     # Shapes too: a parameter re-pointed at a view of its own start (`p.data = p.data[:12]`) keeps its
     # address and version, and the old plan ran with the old sizes (a fuzzer, stop 32).
-    return (mode, reset_after, id(w_ih), w_ih.data_ptr(), w_ih._version, w_ih.is_contiguous(), w_ih.shape,
+    # The first _OWNER_FIELDS name the modules rather than their state (_cell_owner).
+    return (mode, reset_after, id(w_ih), None if b_ih is None else id(b_ih), None if b_hh is None else id(b_hh),
+            w_ih.data_ptr(), w_ih._version, w_ih.is_contiguous(), w_ih.shape,
             w_hh.data_ptr(), w_hh._version, w_hh.is_contiguous(), w_hh.shape,
-            None if b_ih is None else (id(b_ih), b_ih.data_ptr(), b_ih._version),
-            None if b_hh is None else (id(b_hh), b_hh.data_ptr(), b_hh._version), _backend._ISA.name)
+            None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
+            None if b_hh is None else (b_hh.data_ptr(), b_hh._version), _backend._ISA.name)
+
+
+_OWNER_FIELDS = 5
 
 
 def _cell_owner(key):
-    """What in a _cell_key names the modules rather than their state: mode, reset_after, the ids of
-    w_ih and the biases (w_hh's own id anchors the entry)."""
-    return key[0], key[1], key[2], key[11] and key[11][0], key[12] and key[12][0]
+    """Mode, reset_after and the ids of w_ih and the biases: the modules a _cell_key names (w_hh's own
+    id anchors the entry)."""
+    return key[:_OWNER_FIELDS]
 
 
 def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
