@@ -1119,7 +1119,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cell_rnn_backward", &cell_rnn_backward);
   m.def("rnn_direct_step", &rnn_direct_step);
   py::class_<Fingerprint>(m, "Fingerprint")
-      .def(py::init<const std::vector<std::pair<uintptr_t, int64_t>>&>(), py::arg("spans"))
+      .def(py::init<const std::vector<Fingerprint::Span>&>(), py::arg("spans"))
       .def("matches", &Fingerprint::matches)
       .def_property_readonly("samples", &Fingerprint::samples);
   m.def("rnn_backward", &rnn_backward_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),

@@ -2,6 +2,8 @@
 #include "fingerprint.h"
 
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 namespace pyseqkern {
 
@@ -15,19 +17,29 @@ uint64_t word_at(const unsigned char* p) {
 
 // The offsets are worked out here, once: matches() runs on every cache hit (a cell step at B=1 is
 // ~15 us), and a division per sample there cost about a microsecond.
-Fingerprint::Fingerprint(const std::vector<std::pair<uintptr_t, int64_t>>& spans) {
+Fingerprint::Fingerprint(const std::vector<Span>& spans) {
   for (const auto& span : spans) {
-    const auto* base = reinterpret_cast<const unsigned char*>(span.first);
-    const int64_t bytes = span.second;
-    if (base == nullptr || bytes <= 0) continue;
-    if (bytes < 8) {  // (a bfloat16 bias of 1-3 elements)
-      for (int64_t i = 0; i < bytes; ++i) bytes_at_.push_back(base + i);
+    const auto* base = reinterpret_cast<const unsigned char*>(std::get<0>(span));
+    const int64_t rows = std::get<1>(span), stride = std::get<2>(span), row_bytes = std::get<3>(span);
+    if (base == nullptr || rows <= 0 || row_bytes <= 0) continue;
+    if (rows > 1 && row_bytes < 8)
+      throw std::invalid_argument("pyseqkern: Fingerprint: a span of " + std::to_string(rows) +
+                                  " rows needs rows of 8 bytes or more, got " + std::to_string(row_bytes));
+    if (rows == 1 && row_bytes < 8) {  // (a bfloat16 bias of 1-3 elements)
+      for (int64_t i = 0; i < row_bytes; ++i) bytes_at_.push_back(base + i);
       continue;
     }
-    const int64_t last = bytes - 8;  // the last offset a whole word can be read at
-    const int64_t words = (last + 7) / 8 + 1;  // (enough to cover every byte, the last one included)
-    const int64_t n = words < kSamplesPerSpan ? words : kSamplesPerSpan;
-    for (int64_t i = 0; i < n; ++i) words_at_.push_back(base + (n == 1 ? 0 : last * i / (n - 1)));
+    const int64_t last = row_bytes - 8;           // the last offset in a row a whole word can be read at
+    const int64_t per_row = (last + 7) / 8 + 1;   // words that cover a row, its last byte included
+    if (rows * per_row <= kSamplesPerSpan) {      // every word
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < per_row; ++j)
+          words_at_.push_back(base + r * stride + (per_row == 1 ? 0 : last * j / (per_row - 1)));
+      continue;
+    }
+    const int64_t n = kSamplesPerSpan;  // spread evenly over a flat span, on the diagonal of a matrix
+    for (int64_t i = 0; i < n; ++i)
+      words_at_.push_back(base + (rows - 1) * i / (n - 1) * stride + last * i / (n - 1));
   }
   for (const unsigned char* p : words_at_) words_.push_back(word_at(p));
   for (const unsigned char* p : bytes_at_) bytes_.push_back(*p);

@@ -149,12 +149,18 @@ def _fingerprint(*sources):
     none is on the CPU. The version counter misses writes through `.data`: inference after
     `target.p.data.copy_(tau * p.data + (1 - tau) * target.p.data)` (a soft target update) ran the
     weights packed before it. A hit (_hit, _cell_plan) compares the sample: 64 words per tensor, ~0.1 us
-    for an LSTM's four parameters. CUDA memory is not sampled (a read would cost a sync)."""
+    for an LSTM's four parameters. A matrix whose rows are contiguous goes as rows (sampled on its
+    diagonal: whole columns seen, not only contiguous slices), anything else as the flat extent of its
+    memory. CUDA memory is not sampled (a read would cost a sync)."""
     spans = []
     for t in sources:
         if t is not None and t.is_cpu and t.numel():
-            extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-            spans.append((t.data_ptr(), extent * t.element_size()))
+            size = t.element_size()
+            if t.dim() == 2 and t.shape[0] > 1 and t.stride(1) == 1 and t.shape[1] * size >= 8:
+                spans.append((t.data_ptr(), t.shape[0], t.stride(0) * size, t.shape[1] * size))
+            else:
+                extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+                spans.append((t.data_ptr(), 1, 0, extent * size))
     return _C.Fingerprint(spans) if spans else None
 
 
