@@ -50,9 +50,29 @@ def _by_float32(dtype, device) -> bool:
     return _BF16_BY_FLOAT32 and dtype == torch.bfloat16 and device.type == "cpu"
 
 
+# torch's CPU bfloat16 GEMMs (mm, addmm and oneDNN's linear alike; torch 2.13 on the amx and avx512
+# levels) carry an Inf or NaN of one row of `a` into the previous row's sums where the contraction is
+# not a multiple of 32 (K = 5, 7, 33, 34, 100, 255 measured; 2-32, 64 and 256 clean): a bfloat16 LSTM
+# with input_size 5 and one infinite input value gave another batch row all NaN, where torch.nn's LSTM
+# (oneDNN's RNN primitive) keeps it finite (found by an auditing helper, stop 52; torch.nn's bfloat16 GRU
+# and RNN, which take the same GEMMs, spill too). Such a product whose `a` holds a non-finite value runs
+# in float32 instead (MKL's sgemm, which does not spill, and one rounding, as _by_float32): finite
+# operands keep the bfloat16 GEMM and its bits, for one pass over `a` where K is not a multiple of 32.
+_BF16_CLEAN_K = 32
+
+
+def _spills(a) -> bool:
+    """Whether a CPU bfloat16 product a @ b^T would carry a non-finite value of one of a's rows into
+    another's sums (plain tensors only: under a trace the check would be data-dependent)."""
+    return (a.dtype == torch.bfloat16 and type(a) is torch.Tensor and a.device.type == "cpu"
+            and a.shape[1] % _BF16_CLEAN_K != 0 and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(a).all()))
+
+
 def _mm(a, bt):
-    """a @ bt^T; CPU bfloat16 through float32 where torch has no fast bfloat16 GEMM."""
-    if _by_float32(a.dtype, a.device):
+    """a @ bt^T; CPU bfloat16 through float32 where torch has no fast bfloat16 GEMM or its GEMM would
+    spill a non-finite value across rows (_spills)."""
+    if _by_float32(a.dtype, a.device) or _spills(a):
         return _mm(a.float(), bt.float()).to(a.dtype)
     if _narrow_and_long(a, bt):
         # A product a few rows or columns wide (a weight gradient of a narrow input or projection)
@@ -126,9 +146,10 @@ def _input_projection(x2d, w_ih, bias, scratch=None):
         # T=3, B=1: outputs and gradients 2.4-6.5x torch.nn's error; a fuzzer, stop 27). _mm blocks k.
         x_gates = _mm(x2d, w_ih)
         return (x_gates, bias.contiguous()) if bias is not None else (x_gates, None)
-    if _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device):
+    spills = _spills(x2d)
+    if not spills and _onednn_ok(x2d.shape[0], x2d.dtype, x2d.device):
         return _onednn_linear(x2d, w_ih, bias, "none", [], ""), None
-    if _by_float32(x2d.dtype, x2d.device):
+    if spills or _by_float32(x2d.dtype, x2d.device):
         f = w_ih.float().t()
         return (torch.addmm(bias.float(), x2d.float(), f) if bias is not None else x2d.float() @ f).to(x2d.dtype), None
     apart = bias is not None and x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64)
@@ -190,13 +211,14 @@ class _Gemms:
         return a.t().contiguous() if self.fast else a.t()
 
     def mm(self, a, bt):
-        return _onednn_linear(a, bt, None, "none", [], "") if self.fast and not _narrow_and_long(a, bt) else _mm(a, bt)
+        fast = self.fast and not _narrow_and_long(a, bt) and not _spills(a)
+        return _onednn_linear(a, bt, None, "none", [], "") if fast else _mm(a, bt)
 
     def mm_rows(self, a, b):
         """a @ b with b row-major as it comes (x, w_ih). In bfloat16 torch.mm is oneDNN's own GEMM and
         takes b whole, where linear wants b^T copied first: torch's transposing copy was a third of the
         GEMM's time and more (x of 3200 x 256: 0.49 ms against the GEMM's 0.85; 12800 x 512: 11.6 against
         14.5; stop 42, the Xeon). Float32's torch.mm is MKL's, which oneDNN's linear beats where `fast`."""
-        if self.fast and a.dtype == torch.bfloat16 and not _narrow_and_long(a, b.t()):
+        if self.fast and a.dtype == torch.bfloat16 and not _narrow_and_long(a, b.t()) and not _spills(a):
             return torch.mm(a, b)
         return self.mm(a, self.t(b))
