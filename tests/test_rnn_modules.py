@@ -2593,6 +2593,29 @@ def test_gradients_through_a_non_finite_input_follow_torch(isa, kind, dtype, val
             assert_matches(g[finite], w[finite], f"tensor {i}")
 
 
+@pytest.mark.parametrize("batch", [3, 64, 65, 100])
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_gradients_through_a_nan_input_without_hx_follow_torch(name, dtype, batch):
+    """hx omitted (zeros) and one NaN input element: every gradient is NaN where torch.nn's is. Above 64
+    rows a recorded LSTMCell step is plain torch ops, which skipped the forget gate's term for the zero
+    c: its gradient was 0 where torch.nn's is NaN (NaN x 0; found by an auditing helper, stop 52)."""
+    theirs = seed_parameters(getattr(torch.nn, name)(I, H), seed=285)
+    ours = getattr(pnn, name)(I, H)
+    ours.load_state_dict(theirs.state_dict())
+    x = randn((batch, I), F64, seed=286)
+    x[batch // 2, 2] = float("nan")
+    results = []
+    for module in (ours, theirs):
+        module = copy.deepcopy(module).to(dtype)
+        xx = x.to(dtype).requires_grad_()
+        out = module(xx)
+        out = list(out) if isinstance(out, tuple) else [out]
+        results.append(out + list(torch.autograd.grad(weighted_sum(out), [xx] + list(module.parameters()))))
+    for i, (got, want) in enumerate(zip(*results, strict=True)):
+        assert got.isnan().any() and torch.equal(got.isnan(), want.isnan()), (i, got.isnan().sum(), want.isnan().sum())
+
+
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["gru_bias_-1e38", "gru_bias_-inf", "lstm_proj_gate_-1e38", "lstm_gates_+-200"])
 def test_saturated_gates_reach_zero_and_one_as_in_torch(isa, case, dtype):

@@ -385,8 +385,9 @@ def _composite(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
     gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
     if mode == "lstm":
         i, f, g, o = gates.chunk(4, 1)
-        c_n = torch.sigmoid(i) * torch.tanh(g)
-        if c is not None:
-            c_n = torch.sigmoid(f) * c + c_n
+        # (c zeros multiplied too, as h: skipped, the forget gate's gradient was 0 where torch.nn's is NaN,
+        # a NaN input row at B > 64 without hx; found by an auditing helper, stop 52)
+        c = x.new_zeros(h.shape) if c is None else c
+        c_n = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c_n), c_n
     return (torch.tanh(gates) if mode == "rnn_tanh" else torch.relu(gates),)
