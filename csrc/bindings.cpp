@@ -615,7 +615,8 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
                        int64_t row_stride_b, bool reverse, py::handle x_gates, py::handle b_hn, py::handle h0,
                        py::handle c0, py::handle y, int64_t ld_y, py::handle h_n, py::handle c_n, py::handle packed,
                        py::handle reserve, py::handle workspace, int num_threads, uintptr_t stream,
-                       int path, py::handle x, py::handle packed_in, py::handle x_gates_buf, py::handle x_bias) {
+                       int path, py::handle x, py::handle packed_in, py::handle x_gates_buf, py::handle x_bias,
+                       bool ride) {
   RnnFwdParams p{};
   p.shape = rnn_shape(mode, reset_after, hidden, proj);
   const RnnCpuKernels& kern = rnn_cpu_kernels();
@@ -656,6 +657,7 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
       p.ld_gates = row_stride(buf, "x_gates_buf");
       p.x_rows = xv.sizes[0];
       p.x_gates_buf_rows = buf.sizes[0];
+      p.ride = ride;  // (the kernel checks that it can)
     }
   } else {
     if (!x_gates_buf.is_none())
@@ -675,6 +677,9 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
   }
   if (p.x != nullptr && !x_bias.is_none())
     throw py::value_error("pyseqkern: rnn_forward: 'x_bias' goes with x_gates made outside the kernel, not with 'x'");
+  if (ride && p.x_gates_buf == nullptr)
+    throw py::value_error("pyseqkern: rnn_forward: 'ride' projects inside the steps into 'x_gates_buf'; pass 'x' and "
+                          "'x_gates_buf' too");
   // Everything the kernels index, held to the rows and sizes they reach (a direct op call with
   // inconsistent arguments would otherwise write out of bounds).
   const int64_t H = hidden, K = p.shape.state(), G = rnn_gate_count(p.shape.mode);
@@ -914,12 +919,14 @@ class RnnCellStep {
   // direction), y's rows ld_y apart (both directions' outputs side by side in one row), and time-major
   // where y_time_major (batch-major rows read, y as torch.nn lays out a batch_first output). `buf`: 0 to
   // project each step's rows inside the step, else the x_gates buffer of buf_rows rows (all of x's, or
-  // the ride's ring); `ws`: the workspace of ws_numel accumulation values. The caller (seq_fast) checked
-  // every tensor these pointers come from against the plan: this entry checks only the sizes it is told.
+  // the ride's ring; `ride` as RnnFwdParams', with a buffer only); `ws`: the workspace of ws_numel
+  // accumulation values. The caller (seq_fast) checked every tensor these pointers come from against the
+  // plan: this entry checks only the sizes it is told.
   void run_seq(int64_t steps, int64_t batch, int64_t t_stride, int64_t b_stride, uintptr_t x, uintptr_t h,
                uintptr_t c, uintptr_t y, uintptr_t h_n, uintptr_t c_n, uintptr_t ws, int64_t ws_numel,
                uintptr_t buf, int64_t buf_rows, int num_threads, uintptr_t batch_sizes, uintptr_t time_offsets,
-               uintptr_t lengths, int64_t packed_rows, bool reverse, int64_t ld_y, bool y_time_major) const {
+               uintptr_t lengths, int64_t packed_rows, bool reverse, int64_t ld_y, bool y_time_major,
+               bool ride) const {
     // Packed (PackedSequence order): batch_sizes [steps], time_offsets [steps] and lengths [batch], as
     // ops/rnn.py's _listed_seq made them from checked batch sizes summing to packed_rows.
     const bool packed = batch_sizes != 0;
@@ -958,7 +965,9 @@ class RnnCellStep {
       p.ld_gates = G * p.shape.hidden;
       p.x_rows = rows;
       p.x_gates_buf_rows = buf_rows;
+      p.ride = ride;
     } else {
+      if (ride) throw py::value_error("pyseqkern: RnnCellStep.run_seq: 'ride' needs the x_gates buffer ('buf')");
       need += own_x_gates_numel(p.shape, batch, lanes_);
     }
     if (ws_numel < need)
@@ -1095,7 +1104,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("h0").none(true), py::arg("c0").none(true), py::arg("y"), py::arg("ld_y"), py::arg("h_n"),
         py::arg("c_n").none(true), py::arg("packed"), py::arg("reserve").none(true), py::arg("workspace"),
         py::arg("num_threads"), py::arg("stream") = 0, py::arg("path") = 0, py::arg("x") = py::none(),
-        py::arg("packed_in") = py::none(), py::arg("x_gates_buf") = py::none(), py::arg("x_bias") = py::none());
+        py::arg("packed_in") = py::none(), py::arg("x_gates_buf") = py::none(), py::arg("x_bias") = py::none(),
+        py::arg("ride") = false);
   m.def("rnn_input_panel_numel", &rnn_input_panel_numel_entry, py::arg("mode"), py::arg("reset_after"),
         py::arg("hidden"), py::arg("input"), py::arg("dtype"));
   m.def("rnn_pack_current", &rnn_pack_current_entry, py::arg("mode"), py::arg("reset_after"), py::arg("hidden"),

@@ -1174,6 +1174,9 @@ def test_which_one_row_sequences_the_kernel_projects_past_the_read_rule(monkeypa
     G, K = ops.GATES[mode], proj or 16
     panels = G * H * (I + K) + proj * H  # (weights)
     monkeypatch.setattr(rnn_paths, "_L2_BYTES", 64)  # (the read rule always exceeded)
+    # (and the amx level's share for the tile unit, which so small an L2 would always exceed, set aside:
+    # test_one_row_sequences_ride_or_project_on_the_tile_unit)
+    monkeypatch.setattr(rnn_paths, "_RIDE_TILES_L2_SHARE", math.inf)
     monkeypatch.setattr(rnn_paths, "_CHUNK_BYTES", 4 * G * H * 4)  # (x_gates of 4 rows: every case is longer)
     rides = isa in ("avx512", "avx512bf16", "amx")
     rides_bf16 = rides and isa == "avx512bf16"
@@ -1262,13 +1265,46 @@ def test_inference_input_panels_past_the_l2_go_to_torch(monkeypatch):
         assert_bitwise_equal(a, b.detach())
 
 
+@pytest.mark.parametrize("mode, hidden, rides_on_amx", [("lstm", 256, False), ("lstm", 128, True), ("gru", 256, True),
+                                                     ("gru", 384, False), ("rnn_tanh", 512, False),
+                                                     ("rnn_tanh", 256, True)])
+def test_one_row_sequences_ride_or_project_on_the_tile_unit(isa, mode, hidden, rides_on_amx):
+    """A one-row float32 sequence rides where its level can (the AVX-512 levels), except on amx where both
+    panels exceed rnn_paths._RIDE_TILES_L2_SHARE of the L2s: it then projects every row before the steps,
+    on the tile unit from kSplitRows rows (rnn_fwd.cpp, project_split). Either way the module's result is
+    the op path's, bit for bit, and within twice torch.nn's error against float64 (T = 40: row groups of
+    16 and a partial one)."""
+    T, name = 40, {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}[mode]
+    panels = 2 * ops.GATES[mode] * hidden * hidden * 4
+    ride = isa in ("avx512", "avx512bf16", "amx") and (
+        isa != "amx" or panels <= rnn_paths._RIDE_TILES_L2_SHARE * rnn_paths._L2_BYTES * rnn_paths._PATH_THREADS)
+    expected = rides_on_amx if isa == "amx" and rnn_paths._L2_BYTES == 2 << 20 and rnn_paths._PATH_THREADS == 2 else ride
+    assert ops._seq_path(mode, True, hidden, hidden, torch.float32, T, 1, T) == (False, ride) and ride == expected
+    theirs = getattr(torch.nn, name)(hidden, hidden)
+    theirs.load_state_dict({k: randn(v.shape, seed=290 + i, scale=hidden ** -0.5)
+                            for i, (k, v) in enumerate(theirs.state_dict().items())})
+    ours = getattr(pyseqkern.nn, name)(hidden, hidden)
+    ours.load_state_dict(theirs.state_dict())
+    x = randn((T, 1, hidden), seed=291)
+    with torch.no_grad():
+        got = ours(x)[0]
+        p = dict(ours.named_parameters())
+        op = ops.rnn_layer(mode, x, None, None, None, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
+                           p["bias_hh_l0"], None, False, True)[0]
+        assert_bitwise_equal(got, op)
+        assert_within_torch_error(got, theirs(x)[0], theirs.double()(x.double())[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode, reset_after", [("lstm", True), ("gru", False)])
 def test_the_ride_ring_is_checked(isa, mode, reset_after, dtype):
-    """A 16-row x_gates_buf (the ride's ring, rnn.h kRnnRideRing) runs where the kernel rides (B = 1, more
-    than 8 steps, float32 and float64 on the AVX-512 levels, as the kernel's sizes report), bit for bit as
-    with a buffer of every row; where it would not ride (the other levels) the kernel refuses it with an
-    error naming the buffer. Fewer than 16 rows of x take no ring at all (the binding's check)."""
+    """A forward asked to ride (`ride`: B = 1, more than 8 steps, float32 and float64 on the AVX-512
+    levels, as the kernel's sizes report) runs with a 16-row x_gates_buf (the ride's ring, rnn.h
+    kRnnRideRing) or one of every row, bit for bit as the same forward not riding (its rows projected
+    before the steps: fewer than kSplitRows, so on the FMA tiles at every level); where it cannot ride
+    (the other levels, or B = 2) the kernel refuses `ride`, and a forward not riding refuses the ring, each
+    with an error naming it. Fewer than 16 rows of x take no ring at all, and `ride` needs the buffer (the
+    binding's checks)."""
     code, H, I, T = ops.MODES[mode], 24, 20, 21
     G = ops.GATES[mode]
     w_ih, w_hh = randn((G * H, I), seed=1).to(dtype), randn((G * H, H), seed=2).to(dtype)
@@ -1276,28 +1312,38 @@ def test_the_ride_ring_is_checked(isa, mode, reset_after, dtype):
     packed = ops._packed(code, reset_after, H, 0, w_hh, None, False)
     ws = torch.empty(ops._sizes(code, reset_after, H, 0, 1, dtype)[2], dtype=dtype)
 
-    def run(T, rows):
-        x = randn((T, I), seed=3).to(dtype)
-        y = torch.full((T, H), math.nan, dtype=dtype)
-        hn, cn = torch.empty(1, H, dtype=dtype), torch.empty(1 if code == 0 else 0, H, dtype=dtype)
-        _C.rnn_forward(code, reset_after, H, 0, T, 1, None, None, None, 1, 1, False, None, None, None, None,
+    def run(T, rows, ride, B=1, buf=True):
+        x = randn((T * B, I), seed=3).to(dtype)
+        y = torch.full((T * B, H), math.nan, dtype=dtype)
+        hn, cn = torch.empty(B, H, dtype=dtype), torch.empty(B if code == 0 else 0, H, dtype=dtype)
+        wsb = torch.empty(ops._sizes(code, reset_after, H, 0, B, dtype)[2], dtype=dtype)
+        _C.rnn_forward(code, reset_after, H, 0, T, B, None, None, None, B, 1, False, None, None, None, None,
                        capsule(y), H, capsule(hn), capsule(cn) if code == 0 else None, capsule(packed), None,
-                       capsule(ws), 2, x=capsule(x), packed_in=capsule(panel),
-                       x_gates_buf=capsule(torch.full((rows, G * H), math.nan, dtype=dtype)))
+                       capsule(wsb if B > 1 else ws), 2, x=capsule(x), packed_in=capsule(panel),
+                       x_gates_buf=capsule(torch.full((rows, G * H), math.nan, dtype=dtype)) if buf else None,
+                       ride=ride)
         return y
 
     assert _C.RNN_RIDE_RING == rnn_paths._RIDE_RING == 16
     rides = isa in ("avx512", "avx512bf16", "amx")
-    # The kernel's sizes say where it rides (rnn_paths._kernel_rides reads them): B = 1 only.
+    # The kernel's sizes say where it can ride (rnn_paths._kernel_rides reads them): B = 1 only.
     assert [ops._sizes(code, reset_after, H, 0, b, dtype)[5] for b in (1, 2)] == [16 if rides else 0, 0]
-    full = run(T, T)
+    full = run(T, T, False)
+    cannot = "'ride' projects a one-row sequence inside its steps"
     if rides:
-        assert_bitwise_equal(run(T, 16), full)
+        assert_bitwise_equal(run(T, 16, True), full)
+        assert_bitwise_equal(run(T, T, True), full)
     else:
-        with pytest.raises(ValueError, match=f"'x_gates_buf' holds 16 rows, a ring .* needs all of x's {T} rows"):
-            run(T, 16)
+        with pytest.raises(ValueError, match=cannot):
+            run(T, T, True)
+    with pytest.raises(ValueError, match=f"'x_gates_buf' holds 16 rows, a ring .* needs all of x's {T} rows"):
+        run(T, 16, False)
+    with pytest.raises(ValueError, match=cannot + ".* this call has B = 2"):
+        run(T, 2 * T, True, B=2)
+    with pytest.raises(ValueError, match="'ride' projects inside the steps into 'x_gates_buf'"):
+        run(T, T, True, buf=False)
     with pytest.raises(ValueError, match="'x_gates_buf' must be a CPU \\[N, G\\*H\\] tensor .* \\(or 16, a ring"):
-        run(12, 16)
+        run(12, 16, True)
 
 
 def test_kernel_projection_buffer_is_checked():

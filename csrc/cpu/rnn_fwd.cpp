@@ -379,6 +379,7 @@ struct FwdCtx {
   bool amx_split;  // the products on the tile unit, as three bfloat16 pieces a float (Layout::split)
   bool project_own_rows;  // with split_rows, the projection before the steps by rows too (forward_variant)
   bool ride;  // a one-row sequence's projection rides in the steps' recurrent tiles (forward_variant)
+  bool project_split;  // a one-row sequence's projection before the steps on the tile unit (forward_variant)
 };
 
 // Below this many multiply-adds a whole call whose panels fit one core's cache runs on one thread
@@ -664,7 +665,9 @@ void fwd_worker(void* raw, const Team& team) {
       int64_t x0, x1;
       split_range(l.U, tid, nt, &x0, &x1);
       auto row_of = [](int64_t r) { return r; };
+      split_now = c.amx_split || c.project_split;
       project(p.x_rows, row_of, x0, x1, row_of);
+      split_now = c.amx_split;
     }
     if (stream_xg) stream_fence();  // before the sync below publishes the buffer
   }
@@ -1077,9 +1080,19 @@ void forward_variant(const RnnFwdParams& p) {
                        p.seq.time_offsets == nullptr && in_bytes + panel_bytes <= cpu_l2_bytes() / 2;
   // Every step has its one row (seq_len 0 == steps; the ring's arithmetic counts steps, not rows).
   const bool first = p.x != nullptr && p.x_gates_buf != nullptr;
-  c.ride = c.sz.ride_ring > 0 && first && !c.split_rows && p.seq.steps > kRideRows &&
-           seq_len(p.seq, 0) == p.seq.steps;
+  c.ride = p.ride;
+  if (c.ride && !(c.sz.ride_ring > 0 && first && !c.split_rows && p.seq.steps > kRideRows &&
+                  seq_len(p.seq, 0) == p.seq.steps))
+    throw std::invalid_argument(
+        "pyseqkern: rnn_forward: 'ride' projects a one-row sequence inside its steps: x and x_gates_buf given, "
+        "B = 1, more than " + std::to_string(kRideRows) + " steps, a level and dtype whose sizes report a "
+        "ride ring; this call has B = " + std::to_string(B) + ", " + std::to_string(p.seq.steps) + " steps");
   static_assert(kRnnRideRing == 2 * kRideRows, "the ring holds the group the steps read and the one they fill");
+  // A one-row sequence that does not ride projects its rows before the steps, on the tile unit where
+  // they fill its row groups, as a call of kSplitRows rows does at every step: the tile unit runs that
+  // product at 1.5-2x the FMA tiles' rate (rnn_paths._kernel_rides says where that beats riding).
+  // Decided by the call's rows (T x 1), never by a thread's share.
+  c.project_split = c.l.split && B == 1 && !c.ride && p.x_rows >= kSplitRows;
   if (first && p.x_gates_buf_rows < p.x_rows && !c.ride)
     throw std::invalid_argument(
         "pyseqkern: rnn_forward: 'x_gates_buf' holds " + std::to_string(p.x_gates_buf_rows) +

@@ -388,7 +388,7 @@ def _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h
                    _none(lengths), row_stride_t, row_stride_b, reverse, _none(x_gates), _none(b_hn), _none(h0),
                    _none(c0), capsule(y), K, capsule(h_n), capsule(c_n) if mode == 0 else None, capsule(packed),
                    capsule(reserve) if training else None, capsule(workspace), num_threads(), x=_none(x),
-                   packed_in=_none(panel), x_gates_buf=_none(x_buf), x_bias=_none(x_bias))
+                   packed_in=_none(panel), x_gates_buf=_none(x_buf), x_bias=_none(x_bias), ride=ring)
     return y, h_n, c_n, reserve
 
 
@@ -1373,7 +1373,8 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
         plan.step.run_seq(T, B, t_stride, b_stride, layer_input.data_ptr(), h and h + at, c and c + at,
                           y.data_ptr() + direction * hidden * x.element_size(), hn + at, cn and cn + at,
                           ws.data_ptr(), ws.numel(), 0 if buf is None else buf.data_ptr(),
-                          0 if buf is None else buf.shape[0], threads, *seq_ptrs, direction == 1, D * hidden, last)
+                          0 if buf is None else buf.shape[0], threads, *seq_ptrs, direction == 1, D * hidden, last,
+                          ring)
     return (y.transpose(0, 1) if time_major_out else y), h_n, c_n
 
 

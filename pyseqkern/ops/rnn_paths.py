@@ -195,19 +195,33 @@ def _chunks(seq, x2d, w_hh):
     return list(zip([0] + ends[:-1], ends)) if len(ends) > 1 else None
 
 
-def _kernel_rides(sizes, seq, x2d):
+# On the amx level (float32, whose pack has piece sections: sizes[6]) a one-row sequence whose panels
+# exceed _RIDE_TILES_L2_SHARE of a core's L2 per thread does not ride: it projects every row before the
+# steps, on the tile unit from kSplitRows rows (rnn_fwd.cpp, FwdCtx::project_split), at 1.5-2x the FMA
+# tiles' rate, and its steps stream the recurrent panel alone (riding, LSTM (100,1,256)'s tile took 4.9 us a
+# step where the same stream without its riding rows took 3.1; stop 51). On the Granite Rapids-class Xeon
+# (2 MB L2), in-process, 5-15 alternating processes, time not riding / riding (threads' share of both
+# panels): LSTM (100,1,256) 0.91-0.92 (1 MB), (200,1,256) 0.87, (32,1,256) 0.94, proj_size=128 0.89 (820 KB),
+# 2 layers 0.87, bidirectional 0.89, (100,1,512) 0.71 (4 MB); GRU (100,1,512) 0.71 (3 MB); RNN (100,1,512)
+# 0.92 (1 MB), (50,1,1024) 0.74 (4 MB). Smaller panels keep riding: GRU (100,1,256) 1.01 (768 KB), LSTM
+# I = 64, H = 256 1.04 (640 KB), RNN (100,1,256) 1.09 (256 KB), LSTM (100,1,128) 1.01, (500,1,32) 1.05.
+_RIDE_TILES_L2_SHARE = 0.375
+
+
+def _kernel_rides(sizes, seq, x2d, panels):
     """Whether a kernel that projects this inference sequence before its steps carries the projection in
-    its recurrent tiles instead (rnn_fwd.cpp, FwdCtx::ride): its `sizes` (rnn._sizes(...) at the sequence's
-    batch and dtype) report a ride ring, and every step has its one row, more than kRideRows of them.
-    Its x_gates buffer is then a ring of _RIDE_RING rows."""
-    return sizes[5] > 0 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS
+    its recurrent tiles instead (rnn_fwd.cpp, FwdCtx::ride; rnn_forward's `ride`): its `sizes`
+    (rnn._sizes(...) at the sequence's batch and dtype) report a ride ring, every step has its one row,
+    more than kRideRows of them, and on the amx level both panels (`panels`: the bytes its products
+    read) fit _RIDE_TILES_L2_SHARE of the L2s. Its x_gates buffer is then a ring of _RIDE_RING rows."""
+    return (sizes[5] > 0 and x2d.shape[0] == seq.steps >= _RIDE_MIN_STEPS
+            and not (sizes[6] > 0 and panels > _RIDE_TILES_L2_SHARE * _L2_BYTES * _PATH_THREADS))
 
 
 def _rides(sizes, seq, x2d, panels):
     """Whether the kernel projects a sequence with the read rule exceeded: it rides (_kernel_rides) with
-    both panels (`panels`: the bytes its products read) within _RIDE_L3_SHARE of the L3. (Its ring keeps
-    x_gates small at any length.)"""
-    return _kernel_rides(sizes, seq, x2d) and panels <= _RIDE_L3_SHARE * _L3_BYTES
+    both panels within _RIDE_L3_SHARE of the L3. (Its ring keeps x_gates small at any length.)"""
+    return _kernel_rides(sizes, seq, x2d, panels) and panels <= _RIDE_L3_SHARE * _L3_BYTES
 
 
 # Training forwards (plain eager, recording) of these modes and dtypes from this many rows a step take
@@ -233,8 +247,8 @@ def _projection_path(mode, sizes, seq, x2d, w_dtype, hidden, proj, recurrent_num
     recurrent_numel: W_hh's and W_hr's values. Reads only x2d's shape and dtype."""
     size = 2 if x2d.dtype == torch.bfloat16 else x2d.element_size()  # (bfloat16: pair sections, read as such)
     read = GATES[mode] * hidden * x2d.shape[1] * size
-    if x2d.dtype != w_dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(
-            sizes, seq, x2d, read + recurrent_numel * size):
+    panels = read + recurrent_numel * size
+    if x2d.dtype != w_dtype or read > _READ_L2S * _L2_BYTES * _PATH_THREADS and not _rides(sizes, seq, x2d, panels):
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
@@ -242,4 +256,4 @@ def _projection_path(mode, sizes, seq, x2d, w_dtype, hidden, proj, recurrent_num
     if (not each_step and mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32
             and _backend.FP32_GEMM == "mkl"):
         return None
-    return each_step, not each_step and _kernel_rides(sizes, seq, x2d)
+    return each_step, not each_step and _kernel_rides(sizes, seq, x2d, panels)

@@ -64,8 +64,8 @@ struct RnnSizes {
   int64_t workspace_numel; // per call
   int64_t reserve_cols;    // reserve row width
   int64_t reserve_hprev;   // column where h_prev starts in a reserve row
-  int64_t ride_ring;       // CPU, B = 1: kRnnRideRing where a forward projecting first rides at this level
-                           // and dtype (x_gates_buf may then be that ring, see RnnFwdParams), else 0
+  int64_t ride_ring;       // CPU, B = 1: kRnnRideRing where a forward projecting first may ride at this
+                           // level and dtype (RnnFwdParams::ride; x_gates_buf may then be that ring), else 0
   int64_t split_rows;      // CPU: calls of this many rows (batch) or more read the pack's piece sections
                            // (float32 on the amx level); 0: the layout has none
 };
@@ -128,12 +128,15 @@ struct RnnFwdParams {
   // dtype as torch's GEMM rounds), each thread its own gate columns from the panel in its cache, and
   // runs the steps reading it as x_gates; the workspace needs no room for x_gates then. For sequences
   // whose per-thread input panel fits the cache: torch's GEMM evicts the recurrent panel and reaches
-  // a lower share of peak on these shapes. x_gates_buf_rows is x_rows, or kRnnRideRing where the
-  // kernel projects a one-row sequence inside its steps (RnnSizes::ride_ring for B = 1, and a
-  // sequence of more than 8 steps, each with its row): it then keeps the rows as a ring of that many
-  // (rows of step s at s % kRnnRideRing, whatever the direction), and a forward that would not ride
-  // refuses so short a buffer (std::invalid_argument).
+  // a lower share of peak on these shapes. With `ride` the kernel projects a one-row sequence inside
+  // its steps instead (the caller's choice, pyseqkern/ops/rnn_paths.py _kernel_rides; possible where
+  // RnnSizes::ride_ring is nonzero for B = 1, in a sequence of more than 8 steps each with its row, else
+  // std::invalid_argument): it then keeps the rows as a ring of kRnnRideRing (rows of step s at
+  // s % kRnnRideRing, whatever the direction), and x_gates_buf_rows may be that many; x_rows
+  // otherwise (a forward that does not ride refuses a shorter buffer). Without `ride`, a one-row
+  // sequence of kSplitRows rows or more on the amx level projects on the tile unit (float32).
   void* x_gates_buf; int64_t x_rows; int64_t x_gates_buf_rows;
+  bool ride;
   // CPU only, optional, without x: a row [G*H] (storage dtype) added to every x_gates row as the steps
   // read it, for x_gates that torch's GEMM made without its bias (addmm first copies the bias into
   // every row of its output, then reads it back: a tenth of the GEMM's time). For float32 and float64,
