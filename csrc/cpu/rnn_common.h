@@ -732,7 +732,7 @@ __attribute__((noinline)) void amx_pass1(const char* a, int64_t as, const char* 
 // 16 rows or 8: on the Granite Rapids-class Xeon one core ran a 32 x 512 x 512 float32 product this way
 // at 270-350 GFLOP/s (one row group of 16: 250; of 8: 122), where the FMA tile runs ~183 from L2. So
 // only calls of kSplitRows rows take it, at steps of kSplitStepRows<G> active rows (uses_split, below),
-// and the projection a one-row sequence of kSplitRows steps makes before them (rnn_fwd.cpp, project_split).
+// and any projection of kSplitRows rows before the steps (rnn_fwd.cpp, project_split).
 // The staged rows hold the three pieces of each row (piece p of row r at stage + (p * 32 + r) * Ks), the
 // panel the weights' hi, mid and lo pair sections `piece` elements apart.
 // Two row groups: C tiles 0-3, A tiles 4, 5 (a piece of each group's rows), B tiles 6, 7 (a piece of

@@ -379,7 +379,7 @@ struct FwdCtx {
   bool amx_split;  // the products on the tile unit, as three bfloat16 pieces a float (Layout::split)
   bool project_own_rows;  // with split_rows, the projection before the steps by rows too (forward_variant)
   bool ride;  // a one-row sequence's projection rides in the steps' recurrent tiles (forward_variant)
-  bool project_split;  // a one-row sequence's projection before the steps on the tile unit (forward_variant)
+  bool project_split;  // the projection before the steps on the tile unit, by its rows (forward_variant)
 };
 
 // Below this many multiply-adds a whole call whose panels fit one core's cache runs on one thread
@@ -655,6 +655,10 @@ void fwd_worker(void* raw, const Team& team) {
         }
       });
     };
+    // (On the tile unit by the call's rows, project_split, whichever way the threads share them: a row's
+    // sums on the tile unit do not depend on the rows beside it, so the bits do not depend on the
+    // thread count, which decides project_own_rows.)
+    split_now = c.amx_split || c.project_split;
     if (c.project_own_rows) {
       const int64_t own = rb1 - rb0;
       auto row_of = [&](int64_t r) { return (r / own) * q.row_stride_t + (rb0 + r % own) * q.row_stride_b; };
@@ -665,10 +669,9 @@ void fwd_worker(void* raw, const Team& team) {
       int64_t x0, x1;
       split_range(l.U, tid, nt, &x0, &x1);
       auto row_of = [](int64_t r) { return r; };
-      split_now = c.amx_split || c.project_split;
       project(p.x_rows, row_of, x0, x1, row_of);
-      split_now = c.amx_split;
     }
+    split_now = c.amx_split;
     if (stream_xg) stream_fence();  // before the sync below publishes the buffer
   }
   for (int64_t b = rb0; b < rb1; ++b) {
@@ -1088,11 +1091,16 @@ void forward_variant(const RnnFwdParams& p) {
         "B = 1, more than " + std::to_string(kRideRows) + " steps, a level and dtype whose sizes report a "
         "ride ring; this call has B = " + std::to_string(B) + ", " + std::to_string(p.seq.steps) + " steps");
   static_assert(kRnnRideRing == 2 * kRideRows, "the ring holds the group the steps read and the one they fill");
-  // A one-row sequence that does not ride projects its rows before the steps, on the tile unit where
-  // they fill its row groups, as a call of kSplitRows rows does at every step: the tile unit runs that
-  // product at 1.5-2x the FMA tiles' rate (rnn_paths._kernel_rides says where that beats riding).
-  // Decided by the call's rows (T x 1), never by a thread's share.
-  c.project_split = c.l.split && B == 1 && !c.ride && p.x_rows >= kSplitRows;
+  // The projection before the steps (every row, by unit blocks) runs on the tile unit where its rows fill
+  // the unit's row groups, as a call of kSplitRows rows does at every step, whatever the call's batch: the
+  // tile unit runs that product at 1.5-2x the FMA tiles' rate. Since stop 52; until then only calls of
+  // kSplitRows rows a step took it. In-process, 5-9 alternating processes, time tile unit / FMA tiles:
+  // GRU (100,8,384) 0.91, (100,8,512) 0.89, (100,16,512) 0.90, (4,8,512) 0.91, (100,4,384) 0.89; RNN
+  // (50,8,1024) 0.88, (50,2,1024) 0.91; LSTM (100,2,512) 0.90, bidirectional (100,3,512) 0.94; narrow
+  // inputs, where the projection is a small share, within noise (I = 32..128, H = 512: 0.97-1.02). And a
+  // one-row sequence that does not ride (rnn_paths._kernel_rides) projects so. Decided by the call's rows
+  // (T x B), never by a thread's share.
+  c.project_split = c.l.split && !c.ride && p.x_rows >= kSplitRows;
   if (first && p.x_gates_buf_rows < p.x_rows && !c.ride)
     throw std::invalid_argument(
         "pyseqkern: rnn_forward: 'x_gates_buf' holds " + std::to_string(p.x_gates_buf_rows) +

@@ -133,8 +133,8 @@ struct RnnFwdParams {
   // RnnSizes::ride_ring is nonzero for B = 1, in a sequence of more than 8 steps each with its row, else
   // std::invalid_argument): it then keeps the rows as a ring of kRnnRideRing (rows of step s at
   // s % kRnnRideRing, whatever the direction), and x_gates_buf_rows may be that many; x_rows
-  // otherwise (a forward that does not ride refuses a shorter buffer). Without `ride`, a one-row
-  // sequence of kSplitRows rows or more on the amx level projects on the tile unit (float32).
+  // otherwise (a forward that does not ride refuses a shorter buffer). Projecting before the steps, x's
+  // rows go on the tile unit where there are kSplitRows of them or more (float32 on the amx level).
   void* x_gates_buf; int64_t x_rows; int64_t x_gates_buf_rows;
   bool ride;
   // CPU only, optional, without x: a row [G*H] (storage dtype) added to every x_gates row as the steps
