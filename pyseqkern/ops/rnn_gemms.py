@@ -52,7 +52,7 @@ def _by_float32(dtype, device) -> bool:
 
 # torch's CPU bfloat16 GEMMs (mm, addmm and oneDNN's linear alike; torch 2.13 on the amx and avx512
 # levels) carry an Inf or NaN of one row of `a` into the previous row's sums where the contraction is
-# not a multiple of 32 (K = 5, 7, 33, 34, 100, 255 measured; 2-32, 64 and 256 clean): a bfloat16 LSTM
+# not a multiple of 32 (K = 5, 7, 33, 34, 100, 255 spilled; 2, 4, 6, 8, 10, 16, 32, 64, 256 did not): a bfloat16 LSTM
 # with input_size 5 and one infinite input value gave another batch row all NaN, where torch.nn's LSTM
 # (oneDNN's RNN primitive) keeps it finite (found by an auditing helper, stop 52; torch.nn's bfloat16 GRU
 # and RNN, which take the same GEMMs, spill too). Such a product whose `a` holds a non-finite value runs
