@@ -1769,6 +1769,16 @@ BAD_INPUTS = [
      r"LSTM: 'weight_ih_l0' is None; expected a tensor of shape \(28, 13\)", False),
     ("lstm-decode-step-weight-hh-none", lambda nn: with_none(nn.LSTM(I, H), "weight_hh_l0")(x3((1, B, I))),
      TypeError, r"LSTM: 'weight_hh_l0' is None", True),
+    # A bias set to None on a bias=True sequence module ran as zero (review, stop 52); torch.nn's raise. (The
+    # cells' run it as zero, as torch.nn's cells do.)
+    ("lstm-bias-ih-none", lambda nn: with_none(nn.LSTM(I, H), "bias_ih_l0")(x3()), TypeError,
+     r"LSTM: 'bias_ih_l0' is None; expected a tensor of shape \(28,\)", True),
+    ("gru-decode-step-bias-hh-none", lambda nn: with_none(nn.GRU(I, H, 2), "bias_hh_l1")(x3((1, B, I))),
+     TypeError, r"GRU: 'bias_hh_l1' is None; expected a tensor of shape \(21,\)", True),
+    ("rnn-reverse-bias-hh-none", lambda nn: with_none(nn.RNN(I, H, bidirectional=True), "bias_hh_l0_reverse")(
+        x3()), TypeError, r"RNN: 'bias_hh_l0_reverse' is None; expected a tensor of shape \(7,\)", True),
+    ("lstm-packed-bias-ih-none", lambda nn: with_none(nn.LSTM(I, H), "bias_ih_l0")(
+        torch.nn.utils.rnn.pack_sequence([x3((3, I)), x3((2, I))])), TypeError, r"LSTM: 'bias_ih_l0' is None", True),
     ("lstm-cell-weight-ih-none", lambda nn: with_none(nn.LSTMCell(I, H), "weight_ih")(x3((B, I))), TypeError,
      r"LSTMCell: 'weight_ih' is None; expected a tensor of shape \(28, 13\)", True),
     ("gru-cell-weight-hh-none", lambda nn: with_none(nn.GRUCell(I, H), "weight_hh")(x3((B, I))), TypeError,

@@ -47,9 +47,26 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True, weights
     one_step = (batch_sizes is None and x.shape[0] == 1 and not torch.is_grad_enabled()
                 and module.proj_size == 0 and x.is_cpu and not torch.compiler.is_compiling())
 
+    def expected(idx, w_ih, w_hh, b_ih, b_hh, w_hr):
+        """raise_for_module's `expected` of one layer and direction."""
+        G, H, P = _rnn_ops.GATES[mode], module.hidden_size, module.proj_size
+        width = module.input_size if idx < num_directions else (P or H) * num_directions
+        bias = (G * H,) if module.bias else None
+        return {"w_ih": (w_ih, (G * H, width)), "w_hh": (w_hh, (G * H, P or H)), "b_ih": (b_ih, bias),
+                "b_hh": (b_hh, bias), "w_hr": (w_hr, (P, H) if P else None)}
+
+    def suffix(idx, direction):
+        return f"_l{idx // num_directions}{'_reverse' if direction else ''}"
+
     def step(layer_input, idx, direction, w_ih, w_hh, b_ih, b_hh, w_hr):
         """(output, h, c) of one layer and direction."""
         h, c = None if h0 is None else h0[idx], None if c0 is None else c0[idx]
+        if module.bias and (b_ih is None or b_hh is None):
+            # A bias set to None on a bias=True module: torch.nn raises (TypeError); the ops would take
+            # it for bias=False and run it as zero.
+            _checks.parameters_as_sized(type(module).__name__,
+                                        expected(idx, w_ih, w_hh, b_ih, b_hh, w_hr),
+                                        suffix(idx, direction))
         try:
             if one_step:
                 h, c = _rnn_ops.rnn_cell(mode, layer_input, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, spread)
@@ -57,14 +74,8 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True, weights
             return _rnn_ops.rnn_layer(mode, layer_input, batch_sizes, h, c, w_ih, w_hh, b_ih, b_hh, w_hr,
                                       bool(direction), reset_after)
         except (ValueError, TypeError, AttributeError) as e:
-            G, H, P = _rnn_ops.GATES[mode], module.hidden_size, module.proj_size
-            width = module.input_size if idx < num_directions else (P or H) * num_directions
-            bias = (G * H,) if module.bias else None
-            _checks.raise_for_module(type(module).__name__, e,
-                                     f"_l{idx // num_directions}{'_reverse' if direction else ''}",
-                                     {"w_ih": (w_ih, (G * H, width)), "w_hh": (w_hh, (G * H, P or H)),
-                                      "b_ih": (b_ih, bias), "b_hh": (b_hh, bias),
-                                      "w_hr": (w_hr, (P, H) if P else None)})
+            _checks.raise_for_module(type(module).__name__, e, suffix(idx, direction),
+                                     expected(idx, w_ih, w_hh, b_ih, b_hh, w_hr))
 
     num_directions = 2 if module.bidirectional else 1
     spread = module.num_layers * num_directions > 1

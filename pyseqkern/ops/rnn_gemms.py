@@ -69,10 +69,10 @@ def _spills(a) -> bool:
             and not bool(torch.isfinite(a).all()))
 
 
-def _mm(a, bt):
+def _mm(a, bt, spills=None):
     """a @ bt^T; CPU bfloat16 through float32 where torch has no fast bfloat16 GEMM or its GEMM would
-    spill a non-finite value across rows (_spills)."""
-    if _by_float32(a.dtype, a.device) or _spills(a):
+    spill a non-finite value across rows (_spills; `spills` where the caller has asked already)."""
+    if _by_float32(a.dtype, a.device) or (_spills(a) if spills is None else spills):
         return _mm(a.float(), bt.float()).to(a.dtype)
     if _narrow_and_long(a, bt):
         # A product a few rows or columns wide (a weight gradient of a narrow input or projection)
@@ -211,14 +211,17 @@ class _Gemms:
         return a.t().contiguous() if self.fast else a.t()
 
     def mm(self, a, bt):
-        fast = self.fast and not _narrow_and_long(a, bt) and not _spills(a)
-        return _onednn_linear(a, bt, None, "none", [], "") if fast else _mm(a, bt)
+        if not self.fast or _narrow_and_long(a, bt):
+            return _mm(a, bt)
+        if _spills(a):  # (asked once: an isfinite pass over `a`)
+            return _mm(a, bt, spills=True)
+        return _onednn_linear(a, bt, None, "none", [], "")
 
     def mm_rows(self, a, b):
         """a @ b with b row-major as it comes (x, w_ih). In bfloat16 torch.mm is oneDNN's own GEMM and
         takes b whole, where linear wants b^T copied first: torch's transposing copy was a third of the
         GEMM's time and more (x of 3200 x 256: 0.49 ms against the GEMM's 0.85; 12800 x 512: 11.6 against
         14.5; stop 42, the Xeon). Float32's torch.mm is MKL's, which oneDNN's linear beats where `fast`."""
-        if self.fast and a.dtype == torch.bfloat16 and not _narrow_and_long(a, b.t()) and not _spills(a):
-            return torch.mm(a, b)
+        if self.fast and a.dtype == torch.bfloat16 and not _narrow_and_long(a, b.t()):
+            return _mm(a, b.t(), spills=True) if _spills(a) else torch.mm(a, b)
         return self.mm(a, self.t(b))
