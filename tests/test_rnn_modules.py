@@ -2798,46 +2798,65 @@ def test_kernel_teams_are_capped_at_the_cpus(monkeypatch, kernel_teams_follow_to
 
 @pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "gru_before", "rnn_relu"])
 @pytest.mark.parametrize("x_grad", [False, True])
-def test_parameters_written_in_place_between_forward_and_backward(kind, x_grad):
-    """torch.nn's GRU and RNN save neither bias (nor W_ih where x wants no gradient), so an in-place
-    update of one between forward and backward is allowed there; ours raised. The kernels' backward
-    reads what the forward computed (the reserve, the packed weights), so now every parameter but a
-    W_ih whose input wants a gradient (dx = dG W_ih reads it) may be written, and the gradients are
-    those of the forward as it ran, bit for bit; create_graph, which recomputes the layer from its
-    inputs, raises torch's in-place error."""
+@pytest.mark.parametrize("steps, h0_grad", [(5, False), (1, False), (1, True)])
+def test_tensors_written_in_place_between_forward_and_backward(kind, x_grad, steps, h0_grad):
+    """An in-place write to a parameter or to h0 between forward and backward raises torch's in-place
+    error exactly where torch.nn's graph does (ATen's cells from the equations, run here in float64:
+    oneDNN's float32 LSTM saves every parameter and refuses more), and elsewhere leaves the gradients of
+    the forward as it ran, bit for bit. The kernels' backward reads the reserve and the packed weights,
+    not W_hh, W_hr or h0, and at first saved none of them: an optimizer step between forward and
+    backward went through without a word where torch.nn refuses it (an auditing helper, stop 53). Nor
+    does torch.nn save a bias (or W_ih where x wants no gradient): ours refused those writes once (stop
+    35). create_graph, which recomputes the layer from its inputs, refuses every parameter write."""
     cls, kw = {"lstm": ("LSTM", {}), "lstm_proj": ("LSTM", {"proj_size": 3}), "gru": ("GRU", {}),
                "gru_before": ("GRU", {"reset_after": False}), "rnn_relu": ("RNN", {"nonlinearity": "relu"})}[kind]
-    module = getattr(pnn, cls)(I, H, num_layers=2, **kw)
-    x = strided((5, 3, I), F32, seed=60).requires_grad_(x_grad)
+    reset_after = kw.pop("reset_after", True)
+    ours = seed_parameters(getattr(pnn, cls)(I, H, num_layers=2, reset_after=reset_after, **kw)
+                           if cls == "GRU" else getattr(pnn, cls)(I, H, num_layers=2, **kw))
+    theirs = getattr(torch.nn, cls)(I, H, num_layers=2, dtype=F64, **kw)
+    x = strided((steps, 3, I), F32, seed=60).requires_grad_(x_grad)
+    h0 = randn((2, 3, kw.get("proj_size", H)), F32, seed=62).requires_grad_(h0_grad)
+    c0 = randn((2, 3, H), F32, seed=63)
 
-    def grads(write=None, create_graph=False):
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        y, _ = module(x)
-        p = None if write is None else getattr(module, write)
+    def grads(module, write=None, create_graph=False):
+        dtype = next(module.parameters()).dtype
+        xs, h = x.detach().to(dtype).requires_grad_(x_grad), h0.detach().to(dtype).requires_grad_(h0_grad)
+        y, _ = module(xs, (h, c0.to(dtype)) if cls == "LSTM" else h)
+        p = h if write == "h0" else None if write is None else getattr(module, write)
         before = None if p is None else p.detach().clone()
         if p is not None:
             with torch.no_grad():
                 p.add_(0.5)
         try:
-            return torch.autograd.grad(weighted_sum([y], 61), ([x] if x_grad else []) + list(module.parameters()),
-                                       create_graph=create_graph)
+            wrt = [xs] * x_grad + [h] * h0_grad + list(module.parameters())
+            return torch.autograd.grad(weighted_sum([y], 61), wrt, create_graph=create_graph)
         finally:
-            if p is not None:
+            if p is not None and write != "h0":
                 with torch.no_grad():
                     p.copy_(before)
 
-    want = grads()
-    dx_reads = {"weight_ih_l1"} | ({"weight_ih_l0"} if x_grad else set())  # (saved, as by torch.nn)
-    for name, _ in module.named_parameters():
-        if name in dx_reads:
-            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-                grads(name)
-        else:
-            for k, (a, b) in enumerate(zip(grads(name), want, strict=True)):
+    def raises(module, write):
+        try:
+            grads(module, write)
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e) or "is a view" in str(e), str(e)
+            return True
+        return False
+
+    want = grads(ours)
+    refusing = 0
+    for name in [n for n, _ in ours.named_parameters()] + ["h0"]:
+        # (torch.nn has no reset-before GRU; its W_hn (r * h) saves W_hh for r's gradient at any length)
+        refused = raises(theirs, name) or (kind == "gru_before" and name.startswith("weight_hh"))
+        refusing += refused
+        assert raises(ours, name) == refused, f"writing {name}: torch.nn {'raises' if refused else 'runs'}"
+        if not refused:
+            for k, (a, b) in enumerate(zip(grads(ours, name), want, strict=True)):
                 assert_bitwise_equal(a, b, name=f"gradient {k} after writing {name}")
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            grads(name, create_graph=True)
+        if name != "h0":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                grads(ours, name, create_graph=True)
+    assert refusing  # (W_ih of the second layer at least: its input wants a gradient)
 
 
 def flat_tensors(out):

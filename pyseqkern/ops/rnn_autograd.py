@@ -189,8 +189,8 @@ class _RnnLayer(torch.autograd.Function):
         ctx.device_type = x2d.device.type
         ctx.kept = None
         if training:
-            save_layer(ctx, ctx.needs_input_grad[4], ctx.needs_input_grad[7],
-                       x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
+            save_layer(ctx, ctx.needs_input_grad[4:], seq.steps, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0,
+                       w_hh, w_hr)
 
     @staticmethod
     def vmap(info, in_dims, mode, reset_after, seq, training, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -229,21 +229,36 @@ class _RnnLayer(torch.autograd.Function):
 _LAYER_SAVED = ("input", "c0", "weight_ih", None, None, "bias_ih", "bias_hh", "h0", "weight_hh", "weight_hr")
 
 
-def save_layer(ctx, need_x, need_w_ih, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr):
-    """Saves what a layer's backward reads, in layer_grads' layout. In plain eager mode on the CPU, only
-    what the kernels' first-order backward reads, as torch.nn's GRU and RNN ops save theirs: x where
-    W_ih wants a gradient, W_ih where x does, c0, the reserve and the packed weights; no bias, h0, W_hh
-    or W_hr (the reserve and the packed copy hold what the backward needs of them). An in-place bias or
-    W_ih update between forward and backward raised there where torch.nn does not. The rest stays on
-    ctx for create_graph's recomputation, which checks it against in-place writes (saved_layer). Under
-    torch.func, compilation or on CUDA, all of it (what those track)."""
+def save_layer(ctx, need, steps, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr):
+    """Saves what a layer's backward reads, in layer_grads' layout. `need`: needs_input_grad of (x2d, h0,
+    c0, w_ih, w_hh, b_ih, b_hh, w_hr); `steps`: the call's time steps. In plain eager mode on the CPU,
+    the kernels' first-order backward reads x, W_ih, c0, the reserve and the packed weights; besides
+    those, what torch.nn's own graph (ATen's cells, from the equations) would save, so that an in-place
+    write between forward and backward raises torch's error where torch.nn's does, and nowhere else:
+    - x where W_ih wants a gradient, W_ih where x does (h @ W^T saves each for the other's gradient);
+    - W_hh where the recurrence carries a gradient (more than one step, or h0 wants one; always in GRU
+      reset_before, whose W_hn (r * h) reads r), h0 where W_hh wants one, W_hr where the projected state does (more than one step, or anything else wants a
+      gradient). Kept out of the backward's arithmetic (the reserve and the packed copy hold what it
+      reads of them), they were once not saved at all: an optimizer step between forward and backward
+      went through without a word where torch.nn refuses it (an auditing helper, stop 53);
+    - no bias (torch.nn's graph adds it: an in-place bias update between forward and backward raised
+      here where torch.nn's did not, stop 35). oneDNN's float32 LSTM, which saves everything, refuses
+      bias and W_ih writes as well; the gradients do not read them, so they stay allowed here.
+    Inference tensors (torch.inference_mode) have no version to save; they are kept, not saved. The rest
+    stays on ctx for create_graph's recomputation, which checks it against in-place writes (saved_layer).
+    Under torch.func, compilation or on CUDA, all of it (what those track)."""
     full = (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
     if not _plain_eager(x2d):
         ctx.kept = None
         ctx.save_for_backward(*full)
         return
-    ctx.save_for_backward(x2d if need_w_ih else None, c0, w_ih if need_x else None, reserve, packed,
-                          None, None, None, None, None)
+    need_x, need_h0, _, need_w_ih, need_w_hh = need[:5]
+    mode, _, reset_after = ctx.cfg[:3]
+    carried = steps > 1 or need_h0 or (mode == "gru" and not reset_after)
+    versioned = lambda t, wanted: t if wanted and t is not None and not t.is_inference() else None  # noqa: E731
+    ctx.save_for_backward(x2d if need_w_ih else None, c0, w_ih if need_x else None, reserve, packed, None, None,
+                          versioned(h0, need_w_hh), versioned(w_hh, carried),
+                          versioned(w_hr, steps > 1 or any(need[:7])))
     ctx.kept = full
     # (versions of what saved_layer checks only: the reserve and the pack are ours, and no version of
     # an inference tensor can be read)

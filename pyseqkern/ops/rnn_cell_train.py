@@ -46,8 +46,8 @@ class _CellStep(torch.autograd.Function):
                                             seq.args(), True, seq.batch, x_bias=x_bias)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)
-        save_layer(ctx, ctx.needs_input_grad[1], ctx.needs_input_grad[4], x, c, w_ih, reserve, packed, b_ih, b_hh, h,
-                   w_hh, None)
+        save_layer(ctx, (*ctx.needs_input_grad[1:], False), 1, x, c, w_ih, reserve, packed, b_ih, b_hh, h, w_hh,
+                   None)
         if code != 0:
             return h_n, None
         return h_n, c_n
