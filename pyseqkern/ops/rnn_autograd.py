@@ -237,10 +237,11 @@ def save_layer(ctx, need, steps, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0,
     write between forward and backward raises torch's error where torch.nn's does, and nowhere else:
     - x where W_ih wants a gradient, W_ih where x does (h @ W^T saves each for the other's gradient);
     - W_hh where the recurrence carries a gradient (more than one step, or h0 wants one; always in GRU
-      reset_before, whose W_hn (r * h) reads r), h0 where W_hh wants one, W_hr where the projected state does (more than one step, or anything else wants a
-      gradient). Kept out of the backward's arithmetic (the reserve and the packed copy hold what it
-      reads of them), they were once not saved at all: an optimizer step between forward and backward
-      went through without a word where torch.nn refuses it (an auditing helper, stop 53);
+      reset_before, whose W_hn (r * h) reads r), h0 where W_hh wants one, W_hr where the projected
+      state does (more than one step, or anything else wants a gradient). Kept out of the backward's
+      arithmetic (the reserve and the packed copy hold what it reads of them), they were once not saved
+      at all: an optimizer step between forward and backward went through without a word where
+      torch.nn refuses it (an auditing helper, stop 53);
     - no bias (torch.nn's graph adds it: an in-place bias update between forward and backward raised
       here where torch.nn's did not, stop 35). oneDNN's float32 LSTM, which saves everything, refuses
       bias and W_ih writes as well; the gradients do not read them, so they stay allowed here.
