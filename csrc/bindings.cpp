@@ -232,10 +232,20 @@ const void* opt_data(py::handle h, const char* arg, TensorView* out = nullptr) {
   return v.data;
 }
 
+// Bounds on the sizes the entries take, so that no size the kernels derive (a pack of ~4 H^2 values,
+// a workspace of ~batch x 6 H, an input panel of ~4 H x I) overflows int64: hidden = 2^62 made 4 x
+// hidden wrap to 0, passed the checks of a zero-element w_hh and packed out of bounds (an auditing
+// helper, stop 53). Far past any layer that fits a machine's memory.
+constexpr int64_t kMaxHidden = int64_t(1) << 24;
+constexpr int64_t kMaxRows = int64_t(1) << 31;
+
 RnnShape rnn_shape(int mode, bool reset_after, int64_t hidden, int64_t proj) {
   if (mode < 0 || mode > 3) throw py::value_error("pyseqkern: rnn: 'mode' must be 0..3 (lstm, gru, rnn_tanh, rnn_relu)");
   if (hidden < 1 || proj < 0 || (proj > 0 && mode != 0))
     throw py::value_error("pyseqkern: rnn: 'hidden' must be >= 1 and 'proj' >= 0 (LSTM only)");
+  if (hidden > kMaxHidden || proj > kMaxHidden)
+    throw py::value_error("pyseqkern: rnn: 'hidden' and 'proj' must be at most 2^24, got " + std::to_string(hidden) +
+                          " and " + std::to_string(proj));
   return RnnShape{static_cast<RnnMode>(mode), reset_after, hidden, proj};
 }
 
@@ -256,6 +266,8 @@ void require_cpu_dtype(DType dtype, const char* op, const char* arg) {
 // A CPU pack's size includes its stamp (pack_stamp.h).
 RnnSizes rnn_sizes_of(const RnnShape& shape, int64_t batch, DType dtype, bool cuda,
                       const RnnCpuKernels& kern = rnn_cpu_kernels()) {
+  if (batch < 0 || batch > kMaxRows)
+    throw py::value_error("pyseqkern: rnn: 'batch' must be in [0, 2^31], got " + std::to_string(batch));
   if (!cuda) {
     RnnSizes s = kern.sizes(shape, batch, dtype);
     s.packed_numel += stamp_elems(dtype);
@@ -457,7 +469,8 @@ bool rnn_pack_current_entry(int mode, bool reset_after, int64_t hidden, int64_t 
 // The CPU input panel (rnn.h RnnPackInputParams): its size for the active level, 0 where the forward
 // cannot project the input itself (bfloat16 without dot products, or with an odd I).
 int64_t rnn_input_panel_numel_entry(int mode, bool reset_after, int64_t hidden, int64_t input, const std::string& dtype) {
-  if (input < 1) throw py::value_error("pyseqkern: rnn_input_panel_numel: 'input' must be >= 1");
+  if (input < 1 || input > kMaxRows)
+    throw py::value_error("pyseqkern: rnn_input_panel_numel: 'input' must be in [1, 2^31]");
   const DType d = rnn_dtype(dtype);
   const int64_t numel = rnn_cpu_kernels().input_panel_numel(rnn_shape(mode, reset_after, hidden, 0), input, d);
   return numel > 0 ? numel + stamp_elems(d) : 0;  // with its stamp (pack_stamp.h)
@@ -631,6 +644,8 @@ std::string rnn_forward_entry(int mode, bool reset_after, int64_t hidden, int64_
     p.x = xv.data;
     p.ld_x = row_stride(xv, "x");
     p.input = xv.sizes[1];
+    if (p.input > kMaxRows)  // (an x of no rows may be as wide as it likes)
+      throw py::value_error("pyseqkern: rnn_forward: 'x' must have at most 2^31 features");
     const int64_t numel = kern.input_panel_numel(p.shape, p.input, p.dtype);
     if (numel == 0)
       throw py::value_error("pyseqkern: rnn_forward: 'packed_in' must be rnn_pack_input's output for this 'x'");
@@ -861,7 +876,8 @@ class RnnCellStep {
     p.dtype = rnn_dtype(dtype);
     require_cpu_dtype(p.dtype, "RnnCellStep", "dtype");
     p.input = input;
-    const int64_t panel_numel = input > 0 ? kernels_.input_panel_numel(p.shape, input, p.dtype) : 0;
+    const int64_t panel_numel =
+        input > 0 && input <= kMaxRows ? kernels_.input_panel_numel(p.shape, input, p.dtype) : 0;
     if (panel_numel == 0)
       throw py::value_error("pyseqkern: RnnCellStep: no input panel for " + dtype + " with this 'input' here");
     const RnnSizes sz = kernels_.sizes(p.shape, 1, p.dtype);

@@ -2667,6 +2667,42 @@ def test_unclear_errors_a_fuzzer_found_name_the_argument(case, error, match):
                           randn((4 * H, H), seed=6), None, None, None, False)
 
 
+def test_sizes_that_would_overflow_or_run_away_are_refused():
+    """Found by an auditing helper (stop 53): hidden = 2^62 with a zero-element w_hh made 4 x hidden wrap to
+    0 in int64, passed the binding's checks and packed out of bounds (a segfault); a negative batch gave
+    negative sizes; a hand-made batch_sizes of [10^9] on 8 rows had the op list a billion lengths (minutes,
+    gigabytes) before it checked their sum. Each is now refused at once, naming what is wrong."""
+    with pytest.raises(ValueError, match=r"'hidden' and 'proj' must be at most 2\^24, got 4611686018427387904"):
+        torch.ops.pyseqkern.rnn_pack(0, True, 2**62, 0, torch.empty(0, 2**62), None)
+    with pytest.raises(ValueError, match=r"'batch' must be in \[0, 2\^31\], got -5"):
+        _C.rnn_sizes(0, True, 4, 0, -5, "float32")
+    x, w_ih, w_hh = randn((8, 4), seed=1), randn((20, 4), seed=2), randn((20, 5), seed=3)
+    for bs in ([10**9], [10**9, 10**9 - 1]):
+        with pytest.raises(RuntimeError, match=r"'batch_sizes' must be >= 0, non-increasing and sum to x.shape\[0\] = 8"):
+            ops.rnn_layer("lstm", x, torch.tensor(bs), None, None, w_ih, w_hh, None, None, None, False)
+    packed = torch.nn.utils.rnn.PackedSequence(x, torch.tensor([10**9]), None, None)
+    with pytest.raises(RuntimeError, match=r"sum to x.shape\[0\] = 8"):
+        pyseqkern.nn.LSTM(4, 5)(packed)
+    # (the same batch sizes, now fitting the rows, are still listed and run)
+    y, _, _ = ops.rnn_layer("lstm", x, torch.tensor([5, 3]), None, None, w_ih, w_hh, None, None, None, False)
+    assert y.shape == (8, 5)
+
+
+def test_cell_op_errors_name_the_cell_and_its_arguments():
+    """rnn_cell checks and runs a step as a layer of one step; its errors named rnn_layer, the unsqueezed
+    shape and h0 (an auditing helper, stop 53). They name rnn_cell, the caller's shape, h and c."""
+    x, h, c = randn((4, 3), seed=1), randn((4, 5), seed=2), randn((4, 5), seed=3)
+    w_ih, w_hh = randn((20, 3), seed=4), randn((20, 5), seed=5)
+    with pytest.raises(ValueError, match=r"^pyseqkern.rnn_cell: 'x' must be \[B, I\], got \(1, 4, 3\)$"):
+        ops.rnn_cell("lstm", x.unsqueeze(0), h, c, w_ih, w_hh, None, None)
+    with pytest.raises(ValueError, match=r"^pyseqkern.rnn_cell: 'h' must have shape \(4, 5\), got \(2, 5\)$"):
+        ops.rnn_cell("lstm", x, h[:2], c, w_ih, w_hh, None, None)
+    with pytest.raises(ValueError, match=r"^pyseqkern.rnn_cell: 'c' must have shape \(4, 5\), got \(3, 5\)$"):
+        ops.rnn_cell("lstm", x, h, c[:3], w_ih, w_hh, None, None)
+    with pytest.raises(ValueError, match=r"^pyseqkern.rnn_cell: 'c' must have shape"):  # (recorded: the op path)
+        ops.rnn_cell("lstm", x, h.requires_grad_(), c[:3], w_ih, w_hh, None, None)
+
+
 def test_sizes_memo_stays_bounded(monkeypatch):
     """ops._sizes memoizes the kernels' sizes per (shape, batch, dtype, level): a server seeing every batch
     size must not grow it for good, and an entry made after a clear is the same as before."""

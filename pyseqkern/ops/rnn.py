@@ -525,7 +525,10 @@ _DEVICE_SEQ_MAX = 64
 
 
 # Packed batches' host-side forms, by their batch sizes: (our copy of batch_sizes, time offsets, lengths,
-# their sum), or None where they are malformed (a value below 0, or above the one before). Checked and
+# their sum), or None where they are malformed (a value below 0, or above the one before) or do not sum
+# to the data's `rows` (then not kept: the same sizes may come again with rows they fit; and the lengths,
+# a row each, are listed only once the sum bounds them: a hand-made batch_sizes of [10**9] had the listing
+# loop for minutes, found by an auditing helper, stop 53). Checked and
 # derived with torch ops that took 120 us of a packed layer call (LSTM, B=32, lengths 100..10: 7.3 ms),
 # each layer and direction again; a listing and a lookup now. Plain CPU tensors only: compiled graphs,
 # fakes and functorch's wrappers take _seq_host (their values can't be listed, or mustn't be).
@@ -533,7 +536,7 @@ _LISTED_SEQ: dict = {}
 _LISTED_SEQ_MAX = 64
 
 
-def _listed_seq(bs):
+def _listed_seq(bs, rows):
     sizes = tuple(bs.tolist())
     hit = _LISTED_SEQ.pop(sizes, _LISTED_SEQ)
     if hit is _LISTED_SEQ:
@@ -543,6 +546,8 @@ def _listed_seq(bs):
             for n in sizes:
                 offsets.append(total)
                 total += n
+            if total != rows:
+                return None
             lengths, t = [], len(sizes)
             for b in range(sizes[0]):  # (rows active at step t are its first sizes[t]: a prefix)
                 while sizes[t - 1] <= b:
@@ -626,7 +631,7 @@ class _Seq:
         else:
             # A copy: the backward reads them again, and the caller's tensor may be written in between
             # (torch.nn's backward does not read them).
-            hit = _listed_seq(batch_sizes) if _listable(batch_sizes) else None
+            hit = _listed_seq(batch_sizes, x.shape[0]) if _listable(batch_sizes) else None
             if hit is not None:  # (its tensors are ours alone, made from the values, and never written)
                 bs, self.time_offsets, self.lengths, _ = hit
             else:
@@ -815,7 +820,7 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         else:
             # (zeros: steps no sequence reaches, which torch.nn runs too; no pack function makes them)
             listable = _listable(bs)
-            hit = _listed_seq(bs) if listable else None
+            hit = _listed_seq(bs, x.shape[0]) if listable else None
             if (hit is None or hit[3] != x.shape[0]) if listable else (
                     bool((bs < 0).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]):
                 raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be >= 0, non-increasing and sum "
@@ -1308,7 +1313,7 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
         return None
     forms = None
     if batch_sizes is not None:
-        forms = _listed_seq(batch_sizes) if _listable(batch_sizes) and x.dim() == 2 else None
+        forms = _listed_seq(batch_sizes, x.shape[0]) if _listable(batch_sizes) and x.dim() == 2 else None
         if forms is None or forms[3] != x.shape[0]:
             return None
         T, B, rows = forms[0].shape[0], forms[2].shape[0], forms[3]
@@ -1514,15 +1519,35 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
             # planned, but not for the compiled step (more rows than it projects, or no input panel)
             return _cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
                                    reset_after, plan)
+    if x.dim() != 2:
+        raise ValueError(f"pyseqkern.rnn_cell: 'x' must be [B, I], got {tuple(x.shape)}")
     x3 = x.unsqueeze(0)
-    if thin and thin_states and _plain_eager(x) and not _backend.use_reference("rnn_layer", x.device):
-        _check_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
-        _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
-        return _cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
-                               reset_after)
-    # (rnn_layer makes the same checks, on the same x3: the same errors)
-    y, h_n, c_n = rnn_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
+    try:
+        if thin and thin_states and _plain_eager(x) and not _backend.use_reference("rnn_layer", x.device):
+            _check_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
+            _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
+            return _cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
+                                   reset_after)
+        # (rnn_layer makes the same checks, on the same x3: the same errors)
+        y, h_n, c_n = rnn_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
+    except (ValueError, TypeError, RuntimeError) as e:
+        renamed = _as_cell_error(e)
+        if renamed is e:
+            raise
+        raise renamed from e
     return h_n, c_n
+
+
+def _as_cell_error(error):
+    """rnn_layer's argument errors from a cell call (rnn_cell checks and runs it as a layer of one step),
+    in the cell's names: rnn_cell, h and c (an auditing helper, stop 53: "pyseqkern.rnn_layer: 'h0'
+    must have shape (4, 5)" for rnn_cell's h); any other error as it is."""
+    prefix = "pyseqkern.rnn_layer: "
+    message = str(error)
+    if type(error) not in (ValueError, TypeError, RuntimeError) or not message.startswith(prefix):
+        return error
+    rest = message[len(prefix):].replace("'h0'", "'h'").replace("'c0'", "'c'")
+    return type(error)("pyseqkern.rnn_cell: " + rest)
 
 
 from . import rnn_cuda  # noqa: E402  (registers the CUDA impls of the ops defined above)
