@@ -761,16 +761,19 @@ def test_malformed_batch_sizes_are_refused(batch_sizes, match):
 def test_packed_host_forms_listed_equal_torchs_and_are_ours(sizes):
     """A packed batch's copy of batch_sizes, time offsets and lengths come from one listing of its values,
     cached by them (ops/rnn.py, _listed_seq): equal to the torch ops' forms (_seq_host), never the caller's
-    tensor, and unchanged by a write to it; malformed sizes give None (the caller raises)."""
+    tensor, and unchanged by a write to it; malformed sizes, or sizes that do not sum to the data's rows,
+    give None (the caller raises)."""
     bs = torch.tensor(sizes)
-    mine, offsets, lengths, total = ops._listed_seq(bs)
+    mine, offsets, lengths, total = ops._listed_seq(bs, sum(sizes))
     want_offsets, want_lengths = ops._seq_host(bs.clone())
     assert torch.equal(mine, bs) and torch.equal(offsets, want_offsets) and torch.equal(lengths, want_lengths)
     assert total == sum(sizes) and mine.data_ptr() != bs.data_ptr()
     bs[0] += 1
-    assert mine.tolist() == sizes and ops._listed_seq(bs)[0].tolist() == bs.tolist()
-    assert ops._listed_seq(torch.tensor(sizes[::-1] + [sizes[0] + 1])) is None
-    assert ops._listed_seq(torch.tensor([2, -1])) is None
+    assert mine.tolist() == sizes and ops._listed_seq(bs, sum(sizes) + 1)[0].tolist() == bs.tolist()
+    grown = sizes[::-1] + [sizes[0] + 1]
+    assert ops._listed_seq(torch.tensor(grown), sum(grown)) is None
+    assert ops._listed_seq(torch.tensor([2, -1]), 1) is None
+    assert ops._listed_seq(torch.tensor([sizes[0] + 1] + sizes[1:]), sum(sizes)) is None
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -1045,18 +1048,50 @@ def test_which_sequences_project_each_step(monkeypatch, mode, B, I, dtype, proj,
     assert spy.each_step == int(expect)  # both panels no longer fit: projected before the steps, or by torch
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("share", [0.3, 0.45])
+@pytest.mark.parametrize("B", [8, 32])
+def test_each_step_budget_where_the_tile_unit_projects_before_the_steps(monkeypatch, mode, share, B):
+    """Where the projection before the steps runs on the tile unit (amx, float32, 32 rows or more) and each
+    step's would not (fewer than 32 rows a step), each step projects only while a thread's share of both
+    panels is within _EACH_STEP_TILE_L2S of its L2 (measured, rnn_paths.py); elsewhere within
+    _EACH_STEP_L2S. LSTM there projects before the steps on the tile unit, not by MKL."""
+    monkeypatch.setattr(ops._backend, "FP32_GEMM", "mkl")
+    H = I = 32
+    T, G = 9, ops.GATES[mode]
+    x2d = torch.empty((T * B, I), device="meta")
+    seq = ops._Seq(torch.empty((T, B, I), device="meta"), None, False)
+    sizes = ops._sizes(ops.MODES[mode], True, H, 0, B, torch.float32)
+    panels = G * H * (I + H) * 4
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", int(panels / (share * rnn_paths._PATH_THREADS)))
+    tile = pyseqkern.backend_info()["cpu"]["isa_active"] == "amx"
+    assert rnn_paths._projects_on_tile(sizes, x2d) == tile
+    path = rnn_paths._projection_path(mode, sizes, seq, x2d, torch.float32, H, 0, G * H * H)
+    budget = rnn_paths._EACH_STEP_TILE_L2S if tile and B < 32 else rnn_paths._EACH_STEP_L2S
+    each_step = share <= budget
+    if mode == "lstm" and not each_step and not tile and B >= rnn_paths._MKL_PROJECTS_LSTM_FROM:
+        assert path is None  # (MKL's)
+    else:
+        assert path == (each_step, False)
+    assert rnn_paths._EACH_STEP_TILE_L2S < 0.45 <= rnn_paths._EACH_STEP_L2S or rnn_paths._L3_STREAMS_FAST
+
+
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
 @pytest.mark.parametrize("mode, B", [("lstm", 1), ("lstm", 3), ("lstm", 4), ("lstm", 9), ("gru", 9)])
 def test_mkl_projects_lstm_sequences_from_four_rows(monkeypatch, mode, B, gemm):
     """Where MKL serves float32 (_backend.FP32_GEMM "mkl"), LSTM inference sequences of 4 rows a step or more are
-    projected by torch's GEMM, not the kernel (measured, ops/rnn.py); bits as the op path's."""
+    projected by torch's GEMM, not the kernel (measured, ops/rnn.py), unless the kernel projects them before
+    the steps on the tile unit (amx, 32 rows or more: rnn_paths._projects_on_tile, measured faster); bits as
+    the op path's."""
     monkeypatch.setattr(ops._backend, "FP32_GEMM", gemm)
     spy = ProjectingSpy(monkeypatch)
     monkeypatch.setattr(rnn_paths, "_MKL_PROJECTS_LSTM_FROM", 4)
     x, bs, t = make_case(mode, 0, torch.float32, T=9, B=B, I=20, H=37)
     with torch.no_grad():
         fast = call(ops.rnn_layer, mode, x, bs, t, False, True)
-    torch_projects = gemm == "mkl" and mode == "lstm" and B >= 4
+    on_tile = rnn_paths._projects_on_tile(ops._sizes(0, True, 37, 0, B, torch.float32), x.reshape(-1, 20))
+    assert on_tile == (pyseqkern.backend_info()["cpu"]["isa_active"] == "amx" and 9 * B >= 32)
+    torch_projects = gemm == "mkl" and mode == "lstm" and B >= 4 and not on_tile
     assert (spy.taken, spy.declined) == ((0, 1) if torch_projects else (1, 0))
     if torch_projects:
         slow = call(ops.rnn_layer, mode, x.detach().requires_grad_(), bs, t, False, True)  # the op path
@@ -2583,9 +2618,11 @@ def test_training_forwards_project_as_inference_does(monkeypatch, kind, kw, pack
         projecting = kind != "RNN" and B >= rnn_paths._RECORDS_PROJECTING_FROM
         assert bool(calls) == projecting and all(r for r, _ in calls)
         # (the first layer's input of 23 is thin: each step projects it at any batch; the second's of 80
-        # takes the inference rule's path too, which at 45 rows is torch's GEMM)
+        # takes the inference rule's path too, which at 45 rows is torch's GEMM, or the kernel's projection
+        # before the steps where that runs on the tile unit: rnn_paths._projects_on_tile)
+        on_tile = rnn_paths._projects_on_tile(ops._sizes(0, True, 40, 0, B, torch.float32), x.view(-1, 23))
         assert [ok for _, ok in calls] == ([True] * len(calls) if B <= 32 or "num_layers" not in kw else
-                                           [True, True, False, False])
+                                           [True, True, on_tile, on_tile])
         if projecting and all(ok for _, ok in calls):
             assert_bitwise_equal(y.detach(), y_inf)
             assert_bitwise_equal(h.detach(), h_inf)

@@ -558,7 +558,7 @@ def _listed_seq(bs, rows):
     _LISTED_SEQ[sizes] = hit  # (re)inserted last: the dict's order is the age
     while len(_LISTED_SEQ) > _LISTED_SEQ_MAX:
         del _LISTED_SEQ[next(iter(_LISTED_SEQ))]
-    return hit
+    return hit if hit is None or hit[3] == rows else None
 
 
 def _listable(bs):

@@ -75,6 +75,10 @@ _TORCH_PROJECTS_BF16_ON = frozenset({"amx"})
 # 1.61 -> 1.50x; the rest within noise). Measured before projecting each step (below), which now takes
 # LSTM's float32 sequences of 2 to 32 rows a step where both panels fit; this serves the larger ones.
 _MKL_PROJECTS_LSTM_FROM = 4
+# Not where the kernel projects before the steps on the tile unit (_projects_on_tile): that beat MKL at
+# every LSTM shape measured (stop 53, in-process, 9 alternations, time tile unit / MKL, (T, B, H)):
+# (100,4,512) 0.92, (100,8,512) 0.97, (100,16,512) 0.96, (100,32,512) 0.985, (100,64,512) 0.97,
+# (100,32,256) 0.95, (100,64,256) 0.97; and each step / MKL at (100,B,256), B = 4 / 8 / 16: 0.85 / 0.95 / 0.95.
 
 
 # Float32 and bfloat16 inference sequences of 2 to 32 rows a step (RNN: 2 or more; on average: packed
@@ -121,6 +125,16 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # -> 1.53x, (100,32,512) 1.45 -> 1.62x. A quarter (H=256 out too) lost GRU (100,8,256) 2.15 -> 1.84x,
 # the rest within noise.
 _EACH_STEP_L2S = 2 if _L3_STREAMS_FAST else 0.5
+# Where the projection before the steps runs on the tile unit (the amx level, float32, 32 rows or more:
+# sizes[6], stop 52), it costs a few percent of what each step's FMA projection does, and a step that
+# streams only W_hh gains over one that streams both panels sooner: a thread's share of both panels stays
+# within 0.375 of its L2 to project each step (stop 53, the Granite Rapids-class Xeon, 2 MB L2; in-process,
+# 9-11 alternations, time before the steps on the tile unit / each step): LSTM (100,B,256), half an L2,
+# B = 2 / 4 / 8 / 12 / 16 / 24: 0.85 / 0.98 / 0.92 / 0.94 / 0.97 / 0.94; GRU (100,B,288) B = 4 / 8 / 16:
+# 0.91 / 1.02 / 0.91; RNN (100,B,512) 0.97 / 0.90 / 0.93. At 0.375 and under each step stays: GRU
+# (100,B,256) B = 2 / 4 / 8 / 16 0.88 / 0.94 / 1.03 / 0.95 (mixed, the bench's B=8 against), RNN
+# (100,B,256) 0.93 / 1.06 / 1.02 / 0.93, LSTM (50,B,128) B = 4 / 8 / 16 1.09 / 1.06 / 0.98.
+_EACH_STEP_TILE_L2S = min(_EACH_STEP_L2S, 0.375)
 _EACH_STEP_DTYPES = (torch.float32, torch.bfloat16)
 _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32, "rnn_tanh": 1 << 62, "rnn_relu": 1 << 62}
 # Beyond 32 rows, inputs no wider than this and than the hidden size project each step too (stop 15):
@@ -132,14 +146,22 @@ _EACH_STEP_MAX_ROWS = {"lstm": 32, "gru": 32, "rnn_tanh": 1 << 62, "rnn_relu": 1
 _EACH_STEP_THIN_INPUT = 128
 
 
-def _projects_each_step(mode, x2d, seq, hidden, proj, read):
-    """`read`: the input panel's bytes (_forward_projecting's); the recurrent panel's add to it."""
+def _projects_each_step(mode, x2d, seq, hidden, proj, read, tile=False):
+    """`read`: the input panel's bytes (_forward_projecting's); the recurrent panel's add to it. `tile`: the
+    projection before the steps would run on the tile unit (_projects_on_tile) and each step's would not."""
     rows = x2d.shape[0] / max(1, seq.steps)
     if x2d.dtype not in _EACH_STEP_DTYPES or proj or mode not in _EACH_STEP_MAX_ROWS or rows < 2:
         return False
     if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
         return False
-    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= _EACH_STEP_L2S * _L2_BYTES * _PATH_THREADS
+    budget = _EACH_STEP_TILE_L2S if tile else _EACH_STEP_L2S
+    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= budget * _L2_BYTES * _PATH_THREADS
+
+
+def _projects_on_tile(sizes, x2d):
+    """Whether the kernel's projection before the steps runs on the tile unit (rnn_fwd.cpp's project_split:
+    the amx level's float32 pack has piece sections, sizes[6], and the call has that many rows or more)."""
+    return sizes[6] > 0 and x2d.shape[0] >= sizes[6]
 
 
 # Where torch's GEMM projects a CPU inference sequence (panels too large for the kernel, MKL's share of
@@ -252,8 +274,10 @@ def _projection_path(mode, sizes, seq, x2d, w_dtype, hidden, proj, recurrent_num
         return None
     if x2d.dtype == torch.bfloat16 and _backend.active_isa() in _TORCH_PROJECTS_BF16_ON:
         return None
-    each_step = _projects_each_step(mode, x2d, seq, hidden, proj, read)
-    if (not each_step and mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM and x2d.dtype == torch.float32
-            and _backend.FP32_GEMM == "mkl"):
+    tile = _projects_on_tile(sizes, x2d)
+    # (a batch of sizes[6] rows or more projects each step on the tile unit too: the budget as elsewhere)
+    each_step = _projects_each_step(mode, x2d, seq, hidden, proj, read, tile and seq.batch < sizes[6])
+    if (not each_step and not tile and mode == "lstm" and seq.batch >= _MKL_PROJECTS_LSTM_FROM
+            and x2d.dtype == torch.float32 and _backend.FP32_GEMM == "mkl"):
         return None
     return each_step, not each_step and _kernel_rides(sizes, seq, x2d, panels)
