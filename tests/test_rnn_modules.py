@@ -1779,6 +1779,22 @@ BAD_INPUTS = [
         x3()), TypeError, r"RNN: 'bias_hh_l0_reverse' is None; expected a tensor of shape \(7,\)", True),
     ("lstm-packed-bias-ih-none", lambda nn: with_none(nn.LSTM(I, H), "bias_ih_l0")(
         torch.nn.utils.rnn.pack_sequence([x3((3, I)), x3((2, I))])), TypeError, r"LSTM: 'bias_ih_l0' is None", True),
+    # Structure attributes set after construction: torch.nn's forward refuses them (float64, and GRU/RNN in
+    # float32; oneDNN's float32 LSTM runs some); ours ran the layers they named, dropping the biases of a
+    # module set to bias=False, or the second layer of a decode step (an auditing helper, stop 53).
+    ("gru-bias-set-false", lambda nn: with_attr(nn.GRU(I, H), "bias", False)(x3()), RuntimeError,
+     r"GRU: the module was built with 4 weight tensors, but num_layers=1, bidirectional=False, bias=False, "
+     r"proj_size=0 call for 2; these attributes cannot change after construction", True),
+    ("rnn-decode-step-num-layers-set-1", lambda nn: with_attr(nn.RNN(I, H, 2), "num_layers", 1)(x3((1, B, I))),
+     RuntimeError, r"RNN: the module was built with 8 weight tensors, but num_layers=1", True),
+    ("gru-bidirectional-set-false", lambda nn: with_attr(nn.GRU(I, H, bidirectional=True), "bidirectional",
+                                                         False)(x3()), RuntimeError,
+     r"GRU: the module was built with 8 weight tensors, but num_layers=1, bidirectional=False", True),
+    ("lstm-bidirectional-set-true", lambda nn: with_attr(nn.LSTM(I, H), "bidirectional", True)(x3()),
+     RuntimeError, r"LSTM: the module was built with 4 weight tensors, but num_layers=1, bidirectional=True", True),
+    ("lstm-packed-proj-set", lambda nn: with_attr(nn.LSTM(I, H), "proj_size", 3)(
+        torch.nn.utils.rnn.pack_sequence([x3((3, I)), x3((2, I))])), RuntimeError,
+     r"LSTM: the module was built with 4 weight tensors, but .* proj_size=3 call for 5", True),
     ("lstm-cell-weight-ih-none", lambda nn: with_none(nn.LSTMCell(I, H), "weight_ih")(x3((B, I))), TypeError,
      r"LSTMCell: 'weight_ih' is None; expected a tensor of shape \(28, 13\)", True),
     ("gru-cell-weight-hh-none", lambda nn: with_none(nn.GRUCell(I, H), "weight_hh")(x3((B, I))), TypeError,
@@ -1788,6 +1804,11 @@ BAD_INPUTS = [
 
 def with_none(module, name):
     setattr(module, name, None)
+    return module
+
+
+def with_attr(module, name, value):
+    setattr(module, name, value)
     return module
 
 

@@ -34,6 +34,13 @@ def _layer_parameters(layer: int, reverse: bool = False) -> tuple:
     return tuple(f"{n}_l{layer}{'_reverse' if reverse else ''}" for n in CELL_PARAMETERS)
 
 
+def _built_weights(module) -> int:
+    """How many weight tensors the module's structure attributes call for now (num_layers, bidirectional,
+    bias, proj_size), to compare with those it was built with (_flat_weights_names)."""
+    per = 2 + 2 * bool(module.bias) + (module.proj_size > 0)
+    return module.num_layers * (2 if module.bidirectional else 1) * per
+
+
 def _thin_states(hx, is_lstm):
     """(h0, c0) as the thin paths take hx: (None, None) without it, plain tensors (c0 None but for
     LSTM, whose hx is a pair); None for anything else (the full path checks and explains)."""
@@ -76,8 +83,8 @@ def _decode_step(module, input, hx, reset_after):
         return None
     mode, spread = module.mode.lower(), layers > 1
     params = [planned_parameters(module, _layer_parameters(layer)) for layer in range(layers)]
-    if None in params:
-        return None
+    if None in params or len(module._flat_weights_names) != layers * (4 if module.bias else 2):
+        return None  # (structure attributes changed after construction: the full path says so)
     if input.is_contiguous():
         hidden = module.hidden_size
         state_shape = (layers, input.shape[1 - t_dim], hidden) if batched else (layers, hidden)
@@ -141,6 +148,8 @@ def _sequence_fast(module, input, hx, reset_after):
     if None in params or torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for p in params for t in p):
         return None  # (a recorded call: the full path, before any permutation of hx here)
+    if len(module._flat_weights_names) != len(params) * (4 if module.bias else 2):
+        return None  # (structure attributes changed after construction: the full path says so)
     if sorted_indices is not None and h0 is not None:
         # (the caller's order to the sorted one, as the full path's _permute; states it would refuse decline)
         for t in (h0, c0) if is_lstm else (h0,):
@@ -184,6 +193,16 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
         planless = fast
     name = _NAMES[module.mode]
     is_lstm = module.mode == "LSTM"
+    built = len(module._flat_weights_names)
+    if built != _built_weights(module):
+        # num_layers, bidirectional, bias or proj_size set after construction: torch.nn's forward refuses
+        # it ("Expected more weights in stacked_rnn", or an ArrayRef error); ours had run the layers the
+        # attributes named, dropping the biases of a module set to bias=False (an auditing helper, stop 53).
+        raise RuntimeError(
+            f"{name}: the module was built with {built} weight tensors, but num_layers={module.num_layers}, "
+            f"bidirectional={module.bidirectional}, bias={module.bias}, proj_size={module.proj_size} call for "
+            f"{_built_weights(module)}; these attributes cannot change after construction: build a new "
+            f"{name} with them and load the weights it should have")
     # (No _update_flat_weights(): the weights are read by name below, and torch's own forward and
     # __getstate__ refresh _flat_weights themselves; it cost 4 us a call.)
 
