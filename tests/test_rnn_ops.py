@@ -2239,11 +2239,11 @@ def test_training_reserves_reuse_only_buffers_nothing_holds(monkeypatch, mode, p
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (lambda a: dict(a, h=a["h"][:, :5]), ValueError, r"'h0' must have shape \(3, 11\), got \(3, 5\)"),
-    (lambda a: dict(a, h=a["h"][:2]), ValueError, r"'h0' must have shape \(3, 11\), got \(2, 11\)"),
-    (lambda a: dict(a, c=a["c"].double()), TypeError, "'c0' has dtype torch.float64"),
-    (lambda a: dict(a, x=a["x"][:, :6]), ValueError, r"'w_ih' must have shape \(44, 6\)"),
-    (lambda a: dict(a, x=a["x"].double()), TypeError, "'h0' has dtype torch.float32 but 'x' has torch.float64"),
+    (lambda a: dict(a, h=a["h"][:, :5]), ValueError, r"rnn_cell: 'h' must have shape \(3, 11\), got \(3, 5\)"),
+    (lambda a: dict(a, h=a["h"][:2]), ValueError, r"rnn_cell: 'h' must have shape \(3, 11\), got \(2, 11\)"),
+    (lambda a: dict(a, c=a["c"].double()), TypeError, "rnn_cell: 'c' has dtype torch.float64"),
+    (lambda a: dict(a, x=a["x"][:, :6]), ValueError, r"rnn_cell: 'w_ih' must have shape \(44, 6\)"),
+    (lambda a: dict(a, x=a["x"].double()), TypeError, "rnn_cell: 'h' has dtype torch.float32 but 'x' has torch.float64"),
 ])
 def test_cell_errors_after_the_parameters_are_planned(change, error, match):
     """Once a cell's parameters have a plan (_cell_plan), the thin path checks only the call's own
