@@ -821,7 +821,7 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             # (zeros: steps no sequence reaches, which torch.nn runs too; no pack function makes them)
             listable = _listable(bs)
             hit = _listed_seq(bs, x.shape[0]) if listable else None
-            if (hit is None or hit[3] != x.shape[0]) if listable else (
+            if hit is None if listable else (
                     bool((bs < 0).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]):
                 raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be >= 0, non-increasing and sum "
                                    f"to x.shape[0] = {x.shape[0]}, got {bs.tolist()}")
@@ -1314,7 +1314,7 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     forms = None
     if batch_sizes is not None:
         forms = _listed_seq(batch_sizes, x.shape[0]) if _listable(batch_sizes) and x.dim() == 2 else None
-        if forms is None or forms[3] != x.shape[0]:
+        if forms is None:  # (malformed, or not summing to x's rows)
             return None
         T, B, rows = forms[0].shape[0], forms[2].shape[0], forms[3]
     elif x.dim() == 3:
