@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+import pyseqkern
 import pyseqkern.nn as P
-from helpers import assert_close_to_ref
+from helpers import assert_close_to_ref, runnable_levels
 
 SEQUENCES = 60
 OPERATIONS = 60
@@ -47,7 +48,7 @@ def _change(ours, rng, fresh):
     name = rng.choice(names)
     p = ours.get_parameter(name)
     what = rng.choice(["sgd", "adam_fused", "adam_foreach", "data_add", "data_copy", "data_assign", "no_grad_mul",
-                       "one_element", "new_parameter", "load_state_dict", "dtype_round_trip", "deepcopy"])
+                       "one_element", "new_parameter", "load_state_dict", "dtype_round_trip", "deepcopy", "level"])
     if what in ("sgd", "adam_fused", "adam_foreach"):
         params = list(ours.parameters())
         for q in params:
@@ -79,6 +80,9 @@ def _change(ours, rng, fresh):
     elif what == "dtype_round_trip":
         ours.float()
         ours.double()
+    elif what == "level":  # (the CPU kernel level: each keeps its own packed layouts)
+        name = rng.choice(runnable_levels())
+        pyseqkern.set_cpu_isa(name)
     else:
         ours = copy.deepcopy(ours)
     return f"{what} {name}", ours
@@ -145,10 +149,15 @@ def _call(module, x, hx, kw, grad):
 
 @pytest.fixture
 def seeded(request):
-    """torch's global generator (module initialisation) seeded by the test's seed, restored after."""
+    """torch's global generator (module initialisation) seeded by the test's seed, and the CPU kernel
+    level, both restored after."""
+    best = pyseqkern.backend_info()["cpu"]["isa_best"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(request.node.callspec.params["seed"])
-        yield
+        try:
+            yield
+        finally:
+            pyseqkern.set_cpu_isa(best)
 
 
 @pytest.mark.parametrize("seed", range(SEQUENCES))
