@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pyseqkern
 import pyseqkern.nn as P
-from helpers import assert_close_to_ref, runnable_levels
+from helpers import assert_close_to_ref, randn, runnable_levels, weighted_sum
 
 SEQUENCES = 100
 OPERATIONS = 60
@@ -42,7 +42,7 @@ def _pair(rng):
 
 
 def _nudge(p, rng, scale=0.01):
-    return torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(rng.getrandbits(31))) * scale
+    return randn(p.shape, p.dtype, seed=rng.getrandbits(31), scale=scale)
 
 
 def _change(ours, rng, fresh):
@@ -85,7 +85,7 @@ def _change(ours, rng, fresh):
         ours.double()
     elif what == "level":  # (the CPU kernel level: each keeps its own packed layouts)
         levels = runnable_levels()  # (one draw whatever their number: the sequence stays the same elsewhere)
-        name = levels[int(rng.random() * len(levels))]
+        name = levels[int(rng.random() * len(levels))]  # (the level names the change)
         pyseqkern.set_cpu_isa(name)
     else:
         ours = copy.deepcopy(ours)
@@ -95,24 +95,24 @@ def _change(ours, rng, fresh):
 def _inputs(kind, I, H, kw, rng):
     """(x, hx, label): the call's input, float64 (a tensor, or (data, lengths, enforce_sorted) to pack), and
     its states (None, a tensor, or LSTM's pair)."""
-    g = torch.Generator().manual_seed(rng.getrandbits(31))
+    seed = rng.getrandbits(31)
     B = rng.choice([1, 2, 7])
     unbatched = rng.random() < 0.15
     if kind.endswith("Cell"):
-        x = torch.randn(*(() if unbatched else (B,)), I, dtype=torch.float64, generator=g)
-        states = [torch.randn(*(() if unbatched else (B,)), H, dtype=torch.float64, generator=g) * 0.5
-                  for _ in range(2 if kind == "LSTMCell" else 1)]
+        lead = () if unbatched else (B,)
+        x = randn((*lead, I), torch.float64, seed=seed)
+        states = [randn((*lead, H), torch.float64, seed=seed + 1 + i, scale=0.5)
+                  for i in range(2 if kind == "LSTMCell" else 1)]
         hx = None if rng.random() < 0.3 else tuple(states) if kind == "LSTMCell" else states[0]
         return x, hx, f"B={B} unbatched={unbatched} hx={hx is not None}"
     T = rng.choice([1, 2, 5, 17])
     D, L = 2 if kw["bidirectional"] else 1, kw["num_layers"]
-    x = torch.randn(*((T, I) if unbatched else (B, T, I) if kw["batch_first"] else (T, B, I)), dtype=torch.float64,
-                    generator=g)
+    x = randn((T, I) if unbatched else (B, T, I) if kw["batch_first"] else (T, B, I), torch.float64, seed=seed)
     lead = (L * D,) if unbatched else (L * D, B)
     hx = None
     if rng.random() < 0.6:
-        h = torch.randn(*lead, kw.get("proj_size") or H, dtype=torch.float64, generator=g) * 0.5
-        hx = (h, torch.randn(*lead, H, dtype=torch.float64, generator=g) * 0.5) if kind == "LSTM" else h
+        h = randn((*lead, kw.get("proj_size") or H), torch.float64, seed=seed + 1, scale=0.5)
+        hx = (h, randn((*lead, H), torch.float64, seed=seed + 2, scale=0.5)) if kind == "LSTM" else h
     packed = not unbatched and rng.random() < 0.25
     label = f"T={T} B={B} unbatched={unbatched} packed={packed} hx={hx is not None}"
     if packed:
@@ -191,10 +191,9 @@ def test_calls_after_any_change_give_torch_nn_results_for_the_current_weights(se
         for i, (a, b) in enumerate(zip(ours_out, twin_out)):
             assert_close_to_ref(a, b, f"{where}: output {i}")
         if grad:
-            g = torch.Generator().manual_seed(rng.getrandbits(31))
-            weights = [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in twin_out]
+            loss_seed = rng.getrandbits(31)
             for out in (ours_out, twin_out):
-                sum((t * w).sum() for t, w in zip(out, weights)).backward()
+                weighted_sum(out, seed=loss_seed).backward()
             for i, (a, b) in enumerate(zip(ours_leaves, twin_leaves)):
                 assert_close_to_ref(a.grad, b.grad, f"{where}: gradient of input {i}")
             twin_grads = dict(twin.named_parameters())

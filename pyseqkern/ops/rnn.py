@@ -821,7 +821,7 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
             # (zeros: steps no sequence reaches, which torch.nn runs too; no pack function makes them)
             listable = _listable(bs)
             hit = _listed_seq(bs, x.shape[0]) if listable else None
-            if hit is None if listable else (
+            if (hit is None) if listable else (
                     bool((bs < 0).any()) or bool((bs[1:] > bs[:-1]).any()) or int(bs.sum()) != x.shape[0]):
                 raise RuntimeError("pyseqkern.rnn_layer: 'batch_sizes' must be >= 0, non-increasing and sum "
                                    f"to x.shape[0] = {x.shape[0]}, got {bs.tolist()}")
