@@ -601,7 +601,7 @@ def test_narrow_gates_take_mkl_for_the_backward_gemms(monkeypatch):
                                                      ("rnn_tanh", 0, True), ("lstm", 40, True)])
 def test_layer_and_cell_match_the_reference_where_the_panel_exceeds_the_cache(mode, proj, reset_after, dtype, threads):
     """Where a thread's blocks exceed half its L2, the products take the blocks in chunks that fit, every
-    row tile over one chunk before the next (rnn_common.h tiled_product): H is chosen so that the
+    row tile over one chunk before the next (rnn_product.h tiled_product): H is chosen so that the
     recurrent panel is larger than this machine's whole L2, forward (sequence and cell) and backward."""
     G = ops.GATES[mode]
     H = int((rnn_paths._L2_BYTES / (G * dtype.itemsize)) ** 0.5) + 17
@@ -1504,7 +1504,7 @@ def test_cell_inference_path_equals_the_op_path(monkeypatch, isa, mode, reset_af
 def test_wide_input_cells_meet_twice_torchs_error(isa, mode, reset_after):
     """A cell at I = 4096 without grad: the kernel projects the input itself, a sum of 4096 products per
     gate. Summed in one run it had 2.3-3.0x torch's error (stop 27, found by a size fuzzer); the kernels
-    sum k in blocks now (csrc/cpu/rnn_common.h, kSumBlock)."""
+    sum k in blocks now (csrc/cpu/rnn_tiles.h, kSumBlock)."""
     G, I, H, B = ops.GATES[mode], 4096, 37, 9
     x, h = randn((B, I), torch.float32, seed=1), randn((B, H), torch.float32, seed=2, scale=0.5)
     c = randn((B, H), torch.float32, seed=3, scale=0.5) if mode == "lstm" else None
@@ -1533,7 +1533,7 @@ def test_wide_hidden_layers_meet_twice_torchs_error(isa, mode, proj, reset_after
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_float32_calls_of_32_rows_meet_twice_torchs_error(isa, mode, proj, reset_after, B, H, lengths):
     """float32 calls of kSplitRows (32) rows or more multiply on the amx level's tile unit, each float as
-    three bfloat16 pieces (rnn_common.h, amx_split_pass2): the forward's recurrent and input products and
+    three bfloat16 pieces (rnn_amx.h, amx_split_pass2): the forward's recurrent and input products and
     the backward's recurrent one. Around the threshold, odd and partial tiles of k (H = 113), packed
     batches whose active rows fall below 32 (the call's choice holds) and past the steps' thresholds to
     the FMA tiles (kSplitStepRows: 13 rows, 9 for GRU), and K = 1024: outputs and every gradient within
@@ -1548,7 +1548,7 @@ def test_float32_calls_of_32_rows_meet_twice_torchs_error(isa, mode, proj, reset
 def test_float32_tile_unit_keeps_infinite_values_as_torch_does(isa, cls, where):
     """On the tile unit an infinite row value or weight meets the other factor's three pieces (inf x hi +
     inf x mid of opposite signs is NaN where the float product is +-inf): such sums are summed again from
-    the float panel (rnn_common.h, resum_nan). Fed +-inf at B = 32, torch.nn's saturated outputs, not NaN."""
+    the float panel (rnn_amx.h, resum_nan). Fed +-inf at B = 32, torch.nn's saturated outputs, not NaN."""
     torch.manual_seed(3)
     theirs = getattr(torch.nn, cls)(16, 24)
     ours = getattr(pyseqkern.nn, cls)(16, 24)
@@ -1572,7 +1572,7 @@ def test_float32_tile_unit_keeps_infinite_values_as_torch_does(isa, cls, where):
 def test_wide_bfloat16_layers_meet_twice_torchs_error(isa, mode, proj, reset_after):
     """bfloat16 at H = 1040: rows of more than 1024 values in the forward's product (K = 1040) and the
     backward's (G x 1040 gate rows), which the amx level stages for the tile unit since stop 42
-    (rnn_common.h, amx_stage; before, the vdpbf16ps tile took them); other levels as before."""
+    (rnn_amx.h, amx_stage; before, the vdpbf16ps tile took them); other levels as before."""
     check_against_reference(mode, proj * 100, reset_after, torch.bfloat16, False, None, T=3, B=3, I=5, H=1040)
 
 
@@ -2054,7 +2054,7 @@ def test_cuda_runs_on_the_current_stream(path):
 @pytest.mark.parametrize("mode, proj, reset_after", VARIANTS)
 def test_pair_and_piece_sections_only_where_the_level_reads_them(isa, mode, proj, reset_after):
     """avx512bf16 and amx pack bfloat16 weights a second time as pairs of k for their dot products, the
-    forward's sections and the backward's main one (rnn_common.h; amx pads each block's pairs to whole
+    forward's sections and the backward's main one (rnn_layout.h; amx pads each block's pairs to whole
     tiles of 16); other dtypes and levels pack exactly what the float kernels read, but float32 on amx,
     which adds the three bfloat16 pieces of the forward's and the backward's main sections (Layout::split)."""
     code, H = ops.MODES[mode], 37

@@ -1,9 +1,9 @@
 // Pointwise parts of a recorded cell step, compiled per ISA level (contract: pyseqkern/cell_pointwise.h).
 // One register of units at a time, the tail of a row zero-padded; the activations are the recurrent
-// kernels' (rnn_common.h), so a step's gates carry the same error class as a sequence's.
+// kernels' (rnn_activations.h), so a step's gates carry the same error class as a sequence's.
 #include "pyseqkern/cell_pointwise.h"
 
-#include "rnn_common.h"
+#include "rnn_activations.h"
 
 PSK_ISA_NAMESPACE_BEGIN
 namespace cell {

@@ -15,7 +15,7 @@
 // gru_backward:  from act, gh, h, dh_n (or null): d_gi, d_gh [batch, 3H] (they differ in the n block:
 //                d_gh_n = d_gi_n r), and dh (or null) = dh_n z, h's gradient outside the products.
 // rnn_forward:   pre in, act out (in place): tanh or relu. rnn_backward: d_pre from act and dy.
-// Activations: the recurrent kernels' own (rnn_common.h: float forms within 1 ulp, as torch's; libm in
+// Activations: the recurrent kernels' own (rnn_activations.h: float forms within 1 ulp, as torch's; libm in
 // double); relu keeps NaN (as torch.relu) and its gradient is dy where the output is > 0 (torch's
 // threshold_backward). Compiled per ISA level (a step at B=8, H=256 holds 10 000 sigmoids and tanhs:
 // scalar libm took more than the step's GEMVs).

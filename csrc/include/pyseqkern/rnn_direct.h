@@ -17,7 +17,7 @@
 // Gates (torch's order): LSTM pre = (W_ih x + b_ih) + (W_hh h + b_hh); GRU r, z likewise, and
 // n = tanh((W_in x + b_in) + r * (W_hn h + b_hn)) (reset_after) or tanh((W_in x + b_in) + (W_hn (r * h)
 // + b_hn)) (reset_before), h_n = n + z (h - n); RNN h_n = act(pre). Activations are the recurrent
-// kernels' (rnn_common.h) for the storage dtype. Each dot product sums over k in lanes of a register,
+// kernels' (rnn_activations.h) for the storage dtype. Each dot product sums over k in lanes of a register,
 // then across the lanes in a fixed tree: the bits do not depend on the thread count, but they are not
 // the packed kernels' bits (those sum each unit over k in order).
 #pragma once
