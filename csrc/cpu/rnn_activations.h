@@ -2,6 +2,9 @@
 // Part of the recurrent kernels' building blocks (rnn_common.h includes them all), compiled into each
 // per-ISA source inside the ISA's namespace (cpu_dispatch.h).
 #pragma once
+#include <cmath>
+#include <cstring>
+
 #include "rnn_vec.h"
 
 #ifndef PSK_ISA

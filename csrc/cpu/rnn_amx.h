@@ -3,6 +3,8 @@
 // Part of the recurrent kernels' building blocks (rnn_common.h includes them all), compiled into each
 // per-ISA source inside the ISA's namespace (cpu_dispatch.h).
 #pragma once
+#include <cstring>
+
 #include "amx_tiles.h"
 #include "pyseqkern/thread_pool.h"
 #include "rnn_tiles.h"

@@ -1,6 +1,7 @@
 // Building blocks of the recurrent CPU kernels, compiled into each per-ISA source (include only from
 // sources listed in PSK_CPU_KERNEL_SOURCES, after PSK_ISA is defined). Everything lives in the ISA's
-// namespace: see cpu_dispatch.h for why no shared inline code may cross ISA objects. One header a job:
+// namespace: see cpu_dispatch.h for why no shared inline code may cross ISA objects (each header refuses
+// a source without PSK_ISA). One header a job:
 //   rnn_vec.h          registers: lanes, bf16, loads and stores, transposes
 //   rnn_activations.h  sigmoid, tanh, relu
 //   rnn_tiles.h        the register tiles (FMA, vdpbf16ps) and the epilogue call
@@ -11,7 +12,3 @@
 #include "rnn_activations.h"
 #include "rnn_layout.h"
 #include "rnn_product.h"
-
-#ifndef PSK_ISA
-#error "rnn_common.h belongs to per-ISA kernel sources"
-#endif

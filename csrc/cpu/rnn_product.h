@@ -2,6 +2,8 @@
 // Part of the recurrent kernels' building blocks (rnn_common.h includes them all), compiled into each
 // per-ISA source inside the ISA's namespace (cpu_dispatch.h).
 #pragma once
+#include <type_traits>
+
 #include "pyseqkern/isa.h"
 #include "rnn_amx.h"
 #include "rnn_tiles.h"

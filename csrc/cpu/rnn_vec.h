@@ -3,10 +3,7 @@
 // Part of the recurrent kernels' building blocks (rnn_common.h includes them all), compiled into each
 // per-ISA source inside the ISA's namespace (cpu_dispatch.h).
 #pragma once
-#include <array>
-#include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -15,7 +12,6 @@
 #endif
 
 #include "pyseqkern/cpu_dispatch.h"
-#include "pyseqkern/rnn.h"
 
 #ifndef PSK_ISA
 #error "rnn_vec.h belongs to per-ISA kernel sources"
