@@ -15,7 +15,7 @@ def span(t):
 
 
 def rows(t):
-    """A matrix span: t's rows (contiguous each), as ops.rnn._fingerprint gives a 2-D parameter."""
+    """A matrix span: t's rows (contiguous each), as ops.param_cache.fingerprint gives a 2-D parameter."""
     return (t.data_ptr(), t.shape[0], t.stride(0) * t.element_size(), t.shape[1] * t.element_size())
 
 

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pyseqkern
 import pyseqkern.nn as pnn
+from pyseqkern.ops import param_cache, rnn_cell_train, rnn_thin
 from pyseqkern.ops import rnn as rnn_ops
 from pyseqkern.ops import rnn_paths
 from pyseqkern.ops import rnn_cuda
@@ -256,8 +257,8 @@ def test_one_step_calls_without_grad_run_as_cells(monkeypatch, kind, cfg_name, d
 def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, layers, batch, layout, dtype, hx_given):
     """One step of a one-direction module with no grad, hx given or not (zeros: a decoding loop's first
     step), goes from the module straight to the cells' planned entries (nn/_sequence.py _decode_step):
-    contiguous tensors by data pointers (ops.rnn.step_fast, one call for every layer), strided ones
-    layer by layer (ops.rnn.cell_fast); both with the bits of the general one-step path (run_layers,
+    contiguous tensors by data pointers (ops.rnn_thin.step_fast, one call for every layer), strided ones
+    layer by layer (ops.rnn_thin.cell_fast); both with the bits of the general one-step path (run_layers,
     rnn_cell), torch.nn's results in float64, outputs that share no memory; and the full path, with its
     errors, wherever anything differs. (Without hx that step took the sequence path until stop 23: LSTM
     T=1, B=1, H=256 117 -> 54 us.)"""
@@ -276,10 +277,10 @@ def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, l
     if not hx_given:
         hs = [torch.zeros_like(h) for h in hs]  # (the oracle's states)
     hx = (tuple(hs) if kind == "lstm" else hs[0]) if hx_given else None
-    real_step, real_fast, real_cell = rnn_ops.step_fast, rnn_ops.cell_fast, rnn_ops.rnn_cell
+    real_step, real_fast, real_cell = rnn_thin.step_fast, rnn_thin.cell_fast, rnn_ops.rnn_cell
     steps, fast, cells = [], [], []
-    monkeypatch.setattr(rnn_ops, "step_fast", lambda *a, **k: steps.append(real_step(*a, **k)) or steps[-1])
-    monkeypatch.setattr(rnn_ops, "cell_fast", lambda *a, **k: fast.append(1) or real_fast(*a, **k))
+    monkeypatch.setattr(rnn_thin, "step_fast", lambda *a, **k: steps.append(real_step(*a, **k)) or steps[-1])
+    monkeypatch.setattr(rnn_thin, "cell_fast", lambda *a, **k: fast.append(1) or real_fast(*a, **k))
     monkeypatch.setattr(rnn_ops, "rnn_cell", lambda *a, **k: cells.append(1) or real_cell(*a, **k))
     # The same step from a strided view (every other column of a buffer twice as wide): layer by layer.
     strided = torch.stack([x, torch.full_like(x, float("nan"))], -1).view(*shape[:-1], 2 * I)[..., ::2]
@@ -288,7 +289,7 @@ def test_decode_steps_go_from_the_module_to_the_cells_entry(monkeypatch, kind, l
         ours(x, hx)  # plans the cells' entries for these parameters (through the general path)
         steps.clear(), fast.clear(), cells.clear()
         out, hn = ours(x, hx)
-        plan = rnn_ops._cell_plan(kind, True, ours.weight_ih_l0, ours.weight_hh_l0, ours.bias_ih_l0, ours.bias_hh_l0)
+        plan = rnn_thin.cell_plan(kind, True, ours.weight_ih_l0, ours.weight_hh_l0, ours.bias_ih_l0, ours.bias_hh_l0)
         if plan.step is not None:  # (none for bfloat16 with an odd input size, or without bf16 dot products)
             assert len(steps) == 1 and steps[0] is not None and not fast and not cells, \
                 "the decode step did not go straight to the cells' entries"
@@ -349,7 +350,7 @@ def test_inference_sequences_go_from_the_module_to_the_kernel_entry(monkeypatch,
                                                                     hx_given):
     """A plain inference sequence (one direction, no projection, contiguous input and states) whose layers
     the kernel projects goes from the module straight to the planned kernel entry (nn/_sequence.py
-    _sequence_fast, ops.rnn.seq_fast: _C.RnnCellStep.run_seq by data pointers, batch_first rows read in
+    _sequence_fast, ops.rnn_thin.seq_fast: _C.RnnCellStep.run_seq by data pointers, batch_first rows read in
     place, batch-major), once the full path has run and planned the layers: with the full path's bits and
     torch.nn's strides (a batch_first output is a transposed view of time-major rows, the thin path's too
     since stop 46), torch.nn's results in float64, outputs that share no memory. Modules made one after another (each
@@ -360,9 +361,9 @@ def test_inference_sequences_go_from_the_module_to_the_kernel_entry(monkeypatch,
     name, kwargs = KINDS[kind]
     cls_kw = dict(kwargs, num_layers=layers, batch_first=layout == "batch_first", dtype=dtype)
     unbatched = layout == "unbatched"
-    real = rnn_ops.seq_fast
+    real = rnn_thin.seq_fast
     taken = []
-    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    monkeypatch.setattr(rnn_thin, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
     for seed in (0, 1):  # (two modules in turn: the second may get the first's freed memory)
         theirs = seed_parameters(getattr(torch.nn, name)(I, H, **cls_kw), seed=seed)
         ours = getattr(pnn, name)(I, H, **cls_kw)
@@ -377,7 +378,7 @@ def test_inference_sequences_go_from_the_module_to_the_kernel_entry(monkeypatch,
         with torch.no_grad():
             taken.clear()
             first, first_hn = ours(x, hx)  # (the full path, which plans the layers where the fast one wants it)
-            planned = taken == [rnn_ops.NO_PLAN]
+            planned = taken == [rnn_thin.NO_PLAN]
             taken.clear()
             out, hn = ours(x, hx)
             with monkeypatch.context() as m:
@@ -414,12 +415,12 @@ def thin_full_and_oracle(monkeypatch, ours, theirs, x, hs, hx, kind):
     oracle's states, hx what ours takes)."""
     from pyseqkern.nn import _sequence
 
-    real = rnn_ops.seq_fast
+    real = rnn_thin.seq_fast
     taken = []
-    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    monkeypatch.setattr(rnn_thin, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
     with torch.no_grad():
         ours(x, hx)
-        assert taken == [rnn_ops.NO_PLAN]
+        assert taken == [rnn_thin.NO_PLAN]
         taken.clear()
         thin = ours(x, hx)
         assert len(taken) == 1 and type(taken[0]) is tuple, "the call did not take the kernel entry"
@@ -440,7 +441,7 @@ def thin_full_and_oracle(monkeypatch, ours, theirs, x, hs, hx, kind):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_packed_inference_goes_from_the_module_to_the_kernel_entry(monkeypatch, kind, layers, batch, order, hx_given):
     """A PackedSequence (sorted, or unsorted: hx and h_n in the caller's order) takes the planned sequence
-    path too (ops.rnn.seq_fast with _listed_seq's forms of batch_sizes): the full path's bits, torch.nn's
+    path too (ops.rnn_thin.seq_fast with _listed_seq's forms of batch_sizes): the full path's bits, torch.nn's
     results in float64, and the PackedSequence's own batch_sizes and indices back."""
     name, kwargs = KINDS[kind]
     theirs = seed_parameters(getattr(torch.nn, name)(I, H, num_layers=layers, **kwargs), seed=9)
@@ -552,12 +553,12 @@ def test_inference_sequences_take_the_kernel_entry_at_every_level(monkeypatch, i
     name, kwargs = KINDS[kind]
     ours = seed_parameters(getattr(pnn, name)(I, H, num_layers=2, **kwargs), seed=7)
     x = randn((steps, batch, I), F32, seed=8)
-    real = rnn_ops.seq_fast
+    real = rnn_thin.seq_fast
     taken = []
-    monkeypatch.setattr(rnn_ops, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    monkeypatch.setattr(rnn_thin, "seq_fast", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
     with torch.no_grad():
         ours(x)
-        planned = taken == [rnn_ops.NO_PLAN]
+        planned = taken == [rnn_thin.NO_PLAN]
         taken.clear()
         out, hn = ours(x)
         with monkeypatch.context() as m:
@@ -572,7 +573,7 @@ def test_inference_sequences_take_the_kernel_entry_at_every_level(monkeypatch, i
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_inference_sequences_follow_parameter_changes(kind):
-    """The planned sequence path (ops.rnn.seq_fast) after in-place updates of each layer's parameters and
+    """The planned sequence path (ops.rnn_thin.seq_fast) after in-place updates of each layer's parameters and
     a replaced one: the result of a fresh module with the new weights."""
     name, kwargs = KINDS[kind]
     ours = seed_parameters(getattr(pnn, name)(I, H, num_layers=2, **kwargs), seed=5)
@@ -719,11 +720,11 @@ def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype
         return outs, torch.autograd.grad(weighted_sum(outs, 21), leaves)
 
     taken = []
-    real = rnn_ops._cell_train.step
-    monkeypatch.setattr(rnn_ops._cell_train, "step", lambda *a: taken.append(1) or real(*a))
+    real = rnn_cell_train.step
+    monkeypatch.setattr(rnn_cell_train, "step", lambda *a: taken.append(1) or real(*a))
     outs, grads = run()
     assert len(taken) == 3
-    if rnn_ops._cell_train.by_torch(dtype):
+    if rnn_cell_train.by_torch(dtype):
         params64 = [p.detach().double().requires_grad_() for p in cell.parameters()]
         xs64 = [x.detach().double().requires_grad_() for x in xs]
         w_ih, w_hh, b_ih, b_hh = params64 if bias else (*params64, None, None)
@@ -737,7 +738,7 @@ def test_recorded_cell_steps_give_the_layer_routes_bits(monkeypatch, kind, dtype
         for k, (a, b) in enumerate(zip(outs + list(grads), outs64 + list(grads64), strict=True)):
             assert_matches(a, b, name=f"output/gradient {k}")
         return
-    monkeypatch.setattr(rnn_ops._cell_train, "step", lambda *a: None)  # the layer route
+    monkeypatch.setattr(rnn_cell_train, "step", lambda *a: None)  # the layer route
     outs2, grads2 = run()
     for k, (a, b) in enumerate(zip(outs + list(grads), outs2 + list(grads2), strict=True)):
         assert_bitwise_equal(a, b, name=f"output/gradient {k}")
@@ -774,7 +775,7 @@ def test_training_loops_of_one_step_calls_see_writes_through_data(kind):
                 getattr(module, name).data[step, step + 1] += 0.25  # (no version bump)
 
 
-# ---- the cells' planned inference path (ops.cell_fast) --------------------------------------------------
+# ---- the cells' planned inference path (ops.rnn_thin.cell_fast) --------------------------------------------------
 def make_cell(kind, ns=pnn, inp=I, **kw):
     if kind == "lstm":
         return ns.LSTMCell(inp, H, **kw)
@@ -795,7 +796,7 @@ class StepSpy:
 
 
 def spy_on_plan(cell, kind):
-    plan = rnn_ops._cell_plan(kind, getattr(cell, "reset_after", True), cell.weight_ih, cell.weight_hh,
+    plan = rnn_thin.cell_plan(kind, getattr(cell, "reset_after", True), cell.weight_ih, cell.weight_hh,
                               cell.bias_ih, cell.bias_hh)
     assert plan is not None and plan.step is not None
     plan.step = StepSpy(plan.step)
@@ -825,7 +826,7 @@ def test_cell_planned_path_gives_the_first_calls_bits(isa, kind, dtype, batch, h
     x, states = cell_inputs(kind, batch, dtype, hx, inp=inp)
     with torch.no_grad():
         first = cell(x, states)
-        plan = rnn_ops._cell_plan(kind, True, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        plan = rnn_thin.cell_plan(kind, True, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
         assert (plan.step is not None) == (dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and inp % 2 == 0))
         spies = [spy_on_plan(cell, kind)] if plan.step is not None else []
         again = [cell(x, states)]
@@ -917,14 +918,14 @@ def test_modules_tied_on_weight_hh_alone_keep_their_plans(cls, monkeypatch):
     one module still re-plans it, the stale plan not kept."""
     made = []
 
-    class Counted(rnn_ops._CellPlan):
+    class Counted(rnn_thin._CellPlan):
         __slots__ = ()
 
         def __init__(self, *args):
             made.append(args[0])
             super().__init__(*args)
 
-    monkeypatch.setattr(rnn_ops, "_CellPlan", Counted)
+    monkeypatch.setattr(rnn_thin, "_CellPlan", Counted)
     cell = "Cell" in cls
     a, b = (seed_parameters(getattr(pnn, cls)(I, H), seed=s).eval() for s in (230, 231))
     name = "weight_hh" if cell else "weight_hh_l0"
@@ -950,16 +951,16 @@ def test_modules_tied_on_weight_hh_alone_keep_their_plans(cls, monkeypatch):
         assert len(made) == 2
     anchor = id(getattr(a, name))
     mode = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}[cls.replace("Cell", "")]
-    current = [rnn_ops._cell_key(mode, True, *[getattr(m, n if cell else n + "_l0")
+    current = [rnn_thin._cell_key(mode, True, *[getattr(m, n if cell else n + "_l0")
                                                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")])
                for m in (a, b)]
-    kept = [rnn_ops._CELL_PLANS[anchor][0], rnn_ops._CELL_PLANS_OTHER[anchor][0]]
+    kept = [rnn_thin._CELL_PLANS[anchor][0], rnn_thin._CELL_PLANS_OTHER[anchor][0]]
     assert kept in (current, current[::-1]), "a stale plan was kept"
     lone = copies[0]  # a module of its own: its plan at the old version goes when it re-plans
     with torch.no_grad():
         getattr(lone, name).mul_(0.5)
         lone(x)
-    assert id(getattr(lone, name)) not in rnn_ops._CELL_PLANS_OTHER, "a stale plan of the same module was kept"
+    assert id(getattr(lone, name)) not in rnn_thin._CELL_PLANS_OTHER, "a stale plan of the same module was kept"
 
 
 @pytest.mark.parametrize("optimizer", ["Adam", "SGD", "Adagrad"])
@@ -1004,7 +1005,7 @@ def process_group():
     dist.destroy_process_group()
     import gc
     gc.collect()  # (FSDP2's module states go with their modules: the caches serve other tests again)
-    assert not rnn_ops._sharded()
+    assert not param_cache.sharded()
 
 
 def _flat_outputs(o):
@@ -1469,7 +1470,7 @@ def test_one_op_call_per_layer_and_direction(monkeypatch):
     lstm(randn((T, B, I), seed=11))
     assert layer_calls == [("lstm", (T, B, I), False), ("lstm", (T, B, I), True)] + \
         [("lstm", (T, B, 2 * P), rev) for rev in (False, True) * 2]
-    # (batched steps go from the module to ops.cell_fast, planned inference and recorded steps alike; the
+    # (batched steps go from the module to ops.rnn_thin.cell_fast, planned inference and recorded steps alike; the
     # rest through rnn_cell)
     pnn.GRUCell(I, H)(randn((I,), seed=12))
     pnn.RNNCell(I, H, nonlinearity="relu")(randn((I,), seed=13))
@@ -3044,10 +3045,10 @@ def test_cache_entries_are_sampled_before_they_are_made():
         return value
     key = ("key", w.data_ptr(), w._version)
     try:
-        assert torch.equal(rnn_ops._cache_put(cache, w, key, make, w), randn((64, 64), F32, seed=1))
-        assert rnn_ops._hit(cache.get(id(w)), key) is rnn_ops._MISS
+        assert torch.equal(param_cache.put(cache, w, key, make, w), randn((64, 64), F32, seed=1))
+        assert param_cache.hit(cache.get(id(w)), key) is param_cache.MISS
     finally:
-        rnn_ops.forget([w])
+        param_cache.forget([w])
 
 
 def test_empty_cache_in_another_thread_leaves_no_entries_behind():
@@ -3080,8 +3081,8 @@ def test_empty_cache_in_another_thread_leaves_no_entries_behind():
         stop.set()
         worker.join()
     gc.collect()
-    assert sum(len(cache) for cache in rnn_ops.ANCHORED_CACHES) == 0
-    cache = rnn_ops.ANCHORED_CACHES[0]
+    assert sum(len(cache) for cache in param_cache.ANCHORED) == 0
+    cache = param_cache.ANCHORED[0]
     cache[12345] = ("orphan",)  # (an entry no finalizer drops goes too)
     pyseqkern.empty_cache()
     assert not cache

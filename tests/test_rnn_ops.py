@@ -19,7 +19,7 @@ import pyseqkern
 from pyseqkern import _C
 from pyseqkern._handoff import capsule
 from pyseqkern.ops import rnn as ops
-from pyseqkern.ops import rnn_autograd, rnn_cuda
+from pyseqkern.ops import rnn_autograd, rnn_cell_train, rnn_cuda, rnn_thin
 from pyseqkern.ops import rnn_gemms
 from pyseqkern.ops import rnn_paths
 from pyseqkern.ops import rnn_scratch
@@ -1314,7 +1314,7 @@ def test_one_row_sequences_ride_or_project_on_the_tile_unit(isa, mode, hidden, r
     ride = isa in ("avx512", "avx512bf16", "amx") and (
         isa != "amx" or panels <= rnn_paths._RIDE_TILES_L2_SHARE * rnn_paths._L2_BYTES * rnn_paths._PATH_THREADS)
     expected = rides_on_amx if isa == "amx" and rnn_paths._L2_BYTES == 2 << 20 and rnn_paths._PATH_THREADS == 2 else ride
-    assert ops._seq_path(mode, True, hidden, hidden, torch.float32, T, 1, T) == (False, ride) and ride == expected
+    assert rnn_thin._seq_path(mode, True, hidden, hidden, torch.float32, T, 1, T) == (False, ride) and ride == expected
     theirs = getattr(torch.nn, name)(hidden, hidden)
     theirs.load_state_dict({k: randn(v.shape, seed=290 + i, scale=hidden ** -0.5)
                             for i, (k, v) in enumerate(theirs.state_dict().items())})
@@ -1468,7 +1468,7 @@ def test_cell_inference_path_equals_the_op_path(monkeypatch, isa, mode, reset_af
     it, and where the level has no input panel (bfloat16 without dot products or with odd I), they
     must be the autograd path's bit for bit. Also for strided states, and after a bias update. (The op
     path: recorded RNN steps would otherwise be torch's GEMMs, ops/rnn_cell_train.py _TORCH_STEPS.)"""
-    monkeypatch.setattr(ops._cell_train, "step", lambda *args: None)
+    monkeypatch.setattr(rnn_cell_train, "step", lambda *args: None)
     G, H = ops.GATES[mode], 37
     x, h = strided((B, I), dtype, seed=1), strided((B, H), dtype, seed=2, scale=0.5)
     c = strided((B, H), dtype, seed=3, scale=0.5) if mode == "lstm" else None
@@ -1855,6 +1855,7 @@ def test_cuda_inference_route_calls_the_impl_as_the_op_does(monkeypatch, mode, p
             x0, h0, c0 = x[:5] if packed else x[0], t["h0"], t["c0"]
             want = ops.rnn_cell(mode, x0, h0, c0, t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], reset_after)
             monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: True)
+            monkeypatch.setattr(rnn_thin, "_plain_eager_cuda", lambda x: True)
             got = ops.rnn_cell(mode, x0, h0, c0, t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], reset_after)
             for a, b in zip(got, want):
                 if a is not None:
@@ -1933,11 +1934,12 @@ def test_cuda_cell_steps_take_the_thin_route_with_the_op_routes_bits(monkeypatch
     one = None if state is None else tuple(t[0] for t in state) if kind == "lstm" else h[0]
     leaves = torch.utils._pytree.tree_leaves
     taken = []
-    real_cuda_cell = ops._cuda_cell
-    monkeypatch.setattr(ops, "_cuda_cell", lambda *a: taken.append(real_cuda_cell(*a)) or taken[-1])
+    real_cuda_cell = rnn_thin._cuda_cell
+    monkeypatch.setattr(rnn_thin, "_cuda_cell", lambda *a: taken.append(real_cuda_cell(*a)) or taken[-1])
     with torch.no_grad():
         want, want_one = cell(x, state), cell(x[0], one)
         monkeypatch.setattr(ops, "_plain_eager_cuda", lambda x: True)
+        monkeypatch.setattr(rnn_thin, "_plain_eager_cuda", lambda x: True)
         got = cell(x, state)
         assert calls == [1] and len(taken) == 1 and taken[0] is not None  # (the op route runs the CPU op)
         got_one = cell(x[0], one)  # (unbatched: the general route, rnn_layer's CUDA inference route)
@@ -2246,13 +2248,13 @@ def test_training_reserves_reuse_only_buffers_nothing_holds(monkeypatch, mode, p
     (lambda a: dict(a, x=a["x"].double()), TypeError, "rnn_cell: 'h' has dtype torch.float32 but 'x' has torch.float64"),
 ])
 def test_cell_errors_after_the_parameters_are_planned(change, error, match):
-    """Once a cell's parameters have a plan (_cell_plan), the thin path checks only the call's own
+    """Once a cell's parameters have a plan (rnn_thin.cell_plan), the thin path checks only the call's own
     tensors; anything off must still reach the full checks and their errors."""
     w = [randn(s, seed=4 + i, scale=0.3) for i, s in enumerate([(44, 13), (44, 11), (44,), (44,)])]
     a = dict(x=randn((3, 13), seed=1), h=randn((3, 11), seed=2), c=randn((3, 11), seed=3))
     with torch.no_grad():
         ops.rnn_cell("lstm", a["x"], a["h"], a["c"], *w)
-        assert ops._cell_plan("lstm", True, *w) is not None
+        assert rnn_thin.cell_plan("lstm", True, *w) is not None
         bad = change(a)
         with pytest.raises(error, match=match):
             ops.rnn_cell("lstm", bad["x"], bad["h"], bad["c"], *w)

@@ -8,6 +8,7 @@ from . import _checks
 from ._twin import torch_nn_records
 # Looked up at call time (attribute access), so a rewritten rnn_cell is picked up.
 from ..ops import rnn as _rnn_ops
+from ..ops import rnn_thin as _thin
 
 
 CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -33,7 +34,7 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
     if type(input) is torch.Tensor and not torch.compiler.is_compiling():
         params = planned_parameters(module)
         if params is not None:
-            out = _rnn_ops.cell_fast(mode, reset_after, input, states, *params)
+            out = _thin.cell_fast(mode, reset_after, input, states, *params)
             if out is not None:
                 return out
     if torch_nn_records():  # (the thin path above is off there: _plain_eager, or FakeTensors)

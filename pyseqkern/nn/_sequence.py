@@ -13,6 +13,7 @@ from ._cell import CELL_PARAMETERS, planned_parameters
 from ._stack import run_layers
 # Looked up at call time (attribute access), so a rewritten cell_fast is picked up.
 from ..ops import rnn as _rnn_ops
+from ..ops import rnn_thin as _thin
 from ..ops import rnn_cell_deferred as _deferred
 
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
@@ -58,8 +59,8 @@ def _decode_step(module, input, hx, reset_after):
     entries, or None where anything differs (then the full path runs, with its checks and errors). A
     decoding loop calls a layer once per token; the general path's argument handling, layer stack and
     stacking cost more than the step itself (RNN T=1, B=1, H=256: 39 us against 17 for an RNNCell).
-    Inference on contiguous tensors goes by data pointers (ops.rnn.step_fast: no views, no copies);
-    the rest layer by layer through ops.rnn.cell_fast (recorded steps: its training route). The same
+    Inference on contiguous tensors goes by data pointers (ops.rnn_thin.step_fast: no views, no copies);
+    the rest layer by layer through ops.rnn_thin.cell_fast (recorded steps: its training route). The same
     kernel entries as the general path's (several layers spread over every thread there too), so the
     same bits."""
     layers = module.num_layers
@@ -88,8 +89,8 @@ def _decode_step(module, input, hx, reset_after):
     if input.is_contiguous():
         hidden = module.hidden_size
         state_shape = (layers, input.shape[1 - t_dim], hidden) if batched else (layers, hidden)
-        step = _rnn_ops.step_fast(mode, reset_after, input, h0, c0, params, input.shape[:-1] + (hidden,),
-                                  state_shape, spread)
+        step = _thin.step_fast(mode, reset_after, input, h0, c0, params, input.shape[:-1] + (hidden,),
+                               state_shape, spread)
         if step is not None:
             return step
     x = input.select(t_dim, 0) if batched else input
@@ -97,7 +98,7 @@ def _decode_step(module, input, hx, reset_after):
     for layer, layer_params in enumerate(params):
         at = layer if batched else slice(layer, layer + 1)
         states = None if h0 is None else (h0[at], c0[at]) if is_lstm else (h0[at],)
-        out = _rnn_ops.cell_fast(mode, reset_after, x, states, *layer_params, spread)
+        out = _thin.cell_fast(mode, reset_after, x, states, *layer_params, spread)
         if out is None:
             return None
         x = out[0]
@@ -120,7 +121,7 @@ def _decode_step(module, input, hx, reset_after):
 
 
 def _sequence_fast(module, input, hx, reset_after):
-    """(output, h_n, c_n or None) of a plain inference sequence through ops.rnn.seq_fast, or None where
+    """(output, h_n, c_n or None) of a plain inference sequence through ops.rnn_thin.seq_fast, or None where
     anything differs (then the full path runs, with its checks and errors), or the layers' parameters
     where only their plans are missing (the full path runs, then makes them: sequence_forward). One
     direction or two, no projection, no dropout between layers in training mode, time-major, batch_first,
@@ -156,9 +157,9 @@ def _sequence_fast(module, input, hx, reset_after):
             if type(t) is not torch.Tensor or t.dim() != 3 or t.shape[1] != sorted_indices.shape[0]:
                 return None
         h0, c0 = _permute((h0, c0), sorted_indices)
-    out = _rnn_ops.seq_fast(module.mode.lower(), reset_after, x, h0, c0, params, module.hidden_size,
-                            module.batch_first and x.dim() == 3 and not packed, batch_sizes, directions)
-    if out is _rnn_ops.NO_PLAN:
+    out = _thin.seq_fast(module.mode.lower(), reset_after, x, h0, c0, params, module.hidden_size,
+                         module.batch_first and x.dim() == 3 and not packed, batch_sizes, directions)
+    if out is _thin.NO_PLAN:
         return params
     if out is None or not packed:
         return out
@@ -286,7 +287,7 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     h_n, c_n = _permute((h_n, c_n), unsorted_indices)
 
     if planless is not None:
-        _rnn_ops.make_seq_plans(module.mode.lower(), reset_after, planless)
+        _thin.make_seq_plans(module.mode.lower(), reset_after, planless)
     if batch_sizes is not None:
         return PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices), h_n, c_n
     if module.batch_first:

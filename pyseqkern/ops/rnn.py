@@ -20,15 +20,13 @@ rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True)
 How the work splits: torch computes x W_ih^T + biases for all steps in one GEMM; the kernel
 (torch.ops.pyseqkern.rnn_forward) runs the whole time loop; backward (rnn_backward) runs the loop in
 reverse and returns gate gradients, from which torch GEMMs form every weight gradient. Recurrent weights
-are packed once per weight version (cache below); the op's autograd and torch.func rules are in
-rnn_autograd.py, autocast in rnn_autocast.py, which torch GEMM serves each product in rnn_gemms.py, which
-way a CPU inference sequence goes in rnn_paths.py, the buffers kept between calls in rnn_scratch.py.
+are packed once per weight version (_packed, by param_cache.py's rules); the modules' thin inference
+routes are in rnn_thin.py, the op's autograd and torch.func rules in rnn_autograd.py, autocast in
+rnn_autocast.py, which torch GEMM serves each product in rnn_gemms.py, which way a CPU inference sequence
+goes in rnn_paths.py, the buffers kept between calls in rnn_scratch.py.
 Dtypes: float32, float64, bfloat16 (float32 math); float16 on CUDA, and on the CPU through float32 casts.
 """
 from __future__ import annotations
-
-import threading
-import weakref
 
 import torch
 from torch.autograd import forward_ad as _fwad
@@ -40,9 +38,11 @@ from . import rnn_autocast as _autocast
 from . import rnn_gemms as _gemms
 from . import rnn_paths as _paths
 from .rnn_modes import GATES, GATES_BY_CODE, MODES
-from .rnn_scratch import (_cell_workspace, _fwd_scratch, _proj_scratch, _reserves, normal,
+from .rnn_scratch import (_fwd_scratch, _proj_scratch, _reserves, normal,
                           release as _release_scratch)
 from ._library import LIB
+from . import param_cache
+from .param_cache import MISS, NO_VERSION, anchored, cached, hit, put, sharded
 from . import rnn_direct  # noqa: F401  (defines rnn_step_direct, which rnn_layer calls in compiled graphs)
 
 _C = _backend._C
@@ -123,7 +123,7 @@ def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
 # same version counter, dtype, device, and ISA level, which sets the lane width of the layout).
 # Writes through `.data` (p.data.copy_(...), gradcheck's perturbations) do not bump the version
 # counter, so an entry serves calls that record no gradient for the weight (inference) on its key and
-# a sample of the weights' memory (_fingerprint: whole-tensor writes are seen, a few elements written
+# a sample of the weights' memory (param_cache.fingerprint: whole-tensor writes are seen, a few elements written
 # through `.data` only where they touch the sample). When autograd records one (training), the
 # optimizer changes the weights every step anyway: packing again costs one pass over the weights,
 # small next to a sequence's forward and backward. Not next to one step: a cell stepped in a training
@@ -131,140 +131,7 @@ def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
 # (and more in fresh memory). Such calls (`reuse`) take the entry where its key matches and the kernel
 # finds the weights still equal to the pack, bit for bit (`_C.rnn_pack_current`: one read of both, no
 # copy kept), so no write of any kind is missed.
-_PACK_CACHE: dict = {}
-
-
-def _pinned(*sources):
-    """What a cache entry keeps besides its result: (alias, address) of each tensor its key names by
-    data_ptr, so that memory cannot be freed and handed to a new tensor at the same address while the
-    entry lives. Without them `module.bfloat16(); module.float()` (torch's _apply assigns `param.data`:
-    same Parameter, version 0 again) often got the old address back, and inference ran the weights
-    packed before. The address is checked on every hit (_hit): share_memory_() moves a storage's memory,
-    alias and all, and frees the old address."""
-    return tuple((t.detach(), t.data_ptr()) for t in sources if t is not None)
-
-
-def _fingerprint(*sources):
-    """A sample of the CPU memory of the tensors an entry is made from (csrc/fingerprint.h), or None where
-    none is on the CPU. The version counter misses writes through `.data`: inference after
-    `target.p.data.copy_(tau * p.data + (1 - tau) * target.p.data)` (a soft target update) ran the
-    weights packed before it. A hit (_hit, _cell_plan) compares the sample: 64 words per tensor, ~0.1 us
-    for an LSTM's four parameters. A matrix whose rows are contiguous goes as rows (sampled on its
-    diagonal: whole columns seen, not only contiguous slices), anything else as the flat extent of its
-    memory. CUDA memory is not sampled (a read would cost a sync)."""
-    spans = []
-    for t in sources:
-        if t is not None and t.is_cpu and t.numel():
-            size = t.element_size()
-            if t.dim() == 2 and t.shape[0] > 1 and t.stride(1) == 1 and t.shape[1] * size >= 8:
-                spans.append((t.data_ptr(), t.shape[0], t.stride(0) * size, t.shape[1] * size))
-            else:
-                extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-                spans.append((t.data_ptr(), 1, 0, extent * size))
-    return _C.Fingerprint(spans) if spans else None
-
-
-def _hit(entry, key):
-    """entry's value if its key is key, its pinned memory still where the key says and still holding
-    the sampled values (_fingerprint), else _MISS."""
-    if entry is None or entry[0] != key:
-        return _MISS
-    for alias, address in entry[2]:
-        if alias.data_ptr() != address:
-            return _MISS
-    if entry[3] is not None and not entry[3].matches():
-        return _MISS
-    return entry[1]
-
-
-_MISS = object()
-
-
-def _cache_put(cache, anchor, key, make, *sources):
-    """Stores make() for anchor (its entry goes when anchor dies) and returns it. key None: not stored.
-    The sample of the sources' memory is taken before make() reads them: taken after, a `.data` write
-    made while make() ran (another thread publishing weights as the module served) was in the sample
-    but not in the value, and every later call matched the sample and served the stale value (found by
-    a concurrency fuzzer, stop 27: 11 of 100 trials). Entries go in and out under _CACHE_LOCK: an
-    empty_cache() or forget() in another thread between the check for a finalizer and the store left
-    entries no finalizer would drop, and two first calls at once two finalizers on one parameter.
-    Nothing is stored while torch swaps module parameters on conversion (torch.__future__'s opt-in
-    swap_module_params_on_conversion): torch.utils.swap_tensors refuses a tensor with a weakref, and
-    the entry's finalizer is one, so `.double()` after one inference call failed. Nor for CPU tensors
-    in shared memory (share_memory_(), Hogwild training): another process writes them in place, and no
-    version counter here sees it. (CUDA tensors report is_shared() always; they are cached.)"""
-    if (key is None or _swap_on_conversion() or _sharded()
-            or any(t is not None and t.is_cpu and t.is_shared() for t in sources)):
-        return make()
-    sample = _fingerprint(*sources)
-    value = make()
-    with _CACHE_LOCK:
-        if id(anchor) not in _WATCHED:
-            _WATCHED[id(anchor)] = weakref.finalize(anchor, _drop, id(anchor))
-        cache[id(anchor)] = (key, value, _pinned(*sources), sample)
-    return value
-
-
-# Every cache of entries anchored on a parameter (the later ones append themselves), and per anchor's
-# id the one finalizer that drops its entries from all of them when it dies.
-ANCHORED_CACHES: list = [_PACK_CACHE, _autocast._CAST_CACHE]
-_WATCHED: dict = {}
-_CACHE_LOCK = threading.RLock()  # (reentrant: a finalizer may run _drop inside a locked section)
-
-
-def _drop(anchor_id):
-    with _CACHE_LOCK:
-        _WATCHED.pop(anchor_id, None)
-        for cache in ANCHORED_CACHES:
-            cache.pop(anchor_id, None)
-
-
-def forget(tensors) -> None:
-    """Drops the cache entries anchored on these tensors and detaches their finalizers (weak references):
-    torch.utils.swap_tensors refuses a tensor with one. The modules call it before torch swaps their
-    parameters (swap_module_params_on_conversion); the next inference call packs afresh."""
-    with _CACHE_LOCK:
-        for t in tensors:
-            finalizer = _WATCHED.get(id(t))
-            if finalizer is not None and finalizer.peek() is not None and finalizer.peek()[0] is t:
-                finalizer.detach()
-                _drop(id(t))
-
-
-def _cached(cache, anchor, key_of, make, *sources):
-    """The cached value for anchor where key_of() still describes it, else make()'s, stored (_cache_put).
-    key_of raising _NO_VERSION (an inference tensor) means: made afresh, not stored."""
-    if _sharded():
-        return make()
-    try:
-        key = key_of()
-    except _NO_VERSION:
-        key = None
-    got = _hit(cache.get(id(anchor)), key)
-    return got if got is not _MISS else _cache_put(cache, anchor, key, lambda: normal(make), *sources)
-
-
-_swap_on_conversion = torch.__future__.get_swap_module_params_on_conversion
-# Nothing is cached, and no entry served, while a module is managed by one of torch.distributed's
-# composable APIs (FSDP2's fully_shard, replicate): FSDP2 gathers each forward's weights into the same
-# Parameter, often at the same address, with its version counter preserved on purpose, so evaluation
-# between FSDP2 training steps ran stale weights in 2-4 of 10 passes (outputs off by up to 2.6e-2;
-# found by an interop sweep, stop 18). Training calls never use the caches. (Not the whole of
-# torch.distributed: uncached, an LSTMCell step at B=1 took 8.9x the time, an LSTM at B=1 1.7x, and
-# DDP writes parameters through autograd and the optimizer, which bump the counters.) The registry is
-# private to torch: if it moves, any initialized process group turns the caches off instead.
-try:
-    from torch.distributed import _composable_state as _composable
-    _composable._module_state_mapping.data  # noqa: B018  (still there?)
-
-    def _sharded() -> bool:  # (the WeakKeyDictionary's own dict: 40 ns against len()'s 115, on every call)
-        return bool(_composable._module_state_mapping.data)
-except (ImportError, AttributeError):
-    _sharded = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
-# The caches' keys read each tensor's version counter, which inference tensors (made under
-# torch.inference_mode: a module built there, a weight_norm weight or a float16 module's float32 casts
-# computed there) do not have: reading it raises RuntimeError, and such calls are served uncached.
-_NO_VERSION = RuntimeError
+_PACK_CACHE: dict = anchored({})
 
 
 def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Tensor, w_hr, recording: bool,
@@ -290,18 +157,18 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
                 return narrow
         return pack()
     if not recording:
-        return _cached(_PACK_CACHE, w_hh, key, pack, w_hh, w_hr)  # (its pack made normal: _cached)
-    if _sharded():
+        return cached(_PACK_CACHE, w_hh, key, pack, w_hh, w_hr)  # (its pack made normal: cached)
+    if sharded():
         return pack()
     try:
         k = key()
-    except _NO_VERSION:
+    except NO_VERSION:
         return pack()
-    got = _hit(_PACK_CACHE.get(id(w_hh)), k)
-    if got is not _MISS and _C.rnn_pack_current(mode, reset_after, hidden, proj, capsule(w_hh.detach()),
-                                                _none(None if w_hr is None else w_hr.detach()), capsule(got)):
+    got = hit(_PACK_CACHE.get(id(w_hh)), k)
+    if got is not MISS and _C.rnn_pack_current(mode, reset_after, hidden, proj, capsule(w_hh.detach()),
+                                               _none(None if w_hr is None else w_hr.detach()), capsule(got)):
         return got
-    return _cache_put(_PACK_CACHE, w_hh, k, lambda: normal(pack), w_hh, w_hr)
+    return put(_PACK_CACHE, w_hh, k, lambda: normal(pack), w_hh, w_hr)
 
 
 def _pack_narrow(mode, reset_after, hidden, proj, w_hh, w_hr, batch):
@@ -446,19 +313,14 @@ def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n
     return dgx, dgh, dproj, dh0, dc0, dgxt, dght, hpt
 
 
-
-
 def empty_cache() -> None:
     """Releases the calling thread's cached temporaries (_Scratch: the CPU backward's, the inference
     forward's, torch's input projection's; the training forwards' reserve pool) and cell workspaces
     (the Python one, and the compiled step's), the device copies of packed batches' lengths that no
     captured CUDA graph reads (_device_seq), packed batches' host forms (_listed_seq), and every inference
     cache entry (packed weights, folded biases, cell plans, casts) with its weak reference to its
-    parameter (forget)."""
-    with _CACHE_LOCK:
-        forget([f.peek()[0] for f in list(_WATCHED.values()) if f.peek() is not None])
-        for cache in ANCHORED_CACHES:  # (and any entry whose finalizer is gone)
-            cache.clear()
+    parameter (param_cache.clear)."""
+    param_cache.clear()
     _DEVICE_SEQ.clear()
     _LISTED_SEQ.clear()
     _release_scratch()
@@ -928,15 +790,14 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
 
 # Folded biases for inference, cached like the packed weights (same rules: only when no gradient is
 # recorded, keyed by storage and version counter).
-_BIAS_CACHE: dict = {}
-ANCHORED_CACHES.append(_BIAS_CACHE)
+_BIAS_CACHE: dict = anchored({})
 
 
 def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
     anchor = b_ih if b_ih is not None else b_hh
     if anchor is None:
         return None, None
-    return _cached(
+    return cached(
         _BIAS_CACHE, anchor,
         lambda: (mode, reset_after, hidden, None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
                  None if b_hh is None else (b_hh.data_ptr(), b_hh._version, id(b_hh))),
@@ -944,8 +805,7 @@ def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
 
 
 # Input panels (w_ih packed for forwards that project the input themselves), cached like _PACK_CACHE.
-_PACK_IN_CACHE: dict = {}
-ANCHORED_CACHES.append(_PACK_IN_CACHE)
+_PACK_IN_CACHE: dict = anchored({})
 # Cells up to this batch project their input inside the kernel: at B=1, H=256 torch's GEMV of x W_ih^T
 # took 18.6 us of a 55 us LSTMCell call (W_ih, 1 MB, streamed by one thread), where each kernel
 # thread projects its own gate columns from a panel that stays in its cache between calls. The same
@@ -970,10 +830,10 @@ def _input_panel(code, reset_after, hidden, w_ih):
     def make():
         return _fresh_input_panel(code, reset_after, hidden, w_ih)
 
-    return _cached(_PACK_IN_CACHE, w_ih,
-                   lambda: (code, reset_after, hidden, w_ih.data_ptr(), w_ih._version, w_ih.stride(), w_ih.dtype,
-                            tuple(w_ih.shape), _backend.active_isa()),
-                   make, w_ih)
+    return cached(_PACK_IN_CACHE, w_ih,
+                  lambda: (code, reset_after, hidden, w_ih.data_ptr(), w_ih._version, w_ih.stride(), w_ih.dtype,
+                           tuple(w_ih.shape), _backend.active_isa()),
+                  make, w_ih)
 
 
 def _forward_by_chunks(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, chunks):
@@ -1049,432 +909,6 @@ def _forward_projecting(mode, reset_after, seq, x2d, h0, c0, w_ih, w_hh, b_ih, b
     return y, h_n, (c_n if code == 0 else None)
 
 
-# The thin cell path's per-weights plan: what depends only on the parameters (their checked shapes and
-# dtypes, packed weights, input panel, folded biases, and the kernel entry bound to them), found with
-# one lookup per call instead of one per cache and a re-check of every weight (together 10 of an RNNCell
-# call's 27 us at B=1, H=256). Keyed like the caches it draws on (storage and version counter of each
-# parameter, ISA level).
-_CELL_PLANS: dict = {}
-# Per weight_hh, the plan of the modules the newest one replaced, where they were other modules (another
-# weight_ih or bias, mode or reset_after: `_cell_owner`), not the same ones at other versions: two cells or
-# layers tied on weight_hh alone, called in turn, re-planned every call (196 us a pair of GRUCell calls at
-# B=1, H=256 against 48 untied; two GRU layers (20,1,256) 672 against 277-293). Bounded: one such entry per
-# weight_hh, each pinning its tensors (_pinned) until replaced, its anchor dies, or empty_cache().
-_CELL_PLANS_OTHER: dict = {}
-ANCHORED_CACHES.extend((_CELL_PLANS, _CELL_PLANS_OTHER))
-
-
-class _CellPlan:
-    """`step`: the compiled entry with the parameters bound (_C.RnnCellStep), where the kernel projects
-    the input itself (an input panel exists for this dtype, size and level); it takes data pointers of
-    the call's own tensors, which the caller has checked."""
-
-    __slots__ = ("dtype", "input", "hidden", "code", "panel", "packed", "bias", "b_hn", "step")
-
-    def __init__(self, mode, reset_after, w_ih, w_hh, b_ih, b_hh):
-        self.code, self.hidden = MODES[mode], w_hh.shape[0] // GATES[mode]
-        self.dtype, self.input = w_hh.dtype, w_ih.shape[1]
-        bias, self.b_hn = _folded_bias(mode, reset_after, self.hidden, b_ih, b_hh)
-        self.bias = None if bias is None else bias.contiguous()
-        self.panel = _input_panel(self.code, reset_after, self.hidden, w_ih)
-        self.packed = _packed(self.code, reset_after, self.hidden, 0, w_hh, None, False)
-        self.step = None
-        if self.panel is not None:
-            self.step = _C.RnnCellStep(self.code, reset_after, self.hidden, self.input, str(self.dtype)[6:],
-                                       capsule(self.packed), capsule(self.panel), _none(self.bias),
-                                       _none(self.b_hn))
-
-
-def _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
-    # ids too: a parameter replaced by a new tensor at the freed one's address (and version) is another
-    # tensor (w_hh's own id is the dict key, and its entry goes when it dies)
-    # (raises _NO_VERSION for inference tensors). Contiguity where _packed's key holds strides: shapes are
-    # checked, so that tells `p.data = p.data.t()` apart at half the cost of stride() on every step.
-    # Shapes too: a parameter re-pointed at a view of its own start (`p.data = p.data[:12]`) keeps its
-    # address and version, and the old plan ran with the old sizes (a fuzzer, stop 32).
-    # The first _OWNER_FIELDS name the modules rather than their state (_cell_owner).
-    return (mode, reset_after, id(w_ih), None if b_ih is None else id(b_ih), None if b_hh is None else id(b_hh),
-            w_ih.data_ptr(), w_ih._version, w_ih.is_contiguous(), w_ih.shape,
-            w_hh.data_ptr(), w_hh._version, w_hh.is_contiguous(), w_hh.shape,
-            None if b_ih is None else (b_ih.data_ptr(), b_ih._version),
-            None if b_hh is None else (b_hh.data_ptr(), b_hh._version), _backend._ISA.name)
-
-
-_OWNER_FIELDS = 5
-
-
-def _cell_owner(key):
-    """Mode, reset_after and the ids of w_ih and the biases: the modules a _cell_key names (w_hh's own
-    id anchors the entry)."""
-    return key[:_OWNER_FIELDS]
-
-
-def _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
-    """The _CellPlan for these parameters if cached and current, else None."""
-    entry = _CELL_PLANS.get(id(w_hh))
-    if entry is None or _sharded():
-        return None
-    try:
-        key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    except _NO_VERSION:
-        return None
-    if entry[0] != key:
-        entry = _CELL_PLANS_OTHER.get(id(w_hh))
-        if entry is None or entry[0] != key:
-            return None
-    # One pinned address checked, not four (_hit's loop was 0.6 us of a 14 us RNNCell step): w_hh's,
-    # pinned first. Module.share_memory() moves every parameter, w_hh with them.
-    # The key holds every parameter's address, so the sample reads live memory (_fingerprint).
-    pin, address = entry[2][0]
-    return entry[1] if pin.data_ptr() == address and (entry[3] is None or entry[3].matches()) else None
-
-
-def _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
-    """Called after the full argument checks passed for these parameters."""
-    try:
-        key = _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    except _NO_VERSION:
-        key = None
-    if key is not None:
-        with _CACHE_LOCK:  # (as _cache_put's store: a concurrent _drop of this anchor cannot interleave)
-            newest = _CELL_PLANS.get(id(w_hh))
-            if newest is not None and _cell_owner(newest[0]) != _cell_owner(key):
-                _CELL_PLANS_OTHER[id(w_hh)] = newest
-    plan = lambda: normal(lambda: _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh))  # noqa: E731
-    return _cache_put(_CELL_PLANS, w_hh, key, plan, w_hh, w_ih, b_ih, b_hh)  # (w_hh first: _cell_plan checks it)
-
-
-def _plan_takes(plan, t, rows, cols):
-    """t is a plain CPU tensor [rows, cols] of the plan's dtype (RnnCellStep reads it made contiguous)."""
-    return (type(t) is torch.Tensor and t.dtype == plan.dtype and t.is_cpu and t.dim() == 2 and t.shape[0] == rows
-            and t.shape[1] == cols)
-
-
-def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False):
-    """One cell step straight to the planned kernel entry, or None when anything differs from what the
-    plan was checked for (then the caller takes the full path, which checks and explains). states: None
-    (zeros) or (h,) / (h, c). Returns (h_n,) or (h_n, c_n). At B=1, H=256 every microsecond of Python
-    here is a visible share of the step, so this is the only code between the module and the kernel,
-    and it checks each tensor inline (as _plan_takes would; 1.4-1.8 us less per call than calling it).
-    A step that autograd records goes to ops/rnn_cell_train.py's route instead (None where it declines)."""
-    if _autocast.any_enabled():  # (rnn_cell casts, then comes back here with autocast off)
-        return None
-    if torch.is_grad_enabled() and (w_hh.requires_grad or w_ih.requires_grad or getattr(x, "requires_grad", False)
-                                    or any(getattr(t, "requires_grad", False) for t in (b_ih, b_hh, *(states or ())))):
-        if type(reset_after) is not bool:  # (the full path says what it must be)
-            return None
-        return _cell_train.step(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh)  # (training: its own route)
-    plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    if plan is None or plan.step is None or type(x) is not torch.Tensor:
-        return _cuda_cell(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh) if _plain_eager_cuda(x) else None
-    dtype, shape = plan.dtype, x.shape
-    if len(shape) != 2:
-        return None
-    B = shape[0]
-    if not (0 < B <= _INPUT_PANEL_MAX_BATCH and shape[1] == plan.input and x.dtype is dtype and x.is_cpu):
-        return None
-    h = c = 0
-    hs = (B, plan.hidden)
-    if states is not None:  # (a contiguous copy stays referenced until the call)
-        if len(states) != (2 if plan.code == 0 else 1):
-            return None
-        h_t, c_t = states[0], states[-1]  # (c_t is h_t but for lstm)
-        if not (type(h_t) is torch.Tensor and h_t.shape == hs and h_t.dtype is dtype and h_t.is_cpu and (
-                c_t is h_t or type(c_t) is torch.Tensor and c_t.shape == hs and c_t.dtype is dtype and c_t.is_cpu)):
-            return None
-        h_t = h_t if h_t.is_contiguous() else h_t.contiguous()
-        h = h_t.data_ptr()
-        if plan.code == 0:
-            c_t = c_t if c_t.is_contiguous() else c_t.contiguous()
-            c = c_t.data_ptr()
-    if _backend._REFERENCE_FORCED or not _unobserved():  # (_plain_eager's own type and device checks: above)
-        return None
-    if not x.is_contiguous():
-        x = x.contiguous()
-    # The outputs by torch's cheapest allocation here: sizes as ints and a dtype keyword only where it is
-    # not the default (a shape tuple and the keyword cost 0.6-0.9 us more per tensor), c_n like h_n.
-    # In-process, 21 pairs at B=1, H=256, time per module call: LSTMCell 0.91x, GRUCell 0.96x, RNNCell 0.93x.
-    if dtype is torch.get_default_dtype():
-        h_n = torch.empty(B, plan.hidden)
-    else:
-        h_n = torch.empty(B, plan.hidden, dtype=dtype)
-    if plan.code != 0:
-        plan.step.run(B, x.data_ptr(), h, 0, h_n.data_ptr(), 0, num_threads(), spread)
-        return (h_n,)
-    c_n = torch.empty_like(h_n)
-    plan.step.run(B, x.data_ptr(), h, c, h_n.data_ptr(), c_n.data_ptr(), num_threads(), spread)
-    return h_n, c_n
-
-
-def step_fast(mode, reset_after, x, h0, c0, params, out_shape, state_shape, spread):
-    """One time step of stacked one-direction layers through their planned cell entries by data pointers
-    (nn/_sequence.py's decode step), or None where anything differs from what the plans were checked for,
-    or where autograd would record (then the layer-by-layer path runs, with its checks and errors).
-    x: the step's B rows of I values, contiguous (a one-step sequence, batch_first or not, or unbatched);
-    h0, c0: None (zeros) or contiguous `state_shape` ([L, B, H], unbatched [L, H]), c0 exactly for lstm;
-    params: each layer's (w_ih, w_hh, b_ih, b_hh). Returns (y of `out_shape`, h_n, c_n or None). No view of
-    the caller's tensors and no copy: the kernel reads x and each layer's states where they are, and
-    writes each layer's h_n and c_n into their slots of the results (the next layer's input is its
-    predecessor's slot) and the last layer's output into y as well. Layer by layer through cell_fast,
-    a decoding step's select, state slices, unsqueezes and the output's copy were half its Python (GRU
-    T=1, B=1, H=256: 13.7 of 27.2 us a module call)."""
-    lstm = mode == "lstm"
-    grad = torch.is_grad_enabled()
-    states = () if h0 is None else (h0, c0) if lstm else (h0,)
-    # (a recorded step's states and input first: a training loop's steps return here at once)
-    if type(x) is not torch.Tensor or (c0 is not None) != (lstm and h0 is not None) or grad and (
-            x.requires_grad or any(type(t) is torch.Tensor and t.requires_grad for t in states)):
-        return None
-    if _autocast.any_enabled() or _backend._REFERENCE_FORCED or not x.is_cpu or not _unobserved():
-        return None
-    dtype, size, hidden = x.dtype, x.shape[-1], state_shape[-1]
-    for t in states:
-        if not (type(t) is torch.Tensor and t.shape == state_shape and t.dtype is dtype and t.is_cpu
-                and t.is_contiguous()):
-            return None
-    B = 1 if len(state_shape) == 2 else state_shape[1]
-    if not 0 < B <= _INPUT_PANEL_MAX_BATCH:
-        return None
-    plans = []
-    for w_ih, w_hh, b_ih, b_hh in params:
-        if grad and (w_ih.requires_grad or w_hh.requires_grad or b_ih is not None and b_ih.requires_grad
-                     or b_hh is not None and b_hh.requires_grad):
-            return None
-        plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-        if plan is None or plan.step is None or plan.dtype is not dtype or plan.input != size or plan.hidden != hidden:
-            return None
-        plans.append(plan)
-        size = hidden
-    # (sizes as ints, the dtype keyword only where it is not the default: 0.7 us less a tensor; cell_fast)
-    if dtype is torch.get_default_dtype():
-        y, h_n, c_n = torch.empty(*out_shape), torch.empty(*state_shape), torch.empty(*state_shape) if lstm else None
-    else:
-        y, h_n = torch.empty(*out_shape, dtype=dtype), torch.empty(*state_shape, dtype=dtype)
-        c_n = torch.empty(*state_shape, dtype=dtype) if lstm else None
-    slot = B * hidden * x.element_size()  # (one layer's [B, H] in the states and results)
-    xp, hn = x.data_ptr(), h_n.data_ptr()
-    h = h0.data_ptr() if h0 is not None else 0
-    c = c0.data_ptr() if c0 is not None else 0
-    cn = c_n.data_ptr() if lstm else 0
-    threads, last = num_threads(), len(plans) - 1
-    for layer, plan in enumerate(plans):
-        at = layer * slot
-        plan.step.run(B, xp, h and h + at, c and c + at, hn + at, cn and cn + at, threads, spread,
-                      y.data_ptr() if layer == last else 0)
-        xp = hn + at
-    return y, h_n, c_n
-
-
-# The projecting path of plain inference sequences by shape (seq_fast): rnn_paths._projection_path's answer for
-# (mode, reset_after, hidden, input, dtype, steps, batch, level); bounded as _SIZES is.
-_SEQ_PATHS: dict = {}
-# seq_fast's answer where the sequence would take its path but a layer has no plan yet: the caller runs
-# the full path, which checks every argument, and then makes the plans (make_seq_plans).
-NO_PLAN = object()
-
-
-def _seq_path(mode, reset_after, hidden, size, dtype, steps, batch, rows):
-    key = (mode, reset_after, hidden, size, dtype, steps, batch, rows, _backend._ISA.name)
-    path = _SEQ_PATHS.get(key, _SEQ_PATHS)
-    if path is _SEQ_PATHS:
-        # (meta tensors of the sequence's shape and rows: the path reads shapes and the dtype only)
-        xm = torch.empty((steps, batch, size), dtype=dtype, device="meta")
-        path = _paths._projection_path(mode, _sizes(MODES[mode], reset_after, hidden, 0, batch, dtype),
-                                       _Seq(xm, None, False), torch.empty((rows, size), dtype=dtype, device="meta"),
-                                       dtype, hidden, 0, GATES[mode] * hidden * hidden)
-        if len(_SEQ_PATHS) >= _SIZES_MAX:
-            _SEQ_PATHS.clear()
-        _SEQ_PATHS[key] = path
-    return path
-
-
-def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_sizes=None, directions=1):
-    """A plain inference sequence through stacked layers of `hidden` units (no projection), one direction or
-    two (`directions`: each layer's outputs side by side in one row, as the full path's cat lays them)
-    straight to their planned kernel entries by data pointers (_C.RnnCellStep.run_seq), where each
-    layer takes the path on which the kernel projects its input (rnn_paths._projection_path; the same kernel, path
-    and bits as rnn_layer's); else None (then the full path runs), or NO_PLAN where only a layer's plan
-    is missing. x: [T, B, I] ([B, T, I] with batch_first: rows read in place, batch-major, as the layers
-    in between write theirs; the last layer writes time-major, as torch.nn lays out a batch_first output,
-    and y is its transposed view), unbatched [T, I], or a packed batch's data [N, I] with its `batch_sizes` (the
-    forms _listed_seq lists), contiguous; h0, c0: None (zeros) or contiguous [L, B, H]
-    ([L, H] unbatched; L = layers x directions), c0 exactly for lstm; params: (w_ih, w_hh, b_ih, b_hh) of
-    each layer and direction, in h_n's order (layer * directions + direction). Returns (y,
-    h_n, c_n or None). The full path's checks, _Seq, caches, scratch and capsules took 60-90 us of a
-    module call (RNN (100,1,256): 64 of 282 us)."""
-    lstm = mode == "lstm"
-    states = () if h0 is None else (h0, c0) if lstm else (h0,)
-    if type(x) is not torch.Tensor or (c0 is not None) != (lstm and h0 is not None):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(type(t) is torch.Tensor and t.requires_grad for t in states)
-                                    or any(t is not None and t.requires_grad for p in params for t in p)):
-        return None
-    if _autocast.any_enabled() or _backend._REFERENCE_FORCED or not x.is_cpu or not _unobserved():
-        return None
-    forms = None
-    if batch_sizes is not None:
-        forms = _listed_seq(batch_sizes, x.shape[0]) if _listable(batch_sizes) and x.dim() == 2 else None
-        if forms is None:  # (malformed, or not summing to x's rows)
-            return None
-        T, B, rows = forms[0].shape[0], forms[2].shape[0], forms[3]
-    elif x.dim() == 3:
-        B, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
-        rows = T * B
-    else:
-        B, T = 1, x.shape[0]
-        rows = T
-    dtype, L, D = x.dtype, len(params), directions
-    if T < (1 if forms else 2) or B < 1 or dtype not in _DIRECT_DTYPES or not x.is_contiguous():
-        return None
-    state_shape = (L, B, hidden) if x.dim() == 3 or forms else (L, hidden)
-    for t in states:
-        if not (type(t) is torch.Tensor and t.shape == state_shape and t.dtype is dtype and t.is_cpu
-                and t.is_contiguous()):
-            return None
-    plans, paths = [], []
-    for idx, (w_ih, w_hh, b_ih, b_hh) in enumerate(params):
-        size = x.shape[-1] if idx < D else D * hidden
-        plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-        if plan is not None and (plan.step is None or plan.dtype is not dtype or plan.input != size
-                                 or plan.hidden != hidden):
-            return None
-        if plan is None:
-            try:  # (parameters without a version counter, made under inference_mode, are never planned)
-                _cell_key(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-            except _NO_VERSION:
-                return None
-        path = _seq_path(mode, reset_after, hidden, size, dtype, T, B, rows)
-        if path is None:
-            return None
-        plans.append(plan)
-        paths.append(path)
-    if None in plans:
-        return NO_PLAN
-    out_shape = x.shape[:-1] + (D * hidden,)
-    if dtype is torch.get_default_dtype():
-        h_n, c_n = torch.empty(*state_shape), torch.empty(*state_shape) if lstm else None
-    else:
-        h_n, c_n = torch.empty(*state_shape, dtype=dtype), torch.empty(*state_shape, dtype=dtype) if lstm else None
-    t_stride, b_stride = (1, T) if batch_first else (B, 1)
-    slot = B * hidden * x.element_size()  # (one layer's [B, H] in the states and results)
-    hn = h_n.data_ptr()
-    h = h0.data_ptr() if h0 is not None else 0
-    c = c0.data_ptr() if c0 is not None else 0
-    cn = c_n.data_ptr() if lstm else 0
-    threads, code = num_threads(), MODES[mode]
-    sizes = _sizes(code, reset_after, hidden, 0, B, dtype)
-    seq_ptrs = (forms[0].data_ptr(), forms[1].data_ptr(), forms[2].data_ptr(), rows) if forms else (0, 0, 0, 0)
-    y = x
-    time_major_out = batch_first and x.dim() == 3
-    for idx, (plan, (each_step, ring)) in enumerate(zip(plans, paths)):
-        direction = idx % D
-        last = time_major_out and idx >= L - D
-        if direction == 0:  # (the layer's input, the last one's output, stays referenced through its calls)
-            layer_input = y
-            y = torch.empty((T, B, D * hidden) if last else out_shape, dtype=dtype)
-        # (a layer's buffers live only inside its call, as _run_forward's)
-        ws, buf = _projecting_buffers(sizes, code, B, hidden, dtype, rows, each_step, ring)
-        at = idx * slot
-        plan.step.run_seq(T, B, t_stride, b_stride, layer_input.data_ptr(), h and h + at, c and c + at,
-                          y.data_ptr() + direction * hidden * x.element_size(), hn + at, cn and cn + at,
-                          ws.data_ptr(), ws.numel(), 0 if buf is None else buf.data_ptr(),
-                          0 if buf is None else buf.shape[0], threads, *seq_ptrs, direction == 1, D * hidden, last,
-                          ring)
-    return (y.transpose(0, 1) if time_major_out else y), h_n, c_n
-
-
-def make_seq_plans(mode, reset_after, params):
-    """The plans seq_fast wanted (NO_PLAN), made after the full path's checks passed for `params`."""
-    for w_ih, w_hh, b_ih, b_hh in params:
-        if _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh) is None:
-            _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-
-
-def cell_step_args(mode, x, states, w_ih, w_hh, b_ih, b_hh, here):
-    """(B, H, h, c) of one cell step on x [B, I] whose weights, biases and states (None, (h,) or (h, c))
-    have x's dtype, the step's shapes and here(t) true (the device), h and c made contiguous (None where
-    not given); None where anything differs, so that the general route checks and explains. The thin
-    routes' shared checks (_cuda_cell; rnn_cell_train.step with here = is_cpu)."""
-    dtype, (B, I) = x.dtype, x.shape
-    G = GATES[mode]
-    if B == 0 or w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] != w_hh.shape[0] or \
-            w_hh.shape[0] % G:
-        return None
-    H = w_hh.shape[0] // G
-    if w_hh.shape[1] != H or any(w.dtype != dtype or not here(w) for w in (w_ih, w_hh)) or any(
-            b is not None and (b.dtype != dtype or not here(b) or b.shape != (G * H,)) for b in (b_ih, b_hh)):
-        return None
-    h = c = None
-    if states is not None:
-        if len(states) != (2 if mode == "lstm" else 1):
-            return None
-        for t in states:
-            if type(t) is not torch.Tensor or t.shape != (B, H) or t.dtype != dtype or not here(t):
-                return None
-        h = states[0].contiguous()
-        c = states[1].contiguous() if mode == "lstm" else None
-    return B, H, h, c
-
-
-_CUDA_CELL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _cuda_cell(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh):
-    """One CUDA inference step with only what it needs around the kernel: the general route's calls
-    (_prepare, then the CUDA impl, as rnn_layer's CUDA inference route makes them) after inline checks
-    of this call's tensors, or None where anything differs (the general route then checks and explains).
-    The module, rnn_cell and rnn_layer layers of checks were ~40 of ~65 us of host time a step, which
-    is the step's whole time on a GPU at small sizes (CPU stand-in, LSTMCell H=8). Returns (h_n,) or
-    (h_n, c_n)."""
-    dtype, dev = x.dtype, x.device
-    if x.dim() != 2 or dtype not in _CUDA_CELL_DTYPES or mode not in GATES or _backend.use_reference("rnn_layer", dev):
-        return None  # (a build without CUDA kernels: the general route runs the reference, and says so)
-    if any(type(t) not in _PLAIN_TYPES for t in (w_ih, w_hh, b_ih, b_hh) if t is not None):
-        return None  # (a tensor subclass goes the general route, where its __torch_function__ sees the ops)
-    args = cell_step_args(mode, x, states, w_ih, w_hh, b_ih, b_hh, lambda t: t.device == dev)
-    if args is None:
-        return None
-    B, _, h, c = args
-    code, hidden, _, x_gates, b_hn, packed, x_bias = _prepare(mode, reset_after, x, w_ih, w_hh, b_ih, b_hh, None,
-                                                              False)
-    _, h_n, c_n, _ = rnn_cuda._forward_cuda(code, reset_after, hidden, 0, 1, B, x_gates, b_hn, h, c, packed, None,
-                                            None, None, B, 1, False, False, x_bias)
-    return (h_n, c_n) if code == 0 else (h_n,)
-
-
-def _cell_inference(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after, plan=None):
-    """One inference step on plain CPU tensors, arguments already checked: the thin path (a cell at B=1
-    is a few microseconds of kernel, so every allocation and Python call here shows). For one step the
-    output row of each sequence is its final state, so y and h_n share one buffer (rnn.h allows it).
-    Small batches project the input inside the kernel (_INPUT_PANEL_MAX_BATCH)."""
-    batch, dtype = x.shape[0], x.dtype
-    if plan is None:
-        plan = _make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
-    hidden, code, panel, packed, bias, b_hn = plan.hidden, plan.code, plan.panel, plan.packed, plan.bias, plan.b_hn
-    if batch == 0:  # (torch.nn gives empty states; the kernel's arguments want rows)
-        return x.new_empty(0, hidden), (x.new_empty(0, hidden) if code == 0 else None)
-    if batch > _INPUT_PANEL_MAX_BATCH:
-        panel = None
-    sizes = _sizes(code, reset_after, hidden, 0, batch, dtype)
-    if panel is None:  # (the bias as the autograd path adds it, for the same bits)
-        x_gates, x_bias = _gemms._input_projection(x, w_ih, bias)
-        extra = 0
-    else:
-        x_gates, x_bias = bias, None
-        extra = _own_x_gates_numel(sizes, code, batch, hidden)
-    ws_numel = sizes[2] + extra
-    h_n = torch.empty(batch, hidden, dtype=dtype)
-    c_n = torch.empty(batch, hidden, dtype=dtype) if code == 0 else None
-    workspace = _cell_workspace(ws_numel, _acc_dtype(dtype))
-    hn_c = capsule(h_n)
-    _C.rnn_forward(code, reset_after, hidden, 0, 1, batch, None, None, None, batch, 1, False, _none(x_gates),
-                   _none(b_hn), _none(h), _none(c), hn_c, hidden, hn_c, _none(c_n), capsule(packed), None,
-                   capsule(workspace), num_threads(), x=None if panel is None else capsule(x),
-                   packed_in=None if panel is None else capsule(panel), x_bias=_none(x_bias))
-    return h_n, c_n
-
-
 def _dense_states(mode, h, c):
     """(h, c) made contiguous where given; c None but for LSTM."""
     return (None if h is None else h.contiguous(),
@@ -1498,7 +932,7 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         # anything off goes the full way below, which says what is wrong. (Not while compiling: the
         # plan's lookup compares data pointers, which Dynamo refuses once an eager call made a plan.)
         try:
-            fast = cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread)
+            fast = _thin.cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread)
         except AttributeError:  # (a None weight: the checks below name it)
             fast = None
         if fast is not None:
@@ -1512,13 +946,13 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)))
     if (thin and thin_states and type(x) is torch.Tensor and x.dim() == 2 and _plain_eager(x)
             and not _backend._REFERENCE_FORCED):
-        plan = _cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
+        plan = _thin.cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
         B = x.shape[0]
-        if plan is not None and _plan_takes(plan, x, B, plan.input) and all(
-                _plan_takes(plan, t, B, plan.hidden) for t in (states or ())):
+        if plan is not None and _thin.plan_takes(plan, x, B, plan.input) and all(
+                _thin.plan_takes(plan, t, B, plan.hidden) for t in (states or ())):
             # planned, but not for the compiled step (more rows than it projects, or no input panel)
-            return _cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
-                                   reset_after, plan)
+            return _thin.cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
+                                        reset_after, plan)
     if x.dim() != 2:
         raise ValueError(f"pyseqkern.rnn_cell: 'x' must be [B, I], got {tuple(x.shape)}")
     x3 = x.unsqueeze(0)
@@ -1526,8 +960,8 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         if thin and thin_states and _plain_eager(x) and not _backend.use_reference("rnn_layer", x.device):
             _check_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
             _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
-            return _cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
-                                   reset_after)
+            return _thin.cell_inference(mode, x.contiguous(), *_dense_states(mode, h, c), w_ih, w_hh, b_ih, b_hh,
+                                        reset_after)
         # (rnn_layer makes the same checks, on the same x3: the same errors)
         y, h_n, c_n = rnn_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
     except (ValueError, TypeError, RuntimeError) as e:
@@ -1557,4 +991,4 @@ from . import rnn_cuda  # noqa: E402  (registers the CUDA impls of the ops defin
 from .rnn_autograd import _plain, _RnnLayer, _transformed, apply as _apply  # noqa: E402
 from . import rnn_versions  # noqa: E402,F401  (fused optimizer steps bump what the caches key on)
 from . import rnn_export  # noqa: E402,F401  (the layer as one op with autograd, for torch.export)
-from . import rnn_cell_train as _cell_train  # noqa: E402  (recorded cell steps: cell_fast sends them there)
+from . import rnn_thin as _thin  # noqa: E402  (the thin inference routes; rnn_cell's planned steps)

@@ -14,7 +14,7 @@ float32 (the math having been done in bfloat16 all the same). Ours return the re
 everywhere. See docs/DESIGN.md, "Autocast".
 
 In inference the parameters' casts are cached like the packed weights (same keys and rules:
-ops/rnn.py, _cached), so the packed weights, input panels and folded biases made from a cast are
+ops/param_cache.py), so the packed weights, input panels and folded biases made from a cast are
 cached too; a fresh cast every call would repack every call. Recorded casts (training) are made each
 call, in the graph, as autocast's own are.
 """
@@ -24,10 +24,12 @@ import contextlib
 
 import torch
 
+from .param_cache import anchored, cached
+
 any_enabled = torch._C._is_any_autocast_enabled  # (~60 ns; Dynamo traces it)
 _functorch_active = torch._C._are_functorch_transforms_active
 _ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
-_CAST_CACHE: dict = {}
+_CAST_CACHE: dict = anchored({})
 
 
 def target(x: torch.Tensor):
@@ -80,16 +82,10 @@ def cast_params(params, to, device_type: str):
     if torch.compiler.is_compiling() or _functorch_active() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in params)):
         return tuple(cast(t, to, device_type) for t in params)  # (transforms' wrappers have no storage)
-    global _cached
-    if _cached is None:
-        from .rnn import _cached  # (rnn.py imports this module first)
 
-    def make():  # (made as normal tensors by _cached: the cache keys on the casts' versions)
+    def make():  # (made as normal tensors by cached: the cache keys on the casts' versions)
         return tuple(None if t is None else cast(t.detach(), to, device_type) for t in params)
-    return _cached(_CAST_CACHE, params[0],
-                   lambda: (to, *((None,) if t is None else (t.data_ptr(), t._version, t.stride(), t.dtype)
-                                  for t in params)),
-                   make, *params)
-
-
-_cached = None
+    return cached(_CAST_CACHE, params[0],
+                  lambda: (to, *((None,) if t is None else (t.data_ptr(), t._version, t.stride(), t.dtype)
+                                 for t in params)),
+                  make, *params)

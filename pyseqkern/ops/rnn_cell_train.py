@@ -1,5 +1,5 @@
 """One cell step that records gradients, in plain eager mode on the CPU: a cell stepped in a training loop
-(teacher forcing, attention decoders), and a layer fed one token a call (ops/rnn.py cell_fast sends both).
+(teacher forcing, attention decoders), and a layer fed one token a call (ops/rnn_thin.py cell_fast sends both).
 
 The general route (rnn_cell -> rnn_layer -> _RnnLayer through the registered ops) pays its checks, op
 dispatch and argument binding once per call, which a sequence spreads over its steps and a cell step
@@ -11,7 +11,7 @@ kernel finds them still current (_packed's `reuse`). Since stop 23 only bfloat16
 float32 and float64 steps are one node each with the weight gradients of a whole loop formed at once
 (by_torch, ops/rnn_cell_deferred.py), faster than both this route and torch.nn's (DESIGN.md).
 
-Imported at the end of ops/rnn.py, whose helpers it uses.
+Imported at the end of ops/rnn_thin.py (itself imported at the end of ops/rnn.py), whose helpers it uses.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import torch
 
 from .. import _backend
 from . import rnn_autocast as _autocast
-from .rnn import cell_step_args, _fold_bias, _packed, _plain_eager, _run_forward, _Seq
+from .rnn import _fold_bias, _packed, _plain_eager, _run_forward, _Seq
+from .rnn_thin import cell_step_args
 from .rnn_gemms import _input_projection
 from .rnn_modes import MODES
 from .rnn_scratch import _proj_scratch

@@ -25,10 +25,9 @@ _noted = threading.local()
 
 
 def _caches_hold_entries() -> bool:
-    from . import rnn, rnn_autocast
+    from . import param_cache
 
-    return bool(rnn._PACK_CACHE or rnn._BIAS_CACHE or rnn._PACK_IN_CACHE or rnn._CELL_PLANS
-                or rnn._CELL_PLANS_OTHER or rnn_autocast._CAST_CACHE)
+    return param_cache.holds_entries()
 
 
 def _before_step(optimizer, args, kwargs):
