@@ -257,14 +257,36 @@ def save_layer(ctx, need, steps, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0,
     mode, _, reset_after = ctx.cfg[:3]
     carried = steps > 1 or need_h0 or (mode == "gru" and not reset_after)
     versioned = lambda t, wanted: t if wanted and t is not None and not t.is_inference() else None  # noqa: E731
-    ctx.save_for_backward(x2d if need_w_ih else None, c0, w_ih if need_x else None, reserve, packed, None, None,
-                          versioned(h0, need_w_hh), versioned(w_hh, carried),
+    ctx.save_for_backward(x2d if need_w_ih else None, c0, w_ih if need_x else None, opaque(reserve), opaque(packed),
+                          None, None, versioned(h0, need_w_hh), versioned(w_hh, carried),
                           versioned(w_hr, steps > 1 or any(need[:7])))
     ctx.kept = full
     # (versions of what saved_layer checks only: the reserve and the pack are ours, and no version of
     # an inference tensor can be read)
     ctx.kept_versions = tuple(None if n is None or t is None or t.is_inference() else t._version
                               for n, t in zip(_LAYER_SAVED, full))
+
+
+_OPAQUE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def opaque(t):
+    """A workspace of ours (a layer's reserve and pack, a recorded cell step's gates) as it is saved for
+    backward: its bits as integers, as oneDNN's LSTM saves its workspace (uint8), so that saved-tensor
+    hooks which compress floating tensors (to float16 or bfloat16, for memory) leave it alone. Rounded,
+    a pack's layout stamp no longer matched and every backward raised, and rounded gates gave an LSTM
+    twice torch.nn's gradient error under the same hook (a sweep, stop 56). Hooks that move tensors
+    (save_on_cpu, to disk) move these too. None stays None."""
+    return None if t is None else t.view(_OPAQUE[t.element_size()])
+
+
+def unopaque(t, dtype):
+    """opaque undone, dense (a saved-tensor hook may unpack an equal tensor with other strides; the
+    kernels read rows by pointer). A `dtype` tensor (the functorch and CUDA routes save them as they are)
+    comes back dense."""
+    if t is None:
+        return None
+    return t.contiguous() if t.dtype == dtype else t.contiguous().view(dtype)
 
 
 def saved_layer(ctx):
@@ -336,7 +358,9 @@ def _at_level(level):
 
 def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     mode, code, reset_after, hidden, proj, seq = cfg
-    x2d, c0, w_ih, reserve, packed = saved
+    # Dense (a saved-tensor hook may unpack equal tensors with other strides: the kernel reads rows by
+    # pointer), the reserve and the pack as floats again (save_layer saves them as integers).
+    x2d, c0, w_ih = (None if t is None else t.contiguous() for t in saved[:3])
     # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
     # column slice); the kernel reads dense rows.
     dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
@@ -346,6 +370,8 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     # (x2d and w_ih are saved only where a gradient reads them: save_layer. The weights' dtype is the
     # outputs', so the incoming gradients'.)
     wdtype = next(g for g in (dy, dh_n, dc_n) if g is not None).dtype
+    acc = torch.float64 if wdtype == torch.float64 else torch.float32  # (the reserve's and the pack's)
+    reserve, packed = unopaque(saved[3], acc), unopaque(saved[4], acc)
     # One step's GEMMs are small: there oneDNN's setup, the kernel's transposed copies and the joint
     # operand cost more than they save (recorded cell steps at B=32, H=256, in-process: RNNCell 0.61 ->
     # 0.74x torch.nn, GRUCell 0.73 -> 0.81x, LSTMCell 0.66 -> 0.96x with mm on views), so they take mm.

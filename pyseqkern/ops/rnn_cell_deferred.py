@@ -39,7 +39,8 @@ from .. import _backend, _C
 from .rnn import _Seq
 from .rnn_gemms import _mm
 from .rnn_modes import GATES, MODES
-from .rnn_autograd import _at_level, _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged
+from .rnn_autograd import _at_level, _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged, opaque, \
+    unopaque
 
 # Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,
 # _composite. In-process against torch.nn (H=256, T=50, x requiring grad, forward + backward, 7-11
@@ -154,14 +155,14 @@ class _Step(torch.autograd.Function):
             h.mm(w_hh.t())
         batch, hidden = h.shape
         f64 = x.dtype == torch.float64
-        ctx.mode, ctx.acc, ctx.isa = mode, acc, _backend.active_isa()
+        ctx.mode, ctx.acc, ctx.isa, ctx.dtype = mode, acc, _backend.active_isa(), x.dtype
         ctx.set_materialize_grads(False)
         if mode == "lstm":
             gates = gi.add_(gh)
             c_n, tanh_c, h_n = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
             _C.cell_lstm_forward(f64, batch, hidden, gates.data_ptr(), _ptr(c), c_n.data_ptr(), tanh_c.data_ptr(),
                                  h_n.data_ptr())
-            ctx.save_for_backward(*kept, gates, tanh_c)
+            ctx.save_for_backward(*kept, opaque(gates), opaque(tanh_c))
             return h_n, c_n
         if mode == "gru_before":  # (W_hn multiplies r * h: its product waits for r; torch's ops)
             two = 2 * hidden
@@ -170,17 +171,17 @@ class _Step(torch.autograd.Function):
             rh = rz[:, :hidden] * h
             n = torch.addmm(b_hh[two:], rh, w_hh[two:].t()) if b_hh is not None else rh.mm(w_hh[two:].t())
             n = n.add_(gi[:, two:]).tanh_()
-            ctx.save_for_backward(*kept, rz, n, rh)
+            ctx.save_for_backward(*kept, opaque(rz), opaque(n), opaque(rh))
             return torch.addcmul(n, rz[:, hidden:], h - n)
         if mode == "gru":
             act, h_n = torch.empty_like(gi), torch.empty_like(h)
             _C.cell_gru_forward(f64, batch, hidden, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), act.data_ptr(),
                                 h_n.data_ptr())
-            ctx.save_for_backward(*kept, act, gh)
+            ctx.save_for_backward(*kept, opaque(act), opaque(gh))
             return h_n
         act = gi.add_(gh)
         _C.cell_rnn_forward(f64, batch, hidden, act.data_ptr(), mode == "rnn_relu")
-        ctx.save_for_backward(*kept, act)
+        ctx.save_for_backward(*kept, opaque(act))
         return act
 
     @staticmethod
@@ -196,7 +197,12 @@ class _Step(torch.autograd.Function):
         if torch.is_grad_enabled() or (_is_legacy_batched is not None and any(
                 g is not None and _is_legacy_batched(g) for g in (dh_n, dc_n))):
             return _differentiable_grads(mode, need, _inputs_for_graph(ctx), dh_n, dc_n)
+        # Dense: a saved-tensor hook may unpack an equal tensor with other strides (autograd asks only for
+        # the same values), and the cell kernels read rows by pointer (gradients O(1) off, a sweep, stop 56);
+        # the step's own activations as floats again (opaque).
         saved = ctx.saved_tensors
+        saved = (*(None if t is None else t.contiguous() for t in saved[:5]),
+                 *(unopaque(t, ctx.dtype) for t in saved[5:]))
         x, h, c, w_ih, w_hh = saved[:5]
         if dh_n is None and dc_n is None:
             return (None,) * 10
