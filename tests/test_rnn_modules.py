@@ -693,6 +693,54 @@ def test_cell_matches_torch(device, kind, bias, batched, hx, dtype):
         assert_matches(a, e)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("batch", [(), (0,), (1,), (7,)])
+@pytest.mark.parametrize("sizes", [(0, H), (I, 0)])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "gru_before", "rnn_relu"])
+def test_cells_of_no_input_or_no_units_match_torch(kind, sizes, batch, grad):
+    """torch.nn's cells take input_size 0 (the gates from the state and biases alone) and hidden_size 0
+    (empty states); its layers refuse both when made. Ours raised in inference ("'x' must have at least
+    one feature", and for hidden_size 0 a message contradicting itself; a sweep, stop 56). Outputs and
+    gradients held to torch.nn's cell in float64 (reset_before: the equations, ref.rnn_cell), states
+    given or not."""
+    size, hidden = sizes
+    name, kw = {"lstm": ("LSTMCell", {}), "gru": ("GRUCell", {}), "gru_before": ("GRUCell", {"reset_after": False}),
+                "rnn_relu": ("RNNCell", {"nonlinearity": "relu"})}[kind]
+    ours = seed_parameters(getattr(pnn, name)(size, hidden, **kw), seed=210)
+    if kind == "gru_before":
+        class Equations(torch.nn.Module):  # (torch.nn has no reset_before GRU)
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.ParameterList(copy.deepcopy(list(ours.parameters())))
+
+            def forward(self, x, hx):
+                x1, h1 = (x, hx) if x.dim() == 2 else (x.unsqueeze(0), None if hx is None else hx.unsqueeze(0))
+                h_n = ref.rnn_cell("gru", x1, h1, None, *self.w, False)[0]
+                return h_n if x.dim() == 2 else h_n.squeeze(0)
+        theirs64 = Equations().double()
+    else:
+        theirs64 = getattr(torch.nn, name)(size, hidden, **kw)
+        theirs64.load_state_dict(ours.state_dict())
+        theirs64.double()
+    n_states = 2 if kind == "lstm" else 1
+
+    def run_cell(cell, dtype, hx):
+        x = randn((*batch, size), dtype, seed=4).requires_grad_(grad)
+        states = [randn((*batch, hidden), dtype, seed=5 + k).requires_grad_(grad) for k in range(n_states)]
+        with torch.set_grad_enabled(grad):
+            out = cell(x, None if not hx else tuple(states) if kind == "lstm" else states[0])
+        outs = list(out) if kind == "lstm" else [out]
+        if not grad:
+            return outs
+        leaves = [x] + (states if hx else []) + list(cell.parameters())
+        return outs + list(torch.autograd.grad(weighted_sum(outs, 20), leaves))
+
+    for hx in (False, True):
+        for a, e in zip(run_cell(ours, F32, hx), run_cell(theirs64, F64, hx), strict=True):
+            assert a.dtype == F32 and a.shape == e.shape
+            assert_matches(a, e)
+
+
 # ---- recorded cell steps (ops/rnn_cell_train.py) ----------------------------------------------------------
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("hx", [False, True])

@@ -638,11 +638,11 @@ def _shape_error(name, got, want):
     raise ValueError(f"pyseqkern.rnn_layer: '{name}' must have shape {tuple(want)}, got {tuple(got)}")
 
 
-def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, empty=False):
     """Everything the kernels index by: a wrong shape here would be an out-of-bounds read there.
-    Returns the batch size."""
+    Returns the batch size. `empty`: input_size 0 and hidden_size 0 are allowed (rnn_cell's torch route)."""
     G = GATES[mode]
-    if w_ih.dim() != 2 or w_hh.dim() != 2 or w_hh.shape[0] % G or w_hh.shape[0] == 0:
+    if w_ih.dim() != 2 or w_hh.dim() != 2 or w_hh.shape[0] % G or w_hh.shape[0] == 0 and not empty:
         raise ValueError(f"pyseqkern.rnn_layer: 'w_ih' and 'w_hh' must be 2-D with {G}*hidden_size rows, got "
                          f"{tuple(w_ih.shape)} and {tuple(w_hh.shape)}")
     H = w_hh.shape[0] // G
@@ -653,7 +653,7 @@ def _check_shapes(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         raise ValueError(f"pyseqkern.rnn_layer: 'w_hr' must be [proj_size, hidden_size] with 0 < proj_size < "
                          f"hidden_size = {H} (w_hh's rows / {G}), got {tuple(w_hr.shape)}")
     I = x.shape[-1]
-    if I == 0:  # (torch.nn's layers refuse input_size 0 when made; a direct call had failed in a reshape)
+    if I == 0 and not empty:  # (torch.nn's layers refuse input_size 0 when made; a direct call had failed in a reshape)
         raise ValueError(f"pyseqkern.rnn_layer: 'x' must have at least one feature (input_size >= 1), got shape "
                          f"{tuple(x.shape)}")
     if w_ih.shape != (G * H, I):
@@ -957,6 +957,12 @@ def rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after=True, spread=Fal
         raise ValueError(f"pyseqkern.rnn_cell: 'x' must be [B, I], got {tuple(x.shape)}")
     x3 = x.unsqueeze(0)
     try:
+        if x.shape[1] == 0 or w_hh.dim() == 2 and w_hh.shape[0] == 0:
+            # torch.nn's cells take input_size 0 and hidden_size 0 (its layers refuse both when made); the
+            # kernels want features and units, so such a step is the equations in torch's ops (a sweep, stop 56)
+            _check_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
+            _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, empty=True)
+            return _reference.rnn_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, reset_after)
         if thin and thin_states and _plain_eager(x) and not _backend.use_reference("rnn_layer", x.device):
             _check_layer(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, reset_after)
             _check_shapes(mode, x3, None, h, c, w_ih, w_hh, b_ih, b_hh, None)
