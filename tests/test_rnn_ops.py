@@ -23,6 +23,7 @@ from pyseqkern.ops import rnn_autograd, rnn_cell_train, rnn_cuda, rnn_thin
 from pyseqkern.ops import rnn_gemms
 from pyseqkern.ops import rnn_paths
 from pyseqkern.ops import rnn_scratch
+from pyseqkern.ops import rnn_seq
 from pyseqkern.reference import rnn as ref
 from helpers import (BF16_DOT_LEVELS, assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
                      runnable_levels, strided)
@@ -198,7 +199,7 @@ def test_threads_owning_rows_or_units_agree_bitwise(isa, mode, proj, reset_after
         proj = 32  # bfloat16 pair sections need even sizes to be taken; keep the case on them
     x, bs, t = make_case(mode, proj, dtype, T=6, B=13, I=10, H=64, strided_inputs=False, lengths=lengths)
     code, K = ops.MODES[mode], proj or 64
-    seq = ops._Seq(x, bs, reverse)
+    seq = rnn_seq._Seq(x, bs, reverse)
     packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, 64, proj, t["w_hh"], t["w_hr"])
     xg = randn((x.reshape(-1, x.shape[-1]).shape[0], ops.GATES[mode] * 64), dtype, seed=3)
     b_hn = t["b_hh"][128:] if mode == "gru" and reset_after else None
@@ -404,7 +405,7 @@ def test_raw_kernel_writes_every_output(device, mode, proj, reset_after):
     x, bs, t = make_case(mode, proj, torch.float32, lengths=[7, 5, 5, 2, 1], strided_inputs=False, device=device)
     code, H = ops.MODES[mode], 11
     K = proj or H
-    seq = ops._Seq(x, bs, True)
+    seq = rnn_seq._Seq(x, bs, True)
     bias, b_hn = ops._fold_bias(mode, reset_after, H, t["b_ih"], t["b_hh"])
     x_gates = torch.addmm(bias, x, t["w_ih"].t())
     cuda = device == "cuda"
@@ -476,7 +477,7 @@ def test_cached_weights_follow_in_place_updates(device, updated):
 
 def test_opcheck(device):
     x, bs, t = make_case("gru", 0, torch.float32, strided_inputs=False, device=device)
-    seq = ops._Seq(x.view(7, 5, 13), None, False)
+    seq = rnn_seq._Seq(x.view(7, 5, 13), None, False)
     xg = randn((35, 33), device=device, seed=3)
     packed = torch.ops.pyseqkern.rnn_pack(1, True, 11, 0, t["w_hh"], None)
     torch.library.opcheck(torch.ops.pyseqkern.rnn_pack.default, (1, True, 11, 0, t["w_hh"], None))
@@ -686,7 +687,7 @@ def backward_args(device, mode, proj, reset_after, reverse, lengths, dtype, T, B
     that forward's reserve."""
     x, bs, t = make_case(mode, proj, dtype, T=T, B=B, I=I, H=H, lengths=lengths, strided_inputs=False, device=device)
     code, G, K = ops.MODES[mode], ops.GATES[mode], proj or H
-    seq = ops._Seq(x, bs, reverse)
+    seq = rnn_seq._Seq(x, bs, reverse)
     n = x.shape[0] * (1 if bs is not None else x.shape[1])
     xg = randn((n, G * H), dtype, device=device, seed=3)
     packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
@@ -760,20 +761,20 @@ def test_malformed_batch_sizes_are_refused(batch_sizes, match):
 @pytest.mark.parametrize("sizes", [[1], [7], [5, 5, 5], [9, 4, 4, 1], [3, 3, 0, 0], [0, 0], [113] + [60] * 7 + [2]])
 def test_packed_host_forms_listed_equal_torchs_and_are_ours(sizes):
     """A packed batch's copy of batch_sizes, time offsets and lengths come from one listing of its values,
-    cached by them (ops/rnn.py, _listed_seq): equal to the torch ops' forms (_seq_host), never the caller's
+    cached by them (ops/rnn_seq.py, _listed_seq): equal to the torch ops' forms (_seq_host), never the caller's
     tensor, and unchanged by a write to it; malformed sizes, or sizes that do not sum to the data's rows,
     give None (the caller raises)."""
     bs = torch.tensor(sizes)
-    mine, offsets, lengths, total = ops._listed_seq(bs, sum(sizes))
-    want_offsets, want_lengths = ops._seq_host(bs.clone())
+    mine, offsets, lengths, total = rnn_seq._listed_seq(bs, sum(sizes))
+    want_offsets, want_lengths = rnn_seq._seq_host(bs.clone())
     assert torch.equal(mine, bs) and torch.equal(offsets, want_offsets) and torch.equal(lengths, want_lengths)
     assert total == sum(sizes) and mine.data_ptr() != bs.data_ptr()
     bs[0] += 1
-    assert mine.tolist() == sizes and ops._listed_seq(bs, sum(sizes) + 1)[0].tolist() == bs.tolist()
+    assert mine.tolist() == sizes and rnn_seq._listed_seq(bs, sum(sizes) + 1)[0].tolist() == bs.tolist()
     grown = sizes[::-1] + [sizes[0] + 1]
-    assert ops._listed_seq(torch.tensor(grown), sum(grown)) is None
-    assert ops._listed_seq(torch.tensor([2, -1]), 1) is None
-    assert ops._listed_seq(torch.tensor([sizes[0] + 1] + sizes[1:]), sum(sizes)) is None
+    assert rnn_seq._listed_seq(torch.tensor(grown), sum(grown)) is None
+    assert rnn_seq._listed_seq(torch.tensor([2, -1]), 1) is None
+    assert rnn_seq._listed_seq(torch.tensor([sizes[0] + 1] + sizes[1:]), sum(sizes)) is None
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -884,7 +885,7 @@ def test_inference_chunks_cover_the_steps_evenly(monkeypatch):
 
     def chunks(T, B, H, G=4, dtype=torch.float32, batch_sizes=None):
         x = torch.empty(T, B, 3, dtype=dtype)
-        seq = ops._Seq(x, batch_sizes, False)
+        seq = rnn_seq._Seq(x, batch_sizes, False)
         rows = T * B if batch_sizes is None else int(batch_sizes.sum())
         return rnn_paths._chunks(seq, x.view(-1, 3)[:rows], torch.empty(G * H, 3, dtype=dtype))
 
@@ -1060,7 +1061,7 @@ def test_each_step_budget_where_the_tile_unit_projects_before_the_steps(monkeypa
     H = I = 32
     T, G = 9, ops.GATES[mode]
     x2d = torch.empty((T * B, I), device="meta")
-    seq = ops._Seq(torch.empty((T, B, I), device="meta"), None, False)
+    seq = rnn_seq._Seq(torch.empty((T, B, I), device="meta"), None, False)
     sizes = ops._sizes(ops.MODES[mode], True, H, 0, B, torch.float32)
     panels = G * H * (I + H) * 4
     monkeypatch.setattr(rnn_paths, "_L2_BYTES", int(panels / (share * rnn_paths._PATH_THREADS)))
@@ -1429,7 +1430,7 @@ def test_x_bias_is_the_bias_inside_x_gates(device, mode, proj, reset_after, dtyp
     reserve; and only goes with x_gates made outside the kernel, in their dtype and [G*H] shape."""
     code, G, H = ops.MODES[mode], ops.GATES[mode], 11
     x, bs, t = make_case(mode, proj, dtype, strided_inputs=False, device=device)
-    seq = ops._Seq(x.view(7, 5, 13), None, False)
+    seq = rnn_seq._Seq(x.view(7, 5, 13), None, False)
     packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
     b_hn = t["b_hh"][2 * H:].contiguous() if mode == "gru" and reset_after else None
     xg, row = randn((35, G * H), dtype, device=device, seed=3), randn((G * H,), dtype, device=device, seed=5)
@@ -1626,9 +1627,9 @@ def test_cuda_packed_op_calls_read_only_the_metadata_batch_sizes_implies(monkeyp
 
     def device_seq(bs, off, lens, device, sizes=None):
         assert sizes is None or sizes == tuple(bs.tolist())
-        return made.setdefault(tuple(bs.tolist()), ops._seq_host(bs) if off is None else (off.clone(), lens.clone()))
+        return made.setdefault(tuple(bs.tolist()), rnn_seq._seq_host(bs) if off is None else (off.clone(), lens.clone()))
 
-    monkeypatch.setattr(ops, "_device_seq", device_seq)
+    monkeypatch.setattr(rnn_seq, "_device_seq", device_seq)
     cpu, bs = torch.device("cpu"), torch.tensor([3, 2, 2, 1])
     got = rnn_cuda._trusted_seq("rnn_forward", bs, torch.tensor([0, 3, 5, 7]), torch.tensor([4, 3, 1]), cpu)
     assert got[0] is made[(3, 2, 2, 1)][0] and got[1] is made[(3, 2, 2, 1)][1]
@@ -1733,7 +1734,7 @@ def test_cuda_graph_capture_replays_forward_and_backward(path, mode, proj, reset
         code, G, H = ops.MODES[mode], ops.GATES[mode], 11
         K = proj or H
         x, _, t = make_case(mode, proj, torch.float32, strided_inputs=False, device="cuda")
-        seq = ops._Seq(x, None, False)
+        seq = rnn_seq._Seq(x, None, False)
         packed = torch.ops.pyseqkern.rnn_pack(code, reset_after, H, proj, t["w_hh"], t["w_hr"])
         b_hn = t["b_hh"][2 * H:].contiguous() if mode == "gru" and reset_after else None
         xg, dy = randn((35, G * H), device="cuda", seed=3), randn((35, K), device="cuda", seed=4)
@@ -1763,7 +1764,7 @@ def test_cuda_graph_capture_replays_forward_and_backward(path, mode, proj, reset
 
 
 def test_packed_device_lengths_are_copied_once_per_stream_and_kept_for_captures(monkeypatch):
-    """The bookkeeping of ops._device_seq, with the device, the stream and the capture state stood in for
+    """The bookkeeping of rnn_seq._device_seq, with the device, the stream and the capture state stood in for
     (the CUDA test below runs it for real): one copy per (device, stream, batch sizes), reused; the
     oldest dropped past the limit; a capture takes a copy made outside it and keeps it for good; sizes
     first seen inside a capture are refused."""
@@ -1771,14 +1772,14 @@ def test_packed_device_lengths_are_copied_once_per_stream_and_kept_for_captures(
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda device=None: type("S", (), {"cuda_stream": state["stream"]})())
-    monkeypatch.setattr(ops, "_DEVICE_SEQ", {})
-    monkeypatch.setattr(ops, "_DEVICE_SEQ_CAPTURED", {})
-    monkeypatch.setattr(ops, "_DEVICE_SEQ_MAX", 3)
+    monkeypatch.setattr(rnn_seq, "_DEVICE_SEQ", {})
+    monkeypatch.setattr(rnn_seq, "_DEVICE_SEQ_CAPTURED", {})
+    monkeypatch.setattr(rnn_seq, "_DEVICE_SEQ_MAX", 3)
     dev = torch.device("cpu")
 
     def seq(*sizes):
         bs = torch.tensor(sizes)
-        return ops._device_seq(bs, torch.cumsum(bs, 0) - bs, bs.clone(), dev)
+        return rnn_seq._device_seq(bs, torch.cumsum(bs, 0) - bs, bs.clone(), dev)
 
     first = seq(3, 2, 1)
     assert seq(3, 2, 1)[0] is first[0]  # reused on the same stream
@@ -1794,9 +1795,9 @@ def test_packed_device_lengths_are_copied_once_per_stream_and_kept_for_captures(
     state["capturing"] = False
     for n in range(1, 6):  # past the limit: the oldest copies go, the captured one stays
         seq(n)
-    assert len(ops._DEVICE_SEQ) == 3 and list(ops._DEVICE_SEQ_CAPTURED.values())[0][0] is captured[0]
+    assert len(rnn_seq._DEVICE_SEQ) == 3 and list(rnn_seq._DEVICE_SEQ_CAPTURED.values())[0][0] is captured[0]
     ops.empty_cache()
-    assert not ops._DEVICE_SEQ and ops._DEVICE_SEQ_CAPTURED
+    assert not rnn_seq._DEVICE_SEQ and rnn_seq._DEVICE_SEQ_CAPTURED
 
 
 def test_packed_device_lengths_made_under_a_grad_transform_are_plain(monkeypatch):
@@ -1808,14 +1809,14 @@ def test_packed_device_lengths_made_under_a_grad_transform_are_plain(monkeypatch
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 7})())
-    monkeypatch.setattr(ops, "_DEVICE_SEQ", {})
+    monkeypatch.setattr(rnn_seq, "_DEVICE_SEQ", {})
     seen = {}
 
     def f(w):
         bs = torch.tensor([3, 2, 2, 1])
         offsets, lengths = torch.cumsum(bs, 0) - bs, bs.clone()  # wrapped, as in _Seq under the transform
         seen["wrapped"] = _is_functorch_wrapped(offsets)
-        seen["out"] = ops._device_seq(bs, offsets, lengths, torch.device("cpu"))
+        seen["out"] = rnn_seq._device_seq(bs, offsets, lengths, torch.device("cpu"))
         return (w * w).sum()
 
     torch.func.grad(f)(torch.ones(2))
@@ -1983,21 +1984,21 @@ def test_packed_device_lengths_of_a_traced_batch_are_only_moved(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: pytest.fail("a traced batch was cached"))
-    monkeypatch.setattr(ops, "_DEVICE_SEQ", {})
+    monkeypatch.setattr(rnn_seq, "_DEVICE_SEQ", {})
     mode = FakeTensorMode(shape_env=ShapeEnv())
     bs = mode.from_tensor(torch.tensor([3, 2, 2, 1]))
     with mode:
         assert isinstance(bs.tolist()[0], torch.SymInt)  # (what the cache key would have held)
         offsets, lengths = torch.cumsum(bs, 0) - bs, bs.clone()
-        out = ops._device_seq(bs, offsets, lengths, torch.device("cpu"))
-    assert [tuple(t.shape) for t in out] == [(4,), (4,)] and not ops._DEVICE_SEQ
+        out = rnn_seq._device_seq(bs, offsets, lengths, torch.device("cpu"))
+    assert [tuple(t.shape) for t in out] == [(4,), (4,)] and not rnn_seq._DEVICE_SEQ
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
 def test_cuda_graph_capture_replays_a_packed_batch(path):
     """A module over a PackedSequence captured after a warm-up (as torch.cuda.graphs asks): the replay
-    gives the eager bits, from the batch's device lengths copied once outside the capture (ops._device_seq);
+    gives the eager bits, from the batch's device lengths copied once outside the capture (rnn_seq._device_seq);
     batch sizes first seen inside a capture are refused with an error saying what to do."""
     for _ in _run_on(path):
         torch.manual_seed(0)

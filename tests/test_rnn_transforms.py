@@ -578,7 +578,7 @@ def test_compiled_ensemble_through_vmap_is_right_or_refused(kind, backend):
 def test_raw_ops_refuse_a_recorded_call():
     """rnn_forward / rnn_backward / rnn_pack have no gradient of their own (the autograd.Functions are
     theirs): called where autograd records, they raise rather than hand back outputs with no graph."""
-    from pyseqkern.ops.rnn import _Seq
+    from pyseqkern.ops.rnn_seq import _Seq
     torch.manual_seed(3)
     H, T, B = 5, 4, 3
     x_gates = torch.randn(T * B, 3 * H, requires_grad=True)

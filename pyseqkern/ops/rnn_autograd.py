@@ -26,7 +26,8 @@ from . import rnn_autocast as _autocast
 from . import rnn_cuda as _cuda
 from ._library import LIB
 from .rnn import (_backward_impl, _dispatch_stack_len, _forward_impl, _forward_projecting, _functorch_active,
-                  _pack_for_rows, _plain_eager, _plain_eager_cuda, _prepare, _Seq)
+                  _pack_for_rows, _plain_eager, _plain_eager_cuda, _prepare)
+from .rnn_seq import _Seq
 from . import rnn_paths as _paths
 from .rnn_gemms import _Gemms, _mm
 from .rnn_modes import GATES, MODES
@@ -603,13 +604,6 @@ class _RnnLayerGrad(torch.autograd.Function):
         for i, g in zip(idx, pull(tuple(vs[j] for j in outs))):
             result[_GRAD_SAVED_AT[i]] = g
         return tuple(result)
-
-
-def _plain(t):
-    """t without its functorch wrappers (for integer metadata, which no transform differentiates or maps)."""
-    while _is_functorch_wrapped is not None and _is_functorch_wrapped(t):
-        t = _unwrapped(t)
-    return t
 
 
 def _functorch_graph(saved) -> bool:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _C
-from .rnn import _Seq
+from .rnn_seq import _Seq
 from .rnn_gemms import _mm
 from .rnn_modes import GATES, MODES
 from .rnn_autograd import _at_level, _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged, opaque, \

@@ -19,7 +19,8 @@ import torch
 
 from .. import _backend
 from . import rnn_autocast as _autocast
-from .rnn import _fold_bias, _packed, _plain_eager, _run_forward, _Seq
+from .rnn import _fold_bias, _packed, _plain_eager, _run_forward
+from .rnn_seq import _Seq
 from .rnn_thin import cell_step_args
 from .rnn_gemms import _input_projection
 from .rnn_modes import MODES

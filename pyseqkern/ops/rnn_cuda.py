@@ -22,6 +22,7 @@ import torch
 from .. import _backend
 from .._handoff import capsule, stream_of
 from . import rnn as _rnn
+from . import rnn_seq as _seq
 from ._library import LIB
 from .rnn_modes import GATES_BY_CODE
 
@@ -187,10 +188,10 @@ def _trusted_seq(op, batch_sizes, time_offsets, lengths, device):
     sizes = tuple(bs.tolist())
     if sizes[-1] < 0 or any(a < b for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"pyseqkern::{op}: 'batch_sizes' must be non-increasing and >= 0")
-    want = _rnn._device_seq(bs, None, None, device, sizes)
+    want = _seq._device_seq(bs, None, None, device, sizes)
     if time_offsets is want[0] and lengths is want[1]:
         return want
-    host = _rnn._seq_host(bs)
+    host = _seq._seq_host(bs)
     for name, given, expect, dev in (("time_offsets", time_offsets, host[0], want[0]),
                                      ("lengths", lengths, host[1], want[1])):
         if given is dev:

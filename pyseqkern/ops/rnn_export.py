@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from ._library import LIB
-from .rnn import _check_layer, _check_shapes, _plain_eager, _records_gradient, _Seq, rnn_cell, rnn_layer
+from .rnn import _check_layer, _check_shapes, _plain_eager, _records_gradient, rnn_cell, rnn_layer
+from .rnn_seq import _Seq
 from .rnn_autograd import _RnnLayer
 from .rnn_modes import GATES_BY_CODE, MODES, NAMES
 

@@ -25,9 +25,10 @@ from . import rnn_autocast as _autocast
 from . import rnn_gemms as _gemms
 from . import rnn_paths as _paths
 from .param_cache import LOCK, NO_VERSION, anchored, put, sharded
-from .rnn import (_acc_dtype, _DIRECT_DTYPES, _folded_bias, _input_panel, _INPUT_PANEL_MAX_BATCH, _listable,
-                  _listed_seq, _none, _own_x_gates_numel, _packed, _plain_eager_cuda, _prepare, _projecting_buffers,
-                  _Seq, _sizes, _SIZES_MAX, _unobserved)
+from .rnn import (_acc_dtype, _DIRECT_DTYPES, _folded_bias, _input_panel, _INPUT_PANEL_MAX_BATCH, _none,
+                  _own_x_gates_numel, _packed, _plain_eager_cuda, _prepare, _projecting_buffers, _sizes, _SIZES_MAX,
+                  _unobserved)
+from .rnn_seq import _listable, _listed_seq, _Seq
 from .rnn_modes import GATES, MODES
 from .rnn_scratch import _cell_workspace, normal
 
