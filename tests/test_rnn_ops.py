@@ -1464,7 +1464,7 @@ def test_x_bias_is_the_bias_inside_x_gates(device, mode, proj, reset_after, dtyp
 @pytest.mark.parametrize("I", [19, 20])
 def test_cell_inference_path_equals_the_op_path(monkeypatch, isa, mode, reset_after, dtype, B, I):
     """rnn_cell without grad takes its own thin path (y and h_n in one buffer, cached folded biases). Up
-    to ops._INPUT_PANEL_MAX_BATCH rows the kernel also projects the input itself (a different summation
+    to rnn_thin._INPUT_PANEL_MAX_BATCH rows the kernel also projects the input itself (a different summation
     order than torch's GEMM): there the results must meet the reference as the dtype requires; above
     it, and where the level has no input panel (bfloat16 without dot products or with odd I), they
     must be the autograd path's bit for bit. Also for strided states, and after a bias update. (The op
@@ -1474,8 +1474,8 @@ def test_cell_inference_path_equals_the_op_path(monkeypatch, isa, mode, reset_af
     x, h = strided((B, I), dtype, seed=1), strided((B, H), dtype, seed=2, scale=0.5)
     c = strided((B, H), dtype, seed=3, scale=0.5) if mode == "lstm" else None
     w = [randn(s, dtype, seed=4 + i, scale=0.3) for i, s in enumerate([(G * H, I), (G * H, H), (G * H,), (G * H,)])]
-    fused = B <= ops._INPUT_PANEL_MAX_BATCH and ops._input_panel(ops.MODES[mode], reset_after, H, w[0]) is not None
-    assert fused == (B <= ops._INPUT_PANEL_MAX_BATCH and (dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)))
+    fused = B <= rnn_thin._INPUT_PANEL_MAX_BATCH and ops._input_panel(ops.MODES[mode], reset_after, H, w[0]) is not None
+    assert fused == (B <= rnn_thin._INPUT_PANEL_MAX_BATCH and (dtype != torch.bfloat16 or (isa in BF16_DOT_LEVELS and I % 2 == 0)))
     for _ in range(2):
         with torch.no_grad():
             thin = ops.rnn_cell(mode, x, h, c, *w, reset_after=reset_after)

@@ -389,6 +389,24 @@ def test_vmap_and_per_sample_grads_match_a_loop(kind):
         _assert_close(per_sample[name], torch.stack([w[i] for w in want]), f"per-sample grad {name}")
 
 
+@pytest.mark.parametrize("kind", list(SEQ_KINDS) + list(CELL_KINDS))
+def test_vmap_of_autograd_grad_over_an_eager_graph_matches_a_loop(kind):
+    """torch.vmap over torch.autograd.grad of a graph recorded in plain eager mode (a batch of cotangents
+    through one forward): the backward runs under the transform from what the eager forward saved,
+    whose reserve and pack are saved as integers (rnn_autograd.opaque; a review found the transform's
+    route reading them as they were, stop 56). Against one autograd.grad per cotangent."""
+    _, ours, x, _ = _case(kind)
+    x = x.clone().requires_grad_()
+    leaves = [x] + list(ours.parameters())
+    y = _run(ours, x, False)
+    vs = torch.stack([torch.randn_like(y) for _ in range(3)])
+    got = torch.vmap(lambda v: torch.autograd.grad(y, leaves, v, retain_graph=True))(vs)
+    for i, v in enumerate(vs):
+        want = torch.autograd.grad(y, leaves, v, retain_graph=True)
+        for name, a, e in zip(["input"] + [n for n, _ in ours.named_parameters()], got, want, strict=True):
+            _assert_close(a[i], e, f"d/d{name}, cotangent {i}")
+
+
 def _forced_reference(monkeypatch, on):
     monkeypatch.setattr(_backend, "_REFERENCE_FORCED", on)  # read per call
 

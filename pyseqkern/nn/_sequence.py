@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _checks
 from ._cell import CELL_PARAMETERS, planned_parameters
 from ._stack import run_layers
-# Looked up at call time (attribute access), so a rewritten cell_fast is picked up.
+# Looked up at call time (attribute access), so a patched function is picked up.
 from ..ops import rnn as _rnn_ops
 from ..ops import rnn_thin as _thin
 from ..ops import rnn_cell_deferred as _deferred

@@ -663,13 +663,6 @@ def _folded_bias(mode, reset_after, hidden, b_ih, b_hh):
 
 # Input panels (w_ih packed for forwards that project the input themselves), cached like _PACK_CACHE.
 _PACK_IN_CACHE: dict = anchored({})
-# Cells up to this batch project their input inside the kernel: at B=1, H=256 torch's GEMV of x W_ih^T
-# took 18.6 us of a 55 us LSTMCell call (W_ih, 1 MB, streamed by one thread), where each kernel
-# thread projects its own gate columns from a panel that stays in its cache between calls. The same
-# held up to 64 rows (in-process against torch's GEMM, H=512: LSTMCell B=16 / 32 / 64 2.22 / 1.75 /
-# 1.08x torch.nn against 1.26 / 1.33 / 1.00x, RNNCell 2.56 / 1.75 / 1.23x against 0.90 / 0.99 / 0.88x);
-# at 256 rows both paths come out equal (0.94 / 0.97x).
-_INPUT_PANEL_MAX_BATCH = 64
 
 
 def _fresh_input_panel(code, reset_after, hidden, w_ih):

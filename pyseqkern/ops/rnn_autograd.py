@@ -248,10 +248,15 @@ def save_layer(ctx, need, steps, x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0,
       bias and W_ih writes as well; the gradients do not read them, so they stay allowed here.
     Inference tensors (torch.inference_mode) have no version to save; they are kept, not saved. The rest
     stays on ctx for create_graph's recomputation, which checks it against in-place writes (saved_layer).
-    Under torch.func, compilation or on CUDA, all of it (what those track)."""
+    Under torch.func, compilation or on CUDA, all of it (what those track). The reserve and the pack go as
+    integers (opaque) but where compiling or under torch.func; saved_layer gives them back as they were."""
     full = (x2d, c0, w_ih, reserve, packed, b_ih, b_hh, h0, w_hh, w_hr)
+    ctx.workspace_dtypes = (reserve.dtype, packed.dtype)
     if not _plain_eager(x2d):
         ctx.kept = None
+        if not torch.compiler.is_compiling() and not (_functorch_active is not None and _functorch_active()) \
+                and type(reserve) is torch.Tensor and type(packed) is torch.Tensor:
+            full = (*full[:3], opaque(reserve), opaque(packed), *full[5:])
         ctx.save_for_backward(*full)
         return
     need_x, need_h0, _, need_w_ih, need_w_hh = need[:5]
@@ -283,18 +288,25 @@ def opaque(t):
 
 def unopaque(t, dtype):
     """opaque undone, dense (a saved-tensor hook may unpack an equal tensor with other strides; the
-    kernels read rows by pointer). A `dtype` tensor (the functorch and CUDA routes save them as they are)
-    comes back dense."""
+    kernels read rows by pointer). A `dtype` tensor (compiled graphs and torch.func save them as they are)
+    comes back dense; one a hook unpacked as another type is refused, not reinterpreted."""
     if t is None:
         return None
-    return t.contiguous() if t.dtype == dtype else t.contiguous().view(dtype)
+    if t.dtype == dtype:
+        return t.contiguous()
+    if t.is_floating_point() or t.is_complex() or t.element_size() != dtype.itemsize:
+        raise RuntimeError(f"pyseqkern: a saved-tensor hook unpacked a workspace saved as {_OPAQUE[dtype.itemsize]} "
+                           f"(the bits of {dtype} values) as {t.dtype}: unpack must return what pack was given")
+    return t.contiguous().view(dtype)
 
 
 def saved_layer(ctx):
     """The layout save_layer saved; where grad mode is on (create_graph: the reference recomputes the
     layer from these), with what it kept on ctx, each unchanged since the forward or torch's in-place
-    error."""
+    error. The reserve and the pack as floats again, dense (unopaque)."""
     saved = ctx.saved_tensors
+    reserve_dtype, packed_dtype = ctx.workspace_dtypes
+    saved = (*saved[:3], unopaque(saved[3], reserve_dtype), unopaque(saved[4], packed_dtype), *saved[5:])
     if ctx.kept is None or not torch.is_grad_enabled():
         return saved
     check_unchanged("recurrent layer", _LAYER_SAVED, ctx.kept, ctx.kept_versions)
@@ -359,9 +371,10 @@ def _at_level(level):
 
 def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     mode, code, reset_after, hidden, proj, seq = cfg
-    # Dense (a saved-tensor hook may unpack equal tensors with other strides: the kernel reads rows by
-    # pointer), the reserve and the pack as floats again (save_layer saves them as integers).
+    # Dense: a saved-tensor hook may unpack equal tensors with other strides, and the kernel reads rows by
+    # pointer (the reserve and the pack: saved_layer).
     x2d, c0, w_ih = (None if t is None else t.contiguous() for t in saved[:3])
+    reserve, packed = saved[3].contiguous(), saved[4].contiguous()
     # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
     # column slice); the kernel reads dense rows.
     dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))
@@ -371,8 +384,6 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     # (x2d and w_ih are saved only where a gradient reads them: save_layer. The weights' dtype is the
     # outputs', so the incoming gradients'.)
     wdtype = next(g for g in (dy, dh_n, dc_n) if g is not None).dtype
-    acc = torch.float64 if wdtype == torch.float64 else torch.float32  # (the reserve's and the pack's)
-    reserve, packed = unopaque(saved[3], acc), unopaque(saved[4], acc)
     # One step's GEMMs are small: there oneDNN's setup, the kernel's transposed copies and the joint
     # operand cost more than they save (recorded cell steps at B=32, H=256, in-process: RNNCell 0.61 ->
     # 0.74x torch.nn, GRUCell 0.73 -> 0.81x, LSTMCell 0.66 -> 0.96x with mm on views), so they take mm.

@@ -39,8 +39,8 @@ from .. import _backend, _C
 from .rnn_seq import _Seq
 from .rnn_gemms import _mm
 from .rnn_modes import GATES, MODES
-from .rnn_autograd import _at_level, _is_legacy_batched, _reference_vjp, _unwrap_dead, check_unchanged, opaque, \
-    unopaque
+from .rnn_autograd import (_at_level, _is_functorch_wrapped, _is_legacy_batched, _reference_vjp, _unwrap_dead,
+                           check_unchanged, opaque, unopaque)
 
 # Up to this many rows (by mode) a recorded step is a _Step with deferred weight gradients; above,
 # _composite. In-process against torch.nn (H=256, T=50, x requiring grad, forward + backward, 7-11
@@ -192,10 +192,11 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dh_n, dc_n=None):
         mode, need = ctx.mode, ctx.needs_input_grad
-        # create_graph=True, or autograd.grad(is_grads_batched=True) (torch.autograd.functional's
-        # vectorized jacobian): its legacy vmap hands in gradients without storage for the kernels
+        # create_graph=True, or batched gradients without storage for the kernels: autograd.grad(
+        # is_grads_batched=True) (torch.autograd.functional's vectorized jacobian, torch's legacy vmap), or
+        # torch.vmap over autograd.grad of an eager graph (a review, stop 56: "Cannot access data pointer")
         if torch.is_grad_enabled() or (_is_legacy_batched is not None and any(
-                g is not None and _is_legacy_batched(g) for g in (dh_n, dc_n))):
+                g is not None and (_is_legacy_batched(g) or _is_functorch_wrapped(g)) for g in (dh_n, dc_n))):
             return _differentiable_grads(mode, need, _inputs_for_graph(ctx), dh_n, dc_n)
         # Dense: a saved-tensor hook may unpack an equal tensor with other strides (autograd asks only for
         # the same values), and the cell kernels read rows by pointer (gradients O(1) off, a sweep, stop 56);

@@ -25,14 +25,24 @@ from . import rnn_autocast as _autocast
 from . import rnn_gemms as _gemms
 from . import rnn_paths as _paths
 from .param_cache import LOCK, NO_VERSION, anchored, put, sharded
-from .rnn import (_acc_dtype, _DIRECT_DTYPES, _folded_bias, _input_panel, _INPUT_PANEL_MAX_BATCH, _none,
-                  _own_x_gates_numel, _packed, _plain_eager_cuda, _prepare, _projecting_buffers, _sizes, _SIZES_MAX,
-                  _unobserved)
+# (what makes a plan's cached tensors and the bound on _SEQ_PATHS through the module, so that a test's patch
+# of them where they live is seen here too: DESIGN, "Ops")
+from . import rnn as _rnn
+from .rnn import (_acc_dtype, _DIRECT_DTYPES, _none, _own_x_gates_numel, _plain_eager_cuda, _prepare,
+                  _projecting_buffers, _sizes, _unobserved)
 from .rnn_seq import _listable, _listed_seq, _Seq
 from .rnn_modes import GATES, MODES
 from .rnn_scratch import _cell_workspace, normal
 
 _C = _backend._C
+
+# Cells up to this batch project their input inside the kernel: at B=1, H=256 torch's GEMV of x W_ih^T
+# took 18.6 us of a 55 us LSTMCell call (W_ih, 1 MB, streamed by one thread), where each kernel
+# thread projects its own gate columns from a panel that stays in its cache between calls. The same
+# held up to 64 rows (in-process against torch's GEMM, H=512: LSTMCell B=16 / 32 / 64 2.22 / 1.75 /
+# 1.08x torch.nn against 1.26 / 1.33 / 1.00x, RNNCell 2.56 / 1.75 / 1.23x against 0.90 / 0.99 / 0.88x);
+# at 256 rows both paths come out equal (0.94 / 0.97x).
+_INPUT_PANEL_MAX_BATCH = 64
 
 
 # The thin cell path's per-weights plan: what depends only on the parameters (their checked shapes and
@@ -59,10 +69,10 @@ class _CellPlan:
     def __init__(self, mode, reset_after, w_ih, w_hh, b_ih, b_hh):
         self.code, self.hidden = MODES[mode], w_hh.shape[0] // GATES[mode]
         self.dtype, self.input = w_hh.dtype, w_ih.shape[1]
-        bias, self.b_hn = _folded_bias(mode, reset_after, self.hidden, b_ih, b_hh)
+        bias, self.b_hn = _rnn._folded_bias(mode, reset_after, self.hidden, b_ih, b_hh)
         self.bias = None if bias is None else bias.contiguous()
-        self.panel = _input_panel(self.code, reset_after, self.hidden, w_ih)
-        self.packed = _packed(self.code, reset_after, self.hidden, 0, w_hh, None, False)
+        self.panel = _rnn._input_panel(self.code, reset_after, self.hidden, w_ih)
+        self.packed = _rnn._packed(self.code, reset_after, self.hidden, 0, w_hh, None, False)
         self.step = None
         if self.panel is not None:
             self.step = _C.RnnCellStep(self.code, reset_after, self.hidden, self.input, str(self.dtype)[6:],
@@ -126,7 +136,7 @@ def make_cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh):
             if newest is not None and _cell_owner(newest[0]) != _cell_owner(key):
                 _CELL_PLANS_OTHER[id(w_hh)] = newest
     plan = lambda: normal(lambda: _CellPlan(mode, reset_after, w_ih, w_hh, b_ih, b_hh))  # noqa: E731
-    return put(_CELL_PLANS, w_hh, key, plan, w_hh, w_ih, b_ih, b_hh)  # (w_hh first: _cell_plan checks it)
+    return put(_CELL_PLANS, w_hh, key, plan, w_hh, w_ih, b_ih, b_hh)  # (w_hh first: cell_plan checks it)
 
 
 def plan_takes(plan, t, rows, cols):
@@ -140,7 +150,7 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
     plan was checked for (then the caller takes the full path, which checks and explains). states: None
     (zeros) or (h,) / (h, c). Returns (h_n,) or (h_n, c_n). At B=1, H=256 every microsecond of Python
     here is a visible share of the step, so this is the only code between the module and the kernel,
-    and it checks each tensor inline (as _plan_takes would; 1.4-1.8 us less per call than calling it).
+    and it checks each tensor inline (as plan_takes would; 1.4-1.8 us less per call than calling it).
     A step that autograd records goes to ops/rnn_cell_train.py's route instead (None where it declines)."""
     if _autocast.any_enabled():  # (rnn_cell casts, then comes back here with autocast off)
         return None
@@ -267,7 +277,7 @@ def _seq_path(mode, reset_after, hidden, size, dtype, steps, batch, rows):
         path = _paths._projection_path(mode, _sizes(MODES[mode], reset_after, hidden, 0, batch, dtype),
                                        _Seq(xm, None, False), torch.empty((rows, size), dtype=dtype, device="meta"),
                                        dtype, hidden, 0, GATES[mode] * hidden * hidden)
-        if len(_SEQ_PATHS) >= _SIZES_MAX:
+        if len(_SEQ_PATHS) >= _rnn._SIZES_MAX:
             _SEQ_PATHS.clear()
         _SEQ_PATHS[key] = path
     return path
@@ -382,8 +392,9 @@ def cell_step_args(mode, x, states, w_ih, w_hh, b_ih, b_hh, here):
     routes' shared checks (_cuda_cell; rnn_cell_train.step with here = is_cpu)."""
     dtype, (B, I) = x.dtype, x.shape
     G = GATES[mode]
+    # (no units: rnn_cell runs the equations, the kernels want hidden >= 1)
     if B == 0 or w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[1] != I or w_ih.shape[0] != w_hh.shape[0] or \
-            w_hh.shape[0] % G:
+            w_hh.shape[0] % G or w_hh.shape[0] == 0:
         return None
     H = w_hh.shape[0] // G
     if w_hh.shape[1] != H or any(w.dtype != dtype or not here(w) for w in (w_ih, w_hh)) or any(
