@@ -14,6 +14,7 @@ import copy
 import inspect
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -1592,6 +1593,39 @@ def test_convert_a_bare_module_keeps_mode_hooks_and_parameters():
     new.weight_ih_l0 = torch.nn.Parameter(new.weight_ih_l0.detach().clone())
     assert lstm.weight_ih_l0 is not new.weight_ih_l0
     assert_close_to_ref(new(x)[0], expected)
+
+
+def test_convert_rebinds_hooks_that_take_the_module():
+    """register_load_state_dict_pre_hook passes the module to its hook through a weak reference (torch's
+    _WrappedHook): after convert the hook got the old torch.nn module, or, once nothing held it,
+    load_state_dict raised "the hook of a dead Module" (an auditing helper, stop 56)."""
+    import gc
+    seen = []
+    model = torch.nn.Sequential(seed_parameters(torch.nn.LSTM(I, H)))
+    model[0].register_load_state_dict_pre_hook(lambda mod, *args: seen.append(mod))
+    state = copy.deepcopy(model.state_dict())
+    pyseqkern.convert(model)
+    gc.collect()
+    model.load_state_dict(state)
+    assert len(seen) == 1 and seen[0] is model[0] and type(model[0]) is pnn.LSTM
+
+
+def test_convert_warns_where_a_wrapper_keeps_calling_torch_nn():
+    """A forward bound to the torch.nn module before conversion keeps running it: one set on the instance
+    (accelerate and peft wrap modules so), or torch.compile's around a bare layer. The results stay right
+    (the parameters are shared), the speed is not ours: convert says so (an auditing helper, stop 56)."""
+    import functools
+    wrapped = torch.nn.Sequential(torch.nn.GRU(I, H))
+    wrapped[0].forward = functools.partial(lambda f, *a, **k: f(*a, **k), wrapped[0].forward)
+    with pytest.warns(UserWarning, match="'0' has its own 'forward' attribute"):
+        pyseqkern.convert(wrapped)
+    compiled = torch.compile(torch.nn.LSTM(I, H))
+    with pytest.warns(UserWarning, match="convert the model before compiling it"):
+        pyseqkern.convert(compiled)
+    plain = torch.nn.Sequential(torch.nn.LSTM(I, H))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyseqkern.convert(plain)
 
 
 def test_convert_leaves_ours_and_subclasses_alone_and_keeps_shared_modules_shared():
