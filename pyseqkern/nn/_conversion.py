@@ -1,12 +1,10 @@
 """Mixin for the drop-in modules: torch's parameter swaps find no weak reference of ours on them."""
 from __future__ import annotations
 
-import torch
-
 # Looked up at call time (attribute access), as the other nn files do.
 from ..ops import param_cache as _param_cache
 
-_swap_on_conversion = torch.__future__.get_swap_module_params_on_conversion
+_swap_on_conversion = _param_cache._swap_on_conversion
 
 
 class SwapsParameters:

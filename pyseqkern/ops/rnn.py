@@ -40,7 +40,7 @@ from . import rnn_gemms as _gemms
 from . import rnn_paths as _paths
 from . import rnn_seq as _seq
 from .rnn_modes import GATES, GATES_BY_CODE, MODES
-from .rnn_seq import _plain, _Seq
+from .rnn_seq import _functorch_active, _plain, _Seq
 from .rnn_scratch import (_fwd_scratch, _proj_scratch, _reserves, normal,
                           release as _release_scratch)
 from ._library import LIB
@@ -450,7 +450,6 @@ def _check_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rev
 
 
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _is_tracing = torch.jit.is_tracing  # (Dynamo folds this one; torch._C._is_tracing breaks its graph)
 _c_is_tracing = torch._C._is_tracing  # 45 against 210 ns, where Dynamo never gets (after is_compiling)
 _torch_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.5)

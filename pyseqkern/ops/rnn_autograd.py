@@ -27,7 +27,7 @@ from . import rnn_cuda as _cuda
 from ._library import LIB
 from .rnn import (_backward_impl, _dispatch_stack_len, _forward_impl, _forward_projecting, _functorch_active,
                   _pack_for_rows, _plain_eager, _plain_eager_cuda, _prepare)
-from .rnn_seq import _Seq
+from .rnn_seq import _is_functorch_wrapped, _Seq
 from . import rnn_paths as _paths
 from .rnn_gemms import _Gemms, _mm
 from .rnn_modes import GATES, MODES
@@ -59,11 +59,9 @@ try:  # (private; absent or moved, every transform takes the reference as before
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
     _GRAD_TRANSFORM = torch._C._functorch.TransformType.Grad
     _VMAP_TRANSFORM = torch._C._functorch.TransformType.Vmap
-    _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    _unwrapped = torch._C._functorch.get_unwrapped
     _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 except (ImportError, AttributeError):
-    _functorch_interpreters = _is_functorch_wrapped = _is_legacy_batched = None
+    _functorch_interpreters = _is_legacy_batched = None
 
 
 # Function.apply binds each call's arguments through inspect.signature wherever a Function defines
@@ -303,10 +301,12 @@ def unopaque(t, dtype):
 def saved_layer(ctx):
     """The layout save_layer saved; where grad mode is on (create_graph: the reference recomputes the
     layer from these), with what it kept on ctx, each unchanged since the forward or torch's in-place
-    error. The reserve and the pack as floats again, dense (unopaque)."""
+    error. What the kernel reads by pointer comes back dense (a saved-tensor hook may unpack an equal tensor
+    with other strides), the reserve and the pack as floats again (unopaque)."""
     saved = ctx.saved_tensors
     reserve_dtype, packed_dtype = ctx.workspace_dtypes
-    saved = (*saved[:3], unopaque(saved[3], reserve_dtype), unopaque(saved[4], packed_dtype), *saved[5:])
+    saved = (*(None if t is None else t.contiguous() for t in saved[:3]), unopaque(saved[3], reserve_dtype),
+             unopaque(saved[4], packed_dtype), *saved[5:])
     if ctx.kept is None or not torch.is_grad_enabled():
         return saved
     check_unchanged("recurrent layer", _LAYER_SAVED, ctx.kept, ctx.kept_versions)
@@ -371,10 +371,7 @@ def _at_level(level):
 
 def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
     mode, code, reset_after, hidden, proj, seq = cfg
-    # Dense: a saved-tensor hook may unpack equal tensors with other strides, and the kernel reads rows by
-    # pointer (the reserve and the pack: saved_layer).
-    x2d, c0, w_ih = (None if t is None else t.contiguous() for t in saved[:3])
-    reserve, packed = saved[3].contiguous(), saved[4].contiguous()
+    x2d, c0, w_ih, reserve, packed = saved  # (dense: saved_layer)
     # Incoming gradients may be any view (y.sum() gives a stride-0 expand, a bidirectional cat a
     # column slice); the kernel reads dense rows.
     dy, dh_n, dc_n = (None if g is None else g.contiguous() for g in (dy, dh_n, dc_n))

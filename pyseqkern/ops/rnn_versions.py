@@ -21,13 +21,9 @@ import threading
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from . import param_cache
+
 _noted = threading.local()
-
-
-def _caches_hold_entries() -> bool:
-    from . import param_cache
-
-    return param_cache.holds_entries()
 
 
 def _before_step(optimizer, args, kwargs):
@@ -35,7 +31,7 @@ def _before_step(optimizer, args, kwargs):
     if pending is None:
         pending = _noted.by_optimizer = {}
     pending.pop(id(optimizer), None)  # (a step that raised left its note)
-    if not _caches_hold_entries():
+    if not param_cache.holds_entries():
         return
     noted = []
     for group in optimizer.param_groups:
