@@ -2621,11 +2621,13 @@ def test_training_forwards_project_as_inference_does(monkeypatch, kind, kw, pack
         projecting = kind != "RNN" and B >= rnn_paths._RECORDS_PROJECTING_FROM
         assert bool(calls) == projecting and all(r for r, _ in calls)
         # (the first layer's input of 23 is thin: each step projects it at any batch; the second's of 80
-        # takes the inference rule's path too, which at 45 rows is torch's GEMM, or the kernel's projection
-        # before the steps where that runs on the tile unit: rnn_paths._projects_on_tile)
+        # takes the inference rule's path too, which at 45 rows is torch's GEMM where MKL serves float32
+        # (rnn_paths._MKL_PROJECTS_LSTM_FROM), unless the kernel's projection before the steps runs on the
+        # tile unit (rnn_paths._projects_on_tile); where oneDNN serves float32 (AMD) the kernel projects)
         on_tile = rnn_paths._projects_on_tile(ops._sizes(0, True, 40, 0, B, torch.float32), x.view(-1, 23))
+        kernel = on_tile or pyseqkern._backend.FP32_GEMM != "mkl"
         assert [ok for _, ok in calls] == ([True] * len(calls) if B <= 32 or "num_layers" not in kw else
-                                           [True, True, on_tile, on_tile])
+                                           [True, True, kernel, kernel])
         if projecting and all(ok for _, ok in calls):
             assert_bitwise_equal(y.detach(), y_inf)
             assert_bitwise_equal(h.detach(), h_inf)

@@ -261,7 +261,9 @@ def step_fast(mode, reset_after, x, h0, c0, params, out_shape, state_shape, spre
 
 
 # The projecting path of plain inference sequences by shape (seq_fast): rnn_paths._projection_path's answer for
-# (mode, reset_after, hidden, input, dtype, steps, batch, level); bounded as _SIZES is.
+# (mode, reset_after, hidden, input, dtype, steps, batch, level), None where the level has no input panel for
+# the dtype and input size (the full path then lets torch project, as _forward_projecting does: bfloat16 at
+# an odd input size on avx512bf16, whose pair sections want an even one); bounded as _SIZES is.
 _SEQ_PATHS: dict = {}
 # seq_fast's answer where the sequence would take its path but a layer has no plan yet: the caller runs
 # the full path, which checks every argument, and then makes the plans (make_seq_plans).
@@ -274,9 +276,11 @@ def _seq_path(mode, reset_after, hidden, size, dtype, steps, batch, rows):
     if path is _SEQ_PATHS:
         # (meta tensors of the sequence's shape and rows: the path reads shapes and the dtype only)
         xm = torch.empty((steps, batch, size), dtype=dtype, device="meta")
-        path = _paths._projection_path(mode, _sizes(MODES[mode], reset_after, hidden, 0, batch, dtype),
-                                       _Seq(xm, None, False), torch.empty((rows, size), dtype=dtype, device="meta"),
-                                       dtype, hidden, 0, GATES[mode] * hidden * hidden)
+        path = None
+        if _C.rnn_input_panel_numel(MODES[mode], reset_after, hidden, size, str(dtype).split(".")[-1]):
+            path = _paths._projection_path(mode, _sizes(MODES[mode], reset_after, hidden, 0, batch, dtype),
+                                           _Seq(xm, None, False), torch.empty((rows, size), dtype=dtype, device="meta"),
+                                           dtype, hidden, 0, GATES[mode] * hidden * hidden)
         if len(_SEQ_PATHS) >= _rnn._SIZES_MAX:
             _SEQ_PATHS.clear()
         _SEQ_PATHS[key] = path
