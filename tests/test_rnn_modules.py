@@ -1759,6 +1759,8 @@ def x3(shape=(T, B, I), dtype=F32, **kw):
 BAD_INPUTS = [
     ("lstm-input-size", lambda nn: nn.LSTM(I, H)(x3((T, B, I + 1))), RuntimeError,
      r"LSTM: input\.size\(-1\) must be equal to input_size\. Expected 13, got 14", True),
+    ("gru-no-input-features", lambda nn: nn.GRU(I, H)(torch.ones(T, B, 0)), RuntimeError,
+     r"GRU: input\.size\(-1\) must be equal to input_size\. Expected 13, got 0", True),
     ("gru-packed-input-size", lambda nn: nn.GRU(I, H)(pack_padded_sequence(x3((T, 2, 4)), torch.tensor([T, 1]))),
      RuntimeError, r"GRU: input\.size\(-1\) must be equal to input_size\. Expected 13, got 4", True),
     ("lstm-h0-shape", lambda nn: nn.LSTM(I, H, 2)(x3(), (x3((2, B + 1, H)), x3((2, B, H)))), RuntimeError,
@@ -1936,6 +1938,32 @@ def test_bad_inputs_raise_clear_errors(call, exc, match, torch_same):
     if torch_same:  # code written against torch.nn catches the same exception type from us
         with pytest.raises(exc):
             call(torch.nn)
+
+
+@pytest.mark.parametrize("call,exc,match,torch_same", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_clear_errors_in_inference(call, exc, match, torch_same):
+    """The same under torch.no_grad(), where the thin routes see a call before the full path's checks
+    (nn/_sequence.py, ops/rnn_thin.py) and must leave what is not theirs to it, not raise from a kernel's
+    size query (an input of no features did, stop 57)."""
+    with torch.no_grad(), pytest.raises(exc, match=match):
+        call(pnn)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_planned_sequences_refuse_other_input_sizes_as_torch(name, dtype):
+    """A module whose layers the thin path has planned (two good inference calls) then given inputs of
+    another feature count, none included: torch.nn's error every time, and the plans still serve."""
+    ours = getattr(pnn, name)(I, H, num_layers=2, dtype=dtype).eval()
+    x = x3(dtype=dtype)
+    with torch.no_grad():
+        want = [ours(x)[0] for _ in range(2)]
+        for features in (0, I - 1, I + 1):
+            for _ in range(2):
+                with pytest.raises(RuntimeError, match=rf"{name}: input\.size\(-1\) must be equal to input_size\. "
+                                                      rf"Expected {I}, got {features}"):
+                    ours(torch.ones(T, B, features, dtype=dtype))
+        assert_bitwise_equal(ours(x)[0], want[1])
 
 
 # ---- torch.compile: a model built from the drop-in modules -------------------------------------------------

@@ -277,7 +277,7 @@ def _seq_path(mode, reset_after, hidden, size, dtype, steps, batch, rows):
         # (meta tensors of the sequence's shape and rows: the path reads shapes and the dtype only)
         xm = torch.empty((steps, batch, size), dtype=dtype, device="meta")
         path = None
-        if _C.rnn_input_panel_numel(MODES[mode], reset_after, hidden, size, str(dtype).split(".")[-1]):
+        if size >= 1 and _C.rnn_input_panel_numel(MODES[mode], reset_after, hidden, size, str(dtype).split(".")[-1]):
             path = _paths._projection_path(mode, _sizes(MODES[mode], reset_after, hidden, 0, batch, dtype),
                                            _Seq(xm, None, False), torch.empty((rows, size), dtype=dtype, device="meta"),
                                            dtype, hidden, 0, GATES[mode] * hidden * hidden)
@@ -333,6 +333,8 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
     plans, paths = [], []
     for idx, (w_ih, w_hh, b_ih, b_hh) in enumerate(params):
         size = x.shape[-1] if idx < D else D * hidden
+        if w_ih.dim() != 2 or w_ih.shape[1] != size:  # (the full path explains)
+            return None
         plan = cell_plan(mode, reset_after, w_ih, w_hh, b_ih, b_hh)
         if plan is not None and (plan.step is None or plan.dtype is not dtype or plan.input != size
                                  or plan.hidden != hidden):
