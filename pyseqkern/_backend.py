@@ -76,15 +76,30 @@ def thread_isa(level: str):
         yield
     finally:
         if own is None:
-            _C.cpu_isa_follow_default()
-            del _ISA.name
+            follow_default_isa()
         else:
             set_cpu_isa(own)
 
 
+def follow_default_isa() -> None:
+    """The calling thread drops a level of its own and follows the process default again."""
+    if "name" in _ISA.__dict__:
+        _C.cpu_isa_follow_default()
+        del _ISA.name
+
+
+def _constant_in_traces(fn):
+    """fn, which Dynamo calls while tracing and takes the result of as a constant. Traced as code, a
+    threading.local's attribute is read as the class's (Dynamo's guards look in no thread's dict): a
+    thread at its own level was traced at the process default's."""
+    mark = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return fn if mark is None else mark(fn)
+
+
+@_constant_in_traces
 def active_isa() -> str:
     """The calling thread's CPU kernel level (kept here as the core keeps it: only set_cpu_isa changes
-    it); part of cache keys."""
+    it); part of cache keys. A graph compiled by torch.compile holds the tracing thread's (ops/rnn.py, `isa`)."""
     return _ISA.name
 
 

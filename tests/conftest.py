@@ -14,14 +14,21 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(params=pyseqkern.ISA_LEVELS)
 def isa(request):
-    """Runs the test once per CPU kernel level this CPU supports and this build has, restoring the best
-    level after."""
-    info = pyseqkern.backend_info()["cpu"]
+    """Runs the test once per CPU kernel level this CPU supports and this build has, restoring the
+    thread's level after (the process default where it had none: PYSEQKERN_CPU_ISA's, which resetting to
+    the best level had undone for every later test)."""
     if request.param not in runnable_levels():
         pytest.skip(f"this CPU does not run {request.param}, or the build lacks it")
-    pyseqkern.set_cpu_isa(request.param)
-    yield request.param
-    pyseqkern.set_cpu_isa(info["isa_best"])
+    with pyseqkern._backend.thread_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def cpu_level_follows_the_default():
+    """Tests that set a level and put back the best one (set_cpu_isa(best)) left it the thread's own, which
+    undid PYSEQKERN_CPU_ISA for every later test: after each test the thread follows the default again."""
+    yield
+    pyseqkern._backend.follow_default_isa()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -29,7 +29,7 @@ from pyseqkern.ops import rnn_cuda
 from pyseqkern.reference import rnn as ref
 from helpers import (BF16_DOT_LEVELS, TOLERANCES, assert_bitwise_equal, assert_close_to_ref, assert_matches,
                      assert_within_torch_error, devices, randn, ready_for_backward, stack_dropout, strided,
-                     torch_layer, weighted_sum)
+                     runnable_levels, torch_layer, weighted_sum)
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 T, B, I, H, P = 7, 5, 13, 7, 3
@@ -2143,6 +2143,49 @@ def test_compiles_fullgraph_after_an_eager_inference_call(cls, grad):
     flat = lambda o: [t for t in (o if isinstance(o, tuple) else (o,)) for t in (t if isinstance(t, tuple) else (t,))]
     for a, b in zip(flat(got), flat(want), strict=True):
         torch.testing.assert_close(a, b, rtol=TOLERANCES[F32][0], atol=TOLERANCES[F32][1])
+
+
+@pytest.mark.parametrize("cls, traced_at", [("LSTM", "best"), ("GRU", "lowest")])
+def test_compiled_graphs_run_at_the_level_they_were_traced_at(cls, traced_at):
+    """A pack's and a training reserve's sizes depend on the CPU level, and an Inductor graph checks the
+    sizes its fake impls gave when it was traced: run in a thread at another level, its pack had another
+    size and the graph raised (AssertionError "expected size 344==680", stop 57). The ops of a compiled
+    graph name the level it was traced at and run there, whatever the calling thread's level: inference
+    and training (forward and backward) give the bits of the level that traced them. Traced at the lowest
+    level, the main thread has a level of its own, which Dynamo had read as the process default's (a
+    threading.local seen by a trace)."""
+    levels = runnable_levels()
+    level = levels[-1] if traced_at == "best" else levels[0]
+    m = seed_parameters(getattr(pnn, cls)(I, H, num_layers=2))
+    x, w = x3((T, B, I)), randn((T, B, H), F32, seed=7)
+
+    def train(f):
+        m.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        y, _ = f(xr)
+        (y * w).sum().backward()
+        return [y.detach(), xr.grad] + [p.grad for p in m.parameters()]
+
+    def infer(f):
+        with torch.no_grad():
+            y, h = f(x)
+        return [y] + list(h if isinstance(h, tuple) else (h,))
+
+    with torch._dynamo.config.patch(allow_rnn=True):
+        for run in (train, infer):
+            torch._dynamo.reset()
+            f = torch.compile(m, fullgraph=True)
+            with pyseqkern._backend.thread_isa(level):
+                want = run(f)
+                eager = run(m)
+            for a, b in zip(want, eager, strict=True):
+                torch.testing.assert_close(a, b, rtol=TOLERANCES[F32][0], atol=TOLERANCES[F32][1])
+            for other in levels:
+                with pyseqkern._backend.thread_isa(other):
+                    got = run(f)
+                for a, b in zip(got, want, strict=True):
+                    assert_bitwise_equal(a, b, f"{run.__name__} traced at {level}, run at {other}")
+    torch._dynamo.reset()
 
 
 def test_gru_classes_show_torchs_constructor_signature_plus_reset_after():

@@ -2402,6 +2402,35 @@ def test_cell_plan_is_not_served_for_reshaped_parameters(cls):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_ops_run_at_the_level_they_name():
+    """rnn_pack, rnn_forward and rnn_backward take `isa`, the level a compiled graph was traced at (its fake
+    impls gave that level's sizes): a call naming one runs there, as a call from a thread at that level does,
+    bit for bit, and leaves the thread's own level as it was; a name that is no level raises, naming `isa`."""
+    H, T_, B_ = 11, 3, 2
+    w_hh, xg = randn((4 * H, H), seed=1, scale=0.3), randn((T_ * B_, 4 * H), seed=2)
+    dy = randn((T_ * B_, H), seed=4)
+    fwd, seq = (0, True, H, 0, T_, B_, xg, None, None, None), (None, None, None, B_, 1, False)
+
+    def calls(isa=None):
+        packed = torch.ops.pyseqkern.rnn_pack(0, True, H, 0, w_hh, None, isa)
+        y, h_n, c_n, reserve = torch.ops.pyseqkern.rnn_forward(*fwd, packed, *seq, True, None, isa)
+        dgx = torch.ops.pyseqkern.rnn_backward(0, True, H, 0, T_, B_, dy, None, None, None, reserve, packed, *seq,
+                                               False, isa)[0]
+        return packed, y, reserve, dgx
+
+    active = pyseqkern._backend.active_isa()
+    for level in SUPPORTED:
+        with pyseqkern._backend.thread_isa(level):
+            want = calls()
+        got = calls(level)
+        assert pyseqkern._backend.active_isa() == active
+        for a, b in zip(got, want, strict=True):
+            assert_bitwise_equal(a, b, f"ops named {level}")
+    for bad in ("avx1024", ""):
+        with pytest.raises(ValueError, match="pyseqkern::rnn_pack: 'isa' must be None or one of baseline"):
+            torch.ops.pyseqkern.rnn_pack(0, True, H, 0, w_hh, None, bad)
+
+
 def _levels_packing_apart():
     """Two runnable CPU levels whose float32 packs at H=11 have the same size and different lanes, or None."""
     best = pyseqkern.backend_info()["cpu"]["isa_best"]

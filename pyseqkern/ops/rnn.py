@@ -29,6 +29,8 @@ Dtypes: float32, float64, bfloat16 (float32 math); float16 on CUDA, and on the C
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd import forward_ad as _fwad
 
@@ -51,18 +53,22 @@ from . import rnn_direct  # noqa: F401  (defines rnn_step_direct, which rnn_laye
 _C = _backend._C
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
-LIB.define("rnn_pack(int mode, bool reset_after, int hidden, int proj, Tensor w_hh, Tensor? w_hr) -> Tensor")
+# `isa` (CPU; None: the calling thread's level): the level a compiled graph was traced at, which its calls
+# run at whichever thread runs them (_at_isa): the sizes of a pack and a reserve depend on the level, and the
+# graph holds the ones its fake impls gave then.
+LIB.define("rnn_pack(int mode, bool reset_after, int hidden, int proj, Tensor w_hh, Tensor? w_hr, str? isa=None) "
+           "-> Tensor")
 LIB.define(
     "rnn_forward(int mode, bool reset_after, int hidden, int proj, SymInt steps, SymInt batch, Tensor x_gates, "
     "Tensor? b_hn, Tensor? h0, Tensor? c0, Tensor packed, Tensor? batch_sizes, Tensor? time_offsets, "
-    "Tensor? lengths, SymInt row_stride_t, SymInt row_stride_b, bool reverse, bool training, Tensor? x_bias=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? lengths, SymInt row_stride_t, SymInt row_stride_b, bool reverse, bool training, Tensor? x_bias=None, "
+    "str? isa=None) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 LIB.define(
     "rnn_backward(int mode, bool reset_after, int hidden, int proj, SymInt steps, SymInt batch, Tensor? dy, "
     "Tensor? dh_n, Tensor? dc_n, Tensor? c0, Tensor reserve, Tensor packed, Tensor? batch_sizes, "
-    "Tensor? time_offsets, Tensor? lengths, SymInt row_stride_t, SymInt row_stride_b, bool reverse, bool transposed) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? time_offsets, Tensor? lengths, SymInt row_stride_t, SymInt row_stride_b, bool reverse, bool transposed, "
+    "str? isa=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -74,16 +80,34 @@ _SIZES: dict = {}
 _SIZES_MAX = 4096  # (a server seeing every batch size would otherwise grow it for good; cleared past this)
 
 
-def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype):
+def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype, isa=None):
     """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev, ride_ring, split_rows) for the
-    active ISA level (rnn.h RnnSizes)."""
-    key = (mode, reset_after, hidden, proj, batch, dtype, _backend.active_isa())
+    active ISA level, or level `isa` (rnn.h RnnSizes)."""
+    key = (mode, reset_after, hidden, proj, batch, dtype, isa or _backend.active_isa())
     got = _SIZES.get(key)
     if got is None:
         if len(_SIZES) >= _SIZES_MAX:
             _SIZES.clear()
-        got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, str(dtype).split(".")[-1])
+        with _at_isa("rnn_sizes", isa):
+            got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, str(dtype).split(".")[-1])
     return got
+
+
+def _at_isa(op, isa):
+    """The calling thread at CPU level `isa` for the block (an op's `isa`; None: its own level). A graph
+    compiled at one level and run at another asserted its pack's size (stop 58); it now runs at its own."""
+    if isa is None or isa == _backend.active_isa():
+        return contextlib.nullcontext()
+    if not isinstance(isa, str) or isa not in _backend.ISA_LEVELS:
+        raise ValueError(f"pyseqkern::{op}: 'isa' must be None or one of {', '.join(_backend.ISA_LEVELS)}, "
+                         f"got {isa!r}")
+    return _backend.thread_isa(isa)
+
+
+def compiled_isa():
+    """The level a call traced by torch.compile names for its ops (`isa`): the tracing thread's, or None
+    outside a trace (the ops then run at the thread's level, as always)."""
+    return _backend.active_isa() if torch.compiler.is_compiling() else None
 
 
 def _none(t):
@@ -91,7 +115,12 @@ def _none(t):
 
 
 # ---- rnn_pack -------------------------------------------------------------------------------------------
-def _pack_impl(mode, reset_after, hidden, proj, w_hh, w_hr):
+def _pack_impl(mode, reset_after, hidden, proj, w_hh, w_hr, isa=None):
+    with _at_isa("rnn_pack", isa):
+        return _pack_here(mode, reset_after, hidden, proj, w_hh, w_hr)
+
+
+def _pack_here(mode, reset_after, hidden, proj, w_hh, w_hr):
     """The op's CPU kernel. Handed a Parameter itself (a graph compiled by Inductor passes the module's
     parameters as they are; eager calls pass detached aliases), it serves the pack cached for that
     Parameter once the kernel has checked it against the weights bit for bit, as eager training reuses
@@ -116,9 +145,11 @@ LIB.impl("rnn_pack", _pack_impl, "CPU")
 
 
 @torch.library.register_fake("pyseqkern::rnn_pack")
-def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr):
-    sizes = rnn_cuda.sizes if w_hh.device.type == "cuda" else _sizes  # CUDA packs its own layout
-    numel = sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
+def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr, isa=None):
+    if w_hh.device.type == "cuda":  # CUDA packs its own layout
+        numel = rnn_cuda.sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
+    else:
+        numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype, isa)[1]
     return w_hh.new_empty(numel, dtype=_acc_dtype(w_hh.dtype))
 
 
@@ -146,7 +177,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
     pack leaves them out (_pack_narrow)."""
     def pack():
         return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
-                                            None if w_hr is None else w_hr.detach())
+                                            None if w_hr is None else w_hr.detach(), compiled_isa())
 
     def key():  # strides too: `p.data = p.data.t()` keeps the address and the version
         return (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.stride(), w_hh.dtype,
@@ -203,12 +234,13 @@ def _pack_for_rows(mode, reset_after, hidden, proj, packed, w_hh, w_hr, batch, r
 
 # ---- rnn_forward / rnn_backward --------------------------------------------------------------------------
 def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
-                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
+                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None, isa=None):
     _require_float("rnn_forward", x_gates=x_gates)
     _require_rows("rnn_forward", x_gates=x_gates)
-    return _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed,
-                        (batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse), training,
-                        x_gates.shape[0], x_bias=x_bias)
+    with _at_isa("rnn_forward", isa):
+        return _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed,
+                            (batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse), training,
+                            x_gates.shape[0], x_bias=x_bias)
 
 
 def _own_x_gates_numel(sizes, mode, batch, hidden):
@@ -267,12 +299,13 @@ LIB.impl("rnn_forward", _forward_impl, "CPU")
 
 @torch.library.register_fake("pyseqkern::rnn_forward")
 def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
-                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
+                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None, isa=None):
     K = proj if proj > 0 else hidden
     _require_rows("rnn_forward", x_gates=x_gates)
     n = x_gates.shape[0]
-    sizes = rnn_cuda.sizes if x_gates.device.type == "cuda" else _sizes  # (as _pack_fake: the backend's own table)
-    rcols = sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype)[3]  # (its width does not depend on the batch)
+    # (as _pack_fake: the backend's own table; the width does not depend on the batch)
+    rcols = (rnn_cuda.sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype) if x_gates.device.type == "cuda"
+             else _sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype, isa))[3]
     acc = _acc_dtype(x_gates.dtype)
     return (x_gates.new_empty(n, K), x_gates.new_empty(batch, K),
             x_gates.new_empty(batch if mode == 0 else 0, hidden),
@@ -280,8 +313,16 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
 
 
 def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, scratch=None,
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, isa=None, scratch=None,
                    h_prev_t=None):
+    with _at_isa("rnn_backward", isa):
+        return _backward_here(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed,
+                              batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed,
+                              scratch, h_prev_t)
+
+
+def _backward_here(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, scratch, h_prev_t):
     """`transposed`: also return d_gates_x^T, d_gates_h^T (GRU reset_after, then in place of d_gates_h)
     and h_prev^T, [cols, N] each, for the weight-gradient GEMMs (rnn.h); empty tensors otherwise.
     `scratch` (the autograd backward's direct call only): a _Scratch whose buffers hold everything but
@@ -363,7 +404,7 @@ LIB.impl("rnn_backward", _backward_impl, "CPU")
 
 @torch.library.register_fake("pyseqkern::rnn_backward")
 def _backward_fake(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, isa=None):
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
     _require_rows("rnn_backward", reserve=reserve)

@@ -87,7 +87,7 @@ def _on(t, device):
 
 
 # ---- impls ------------------------------------------------------------------------------------------------
-def _pack_cuda(mode, reset_after, hidden, proj, w_hh, w_hr):
+def _pack_cuda(mode, reset_after, hidden, proj, w_hh, w_hr, isa=None):  # (isa: a CPU level; unused)
     numel = sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
     out = torch.empty(numel, dtype=_acc_dtype(w_hh.dtype), device=w_hh.device)
     _C.rnn_pack(mode, reset_after, hidden, proj, capsule(w_hh.contiguous()),
@@ -108,7 +108,7 @@ def _warn_if_skipping():
 
 
 def _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
-                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
+                  time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None, isa=None):
     _warn_if_skipping()
     if x_bias is not None:  # (the CUDA kernels read the bias inside x_gates; the layers pass none here)
         x_gates = x_gates + x_bias
@@ -133,7 +133,7 @@ def _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
 
 
 def _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
+                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, isa=None):
     """As the CPU impl; the transposed copies (a CPU GEMM aid) are made by torch when asked for."""
     K = proj if proj > 0 else hidden
     G = GATES_BY_CODE[mode]
@@ -210,7 +210,7 @@ def _trusted_seq(op, batch_sizes, time_offsets, lengths, device):
 
 
 def _forward_op(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
-                time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None):
+                time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None, isa=None):
     """The op's CUDA impl: the layers' direct route calls _forward_cuda with their own copies."""
     time_offsets, lengths = _trusted_seq("rnn_forward", batch_sizes, time_offsets, lengths, x_gates.device)
     return _forward_cuda(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed, batch_sizes,
@@ -218,7 +218,7 @@ def _forward_op(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0
 
 
 def _backward_op(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
-                 time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed):
+                 time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, isa=None):
     time_offsets, lengths = _trusted_seq("rnn_backward", batch_sizes, time_offsets, lengths, reserve.device)
     return _backward_cuda(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed,
                           batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed)
