@@ -81,6 +81,24 @@ def thread_isa(level: str):
             set_cpu_isa(own)
 
 
+def at_isa(op: str, isa):
+    """The calling thread at CPU level `isa` for the block (an op's `isa`; None: its own level). A graph
+    compiled at one level and run at another asserted its pack's size (stop 58): the recurrent ops take
+    the level a graph was traced at (compiled_isa) and run there."""
+    if isa is None or isa == _ISA.name:
+        return contextlib.nullcontext()
+    if not isinstance(isa, str) or isa not in ISA_LEVELS:
+        raise ValueError(f"pyseqkern::{op}: 'isa' must be None or one of {', '.join(ISA_LEVELS)}, got {isa!r}")
+    return thread_isa(isa)
+
+
+def compiled_isa():
+    """The level a call traced by torch.compile names for its ops (`isa`): the tracing thread's (each
+    graph Dynamo makes, a recompile too, holds the level of the call that traced it), or None outside a
+    trace (the ops then run at the thread's level, as always)."""
+    return active_isa() if torch.compiler.is_compiling() else None
+
+
 def follow_default_isa() -> None:
     """The calling thread drops a level of its own and follows the process default again."""
     if "name" in _ISA.__dict__:

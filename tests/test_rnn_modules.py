@@ -2188,6 +2188,29 @@ def test_compiled_graphs_run_at_the_level_they_were_traced_at(cls, traced_at):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("cls", ["GRUCell", "LSTM"])
+def test_compiled_steps_run_at_the_level_they_were_traced_at(cls):
+    """A compiled inference step (a cell, or a layer given one step) is one op, rnn_step_direct, whose sizes
+    do not depend on the level but whose bits do: it ran at the calling thread's level (a helper's sweep,
+    stop 58: GRUCell 6e-8 off at baseline). It runs at the traced level as the sequence ops do. Traced at
+    the lowest level (the main thread's own), run at every level: the traced bits, every time."""
+    levels = runnable_levels()
+    m = seed_parameters(getattr(pnn, cls)(I, H))
+    args = (x3((B, I)), randn((B, H), F32, seed=7)) if cls == "GRUCell" else (x3((1, B, I)),)
+    flat = lambda o: [t for t in (o if isinstance(o, tuple) else (o,)) for t in (t if isinstance(t, tuple) else (t,))]
+    with torch._dynamo.config.patch(allow_rnn=True), torch.no_grad():
+        torch._dynamo.reset()
+        f = torch.compile(m, fullgraph=True)
+        with pyseqkern._backend.thread_isa(levels[0]):
+            want = flat(f(*args))
+        for other in levels:
+            with pyseqkern._backend.thread_isa(other):
+                got = flat(f(*args))
+            for a, b in zip(got, want, strict=True):
+                assert_bitwise_equal(a, b, f"traced at {levels[0]}, run at {other}")
+    torch._dynamo.reset()
+
+
 def test_gru_classes_show_torchs_constructor_signature_plus_reset_after():
     """inspect.signature of GRU/GRUCell is torch.nn's plus the keyword reset_after, so code that inspects
     constructors works (torch.nn.utils.skip_init asks for `device`); instances keep the forward's

@@ -2403,8 +2403,8 @@ def test_cell_plan_is_not_served_for_reshaped_parameters(cls):
 
 
 def test_ops_run_at_the_level_they_name():
-    """rnn_pack, rnn_forward and rnn_backward take `isa`, the level a compiled graph was traced at (its fake
-    impls gave that level's sizes): a call naming one runs there, as a call from a thread at that level does,
+    """rnn_pack, rnn_forward, rnn_backward and rnn_step_direct take `isa`, the level a compiled graph was traced
+    at (its fake impls gave that level's sizes): a call naming one runs there, as a call from a thread at that level does,
     bit for bit, and leaves the thread's own level as it was; a name that is no level raises, naming `isa`."""
     H, T_, B_ = 11, 3, 2
     w_hh, xg = randn((4 * H, H), seed=1, scale=0.3), randn((T_ * B_, 4 * H), seed=2)
@@ -2417,6 +2417,12 @@ def test_ops_run_at_the_level_they_name():
         dgx = torch.ops.pyseqkern.rnn_backward(0, True, H, 0, T_, B_, dy, None, None, None, reserve, packed, *seq,
                                                False, isa)[0]
         return packed, y, reserve, dgx
+
+    x, h, w_ih = randn((B_, 5), seed=5), randn((B_, H), seed=6), randn((3 * H, 5), seed=7, scale=0.3)
+    w3, b3 = randn((3 * H, H), seed=8, scale=0.3), randn((3 * H,), seed=9)
+
+    def calls(isa=None, pack_and_run=calls):  # (and a compiled graph's one-step op)
+        return (*pack_and_run(isa), *torch.ops.pyseqkern.rnn_step_direct(1, True, x, h, None, w_ih, w3, b3, b3, isa))
 
     active = pyseqkern._backend.active_isa()
     for level in SUPPORTED:

@@ -29,8 +29,6 @@ Dtypes: float32, float64, bfloat16 (float32 math); float16 on CUDA, and on the C
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.autograd import forward_ad as _fwad
 
@@ -93,21 +91,7 @@ def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dty
     return got
 
 
-def _at_isa(op, isa):
-    """The calling thread at CPU level `isa` for the block (an op's `isa`; None: its own level). A graph
-    compiled at one level and run at another asserted its pack's size (stop 58); it now runs at its own."""
-    if isa is None or isa == _backend.active_isa():
-        return contextlib.nullcontext()
-    if not isinstance(isa, str) or isa not in _backend.ISA_LEVELS:
-        raise ValueError(f"pyseqkern::{op}: 'isa' must be None or one of {', '.join(_backend.ISA_LEVELS)}, "
-                         f"got {isa!r}")
-    return _backend.thread_isa(isa)
-
-
-def compiled_isa():
-    """The level a call traced by torch.compile names for its ops (`isa`): the tracing thread's, or None
-    outside a trace (the ops then run at the thread's level, as always)."""
-    return _backend.active_isa() if torch.compiler.is_compiling() else None
+_at_isa, compiled_isa = _backend.at_isa, _backend.compiled_isa
 
 
 def _none(t):
@@ -672,7 +656,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         # A compiled graph's inference step: one op reading the weights as they are (ops/rnn_direct.py).
         # (T = 1 is static here: Dynamo specializes sizes 0 and 1, so this adds no guard.)
         h_n, c_n = torch.ops.pyseqkern.rnn_step_direct(MODES[mode], bool(reset_after), x2d, h0c, c0c, w_ih, w_hh,
-                                                        b_ih, b_hh)
+                                                        b_ih, b_hh, compiled_isa())
         return h_n.clone().view(*x.shape[:-1], h_n.shape[-1]), h_n, (c_n if mode == "lstm" else None)
     if _is_exporting():  # (an exported program keeps an op's autograd, not a Function's)
         y, h_n, c_n = torch.ops.pyseqkern.rnn_layer_op(

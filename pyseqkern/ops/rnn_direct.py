@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C
+from .. import _C, _backend
 from .._handoff import num_threads
 from ._library import LIB
 from . import rnn_gemms as _gemms
@@ -20,8 +20,10 @@ from .rnn_modes import GATES_BY_CODE, NAMES
 
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 3}
 
+# `isa`: as rnn_pack's (ops/rnn.py), the level a compiled graph was traced at; its sizes do not depend on the
+# level, but its bits do (a compiled step ran at the calling thread's level until stop 58).
 LIB.define("rnn_step_direct(int mode, bool reset_after, Tensor x, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
-           "Tensor? b_ih, Tensor? b_hh) -> (Tensor, Tensor)")
+           "Tensor? b_ih, Tensor? b_hh, str? isa=None) -> (Tensor, Tensor)")
 
 
 def _sizes(mode, x, w_ih, w_hh):
@@ -78,7 +80,12 @@ def _packed_step(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh, H, B):
     return h_n, c_n
 
 
-def _step_impl(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+def _step_impl(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh, isa=None):
+    with _backend.at_isa("rnn_step_direct", isa):
+        return _step_here(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+
+
+def _step_here(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     G, H, B, I = _checked(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if B > DIRECT_MAX_ROWS[mode]:
         return _packed_step(mode, bool(reset_after), x.contiguous(), None if h0 is None else h0.contiguous(),
@@ -102,6 +109,6 @@ LIB.impl("rnn_step_direct", _step_impl, "CUDA")  # (CPU only: it says so, naming
 
 
 @torch.library.register_fake("pyseqkern::rnn_step_direct")
-def _step_fake(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+def _step_fake(mode, reset_after, x, h0, c0, w_ih, w_hh, b_ih, b_hh, isa=None):
     G, H, B, I = _sizes(mode, x, w_ih, w_hh)
     return x.new_empty(B, H), x.new_empty(B if mode == 0 else 0, H)
