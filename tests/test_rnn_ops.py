@@ -2432,9 +2432,13 @@ def test_ops_run_at_the_level_they_name():
         assert pyseqkern._backend.active_isa() == active
         for a, b in zip(got, want, strict=True):
             assert_bitwise_equal(a, b, f"ops named {level}")
+    from torch._subclasses.fake_tensor import FakeTensorMode
     for bad in ("avx1024", ""):
         with pytest.raises(ValueError, match="pyseqkern::rnn_pack: 'isa' must be None or one of baseline"):
             torch.ops.pyseqkern.rnn_pack(0, True, H, 0, w_hh, None, bad)
+        with FakeTensorMode() as mode, pytest.raises(ValueError, match="pyseqkern::rnn_forward: 'isa' must be"):
+            torch.ops.pyseqkern.rnn_forward(*fwd[:6], mode.from_tensor(xg), None, None, None,
+                                            mode.from_tensor(torch.empty(1)), *seq, True, None, bad)
 
 
 def _levels_packing_apart():

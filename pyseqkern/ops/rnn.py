@@ -78,15 +78,16 @@ _SIZES: dict = {}
 _SIZES_MAX = 4096  # (a server seeing every batch size would otherwise grow it for good; cleared past this)
 
 
-def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype, isa=None):
+def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dtype: torch.dtype, isa=None,
+           op="rnn_sizes"):
     """(lanes, packed_numel, workspace_numel, reserve_cols, reserve_hprev, ride_ring, split_rows) for the
-    active ISA level, or level `isa` (rnn.h RnnSizes)."""
-    key = (mode, reset_after, hidden, proj, batch, dtype, isa or _backend.active_isa())
+    active ISA level, or level `isa` (rnn.h RnnSizes; `op`: whose `isa` it is, for its error)."""
+    key = (mode, reset_after, hidden, proj, batch, dtype, _backend.active_isa() if isa is None else isa)
     got = _SIZES.get(key)
     if got is None:
         if len(_SIZES) >= _SIZES_MAX:
             _SIZES.clear()
-        with _at_isa("rnn_sizes", isa):
+        with _at_isa(op, isa):
             got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, str(dtype).split(".")[-1])
     return got
 
@@ -133,7 +134,7 @@ def _pack_fake(mode, reset_after, hidden, proj, w_hh, w_hr, isa=None):
     if w_hh.device.type == "cuda":  # CUDA packs its own layout
         numel = rnn_cuda.sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype)[1]
     else:
-        numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype, isa)[1]
+        numel = _sizes(mode, reset_after, hidden, proj, 1, w_hh.dtype, isa, "rnn_pack")[1]
     return w_hh.new_empty(numel, dtype=_acc_dtype(w_hh.dtype))
 
 
@@ -289,7 +290,7 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
     n = x_gates.shape[0]
     # (as _pack_fake: the backend's own table; the width does not depend on the batch)
     rcols = (rnn_cuda.sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype) if x_gates.device.type == "cuda"
-             else _sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype, isa))[3]
+             else _sizes(mode, reset_after, hidden, proj, 1, x_gates.dtype, isa, "rnn_forward"))[3]
     acc = _acc_dtype(x_gates.dtype)
     return (x_gates.new_empty(n, K), x_gates.new_empty(batch, K),
             x_gates.new_empty(batch if mode == 0 else 0, hidden),
