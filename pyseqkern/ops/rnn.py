@@ -52,7 +52,7 @@ _C = _backend._C
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 # `isa` (CPU; None: the calling thread's level): the level a compiled graph was traced at, which its calls
-# run at whichever thread runs them (_at_isa): the sizes of a pack and a reserve depend on the level, and the
+# run at whichever thread runs them (_backend.at_isa): the sizes of a pack and a reserve depend on the level, and the
 # graph holds the ones its fake impls gave then.
 LIB.define("rnn_pack(int mode, bool reset_after, int hidden, int proj, Tensor w_hh, Tensor? w_hr, str? isa=None) "
            "-> Tensor")
@@ -87,12 +87,9 @@ def _sizes(mode: int, reset_after: bool, hidden: int, proj: int, batch: int, dty
     if got is None:
         if len(_SIZES) >= _SIZES_MAX:
             _SIZES.clear()
-        with _at_isa(op, isa):
+        with _backend.at_isa(op, isa):
             got = _SIZES[key] = _C.rnn_sizes(mode, reset_after, hidden, proj, batch, str(dtype).split(".")[-1])
     return got
-
-
-_at_isa, compiled_isa = _backend.at_isa, _backend.compiled_isa
 
 
 def _none(t):
@@ -101,7 +98,7 @@ def _none(t):
 
 # ---- rnn_pack -------------------------------------------------------------------------------------------
 def _pack_impl(mode, reset_after, hidden, proj, w_hh, w_hr, isa=None):
-    with _at_isa("rnn_pack", isa):
+    with _backend.at_isa("rnn_pack", isa):
         return _pack_here(mode, reset_after, hidden, proj, w_hh, w_hr)
 
 
@@ -162,7 +159,7 @@ def _packed(mode: int, reset_after: bool, hidden: int, proj: int, w_hh: torch.Te
     pack leaves them out (_pack_narrow)."""
     def pack():
         return torch.ops.pyseqkern.rnn_pack(mode, reset_after, hidden, proj, w_hh.detach(),
-                                            None if w_hr is None else w_hr.detach(), compiled_isa())
+                                            None if w_hr is None else w_hr.detach(), _backend.compiled_isa())
 
     def key():  # strides too: `p.data = p.data.t()` keeps the address and the version
         return (mode, reset_after, hidden, proj, w_hh.data_ptr(), w_hh._version, w_hh.stride(), w_hh.dtype,
@@ -222,7 +219,7 @@ def _forward_impl(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
                   time_offsets, lengths, row_stride_t, row_stride_b, reverse, training, x_bias=None, isa=None):
     _require_float("rnn_forward", x_gates=x_gates)
     _require_rows("rnn_forward", x_gates=x_gates)
-    with _at_isa("rnn_forward", isa):
+    with _backend.at_isa("rnn_forward", isa):
         return _run_forward(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, h0, c0, packed,
                             (batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse), training,
                             x_gates.shape[0], x_bias=x_bias)
@@ -300,7 +297,7 @@ def _forward_fake(mode, reset_after, hidden, proj, steps, batch, x_gates, b_hn, 
 def _backward_impl(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed, batch_sizes,
                    time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed, isa=None, scratch=None,
                    h_prev_t=None):
-    with _at_isa("rnn_backward", isa):
+    with _backend.at_isa("rnn_backward", isa):
         return _backward_here(mode, reset_after, hidden, proj, steps, batch, dy, dh_n, dc_n, c0, reserve, packed,
                               batch_sizes, time_offsets, lengths, row_stride_t, row_stride_b, reverse, transposed,
                               scratch, h_prev_t)
@@ -657,7 +654,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         # A compiled graph's inference step: one op reading the weights as they are (ops/rnn_direct.py).
         # (T = 1 is static here: Dynamo specializes sizes 0 and 1, so this adds no guard.)
         h_n, c_n = torch.ops.pyseqkern.rnn_step_direct(MODES[mode], bool(reset_after), x2d, h0c, c0c, w_ih, w_hh,
-                                                        b_ih, b_hh, compiled_isa())
+                                                        b_ih, b_hh, _backend.compiled_isa())
         return h_n.clone().view(*x.shape[:-1], h_n.shape[-1]), h_n, (c_n if mode == "lstm" else None)
     if _is_exporting():  # (an exported program keeps an op's autograd, not a Function's)
         y, h_n, c_n = torch.ops.pyseqkern.rnn_layer_op(

@@ -26,7 +26,7 @@ from . import rnn_autocast as _autocast
 from . import rnn_cuda as _cuda
 from ._library import LIB
 from .rnn import (_backward_impl, _dispatch_stack_len, _forward_impl, _forward_projecting, _functorch_active,
-                  _pack_for_rows, _plain_eager, _plain_eager_cuda, _prepare, compiled_isa)
+                  _pack_for_rows, _plain_eager, _plain_eager_cuda, _prepare)
 from .rnn_seq import _is_functorch_wrapped, _Seq
 from . import rnn_paths as _paths
 from .rnn_gemms import _Gemms, _mm
@@ -173,7 +173,7 @@ class _RnnLayer(torch.autograd.Function):
         impl = (_forward_impl if eager else _cuda._forward_cuda if _plain_eager_cuda(x2d)
                 else torch.ops.pyseqkern.rnn_forward)
         y, h_n, c_n, reserve = impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0, c0,
-                                    packed, *seq.args(), training, x_bias, compiled_isa())
+                                    packed, *seq.args(), training, x_bias, _backend.compiled_isa())
         # (inference: the packed weights are the cache's own tensor, which must not leave as an output)
         return y, h_n, (c_n if code == 0 else None), reserve, (packed if training else reserve)
 
@@ -363,10 +363,9 @@ def _kernel_grads(cfg, need, saved, dy, dh_n, dc_n):
 
 
 def _at_level(level):
-    """The thread at CPU level `level` (None: a CUDA call) for the block, where it is at another."""
-    if level is None or level == _backend.active_isa() or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return _backend.thread_isa(level)
+    """The thread at CPU level `level` (None: a CUDA call) for the block, where it is at another; while
+    tracing, nothing (a compiled graph's ops carry their level: _backend.compiled_isa)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _backend.at_isa("backward", level)
 
 
 def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
@@ -422,7 +421,7 @@ def _kernel_grads_here(cfg, need, saved, dy, dh_n, dc_n):
         with _own_call():
             dgx, dgh, dproj, dh0, dc0, dgx_t, dgh_t, hprev_t = impl(
                 code, reset_after, hidden, proj, seq.steps, seq.batch, dy, dh_n, dc_n, c0, reserve, packed,
-                *seq.args(), g.fast, compiled_isa())
+                *seq.args(), g.fast, _backend.compiled_isa())
         if use_joint:  # the same GEMM, so both paths give the same bits
             joint = make_joint(lambda shape, dtype: torch.empty(shape, dtype=dtype, device=reserve.device))
             joint[I:I + K].copy_(hprev_t)
@@ -536,7 +535,7 @@ class _RnnLayerGrad(torch.autograd.Function):
         with _at_level(seq.isa), _own_call():  # (the forward's level: _kernel_grads)
             dgx, dgh, dproj, dh0, dc0, _, _, _ = torch.ops.pyseqkern.rnn_backward(
                 code, reset_after, hidden, proj, T, V * B, dyf, dhf, dcf, c0f, rf, packed, *seqf.args(), False,
-                compiled_isa())
+                _backend.compiled_isa())
         wdtype = w_ih.dtype
 
         h_prev, rh, m = _reserve_operands(rf, hidden, K)

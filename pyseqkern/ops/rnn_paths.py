@@ -11,7 +11,7 @@ import torch
 
 from .. import _backend
 from .._handoff import num_threads
-from .rnn_modes import GATES
+from .rnn_modes import GATES, MODES as _MODES
 
 _C = _backend._C
 
@@ -266,7 +266,13 @@ def _projection_path(mode, sizes, seq, x2d, w_dtype, hidden, proj, recurrent_num
     """(each_step, ring) where the kernel projects this inference sequence's input itself (given an input
     panel: rnn._input_panel), or None where torch's GEMM does it (a panel too large, or torch's faster).
     sizes: the kernel's (rnn._sizes(...) at the sequence's batch and x2d's dtype); w_dtype: the weights';
-    recurrent_numel: W_hh's and W_hr's values. Reads only x2d's shape and dtype."""
+    recurrent_numel: W_hh's and W_hr's values. Reads only x2d's shape and dtype. None where this level has
+    no input panel for the dtype and input size (bfloat16 at an odd size, or without dot products: the
+    thin path had asked for plans there that had no kernel entry, stop 57; whether one exists does not
+    depend on reset_after)."""
+    if x2d.shape[1] < 1 or not _C.rnn_input_panel_numel(_MODES[mode], True, hidden, x2d.shape[1],
+                                                         str(x2d.dtype).split(".")[-1]):
+        return None
     size = 2 if x2d.dtype == torch.bfloat16 else x2d.element_size()  # (bfloat16: pair sections, read as such)
     read = GATES[mode] * hidden * x2d.shape[1] * size
     panels = read + recurrent_numel * size

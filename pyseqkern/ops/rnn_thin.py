@@ -276,11 +276,9 @@ def _seq_path(mode, reset_after, hidden, size, dtype, steps, batch, rows):
     if path is _SEQ_PATHS:
         # (meta tensors of the sequence's shape and rows: the path reads shapes and the dtype only)
         xm = torch.empty((steps, batch, size), dtype=dtype, device="meta")
-        path = None
-        if size >= 1 and _C.rnn_input_panel_numel(MODES[mode], reset_after, hidden, size, str(dtype).split(".")[-1]):
-            path = _paths._projection_path(mode, _sizes(MODES[mode], reset_after, hidden, 0, batch, dtype),
-                                           _Seq(xm, None, False), torch.empty((rows, size), dtype=dtype, device="meta"),
-                                           dtype, hidden, 0, GATES[mode] * hidden * hidden)
+        path = _paths._projection_path(mode, _sizes(MODES[mode], reset_after, hidden, 0, batch, dtype),
+                                       _Seq(xm, None, False), torch.empty((rows, size), dtype=dtype, device="meta"),
+                                       dtype, hidden, 0, GATES[mode] * hidden * hidden)
         if len(_SEQ_PATHS) >= _rnn._SIZES_MAX:
             _SEQ_PATHS.clear()
         _SEQ_PATHS[key] = path
