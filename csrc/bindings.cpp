@@ -66,6 +66,8 @@ py::dict cpu_isa_report() {
   d["l3_bytes"] = cpu_l3_bytes();
   d["l3_streams_fast"] = cpu_l3_streams_fast();
   d["vendor"] = cpu_vendor();
+  d["family"] = cpu_family();
+  d["l2_outpaces_l3"] = cpu_l2_outpaces_l3();
   return d;
 }
 
@@ -1095,6 +1097,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("cpu_isa_report", &cpu_isa_report);
   m.def("set_cpu_l3_streams_fast", &set_cpu_l3_streams_fast);
+  m.def("set_cpu_l2_outpaces_l3", &set_cpu_l2_outpaces_l3);
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"), py::arg("all_threads") = false);
   m.def("cpu_isa_follow_default", &isa_follow_default);
   m.def("cuda_report", &cuda_report_dict);

@@ -183,6 +183,20 @@ bool cpu_l3_streams_fast() {
 
 void set_cpu_l3_streams_fast(int fast) { g_l3_streams_forced.store(fast < 0 ? -1 : fast != 0); }
 
+namespace {
+std::atomic<int> g_l2_outpaces_forced{-1};  // set_cpu_l2_outpaces_l3: -1 by cpuid, else 0 or 1
+}  // namespace
+
+bool cpu_l2_outpaces_l3() {
+  if (!cpu_l3_streams_fast()) return false;
+  const int forced = g_l2_outpaces_forced.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced != 0;
+  static const bool outpaces = cpu_vendor() == "AuthenticAMD" && cpu_family() >= 0x1A;
+  return outpaces;
+}
+
+void set_cpu_l2_outpaces_l3(int outpaces) { g_l2_outpaces_forced.store(outpaces < 0 ? -1 : outpaces != 0); }
+
 std::string cpu_vendor() {
 #if defined(__x86_64__) || defined(_M_X64)
   unsigned a, b, c, d;
@@ -196,6 +210,17 @@ std::string cpu_vendor() {
   }
 #endif
   return "";
+}
+
+int cpu_family() {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned a, b, c, d;
+  if (__get_cpuid(1, &a, &b, &c, &d)) {
+    const int base = static_cast<int>((a >> 8) & 0xF);
+    return base == 0xF ? base + static_cast<int>((a >> 20) & 0xFF) : base;
+  }
+#endif
+  return 0;
 }
 
 }  // namespace pyseqkern

@@ -166,12 +166,15 @@ L3_STREAMS_ENV = "PYSEQKERN_L3_STREAMS"
 
 
 def _apply_l3_streams_env() -> None:
-    """PYSEQKERN_L3_STREAMS=auto|fast|slow: which cache rules the recurrent layers follow (isa.h,
-    cpu_l3_streams_fast; docs/DESIGN.md "Caches by vendor"). auto: AMD's rules on AMD and Hygon cores,
-    the slow-L3 ones elsewhere; forcing them lets a CPU nobody measured be measured both ways. Read once
-    at import: the rules are read then."""
-    name = _env_choice(L3_STREAMS_ENV, ("auto", "fast", "slow"))
-    _C.set_cpu_l3_streams_fast({"auto": -1, "fast": 1, "slow": 0}[name])
+    """PYSEQKERN_L3_STREAMS=auto|fast|half|slow: which cache rules the recurrent layers follow (isa.h,
+    cpu_l3_streams_fast and cpu_l2_outpaces_l3; docs/DESIGN.md "Caches by vendor"). fast: Zen 3 and Zen
+    4's (the L3 streams near the L2's rate); half: Zen 5's (the L3 fast, at half the L2's rate); slow:
+    the slow-L3 ones; auto: by vendor and family. Forcing them lets a CPU nobody measured be measured
+    every way. Read once at import: the rules are read then."""
+    name = _env_choice(L3_STREAMS_ENV, ("auto", "fast", "half", "slow"))
+    fast, outpaces = {"auto": (-1, -1), "fast": (1, 0), "half": (1, 1), "slow": (0, -1)}[name]
+    _C.set_cpu_l3_streams_fast(fast)
+    _C.set_cpu_l2_outpaces_l3(outpaces)
 
 
 _apply_l3_streams_env()
@@ -303,7 +306,9 @@ def backend_info() -> dict:
             "threads": torch.get_num_threads(),
             "thread_pool": _C.thread_backend(),
             "vendor": isa["vendor"],
+            "family": int(isa["family"]),
             "l3_streams_fast": bool(isa["l3_streams_fast"]),
+            "l2_outpaces_l3": bool(isa["l2_outpaces_l3"]),
             "fp32_gemm": FP32_GEMM,
         },
         "cuda": dict(_cuda_info(build), rnn_paths=dict(CUDA_RNN_PATHS)),

@@ -6,6 +6,14 @@ import json
 import sys
 
 
+def _cache_rules(cpu: dict) -> str:
+    if not cpu["l3_streams_fast"]:
+        return "slow-L3 (not AMD or Hygon; measured on Intel server cores)"
+    if cpu["l2_outpaces_l3"]:
+        return "Zen 5's (the L3 streams fast, at half the L2's rate)"
+    return "AMD's (the L3 streams near the L2's rate)"
+
+
 def format_info(info: dict) -> str:
     cpu, cuda, fb = info["cpu"], info["cuda"], info["reference_fallback"]
     lines = [
@@ -15,10 +23,10 @@ def format_info(info: dict) -> str:
         f"      best here: {cpu['isa_best']}; CPU supports: {', '.join(cpu['isa_supported'])}; "
         f"compiled: {', '.join(cpu['isa_compiled'])}",
         f"      threads: {cpu['threads']} (torch.get_num_threads()), on {cpu['thread_pool']}",
-        f"      vendor: {cpu['vendor'] or 'unknown'}; torch's float32 GEMMs for recurrent layers: "
+        f"      vendor: {cpu['vendor'] or 'unknown'} (family {cpu['family']:#x}); "
+        "torch's float32 GEMMs for recurrent layers: "
         + ("MKL's mm" if cpu["fp32_gemm"] == "mkl" else "oneDNN's linear"),
-        "      cache rules: " + ("AMD's (the L3 streams near the L2's rate)" if cpu["l3_streams_fast"]
-                                 else "slow-L3 (not AMD or Hygon; measured on Intel server cores)"),
+        "      cache rules: " + _cache_rules(cpu),
     ]
     if cuda["compiled"]:
         lines.append(f"CUDA  compiled: yes (toolkit {cuda['toolkit']}, archs {', '.join(cuda['archs'])})")

@@ -33,6 +33,7 @@ def test_keys_and_values():
     assert cpu["vector_bits"] in (128, 256, 512)
     assert isinstance(cpu["vendor"], str) and cpu["fp32_gemm"] in ("onednn", "mkl")
     assert isinstance(cpu["l3_streams_fast"], bool)  # (its rule: test_l3_streams_by_env)
+    assert isinstance(cpu["l2_outpaces_l3"], bool) and cpu["l3_streams_fast"] >= cpu["l2_outpaces_l3"]
     cuda = info["cuda"]
     assert set(cuda) >= {"compiled", "archs", "usable", "device", "reason"}
     assert cuda["usable"] == (cuda["reason"] is None)
@@ -211,12 +212,13 @@ def test_cuda_report_names_the_device():
     assert info["usable"] and torch.cuda.get_device_name() in info["device"]
 
 
-@pytest.mark.parametrize("value, fast", [("fast", True), (" Slow ", False), ("", None), ("auto", None)])
-def test_l3_streams_by_env(value, fast):
-    """PYSEQKERN_L3_STREAMS forces the cache rules (fast: AMD's, slow: the slow-L3 ones) or leaves them to
-    the vendor; the recurrent layers' rules follow it, and a layer whose panels the forced rules treat
-    otherwise (LSTM H=256 at 8 rows: 2 MB of panels by rows or by units, each step or not) still gives
-    torch.nn's results."""
+@pytest.mark.parametrize("value, fast, outpaces", [("fast", True, False), (" Half", True, True),
+                                                   (" Slow ", False, False), ("", None, None), ("auto", None, None)])
+def test_l3_streams_by_env(value, fast, outpaces):
+    """PYSEQKERN_L3_STREAMS forces the cache rules (fast: Zen 3 and Zen 4's, half: Zen 5's, slow: the
+    slow-L3 ones) or leaves them to the vendor and family; the recurrent layers' rules follow it, and a
+    layer whose panels the forced rules treat otherwise (LSTM H=256 at 8 rows: 2 MB of panels by rows or
+    by units, each step or before the steps) still gives torch.nn's results."""
     code = """
 import json, torch, pyseqkern
 from pyseqkern.ops import rnn_paths
@@ -226,14 +228,16 @@ ours = pyseqkern.convert(torch.nn.LSTM(256, 256)); ours.load_state_dict(ref.stat
 x = torch.randn(9, 8, 256)
 with torch.no_grad():
     err = (ours(x)[0] - ref(x)[0]).abs().max().item()
-print(json.dumps([pyseqkern.backend_info()["cpu"], rnn_paths._EACH_STEP_L2S, rnn_paths._RIDE_L3_SHARE, err]))
+print(json.dumps([pyseqkern.backend_info()["cpu"], rnn_paths._EACH_STEP_L2S, rnn_paths._RIDE_L3_SHARE,
+                  rnn_paths._L2_OUTPACES_L3, err]))
 """
     proc = run_python(code, PYSEQKERN_L3_STREAMS=value)
     assert proc.returncode == 0, proc.stderr
-    cpu, each_step_l2s, ride_share, err = json.loads(proc.stdout)
+    cpu, each_step_l2s, ride_share, paths_outpace, err = json.loads(proc.stdout)
     if fast is None:
         fast = cpu["vendor"] in ("AuthenticAMD", "HygonGenuine")
-    assert cpu["l3_streams_fast"] == fast
+        outpaces = cpu["vendor"] == "AuthenticAMD" and cpu["family"] >= 0x1A
+    assert cpu["l3_streams_fast"] == fast and cpu["l2_outpaces_l3"] == paths_outpace == outpaces
     assert (each_step_l2s, ride_share) == ((2, 0.5) if fast else (0.5, 0.0))
     assert err < 1e-5
 
@@ -241,4 +245,4 @@ print(json.dumps([pyseqkern.backend_info()["cpu"], rnn_paths._EACH_STEP_L2S, rnn
 def test_unknown_l3_streams_is_a_clear_error():
     proc = run_python("import pyseqkern", PYSEQKERN_L3_STREAMS="quick")
     assert proc.returncode != 0
-    assert "PYSEQKERN_L3_STREAMS='quick'" in proc.stderr and "['auto', 'fast', 'slow']" in proc.stderr
+    assert "PYSEQKERN_L3_STREAMS='quick'" in proc.stderr and "['auto', 'fast', 'half', 'slow']" in proc.stderr

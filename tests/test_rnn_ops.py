@@ -1080,6 +1080,63 @@ def test_each_step_budget_where_the_tile_unit_projects_before_the_steps(monkeypa
     assert rnn_paths._EACH_STEP_TILE_L2S < 0.45 <= rnn_paths._EACH_STEP_L2S or rnn_paths._L3_STREAMS_FAST
 
 
+@pytest.mark.parametrize("outpaces", [False, True])
+@pytest.mark.parametrize("share", [0.8, 0.95, 1.5])
+@pytest.mark.parametrize("B", [2, 8, 9, 32])
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_each_step_room_where_the_l2_outpaces_the_l3(monkeypatch, mode, B, share, outpaces):
+    """Where the L2 streams at twice the L3's rate (rnn_paths._L2_OUTPACES_L3: Zen 5), a sequence whose
+    threads' shares of both panels pass _EACH_STEP_L2_ROOM of their L2s projects before the steps at
+    _EACH_STEP_STREAM_ROWS rows a step or fewer, and each step above (measured, rnn_paths.py); within
+    the room, or where the L2 does not outpace the L3, each step within _EACH_STEP_L2S L2s."""
+    monkeypatch.setattr(ops._backend, "FP32_GEMM", "onednn")
+    monkeypatch.setattr(rnn_paths, "_projects_on_tile", lambda sizes, x2d: False)
+    monkeypatch.setattr(rnn_paths, "_L3_STREAMS_FAST", True)
+    monkeypatch.setattr(rnn_paths, "_EACH_STEP_L2S", 2)
+    monkeypatch.setattr(rnn_paths, "_L2_OUTPACES_L3", outpaces)
+    H = I = 32
+    T, G = 9, ops.GATES[mode]
+    x2d = torch.empty((T * B, I), device="meta")
+    seq = rnn_seq._Seq(torch.empty((T, B, I), device="meta"), None, False)
+    sizes = ops._sizes(ops.MODES[mode], True, H, 0, B, torch.float32)
+    monkeypatch.setattr(rnn_paths, "_L2_BYTES", int(G * H * (I + H) * 4 / (share * rnn_paths._PATH_THREADS)))
+    path = rnn_paths._projection_path(mode, sizes, seq, x2d, torch.float32, H, 0, G * H * H)
+    rows_fit = B <= rnn_paths._EACH_STEP_MAX_ROWS[mode]
+    before = outpaces and share > rnn_paths._EACH_STEP_L2_ROOM and B <= rnn_paths._EACH_STEP_STREAM_ROWS
+    assert path == (rows_fit and not before, False)
+    assert 0.8 < rnn_paths._EACH_STEP_L2_ROOM < 0.95 and 2 <= rnn_paths._EACH_STEP_STREAM_ROWS < 9  # (cases straddle)
+
+
+@pytest.mark.parametrize("mode, lengths, fill", [
+    ("lstm", None, 0.9), ("lstm", [9, 8, 6, 5, 4, 2, 2, 1], 0.9), ("gru", None, 0.8), ("rnn_tanh", None, 0.95)])
+@pytest.mark.parametrize("each_step", [False, True])
+def test_split_where_the_l2_outpaces_the_l3_gives_the_same_bits(monkeypatch, mode, lengths, fill, each_step):
+    """Where the L2 outpaces the L3 (isa.h, cpu_l2_outpaces_l3: Zen 5), the forward's threads own unit
+    blocks instead of rows at fewer than 8 rows a thread when the panel a thread would stream passes three
+    quarters of its L2 (rnn_fwd.cpp). Split either way (forced both ways with the fast-L3 rules, the L2
+    as the OS reports it), an 8-row sequence whose recurrent panel (projected before the steps) or both
+    panels (each step) fill `fill` of the L2 gives the same bits at 1, 2 and 3 threads, and meets the
+    float64 reference."""
+    G = ops.GATES[mode]
+    l2 = ops._backend._C.cpu_isa_report()["l2_bytes"]
+    # (each step: both panels, H = I; before the steps: the recurrent one)
+    H = int((fill * l2 / (G * 4 * (2 if each_step else 1))) ** 0.5)
+    I = H if each_step else 13
+    spy = ProjectingSpy(monkeypatch, each_step=each_step)
+    monkeypatch.setattr(rnn_paths, "_projects_each_step", lambda *args: each_step)
+    x, bs, t = make_case(mode, 0, torch.float32, T=9, B=8, I=I, H=H, lengths=lengths)
+    runs = []
+    try:
+        for outpaces in (0, 1):
+            ops._backend._C.set_cpu_l3_streams_fast(1)
+            ops._backend._C.set_cpu_l2_outpaces_l3(outpaces)
+            runs += inference_runs(x, bs, t, mode, False, True, (2, 1, 3))
+    finally:
+        ops._backend._apply_l3_streams_env()
+    assert spy.each_step == (6 if each_step else 0) and spy.taken == 6
+    assert_runs_meet_reference(runs, mode, x, bs, t, False, True, False)
+
+
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
 @pytest.mark.parametrize("mode, B", [("lstm", 1), ("lstm", 3), ("lstm", 4), ("lstm", 9), ("gru", 9)])
 def test_mkl_projects_lstm_sequences_from_four_rows(monkeypatch, mode, B, gemm):

@@ -1068,12 +1068,21 @@ void forward_variant(const RnnFwdParams& p) {
   // H=224 (1.6 MB) 1.12 -> 1.26x; GRU H=256 (1.5 MB) packed B=32 (lengths 100..10) 1.45 -> 1.66x, padded
   // B=8 / 32 2.04 / 1.61 -> 2.06 / 1.58x; LSTM H=208 (1.4 MB) B=8 / 32 1.19 / 1.01 -> 1.16 / 0.94x.
   const int64_t l2_rows = cpu_l3_streams_fast() ? cpu_l2_bytes() : cpu_l2_bytes() / 2;
+  // Where the L2 streams at twice the L3's rate (cpu_l2_outpaces_l3: Zen 5), a thread's whole panel past
+  // three quarters of the L2 comes back from the L3 every step, while split by units each thread reads
+  // its half from the L2: rows then only where each thread has kStreamHidingRows rows or more, enough
+  // products to hide that stream. On the 2-vCPU Zen 5 (1 MB L2), in-process, 11-13 alternations, time
+  // by units / by rows, LSTM H=256 projected before the steps (1 MB recurrent panel): (100,8,256) 0.95,
+  // packed B=8 (lengths 100..10) 0.85; B=16 1.02, B=32 1.05 (rows kept).
+  constexpr int64_t kStreamHidingRows = 8;
+  const bool stream_hidden = !cpu_l2_outpaces_l3() || B >= kStreamHidingRows * by_rows;
+  auto rows_keep = [&](int64_t bytes) { return 4 * bytes <= 3 * cpu_l2_bytes() || stream_hidden; };
   const bool fused_rows =
-      by_rows > 1 && panel_bytes + in_bytes <= l2_rows &&
+      by_rows > 1 && panel_bytes + in_bytes <= l2_rows && rows_keep(panel_bytes + in_bytes) &&
       2 * by_rows * tile_passes<VAR>(busiest_rows<gates_of<VAR>()>(B, by_rows)) <=
           3 * tile_passes<VAR>(B);
   c.split_rows = by_rows > 1 && (p.x == nullptr || p.x_gates_buf != nullptr || fused_rows) &&
-                 panel_bytes <= l2_rows;
+                 panel_bytes <= l2_rows && rows_keep(panel_bytes);
   if (c.split_rows) nt = by_rows;
   // With rows split, and both panels in half a core's L2 (an RNN at H=256: 512 KB), each thread also
   // projects its own rows (every unit) before the steps: the steps then read only x_gates their own

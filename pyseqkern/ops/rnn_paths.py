@@ -125,6 +125,21 @@ _MKL_PROJECTS_LSTM_FROM = 4
 # -> 1.53x, (100,32,512) 1.45 -> 1.62x. A quarter (H=256 out too) lost GRU (100,8,256) 2.15 -> 1.84x,
 # the rest within noise.
 _EACH_STEP_L2S = 2 if _L3_STREAMS_FAST else 0.5
+# That budget was measured on Zen 3 and Zen 4, whose L2 streams little faster than their L3 (a Zen 4 core:
+# 96-108 GB/s from its L2, 82-89 from its L3). A Zen 5 core (_L2_OUTPACES_L3) streams its L2 at twice its
+# L3's rate and multiplies-adds twice as fast, so there steps of few rows, bound by the stream of both
+# panels from the L3, lose to a projection before the steps, whose steps stream W_hh alone: a thread's
+# share of both panels past _EACH_STEP_L2_ROOM of its L2 (no room left for the rows and the states)
+# projects before the steps at _EACH_STEP_STREAM_ROWS rows a step or fewer. In-process on a 2-vCPU Zen 5
+# (1 MB L2), 11-15 alternations, time before the steps / each step, float32 (T, B, H): LSTM (100,B,256)
+# B = 2 / 4 / 8: 0.81 / 0.92 / 0.98 (by units, rnn_fwd.cpp's split there: 0.92-0.95), LSTM (100,8,288)
+# 0.94, GRU (100,8,320) 0.98, (100,8,384) 0.97, RNN (100,8,512) 0.97. From 16 rows it is within noise
+# (LSTM (100,32,256) 0.94-1.05 over five runs) and each step wins where W_hh's share passes half the L2
+# (GRU (100,32,320) 1.04-1.05, (100,32,384) 1.05, LSTM (100,32,288) 1.02-1.03). docs/DESIGN.md, "Zen 5's
+# L2 outpaces its L3".
+_L2_OUTPACES_L3 = bool(_CPU["l2_outpaces_l3"])  # (isa.h: Zen 5, by cpuid; never without _L3_STREAMS_FAST)
+_EACH_STEP_L2_ROOM = 0.875
+_EACH_STEP_STREAM_ROWS = 8
 # Where the projection before the steps runs on the tile unit (the amx level, float32, 32 rows or more:
 # sizes[6], stop 52), it costs a few percent of what each step's FMA projection does, and a step that
 # streams only W_hh gains over one that streams both panels sooner: a thread's share of both panels stays
@@ -155,7 +170,13 @@ def _projects_each_step(mode, x2d, seq, hidden, proj, read, tile=False):
     if rows > _EACH_STEP_MAX_ROWS[mode] and not x2d.shape[1] <= min(_EACH_STEP_THIN_INPUT, hidden):
         return False
     budget = _EACH_STEP_TILE_L2S if tile else _EACH_STEP_L2S
-    return read + GATES[mode] * hidden * hidden * x2d.element_size() <= budget * _L2_BYTES * _PATH_THREADS
+    recurrent = GATES[mode] * hidden * hidden * x2d.element_size()
+    l2s = _L2_BYTES * _PATH_THREADS
+    if read + recurrent > budget * l2s:
+        return False
+    # (Zen 5: both panels' shares past the L2's room, few rows a step, project before the steps; above)
+    return not (_L2_OUTPACES_L3 and not tile and read + recurrent > _EACH_STEP_L2_ROOM * l2s
+                and rows <= _EACH_STEP_STREAM_ROWS)
 
 
 def _projects_on_tile(sizes, x2d):

@@ -56,8 +56,25 @@ bool cpu_l3_streams_fast();
 // Python layer at import, before any kernel runs (the rules it steers are read then too).
 void set_cpu_l3_streams_fast(int fast);
 
+// Whether a core streams from its L2 at about twice its L3's rate, where the L3 is fast too (AMD family
+// 1Ah, Zen 5, one core of a 2-vCPU EPYC: 205-270 GB/s from 128-768 KB, 172 at 900 KB, 140 at 1 MB, 119-125
+// from 1.5-8 MB; a Zen 4's L2 streamed little faster than its L3, above). There a panel streamed every step
+// from the L3 costs twice what it costs from the L2, so the kernels keep a thread's share within the L2
+// where a split allows it (rnn_fwd.cpp, the threads' split; ops/rnn_paths.py, projecting each step). By
+// vendor and family, as above. Never where cpu_l3_streams_fast() is false.
+bool cpu_l2_outpaces_l3();
+// Forces it (1 or 0) or returns it to the cpuid rule (-1): for measuring both ways in one process (the
+// forward's split reads it each call; the Python layer's rules read it at import). The split it steers
+// gives the same bits either way.
+void set_cpu_l2_outpaces_l3(int outpaces);
+
 // cpuid's vendor string ("GenuineIntel", "AuthenticAMD", ...), empty off x86. The Python layer picks
 // torch's float32 GEMM by it (ops/rnn_gemms.py: MKL's sgemm is fast on Intel's cores and slow on AMD's).
 std::string cpu_vendor();
+
+// cpuid's display family (base family, plus the extended family where the base is 0xF: 0x19 for Zen 3
+// and Zen 4, 0x1A for Zen 5), 0 off x86. The Python layer's cache rules tell AMD's generations apart by
+// it (ops/rnn_paths.py, _L2_OUTPACES_L3): by cpuid, not a probe, for the reason above.
+int cpu_family();
 
 }  // namespace pyseqkern
