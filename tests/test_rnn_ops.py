@@ -1107,24 +1107,28 @@ def test_each_step_room_where_the_l2_outpaces_the_l3(monkeypatch, mode, B, share
     assert 0.8 < rnn_paths._EACH_STEP_L2_ROOM < 0.95 and 2 <= rnn_paths._EACH_STEP_STREAM_ROWS < 9  # (cases straddle)
 
 
-@pytest.mark.parametrize("mode, lengths, fill", [
-    ("lstm", None, 0.9), ("lstm", [9, 8, 6, 5, 4, 2, 2, 1], 0.9), ("gru", None, 0.8), ("rnn_tanh", None, 0.95)])
+@pytest.mark.parametrize("mode, lengths, fill, dtype", [
+    ("lstm", None, 0.9, torch.float32), ("lstm", [9, 8, 6, 5, 4, 2, 2, 1], 0.9, torch.float32),
+    ("gru", None, 0.8, torch.float32), ("rnn_tanh", None, 0.95, torch.float32), ("lstm", None, 0.9, torch.bfloat16)])
 @pytest.mark.parametrize("each_step", [False, True])
-def test_split_where_the_l2_outpaces_the_l3_gives_the_same_bits(monkeypatch, mode, lengths, fill, each_step):
+def test_split_where_the_l2_outpaces_the_l3_gives_the_same_bits(monkeypatch, isa, mode, lengths, fill, dtype,
+                                                                 each_step):
     """Where the L2 outpaces the L3 (isa.h, cpu_l2_outpaces_l3: Zen 5), the forward's threads own unit
     blocks instead of rows at fewer than 8 rows a thread when the panel a thread would stream passes three
     quarters of its L2 (rnn_fwd.cpp). Split either way (forced both ways with the fast-L3 rules, the L2
     as the OS reports it), an 8-row sequence whose recurrent panel (projected before the steps) or both
-    panels (each step) fill `fill` of the L2 gives the same bits at 1, 2 and 3 threads, and meets the
-    float64 reference."""
+    panels (each step) fill `fill` of the L2 gives the same bits at 1, 2 and 3 threads, at every level,
+    and meets the float64 reference (bfloat16 by the 2x-torch rule; it has an input panel where the
+    level has bfloat16 dot products, elsewhere torch projects)."""
     G = ops.GATES[mode]
     l2 = ops._backend._C.cpu_isa_report()["l2_bytes"]
-    # (each step: both panels, H = I; before the steps: the recurrent one)
-    H = int((fill * l2 / (G * 4 * (2 if each_step else 1))) ** 0.5)
-    I = H if each_step else 13
+    # (each step: both panels, H = I; before the steps: the recurrent one; bfloat16 as pairs, 2 bytes)
+    H = int((fill * l2 / (G * dtype.itemsize * (2 if each_step else 1))) ** 0.5) // 2 * 2
+    I = H if each_step else 14
     spy = ProjectingSpy(monkeypatch, each_step=each_step)
+    monkeypatch.setattr(rnn_paths, "_TORCH_PROJECTS_BF16_ON", frozenset())
     monkeypatch.setattr(rnn_paths, "_projects_each_step", lambda *args: each_step)
-    x, bs, t = make_case(mode, 0, torch.float32, T=9, B=8, I=I, H=H, lengths=lengths)
+    x, bs, t = make_case(mode, 0, dtype, T=9, B=8, I=I, H=H, lengths=lengths)
     runs = []
     try:
         for outpaces in (0, 1):
@@ -1133,8 +1137,9 @@ def test_split_where_the_l2_outpaces_the_l3_gives_the_same_bits(monkeypatch, mod
             runs += inference_runs(x, bs, t, mode, False, True, (2, 1, 3))
     finally:
         ops._backend._apply_l3_streams_env()
-    assert spy.each_step == (6 if each_step else 0) and spy.taken == 6
-    assert_runs_meet_reference(runs, mode, x, bs, t, False, True, False)
+    panel = dtype == torch.float32 or isa in BF16_DOT_LEVELS
+    assert spy.each_step == (6 if each_step and panel else 0) and spy.taken == (6 if panel else 0)
+    assert_runs_meet_reference(runs, mode, x, bs, t, False, True, dtype == torch.bfloat16)
 
 
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
