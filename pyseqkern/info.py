@@ -7,6 +7,7 @@ import sys
 
 
 def _cache_rules(cpu: dict) -> str:
+    """Which of the recurrent layers' cache rules apply (docs/DESIGN.md, "Caches by vendor")."""
     if not cpu["l3_streams_fast"]:
         return "slow-L3 (not AMD or Hygon; measured on Intel server cores)"
     if cpu["l2_outpaces_l3"]:
@@ -23,7 +24,8 @@ def format_info(info: dict) -> str:
         f"      best here: {cpu['isa_best']}; CPU supports: {', '.join(cpu['isa_supported'])}; "
         f"compiled: {', '.join(cpu['isa_compiled'])}",
         f"      threads: {cpu['threads']} (torch.get_num_threads()), on {cpu['thread_pool']}",
-        f"      vendor: {cpu['vendor'] or 'unknown'} (family {cpu['family']:#x}); "
+        f"      vendor: {cpu['vendor'] or 'unknown'}"
+        + (f" (family {cpu['family']:X}h)" if cpu["family"] else "") + "; "
         "torch's float32 GEMMs for recurrent layers: "
         + ("MKL's mm" if cpu["fp32_gemm"] == "mkl" else "oneDNN's linear"),
         "      cache rules: " + _cache_rules(cpu),

@@ -34,6 +34,7 @@ def test_keys_and_values():
     assert isinstance(cpu["vendor"], str) and cpu["fp32_gemm"] in ("onednn", "mkl")
     assert isinstance(cpu["l3_streams_fast"], bool)  # (its rule: test_l3_streams_by_env)
     assert isinstance(cpu["l2_outpaces_l3"], bool) and cpu["l3_streams_fast"] >= cpu["l2_outpaces_l3"]
+    assert isinstance(cpu["family"], int) and cpu["family"] >= 0
     cuda = info["cuda"]
     assert set(cuda) >= {"compiled", "archs", "usable", "device", "reason"}
     assert cuda["usable"] == (cuda["reason"] is None)
@@ -189,6 +190,19 @@ def test_info_module_prints_readably_and_as_json():
     proc = subprocess.run([sys.executable, "-m", "pyseqkern.info", "--json"], capture_output=True, text=True,
                           timeout=120, cwd=tempfile.gettempdir())
     assert json.loads(proc.stdout)["version"] == pyseqkern.__version__
+
+
+def test_info_names_the_cache_rules_and_the_family():
+    """python -m pyseqkern.info names which cache rules the recurrent layers follow (the report's two flags)
+    and the cpuid family in the form AMD documents it (1Ah), none where cpuid gave none."""
+    from pyseqkern import info
+    rules = [info._cache_rules({"l3_streams_fast": fast, "l2_outpaces_l3": outpaces})
+             for fast, outpaces in ((False, False), (True, False), (True, True))]
+    assert rules[0].startswith("slow-L3") and rules[1].startswith("AMD's") and rules[2].startswith("Zen 5's")
+    report = pyseqkern.backend_info()
+    for family, shown in ((0x1A, "(family 1Ah)"), (0, None)):
+        text = info.format_info(dict(report, cpu=dict(report["cpu"], family=family)))
+        assert (shown in text) if shown else ("family" not in text)
 
 
 @pytest.mark.parametrize("archs, cap, runs", [

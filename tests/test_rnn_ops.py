@@ -25,8 +25,8 @@ from pyseqkern.ops import rnn_paths
 from pyseqkern.ops import rnn_scratch
 from pyseqkern.ops import rnn_seq
 from pyseqkern.reference import rnn as ref
-from helpers import (BF16_DOT_LEVELS, assert_bitwise_equal, assert_close_to_ref, assert_within_torch_error, randn,
-                     runnable_levels, strided)
+from helpers import (BF16_DOT_LEVELS, assert_bitwise_equal, assert_close_to_ref, assert_matches,
+                     assert_within_torch_error, randn, runnable_levels, strided)
 
 SUPPORTED = runnable_levels()  # the CPU runs them and the build has them
 # (mode, proj, reset_after): every kernel variant
@@ -1107,39 +1107,79 @@ def test_each_step_room_where_the_l2_outpaces_the_l3(monkeypatch, mode, B, share
     assert 0.8 < rnn_paths._EACH_STEP_L2_ROOM < 0.95 and 2 <= rnn_paths._EACH_STEP_STREAM_ROWS < 9  # (cases straddle)
 
 
-@pytest.mark.parametrize("mode, lengths, fill, dtype", [
-    ("lstm", None, 0.9, torch.float32), ("lstm", [9, 8, 6, 5, 4, 2, 2, 1], 0.9, torch.float32),
-    ("gru", None, 0.8, torch.float32), ("rnn_tanh", None, 0.95, torch.float32), ("lstm", None, 0.9, torch.bfloat16)])
-@pytest.mark.parametrize("each_step", [False, True])
-def test_split_where_the_l2_outpaces_the_l3_gives_the_same_bits(monkeypatch, isa, mode, lengths, fill, dtype,
-                                                                 each_step):
-    """Where the L2 outpaces the L3 (isa.h, cpu_l2_outpaces_l3: Zen 5), the forward's threads own unit
-    blocks instead of rows at fewer than 8 rows a thread when the panel a thread would stream passes three
-    quarters of its L2 (rnn_fwd.cpp). Split either way (forced both ways with the fast-L3 rules, the L2
-    as the OS reports it), an 8-row sequence whose recurrent panel (projected before the steps) or both
-    panels (each step) fill `fill` of the L2 gives the same bits at 1, 2 and 3 threads, at every level,
-    and meets the float64 reference (bfloat16 by the 2x-torch rule; it has an input panel where the
-    level has bfloat16 dot products, elsewhere torch projects)."""
-    G = ops.GATES[mode]
+def _fill_hidden(mode, dtype, isa, fill, both):
+    """A hidden size (even) whose panel as the kernel stores it (bfloat16 as pairs where the level has
+    bfloat16 dot products, else float32) fills `fill` of a core's L2: both panels at I = H where the
+    kernel projects each step (`both`), else the recurrent one."""
+    size = 2 if dtype == torch.bfloat16 and isa in BF16_DOT_LEVELS else 4
     l2 = ops._backend._C.cpu_isa_report()["l2_bytes"]
-    # (each step: both panels, H = I; before the steps: the recurrent one; bfloat16 as pairs, 2 bytes)
-    H = int((fill * l2 / (G * dtype.itemsize * (2 if each_step else 1))) ** 0.5) // 2 * 2
-    I = H if each_step else 14
-    spy = ProjectingSpy(monkeypatch, each_step=each_step)
-    monkeypatch.setattr(rnn_paths, "_TORCH_PROJECTS_BF16_ON", frozenset())
-    monkeypatch.setattr(rnn_paths, "_projects_each_step", lambda *args: each_step)
-    x, bs, t = make_case(mode, 0, dtype, T=9, B=8, I=I, H=H, lengths=lengths)
-    runs = []
+    return int((fill * l2 / (ops.GATES[mode] * size * (2 if both else 1))) ** 0.5) // 2 * 2
+
+
+def _both_l2_rules(fn):
+    """fn() under the fast-L3 rules with the L2 outpacing the L3 off, then on (isa.h); the rules of the
+    environment after."""
+    outs = []
     try:
         for outpaces in (0, 1):
             ops._backend._C.set_cpu_l3_streams_fast(1)
             ops._backend._C.set_cpu_l2_outpaces_l3(outpaces)
-            runs += inference_runs(x, bs, t, mode, False, True, (2, 1, 3))
+            outs.append(fn())
     finally:
         ops._backend._apply_l3_streams_env()
+    return outs
+
+
+# B: rows the threads would own at 2 threads (GRU's 8-row tiles take 4-row halves by rows only from 12 rows;
+# RNN's each-step tiles never split 8 rows: that case checks that the rule changes nothing there).
+@pytest.mark.parametrize("mode, B, lengths, fill, dtype", [
+    ("lstm", 8, None, 0.9, torch.float32), ("lstm", 8, [9, 8, 6, 5, 4, 2, 2, 1], 0.9, torch.float32),
+    ("gru", 12, None, 0.8, torch.float32), ("rnn_tanh", 8, None, 0.95, torch.float32),
+    ("lstm", 8, None, 0.9, torch.bfloat16)])
+@pytest.mark.parametrize("each_step", [False, True])
+def test_split_where_the_l2_outpaces_the_l3_gives_the_same_bits(monkeypatch, isa, mode, B, lengths, fill, dtype,
+                                                                 each_step):
+    """Where the L2 outpaces the L3 (isa.h, cpu_l2_outpaces_l3: Zen 5), the forward's threads own unit
+    blocks instead of rows below 8 rows a thread (of the batch) when the panel a thread would
+    stream passes three quarters of its L2 (rnn_fwd.cpp). Split either way (forced both ways with the
+    fast-L3 rules, the L2 as the OS reports it), a sequence of B rows whose recurrent panel (projected
+    before the steps) or both panels (each step) fill `fill` of the L2 gives the same bits at 1, 2 and 3
+    threads, at every level, and meets the float64 reference (bfloat16 by the 2x-torch rule; it has an
+    input panel where the level has bfloat16 dot products, elsewhere torch projects)."""
     panel = dtype == torch.float32 or isa in BF16_DOT_LEVELS
+    H = _fill_hidden(mode, dtype, isa, fill, each_step and panel)
+    I = H if each_step else 14
+    spy = ProjectingSpy(monkeypatch, each_step=each_step)
+    monkeypatch.setattr(rnn_paths, "_TORCH_PROJECTS_BF16_ON", frozenset())
+    monkeypatch.setattr(rnn_paths, "_projects_each_step", lambda *args: each_step)
+    x, bs, t = make_case(mode, 0, dtype, T=9, B=B, I=I, H=H, lengths=lengths)
+    runs = sum(_both_l2_rules(lambda: inference_runs(x, bs, t, mode, False, True, (2, 1, 3))), [])
     assert spy.each_step == (6 if each_step and panel else 0) and spy.taken == (6 if panel else 0)
     assert_runs_meet_reference(runs, mode, x, bs, t, False, True, dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_training_where_the_l2_outpaces_the_l3_gives_the_same_bits(mode):
+    """A training step (the recording forward, torch projecting below 32 rows, then the backward) of 8 rows
+    whose recurrent panel fills 90% of the L2 gives the same outputs and gradients bit for bit with the
+    L2 outpacing the L3 or not (the forward's threads by units or by rows, rnn_fwd.cpp), and meets the
+    float64 reference."""
+    H = _fill_hidden(mode, torch.float32, None, 0.9, False)
+    x, _, t = make_case(mode, 0, torch.float32, T=9, B=8, I=13, H=H)
+    g = randn((9, 8, H), seed=31)
+
+    def grads(fn, x, t):
+        x, t = x.detach().requires_grad_(), {k: v if v is None else v.detach().requires_grad_() for k, v in t.items()}
+        y = call(fn, mode, x, None, t, False, True)[0]
+        wrt = [x] + [v for v in t.values() if v is not None]
+        return [y.detach()] + list(torch.autograd.grad(y, wrt, g.to(y.dtype)))
+
+    runs = _both_l2_rules(lambda: grads(ops.rnn_layer, x, t))
+    exact = grads(ref.rnn_layer, x.double(), {k: None if v is None else v.double() for k, v in t.items()})
+    names = ["y", "x"] + [k for k, v in t.items() if v is not None]
+    for name, a, b, e in zip(names, runs[0], runs[1], exact):
+        assert_bitwise_equal(a, b, name=name)
+        assert_matches(a, e, name=f"{mode} {name}")  # (the suite's rule for float32 recurrent gradients)
 
 
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
