@@ -167,10 +167,10 @@ L3_STREAMS_ENV = "PYSEQKERN_L3_STREAMS"
 
 def _apply_l3_streams_env() -> None:
     """PYSEQKERN_L3_STREAMS=auto|fast|half|slow: which cache rules the recurrent layers follow (isa.h,
-    cpu_l3_streams_fast and cpu_l2_outpaces_l3; docs/DESIGN.md "Caches by vendor"). fast: Zen 3 and Zen
-    4's (the L3 streams near the L2's rate); half: Zen 5's (the L3 fast, at half the L2's rate); slow:
-    the slow-L3 ones; auto: by vendor and family. Forcing them lets a CPU nobody measured be measured
-    every way. Read once at import: the rules are read then."""
+    cpu_l3_streams_fast and cpu_l2_outpaces_l3; docs/DESIGN.md "Caches by vendor"). fast: those of AMD
+    before family 1Ah (Zen 3, Zen 4) and Hygon (the L3 streams near the L2's rate); half: Zen 5's (the L3
+    fast, at half the L2's rate); slow: the slow-L3 ones; auto: by vendor and family. Forcing them lets
+    a CPU nobody measured be measured every way. Read once at import: the rules are read then."""
     name = _env_choice(L3_STREAMS_ENV, ("auto", "fast", "half", "slow"))
     fast, outpaces = {"auto": (-1, -1), "fast": (1, 0), "half": (1, 1), "slow": (0, -1)}[name]
     _C.set_cpu_l3_streams_fast(fast)
