@@ -1073,7 +1073,8 @@ void forward_variant(const RnnFwdParams& p) {
   // its half from the L2: rows then only where each thread has kStreamHidingRows rows or more, enough
   // products to hide that stream. On the 2-vCPU Zen 5 (1 MB L2), in-process, 11-13 alternations, time
   // by units / by rows, LSTM H=256 projected before the steps (1 MB recurrent panel): (100,8,256) 0.95,
-  // packed B=8 (lengths 100..10) 0.85; B=16 1.02, B=32 1.05 (rows kept). By the batch (a packed batch's
+  // packed B=8 (lengths 100..10) about 0.83 (against each step: by units 0.86-0.87, by rows 1.01-1.04, in
+  // separate runs); B=16 1.02, B=32 1.05 (rows kept). By the batch (a packed batch's
   // first step), not the rows on average as rnn_paths._projects_each_step counts them: packed B=16 of
   // lengths 60..2 (8.3 rows a step on average) by rows 1.43-1.69 ms a call, by units 1.49-1.62.
   constexpr int64_t kStreamHidingRows = 8;
