@@ -1105,6 +1105,7 @@ def test_each_step_room_where_the_l2_outpaces_the_l3(monkeypatch, mode, B, share
     before = outpaces and share > rnn_paths._EACH_STEP_L2_ROOM and B <= rnn_paths._EACH_STEP_STREAM_ROWS
     assert path == (rows_fit and not before, False)
     assert 0.8 < rnn_paths._EACH_STEP_L2_ROOM < 0.95 and 2 <= rnn_paths._EACH_STEP_STREAM_ROWS < 9  # (cases straddle)
+    assert rnn_paths._EACH_STEP_TILE_L2S < rnn_paths._EACH_STEP_L2_ROOM  # (so the tile unit's budget never meets it)
 
 
 def _fill_hidden(mode, dtype, isa, fill, both):

@@ -174,9 +174,9 @@ def _projects_each_step(mode, x2d, seq, hidden, proj, read, tile=False):
     l2s = _L2_BYTES * _PATH_THREADS
     if read + recurrent > budget * l2s:
         return False
-    # (Zen 5: both panels' shares past the L2's room, few rows a step, project before the steps; above)
-    return not (_L2_OUTPACES_L3 and not tile and read + recurrent > _EACH_STEP_L2_ROOM * l2s
-                and rows <= _EACH_STEP_STREAM_ROWS)
+    # (Zen 5: both panels' shares past the L2's room, few rows a step, project before the steps; above. The
+    # tile unit's budget is below the room already.)
+    return not (_L2_OUTPACES_L3 and read + recurrent > _EACH_STEP_L2_ROOM * l2s and rows <= _EACH_STEP_STREAM_ROWS)
 
 
 def _projects_on_tile(sizes, x2d):
