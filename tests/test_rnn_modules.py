@@ -3373,3 +3373,109 @@ def test_projected_lstm_trains_within_twice_torchs_error(sizes, kw, T, B, seeds)
     assert got.keys() == want.keys()
     for n in want:
         assert_within_torch_error(got[n], same[n], want[n], name=n)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("steps", [1, 6])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("hx, batch_first, packed", [(False, False, None), (True, True, None),
+                                                     (True, False, "sorted"), (False, True, "unsorted")])
+def test_final_states_are_not_views_where_torch_nns_are_not(cls, layers, bidirectional, steps, grad, hx,
+                                                             batch_first, packed):
+    """Truncated backpropagation through time detaches the carried states in place between chunks
+    (`for h in hidden: h.detach_()`), which torch refuses on a view. One-layer, one-direction modules
+    returned h_n (and c_n) as an unsqueezed view of the layer's [B, H] result, so the idiom raised "Can't
+    detach views in-place" where torch.nn's runs, and inference outputs were views of the layer's rows
+    (`y.detach_()`; auditing helpers, stop 60). Wherever torch.nn's final states are not views, ours are
+    not, nor an inference output where torch.nn's is not (the same loop runs, three chunks with an
+    optimizer step each)."""
+    kw = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    theirs = seed_parameters(getattr(torch.nn, cls)(I, H, **kw), seed=610)
+    ours = getattr(pnn, cls)(I, H, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    D, batch = (2 if bidirectional else 1), 3
+
+    def chunk(k):
+        x = randn((batch, steps, I) if batch_first else (steps, batch, I), seed=620 + k)
+        if packed is None:
+            return x
+        lengths = [steps, max(1, steps - 2), 1] if packed == "sorted" else [1, steps, max(1, steps - 2)]
+        return pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first,
+                                    enforce_sorted=packed == "sorted")
+
+    def first_hidden():
+        if not hx:
+            return None
+        h = randn((layers * D, batch, H), seed=630)
+        return (h, randn((layers * D, batch, H), seed=631)) if cls == "LSTM" else h
+
+    for m in (theirs, ours):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        hidden = first_hidden()
+        for k in range(3):
+            with torch.set_grad_enabled(grad):
+                y, hidden = m(chunk(k), hidden)
+            states = hidden if isinstance(hidden, tuple) else (hidden,)
+            views = [s._base is not None for s in states]
+            if not grad:  # (a recorded output stays a view of the layer's rows: _rows_as)
+                views.append((y.data if packed else y)._base is not None)
+            if m is theirs:
+                torch_views = views
+            else:
+                # (torch.nn's batch_first LSTM output is a view, ours need not be)
+                assert not any(o and not t for o, t in zip(views, torch_views, strict=True)), \
+                    f"chunk {k}: views {views}, torch.nn's {torch_views}"
+            if grad:
+                (y.data if packed else y).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+            for s in states:
+                s.detach_()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("cls, layout", [(c, "coo") for c in ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")]
+                         + [(c, "csr") for c in ("LSTMCell", "GRUCell", "RNNCell")])  # (CSR holds 2-D values)
+@pytest.mark.parametrize("grad", [False, True])
+def test_sparse_inputs_and_states_run_as_dense_ones(cls, layout, grad):
+    """torch.nn's cells take a sparse input or state into their GEMMs, and its LSTM and RNN a sparse h_0;
+    ours passed them to the thin paths' checks, which failed inside torch ("unsupported memory format
+    option Contiguous", "Sparse CSR tensors do not have strides"; an auditing helper, stop 60). They now
+    run as their dense values: the same bits, and the gradients reach the sparse tensors (as to_dense's)."""
+    cell = cls.endswith("Cell")
+    ours = seed_parameters(getattr(pnn, cls)(I, H), seed=640)
+    to_sparse = (lambda t: t.to_sparse()) if layout == "coo" else (lambda t: t.to_sparse_csr())
+    x = randn((B, I) if cell else (T, B, I), seed=641)
+    h = randn((B, H) if cell else (1, B, H), seed=642, scale=0.5)
+    c = randn((B, H) if cell else (1, B, H), seed=643, scale=0.5)
+
+    def run(x, h, c):
+        with torch.set_grad_enabled(grad):
+            out = ours(x, (h, c) if cls.startswith("LSTM") else h)
+        return out if cell and not cls.startswith("LSTM") else out[0]
+
+    want = run(x, h, c)
+    sparse = [to_sparse(t).requires_grad_(grad) for t in (x, h, c)]
+    if not cell:  # (a layer takes a dense x, as torch.nn's: only its states go sparse)
+        sparse[0] = x
+    got = run(*sparse)
+    assert_bitwise_equal(got, want, "output")
+    if grad:
+        got.sum().backward()
+        dense = [t.detach().clone().requires_grad_() for t in (x, h, c)]
+        run(*dense).sum().backward()
+        for s, d, name in zip(sparse, dense, ("x", "h", "c")):
+            if s.layout is not torch.strided and (name != "c" or cls.startswith("LSTM")):
+                assert_bitwise_equal(s.grad.to_dense(), d.grad, f"gradient of the sparse {name}")
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell"])
+def test_nested_inputs_are_refused_by_name(cls):
+    """A nested tensor has no strided memory for the kernels: refused with a RuntimeError that names it and
+    says what to use (torch.nn raises a RuntimeError too: "dimension 1 is irregular")."""
+    m = getattr(pnn, cls)(I, H)
+    x = torch.nested.nested_tensor([randn((3, I), seed=650), randn((5, I), seed=651)])
+    with pytest.raises(RuntimeError, match="input is a nested tensor.*pack_sequence"):
+        m(x)

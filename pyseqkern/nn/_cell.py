@@ -12,6 +12,7 @@ from ..ops import rnn_thin as _thin
 
 
 CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_STRIDED = torch.strided
 
 
 def planned_parameters(module, names=CELL_PARAMETERS):
@@ -31,7 +32,7 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
     Returns the tuple of new states, shaped like the input (unbatched in, unbatched out)."""
     # Inference on planned parameters: straight to the kernel entry; where anything differs, the full
     # path below runs.
-    if type(input) is torch.Tensor and not torch.compiler.is_compiling():
+    if type(input) is torch.Tensor and input.layout is _STRIDED and not torch.compiler.is_compiling():
         params = planned_parameters(module)
         if params is not None:
             out = _thin.cell_fast(mode, reset_after, input, states, *params)
@@ -42,6 +43,10 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
         return out if mode == "lstm" else (out,)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+    input = _checks.dense(name, "input", input)
+    if states is not None:
+        labels = ["hx"] if len(states) == 1 else ["hx[0]", "hx[1]"]
+        states = tuple(_checks.dense(name, label, s) for label, s in zip(labels, states))
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     labels = ["hx"] if len(states or ()) == 1 else ["hx[0]", "hx[1]"]

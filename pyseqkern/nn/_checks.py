@@ -109,6 +109,30 @@ def cell_state_as_input(c0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return c0
 
 
+def dense(name: str, label: str, t):
+    """t as a strided tensor: a sparse one (COO, CSR, ...) made dense (differentiably), as torch.nn's cells
+    take a sparse input or state into their GEMMs, and its LSTM and RNN a sparse h_0; a nested tensor
+    refused by name. The kernels read strided memory: such tensors had reached the thin paths' checks and
+    failed inside torch ("unsupported memory format option Contiguous", "Sparse CSR tensors do not have
+    strides"; an auditing helper, stop 60). Anything else as it is, for the checks that follow."""
+    if not isinstance(t, torch.Tensor) or (t.layout is torch.strided and not t.is_nested):
+        return t
+    if t.is_nested:
+        raise RuntimeError(f"{name}: {label} is a nested tensor, which the recurrent layers do not take; pack "
+                           "sequences of different lengths with torch.nn.utils.rnn.pack_sequence")
+    return t.to_dense()
+
+
+def dense_states(name: str, hx, is_lstm: bool):
+    """hx with dense() applied to its tensors (a tuple stays a tuple, anything else as it is)."""
+    if isinstance(hx, torch.Tensor):
+        return dense(name, "hx", hx)
+    if (is_lstm and isinstance(hx, (tuple, list)) and len(hx) == 2
+            and any(isinstance(t, torch.Tensor) and (t.layout is not torch.strided or t.is_nested) for t in hx)):
+        return type(hx)(dense(name, f"hx[{i}]", t) for i, t in enumerate(hx))
+    return hx
+
+
 def split_lstm_hx(name: str, hx) -> tuple[torch.Tensor, torch.Tensor]:
     # torch indexes hx[0], hx[1] without looking, so a plain tensor there fails later with a message about
     # dimensions; say what is expected instead. A tuple of the wrong length is a RuntimeError in torch.nn.

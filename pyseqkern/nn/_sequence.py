@@ -111,7 +111,7 @@ def _decode_step(module, input, hx, reset_after):
     # caller may write in place (a mask on h_n), so ours are too.
     saved_out = x.requires_grad and mode.startswith("rnn")
     if layers == 1 and not saved_out:
-        return y.clone(), hs[0].unsqueeze(0), (cs[0].unsqueeze(0) if is_lstm else None)
+        return y.clone(), torch.stack(hs), (torch.stack(cs) if is_lstm else None)  # (not views: h_n.detach_())
     h_n, c_n = torch.stack(hs), (torch.stack(cs) if is_lstm else None)
     if x.requires_grad:  # (recorded steps: the next call's states carry each layer's loop on)
         _deferred.carry_stacked(hs, h_n)
@@ -183,6 +183,10 @@ def _parametrized_weights(module):
 def sequence_forward(module, input, hx, reset_after: bool = True):
     """Returns (output, h_n, c_n or None), output a PackedSequence when input is one."""
     planless = None  # (the layers' parameters where the thin sequence path wants plans made)
+    if isinstance(input, torch.Tensor) and (input.layout is not torch.strided or input.is_nested):
+        input = _checks.dense(_NAMES[module.mode], "input", input)
+    if hx is not None:
+        hx = _checks.dense_states(_NAMES[module.mode], hx, module.mode == "LSTM")
     if type(input) is torch.Tensor:
         step = _decode_step(module, input, hx, reset_after)
         if step is not None:
@@ -291,7 +295,7 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     if batch_sizes is not None:
         return PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices), h_n, c_n
     if module.batch_first:
-        y = y.transpose(0, 1)
+        y = y.transpose_(0, 1) if _rnn_ops.own_output(y) else y.transpose(0, 1)
     if not batched:
         y = y.squeeze(batch_dim)
         h_n = h_n.squeeze(1)

@@ -98,7 +98,9 @@ def run_layers(module, x, batch_sizes, h0, c0, reset_after: bool = True, weights
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
         if module.dropout != 0 and module.training and layer < module.num_layers - 1:
             layer_input = F.dropout(layer_input, module.dropout, training=True)
-    if one_step:
-        return layer_input.unsqueeze(0), torch.stack(h_n, 0), (torch.stack(c_n, 0) if mode == "lstm" else None)
-    stack = (lambda ts: ts[0].unsqueeze(0)) if len(h_n) == 1 else (lambda ts: torch.stack(ts, 0))
-    return layer_input, stack(h_n), (stack(c_n) if mode == "lstm" else None)
+    if one_step:  # (the states stacked first: a one-direction layer's output is its h)
+        h_n, c_n = torch.stack(h_n, 0), (torch.stack(c_n, 0) if mode == "lstm" else None)
+        return (layer_input.unsqueeze_(0) if _rnn_ops.own_output(layer_input) else layer_input.unsqueeze(0)), h_n, c_n
+    # (stacked copies even of one layer: an unsqueezed view could not be detached in place, h_n.detach_(),
+    # which torch.nn's h_n can; an auditing helper, stop 60)
+    return layer_input, torch.stack(h_n, 0), (torch.stack(c_n, 0) if mode == "lstm" else None)

@@ -627,17 +627,17 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         projected = _forward_projecting(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr)
         if projected is not None:
             y, h_n, c_n = projected
-            return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
+            return _rows_as(y, x), h_n, c_n
         chunks = _paths._chunks(seq, x2d, w_hh)
         if chunks:
             y, h_n, c_n = _forward_by_chunks(mode, reset_after, seq, x2d, h0c, c0c, w_ih, w_hh, b_ih, b_hh, w_hr,
                                              chunks)
-            return y.view(*x.shape[:-1], y.shape[-1]), h_n, c_n
+            return _rows_as(y, x), h_n, c_n
         code, hidden, proj, x_gates, b_hn, packed, x_bias = _prepare(mode, reset_after, x2d, w_ih, w_hh, b_ih, b_hh,
                                                                      w_hr, False, _proj_scratch())
         y, h_n, c_n, _ = _forward_impl(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn, h0c, c0c,
                                        packed, *seq.args(), False, x_bias)
-        return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
+        return _rows_as(y, x), h_n, (c_n if code == 0 else None)
     if not training and x2d.shape[0] and _plain_eager_cuda(x):
         # CUDA inference: the op route's calls (_RnnLayer.forward, then rnn_forward's CUDA impl) made
         # directly. The autograd.Function and the dispatcher's two round trips through Python were ~60% of
@@ -648,7 +648,7 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
                                                                      w_hr, False)
         y, h_n, c_n, _ = rnn_cuda._forward_cuda(code, reset_after, hidden, proj, seq.steps, seq.batch, x_gates, b_hn,
                                                 h0c, c0c, packed, *seq.args(), False, x_bias)
-        return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if code == 0 else None)
+        return _rows_as(y, x), h_n, (c_n if code == 0 else None)
     if (not training and x.shape[0] == 1 and batch_sizes is None and w_hr is None and x.is_cpu
             and torch.compiler.is_compiling() and not _is_exporting() and x.dtype in _DIRECT_DTYPES):
         # A compiled graph's inference step: one op reading the weights as they are (ops/rnn_direct.py).
@@ -663,8 +663,26 @@ def rnn_layer(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, revers
         return y.view(*x.shape[:-1], y.shape[-1]), h_n, (c_n if mode == "lstm" else None)
     y, h_n, c_n, _, _ = _apply(_RnnLayer, mode, bool(reset_after), seq, training, x2d, h0c, c0c, w_ih,
                                w_hh.contiguous(), b_ih, b_hh, None if w_hr is None else w_hr.contiguous())
-    y = y.view(*x.shape[:-1], y.shape[-1])
-    return y, h_n, c_n
+    return _rows_as(y, x), h_n, c_n
+
+
+def _rows_as(y, x):
+    """A layer's output rows y [N, H] shaped as x's rows: y itself where the shapes agree (packed rows), and
+    y resized in place where it is this call's own tensor that nothing records (inference, plain eager), so
+    that the module returns no view where torch.nn's output is none (`y.detach_()` raised "Can't detach
+    views in-place" there; an auditing helper, stop 60). A recorded output stays a view: autograd then
+    follows an in-place write to it into the saved rows (RNN's backward reads its output)."""
+    shape = (*x.shape[:-1], y.shape[-1])
+    if y.shape == shape:
+        return y
+    return y.resize_(shape) if own_output(y) and y.is_contiguous() else y.view(shape)
+
+
+def own_output(t) -> bool:
+    """Whether an output made in this call may be reshaped in place (resize_, transpose_, unsqueeze_) rather
+    than by a view: a plain tensor, no view, that autograd does not record (torch refuses `detach_()` on a
+    view, which torch.nn's outputs are not; an auditing helper, stop 60). The caller knows nothing else holds it."""
+    return type(t) is torch.Tensor and not t.requires_grad and t._base is None and _unobserved()
 
 
 # Folded biases for inference, cached like the packed weights (same rules: only when no gradient is

@@ -34,6 +34,8 @@ from .rnn_seq import _listable, _listed_seq, _Seq
 from .rnn_modes import GATES, MODES
 from .rnn_scratch import _cell_workspace, normal
 
+_STRIDED = torch.strided
+
 _C = _backend._C
 
 # Cells up to this batch project their input inside the kernel: at B=1, H=256 torch's GEMV of x W_ih^T
@@ -174,8 +176,9 @@ def cell_fast(mode, reset_after, x, states, w_ih, w_hh, b_ih, b_hh, spread=False
         if len(states) != (2 if plan.code == 0 else 1):
             return None
         h_t, c_t = states[0], states[-1]  # (c_t is h_t but for lstm)
-        if not (type(h_t) is torch.Tensor and h_t.shape == hs and h_t.dtype is dtype and h_t.is_cpu and (
-                c_t is h_t or type(c_t) is torch.Tensor and c_t.shape == hs and c_t.dtype is dtype and c_t.is_cpu)):
+        if not (type(h_t) is torch.Tensor and h_t.shape == hs and h_t.dtype is dtype and h_t.is_cpu
+                and h_t.layout is _STRIDED and (c_t is h_t or type(c_t) is torch.Tensor and c_t.shape == hs
+                                                and c_t.dtype is dtype and c_t.is_cpu and c_t.layout is _STRIDED)):
             return None
         h_t = h_t if h_t.is_contiguous() else h_t.contiguous()
         h = h_t.data_ptr()
@@ -379,7 +382,7 @@ def seq_fast(mode, reset_after, x, h0, c0, params, hidden, batch_first, batch_si
                           ws.data_ptr(), ws.numel(), 0 if buf is None else buf.data_ptr(),
                           0 if buf is None else buf.shape[0], threads, *seq_ptrs, direction == 1, D * hidden, last,
                           ring)
-    return (y.transpose(0, 1) if time_major_out else y), h_n, c_n
+    return (y.transpose_(0, 1) if time_major_out else y), h_n, c_n  # (in place: no view, as torch.nn's GRU)
 
 
 def make_seq_plans(mode, reset_after, params):
@@ -409,7 +412,8 @@ def cell_step_args(mode, x, states, w_ih, w_hh, b_ih, b_hh, here):
         if len(states) != (2 if mode == "lstm" else 1):
             return None
         for t in states:
-            if type(t) is not torch.Tensor or t.shape != (B, H) or t.dtype != dtype or not here(t):
+            if (type(t) is not torch.Tensor or t.shape != (B, H) or t.dtype != dtype or not here(t)
+                    or t.layout is not _STRIDED):
                 return None
         h = states[0].contiguous()
         c = states[1].contiguous() if mode == "lstm" else None
