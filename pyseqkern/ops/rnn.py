@@ -670,8 +670,9 @@ def _rows_as(y, x):
     """A layer's output rows y [N, H] shaped as x's rows: y itself where the shapes agree (packed rows), and
     y resized in place where it is this call's own tensor that nothing records (inference, plain eager), so
     that the module returns no view where torch.nn's output is none (`y.detach_()` raised "Can't detach
-    views in-place" there; an auditing helper, stop 60). A recorded output stays a view: autograd then
-    follows an in-place write to it into the saved rows (RNN's backward reads its output)."""
+    views in-place" there; an auditing helper, stop 60). A recorded output stays a view of the autograd.Function's
+    rows: reshaped without one it would cost a copy, or a Function whose output had the caller's shape (its vmap
+    rule and its compiled forms work on rows)."""
     shape = (*x.shape[:-1], y.shape[-1])
     if y.shape == shape:
         return y
