@@ -3474,8 +3474,15 @@ def test_sparse_inputs_and_states_run_as_dense_ones(cls, layout, grad):
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell"])
 def test_nested_inputs_are_refused_by_name(cls):
     """A nested tensor has no strided memory for the kernels: refused with a RuntimeError that names it and
-    says what to use (torch.nn raises a RuntimeError too: "dimension 1 is irregular")."""
+    says what to use (torch.nn raises a RuntimeError too: "dimension 1 is irregular"), before any call and
+    after inference calls have made the thin paths' plans (a cell's thin path had read its shape: "Internal
+    error: NestedTensorImpl doesn't support sizes")."""
     m = getattr(pnn, cls)(I, H)
     x = torch.nested.nested_tensor([randn((3, I), seed=650), randn((5, I), seed=651)])
     with pytest.raises(RuntimeError, match="input is a nested tensor.*pack_sequence"):
         m(x)
+    with torch.no_grad():
+        for _ in range(2):
+            m(randn((B, I) if cls.endswith("Cell") else (T, B, I), seed=652))
+        with pytest.raises(RuntimeError, match="input is a nested tensor.*pack_sequence"):
+            m(x)

@@ -32,7 +32,8 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
     Returns the tuple of new states, shaped like the input (unbatched in, unbatched out)."""
     # Inference on planned parameters: straight to the kernel entry; where anything differs, the full
     # path below runs.
-    if type(input) is torch.Tensor and input.layout is _STRIDED and not torch.compiler.is_compiling():
+    if (type(input) is torch.Tensor and input.layout is _STRIDED and not input.is_nested
+            and not torch.compiler.is_compiling()):
         params = planned_parameters(module)
         if params is not None:
             out = _thin.cell_fast(mode, reset_after, input, states, *params)
@@ -44,13 +45,11 @@ def cell_forward(module, name: str, mode: str, input, states, reset_after: bool 
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
     input = _checks.dense(name, "input", input)
-    if states is not None:
-        labels = ["hx"] if len(states) == 1 else ["hx[0]", "hx[1]"]
-        states = tuple(_checks.dense(name, label, s) for label, s in zip(labels, states))
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     labels = ["hx"] if len(states or ()) == 1 else ["hx[0]", "hx[1]"]
     if states is not None:
+        states = tuple(_checks.dense(name, label, s) for label, s in zip(labels, states))
         for label, s in zip(labels, states):
             if not isinstance(s, torch.Tensor):
                 raise TypeError(f"{name}: {label} must be a Tensor, got {type(s).__name__}")

@@ -123,6 +123,16 @@ def dense(name: str, label: str, t):
     return t.to_dense()
 
 
+def strided_states(hx) -> bool:
+    """Whether hx is a strided tensor or a pair of them, as nearly every call's is (the cheap test before
+    dense_states, which looks at anything else: ~0.1 us where it took 0.6 for an LSTM's pair)."""
+    if type(hx) is torch.Tensor:
+        return hx.layout is torch.strided
+    if type(hx) is tuple and len(hx) == 2 and type(hx[0]) is torch.Tensor and type(hx[1]) is torch.Tensor:
+        return hx[0].layout is torch.strided and hx[1].layout is torch.strided
+    return False
+
+
 def dense_states(name: str, hx, is_lstm: bool):
     """hx with dense() applied to its tensors (a tuple stays a tuple, anything else as it is)."""
     if isinstance(hx, torch.Tensor):

@@ -185,7 +185,7 @@ def sequence_forward(module, input, hx, reset_after: bool = True):
     planless = None  # (the layers' parameters where the thin sequence path wants plans made)
     if isinstance(input, torch.Tensor) and (input.layout is not torch.strided or input.is_nested):
         input = _checks.dense(_NAMES[module.mode], "input", input)
-    if hx is not None:
+    if hx is not None and not _checks.strided_states(hx):
         hx = _checks.dense_states(_NAMES[module.mode], hx, module.mode == "LSTM")
     if type(input) is torch.Tensor:
         step = _decode_step(module, input, hx, reset_after)
