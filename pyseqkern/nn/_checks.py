@@ -134,11 +134,11 @@ def strided_states(hx) -> bool:
 
 
 def dense_states(name: str, hx, is_lstm: bool):
-    """hx with dense() applied to its tensors (a tuple stays a tuple, anything else as it is)."""
+    """hx with dense() applied to its tensors (an LSTM's pair as a new tuple or list, anything else as it
+    is); called where strided_states said no."""
     if isinstance(hx, torch.Tensor):
         return dense(name, "hx", hx)
-    if (is_lstm and isinstance(hx, (tuple, list)) and len(hx) == 2
-            and any(isinstance(t, torch.Tensor) and (t.layout is not torch.strided or t.is_nested) for t in hx)):
+    if is_lstm and isinstance(hx, (tuple, list)) and len(hx) == 2:
         return type(hx)(dense(name, f"hx[{i}]", t) for i, t in enumerate(hx))
     return hx
 
